@@ -1,0 +1,281 @@
+"""The training run's configuration: one typed, validated dataclass.
+
+Pure Python (no torch, no Qt) so that the studio can build, validate and show a
+config without importing the ML stack. Every field carries a one-sentence help
+text in its metadata; the studio uses it for tooltips and the CLI for errors.
+
+A config round-trips through JSON and YAML::
+
+    cfg = TrainConfig.from_dict(yaml.safe_load(text))
+    TrainConfig.from_dict(cfg.to_dict()) == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("lora", "qlora", "dora", "qdora")
+OBJECTIVES = ("sft", "dpo")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+SCHEDULERS = ("linear", "cosine", "constant")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSS_ON = ("assistant", "all")
+
+
+class ConfigError(ValueError):
+    """A config value a person must change; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _f(default: Any, help: str, *, advanced: bool = False, choices: tuple | None = None, **kw):
+    meta = {"help": help, "advanced": advanced}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Field help is shown as tooltips."""
+
+    # --- what to train -----------------------------------------------------
+    model: str = _f("default", "Model to fine-tune: 'default' (bundled SmolLM2-135M-Instruct), a local model "
+                    "folder, a .gguf file, or a Hugging Face hub id already in the local cache.")
+    dataset: str = _f("", "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`.")
+    dataset_mapping: dict = _f({}, "Optional column/role mapping that overrides format detection, e.g. "
+                               "{'prompt': 'question', 'chosen': 'good', 'rejected': 'bad'}.", advanced=True)
+    method: str = _f("lora", "Adapter method: LoRA (16-bit base), QLoRA (4-bit NF4 base), DoRA "
+                     "(magnitude + direction), or QDoRA (DoRA on a 4-bit base).", choices=METHODS)
+    objective: str = _f("sft", "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over "
+                        "the rejected one.", choices=OBJECTIVES)
+    run_name: str = _f("", "A name for the run shown in the runs list; empty picks one from model and method.")
+
+    # --- the basics ---------------------------------------------------------
+    max_steps: int = _f(100, "Number of optimizer steps to train for.")
+    learning_rate: float = _f(2e-4, "Peak learning rate; 1e-4 to 3e-4 suits LoRA, about 10x lower for DPO.")
+    batch_size: int = _f(4, "Examples per forward pass; lower it first when memory runs out.")
+    gradient_accumulation_steps: int = _f(1, "Forward passes summed per optimizer step; effective batch = "
+                                          "batch_size x this.")
+    max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated. Memory grows with it.")
+    lora_rank: int = _f(16, "Rank r of the adapter matrices; higher learns more and costs more memory.")
+    lora_alpha: float = _f(32.0, "Adapter scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) "
+                           "with rsLoRA).")
+    seed: int = _f(42, "Random seed; the same seed and data give the same run.")
+
+    # --- adapter details ----------------------------------------------------
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input during training.", advanced=True)
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.",
+                          advanced=True)
+    target_modules: list = _f(["all-linear"], "Layers that get adapters: 'all-linear' (every linear layer but "
+                              "the output head) or module names such as q_proj, v_proj.", advanced=True)
+    compute_dtype: str = _f("auto", "Precision of the computation: auto picks bfloat16 on GPUs that support it, "
+                            "float16 on older GPUs, float32 on the CPU.", advanced=True, choices=DTYPES)
+
+    # --- optimisation -------------------------------------------------------
+    optimizer: str = _f("adamw", "AdamW keeps two float32 states per trainable parameter; 8-bit AdamW stores "
+                        "them in 8 bits; paged variants spill them to CPU memory under pressure (CUDA only).",
+                        advanced=True, choices=OPTIMIZERS)
+    weight_decay: float = _f(0.0, "Decoupled weight decay applied by AdamW.", advanced=True)
+    lr_scheduler: str = _f("cosine", "How the learning rate falls after warm-up.", advanced=True,
+                           choices=SCHEDULERS)
+    warmup_steps: int = _f(0, "Steps over which the learning rate rises linearly from 0 to its peak.",
+                           advanced=True)
+    max_grad_norm: float = _f(1.0, "Clip the gradient's global norm to this value; 0 turns clipping off.",
+                              advanced=True)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, "
+                                      "about 30% slower.", advanced=True)
+    num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.",
+                           advanced=True)
+
+    # --- data and evaluation ------------------------------------------------
+    loss_on: str = _f("assistant", "SFT: compute the loss on the assistant's tokens only, or on every token.",
+                      advanced=True, choices=LOSS_ON)
+    validation_fraction: float = _f(0.1, "Share of prompts held out for the eval loss (split by prompt).",
+                                    advanced=True)
+    eval_every: int = _f(25, "Compute the eval loss every this many steps; 0 turns it off.", advanced=True)
+    max_eval_examples: int = _f(64, "At most this many held-out examples per evaluation.", advanced=True)
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps; 0 saves only at the end.",
+                               advanced=True)
+
+    # --- DPO ----------------------------------------------------------------
+    dpo_beta: float = _f(0.1, "DPO temperature beta: higher keeps the model closer to the reference.",
+                         advanced=True)
+    dpo_loss: str = _f("sigmoid", "DPO loss: sigmoid (the paper's), IPO (squared, regularised) or hinge.",
+                       advanced=True, choices=DPO_LOSSES)
+    dpo_label_smoothing: float = _f(0.0, "Assumed share of flipped preference labels (conservative DPO).",
+                                    advanced=True)
+    precompute_reference: bool = _f(False, "Compute the reference log-probs once before training: one forward "
+                                    "pass per example saved per epoch.", advanced=True)
+
+    # --- safety -------------------------------------------------------------
+    allow_pickle: bool = _f(False, "Allow loading .bin/.pt pickle checkpoints, which can run arbitrary code.",
+                            advanced=True)
+    trust_remote_code: bool = _f(False, "Allow running Python code shipped inside a model folder.",
+                                 advanced=True)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(name, msg)
+
+        need(isinstance(self.model, str) and self.model.strip() != "", "model", "name a model")
+        need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, not {self.method!r}")
+        need(self.objective in OBJECTIVES, "objective",
+             f"must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_rank"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                 f"must be a whole number of at least 1, not {value!r}")
+        need(self.max_length >= 8, "max_length", "must be at least 8 tokens")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_eval_examples"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 f"must be a whole number of at least 0, not {value!r}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be a whole number")
+        need(_num(self.learning_rate) and 0 < self.learning_rate < 1, "learning_rate",
+             f"must be between 0 and 1 (typical: 2e-4), not {self.learning_rate!r}")
+        need(_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be above 0")
+        need(_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be at least 0")
+        need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be at least 0")
+        need(_num(self.num_epochs) and self.num_epochs >= 0, "num_epochs", "must be at least 0")
+        need(_num(self.validation_fraction) and 0 <= self.validation_fraction < 0.9, "validation_fraction",
+             "must be in [0, 0.9)")
+        need(_num(self.dpo_beta) and self.dpo_beta > 0, "dpo_beta", "must be above 0 (typical: 0.1)")
+        need(_num(self.dpo_label_smoothing) and 0 <= self.dpo_label_smoothing < 0.5, "dpo_label_smoothing",
+             "must be in [0, 0.5)")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        need(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+        need(self.dpo_loss in DPO_LOSSES, "dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
+        need(self.compute_dtype in DTYPES, "compute_dtype", f"must be one of {', '.join(DTYPES)}")
+        need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
+        need(isinstance(self.target_modules, list) and len(self.target_modules) > 0
+             and all(isinstance(m, str) and m for m in self.target_modules), "target_modules",
+             "must be a non-empty list of module names, or ['all-linear']")
+        need(isinstance(self.dataset_mapping, dict), "dataset_mapping", "must be a mapping of names")
+        for flag in ("use_rslora", "gradient_checkpointing", "precompute_reference", "allow_pickle",
+                     "trust_remote_code"):
+            need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
+
+    # --- helpers --------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """True when the frozen base is stored in 4-bit NF4."""
+        return self.method in ("qlora", "qdora")
+
+    @property
+    def uses_dora(self) -> bool:
+        return self.method in ("dora", "qdora")
+
+    @property
+    def display_name(self) -> str:
+        if self.run_name:
+            return self.run_name
+        model = Path(self.model).name if self.model != "default" else "SmolLM2-135M"
+        return f"{model} {self.method} {self.objective}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("config", "must be a mapping of field names to values")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            hint = ", ".join(f"'{u}'{_did_you_mean(u, known)}" for u in unknown)
+            raise ConfigError(unknown[0], f"unknown field(s): {hint}")
+        values = {}
+        for name, value in data.items():
+            values[name] = _coerce(name, known[name], value)
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a YAML or JSON config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config", f"file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml  # pure Python; part of the shared dependencies
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # noqa: BLE001 - parse errors of either library
+            raise ConfigError("config", f"cannot parse {path.name}: {exc}") from None
+        return cls.from_dict(data or {})
+
+    @classmethod
+    def field_help(cls) -> dict[str, dict]:
+        """{name: {'help', 'advanced', 'choices'?, 'default'}} for forms and tooltips."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            meta["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out[f.name] = meta
+        return out
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+    """Accept the forms YAML and forms produce (1e-4 as a string, 3.0 for 3)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return value
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(name, f"must be a whole number, not {value!r}") from None
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(name, f"must be a number, not {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    if isinstance(default, list) and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(default, str) and not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(name, f"must be text, not {value!r}")
+    return value
+
+
+def _did_you_mean(name: str, known: dict) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,158 @@
+"""The worker's event protocol: typed, frozen events as JSON lines.
+
+The engine writes one JSON object per line on stdout; the studio reads them.
+Every object has ``"v"`` (the protocol version) and ``"type"``. Unknown fields
+are ignored on reading so that an older studio can read a newer engine's
+optional extras; a missing required field or an unknown type is a
+:class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid event."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = ""
+
+    def to_json(self) -> str:
+        body = {"v": PROTOCOL_VERSION, "type": self.type}
+        body.update(dataclasses.asdict(self))
+        return json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    """The run has a database row and a folder; training is about to begin."""
+
+    type: ClassVar[str] = "started"
+    run_id: str
+    run_dir: str
+    total_steps: int
+    device: str = "cpu"
+    resumed_from_step: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    memory_budget_bytes: int = 0  # the estimate made before the run
+    memory_total_bytes: int = 0  # what the device has
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    """Slow set-up work (model conversion, tokenising, reference log-probs)."""
+
+    type: ClassVar[str] = "progress"
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    """One optimizer step. DPO steps also carry reward statistics."""
+
+    type: ClassVar[str] = "step"
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    memory_used_bytes: int
+    memory_peak_bytes: int
+    epoch: float = 0.0
+    elapsed_s: float = 0.0
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Eval(Event):
+    """Loss on the held-out split."""
+
+    type: ClassVar[str] = "eval"
+    step: int
+    eval_loss: float
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Log(Event):
+    """A human-readable line worth showing in the app's log view."""
+
+    type: ClassVar[str] = "log"
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    """The run ended normally: completed, or stopped on request (resumable)."""
+
+    type: ClassVar[str] = "finished"
+    run_id: str
+    status: str  # "completed" | "stopped"
+    step: int
+    final_loss: float | None = None
+    adapter_dir: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    """The run could not go on. ``message`` tells a person what to change."""
+
+    type: ClassVar[str] = "failed"
+    message: str
+    kind: str = "error"  # "config" | "data" | "model" | "oom" | "error"
+    run_id: str = ""
+    detail: str = ""  # the exception text, for the log view
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls for cls in (Started, Progress, Step, Eval, CheckpointSaved, Log, Finished, Failed)
+}
+
+
+def parse_event(line: str | bytes) -> Event:
+    """Parse one JSON line into its event class."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"not JSON: {line[:120]!r} ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"not a JSON object: {line[:120]!r}")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    cls = EVENT_TYPES.get(data.get("type"))
+    if cls is None:
+        raise ProtocolError(f"unknown event type {data.get('type')!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ProtocolError(f"bad {cls.type} event: {exc}") from None

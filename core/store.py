@@ -1,0 +1,175 @@
+"""The studio's SQLite database: runs, their step metrics, preference pairs.
+
+The engine writes as it trains; the studio reads (and writes labels). WAL mode
+lets one writer and many readers work at once, and every write is committed at
+once, so a crashed or closed app loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from core import paths
+
+RUN_STATUSES = ("created", "running", "completed", "stopped", "failed", "interrupted")
+# Columns of the metrics table beyond (run_id, kind, step).
+METRIC_COLUMNS = {
+    "loss": float, "lr": float, "grad_norm": float, "tokens_per_s": float,
+    "memory_used_bytes": int, "memory_peak_bytes": int, "epoch": float, "elapsed_s": float,
+    "reward_chosen": float, "reward_rejected": float, "reward_margin": float, "reward_accuracy": float,
+    "eval_loss": float, "time": float,
+}
+SCHEMA_VERSION = 1
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_run_id() -> str:
+    """Sortable by creation time, unique across processes."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class Store:
+    """A handle on the database. Cheap to open; open one per process."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else paths.db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        self.db = sqlite_utils.Database(conn)
+        if self.db.journal_mode != "wal":
+            self.db.enable_wal()
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # --- schema -------------------------------------------------------------
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        with self.db.conn:
+            self.db["runs"].create({
+                "id": str, "name": str, "status": str, "model": str, "dataset": str, "method": str,
+                "objective": str, "config": str, "run_dir": str, "pid": int, "device": str,
+                "created_at": float, "started_at": float, "updated_at": float, "finished_at": float,
+                "step": int, "total_steps": int, "final_loss": float, "eval_loss": float,
+                "error": str, "error_kind": str, "adapter_dir": str, "memory_budget_bytes": int,
+                "memory_peak_bytes": int, "parent_run_id": str,
+            }, pk="id", not_null={"status", "config"}, defaults={"status": "created", "step": 0},
+                if_not_exists=True)
+            self.db["metrics"].create(
+                {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
+                pk=("run_id", "kind", "step"), foreign_keys=[("run_id", "runs", "id")], if_not_exists=True,
+            )
+            self.db["preference_pairs"].create({
+                "id": int, "prompt": str, "chosen": str, "rejected": str, "source": str,
+                "created_at": float, "updated_at": float, "note": str,
+            }, pk="id", if_not_exists=True)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # --- runs ---------------------------------------------------------------
+    def create_run(self, config: dict, *, run_id: str | None = None, run_dir: str = "",
+                   name: str = "", parent_run_id: str = "") -> str:
+        run_id = run_id or new_run_id()
+        t = now()
+        self.db["runs"].insert({
+            "id": run_id, "name": name or config.get("run_name") or run_id, "status": "created",
+            "model": config.get("model", ""), "dataset": config.get("dataset", ""),
+            "method": config.get("method", ""), "objective": config.get("objective", ""),
+            "config": json.dumps(config, sort_keys=True), "run_dir": run_dir, "created_at": t,
+            "updated_at": t, "step": 0, "total_steps": config.get("max_steps", 0),
+            "parent_run_id": parent_run_id,
+        })
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        fields["updated_at"] = now()
+        self.db["runs"].update(run_id, fields)
+
+    def get_run(self, run_id: str) -> dict | None:
+        try:
+            row = self.db["runs"].get(run_id)
+        except sqlite_utils.db.NotFoundError:
+            return None
+        return self._with_liveness(row)
+
+    def find_run(self, ref: str) -> dict | None:
+        """A run by id, by unique id prefix, or by its run folder."""
+        run = self.get_run(ref)
+        if run:
+            return run
+        p = Path(ref)
+        if p.exists():
+            rows = list(self.db["runs"].rows_where("run_dir = ?", [str(p.resolve())]))
+            if rows:
+                return self._with_liveness(rows[0])
+        rows = list(self.db["runs"].rows_where("id like ?", [ref + "%"], limit=2))
+        return self._with_liveness(rows[0]) if len(rows) == 1 else None
+
+    def list_runs(self, *, status: str | None = None, order_by: str = "created_at desc") -> list[dict]:
+        where, args = (("status = ?", [status]) if status else (None, []))
+        return [self._with_liveness(r) for r in self.db["runs"].rows_where(where, args, order_by=order_by)]
+
+    @staticmethod
+    def _with_liveness(row: dict) -> dict:
+        """A run marked running whose process is gone was interrupted (crash, kill, power cut)."""
+        if row.get("status") == "running" and not pid_alive(row.get("pid")):
+            row = dict(row, status="interrupted")
+        return row
+
+    def run_config(self, run_id: str) -> dict:
+        run = self.get_run(run_id)
+        return json.loads(run["config"]) if run else {}
+
+    # --- metrics ------------------------------------------------------------
+    def add_metrics(self, run_id: str, kind: str, step: int, values: dict) -> None:
+        row = {"run_id": run_id, "kind": kind, "step": step, "time": now()}
+        row.update({k: v for k, v in values.items() if k in METRIC_COLUMNS and v is not None})
+        self.db["metrics"].upsert(row, pk=("run_id", "kind", "step"))
+
+    def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[dict]:
+        return list(self.db["metrics"].rows_where(
+            "run_id = ? and kind = ? and step > ?", [run_id, kind, since_step], order_by="step"))
+
+    def delete_metrics_after(self, run_id: str, step: int) -> None:
+        """A resumed run re-trains the steps after its checkpoint: drop their old rows."""
+        self.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
+
+    # --- preference pairs ---------------------------------------------------
+    def add_pairs(self, pairs: Iterable[dict], source: str = "") -> int:
+        t = now()
+        rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                 "source": p.get("source", source), "created_at": t, "updated_at": t,
+                 "note": p.get("note", "")} for p in pairs]
+        self.db["preference_pairs"].insert_all(rows)
+        return len(rows)
+
+    def pairs(self) -> list[dict]:
+        return list(self.db["preference_pairs"].rows_where(order_by="id"))

@@ -1,0 +1,1 @@
+"""Our own fast ops, each with an eager reference and an ``impl='auto'|'triton'|'torch'`` switch."""

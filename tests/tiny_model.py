@@ -1,0 +1,62 @@
+"""A tiny randomly initialised causal LM and a tokenizer, both built offline in about a second.
+
+Used by the tests (and handy for quick manual runs): a byte-level BPE tokenizer
+trained on a few sentences, with ChatML special tokens and chat template, and a
+2-layer Llama of hidden size 64 saved as safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "user assistant system tool: answer the question in JSON with keys name and age.",
+    '{"name": "Ada", "age": 36} {"answer": 42} [1, 2, 3]',
+    "What is the capital of France? Paris is the capital of France.",
+    "Translate to French: hello world -> bonjour le monde.",
+    "Write a haiku about the sea. Waves fold into foam, salt wind carries gull voices.",
+    "0123456789 + - * / = ( ) < > ! ? . , ; : ' \" \n\t",
+]
+
+
+def build_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Write a tiny Llama and its tokenizer to ``path`` (a plain safetensors model folder)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
