@@ -130,8 +130,24 @@ class Failed(Event):
     detail: str = ""  # the exception text, for the log view
 
 
+@dataclass(frozen=True)
+class ModelReady(Event):
+    """A model resolved (and converted if it came as GGUF) into a loadable safetensors folder."""
+
+    type: ClassVar[str] = "model"
+    name: str
+    path: str
+    architecture: str = ""
+    parameters: int = 0
+    layers: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    context_length: int = 0
+    dtype: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (Started, Progress, Step, Eval, CheckpointSaved, Log, Finished, Failed)
+    cls.type: cls for cls in (Started, Progress, Step, Eval, CheckpointSaved, Log, Finished, Failed, ModelReady)
 }
 
 
