@@ -102,11 +102,13 @@ class Problem:
     """Something wrong with the data, told so a person can fix it."""
 
     message: str
-    line: int | None = None  # 1-based line (JSONL, CSV) or row index (JSON list, Parquet)
+    line: int | None = None  # 1-based line in a text file (JSONL, JSON, CSV); 1-based row (Parquet, Arrow)
     file: str = ""
+    # "dropped": the row was left out; "warning": kept, but look at it; "note": information.
+    level: str = "warning"
 
     def to_dict(self) -> dict:
-        out = {"message": self.message}
+        out: dict = {"message": self.message, "level": self.level}
         if self.line is not None:
             out["line"] = self.line
         if self.file:
@@ -123,7 +125,45 @@ class LoadedDataset:
     examples: list
     problems: list[Problem] = field(default_factory=list)
     path: str = ""
+    rows_read: int = 0  # rows found in the file, usable or not
+    dropped: dict[str, int] = field(default_factory=dict)  # why rows were left out -> how many
 
 
 class DatasetError(ValueError):
-    """The file cannot be used at all (missing, empty, binary, not a table...). The message says why."""
+    """The file cannot be used at all (missing, empty, binary, not a table...). The message says why.
+
+    ``problems`` carries the per-row problems found before giving up (e.g. every row malformed).
+    """
+
+    def __init__(self, message: str, problems: list[Problem] | tuple = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+def _messages(msgs) -> list[dict]:
+    out = []
+    for m in msgs:
+        d = m.to_dict()
+        if m.train is not None:
+            d["train"] = m.train
+        out.append(d)
+    return out
+
+
+def example_to_dict(example) -> dict:
+    """A JSON-ready view of any example in internal form (for previews, duplicate checks and debugging)."""
+    if isinstance(example, Conversation):
+        out: dict = {"messages": _messages(example.messages)}
+    elif isinstance(example, PreferencePair):
+        out = {"prompt": _messages(example.prompt), "chosen": _messages(example.chosen),
+               "rejected": _messages(example.rejected)}
+    elif isinstance(example, UnpairedExample):
+        out = {"prompt": _messages(example.prompt), "completion": _messages(example.completion),
+               "label": example.label}
+    elif isinstance(example, TextExample):
+        return {"text": example.text}
+    else:
+        raise TypeError(f"not an example: {type(example).__name__}")
+    if getattr(example, "tools", ()):
+        out["tools"] = list(example.tools)
+    return out
