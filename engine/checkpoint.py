@@ -1,0 +1,85 @@
+"""Resumable checkpoints: adapter, optimizer, scheduler, RNG state and data position.
+
+Layout of ``<run_dir>/checkpoints/step-000050/``: ``adapter_config.json`` + ``adapter_model.safetensors``
+(PEFT's format), ``training_state.pt`` (optimizer, scheduler, RNG) and ``trainer_state.json`` (step, examples
+consumed). A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half-written
+checkpoint under its final name. The two newest are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+KEEP = 2
+
+
+@dataclass
+class TrainerState:
+    step: int
+    consumed: int  # examples consumed by the sampler
+    run_id: str
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, scaler=None) -> Path:
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }, tmp / "training_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / "trainer_state.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainerState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {path} does not match this adapter ({unexpected[:3]})")
+    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
+    torch.set_rng_state(blob["rng_cpu"])
+    if blob.get("rng_cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng_cuda"])
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))

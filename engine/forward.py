@@ -1,0 +1,57 @@
+"""The forward pass that training needs: log-probs of the trained tokens only.
+
+Instead of ``model(...).logits`` (a [B, T, V] float32 tensor, usually the peak of a step), run the decoder
+body, pick the hidden states of trained positions, and send only those through the output head in chunks
+(``kernels.linear_logprobs``). Models whose head is not a plain linear map (LoRA on the head, logit scaling)
+take the ordinary path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.batches import Batch
+from engine.render import IGNORE
+from kernels.linear_logprobs import token_logprobs
+
+
+@dataclass
+class TokenLogps:
+    logps: torch.Tensor  # [N] float32, log p of each trained target token
+    rows: torch.Tensor  # [N] the sequence each token belongs to
+    batch: int
+
+
+class LogprobModel:
+    """Wraps a PEFT model (or a plain causal LM) to compute trained-token log-probs."""
+
+    def __init__(self, model):
+        self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.causal_lm = causal_lm
+        self.decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+        head = causal_lm.get_output_embeddings()
+        cfg = causal_lm.config
+        plain_head = isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear
+        scaled = any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("logit_scale", "logits_scaling"))
+        self.head = head
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.fused = self.decoder is not None and plain_head and not scaled and head.bias is None
+
+    def __call__(self, batch: Batch) -> TokenLogps:
+        targets = batch.labels[:, 1:]  # [B, T-1]
+        mask = targets != IGNORE
+        rows = mask.nonzero()[:, 0]
+        if self.fused:
+            hidden = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state  # [B, T, H]
+            selected = hidden[:, :-1][mask]  # [N, H]
+            logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap)
+        else:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False).logits[:, :-1]
+            logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(
+                -1, targets[mask].unsqueeze(-1)).squeeze(-1)
+        return TokenLogps(logps=logps, rows=rows, batch=batch.input_ids.shape[0])

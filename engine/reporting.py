@@ -1,0 +1,75 @@
+"""Where a run's events go: stdout (JSON lines), ``<run_dir>/events.jsonl`` and the SQLite store.
+
+stdout may vanish (the app that started the run was closed and the run lets go on): a broken pipe stops
+the stdout copy and nothing else. The store and events.jsonl stay complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from core import events as ev
+from core.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Emit events to ``stream`` (the CLI passes the real stdout; in-process callers pass none) and to
+    ``extra``, an optional in-process listener (the demo and tests use it)."""
+
+    def __init__(self, stream=None, extra: Callable[[ev.Event], None] | None = None):
+        self.stream = stream
+        self.extra = extra
+        self.store: Store | None = None
+        self.run_id = ""
+        self._events_file = None
+
+    def attach_run(self, store: Store, run_id: str, run_dir: Path) -> None:
+        self.store, self.run_id = store, run_id
+        self._events_file = open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8")
+
+    def close(self) -> None:
+        if self._events_file:
+            self._events_file.close()
+            self._events_file = None
+
+    def emit(self, event: ev.Event) -> None:
+        line = event.to_json()
+        if self.stream is not None:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self.stream = None  # the reader is gone; keep training, keep recording
+        if self._events_file:
+            self._events_file.write(line + "\n")
+            self._events_file.flush()
+        if self.store and self.run_id:
+            self._record(event)
+        if self.extra:
+            self.extra(event)
+
+    def _record(self, event: ev.Event) -> None:
+        s, rid = self.store, self.run_id
+        if isinstance(event, ev.Step):
+            values = {k: getattr(event, k) for k in (
+                "loss", "lr", "grad_norm", "tokens_per_s", "memory_used_bytes", "memory_peak_bytes", "epoch",
+                "elapsed_s", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")}
+            s.add_metrics(rid, "train", event.step, values)
+            s.update_run(rid, step=event.step, final_loss=event.loss, memory_peak_bytes=event.memory_peak_bytes)
+        elif isinstance(event, ev.Eval):
+            s.add_metrics(rid, "eval", event.step, {"eval_loss": event.eval_loss,
+                                                     "reward_margin": event.reward_margin,
+                                                     "reward_accuracy": event.reward_accuracy})
+            s.update_run(rid, eval_loss=event.eval_loss)
+
+    # Convenience wrappers -------------------------------------------------------
+    def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
+        self.emit(ev.Progress(stage=stage, done=done, total=total, message=message))
+
+    def log(self, message: str, level: str = "info") -> None:
+        log.info(message)
+        self.emit(ev.Log(level=level, message=message))

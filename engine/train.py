@@ -1,0 +1,386 @@
+"""One training run, top to bottom: set up, train, checkpoint, clean up.
+
+``train_run(config)`` is the whole recipe; ``python -m engine train`` calls it in its own process, the demo
+and the tests call it in-process. Every event goes through a :class:`~engine.reporting.Reporter` (stdout,
+``events.jsonl`` and the SQLite store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core import events as ev
+from core import paths
+from core.config import ConfigError, TrainConfig
+from core.store import Store, new_run_id
+from engine import adapters, checkpoint, errors
+from engine.batches import Sampler, make_batch
+from engine.datasets import load_dataset
+from engine.datasets.split import split_by_prompt
+from engine.forward import LogprobModel
+from engine.losses import dpo_loss, sequence_logps, sft_loss
+from engine.models import LoadOptions, compute_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
+from engine.render import TokenizedPair, tokenize_example
+from engine.reporting import Reporter
+
+log = logging.getLogger(__name__)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT (or a test); checked after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self, *_args) -> None:
+        self.requested = True
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str  # "completed" | "stopped" | "failed"
+    step: int
+    adapter_dir: Path | None = None
+    final_loss: float | None = None
+    message: str = ""
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, result: RunResult):
+        super().__init__(result.message)
+        self.result = result
+
+
+def train_run(config: TrainConfig | None = None, *, resume: str | None = None, reporter: Reporter | None = None,
+              stop: StopFlag | None = None) -> RunResult:
+    """Train a new run from ``config``, or continue run ``resume`` (id, id prefix or run folder)."""
+    reporter = reporter or Reporter()
+    stop = stop or StopFlag()
+    store = Store()
+    if resume:
+        run = store.find_run(resume)
+        if run is None:
+            raise ConfigError("resume", f"no run named {resume!r}; give a run id from the runs list or a run folder")
+        if run["status"] == "completed":
+            raise ConfigError("resume", f"run {run['id']} already completed; start a new run from its config")
+        if run["status"] == "running":
+            raise ConfigError("resume", f"run {run['id']} is still running (process {run['pid']})")
+        run_id, run_dir = run["id"], Path(run["run_dir"])
+        config = TrainConfig.from_dict(json.loads(run["config"]))
+    else:
+        assert config is not None
+        run_id = new_run_id()
+        run_dir = paths.runs_dir() / run_id
+        run_dir.mkdir(parents=True)
+        paths.atomic_write_text(run_dir / "config.json", config.to_json())
+        store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
+    reporter.attach_run(store, run_id, run_dir)
+    store.update_run(run_id, status="running", pid=os.getpid(), started_at=time.time(), error="", error_kind="")
+    recipe = Recipe(config, run_id, run_dir, store, reporter, stop)
+    try:
+        return recipe.run(resume=bool(resume))
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a failed event and a failed run
+        kind, message = errors.classify(exc, config, recipe.step)
+        log.exception("run %s failed", run_id)
+        store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
+        reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
+        result = RunResult(run_id, run_dir, "failed", recipe.step, message=message)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise TrainingFailed(result) from exc
+    finally:
+        reporter.close()
+        store.close()
+
+
+class Recipe:
+    def __init__(self, config: TrainConfig, run_id: str, run_dir: Path, store: Store, reporter: Reporter,
+                 stop: StopFlag):
+        self.config, self.run_id, self.run_dir = config, run_id, run_dir
+        self.store, self.reporter, self.stop = store, reporter, stop
+        self.step = 0
+        self.dpo = config.objective == "dpo"
+
+    # --- set-up -------------------------------------------------------------
+    def setup(self, resume: bool) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        options = LoadOptions(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+        self.device = pick_device()
+        self.dtype = compute_dtype(cfg.compute_dtype, self.device)
+        if cfg.quantized and self.device == "mps":
+            raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
+        folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
+        self.tokenizer = load_tokenizer(str(folder), options)
+        self.train_examples, self.val_examples = self._prepare_data()
+
+        self.reporter.progress("load", 0, 1, "Loading the model")
+        base = load_causal_lm(folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized,
+                              options=options)
+        self.model = adapters.add_adapters(base, cfg)
+        self.logps = LogprobModel(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
+        n = len(self.train_examples)
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.total_steps = (math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps)
+        self.scheduler = adapters.make_scheduler(self.optimizer, cfg, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device == "cuda" else None
+        consumed = 0
+        if resume:
+            ckpt = checkpoint.latest_checkpoint(self.run_dir)
+            if ckpt is not None:
+                state = checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+                self.step, consumed = state.step, state.consumed
+                self.store.delete_metrics_after(self.run_id, self.step)
+                self.reporter.log(f"Resumed from {ckpt.name}")
+            else:
+                self.reporter.log("No checkpoint yet: starting this run from step 0", "warning")
+        self.sampler = Sampler(n, cfg.batch_size, cfg.seed, consumed)
+        self.reference = self._precompute_reference() if self.dpo and cfg.precompute_reference else None
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def _prepare_data(self) -> tuple[list, list]:
+        cfg = self.config
+        self.reporter.progress("data", 0, 1, f"Reading {Path(cfg.dataset).name}")
+        if not cfg.dataset:
+            raise errors.DataError("no dataset given: set 'dataset' to a data file")
+        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None)
+        for problem in data.problems[:20]:
+            self.reporter.log(f"{Path(problem.file).name or 'data'}"
+                              f"{f':{problem.line}' if problem.line else ''}: {problem.message}", "warning")
+        wanted = ("preference",) if self.dpo else ("sft", "text")
+        if data.kind not in wanted:
+            raise errors.DataError(
+                f"{Path(cfg.dataset).name} holds {data.kind} data ({data.format}), but the {cfg.objective.upper()} "
+                f"objective needs {' or '.join(wanted)} data: choose "
+                f"{'DPO' if data.kind == 'preference' else 'SFT'} or another dataset")
+        train, val = split_by_prompt(data.examples, cfg.validation_fraction, cfg.seed)
+        val = val[: cfg.max_eval_examples]
+        out = []
+        for part_name, part in (("train", train), ("validation", val)):
+            tokenized, dropped = [], 0
+            for i, example in enumerate(part):
+                if i % 200 == 0:
+                    self.reporter.progress("tokenize", i, len(part), f"Tokenizing the {part_name} split")
+                item = tokenize_example(self.tokenizer, example, cfg.max_length, cfg.loss_on)
+                if isinstance(item, TokenizedPair):
+                    unusable = item.difference_truncated or item.chosen.input_ids == item.rejected.input_ids \
+                        or not item.chosen.trained_tokens or not item.rejected.trained_tokens
+                else:
+                    unusable = item.trained_tokens == 0
+                if unusable:
+                    dropped += 1
+                    continue
+                tokenized.append(item)
+            if dropped:
+                self.reporter.log(f"Dropped {dropped} of {len(part)} {part_name} examples with nothing to train on "
+                                  f"within max_length={cfg.max_length} (or identical chosen/rejected)", "warning")
+            out.append(tokenized)
+        if not out[0]:
+            raise errors.DataError(f"no usable training examples in {Path(cfg.dataset).name} "
+                                   f"(after the split and max_length={cfg.max_length})")
+        return out[0], out[1]
+
+    # --- maths --------------------------------------------------------------
+    def _autocast(self):
+        if self.device == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _pair_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.logps(batch)
+        seq = sequence_logps(out.logps, out.rows, out.batch, average=self.config.dpo_loss == "ipo")
+        return seq[: batch.pairs], seq[batch.pairs:]
+
+    def _reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is not None:
+            idx = torch.tensor(batch.indices)
+            return self.reference[0][idx].to(self.device), self.reference[1][idx].to(self.device)
+        with torch.no_grad(), self.model.disable_adapter(), self._autocast():
+            return self._pair_logps(batch)
+
+    def _precompute_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, bs = len(self.train_examples), self.config.batch_size
+        chosen, rejected = torch.zeros(n), torch.zeros(n)
+        self.reference = None
+        for start in range(0, n, bs):
+            self.reporter.progress("reference", start, n, "Computing reference log-probs")
+            idx = list(range(start, min(n, start + bs)))
+            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id).to(self.device)
+            c, r = self._reference_logps(batch)
+            chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+        return chosen, rejected
+
+    def _micro_step(self, batch, denom: int) -> dict:
+        """Forward + backward of one micro-batch; returns its share of the step's metrics."""
+        with self._autocast():
+            if not self.dpo:
+                out = self.logps(batch)
+                loss = sft_loss(out.logps, denom)
+                stats = {}
+            else:
+                ref_c, ref_r = self._reference_logps(batch)
+                pol_c, pol_r = self._pair_logps(batch)
+                losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta,
+                                          loss_type=self.config.dpo_loss,
+                                          label_smoothing=self.config.dpo_label_smoothing)
+                loss = losses.sum() / denom
+                stats = {"reward_chosen": rc.sum().item(), "reward_rejected": rr.sum().item(),
+                         "reward_accuracy": (rc > rr).float().sum().item()}
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        stats["loss"] = loss.item()
+        return stats
+
+    # --- the loop -----------------------------------------------------------
+    def run(self, resume: bool) -> RunResult:
+        self.setup(resume)
+        cfg = self.config
+        trainable, total = adapters.parameter_counts(self.model)
+        self.reporter.emit(ev.Started(
+            run_id=self.run_id, run_dir=str(self.run_dir), total_steps=self.total_steps, device=self.device,
+            resumed_from_step=self.step, trainable_params=trainable, total_params=total,
+            memory_total_bytes=_device_total_memory(self.device)))
+        self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
+        started = time.perf_counter()
+        last_loss = None
+        self.model.train()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            batches = [make_batch(self.train_examples, self.sampler.next_indices(), self.tokenizer.pad_token_id)
+                       for _ in range(cfg.gradient_accumulation_steps)]
+            denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
+            totals: dict[str, float] = {}
+            for batch in batches:
+                for key, value in self._micro_step(batch.to(self.device), denom).items():
+                    totals[key] = totals.get(key, 0.0) + value
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")).item()
+            lr = self.scheduler.get_last_lr()[0]
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            last_loss = totals["loss"]
+            if not math.isfinite(last_loss):
+                raise errors.DataError(f"the loss became {last_loss} at step {self.step}: lower learning_rate "
+                                       f"(now {cfg.learning_rate:g}) or set max_grad_norm")
+            used, peak = _memory(self.device)
+            step_event = ev.Step(
+                step=self.step, total_steps=self.total_steps, loss=last_loss, lr=lr, grad_norm=grad_norm,
+                tokens_per_s=sum(b.tokens for b in batches) / max(time.perf_counter() - t0, 1e-9),
+                memory_used_bytes=used, memory_peak_bytes=peak, epoch=self.sampler.epoch,
+                elapsed_s=time.perf_counter() - started, **self._reward_stats(totals, denom))
+            self.reporter.emit(step_event)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if self.stop.requested:
+                path = self.save_checkpoint()
+                return self._finish("stopped", last_loss, note=f"Stopped at step {self.step}; resume from {path.name}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        if self.val_examples:
+            self.evaluate()
+        return self._finish("completed", last_loss)
+
+    def _reward_stats(self, totals: dict, pairs: int) -> dict:
+        if not self.dpo:
+            return {}
+        chosen, rejected = totals["reward_chosen"] / pairs, totals["reward_rejected"] / pairs
+        return {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": chosen - rejected,
+                "reward_accuracy": totals["reward_accuracy"] / pairs}
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        self.model.eval()
+        bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
+        loss_sum = count = margin = correct = 0.0
+        saved_reference, self.reference = self.reference, None  # held-out pairs have no precomputed reference
+        for start in range(0, len(self.val_examples), bs):
+            batch = make_batch(self.val_examples, list(range(start, min(start + bs, len(self.val_examples)))),
+                               pad).to(self.device)
+            with self._autocast():
+                if not self.dpo:
+                    out = self.logps(batch)
+                    loss_sum += -out.logps.sum().item()
+                    count += out.logps.numel()
+                else:
+                    ref_c, ref_r = self._reference_logps(batch)
+                    pol_c, pol_r = self._pair_logps(batch)
+                    losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta,
+                                              loss_type=self.config.dpo_loss,
+                                              label_smoothing=self.config.dpo_label_smoothing)
+                    loss_sum += losses.sum().item()
+                    count += batch.pairs
+                    margin += (rc - rr).sum().item()
+                    correct += (rc > rr).float().sum().item()
+        self.reference = saved_reference
+        self.model.train()
+        if count:
+            extra = {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
+            self.reporter.emit(ev.Eval(step=self.step, eval_loss=loss_sum / count, **extra))
+
+    # --- checkpoint and clean-up ------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = checkpoint.TrainerState(step=self.step, consumed=self.sampler.consumed, run_id=self.run_id)
+        path = checkpoint.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state,
+                                          self.scaler)
+        self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
+        return path
+
+    def _finish(self, status: str, last_loss: float | None, note: str = "") -> RunResult:
+        adapter_dir = None
+        if status == "completed":
+            adapter_dir = self.run_dir / "adapter"
+            tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
+            self.model.save_pretrained(tmp)
+            if adapter_dir.exists():
+                import shutil
+
+                shutil.rmtree(adapter_dir)
+            os.replace(tmp, adapter_dir)
+        if note:
+            self.reporter.log(note)
+        self.store.update_run(self.run_id, status=status, finished_at=time.time(), step=self.step,
+                              final_loss=last_loss, adapter_dir=str(adapter_dir or ""))
+        self.reporter.emit(ev.Finished(run_id=self.run_id, status=status, step=self.step, final_loss=last_loss,
+                                       adapter_dir=str(adapter_dir or "")))
+        return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
+
+
+def _memory(device: str) -> tuple[int, int]:
+    """(in use, peak) bytes: CUDA allocator figures, or the process's resident memory on the CPU."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    import resource
+
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return rss, max(peak, rss)
+
+
+def _device_total_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total

@@ -1,0 +1,80 @@
+"""Log-probabilities of target tokens through the output head, without materialising all the logits.
+
+``token_logprobs(hidden, weight, targets)`` returns ``log softmax(hidden @ weight.T)[i, targets[i]]`` for
+each row ``i``. The eager reference builds the full ``[N, V]`` logits in float32 (what transformers does:
+often the peak of a fine-tuning step). The chunked implementation computes ``chunk`` rows at a time and
+recomputes them in the backward pass, so at most ``chunk x V`` logits exist at once.
+
+Callers pass only the trained positions (assistant tokens, DPO completions), so prompt tokens never reach
+the output head at all.
+
+Layering: reference (``token_logprobs_reference``) -> chunked autograd (``_ChunkedLogprobs``) ->
+public op (``token_logprobs`` with ``impl='auto'|'chunked'|'torch'``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+def token_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             softcap: float | None = None) -> torch.Tensor:
+    """Eager reference: hidden [N, H], weight [V, H], targets [N] -> [N] float32."""
+    logits = (hidden @ weight.t()).float()  # [N, V]
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Forward and backward chunk by chunk: d logp_i / d logits_i = onehot(t_i) - softmax(logits_i)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, softcap):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logits = (h @ weight.t()).float()
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            t = targets[s:s + chunk]
+            out[s:s + chunk] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        chunk, softcap = ctx.chunk, ctx.softcap
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            raw = (h @ weight.t()).float()
+            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
+            g = -torch.softmax(logits, dim=-1)  # d logp / d logits, before the one-hot
+            g.scatter_add_(-1, targets[s:s + chunk].unsqueeze(-1),
+                           torch.ones_like(g[:, :1]))
+            g.mul_(grad_out[s:s + chunk].unsqueeze(-1).float())
+            if softcap:
+                g.mul_(1 - torch.tanh(raw / softcap) ** 2)
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w.add_((g.t() @ h).float())
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   impl: str = "auto", chunk: int = DEFAULT_CHUNK, softcap: float | None = None) -> torch.Tensor:
+    """Public op. ``impl``: 'torch' (eager reference), 'chunked', or 'auto' (chunked when it saves memory)."""
+    if impl == "torch" or (impl == "auto" and hidden.shape[0] <= chunk):
+        return token_logprobs_reference(hidden, weight, targets, softcap)
+    if impl not in ("auto", "chunked"):
+        raise ValueError(f"unknown impl {impl!r}")
+    return _ChunkedLogprobs.apply(hidden, weight, targets, chunk, softcap)
