@@ -1,0 +1,221 @@
+"""``python -m engine data``: inspect a dataset before training, or convert it to another format.
+
+    python -m engine data inspect FILE [--json] [--model MODEL] [--max-length N] [--mapping JSON]
+                                       [--loss-on assistant|all] [--row N]
+    python -m engine data convert FILE OUT --to trl|trl-conversational|llama-factory|messages [--mapping JSON]
+
+``inspect`` prints the detected format and kind, the usable rows, every problem (with its line), token statistics
+under the model's tokenizer and one example rendered exactly as training sees it, trained parts marked.
+``--json`` prints exactly one JSON object on stdout (logs go to stderr). Exit status: 0 when the data is usable
+(problems or not), 1 when it is not, 2 for a usage error. FILE may also be a folder saved by ``datasets`` or a
+hub dataset id already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.datasets.convert import TARGETS, llama_factory_info, write_examples
+from engine.datasets.loader import load_dataset, open_dataset
+from engine.datasets.preview import marked_text, preview_example
+from engine.datasets.problems import ProblemLog
+from engine.datasets.report import char_length_bias, template_warnings, token_report, warn_length_bias
+from engine.datasets.schema import DatasetError, Problem
+
+STATS_LIMIT = 20000  # rows tokenised for the statistics
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: message on stderr, status 2, no traceback
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m engine data", description="Inspect or convert a dataset.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ins = sub.add_parser("inspect", help="detect the format, check the rows, preview one as the model sees it")
+    ins.add_argument("file", help="data file, `datasets` folder, or hub id in the local cache")
+    ins.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ins.add_argument("--model", default="default", help="model whose tokenizer and chat template to use")
+    ins.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens (as in training)")
+    ins.add_argument("--mapping", help="column/role mapping as JSON text or a .json file")
+    ins.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
+                     help="SFT: train on assistant turns only, or on every token")
+    ins.add_argument("--row", type=int, default=1, help="which usable row to preview (1-based)")
+    ins.add_argument("--stats-limit", type=int, default=STATS_LIMIT, help="rows tokenised for the statistics")
+    ins.set_defaults(func=cmd_inspect)
+    conv = sub.add_parser("convert", help="write the dataset in another format")
+    conv.add_argument("file")
+    conv.add_argument("out")
+    conv.add_argument("--to", required=True, choices=TARGETS)
+    conv.add_argument("--mapping", help="column/role mapping as JSON text or a .json file")
+    conv.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        return args.func(args)
+    except DatasetError as exc:
+        return _fail(args, str(exc), exc.problems)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug of ours must still read as a message, not a traceback
+        return _fail(args, f"unexpected error while reading {args.file}: {type(exc).__name__}: {exc}", [])
+
+
+def _fail(args, message: str, problems: list[Problem]) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "file": str(args.file), "error": message,
+                          "problems": [p.to_dict() for p in problems]}, ensure_ascii=False))
+    else:
+        _print_problems([p.to_dict() for p in problems], sys.stderr)
+    return 1
+
+
+def _mapping(text: str | None) -> dict | None:
+    if not text:
+        return None
+    source = text
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        source = Path(text).read_text(encoding="utf-8")
+    try:
+        value = json.loads(source)
+    except ValueError as exc:
+        raise DatasetError(f"--mapping is not valid JSON ({exc}); e.g. '{{\"prompt\": \"question\"}}'") from None
+    if not isinstance(value, dict):
+        raise DatasetError("--mapping must be a JSON object, e.g. '{\"prompt\": \"question\"}'")
+    return value
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of ``model``: a local model folder directly, anything else through ``engine.models``."""
+    path = Path(model).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    try:
+        from engine.models import load_tokenizer as resolve
+    except ImportError as exc:
+        raise RuntimeError(f"model '{model}' cannot be resolved here ({exc}); pass --model with a local model "
+                           "folder") from None
+    return resolve(model)
+
+
+def cmd_inspect(args) -> int:
+    ds = load_dataset(args.file, _mapping(args.mapping))
+    log = ProblemLog()
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except Exception as exc:
+        tokenizer = None
+        log.add(f"no tokenizer for model '{args.model}' ({exc}): token statistics and the token-level preview "
+                "are left out", level="note", kind="no tokenizer")
+    stats: dict = {"length_bias": None}
+    bias = char_length_bias(ds.examples)
+    if tokenizer is not None:
+        template_warnings(ds.examples, tokenizer, log)
+        tokens = token_report(ds.examples, tokenizer, args.max_length, args.loss_on, log, args.stats_limit)
+        stats.update(model=args.model, max_length=args.max_length, loss_on=args.loss_on, tokens=tokens.to_dict())
+        bias = tokens.length_bias or bias
+        if tokens.measured < len(ds.examples):
+            log.add(f"token statistics cover the first {tokens.measured} of {len(ds.examples)} rows", level="note")
+    stats["length_bias"] = bias.__dict__ if bias else None
+    warn_length_bias(bias, log)
+    example = _example(ds.examples, args, tokenizer, log)
+    result = {
+        "ok": True, "file": str(args.file), "format": ds.format, "kind": ds.kind, "rows": len(ds.examples),
+        "rows_read": ds.rows_read, "dropped": ds.dropped,
+        "problems": [p.to_dict() for p in ds.problems + log.problems()], "stats": stats, "example": example,
+    }
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        _print_report(result)
+    return 0
+
+
+def _example(examples: list, args, tokenizer, log: ProblemLog) -> dict:
+    from engine.render import RenderError
+
+    index = min(max(args.row, 1), len(examples)) - 1
+    try:
+        return preview_example(examples[index], tokenizer, args.max_length, args.loss_on)
+    except RenderError as exc:
+        log.add(f"the preview row cannot be rendered: {exc}", examples[index].source_line)
+        return preview_example(examples[index])
+
+
+def cmd_convert(args) -> int:
+    if Path(args.out).exists() and Path(args.out).resolve() == Path(args.file).resolve():
+        raise DatasetError("OUT must be a different file from FILE")
+    stream = open_dataset(args.file, _mapping(args.mapping))
+    log = ProblemLog()
+    try:
+        written = write_examples(stream, args.out, args.to, log)
+    except DatasetError:
+        if stream.usable == 0:
+            stream.result([])  # raises the reader's own explanation
+        raise
+    problems = [p.to_dict() for p in stream.log.problems() + log.problems()]
+    result = {"ok": True, "file": str(args.file), "out": str(args.out), "to": args.to, "format": stream.format,
+              "kind": stream.kind, "rows_written": written, "problems": problems}
+    if args.to == "llama-factory":
+        result["dataset_info"] = {Path(args.out).stem: llama_factory_info(stream.kind, Path(args.out).name)}
+        print("add to LLaMA-Factory's data/dataset_info.json:\n" + json.dumps(result["dataset_info"], indent=2),
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(f"wrote {written} rows ({stream.format} -> {args.to}) to {args.out}")
+        _print_problems(problems, sys.stdout)
+    return 0
+
+
+def _print_problems(problems: list[dict], out) -> None:
+    if not problems:
+        return
+    print(f"problems ({len(problems)}):", file=out)
+    for p in problems:
+        where = f"line {p['line']}: " if "line" in p else ""
+        print(f"  [{p.get('level', 'warning')}] {where}{p['message']}", file=out)
+
+
+def _print_report(r: dict) -> None:
+    print(f"file:    {r['file']}")
+    print(f"format:  {r['format']} ({r['kind']})")
+    print(f"rows:    {r['rows']} usable of {r['rows_read']} read")
+    for reason, n in r["dropped"].items():
+        print(f"         {n} dropped: {reason}")
+    _print_problems(r["problems"], sys.stdout)
+    tokens = r["stats"].get("tokens")
+    if tokens and tokens["lengths"]:
+        L = tokens["lengths"]
+        print(f"tokens:  min {L['min']}, median {L['median']:g}, p95 {L['p95']}, max {L['max']} "
+              f"({tokens['over_max_length']} rows over max_length {tokens['max_length']})")
+    bias = r["stats"].get("length_bias")
+    if bias:
+        print(f"length:  chosen {bias['mean_chosen']:g} vs rejected {bias['mean_rejected']:g} {bias['unit']} on "
+              f"average; chosen longer in {bias['chosen_longer_share']:.0%} of pairs")
+    ex = r["example"]
+    print(f"\nexample (line {ex['line']}), trained text between [[ and ]]:")
+    if "segments" in ex:
+        print(marked_text(ex))
+    elif "chosen" in ex and isinstance(ex["chosen"], dict) and "segments" in ex["chosen"]:
+        for side in ("chosen", "rejected"):
+            print(f"--- {side} ---\n{marked_text(ex[side])}")
+    else:
+        print(json.dumps(ex["data"], ensure_ascii=False, indent=2))

@@ -1,0 +1,161 @@
+"""Checks that need numbers: token lengths, truncation, rows with nothing to train on, length bias.
+
+Token counts come from :mod:`engine.render`, the same code the trainer uses, so "exceeds max_length" here means
+exactly what it will mean in training. Everything else (length bias in characters) works without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+from engine.datasets.problems import ProblemLog
+from engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
+
+UNLIMITED = 10**9  # a max_length that never truncates: gives full lengths
+BIAS_WARN = 0.75  # warn when chosen is longer (or shorter) in more than this share of pairs
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    count: int
+    min: int
+    median: float
+    p95: int
+    max: int
+
+    @classmethod
+    def of(cls, values: list[int]) -> LengthStats | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+        p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]  # nearest rank
+        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1])
+
+
+@dataclass(frozen=True)
+class LengthBias:
+    """Whether chosen answers are systematically longer than rejected ones (DPO then learns "longer is better")."""
+
+    unit: str  # "tokens" or "characters"
+    pairs: int
+    mean_chosen: float
+    mean_rejected: float
+    chosen_longer_share: float  # share of pairs whose chosen answer is strictly longer
+
+    @classmethod
+    def of(cls, unit: str, chosen: list[int], rejected: list[int]) -> LengthBias | None:
+        if not chosen:
+            return None
+        longer = sum(1 for c, r in zip(chosen, rejected) if c > r)
+        return cls(unit, len(chosen), round(statistics.fmean(chosen), 1), round(statistics.fmean(rejected), 1),
+                   round(longer / len(chosen), 3))
+
+
+@dataclass
+class TokenReport:
+    """Token statistics of a dataset under one tokenizer and ``max_length``."""
+
+    max_length: int
+    measured: int  # examples measured (all, or the first ``limit``)
+    lengths: LengthStats | None  # full sequence lengths before truncation (pairs: the longer side)
+    trained: LengthStats | None  # trained tokens per example after truncation
+    over_max_length: int  # examples longer than max_length (truncated in training)
+    no_trained_tokens: int  # examples left with nothing to learn after truncation
+    difference_truncated: int  # pairs whose chosen and rejected only differ past max_length
+    render_failures: int  # examples the chat template refuses
+    length_bias: LengthBias | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _answer_chars(msgs) -> int:
+    return sum(len(m.content) for m in msgs)
+
+
+def char_length_bias(examples: list) -> LengthBias | None:
+    """Length bias of preference pairs in characters of the answers (no tokenizer needed)."""
+    pairs = [ex for ex in examples if isinstance(ex, PreferencePair)]
+    return LengthBias.of("characters", [_answer_chars(p.chosen) for p in pairs],
+                         [_answer_chars(p.rejected) for p in pairs])
+
+
+def warn_length_bias(bias: LengthBias | None, log: ProblemLog) -> None:
+    if bias is None or bias.pairs < 10:
+        return
+    share = bias.chosen_longer_share
+    if share > BIAS_WARN or share < 1 - BIAS_WARN:
+        side = "longer" if share > BIAS_WARN else "shorter or equal"
+        pct = share if share > BIAS_WARN else 1 - share
+        log.add(f"length bias: the chosen answer is {side} in {pct:.0%} of pairs (mean {bias.mean_chosen:g} vs "
+                f"{bias.mean_rejected:g} {bias.unit}); DPO may learn answer length rather than quality",
+                level="warning", kind="length bias")
+
+
+def token_report(examples: list, tokenizer, max_length: int, loss_on: str, log: ProblemLog,
+                 limit: int | None = None) -> TokenReport:
+    """Tokenise (up to ``limit``) examples exactly as training will, and count what matters."""
+    from engine.render import RenderError, tokenize_example
+
+    measured = examples[:limit] if limit else examples
+    lengths, trained, chosen_len, rejected_len = [], [], [], []
+    over = empty = diff_cut = failures = 0
+    for ex in measured:
+        try:
+            full = tokenize_example(tokenizer, ex, UNLIMITED, loss_on)
+            if isinstance(ex, PreferencePair):
+                n = max(len(full.chosen.input_ids), len(full.rejected.input_ids))
+                chosen_len.append(len(full.chosen.input_ids) - full.prompt_tokens)
+                rejected_len.append(len(full.rejected.input_ids) - full.prompt_tokens)
+            else:
+                n = len(full.input_ids)
+            cut = tokenize_example(tokenizer, ex, max_length, loss_on) if n > max_length else full
+        except RenderError as exc:
+            failures += 1
+            log.add(f"cannot be rendered: {exc}", ex.source_line, kind=f"rows the chat template refuses ({exc})")
+            continue
+        lengths.append(n)
+        over += n > max_length
+        if isinstance(ex, PreferencePair):
+            kept = min(cut.chosen.trained_tokens, cut.rejected.trained_tokens)
+            if cut.difference_truncated:
+                diff_cut += 1
+                log.add(f"chosen and rejected differ only after max_length {max_length}: the pair teaches nothing",
+                        ex.source_line, kind="pairs whose difference is cut off by max_length")
+        else:
+            kept = cut.trained_tokens
+        trained.append(kept)
+        if kept == 0:
+            empty += 1
+            log.add(f"no trained tokens left after truncation to {max_length}", ex.source_line,
+                    kind="rows with no trained tokens after truncation")
+    if over:
+        log.add(f"{over} of {len(lengths)} rows are longer than max_length {max_length} and will be truncated",
+                level="warning", kind="rows longer than max_length")
+    bias = LengthBias.of("tokens", chosen_len, rejected_len)
+    return TokenReport(max_length, len(measured), LengthStats.of(lengths), LengthStats.of(trained), over, empty,
+                       diff_cut, failures, bias)
+
+
+def template_warnings(examples: list, tokenizer, log: ProblemLog) -> None:
+    """Data that uses tools while the chat template ignores them renders tool turns as empty text."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if not isinstance(template, str):
+        template = " ".join(template.values()) if isinstance(template, dict) else ""
+
+    def uses_tools(ex) -> bool:
+        turns = ()
+        if isinstance(ex, Conversation):
+            turns = ex.messages
+        elif isinstance(ex, PreferencePair):
+            turns = ex.prompt + ex.chosen + ex.rejected
+        elif isinstance(ex, UnpairedExample):
+            turns = ex.prompt + ex.completion
+        return bool(getattr(ex, "tools", ())) or any(m.tool_calls for m in turns)
+
+    if template and "tool" not in template and any(uses_tools(ex) for ex in examples):
+        log.add("the data has tool schemas or tool calls, but this model's chat template ignores them: tool-call "
+                "turns render as empty answers; use a model whose template supports tools", level="warning",
+                kind="template without tools")
