@@ -1,0 +1,27 @@
+"""Create the application and the main window."""
+
+from __future__ import annotations
+
+import sys
+
+from PySide6.QtWidgets import QApplication
+
+from studio import theme
+from studio.main_window import MainWindow
+
+
+def create_app(argv: list[str] | None = None) -> QApplication:
+    app = QApplication.instance() or QApplication(list(argv if argv is not None else sys.argv))
+    app.setApplicationName("Finetune Studio")
+    app.setOrganizationName("finetune-studio")
+    app.setDesktopFileName("finetune-studio")
+    theme.apply_theme(app)
+    theme.follow_system(app)
+    return app
+
+
+def run(argv: list[str] | None = None) -> int:
+    app = create_app(argv)
+    window = MainWindow()
+    window.show()
+    return app.exec()

@@ -1,0 +1,122 @@
+"""Short engine commands run in the background (dataset inspection, model info, export).
+
+Each :class:`EngineJob` runs ``python -m engine ...`` with QProcess, emits
+``progress`` for progress events and ``done`` with the parsed result (the last
+event, or the JSON object printed) or ``failed`` with a message a person can act
+on. A newer request cancels the older one, so only the latest answer shows.
+"""
+
+from __future__ import annotations
+
+import json
+
+from PySide6.QtCore import QObject, QProcess, Signal
+
+from core.events import Failed, Progress, ProtocolError, parse_event
+
+from studio.engine_process import PROJECT_ROOT, engine_command, engine_environment
+
+
+class EngineJob(QObject):
+    progress = Signal(object)  # core.events.Progress
+    done = Signal(object)  # an Event or a dict
+    failed = Signal(str)
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._proc: QProcess | None = None
+        self._generation = 0
+        self.command = engine_command  # argv for engine arguments; tests swap in a fake engine
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
+
+    def run(self, *args: str, argv: list[str] | None = None) -> None:
+        """Start ``python -m engine ARGS`` (or ``argv``), cancelling a job still running."""
+        self.cancel()
+        self._generation += 1
+        gen = self._generation
+        argv = argv or self.command(*args)
+        proc = QProcess(self)
+        proc.setProcessEnvironment(engine_environment())
+        proc.setWorkingDirectory(str(PROJECT_ROOT))
+        proc.readyReadStandardOutput.connect(lambda: self._read(proc, gen))
+        proc.finished.connect(lambda code, status: self._finished(proc, gen, code))
+        proc.errorOccurred.connect(lambda err: self._error(proc, gen, err))
+        proc.setProperty("out", b"")
+        self._proc = proc
+        proc.start(argv[0], argv[1:])
+
+    def cancel(self) -> None:
+        proc, self._proc = self._proc, None
+        self._generation += 1
+        if proc is not None and proc.state() != QProcess.ProcessState.NotRunning:
+            proc.finished.connect(proc.deleteLater)
+            proc.kill()
+
+    def _read(self, proc: QProcess, gen: int) -> None:
+        buf = bytes(proc.property("out") or b"") + proc.readAllStandardOutput().data()
+        *lines, rest = buf.split(b"\n")
+        proc.setProperty("out", rest)
+        lines_seen = list(proc.property("lines") or [])
+        for line in lines:
+            if line.strip():
+                lines_seen.append(line.decode("utf-8", errors="replace"))
+                if gen == self._generation:
+                    try:
+                        ev = parse_event(line)
+                    except ProtocolError:
+                        continue
+                    if isinstance(ev, Progress):
+                        self.progress.emit(ev)
+        proc.setProperty("lines", lines_seen)
+
+    def _error(self, proc: QProcess, gen: int, err: QProcess.ProcessError) -> None:
+        if err == QProcess.ProcessError.FailedToStart and gen == self._generation:
+            self._proc = None
+            self.failed.emit(f"The engine could not be started: {proc.errorString()}")
+            proc.deleteLater()
+
+    def _finished(self, proc: QProcess, gen: int, code: int) -> None:
+        self._read(proc, gen)
+        tail = bytes(proc.property("out") or b"").decode("utf-8", errors="replace").strip()
+        lines = list(proc.property("lines") or []) + ([tail] if tail else [])
+        err = proc.readAllStandardError().data().decode("utf-8", errors="replace").strip()
+        proc.deleteLater()
+        if gen != self._generation:
+            return
+        self._proc = None
+        result = _result(lines)
+        if isinstance(result, Failed):
+            self.failed.emit(result.message)
+        elif code != 0 or result is None:
+            last = err.splitlines()[-1] if err else ""
+            self.failed.emit(f"The engine could not answer (exit code {code})" + (f": {last}" if last else "."))
+        elif isinstance(result, dict) and result.get("error"):
+            self.failed.emit(str(result["error"]))
+        else:
+            self.done.emit(result)
+
+
+def _result(lines: list[str]):
+    """The last event (not progress) among the lines, else the last JSON object."""
+    for line in reversed(lines):
+        try:
+            ev = parse_event(line)
+        except ProtocolError:
+            ev = None
+        if ev is not None and not isinstance(ev, Progress):
+            return ev
+        if ev is None:
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                return data
+    try:  # one pretty-printed object
+        data = json.loads("\n".join(lines))
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,188 @@
+"""The main window: Set up, Train and Runs pages, shortcuts, remembered choices, closing during a run."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QByteArray, QTimer
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget
+
+from core.config import TrainConfig
+from core.store import Store
+
+from studio.jobs import EngineJob
+from studio.pages.runs_page import RunsPage
+from studio.pages.setup_page import SetupPage
+from studio.pages.train_page import TrainPage
+from studio.run_controller import RunController
+from studio.settings import Settings
+from studio.setup_state import SetupState
+from studio.state import MemoryState, RunState
+
+TITLE = "Finetune Studio"
+SETUP, TRAIN, RUNS = range(3)
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: Settings | None = None, store_factory=Store):
+        super().__init__()
+        self.setWindowTitle(TITLE)
+        self.settings = settings or Settings()
+        self.setup_state = SetupState(initial=self.settings.get("last_config") or {})
+        self.setup_memory, self.run_memory, self.run_state = MemoryState(), MemoryState(), RunState()
+        self.controller = RunController(self.run_state, self.run_memory, parent=self)
+        self._store_factory = store_factory
+        self.setup_page = SetupPage(self.setup_state, self.setup_memory, self.settings.get("recent_models", []))
+        self.train_page = TrainPage(self.run_state, self.run_memory)
+        self.runs_page = RunsPage(lambda: self.controller.store)
+        self.tabs = QTabWidget(self)
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.setup_page, "1  Set up")
+        self.tabs.addTab(self.train_page, "2  Train")
+        self.tabs.addTab(self.runs_page, "3  Runs")
+        self.tabs.currentChanged.connect(self._page_changed)
+        self.setCentralWidget(self.tabs)
+        self.export_job = EngineJob(self)
+        self.export_job.done.connect(lambda _r: self.statusBar().showMessage("Adapter exported.", 8000))
+        self.export_job.failed.connect(lambda msg: self._tell("Export failed", msg))
+        self.close_choice: str | None = None  # tests set "stop" / "continue" / "cancel" instead of asking
+        self._closing = ""  # "stop" or "continue" while waiting for the run to let go
+
+        self.setup_page.start_requested.connect(self.start_run)
+        self.train_page.stop_requested.connect(self.stop_run)
+        self.train_page.resume_requested.connect(self.resume_run)
+        self.train_page.export_requested.connect(self.export_run)
+        self.train_page.new_run_requested.connect(lambda: self.tabs.setCurrentIndex(SETUP))
+        self.runs_page.open_requested.connect(self.open_run)
+        self.runs_page.new_from_config.connect(self.new_from_config)
+        self.runs_page.resume_requested.connect(self.resume_run)
+        self.runs_page.export_requested.connect(self.export_run)
+        self.controller.run_ended.connect(self._run_ended)
+        self._shortcuts()
+        self._restore()
+        self.statusBar().showMessage("Ready.", 3000)
+        QTimer.singleShot(0, self._find_live_run)
+        QTimer.singleShot(0, self.setup_page.model_panel.resolve)
+
+    # --- set-up ---------------------------------------------------------------------
+    def _shortcuts(self) -> None:
+        for keys, slot in ((("Ctrl+Return", "Ctrl+Enter"), self.setup_page.request_start),
+                           (("Ctrl+.",), self.stop_run),
+                           (("Ctrl+1",), lambda: self.tabs.setCurrentIndex(SETUP)),
+                           (("Ctrl+2",), lambda: self.tabs.setCurrentIndex(TRAIN)),
+                           (("Ctrl+3",), lambda: self.tabs.setCurrentIndex(RUNS)),
+                           (("Ctrl+Q",), self.close), (("F5",), self.runs_page.refresh)):
+            for key in keys:
+                QShortcut(QKeySequence(key), self, activated=slot)
+
+    def _restore(self) -> None:
+        geometry = self.settings.get("geometry")
+        if geometry:
+            self.restoreGeometry(QByteArray.fromHex(geometry.encode()))
+        else:
+            self.resize(1280, 860)
+        self.setup_page.advanced_toggle.setChecked(bool(self.settings.get("show_advanced", False)))
+
+    def remember(self) -> None:
+        self.settings.set("last_config", self.setup_state.config_dict())
+        self.settings.set("geometry", bytes(self.saveGeometry().toHex()).decode())
+        self.settings.set("show_advanced", self.setup_page.advanced_toggle.isChecked())
+        model = str(self.setup_state.values["model"])
+        recent = [m for m in self.settings.get("recent_models", []) if m != model]
+        self.settings.set("recent_models", ([model] + recent)[:8] if model else recent)
+        self.settings.save()
+
+    def _page_changed(self, index: int) -> None:
+        if index == RUNS:
+            self.runs_page.refresh()
+
+    def _tell(self, title: str, message: str) -> None:
+        self.statusBar().showMessage(f"{title}: {message.splitlines()[0] if message else ''}", 15000)
+        self.run_state.add_log(f"{title}: {message}")
+
+    # --- runs -----------------------------------------------------------------------
+    def start_run(self, config: TrainConfig) -> None:
+        if self.controller.busy:
+            self.statusBar().showMessage("A run is already training; stop it first (Ctrl+.).", 6000)
+            return
+        self.remember()
+        self.controller.start(config)
+        self.tabs.setCurrentIndex(TRAIN)
+
+    def stop_run(self) -> None:
+        self.controller.stop()
+
+    def resume_run(self, run_id: str) -> None:
+        if run_id and not self.controller.busy:
+            self.controller.resume(run_id)
+            self.tabs.setCurrentIndex(TRAIN)
+
+    def open_run(self, run_id: str) -> None:
+        if self.controller.open_run(run_id):
+            self.tabs.setCurrentIndex(TRAIN)
+        else:
+            self.statusBar().showMessage("Stop the current run before opening another one.", 6000)
+
+    def new_from_config(self, config: dict) -> None:
+        self.setup_state.load(config)
+        self.tabs.setCurrentIndex(SETUP)
+        self.statusBar().showMessage("Settings loaded from the past run; adjust them and press Start.", 6000)
+
+    def choose_export_dir(self, run_id: str) -> str:
+        return QFileDialog.getExistingDirectory(self, f"Export the adapter of {run_id} to…")
+
+    def export_run(self, run_id: str) -> None:
+        out = self.choose_export_dir(run_id) if run_id else ""
+        if out:
+            self.statusBar().showMessage(f"Exporting the adapter of {run_id}…")
+            self.export_job.run("export", run_id, out)
+
+    def _find_live_run(self) -> None:
+        run_id = self.controller.find_live_run()
+        if run_id and self.controller.open_run(run_id):
+            self.tabs.setCurrentIndex(TRAIN)
+            self.statusBar().showMessage("A run is still training in the background; following it.", 8000)
+
+    def _run_ended(self, _outcome) -> None:
+        if self.runs_page.isVisible():
+            self.runs_page.refresh()
+        if self._closing:
+            self._closing = "done"
+            self.close()
+
+    # --- closing --------------------------------------------------------------------
+    def ask_close_choice(self) -> str:
+        if self.close_choice:
+            return self.close_choice
+        box = QMessageBox(QMessageBox.Icon.Question, "A run is training",
+                          "A run is still training. Stop it (a checkpoint is saved and it can be resumed), "
+                          "or let it continue in the background? The app finds it again when you reopen it.",
+                          parent=self)
+        stop = box.addButton("Stop the run", QMessageBox.ButtonRole.DestructiveRole)
+        keep = box.addButton("Keep training", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        box.exec()
+        return "stop" if box.clickedButton() is stop else "continue" if box.clickedButton() is keep else "cancel"
+
+    def closeEvent(self, event) -> None:
+        if self._closing not in ("", "done"):
+            event.ignore()  # waiting for the run to stop or let go
+            return
+        if self._closing == "" and self.controller.busy:
+            choice = self.ask_close_choice()
+            if choice == "cancel":
+                event.ignore()
+                return
+            if self.controller.proc.running:
+                self._closing = choice
+                self.statusBar().showMessage("Stopping the run…" if choice == "stop" else "Letting the run go on…")
+                self.controller.stop() if choice == "stop" else self.controller.detach()
+                event.ignore()
+                return
+            if choice == "stop":
+                self.controller.stop()
+        self.controller.follow_timer.stop()
+        for job in (self.export_job, self.setup_page.model_panel.job, self.setup_page.dataset_panel.job):
+            job.cancel()
+        self.remember()
+        event.accept()

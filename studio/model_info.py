@@ -1,0 +1,88 @@
+"""Facts about a model read straight from its files (pure JSON), so local folders need no engine call.
+
+The engine's ``model info`` command does the same for everything (and converts
+GGUF files); the studio uses this module for folders it can read at once and
+asks the engine for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from core import paths
+from core.events import ModelReady
+
+DEFAULT_FOLDER = "smollm2-135m-instruct"  # where the engine converts the bundled default model
+
+
+def local_folder(spec: str) -> Path | None:
+    """The folder holding config.json for ``spec`` if it can be found without the engine, else None."""
+    spec = (spec or "").strip()
+    if not spec:
+        return None
+    if spec == "default":
+        folder = paths.models_dir() / DEFAULT_FOLDER
+        return folder if (folder / "config.json").is_file() else None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path if (path / "config.json").is_file() else None
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.exists():
+        return _hub_snapshot(spec)
+    return None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    snaps = Path(cache) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    if not snaps.is_dir():
+        return None
+    found = sorted((p for p in snaps.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def describe_folder(folder: Path, name: str = "") -> ModelReady:
+    """Shape facts from config.json and the safetensors headers (no tensor is read)."""
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = cfg.get("text_config", cfg)
+    return ModelReady(
+        name=name or folder.name, path=str(folder), architecture=(cfg.get("architectures") or [""])[0],
+        parameters=count_parameters(folder), layers=int(text.get("num_hidden_layers", 0) or 0),
+        hidden_size=int(text.get("hidden_size", 0) or 0), vocab_size=int(text.get("vocab_size", 0) or 0),
+        context_length=int(text.get("max_position_embeddings", 0) or 0),
+        dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or text.get("torch_dtype") or ""),
+    )
+
+
+def count_parameters(folder: Path) -> int:
+    """Sum of tensor sizes over *.safetensors headers: 8 bytes of length, then a JSON header."""
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > 100_000_000:
+                    continue
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError, struct.error):
+            continue
+        for key, value in header.items():
+            if key == "__metadata__" or not isinstance(value, dict):
+                continue
+            n = 1
+            for d in value.get("shape", []):
+                n *= int(d)
+            total += n
+    return total
+
+
+def format_count(n: int) -> str:
+    if not n:
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}".replace(".0", "")
+    return str(n)

@@ -1,0 +1,185 @@
+"""Runs: every run from the database; filter, sort, overlay loss curves, open, start again, export."""
+
+from __future__ import annotations
+
+import json
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLineEdit, QPlainTextEdit,
+                               QPushButton, QSplitter, QTableView, QTabWidget, QVBoxLayout, QWidget)
+
+from core.store import RUN_STATUSES, Store
+
+from studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
+from studio.series import Ema
+from studio.widgets.charts import Chart
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+MAX_OVERLAY = 10
+
+
+class RunsPage(QWidget):
+    open_requested = Signal(str)
+    new_from_config = Signal(dict)
+    resume_requested = Signal(str)
+    export_requested = Signal(str)
+
+    def __init__(self, store_factory=Store, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._store_factory = store_factory
+        self._store: Store | None = None
+        self.model = RunsModel(self)
+        self.proxy = RunsFilter(self)
+        self.proxy.setSourceModel(self.model)
+        self.filter_edit = QLineEdit(self)
+        self.filter_edit.setObjectName("runsFilter")
+        self.filter_edit.setPlaceholderText("Filter runs (name, model, dataset, method…)")
+        self.filter_edit.setClearButtonEnabled(True)
+        self.filter_edit.textChanged.connect(lambda t: self.proxy.set_filter(text=t))
+        self.status_box = QComboBox(self)
+        self.status_box.setObjectName("runsStatus")
+        self.status_box.addItem("All statuses", "")
+        for s in RUN_STATUSES:
+            self.status_box.addItem(s.capitalize(), s)
+        self.status_box.currentIndexChanged.connect(
+            lambda _i: self.proxy.set_filter(status=self.status_box.currentData()))
+        refresh = QPushButton("Refresh", self)
+        refresh.clicked.connect(self.refresh)
+        top = QHBoxLayout()
+        top.addWidget(self.filter_edit, 1)
+        top.addWidget(self.status_box)
+        top.addWidget(refresh)
+
+        self.table = QTableView(self)
+        self.table.setObjectName("runsTable")
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(10, Qt.SortOrder.DescendingOrder)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.table.verticalHeader().hide()
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.doubleClicked.connect(lambda _i: self._open())
+        self.table.selectionModel().selectionChanged.connect(lambda *_: self._selection_changed())
+
+        self.open_button = QPushButton("Open", self)
+        self.open_button.setToolTip("Show the run's curves and config on the Train page")
+        self.open_button.clicked.connect(self._open)
+        self.again_button = QPushButton("New run from this config", self)
+        self.again_button.clicked.connect(self._again)
+        self.resume_button = QPushButton("Resume", self)
+        self.resume_button.clicked.connect(lambda: self._emit_one(self.resume_requested))
+        self.export_button = QPushButton("Export adapter…", self)
+        self.export_button.clicked.connect(lambda: self._emit_one(self.export_requested))
+        buttons = QHBoxLayout()
+        for b in (self.open_button, self.again_button, self.resume_button, self.export_button):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+
+        self.overlay = Chart("Loss (smoothed) of the selected runs", self, legend=True)
+        self.overlay.setObjectName("overlayChart")
+        self.config_view = QPlainTextEdit(self)
+        self.config_view.setObjectName("runConfig")
+        self.config_view.setReadOnly(True)
+        detail = QTabWidget(self)
+        detail.addTab(self.overlay, "Loss curves")
+        detail.addTab(self.config_view, "Config")
+        left = QWidget(self)
+        llay = QVBoxLayout(left)
+        llay.setContentsMargins(0, 0, 0, 0)
+        llay.addLayout(top)
+        llay.addWidget(self.table, 1)
+        llay.addLayout(buttons)
+        split = QSplitter(Qt.Orientation.Vertical, self)
+        split.addWidget(left)
+        split.addWidget(detail)
+        QVBoxLayout(self).addWidget(split)
+        self._selection_changed()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = self._store_factory()
+        return self._store
+
+    def refresh(self) -> None:
+        selected = set(self.selected_ids())
+        self.model.set_runs(self.store.list_runs())
+        if selected:
+            sel = self.table.selectionModel()
+            for row in range(self.proxy.rowCount()):
+                if self.proxy.index(row, 0).data(RUN_ID_ROLE) in selected:
+                    sel.select(self.proxy.index(row, 0), sel.SelectionFlag.Select | sel.SelectionFlag.Rows)
+        self._selection_changed()
+
+    def selected_ids(self) -> list[str]:
+        rows = self.table.selectionModel().selectedRows()
+        return [r.data(RUN_ID_ROLE) for r in sorted(rows, key=lambda r: r.row())]
+
+    def select_ids(self, run_ids: list[str]) -> None:
+        sel = self.table.selectionModel()
+        sel.clearSelection()
+        for row in range(self.proxy.rowCount()):
+            if self.proxy.index(row, 0).data(RUN_ID_ROLE) in run_ids:
+                sel.select(self.proxy.index(row, 0), sel.SelectionFlag.Select | sel.SelectionFlag.Rows)
+
+    def _run(self, run_id: str) -> dict | None:
+        return next((r for r in self.model.runs if r["id"] == run_id), None)
+
+    def _selection_changed(self) -> None:
+        ids = self.selected_ids()
+        one = self._run(ids[0]) if len(ids) == 1 else None
+        self.open_button.setEnabled(one is not None)
+        self.again_button.setEnabled(one is not None)
+        self.resume_button.setEnabled(one is not None and one.get("status") in ("stopped", "interrupted", "failed"))
+        self.export_button.setEnabled(one is not None and one.get("status") in ("completed", "stopped"))
+        if one is not None:
+            try:
+                self.config_view.setPlainText(json.dumps(json.loads(one.get("config") or "{}"), indent=2,
+                                                         sort_keys=True))
+            except ValueError:
+                self.config_view.setPlainText(one.get("config") or "")
+        else:
+            self.config_view.setPlainText("")
+        self._draw_overlay(ids[:MAX_OVERLAY])
+
+    def _draw_overlay(self, ids: list[str]) -> None:
+        plot = self.overlay.getPlotItem()
+        for curve in self.overlay.curves.values():
+            plot.removeItem(curve)
+        self.overlay.curves.clear()
+        if plot.legend is not None:
+            plot.legend.clear()
+        for i, run_id in enumerate(ids):
+            rows = self.store.metrics(run_id, "train")
+            ema = Ema(0.9)
+            xs = [r["step"] for r in rows]
+            ys = [ema.update(r.get("loss")) for r in rows]
+            run = self._run(run_id) or {}
+            curve = pg.PlotDataItem(xs, [float("nan") if y is None else y for y in ys],
+                                    pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2), name=run.get("name") or run_id,
+                                    connect="finite")
+            curve.setDownsampling(auto=True, method="peak")
+            curve.setClipToView(True)
+            plot.addItem(curve)
+            self.overlay.curves[run_id] = curve
+
+    def _emit_one(self, signal) -> None:
+        ids = self.selected_ids()
+        if len(ids) == 1:
+            signal.emit(ids[0])
+
+    def _open(self) -> None:
+        self._emit_one(self.open_requested)
+
+    def _again(self) -> None:
+        ids = self.selected_ids()
+        run = self._run(ids[0]) if len(ids) == 1 else None
+        if run:
+            try:
+                self.new_from_config.emit(json.loads(run.get("config") or "{}"))
+            except ValueError:
+                pass

@@ -1,0 +1,176 @@
+"""Set up a run: model, dataset, method × objective, hyper-parameters (basic and advanced), presets, memory."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QButtonGroup, QComboBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QScrollArea,
+                               QSplitter, QToolButton, QVBoxLayout, QWidget)
+
+from core.config import METHODS, OBJECTIVES, TrainConfig
+
+from studio import estimate
+from studio.presets import Preset, load_presets
+from studio.setup_state import FIELDS, HELP, OWN_WIDGETS, SetupState
+from studio.state import MemoryState
+from studio.widgets.config_form import ConfigForm, ErrorLabel
+from studio.widgets.dataset_panel import DatasetPanel
+from studio.widgets.memory_panel import MemoryPanel
+from studio.widgets.model_panel import ModelPanel
+
+METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
+OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO"}
+BASIC = [n for n in FIELDS if n not in OWN_WIDGETS and not HELP[n]["advanced"]]
+ADVANCED = [n for n in FIELDS if n not in OWN_WIDGETS and HELP[n]["advanced"]]
+
+
+class Segmented(QWidget):
+    """A row of checkable buttons bound to one choice field of the state."""
+
+    def __init__(self, state: SetupState, name: str, labels: dict[str, str], parent: QWidget | None = None):
+        super().__init__(parent)
+        self.state, self.name = state, name
+        self.group = QButtonGroup(self)
+        self.buttons: dict[str, QPushButton] = {}
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.setSpacing(0)
+        for value, text in labels.items():
+            btn = QPushButton(text, self)
+            btn.setObjectName(f"{name}_{value}")
+            btn.setCheckable(True)
+            btn.setToolTip(HELP[name]["help"])
+            self.group.addButton(btn)
+            self.buttons[value] = btn
+            row.addWidget(btn)
+            btn.clicked.connect(lambda _=False, v=value: state.set(name, v))
+        row.addStretch(1)
+        state.subscribe(lambda topic: self.sync() if topic in (f"values:{name}", "values:*") else None)
+        self.sync()
+
+    def sync(self) -> None:
+        btn = self.buttons.get(str(self.state.values[self.name]))
+        if btn is not None and not btn.isChecked():
+            btn.setChecked(True)
+
+
+class SetupPage(QWidget):
+    start_requested = Signal(object)  # TrainConfig
+
+    def __init__(self, state: SetupState, memory: MemoryState, recent_models: list[str] | None = None,
+                 parent: QWidget | None = None):
+        super().__init__(parent)
+        self.state, self.memory = state, memory
+        self.model_panel = ModelPanel(state, recent_models, self)
+        self.dataset_panel = DatasetPanel(state, self)
+        left = QWidget(self)
+        lcol = QVBoxLayout(left)
+        lcol.addWidget(self.model_panel)
+        lcol.addWidget(self.dataset_panel, 1)
+
+        self.method = Segmented(state, "method", {m: METHOD_LABELS[m] for m in METHODS}, self)
+        self.objective = Segmented(state, "objective", {o: OBJECTIVE_LABELS[o] for o in OBJECTIVES}, self)
+        self.method_error, self.objective_error = ErrorLabel(self), ErrorLabel(self)
+        self.presets = load_presets()
+        self.preset_box = QComboBox(self)
+        self.preset_box.setObjectName("presetBox")
+        self.preset_box.addItem("Choose a preset…")
+        for p in self.presets:
+            self.preset_box.addItem(p.name)
+            self.preset_box.setItemData(self.preset_box.count() - 1, p.description, Qt.ItemDataRole.ToolTipRole)
+        self.preset_box.activated.connect(self._preset_chosen)
+        how = QGroupBox("Method", self)
+        hlay = QVBoxLayout(how)
+        hlay.addWidget(QLabel("Adapter", how))
+        hlay.addWidget(self.method)
+        hlay.addWidget(self.method_error)
+        hlay.addWidget(QLabel("Objective", how))
+        hlay.addWidget(self.objective)
+        hlay.addWidget(self.objective_error)
+        hlay.addWidget(self.preset_box)
+
+        basics = QGroupBox("Hyper-parameters", self)
+        self.basic_form = ConfigForm(state, BASIC, basics)
+        QVBoxLayout(basics).addWidget(self.basic_form)
+        self.advanced_toggle = QToolButton(self)
+        self.advanced_toggle.setObjectName("advancedToggle")
+        self.advanced_toggle.setText("Advanced")
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_form = ConfigForm(state, ADVANCED, self)
+        self.advanced_form.setVisible(False)
+        self.advanced_toggle.toggled.connect(self._toggle_advanced)
+        self.memory_panel = MemoryPanel(memory, self)
+        self.start_button = QPushButton("Start training", self)
+        self.start_button.setObjectName("startButton")
+        self.start_button.setToolTip("Start the run (Ctrl+Enter)")
+        self.start_button.clicked.connect(self.request_start)
+        self.blockers = QLabel(self)
+        self.blockers.setObjectName("startBlockers")
+        self.blockers.setWordWrap(True)
+
+        right = QWidget(self)
+        rcol = QVBoxLayout(right)
+        rcol.addWidget(how)
+        rcol.addWidget(basics)
+        rcol.addWidget(self.advanced_toggle)
+        rcol.addWidget(self.advanced_form)
+        rcol.addStretch(1)
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setWidget(right)
+        side = QWidget(self)
+        scol = QVBoxLayout(side)
+        scol.setContentsMargins(0, 0, 0, 0)
+        scol.addWidget(scroll, 1)
+        scol.addWidget(self.memory_panel)
+        scol.addWidget(self.blockers)
+        scol.addWidget(self.start_button)
+        split = QSplitter(self)
+        split.addWidget(left)
+        split.addWidget(side)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        QVBoxLayout(self).addWidget(split)
+
+        self._estimate_timer = QTimer(self, singleShot=True, interval=150)
+        self._estimate_timer.timeout.connect(self._update_estimate)
+        state.subscribe(self._on_state)
+        self._on_state("errors")
+        self._update_estimate()
+
+    # --- behaviour ------------------------------------------------------------------
+    def _toggle_advanced(self, on: bool) -> None:
+        self.advanced_form.setVisible(on)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+
+    def _preset_chosen(self, index: int) -> None:
+        if index > 0:
+            self.apply_preset(self.presets[index - 1])
+        self.preset_box.setCurrentIndex(0)
+
+    def apply_preset(self, preset: Preset) -> None:
+        self.state.load(preset.config)
+
+    def _on_state(self, topic: str) -> None:
+        if topic != "errors":
+            return
+        errors = self.state.errors
+        self.method_error.show_error(errors.get("method", ""))
+        self.objective_error.show_error(errors.get("objective", ""))
+        self.start_button.setEnabled(self.state.ready)
+        if errors:
+            names = ", ".join(sorted(errors))
+            self.blockers.setText(f"Before starting, fix: {names}.")
+        else:
+            self.blockers.setText("")
+        self.blockers.setVisible(bool(errors))
+        self._estimate_timer.start()
+
+    def _update_estimate(self) -> None:
+        self.memory.set_estimate(estimate.estimate(self.state.config, self.state.model_info))
+
+    def request_start(self) -> None:
+        if self.state.ready and isinstance(self.state.config, TrainConfig):
+            self.start_requested.emit(self.state.config)

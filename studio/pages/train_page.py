@@ -1,0 +1,154 @@
+"""Train: live curves, progress with ETA, Stop / Resume / Export, the failure message, the log."""
+
+from __future__ import annotations
+
+import json
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTabWidget,
+                               QVBoxLayout, QWidget)
+
+from studio.state import MemoryState, RunState, format_duration
+from studio.widgets.charts import TrainingCharts
+from studio.widgets.log_view import LogView
+from studio.widgets.memory_panel import MemoryBar
+
+STATUS_TEXT = {"idle": "No run yet", "starting": "Starting…", "running": "Training", "stopping": "Stopping…",
+               "completed": "Completed", "stopped": "Stopped", "failed": "Failed", "interrupted": "Interrupted",
+               "created": "Not started"}
+
+
+class TrainPage(QWidget):
+    stop_requested = Signal()
+    resume_requested = Signal(str)
+    export_requested = Signal(str)
+    new_run_requested = Signal()
+
+    def __init__(self, state: RunState, memory: MemoryState, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.state, self.memory = state, memory
+        self.title = QLabel("No run yet", self)
+        self.title.setObjectName("runTitle")
+        self.status = QLabel(self)
+        self.status.setObjectName("runStatus")
+        self.progress = QProgressBar(self)
+        self.progress.setObjectName("runProgress")
+        self.progress.setRange(0, 1000)
+        self.progress.setTextVisible(True)
+        self.stop_button = QPushButton("Stop", self)
+        self.stop_button.setObjectName("stopButton")
+        self.stop_button.setToolTip("Save a checkpoint and stop (Ctrl+.)")
+        self.stop_button.clicked.connect(self.stop_requested)
+        self.resume_button = QPushButton("Resume", self)
+        self.resume_button.setObjectName("resumeButton")
+        self.resume_button.setToolTip("Continue from the last checkpoint")
+        self.resume_button.clicked.connect(lambda: self.resume_requested.emit(self.state.info.run_id))
+        self.export_button = QPushButton("Export adapter…", self)
+        self.export_button.setObjectName("exportButton")
+        self.export_button.clicked.connect(lambda: self.export_requested.emit(self.state.info.run_id))
+        self.new_button = QPushButton("New run", self)
+        self.new_button.clicked.connect(self.new_run_requested)
+        head = QHBoxLayout()
+        head.addWidget(self.title)
+        head.addWidget(self.status)
+        head.addStretch(1)
+        for b in (self.stop_button, self.resume_button, self.export_button, self.new_button):
+            head.addWidget(b)
+        self.message = QLabel(self)
+        self.message.setObjectName("runMessage")
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.message.hide()
+        self.memory_bar = MemoryBar(memory, self)
+        self.memory_bar.setToolTip("Memory: estimate (blue), in use (green), peak (line), device total (bar).")
+        self.charts = TrainingCharts(state, self)
+        self.log_view = LogView(state, self)
+        self.config_view = QPlainTextEdit(self)
+        self.config_view.setObjectName("configView")
+        self.config_view.setReadOnly(True)
+        tabs = QTabWidget(self)
+        tabs.addTab(self.log_view, "Log")
+        tabs.addTab(self.config_view, "Config")
+        split = QSplitter(Qt.Orientation.Vertical, self)
+        split.addWidget(self.charts)
+        split.addWidget(tabs)
+        split.setStretchFactor(0, 4)
+        split.setStretchFactor(1, 1)
+        lay = QVBoxLayout(self)
+        lay.addLayout(head)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.message)
+        lay.addWidget(self.memory_bar)
+        lay.addWidget(split, 1)
+        self._progress_timer = QTimer(self, singleShot=True, interval=200)
+        self._progress_timer.timeout.connect(self._show_progress)
+        state.subscribe(self._on_state)
+        self._show_status()
+        self._show_info()
+        self._show_progress()
+
+    def _on_state(self, topic: str) -> None:
+        if topic == "status":
+            self._show_status()
+            self._show_progress()
+        elif topic == "info":
+            self._show_info()
+        elif topic in ("metrics", "progress") and not self._progress_timer.isActive():
+            self._progress_timer.start()
+
+    def _show_info(self) -> None:
+        info = self.state.info
+        self.title.setText(f"<b>{info.name or info.run_id or 'No run yet'}</b>")
+        self.config_view.setPlainText(json.dumps(info.config, indent=2, sort_keys=True) if info.config else "")
+
+    def _show_status(self) -> None:
+        st = self.state
+        self.status.setText(STATUS_TEXT.get(st.status, st.status))
+        self.status.setProperty("status", st.status)
+        self.status.style().unpolish(self.status)
+        self.status.style().polish(self.status)
+        self.stop_button.setEnabled(st.status in ("starting", "running"))
+        self.resume_button.setEnabled(bool(st.info.run_id) and st.status in ("stopped", "interrupted", "failed"))
+        self.export_button.setEnabled(bool(st.info.run_id) and st.status in ("completed", "stopped"))
+        text = st.message
+        if st.status == "failed" and text:
+            kind = {"oom": "Out of memory", "config": "Settings", "data": "Dataset", "model": "Model"}.get(
+                st.message_kind, "The run failed")
+            text = f"<b>{kind}:</b> {_html(text)}"
+        else:
+            text = _html(text)
+        self.message.setText(text)
+        self.message.setProperty("failed", st.status == "failed")
+        self.message.style().unpolish(self.message)
+        self.message.style().polish(self.message)
+        self.message.setVisible(bool(st.message))
+
+    def _show_progress(self) -> None:
+        st = self.state
+        if st.progress is not None and st.status == "starting":
+            p = st.progress
+            self.progress.setRange(0, max(p.total, 1))
+            self.progress.setValue(p.done)
+            self.progress.setFormat(f"{p.message or p.stage} ({p.done}/{p.total})")
+            return
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(int(st.fraction * 1000))
+        total = st.info.total_steps
+        bits = [f"step {st.step:,} / {total:,}" if total else f"step {st.step:,}"]
+        if st.elapsed_s:
+            bits.append(f"{format_duration(st.elapsed_s)} elapsed")
+        eta = st.eta_s() if st.status == "running" else None
+        if eta is not None:
+            bits.append(f"about {format_duration(eta)} left")
+        loss = st.train.last("loss_smooth")
+        if loss is not None:
+            bits.append(f"loss {loss:.4f}")
+        if st.status == "starting":
+            bits = ["loading the model and data…"]
+        self.progress.setFormat(" · ".join(bits))
+
+
+def _html(text: str) -> str:
+    import html
+
+    return html.escape(text).replace("\n", "<br>")

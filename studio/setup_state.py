@@ -1,0 +1,168 @@
+"""The set-up page's state, Qt-free: raw form values, their errors, the model and the dataset.
+
+Values are kept as the form gives them (numbers as text) and validated with
+:class:`core.config.TrainConfig` on every change: each field alone first (so
+every bad field gets its own message next to it), then the whole config, then
+combinations that need the model or the dataset (DPO on an SFT dataset...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from core.config import ConfigError, TrainConfig
+
+from studio.observable import Observable
+
+HELP = TrainConfig.field_help()
+FIELDS = list(HELP)
+# Fields with their own widgets on the set-up page; the rest are generated as a form.
+OWN_WIDGETS = ("model", "dataset", "method", "objective")
+PREFERENCE_KINDS = ("preference", "unpaired")
+
+
+def to_form(name: str, value: Any) -> Any:
+    """A config value as a form shows it: booleans and choices as is, everything else as text."""
+    default = HELP[name]["default"]
+    if isinstance(default, bool) or "choices" in HELP[name] or isinstance(value, str):
+        return value
+    if isinstance(default, list):
+        return ", ".join(map(str, value))
+    if isinstance(default, dict):
+        return json.dumps(value) if value else ""
+    if isinstance(default, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def from_form(name: str, value: Any) -> Any:
+    default = HELP[name]["default"]
+    if isinstance(default, dict) and isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(name, f"must be a JSON object such as {{\"prompt\": \"question\"}} ({exc.msg})")
+    if isinstance(value, str):
+        value = value.strip()
+    return value
+
+
+class SetupState(Observable):
+    """Topics: 'values' (a field changed; the name follows after a colon), 'errors', 'model', 'dataset'."""
+
+    def __init__(self, initial: dict | None = None):
+        super().__init__()
+        self.values: dict[str, Any] = {n: to_form(n, HELP[n]["default"]) for n in FIELDS}
+        self.errors: dict[str, str] = {}
+        self.config: TrainConfig | None = None
+        self.model_info = None  # core.events.ModelReady
+        self.model_message = ""  # loading / error text for the model panel
+        self.dataset_info: dict | None = None  # `engine data inspect --json` output
+        self.dataset_message = ""
+        if initial:
+            self.load(initial, quiet=True)
+        self.validate()
+
+    # --- changing -------------------------------------------------------------
+    def set(self, name: str, value: Any) -> None:
+        if self.values.get(name) == value:
+            return
+        self.values[name] = value
+        self.notify(f"values:{name}")
+        self.validate()
+
+    def load(self, config: dict, *, quiet: bool = False) -> None:
+        """Apply a preset or a past run's config (known fields only; unknown ones are ignored)."""
+        for name, value in config.items():
+            if name in HELP:
+                self.values[name] = to_form(name, value)
+        if not quiet:
+            self.notify("values:*")
+            self.validate()
+
+    def set_model_info(self, info, message: str = "") -> None:
+        self.model_info, self.model_message = info, message
+        self.notify("model")
+        self.validate()
+
+    def set_dataset_info(self, info: dict | None, message: str = "") -> None:
+        self.dataset_info, self.dataset_message = info, message
+        self.notify("dataset")
+        self.validate()
+
+    # --- checking -------------------------------------------------------------
+    def typed_values(self) -> tuple[dict, dict]:
+        out, errors = {}, {}
+        for name in FIELDS:
+            try:
+                out[name] = from_form(name, self.values[name])
+            except ConfigError as exc:
+                errors[name] = _reason(exc)
+        return out, errors
+
+    def validate(self) -> None:
+        values, errors = self.typed_values()
+        for name, value in values.items():  # each field alone, so every bad field is named
+            if name in errors:
+                continue
+            try:
+                TrainConfig.from_dict({name: value})
+            except ConfigError as exc:
+                errors[exc.field if exc.field in HELP else name] = _reason(exc)
+        config = None
+        if not errors:
+            try:
+                config = TrainConfig.from_dict(values)
+            except ConfigError as exc:
+                errors[exc.field if exc.field in HELP else "model"] = _reason(exc)
+        errors.update(self._combination_errors(values, errors))
+        self.config = config if not errors else None
+        if errors != self.errors or config is None:
+            self.errors = errors
+        self.notify("errors")
+
+    def _combination_errors(self, values: dict, errors: dict) -> dict:
+        out = {}
+        if not str(values.get("dataset", "")).strip():
+            out["dataset"] = "Choose a dataset file or folder."
+        elif self.dataset_message and self.dataset_info is None and "dataset" not in errors:
+            out["dataset"] = self.dataset_message
+        info = self.dataset_info or {}
+        kind = info.get("kind")
+        if kind and "objective" not in errors:
+            if values.get("objective") == "dpo" and kind not in PREFERENCE_KINDS:
+                out["objective"] = (f"DPO needs preference data (prompt, chosen, rejected); this dataset is "
+                                    f"{kind}. Choose SFT, or a preference dataset.")
+        if info and info.get("rows") == 0:
+            out["dataset"] = "The dataset has no usable rows; see the checks below."
+        model = self.model_info
+        ctx = getattr(model, "context_length", 0) or 0
+        if ctx and "max_length" not in errors:
+            try:
+                if int(values["max_length"]) > ctx:
+                    out["max_length"] = f"The model reads at most {ctx} tokens; use {ctx} or less."
+            except (TypeError, ValueError):
+                pass
+        return out
+
+    @property
+    def ready(self) -> bool:
+        return self.config is not None and not self.errors
+
+    def config_dict(self) -> dict:
+        """The values as a config dict (may be invalid; used to remember the last choices)."""
+        values, _ = self.typed_values()
+        defaults = {f.name for f in dataclasses.fields(TrainConfig)}
+        return {k: v for k, v in values.items() if k in defaults}
+
+
+def _reason(exc: ConfigError) -> str:
+    """The message without the leading 'field: ' (the form shows it next to the field)."""
+    text = str(exc)
+    prefix = f"{exc.field}: "
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    return text[:1].upper() + text[1:]

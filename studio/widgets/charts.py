@@ -1,0 +1,151 @@
+"""Live training charts with pyqtgraph, fluid at 100,000 points.
+
+Curves read views of the run's numpy columns (no copy), draw only what is in
+view (``clipToView``) and downsample to the pixel width (``peak`` keeps spikes
+visible). Redraws are throttled: many events in a burst cost one redraw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QEvent, QTimer
+from PySide6.QtGui import QColor, QPalette
+from PySide6.QtWidgets import QGridLayout, QWidget
+
+from studio.state import RunState
+
+pg.setConfigOptions(antialias=False, useNumba=False)
+
+COLORS = {"raw": (120, 160, 230), "smooth": (30, 90, 200), "eval": (230, 120, 40), "lr": (150, 90, 200),
+          "grad": (200, 70, 90), "tps": (40, 160, 120), "margin": (30, 90, 200), "acc": (230, 120, 40),
+          "used": (40, 160, 120), "peak": (200, 70, 90), "budget": (120, 120, 120)}
+REFRESH_MS = 100
+
+
+def make_curve(plot: pg.PlotItem, color, name: str, width: float = 1.5, dash: bool = False,
+               symbol: str | None = None) -> pg.PlotDataItem:
+    pen = pg.mkPen(color=color, width=width, style=pg.QtCore.Qt.PenStyle.DashLine if dash else
+                   pg.QtCore.Qt.PenStyle.SolidLine)
+    kw = dict(symbol=symbol, symbolSize=6, symbolBrush=color, symbolPen=None) if symbol else {}
+    item = plot.plot([], [], pen=pen, name=name, connect="finite", **kw)
+    item.setDownsampling(auto=True, method="peak")
+    item.setClipToView(True)
+    return item
+
+
+class Chart(pg.PlotWidget):
+    def __init__(self, title: str, parent: QWidget | None = None, *, legend: bool = False):
+        super().__init__(parent)
+        self.setObjectName(f"chart_{title.split()[0].lower()}")
+        self.title = title
+        item = self.getPlotItem()
+        item.setTitle(title)
+        item.showGrid(x=True, y=True, alpha=0.15)
+        item.setLabel("bottom", "step")
+        item.setMenuEnabled(False)
+        self.setMinimumHeight(150)
+        if legend:
+            item.addLegend(offset=(-6, 6))
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        apply_palette(self)
+
+    def add(self, key: str, name: str, color_key: str, **kw) -> pg.PlotDataItem:
+        self.curves[key] = make_curve(self.getPlotItem(), COLORS[color_key], name, **kw)
+        return self.curves[key]
+
+    def changeEvent(self, event) -> None:
+        if event.type() == QEvent.Type.PaletteChange and getattr(self, "curves", None) is not None:
+            apply_palette(self)
+        super().changeEvent(event)
+
+
+def apply_palette(widget: pg.PlotWidget) -> None:
+    """Follow the app's light or dark palette."""
+    pal = widget.palette()
+    widget.setBackground(pal.color(QPalette.ColorRole.Base))
+    fg = pal.color(QPalette.ColorRole.Text)
+    item = widget.getPlotItem()
+    for axis in ("left", "bottom"):
+        ax = item.getAxis(axis)
+        ax.setPen(pg.mkPen(fg))
+        ax.setTextPen(pg.mkPen(fg))
+    item.titleLabel.setText(getattr(widget, "title", ""), color=QColor(fg).name())
+
+
+class TrainingCharts(QWidget):
+    """The run's curves; subscribes to a :class:`RunState` and redraws at most every ``REFRESH_MS``."""
+
+    def __init__(self, state: RunState, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.state = state
+        self.loss = Chart("Loss", self, legend=True)
+        self.loss.add("loss", "train", "raw", width=1)
+        self.loss.add("loss_smooth", "smoothed", "smooth", width=2)
+        self.loss.add("eval_loss", "eval", "eval", width=2, symbol="o")
+        self.lr = Chart("Learning rate", self)
+        self.lr.add("lr", "lr", "lr")
+        self.grad = Chart("Grad norm", self)
+        self.grad.add("grad_norm", "grad norm", "grad")
+        self.tps = Chart("Tokens per second", self)
+        self.tps.add("tokens_per_s", "tokens/s", "tps")
+        self.dpo = Chart("DPO reward margin / accuracy", self, legend=True)
+        self.dpo.add("reward_margin", "margin", "margin")
+        self.dpo.add("reward_accuracy", "accuracy", "acc", dash=True)
+        self.memory = Chart("Memory (GiB)", self, legend=True)
+        self.memory.add("memory_used_bytes", "used", "used")
+        self.memory.add("memory_peak_bytes", "peak", "peak")
+        self.budget_line = pg.InfiniteLine(angle=0, movable=False, label="budget",
+                                           pen=pg.mkPen(COLORS["budget"], width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
+                                           labelOpts={"position": 0.05, "color": COLORS["budget"]})
+        self.budget_line.hide()
+        self.memory.addItem(self.budget_line)
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(self.loss, 0, 0, 1, 2)
+        grid.addWidget(self.memory, 0, 2)
+        grid.addWidget(self.lr, 1, 0)
+        grid.addWidget(self.grad, 1, 1)
+        grid.addWidget(self.tps, 1, 2)
+        grid.addWidget(self.dpo, 2, 0, 1, 3)
+        self.dpo.hide()
+        for chart in (self.lr, self.grad, self.tps, self.dpo, self.memory):
+            chart.setXLink(self.loss)
+        self._timer = QTimer(self, singleShot=True, interval=REFRESH_MS)
+        self._timer.timeout.connect(self.refresh)
+        self.redraws = 0
+        state.subscribe(self._on_state)
+
+    def _on_state(self, topic: str) -> None:
+        if topic in ("metrics", "info") and not self._timer.isActive():
+            self._timer.start()
+
+    def refresh(self) -> None:
+        """Hand the current columns to the curves (views, not copies)."""
+        t, e = self.state.train, self.state.eval
+        x = t.column("step")
+        for chart in (self.loss, self.lr, self.grad, self.tps):
+            for key, curve in chart.curves.items():
+                if key == "eval_loss":
+                    curve.setData(e.column("step"), e.column("eval_loss"))
+                else:
+                    curve.setData(x, t.column(key))
+        gib = float(1 << 30)
+        for key, curve in self.memory.curves.items():
+            curve.setData(x, t.column(key) / gib)
+        budget = self.state.memory_budget_bytes
+        self.budget_line.setVisible(bool(budget))
+        if budget:
+            self.budget_line.setValue(budget / gib)
+        margin = t.column("reward_margin")
+        has_dpo = bool(len(margin)) and bool(np.isfinite(margin[-min(len(margin), 50):]).any())
+        self.dpo.setVisible(has_dpo or str(self.state.info.config.get("objective")) == "dpo")
+        if self.dpo.isVisible():
+            self.dpo.curves["reward_margin"].setData(x, margin)
+            self.dpo.curves["reward_accuracy"].setData(x, t.column("reward_accuracy"))
+        self.redraws += 1
+
+    def displayed_points(self) -> int:
+        """How many points the loss curve actually draws (after clipping and downsampling)."""
+        xs, _ = self.loss.curves["loss"].getData()
+        return 0 if xs is None else len(xs)

@@ -1,0 +1,146 @@
+"""Choose the model: the bundled default, a local folder, a GGUF file or a cached hub id; show its shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
+                               QPushButton, QVBoxLayout, QWidget)
+
+from core.events import ModelReady, Progress
+
+from studio.jobs import EngineJob
+from studio.model_info import describe_folder, format_count, local_folder
+from studio.setup_state import HELP, SetupState
+from studio.widgets.config_form import ErrorLabel
+
+FACTS = (("architecture", "Architecture"), ("parameters", "Parameters"), ("layers", "Layers"),
+         ("hidden_size", "Hidden size"), ("vocab_size", "Vocabulary"), ("context_length", "Context length"),
+         ("dtype", "Weights dtype"))
+
+
+class ModelPanel(QGroupBox):
+    def __init__(self, state: SetupState, recent: list[str] | None = None, parent: QWidget | None = None):
+        super().__init__("Model", parent)
+        self.state = state
+        self.job = EngineJob(self)
+        self.job.progress.connect(self._on_progress)
+        self.job.done.connect(self._on_info)
+        self.job.failed.connect(lambda msg: self.state.set_model_info(None, msg))
+        self.choice = QComboBox(self)
+        self.choice.setObjectName("modelChoice")
+        self.choice.setEditable(True)
+        self.choice.setToolTip(HELP["model"]["help"])
+        self.choice.addItem("default")
+        for spec in recent or []:
+            if spec and self.choice.findText(spec) < 0:
+                self.choice.addItem(spec)
+        self.choice.setCurrentText(str(state.values["model"]))
+        self.choice.lineEdit().setPlaceholderText("default, a folder, a .gguf file or an org/name hub id")
+        self.choice.activated.connect(lambda _i: self._chosen(self.choice.currentText()))
+        self.choice.lineEdit().editingFinished.connect(lambda: self._chosen(self.choice.currentText()))
+        folder_btn = QPushButton("Folder…", self)
+        folder_btn.clicked.connect(self._pick_folder)
+        gguf_btn = QPushButton("GGUF…", self)
+        gguf_btn.clicked.connect(self._pick_gguf)
+        row = QHBoxLayout()
+        row.addWidget(self.choice, 1)
+        row.addWidget(folder_btn)
+        row.addWidget(gguf_btn)
+        self.progress = QProgressBar(self)
+        self.progress.hide()
+        self.message = ErrorLabel(self)
+        self.facts: dict[str, QLabel] = {}
+        grid = QFormLayout()
+        for key, label in FACTS:
+            self.facts[key] = QLabel("–", self)
+            self.facts[key].setObjectName(f"fact_{key}")
+            grid.addRow(label, self.facts[key])
+        lay = QVBoxLayout(self)
+        lay.addLayout(row)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.message)
+        lay.addLayout(grid)
+        self._debounce = QTimer(self, singleShot=True, interval=300)
+        self._debounce.timeout.connect(self.resolve)
+        state.subscribe(self._on_state)
+        self._show()
+
+    # --- choosing ------------------------------------------------------------------
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model folder (with config.json)")
+        if folder:
+            self._chosen(folder)
+
+    def _pick_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "GGUF model file", "", "GGUF models (*.gguf)")
+        if path:
+            self._chosen(path)
+
+    def _chosen(self, spec: str) -> None:
+        spec = spec.strip()
+        if self.choice.currentText() != spec:
+            self.choice.setCurrentText(spec)
+        self.state.set("model", spec)
+
+    def _on_state(self, topic: str) -> None:
+        if topic in ("values:model", "values:*"):
+            if self.choice.currentText() != self.state.values["model"]:
+                self.choice.setCurrentText(str(self.state.values["model"]))
+            self._debounce.start()
+        elif topic == "model":
+            self._show()
+
+    # --- resolving -----------------------------------------------------------------
+    def resolve(self) -> None:
+        """Facts for the chosen model: read at once when it is a local folder, else asked of the engine."""
+        spec = str(self.state.values["model"]).strip()
+        if not spec:
+            self.job.cancel()
+            self.state.set_model_info(None, "Choose a model.")
+            return
+        folder = local_folder(spec)
+        if folder is not None:
+            self.job.cancel()
+            try:
+                info = describe_folder(folder, name=Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
+            except (OSError, ValueError) as exc:
+                self.state.set_model_info(None, f"Cannot read {folder / 'config.json'}: {exc}")
+                return
+            self.state.set_model_info(info)
+            return
+        self.state.set_model_info(None, "Looking up the model…" if not spec.lower().endswith(".gguf")
+                                  else "Importing the GGUF file (converted once, then cached)…")
+        self.progress.setRange(0, 0)
+        self.progress.show()
+        self.job.run("model", "info", spec)
+
+    def _on_progress(self, ev: Progress) -> None:
+        self.progress.setRange(0, max(ev.total, 0))
+        self.progress.setValue(ev.done)
+        self.progress.setFormat(ev.message or ev.stage)
+        self.progress.show()
+
+    def _on_info(self, result) -> None:
+        self.progress.hide()
+        if isinstance(result, ModelReady):
+            self.state.set_model_info(result)
+        else:
+            self.state.set_model_info(None, "The engine did not describe the model.")
+
+    def _show(self) -> None:
+        info = self.state.model_info
+        if info is not None:
+            self.progress.hide()
+        self.message.show_error(self.state.model_message if info is None else "")
+        self.message.setProperty("busy", self.job.running)
+        for key, label in self.facts.items():
+            value = getattr(info, key, None) if info is not None else None
+            if key == "parameters":
+                text = format_count(value or 0)
+            elif key in ("layers", "hidden_size", "vocab_size", "context_length"):
+                text = f"{value:,}" if value else "–"
+            else:
+                text = str(value) if value else "–"
+            label.setText(text)

@@ -1,0 +1,34 @@
+"""The GUI process never loads the ML stack: checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = ("torch", "transformers", "bitsandbytes", "peft", "triton", "kernels", "datasets", "engine")
+
+
+def test_studio_imports_no_ml_stack(studio_home, tiny_model_dir):
+    # A local model folder: the window reads its shape itself instead of asking the engine.
+    (studio_home / "studio-settings.json").write_text(json.dumps({"last_config": {"model": str(tiny_model_dir)}}))
+    code = (
+        "import sys, json\n"
+        "import studio, studio.__main__, studio.app, studio.main_window\n"
+        "from PySide6.QtWidgets import QApplication\n"
+        "from studio.app import create_app\n"
+        "from studio.main_window import MainWindow\n"
+        "app = create_app([])\n"
+        "win = MainWindow(); win.show(); app.processEvents()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))\n"
+        "win.close()\n" % (FORBIDDEN,)
+    )
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", PYTHONPATH=str(ROOT), FINETUNE_STUDIO_HOME=str(studio_home))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"the GUI imported {loaded}"

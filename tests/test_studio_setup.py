@@ -1,0 +1,138 @@
+"""The set-up page: generated form, per-field errors before Start, presets, method × objective, memory panel."""
+
+from __future__ import annotations
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QCheckBox, QLineEdit
+
+from core.config import TrainConfig
+from studio.presets import load_presets, presets_dir, read_preset
+from studio.setup_state import HELP, SetupState
+from test_studio_support import IGNORE_OFFSCREEN, fake_json, make_window, write_sft_jsonl  # noqa: F401 - fixture
+
+pytestmark = IGNORE_OFFSCREEN
+
+INSPECT_SFT = {"format": "messages", "kind": "sft", "rows": 24, "problems": [{"line": 3, "message": "empty reply"}],
+               "stats": {"mean_tokens": 31.5}, "example": [{"text": "<|im_start|>user\nHi<|im_end|>\n",
+                                                             "trained": False},
+                                                            {"text": "Hello!<|im_end|>", "trained": True}]}
+
+
+def test_every_preset_validates():
+    files = sorted(p for p in presets_dir().iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    assert len(files) >= 4
+    for path in files:
+        preset = read_preset(path)
+        assert preset.description, path.name
+        TrainConfig.from_dict(preset.config)  # raises ConfigError naming the field
+    assert len(load_presets()) == len(files)
+
+
+def test_state_names_each_bad_field():
+    st = SetupState({"dataset": "data.jsonl"})
+    assert st.ready and st.errors == {}
+    st.set("learning_rate", "abc")
+    st.set("batch_size", "0")
+    assert set(st.errors) == {"learning_rate", "batch_size"}
+    assert "number" in st.errors["learning_rate"] and "at least 1" in st.errors["batch_size"]
+    assert not st.ready and st.config is None
+    st.set("learning_rate", "1e-4")
+    st.set("batch_size", "8")
+    assert st.ready and st.config.learning_rate == 1e-4 and st.config.batch_size == 8
+
+
+def test_dpo_on_sft_data_is_explained_next_to_objective():
+    st = SetupState({"dataset": "d.jsonl", "objective": "dpo"})
+    st.set_dataset_info({"kind": "sft", "rows": 3})
+    assert "DPO needs preference data" in st.errors["objective"]
+    st.set("objective", "sft")
+    assert "objective" not in st.errors
+
+
+@pytest.fixture
+def window(make_window, tiny_model_dir, tmp_path):
+    data = write_sft_jsonl(tmp_path / "train.jsonl")
+    win = make_window({"model": str(tiny_model_dir), "dataset": "", "max_steps": 5})
+    win.setup_page.dataset_panel.job.command = fake_json(INSPECT_SFT)
+    win.show()
+    return win, data
+
+
+def test_click_through_setup(qtbot, window, tiny_model_dir):
+    win, data = window
+    page, st = win.setup_page, win.setup_state
+    assert "Finetune Studio" in win.windowTitle()
+    # The model panel reads the local folder's shape at once.
+    qtbot.waitUntil(lambda: st.model_info is not None, timeout=5000)
+    assert page.model_panel.facts["layers"].text() == "2"
+    assert page.model_panel.facts["hidden_size"].text() == "64"
+    assert page.model_panel.facts["parameters"].text() not in ("", "–")
+    # No dataset yet: Start is disabled and the reason is shown.
+    assert not page.start_button.isEnabled()
+    assert "dataset" in page.blockers.text()
+    # Choose the dataset: the (fake) engine's inspection fills the panel.
+    page.dataset_panel.path.setText(data)
+    page.dataset_panel.path.editingFinished.emit()
+    qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=15_000)
+    panel = page.dataset_panel
+    assert "messages" in panel.summary.text() and "24 rows" in panel.summary.text()
+    assert panel.problems.item(0).text() == "line 3: empty reply"
+    assert "background-color" in panel.preview.toHtml() and "Hello!" in panel.preview.toPlainText()
+    # Method × objective buttons.
+    qtbot.mouseClick(page.method.buttons["dora"], Qt.MouseButton.LeftButton)
+    assert st.values["method"] == "dora" and page.method.buttons["dora"].isChecked()
+    qtbot.mouseClick(page.objective.buttons["dpo"], Qt.MouseButton.LeftButton)
+    assert "DPO needs preference data" in page.objective_error.text() and page.objective_error.isVisible()
+    assert not page.start_button.isEnabled()
+    qtbot.mouseClick(page.objective.buttons["sft"], Qt.MouseButton.LeftButton)
+    # A bad value is explained next to its field; fixing it enables Start.
+    lr = page.basic_form.editors["learning_rate"]
+    assert isinstance(lr, QLineEdit) and lr.toolTip() == HELP["learning_rate"]["help"]
+    lr.selectAll()
+    qtbot.keyClicks(lr, "fast")
+    assert page.basic_form.errors["learning_rate"].isVisible()
+    assert "number" in page.basic_form.errors["learning_rate"].text()
+    assert not page.start_button.isEnabled()
+    lr.selectAll()
+    qtbot.keyClicks(lr, "3e-4")
+    assert not page.basic_form.errors["learning_rate"].isVisible()
+    assert page.start_button.isEnabled(), page.blockers.text()
+    # Advanced fields are hidden until asked for; they are generated too, with tooltips.
+    assert not page.advanced_form.isVisible()
+    qtbot.mouseClick(page.advanced_toggle, Qt.MouseButton.LeftButton)
+    assert page.advanced_form.isVisible()
+    gc = page.advanced_form.editors["gradient_checkpointing"]
+    assert isinstance(gc, QCheckBox) and gc.toolTip() == HELP["gradient_checkpointing"]["help"]
+    gc.click()
+    assert st.config.gradient_checkpointing is True
+    # A preset fills the form.
+    quick = next(i for i, p in enumerate(page.presets) if p.config.get("objective") == "sft") + 1
+    page.preset_box.activated.emit(quick)
+    preset = page.presets[quick - 1]
+    assert page.basic_form.editors["max_steps"].text() == str(preset.config["max_steps"])
+    # Start hands a validated TrainConfig over.
+    with qtbot.waitSignal(page.start_requested, timeout=1000) as got:
+        page.start_requested.disconnect(win.start_run)
+        page.request_start()
+    cfg = got.args[0]
+    assert isinstance(cfg, TrainConfig) and cfg.method == preset.config["method"] and cfg.dataset == data
+    assert cfg.gradient_checkpointing is True  # kept: the preset does not name it
+    assert cfg.model == str(tiny_model_dir) and cfg.learning_rate == preset.config["learning_rate"]
+
+
+def test_memory_panel_explains_itself_without_an_estimate(window):
+    win, _ = window
+    text = win.setup_page.memory_panel.summary.text()
+    assert text and text != "–"
+
+
+def test_choices_are_remembered(qtbot, make_window, tiny_model_dir):
+    win = make_window({"model": str(tiny_model_dir), "dataset": "x.jsonl"})
+    win.setup_state.set("lora_rank", "32")
+    win.setup_state.set("method", "qlora")
+    win.close()
+    again = make_window()
+    assert again.setup_state.values["lora_rank"] == "32"
+    assert again.setup_state.values["method"] == "qlora"
+    assert again.setup_state.values["model"] == str(tiny_model_dir)
