@@ -19,10 +19,15 @@ import torch
 DEFAULT_CHUNK = 1024
 
 
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Logits are accumulated in float32, or float64 when the inputs are float64."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
 def token_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              softcap: float | None = None) -> torch.Tensor:
-    """Eager reference: hidden [N, H], weight [V, H], targets [N] -> [N] float32."""
-    logits = (hidden @ weight.t()).float()  # [N, V]
+    """Eager reference: hidden [N, H], weight [V, H], targets [N] -> [N] in float32 (float64 for float64 input)."""
+    logits = (hidden @ weight.t()).to(_acc_dtype(hidden))  # [N, V]
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -33,10 +38,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, softcap):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        acc = _acc_dtype(hidden)
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).to(acc)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             t = targets[s:s + chunk]
@@ -51,22 +57,23 @@ class _ChunkedLogprobs(torch.autograd.Function):
         chunk, softcap = ctx.chunk, ctx.softcap
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        acc = _acc_dtype(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            raw = (h @ weight.t()).float()
+            raw = (h @ weight.t()).to(acc)
             logits = softcap * torch.tanh(raw / softcap) if softcap else raw
             g = -torch.softmax(logits, dim=-1)  # d logp / d logits, before the one-hot
             g.scatter_add_(-1, targets[s:s + chunk].unsqueeze(-1),
                            torch.ones_like(g[:, :1]))
-            g.mul_(grad_out[s:s + chunk].unsqueeze(-1).float())
+            g.mul_(grad_out[s:s + chunk].unsqueeze(-1).to(acc))
             if softcap:
                 g.mul_(1 - torch.tanh(raw / softcap) ** 2)
             g = g.to(hidden.dtype)
             if need_h:
                 grad_h[s:s + chunk] = g @ weight
             if need_w:
-                grad_w.add_((g.t() @ h).float())
+                grad_w.add_((g.t() @ h).to(acc))
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
