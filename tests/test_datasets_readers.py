@@ -9,7 +9,7 @@ import pytest
 
 from engine.datasets import DatasetError, load_dataset
 from engine.datasets import readers
-from engine.datasets.schema import Conversation, Message
+from engine.datasets.schema import Message
 
 ROWS = [
     {"instruction": "Say hi", "input": "", "output": "Hi!"},
@@ -216,3 +216,18 @@ def test_folder_of_plain_files_prefers_train(tmp_path):
     (tmp_path / "d" / "dataset_info.json").write_text("{}")
     assert [ex.text for ex in load_dataset(tmp_path / "d").examples] == ["t"]
     assert [ex.text for ex in load_dataset(tmp_path / "d", {"split": "validation"}).examples] == ["v"]
+
+
+def test_reading_data_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(ROWS))
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; from engine.datasets import load_dataset; "
+            f"assert len(load_dataset({str(path)!r}).examples) == 3; print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from engine.datasets.problems import ProblemLog, RowError
-from engine.datasets.schema import Conversation, DatasetError, Message, PreferencePair, TextExample, UnpairedExample
+from engine.datasets.schema import DatasetError, Message, PreferencePair, TextExample, UnpairedExample
 
 TARGETS = ("trl", "trl-conversational", "llama-factory", "messages")
 _SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "tool": "observation"}
