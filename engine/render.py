@@ -81,10 +81,11 @@ def tokenize_conversation(tokenizer, conv: Conversation, max_length: int, loss_o
     for i, m in enumerate(msgs):
         if m.role != "assistant" or m.train is False:
             continue
-        before = render_text(tokenizer, msgs[:i], conv.tools, add_generation_prompt=True) if i else ""
+        before = render_text(tokenizer, msgs[:i], conv.tools, add_generation_prompt=True) if i else None
         upto = render_text(tokenizer, msgs[: i + 1], conv.tools)
-        if not full.startswith(upto) or not upto.startswith(before):
-            # Templates that rewrite earlier turns (e.g. drop reasoning): fall back to the content's last match.
+        if before is None or not full.startswith(upto) or not upto.startswith(before):
+            # A first assistant turn (the template may add a default system prompt before it), or a template
+            # that rewrites earlier turns (e.g. drops reasoning): train on the content's last match.
             start = full.rfind(m.content, 0, len(upto) if full.startswith(upto) else len(full))
             if start < 0:
                 continue
@@ -118,32 +119,38 @@ def _prompt_and_completion(tokenizer, prompt, completion, tools, max_length: int
     return ids[:split], ids[split:]
 
 
-def _fit(prompt_ids: list[int], comp_ids: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
-    """Cut to ``max_length``: keep the prompt's end and the completion's start; the completion keeps at least half."""
-    if len(prompt_ids) + len(comp_ids) <= max_length:
-        return prompt_ids, comp_ids, False
-    comp_keep = min(len(comp_ids), max(max_length // 2, max_length - len(prompt_ids)))
-    prompt_keep = max_length - comp_keep
-    return prompt_ids[len(prompt_ids) - prompt_keep:] if prompt_keep else [], comp_ids[:comp_keep], True
+def _prompt_keep(prompt_len: int, longest_completion: int, max_length: int) -> int:
+    """How many prompt tokens fit: the completion keeps at least half of ``max_length``; the prompt's end is kept."""
+    if prompt_len + longest_completion <= max_length:
+        return prompt_len
+    comp_keep = min(longest_completion, max(max_length // 2, max_length - prompt_len))
+    return max_length - comp_keep
+
+
+def _cut(prompt_ids: list[int], comp_ids: list[int], keep: int, max_length: int) -> Tokenized:
+    p_fit = prompt_ids[len(prompt_ids) - keep:] if keep else []
+    c_fit = comp_ids[: max_length - len(p_fit)]
+    cut = len(p_fit) < len(prompt_ids) or len(c_fit) < len(comp_ids)
+    return Tokenized(p_fit + c_fit, [IGNORE] * len(p_fit) + c_fit, cut)
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int) -> TokenizedPair:
-    """DPO: chosen and rejected each as prompt + answer, labels on the answer only."""
+    """DPO: chosen and rejected each as prompt + answer, labels on the answer only.
+
+    Both sides keep the same prompt tokens (cut once, for the longer answer), so their log-probs are
+    conditioned on the same context.
+    """
     p_c, c_ids = _prompt_and_completion(tokenizer, pair.prompt, pair.chosen, pair.tools, max_length)
     p_r, r_ids = _prompt_and_completion(tokenizer, pair.prompt, pair.rejected, pair.tools, max_length)
-    out = []
-    for p_ids, comp in ((p_c, c_ids), (p_r, r_ids)):
-        p_fit, c_fit, cut = _fit(p_ids, comp, max_length)
-        out.append(Tokenized(p_fit + c_fit, [IGNORE] * len(p_fit) + c_fit, cut))
-    chosen, rejected = out
+    keep = min(_prompt_keep(len(p_c), max(len(c_ids), len(r_ids)), max_length), len(p_c), len(p_r))
+    chosen, rejected = _cut(p_c, c_ids, keep, max_length), _cut(p_r, r_ids, keep, max_length)
     same_after_cut = chosen.input_ids == rejected.input_ids and c_ids != r_ids
     return TokenizedPair(chosen, rejected, prompt_tokens=len(p_c), difference_truncated=same_after_cut)
 
 
 def tokenize_unpaired(tokenizer, ex: UnpairedExample, max_length: int) -> Tokenized:
     p_ids, c_ids = _prompt_and_completion(tokenizer, ex.prompt, ex.completion, (), max_length)
-    p_fit, c_fit, cut = _fit(p_ids, c_ids, max_length)
-    return Tokenized(p_fit + c_fit, [IGNORE] * len(p_fit) + c_fit, cut)
+    return _cut(p_ids, c_ids, _prompt_keep(len(p_ids), len(c_ids), max_length), max_length)
 
 
 def tokenize_example(tokenizer, example, max_length: int, loss_on: str = "assistant"):
