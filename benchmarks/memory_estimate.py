@@ -1,0 +1,299 @@
+"""Estimated vs measured memory of one training step: ``python benchmarks/memory_estimate.py``.
+
+For several configs on a small Llama built from a config, it runs real training steps (PEFT adapters,
+AdamW, SFT or DPO) and measures:
+
+- weights, adapters, gradients, optimizer states: exact tensor bytes;
+- activations: the tensors autograd keeps for backward, caught with ``saved_tensors_hooks``, counted
+  once per storage and only if still alive when the forward pass ends;
+- peak: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the largest bytes-in-use of glibc's
+  malloc (``mallinfo2``) read after every aten op of the steps, minus the bytes in use before the model
+  was built.
+
+Then it prints the estimate of ``core.memory`` beside each figure, and the default model's estimate
+(analytic only). Runs on a CPU in about a minute. The tests import ``measure_step`` from here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.config import TrainConfig  # noqa: E402
+from core.devices import DeviceInfo, best_device  # noqa: E402
+from core.memory import GIB, ModelShape, estimate_training_memory, fits  # noqa: E402
+
+TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=192, intermediate_size=512,
+                  num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, vocab_size=3000,
+                  max_position_embeddings=1024, tie_word_embeddings=True, torch_dtype="float32")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Bytes measured for one config (see the module docstring for how)."""
+
+    base_weights: int
+    adapter_weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int  # saved for backward by the blocks, the final norm and RoPE
+    loss_saved: int  # saved for backward by the loss (log-softmax output, labels)
+    trainable_params: int
+    peak: int  # whole step, every tensor, minus what was in use before the model existed
+
+
+class _Malloc:
+    """Bytes in use by glibc malloc (arena + mmapped chunks): where CPU tensors live."""
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    def __init__(self) -> None:
+        self._fn = ctypes.CDLL(None).mallinfo2
+        self._fn.restype = self._Info
+
+    def in_use(self) -> int:
+        info = self._fn()
+        return info.uordblks + info.hblkhd
+
+
+def _peak_mode(malloc: _Malloc):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PeakMode(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, malloc.in_use())
+            return out
+
+    return PeakMode()
+
+
+def _build(cfg: dict, config: TrainConfig, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**keep, attn_implementation="sdpa")).to(dtype)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.target_modules
+                      if config.target_modules != ["all-linear"] else "all-linear", use_dora=config.uses_dora)
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def _optimizer(params, name: str):
+    import torch
+
+    if name.endswith("8bit"):
+        import bitsandbytes as bnb
+
+        return (bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def _batch(cfg: dict, config: TrainConfig, device):
+    """Token ids with ragged lengths (a padding mask) when there is more than one row, as a collator makes."""
+    import torch
+
+    rows = config.batch_size * (2 if config.objective == "dpo" else 1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (rows, config.max_length), generator=g)
+    mask = torch.ones_like(ids)
+    if rows > 1:
+        mask[1:, -config.max_length // 4:] = 0  # right padding on all but the first row
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _loss(model, config: TrainConfig, ids, mask, labels):
+    """SFT: transformers' causal-LM loss. DPO (sigmoid): chosen rows first, rejected rows second; the
+    reference log-probs come from a no-grad forward with the adapters off, after the policy forward."""
+    import torch
+    import torch.nn.functional as F
+
+    if config.objective == "sft":
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        return out.loss, out
+
+    def logps(logits):
+        logp = logits.float().log_softmax(-1)[:, :-1]
+        tgt = labels[:, 1:]
+        keep = tgt != -100
+        return (logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum(-1)
+
+    out = model(input_ids=ids, attention_mask=mask)
+    policy = logps(out.logits)
+    with torch.no_grad(), model.disable_adapter():
+        ref = logps(model(input_ids=ids, attention_mask=mask).logits)
+    n = ids.shape[0] // 2
+    margin = (policy[:n] - ref[:n]) - (policy[n:] - ref[n:])
+    return -F.logsigmoid(config.dpo_beta * margin).mean(), out
+
+
+def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", device: str = "cpu") -> Measured:
+    """Build the model from ``cfg`` (a config.json dict), run two training steps, return the figures."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    cuda = device.startswith("cuda")
+    malloc = None if cuda else _Malloc()
+    model = _build(cfg, config, dtype).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    opt = _optimizer(trainable, config.optimizer)
+    ids, mask, labels = _batch(cfg, config, device)
+
+    def step(record: bool) -> tuple[int, int]:
+        saved: dict[int, list] = {}
+        label = ["loss"]
+
+        class Box:  # autograd holds the box; a dead box means the graph dropped the tensor
+            __slots__ = ("t", "__weakref__")
+
+            def __init__(self, t):
+                self.t = t
+
+        def pack(t):
+            box = Box(t)
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in param_ptrs or not storage.nbytes():
+                return box
+            entry = saved.get(ptr)
+            if entry is None or not any(r() is not None for r in entry[2]):  # new, or a freed address reused
+                entry = saved[ptr] = [label[-1], storage.nbytes(), []]
+            entry[2].append(weakref.ref(box))
+            return box
+
+        def leave(*_):
+            label.pop()
+
+        hooks = []
+        blocks = [m for n, m in model.named_modules() if n.endswith(tuple(f"layers.{i}" for i in range(99)))]
+        for m in blocks + [model.base_model.model.model.norm]:
+            hooks.append(m.register_forward_pre_hook(lambda *_: label.append("act")))
+            hooks.append(m.register_forward_hook(leave))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+            loss, out = _loss(model, config, ids, mask, labels)
+        for h in hooks:
+            h.remove()
+        alive = {"act": 0, "loss": 0}
+        for lab, nbytes, refs in saved.values():
+            if any(r() is not None for r in refs):
+                alive[lab] += nbytes
+        loss.backward()
+        del out, loss
+        opt.step()
+        if record:
+            return alive["act"], alive["loss"]
+        opt.zero_grad(set_to_none=True)
+        return 0, 0
+
+    def nbytes(ts):  # once per storage: 8-bit optimizers share their quantisation maps
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+    def state_tensors():
+        return [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+
+    # Step 1 warms up (lazy imports, optimizer states); the peak is read over step 2. What is in use after
+    # step 1, less the parameters and optimizer states, is the baseline that the peak is measured from.
+    step(False)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        act, loss_saved = step(True)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        base = malloc.in_use()
+        mode = _peak_mode(malloc)
+        with mode:
+            act, loss_saved = step(True)
+        peak = mode.peak
+    base -= nbytes(model.parameters()) + nbytes(state_tensors())
+    peak -= base
+    states = state_tensors()
+    return Measured(base_weights=nbytes(frozen), adapter_weights=nbytes(trainable),
+                    gradients=nbytes(p.grad for p in trainable if p.grad is not None),
+                    optimizer_states=nbytes(states), activations=act, loss_saved=loss_saved,
+                    trainable_params=sum(p.numel() for p in trainable), peak=peak)
+
+
+CASES = [
+    ("LoRA fp32 b4 s128", dict(), "float32"),
+    ("LoRA fp32 b1 s256", dict(batch_size=1, max_length=256), "float32"),
+    ("LoRA bf16 b4 s128", dict(), "bfloat16"),
+    ("DoRA fp32 b4 s128", dict(method="dora"), "float32"),
+    ("DoRA bf16 b4 s128", dict(method="dora"), "bfloat16"),
+    ("LoRA r64 q,v fp32", dict(lora_rank=64, target_modules=["q_proj", "v_proj"]), "float32"),
+    ("LoRA +ckpt fp32", dict(gradient_checkpointing=True), "float32"),
+    ("LoRA +ckpt bf16 b8", dict(gradient_checkpointing=True, batch_size=8), "bfloat16"),
+    ("DPO LoRA fp32 b2", dict(objective="dpo", batch_size=2), "float32"),
+    ("DPO LoRA bf16 b2", dict(objective="dpo", batch_size=2), "bfloat16"),
+    ("LoRA 8-bit AdamW", dict(optimizer="adamw_8bit"), "float32"),
+]
+
+
+def _row(name: str, est: float, meas: float) -> str:
+    ratio = f"{est / meas:6.3f}" if meas else "     -"
+    return f"  {name:<18} {est / 2**20:10.2f} {meas / 2**20:10.2f}   {ratio}"
+
+
+def main() -> int:
+    import torch
+
+    dev = best_device()
+    device = "cuda" if dev.kind == "cuda" and torch.cuda.is_available() else "cpu"
+    shape = ModelShape.from_config_dict(TINY_LLAMA)
+    print(f"Small Llama: h={shape.hidden_size} L={shape.num_hidden_layers} heads={shape.num_attention_heads}/"
+          f"{shape.num_key_value_heads} i={shape.intermediate_size} V={shape.vocab_size}, "
+          f"{shape.parameter_count:,} parameters; measured on {device}\n")
+    print(f"  {'term':<18} {'est MiB':>10} {'meas MiB':>10}   est/meas")
+    for title, changes, dtype in CASES:
+        config = TrainConfig(**{**dict(batch_size=4, max_length=128, lora_rank=16), **changes}, compute_dtype=dtype)
+        if config.optimizer.endswith("8bit") and device == "cpu":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                print(f"{title}: skipped (bitsandbytes not installed)")
+                continue
+        target = DeviceInfo(device if device == "cuda" else "cpu", device, 0, 0, True)
+        est = estimate_training_memory(shape, config, target)
+        m = measure_step(TINY_LLAMA, config, dtype, device)
+        tensors = est.total_bytes - est.runtime_overhead - est.allocator_slack
+        print(f"{title}  (trainable {est.trainable_params:,} est / {m.trainable_params:,} PEFT)")
+        print(_row("base weights", est.base_weights, m.base_weights))
+        print(_row("adapters", est.adapter_weights, m.adapter_weights))
+        print(_row("gradients", est.gradients, m.gradients))
+        print(_row("optimizer", est.optimizer_states, m.optimizer_states))
+        print(_row("activations", est.activations, m.activations))
+        print(_row("peak (tensors)", tensors, m.peak))
+    print("\nDefault model (SmolLM2-135M-Instruct), analytic, on a 24 GiB bf16 GPU:")
+    default = ModelShape.for_model_spec("default")
+    gpu = DeviceInfo("cuda", "24 GiB GPU", 24 * GIB, 24 * GIB, True)
+    for changes in (dict(), dict(method="qlora"), dict(gradient_checkpointing=True), dict(objective="dpo"),
+                    dict(batch_size=16, max_length=2048)):
+        config = TrainConfig(**changes)
+        est = estimate_training_memory(default, config, gpu)
+        terms = "  ".join(f"{k}={v / 2**20:.0f}" for k, v in est.terms.items() if v)
+        print(f"  {changes or 'defaults'}: {fits(est, gpu, config=config).message}\n      MiB: {terms}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

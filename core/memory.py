@@ -1,0 +1,445 @@
+"""How much memory a training run will need, worked out before it starts (pure Python, well under 1 ms).
+
+``ModelShape`` reads a Hugging Face ``config.json``; ``estimate_training_memory(shape, config, device)``
+adds up what is alive at the peak of one training step (the start of the backward pass); ``fits`` turns
+that into a verdict with a sentence for the GUI. Notation in the docstrings: T = tokens per forward pass
+(batch x max_length, doubled for DPO), h = hidden size, q / kv = width of the query / key-value
+projections, i = MLP width, V = vocabulary, L = layers, r = LoRA rank, b = bytes per compute-dtype
+element, P = parameter count. The activation terms were checked against the tensors autograd saves
+(``benchmarks/memory_estimate.py``) for transformers' Llama with SDPA attention and PEFT adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from core.config import TrainConfig
+from core.devices import DeviceInfo
+from core.paths import resources_dir
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAPTER_BYTES = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype)
+NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes 4-bit blocks; double quantisation groups 256 absmaxes
+BNB_8BIT_MIN_SIZE, BNB_8BIT_BLOCK = 4096, 256  # 8-bit optimizers keep 32-bit state for small tensors
+CUDA_CONTEXT_BYTES = 3 * GIB // 4  # CUDA context, cuBLAS workspaces, kernels (0.5-1 GiB in practice)
+PYTHON_BASELINE_BYTES = GIB // 2  # the engine process with torch, transformers and peft imported
+ALLOCATOR_SLACK = {"cuda": 0.10, "mps": 0.10, "cpu": 0.0}
+DEFAULT_MODEL_FILE = "smollm2-135m-instruct.json"
+
+# architecture -> (norms per block, q/k norms, default tie_word_embeddings, fused projections, bias on q/k/v)
+_KNOWN = {
+    "LlamaForCausalLM": (2, False, False, False, False),
+    "MistralForCausalLM": (2, False, False, False, False),
+    "Qwen2ForCausalLM": (2, False, False, False, True),
+    "Qwen3ForCausalLM": (2, True, False, False, False),
+    "GemmaForCausalLM": (2, False, True, False, False),
+    "Gemma2ForCausalLM": (4, False, True, False, False),
+    "Gemma3ForCausalLM": (4, True, True, False, False),
+    "Phi3ForCausalLM": (2, False, False, True, False),
+}
+_EXACT = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+_BY_MODEL_TYPE = {**{a.removesuffix("ForCausalLM").lower(): a for a in _KNOWN}, "gemma3_text": "Gemma3ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One linear layer of a block. ``reads`` names its input, so layers sharing an input share it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    reads: str  # 'attn_in' | 'attn_out' | 'mlp_in' | 'mlp_act'
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer, read from its ``config.json``."""
+
+    architecture: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    torch_dtype: str = "bfloat16"
+    norms_per_layer: int = 2
+    qk_norm: bool = False
+    fused_projections: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    approximate: bool = False
+    note: str = ""
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> "ModelShape":
+        """Llama-style configs (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3); others are read as Llama, flagged."""
+        d = {**d, **d.get("text_config", {})}  # multimodal wrappers keep the LM under text_config
+        model_type = str(d.get("model_type", "unknown"))
+        arch = (d.get("architectures") or [_BY_MODEL_TYPE.get(model_type, model_type)])[0]
+        norms, qk_norm, tie_default, fused, qkv_bias = _KNOWN.get(arch, (2, False, False, False, False))
+        h, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        note = ""
+        if arch not in _EXACT:
+            note = (f"{arch}: estimated as a Llama-like model" if arch not in _KNOWN else
+                    f"{arch}: parameter count exact, activations approximated with the Llama formula")
+        if d.get("num_local_experts") or d.get("num_experts"):
+            note = f"{arch}: mixture-of-experts read as a dense model; the estimate is rough"
+        return cls(
+            architecture=arch, hidden_size=h, num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or h // heads), intermediate_size=int(d["intermediate_size"]),
+            vocab_size=int(d["vocab_size"]), tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
+            max_position_embeddings=int(d.get("max_position_embeddings") or 0),
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
+            norms_per_layer=norms, qk_norm=qk_norm, fused_projections=fused,
+            attention_bias=bool(d.get("attention_bias", qkv_bias)), mlp_bias=bool(d.get("mlp_bias", False)),
+            approximate=arch not in _EXACT, note=note,
+        )
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "ModelShape":
+        return _read_shape(str(Path(path) / "config.json"), _mtime(Path(path) / "config.json"))
+
+    @classmethod
+    def for_model_spec(cls, spec: str) -> "ModelShape | None":
+        """'default' -> the bundled SmolLM2 shape; a model folder or cached hub id -> its config.json;
+        a .gguf file or anything unreadable -> None (the GUI then shows no estimate)."""
+        path = _resolve_config(spec)
+        if path is None:
+            return None
+        try:
+            return _read_shape(str(path), _mtime(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def q_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def linear_layers(self) -> tuple[LinearShape, ...]:
+        """The linear layers of one block with (in, out): q/k/v/o and gate/up/down (fused on Phi-3)."""
+        h, q, kv, i, ab, mb = (self.hidden_size, self.q_width, self.kv_width, self.intermediate_size,
+                               self.attention_bias, self.mlp_bias)
+        if self.fused_projections:
+            attn = [LinearShape("qkv_proj", h, q + 2 * kv, ab, "attn_in")]
+            mlp = [LinearShape("gate_up_proj", h, 2 * i, mb, "mlp_in")]
+        else:
+            attn = [LinearShape("q_proj", h, q, ab, "attn_in"), LinearShape("k_proj", h, kv, ab, "attn_in"),
+                    LinearShape("v_proj", h, kv, ab, "attn_in")]
+            mlp = [LinearShape("gate_proj", h, i, mb, "mlp_in"), LinearShape("up_proj", h, i, mb, "mlp_in")]
+        return (*attn, LinearShape("o_proj", q, h, ab and self.architecture != "Qwen2ForCausalLM", "attn_out"),
+                *mlp, LinearShape("down_proj", i, h, mb, "mlp_act"))
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def linear_params(self) -> int:
+        """Weights (and biases) of every block linear: what NF4 quantises."""
+        return self.num_hidden_layers * sum(lin.params for lin in self.linear_layers)
+
+    @property
+    def parameter_count(self) -> int:
+        """P = V*h (embeddings) + [V*h untied head] + h (final norm)
+        + L * (sum of in*out (+out bias) over the block linears + norms*h + [2*head_dim q/k norms])."""
+        per_block_norms = self.norms_per_layer * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        return (self.embedding_params + self.lm_head_params + self.hidden_size + self.linear_params
+                + self.num_hidden_layers * per_block_norms)
+
+    def targeted_layers(self, target_modules: list[str] | tuple[str, ...]) -> tuple[LinearShape, ...]:
+        """Block linears that get an adapter: 'all-linear' = all of them (never the output head)."""
+        if "all-linear" in target_modules:
+            return self.linear_layers
+        names = {t.rsplit(".", 1)[-1] for t in target_modules}
+        return tuple(lin for lin in self.linear_layers if lin.name in names)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes alive at the peak of one training step, by cause. ``total_bytes`` is their sum."""
+
+    base_weights: int
+    adapter_weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    reference_forward: int
+    runtime_overhead: int
+    allocator_slack: int
+    trainable_params: int
+    compute_dtype: str
+    device_kind: str
+    approximate: bool = False
+    notes: tuple[str, ...] = ()
+
+    TERMS = ("base_weights", "adapter_weights", "gradients", "optimizer_states", "activations", "logits",
+             "reference_forward", "runtime_overhead", "allocator_slack")
+
+    @property
+    def terms(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.TERMS}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass(frozen=True)
+class FitVerdict:
+    """Whether a run fits a device, with the sentence the GUI shows."""
+
+    fits: bool
+    tight: bool
+    needed_bytes: int
+    available_bytes: int
+    message: str
+
+
+def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
+    """auto -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 on the CPU."""
+    if config.compute_dtype != "auto":
+        return config.compute_dtype
+    if device.kind == "cpu":
+        return "float32"
+    return "bfloat16" if device.bf16_supported else "float16"
+
+
+def trainable_params(shape: ModelShape, config: TrainConfig) -> int:
+    """LoRA: L * sum r*(in+out) over targeted linears; DoRA adds a magnitude vector of size out to each."""
+    per_block = sum(config.lora_rank * (lin.in_features + lin.out_features)
+                    + (lin.out_features if config.uses_dora else 0)
+                    for lin in shape.targeted_layers(config.target_modules))
+    return shape.num_hidden_layers * per_block
+
+
+def base_weight_bytes(shape: ModelShape, quantized: bool, dtype_bytes: int) -> int:
+    """16-bit base (32-bit when computing in float32): P*b.
+    NF4 (QLoRA/QDoRA) for the block linears' weights: n/2 + n/64 (8-bit absmax per 64-block, double quantised)
+    + 4*n/(64*256) (float32 second-level absmax) per layer; embeddings, norms, biases, head stay at b bytes."""
+    if not quantized:
+        return shape.parameter_count * dtype_bytes
+    per_layer = 0
+    for lin in shape.linear_layers:
+        n = lin.in_features * lin.out_features
+        blocks = math.ceil(n / NF4_BLOCK)
+        per_layer += n // 2 + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + 4 * 256 + 4  # + code table, offset
+    weights_only = shape.num_hidden_layers * sum(lin.in_features * lin.out_features for lin in shape.linear_layers)
+    return shape.num_hidden_layers * per_layer + (shape.parameter_count - weights_only) * dtype_bytes
+
+
+def optimizer_bytes(shape: ModelShape, config: TrainConfig) -> int:
+    """AdamW (and paged AdamW): two float32 moments = 8 bytes per trainable parameter.
+    8-bit AdamW: 2 bytes per parameter + two float32 absmaxes per 256-block, except tensors under 4096
+    elements (DoRA magnitudes, small LoRA matrices), which bitsandbytes keeps in 32 bits (8 bytes)."""
+    if not config.optimizer.endswith("8bit"):
+        return 8 * trainable_params(shape, config)
+    def states(n: int) -> int:
+        return 8 * n if n < BNB_8BIT_MIN_SIZE else 2 * n + 8 * math.ceil(n / BNB_8BIT_BLOCK)
+    per_block = 0
+    for lin in shape.targeted_layers(config.target_modules):
+        per_block += states(config.lora_rank * lin.in_features) + states(config.lora_rank * lin.out_features)
+        per_block += states(lin.out_features) if config.uses_dora else 0
+    return shape.num_hidden_layers * per_block
+
+
+def layer_activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int) -> int:
+    """What autograd keeps for one block with frozen base weights; per token (x T = rows * seq):
+
+    - each RMSNorm: its input upcast to float32 (4h) + the rsqrt (4);      [norms * (4h + 4)]
+    - SDPA (flash / memory-efficient): q, k, v, output at b bytes + log-sum-exp (4 per head);
+      k and v are saved at q width when a padding mask makes transformers repeat them (rows > 1)
+                                                                            [b*(2q + 2kv') + 4*heads]
+    - MLP: gate output (for SiLU), SiLU output and up output                [3*i*b]
+    - each adapted linear: its input cast to float32 for the float32 adapter (4*in; in float32 the
+      q/k/v and gate/up inputs are one tensor, and o_proj's is the saved SDPA output)
+      + lora_A's output (4r)                                                [sum 4*in + 4r]
+    - DoRA also keeps the base output (b) and the adapter output (4) per out feature [sum out*(b+4)]
+    plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
+    and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out.
+    Frozen linears keep nothing: the gradient of x needs only the weight.
+    """
+    h, i = shape.hidden_size, shape.intermediate_size
+    padded = rows > 1
+    kv = shape.q_width if padded and shape.num_key_value_heads < shape.num_attention_heads else shape.kv_width
+    per_token = shape.norms_per_layer * (4 * h + 4)
+    per_token += b * (2 * shape.q_width + 2 * kv) + 4 * shape.num_attention_heads
+    per_token += 3 * i * b + (4 * (shape.q_width + shape.kv_width) if shape.qk_norm else 0)
+    targeted = shape.targeted_layers(config.target_modules)
+    if b == ADAPTER_BYTES:
+        per_token += sum(4 * lin.in_features for reads, lin in {lin.reads: lin for lin in targeted}.items()
+                         if reads != "attn_out")
+    else:
+        per_token += sum(4 * lin.in_features for lin in targeted)
+    per_token += sum(4 * config.lora_rank for _ in targeted)
+    if config.uses_dora:
+        per_token += sum(lin.out_features * (b + 4) for lin in targeted)
+    constant = sum(12 * lin.out_features for lin in targeted) if config.uses_dora else 0
+    return rows * seq * per_token + (rows * seq * seq * b if padded else 0) + constant
+
+
+def activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int) -> int:
+    """Without checkpointing: L blocks, less the first block's first norm input (the embeddings are
+    frozen, so nothing before it needs a gradient) + final norm (4h + 4 per token) + RoPE cos/sin
+    (2*seq*head_dim*b).
+    With checkpointing: each block's input (h*b per token) + final norm, and one block recomputed
+    in backward; that comes after the loss peak, so it counts only by what it exceeds the logits
+    memory freed by then: max(0, block - T*V*12)."""
+    tokens = rows * seq
+    one = layer_activation_bytes(shape, config, rows, seq, b)
+    final = tokens * (4 * shape.hidden_size + 4)
+    if config.gradient_checkpointing:
+        recompute = max(0, one - tokens * shape.vocab_size * 12)
+        return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + recompute
+    rope = 2 * seq * shape.head_dim * b
+    return shape.num_hidden_layers * one - tokens * (4 * shape.hidden_size + 4) + final + rope
+
+
+def logits_bytes(shape: ModelShape, tokens: int, b: int) -> int:
+    """The loss peak at the start of backward: T*V*(b + 12) + 8T. The logits (b) stay referenced by the
+    model output; transformers upcasts them to float32 for the loss and log-softmax saves its float32
+    output (4); backward then holds the float32 gradient of the log-probs (4) and of the logits (4) at
+    once. The labels are int64 (8 per token)."""
+    return tokens * shape.vocab_size * (b + 12) + 8 * tokens
+
+
+def reference_bytes(shape: ModelShape, tokens: int, b: int) -> int:
+    """DPO's no-grad reference forward (adapters off) runs while the policy graph is alive. Then the policy's
+    logits (b) and log-softmax (4) are alive beside the reference's logits (b), their float32 copy (4 unless
+    b = 4) and log-softmax (4); beyond the loss peak (b + 12) that is T*V*(b + copy - 4): b in 16 bits,
+    0 in float32. The reference's blocks keep nothing."""
+    return tokens * shape.vocab_size * max(0, b + (4 if b != 4 else 0) - 4)
+
+
+def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: DeviceInfo) -> MemoryEstimate:
+    """Peak bytes of one training step on ``device``; every term's formula is in its function's docstring.
+
+    DPO runs chosen and rejected answers as one batch (2x the rows), plus a reference forward unless
+    ``precompute_reference`` (see ``reference_bytes``). Gradients are counted in full although
+    they appear only as backward frees activations (conservative by at most that term). Runtime overhead:
+    the CUDA context (0.75 GiB) on a GPU, the Python/torch baseline (0.5 GiB) elsewhere; allocator slack:
+    10% of the tensors on CUDA and MPS for fragmentation.
+    """
+    dtype = resolve_compute_dtype(config, device)
+    b = DTYPE_BYTES[dtype]
+    rows = config.batch_size * (2 if config.objective == "dpo" else 1)
+    tokens = rows * config.max_length
+    trainable = trainable_params(shape, config)
+    notes = [shape.note] if shape.note else []
+    if shape.max_position_embeddings and config.max_length > shape.max_position_embeddings:
+        notes.append(f"max_length {config.max_length} exceeds the model's context "
+                     f"({shape.max_position_embeddings} tokens)")
+    if config.optimizer.startswith("paged"):
+        notes.append("paged optimizer states can spill to CPU memory when the GPU runs short")
+    if config.quantized and device.kind != "cuda":
+        notes.append("4-bit (NF4) bases need bitsandbytes on a CUDA GPU for good speed")
+    reference = 0
+    if config.objective == "dpo" and not config.precompute_reference:
+        reference = reference_bytes(shape, tokens, b)
+    tensors = dict(
+        base_weights=base_weight_bytes(shape, config.quantized, b),
+        adapter_weights=ADAPTER_BYTES * trainable,
+        gradients=ADAPTER_BYTES * trainable,
+        optimizer_states=optimizer_bytes(shape, config),
+        activations=activation_bytes(shape, config, rows, config.max_length, b),
+        logits=logits_bytes(shape, tokens, b),
+        reference_forward=reference,
+    )
+    overhead = CUDA_CONTEXT_BYTES if device.kind == "cuda" else PYTHON_BASELINE_BYTES
+    slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
+    return MemoryEstimate(**tensors, runtime_overhead=overhead, allocator_slack=slack, trainable_params=trainable,
+                          compute_dtype=dtype, device_kind=device.kind, approximate=shape.approximate,
+                          notes=tuple(notes))
+
+
+def fits(estimate: MemoryEstimate, device: DeviceInfo, headroom: float = 0.10,
+         config: TrainConfig | None = None) -> FitVerdict:
+    """Fits when total*(1 + headroom) <= available; tight when only total <= available.
+    The advice names the largest term the user can shrink (``config`` makes it precise)."""
+    need, have = estimate.total_bytes, device.available_bytes
+    where = "the GPU" if device.kind in ("cuda", "mps") else "this computer"
+    approx = "~" if not estimate.approximate else "roughly "
+    if have <= 0:
+        return FitVerdict(True, False, need, have, f"Needs {approx}{_gib(need)}; free memory unknown")
+    if need * (1 + headroom) <= have:
+        return FitVerdict(True, False, need, have, f"Needs {approx}{_gib(need)} of {_gib(have)} — fits")
+    if need <= have:
+        return FitVerdict(True, True, need, have, f"Needs {approx}{_gib(need)} of {_gib(have)} — tight; "
+                          f"{_advice(estimate, config)} for a safer margin")
+    return FitVerdict(False, False, need, have, f"Needs {approx}{_gib(need)} but {where} has {_gib(have)} "
+                      f"free: {_advice(estimate, config)}")
+
+
+def _advice(estimate: MemoryEstimate, config: TrainConfig | None) -> str:
+    """Advice for the largest shrinkable term."""
+    shrinkable = ("base_weights", "optimizer_states", "activations", "logits", "reference_forward")
+    biggest = max(shrinkable, key=lambda name: getattr(estimate, name))
+    checkpointing = config is not None and config.gradient_checkpointing
+    quantized = config is not None and config.quantized
+    if biggest == "activations" and not checkpointing:
+        return "enable gradient checkpointing, or lower batch_size or max_length"
+    if biggest in ("activations", "logits"):
+        return "lower batch_size or max_length" + ("" if checkpointing else ", or enable gradient checkpointing")
+    if biggest == "reference_forward":
+        return "turn on precompute_reference, or lower batch_size or max_length"
+    if biggest == "optimizer_states":
+        return "use 8-bit AdamW, or lower lora_rank"
+    return "choose a smaller model" if quantized else "use QLoRA (4-bit base), or choose a smaller model"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 1024**2:.0f} MiB"
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@functools.lru_cache(maxsize=32)
+def _read_shape(path: str, mtime: float) -> ModelShape:  # mtime keys the cache: an edited file is re-read
+    return ModelShape.from_config_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _resolve_config(spec: str) -> Path | None:
+    if spec == "default":
+        return resources_dir() / "models" / DEFAULT_MODEL_FILE
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    if path.suffix.lower() == ".json" and path.is_file():
+        return path
+    if "/" in spec and not path.exists() and spec.count("/") == 1:  # a hub id in the local cache
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+                   / "hub").expanduser()
+        snapshots = sorted((hub / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/config.json"),
+                           key=_mtime)
+        return snapshots[-1] if snapshots else None
+    return None  # .gguf files: no config.json to read
