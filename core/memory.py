@@ -147,7 +147,8 @@ class ModelShape:
             attn = [LinearShape("q_proj", h, q, ab, "attn_in"), LinearShape("k_proj", h, kv, ab, "attn_in"),
                     LinearShape("v_proj", h, kv, ab, "attn_in")]
             mlp = [LinearShape("gate_proj", h, i, mb, "mlp_in"), LinearShape("up_proj", h, i, mb, "mlp_in")]
-        return (*attn, LinearShape("o_proj", q, h, ab and self.architecture != "Qwen2ForCausalLM", "attn_out"),
+        o_bias = ab and self.architecture != "Qwen2ForCausalLM"  # Qwen2: biases on q/k/v only
+        return (*attn, LinearShape("o_proj", q, h, o_bias, "attn_out"),
                 *mlp, LinearShape("down_proj", i, h, mb, "mlp_act"))
 
     @property
