@@ -79,8 +79,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    impl: str = "auto", chunk: int = DEFAULT_CHUNK, softcap: float | None = None) -> torch.Tensor:
-    """Public op. ``impl``: 'torch' (eager reference), 'chunked', or 'auto' (chunked when it saves memory)."""
-    if impl == "torch" or (impl == "auto" and hidden.shape[0] <= chunk):
+    """Public op. ``impl``: 'torch' (eager reference, full [N, V] float32 logits kept for backward),
+    'chunked', or 'auto' (chunked: at most ``chunk x V`` logits alive at once, none kept for backward)."""
+    if impl == "torch":
         return token_logprobs_reference(hidden, weight, targets, softcap)
     if impl not in ("auto", "chunked"):
         raise ValueError(f"unknown impl {impl!r}")
