@@ -122,6 +122,7 @@ class Recipe:
         if cfg.quantized and self.device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
+        self.model_folder = folder
         self.tokenizer = load_tokenizer(str(folder), options)
         self.train_examples, self.val_examples = self._prepare_data()
 
@@ -252,7 +253,7 @@ class Recipe:
         self.reporter.emit(ev.Started(
             run_id=self.run_id, run_dir=str(self.run_dir), total_steps=self.total_steps, device=self.device,
             resumed_from_step=self.step, trainable_params=trainable, total_params=total,
-            memory_total_bytes=_device_total_memory(self.device)))
+            memory_budget_bytes=self._memory_budget(), memory_total_bytes=_device_total_memory(self.device)))
         self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
         started = time.perf_counter()
         last_loss = None
@@ -299,6 +300,22 @@ class Recipe:
         if self.val_examples:
             self.evaluate()
         return self._finish("completed", last_loss)
+
+    def _memory_budget(self) -> int:
+        """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
+        from core.devices import DeviceInfo
+        from core.memory import ModelShape, estimate_training_memory
+
+        try:
+            shape = ModelShape.from_model_dir(self.model_folder)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("no memory estimate for this model: %s", exc)
+            return 0
+        total = _device_total_memory(self.device)
+        bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        device = DeviceInfo(kind=self.device, name=self.device, total_bytes=total, free_bytes=total,
+                            bf16_supported=bf16)
+        return estimate_training_memory(shape, self.config, device).total_bytes
 
     def _reward_stats(self, totals: dict, pairs: int) -> dict:
         if not self.dpo:

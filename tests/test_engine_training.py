@@ -21,7 +21,9 @@ def test_each_method_and_objective_learns(tiny_model_dir, tmp_path, method, obje
     assert sum(losses[-2:]) / 2 < losses[0] * (0.97 if objective == "sft" else 0.9)
     steps = rec.of("step")
     assert all(s.memory_used_bytes > 0 and s.tokens_per_s > 0 and s.grad_norm >= 0 for s in steps)
-    assert rec.of("eval") and rec.of("started")[0].trainable_params > 0
+    started = rec.of("started")[0]
+    assert rec.of("eval") and started.trainable_params > 0
+    assert 0 < started.memory_budget_bytes < started.memory_total_bytes
     if objective == "dpo":
         assert steps[0].loss == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
         assert steps[-1].reward_margin > steps[0].reward_margin
