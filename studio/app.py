@@ -21,6 +21,12 @@ def create_app(argv: list[str] | None = None) -> QApplication:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from studio import compat
+
+    trouble = compat.problem()
+    if trouble:
+        sys.stderr.write(f"finetune-studio: {trouble}\n")
+        return 1
     app = create_app(argv)
     window = MainWindow()
     window.show()

@@ -17,6 +17,13 @@ from core.events import Failed, Progress, ProtocolError, parse_event
 from studio.engine_process import PROJECT_ROOT, engine_command, engine_environment
 
 
+_ORPHANS: set[QProcess] = set()  # cancelled jobs still being reaped
+
+
+def pending_orphans() -> int:
+    return len(_ORPHANS)
+
+
 class EngineJob(QObject):
     progress = Signal(object)  # core.events.Progress
     done = Signal(object)  # an Event or a dict
@@ -49,11 +56,24 @@ class EngineJob(QObject):
         proc.start(argv[0], argv[1:])
 
     def cancel(self) -> None:
+        """Forget the running job and kill it. The process is detached from this object so that it can be
+        reaped after the window is gone (a QProcess destroyed while running is an error)."""
         proc, self._proc = self._proc, None
         self._generation += 1
-        if proc is not None and proc.state() != QProcess.ProcessState.NotRunning:
-            proc.finished.connect(proc.deleteLater)
-            proc.kill()
+        if proc is None:
+            return
+        for sig in (proc.readyReadStandardOutput, proc.finished, proc.errorOccurred):
+            try:
+                sig.disconnect()
+            except (RuntimeError, TypeError):
+                pass
+        if proc.state() == QProcess.ProcessState.NotRunning:
+            proc.deleteLater()
+            return
+        proc.setParent(None)
+        _ORPHANS.add(proc)
+        proc.finished.connect(lambda *_: (_ORPHANS.discard(proc), proc.deleteLater()))
+        proc.kill()
 
     def _read(self, proc: QProcess, gen: int) -> None:
         buf = bytes(proc.property("out") or b"") + proc.readAllStandardOutput().data()
@@ -79,6 +99,9 @@ class EngineJob(QObject):
             proc.deleteLater()
 
     def _finished(self, proc: QProcess, gen: int, code: int) -> None:
+        if gen != self._generation:
+            proc.deleteLater()
+            return
         self._read(proc, gen)
         tail = bytes(proc.property("out") or b"").decode("utf-8", errors="replace").strip()
         lines = list(proc.property("lines") or []) + ([tail] if tail else [])

@@ -62,6 +62,7 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Ready.", 3000)
         QTimer.singleShot(0, self._find_live_run)
         QTimer.singleShot(0, self.setup_page.model_panel.resolve)
+        QTimer.singleShot(0, self.setup_page.dataset_panel.inspect)
 
     # --- set-up ---------------------------------------------------------------------
     def _shortcuts(self) -> None:
@@ -181,8 +182,12 @@ class MainWindow(QMainWindow):
                 return
             if choice == "stop":
                 self.controller.stop()
-        self.controller.follow_timer.stop()
-        for job in (self.export_job, self.setup_page.model_panel.job, self.setup_page.dataset_panel.job):
-            job.cancel()
         self.remember()
+        self.shutdown()
         event.accept()
+
+    def shutdown(self) -> None:
+        """Stop timers and background look-ups; our training child is left as the person chose."""
+        self.controller.follow_timer.stop()
+        self.setup_page.shutdown()
+        self.export_job.cancel()

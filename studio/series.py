@@ -50,7 +50,7 @@ class Columns:
         if self.n + len(rows) > self._cap:
             self._grow(self.n + len(rows))
         for name in self.names:
-            col = np.array([np.nan if r.get(name) is None else float(r[name]) for r in rows], dtype=float)
+            col = np.array([r.get(name) for r in rows], dtype=float)  # None becomes NaN
             self._data[name][self.n: self.n + len(rows)] = col
         self.n += len(rows)
 

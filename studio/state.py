@@ -146,11 +146,20 @@ class RunState(Observable):
         self._rate_marks.append((step, self.elapsed_s if elapsed else time.monotonic()))
 
     def load_history(self, train_rows: list[dict], eval_rows: list[dict]) -> None:
-        """Metrics rows from the database (a past or followed run); rows carry the step columns."""
-        for row in train_rows:
-            self._add_step(row)
-        for row in eval_rows:
-            self.eval.append(**{k: row.get(k) for k in EVAL_COLUMNS})
+        """Metrics rows from the database (a past or followed run), appended in bulk."""
+        if train_rows and self.train.n and train_rows[0]["step"] <= self.train.last("step"):
+            self.train.truncate_after("step", int(train_rows[0]["step"]) - 1)
+        if train_rows:
+            smooth = [self._ema.update(r.get("loss")) for r in train_rows]
+            self.train.extend([dict(r, loss_smooth=v) for r, v in zip(train_rows, smooth)])
+            last = train_rows[-1]
+            self.step = int(last["step"])
+            if last.get("elapsed_s"):
+                self.elapsed_s = float(last["elapsed_s"])
+            for r in train_rows[-50:]:
+                self._rate_marks.append((int(r["step"]), float(r.get("elapsed_s") or r.get("time") or 0.0)))
+        if eval_rows:
+            self.eval.extend(eval_rows)
         self.notify("metrics")
 
 

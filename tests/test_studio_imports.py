@@ -32,3 +32,10 @@ def test_studio_imports_no_ml_stack(studio_home, tiny_model_dir):
     assert out.returncode == 0, out.stderr
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded == [], f"the GUI imported {loaded}"
+
+
+def test_qt_binding_keeps_none_alive():
+    """PySide6 6.12.0 on Python 3.11 drops a reference to None on every void call and crashes the app."""
+    from studio import compat
+
+    assert compat.binding_is_sound(), compat.problem()

@@ -48,6 +48,7 @@ def make_window(qtbot):
     """Build MainWindows that stop their children and background jobs when the test ends."""
     from PySide6.QtCore import QProcess
 
+    from studio.jobs import pending_orphans
     from studio.main_window import MainWindow
     from studio.settings import Settings
 
@@ -58,17 +59,16 @@ def make_window(qtbot):
         if config is not None:
             settings.set("last_config", config)
         win = MainWindow(settings, **kw)
-        qtbot.addWidget(win)
         windows.append(win)
         return win
 
     yield make
     for win in windows:
-        jobs = (win.export_job, win.setup_page.model_panel.job, win.setup_page.dataset_panel.job)
-        for job in jobs:
-            job.cancel()
-        win.controller.follow_timer.stop()
+        win.shutdown()
         if win.controller.proc.running:
             win.controller.proc.kill()
         qtbot.waitUntil(lambda: not win.controller.proc.running and all(
             p.state() == QProcess.ProcessState.NotRunning for p in win.findChildren(QProcess)), timeout=30_000)
+        win.close()
+        win.deleteLater()
+    qtbot.waitUntil(lambda: pending_orphans() == 0, timeout=30_000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pyqtgraph as pg
+import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLineEdit, QPlainTextEdit,
                                QPushButton, QSplitter, QTableView, QTabWidget, QVBoxLayout, QWidget)
@@ -13,7 +13,7 @@ from core.store import RUN_STATUSES, Store
 
 from studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
 from studio.series import Ema
-from studio.widgets.charts import Chart
+from studio.widgets.charts import Chart, make_curve
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -159,13 +159,12 @@ class RunsPage(QWidget):
             xs = [r["step"] for r in rows]
             ys = [ema.update(r.get("loss")) for r in rows]
             run = self._run(run_id) or {}
-            curve = pg.PlotDataItem(xs, [float("nan") if y is None else y for y in ys],
-                                    pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2), name=run.get("name") or run_id,
-                                    connect="finite")
-            curve.setDownsampling(auto=True, method="peak")
-            curve.setClipToView(True)
-            plot.addItem(curve)
+            curve = make_curve(plot, PALETTE[i % len(PALETTE)], run.get("name") or run_id, width=2)
+            curve.setData(np.asarray(xs, dtype=float), np.array([np.nan if y is None else y for y in ys], dtype=float))
             self.overlay.curves[run_id] = curve
+        self.overlay.following = True
+        self.overlay._range = None
+        self.overlay.fit()
 
     def _emit_one(self, signal) -> None:
         ids = self.selected_ids()

@@ -171,6 +171,13 @@ class SetupPage(QWidget):
     def _update_estimate(self) -> None:
         self.memory.set_estimate(estimate.estimate(self.state.config, self.state.model_info))
 
+    def shutdown(self) -> None:
+        """Stop pending look-ups and kill running ones (the window is closing)."""
+        for panel in (self.model_panel, self.dataset_panel):
+            panel._debounce.stop()
+            panel.job.cancel()
+        self._estimate_timer.stop()
+
     def request_start(self) -> None:
         if self.state.ready and isinstance(self.state.config, TrainConfig):
             self.start_requested.emit(self.state.config)

@@ -2,7 +2,9 @@
 
 Curves read views of the run's numpy columns (no copy), draw only what is in
 view (``clipToView``) and downsample to the pixel width (``peak`` keeps spikes
-visible). Redraws are throttled: many events in a burst cost one redraw.
+visible). Redraws are throttled and staggered: a burst of events costs one
+redraw per chart, and the charts repaint one per event-loop turn (a repaint of
+one chart costs 10-40 ms on a busy CPU; all six at once would stall the loop).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ pg.setConfigOptions(antialias=False, useNumba=False)
 COLORS = {"raw": (120, 160, 230), "smooth": (30, 90, 200), "eval": (230, 120, 40), "lr": (150, 90, 200),
           "grad": (200, 70, 90), "tps": (40, 160, 120), "margin": (30, 90, 200), "acc": (230, 120, 40),
           "used": (40, 160, 120), "peak": (200, 70, 90), "budget": (120, 120, 120)}
-REFRESH_MS = 100
+TICK_MS = 30  # one chart is redrawn per tick
 
 
 def make_curve(plot: pg.PlotItem, color, name: str, width: float = 1.5, dash: bool = False,
@@ -41,14 +43,62 @@ class Chart(pg.PlotWidget):
         self.title = title
         item = self.getPlotItem()
         item.setTitle(title)
-        item.showGrid(x=True, y=True, alpha=0.15)
         item.setLabel("bottom", "step")
         item.setMenuEnabled(False)
         self.setMinimumHeight(150)
         if legend:
             item.addLegend(offset=(-6, 6))
         self.curves: dict[str, pg.PlotDataItem] = {}
+        self.following = True  # the chart sets its own range until the person zooms or pans
+        self._range: tuple[float, float, float, float] | None = None
+        vb = item.getViewBox()
+        vb.disableAutoRange()
+        vb.sigRangeChangedManually.connect(self._manual)
+        item.hideButtons()
         apply_palette(self)
+
+    def _manual(self, *_args) -> None:
+        self.following = False
+
+    def mouseDoubleClickEvent(self, event) -> None:
+        """Double-click: follow the data again after a zoom or pan."""
+        self.following = True
+        self._range = None
+        self.fit()
+        super().mouseDoubleClickEvent(event)
+
+    def fit(self, x_max: float | None = None, extra_y: float | None = None) -> None:
+        """Set the view to the data, changing it only when the data leave it (or fill a small part of it):
+        a changed range makes pyqtgraph rebuild both axes (~7 ms each in Python), so it must be rare."""
+        if not self.following:
+            return
+        lo, hi, xhi = np.inf, -np.inf, float(x_max or 0)
+        for curve in self.curves.values():
+            if not curve.isVisible():
+                continue
+            xs, ys = curve.xData, curve.yData
+            if ys is None or not len(ys):
+                continue
+            finite = ys[np.isfinite(ys)]
+            if len(finite):
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            xhi = max(xhi, float(xs[-1]) if len(xs) else 0.0)
+        if extra_y:
+            lo, hi = min(lo, extra_y), max(hi, extra_y)
+        if not np.isfinite(lo):
+            return
+        span = max(hi - lo, abs(hi) * 0.05, 1e-12)
+        want_x = max(1.0, xhi)
+        old = self._range
+        if old is not None:
+            ox, oy0, oy1 = old[1], old[2], old[3]
+            inside = lo >= oy0 and hi <= oy1 and want_x <= ox
+            snug = (hi - lo) >= 0.4 * (oy1 - oy0) and want_x >= 0.5 * ox
+            if inside and snug:
+                return
+        x_top = want_x if x_max else want_x * 1.25
+        self._range = (0.0, x_top, lo - 0.1 * span, hi + 0.1 * span)
+        self.getPlotItem().getViewBox().setRange(xRange=(0, x_top), yRange=self._range[2:], padding=0)
 
     def add(self, key: str, name: str, color_key: str, **kw) -> pg.PlotDataItem:
         self.curves[key] = make_curve(self.getPlotItem(), COLORS[color_key], name, **kw)
@@ -109,40 +159,66 @@ class TrainingCharts(QWidget):
         grid.addWidget(self.tps, 1, 2)
         grid.addWidget(self.dpo, 2, 0, 1, 3)
         self.dpo.hide()
-        for chart in (self.lr, self.grad, self.tps, self.dpo, self.memory):
-            chart.setXLink(self.loss)
-        self._timer = QTimer(self, singleShot=True, interval=REFRESH_MS)
-        self._timer.timeout.connect(self.refresh)
+        self.charts = [self.loss, self.memory, self.lr, self.grad, self.tps, self.dpo]
+        self._dirty: list[Chart] = []
+        self._timer = QTimer(self, interval=TICK_MS)
+        self._timer.timeout.connect(self._tick)
         self.redraws = 0
         state.subscribe(self._on_state)
 
     def _on_state(self, topic: str) -> None:
-        if topic in ("metrics", "info") and not self._timer.isActive():
+        if topic not in ("metrics", "info"):
+            return
+        for chart in self.charts:
+            if chart not in self._dirty:
+                self._dirty.append(chart)
+        if not self._timer.isActive():
             self._timer.start()
+            self._tick()
+
+    def _tick(self) -> None:
+        """Redraw the next chart that has new data (hidden ones are skipped until shown)."""
+        self._update_dpo_visibility()
+        while self._dirty:
+            chart = self._dirty.pop(0)
+            if chart.isVisible() or not self.isVisible():
+                self._update(chart)
+                return
+        self._timer.stop()
 
     def refresh(self) -> None:
-        """Hand the current columns to the curves (views, not copies)."""
+        """Hand the current columns to every curve at once (views, not copies)."""
+        self._update_dpo_visibility()
+        for chart in self.charts:
+            self._update(chart)
+        self._dirty.clear()
+
+    def _update_dpo_visibility(self) -> None:
+        margin = self.state.train.column("reward_margin")
+        has_dpo = bool(len(margin)) and bool(np.isfinite(margin[-min(len(margin), 50):]).any())
+        want = has_dpo or str(self.state.info.config.get("objective")) == "dpo"
+        if want != (not self.dpo.isHidden()):
+            self.dpo.setVisible(want)
+
+    def _update(self, chart: Chart) -> None:
         t, e = self.state.train, self.state.eval
         x = t.column("step")
-        for chart in (self.loss, self.lr, self.grad, self.tps):
+        if chart is self.memory:
+            gib = float(1 << 30)
+            for key, curve in chart.curves.items():
+                curve.setData(x, t.column(key) / gib)
+            budget = self.state.memory_budget_bytes
+            self.budget_line.setVisible(bool(budget))
+            if budget:
+                self.budget_line.setValue(budget / gib)
+        else:
             for key, curve in chart.curves.items():
                 if key == "eval_loss":
                     curve.setData(e.column("step"), e.column("eval_loss"))
                 else:
                     curve.setData(x, t.column(key))
-        gib = float(1 << 30)
-        for key, curve in self.memory.curves.items():
-            curve.setData(x, t.column(key) / gib)
-        budget = self.state.memory_budget_bytes
-        self.budget_line.setVisible(bool(budget))
-        if budget:
-            self.budget_line.setValue(budget / gib)
-        margin = t.column("reward_margin")
-        has_dpo = bool(len(margin)) and bool(np.isfinite(margin[-min(len(margin), 50):]).any())
-        self.dpo.setVisible(has_dpo or str(self.state.info.config.get("objective")) == "dpo")
-        if self.dpo.isVisible():
-            self.dpo.curves["reward_margin"].setData(x, margin)
-            self.dpo.curves["reward_accuracy"].setData(x, t.column("reward_accuracy"))
+        budget = self.state.memory_budget_bytes / float(1 << 30) if chart is self.memory else None
+        chart.fit(self.state.info.total_steps or None, budget or None)
         self.redraws += 1
 
     def displayed_points(self) -> int:

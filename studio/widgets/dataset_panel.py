@@ -120,11 +120,7 @@ class DatasetPanel(QGroupBox):
         bits = [str(info.get(k)) for k in ("format", "kind") if info.get(k)]
         if info.get("rows") is not None:
             bits.append(f"{info['rows']:,} rows" if isinstance(info["rows"], int) else f"{info['rows']} rows")
-        stats = info.get("stats") or {}
-        if isinstance(stats, dict):
-            bits += [f"{k.replace('_', ' ')}: {_fmt(v)}" for k, v in list(stats.items())[:6]
-                     if isinstance(v, (int, float, str))]
-        self.summary.setText(" · ".join(bits) or "–")
+        self.summary.setText(" · ".join(bits + stats_lines(info.get("stats"))) or "–")
         problems = info.get("problems") or []
         for p in problems[:200]:
             if isinstance(p, dict):
@@ -136,6 +132,25 @@ class DatasetPanel(QGroupBox):
             self.problems.addItem("No problems found.")
         example = next((info[k] for k in ("example", "rendered", "preview", "examples") if info.get(k)), None)
         self.preview.setHtml(render_example(example))
+
+
+def stats_lines(stats) -> list[str]:
+    """The few statistics worth a glance: token lengths, trained tokens, truncation."""
+    if not isinstance(stats, dict):
+        return []
+    out = []
+    tokens = stats.get("tokens") if isinstance(stats.get("tokens"), dict) else {}
+    lengths, trained = tokens.get("lengths") or {}, tokens.get("trained") or {}
+    if lengths.get("median") is not None:
+        out.append(f"tokens: median {_fmt(lengths['median'])}, max {_fmt(lengths.get('max', 0))}")
+    if trained.get("median") is not None:
+        out.append(f"trained tokens: median {_fmt(trained['median'])}")
+    for key, text in (("over_max_length", "over max length"), ("no_trained_tokens", "with nothing to train")):
+        if tokens.get(key):
+            out.append(f"{tokens[key]:,} {text}")
+    out += [f"{k.replace('_', ' ')}: {_fmt(v)}" for k, v in stats.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)][:4]
+    return out
 
 
 def _fmt(v) -> str:

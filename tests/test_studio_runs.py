@@ -1,0 +1,107 @@
+"""The runs page: every run from the database, filter, sort, overlay, open, start again, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.store import Store
+from studio.runs_model import RUN_ID_ROLE
+from test_studio_support import IGNORE_OFFSCREEN, fake_engine, make_window  # noqa: F401 - fixture
+
+pytestmark = IGNORE_OFFSCREEN
+
+
+def seed(store: Store) -> list[str]:
+    ids = []
+    specs = [("alpha", "completed", "lora", "sft", 0.8), ("beta", "stopped", "qlora", "sft", 1.1),
+             ("gamma", "failed", "dora", "dpo", None)]
+    for i, (name, status, method, objective, final) in enumerate(specs):
+        cfg = {"model": f"/models/m{i}", "dataset": f"/data/{name}.jsonl", "method": method, "objective": objective,
+               "max_steps": 30, "run_name": name, "learning_rate": 1e-4 * (i + 1)}
+        run_id = store.create_run(cfg, run_id=f"2026-{i}", name=name)
+        store.update_run(run_id, status=status, started_at=1000.0 + i, finished_at=1000.0 + i + 60 * (i + 1),
+                         final_loss=final, step=20 + i, total_steps=30,
+                         error="Out of memory: lower batch_size" if status == "failed" else None, error_kind="oom")
+        for s in range(1, 21 + i):
+            store.add_metrics(run_id, "train", s, {"loss": 3.0 / s + i, "lr": 1e-4})
+        store.add_metrics(run_id, "eval", 20, {"eval_loss": 1.0 + i})
+        ids.append(run_id)
+    return ids
+
+
+@pytest.fixture
+def window(qtbot, make_window, tiny_model_dir):
+    ids = seed(Store())
+    win = make_window({"model": str(tiny_model_dir), "dataset": ""})
+    win.show()
+    win.tabs.setCurrentWidget(win.runs_page)
+    return win, ids
+
+
+def visible_names(page) -> list[str]:
+    return [page.proxy.index(r, 0).data() for r in range(page.proxy.rowCount())]
+
+
+def test_runs_are_listed_filtered_and_sorted(window):
+    win, ids = window
+    page = win.runs_page
+    assert sorted(visible_names(page)) == ["alpha", "beta", "gamma"]
+    row = {page.proxy.index(r, 0).data(): r for r in range(page.proxy.rowCount())}["beta"]
+    cells = [page.proxy.index(row, c).data() for c in range(page.proxy.columnCount())]
+    assert cells[1:7] == ["stopped", "m1", "beta.jsonl", "QLoRA", "SFT", "21 / 30"] and cells[7] == "2:00"
+    assert cells[8] == "1.1000"
+    page.filter_edit.setText("dpo")
+    assert visible_names(page) == ["gamma"]
+    page.filter_edit.setText("")
+    page.status_box.setCurrentIndex(page.status_box.findData("completed"))
+    assert visible_names(page) == ["alpha"]
+    page.status_box.setCurrentIndex(0)
+    page.table.sortByColumn(7, pytest.importorskip("PySide6.QtCore").Qt.SortOrder.DescendingOrder)  # duration
+    assert visible_names(page) == ["gamma", "beta", "alpha"]
+    status_cell = page.proxy.index(0, 1)
+    assert "Out of memory" in status_cell.data(pytest.importorskip("PySide6.QtCore").Qt.ItemDataRole.ToolTipRole)
+
+
+def test_overlay_open_and_new_from_config(qtbot, window):
+    win, ids = window
+    page = win.runs_page
+    page.select_ids(ids[:2])
+    assert set(page.overlay.curves) == set(ids[:2])
+    assert len(page.overlay.curves[ids[1]].getOriginalDataset()[0]) == 21
+    assert not page.open_button.isEnabled()  # open needs exactly one run
+    page.select_ids([ids[0]])
+    assert json.loads(page.config_view.toPlainText())["run_name"] == "alpha"
+    assert page.export_button.isEnabled() and not page.resume_button.isEnabled()
+    page.open_button.click()
+    st = win.run_state
+    assert win.tabs.currentWidget() is win.train_page
+    assert st.info.run_id == ids[0] and st.status == "completed" and st.train.n == 20 and st.eval.n == 1
+    assert "alpha" in win.train_page.config_view.toPlainText()
+    win.tabs.setCurrentWidget(page)
+    page.select_ids([ids[2]])
+    page.open_button.click()
+    assert st.status == "failed" and "Out of memory" in win.train_page.message.text()
+    win.tabs.setCurrentWidget(page)
+    page.select_ids([ids[1]])
+    assert page.resume_button.isEnabled()
+    page.again_button.click()
+    assert win.tabs.currentWidget() is win.setup_page
+    assert win.setup_state.values["method"] == "qlora" and win.setup_state.values["learning_rate"] == "0.0002"
+
+
+def test_export_runs_the_engine_in_the_background(qtbot, window, tmp_path):
+    win, ids = window
+    out = tmp_path / "adapter-out"
+    win.choose_export_dir = lambda run_id: str(out)
+    win.export_job.command = fake_engine(
+        "emit(type='log', level='info', message='exported to ' + sys.argv[-1] if len(sys.argv) > 1 else 'ok')")
+    win.runs_page.select_ids([ids[0]])
+    with qtbot.waitSignal(win.export_job.done, timeout=20_000):
+        win.runs_page.export_button.click()
+    assert "exported" in win.statusBar().currentMessage().lower()
+    win.export_job.command = fake_engine("sys.stderr.write('error: run 2026-0 has no adapter yet\\n'); sys.exit(1)")
+    with qtbot.waitSignal(win.export_job.failed, timeout=20_000):
+        win.runs_page.export_button.click()
+    assert "no adapter yet" in win.statusBar().currentMessage()
