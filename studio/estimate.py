@@ -1,95 +1,73 @@
-"""The memory budget before a run: a thin adapter over ``core.memory`` (written alongside the studio).
+"""The memory budget before a run, from ``core.memory`` (pure Python, well under a millisecond).
 
-Everything here is defensive: if the estimator is missing or cannot judge this
-model, the panel says so and the engine's own figure (in its ``started``
-event) fills the gap once the run starts. The app never fails over an estimate.
+The device is found once in a background thread (``core.devices`` may run
+``nvidia-smi`` with a 2 s timeout, which must not block the window); until it
+is known, and whenever the model's shape cannot be read, the panel says so and
+the engine's own figure (in its ``started`` event) fills in once the run starts.
 """
 
 from __future__ import annotations
 
-import importlib
+import threading
+from pathlib import Path
 
+from PySide6.QtCore import QObject, Signal
+
+from core import memory
 from core.config import TrainConfig
+from core.devices import DeviceInfo, best_device
 
 from studio.state import MemoryEstimate
 
-NO_ESTIMATOR = "No estimate before the run: the engine reports its budget when the run starts."
+LABELS = {"base_weights": "base weights", "adapter_weights": "adapter", "gradients": "gradients",
+          "optimizer_states": "optimizer", "activations": "activations", "logits": "output head",
+          "reference_forward": "DPO reference", "runtime_overhead": "runtime", "allocator_slack": "allocator slack"}
 
 
-def estimate(config: TrainConfig | None, model_info) -> MemoryEstimate:
+class DeviceProbe(QObject):
+    """Finds the training device off the UI thread; ``found`` carries a DeviceInfo (or None)."""
+
+    found = Signal(object)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="device-probe", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            device = best_device()
+        except Exception:  # noqa: BLE001 - a broken nvidia-smi must not take the app down
+            device = None
+        self.found.emit(device)  # queued to the UI thread: this object lives there
+
+
+def model_shape(spec: str, model_info) -> memory.ModelShape | None:
+    """The shape from the model panel's folder when there is one (a converted GGUF), else from the spec."""
+    path = getattr(model_info, "path", "")
+    if path and (Path(path) / "config.json").is_file():
+        try:
+            return memory.ModelShape.from_model_dir(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return memory.ModelShape.for_model_spec(spec) if spec else None
+
+
+def estimate(config: TrainConfig | None, model_info, device: DeviceInfo | None) -> MemoryEstimate:
     if config is None:
         return MemoryEstimate(note="Fix the settings marked in red to see the memory estimate.")
-    if model_info is None:
-        return MemoryEstimate(note="The estimate appears once the model is known.")
+    if device is None:
+        return MemoryEstimate(note="Looking for the training device…")
+    shape = model_shape(config.model, model_info)
+    if shape is None:
+        return MemoryEstimate(device_name=device.name, device_total_bytes=device.available_bytes,
+                              note="No estimate until the model is known; the engine reports its budget "
+                                   "when the run starts.")
     try:
-        memory = importlib.import_module("core.memory")
-    except ImportError:
-        return MemoryEstimate(note=NO_ESTIMATOR)
-    fn = getattr(memory, "estimate_training_memory", None) or getattr(memory, "estimate", None)
-    if fn is None:
-        return MemoryEstimate(note=NO_ESTIMATOR)
-    try:
-        device = _device(memory)
-        result = _call(fn, memory, model_info, config, device)
-    except Exception as exc:  # noqa: BLE001 - the estimator is someone else's moving target
+        est = memory.estimate_training_memory(shape, config, device)
+        verdict = memory.fits(est, device, config=config)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never break the set-up page
         return MemoryEstimate(note=f"No estimate for this set-up ({exc}).")
-    return _to_estimate(result, device)
-
-
-def _device(memory):
-    for mod_name in ("core.devices", "core.memory"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        for name in ("detect_device", "current_device", "probe", "default_device"):
-            fn = getattr(mod, name, None)
-            if callable(fn):
-                try:
-                    return fn()
-                except Exception:  # noqa: BLE001
-                    return None
-    return None
-
-
-def _call(fn, memory, model_info, config, device):
-    shape = model_info
-    for name in ("ModelShape", "ModelSpec"):
-        cls = getattr(memory, name, None)
-        if cls is not None:
-            from_event = getattr(cls, "from_model_ready", None) or getattr(cls, "from_event", None)
-            if from_event:
-                shape = from_event(model_info)
-            break
-    try:
-        return fn(shape, config, device)
-    except TypeError:
-        return fn(shape, config)
-
-
-def _to_estimate(result, device) -> MemoryEstimate:
-    total = int(_get(result, "total_bytes", "total") or 0)
-    parts = _get(result, "parts", "breakdown", "components") or {}
-    if not isinstance(parts, dict):
-        parts = {}
-    if not parts:
-        for key in ("weights_bytes", "adapter_bytes", "optimizer_bytes", "gradients_bytes", "activations_bytes",
-                    "overhead_bytes", "reference_bytes"):
-            v = _get(result, key)
-            if v:
-                parts[key.removesuffix("_bytes").replace("_", " ")] = int(v)
-    name = str(_get(device, "name", "kind") or _get(result, "device_name", "device") or "")
-    dev_total = int(_get(device, "total_bytes", "memory_bytes", "total_memory_bytes")
-                    or _get(result, "device_total_bytes", "available_bytes") or 0)
-    note = str(_get(result, "note", "warning") or "")
-    return MemoryEstimate(total, {str(k): int(v) for k, v in parts.items() if v}, name, dev_total, note)
-
-
-def _get(obj, *names):
-    for n in names:
-        if obj is None:
-            return None
-        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
-        if v is not None:
-            return v
-    return None
+    parts = {LABELS.get(k, k): v for k, v in est.terms.items() if v}
+    notes = "; ".join(est.notes)
+    return MemoryEstimate(est.total_bytes, parts, device.name, device.available_bytes,
+                          verdict.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else ""),
+                          fits=verdict.fits)

@@ -107,6 +107,9 @@ class MainWindow(QMainWindow):
             return
         self.remember()
         self.controller.start(config)
+        budget = self.setup_memory.estimate  # the engine's 'started' event may refine it
+        self.run_memory.set_estimate(budget)
+        self.run_state.memory_budget_bytes = budget.total_bytes
         self.tabs.setCurrentIndex(TRAIN)
 
     def stop_run(self) -> None:

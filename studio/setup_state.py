@@ -63,6 +63,7 @@ class SetupState(Observable):
         self.model_message = ""  # loading / error text for the model panel
         self.dataset_info: dict | None = None  # `engine data inspect --json` output
         self.dataset_message = ""
+        self.dataset_pending = False  # the engine is checking it; Start is not held up for that
         if initial:
             self.load(initial, quiet=True)
         self.validate()
@@ -89,8 +90,8 @@ class SetupState(Observable):
         self.notify("model")
         self.validate()
 
-    def set_dataset_info(self, info: dict | None, message: str = "") -> None:
-        self.dataset_info, self.dataset_message = info, message
+    def set_dataset_info(self, info: dict | None, message: str = "", *, pending: bool = False) -> None:
+        self.dataset_info, self.dataset_message, self.dataset_pending = info, message, pending
         self.notify("dataset")
         self.validate()
 
@@ -129,7 +130,7 @@ class SetupState(Observable):
         out = {}
         if not str(values.get("dataset", "")).strip():
             out["dataset"] = "Choose a dataset file or folder."
-        elif self.dataset_message and self.dataset_info is None and "dataset" not in errors:
+        elif self.dataset_message and self.dataset_info is None and not self.dataset_pending:
             out["dataset"] = self.dataset_message
         info = self.dataset_info or {}
         kind = info.get("kind")

@@ -188,7 +188,8 @@ class MemoryEstimate:
     parts: dict = field(default_factory=dict)  # label -> bytes
     device_name: str = ""
     device_total_bytes: int = 0
-    note: str = ""  # why there is no estimate, or a warning
+    note: str = ""  # the verdict ("Needs ~1.2 GiB of 16 GiB — fits"), why there is no estimate, or a warning
+    fits: bool = True
 
 
 class MemoryState(Observable):

@@ -121,10 +121,20 @@ def test_click_through_setup(qtbot, window, tiny_model_dir):
     assert cfg.model == str(tiny_model_dir) and cfg.learning_rate == preset.config["learning_rate"]
 
 
-def test_memory_panel_explains_itself_without_an_estimate(window):
-    win, _ = window
-    text = win.setup_page.memory_panel.summary.text()
-    assert text and text != "–"
+def test_memory_budget_follows_every_change(qtbot, window):
+    win, data = window
+    page, st = win.setup_page, win.setup_state
+    st.set("dataset", data)
+    qtbot.waitUntil(lambda: page.device is not None and win.setup_memory.estimate.total_bytes > 0, timeout=10_000)
+    est = win.setup_memory.estimate
+    assert est.device_total_bytes > 0 and "Needs" in page.memory_panel.summary.text()
+    assert {"base weights", "activations", "optimizer"} <= set(est.parts)
+    before = est.total_bytes
+    st.set("batch_size", "64")
+    qtbot.waitUntil(lambda: win.setup_memory.estimate.total_bytes > before, timeout=5000)
+    st.set("batch_size", "zero")  # invalid: the panel says why there is no estimate
+    qtbot.waitUntil(lambda: win.setup_memory.estimate.total_bytes == 0, timeout=5000)
+    assert "settings marked in red" in page.memory_panel.summary.text()
 
 
 def test_choices_are_remembered(qtbot, make_window, tiny_model_dir):

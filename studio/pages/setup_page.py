@@ -134,7 +134,11 @@ class SetupPage(QWidget):
         split.setStretchFactor(1, 2)
         QVBoxLayout(self).addWidget(split)
 
-        self._estimate_timer = QTimer(self, singleShot=True, interval=150)
+        self.device = None
+        self.probe = estimate.DeviceProbe()  # no parent: the thread may answer after the page is gone
+        self.probe.found.connect(self._device_found)
+        self.probe.start()
+        self._estimate_timer = QTimer(self, singleShot=True, interval=100)
         self._estimate_timer.timeout.connect(self._update_estimate)
         state.subscribe(self._on_state)
         self._on_state("errors")
@@ -154,6 +158,8 @@ class SetupPage(QWidget):
         self.state.load(preset.config)
 
     def _on_state(self, topic: str) -> None:
+        if topic == "model":
+            self._estimate_timer.start()
         if topic != "errors":
             return
         errors = self.state.errors
@@ -168,8 +174,12 @@ class SetupPage(QWidget):
         self.blockers.setVisible(bool(errors))
         self._estimate_timer.start()
 
+    def _device_found(self, device) -> None:
+        self.device = device
+        self._update_estimate()
+
     def _update_estimate(self) -> None:
-        self.memory.set_estimate(estimate.estimate(self.state.config, self.state.model_info))
+        self.memory.set_estimate(estimate.estimate(self.state.config, self.state.model_info, self.device))
 
     def shutdown(self) -> None:
         """Stop pending look-ups and kill running ones (the window is closing)."""

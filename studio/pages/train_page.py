@@ -8,7 +8,7 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTabWidget,
                                QVBoxLayout, QWidget)
 
-from studio.state import MemoryState, RunState, format_duration
+from studio.state import MemoryState, RunState, format_bytes, format_duration
 from studio.widgets.charts import TrainingCharts
 from studio.widgets.log_view import LogView
 from studio.widgets.memory_panel import MemoryBar
@@ -61,6 +61,9 @@ class TrainPage(QWidget):
         self.message.hide()
         self.memory_bar = MemoryBar(memory, self)
         self.memory_bar.setToolTip("Memory: estimate (blue), in use (green), peak (line), device total (bar).")
+        self.memory_label = QLabel(self)
+        self.memory_label.setObjectName("memoryLine")
+        memory.subscribe(lambda _topic: self._show_memory())
         self.charts = TrainingCharts(state, self)
         self.log_view = LogView(state, self)
         self.config_view = QPlainTextEdit(self)
@@ -78,7 +81,10 @@ class TrainPage(QWidget):
         lay.addLayout(head)
         lay.addWidget(self.progress)
         lay.addWidget(self.message)
-        lay.addWidget(self.memory_bar)
+        mem_row = QHBoxLayout()
+        mem_row.addWidget(self.memory_label)
+        mem_row.addWidget(self.memory_bar, 1)
+        lay.addLayout(mem_row)
         lay.addWidget(split, 1)
         self._progress_timer = QTimer(self, singleShot=True, interval=200)
         self._progress_timer.timeout.connect(self._show_progress)
@@ -86,6 +92,16 @@ class TrainPage(QWidget):
         self._show_status()
         self._show_info()
         self._show_progress()
+        self._show_memory()
+
+    def _show_memory(self) -> None:
+        m, est = self.memory, self.memory.estimate
+        bits = [f"in use {format_bytes(m.used_bytes)}", f"peak {format_bytes(m.peak_bytes)}"] if m.peak_bytes else []
+        if est.total_bytes:
+            bits.append(f"budget {format_bytes(est.total_bytes)}")
+        if est.device_total_bytes:
+            bits.append(f"device {format_bytes(est.device_total_bytes)}")
+        self.memory_label.setText("Memory: " + (" · ".join(bits) if bits else "–"))
 
     def _on_state(self, topic: str) -> None:
         if topic == "status":

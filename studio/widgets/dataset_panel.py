@@ -104,7 +104,7 @@ class DatasetPanel(QGroupBox):
             args += ["--model", model]
         if str(self.state.values["max_length"]).strip().isdigit():
             args += ["--max-length", str(self.state.values["max_length"]).strip()]
-        self.state.set_dataset_info(None, "Checking the dataset…")
+        self.state.set_dataset_info(None, "Checking the dataset…", pending=True)
         self.job.run(*args)
 
     def _show(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette
 from PySide6.QtWidgets import QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
@@ -36,7 +38,7 @@ class MemoryBar(QWidget):
         p.setPen(self.palette().color(QPalette.ColorRole.Mid))
         p.setBrush(self.palette().color(QPalette.ColorRole.Base))
         p.drawRoundedRect(r, 4, 4)
-        over = est.device_total_bytes and est.total_bytes > est.device_total_bytes
+        over = not est.fits or (est.device_total_bytes and est.total_bytes > est.device_total_bytes)
 
         def width(n: int) -> float:
             return r.width() * min(1.0, n / scale_to)
@@ -78,20 +80,17 @@ class MemoryPanel(QGroupBox):
 
     def refresh(self) -> None:
         st, est = self.state, self.state.estimate
-        bits = []
-        if est.total_bytes:
-            bits.append(f"Needs about <b>{format_bytes(est.total_bytes)}</b>")
-        if est.device_total_bytes:
-            dev = f" ({est.device_name})" if est.device_name else ""
-            bits.append(f"of {format_bytes(est.device_total_bytes)}{dev}")
-        if st.used_bytes or st.peak_bytes:
-            bits.append(f"· in use {format_bytes(st.used_bytes)}, peak {format_bytes(st.peak_bytes)}")
-        text = " ".join(bits)
-        if est.device_total_bytes and est.total_bytes > est.device_total_bytes:
-            text += ("<br><span style='color:#d0503c'>More than the device has: lower batch size or max "
-                     "length, turn on gradient checkpointing, or use QLoRA.</span>")
+        lines = []
         if est.note:
-            text = (text + "<br>" if text else "") + est.note
-        self.summary.setText(text or "–")
+            color = "" if est.fits else " style='color:#d0503c'"
+            lines.append(f"<span{color}>{html.escape(est.note)}</span>")
+        elif est.total_bytes:
+            lines.append(f"Needs about <b>{format_bytes(est.total_bytes)}</b>"
+                         + (f" of {format_bytes(est.device_total_bytes)}" if est.device_total_bytes else ""))
+        if est.device_name:
+            lines.append(f"Device: {html.escape(est.device_name)}")
+        if st.used_bytes or st.peak_bytes:
+            lines.append(f"In use {format_bytes(st.used_bytes)}, peak {format_bytes(st.peak_bytes)}")
+        self.summary.setText("<br>".join(lines) or "–")
         self.parts.setText(", ".join(f"{k} {format_bytes(v)}" for k, v in est.parts.items()))
         self.parts.setVisible(bool(est.parts))
