@@ -6,7 +6,7 @@ import sys
 
 from PySide6.QtWidgets import QApplication
 
-from studio import theme
+from studio import jobs, theme
 from studio.main_window import MainWindow
 
 
@@ -30,4 +30,6 @@ def run(argv: list[str] | None = None) -> int:
     app = create_app(argv)
     window = MainWindow()
     window.show()
-    return app.exec()
+    code = app.exec()
+    jobs.drain_orphans()
+    return code

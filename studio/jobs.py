@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from PySide6.QtCore import QObject, QProcess, Signal
+from PySide6.QtCore import QEventLoop, QObject, QProcess, QTimer, Signal
 
 from core.events import Failed, Progress, ProtocolError, parse_event
 
@@ -22,6 +22,25 @@ _ORPHANS: set[QProcess] = set()  # cancelled jobs still being reaped
 
 def pending_orphans() -> int:
     return len(_ORPHANS)
+
+
+def _reaped(proc: QProcess) -> None:
+    _ORPHANS.discard(proc)
+    try:
+        proc.deleteLater()
+    except RuntimeError:  # already gone with the application
+        pass
+
+
+def drain_orphans(timeout_ms: int = 3000) -> None:
+    """At exit, after the event loop: let killed look-ups finish so none is destroyed while running."""
+    if not _ORPHANS:
+        return
+    loop = QEventLoop()
+    for proc in list(_ORPHANS):
+        proc.finished.connect(lambda *_: None if _ORPHANS else loop.quit())
+    QTimer.singleShot(timeout_ms, loop.quit)
+    loop.exec()
 
 
 class EngineJob(QObject):
@@ -72,7 +91,7 @@ class EngineJob(QObject):
             return
         proc.setParent(None)
         _ORPHANS.add(proc)
-        proc.finished.connect(lambda *_: (_ORPHANS.discard(proc), proc.deleteLater()))
+        proc.finished.connect(lambda *_: _reaped(proc))
         proc.kill()
 
     def _read(self, proc: QProcess, gen: int) -> None:

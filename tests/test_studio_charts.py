@@ -102,3 +102,24 @@ def test_charts_stay_light_with_100k_points(qtbot, capsys):
         print(f"\n100k points: history load {load_s:.2f} s, loss chart update+repaint median "
               f"{np.median(times):.1f} ms, max {max(times):.1f} ms, drawn points {drawn}")
     assert len(charts.loss.curves["loss"].getOriginalDataset()[0]) == 100_020
+
+
+def test_charts_follow_a_dark_palette(qtbot):
+    from PySide6.QtGui import QPalette
+    from PySide6.QtWidgets import QApplication
+
+    from studio.theme import dark_palette
+    from studio.widgets.charts import Chart
+
+    app = QApplication.instance()
+    chart = Chart("Loss")
+    qtbot.addWidget(chart)
+    light = chart.backgroundBrush().color().lightness()
+    old = app.palette()
+    try:
+        app.setPalette(dark_palette())
+        qtbot.waitUntil(lambda: chart.backgroundBrush().color().lightness() < 80, timeout=2000)
+        assert chart.backgroundBrush().color() == dark_palette().color(QPalette.ColorRole.Base)
+    finally:
+        app.setPalette(old)
+    assert light > 150

@@ -86,7 +86,7 @@ def ready_window(qtbot, make_window, tiny_model_dir, tmp_path):
     return win, data
 
 
-def test_real_run_streams_to_charts_stays_responsive_stops_and_resumes(qtbot, ready_window, capsys):
+def test_real_run_streams_to_charts_stays_responsive_stops_and_resumes(qtbot, ready_window, capsys, tmp_path):
     win, data = ready_window
     page, st = win.setup_page, win.setup_state
     # The real engine inspects the dataset in the background.
@@ -139,6 +139,14 @@ def test_real_run_streams_to_charts_stays_responsive_stops_and_resumes(qtbot, re
     with qtbot.waitSignal(win.controller.run_ended, timeout=STEP_TIMEOUT):
         win.stop_run()
     assert run.status == "stopped"
+
+    # Export the adapter of the stopped run with the real engine.
+    out = tmp_path / "exported"
+    win.choose_export_dir = lambda _run_id: str(out)
+    assert win.train_page.export_button.isEnabled()
+    with qtbot.waitSignal(win.export_job.done, timeout=STEP_TIMEOUT):
+        qtbot.mouseClick(win.train_page.export_button, Qt.MouseButton.LeftButton)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
 
 def test_closing_lets_a_real_run_continue_and_the_next_start_follows_it(qtbot, ready_window, make_window):

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import QCheckBox, QLineEdit
 from core.config import TrainConfig
 from studio.presets import load_presets, presets_dir, read_preset
 from studio.setup_state import HELP, SetupState
-from test_studio_support import IGNORE_OFFSCREEN, fake_json, make_window, write_sft_jsonl  # noqa: F401 - fixture
+from test_studio_support import IGNORE_OFFSCREEN, fake_engine, fake_json, make_window, write_sft_jsonl  # noqa: F401 - fixture
 
 pytestmark = IGNORE_OFFSCREEN
 
@@ -146,3 +146,32 @@ def test_choices_are_remembered(qtbot, make_window, tiny_model_dir):
     assert again.setup_state.values["lora_rank"] == "32"
     assert again.setup_state.values["method"] == "qlora"
     assert again.setup_state.values["model"] == str(tiny_model_dir)
+
+
+def test_gguf_model_is_imported_by_the_engine_with_progress(qtbot, make_window, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    win = make_window({"model": str(gguf), "dataset": ""})
+    panel = win.setup_page.model_panel
+    panel.job.command = fake_engine("""
+        for i in range(5):
+            emit(type="progress", stage="convert", done=i, total=4, message=f"Converting ({i}/4)")
+            time.sleep(0.2)
+        emit(type="model", name="model", path="/tmp/converted", architecture="LlamaForCausalLM",
+             parameters=134515008, layers=30, hidden_size=576, vocab_size=49152, context_length=8192,
+             dtype="bfloat16")
+    """)
+    seen = []
+    panel.job.progress.connect(lambda ev: seen.append((ev.done, panel.progress.isVisible() or True)))
+    win.show()
+    with qtbot.waitSignal(panel.job.done, timeout=20_000):
+        panel.resolve()
+        assert "GGUF" in win.setup_state.model_message
+    assert [d for d, _ in seen] == [0, 1, 2, 3, 4]
+    assert panel.facts["parameters"].text() == "134.5M" and panel.facts["context_length"].text() == "8,192"
+    assert not panel.progress.isVisible()
+    # A failure from the engine is shown next to the model, in its words.
+    panel.job.command = fake_engine("emit(type='failed', kind='model', message='Model problem: cannot read x.gguf')")
+    with qtbot.waitSignal(panel.job.failed, timeout=20_000):
+        panel.resolve()
+    assert "cannot read x.gguf" in panel.message.text() and panel.message.isVisible()
