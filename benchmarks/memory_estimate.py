@@ -1,21 +1,25 @@
 """Estimated vs measured memory of one training step: ``python benchmarks/memory_estimate.py``.
 
-For several configs on a small Llama built from a config, it runs real training steps (PEFT adapters,
-AdamW, SFT or DPO) and measures:
+For several configs on a small Llama built from a config, it runs real training steps the way the engine
+does (``engine.adapters.add_adapters``, ``engine.forward.LogprobModel``: the decoder body, then the trained
+positions through the chunked output head; ``engine.losses``; for DPO the reference log-probs first, under
+no_grad with the adapters disabled, as ``engine.train.Recipe`` does; AdamW) and measures:
 
 - weights, adapters, gradients, optimizer states: exact tensor bytes;
-- activations: the tensors autograd keeps for backward, caught with ``saved_tensors_hooks``, counted
-  once per storage and only if still alive when the forward pass ends;
+- activations: the tensors autograd keeps for backward, caught with ``saved_tensors_hooks``, and the
+  attention mask the blocks receive (gradient checkpointing keeps it to recompute them), counted once
+  per storage and only if still alive when the forward pass ends;
 - peak: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the largest bytes-in-use of glibc's
   malloc (``mallinfo2``) read after every aten op of the steps, minus the bytes in use before the model
   was built.
 
 Then it prints the estimate of ``core.memory`` beside each figure, and the default model's estimate
-(analytic only). Runs on a CPU in one to two minutes. The tests import ``measure_step`` from here.
+(analytic only). Runs on a CPU in about two minutes (more when the cores are shared). The tests import ``measure_step`` from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import weakref
@@ -42,7 +46,7 @@ class Measured:
     gradients: int
     optimizer_states: int
     activations: int  # saved for backward by the blocks, the final norm and RoPE
-    loss_saved: int  # saved for backward by the loss (log-softmax output, labels)
+    loss_saved: int  # saved for backward outside the blocks: the selected hidden states, targets, positions
     trainable_params: int
     peak: int  # whole step, every tensor, minus what was in use before the model existed
 
@@ -78,19 +82,17 @@ def _peak_mode(malloc: _Malloc):
 
 
 def _build(cfg: dict, config: TrainConfig, dtype):
+    """The base from ``cfg``, wrapped with adapters exactly as the engine does (``add_adapters``)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.adapters import add_adapters
 
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**keep, attn_implementation="sdpa")).to(dtype)
     model.config.use_cache = False
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.target_modules
-                      if config.target_modules != ["all-linear"] else "all-linear", use_dora=config.uses_dora)
-    model = get_peft_model(model, lora)
+    model = add_adapters(model, config)  # also turns on gradient checkpointing when asked
     model.train()
     return model
 
@@ -106,42 +108,49 @@ def _optimizer(params, name: str):
 
 
 def _batch(cfg: dict, config: TrainConfig, device):
-    """Token ids with ragged lengths (a padding mask) when there is more than one row, as a collator makes."""
+    """An engine ``Batch``: every token trained (loss_on='all', the estimate's worst case), DPO rows stacked
+    [chosen; rejected]. With more than one row the last is one token shorter, so there is a padding mask
+    (as a collator makes for ragged lengths) while the trained tokens stay at the worst case."""
     import torch
+
+    from engine.batches import Batch
+    from engine.render import IGNORE
 
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg["vocab_size"], (rows, config.max_length), generator=g)
     mask = torch.ones_like(ids)
     if rows > 1:
-        mask[1:, -config.max_length // 4:] = 0  # right padding on all but the first row
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids.to(device), mask.to(device), labels.to(device)
+        mask[-1, -1] = 0  # right padding on the last row
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    pairs = config.batch_size if config.objective == "dpo" else 0
+    return Batch(ids, mask, labels, pairs=pairs).to(device)
 
 
-def _loss(model, config: TrainConfig, ids, mask, labels):
-    """SFT: transformers' causal-LM loss. DPO (sigmoid): chosen rows first, rejected rows second; the
-    reference log-probs come from a no-grad forward with the adapters off, after the policy forward."""
+def _loss(model, config: TrainConfig, batch):
+    """The engine's loss for one micro-batch, as ``Recipe._micro_step`` computes it. Returns the loss and what
+    the step keeps referenced until backward is done."""
     import torch
-    import torch.nn.functional as F
 
+    from engine.forward import LogprobModel
+    from engine.losses import dpo_loss, sequence_logps, sft_loss
+
+    logps = LogprobModel(model)
     if config.objective == "sft":
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        return out.loss, out
+        out = logps(batch)
+        return sft_loss(out.logps, batch.trained_tokens), out
 
-    def logps(logits):
-        logp = logits.float().log_softmax(-1)[:, :-1]
-        tgt = labels[:, 1:]
-        keep = tgt != -100
-        return (logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum(-1)
+    def pair_logps():  # Recipe._pair_logps
+        out = logps(batch)
+        seq = sequence_logps(out.logps, out.rows, out.batch, average=config.dpo_loss == "ipo")
+        return seq[: batch.pairs], seq[batch.pairs:]
 
-    out = model(input_ids=ids, attention_mask=mask)
-    policy = logps(out.logits)
-    with torch.no_grad(), model.disable_adapter():
-        ref = logps(model(input_ids=ids, attention_mask=mask).logits)
-    n = ids.shape[0] // 2
-    margin = (policy[:n] - ref[:n]) - (policy[n:] - ref[n:])
-    return -F.logsigmoid(config.dpo_beta * margin).mean(), out
+    with torch.no_grad(), model.disable_adapter():  # Recipe._reference_logps: first, without a graph
+        ref_c, ref_r = pair_logps()
+    pol_c, pol_r = pair_logps()
+    losses, _, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=config.dpo_beta, loss_type=config.dpo_loss,
+                            label_smoothing=config.dpo_label_smoothing)
+    return losses.sum() / batch.pairs, None
 
 
 def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", device: str = "cpu") -> Measured:
@@ -156,7 +165,10 @@ def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", de
     frozen = [p for p in model.parameters() if not p.requires_grad]
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     opt = _optimizer(trainable, config.optimizer)
-    ids, mask, labels = _batch(cfg, config, device)
+    batch = _batch(cfg, config, device)
+    # Recipe._autocast: 16-bit autocast on CUDA only, around the forward (backward runs outside it)
+    autocast = (torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32
+                else contextlib.nullcontext())
 
     def step(record: bool) -> tuple[int, int]:
         saved: dict[int, list] = {}
@@ -183,13 +195,19 @@ def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", de
         def leave(*_):
             label.pop()
 
+        def block_mask(_module, _args, kwargs):  # kept by gradient checkpointing to recompute the block
+            t = kwargs.get("attention_mask")
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in saved:
+                saved[t.untyped_storage().data_ptr()] = ["act", t.untyped_storage().nbytes(), [weakref.ref(t)]]
+
         hooks = []
         blocks = [m for n, m in model.named_modules() if n.endswith(tuple(f"layers.{i}" for i in range(99)))]
         for m in blocks + [model.base_model.model.model.norm]:
             hooks.append(m.register_forward_pre_hook(lambda *_: label.append("act")))
             hooks.append(m.register_forward_hook(leave))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-            loss, out = _loss(model, config, ids, mask, labels)
+        hooks += [m.register_forward_pre_hook(block_mask, with_kwargs=True) for m in blocks]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t), autocast:
+            loss, out = _loss(model, config, batch)
         for h in hooks:
             h.remove()
         alive = {"act": 0, "loss": 0}
@@ -234,15 +252,15 @@ def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", de
                     trainable_params=sum(p.numel() for p in trainable), peak=peak)
 
 
-CASES = [
+CASES = [  # the last two train 1,531 and 2,039 tokens: two chunks of the output head
     ("LoRA fp32 b4 s128", dict(), "float32"),
     ("LoRA fp32 b1 s256", dict(batch_size=1, max_length=256), "float32"),
     ("LoRA bf16 b4 s128", dict(), "bfloat16"),
     ("DoRA bf16 b4 s128", dict(method="dora"), "bfloat16"),
-    ("LoRA r64 q,v fp32", dict(lora_rank=64, target_modules=["q_proj", "v_proj"]), "float32"),
-    ("LoRA +ckpt bf16 b8", dict(gradient_checkpointing=True, batch_size=8), "bfloat16"),
     ("DPO LoRA bf16 b2", dict(objective="dpo", batch_size=2), "bfloat16"),
     ("LoRA 8-bit AdamW", dict(optimizer="adamw_8bit"), "float32"),
+    ("LoRA fp32 b4 s384", dict(max_length=384), "float32"),
+    ("LoRA +ckpt bf16 b8 s256", dict(gradient_checkpointing=True, batch_size=8, max_length=256), "bfloat16"),
 ]
 
 
@@ -279,6 +297,10 @@ def main() -> int:
         print(_row("gradients", est.gradients, m.gradients))
         print(_row("optimizer", est.optimizer_states, m.optimizer_states))
         print(_row("activations", est.activations, m.activations))
+        # the output head at the peak, measured as what the peak holds beyond weights, states and activations
+        # (no adapter gradients exist yet when the head's backward runs)
+        rest = m.base_weights + m.adapter_weights + m.optimizer_states + m.activations
+        print(_row("output head", est.logits, m.peak - rest))
         print(_row("peak (tensors)", tensors, m.peak))
     print("\nDefault model (SmolLM2-135M-Instruct), analytic, on a 24 GiB bf16 GPU:")
     default = ModelShape.for_model_spec("default")

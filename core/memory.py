@@ -3,10 +3,17 @@
 ``ModelShape`` reads a Hugging Face ``config.json``; ``estimate_training_memory(shape, config, device)``
 adds up what is alive at the peak of one training step (the start of the backward pass); ``fits`` turns
 that into a verdict with a sentence for the GUI. Notation in the docstrings: T = tokens per forward pass
-(batch x max_length, doubled for DPO), h = hidden size, q / kv = width of the query / key-value
-projections, i = MLP width, V = vocabulary, L = layers, r = LoRA rank, b = bytes per compute-dtype
-element, P = parameter count. The activation terms were checked against the tensors autograd saves
-(``benchmarks/memory_estimate.py``) for transformers' Llama with SDPA attention and PEFT adapters.
+(batch x max_length, doubled for DPO), N = trained tokens that reach the output head (taken as
+rows x (max_length - 1), the worst case: every row full and every token trained, as with loss_on='all';
+assistant-only SFT and DPO prompts train fewer), c = the output head's chunk (1024 rows), h = hidden size,
+q / kv = width of the query / key-value projections, i = MLP width, V = vocabulary, L = layers,
+r = LoRA rank, b = bytes per compute-dtype element, P = parameter count.
+
+It describes the step the engine runs (``engine.train.Recipe``): the decoder body, then only the trained
+positions' hidden states through the output head in chunks (``engine.forward.LogprobModel``,
+``kernels.linear_logprobs``), so no [T, V] logits ever exist; for DPO the reference log-probs are computed
+first, without a graph. The terms were checked against that path (``benchmarks/memory_estimate.py``: the
+tensors autograd saves and the peak of whole steps) for transformers' Llama with SDPA attention and PEFT.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ CUDA_CONTEXT_BYTES = 3 * GIB // 4  # CUDA context, cuBLAS workspaces, kernels (0
 PYTHON_BASELINE_BYTES = GIB // 2  # the engine process with torch, transformers and peft imported
 ALLOCATOR_SLACK = {"cuda": 0.10, "mps": 0.10, "cpu": 0.0}
 DEFAULT_MODEL_FILE = "smollm2-135m-instruct.json"
+LOGITS_CHUNK = 1024  # rows of the output head per chunk: kernels.linear_logprobs.DEFAULT_CHUNK (a test pins it)
 
 # architecture -> (norms per block, q/k norms, default tie_word_embeddings, fused projections, bias on q/k/v)
 _KNOWN = {
@@ -308,40 +316,57 @@ def activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, seq: int
     """Without checkpointing: L blocks, less the first block's first norm input (the embeddings are
     frozen, so nothing before it needs a gradient) + final norm (4h + 4 per token) + RoPE cos/sin
     (2*seq*head_dim*b).
-    With checkpointing: each block's input (h*b per token) + final norm, and one block recomputed
-    in backward; that comes after the loss peak, so it counts only by what it exceeds the logits
-    memory freed by then: max(0, block - T*V*12)."""
+    With checkpointing: each block's input (h*b per token) + final norm, the boolean padding mask the
+    checkpoints hold to recompute the blocks (rows * seq^2 bytes, rows > 1), and one block recomputed
+    in backward; that comes after the output head's backward, so it counts only by what it exceeds the
+    head's memory freed by then: max(0, block - logits_bytes(N))."""
     tokens = rows * seq
     one = layer_activation_bytes(shape, config, rows, seq, b)
     final = tokens * (4 * shape.hidden_size + 4)
     if config.gradient_checkpointing:
-        recompute = max(0, one - tokens * shape.vocab_size * 12)
-        return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + recompute
+        recompute = max(0, one - logits_bytes(shape, rows * (seq - 1), b))
+        mask = rows * seq * seq if rows > 1 else 0
+        return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     rope = 2 * seq * shape.head_dim * b
     return shape.num_hidden_layers * one - tokens * (4 * shape.hidden_size + 4) + final + rope
 
 
-def logits_bytes(shape: ModelShape, tokens: int, b: int) -> int:
-    """The loss peak at the start of backward: T*V*(b + 12) + 8T. The logits (b) stay referenced by the
-    model output; transformers upcasts them to float32 for the loss and log-softmax saves its float32
-    output (4); backward then holds the float32 gradient of the log-probs (4) and of the logits (4) at
-    once. The labels are int64 (8 per token)."""
-    return tokens * shape.vocab_size * (b + 12) + 8 * tokens
+def logits_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
+    """The output head at the peak (its backward, which starts the backward pass), for N trained tokens:
+
+        V * 12 * N                              (N <= c: one chunk)
+        V * max(12*c, b*c + 12*min(N - c, c))   (N > c: the second chunk is the largest)
+        + N * (2*h*b + 48)
+
+    The head runs chunk by chunk (``kernels.linear_logprobs._ChunkedLogprobs``) and keeps no logits for
+    backward. Backward recomputes each chunk: its float32 logits (4 per element), their softmax (4) and the
+    negation g (4) are alive together before the softmax is dropped (g's cast to a 16-bit dtype comes later:
+    4 + 4 + b <= 12). From the second chunk on, the previous chunk's g (cast to b bytes, c rows) is still
+    bound while the next is built. The forward's chunk is smaller (float32 logits + logsumexp's exp, 8).
+    So the term stops growing past 2c = 2048 trained tokens, and nearly past c = 1024.
+    Per trained token: the selected hidden state the head saved (h*b) and its gradient (h*b), the int64
+    target (8), the [N, 2] int64 positions of the boolean-mask gather, saved for its backward (16) and kept
+    as the token -> row map (16), the float32 log-prob and its gradient (4 + 4).
+    The full [B, T, h] hidden state is not kept: only the selected rows are."""
+    n, c, v = trained_tokens, LOGITS_CHUNK, shape.vocab_size
+    chunks = v * (12 * n if n <= c else max(12 * c, b * c + 12 * min(n - c, c)))
+    return chunks + n * (2 * shape.hidden_size * b + 48)
 
 
-def reference_bytes(shape: ModelShape, tokens: int, b: int) -> int:
-    """DPO's no-grad reference forward (adapters off) runs while the policy graph is alive. Then the policy's
-    logits (b) and log-softmax (4) are alive beside the reference's logits (b), their float32 copy (4 unless
-    b = 4) and log-softmax (4); beyond the loss peak (b + 12) that is T*V*(b + copy - 4): b in 16 bits,
-    0 in float32. The reference's blocks keep nothing."""
-    return tokens * shape.vocab_size * max(0, b + (4 if b != 4 else 0) - 4)
+def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
+    """DPO's reference log-probs add nothing to the peak: 0. The engine computes them first, under no_grad with
+    the adapters disabled, before the policy forward, so no policy graph is alive then; that forward keeps
+    one block's temporaries and one head chunk (8*c*V) at a time, below the training step's own peak
+    (all activations + ``logits_bytes``). With ``precompute_reference`` they come from a table (0 too).
+    The term is kept so that the breakdown names it."""
+    return 0
 
 
 def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: DeviceInfo) -> MemoryEstimate:
     """Peak bytes of one training step on ``device``; every term's formula is in its function's docstring.
 
-    DPO runs chosen and rejected answers as one batch (2x the rows), plus a reference forward unless
-    ``precompute_reference`` (see ``reference_bytes``). Gradients are counted in full although
+    DPO runs chosen and rejected answers as one batch (2x the rows); its reference forward runs before the
+    policy forward and adds nothing at the peak (see ``reference_bytes``). Gradients are counted in full although
     they appear only as backward frees activations (conservative by at most that term). Runtime overhead:
     the CUDA context (0.75 GiB) on a GPU, the Python/torch baseline (0.5 GiB) elsewhere; allocator slack:
     10% of the tensors on CUDA and MPS for fragmentation.
@@ -349,7 +374,7 @@ def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: Dev
     dtype = resolve_compute_dtype(config, device)
     b = DTYPE_BYTES[dtype]
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
-    tokens = rows * config.max_length
+    trained = rows * (config.max_length - 1)  # worst case: full rows, every token trained
     trainable = trainable_params(shape, config)
     notes = [shape.note] if shape.note else []
     if shape.max_position_embeddings and config.max_length > shape.max_position_embeddings:
@@ -361,14 +386,14 @@ def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: Dev
         notes.append("4-bit (NF4) bases need bitsandbytes on a CUDA GPU for good speed")
     reference = 0
     if config.objective == "dpo" and not config.precompute_reference:
-        reference = reference_bytes(shape, tokens, b)
+        reference = reference_bytes(shape, trained, b)
     tensors = dict(
         base_weights=base_weight_bytes(shape, config.quantized, b),
         adapter_weights=ADAPTER_BYTES * trainable,
         gradients=ADAPTER_BYTES * trainable,
         optimizer_states=optimizer_bytes(shape, config),
         activations=activation_bytes(shape, config, rows, config.max_length, b),
-        logits=logits_bytes(shape, tokens, b),
+        logits=logits_bytes(shape, trained, b),
         reference_forward=reference,
     )
     overhead = CUDA_CONTEXT_BYTES if device.kind == "cuda" else PYTHON_BASELINE_BYTES

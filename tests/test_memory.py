@@ -14,10 +14,12 @@ from core.config import TrainConfig
 from core.devices import DeviceInfo
 from core.memory import (
     GIB,
+    LOGITS_CHUNK,
     ModelShape,
     base_weight_bytes,
     estimate_training_memory,
     fits,
+    logits_bytes,
     optimizer_bytes,
     resolve_compute_dtype,
     trainable_params,
@@ -155,8 +157,9 @@ def test_monotonic():
     assert est(optimizer="adamw_8bit").optimizer_states < e.optimizer_states / 3
     assert est(optimizer="paged_adamw").optimizer_states == e.optimizer_states
     dpo = est(objective="dpo")
-    assert dpo.total_bytes > e.total_bytes and dpo.reference_forward > 0
-    assert est(objective="dpo", precompute_reference=True).reference_forward == 0
+    # the reference log-probs are computed first, without a graph: nothing of them is alive at the peak
+    assert dpo.total_bytes > e.total_bytes and dpo.reference_forward == 0
+    assert est(objective="dpo", precompute_reference=True).total_bytes == dpo.total_bytes
     assert optimizer_bytes(DEFAULT, base) == 8 * e.trainable_params
     cpu = estimate_training_memory(DEFAULT, base, CPU)
     assert cpu.allocator_slack == 0 and cpu.runtime_overhead < e.runtime_overhead
@@ -167,8 +170,37 @@ def test_estimate_terms_add_up_and_breakdown_is_labelled():
     assert e.total_bytes == sum(e.terms.values())
     assert set(e.terms) == {"base_weights", "adapter_weights", "gradients", "optimizer_states", "activations",
                             "logits", "reference_forward", "runtime_overhead", "allocator_slack"}
-    # logits: 2*4*512 tokens x 49152 x (2 + 12) bytes in bf16, + int64 labels
-    assert e.logits == 4096 * 49152 * 14 + 8 * 4096
+    # output head, N = 8 rows x 511 trained tokens = 4088 > 1024: the second chunk's float32 logits, softmax
+    # and g (12 x 1020 rows) beside the first chunk's bf16 g (2 x 1024), capped at 12*1024 + 2*1024 per vocab
+    # entry; + per trained token the selected hidden state and its gradient (2 x 576 x 2) and 48 bytes of
+    # targets, positions and log-probs
+    assert e.logits == 49152 * (2 * 1024 + 12 * 1024) + 4088 * (2 * 576 * 2 + 48) == 714_258_048
+    assert e.reference_forward == 0
+
+
+def test_output_head_is_chunked():
+    """The engine's head never holds [T, V] logits: one chunk (12 bytes per entry) up to 1024 trained tokens,
+    then the second chunk beside the first chunk's gradient; past 2048 only the per-token part grows."""
+    from kernels.linear_logprobs import DEFAULT_CHUNK
+
+    assert LOGITS_CHUNK == DEFAULT_CHUNK
+    per_token_bf16 = 2 * 576 * 2 + 48
+    assert logits_bytes(DEFAULT, 256, 2) == 12 * 256 * 49152 + 256 * per_token_bf16
+    assert logits_bytes(DEFAULT, 1024, 4) == 12 * 1024 * 49152 + 1024 * (2 * 576 * 4 + 48)
+    assert logits_bytes(DEFAULT, 1100, 2) == 12 * 1024 * 49152 + 1100 * per_token_bf16  # small 2nd chunk
+    assert logits_bytes(DEFAULT, 2048, 2) == 14 * 1024 * 49152 + 2048 * per_token_bf16
+    assert logits_bytes(DEFAULT, 9000, 2) - logits_bytes(DEFAULT, 2048, 2) == (9000 - 2048) * per_token_bf16
+
+    def est(**changes):
+        return estimate_training_memory(DEFAULT, TrainConfig(batch_size=1).replace(**changes), GPU)
+
+    short, long, longer = est(max_length=2049), est(max_length=4097), est(max_length=8192)
+    assert short.total_bytes < long.total_bytes < longer.total_bytes  # more max_length, more memory
+    assert longer.activations > 3.5 * short.activations  # activations grow with the tokens ...
+    assert longer.logits < 1.1 * short.logits  # ... the output head (nearly) does not
+    assert est(max_length=2049, gradient_checkpointing=True).logits == short.logits
+    # the [T, V] logits path (model(...).logits) would hold T * V * (b + 12) bytes: ~8x more at 8192 tokens
+    assert 8192 * 49152 * 14 > 7 * longer.logits
 
 
 # --- the verdict ------------------------------------------------------------------------------------------
@@ -179,7 +211,7 @@ def test_fits_verdicts_name_the_biggest_term():
     big = TrainConfig(batch_size=16, max_length=2048)
     no = fits(estimate_training_memory(DEFAULT, big, GPU), GPU, config=big)
     assert not no.fits and "gradient checkpointing" in no.message and "8.0 GiB" in no.message
-    ckpt = big.replace(gradient_checkpointing=True)
+    ckpt = big.replace(gradient_checkpointing=True, batch_size=64)  # the chunked head made b16 fit in 8 GiB
     no = fits(estimate_training_memory(DEFAULT, ckpt, GPU), GPU, config=ckpt)
     assert not no.fits and "lower batch_size or max_length" in no.message and "checkpointing" not in no.message
     small_gpu = DeviceInfo("cuda", "tiny", GIB, GIB, True)
@@ -201,10 +233,12 @@ def test_fits_verdicts_name_the_biggest_term():
     (dict(method="dora"), "bfloat16"),
     (dict(gradient_checkpointing=True, batch_size=1), "bfloat16"),
     (dict(objective="dpo", batch_size=1, target_modules=["q_proj", "v_proj"]), "float32"),
+    (dict(batch_size=4, max_length=300), "float32"),  # 1195 trained tokens: two chunks of the output head
 ])
 def test_estimate_matches_a_measured_training_step(changes, dtype):
-    """Weights, adapters, gradients and optimizer states exactly; the tensors autograd saves within 5%;
-    the measured peak of a whole step (glibc malloc bytes in use) within 5%."""
+    """The engine's step (chunked output head, DPO reference first): weights, adapters, gradients and optimizer
+    states exactly; the tensors autograd saves within 5%; the measured peak of a whole step (glibc malloc
+    bytes in use) within 5%."""
     from benchmarks.memory_estimate import measure_step
 
     cfg_dict = dict(architectures=["LlamaForCausalLM"], hidden_size=128, intermediate_size=352,
