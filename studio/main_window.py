@@ -106,6 +106,7 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("A run is already training; stop it first (Ctrl+.).", 6000)
             return
         self.remember()
+        self.setup_page._update_estimate()  # for exactly this config, not the one 100 ms ago
         self.controller.start(config)
         budget = self.setup_memory.estimate  # the engine's 'started' event may refine it
         self.run_memory.set_estimate(budget)

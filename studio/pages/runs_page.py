@@ -60,6 +60,8 @@ class RunsPage(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.verticalHeader().hide()
+        self.table.setWordWrap(False)
+        self.table.setAlternatingRowColors(True)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.doubleClicked.connect(lambda _i: self._open())
@@ -107,7 +109,12 @@ class RunsPage(QWidget):
 
     def refresh(self) -> None:
         selected = set(self.selected_ids())
+        first = not self.model.runs
         self.model.set_runs(self.store.list_runs())
+        if first and self.model.runs:
+            self.table.resizeColumnsToContents()
+            for col in range(self.model.columnCount()):
+                self.table.setColumnWidth(col, min(self.table.columnWidth(col), 280))
         if selected:
             sel = self.table.selectionModel()
             for row in range(self.proxy.rowCount()):

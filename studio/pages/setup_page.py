@@ -38,6 +38,7 @@ class Segmented(QWidget):
             btn = QPushButton(text, self)
             btn.setObjectName(f"{name}_{value}")
             btn.setCheckable(True)
+            btn.setProperty("segment", True)
             btn.setToolTip(HELP[name]["help"])
             self.group.addButton(btn)
             self.buttons[value] = btn

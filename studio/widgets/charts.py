@@ -37,8 +37,10 @@ def make_curve(plot: pg.PlotItem, color, name: str, width: float = 1.5, dash: bo
 
 
 class Chart(pg.PlotWidget):
-    def __init__(self, title: str, parent: QWidget | None = None, *, legend: bool = False):
+    def __init__(self, title: str, parent: QWidget | None = None, *, legend: bool = False,
+                 from_zero: bool = False):
         super().__init__(parent)
+        self.from_zero = from_zero  # quantities such as memory read best against zero
         self.setObjectName(f"chart_{title.split()[0].lower()}")
         self.title = title
         item = self.getPlotItem()
@@ -85,6 +87,8 @@ class Chart(pg.PlotWidget):
             xhi = max(xhi, float(xs[-1]) if len(xs) else 0.0)
         if extra_y:
             lo, hi = min(lo, extra_y), max(hi, extra_y)
+        if self.from_zero and np.isfinite(lo):
+            lo = min(lo, 0.0)
         if not np.isfinite(lo):
             return
         span = max(hi - lo, abs(hi) * 0.05, 1e-12)
@@ -97,7 +101,8 @@ class Chart(pg.PlotWidget):
             if inside and snug:
                 return
         x_top = want_x if x_max else want_x * 1.25
-        self._range = (0.0, x_top, lo - 0.1 * span, hi + 0.1 * span)
+        bottom = 0.0 if self.from_zero and lo >= 0 else lo - 0.1 * span
+        self._range = (0.0, x_top, bottom, hi + 0.1 * span)
         self.getPlotItem().getViewBox().setRange(xRange=(0, x_top), yRange=self._range[2:], padding=0)
 
     def add(self, key: str, name: str, color_key: str, **kw) -> pg.PlotDataItem:
@@ -137,12 +142,12 @@ class TrainingCharts(QWidget):
         self.lr.add("lr", "lr", "lr")
         self.grad = Chart("Grad norm", self)
         self.grad.add("grad_norm", "grad norm", "grad")
-        self.tps = Chart("Tokens per second", self)
+        self.tps = Chart("Tokens per second", self, from_zero=True)
         self.tps.add("tokens_per_s", "tokens/s", "tps")
         self.dpo = Chart("DPO reward margin / accuracy", self, legend=True)
         self.dpo.add("reward_margin", "margin", "margin")
         self.dpo.add("reward_accuracy", "accuracy", "acc", dash=True)
-        self.memory = Chart("Memory (GiB)", self, legend=True)
+        self.memory = Chart("Memory (GiB)", self, legend=True, from_zero=True)
         self.memory.add("memory_used_bytes", "used", "used")
         self.memory.add("memory_peak_bytes", "peak", "peak")
         self.budget_line = pg.InfiniteLine(angle=0, movable=False, label="budget",
