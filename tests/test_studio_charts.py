@@ -123,3 +123,22 @@ def test_charts_follow_a_dark_palette(qtbot):
     finally:
         app.setPalette(old)
     assert light > 150
+
+
+def test_dpo_chart_appears_with_reward_statistics(qtbot):
+    from studio.widgets.charts import TrainingCharts
+
+    st = RunState()
+    charts = TrainingCharts(st)
+    qtbot.addWidget(charts)
+    charts.show()
+    st.apply(Started(run_id="r", run_dir="d", total_steps=10))
+    st.apply(step(1, total=10))
+    charts.refresh()
+    assert charts.dpo.isHidden()  # SFT: no reward statistics, no DPO chart
+    for i in range(2, 6):
+        st.apply(step(i, total=10, reward_margin=0.1 * i, reward_accuracy=0.5 + 0.05 * i))
+    charts.refresh()
+    assert not charts.dpo.isHidden()
+    xs, ys = charts.dpo.curves["reward_margin"].getOriginalDataset()
+    assert list(xs) == [1, 2, 3, 4, 5] and np.isnan(ys[0]) and ys[-1] == pytest.approx(0.5)
