@@ -225,6 +225,13 @@ class Recipe:
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
         return chosen, rejected
 
+    def _dpo_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair DPO losses and rewards; the reference pass runs first, so no policy graph is alive then."""
+        ref_c, ref_r = self._reference_logps(batch)
+        pol_c, pol_r = self._pair_logps(batch)
+        return dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta, loss_type=self.config.dpo_loss,
+                        label_smoothing=self.config.dpo_label_smoothing)
+
     def _micro_step(self, batch, denom: int) -> dict:
         """Forward + backward of one micro-batch; returns its share of the step's metrics."""
         with self._autocast():
@@ -233,11 +240,7 @@ class Recipe:
                 loss = sft_loss(out.logps, denom)
                 stats = {}
             else:
-                ref_c, ref_r = self._reference_logps(batch)
-                pol_c, pol_r = self._pair_logps(batch)
-                losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta,
-                                          loss_type=self.config.dpo_loss,
-                                          label_smoothing=self.config.dpo_label_smoothing)
+                losses, rc, rr = self._dpo_terms(batch)
                 loss = losses.sum() / denom
                 stats = {"reward_chosen": rc.sum().item(), "reward_rejected": rr.sum().item(),
                          "reward_accuracy": (rc > rr).float().sum().item()}
@@ -339,11 +342,7 @@ class Recipe:
                     loss_sum += -out.logps.sum().item()
                     count += out.logps.numel()
                 else:
-                    ref_c, ref_r = self._reference_logps(batch)
-                    pol_c, pol_r = self._pair_logps(batch)
-                    losses, rc, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta,
-                                              loss_type=self.config.dpo_loss,
-                                              label_smoothing=self.config.dpo_label_smoothing)
+                    losses, rc, rr = self._dpo_terms(batch)
                     loss_sum += losses.sum().item()
                     count += batch.pairs
                     margin += (rc - rr).sum().item()
