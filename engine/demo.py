@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out prompts (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--examples", type=int, default=3, help="answers to show before/after in the summary")
+    p.add_argument("--skip-before", action="store_true", help="do not score the base model (saves time)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     return p
 
@@ -217,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gen = {"max_new_tokens": args.max_new_tokens}
 
-    _say(f"Scoring the base model on {len(rows)} held-out prompts...")
-    before, before_answers = evaluate(base, tokenizer, rows, **gen)
-    _say(f"  before: {before.exact:.0%} exact, {before.valid:.0%} valid format ({before.seconds:.0f} s)")
+    if args.skip_before:
+        before, before_answers = None, [""] * len(rows)
+    else:
+        _say(f"Scoring the base model on {len(rows)} held-out prompts...")
+        before, before_answers = evaluate(base, tokenizer, rows, **gen)
+        _say(f"  before: {before.exact:.0%} exact, {before.valid:.0%} valid format ({before.seconds:.0f} s)")
 
     _say(f"Training: {config.method} {config.objective}, {steps} steps, batch {config.batch_size}, "
          f"lr {config.learning_rate:g}, rank {rank}, max_length {config.max_length}")
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "objective": config.objective, "method": config.method, "steps": steps,
         "learning_rate": config.learning_rate, "batch_size": config.batch_size, "lora_rank": rank,
         "max_length": config.max_length, "eval_prompts": len(rows),
-        "before": before.to_dict(), "after": after.to_dict(),
+        "before": before.to_dict() if before else None, "after": after.to_dict(),
         "train_seconds": round(train_seconds, 1), "total_seconds": round(total_seconds, 1),
         "run_id": result.run_id, "run_dir": str(result.run_dir), "adapter_dir": str(result.adapter_dir),
         "final_loss": result.final_loss, "examples": examples,
@@ -263,19 +267,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(r: dict) -> str:
-    b, a = r["before"], r["after"]
+    a = r["after"]
+    b = r["before"] or {}
+
+    def pct(value) -> str:
+        return f"{value:>6.1%}" if value is not None else "     -"
+
     lines = [
         "",
         f"Demo: {r['task']}, {r['eval_prompts']} held-out prompts",
         f"  {r['method']} {r['objective'].upper()}, {r['steps']} steps, trained in {r['train_seconds']:.0f} s "
         f"(total {r['total_seconds']:.0f} s)",
         "",
-        f"                 before    after",
-        f"  exact match    {b['exact']:>6.1%}   {a['exact']:>6.1%}",
-        f"  valid format   {b['valid']:>6.1%}   {a['valid']:>6.1%}",
+        "                 before    after",
+        f"  exact match    {pct(b.get('exact'))}   {pct(a['exact'])}",
+        f"  valid format   {pct(b.get('valid'))}   {pct(a['valid'])}",
     ]
     for ex in r["examples"]:
-        lines += ["", f"  text:     {ex['prompt']}", f"  expected: {json.dumps(ex['expected'])}",
-                  f"  before:   {ex['before']!r}", f"  after:    {ex['after']!r}"]
+        lines += ["", f"  text:     {ex['prompt']}", f"  expected: {json.dumps(ex['expected'])}"]
+        if r["before"]:
+            lines.append(f"  before:   {ex['before']!r}")
+        lines.append(f"  after:    {ex['after']!r}")
     lines += ["", f"  adapter: {r['adapter_dir']}"]
     return "\n".join(lines)

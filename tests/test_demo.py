@@ -146,10 +146,11 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
 
 def test_demo_dpo_runs_on_the_tiny_model(tiny_model_dir, capsys):
     code = demo.main(["--model", str(tiny_model_dir), "--objective", "dpo", "--steps", "1", "--batch-size", "1",
-                      "--max-length", "512", "--eval-limit", "1", "--max-new-tokens", "2"])
+                      "--max-length", "512", "--eval-limit", "1", "--max-new-tokens", "2", "--skip-before"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "exact match" in out and "valid format" in out
+    assert "exact match" in out and "valid format" in out and "DPO" in out
+    assert "before:" not in out  # the base model was not scored
 
 
 def test_demo_rejects_a_bad_setting(capsys):
