@@ -7,6 +7,7 @@ the stdout copy and nothing else. The store and events.jsonl stay complete.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +27,10 @@ class Reporter:
         self.store: Store | None = None
         self.run_id = ""
         self._events_file = None
+        self.run_dir: Path | None = None
 
     def attach_run(self, store: Store, run_id: str, run_dir: Path) -> None:
-        self.store, self.run_id = store, run_id
+        self.store, self.run_id, self.run_dir = store, run_id, Path(run_dir)
         self._events_file = open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8")
 
     def close(self) -> None:
@@ -44,6 +46,7 @@ class Reporter:
                 self.stream.flush()
             except (BrokenPipeError, ValueError, OSError):
                 self.stream = None  # the reader is gone; keep training, keep recording
+                self._logs_to_file()
         if self._events_file:
             self._events_file.write(line + "\n")
             self._events_file.flush()
@@ -51,6 +54,16 @@ class Reporter:
             self._record(event)
         if self.extra:
             self.extra(event)
+
+    def _logs_to_file(self) -> None:
+        """The app let the run go on without it: its stderr pipe is gone too, so logs go to ``engine.log``."""
+        if self.run_dir is None:
+            return
+        fd = os.open(self.run_dir / "engine.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.dup2(fd, 1)
+        os.close(fd)
+        log.info("event stream closed by its reader; logging to %s", self.run_dir / "engine.log")
 
     def _record(self, event: ev.Event) -> None:
         s, rid = self.store, self.run_id

@@ -126,3 +126,24 @@ def test_export_cli(tiny_model_dir, tmp_path):
     assert out.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     again = engine("export", run_id, str(tmp_path / "adapter"))
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_run_goes_on_when_its_reader_goes_away(tiny_model_dir, tmp_path):
+    """The app lets a run continue and exits: stdout and stderr close; training completes, logs land in a file."""
+    cfg = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=12)
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "train",
+                             str(write_config(tmp_path / "c.json", cfg.to_dict()))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        event = parse_event(line)
+        if event.type == "started":
+            run_id, run_dir = event.run_id, Path(event.run_dir)
+        if event.type == "step":
+            break
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.wait(timeout=240) == 0
+    run = Store().get_run(run_id)
+    assert run["status"] == "completed" and run["step"] == 12
+    assert len(Store().metrics(run_id)) == 12
+    assert "event stream closed" in (run_dir / "engine.log").read_text()
