@@ -253,7 +253,7 @@ def run_case(title: str, make_base, batch: Batch, config: TrainConfig, *, dtype,
 # --- report -------------------------------------------------------------------------------------------------
 
 def table(results: list[Result]) -> str:
-    head = (f"{'case':<34} {'path':<10} {'step s (median)':>15} {'min-max s':>13} {'tokens/s':>9} "
+    head = (f"{'case':<42} {'path':<10} {'step s (median)':>15} {'min-max s':>13} {'tokens/s':>9} "
             f"{'peak MiB':>9}")
     out = [head, "-" * len(head)]
     for r in results:
@@ -263,10 +263,10 @@ def table(results: list[Result]) -> str:
             rows.append((p.name, med, min(p.times), max(p.times), r.tokens / med, p.peak / MIB))
         case = f"{r.case} ({r.trained}/{r.tokens} trained)"
         for i, (name, med, lo, hi, tps, mib) in enumerate(rows):
-            out.append(f"{case if i == 0 else '':<34} {name:<10} {med:>15.3f} {f'{lo:.2f}-{hi:.2f}':>13} "
+            out.append(f"{case if i == 0 else '':<42} {name:<10} {med:>15.3f} {f'{lo:.2f}-{hi:.2f}':>13} "
                        f"{tps:>9.0f} {mib:>9.1f}")
         o, b = rows
-        out.append(f"{'':<34} {'ours/base':<10} {o[1] / b[1]:>15.2f} {'':>13} {o[4] / b[4]:>9.2f} "
+        out.append(f"{'':<42} {'ours/base':<10} {o[1] / b[1]:>15.2f} {'':>13} {o[4] / b[4]:>9.2f} "
                    f"{o[5] / b[5]:>9.2f}")
     return "\n".join(out)
 
