@@ -34,7 +34,7 @@ class LogprobModel:
         self.decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
         head = causal_lm.get_output_embeddings()
         cfg = causal_lm.config
-        plain_head = isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear
+        plain_head = type(head) is torch.nn.Linear  # not a LoRA-wrapped or quantised head
         scaled = any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("logit_scale", "logits_scaling"))
         self.head = head
         self.softcap = getattr(cfg, "final_logit_softcapping", None)

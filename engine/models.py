@@ -229,20 +229,15 @@ def describe(folder: Path, name: str = "") -> ModelReady:
 
 
 def _parameter_count(folder: Path) -> int:
-    """Count parameters from safetensors headers without loading tensors (tied weights counted once)."""
+    """Count parameters from safetensors headers without loading tensors (a tied head is stored once)."""
     from safetensors import safe_open
 
     total = 0
-    seen_storage: set = set()
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="numpy") as st:
             for key in st.keys():
-                shape = st.get_slice(key).get_shape()
                 n = 1
-                for d in shape:
+                for d in st.get_slice(key).get_shape():
                     n *= d
-                if key in seen_storage:
-                    continue
-                seen_storage.add(key)
                 total += n
     return total

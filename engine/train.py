@@ -8,6 +8,7 @@ and the tests call it in-process. Every event goes through a :class:`~engine.rep
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -206,17 +207,17 @@ class Recipe:
         seq = sequence_logps(out.logps, out.rows, out.batch, average=self.config.dpo_loss == "ipo")
         return seq[: batch.pairs], seq[batch.pairs:]
 
-    def _reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reference is not None:
+    def _reference_logps(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs with adapters off; ``precomputed`` (chosen, rejected) indexed by training example."""
+        if precomputed is not None:
             idx = torch.tensor(batch.indices)
-            return self.reference[0][idx].to(self.device), self.reference[1][idx].to(self.device)
+            return precomputed[0][idx].to(self.device), precomputed[1][idx].to(self.device)
         with torch.no_grad(), self.model.disable_adapter(), self._autocast():
             return self._pair_logps(batch)
 
     def _precompute_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         n, bs = len(self.train_examples), self.config.batch_size
         chosen, rejected = torch.zeros(n), torch.zeros(n)
-        self.reference = None
         for start in range(0, n, bs):
             self.reporter.progress("reference", start, n, "Computing reference log-probs")
             idx = list(range(start, min(n, start + bs)))
@@ -225,9 +226,9 @@ class Recipe:
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
         return chosen, rejected
 
-    def _dpo_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _dpo_terms(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-pair DPO losses and rewards; the reference pass runs first, so no policy graph is alive then."""
-        ref_c, ref_r = self._reference_logps(batch)
+        ref_c, ref_r = self._reference_logps(batch, precomputed)
         pol_c, pol_r = self._pair_logps(batch)
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta, loss_type=self.config.dpo_loss,
                         label_smoothing=self.config.dpo_label_smoothing)
@@ -240,7 +241,7 @@ class Recipe:
                 loss = sft_loss(out.logps, denom)
                 stats = {}
             else:
-                losses, rc, rr = self._dpo_terms(batch)
+                losses, rc, rr = self._dpo_terms(batch, self.reference)
                 loss = losses.sum() / denom
                 stats = {"reward_chosen": rc.sum().item(), "reward_rejected": rr.sum().item(),
                          "reward_accuracy": (rc > rr).float().sum().item()}
@@ -332,7 +333,6 @@ class Recipe:
         self.model.eval()
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         loss_sum = count = margin = correct = 0.0
-        saved_reference, self.reference = self.reference, None  # held-out pairs have no precomputed reference
         for start in range(0, len(self.val_examples), bs):
             batch = make_batch(self.val_examples, list(range(start, min(start + bs, len(self.val_examples)))),
                                pad).to(self.device)
@@ -342,12 +342,11 @@ class Recipe:
                     loss_sum += -out.logps.sum().item()
                     count += out.logps.numel()
                 else:
-                    losses, rc, rr = self._dpo_terms(batch)
+                    losses, rc, rr = self._dpo_terms(batch)  # held-out pairs: reference computed here
                     loss_sum += losses.sum().item()
                     count += batch.pairs
                     margin += (rc - rr).sum().item()
                     correct += (rc > rr).float().sum().item()
-        self.reference = saved_reference
         self.model.train()
         if count:
             extra = {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
@@ -387,11 +386,16 @@ def _memory(device: str) -> tuple[int, int]:
         return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
     import resource
 
-    import psutil
-
-    rss = psutil.Process().memory_info().rss
+    rss = _this_process().memory_info().rss
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return rss, max(peak, rss)
+
+
+@functools.cache
+def _this_process():
+    import psutil
+
+    return psutil.Process()
 
 
 def _device_total_memory(device: str) -> int:

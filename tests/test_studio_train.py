@@ -144,13 +144,18 @@ LONG_RUN = STEPS + textwrap.dedent("""
 """)
 
 
-def test_close_asks_and_stop_waits_for_the_checkpoint(qtbot, window):
+def start_long_fake_run(qtbot, win):
+    """Start a scripted run that steps slowly until stopped; return once it is two steps in."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    win = window
     win.controller.engine_argv = fake_engine(LONG_RUN.format(root=root))
     qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
     win.setup_page.request_start()
     qtbot.waitUntil(lambda: win.run_state.step >= 2, timeout=30_000)
+    return win
+
+
+def test_close_asks_and_stop_waits_for_the_checkpoint(qtbot, window):
+    win = start_long_fake_run(qtbot, window)
     asked = []
     win.ask_close_choice = lambda: asked.append(1) or "cancel"
     assert not win.close() and win.isVisible() and asked == [1]
@@ -162,12 +167,7 @@ def test_close_asks_and_stop_waits_for_the_checkpoint(qtbot, window):
 
 
 def test_close_and_continue_then_the_next_start_follows(qtbot, window, make_window):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    win = window
-    win.controller.engine_argv = fake_engine(LONG_RUN.format(root=root))
-    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
-    win.setup_page.request_start()
-    qtbot.waitUntil(lambda: win.run_state.step >= 2, timeout=30_000)
+    win = start_long_fake_run(qtbot, window)
     run_id = win.run_state.info.run_id
     win.close_choice = "continue"
     with qtbot.waitSignal(win.controller.run_ended, timeout=30_000) as ended:
