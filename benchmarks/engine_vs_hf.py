@@ -40,27 +40,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-
-from core.config import TrainConfig  # noqa: E402
-from engine.adapters import add_adapters, make_optimizer  # noqa: E402
-from engine.batches import Batch, make_batch  # noqa: E402
-from engine.forward import LogprobModel  # noqa: E402
-from engine.losses import sft_loss  # noqa: E402
-from engine.render import IGNORE, Tokenized  # noqa: E402
 from memory_estimate import _Malloc, _peak_mode  # noqa: E402  (the malloc-in-use probe)
 
-SMALL_LLAMA = dict(vocab_size=49152, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                   tie_word_embeddings=True, rms_norm_eps=1e-5)
+from finetune_studio.core.config import TrainConfig  # noqa: E402
+from finetune_studio.engine.adapters import add_adapters, make_optimizer  # noqa: E402
+from finetune_studio.engine.batches import Batch, make_batch  # noqa: E402
+from finetune_studio.engine.forward import LogprobModel  # noqa: E402
+from finetune_studio.engine.losses import sft_loss  # noqa: E402
+from finetune_studio.engine.render import IGNORE, Tokenized  # noqa: E402
+
+SMALL_LLAMA = dict(
+    vocab_size=49152,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
 MIB = 2**20
 warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # is_gradient_checkpointing
 
 
 # --- models and batches -------------------------------------------------------------------------------------
+
 
 def small_base(dtype, device):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,7 +84,7 @@ def small_base(dtype, device):
 def real_base(folder, dtype, device):
     from transformers.utils import logging as hf_logging
 
-    from engine.models import load_causal_lm
+    from finetune_studio.engine.models import load_causal_lm
 
     hf_logging.disable_progress_bar()
     return load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=False)
@@ -105,6 +113,7 @@ def sft_batch(vocab: int, rows: int, length: int, *, all_trained: bool, pad_id: 
 
 # --- the two steps ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Runner:
     name: str
@@ -127,8 +136,9 @@ def ours_loss(model):
 
 def baseline_loss(model):
     def loss(batch: Batch):
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                     use_cache=False).loss
+        return model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False
+        ).loss
 
     return loss
 
@@ -174,9 +184,11 @@ def check(ours: Runner, base: Runner, batch: Batch) -> list[str]:
         nonzero = sum(1 for n in gb if gb[n].abs().max() > 0)
         dl = abs(vals[0] - vals[1])
         ok = dl <= 1e-5 * max(1.0, abs(vals[1])) and close
-        lines.append(f"    step {k}: loss ours {vals[0]:.7f} baseline {vals[1]:.7f} |diff| {dl:.1e}; "
-                     f"LoRA grads {len(go)} tensors ({nonzero} nonzero) max|diff| {num:.1e} (max|g| {den:.1e}) "
-                     f"allclose={close}  {'OK' if ok else 'MISMATCH'}")
+        lines.append(
+            f"    step {k}: loss ours {vals[0]:.7f} baseline {vals[1]:.7f} |diff| {dl:.1e}; "
+            f"LoRA grads {len(go)} tensors ({nonzero} nonzero) max|diff| {num:.1e} (max|g| {den:.1e}) "
+            f"allclose={close}  {'OK' if ok else 'MISMATCH'}"
+        )
     return lines
 
 
@@ -212,6 +224,7 @@ def peak_of_step(path: Runner, batch: Batch, autocast, device) -> int:
 
 
 # --- a case -------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -252,9 +265,9 @@ def run_case(title: str, make_base, batch: Batch, config: TrainConfig, *, dtype,
 
 # --- report -------------------------------------------------------------------------------------------------
 
+
 def table(results: list[Result]) -> str:
-    head = (f"{'case':<42} {'path':<10} {'step s (median)':>15} {'min-max s':>13} {'tokens/s':>9} "
-            f"{'peak MiB':>9}")
+    head = f"{'case':<42} {'path':<10} {'step s (median)':>15} {'min-max s':>13} {'tokens/s':>9} {'peak MiB':>9}"
     out = [head, "-" * len(head)]
     for r in results:
         rows = []
@@ -263,11 +276,12 @@ def table(results: list[Result]) -> str:
             rows.append((p.name, med, min(p.times), max(p.times), r.tokens / med, p.peak / MIB))
         case = f"{r.case} ({r.trained}/{r.tokens} trained)"
         for i, (name, med, lo, hi, tps, mib) in enumerate(rows):
-            out.append(f"{case if i == 0 else '':<42} {name:<10} {med:>15.3f} {f'{lo:.2f}-{hi:.2f}':>13} "
-                       f"{tps:>9.0f} {mib:>9.1f}")
+            out.append(
+                f"{case if i == 0 else '':<42} {name:<10} {med:>15.3f} {f'{lo:.2f}-{hi:.2f}':>13} "
+                f"{tps:>9.0f} {mib:>9.1f}"
+            )
         o, b = rows
-        out.append(f"{'':<42} {'ours/base':<10} {o[1] / b[1]:>15.2f} {'':>13} {o[4] / b[4]:>9.2f} "
-                   f"{o[5] / b[5]:>9.2f}")
+        out.append(f"{'':<42} {'ours/base':<10} {o[1] / b[1]:>15.2f} {'':>13} {o[4] / b[4]:>9.2f} {o[5] / b[5]:>9.2f}")
     return "\n".join(out)
 
 
@@ -276,33 +290,40 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per path and case (median reported)")
     ap.add_argument("--real", action="store_true", help="also the default model (SmolLM2-135M), batch 2, seq 256")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                    help="timing dtype; auto: as the engine (float32 on the CPU, bf16/fp16 on CUDA). "
-                         "The equivalence check always runs in float32")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="timing dtype; auto: as the engine (float32 on the CPU, bf16/fp16 on CUDA). "
+        "The equivalence check always runs in float32",
+    )
     args = ap.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
         return 2
-    from engine.models import compute_dtype
+    from finetune_studio.engine.models import compute_dtype
 
     dtype = compute_dtype(args.dtype, device)
     config = TrainConfig(batch_size=4, max_length=256)
-    where = (torch.cuda.get_device_name() if device == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}; {where}; timing dtype {str(dtype).replace('torch.', '')}; "
-          f"LoRA r={config.lora_rank} alpha={config.lora_alpha:g} {','.join(config.target_modules)}, AdamW "
-          f"lr={config.learning_rate:g}; {args.steps} timed steps per path\n")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"torch {torch.__version__}; {where}; timing dtype {str(dtype).replace('torch.', '')}; "
+        f"LoRA r={config.lora_rank} alpha={config.lora_alpha:g} {','.join(config.target_modules)}, AdamW "
+        f"lr={config.learning_rate:g}; {args.steps} timed steps per path\n"
+    )
 
     cases = []
     s = SMALL_LLAMA
-    print(f"Small Llama: V={s['vocab_size']} h={s['hidden_size']} L={s['num_hidden_layers']} "
-          f"i={s['intermediate_size']} heads={s['num_attention_heads']}/{s['num_key_value_heads']}, batch 4, seq 256")
+    print(
+        f"Small Llama: V={s['vocab_size']} h={s['hidden_size']} L={s['num_hidden_layers']} "
+        f"i={s['intermediate_size']} heads={s['num_attention_heads']}/{s['num_key_value_heads']}, batch 4, seq 256"
+    )
     for title, all_trained in (("small, SFT mask", False), ("small, all tokens", True)):
         batch = sft_batch(s["vocab_size"], 4, 256, all_trained=all_trained, pad_id=0, device=device)
         cases.append((title, lambda dt: small_base(dt, device), batch))
     if args.real:
-        from engine.models import ModelError, resolve_model
+        from finetune_studio.engine.models import ModelError, resolve_model
 
         try:
             folder = resolve_model("default")
@@ -319,8 +340,15 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for title, make_base, batch in cases:
         t0 = time.perf_counter()
-        r = run_case(title, make_base, batch, TrainConfig(batch_size=batch.input_ids.shape[0], max_length=256),
-                     dtype=dtype, device=device, steps=args.steps)
+        r = run_case(
+            title,
+            make_base,
+            batch,
+            TrainConfig(batch_size=batch.input_ids.shape[0], max_length=256),
+            dtype=dtype,
+            device=device,
+            steps=args.steps,
+        )
         print(f"  {title}: same loss and LoRA gradients on both paths (fp32)?  [{time.perf_counter() - t0:.0f} s]")
         print("\n".join(r.check))
         results.append(r)
@@ -329,8 +357,10 @@ def main(argv=None) -> int:
 
     print("\n" + table(results))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    print("\npeak MiB: the step's peak bytes in use above those in use just before it (weights, adapters and "
-          "optimizer states excluded); tokens/s: non-padding tokens of the batch / median step time.")
+    print(
+        "\npeak MiB: the step's peak bytes in use above those in use just before it (weights, adapters and "
+        "optimizer states excluded); tokens/s: non-padding tokens of the batch / median step time."
+    )
     return 0
 
 

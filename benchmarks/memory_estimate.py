@@ -14,7 +14,8 @@ no_grad with the adapters disabled, as ``engine.train.Recipe`` does; AdamW) and 
   was built.
 
 Then it prints the estimate of ``core.memory`` beside each figure, and the default model's estimate
-(analytic only). Runs on a CPU in about two minutes (more when the cores are shared). The tests import ``measure_step`` from here.
+(analytic only). Runs on a CPU in about two minutes (more when the cores are shared).
+The tests import ``measure_step`` from here.
 """
 
 from __future__ import annotations
@@ -24,17 +25,24 @@ import ctypes
 import sys
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.devices import DeviceInfo, best_device
+from finetune_studio.core.memory import GIB, ModelShape, estimate_training_memory, fits
 
-from core.config import TrainConfig  # noqa: E402
-from core.devices import DeviceInfo, best_device  # noqa: E402
-from core.memory import GIB, ModelShape, estimate_training_memory, fits  # noqa: E402
-
-TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=192, intermediate_size=512,
-                  num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, vocab_size=3000,
-                  max_position_embeddings=1024, tie_word_embeddings=True, torch_dtype="float32")
+TINY_LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=3000,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    torch_dtype="float32",
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,21 @@ class _Malloc:
     """Bytes in use by glibc malloc (arena + mmapped chunks): where CPU tensors live."""
 
     class _Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     def __init__(self) -> None:
         self._fn = ctypes.CDLL(None).mallinfo2
@@ -86,7 +107,7 @@ def _build(cfg: dict, config: TrainConfig, dtype):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.adapters import add_adapters
+    from finetune_studio.engine.adapters import add_adapters
 
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(0)
@@ -113,8 +134,8 @@ def _batch(cfg: dict, config: TrainConfig, device):
     (as a collator makes for ragged lengths) while the trained tokens stay at the worst case."""
     import torch
 
-    from engine.batches import Batch
-    from engine.render import IGNORE
+    from finetune_studio.engine.batches import Batch
+    from finetune_studio.engine.render import IGNORE
 
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
     g = torch.Generator().manual_seed(1)
@@ -132,8 +153,8 @@ def _loss(model, config: TrainConfig, batch):
     the step keeps referenced until backward is done."""
     import torch
 
-    from engine.forward import LogprobModel
-    from engine.losses import dpo_loss, sequence_logps, sft_loss
+    from finetune_studio.engine.forward import LogprobModel
+    from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 
     logps = LogprobModel(model)
     if config.objective == "sft":
@@ -143,13 +164,20 @@ def _loss(model, config: TrainConfig, batch):
     def pair_logps():  # Recipe._pair_logps
         out = logps(batch)
         seq = sequence_logps(out.logps, out.rows, out.batch, average=config.dpo_loss == "ipo")
-        return seq[: batch.pairs], seq[batch.pairs:]
+        return seq[: batch.pairs], seq[batch.pairs :]
 
     with torch.no_grad(), model.disable_adapter():  # Recipe._reference_logps: first, without a graph
         ref_c, ref_r = pair_logps()
     pol_c, pol_r = pair_logps()
-    losses, _, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=config.dpo_beta, loss_type=config.dpo_loss,
-                            label_smoothing=config.dpo_label_smoothing)
+    losses, _, _ = dpo_loss(
+        pol_c,
+        pol_r,
+        ref_c,
+        ref_r,
+        beta=config.dpo_beta,
+        loss_type=config.dpo_loss,
+        label_smoothing=config.dpo_label_smoothing,
+    )
     return losses.sum() / batch.pairs, None
 
 
@@ -167,8 +195,7 @@ def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", de
     opt = _optimizer(trainable, config.optimizer)
     batch = _batch(cfg, config, device)
     # Recipe._autocast: 16-bit autocast on CUDA only, around the forward (backward runs outside it)
-    autocast = (torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
 
     def step(record: bool) -> tuple[int, int]:
         saved: dict[int, list] = {}
@@ -246,10 +273,16 @@ def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", de
     base -= nbytes(model.parameters()) + nbytes(state_tensors())
     peak -= base
     states = state_tensors()
-    return Measured(base_weights=nbytes(frozen), adapter_weights=nbytes(trainable),
-                    gradients=nbytes(p.grad for p in trainable if p.grad is not None),
-                    optimizer_states=nbytes(states), activations=act, loss_saved=loss_saved,
-                    trainable_params=sum(p.numel() for p in trainable), peak=peak)
+    return Measured(
+        base_weights=nbytes(frozen),
+        adapter_weights=nbytes(trainable),
+        gradients=nbytes(p.grad for p in trainable if p.grad is not None),
+        optimizer_states=nbytes(states),
+        activations=act,
+        loss_saved=loss_saved,
+        trainable_params=sum(p.numel() for p in trainable),
+        peak=peak,
+    )
 
 
 CASES = [  # the last two train 1,531 and 2,039 tokens: two chunks of the output head
@@ -275,9 +308,11 @@ def main() -> int:
     dev = best_device()
     device = "cuda" if dev.kind == "cuda" and torch.cuda.is_available() else "cpu"
     shape = ModelShape.from_config_dict(TINY_LLAMA)
-    print(f"Small Llama: h={shape.hidden_size} L={shape.num_hidden_layers} heads={shape.num_attention_heads}/"
-          f"{shape.num_key_value_heads} i={shape.intermediate_size} V={shape.vocab_size}, "
-          f"{shape.parameter_count:,} parameters; measured on {device}\n")
+    print(
+        f"Small Llama: h={shape.hidden_size} L={shape.num_hidden_layers} heads={shape.num_attention_heads}/"
+        f"{shape.num_key_value_heads} i={shape.intermediate_size} V={shape.vocab_size}, "
+        f"{shape.parameter_count:,} parameters; measured on {device}\n"
+    )
     print(f"  {'term':<18} {'est MiB':>10} {'meas MiB':>10}   est/meas")
     for title, changes, dtype in CASES:
         config = TrainConfig(**{**dict(batch_size=4, max_length=128, lora_rank=16), **changes}, compute_dtype=dtype)
@@ -305,8 +340,13 @@ def main() -> int:
     print("\nDefault model (SmolLM2-135M-Instruct), analytic, on a 24 GiB bf16 GPU:")
     default = ModelShape.for_model_spec("default")
     gpu = DeviceInfo("cuda", "24 GiB GPU", 24 * GIB, 24 * GIB, True)
-    for changes in (dict(), dict(method="qlora"), dict(gradient_checkpointing=True), dict(objective="dpo"),
-                    dict(batch_size=16, max_length=2048)):
+    for changes in (
+        dict(),
+        dict(method="qlora"),
+        dict(gradient_checkpointing=True),
+        dict(objective="dpo"),
+        dict(batch_size=16, max_length=2048),
+    ):
         config = TrainConfig(**changes)
         est = estimate_training_memory(default, config, gpu)
         terms = "  ".join(f"{k}={v / 2**20:.0f}" for k, v in est.terms.items() if v)

@@ -49,79 +49,119 @@ class TrainConfig:
     """Everything one training run needs. Field help is shown as tooltips."""
 
     # --- what to train -----------------------------------------------------
-    model: str = _f("default", "Model to fine-tune: 'default' (bundled SmolLM2-135M-Instruct), a local model "
-                    "folder, a .gguf file, or a Hugging Face hub id already in the local cache.")
+    model: str = _f(
+        "default",
+        "Model to fine-tune: 'default' (bundled SmolLM2-135M-Instruct), a local model "
+        "folder, a .gguf file, or a Hugging Face hub id already in the local cache.",
+    )
     dataset: str = _f("", "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`.")
-    dataset_mapping: dict = _f({}, "Optional column/role mapping that overrides format detection, e.g. "
-                               "{'prompt': 'question', 'chosen': 'good', 'rejected': 'bad'}.", advanced=True)
-    method: str = _f("lora", "Adapter method: LoRA (16-bit base), QLoRA (4-bit NF4 base), DoRA "
-                     "(magnitude + direction), or QDoRA (DoRA on a 4-bit base).", choices=METHODS)
-    objective: str = _f("sft", "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over "
-                        "the rejected one.", choices=OBJECTIVES)
+    dataset_mapping: dict = _f(
+        {},
+        "Optional column/role mapping that overrides format detection, e.g. "
+        "{'prompt': 'question', 'chosen': 'good', 'rejected': 'bad'}.",
+        advanced=True,
+    )
+    method: str = _f(
+        "lora",
+        "Adapter method: LoRA (16-bit base), QLoRA (4-bit NF4 base), DoRA "
+        "(magnitude + direction), or QDoRA (DoRA on a 4-bit base).",
+        choices=METHODS,
+    )
+    objective: str = _f(
+        "sft",
+        "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over the rejected one.",
+        choices=OBJECTIVES,
+    )
     run_name: str = _f("", "A name for the run shown in the runs list; empty picks one from model and method.")
 
     # --- the basics ---------------------------------------------------------
     max_steps: int = _f(100, "Number of optimizer steps to train for.")
     learning_rate: float = _f(2e-4, "Peak learning rate; 1e-4 to 3e-4 suits LoRA, about 10x lower for DPO.")
     batch_size: int = _f(4, "Examples per forward pass; lower it first when memory runs out.")
-    gradient_accumulation_steps: int = _f(1, "Forward passes summed per optimizer step; effective batch = "
-                                          "batch_size x this.")
+    gradient_accumulation_steps: int = _f(
+        1, "Forward passes summed per optimizer step; effective batch = batch_size x this."
+    )
     max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated. Memory grows with it.")
     lora_rank: int = _f(16, "Rank r of the adapter matrices; higher learns more and costs more memory.")
-    lora_alpha: float = _f(32.0, "Adapter scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) "
-                           "with rsLoRA).")
+    lora_alpha: float = _f(
+        32.0, "Adapter scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."
+    )
     seed: int = _f(42, "Random seed; the same seed and data give the same run.")
 
     # --- adapter details ----------------------------------------------------
     lora_dropout: float = _f(0.0, "Dropout on the adapter input during training.", advanced=True)
-    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.",
-                          advanced=True)
-    target_modules: list = _f(["all-linear"], "Layers that get adapters: 'all-linear' (every linear layer but "
-                              "the output head) or module names such as q_proj, v_proj.", advanced=True)
-    compute_dtype: str = _f("auto", "Precision of the computation: auto picks bfloat16 on GPUs that support it, "
-                            "float16 on older GPUs, float32 on the CPU.", advanced=True, choices=DTYPES)
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.", advanced=True)
+    target_modules: list = _f(
+        ["all-linear"],
+        "Layers that get adapters: 'all-linear' (every linear layer but "
+        "the output head) or module names such as q_proj, v_proj.",
+        advanced=True,
+    )
+    compute_dtype: str = _f(
+        "auto",
+        "Precision of the computation: auto picks bfloat16 on GPUs that support it, "
+        "float16 on older GPUs, float32 on the CPU.",
+        advanced=True,
+        choices=DTYPES,
+    )
 
     # --- optimisation -------------------------------------------------------
-    optimizer: str = _f("adamw", "AdamW keeps two float32 states per trainable parameter; 8-bit AdamW stores "
-                        "them in 8 bits; paged variants spill them to CPU memory under pressure (CUDA only).",
-                        advanced=True, choices=OPTIMIZERS)
+    optimizer: str = _f(
+        "adamw",
+        "AdamW keeps two float32 states per trainable parameter; 8-bit AdamW stores "
+        "them in 8 bits; paged variants spill them to CPU memory under pressure (CUDA only).",
+        advanced=True,
+        choices=OPTIMIZERS,
+    )
     weight_decay: float = _f(0.0, "Decoupled weight decay applied by AdamW.", advanced=True)
-    lr_scheduler: str = _f("cosine", "How the learning rate falls after warm-up.", advanced=True,
-                           choices=SCHEDULERS)
-    warmup_steps: int = _f(0, "Steps over which the learning rate rises linearly from 0 to its peak.",
-                           advanced=True)
-    max_grad_norm: float = _f(1.0, "Clip the gradient's global norm to this value; 0 turns clipping off.",
-                              advanced=True)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, "
-                                      "about 30% slower.", advanced=True)
-    num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.",
-                           advanced=True)
+    lr_scheduler: str = _f("cosine", "How the learning rate falls after warm-up.", advanced=True, choices=SCHEDULERS)
+    warmup_steps: int = _f(0, "Steps over which the learning rate rises linearly from 0 to its peak.", advanced=True)
+    max_grad_norm: float = _f(
+        1.0, "Clip the gradient's global norm to this value; 0 turns clipping off.", advanced=True
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass: much less memory, about 30% slower.", advanced=True
+    )
+    num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.", advanced=True)
 
     # --- data and evaluation ------------------------------------------------
-    loss_on: str = _f("assistant", "SFT: compute the loss on the assistant's tokens only, or on every token.",
-                      advanced=True, choices=LOSS_ON)
-    validation_fraction: float = _f(0.1, "Share of prompts held out for the eval loss (split by prompt).",
-                                    advanced=True)
+    loss_on: str = _f(
+        "assistant",
+        "SFT: compute the loss on the assistant's tokens only, or on every token.",
+        advanced=True,
+        choices=LOSS_ON,
+    )
+    validation_fraction: float = _f(
+        0.1, "Share of prompts held out for the eval loss (split by prompt).", advanced=True
+    )
     eval_every: int = _f(25, "Compute the eval loss every this many steps; 0 turns it off.", advanced=True)
     max_eval_examples: int = _f(64, "At most this many held-out examples per evaluation.", advanced=True)
-    checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps; 0 saves only at the end.",
-                               advanced=True)
+    checkpoint_every: int = _f(
+        50, "Save a resumable checkpoint every this many steps; 0 saves only at the end.", advanced=True
+    )
 
     # --- DPO ----------------------------------------------------------------
-    dpo_beta: float = _f(0.1, "DPO temperature beta: higher keeps the model closer to the reference.",
-                         advanced=True)
-    dpo_loss: str = _f("sigmoid", "DPO loss: sigmoid (the paper's), IPO (squared, regularised) or hinge.",
-                       advanced=True, choices=DPO_LOSSES)
-    dpo_label_smoothing: float = _f(0.0, "Assumed share of flipped preference labels (conservative DPO).",
-                                    advanced=True)
-    precompute_reference: bool = _f(False, "Compute the reference log-probs once before training: one forward "
-                                    "pass per example saved per epoch.", advanced=True)
+    dpo_beta: float = _f(0.1, "DPO temperature beta: higher keeps the model closer to the reference.", advanced=True)
+    dpo_loss: str = _f(
+        "sigmoid",
+        "DPO loss: sigmoid (the paper's), IPO (squared, regularised) or hinge.",
+        advanced=True,
+        choices=DPO_LOSSES,
+    )
+    dpo_label_smoothing: float = _f(
+        0.0, "Assumed share of flipped preference labels (conservative DPO).", advanced=True
+    )
+    precompute_reference: bool = _f(
+        False,
+        "Compute the reference log-probs once before training: one forward pass per example saved per epoch.",
+        advanced=True,
+    )
 
     # --- safety -------------------------------------------------------------
-    allow_pickle: bool = _f(False, "Allow loading .bin/.pt pickle checkpoints, which can run arbitrary code.",
-                            advanced=True)
-    trust_remote_code: bool = _f(False, "Allow running Python code shipped inside a model folder.",
-                                 advanced=True)
+    allow_pickle: bool = _f(
+        False, "Allow loading .bin/.pt pickle checkpoints, which can run arbitrary code.", advanced=True
+    )
+    trust_remote_code: bool = _f(False, "Allow running Python code shipped inside a model folder.", advanced=True)
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -130,41 +170,66 @@ class TrainConfig:
 
         need(isinstance(self.model, str) and self.model.strip() != "", "model", "name a model")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, not {self.method!r}")
-        need(self.objective in OBJECTIVES, "objective",
-             f"must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        need(
+            self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}"
+        )
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_rank"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
-                 f"must be a whole number of at least 1, not {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                name,
+                f"must be a whole number of at least 1, not {value!r}",
+            )
         need(self.max_length >= 8, "max_length", "must be at least 8 tokens")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_eval_examples"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
-                 f"must be a whole number of at least 0, not {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                f"must be a whole number of at least 0, not {value!r}",
+            )
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be a whole number")
-        need(_num(self.learning_rate) and 0 < self.learning_rate < 1, "learning_rate",
-             f"must be between 0 and 1 (typical: 2e-4), not {self.learning_rate!r}")
+        need(
+            _num(self.learning_rate) and 0 < self.learning_rate < 1,
+            "learning_rate",
+            f"must be between 0 and 1 (typical: 2e-4), not {self.learning_rate!r}",
+        )
         need(_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be above 0")
         need(_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         need(_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be at least 0")
         need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be at least 0")
         need(_num(self.num_epochs) and self.num_epochs >= 0, "num_epochs", "must be at least 0")
-        need(_num(self.validation_fraction) and 0 <= self.validation_fraction < 0.9, "validation_fraction",
-             "must be in [0, 0.9)")
+        need(
+            _num(self.validation_fraction) and 0 <= self.validation_fraction < 0.9,
+            "validation_fraction",
+            "must be in [0, 0.9)",
+        )
         need(_num(self.dpo_beta) and self.dpo_beta > 0, "dpo_beta", "must be above 0 (typical: 0.1)")
-        need(_num(self.dpo_label_smoothing) and 0 <= self.dpo_label_smoothing < 0.5, "dpo_label_smoothing",
-             "must be in [0, 0.5)")
+        need(
+            _num(self.dpo_label_smoothing) and 0 <= self.dpo_label_smoothing < 0.5,
+            "dpo_label_smoothing",
+            "must be in [0, 0.5)",
+        )
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
         need(self.dpo_loss in DPO_LOSSES, "dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
         need(self.compute_dtype in DTYPES, "compute_dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
-        need(isinstance(self.target_modules, list) and len(self.target_modules) > 0
-             and all(isinstance(m, str) and m for m in self.target_modules), "target_modules",
-             "must be a non-empty list of module names, or ['all-linear']")
+        need(
+            isinstance(self.target_modules, list)
+            and len(self.target_modules) > 0
+            and all(isinstance(m, str) and m for m in self.target_modules),
+            "target_modules",
+            "must be a non-empty list of module names, or ['all-linear']",
+        )
         need(isinstance(self.dataset_mapping, dict), "dataset_mapping", "must be a mapping of names")
-        for flag in ("use_rslora", "gradient_checkpointing", "precompute_reference", "allow_pickle",
-                     "trust_remote_code"):
+        for flag in (
+            "use_rslora",
+            "gradient_checkpointing",
+            "precompute_reference",
+            "allow_pickle",
+            "trust_remote_code",
+        ):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
 
     # --- helpers --------------------------------------------------------------
@@ -190,11 +255,11 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "TrainConfig":
+    def from_dict(cls, data: Any) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError("config", "must be a mapping of field names to values")
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -208,7 +273,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         """Read a YAML or JSON config file."""
         path = Path(path)
         if not path.is_file():
@@ -221,7 +286,7 @@ class TrainConfig:
                 import yaml  # pure Python; part of the shared dependencies
 
                 data = yaml.safe_load(text)
-        except Exception as exc:  # noqa: BLE001 - parse errors of either library
+        except Exception as exc:
             raise ConfigError("config", f"cannot parse {path.name}: {exc}") from None
         return cls.from_dict(data or {})
 

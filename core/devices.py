@@ -75,8 +75,13 @@ def _nvidia_gpus() -> list[DeviceInfo]:
     # compute_cap needs a 2021+ driver; ask without it when the first query fails.
     for fields in ("name,memory.total,memory.free,compute_cap", "name,memory.total,memory.free"):
         try:
-            out = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=True).stdout
+            out = subprocess.run(
+                [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=NVIDIA_SMI_TIMEOUT_S,
+                check=True,
+            ).stdout
             return parse_nvidia_smi(out)
         except (OSError, subprocess.SubprocessError, ValueError):
             continue
@@ -96,8 +101,25 @@ def parse_nvidia_smi(text: str) -> list[DeviceInfo]:
         if len(parts) > 3 and parts[3] not in ("", "[N/A]"):
             bf16 = float(parts[3]) >= 8.0
         else:
-            bf16 = any(tag in name for tag in ("A100", "A10", "A30", "A40", "H100", "H200", "L4", "L40",
-                                               "RTX 30", "RTX 40", "RTX 50", "RTX A", "B200", "GH200"))
+            bf16 = any(
+                tag in name
+                for tag in (
+                    "A100",
+                    "A10",
+                    "A30",
+                    "A40",
+                    "H100",
+                    "H200",
+                    "L4",
+                    "L40",
+                    "RTX 30",
+                    "RTX 40",
+                    "RTX 50",
+                    "RTX A",
+                    "B200",
+                    "GH200",
+                )
+            )
         gpus.append(DeviceInfo("cuda", name, total * MIB, free * MIB, bf16, index))
     return gpus
 

@@ -22,12 +22,12 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import TrainConfig
-from core.devices import DeviceInfo
-from core.paths import resources_dir
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.devices import DeviceInfo
+from finetune_studio.core.paths import resources_dir
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -94,7 +94,7 @@ class ModelShape:
     note: str = ""
 
     @classmethod
-    def from_config_dict(cls, d: dict) -> "ModelShape":
+    def from_config_dict(cls, d: dict) -> ModelShape:
         """Llama-style configs (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3); others are read as Llama, flagged."""
         d = {**d, **d.get("text_config", {})}  # multimodal wrappers keep the LM under text_config
         model_type = str(d.get("model_type", "unknown"))
@@ -103,28 +103,40 @@ class ModelShape:
         h, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
         note = ""
         if arch not in _EXACT:
-            note = (f"{arch}: estimated as a Llama-like model" if arch not in _KNOWN else
-                    f"{arch}: parameter count exact, activations approximated with the Llama formula")
+            note = (
+                f"{arch}: estimated as a Llama-like model"
+                if arch not in _KNOWN
+                else f"{arch}: parameter count exact, activations approximated with the Llama formula"
+            )
         if d.get("num_local_experts") or d.get("num_experts"):
             note = f"{arch}: mixture-of-experts read as a dense model; the estimate is rough"
         return cls(
-            architecture=arch, hidden_size=h, num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or h // heads), intermediate_size=int(d["intermediate_size"]),
-            vocab_size=int(d["vocab_size"]), tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
+            architecture=arch,
+            hidden_size=h,
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or h // heads),
+            intermediate_size=int(d["intermediate_size"]),
+            vocab_size=int(d["vocab_size"]),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
             max_position_embeddings=int(d.get("max_position_embeddings") or 0),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
-            norms_per_layer=norms, qk_norm=qk_norm, fused_projections=fused,
-            attention_bias=bool(d.get("attention_bias", qkv_bias)), mlp_bias=bool(d.get("mlp_bias", False)),
-            approximate=arch not in _EXACT, note=note,
+            norms_per_layer=norms,
+            qk_norm=qk_norm,
+            fused_projections=fused,
+            attention_bias=bool(d.get("attention_bias", qkv_bias)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            approximate=arch not in _EXACT,
+            note=note,
         )
 
     @classmethod
-    def from_model_dir(cls, path: str | Path) -> "ModelShape":
+    def from_model_dir(cls, path: str | Path) -> ModelShape:
         return _read_shape(str(Path(path) / "config.json"), _mtime(Path(path) / "config.json"))
 
     @classmethod
-    def for_model_spec(cls, spec: str) -> "ModelShape | None":
+    def for_model_spec(cls, spec: str) -> ModelShape | None:
         """'default' -> the bundled SmolLM2 shape; a model folder or cached hub id -> its config.json;
         a .gguf file or anything unreadable -> None (the GUI then shows no estimate)."""
         path = _resolve_config(spec)
@@ -146,18 +158,31 @@ class ModelShape:
     @property
     def linear_layers(self) -> tuple[LinearShape, ...]:
         """The linear layers of one block with (in, out): q/k/v/o and gate/up/down (fused on Phi-3)."""
-        h, q, kv, i, ab, mb = (self.hidden_size, self.q_width, self.kv_width, self.intermediate_size,
-                               self.attention_bias, self.mlp_bias)
+        h, q, kv, i, ab, mb = (
+            self.hidden_size,
+            self.q_width,
+            self.kv_width,
+            self.intermediate_size,
+            self.attention_bias,
+            self.mlp_bias,
+        )
         if self.fused_projections:
             attn = [LinearShape("qkv_proj", h, q + 2 * kv, ab, "attn_in")]
             mlp = [LinearShape("gate_up_proj", h, 2 * i, mb, "mlp_in")]
         else:
-            attn = [LinearShape("q_proj", h, q, ab, "attn_in"), LinearShape("k_proj", h, kv, ab, "attn_in"),
-                    LinearShape("v_proj", h, kv, ab, "attn_in")]
+            attn = [
+                LinearShape("q_proj", h, q, ab, "attn_in"),
+                LinearShape("k_proj", h, kv, ab, "attn_in"),
+                LinearShape("v_proj", h, kv, ab, "attn_in"),
+            ]
             mlp = [LinearShape("gate_proj", h, i, mb, "mlp_in"), LinearShape("up_proj", h, i, mb, "mlp_in")]
         o_bias = ab and self.architecture != "Qwen2ForCausalLM"  # Qwen2: biases on q/k/v only
-        return (*attn, LinearShape("o_proj", q, h, o_bias, "attn_out"),
-                *mlp, LinearShape("down_proj", i, h, mb, "mlp_act"))
+        return (
+            *attn,
+            LinearShape("o_proj", q, h, o_bias, "attn_out"),
+            *mlp,
+            LinearShape("down_proj", i, h, mb, "mlp_act"),
+        )
 
     @property
     def embedding_params(self) -> int:
@@ -177,8 +202,13 @@ class ModelShape:
         """P = V*h (embeddings) + [V*h untied head] + h (final norm)
         + L * (sum of in*out (+out bias) over the block linears + norms*h + [2*head_dim q/k norms])."""
         per_block_norms = self.norms_per_layer * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-        return (self.embedding_params + self.lm_head_params + self.hidden_size + self.linear_params
-                + self.num_hidden_layers * per_block_norms)
+        return (
+            self.embedding_params
+            + self.lm_head_params
+            + self.hidden_size
+            + self.linear_params
+            + self.num_hidden_layers * per_block_norms
+        )
 
     def targeted_layers(self, target_modules: list[str] | tuple[str, ...]) -> tuple[LinearShape, ...]:
         """Block linears that get an adapter: 'all-linear' = all of them (never the output head)."""
@@ -207,8 +237,17 @@ class MemoryEstimate:
     approximate: bool = False
     notes: tuple[str, ...] = ()
 
-    TERMS = ("base_weights", "adapter_weights", "gradients", "optimizer_states", "activations", "logits",
-             "reference_forward", "runtime_overhead", "allocator_slack")
+    TERMS = (
+        "base_weights",
+        "adapter_weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits",
+        "reference_forward",
+        "runtime_overhead",
+        "allocator_slack",
+    )
 
     @property
     def terms(self) -> dict[str, int]:
@@ -241,9 +280,10 @@ def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
 
 def trainable_params(shape: ModelShape, config: TrainConfig) -> int:
     """LoRA: L * sum r*(in+out) over targeted linears; DoRA adds a magnitude vector of size out to each."""
-    per_block = sum(config.lora_rank * (lin.in_features + lin.out_features)
-                    + (lin.out_features if config.uses_dora else 0)
-                    for lin in shape.targeted_layers(config.target_modules))
+    per_block = sum(
+        config.lora_rank * (lin.in_features + lin.out_features) + (lin.out_features if config.uses_dora else 0)
+        for lin in shape.targeted_layers(config.target_modules)
+    )
     return shape.num_hidden_layers * per_block
 
 
@@ -268,8 +308,10 @@ def optimizer_bytes(shape: ModelShape, config: TrainConfig) -> int:
     elements (DoRA magnitudes, small LoRA matrices), which bitsandbytes keeps in 32 bits (8 bytes)."""
     if not config.optimizer.endswith("8bit"):
         return 8 * trainable_params(shape, config)
+
     def states(n: int) -> int:
         return 8 * n if n < BNB_8BIT_MIN_SIZE else 2 * n + 8 * math.ceil(n / BNB_8BIT_BLOCK)
+
     per_block = 0
     for lin in shape.targeted_layers(config.target_modules):
         per_block += states(config.lora_rank * lin.in_features) + states(config.lora_rank * lin.out_features)
@@ -301,8 +343,9 @@ def layer_activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, se
     per_token += 3 * i * b + (4 * (shape.q_width + shape.kv_width) if shape.qk_norm else 0)
     targeted = shape.targeted_layers(config.target_modules)
     if b == ADAPTER_BYTES:
-        per_token += sum(4 * lin.in_features for reads, lin in {lin.reads: lin for lin in targeted}.items()
-                         if reads != "attn_out")
+        per_token += sum(
+            4 * lin.in_features for reads, lin in {lin.reads: lin for lin in targeted}.items() if reads != "attn_out"
+        )
     else:
         per_token += sum(4 * lin.in_features for lin in targeted)
     per_token += sum(4 * config.lora_rank for _ in targeted)
@@ -378,8 +421,9 @@ def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: Dev
     trainable = trainable_params(shape, config)
     notes = [shape.note] if shape.note else []
     if shape.max_position_embeddings and config.max_length > shape.max_position_embeddings:
-        notes.append(f"max_length {config.max_length} exceeds the model's context "
-                     f"({shape.max_position_embeddings} tokens)")
+        notes.append(
+            f"max_length {config.max_length} exceeds the model's context ({shape.max_position_embeddings} tokens)"
+        )
     if config.optimizer.startswith("paged"):
         notes.append("paged optimizer states can spill to CPU memory when the GPU runs short")
     if config.quantized and device.kind != "cuda":
@@ -398,13 +442,21 @@ def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: Dev
     )
     overhead = CUDA_CONTEXT_BYTES if device.kind == "cuda" else PYTHON_BASELINE_BYTES
     slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
-    return MemoryEstimate(**tensors, runtime_overhead=overhead, allocator_slack=slack, trainable_params=trainable,
-                          compute_dtype=dtype, device_kind=device.kind, approximate=shape.approximate,
-                          notes=tuple(notes))
+    return MemoryEstimate(
+        **tensors,
+        runtime_overhead=overhead,
+        allocator_slack=slack,
+        trainable_params=trainable,
+        compute_dtype=dtype,
+        device_kind=device.kind,
+        approximate=shape.approximate,
+        notes=tuple(notes),
+    )
 
 
-def fits(estimate: MemoryEstimate, device: DeviceInfo, headroom: float = 0.10,
-         config: TrainConfig | None = None) -> FitVerdict:
+def fits(
+    estimate: MemoryEstimate, device: DeviceInfo, headroom: float = 0.10, config: TrainConfig | None = None
+) -> FitVerdict:
     """Fits when total*(1 + headroom) <= available; tight when only total <= available.
     The advice names the largest term the user can shrink (``config`` makes it precise)."""
     need, have = estimate.total_bytes, device.available_bytes
@@ -415,10 +467,20 @@ def fits(estimate: MemoryEstimate, device: DeviceInfo, headroom: float = 0.10,
     if need * (1 + headroom) <= have:
         return FitVerdict(True, False, need, have, f"Needs {approx}{_gib(need)} of {_gib(have)} — fits")
     if need <= have:
-        return FitVerdict(True, True, need, have, f"Needs {approx}{_gib(need)} of {_gib(have)} — tight; "
-                          f"{_advice(estimate, config)} for a safer margin")
-    return FitVerdict(False, False, need, have, f"Needs {approx}{_gib(need)} but {where} has {_gib(have)} "
-                      f"free: {_advice(estimate, config)}")
+        return FitVerdict(
+            True,
+            True,
+            need,
+            have,
+            f"Needs {approx}{_gib(need)} of {_gib(have)} — tight; {_advice(estimate, config)} for a safer margin",
+        )
+    return FitVerdict(
+        False,
+        False,
+        need,
+        have,
+        f"Needs {approx}{_gib(need)} but {where} has {_gib(have)} free: {_advice(estimate, config)}",
+    )
 
 
 def _advice(estimate: MemoryEstimate, config: TrainConfig | None) -> str:
@@ -463,9 +525,9 @@ def _resolve_config(spec: str) -> Path | None:
     if path.suffix.lower() == ".json" and path.is_file():
         return path
     if "/" in spec and not path.exists() and spec.count("/") == 1:  # a hub id in the local cache
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
-                   / "hub").expanduser()
-        snapshots = sorted((hub / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/config.json"),
-                           key=_mtime)
+        hub = Path(
+            os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
+        ).expanduser()
+        snapshots = sorted((hub / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/config.json"), key=_mtime)
         return snapshots[-1] if snapshots else None
     return None  # .gguf files: no config.json to read

@@ -7,6 +7,7 @@ folder); otherwise the platform's user data directory.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ENV_HOME = "FINETUNE_STUDIO_HOME"
@@ -39,6 +40,23 @@ def models_dir() -> Path:
     path = data_dir() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def python_argv() -> list[str]:
+    """This interpreter, started so that the working directory is not an import root (``-P``).
+
+    A child started in a clone of the repository would otherwise see the clone's top-level folders
+    (``kernels/``, ``core/`` ...) as top-level modules: transformers' ``import kernels``, meant for Hugging
+    Face's package, would land in this project's code.
+    """
+    return [sys.executable, "-P"]
+
+
+def drop_checkout_from_path() -> None:
+    """Take the repository's root off ``sys.path`` (``python -m finetune_studio.engine`` run from a clone puts
+    it first). The project itself is imported as ``finetune_studio.*`` and does not need it."""
+    checkout = Path(__file__).resolve().parent.parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != checkout]
 
 
 def resources_dir() -> Path:

@@ -12,20 +12,31 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import sqlite_utils
 
-from core import paths
+from finetune_studio.core import paths
 
 RUN_STATUSES = ("created", "running", "completed", "stopped", "failed", "interrupted")
 # Columns of the metrics table beyond (run_id, kind, step).
 METRIC_COLUMNS = {
-    "loss": float, "lr": float, "grad_norm": float, "tokens_per_s": float,
-    "memory_used_bytes": int, "memory_peak_bytes": int, "epoch": float, "elapsed_s": float,
-    "reward_chosen": float, "reward_rejected": float, "reward_margin": float, "reward_accuracy": float,
-    "eval_loss": float, "time": float,
+    "loss": float,
+    "lr": float,
+    "grad_norm": float,
+    "tokens_per_s": float,
+    "memory_used_bytes": int,
+    "memory_peak_bytes": int,
+    "epoch": float,
+    "elapsed_s": float,
+    "reward_chosen": float,
+    "reward_rejected": float,
+    "reward_margin": float,
+    "reward_accuracy": float,
+    "eval_loss": float,
+    "time": float,
 }
 SCHEMA_VERSION = 1
 
@@ -75,38 +86,85 @@ class Store:
         if version >= SCHEMA_VERSION:
             return
         with self.db.conn:
-            self.db["runs"].create({
-                "id": str, "name": str, "status": str, "model": str, "dataset": str, "method": str,
-                "objective": str, "config": str, "run_dir": str, "pid": int, "device": str,
-                "created_at": float, "started_at": float, "updated_at": float, "finished_at": float,
-                "step": int, "total_steps": int, "final_loss": float, "eval_loss": float,
-                "error": str, "error_kind": str, "adapter_dir": str, "memory_budget_bytes": int,
-                "memory_peak_bytes": int, "parent_run_id": str,
-            }, pk="id", not_null={"status", "config"}, defaults={"status": "created", "step": 0},
-                if_not_exists=True)
+            self.db["runs"].create(
+                {
+                    "id": str,
+                    "name": str,
+                    "status": str,
+                    "model": str,
+                    "dataset": str,
+                    "method": str,
+                    "objective": str,
+                    "config": str,
+                    "run_dir": str,
+                    "pid": int,
+                    "device": str,
+                    "created_at": float,
+                    "started_at": float,
+                    "updated_at": float,
+                    "finished_at": float,
+                    "step": int,
+                    "total_steps": int,
+                    "final_loss": float,
+                    "eval_loss": float,
+                    "error": str,
+                    "error_kind": str,
+                    "adapter_dir": str,
+                    "memory_budget_bytes": int,
+                    "memory_peak_bytes": int,
+                    "parent_run_id": str,
+                },
+                pk="id",
+                not_null={"status", "config"},
+                defaults={"status": "created", "step": 0},
+                if_not_exists=True,
+            )
             self.db["metrics"].create(
                 {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
-                pk=("run_id", "kind", "step"), foreign_keys=[("run_id", "runs", "id")], if_not_exists=True,
+                pk=("run_id", "kind", "step"),
+                foreign_keys=[("run_id", "runs", "id")],
+                if_not_exists=True,
             )
-            self.db["preference_pairs"].create({
-                "id": int, "prompt": str, "chosen": str, "rejected": str, "source": str,
-                "created_at": float, "updated_at": float, "note": str,
-            }, pk="id", if_not_exists=True)
+            self.db["preference_pairs"].create(
+                {
+                    "id": int,
+                    "prompt": str,
+                    "chosen": str,
+                    "rejected": str,
+                    "source": str,
+                    "created_at": float,
+                    "updated_at": float,
+                    "note": str,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # --- runs ---------------------------------------------------------------
-    def create_run(self, config: dict, *, run_id: str | None = None, run_dir: str = "",
-                   name: str = "", parent_run_id: str = "") -> str:
+    def create_run(
+        self, config: dict, *, run_id: str | None = None, run_dir: str = "", name: str = "", parent_run_id: str = ""
+    ) -> str:
         run_id = run_id or new_run_id()
         t = now()
-        self.db["runs"].insert({
-            "id": run_id, "name": name or config.get("run_name") or run_id, "status": "created",
-            "model": config.get("model", ""), "dataset": config.get("dataset", ""),
-            "method": config.get("method", ""), "objective": config.get("objective", ""),
-            "config": json.dumps(config, sort_keys=True), "run_dir": run_dir, "created_at": t,
-            "updated_at": t, "step": 0, "total_steps": config.get("max_steps", 0),
-            "parent_run_id": parent_run_id,
-        })
+        self.db["runs"].insert(
+            {
+                "id": run_id,
+                "name": name or config.get("run_name") or run_id,
+                "status": "created",
+                "model": config.get("model", ""),
+                "dataset": config.get("dataset", ""),
+                "method": config.get("method", ""),
+                "objective": config.get("objective", ""),
+                "config": json.dumps(config, sort_keys=True),
+                "run_dir": run_dir,
+                "created_at": t,
+                "updated_at": t,
+                "step": 0,
+                "total_steps": config.get("max_steps", 0),
+                "parent_run_id": parent_run_id,
+            }
+        )
         return run_id
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -134,7 +192,7 @@ class Store:
         return self._with_liveness(rows[0]) if len(rows) == 1 else None
 
     def list_runs(self, *, status: str | None = None, order_by: str = "created_at desc") -> list[dict]:
-        where, args = (("status = ?", [status]) if status else (None, []))
+        where, args = ("status = ?", [status]) if status else (None, [])
         return [self._with_liveness(r) for r in self.db["runs"].rows_where(where, args, order_by=order_by)]
 
     @staticmethod
@@ -155,8 +213,11 @@ class Store:
         self.db["metrics"].upsert(row, pk=("run_id", "kind", "step"))
 
     def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[dict]:
-        return list(self.db["metrics"].rows_where(
-            "run_id = ? and kind = ? and step > ?", [run_id, kind, since_step], order_by="step"))
+        return list(
+            self.db["metrics"].rows_where(
+                "run_id = ? and kind = ? and step > ?", [run_id, kind, since_step], order_by="step"
+            )
+        )
 
     def delete_metrics_after(self, run_id: str, step: int) -> None:
         """A resumed run re-trains the steps after its checkpoint: drop their old rows."""
@@ -165,9 +226,18 @@ class Store:
     # --- preference pairs ---------------------------------------------------
     def add_pairs(self, pairs: Iterable[dict], source: str = "") -> int:
         t = now()
-        rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
-                 "source": p.get("source", source), "created_at": t, "updated_at": t,
-                 "note": p.get("note", "")} for p in pairs]
+        rows = [
+            {
+                "prompt": p["prompt"],
+                "chosen": p["chosen"],
+                "rejected": p["rejected"],
+                "source": p.get("source", source),
+                "created_at": t,
+                "updated_at": t,
+                "note": p.get("note", ""),
+            }
+            for p in pairs
+        ]
         self.db["preference_pairs"].insert_all(rows)
         return len(rows)
 

@@ -1,12 +1,12 @@
-"""``python -m engine``: the engine's command line.
+"""``finetune-engine`` (``python -m finetune_studio.engine``): the engine's command line.
 
-    python -m engine train CONFIG            one training run; JSON-line events on stdout
-    python -m engine train --resume RUN      continue a stopped or interrupted run
-    python -m engine export RUN OUT_DIR      write the adapter in PEFT's format
-    python -m engine demo                    train on the bundled demo task, print the score before/after
-    python -m engine data inspect FILE       detect format, check, preview (see --help)
-    python -m engine data convert FILE OUT --to FORMAT
-    python -m engine model info MODEL        resolve (and convert a GGUF) a model; prints a 'model' event
+python -m finetune_studio.engine train CONFIG            one training run; JSON-line events on stdout
+python -m finetune_studio.engine train --resume RUN      continue a stopped or interrupted run
+python -m finetune_studio.engine export RUN OUT_DIR      write the adapter in PEFT's format
+python -m finetune_studio.engine demo                    train on the bundled demo task, print the score before/after
+python -m finetune_studio.engine data inspect FILE       detect format, check, preview (see --help)
+python -m finetune_studio.engine data convert FILE OUT --to FORMAT
+python -m finetune_studio.engine model info MODEL        resolve (and convert a GGUF) a model; prints a 'model' event
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finetune_studio.core.paths import drop_checkout_from_path
+
+    drop_checkout_from_path()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "data":
-        from engine.data_cli import main as data_main
+        from finetune_studio.engine.data_cli import main as data_main
 
         return data_main(rest)
-    from engine.cli import main as cli_main
+    from finetune_studio.engine.cli import main as cli_main
 
     return cli_main(argv)
 

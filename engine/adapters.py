@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from core.config import TrainConfig
+from finetune_studio.core.config import TrainConfig
 
 
 def add_adapters(base, config: TrainConfig):
@@ -33,7 +33,7 @@ def add_adapters(base, config: TrainConfig):
     try:
         model = get_peft_model(base, lora)
     except ValueError as exc:
-        from core.config import ConfigError
+        from finetune_studio.core.config import ConfigError
 
         raise ConfigError("target_modules", f"{exc}") from None
     return model
@@ -60,8 +60,11 @@ def make_optimizer(params, config: TrainConfig, device: str):
         return torch.optim.AdamW(params, fused=device == "cuda", **kw)
     import bitsandbytes as bnb
 
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[config.optimizer]
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[config.optimizer]
     return cls(params, **kw)
 
 

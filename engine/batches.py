@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.render import IGNORE, Tokenized, TokenizedPair
+from finetune_studio.engine.render import IGNORE, Tokenized, TokenizedPair
 
 
 @dataclass
@@ -30,9 +30,10 @@ class Batch:
     def trained_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    def to(self, device: str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.pairs, self.indices)
+    def to(self, device: str) -> Batch:
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.pairs, self.indices
+        )
 
 
 def collate(items: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

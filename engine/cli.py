@@ -13,8 +13,8 @@ import signal
 import sys
 import warnings
 
-from core import events as ev
-from core.config import ConfigError, TrainConfig
+from finetune_studio.core import events as ev
+from finetune_studio.core.config import ConfigError, TrainConfig
 
 
 def _event_stream():
@@ -42,7 +42,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace, stream) -> int:
-    from engine.reporting import Reporter
+    from finetune_studio.engine.reporting import Reporter
 
     reporter = Reporter(stream=stream)
     try:
@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
         reporter.emit(ev.Failed(message=f"Invalid config: {exc}", kind="config"))
         return 2
 
-    from engine.train import StopFlag, TrainingFailed, train_run
+    from finetune_studio.engine.train import StopFlag, TrainingFailed, train_run
 
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
@@ -88,7 +88,7 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def cmd_export(args: argparse.Namespace, stream) -> int:
-    from engine.export import ExportError, export_adapter
+    from finetune_studio.engine.export import ExportError, export_adapter
 
     try:
         out = export_adapter(args.run, args.out_dir, overwrite=args.force)
@@ -101,7 +101,7 @@ def cmd_export(args: argparse.Namespace, stream) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace, stream) -> int:
-    from engine.models import LoadOptions, ModelError, describe, resolve_model
+    from finetune_studio.engine.models import LoadOptions, ModelError, describe, resolve_model
 
     def progress(stage: str, done: int, total: int, message: str) -> None:
         stream.write(ev.Progress(stage=stage, done=done, total=total, message=message).to_json() + "\n")
@@ -118,13 +118,15 @@ def cmd_model_info(args: argparse.Namespace, stream) -> int:
 
 
 def cmd_demo(rest: list[str]) -> int:
-    from engine.demo import main as demo_main
+    from finetune_studio.engine.demo import main as demo_main
 
     return demo_main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Finetune Studio's training engine.")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_studio.engine", description="Finetune Studio's training engine."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run one training run (JSON-line events on stdout)")
     p.add_argument("config", nargs="?", help="YAML or JSON config file")
@@ -139,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("info", help="resolve (convert a GGUF once) and describe a model")
     mi.add_argument("model")
     mi.add_argument("--allow-pickle", action="store_true")
-    sub.add_parser("demo", help="train on the bundled demo task and print the score before and after",
-                   add_help=False)
+    sub.add_parser("demo", help="train on the bundled demo task and print the score before and after", add_help=False)
     return parser
 
 
@@ -157,10 +158,14 @@ def main(argv: list[str]) -> int:
         if args.command == "export":
             return cmd_export(args, stream)
         return cmd_model_info(args, stream)
-    except Exception as exc:  # noqa: BLE001 - never a bare traceback alone: a failed event first
+    except Exception as exc:
         logging.getLogger("engine").exception("unexpected error")
-        stream.write(ev.Failed(message=f"Unexpected error: {type(exc).__name__}: {exc}", kind="error",
-                               detail=repr(exc)).to_json() + "\n")
+        stream.write(
+            ev.Failed(
+                message=f"Unexpected error: {type(exc).__name__}: {exc}", kind="error", detail=repr(exc)
+            ).to_json()
+            + "\n"
+        )
         return 1
     finally:
         try:

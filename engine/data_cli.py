@@ -1,8 +1,9 @@
-"""``python -m engine data``: inspect a dataset before training, or convert it to another format.
+"""``python -m finetune_studio.engine data``: inspect a dataset before training, or convert it to another format.
 
-    python -m engine data inspect FILE [--json] [--model MODEL] [--max-length N] [--mapping JSON]
+    python -m finetune_studio.engine data inspect FILE [--json] [--model MODEL] [--max-length N] [--mapping JSON]
                                        [--loss-on assistant|all] [--row N]
-    python -m engine data convert FILE OUT --to trl|trl-conversational|llama-factory|messages [--mapping JSON]
+    python -m finetune_studio.engine data convert FILE OUT --to trl|trl-conversational|llama-factory|messages
+                                        [--mapping JSON]
 
 ``inspect`` prints the detected format and kind, the usable rows, every problem (with its line), token statistics
 under the model's tokenizer and one example rendered exactly as training sees it, trained parts marked.
@@ -18,12 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-from engine.datasets.convert import TARGETS, llama_factory_info, write_examples
-from engine.datasets.loader import load_dataset, open_dataset
-from engine.datasets.preview import marked_text, preview_example
-from engine.datasets.problems import ProblemLog
-from engine.datasets.report import char_length_bias, template_warnings, token_report, warn_length_bias
-from engine.datasets.schema import DatasetError, Problem
+from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
+from finetune_studio.engine.datasets.loader import load_dataset, open_dataset
+from finetune_studio.engine.datasets.preview import marked_text, preview_example
+from finetune_studio.engine.datasets.problems import ProblemLog
+from finetune_studio.engine.datasets.report import char_length_bias, template_warnings, token_report, warn_length_bias
+from finetune_studio.engine.datasets.schema import DatasetError, Problem
 
 STATS_LIMIT = 20000  # rows tokenised for the statistics
 
@@ -36,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m engine data", description="Inspect or convert a dataset.")
+    parser = _Parser(prog="python -m finetune_studio.engine data", description="Inspect or convert a dataset.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ins = sub.add_parser("inspect", help="detect the format, check the rows, preview one as the model sees it")
     ins.add_argument("file", help="data file, `datasets` folder, or hub id in the local cache")
@@ -44,8 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", default="default", help="model whose tokenizer and chat template to use")
     ins.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens (as in training)")
     ins.add_argument("--mapping", help="column/role mapping as JSON text or a .json file")
-    ins.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
-                     help="SFT: train on assistant turns only, or on every token")
+    ins.add_argument(
+        "--loss-on",
+        choices=("assistant", "all"),
+        default="assistant",
+        help="SFT: train on assistant turns only, or on every token",
+    )
     ins.add_argument("--row", type=int, default=1, help="which usable row to preview (1-based)")
     ins.add_argument("--stats-limit", type=int, default=STATS_LIMIT, help="rows tokenised for the statistics")
     ins.set_defaults(func=cmd_inspect)
@@ -78,8 +83,12 @@ def main(argv: list[str]) -> int:
 def _fail(args, message: str, problems: list[Problem]) -> int:
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "file": str(args.file), "error": message,
-                          "problems": [p.to_dict() for p in problems]}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"ok": False, "file": str(args.file), "error": message, "problems": [p.to_dict() for p in problems]},
+                ensure_ascii=False,
+            )
+        )
     else:
         _print_problems([p.to_dict() for p in problems], sys.stderr)
     return 1
@@ -94,9 +103,9 @@ def _mapping(text: str | None) -> dict | None:
     try:
         value = json.loads(source)
     except ValueError as exc:
-        raise DatasetError(f"--mapping is not valid JSON ({exc}); e.g. '{{\"prompt\": \"question\"}}'") from None
+        raise DatasetError(f'--mapping is not valid JSON ({exc}); e.g. \'{{"prompt": "question"}}\'') from None
     if not isinstance(value, dict):
-        raise DatasetError("--mapping must be a JSON object, e.g. '{\"prompt\": \"question\"}'")
+        raise DatasetError('--mapping must be a JSON object, e.g. \'{"prompt": "question"}\'')
     return value
 
 
@@ -108,10 +117,11 @@ def load_tokenizer(model: str):
 
         return AutoTokenizer.from_pretrained(str(path))
     try:
-        from engine.models import load_tokenizer as resolve
+        from finetune_studio.engine.models import load_tokenizer as resolve
     except ImportError as exc:
-        raise RuntimeError(f"model '{model}' cannot be resolved here ({exc}); pass --model with a local model "
-                           "folder") from None
+        raise RuntimeError(
+            f"model '{model}' cannot be resolved here ({exc}); pass --model with a local model folder"
+        ) from None
     return resolve(model)
 
 
@@ -122,8 +132,11 @@ def cmd_inspect(args) -> int:
         tokenizer = load_tokenizer(args.model)
     except Exception as exc:
         tokenizer = None
-        log.add(f"no tokenizer for model '{args.model}' ({exc}): token statistics and the token-level preview "
-                "are left out", level="note", kind="no tokenizer")
+        log.add(
+            f"no tokenizer for model '{args.model}' ({exc}): token statistics and the token-level preview are left out",
+            level="note",
+            kind="no tokenizer",
+        )
     stats: dict = {"length_bias": None}
     bias = char_length_bias(ds.examples)
     if tokenizer is not None:
@@ -137,9 +150,16 @@ def cmd_inspect(args) -> int:
     warn_length_bias(bias, log)
     example = _example(ds.examples, args, tokenizer, log)
     result = {
-        "ok": True, "file": str(args.file), "format": ds.format, "kind": ds.kind, "rows": len(ds.examples),
-        "rows_read": ds.rows_read, "dropped": ds.dropped,
-        "problems": [p.to_dict() for p in ds.problems + log.problems()], "stats": stats, "example": example,
+        "ok": True,
+        "file": str(args.file),
+        "format": ds.format,
+        "kind": ds.kind,
+        "rows": len(ds.examples),
+        "rows_read": ds.rows_read,
+        "dropped": ds.dropped,
+        "problems": [p.to_dict() for p in ds.problems + log.problems()],
+        "stats": stats,
+        "example": example,
     }
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
@@ -149,7 +169,7 @@ def cmd_inspect(args) -> int:
 
 
 def _example(examples: list, args, tokenizer, log: ProblemLog) -> dict:
-    from engine.render import RenderError
+    from finetune_studio.engine.render import RenderError
 
     index = min(max(args.row, 1), len(examples)) - 1
     try:
@@ -171,12 +191,22 @@ def cmd_convert(args) -> int:
             stream.result([])  # raises the reader's own explanation
         raise
     problems = [p.to_dict() for p in stream.log.problems() + log.problems()]
-    result = {"ok": True, "file": str(args.file), "out": str(args.out), "to": args.to, "format": stream.format,
-              "kind": stream.kind, "rows_written": written, "problems": problems}
+    result = {
+        "ok": True,
+        "file": str(args.file),
+        "out": str(args.out),
+        "to": args.to,
+        "format": stream.format,
+        "kind": stream.kind,
+        "rows_written": written,
+        "problems": problems,
+    }
     if args.to == "llama-factory":
         result["dataset_info"] = {Path(args.out).stem: llama_factory_info(stream.kind, Path(args.out).name)}
-        print("add to LLaMA-Factory's data/dataset_info.json:\n" + json.dumps(result["dataset_info"], indent=2),
-              file=sys.stderr)
+        print(
+            "add to LLaMA-Factory's data/dataset_info.json:\n" + json.dumps(result["dataset_info"], indent=2),
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -204,12 +234,16 @@ def _print_report(r: dict) -> None:
     tokens = r["stats"].get("tokens")
     if tokens and tokens["lengths"]:
         L = tokens["lengths"]
-        print(f"tokens:  min {L['min']}, median {L['median']:g}, p95 {L['p95']}, max {L['max']} "
-              f"({tokens['over_max_length']} rows over max_length {tokens['max_length']})")
+        print(
+            f"tokens:  min {L['min']}, median {L['median']:g}, p95 {L['p95']}, max {L['max']} "
+            f"({tokens['over_max_length']} rows over max_length {tokens['max_length']})"
+        )
     bias = r["stats"].get("length_bias")
     if bias:
-        print(f"length:  chosen {bias['mean_chosen']:g} vs rejected {bias['mean_rejected']:g} {bias['unit']} on "
-              f"average; chosen longer in {bias['chosen_longer_share']:.0%} of pairs")
+        print(
+            f"length:  chosen {bias['mean_chosen']:g} vs rejected {bias['mean_rejected']:g} {bias['unit']} on "
+            f"average; chosen longer in {bias['chosen_longer_share']:.0%} of pairs"
+        )
     ex = r["example"]
     print(f"\nexample (line {ex['line']}), trained text between [[ and ]]:")
     if "segments" in ex:

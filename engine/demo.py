@@ -1,4 +1,4 @@
-"""``python -m engine demo``: fine-tune the default model on the bundled demo task, score before and after.
+"""``python -m finetune_studio.engine demo``: fine-tune the default model on the demo task, score before and after.
 
 The task (see ``resources/datasets/make_demo.py``): extract a person's name, age
 and city from a sentence and answer with ONLY a JSON object
@@ -7,9 +7,9 @@ answers that are exactly that object with the right values (strict: no prose,
 no code fence, the age a number); the format-validity rate is the share that
 are such an object at all, whatever the values.
 
-    python -m engine demo                        SFT with LoRA, default settings (a few minutes on a CPU)
-    python -m engine demo --objective dpo        DPO on the preference pairs instead
-    python -m engine demo --json                 one JSON object on stdout instead of the summary
+    python -m finetune_studio.engine demo                        SFT with LoRA, default settings (minutes on a CPU)
+    python -m finetune_studio.engine demo --objective dpo        DPO on the preference pairs instead
+    python -m finetune_studio.engine demo --json                 one JSON object on stdout instead of the summary
 """
 
 from __future__ import annotations
@@ -75,8 +75,12 @@ class Score:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"exact": round(self.exact, 4), "valid": round(self.valid, 4), "n": self.n,
-                "seconds": round(self.seconds, 1)}
+        return {
+            "exact": round(self.exact, 4),
+            "valid": round(self.valid, 4),
+            "n": self.n,
+            "seconds": round(self.seconds, 1),
+        }
 
 
 def score_answers(answers: list[str], expected: list[dict]) -> Score:
@@ -93,13 +97,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # --- generation ---------------------------------------------------------------------------------------------------
-def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 16,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+def generate_answers(
+    model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
     """Greedy answers to user ``prompts``, rendered with the chat template as in training, batched, left-padded."""
     import torch
 
-    from engine.datasets.schema import Message
-    from engine.render import render_text
+    from finetune_studio.engine.datasets.schema import Message
+    from finetune_studio.engine.render import render_text
 
     texts = [render_text(tokenizer, (Message("user", p),), add_generation_prompt=True) for p in prompts]
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -113,14 +118,20 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 
     model.eval()
     try:
         for i in range(0, len(texts), batch_size):
-            chunk = texts[i:i + batch_size]
+            chunk = texts[i : i + batch_size]
             enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chunk]
             width = max(len(e) for e in enc)
             ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in enc])
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
             with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=stop or None, pad_token_id=pad_id)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop or None,
+                    pad_token_id=pad_id,
+                )
             for row in out[:, width:].tolist():
                 cut = next((j for j, t in enumerate(row) if t in stop), len(row))
                 answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
@@ -139,13 +150,23 @@ def evaluate(model, tokenizer, rows: list[dict], **kw) -> tuple[Score, list[str]
 
 # --- the command ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine demo", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
-                   help="sft trains on demo_sft.jsonl, dpo on demo_preference.jsonl (default: sft)")
+    p = argparse.ArgumentParser(
+        prog="python -m finetune_studio.engine demo",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--objective",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="sft trains on demo_sft.jsonl, dpo on demo_preference.jsonl (default: sft)",
+    )
     p.add_argument("--method", choices=("lora", "qlora", "dora", "qdora"), default="lora")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: %s)"
-                   % ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()))
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps (default: {})".format(", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items())),
+    )
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lora-rank", type=int)
@@ -171,8 +192,10 @@ def _progress(event) -> None:
         extra = f"  margin {event.reward_margin:+.3f}" if getattr(event, "reward_margin", None) is not None else ""
         _say(f"  step {event.step:>3}/{event.total_steps}  loss {event.loss:.4f}{extra}  ({event.elapsed_s:.0f} s)")
     elif kind == "started":
-        _say(f"  run {event.run_id} on {event.device}: {event.total_steps} steps, "
-             f"{event.trainable_params:,} trainable parameters")
+        _say(
+            f"  run {event.run_id} on {event.device}: {event.total_steps} steps, "
+            f"{event.trainable_params:,} trainable parameters"
+        )
     elif kind == "failed":
         _say(f"  failed: {event.message}")
 
@@ -180,25 +203,43 @@ def _progress(event) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     defaults = DEFAULTS[args.objective]
-    pick = lambda value, name: defaults[name] if value is None else value  # noqa: E731
+    pick = lambda value, name: defaults[name] if value is None else value
     steps = pick(args.steps, "steps")
     rank = pick(args.lora_rank, "lora_rank")
 
     import torch
 
-    from core.config import ConfigError, TrainConfig
-    from engine.models import ModelError, compute_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
-    from engine.train import TrainingFailed, train_run
-    from engine.reporting import Reporter
+    from finetune_studio.core.config import ConfigError, TrainConfig
+    from finetune_studio.engine.models import (
+        ModelError,
+        compute_dtype,
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+        resolve_model,
+    )
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import TrainingFailed, train_run
 
     try:
         config = TrainConfig(
-            model=args.model, dataset=str(SFT_FILE if args.objective == "sft" else PREFERENCE_FILE),
-            method=args.method, objective=args.objective, run_name=f"demo {args.objective} ({args.method})",
-            max_steps=steps, learning_rate=pick(args.learning_rate, "learning_rate"),
-            batch_size=pick(args.batch_size, "batch_size"), max_length=pick(args.max_length, "max_length"),
-            lora_rank=rank, lora_alpha=float(2 * rank), seed=args.seed, warmup_steps=max(1, steps // 10),
-            validation_fraction=0.0, eval_every=0, checkpoint_every=0)
+            model=args.model,
+            dataset=str(SFT_FILE if args.objective == "sft" else PREFERENCE_FILE),
+            method=args.method,
+            objective=args.objective,
+            run_name=f"demo {args.objective} ({args.method})",
+            max_steps=steps,
+            learning_rate=pick(args.learning_rate, "learning_rate"),
+            batch_size=pick(args.batch_size, "batch_size"),
+            max_length=pick(args.max_length, "max_length"),
+            lora_rank=rank,
+            lora_alpha=float(2 * rank),
+            seed=args.seed,
+            warmup_steps=max(1, steps // 10),
+            validation_fraction=0.0,
+            eval_every=0,
+            checkpoint_every=0,
+        )
     except ConfigError as exc:
         _say(f"demo: {exc}")
         return 2
@@ -225,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         before, before_answers = evaluate(base, tokenizer, rows, **gen)
         _say(f"  before: {before.exact:.0%} exact, {before.valid:.0%} valid format ({before.seconds:.0f} s)")
 
-    _say(f"Training: {config.method} {config.objective}, {steps} steps, batch {config.batch_size}, "
-         f"lr {config.learning_rate:g}, rank {rank}, max_length {config.max_length}")
+    _say(
+        f"Training: {config.method} {config.objective}, {steps} steps, batch {config.batch_size}, "
+        f"lr {config.learning_rate:g}, rank {rank}, max_length {config.max_length}"
+    )
     t_train = time.perf_counter()
     try:
         result = train_run(config, reporter=Reporter(extra=_progress))
@@ -247,17 +290,34 @@ def main(argv: list[str] | None = None) -> int:
 
     examples = []
     for i in range(min(args.examples, len(rows))):
-        examples.append({"prompt": rows[i]["prompt"].rsplit("Text: ", 1)[-1], "expected": rows[i]["expected"],
-                         "before": before_answers[i], "after": after_answers[i]})
+        examples.append(
+            {
+                "prompt": rows[i]["prompt"].rsplit("Text: ", 1)[-1],
+                "expected": rows[i]["expected"],
+                "before": before_answers[i],
+                "after": after_answers[i],
+            }
+        )
     report = {
-        "task": "strict JSON extraction (name, age, city, job)", "model": args.model,
-        "objective": config.objective, "method": config.method, "steps": steps,
-        "learning_rate": config.learning_rate, "batch_size": config.batch_size, "lora_rank": rank,
-        "max_length": config.max_length, "eval_prompts": len(rows),
-        "before": before.to_dict() if before else None, "after": after.to_dict(),
-        "train_seconds": round(train_seconds, 1), "total_seconds": round(total_seconds, 1),
-        "run_id": result.run_id, "run_dir": str(result.run_dir), "adapter_dir": str(result.adapter_dir),
-        "final_loss": result.final_loss, "examples": examples,
+        "task": "strict JSON extraction (name, age, city, job)",
+        "model": args.model,
+        "objective": config.objective,
+        "method": config.method,
+        "steps": steps,
+        "learning_rate": config.learning_rate,
+        "batch_size": config.batch_size,
+        "lora_rank": rank,
+        "max_length": config.max_length,
+        "eval_prompts": len(rows),
+        "before": before.to_dict() if before else None,
+        "after": after.to_dict(),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(total_seconds, 1),
+        "run_id": result.run_id,
+        "run_dir": str(result.run_dir),
+        "adapter_dir": str(result.adapter_dir),
+        "final_loss": result.final_loss,
+        "examples": examples,
     }
     if args.json:
         print(json.dumps(report))

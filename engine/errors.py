@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.config import ConfigError, TrainConfig
+from finetune_studio.core.config import ConfigError, TrainConfig
 
 
 class DataError(ValueError):
@@ -20,8 +20,10 @@ def oom_message(config: TrainConfig | None, step: int) -> str:
         return f"Out of memory{where}. Lower batch_size or max_length, or choose a smaller model."
     tips = []
     if config.batch_size > 1:
-        tips.append(f"lower batch_size (now {config.batch_size}; try {max(1, config.batch_size // 2)} and raise "
-                    f"gradient_accumulation_steps to keep the effective batch)")
+        tips.append(
+            f"lower batch_size (now {config.batch_size}; try {max(1, config.batch_size // 2)} and raise "
+            f"gradient_accumulation_steps to keep the effective batch)"
+        )
     tips.append(f"lower max_length (now {config.max_length})")
     if not config.gradient_checkpointing:
         tips.append("turn on gradient_checkpointing")
@@ -34,9 +36,9 @@ def oom_message(config: TrainConfig | None, step: int) -> str:
 
 def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple[str, str]:
     """(kind, message) for a ``failed`` event."""
-    from engine.datasets.schema import DatasetError
-    from engine.models import ModelError
-    from engine.render import RenderError
+    from finetune_studio.engine.datasets.schema import DatasetError
+    from finetune_studio.engine.models import ModelError
+    from finetune_studio.engine.render import RenderError
 
     if isinstance(exc, ConfigError):
         return "config", f"Invalid config: {exc}"

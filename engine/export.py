@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from core.store import Store
-from engine import checkpoint
+from finetune_studio.core.store import Store
+from finetune_studio.engine import checkpoint
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batches import Batch
-from engine.render import IGNORE
-from kernels.linear_logprobs import token_logprobs
+from finetune_studio.engine.batches import Batch
+from finetune_studio.engine.render import IGNORE
+from finetune_studio.kernels.linear_logprobs import token_logprobs
 
 
 @dataclass
@@ -45,13 +45,14 @@ class LogprobModel:
         mask = targets != IGNORE
         rows = mask.nonzero()[:, 0]
         if self.fused:
-            hidden = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  use_cache=False).last_hidden_state  # [B, T, H]
+            hidden = self.decoder(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state  # [B, T, H]
             selected = hidden[:, :-1][mask]  # [N, H]
             logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap)
         else:
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                use_cache=False).logits[:, :-1]
-            logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(
-                -1, targets[mask].unsqueeze(-1)).squeeze(-1)
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[
+                :, :-1
+            ]
+            logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         return TokenLogps(logps=logps, rows=rows, batch=batch.input_ids.shape[0])

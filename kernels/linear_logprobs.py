@@ -24,8 +24,9 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def token_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             softcap: float | None = None) -> torch.Tensor:
+def token_logprobs_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     """Eager reference: hidden [N, H], weight [V, H], targets [N] -> [N] in float32 (float64 for float64 input)."""
     logits = (hidden @ weight.t()).to(_acc_dtype(hidden))  # [N, V]
     if softcap:
@@ -41,12 +42,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         acc = _acc_dtype(hidden)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
+            h = hidden[s : s + chunk]
             logits = (h @ weight.t()).to(acc)
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
-            t = targets[s:s + chunk]
-            out[s:s + chunk] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            t = targets[s : s + chunk]
+            out[s : s + chunk] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.softcap = chunk, softcap
         return out
@@ -60,25 +61,31 @@ class _ChunkedLogprobs(torch.autograd.Function):
         acc = _acc_dtype(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
+            h = hidden[s : s + chunk]
             raw = (h @ weight.t()).to(acc)
             logits = softcap * torch.tanh(raw / softcap) if softcap else raw
             g = -torch.softmax(logits, dim=-1)  # d logp / d logits, before the one-hot
-            g.scatter_add_(-1, targets[s:s + chunk].unsqueeze(-1),
-                           torch.ones_like(g[:, :1]))
-            g.mul_(grad_out[s:s + chunk].unsqueeze(-1).to(acc))
+            g.scatter_add_(-1, targets[s : s + chunk].unsqueeze(-1), torch.ones_like(g[:, :1]))
+            g.mul_(grad_out[s : s + chunk].unsqueeze(-1).to(acc))
             if softcap:
                 g.mul_(1 - torch.tanh(raw / softcap) ** 2)
             g = g.to(hidden.dtype)
             if need_h:
-                grad_h[s:s + chunk] = g @ weight
+                grad_h[s : s + chunk] = g @ weight
             if need_w:
                 grad_w.add_((g.t() @ h).to(acc))
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   impl: str = "auto", chunk: int = DEFAULT_CHUNK, softcap: float | None = None) -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    impl: str = "auto",
+    chunk: int = DEFAULT_CHUNK,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Public op. ``impl``: 'torch' (eager reference, full [N, V] float32 logits kept for backward),
     'chunked', or 'auto' (chunked: at most ``chunk x V`` logits alive at once, none kept for backward)."""
     if impl == "torch":

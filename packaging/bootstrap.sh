@@ -52,10 +52,12 @@ fi
 
 case "$what" in
   setup) echo "Set up in .venv/." ;;
-  app) exec "$VPY" -m studio "$@" ;;
+  app) exec "$VPY" -P -m finetune_studio.studio "$@" ;;
   test)
     export QT_QPA_PLATFORM=offscreen
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
     .venv/bin/lint-imports
-    exec "$VPY" -m pytest "$@" ;;
+    exec "$VPY" -P -m pytest "$@" ;;
   *) echo "usage: bash packaging/bootstrap.sh [app|test|setup]" >&2; exit 2 ;;
 esac

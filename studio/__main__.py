@@ -1,4 +1,4 @@
-"""``python -m studio`` / ``finetune-studio``: open Finetune Studio."""
+"""``finetune-studio`` (``python -m finetune_studio.studio``): open Finetune Studio."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ def main() -> int:
     # nothing, since the app never hands it a DataFrame. Marking it absent makes that import fail fast.
     if "pandas" not in sys.modules:
         sys.modules["pandas"] = None  # type: ignore[assignment]
-    from studio.app import run
+    from finetune_studio.core.paths import drop_checkout_from_path
+
+    drop_checkout_from_path()
+    from finetune_studio.studio.app import run
 
     return run(sys.argv)
 

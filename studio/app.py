@@ -6,8 +6,8 @@ import sys
 
 from PySide6.QtWidgets import QApplication
 
-from studio import jobs, theme
-from studio.main_window import MainWindow
+from finetune_studio.studio import jobs, theme
+from finetune_studio.studio.main_window import MainWindow
 
 
 def create_app(argv: list[str] | None = None) -> QApplication:
@@ -21,7 +21,7 @@ def create_app(argv: list[str] | None = None) -> QApplication:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from studio import compat
+    from finetune_studio.studio import compat
 
     trouble = compat.problem()
     if trouble:

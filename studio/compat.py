@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 
-ADVICE = ("This PySide6 build ({version}) corrupts Python's reference count of None on Python "
-          "{py} and would crash the app. Install another version, e.g. "
-          "`pip install 'pyside6-essentials==6.11.3'` (or use Python 3.12 or newer).")
+ADVICE = (
+    "This PySide6 build ({version}) corrupts Python's reference count of None on Python "
+    "{py} and would crash the app. Install another version, e.g. "
+    "`pip install 'pyside6-essentials==6.11.3'` (or use Python 3.12 or newer)."
+)
 
 
 def binding_is_sound(calls: int = 50) -> bool:

@@ -1,6 +1,6 @@
 """The one QObject that runs an engine child process and speaks its JSON-line protocol.
 
-It starts ``python -m studio.relay <command>`` with QProcess (the relay lets a
+It starts ``python -m finetune_studio.studio.relay <command>`` with QProcess (the relay lets a
 run outlive the app when asked), turns stdout lines into typed events from
 :mod:`core.events`, forwards stderr as log lines, and keeps a typed
 :class:`Outcome` once the child is gone. Nothing here blocks: no ``waitFor*``.
@@ -11,29 +11,26 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
-from core.events import Event, Failed, Finished, ProtocolError, Started, parse_event
-
-from studio import relay
+from finetune_studio.core.events import Event, Failed, Finished, ProtocolError, Started, parse_event
+from finetune_studio.core.paths import python_argv
+from finetune_studio.studio import relay
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def engine_command(*args: str) -> list[str]:
-    """argv for ``python -m engine ARGS`` in this interpreter."""
-    return [sys.executable, "-m", "engine", *args]
+    """argv for ``python -m finetune_studio.engine ARGS`` in this interpreter."""
+    return [*python_argv(), "-m", "finetune_studio.engine", *args]
 
 
 def engine_environment() -> QProcessEnvironment:
-    """The app's environment with the project root importable and unbuffered output."""
+    """The app's environment with unbuffered output."""
     env = QProcessEnvironment.systemEnvironment()
-    path = env.value("PYTHONPATH", "")
-    env.insert("PYTHONPATH", str(PROJECT_ROOT) + (os.pathsep + path if path else ""))
     env.insert("PYTHONUNBUFFERED", "1")
     return env
 
@@ -99,7 +96,8 @@ class EngineProcess(QObject):
         proc.finished.connect(self._on_finished)
         proc.errorOccurred.connect(self._on_error)
         self._proc = proc
-        proc.start(sys.executable, ["-m", "studio.relay", *argv])
+        relay_argv = [*python_argv(), "-m", "finetune_studio.studio.relay", *argv]
+        proc.start(relay_argv[0], relay_argv[1:])
 
     def stop(self, grace_ms: int = 180_000) -> None:
         """Ask the child to stop (SIGTERM: the engine checkpoints and exits); kill it after ``grace_ms``."""
@@ -192,8 +190,9 @@ class EngineProcess(QObject):
             return Outcome(term.status, "", "", code, self.run_id)
         tail = "\n".join(list(self._stderr_tail)[-8:])
         if code == relay.NOT_STARTED and self.events_seen == 0:
-            return Outcome("not_started", "The engine could not be started." + (f"\n{tail}" if tail else ""),
-                           exit_code=code)
+            return Outcome(
+                "not_started", "The engine could not be started." + (f"\n{tail}" if tail else ""), exit_code=code
+            )
         if status == QProcess.ExitStatus.CrashExit or code > 128:
             sig = code - 128 if code > 128 else None
             why = " (killed; often the system ran out of memory)" if sig == 9 and not self._stop_requested else ""

@@ -13,15 +13,22 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
-from core import memory
-from core.config import TrainConfig
-from core.devices import DeviceInfo, best_device
+from finetune_studio.core import memory
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.devices import DeviceInfo, best_device
+from finetune_studio.studio.state import MemoryEstimate
 
-from studio.state import MemoryEstimate
-
-LABELS = {"base_weights": "base weights", "adapter_weights": "adapter", "gradients": "gradients",
-          "optimizer_states": "optimizer", "activations": "activations", "logits": "output head",
-          "reference_forward": "DPO reference", "runtime_overhead": "runtime", "allocator_slack": "allocator slack"}
+LABELS = {
+    "base_weights": "base weights",
+    "adapter_weights": "adapter",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer",
+    "activations": "activations",
+    "logits": "output head",
+    "reference_forward": "DPO reference",
+    "runtime_overhead": "runtime",
+    "allocator_slack": "allocator slack",
+}
 
 
 class DeviceProbe(QObject):
@@ -35,7 +42,7 @@ class DeviceProbe(QObject):
     def _run(self) -> None:
         try:
             device = best_device()
-        except Exception:  # noqa: BLE001 - a broken nvidia-smi must not take the app down
+        except Exception:
             device = None
         self.found.emit(device)  # queued to the UI thread: this object lives there
 
@@ -58,16 +65,23 @@ def estimate(config: TrainConfig | None, model_info, device: DeviceInfo | None) 
         return MemoryEstimate(note="Looking for the training device…")
     shape = model_shape(config.model, model_info)
     if shape is None:
-        return MemoryEstimate(device_name=device.name, device_total_bytes=device.available_bytes,
-                              note="No estimate until the model is known; the engine reports its budget "
-                                   "when the run starts.")
+        return MemoryEstimate(
+            device_name=device.name,
+            device_total_bytes=device.available_bytes,
+            note="No estimate until the model is known; the engine reports its budget when the run starts.",
+        )
     try:
         est = memory.estimate_training_memory(shape, config, device)
         verdict = memory.fits(est, device, config=config)
-    except Exception as exc:  # noqa: BLE001 - an estimate must never break the set-up page
+    except Exception as exc:
         return MemoryEstimate(note=f"No estimate for this set-up ({exc}).")
     parts = {LABELS.get(k, k): v for k, v in est.terms.items() if v}
     notes = "; ".join(est.notes)
-    return MemoryEstimate(est.total_bytes, parts, device.name, device.available_bytes,
-                          verdict.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else ""),
-                          fits=verdict.fits)
+    return MemoryEstimate(
+        est.total_bytes,
+        parts,
+        device.name,
+        device.available_bytes,
+        verdict.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else ""),
+        fits=verdict.fits,
+    )

@@ -1,6 +1,6 @@
 """Short engine commands run in the background (dataset inspection, model info, export).
 
-Each :class:`EngineJob` runs ``python -m engine ...`` with QProcess, emits
+Each :class:`EngineJob` runs ``python -m finetune_studio.engine ...`` with QProcess, emits
 ``progress`` for progress events and ``done`` with the parsed result (the last
 event, or the JSON object printed) or ``failed`` with a message a person can act
 on. A newer request cancels the older one, so only the latest answer shows.
@@ -12,10 +12,8 @@ import json
 
 from PySide6.QtCore import QEventLoop, QObject, QProcess, QTimer, Signal
 
-from core.events import Failed, Progress, ProtocolError, parse_event
-
-from studio.engine_process import PROJECT_ROOT, engine_command, engine_environment
-
+from finetune_studio.core.events import Failed, Progress, ProtocolError, parse_event
+from finetune_studio.studio.engine_process import PROJECT_ROOT, engine_command, engine_environment
 
 _ORPHANS: set[QProcess] = set()  # cancelled jobs still being reaped
 
@@ -59,7 +57,7 @@ class EngineJob(QObject):
         return self._proc is not None
 
     def run(self, *args: str, argv: list[str] | None = None) -> None:
-        """Start ``python -m engine ARGS`` (or ``argv``), cancelling a job still running."""
+        """Start ``python -m finetune_studio.engine ARGS`` (or ``argv``), cancelling a job still running."""
         self.cancel()
         self._generation += 1
         gen = self._generation

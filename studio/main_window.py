@@ -6,17 +6,16 @@ from PySide6.QtCore import QByteArray, QTimer
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget
 
-from core.config import TrainConfig
-from core.store import Store
-
-from studio.jobs import EngineJob
-from studio.pages.runs_page import RunsPage
-from studio.pages.setup_page import SetupPage
-from studio.pages.train_page import TrainPage
-from studio.run_controller import RunController
-from studio.settings import Settings
-from studio.setup_state import SetupState
-from studio.state import MemoryState, RunState
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.store import Store
+from finetune_studio.studio.jobs import EngineJob
+from finetune_studio.studio.pages.runs_page import RunsPage
+from finetune_studio.studio.pages.setup_page import SetupPage
+from finetune_studio.studio.pages.train_page import TrainPage
+from finetune_studio.studio.run_controller import RunController
+from finetune_studio.studio.settings import Settings
+from finetune_studio.studio.setup_state import SetupState
+from finetune_studio.studio.state import MemoryState, RunState
 
 TITLE = "Finetune Studio"
 SETUP, TRAIN, RUNS = range(3)
@@ -66,12 +65,15 @@ class MainWindow(QMainWindow):
 
     # --- set-up ---------------------------------------------------------------------
     def _shortcuts(self) -> None:
-        for keys, slot in ((("Ctrl+Return", "Ctrl+Enter"), self.setup_page.request_start),
-                           (("Ctrl+.",), self.stop_run),
-                           (("Ctrl+1",), lambda: self.tabs.setCurrentIndex(SETUP)),
-                           (("Ctrl+2",), lambda: self.tabs.setCurrentIndex(TRAIN)),
-                           (("Ctrl+3",), lambda: self.tabs.setCurrentIndex(RUNS)),
-                           (("Ctrl+Q",), self.close), (("F5",), self.runs_page.refresh)):
+        for keys, slot in (
+            (("Ctrl+Return", "Ctrl+Enter"), self.setup_page.request_start),
+            (("Ctrl+.",), self.stop_run),
+            (("Ctrl+1",), lambda: self.tabs.setCurrentIndex(SETUP)),
+            (("Ctrl+2",), lambda: self.tabs.setCurrentIndex(TRAIN)),
+            (("Ctrl+3",), lambda: self.tabs.setCurrentIndex(RUNS)),
+            (("Ctrl+Q",), self.close),
+            (("F5",), self.runs_page.refresh),
+        ):
             for key in keys:
                 QShortcut(QKeySequence(key), self, activated=slot)
 
@@ -158,10 +160,13 @@ class MainWindow(QMainWindow):
     def ask_close_choice(self) -> str:
         if self.close_choice:
             return self.close_choice
-        box = QMessageBox(QMessageBox.Icon.Question, "A run is training",
-                          "A run is still training. Stop it (a checkpoint is saved and it can be resumed), "
-                          "or let it continue in the background? The app finds it again when you reopen it.",
-                          parent=self)
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "A run is training",
+            "A run is still training. Stop it (a checkpoint is saved and it can be resumed), "
+            "or let it continue in the background? The app finds it again when you reopen it.",
+            parent=self,
+        )
         stop = box.addButton("Stop the run", QMessageBox.ButtonRole.DestructiveRole)
         keep = box.addButton("Keep training", QMessageBox.ButtonRole.AcceptRole)
         box.addButton(QMessageBox.StandardButton.Cancel)

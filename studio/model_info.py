@@ -12,8 +12,8 @@ import os
 import struct
 from pathlib import Path
 
-from core import paths
-from core.events import ModelReady
+from finetune_studio.core import paths
+from finetune_studio.core.events import ModelReady
 
 DEFAULT_FOLDER = "smollm2-135m-instruct"  # where the engine converts the bundled default model
 
@@ -36,7 +36,8 @@ def local_folder(spec: str) -> Path | None:
 
 def _hub_snapshot(repo_id: str) -> Path | None:
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub"
+    )
     snaps = Path(cache) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
     if not snaps.is_dir():
         return None
@@ -49,9 +50,13 @@ def describe_folder(folder: Path, name: str = "") -> ModelReady:
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     text = cfg.get("text_config", cfg)
     return ModelReady(
-        name=name or folder.name, path=str(folder), architecture=(cfg.get("architectures") or [""])[0],
-        parameters=count_parameters(folder), layers=int(text.get("num_hidden_layers", 0) or 0),
-        hidden_size=int(text.get("hidden_size", 0) or 0), vocab_size=int(text.get("vocab_size", 0) or 0),
+        name=name or folder.name,
+        path=str(folder),
+        architecture=(cfg.get("architectures") or [""])[0],
+        parameters=count_parameters(folder),
+        layers=int(text.get("num_hidden_layers", 0) or 0),
+        hidden_size=int(text.get("hidden_size", 0) or 0),
+        vocab_size=int(text.get("vocab_size", 0) or 0),
         context_length=int(text.get("max_position_embeddings", 0) or 0),
         dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or text.get("torch_dtype") or ""),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from core import paths
+from finetune_studio.core import paths
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Run a command in a session of its own and relay its output, so it can outlive the app.
 
-    python -m studio.relay COMMAND [ARGS...]
+    python -m finetune_studio.studio.relay COMMAND [ARGS...]
 
 The studio's QProcess runs this rather than the engine itself. The command
 runs in a new session (not in the app's process group, no SIGHUP from a
@@ -49,11 +49,12 @@ def _watch_stdin() -> None:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        sys.stderr.write("usage: python -m studio.relay COMMAND [ARGS...]\n")
+        sys.stderr.write("usage: python -m finetune_studio.studio.relay COMMAND [ARGS...]\n")
         return 2
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
     except OSError as exc:
         sys.stderr.write(f"could not start {argv[0]}: {exc.strerror or exc}\n")
         return NOT_STARTED
@@ -73,8 +74,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGUSR1, kill)  # the app's "kill": SIGKILL cannot be forwarded
-    copiers = [threading.Thread(target=_copy, args=(child.stdout.fileno(), 1), daemon=True),
-               threading.Thread(target=_copy, args=(child.stderr.fileno(), 2), daemon=True)]
+    copiers = [
+        threading.Thread(target=_copy, args=(child.stdout.fileno(), 1), daemon=True),
+        threading.Thread(target=_copy, args=(child.stderr.fileno(), 2), daemon=True),
+    ]
     for t in copiers:
         t.start()
     threading.Thread(target=_watch_stdin, daemon=True).start()

@@ -14,13 +14,12 @@ import time
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from core import paths
-from core.config import TrainConfig
-from core.events import Started, Step
-from core.store import Store
-
-from studio.engine_process import EngineProcess, Outcome, engine_command
-from studio.state import MemoryEstimate, MemoryState, RunState
+from finetune_studio.core import paths
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.events import Started, Step
+from finetune_studio.core.store import Store
+from finetune_studio.studio.engine_process import EngineProcess, Outcome, engine_command
+from finetune_studio.studio.state import MemoryEstimate, MemoryState, RunState
 
 FOLLOW_MS = 1000
 FINAL = ("completed", "stopped", "failed", "interrupted")
@@ -30,8 +29,7 @@ class RunController(QObject):
     run_ended = Signal(object)  # Outcome, or the final status string of a followed run
     run_started = Signal(str)  # run id
 
-    def __init__(self, state: RunState, memory: MemoryState, store: Store | None = None,
-                 parent: QObject | None = None):
+    def __init__(self, state: RunState, memory: MemoryState, store: Store | None = None, parent: QObject | None = None):
         super().__init__(parent)
         self.state, self.memory = state, memory
         self._store = store
@@ -127,8 +125,12 @@ class RunController(QObject):
             st.set_status("running", "The run goes on in the background; reopen the app to follow it.")
         elif outcome.status in ("completed", "stopped"):
             if st.status not in ("completed", "stopped"):
-                st.set_status(outcome.status, "Training complete." if outcome.status == "completed" else
-                              "Stopped; the run can be resumed from its last checkpoint.")
+                st.set_status(
+                    outcome.status,
+                    "Training complete."
+                    if outcome.status == "completed"
+                    else "Stopped; the run can be resumed from its last checkpoint.",
+                )
         elif outcome.status == "failed":
             st.set_status("failed", outcome.message, outcome.kind)
         else:
@@ -140,8 +142,11 @@ class RunController(QObject):
     def _budget(self, budget: int, total: int, device: str) -> None:
         est = self.memory.estimate
         if budget or total:
-            self.memory.set_estimate(MemoryEstimate(budget or est.total_bytes, est.parts, device or est.device_name,
-                                                    total or est.device_total_bytes, ""))
+            self.memory.set_estimate(
+                MemoryEstimate(
+                    budget or est.total_bytes, est.parts, device or est.device_name, total or est.device_total_bytes, ""
+                )
+            )
 
     # --- past and followed runs ------------------------------------------------------------
     def open_run(self, run_id: str) -> bool:
@@ -181,8 +186,7 @@ class RunController(QObject):
             self.state.load_history(train, evals)
             last = self.state.train
             if last.n:
-                self.memory.set_live(int(last.last("memory_used_bytes") or 0),
-                                     int(last.last("memory_peak_bytes") or 0))
+                self.memory.set_live(int(last.last("memory_used_bytes") or 0), int(last.last("memory_peak_bytes") or 0))
 
     def poll(self) -> None:
         """One cheap incremental read: new metric rows since the last step, and the run's status."""
@@ -208,7 +212,7 @@ class RunController(QObject):
             "completed": "Training complete.",
             "stopped": f"Stopped at step {step}; it can be resumed.",
             "interrupted": "This run was interrupted (its process is gone); it can be resumed from its last "
-                           "checkpoint.",
+            "checkpoint.",
             "created": "This run never started.",
         }
         if status == "failed":

@@ -7,11 +7,21 @@ from pathlib import Path
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 
-from studio.state import format_duration
+from finetune_studio.studio.state import format_duration
 
-COLUMNS = (("name", "Run"), ("status", "Status"), ("model", "Model"), ("dataset", "Dataset"),
-           ("method", "Method"), ("objective", "Objective"), ("step", "Steps"), ("duration", "Duration"),
-           ("final_loss", "Final loss"), ("eval_loss", "Eval loss"), ("created_at", "Created"))
+COLUMNS = (
+    ("name", "Run"),
+    ("status", "Status"),
+    ("model", "Model"),
+    ("dataset", "Dataset"),
+    ("method", "Method"),
+    ("objective", "Objective"),
+    ("step", "Steps"),
+    ("duration", "Duration"),
+    ("final_loss", "Final loss"),
+    ("eval_loss", "Eval loss"),
+    ("created_at", "Created"),
+)
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 2
 
@@ -74,9 +84,11 @@ class RunsModel(QAbstractTableModel):
         if key == "created_at":
             return time.strftime("%Y-%m-%d %H:%M", time.localtime(value)) if value else ""
         if key in ("method", "objective"):
-            return str(value or "").upper() if key == "objective" else {"lora": "LoRA", "qlora": "QLoRA",
-                                                                        "dora": "DoRA", "qdora": "QDoRA"}.get(
-                value, value or "")
+            return (
+                str(value or "").upper()
+                if key == "objective"
+                else {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}.get(value, value or "")
+            )
         return "" if value is None else str(value)
 
 
@@ -103,6 +115,7 @@ class RunsFilter(QSortFilterProxyModel):
             return False
         if not self.text:
             return True
-        hay = " ".join(str(run.get(k) or "") for k in ("id", "name", "status", "model", "dataset", "method",
-                                                        "objective")).lower()
+        hay = " ".join(
+            str(run.get(k) or "") for k in ("id", "name", "status", "model", "dataset", "method", "objective")
+        ).lower()
         return all(word in hay for word in self.text.split())

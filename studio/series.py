@@ -51,7 +51,7 @@ class Columns:
             self._grow(self.n + len(rows))
         for name in self.names:
             col = np.array([r.get(name) for r in rows], dtype=float)  # None becomes NaN
-            self._data[name][self.n: self.n + len(rows)] = col
+            self._data[name][self.n : self.n + len(rows)] = col
         self.n += len(rows)
 
     def column(self, name: str) -> np.ndarray:
@@ -71,7 +71,7 @@ class Columns:
         steps = self._data[step_column][: self.n]
         keep = int(np.searchsorted(steps, step, side="right")) if self.n else 0
         for col in self._data.values():
-            col[keep: self.n] = np.nan
+            col[keep : self.n] = np.nan
         self.n = keep
 
     def clear(self) -> None:
@@ -94,7 +94,7 @@ class Ema:
 
     def update(self, x: float | None) -> float | None:
         if x is None or not math.isfinite(x):
-            return None if self._k == 0 else self._acc / (1 - self.weight ** self._k)
+            return None if self._k == 0 else self._acc / (1 - self.weight**self._k)
         self._k += 1
         self._acc = self.weight * self._acc + (1 - self.weight) * x
-        return self._acc / (1 - self.weight ** self._k)
+        return self._acc / (1 - self.weight**self._k)

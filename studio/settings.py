@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core import paths
+from finetune_studio.core import paths
 
 FILENAME = "studio-settings.json"
 

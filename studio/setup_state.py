@@ -12,9 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
-from core.config import ConfigError, TrainConfig
-
-from studio.observable import Observable
+from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.studio.observable import Observable
 
 HELP = TrainConfig.field_help()
 FIELDS = list(HELP)
@@ -45,7 +44,7 @@ def from_form(name: str, value: Any) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ConfigError(name, f"must be a JSON object such as {{\"prompt\": \"question\"}} ({exc.msg})")
+            raise ConfigError(name, f'must be a JSON object such as {{"prompt": "question"}} ({exc.msg})') from None
     if isinstance(value, str):
         value = value.strip()
     return value
@@ -136,8 +135,10 @@ class SetupState(Observable):
         kind = info.get("kind")
         if kind and "objective" not in errors:
             if values.get("objective") == "dpo" and kind not in PREFERENCE_KINDS:
-                out["objective"] = (f"DPO needs preference data (prompt, chosen, rejected); this dataset is "
-                                    f"{kind}. Choose SFT, or a preference dataset.")
+                out["objective"] = (
+                    f"DPO needs preference data (prompt, chosen, rejected); this dataset is "
+                    f"{kind}. Choose SFT, or a preference dataset."
+                )
         if info and info.get("rows") == 0:
             out["dataset"] = "The dataset has no usable rows; see the checks below."
         model = self.model_info
@@ -165,5 +166,5 @@ def _reason(exc: ConfigError) -> str:
     """The message without the leading 'field: ' (the form shows it next to the field)."""
     text = str(exc)
     prefix = f"{exc.field}: "
-    text = text[len(prefix):] if text.startswith(prefix) else text
+    text = text[len(prefix) :] if text.startswith(prefix) else text
     return text[:1].upper() + text[1:]

@@ -12,13 +12,23 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from core.events import CheckpointSaved, Eval, Failed, Finished, Progress, Started, Step
+from finetune_studio.core.events import CheckpointSaved, Eval, Failed, Finished, Progress, Started, Step
+from finetune_studio.studio.observable import Observable
+from finetune_studio.studio.series import Columns, Ema
 
-from studio.observable import Observable
-from studio.series import Columns, Ema
-
-TRAIN_COLUMNS = ("step", "loss", "loss_smooth", "lr", "grad_norm", "tokens_per_s", "memory_used_bytes",
-                 "memory_peak_bytes", "elapsed_s", "reward_margin", "reward_accuracy")
+TRAIN_COLUMNS = (
+    "step",
+    "loss",
+    "loss_smooth",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "memory_used_bytes",
+    "memory_peak_bytes",
+    "elapsed_s",
+    "reward_margin",
+    "reward_accuracy",
+)
 EVAL_COLUMNS = ("step", "eval_loss", "reward_margin", "reward_accuracy")
 ACTIVE = ("starting", "running", "stopping")
 LOG_LINES = 5000
@@ -103,8 +113,12 @@ class RunState(Observable):
             self._add_step(event.__dict__)
             self.notify("metrics")
         elif isinstance(event, Eval):
-            self.eval.append(step=event.step, eval_loss=event.eval_loss, reward_margin=event.reward_margin,
-                             reward_accuracy=event.reward_accuracy)
+            self.eval.append(
+                step=event.step,
+                eval_loss=event.eval_loss,
+                reward_margin=event.reward_margin,
+                reward_accuracy=event.reward_accuracy,
+            )
             self.notify("metrics")
         elif isinstance(event, Started):
             self.info.run_id, self.info.run_dir, self.info.device = event.run_id, event.run_dir, event.device
@@ -126,8 +140,11 @@ class RunState(Observable):
             self.add_log(f"Checkpoint saved at step {event.step}: {event.path}")
         elif isinstance(event, Finished):
             self.step = max(self.step, event.step)
-            how = "Training complete." if event.status == "completed" else (
-                f"Stopped at step {event.step}; a checkpoint was saved and the run can be resumed.")
+            how = (
+                "Training complete."
+                if event.status == "completed"
+                else (f"Stopped at step {event.step}; a checkpoint was saved and the run can be resumed.")
+            )
             self.set_status(event.status, how, "")
         elif isinstance(event, Failed):
             self.set_status("failed", event.message, event.kind)

@@ -12,9 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# The project is imported as finetune_studio.* (an editable install). The checkout's root is no import root:
+# under ``python -m pytest`` it would make ``import kernels`` land in this project's kernels/ folder.
+from finetune_studio.core.paths import drop_checkout_from_path
+
+drop_checkout_from_path()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their measuring helpers
 
 import pytest  # noqa: E402
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from core.config import ConfigError, TrainConfig
+from finetune_studio.core.config import ConfigError, TrainConfig
 
 
 def test_defaults_validate_and_round_trip_json_and_yaml():
@@ -20,11 +20,21 @@ def test_unknown_field_is_named_with_a_suggestion():
     assert "learning_rate" in str(err.value)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("method", "full"), ("objective", "ppo"), ("max_steps", 0), ("batch_size", -1), ("learning_rate", 5),
-    ("lora_rank", 2.5), ("dpo_beta", 0), ("optimizer", "sgd"), ("validation_fraction", 0.95),
-    ("target_modules", []),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("method", "full"),
+        ("objective", "ppo"),
+        ("max_steps", 0),
+        ("batch_size", -1),
+        ("learning_rate", 5),
+        ("lora_rank", 2.5),
+        ("dpo_beta", 0),
+        ("optimizer", "sgd"),
+        ("validation_fraction", 0.95),
+        ("target_modules", []),
+    ],
+)
 def test_bad_values_name_their_field(field, value):
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict({"dataset": "x", field: value})
@@ -33,8 +43,15 @@ def test_bad_values_name_their_field(field, value):
 
 
 def test_strings_from_forms_and_yaml_are_coerced():
-    cfg = TrainConfig.from_dict({"learning_rate": "1e-4", "max_steps": "30", "use_rslora": "true",
-                                 "target_modules": "q_proj, v_proj", "lora_alpha": 8})
+    cfg = TrainConfig.from_dict(
+        {
+            "learning_rate": "1e-4",
+            "max_steps": "30",
+            "use_rslora": "true",
+            "target_modules": "q_proj, v_proj",
+            "lora_alpha": 8,
+        }
+    )
     assert cfg.learning_rate == 1e-4 and cfg.max_steps == 30 and cfg.use_rslora is True
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.lora_alpha == 8.0
 

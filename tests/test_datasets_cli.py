@@ -1,4 +1,4 @@
-"""`python -m engine data inspect`: the report, the statistics and the preview as training sees it."""
+"""`python -m finetune_studio.engine data inspect`: the report, the statistics and the preview as training sees it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data_cli import main
+from finetune_studio.engine.data_cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,16 +34,23 @@ def _trained_text(sequence: dict) -> str:
 
 
 def test_sft_preview_marks_the_assistant_turn(tmp_path, capsys, tiny_model_dir):
-    path = _write(tmp_path, "chat.jsonl", [
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-        {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]}])
+    path = _write(
+        tmp_path,
+        "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]},
+        ],
+    )
     code, report, err = _inspect(capsys, path, "--model", tiny_model_dir)
     assert code == 0 and "Traceback" not in err
     assert (report["format"], report["kind"], report["rows"], report["problems"]) == ("messages", "sft", 2, [])
     ex = report["example"]
     assert ex["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     assert [(s["text"], s["trained"]) for s in ex["segments"]] == [
-        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False), ("Hello<|im_end|>\n", True)]
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello<|im_end|>\n", True),
+    ]
     assert ex["trained_tokens"] == ex["segments"][1]["tokens"]
 
     code, everything, _ = _inspect(capsys, path, "--model", tiny_model_dir, "--loss-on", "all", "--row", 2)
@@ -54,8 +61,8 @@ def test_sft_preview_marks_the_assistant_turn(tmp_path, capsys, tiny_model_dir):
 def test_token_statistics_match_the_renderer(tmp_path, capsys, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from engine.datasets import load_dataset
-    from engine.render import tokenize_example
+    from finetune_studio.engine.datasets import load_dataset
+    from finetune_studio.engine.render import tokenize_example
 
     rows = [{"instruction": "Say " + "word " * n, "output": "ok " * n} for n in (1, 5, 20, 40, 80)]
     path = _write(tmp_path, "alpaca.jsonl", rows)
@@ -63,16 +70,23 @@ def test_token_statistics_match_the_renderer(tmp_path, capsys, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     lengths = sorted(len(tokenize_example(tok, ex, 10**6).input_ids) for ex in load_dataset(path).examples)
     stats = report["stats"]["tokens"]
-    assert stats["lengths"] == {"count": 5, "min": lengths[0], "median": lengths[2], "p95": lengths[4],
-                                "max": lengths[4]}
+    assert stats["lengths"] == {
+        "count": 5,
+        "min": lengths[0],
+        "median": lengths[2],
+        "p95": lengths[4],
+        "max": lengths[4],
+    }
     assert stats["over_max_length"] == sum(n > 200 for n in lengths) > 0
     assert any("longer than max_length 200" in p["message"] for p in report["problems"])
 
 
 def test_preference_preview_stats_and_truncated_difference(tmp_path, capsys, tiny_model_dir):
     shared = "The quick brown fox jumps over the lazy dog. " * 6
-    rows = [{"prompt": "2+2?", "chosen": "It is 4.", "rejected": "5"},
-            {"prompt": "Story?", "chosen": shared + "The end.", "rejected": shared + "No."}]
+    rows = [
+        {"prompt": "2+2?", "chosen": "It is 4.", "rejected": "5"},
+        {"prompt": "Story?", "chosen": shared + "The end.", "rejected": shared + "No."},
+    ]
     path = _write(tmp_path, "prefs.jsonl", rows)
     code, report, _ = _inspect(capsys, path, "--model", tiny_model_dir, "--max-length", 64)
     assert code == 0 and report["kind"] == "preference"
@@ -101,8 +115,7 @@ def test_without_a_tokenizer_the_report_still_comes(tmp_path, capsys):
 def test_length_bias_warning(tmp_path, capsys):
     rows = [{"prompt": f"q{i}", "chosen": "a long and careful answer", "rejected": "no"} for i in range(12)]
     code, report, _ = _inspect(capsys, _write(tmp_path, "p.jsonl", rows), "--model", tmp_path / "none")
-    assert any(p["message"].startswith("length bias: the chosen answer is longer in 100%")
-               for p in report["problems"])
+    assert any(p["message"].startswith("length bias: the chosen answer is longer in 100%") for p in report["problems"])
 
 
 def test_human_readable_report(tmp_path, capsys, tiny_model_dir):
@@ -114,12 +127,15 @@ def test_human_readable_report(tmp_path, capsys, tiny_model_dir):
     assert "<|im_start|>assistant\n[[Hello<|im_end|>\n]]" in out
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "is empty"),
-    (b"\x00\x01\x02binary", "binary file"),
-    (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
-    (b'{"a": 1}', "single JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "is empty"),
+        (b"\x00\x01\x02binary", "binary file"),
+        (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
+        (b'{"a": 1}', "single JSON object"),
+    ],
+)
 def test_unusable_file_json_error(tmp_path, capsys, content, match):
     path = tmp_path / "bad.json"
     path.write_bytes(content)
@@ -133,12 +149,24 @@ def test_cli_subprocess_exit_codes_and_no_traceback(tmp_path):
     noheader = tmp_path / "noheader.csv"
     noheader.write_text("What is 2+2?,4\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "engine", "data", "inspect", str(noheader)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "data", "inspect", str(noheader)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1
     assert "does not look like a header" in run.stderr and "Traceback" not in run.stderr
-    usage = subprocess.run([sys.executable, "-m", "engine", "data", "inspect"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    usage = subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "data", "inspect"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 

@@ -1,4 +1,4 @@
-"""`python -m engine data convert`: every target reads back to the same examples; writes are atomic."""
+"""`python -m finetune_studio.engine data convert`: every target reads back to the same examples; writes are atomic."""
 
 from __future__ import annotations
 
@@ -6,26 +6,44 @@ import json
 
 import pytest
 
-from engine.data_cli import main
-from engine.datasets import load_dataset
-from engine.datasets.schema import example_to_dict
+from finetune_studio.engine.data_cli import main
+from finetune_studio.engine.datasets import load_dataset
+from finetune_studio.engine.datasets.schema import example_to_dict
 
 TOOLS = [{"name": "add", "description": "add two numbers", "parameters": {"type": "object"}}]
 DATA = {
     "sft": [
-        {"system": "Use tools.", "tools": json.dumps(TOOLS), "conversations": [
-            {"from": "human", "value": "2+2?"},
-            {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 2}})},
-            {"from": "observation", "value": "4"},
-            {"from": "gpt", "value": "It is 4."}]},
-        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
-                           {"from": "human", "value": "bye"}, {"from": "gpt", "value": "ciao"}]},
+        {
+            "system": "Use tools.",
+            "tools": json.dumps(TOOLS),
+            "conversations": [
+                {"from": "human", "value": "2+2?"},
+                {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 2}})},
+                {"from": "observation", "value": "4"},
+                {"from": "gpt", "value": "It is 4."},
+            ],
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "hello"},
+                {"from": "human", "value": "bye"},
+                {"from": "gpt", "value": "ciao"},
+            ]
+        },
     ],
     "preference": [
-        {"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
-         "rejected": {"from": "gpt", "value": "5"}},
-        {"system": "Be kind.", "conversations": [{"from": "human", "value": "hi"}],
-         "chosen": {"from": "gpt", "value": "hello"}, "rejected": {"from": "gpt", "value": "go away"}},
+        {
+            "conversations": [{"from": "human", "value": "2+2?"}],
+            "chosen": {"from": "gpt", "value": "4"},
+            "rejected": {"from": "gpt", "value": "5"},
+        },
+        {
+            "system": "Be kind.",
+            "conversations": [{"from": "human", "value": "hi"}],
+            "chosen": {"from": "gpt", "value": "hello"},
+            "rejected": {"from": "gpt", "value": "go away"},
+        },
     ],
     "unpaired": [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "label": True},
@@ -85,10 +103,19 @@ def test_round_trip_trl_strings(tmp_path, capsys, kind):
 
 def test_messages_keeps_per_turn_weights(tmp_path, capsys):
     src = tmp_path / "src.jsonl"
-    src.write_text(json.dumps({"messages": [{"role": "user", "content": "q", "loss_weight": 0.0},
-                                            {"role": "assistant", "content": "a1", "loss_weight": 0.0},
-                                            {"role": "user", "content": "q2"},
-                                            {"role": "assistant", "content": "a2", "loss_weight": 1.0}]}) + "\n")
+    src.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q", "loss_weight": 0.0},
+                    {"role": "assistant", "content": "a1", "loss_weight": 0.0},
+                    {"role": "user", "content": "q2"},
+                    {"role": "assistant", "content": "a2", "loss_weight": 1.0},
+                ]
+            }
+        )
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
     assert _convert(capsys, src, out, "messages")[0] == 0
     assert _dicts(load_dataset(out)) == _dicts(load_dataset(src))
@@ -106,8 +133,9 @@ def test_rows_the_target_cannot_express_are_reported(tmp_path, capsys):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
 
     mixed = tmp_path / "mixed.json"
-    mixed.write_text(json.dumps(DATA["sft"] + [{"conversations": [{"from": "human", "value": "q"},
-                                                                   {"from": "gpt", "value": "a"}]}]))
+    mixed.write_text(
+        json.dumps(DATA["sft"] + [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    )
     code, summary = _convert(capsys, mixed, out, "trl")
     assert code == 0 and summary["rows_written"] == 1
     assert [p["level"] for p in summary["problems"]] == ["dropped", "dropped"]

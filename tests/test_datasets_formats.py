@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.datasets import DatasetError, load_dataset
-from engine.datasets.schema import Conversation, Message, PreferencePair, TextExample, UnpairedExample
+from finetune_studio.engine.datasets import DatasetError, load_dataset
+from finetune_studio.engine.datasets.schema import Conversation, Message, PreferencePair, TextExample, UnpairedExample
 
 U, A, S, T = "user", "assistant", "system", "tool"
 
@@ -24,57 +24,111 @@ def _by_line(ds):
 
 # --- SFT ----------------------------------------------------------------------------------------------------------
 
+
 def test_alpaca_with_system_and_history(tmp_path):
-    ds = _load(tmp_path, [{"instruction": "And 3+3?", "input": "", "output": "6", "system": "Be brief.",
-                           "history": [["2+2?", "4"]]}])
+    ds = _load(
+        tmp_path,
+        [{"instruction": "And 3+3?", "input": "", "output": "6", "system": "Be brief.", "history": [["2+2?", "4"]]}],
+    )
     assert (ds.format, ds.kind) == ("alpaca", "sft")
-    assert ds.examples[0].messages == (Message(S, "Be brief."), Message(U, "2+2?"), Message(A, "4"),
-                                       Message(U, "And 3+3?"), Message(A, "6"))
+    assert ds.examples[0].messages == (
+        Message(S, "Be brief."),
+        Message(U, "2+2?"),
+        Message(A, "4"),
+        Message(U, "And 3+3?"),
+        Message(A, "6"),
+    )
 
 
 def test_sharegpt_with_tools_function_calls_and_observations(tmp_path):
     tools = [{"name": "add", "description": "add numbers", "parameters": {"type": "object"}}]
-    row = {"system": "You can call tools.", "tools": json.dumps(tools), "conversations": [
-        {"from": "human", "value": "2+2?"},
-        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 2}})},
-        {"from": "observation", "value": "4"},
-        {"from": "gpt", "value": "It is 4."}]}
+    row = {
+        "system": "You can call tools.",
+        "tools": json.dumps(tools),
+        "conversations": [
+            {"from": "human", "value": "2+2?"},
+            {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 2}})},
+            {"from": "observation", "value": "4"},
+            {"from": "gpt", "value": "It is 4."},
+        ],
+    }
     ds = _load(tmp_path, [row])
     assert ds.format == "sharegpt"
     ex = ds.examples[0]
     assert ex.tools == ({"type": "function", "function": tools[0]},)
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
-    assert ex.messages == (Message(S, "You can call tools."), Message(U, "2+2?"), Message(A, "", (call,)),
-                           Message(T, "4"), Message(A, "It is 4."))
+    assert ex.messages == (
+        Message(S, "You can call tools."),
+        Message(U, "2+2?"),
+        Message(A, "", (call,)),
+        Message(T, "4"),
+        Message(A, "It is 4."),
+    )
 
 
 def test_openai_messages_typed_parts_weights_and_tool_calls(tmp_path):
-    row = {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "text", "value": "hi"}],
-         "loss_weight": 0.0},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "greet", "arguments": "{\"who\": \"you\"}"}}]},
-        {"role": "tool", "content": "done"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}], "loss_weight": 1.0}]}
-    ds = _load(tmp_path, [row, {"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
-                                             {"role": "assistant", "content": "A cat."}]}])
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Look:"}, {"type": "text", "value": "hi"}],
+                "loss_weight": 0.0,
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "greet", "arguments": '{"who": "you"}'}}
+                ],
+            },
+            {"role": "tool", "content": "done"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}], "loss_weight": 1.0},
+        ]
+    }
+    ds = _load(
+        tmp_path,
+        [
+            row,
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                    {"role": "assistant", "content": "A cat."},
+                ]
+            },
+        ],
+    )
     assert ds.format == "messages" and len(ds.examples) == 1
     call = {"type": "function", "function": {"name": "greet", "arguments": {"who": "you"}}, "id": "c1"}
-    assert ds.examples[0].messages == (Message(U, "Look:\nhi", (), False), Message(A, "", (call,)),
-                                       Message(T, "done"), Message(A, "Hello!", (), True))
+    assert ds.examples[0].messages == (
+        Message(U, "Look:\nhi", (), False),
+        Message(A, "", (call,)),
+        Message(T, "done"),
+        Message(A, "Hello!", (), True),
+    )
     assert "'image' part" in _by_line(ds)[2] and ds.dropped
 
 
 def test_prompt_completion_trains_on_the_completion_only(tmp_path):
-    rows = [{"prompt": "2+2?", "completion": "4"},
-            {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                        {"role": "user", "content": "bye"}],
-             "completion": [{"role": "assistant", "content": "ciao"}]}]
+    rows = [
+        {"prompt": "2+2?", "completion": "4"},
+        {
+            "prompt": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"},
+            ],
+            "completion": [{"role": "assistant", "content": "ciao"}],
+        },
+    ]
     ds = _load(tmp_path, rows)
     assert ds.format == "prompt-completion"
     assert ds.examples[0].messages == (Message(U, "2+2?"), Message(A, "4"))
-    assert ds.examples[1].messages == (Message(U, "hi"), Message(A, "hello", (), False), Message(U, "bye"),
-                                       Message(A, "ciao"))
+    assert ds.examples[1].messages == (
+        Message(U, "hi"),
+        Message(A, "hello", (), False),
+        Message(U, "bye"),
+        Message(A, "ciao"),
+    )
 
 
 def test_plain_text(tmp_path):
@@ -94,18 +148,25 @@ def test_unknown_role_is_dropped_with_a_hint_and_the_mapping_fixes_it(tmp_path):
 
 
 def test_conversation_without_answer_is_dropped(tmp_path):
-    ds = _load(tmp_path, [{"messages": [{"role": "user", "content": "hi"}]},
-                          {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    ds = _load(
+        tmp_path,
+        [
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        ],
+    )
     assert len(ds.examples) == 1 and _by_line(ds) == {1: "no assistant turn to train on"}
 
 
 # --- preference ---------------------------------------------------------------------------------------------------
 
+
 def test_trl_standard(tmp_path):
     ds = _load(tmp_path, [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
     assert (ds.format, ds.kind) == ("trl", "preference")
-    assert ds.examples[0] == PreferencePair((Message(U, "2+2?"),), (Message(A, "4"),), (Message(A, "5"),),
-                                            source_line=1)
+    assert ds.examples[0] == PreferencePair(
+        (Message(U, "2+2?"),), (Message(A, "4"),), (Message(A, "5"),), source_line=1
+    )
 
 
 def test_trl_implicit_prompt_strings(tmp_path):
@@ -123,7 +184,10 @@ def test_trl_implicit_prompt_strings(tmp_path):
     assert ds.format == "trl-implicit"
     first, prefix, marker = ds.examples
     assert (first.prompt, first.chosen, first.rejected) == (
-        (Message(U, "What is 2+2? It is"),), (Message(A, "4."),), (Message(A, "5."),))
+        (Message(U, "What is 2+2? It is"),),
+        (Message(A, "4."),),
+        (Message(A, "5."),),
+    )
     assert prefix.prompt == (Message(U, "Capital of France?"),)
     assert (prefix.chosen, prefix.rejected) == ((Message(A, "Paris, of course."),), (Message(A, "Paris"),))
     assert marker.prompt == (Message(U, "User: hi\nAssistant:"),)
@@ -136,12 +200,24 @@ def test_trl_implicit_prompt_strings(tmp_path):
 def test_trl_implicit_prompt_conversational(tmp_path):
     q = {"role": "user", "content": "Hi"}
     rows = [
-        {"chosen": [q, {"role": "assistant", "content": "Hello!"}], "rejected": [q, {"role": "assistant", "content": "Go."}]},
+        {
+            "chosen": [q, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [q, {"role": "assistant", "content": "Go."}],
+        },
         # rejected continues past the shared answer: prompt stops before the last shared assistant turn
-        {"chosen": [q, {"role": "assistant", "content": "Hello!"}],
-         "rejected": [q, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "?"},
-                      {"role": "assistant", "content": "Nothing."}]},
-        {"chosen": [q, {"role": "assistant", "content": "Same"}], "rejected": [q, {"role": "assistant", "content": "Same"}]},
+        {
+            "chosen": [q, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [
+                q,
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "?"},
+                {"role": "assistant", "content": "Nothing."},
+            ],
+        },
+        {
+            "chosen": [q, {"role": "assistant", "content": "Same"}],
+            "rejected": [q, {"role": "assistant", "content": "Same"}],
+        },
     ]
     ds = _load(tmp_path, rows)
     assert ds.format == "trl-implicit-conversational" and len(ds.examples) == 2
@@ -153,17 +229,31 @@ def test_trl_implicit_prompt_conversational(tmp_path):
 
 
 def test_trl_conversational_explicit_prompt(tmp_path):
-    ds = _load(tmp_path, [{"prompt": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}],
-                           "chosen": [{"role": "assistant", "content": "Hello"}],
-                           "rejected": [{"role": "assistant", "content": "Go"}]}])
+    ds = _load(
+        tmp_path,
+        [
+            {
+                "prompt": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "assistant", "content": "Hello"}],
+                "rejected": [{"role": "assistant", "content": "Go"}],
+            }
+        ],
+    )
     assert ds.format == "trl-conversational"
     assert ds.examples[0].prompt == (Message(S, "Be nice"), Message(U, "Hi"))
 
 
 def test_anthropic_hh(tmp_path):
     base = "\n\nHuman: Hi\n\nAssistant: Hello, how can I help?\n\nHuman: Tell me a joke."
-    ds = _load(tmp_path, [{"chosen": base + "\n\nAssistant: Why did the chicken cross the road?",
-                           "rejected": base + "\n\nAssistant: No."}])
+    ds = _load(
+        tmp_path,
+        [
+            {
+                "chosen": base + "\n\nAssistant: Why did the chicken cross the road?",
+                "rejected": base + "\n\nAssistant: No.",
+            }
+        ],
+    )
     assert ds.format == "hh"
     ex = ds.examples[0]
     assert ex.prompt == (Message(U, "Hi"), Message(A, "Hello, how can I help?"), Message(U, "Tell me a joke."))
@@ -175,10 +265,22 @@ def test_ultrafeedback_with_scores(tmp_path):
     def side(answer):
         return [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": answer}]
 
-    rows = [{"prompt": "Name a colour", "chosen": side("Blue"), "rejected": side("Seven"), "score_chosen": 9.0,
-             "score_rejected": 2.0},
-            {"prompt": "Name a colour", "chosen": side("Red"), "rejected": side("Green"), "score_chosen": 3.0,
-             "score_rejected": 8.0}]
+    rows = [
+        {
+            "prompt": "Name a colour",
+            "chosen": side("Blue"),
+            "rejected": side("Seven"),
+            "score_chosen": 9.0,
+            "score_rejected": 2.0,
+        },
+        {
+            "prompt": "Name a colour",
+            "chosen": side("Red"),
+            "rejected": side("Green"),
+            "score_chosen": 3.0,
+            "score_rejected": 8.0,
+        },
+    ]
     ds = _load(tmp_path, rows)
     assert ds.format == "ultrafeedback" and len(ds.examples) == 2
     assert ds.examples[0].prompt == (Message(U, "Name a colour"),)
@@ -190,19 +292,30 @@ def test_llama_factory_alpaca_and_sharegpt_ranking(tmp_path):
     alpaca = _load(tmp_path, [{"instruction": "Translate", "input": "bonjour", "chosen": "hello", "rejected": "bye"}])
     assert alpaca.format == "alpaca-ranking"
     assert alpaca.examples[0].prompt == (Message(U, "Translate\nbonjour"),)
-    sharegpt = _load(tmp_path, [{"conversations": [{"from": "human", "value": "hi"}],
-                                 "chosen": {"from": "gpt", "value": "hello"},
-                                 "rejected": {"from": "gpt", "value": "go"}}], name="sg.jsonl")
+    sharegpt = _load(
+        tmp_path,
+        [
+            {
+                "conversations": [{"from": "human", "value": "hi"}],
+                "chosen": {"from": "gpt", "value": "hello"},
+                "rejected": {"from": "gpt", "value": "go"},
+            }
+        ],
+        name="sg.jsonl",
+    )
     assert sharegpt.format == "sharegpt-ranking"
-    assert sharegpt.examples[0] == PreferencePair((Message(U, "hi"),), (Message(A, "hello"),), (Message(A, "go"),),
-                                                  source_line=1)
+    assert sharegpt.examples[0] == PreferencePair(
+        (Message(U, "hi"),), (Message(A, "hello"),), (Message(A, "go"),), source_line=1
+    )
 
 
 def test_chosen_and_rejected_messages_with_typed_parts(tmp_path):
     def side(answer):
-        return [{"role": "system", "content": [{"type": "text", "value": "sys"}], "loss_weight": 0.0},
-                {"role": "user", "content": [{"type": "text", "value": "q"}], "loss_weight": 0.0},
-                {"role": "assistant", "content": [{"type": "text", "value": answer}], "loss_weight": 1.0}]
+        return [
+            {"role": "system", "content": [{"type": "text", "value": "sys"}], "loss_weight": 0.0},
+            {"role": "user", "content": [{"type": "text", "value": "q"}], "loss_weight": 0.0},
+            {"role": "assistant", "content": [{"type": "text", "value": answer}], "loss_weight": 1.0},
+        ]
 
     ds = _load(tmp_path, [{"chosen_messages": side("good"), "rejected_messages": side("bad")}])
     assert ds.format == "chosen-rejected-messages"
@@ -213,23 +326,32 @@ def test_chosen_and_rejected_messages_with_typed_parts(tmp_path):
 
 # --- unpaired (KTO) -----------------------------------------------------------------------------------------------
 
+
 def test_kto_prompt_completion_label(tmp_path):
-    ds = _load(tmp_path, [{"prompt": "2+2?", "completion": "4", "label": True},
-                          {"prompt": "2+2?", "completion": "5", "label": "false"},
-                          {"prompt": "2+2?", "completion": "6", "label": "maybe"}])
+    ds = _load(
+        tmp_path,
+        [
+            {"prompt": "2+2?", "completion": "4", "label": True},
+            {"prompt": "2+2?", "completion": "5", "label": "false"},
+            {"prompt": "2+2?", "completion": "6", "label": "maybe"},
+        ],
+    )
     assert (ds.format, ds.kind) == ("kto", "unpaired")
     assert [ex.label for ex in ds.examples] == [True, False]
     assert "'label' must be true or false" in _by_line(ds)[3]
 
 
 def test_messages_with_boolean_label(tmp_path):
-    ds = _load(tmp_path, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-                           "label": False}])
+    ds = _load(
+        tmp_path,
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "label": False}],
+    )
     assert ds.format == "messages-kto"
     assert ds.examples[0] == UnpairedExample((Message(U, "hi"),), (Message(A, "yo"),), False, 1)
 
 
 # --- mapping and checks -------------------------------------------------------------------------------------------
+
 
 def test_mapping_renames_columns(tmp_path):
     rows = [{"question": "2+2?", "good": "4", "bad": "5"}]
@@ -241,17 +363,29 @@ def test_mapping_renames_columns(tmp_path):
 
 def test_mapping_forces_a_format_and_names_custom_turn_keys(tmp_path):
     rows = [{"dialog": [{"speaker": "client", "utterance": "hi"}, {"speaker": "agent", "utterance": "hello"}]}]
-    ds = _load(tmp_path, rows, {"format": "messages", "messages": "dialog", "role_key": "speaker",
-                                "content_key": "utterance", "roles": {"client": "user", "agent": "assistant"}})
+    ds = _load(
+        tmp_path,
+        rows,
+        {
+            "format": "messages",
+            "messages": "dialog",
+            "role_key": "speaker",
+            "content_key": "utterance",
+            "roles": {"client": "user", "agent": "assistant"},
+        },
+    )
     assert ds.examples[0].messages == (Message(U, "hi"), Message(A, "hello"))
 
 
-@pytest.mark.parametrize("mapping,match", [
-    ({"promt": "q"}, "unknown mapping key 'promt'"),
-    ({"prompt": "question"}, "names column 'question'"),
-    ({"format": "alpacca"}, "unknown format 'alpacca'"),
-    ({"roles": {"bot": "robot"}}, "'roles' must map"),
-])
+@pytest.mark.parametrize(
+    "mapping,match",
+    [
+        ({"promt": "q"}, "unknown mapping key 'promt'"),
+        ({"prompt": "question"}, "names column 'question'"),
+        ({"format": "alpacca"}, "unknown format 'alpacca'"),
+        ({"roles": {"bot": "robot"}}, "'roles' must map"),
+    ],
+)
 def test_bad_mappings_are_refused(tmp_path, mapping, match):
     with pytest.raises(DatasetError, match=match):
         _load(tmp_path, [{"text": "x"}], mapping)
@@ -274,8 +408,13 @@ def test_many_identical_problems_are_summed_up(tmp_path):
 
 
 def test_prompt_key_groups_the_same_prompt(tmp_path):
-    ds = _load(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}])
+    ds = _load(
+        tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    )
     assert ds.examples[0].prompt_key == ds.examples[1].prompt_key
-    assert isinstance(_load(tmp_path, [{"messages": [{"role": "user", "content": "q"},
-                                                     {"role": "assistant", "content": "a"}]}]).examples[0],
-                      Conversation)
+    assert isinstance(
+        _load(
+            tmp_path, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+        ).examples[0],
+        Conversation,
+    )

@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from engine.datasets import DatasetError, load_dataset
-from engine.datasets import readers
-from engine.datasets.schema import Message
+from finetune_studio.engine.datasets import DatasetError, load_dataset, readers
+from finetune_studio.engine.datasets.schema import Message
 
 ROWS = [
     {"instruction": "Say hi", "input": "", "output": "Hi!"},
@@ -124,9 +123,11 @@ def test_parquet_in_batches(tmp_path):
     assert (ds.format, ds.kind, len(ds.examples)) == ("trl", "preference", 2500)
     last = ds.examples[-1]
     assert last.source_line == 2500
-    assert (last.prompt, last.chosen, last.rejected) == ((Message("user", "q2499"),),
-                                                         (Message("assistant", "good 2499"),),
-                                                         (Message("assistant", "bad 2499"),))
+    assert (last.prompt, last.chosen, last.rejected) == (
+        (Message("user", "q2499"),),
+        (Message("assistant", "good 2499"),),
+        (Message("assistant", "bad 2499"),),
+    )
 
 
 def test_save_to_disk_folder_and_dataset_dict(tmp_path):
@@ -178,28 +179,34 @@ def _refused(tmp_path, name: str, content: bytes, match: str):
         load_dataset(path)
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("empty.jsonl", b"", "is empty"),
-    ("blank.json", b"  \n\n ", "only whitespace"),
-    ("binary.jsonl", bytes(range(256)) * 4, "binary file"),
-    ("latin1.jsonl", '{"text": "café"}\n'.encode("latin-1"), "not valid UTF-8.*line 1"),
-    ("late-latin1.jsonl", b'{"text": "ok"}\n' * 3 + '{"text": "café"}\n'.encode("latin-1"),
-     "not valid UTF-8.*line 4"),
-    ("utf16.json", '[{"text": "hi"}]'.encode("utf-16"), "UTF-16"),
-    ("gz.jsonl", gzip.compress(b'{"text": "hi"}\n'), "gzip"),
-    ("numbers.json", b"[1, 2, 3]", "list of objects.*first element is a number"),
-    ("scalar.json", b'"hello"', "holds a string, not a list of objects"),
-    ("object.json", b'{"text": "a single row"}', "single JSON object"),
-    ("broken.json", b'[\n{"text": "a"},\n{"text": "b" "c"}\n]', "not valid JSON.*line 3"),
-    ("unclosed.json", b'[{"text": "a"}, {"text": "b"}', "not closed"),
-    ("noheader.csv", b"What is 2+2?,4\nCapital of France?,Paris\n", "does not look like a header"),
-    ("dupheader.csv", b"text,text\na,b\n", "repeated column names"),
-    ("unknown.csv", b"Hello,Bonjour\nBye,Au revoir\n", "could not recognise.*Hello.*add a header row"),
-    ("fake.parquet", b"not parquet at all", "not a Parquet file"),
-    ("all-bad.jsonl", b"{oops\n[1]\n", "no usable rows.*every row is malformed"),
-    ("only-empty-output.json", b'[{"instruction": "a", "output": ""}]', "no usable rows.*empty 'output'"),
-    ("notes.txt", b"just some notes", "unknown file type"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("empty.jsonl", b"", "is empty"),
+        ("blank.json", b"  \n\n ", "only whitespace"),
+        ("binary.jsonl", bytes(range(256)) * 4, "binary file"),
+        ("latin1.jsonl", '{"text": "café"}\n'.encode("latin-1"), "not valid UTF-8.*line 1"),
+        (
+            "late-latin1.jsonl",
+            b'{"text": "ok"}\n' * 3 + '{"text": "café"}\n'.encode("latin-1"),
+            "not valid UTF-8.*line 4",
+        ),
+        ("utf16.json", '[{"text": "hi"}]'.encode("utf-16"), "UTF-16"),
+        ("gz.jsonl", gzip.compress(b'{"text": "hi"}\n'), "gzip"),
+        ("numbers.json", b"[1, 2, 3]", "list of objects.*first element is a number"),
+        ("scalar.json", b'"hello"', "holds a string, not a list of objects"),
+        ("object.json", b'{"text": "a single row"}', "single JSON object"),
+        ("broken.json", b'[\n{"text": "a"},\n{"text": "b" "c"}\n]', "not valid JSON.*line 3"),
+        ("unclosed.json", b'[{"text": "a"}, {"text": "b"}', "not closed"),
+        ("noheader.csv", b"What is 2+2?,4\nCapital of France?,Paris\n", "does not look like a header"),
+        ("dupheader.csv", b"text,text\na,b\n", "repeated column names"),
+        ("unknown.csv", b"Hello,Bonjour\nBye,Au revoir\n", "could not recognise.*Hello.*add a header row"),
+        ("fake.parquet", b"not parquet at all", "not a Parquet file"),
+        ("all-bad.jsonl", b"{oops\n[1]\n", "no usable rows.*every row is malformed"),
+        ("only-empty-output.json", b'[{"instruction": "a", "output": ""}]', "no usable rows.*empty 'output'"),
+        ("notes.txt", b"just some notes", "unknown file type"),
+    ],
+)
 def test_hostile_files_get_a_clear_error(tmp_path, name, content, match):
     _refused(tmp_path, name, content, match)
 
@@ -226,8 +233,10 @@ def test_reading_data_does_not_import_torch(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(ROWS))
     root = Path(__file__).resolve().parent.parent
-    code = ("import sys; from engine.datasets import load_dataset; "
-            f"assert len(load_dataset({str(path)!r}).examples) == 3; print('torch' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; from finetune_studio.engine.datasets import load_dataset; "
+        f"assert len(load_dataset({str(path)!r}).examples) == 3; print('torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-P", "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "False"

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import random
 
-from engine.datasets.schema import Message, PreferencePair
-from engine.datasets.split import split_by_prompt
+from finetune_studio.engine.datasets.schema import Message, PreferencePair
+from finetune_studio.engine.datasets.split import split_by_prompt
 
 
 def _pairs(n_prompts: int, per_prompt: int) -> list[PreferencePair]:
-    return [PreferencePair((Message("user", f"prompt {p}"),), (Message("assistant", f"good {i}"),),
-                           (Message("assistant", f"bad {i}"),), source_line=p * per_prompt + i)
-            for p in range(n_prompts) for i in range(per_prompt)]
+    return [
+        PreferencePair(
+            (Message("user", f"prompt {p}"),),
+            (Message("assistant", f"good {i}"),),
+            (Message("assistant", f"bad {i}"),),
+            source_line=p * per_prompt + i,
+        )
+        for p in range(n_prompts)
+        for i in range(per_prompt)
+    ]
 
 
 def test_no_prompt_on_both_sides_and_sizes():

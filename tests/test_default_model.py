@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
-from engine.models import describe, resolve_model
-from engine.reporting import Reporter
-from engine.train import train_run
 from engine_helpers import Recorder
+
+from finetune_studio.engine.models import describe, resolve_model
+from finetune_studio.engine.reporting import Reporter
+from finetune_studio.engine.train import train_run
 
 
 @pytest.mark.slow
@@ -22,15 +22,27 @@ def test_default_model_converts_once_and_trains(tmp_path):
     assert json.loads((folder / "config.json").read_text()).get("quantization_config") is None
 
     data = tmp_path / "d.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Reply with the word {w}."},
-                          {"role": "assistant", "content": w}]} for w in ("apple", "river", "stone", "cloud")]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Reply with the word {w}."}, {"role": "assistant", "content": w}]}
+        for w in ("apple", "river", "stone", "cloud")
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     rec = Recorder()
-    from core.config import TrainConfig
+    from finetune_studio.core.config import TrainConfig
 
-    result = train_run(TrainConfig(dataset=str(data), max_steps=3, batch_size=2, max_length=96, lora_rank=4,
-                                   learning_rate=1e-3, validation_fraction=0.0, eval_every=0),
-                       reporter=Reporter(extra=rec))
+    result = train_run(
+        TrainConfig(
+            dataset=str(data),
+            max_steps=3,
+            batch_size=2,
+            max_length=96,
+            lora_rank=4,
+            learning_rate=1e-3,
+            validation_fraction=0.0,
+            eval_every=0,
+        ),
+        reporter=Reporter(extra=rec),
+    )
     assert result.status == "completed"
     losses = rec.losses
     # A real instruct model already predicts these short answers well (a random one would start near ln(49152) = 10.8).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import demo
+from finetune_studio.engine import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "resources" / "datasets"
@@ -56,8 +56,9 @@ def test_eval_prompts_and_people_are_not_in_training(built):
     sft = built["demo_sft.jsonl"]
     pref = built["demo_preference.jsonl"]
     train_prompts = {r["messages"][0]["content"] for r in sft} | {r["prompt"] for r in pref}
-    train_names = {json.loads(r["messages"][1]["content"])["name"] for r in sft} | \
-        {json.loads(r["chosen"])["name"] for r in pref}
+    train_names = {json.loads(r["messages"][1]["content"])["name"] for r in sft} | {
+        json.loads(r["chosen"])["name"] for r in pref
+    }
     eval_rows = built["demo_eval.jsonl"]
     assert len({r["prompt"] for r in eval_rows}) == len(eval_rows)
     for row in eval_rows:
@@ -95,27 +96,30 @@ def test_preference_chosen_scores_one_and_rejected_zero(built):
         assert row["chosen"] != row["rejected"]
 
 
-@pytest.mark.parametrize("answer, valid, exact", [
-    ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}', True, True),
-    ('  {"name":"Ana Silva","age":31,"city":"Porto","job":null}\n', True, True),
-    ('{\n  "job": null,\n  "city": "Porto",\n  "age": 31,\n  "name": "Ana Silva"\n}', True, True),
-    ('{"name": "Ana Silva", "age": 32, "city": "Porto", "job": null}', True, False),
-    ('{"name": "Ana", "age": 31, "city": "Porto", "job": null}', True, False),
-    ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": "nurse"}', True, False),
-    ('{"name": "Ana Silva", "age": "31", "city": "Porto", "job": null}', False, False),
-    ('{"name": "Ana Silva", "age": 31.0, "city": "Porto", "job": null}', False, False),
-    ('{"name": "Ana Silva", "age": true, "city": "Porto", "job": null}', False, False),
-    ('{"name": "Ana Silva", "age": 31, "city": "Porto"}', False, False),
-    ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null, "country": "PT"}', False, False),
-    ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": 7}', False, False),
-    ('{"name": ["Ana Silva"], "age": 31, "city": "Porto", "job": null}', False, False),
-    ('```json\n{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}\n```', False, False),
-    ('JSON: {"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}', False, False),
-    ('[{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}]', False, False),
-    ("Ana Silva is 31 and lives in Porto.", False, False),
-    ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": nu', False, False),
-    ("", False, False),
-])
+@pytest.mark.parametrize(
+    "answer, valid, exact",
+    [
+        ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}', True, True),
+        ('  {"name":"Ana Silva","age":31,"city":"Porto","job":null}\n', True, True),
+        ('{\n  "job": null,\n  "city": "Porto",\n  "age": 31,\n  "name": "Ana Silva"\n}', True, True),
+        ('{"name": "Ana Silva", "age": 32, "city": "Porto", "job": null}', True, False),
+        ('{"name": "Ana", "age": 31, "city": "Porto", "job": null}', True, False),
+        ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": "nurse"}', True, False),
+        ('{"name": "Ana Silva", "age": "31", "city": "Porto", "job": null}', False, False),
+        ('{"name": "Ana Silva", "age": 31.0, "city": "Porto", "job": null}', False, False),
+        ('{"name": "Ana Silva", "age": true, "city": "Porto", "job": null}', False, False),
+        ('{"name": "Ana Silva", "age": 31, "city": "Porto"}', False, False),
+        ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null, "country": "PT"}', False, False),
+        ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": 7}', False, False),
+        ('{"name": ["Ana Silva"], "age": 31, "city": "Porto", "job": null}', False, False),
+        ('```json\n{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}\n```', False, False),
+        ('JSON: {"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}', False, False),
+        ('[{"name": "Ana Silva", "age": 31, "city": "Porto", "job": null}]', False, False),
+        ("Ana Silva is 31 and lives in Porto.", False, False),
+        ('{"name": "Ana Silva", "age": 31, "city": "Porto", "job": nu', False, False),
+        ("", False, False),
+    ],
+)
 def test_scorer(answer, valid, exact):
     expected = {"name": "Ana Silva", "age": 31, "city": "Porto", "job": None}
     assert demo.score_answer(answer, expected) == (valid, exact)
@@ -131,8 +135,23 @@ def test_score_answers_aggregates():
 
 
 def test_demo_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
-    code = demo.main(["--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "--max-length", "512",
-                      "--eval-limit", "3", "--max-new-tokens", "4", "--json"])
+    code = demo.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "512",
+            "--eval-limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
@@ -145,8 +164,25 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
 
 
 def test_demo_dpo_runs_on_the_tiny_model(tiny_model_dir, capsys):
-    code = demo.main(["--model", str(tiny_model_dir), "--objective", "dpo", "--steps", "1", "--batch-size", "1",
-                      "--max-length", "512", "--eval-limit", "1", "--max-new-tokens", "2", "--skip-before"])
+    code = demo.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--objective",
+            "dpo",
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--max-length",
+            "512",
+            "--eval-limit",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--skip-before",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "exact match" in out and "valid format" in out and "DPO" in out

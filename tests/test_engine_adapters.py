@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
-from core.store import Store, new_run_id
-from engine import adapters
-from engine.models import load_causal_lm
-from engine.reporting import Reporter
-from engine.train import Recipe, StopFlag
 from engine_helpers import tiny_config, write_sft
+
+from finetune_studio.core.store import Store, new_run_id
+from finetune_studio.engine import adapters
+from finetune_studio.engine.models import load_causal_lm
+from finetune_studio.engine.reporting import Reporter
+from finetune_studio.engine.train import Recipe, StopFlag
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
 
@@ -64,7 +64,7 @@ def test_exported_adapter_loaded_by_peft_gives_the_engines_logits(tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.export import export_adapter
+    from finetune_studio.engine.export import export_adapter
 
     recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_exported_adapter_loaded_by_peft_gives_the_engines_logits(tiny_model_dir
 
 
 def test_export_refuses_to_overwrite_and_unknown_runs(tiny_model_dir, tmp_path):
-    from engine.export import ExportError, export_adapter
+    from finetune_studio.engine.export import ExportError, export_adapter
 
     recipe = _trained_recipe(tiny_model_dir, tmp_path)
     target = tmp_path / "busy"

@@ -1,24 +1,28 @@
-"""`python -m engine` as the app runs it: events on stdout, failures as `failed` events, SIGTERM."""
+"""`python -m finetune_studio.engine` as the app runs it: events on stdout, failures as `failed` events, SIGTERM."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from core.events import parse_event
-from core.store import Store
 from engine_helpers import tiny_config, write_sft
+
+from finetune_studio.core.events import parse_event
+from finetune_studio.core.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def engine(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def events_of(stdout: str) -> list:
@@ -85,9 +89,20 @@ def test_pickle_checkpoint_is_refused_unless_allowed(tiny_model_dir, tmp_path):
 
 def test_sigterm_checkpoints_marks_stopped_and_exits_zero(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "train",
-                             str(write_config(tmp_path / "c.json", cfg.to_dict()))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "finetune_studio.engine",
+            "train",
+            str(write_config(tmp_path / "c.json", cfg.to_dict())),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(parse_event(line))
@@ -131,9 +146,20 @@ def test_export_cli(tiny_model_dir, tmp_path):
 def test_run_goes_on_when_its_reader_goes_away(tiny_model_dir, tmp_path):
     """The app lets a run continue and exits: stdout and stderr close; training completes, logs land in a file."""
     cfg = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=12)
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "train",
-                             str(write_config(tmp_path / "c.json", cfg.to_dict()))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "finetune_studio.engine",
+            "train",
+            str(write_config(tmp_path / "c.json", cfg.to_dict())),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         event = parse_event(line)
         if event.type == "started":

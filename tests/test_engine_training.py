@@ -1,11 +1,11 @@
 """Every method x objective trains with falling loss; resume reproduces the uninterrupted curve."""
 
 import pytest
-
-from core.store import Store
-from engine.reporting import Reporter
-from engine.train import StopFlag, train_run
 from engine_helpers import Recorder, tiny_config, write_dpo, write_sft
+
+from finetune_studio.core.store import Store
+from finetune_studio.engine.reporting import Reporter
+from finetune_studio.engine.train import StopFlag, train_run
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora", "qdora"])
@@ -13,8 +13,15 @@ from engine_helpers import Recorder, tiny_config, write_dpo, write_sft
 def test_each_method_and_objective_learns(tiny_model_dir, tmp_path, method, objective):
     data = write_sft(tmp_path / "d.jsonl") if objective == "sft" else write_dpo(tmp_path / "d.jsonl")
     rec = Recorder()
-    config = tiny_config(tiny_model_dir, data, method=method, objective=objective, max_steps=8,
-                         learning_rate=1e-2 if objective == "sft" else 5e-3, eval_every=4)
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        method=method,
+        objective=objective,
+        max_steps=8,
+        learning_rate=1e-2 if objective == "sft" else 5e-3,
+        eval_every=4,
+    )
     result = train_run(config, reporter=Reporter(extra=rec))
     losses = rec.losses
     assert result.status == "completed" and len(losses) == 8
@@ -36,8 +43,16 @@ def test_each_method_and_objective_learns(tiny_model_dir, tmp_path, method, obje
 
 def test_a_dpo_step_raises_the_reward_margin(tiny_model_dir, tmp_path):
     rec = Recorder()
-    config = tiny_config(tiny_model_dir, write_dpo(tmp_path / "p.jsonl"), objective="dpo", max_steps=3,
-                         learning_rate=1e-2, eval_every=1, validation_fraction=0.2, lr_scheduler="constant")
+    config = tiny_config(
+        tiny_model_dir,
+        write_dpo(tmp_path / "p.jsonl"),
+        objective="dpo",
+        max_steps=3,
+        learning_rate=1e-2,
+        eval_every=1,
+        validation_fraction=0.2,
+        lr_scheduler="constant",
+    )
     train_run(config, reporter=Reporter(extra=rec))
     margins = [e.reward_margin for e in rec.of("eval")]
     assert len(margins) == 3 and margins[0] > 0 and margins[-1] > margins[0]
@@ -48,8 +63,10 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
     curves = []
     for precompute in (False, True):
         rec = Recorder()
-        train_run(tiny_config(tiny_model_dir, data, objective="dpo", max_steps=4, precompute_reference=precompute),
-                  reporter=Reporter(extra=rec))
+        train_run(
+            tiny_config(tiny_model_dir, data, objective="dpo", max_steps=4, precompute_reference=precompute),
+            reporter=Reporter(extra=rec),
+        )
         curves.append(rec.losses)
     assert curves[0] == pytest.approx(curves[1], abs=1e-5)
 
@@ -57,8 +74,16 @@ def test_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, objective):
     data = write_sft(tmp_path / "d.jsonl") if objective == "sft" else write_dpo(tmp_path / "d.jsonl")
-    config = tiny_config(tiny_model_dir, data, objective=objective, max_steps=8, gradient_accumulation_steps=2,
-                         lora_dropout=0.1, batch_size=3, eval_every=0)
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        objective=objective,
+        max_steps=8,
+        gradient_accumulation_steps=2,
+        lora_dropout=0.1,
+        batch_size=3,
+        eval_every=0,
+    )
     full = Recorder()
     train_run(config, reporter=Reporter(extra=full))
 
@@ -85,8 +110,11 @@ def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, objective
 def test_gradient_checkpointing_and_accumulation_keep_the_maths(tiny_model_dir, tmp_path):
     data = write_sft(tmp_path / "d.jsonl")
     curves = []
-    for kw in ({"batch_size": 4}, {"batch_size": 2, "gradient_accumulation_steps": 2},
-               {"batch_size": 4, "gradient_checkpointing": True}):
+    for kw in (
+        {"batch_size": 4},
+        {"batch_size": 2, "gradient_accumulation_steps": 2},
+        {"batch_size": 4, "gradient_checkpointing": True},
+    ):
         rec = Recorder()
         train_run(tiny_config(tiny_model_dir, data, max_steps=3, **kw), reporter=Reporter(extra=rec))
         curves.append(rec.losses)
@@ -97,17 +125,20 @@ def test_gradient_checkpointing_and_accumulation_keep_the_maths(tiny_model_dir, 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw", "paged_adamw_8bit"])
 def test_bitsandbytes_optimizers_train(tiny_model_dir, tmp_path, optimizer):
     rec = Recorder()
-    train_run(tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), optimizer=optimizer, max_steps=6),
-              reporter=Reporter(extra=rec))
+    train_run(
+        tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), optimizer=optimizer, max_steps=6),
+        reporter=Reporter(extra=rec),
+    )
     assert rec.losses[-1] < rec.losses[0]
 
 
 def test_wrong_data_kind_for_the_objective_fails_with_a_clear_message(tiny_model_dir, tmp_path):
-    from engine.train import TrainingFailed
+    from finetune_studio.engine.train import TrainingFailed
 
     rec = Recorder()
     with pytest.raises(TrainingFailed):
-        train_run(tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), objective="dpo"),
-                  reporter=Reporter(extra=rec))
+        train_run(
+            tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), objective="dpo"), reporter=Reporter(extra=rec)
+        )
     failed = rec.of("failed")[0]
     assert failed.kind == "data" and "DPO objective needs preference data" in failed.message

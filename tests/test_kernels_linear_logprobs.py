@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.linear_logprobs import token_logprobs, token_logprobs_reference
+from finetune_studio.kernels.linear_logprobs import token_logprobs, token_logprobs_reference
 
 
 @pytest.mark.parametrize("n,h,v,chunk", [(1, 8, 5, 4), (37, 16, 101, 8), (64, 32, 257, 64), (130, 24, 50, 7)])

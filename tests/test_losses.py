@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import dpo_loss, sequence_logps, sft_loss
+from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 
 PC = torch.tensor([-10.0, -12.0, -7.5])
 PR = torch.tensor([-11.0, -11.0, -9.0])
@@ -48,9 +48,18 @@ def test_matches_trl_where_installed():
 
     from trl import DPOTrainer
 
-    fake = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, f_divergence_type="reverse_kl",
-                           use_weighting=False, reference_free=False, accelerator=SimpleNamespace(device="cpu"),
-                           args=SimpleNamespace(), f_alpha_divergence_coef=1.0, loss_weights=None)
+    fake = SimpleNamespace(
+        beta=0.1,
+        loss_type="sigmoid",
+        label_smoothing=0.0,
+        f_divergence_type="reverse_kl",
+        use_weighting=False,
+        reference_free=False,
+        accelerator=SimpleNamespace(device="cpu"),
+        args=SimpleNamespace(),
+        f_alpha_divergence_coef=1.0,
+        loss_weights=None,
+    )
     try:
         ours, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1)
         theirs = DPOTrainer.dpo_loss(fake, PC, PR, RC, RR)[0]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import TrainConfig
-from core.devices import DeviceInfo
-from core.memory import (
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.devices import DeviceInfo
+from finetune_studio.core.memory import (
     GIB,
     LOGITS_CHUNK,
     ModelShape,
@@ -30,12 +30,22 @@ GPU = DeviceInfo("cuda", "Test GPU", 8 * GIB, 8 * GIB, True)
 CPU = DeviceInfo("cpu", "Test CPU", 16 * GIB, 12 * GIB, True)
 DEFAULT = ModelShape.for_model_spec("default")
 
-SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
 ARCHS = {  # config class, model class, extra config
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
-    "llama-untied-bias": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, attention_bias=True,
-                                                                   mlp_bias=True)),
+    "llama-untied-bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24)),
@@ -56,16 +66,33 @@ def _hf_model(arch: str):
 
 # --- the shape --------------------------------------------------------------------------------------------
 
+
 def test_default_shape_is_smollm2_135m():
     s = DEFAULT
-    assert (s.architecture, s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads,
-            s.head_dim, s.intermediate_size, s.vocab_size, s.tie_word_embeddings, s.max_position_embeddings,
-            s.torch_dtype) == ("LlamaForCausalLM", 576, 30, 9, 3, 64, 1536, 49152, True, 8192, "bfloat16")
+    assert (
+        s.architecture,
+        s.hidden_size,
+        s.num_hidden_layers,
+        s.num_attention_heads,
+        s.num_key_value_heads,
+        s.head_dim,
+        s.intermediate_size,
+        s.vocab_size,
+        s.tie_word_embeddings,
+        s.max_position_embeddings,
+        s.torch_dtype,
+    ) == ("LlamaForCausalLM", 576, 30, 9, 3, 64, 1536, 49152, True, 8192, "bfloat16")
     # 49152*576 embeddings + 30 * (2*576*576 + 2*576*192 + 3*576*1536 + 2*576) + 576 final norm
     assert s.parameter_count == 134_515_008
     assert [(lin.name, lin.in_features, lin.out_features) for lin in s.linear_layers] == [
-        ("q_proj", 576, 576), ("k_proj", 576, 192), ("v_proj", 576, 192), ("o_proj", 576, 576),
-        ("gate_proj", 576, 1536), ("up_proj", 576, 1536), ("down_proj", 1536, 576)]
+        ("q_proj", 576, 576),
+        ("k_proj", 576, 192),
+        ("v_proj", 576, 192),
+        ("o_proj", 576, 576),
+        ("gate_proj", 576, 1536),
+        ("up_proj", 576, 1536),
+        ("down_proj", 1536, 576),
+    ]
     assert not s.approximate
     # r*(in+out) over the 7 linears of 30 blocks; DoRA adds 30 * (576+192+192+576+1536+1536+576)
     assert trainable_params(s, TrainConfig(lora_rank=16)) == 4_884_480
@@ -89,8 +116,12 @@ def test_trainable_params_match_peft(arch, method, targets):
     if arch == "phi3" and targets != ["all-linear"]:
         targets = ["qkv_proj", "down_proj"]
     model, config = _hf_model(arch)
-    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear" if targets == ["all-linear"]
-                                                  else targets, use_dora=method == "dora"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, target_modules="all-linear" if targets == ["all-linear"] else targets, use_dora=method == "dora"
+        ),
+    )
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     cfg = TrainConfig(method=method, lora_rank=8, target_modules=targets)
@@ -111,19 +142,32 @@ def test_shape_from_folder_and_spec(tmp_path):
 
 # --- the terms --------------------------------------------------------------------------------------------
 
+
 def test_nf4_weight_bytes_match_bitsandbytes():
     """Quantise every block linear of a small shape with bitsandbytes (on the CPU) and count its bytes."""
     import torch
     from bitsandbytes.functional import quantize_4bit
 
-    shape = ModelShape.from_config_dict({"architectures": ["LlamaForCausalLM"], **SMALL, "num_hidden_layers": 1,
-                                         "hidden_size": 96, "intermediate_size": 200})
+    shape = ModelShape.from_config_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            **SMALL,
+            "num_hidden_layers": 1,
+            "hidden_size": 96,
+            "intermediate_size": 200,
+        }
+    )
     total = 0
     for lin in shape.linear_layers:
-        q, st = quantize_4bit(torch.randn(lin.out_features, lin.in_features, dtype=torch.bfloat16), blocksize=64,
-                              quant_type="nf4", compress_statistics=True)
-        total += sum(t.numel() * t.element_size() for t in (q, st.absmax, st.state2.absmax, st.state2.code,
-                                                            st.offset.reshape(1)))
+        q, st = quantize_4bit(
+            torch.randn(lin.out_features, lin.in_features, dtype=torch.bfloat16),
+            blocksize=64,
+            quant_type="nf4",
+            compress_statistics=True,
+        )
+        total += sum(
+            t.numel() * t.element_size() for t in (q, st.absmax, st.state2.absmax, st.state2.code, st.offset.reshape(1))
+        )
     rest = shape.parameter_count - shape.linear_params  # embeddings and norms stay 16-bit
     assert base_weight_bytes(shape, True, 2) == total + 2 * rest
     assert base_weight_bytes(shape, False, 2) == 2 * shape.parameter_count
@@ -168,8 +212,17 @@ def test_monotonic():
 def test_estimate_terms_add_up_and_breakdown_is_labelled():
     e = estimate_training_memory(DEFAULT, TrainConfig(objective="dpo"), GPU)
     assert e.total_bytes == sum(e.terms.values())
-    assert set(e.terms) == {"base_weights", "adapter_weights", "gradients", "optimizer_states", "activations",
-                            "logits", "reference_forward", "runtime_overhead", "allocator_slack"}
+    assert set(e.terms) == {
+        "base_weights",
+        "adapter_weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits",
+        "reference_forward",
+        "runtime_overhead",
+        "allocator_slack",
+    }
     # output head, N = 8 rows x 511 trained tokens = 4088 > 1024: the second chunk's float32 logits, softmax
     # and g (12 x 1020 rows) beside the first chunk's bf16 g (2 x 1024), capped at 12*1024 + 2*1024 per vocab
     # entry; + per trained token the selected hidden state and its gradient (2 x 576 x 2) and 48 bytes of
@@ -181,7 +234,7 @@ def test_estimate_terms_add_up_and_breakdown_is_labelled():
 def test_output_head_is_chunked():
     """The engine's head never holds [T, V] logits: one chunk (12 bytes per entry) up to 1024 trained tokens,
     then the second chunk beside the first chunk's gradient; past 2048 only the per-token part grows."""
-    from kernels.linear_logprobs import DEFAULT_CHUNK
+    from finetune_studio.kernels.linear_logprobs import DEFAULT_CHUNK
 
     assert LOGITS_CHUNK == DEFAULT_CHUNK
     per_token_bf16 = 2 * 576 * 2 + 48
@@ -205,6 +258,7 @@ def test_output_head_is_chunked():
 
 # --- the verdict ------------------------------------------------------------------------------------------
 
+
 def test_fits_verdicts_name_the_biggest_term():
     ok = fits(estimate_training_memory(DEFAULT, TrainConfig(batch_size=1), GPU), GPU)
     assert ok.fits and not ok.tight and ok.message.startswith("Needs ~") and ok.message.endswith("fits")
@@ -215,9 +269,17 @@ def test_fits_verdicts_name_the_biggest_term():
     no = fits(estimate_training_memory(DEFAULT, ckpt, GPU), GPU, config=ckpt)
     assert not no.fits and "lower batch_size or max_length" in no.message and "checkpointing" not in no.message
     small_gpu = DeviceInfo("cuda", "tiny", GIB, GIB, True)
-    huge = ModelShape.from_config_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
-                                        "intermediate_size": 14336, "num_hidden_layers": 32,
-                                        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256})
+    huge = ModelShape.from_config_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+        }
+    )
     cfg = TrainConfig(batch_size=1, max_length=64)
     assert "QLoRA" in fits(estimate_training_memory(huge, cfg, small_gpu), small_gpu, config=cfg).message
     needed = estimate_training_memory(DEFAULT, TrainConfig(), GPU).total_bytes
@@ -228,36 +290,55 @@ def test_fits_verdicts_name_the_biggest_term():
 
 # --- estimated vs measured on the CPU ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, dtype", [
-    (dict(), "float32"),
-    (dict(method="dora"), "bfloat16"),
-    (dict(gradient_checkpointing=True, batch_size=1), "bfloat16"),
-    (dict(objective="dpo", batch_size=1, target_modules=["q_proj", "v_proj"]), "float32"),
-    (dict(batch_size=4, max_length=300), "float32"),  # 1195 trained tokens: two chunks of the output head
-])
+
+@pytest.mark.parametrize(
+    "changes, dtype",
+    [
+        (dict(), "float32"),
+        (dict(method="dora"), "bfloat16"),
+        (dict(gradient_checkpointing=True, batch_size=1), "bfloat16"),
+        (dict(objective="dpo", batch_size=1, target_modules=["q_proj", "v_proj"]), "float32"),
+        (dict(batch_size=4, max_length=300), "float32"),  # 1195 trained tokens: two chunks of the output head
+    ],
+)
 def test_estimate_matches_a_measured_training_step(changes, dtype):
     """The engine's step (chunked output head, DPO reference first): weights, adapters, gradients and optimizer
     states exactly; the tensors autograd saves within 5%; the measured peak of a whole step (glibc malloc
     bytes in use) within 5%."""
-    from benchmarks.memory_estimate import measure_step
+    from memory_estimate import measure_step
 
-    cfg_dict = dict(architectures=["LlamaForCausalLM"], hidden_size=128, intermediate_size=352,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2000,
-                    max_position_embeddings=512, tie_word_embeddings=True)
+    cfg_dict = dict(
+        architectures=["LlamaForCausalLM"],
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2000,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     config = TrainConfig(**{**dict(batch_size=2, max_length=128, lora_rank=8), **changes}, compute_dtype=dtype)
     shape = ModelShape.from_config_dict(cfg_dict)
     est = estimate_training_memory(shape, config, CPU)
     m = measure_step(cfg_dict, config, dtype)
     assert (est.trainable_params, est.base_weights, est.adapter_weights, est.gradients, est.optimizer_states) == (
-        m.trainable_params, m.base_weights, m.adapter_weights, m.gradients, m.optimizer_states)
+        m.trainable_params,
+        m.base_weights,
+        m.adapter_weights,
+        m.gradients,
+        m.optimizer_states,
+    )
     assert est.activations == pytest.approx(m.activations, rel=0.05)
     tensors = est.total_bytes - est.runtime_overhead - est.allocator_slack
     assert tensors == pytest.approx(m.peak, rel=0.05)
 
 
 def test_core_memory_imports_no_ml_stack():
-    code = ("import sys, core.memory, core.devices; "
-            "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'numpy', 'PySide6') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys, finetune_studio.core.memory, finetune_studio.core.devices; "
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'numpy', 'PySide6') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import core.devices as devices
-from core.devices import DeviceInfo, cpu_device, detect_devices, parse_nvidia_smi
+import finetune_studio.core.devices as devices
+from finetune_studio.core.devices import DeviceInfo, cpu_device, detect_devices, parse_nvidia_smi
 
 
 def test_parse_nvidia_smi_lines():
     text = "NVIDIA GeForce RTX 3060, 12288, 11800, 8.6\nTesla T4, 15360, 15000, 7.5\n"
     gpus = parse_nvidia_smi(text)
-    assert gpus == [DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 12288 * 2**20, 11800 * 2**20, True, 0),
-                    DeviceInfo("cuda", "Tesla T4", 15360 * 2**20, 15000 * 2**20, False, 1)]
+    assert gpus == [
+        DeviceInfo("cuda", "NVIDIA GeForce RTX 3060", 12288 * 2**20, 11800 * 2**20, True, 0),
+        DeviceInfo("cuda", "Tesla T4", 15360 * 2**20, 15000 * 2**20, False, 1),
+    ]
     # an old driver without the compute_cap column: bf16 guessed from the name
-    assert [g.bf16_supported for g in parse_nvidia_smi("NVIDIA A100-SXM4-80GB, 81920, 80000\nTesla V100, 1, 1")] \
-        == [True, False]
+    assert [g.bf16_supported for g in parse_nvidia_smi("NVIDIA A100-SXM4-80GB, 81920, 80000\nTesla V100, 1, 1")] == [
+        True,
+        False,
+    ]
 
 
 def test_cpu_device_reports_system_memory():

@@ -2,8 +2,8 @@
 
 from transformers import AutoTokenizer
 
-from engine.datasets.schema import Conversation, Message, PreferencePair
-from engine.render import IGNORE, tokenize_conversation, tokenize_pair
+from finetune_studio.engine.datasets.schema import Conversation, Message, PreferencePair
+from finetune_studio.engine.render import IGNORE, tokenize_conversation, tokenize_pair
 
 
 def _trained_text(tok, t):
@@ -12,8 +12,15 @@ def _trained_text(tok, t):
 
 def test_only_assistant_turns_and_their_end_token_are_trained(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    conv = Conversation((Message("system", "Be brief."), Message("user", "2+2?"), Message("assistant", "4"),
-                         Message("user", "3+3?"), Message("assistant", "6 of course")))
+    conv = Conversation(
+        (
+            Message("system", "Be brief."),
+            Message("user", "2+2?"),
+            Message("assistant", "4"),
+            Message("user", "3+3?"),
+            Message("assistant", "6 of course"),
+        )
+    )
     t = tokenize_conversation(tok, conv, 512)
     assert _trained_text(tok, t) == "4<|im_end|>\n6 of course<|im_end|>\n"
     every = tokenize_conversation(tok, conv, 512, loss_on="all")
@@ -41,6 +48,7 @@ def test_pair_sides_keep_the_same_prompt_when_one_answer_is_long(tiny_model_dir)
 def test_difference_cut_off_by_max_length_is_flagged(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     same_start = "The answer is " * 20
-    pair = PreferencePair((Message("user", "q"),), (Message("assistant", same_start + "yes"),),
-                          (Message("assistant", same_start + "no"),))
+    pair = PreferencePair(
+        (Message("user", "q"),), (Message("assistant", same_start + "yes"),), (Message("assistant", same_start + "no"),)
+    )
     assert tokenize_pair(tok, pair, 32).difference_truncated

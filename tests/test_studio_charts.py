@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
-
-from core.events import Eval, Started, Step
-from studio.series import Columns, Ema
-from studio.state import RunState
 from test_studio_support import IGNORE_OFFSCREEN
+
+from finetune_studio.core.events import Eval, Started, Step
+from finetune_studio.studio.series import Columns, Ema
+from finetune_studio.studio.state import RunState
 
 pytestmark = IGNORE_OFFSCREEN
 
@@ -42,8 +42,17 @@ def test_ema_is_debiased():
 
 
 def step(i, total=100, **kw):
-    base = dict(step=i, total_steps=total, loss=2.0, lr=1e-4, grad_norm=1.0, tokens_per_s=50.0,
-                memory_used_bytes=1 << 30, memory_peak_bytes=1 << 31, elapsed_s=0.5 * i)
+    base = dict(
+        step=i,
+        total_steps=total,
+        loss=2.0,
+        lr=1e-4,
+        grad_norm=1.0,
+        tokens_per_s=50.0,
+        memory_used_bytes=1 << 30,
+        memory_peak_bytes=1 << 31,
+        elapsed_s=0.5 * i,
+    )
     base.update(kw)
     return Step(**base)
 
@@ -68,16 +77,28 @@ def test_run_state_folds_events_eta_and_resume():
 
 
 def test_charts_stay_light_with_100k_points(qtbot, capsys):
-    from studio.widgets.charts import TrainingCharts
+    from finetune_studio.studio.widgets.charts import TrainingCharts
 
     st = RunState()
     st.apply(Started(run_id="r", run_dir="d", total_steps=200_000))
     rng = np.random.default_rng(0)
     losses = 3.0 * np.exp(-np.arange(100_000) / 30_000) + 0.1 * rng.standard_normal(100_000)
     t0 = time.perf_counter()
-    st.load_history([{"step": i + 1, "loss": float(losses[i]), "lr": 1e-4, "grad_norm": 1.0,
-                      "tokens_per_s": 100.0, "memory_used_bytes": 1 << 30, "memory_peak_bytes": 1 << 30}
-                     for i in range(100_000)], [])
+    st.load_history(
+        [
+            {
+                "step": i + 1,
+                "loss": float(losses[i]),
+                "lr": 1e-4,
+                "grad_norm": 1.0,
+                "tokens_per_s": 100.0,
+                "memory_used_bytes": 1 << 30,
+                "memory_peak_bytes": 1 << 30,
+            }
+            for i in range(100_000)
+        ],
+        [],
+    )
     load_s = time.perf_counter() - t0
     charts = TrainingCharts(st)
     qtbot.addWidget(charts)
@@ -99,8 +120,10 @@ def test_charts_stay_light_with_100k_points(qtbot, capsys):
         charts.loss.repaint()
         times.append((time.perf_counter() - t) * 1000)
     with capsys.disabled():
-        print(f"\n100k points: history load {load_s:.2f} s, loss chart update+repaint median "
-              f"{np.median(times):.1f} ms, max {max(times):.1f} ms, drawn points {drawn}")
+        print(
+            f"\n100k points: history load {load_s:.2f} s, loss chart update+repaint median "
+            f"{np.median(times):.1f} ms, max {max(times):.1f} ms, drawn points {drawn}"
+        )
     assert len(charts.loss.curves["loss"].getOriginalDataset()[0]) == 100_020
 
 
@@ -108,8 +131,8 @@ def test_charts_follow_a_dark_palette(qtbot):
     from PySide6.QtGui import QPalette
     from PySide6.QtWidgets import QApplication
 
-    from studio.theme import dark_palette
-    from studio.widgets.charts import Chart
+    from finetune_studio.studio.theme import dark_palette
+    from finetune_studio.studio.widgets.charts import Chart
 
     app = QApplication.instance()
     chart = Chart("Loss")
@@ -126,7 +149,7 @@ def test_charts_follow_a_dark_palette(qtbot):
 
 
 def test_dpo_chart_appears_with_reward_statistics(qtbot):
-    from studio.widgets.charts import TrainingCharts
+    from finetune_studio.studio.widgets.charts import TrainingCharts
 
     st = RunState()
     charts = TrainingCharts(st)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from core.events import Eval, Failed, Finished, Started, Step
-from core.store import pid_alive
-from studio.engine_process import EngineProcess, Outcome
+from finetune_studio.core.events import Eval, Failed, Finished, Started, Step
+from finetune_studio.core.store import pid_alive
+from finetune_studio.studio.engine_process import EngineProcess, Outcome
 
 PRELUDE = textwrap.dedent("""
     import json, os, sys, time, signal
@@ -43,14 +43,17 @@ def run_child(qtbot, argv, timeout=20_000) -> tuple[EngineProcess, list, list, O
 
 
 def test_completed_run_gives_typed_events(qtbot):
-    _, events, logs, outcome = run_child(qtbot, fake("""
+    _, events, logs, outcome = run_child(
+        qtbot,
+        fake("""
         started()
         for i in (1, 2, 3):
             step(i)
         emit(type="eval", step=3, eval_loss=0.9)
         sys.stderr.write("a log line\\n")
         emit(type="finished", run_id="r1", status="completed", step=3, final_loss=0.66)
-    """))
+    """),
+    )
     assert [type(e) for e in events] == [Started, Step, Step, Step, Eval, Finished]
     assert [e.step for e in events if isinstance(e, Step)] == [1, 2, 3]
     assert outcome == Outcome("completed", "", "", 0, "r1")
@@ -58,43 +61,55 @@ def test_completed_run_gives_typed_events(qtbot):
 
 
 def test_partial_lines_are_joined(qtbot):
-    _, events, _, outcome = run_child(qtbot, fake("""
+    _, events, _, outcome = run_child(
+        qtbot,
+        fake("""
         line = json.dumps(dict(v=1, type="started", run_id="r1", run_dir="d", total_steps=1)) + "\\n"
         for ch in line:
             sys.stdout.write(ch); sys.stdout.flush()
         emit(type="finished", run_id="r1", status="completed", step=1)
-    """))
+    """),
+    )
     assert isinstance(events[0], Started) and events[0].run_id == "r1"
     assert outcome.status == "completed"
 
 
 def test_crash_mid_run_keeps_what_came_and_explains(qtbot):
-    _, events, _, outcome = run_child(qtbot, fake("""
+    _, events, _, outcome = run_child(
+        qtbot,
+        fake("""
         started(); step(1)
         sys.stderr.write("Traceback (most recent call last):\\nRuntimeError: boom\\n"); sys.stderr.flush()
         os._exit(3)
-    """))
+    """),
+    )
     assert [type(e) for e in events] == [Started, Step]
     assert outcome.status == "crashed" and outcome.exit_code == 3 and outcome.run_id == "r1"
     assert "unexpectedly" in outcome.message and "RuntimeError: boom" in outcome.message
 
 
 def test_killed_by_signal_mentions_memory(qtbot):
-    _, _, _, outcome = run_child(qtbot, fake("""
+    _, _, _, outcome = run_child(
+        qtbot,
+        fake("""
         started(); os.kill(os.getpid(), signal.SIGKILL)
-    """))
+    """),
+    )
     assert outcome.status == "crashed"
     assert "signal 9" in outcome.message and "memory" in outcome.message
 
 
 def test_malformed_line_is_reported_and_reading_goes_on(qtbot):
-    proc, events, logs, outcome = run_child(qtbot, fake("""
+    proc, events, logs, outcome = run_child(
+        qtbot,
+        fake("""
         started()
         print("this is not json", flush=True)
         print('{"v": 1, "type": "step"}', flush=True)
         step(1)
         emit(type="finished", run_id="r1", status="completed", step=1)
-    """))
+    """),
+    )
     assert proc.protocol_errors == 2
     assert [type(e) for e in events] == [Started, Step, Finished]
     assert sum(1 for level, text in logs if level == "warning" and "could not read" in text) == 2
@@ -102,11 +117,14 @@ def test_malformed_line_is_reported_and_reading_goes_on(qtbot):
 
 
 def test_out_of_memory_failure_keeps_the_engines_message(qtbot):
-    _, events, _, outcome = run_child(qtbot, fake("""
+    _, events, _, outcome = run_child(
+        qtbot,
+        fake("""
         started(); step(1)
         emit(type="failed", run_id="r1", kind="oom", message="Out of GPU memory at step 2: lower batch_size to 2.")
         sys.exit(1)
-    """))
+    """),
+    )
     assert isinstance(events[-1], Failed)
     assert outcome.status == "failed" and outcome.kind == "oom"
     assert outcome.message == "Out of GPU memory at step 2: lower batch_size to 2."
@@ -114,9 +132,12 @@ def test_out_of_memory_failure_keeps_the_engines_message(qtbot):
 
 
 def test_engine_that_exits_without_events(qtbot):
-    _, events, _, outcome = run_child(qtbot, fake("""
+    _, events, _, outcome = run_child(
+        qtbot,
+        fake("""
         sys.stderr.write("ModuleNotFoundError: No module named 'engine.cli'\\n"); sys.exit(1)
-    """))
+    """),
+    )
     assert events == []
     assert outcome.status == "crashed" and outcome.exit_code == 1
     assert "before it reported anything" in outcome.message and "engine.cli" in outcome.message
@@ -132,7 +153,8 @@ def test_engine_that_never_starts(qtbot, tmp_path):
 def test_stop_sends_sigterm_and_child_finishes_cleanly(qtbot):
     proc = EngineProcess()
     with qtbot.waitSignal(proc.started_run, timeout=20_000):
-        proc.start(fake("""
+        proc.start(
+            fake("""
             def on_term(*_):
                 emit(type="checkpoint", step=1, path="/tmp/ck")
                 emit(type="finished", run_id="r1", status="stopped", step=1)
@@ -141,7 +163,8 @@ def test_stop_sends_sigterm_and_child_finishes_cleanly(qtbot):
             started(total=1000)
             for i in range(1, 1000):
                 step(i, 1000); time.sleep(0.05)
-        """))
+        """)
+        )
     with qtbot.waitSignal(proc.ended, timeout=20_000) as blocker:
         proc.stop()
     assert blocker.args[0].status == "stopped" and blocker.args[0].exit_code == 0
@@ -151,7 +174,8 @@ def test_detach_leaves_the_child_running(qtbot, tmp_path):
     pidfile = tmp_path / "pid"
     proc = EngineProcess()
     with qtbot.waitSignal(proc.started_run, timeout=20_000):
-        proc.start(fake(f"""
+        proc.start(
+            fake(f"""
             open({str(pidfile)!r}, "w").write(str(os.getpid()))
             started(total=1000)
             for i in range(1, 600):
@@ -160,7 +184,8 @@ def test_detach_leaves_the_child_running(qtbot, tmp_path):
                 except (BrokenPipeError, OSError):
                     pass
                 time.sleep(0.05)
-        """))
+        """)
+        )
     with qtbot.waitSignal(proc.ended, timeout=20_000) as blocker:
         proc.detach()
     assert blocker.args[0].status == "detached"

@@ -1,6 +1,6 @@
 """A real training of the tiny model through the app: start, live chart, responsiveness, stop, resume, continue.
 
-These run the actual engine (``python -m engine train``) as a child process. The
+These run the actual engine (``python -m finetune_studio.engine train``) as a child process. The
 event-loop stall figures are printed (run with ``-s`` to see them).
 """
 
@@ -13,9 +13,9 @@ import time
 
 import pytest
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
-
-from core.store import Store, pid_alive
 from test_studio_support import IGNORE_OFFSCREEN, make_window, write_sft_jsonl  # noqa: F401 - fixture
+
+from finetune_studio.core.store import Store, pid_alive
 
 pytestmark = [IGNORE_OFFSCREEN, pytest.mark.slow]
 STEP_TIMEOUT = 240_000  # ms: the engine imports torch and loads the model first; the machine may be busy
@@ -45,8 +45,12 @@ class StallMeter(QObject):
 
     def summary(self) -> dict:
         g = sorted(self.gaps)
-        return {"ticks": len(g), "median_ms": statistics.median(g), "p99_ms": g[int(0.99 * (len(g) - 1))],
-                "max_ms": g[-1]}
+        return {
+            "ticks": len(g),
+            "median_ms": statistics.median(g),
+            "p99_ms": g[int(0.99 * (len(g) - 1))],
+            "max_ms": g[-1],
+        }
 
 
 class Until(QObject):
@@ -79,8 +83,18 @@ def wait_for(qtbot, state, predicate, timeout=STEP_TIMEOUT):
 @pytest.fixture
 def ready_window(qtbot, make_window, tiny_model_dir, tmp_path):
     data = write_sft_jsonl(tmp_path / "train.jsonl", rows=40)
-    win = make_window({"model": str(tiny_model_dir), "dataset": data, "max_steps": 400, "batch_size": 2,
-                       "max_length": 64, "eval_every": 10, "checkpoint_every": 0, "lora_rank": 4})
+    win = make_window(
+        {
+            "model": str(tiny_model_dir),
+            "dataset": data,
+            "max_steps": 400,
+            "batch_size": 2,
+            "max_length": 64,
+            "eval_every": 10,
+            "checkpoint_every": 0,
+            "lora_rank": 4,
+        }
+    )
     win.show()
     qtbot.waitExposed(win)
     return win, data
@@ -92,7 +106,9 @@ def test_real_run_streams_to_charts_stays_responsive_stops_and_resumes(qtbot, re
     # The real engine inspects the dataset in the background.
     qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=STEP_TIMEOUT)
     assert st.dataset_info["kind"] == "sft" and st.dataset_info["rows"] == 40
-    assert "Hello" not in page.dataset_panel.preview.toPlainText() and "plus" in page.dataset_panel.preview.toPlainText()
+    assert (
+        "Hello" not in page.dataset_panel.preview.toPlainText() and "plus" in page.dataset_panel.preview.toPlainText()
+    )
     assert page.start_button.isEnabled(), page.blockers.text()
 
     meter = StallMeter()

@@ -5,25 +5,42 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from core.store import Store
-from studio.runs_model import RUN_ID_ROLE
 from test_studio_support import IGNORE_OFFSCREEN, fake_engine, make_window  # noqa: F401 - fixture
+
+from finetune_studio.core.store import Store
 
 pytestmark = IGNORE_OFFSCREEN
 
 
 def seed(store: Store) -> list[str]:
     ids = []
-    specs = [("alpha", "completed", "lora", "sft", 0.8), ("beta", "stopped", "qlora", "sft", 1.1),
-             ("gamma", "failed", "dora", "dpo", None)]
+    specs = [
+        ("alpha", "completed", "lora", "sft", 0.8),
+        ("beta", "stopped", "qlora", "sft", 1.1),
+        ("gamma", "failed", "dora", "dpo", None),
+    ]
     for i, (name, status, method, objective, final) in enumerate(specs):
-        cfg = {"model": f"/models/m{i}", "dataset": f"/data/{name}.jsonl", "method": method, "objective": objective,
-               "max_steps": 30, "run_name": name, "learning_rate": 1e-4 * (i + 1)}
+        cfg = {
+            "model": f"/models/m{i}",
+            "dataset": f"/data/{name}.jsonl",
+            "method": method,
+            "objective": objective,
+            "max_steps": 30,
+            "run_name": name,
+            "learning_rate": 1e-4 * (i + 1),
+        }
         run_id = store.create_run(cfg, run_id=f"2026-{i}", name=name)
-        store.update_run(run_id, status=status, started_at=1000.0 + i, finished_at=1000.0 + i + 60 * (i + 1),
-                         final_loss=final, step=20 + i, total_steps=30,
-                         error="Out of memory: lower batch_size" if status == "failed" else None, error_kind="oom")
+        store.update_run(
+            run_id,
+            status=status,
+            started_at=1000.0 + i,
+            finished_at=1000.0 + i + 60 * (i + 1),
+            final_loss=final,
+            step=20 + i,
+            total_steps=30,
+            error="Out of memory: lower batch_size" if status == "failed" else None,
+            error_kind="oom",
+        )
         for s in range(1, 21 + i):
             store.add_metrics(run_id, "train", s, {"loss": 3.0 / s + i, "lr": 1e-4})
         store.add_metrics(run_id, "eval", 20, {"eval_loss": 1.0 + i})
@@ -96,7 +113,8 @@ def test_export_runs_the_engine_in_the_background(qtbot, window, tmp_path):
     out = tmp_path / "adapter-out"
     win.choose_export_dir = lambda run_id: str(out)
     win.export_job.command = fake_engine(
-        "emit(type='log', level='info', message='exported to ' + sys.argv[-1] if len(sys.argv) > 1 else 'ok')")
+        "emit(type='log', level='info', message='exported to ' + sys.argv[-1] if len(sys.argv) > 1 else 'ok')"
+    )
     win.runs_page.select_ids([ids[0]])
     with qtbot.waitSignal(win.export_job.done, timeout=20_000):
         win.runs_page.export_button.click()

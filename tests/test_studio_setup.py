@@ -5,18 +5,25 @@ from __future__ import annotations
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLineEdit
-
-from core.config import TrainConfig
-from studio.presets import load_presets, presets_dir, read_preset
-from studio.setup_state import HELP, SetupState
 from test_studio_support import IGNORE_OFFSCREEN, fake_engine, fake_json, make_window, write_sft_jsonl  # noqa: F401 - fixture
+
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.studio.presets import load_presets, presets_dir, read_preset
+from finetune_studio.studio.setup_state import HELP, SetupState
 
 pytestmark = IGNORE_OFFSCREEN
 
-INSPECT_SFT = {"format": "messages", "kind": "sft", "rows": 24, "problems": [{"line": 3, "message": "empty reply"}],
-               "stats": {"mean_tokens": 31.5}, "example": [{"text": "<|im_start|>user\nHi<|im_end|>\n",
-                                                             "trained": False},
-                                                            {"text": "Hello!<|im_end|>", "trained": True}]}
+INSPECT_SFT = {
+    "format": "messages",
+    "kind": "sft",
+    "rows": 24,
+    "problems": [{"line": 3, "message": "empty reply"}],
+    "stats": {"mean_tokens": 31.5},
+    "example": [
+        {"text": "<|im_start|>user\nHi<|im_end|>\n", "trained": False},
+        {"text": "Hello!<|im_end|>", "trained": True},
+    ],
+}
 
 
 def test_every_preset_validates():

@@ -23,7 +23,7 @@ def fake_engine(body: str):
     """An ``engine_argv``-style factory: whatever the arguments, run ``body`` (with ``emit``) instead."""
 
     def argv(*_args: str) -> list[str]:
-        return [sys.executable, "-c", EMIT + textwrap.dedent(body)]
+        return [sys.executable, "-P", "-c", EMIT + textwrap.dedent(body)]
 
     return argv
 
@@ -36,10 +36,17 @@ def fake_json(obj: dict):
 def write_sft_jsonl(path, rows: int = 24) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(rows):
-            fh.write(json.dumps({"messages": [
-                {"role": "user", "content": f"What is {i} plus {i}?"},
-                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-            ]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i} plus {i}?"},
+                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
@@ -48,9 +55,9 @@ def make_window(qtbot):
     """Build MainWindows that stop their children and background jobs when the test ends."""
     from PySide6.QtCore import QProcess
 
-    from studio.jobs import pending_orphans
-    from studio.main_window import MainWindow
-    from studio.settings import Settings
+    from finetune_studio.studio.jobs import pending_orphans
+    from finetune_studio.studio.main_window import MainWindow
+    from finetune_studio.studio.settings import Settings
 
     windows = []
 
@@ -67,8 +74,13 @@ def make_window(qtbot):
         win.shutdown()
         if win.controller.proc.running:
             win.controller.proc.kill()
-        qtbot.waitUntil(lambda: not win.controller.proc.running and all(
-            p.state() == QProcess.ProcessState.NotRunning for p in win.findChildren(QProcess)), timeout=30_000)
+
+        def children_gone(win=win) -> bool:
+            return not win.controller.proc.running and all(
+                p.state() == QProcess.ProcessState.NotRunning for p in win.findChildren(QProcess)
+            )
+
+        qtbot.waitUntil(children_gone, timeout=30_000)
         win.close()
         win.deleteLater()
     qtbot.waitUntil(lambda: pending_orphans() == 0, timeout=30_000)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import textwrap
 
 import pytest
 from PySide6.QtCore import Qt
-
-from core.store import Store, pid_alive
 from test_studio_support import IGNORE_OFFSCREEN, fake_engine, make_window, write_sft_jsonl  # noqa: F401
+
+from finetune_studio.core.store import Store, pid_alive
 
 pytestmark = IGNORE_OFFSCREEN
 
@@ -43,12 +42,16 @@ def start_with(qtbot, win, body: str):
 
 
 def test_out_of_memory_message_is_shown(qtbot, window):
-    outcome = start_with(qtbot, window, """
+    outcome = start_with(
+        qtbot,
+        window,
+        """
         started(); step(1); step(2)
         emit(type="failed", run_id="fake-run", kind="oom",
              message="Out of memory at step 3 (needed 9.1 GiB of 8 GiB). Lower batch_size to 2 or use QLoRA.")
         sys.exit(1)
-    """)
+    """,
+    )
     page = window.train_page
     assert outcome.status == "failed" and window.run_state.status == "failed"
     assert page.message.isVisible() and "Out of memory" in page.message.text()
@@ -58,11 +61,15 @@ def test_out_of_memory_message_is_shown(qtbot, window):
 
 
 def test_crash_mid_run_is_explained_with_the_last_output(qtbot, window):
-    outcome = start_with(qtbot, window, """
+    outcome = start_with(
+        qtbot,
+        window,
+        """
         started(); step(1)
         sys.stderr.write("Traceback (most recent call last):\\nRuntimeError: CUDA error: device-side assert\\n")
         sys.stderr.flush(); os._exit(1)
-    """)
+    """,
+    )
     assert outcome.status == "crashed"
     text = window.train_page.message.text()
     assert "exited unexpectedly" in text and "device-side assert" in text
@@ -71,17 +78,21 @@ def test_crash_mid_run_is_explained_with_the_last_output(qtbot, window):
 
 
 def test_malformed_line_goes_to_the_log_and_the_run_goes_on(qtbot, window):
-    outcome = start_with(qtbot, window, """
+    outcome = start_with(
+        qtbot,
+        window,
+        """
         started(); print("garbage {", flush=True); step(1); step(2)
         emit(type="finished", run_id="fake-run", status="completed", step=2, final_loss=1.5)
-    """)
+    """,
+    )
     assert outcome.status == "completed" and window.run_state.status == "completed"
     assert "could not read" in window.train_page.log_view.toPlainText()
     assert window.run_state.train.n == 2
 
 
 def test_engine_that_never_starts(qtbot, window, tmp_path):
-    window.controller.engine_argv = lambda *a: [str(tmp_path / "missing-python"), "-m", "engine", *a]
+    window.controller.engine_argv = lambda *a: [str(tmp_path / "missing-python"), "-m", "finetune_studio.engine", *a]
     qtbot.waitUntil(lambda: window.setup_state.ready, timeout=15_000)
     with qtbot.waitSignal(window.controller.run_ended, timeout=30_000) as ended:
         window.setup_page.request_start()
@@ -92,7 +103,9 @@ def test_engine_that_never_starts(qtbot, window, tmp_path):
 
 def test_stop_button_and_shortcuts(qtbot, window):
     win = window
-    win.controller.engine_argv = fake_engine(STEPS + textwrap.dedent("""
+    win.controller.engine_argv = fake_engine(
+        STEPS
+        + textwrap.dedent("""
         def on_term(*_):
             emit(type="checkpoint", step=3, path="/tmp/fake/ck")
             emit(type="finished", run_id="fake-run", status="stopped", step=3)
@@ -101,7 +114,8 @@ def test_stop_button_and_shortcuts(qtbot, window):
         started()
         for i in range(1, 50):
             step(i); time.sleep(0.1)
-    """))
+    """)
+    )
     qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
     win.activateWindow()
     win.setup_page.start_button.setFocus()
@@ -121,8 +135,7 @@ def test_stop_button_and_shortcuts(qtbot, window):
 
 
 LONG_RUN = STEPS + textwrap.dedent("""
-    import sys; sys.path.insert(0, {root!r})
-    from core.store import Store
+    from finetune_studio.core.store import Store
     store = Store()
     run_id = store.create_run({{"model": "m", "dataset": "d", "method": "lora", "objective": "sft", "max_steps": 500}})
     store.update_run(run_id, status="running", pid=os.getpid(), total_steps=500)

@@ -42,23 +42,35 @@ def main() -> int:
     if train_model == "tiny":
         train_model = build_tiny_model()
     os.environ["FINETUNE_STUDIO_HOME"] = args.home or tempfile.mkdtemp(prefix="studio-shots-")
-    sys.path.insert(0, str(ROOT))
     sys.modules.setdefault("pandas", None)  # as studio.__main__ does
 
     from PySide6.QtCore import QTimer
 
-    from studio.app import create_app
-    from studio.main_window import MainWindow
-    from studio.settings import Settings
+    from finetune_studio.studio.app import create_app
+    from finetune_studio.studio.main_window import MainWindow
+    from finetune_studio.studio.settings import Settings
 
     app = create_app([])
     settings = Settings()
-    settings.set("last_config", {
-        "model": args.model, "dataset": str(ROOT / "resources" / "datasets" / "demo_sft.jsonl"),
-        "method": "lora", "objective": "sft", "max_steps": 200, "batch_size": 2, "max_length": 256,
-        "learning_rate": 3e-4, "lora_rank": 16, "lora_alpha": 32, "eval_every": 10, "checkpoint_every": 0,
-        "warmup_steps": 5, "run_name": "SmolLM2 JSON extraction",
-    })
+    settings.set(
+        "last_config",
+        {
+            "model": args.model,
+            "dataset": str(ROOT / "resources" / "datasets" / "demo_sft.jsonl"),
+            "method": "lora",
+            "objective": "sft",
+            "max_steps": 200,
+            "batch_size": 2,
+            "max_length": 256,
+            "learning_rate": 3e-4,
+            "lora_rank": 16,
+            "lora_alpha": 32,
+            "eval_every": 10,
+            "checkpoint_every": 0,
+            "warmup_steps": 5,
+            "run_name": "SmolLM2 JSON extraction",
+        },
+    )
     win = MainWindow(settings)
     win.resize(1440, 900)
     win.show()

@@ -3,8 +3,8 @@
 Public API: :func:`load_dataset` (path, optional mapping) -> :class:`LoadedDataset`.
 """
 
-from engine.datasets.loader import load_dataset
-from engine.datasets.schema import (
+from finetune_studio.engine.datasets.loader import load_dataset
+from finetune_studio.engine.datasets.schema import (
     Conversation,
     DatasetError,
     LoadedDataset,
@@ -16,6 +16,13 @@ from engine.datasets.schema import (
 )
 
 __all__ = [
-    "load_dataset", "Conversation", "DatasetError", "LoadedDataset", "Message", "PreferencePair", "Problem",
-    "TextExample", "UnpairedExample",
+    "load_dataset",
+    "Conversation",
+    "DatasetError",
+    "LoadedDataset",
+    "Message",
+    "PreferencePair",
+    "Problem",
+    "TextExample",
+    "UnpairedExample",
 ]

@@ -18,8 +18,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from engine.datasets.problems import ProblemLog, RowError
-from engine.datasets.schema import DatasetError, Message, PreferencePair, TextExample, UnpairedExample
+from finetune_studio.engine.datasets.problems import ProblemLog, RowError
+from finetune_studio.engine.datasets.schema import DatasetError, Message, PreferencePair, TextExample, UnpairedExample
 
 TARGETS = ("trl", "trl-conversational", "llama-factory", "messages")
 _SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "tool": "observation"}
@@ -37,8 +37,10 @@ def _msgs(msgs: Iterable[Message]) -> list[dict]:
 
 def _single(msgs: tuple[Message, ...], role: str, what: str) -> str:
     if len(msgs) != 1 or msgs[0].role != role or msgs[0].tool_calls:
-        raise RowError(f"{what} is not a single {role} turn: use --to trl-conversational",
-                       f"rows that are not single-turn ({what})")
+        raise RowError(
+            f"{what} is not a single {role} turn: use --to trl-conversational",
+            f"rows that are not single-turn ({what})",
+        )
     return msgs[0].content
 
 
@@ -52,17 +54,27 @@ def to_trl(example) -> dict:
     if isinstance(example, TextExample):
         return {"text": example.text}
     if isinstance(example, PreferencePair):
-        return {"prompt": _single(example.prompt, "user", "the prompt"),
-                "chosen": _single(example.chosen, "assistant", "the chosen answer"),
-                "rejected": _single(example.rejected, "assistant", "the rejected answer")}
+        return {
+            "prompt": _single(example.prompt, "user", "the prompt"),
+            "chosen": _single(example.chosen, "assistant", "the chosen answer"),
+            "rejected": _single(example.rejected, "assistant", "the rejected answer"),
+        }
     if isinstance(example, UnpairedExample):
-        return {"prompt": _single(example.prompt, "user", "the prompt"),
-                "completion": _single(example.completion, "assistant", "the completion"), "label": example.label}
+        return {
+            "prompt": _single(example.prompt, "user", "the prompt"),
+            "completion": _single(example.completion, "assistant", "the completion"),
+            "label": example.label,
+        }
     msgs = example.messages
     if len(msgs) != 2 or example.tools:
-        raise RowError("the conversation is not one user turn and one answer: use --to trl-conversational",
-                       "rows that are not single-turn (conversation)")
-    return {"prompt": _single(msgs[:1], "user", "the prompt"), "completion": _single(msgs[1:], "assistant", "the answer")}
+        raise RowError(
+            "the conversation is not one user turn and one answer: use --to trl-conversational",
+            "rows that are not single-turn (conversation)",
+        )
+    return {
+        "prompt": _single(msgs[:1], "user", "the prompt"),
+        "completion": _single(msgs[1:], "assistant", "the answer"),
+    }
 
 
 def to_trl_conversational(example) -> dict:
@@ -81,8 +93,10 @@ def to_messages(example) -> dict:
     if isinstance(example, TextExample):
         return {"text": example.text}
     if isinstance(example, PreferencePair):
-        out = {"chosen_messages": _msgs(example.prompt + example.chosen),
-               "rejected_messages": _msgs(example.prompt + example.rejected)}
+        out = {
+            "chosen_messages": _msgs(example.prompt + example.chosen),
+            "rejected_messages": _msgs(example.prompt + example.rejected),
+        }
     elif isinstance(example, UnpairedExample):
         out = {"messages": _msgs(example.prompt + example.completion), "label": example.label}
     else:
@@ -93,14 +107,20 @@ def to_messages(example) -> dict:
 def _sharegpt_turn(m: Message) -> dict:
     if m.tool_calls:
         if m.content.strip():
-            raise RowError("an assistant turn has both text and tool calls, which ShareGPT cannot express",
-                           "turns with both text and tool calls")
+            raise RowError(
+                "an assistant turn has both text and tool calls, which ShareGPT cannot express",
+                "turns with both text and tool calls",
+            )
         calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m.tool_calls]
-        return {"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls,
-                                                             ensure_ascii=False)}
+        return {
+            "from": "function_call",
+            "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False),
+        }
     if m.role not in _SHAREGPT_ROLES:
-        raise RowError(f"a '{m.role}' turn in the middle of the conversation, which ShareGPT cannot express",
-                       f"'{m.role}' turns after the start")
+        raise RowError(
+            f"a '{m.role}' turn in the middle of the conversation, which ShareGPT cannot express",
+            f"'{m.role}' turns after the start",
+        )
     return {"from": _SHAREGPT_ROLES[m.role], "value": m.content}
 
 
@@ -131,13 +151,18 @@ def to_llama_factory(example) -> dict:
 
 def _one_turn(msgs: tuple[Message, ...], side: str) -> Message:
     if len(msgs) != 1:
-        raise RowError(f"the {side} answer has {len(msgs)} turns; LLaMA-Factory ranking takes one",
-                       "answers of several turns")
+        raise RowError(
+            f"the {side} answer has {len(msgs)} turns; LLaMA-Factory ranking takes one", "answers of several turns"
+        )
     return msgs[0]
 
 
-CONVERTERS = {"trl": to_trl, "trl-conversational": to_trl_conversational, "messages": to_messages,
-              "llama-factory": to_llama_factory}
+CONVERTERS = {
+    "trl": to_trl,
+    "trl-conversational": to_trl_conversational,
+    "messages": to_messages,
+    "llama-factory": to_llama_factory,
+}
 
 
 def llama_factory_info(kind: str, file_name: str) -> dict:

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.datasets.messages import (
+from finetune_studio.engine.datasets.messages import (
     Mapping,
     maybe_json,
     parse_message,
@@ -26,9 +26,14 @@ from engine.datasets.messages import (
     parse_tools,
     without_train_flags,
 )
-from engine.datasets.preference import is_hh_transcript, parse_hh, split_implicit_text, split_shared_prefix
-from engine.datasets.problems import RowError
-from engine.datasets.schema import Conversation, Message, PreferencePair, TextExample, UnpairedExample
+from finetune_studio.engine.datasets.preference import (
+    is_hh_transcript,
+    parse_hh,
+    split_implicit_text,
+    split_shared_prefix,
+)
+from finetune_studio.engine.datasets.problems import RowError
+from finetune_studio.engine.datasets.schema import Conversation, Message, PreferencePair, TextExample, UnpairedExample
 
 Warn = Callable[[str, str], None]
 
@@ -126,6 +131,7 @@ def _answer(value, name: str, mapping: Mapping) -> tuple[Message, ...]:
 
 # --- SFT ----------------------------------------------------------------------------------------------------------
 
+
 def _alpaca_prompt(row: dict) -> tuple[Message, ...]:
     msgs: list[Message] = []
     history = maybe_json(row.get("history")) or []
@@ -150,6 +156,7 @@ def _chat(key: str):
         msgs = _with_system(row, parse_messages(row.get(key), mapping, key))
         _check_trainable(msgs, warn)
         return Conversation(msgs, parse_tools(row.get("tools")), source_line=line)
+
     return normalise
 
 
@@ -168,15 +175,26 @@ def text(row, mapping, line, warn):
 
 # --- preference ---------------------------------------------------------------------------------------------------
 
+
 def _pair(prompt, chosen, rejected, row, line) -> PreferencePair:
-    return PreferencePair(without_train_flags(prompt), without_train_flags(chosen), without_train_flags(rejected),
-                          parse_tools(row.get("tools")), source_line=line)
+    return PreferencePair(
+        without_train_flags(prompt),
+        without_train_flags(chosen),
+        without_train_flags(rejected),
+        parse_tools(row.get("tools")),
+        source_line=line,
+    )
 
 
 def trl(row, mapping, line, warn):
     prompt = _with_system(row, _prompt(row.get("prompt"), "prompt", mapping))
-    return _pair(prompt, _answer(row.get("chosen"), "chosen", mapping),
-                 _answer(row.get("rejected"), "rejected", mapping), row, line)
+    return _pair(
+        prompt,
+        _answer(row.get("chosen"), "chosen", mapping),
+        _answer(row.get("rejected"), "rejected", mapping),
+        row,
+        line,
+    )
 
 
 def trl_conversational(row, mapping, line, warn):
@@ -204,44 +222,65 @@ def ultrafeedback(row, mapping, line, warn):
 
 def trl_implicit(row, mapping, line, warn):
     prompt, chosen, rejected = split_implicit_text(_required(row, "chosen"), _required(row, "rejected"))
-    return _pair((Message("user", prompt.rstrip()),), (Message("assistant", chosen),),
-                 (Message("assistant", rejected),), row, line)
+    return _pair(
+        (Message("user", prompt.rstrip()),),
+        (Message("assistant", chosen),),
+        (Message("assistant", rejected),),
+        row,
+        line,
+    )
 
 
 def trl_implicit_conversational(row, mapping, line, warn):
-    prompt, chosen, rejected = split_shared_prefix(parse_messages(row.get("chosen"), mapping, "chosen"),
-                                                   parse_messages(row.get("rejected"), mapping, "rejected"))
+    prompt, chosen, rejected = split_shared_prefix(
+        parse_messages(row.get("chosen"), mapping, "chosen"), parse_messages(row.get("rejected"), mapping, "rejected")
+    )
     return _pair(prompt, chosen, rejected, row, line)
 
 
 def hh(row, mapping, line, warn):
-    prompt, chosen, rejected = split_shared_prefix(parse_hh(_required(row, "chosen")),
-                                                   parse_hh(_required(row, "rejected")))
+    prompt, chosen, rejected = split_shared_prefix(
+        parse_hh(_required(row, "chosen")), parse_hh(_required(row, "rejected"))
+    )
     return _pair(prompt, chosen, rejected, row, line)
 
 
 def alpaca_ranking(row, mapping, line, warn):
-    return _pair(_alpaca_prompt(row), _answer(row.get("chosen"), "chosen", mapping),
-                 _answer(row.get("rejected"), "rejected", mapping), row, line)
+    return _pair(
+        _alpaca_prompt(row),
+        _answer(row.get("chosen"), "chosen", mapping),
+        _answer(row.get("rejected"), "rejected", mapping),
+        row,
+        line,
+    )
 
 
 def sharegpt_ranking(row, mapping, line, warn):
     prompt = _with_system(row, parse_messages(row.get("conversations"), mapping, "conversations"))
     if prompt[-1].role == "assistant":
-        raise RowError("'conversations' must end with the user's turn before chosen/rejected",
-                       "ranking rows whose conversation ends with an answer")
-    return _pair(prompt, _answer(row.get("chosen"), "chosen", mapping),
-                 _answer(row.get("rejected"), "rejected", mapping), row, line)
+        raise RowError(
+            "'conversations' must end with the user's turn before chosen/rejected",
+            "ranking rows whose conversation ends with an answer",
+        )
+    return _pair(
+        prompt,
+        _answer(row.get("chosen"), "chosen", mapping),
+        _answer(row.get("rejected"), "rejected", mapping),
+        row,
+        line,
+    )
 
 
 def chosen_rejected_messages(row, mapping, line, warn):
     prompt, chosen, rejected = split_shared_prefix(
         parse_messages(row.get("chosen_messages"), mapping, "chosen_messages"),
-        parse_messages(row.get("rejected_messages"), mapping, "rejected_messages"))
+        parse_messages(row.get("rejected_messages"), mapping, "rejected_messages"),
+    )
     return _pair(prompt, chosen, rejected, row, line)
 
 
 # --- unpaired preference (KTO) ------------------------------------------------------------------------------------
+
 
 def kto(row, mapping, line, warn):
     prompt = _with_system(row, _prompt(row.get("prompt"), "prompt", mapping))
@@ -254,31 +293,37 @@ def _chat_kto(key: str):
         msgs = _with_system(row, parse_messages(row.get(key), mapping, key))
         cut = max((i + 1 for i, m in enumerate(msgs) if m.role != "assistant"), default=0)
         if cut == 0 or cut == len(msgs):
-            raise RowError(f"'{key}' must be a prompt followed by an assistant answer",
-                           "labelled conversations without a prompt and an answer")
+            raise RowError(
+                f"'{key}' must be a prompt followed by an assistant answer",
+                "labelled conversations without a prompt and an answer",
+            )
         return UnpairedExample(without_train_flags(msgs[:cut]), without_train_flags(msgs[cut:]), _label(row), line)
+
     return normalise
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("alpaca", "sft", alpaca),
-    Format("sharegpt", "sft", _chat("conversations")),
-    Format("messages", "sft", _chat("messages")),
-    Format("prompt-completion", "sft", prompt_completion),
-    Format("text", "text", text),
-    Format("trl", "preference", trl),
-    Format("trl-implicit", "preference", trl_implicit),
-    Format("trl-conversational", "preference", trl_conversational),
-    Format("trl-implicit-conversational", "preference", trl_implicit_conversational),
-    Format("hh", "preference", hh),
-    Format("ultrafeedback", "preference", ultrafeedback),
-    Format("alpaca-ranking", "preference", alpaca_ranking),
-    Format("sharegpt-ranking", "preference", sharegpt_ranking),
-    Format("chosen-rejected-messages", "preference", chosen_rejected_messages),
-    Format("kto", "unpaired", kto),
-    Format("messages-kto", "unpaired", _chat_kto("messages")),
-    Format("sharegpt-kto", "unpaired", _chat_kto("conversations")),
-)}
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("alpaca", "sft", alpaca),
+        Format("sharegpt", "sft", _chat("conversations")),
+        Format("messages", "sft", _chat("messages")),
+        Format("prompt-completion", "sft", prompt_completion),
+        Format("text", "text", text),
+        Format("trl", "preference", trl),
+        Format("trl-implicit", "preference", trl_implicit),
+        Format("trl-conversational", "preference", trl_conversational),
+        Format("trl-implicit-conversational", "preference", trl_implicit_conversational),
+        Format("hh", "preference", hh),
+        Format("ultrafeedback", "preference", ultrafeedback),
+        Format("alpaca-ranking", "preference", alpaca_ranking),
+        Format("sharegpt-ranking", "preference", sharegpt_ranking),
+        Format("chosen-rejected-messages", "preference", chosen_rejected_messages),
+        Format("kto", "unpaired", kto),
+        Format("messages-kto", "unpaired", _chat_kto("messages")),
+        Format("sharegpt-kto", "unpaired", _chat_kto("conversations")),
+    )
+}
 
 
 def detect(row: dict) -> str | None:

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from itertools import chain, islice
 from pathlib import Path
 
-from engine.datasets.formats import FORMATS, describe_columns, detect
-from engine.datasets.messages import Mapping
-from engine.datasets.problems import ProblemLog, RowError
-from engine.datasets.readers import Row, read_file
-from engine.datasets.schema import DatasetError, LoadedDataset, PreferencePair, example_to_dict
-from engine.datasets.sources import resolve_source
+from finetune_studio.engine.datasets.formats import FORMATS, describe_columns, detect
+from finetune_studio.engine.datasets.messages import Mapping
+from finetune_studio.engine.datasets.problems import ProblemLog, RowError
+from finetune_studio.engine.datasets.readers import Row, read_file
+from finetune_studio.engine.datasets.schema import DatasetError, LoadedDataset, PreferencePair, example_to_dict
+from finetune_studio.engine.datasets.sources import resolve_source
 
 DETECT_ROWS = 64  # rows looked at to decide the layout
 
@@ -47,18 +47,20 @@ class DatasetStream:
             if self.log.dropped:
                 first = next((p for p in problems if p.level == "dropped"), None)
                 where = f" (first: line {first.line}: {first.message})" if first and first.line else ""
-                raise DatasetError(f"no usable rows in {Path(self.path).name}: every row is malformed{where}",
-                                   problems)
+                raise DatasetError(f"no usable rows in {Path(self.path).name}: every row is malformed{where}", problems)
             raise DatasetError(f"{Path(self.path).name} holds no rows", problems)
         columns = {c for r in self._head for c in r.data}
         missing = [c for c in self.mapping.columns.values() if c not in columns]
         if missing:
-            raise DatasetError(f"the mapping names column '{missing[0]}', but the data has columns: "
-                               f"{describe_columns([r.data for r in self._head])}")
+            raise DatasetError(
+                f"the mapping names column '{missing[0]}', but the data has columns: "
+                f"{describe_columns([r.data for r in self._head])}"
+            )
         if self.mapping.format:
             if self.mapping.format not in FORMATS:
-                raise DatasetError(f"unknown format '{self.mapping.format}' in the mapping; formats are: "
-                                   f"{', '.join(FORMATS)}")
+                raise DatasetError(
+                    f"unknown format '{self.mapping.format}' in the mapping; formats are: {', '.join(FORMATS)}"
+                )
             return self.mapping.format
         votes = Counter(name for name in map(detect, head) if name)
         if not votes:
@@ -70,12 +72,15 @@ class DatasetStream:
                 f"{describe_columns([r.data for r in self._head])}. Known layouts use e.g. instruction/output "
                 "(alpaca), conversations (ShareGPT), messages (OpenAI), prompt/completion, text, "
                 "prompt/chosen/rejected (preference) or prompt/completion/label (KTO). Give a mapping to name your "
-                "columns, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"}." + hint)
+                'columns, e.g. {"prompt": "question", "completion": "answer"}.' + hint
+            )
         name, count = votes.most_common(1)[0]
         if len(votes) > 1:
             others = ", ".join(f"{n} ({c})" for n, c in votes.items() if n != name)
-            self.log.add(f"rows in several layouts among the first {len(head)}: read as {name} ({count}); "
-                         f"others: {others}", level="note")
+            self.log.add(
+                f"rows in several layouts among the first {len(head)}: read as {name} ({count}); others: {others}",
+                level="note",
+            )
         return name
 
     def __iter__(self) -> Iterator:
@@ -97,15 +102,21 @@ class DatasetStream:
             self.log.drop(str(exc), row.line, file=row.file, kind=exc.kind)
             return None
         if isinstance(example, PreferencePair) and example.chosen == example.rejected:
-            self.log.drop("chosen and rejected are identical: the pair teaches nothing", row.line, file=row.file,
-                          kind="pairs whose chosen and rejected are identical")
+            self.log.drop(
+                "chosen and rejected are identical: the pair teaches nothing",
+                row.line,
+                file=row.file,
+                kind="pairs whose chosen and rejected are identical",
+            )
             return None
-        digest = hashlib.blake2b(json.dumps(example_to_dict(example), sort_keys=True, default=str).encode(),
-                                 digest_size=12).digest()
+        digest = hashlib.blake2b(
+            json.dumps(example_to_dict(example), sort_keys=True, default=str).encode(), digest_size=12
+        ).digest()
         if digest in self._seen:
             first = self._seen[digest]
-            warn(f"exact duplicate of line {first}" if first else "exact duplicate of an earlier row",
-                 "exact duplicates")
+            warn(
+                f"exact duplicate of line {first}" if first else "exact duplicate of an earlier row", "exact duplicates"
+            )
         else:
             self._seen[digest] = row.line
         return example
@@ -115,11 +126,20 @@ class DatasetStream:
         problems = self.log.problems()
         if not examples:
             reasons = "; ".join(f"{n} {kind}" for kind, n in self.log.dropped.most_common(3))
-            raise DatasetError(f"no usable rows in {Path(self.path).name} ({self.format} layout): "
-                               f"{sum(self.log.dropped.values())} dropped: {reasons}", problems)
-        return LoadedDataset(format=self.format, kind=self.kind, examples=examples, problems=problems,
-                             path=self.path, rows_read=len(examples) + sum(self.log.dropped.values()),
-                             dropped=dict(self.log.dropped))
+            raise DatasetError(
+                f"no usable rows in {Path(self.path).name} ({self.format} layout): "
+                f"{sum(self.log.dropped.values())} dropped: {reasons}",
+                problems,
+            )
+        return LoadedDataset(
+            format=self.format,
+            kind=self.kind,
+            examples=examples,
+            problems=problems,
+            path=self.path,
+            rows_read=len(examples) + sum(self.log.dropped.values()),
+            dropped=dict(self.log.dropped),
+        )
 
 
 def open_dataset(path: str | Path, mapping: dict | None = None) -> DatasetStream:

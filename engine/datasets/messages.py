@@ -11,18 +11,46 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from engine.datasets.problems import RowError
-from engine.datasets.schema import DatasetError, Message
+from finetune_studio.engine.datasets.problems import RowError
+from finetune_studio.engine.datasets.schema import DatasetError, Message
 
 ROLE_NAMES = {
-    "user": "user", "human": "user", "system": "system", "developer": "system",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
-    "function_call": "function_call", "tool_call": "function_call",
+    "user": "user",
+    "human": "user",
+    "system": "system",
+    "developer": "system",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
+    "function_call": "function_call",
+    "tool_call": "function_call",
 }
-FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools", "prompt",
-          "completion", "chosen", "rejected", "chosen_messages", "rejected_messages", "label", "text",
-          "score_chosen", "score_rejected")
+FIELDS = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "conversations",
+    "messages",
+    "tools",
+    "prompt",
+    "completion",
+    "chosen",
+    "rejected",
+    "chosen_messages",
+    "rejected_messages",
+    "label",
+    "text",
+    "score_chosen",
+    "score_rejected",
+)
 OPTIONS = ("format", "split", "roles", "role_key", "content_key", "columns")
 
 
@@ -48,14 +76,16 @@ class Mapping:
         if not raw:
             return cls()
         if not isinstance(raw, dict):
-            raise DatasetError("the mapping must be an object like {\"prompt\": \"question\"}")
+            raise DatasetError('the mapping must be an object like {"prompt": "question"}')
         columns = dict(raw.get("columns") or {})
         for key, value in raw.items():
             if key in FIELDS:
                 columns[key] = value
             elif key not in OPTIONS:
-                raise DatasetError(f"unknown mapping key '{key}': use our field names ({', '.join(FIELDS)}) "
-                                   f"or the options {', '.join(OPTIONS)}")
+                raise DatasetError(
+                    f"unknown mapping key '{key}': use our field names ({', '.join(FIELDS)}) "
+                    f"or the options {', '.join(OPTIONS)}"
+                )
         for ours, theirs in columns.items():
             if ours not in FIELDS:
                 raise DatasetError(f"unknown field '{ours}' in the mapping; fields are: {', '.join(FIELDS)}")
@@ -63,11 +93,17 @@ class Mapping:
                 raise DatasetError(f"mapping for '{ours}' must name a column (a non-empty string)")
         roles = raw.get("roles") or {}
         if not isinstance(roles, dict) or any(ROLE_NAMES.get(str(v).lower()) is None for v in roles.values()):
-            raise DatasetError("mapping 'roles' must map the file's role names to user, assistant, system, tool "
-                               "or function_call")
-        return cls(columns, raw.get("format"), raw.get("split"),
-                   {str(k): ROLE_NAMES[str(v).lower()] for k, v in roles.items()},
-                   raw.get("role_key"), raw.get("content_key"))
+            raise DatasetError(
+                "mapping 'roles' must map the file's role names to user, assistant, system, tool or function_call"
+            )
+        return cls(
+            columns,
+            raw.get("format"),
+            raw.get("split"),
+            {str(k): ROLE_NAMES[str(v).lower()] for k, v in roles.items()},
+            raw.get("role_key"),
+            raw.get("content_key"),
+        )
 
     def apply(self, row: dict) -> dict:
         """The row with the mapped columns renamed to our field names."""
@@ -108,8 +144,10 @@ def content_text(value, where: str) -> str:
             continue
         kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
         if kind != "text" or not isinstance(part, dict):
-            raise RowError(f"{where}: has a '{kind}' part; only text is supported",
-                           f"turns with '{kind}' parts (only text is supported)")
+            raise RowError(
+                f"{where}: has a '{kind}' part; only text is supported",
+                f"turns with '{kind}' parts (only text is supported)",
+            )
         text = next((part[k] for k in ("text", "value", "content") if k in part), None)
         if not isinstance(text, str):
             raise RowError(f"{where}: a text part has no 'text' or 'value' string", "text parts without text")
@@ -142,8 +180,10 @@ def tool_calls_from_text(text: str, where: str) -> tuple:
     try:
         value = json.loads(text)
     except (TypeError, ValueError):
-        raise RowError(f"{where}: function_call value is not JSON with 'name' and 'arguments'",
-                       "function_call turns that are not JSON") from None
+        raise RowError(
+            f"{where}: function_call value is not JSON with 'name' and 'arguments'",
+            "function_call turns that are not JSON",
+        ) from None
     calls = value if isinstance(value, list) else [value]
     return tuple(tool_call(c, where) for c in calls)
 
@@ -157,8 +197,12 @@ def parse_tools(value, where: str = "tools") -> tuple:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise RowError(f"'{where}' must be a list of tool schemas (or that list as JSON text)", "malformed 'tools'")
-    return tuple(t if t.get("type") == "function" and isinstance(t.get("function"), dict)
-                 else {"type": "function", "function": t} for t in value)
+    return tuple(
+        t
+        if t.get("type") == "function" and isinstance(t.get("function"), dict)
+        else {"type": "function", "function": t}
+        for t in value
+    )
 
 
 def _train_flag(obj: dict) -> bool | None:
@@ -179,8 +223,10 @@ def parse_message(obj, mapping: Mapping, where: str) -> Message:
         raw_content = next((obj[k] for k in ("content", "value", "text") if k in obj), None)
     role = mapping.roles.get(str(raw_role)) or ROLE_NAMES.get(str(raw_role).lower())
     if role is None:
-        raise RowError(f"{where}: unknown role '{raw_role}' (map it, e.g. {{\"roles\": {{\"{raw_role}\": "
-                       "\"assistant\"}})", f"turns with unknown role '{raw_role}'")
+        raise RowError(
+            f'{where}: unknown role \'{raw_role}\' (map it, e.g. {{"roles": {{"{raw_role}": "assistant"}}}})',
+            f"turns with unknown role '{raw_role}'",
+        )
     text = content_text(raw_content, where)
     if role == "function_call":
         return Message("assistant", "", tool_calls_from_text(text, where), _train_flag(obj))
@@ -198,8 +244,10 @@ def parse_messages(value, mapping: Mapping, name: str) -> tuple[Message, ...]:
     if value is None or value == [] or value == "":
         raise RowError(f"'{name}' is empty or missing", f"rows with an empty '{name}'")
     if not isinstance(value, list):
-        raise RowError(f"'{name}' must be a list of turns, found {type(value).__name__}",
-                       f"rows whose '{name}' is not a list of turns")
+        raise RowError(
+            f"'{name}' must be a list of turns, found {type(value).__name__}",
+            f"rows whose '{name}' is not a list of turns",
+        )
     return tuple(parse_message(m, mapping, f"{name}[{i}]") for i, m in enumerate(value))
 
 

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import re
 
-from engine.datasets.problems import RowError
-from engine.datasets.schema import Message
+from finetune_studio.engine.datasets.problems import RowError
+from finetune_studio.engine.datasets.schema import Message
 
-ASSISTANT_MARKERS = ("\n\nAssistant:", "### Response:", "<|im_start|>assistant\n", "[/INST]", "<|assistant|>",
-                     "\nAssistant:")
+ASSISTANT_MARKERS = (
+    "\n\nAssistant:",
+    "### Response:",
+    "<|im_start|>assistant\n",
+    "[/INST]",
+    "<|assistant|>",
+    "\nAssistant:",
+)
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -39,8 +45,9 @@ def split_shared_prefix(chosen: tuple[Message, ...], rejected: tuple[Message, ..
         raise RowError("chosen and rejected share no prompt turns", "pairs whose answers share no prompt")
     prompt, c, r = chosen[:shared], chosen[shared:], rejected[shared:]
     if c[0].role != "assistant" or r[0].role != "assistant":
-        raise RowError("chosen and rejected differ before the answer (in a user turn)",
-                       "pairs that differ in a user turn")
+        raise RowError(
+            "chosen and rejected differ before the answer (in a user turn)", "pairs that differ in a user turn"
+        )
     return prompt, c, r
 
 
@@ -59,8 +66,9 @@ def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
         cut = max((i + 1 for i, ch in enumerate(common) if ch.isspace()), default=0)
     prompt = chosen[:cut]
     if not prompt.strip():
-        raise RowError("chosen and rejected share no prompt text; add a 'prompt' column",
-                       "pairs whose answers share no prompt")
+        raise RowError(
+            "chosen and rejected share no prompt text; add a 'prompt' column", "pairs whose answers share no prompt"
+        )
     return prompt, chosen[cut:], rejected[cut:]
 
 

@@ -7,12 +7,12 @@ the rejected sequences are shown side by side.
 
 from __future__ import annotations
 
-from engine.datasets.schema import example_to_dict
+from finetune_studio.engine.datasets.schema import example_to_dict
 
 
 def segments(tokenizer, input_ids: list[int], labels: list[int]) -> list[dict]:
     """Runs of consecutive tokens with the same trained flag, decoded to text."""
-    from engine.render import IGNORE
+    from finetune_studio.engine.render import IGNORE
 
     out: list[dict] = []
     run: list[int] = []
@@ -52,7 +52,7 @@ def preview_example(example, tokenizer=None, max_length: int = 512, loss_on: str
     out = {"line": example.source_line, "kind": example.kind, "data": example_to_dict(example)}
     if tokenizer is None:
         return out
-    from engine.render import TokenizedPair, tokenize_example
+    from finetune_studio.engine.render import TokenizedPair, tokenize_example
 
     tokenized = tokenize_example(tokenizer, example, max_length, loss_on)
     if isinstance(tokenized, TokenizedPair):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from engine.datasets.schema import Problem
+from finetune_studio.engine.datasets.schema import Problem
 
 PER_KIND = 20  # problems of one kind listed one by one before the rest are summed up
 
@@ -31,8 +31,9 @@ class ProblemLog:
         self._levels: dict[str, str] = {}
         self.dropped: Counter[str] = Counter()
 
-    def add(self, message: str, line: int | None = None, *, file: str = "", level: str = "warning",
-            kind: str | None = None) -> None:
+    def add(
+        self, message: str, line: int | None = None, *, file: str = "", level: str = "warning", kind: str | None = None
+    ) -> None:
         """Record one problem; ``kind`` (default: the message) groups repeats of the same problem."""
         kind = kind or message
         self._counts[kind] += 1
@@ -54,6 +55,5 @@ class ProblemLog:
         out = list(self._listed)
         for kind, n in self._counts.items():
             if n > self.per_kind:
-                out.append(Problem(f"... and {n - self.per_kind} more like this: {kind}", None, "",
-                                   self._levels[kind]))
+                out.append(Problem(f"... and {n - self.per_kind} more like this: {kind}", None, "", self._levels[kind]))
         return out

@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.datasets.problems import ProblemLog
-from engine.datasets.schema import DatasetError
+from finetune_studio.engine.datasets.problems import ProblemLog
+from finetune_studio.engine.datasets.schema import DatasetError
 
-TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-                 ".tab": "tsv"}
+TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
 BINARY_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
 SUPPORTED = "JSON Lines (.jsonl), JSON (.json), CSV (.csv), TSV (.tsv), Parquet (.parquet), Arrow (.arrow)"
 MALFORMED = "malformed row"
@@ -38,7 +37,7 @@ class Row:
 
 
 def sniff(path: Path) -> str:
-    """The reader for ``path`` ('jsonl', 'json', 'csv', 'tsv', 'parquet', 'arrow'), or a DatasetError saying why none."""
+    """The reader for ``path`` ('jsonl', 'json', 'csv', 'tsv', 'parquet', 'arrow'), or a DatasetError saying why."""
     name = path.name
     try:
         with open(path, "rb") as fh:
@@ -59,8 +58,10 @@ def sniff(path: Path) -> str:
         raise DatasetError(f"{name} is UTF-16 text: save it as UTF-8 (in most editors: Save As, encoding UTF-8)")
     suffix = path.suffix.lower()
     if suffix in BINARY_SUFFIXES:
-        raise DatasetError(f"{name} is named {suffix} but is not a {BINARY_SUFFIXES[suffix].title()} file "
-                           "(its first bytes are wrong): it may be damaged or mislabelled")
+        raise DatasetError(
+            f"{name} is named {suffix} but is not a {BINARY_SUFFIXES[suffix].title()} file "
+            "(its first bytes are wrong): it may be damaged or mislabelled"
+        )
     if b"\x00" in head:
         raise DatasetError(f"{name} is a binary file, not text: expected {SUPPORTED}")
     text = _decode_head(head, name)
@@ -86,9 +87,11 @@ def _decode_head(head: bytes, name: str) -> str:
 def _utf8_error(name: str, data: bytes, exc: UnicodeDecodeError, line_base: int) -> DatasetError:
     line = line_base + data.count(b"\n", 0, exc.start) + 1
     col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-    bad = data[exc.start:exc.start + 1].hex()
-    return DatasetError(f"{name} is not valid UTF-8 text (byte 0x{bad} at line {line}, column {col}): "
-                        "save it as UTF-8 (in most editors: Save As, encoding UTF-8)")
+    bad = data[exc.start : exc.start + 1].hex()
+    return DatasetError(
+        f"{name} is not valid UTF-8 text (byte 0x{bad} at line {line}, column {col}): "
+        "save it as UTF-8 (in most editors: Save As, encoding UTF-8)"
+    )
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -111,19 +114,28 @@ def read_jsonl(path: Path, log: ProblemLog) -> Iterator[Row]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            log.drop(f"not valid JSON ({exc.msg} at column {exc.colno})", lineno, file=str(path),
-                     kind="lines that are not valid JSON")
+            log.drop(
+                f"not valid JSON ({exc.msg} at column {exc.colno})",
+                lineno,
+                file=str(path),
+                kind="lines that are not valid JSON",
+            )
             continue
         if not isinstance(value, dict):
-            log.drop(f"expected a JSON object, found {_json_type(value)}", lineno, file=str(path),
-                     kind="lines that are not JSON objects")
+            log.drop(
+                f"expected a JSON object, found {_json_type(value)}",
+                lineno,
+                file=str(path),
+                kind="lines that are not JSON objects",
+            )
             continue
         yield Row(value, lineno, str(path))
 
 
 def _json_type(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
-            type(None): "null"}.get(type(value), "a number")
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number"
+    )
 
 
 class _JsonText:
@@ -190,7 +202,7 @@ def _decode_at(src: _JsonText, pos: int):
                 continue
             line = src.line(exc.pos)
             col = exc.pos - (src.buf.rfind("\n", 0, exc.pos) + 1) + 1
-            raise DatasetError(f"{src.path.name} is not valid JSON: {exc.msg} at line {line}, column {col}")
+            raise DatasetError(f"{src.path.name} is not valid JSON: {exc.msg} at line {line}, column {col}") from None
         if end >= len(src.buf) - 1 and not src.eof and src.more():
             continue  # a number cut by the chunk boundary would decode short: decode again with more text
         return value, end
@@ -212,8 +224,10 @@ def read_json(path: Path, log: ProblemLog) -> Iterator[Row]:
             return
         if src.buf[pos] != "[":
             value, _ = _decode_at(src, pos)
-            raise DatasetError(f"{path.name}: the JSON holds {_json_type(value)}, not a list of objects; "
-                               "expected [{...}, {...}] or one object per line (.jsonl)")
+            raise DatasetError(
+                f"{path.name}: the JSON holds {_json_type(value)}, not a list of objects; "
+                "expected [{...}, {...}] or one object per line (.jsonl)"
+            )
         yield from _json_list(src, pos + 1, log)
     finally:
         src.close()
@@ -233,25 +247,36 @@ def _json_list(src: _JsonText, pos: int, log: ProblemLog) -> Iterator[Row]:
         if isinstance(value, dict):
             yield Row(value, line, str(src.path))
         elif index == 1:
-            raise DatasetError(f"{name}: expected a list of objects like {{\"instruction\": ..., \"output\": ...}}, "
-                               f"but the first element is {_json_type(value)}")
+            raise DatasetError(
+                f'{name}: expected a list of objects like {{"instruction": ..., "output": ...}}, '
+                f"but the first element is {_json_type(value)}"
+            )
         else:
-            log.drop(f"element {index} is {_json_type(value)}, not an object", line, file=str(src.path),
-                     kind="list elements that are not objects")
+            log.drop(
+                f"element {index} is {_json_type(value)}, not an object",
+                line,
+                file=str(src.path),
+                kind="list elements that are not objects",
+            )
         pos = src.skip_ws(end)
         if pos < len(src.buf) and src.buf[pos] == ",":
             pos = src.skip_ws(pos + 1)
             if pos < len(src.buf) and src.buf[pos] == "]":
-                log.add("trailing comma before the closing ']' (not strict JSON); ignored", src.line(pos),
-                        file=str(src.path), level="note")
+                log.add(
+                    "trailing comma before the closing ']' (not strict JSON); ignored",
+                    src.line(pos),
+                    file=str(src.path),
+                    level="note",
+                )
         elif pos < len(src.buf) and src.buf[pos] != "]":
             line = src.line(pos)
             raise DatasetError(f"{name} is not valid JSON: expected ',' or ']' at line {line}")
         if pos > _CHUNK:
             pos = src.trim(pos)
     if src.skip_ws(pos + 1) < len(src.buf):
-        raise DatasetError(f"{name} is not valid JSON: extra text after the closing ']' "
-                           f"at line {src.line(src.skip_ws(pos + 1))}")
+        raise DatasetError(
+            f"{name} is not valid JSON: extra text after the closing ']' at line {src.line(src.skip_ws(pos + 1))}"
+        )
 
 
 def _single_object(path: Path, value: dict, log: ProblemLog) -> Iterator[Row]:
@@ -259,13 +284,16 @@ def _single_object(path: Path, value: dict, log: ProblemLog) -> Iterator[Row]:
     for key in _WRAPPER_KEYS:
         rows = value.get(key)
         if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-            log.add(f"{path.name} is one object; read the list under '{key}' (row numbers are list positions)",
-                    level="note")
+            log.add(
+                f"{path.name} is one object; read the list under '{key}' (row numbers are list positions)", level="note"
+            )
             for i, row in enumerate(rows, 1):
                 yield Row(row, i, str(path))
             return
-    raise DatasetError(f"{path.name} holds a single JSON object, not a list of objects: wrap the rows in "
-                       "[ ... ] or write one object per line (.jsonl)")
+    raise DatasetError(
+        f"{path.name} holds a single JSON object, not a list of objects: wrap the rows in "
+        "[ ... ] or write one object per line (.jsonl)"
+    )
 
 
 def _looks_like_data(cell: str) -> bool:
@@ -294,15 +322,20 @@ def read_delimited(path: Path, log: ProblemLog, delimiter: str = ",") -> Iterato
             why = f"cell '{bad[0][:40]}'" if bad else "repeated column names"
             raise DatasetError(
                 f"{path.name}: the first line does not look like a header ({why}). {what} files need a header "
-                f"row naming the columns, e.g. instruction{delimiter}input{delimiter}output")
+                f"row naming the columns, e.g. instruction{delimiter}input{delimiter}output"
+            )
         last = reader.line_num
         for record in reader:
             start, last = last + 1, reader.line_num
             if not record or all(not c.strip() for c in record):
                 continue
             if len(record) != len(header):
-                log.drop(f"has {len(record)} fields, the header has {len(header)}", start, file=str(path),
-                         kind=f"{what} records with the wrong number of fields")
+                log.drop(
+                    f"has {len(record)} fields, the header has {len(header)}",
+                    start,
+                    file=str(path),
+                    kind=f"{what} records with the wrong number of fields",
+                )
                 continue
             yield Row(dict(zip(header, record)), start, str(path))
     except csv.Error as exc:

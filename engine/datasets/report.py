@@ -10,8 +10,8 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 
-from engine.datasets.problems import ProblemLog
-from engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
+from finetune_studio.engine.datasets.problems import ProblemLog
+from finetune_studio.engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
 
 UNLIMITED = 10**9  # a max_length that never truncates: gives full lengths
 BIAS_WARN = 0.75  # warn when chosen is longer (or shorter) in more than this share of pairs
@@ -49,8 +49,13 @@ class LengthBias:
         if not chosen:
             return None
         longer = sum(1 for c, r in zip(chosen, rejected) if c > r)
-        return cls(unit, len(chosen), round(statistics.fmean(chosen), 1), round(statistics.fmean(rejected), 1),
-                   round(longer / len(chosen), 3))
+        return cls(
+            unit,
+            len(chosen),
+            round(statistics.fmean(chosen), 1),
+            round(statistics.fmean(rejected), 1),
+            round(longer / len(chosen), 3),
+        )
 
 
 @dataclass
@@ -78,8 +83,9 @@ def _answer_chars(msgs) -> int:
 def char_length_bias(examples: list) -> LengthBias | None:
     """Length bias of preference pairs in characters of the answers (no tokenizer needed)."""
     pairs = [ex for ex in examples if isinstance(ex, PreferencePair)]
-    return LengthBias.of("characters", [_answer_chars(p.chosen) for p in pairs],
-                         [_answer_chars(p.rejected) for p in pairs])
+    return LengthBias.of(
+        "characters", [_answer_chars(p.chosen) for p in pairs], [_answer_chars(p.rejected) for p in pairs]
+    )
 
 
 def warn_length_bias(bias: LengthBias | None, log: ProblemLog) -> None:
@@ -89,15 +95,19 @@ def warn_length_bias(bias: LengthBias | None, log: ProblemLog) -> None:
     if share > BIAS_WARN or share < 1 - BIAS_WARN:
         side = "longer" if share > BIAS_WARN else "shorter or equal"
         pct = share if share > BIAS_WARN else 1 - share
-        log.add(f"length bias: the chosen answer is {side} in {pct:.0%} of pairs (mean {bias.mean_chosen:g} vs "
-                f"{bias.mean_rejected:g} {bias.unit}); DPO may learn answer length rather than quality",
-                level="warning", kind="length bias")
+        log.add(
+            f"length bias: the chosen answer is {side} in {pct:.0%} of pairs (mean {bias.mean_chosen:g} vs "
+            f"{bias.mean_rejected:g} {bias.unit}); DPO may learn answer length rather than quality",
+            level="warning",
+            kind="length bias",
+        )
 
 
-def token_report(examples: list, tokenizer, max_length: int, loss_on: str, log: ProblemLog,
-                 limit: int | None = None) -> TokenReport:
+def token_report(
+    examples: list, tokenizer, max_length: int, loss_on: str, log: ProblemLog, limit: int | None = None
+) -> TokenReport:
     """Tokenise (up to ``limit``) examples exactly as training will, and count what matters."""
-    from engine.render import RenderError, tokenize_example
+    from finetune_studio.engine.render import RenderError, tokenize_example
 
     measured = examples[:limit] if limit else examples
     lengths, trained, chosen_len, rejected_len = [], [], [], []
@@ -122,21 +132,39 @@ def token_report(examples: list, tokenizer, max_length: int, loss_on: str, log: 
             kept = min(cut.chosen.trained_tokens, cut.rejected.trained_tokens)
             if cut.difference_truncated:
                 diff_cut += 1
-                log.add(f"chosen and rejected differ only after max_length {max_length}: the pair teaches nothing",
-                        ex.source_line, kind="pairs whose difference is cut off by max_length")
+                log.add(
+                    f"chosen and rejected differ only after max_length {max_length}: the pair teaches nothing",
+                    ex.source_line,
+                    kind="pairs whose difference is cut off by max_length",
+                )
         else:
             kept = cut.trained_tokens
         trained.append(kept)
         if kept == 0:
             empty += 1
-            log.add(f"no trained tokens left after truncation to {max_length}", ex.source_line,
-                    kind="rows with no trained tokens after truncation")
+            log.add(
+                f"no trained tokens left after truncation to {max_length}",
+                ex.source_line,
+                kind="rows with no trained tokens after truncation",
+            )
     if over:
-        log.add(f"{over} of {len(lengths)} rows are longer than max_length {max_length} and will be truncated",
-                level="warning", kind="rows longer than max_length")
+        log.add(
+            f"{over} of {len(lengths)} rows are longer than max_length {max_length} and will be truncated",
+            level="warning",
+            kind="rows longer than max_length",
+        )
     bias = LengthBias.of("tokens", chosen_len, rejected_len)
-    return TokenReport(max_length, len(measured), LengthStats.of(lengths), LengthStats.of(trained), over, empty,
-                       diff_cut, failures, bias)
+    return TokenReport(
+        max_length,
+        len(measured),
+        LengthStats.of(lengths),
+        LengthStats.of(trained),
+        over,
+        empty,
+        diff_cut,
+        failures,
+        bias,
+    )
 
 
 def template_warnings(examples: list, tokenizer, log: ProblemLog) -> None:
@@ -156,6 +184,9 @@ def template_warnings(examples: list, tokenizer, log: ProblemLog) -> None:
         return bool(getattr(ex, "tools", ())) or any(m.tool_calls for m in turns)
 
     if template and "tool" not in template and any(uses_tools(ex) for ex in examples):
-        log.add("the data has tool schemas or tool calls, but this model's chat template ignores them: tool-call "
-                "turns render as empty answers; use a model whose template supports tools", level="warning",
-                kind="template without tools")
+        log.add(
+            "the data has tool schemas or tool calls, but this model's chat template ignores them: tool-call "
+            "turns render as empty answers; use a model whose template supports tools",
+            level="warning",
+            kind="template without tools",
+        )

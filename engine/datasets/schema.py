@@ -155,11 +155,13 @@ def example_to_dict(example) -> dict:
     if isinstance(example, Conversation):
         out: dict = {"messages": _messages(example.messages)}
     elif isinstance(example, PreferencePair):
-        out = {"prompt": _messages(example.prompt), "chosen": _messages(example.chosen),
-               "rejected": _messages(example.rejected)}
+        out = {
+            "prompt": _messages(example.prompt),
+            "chosen": _messages(example.chosen),
+            "rejected": _messages(example.rejected),
+        }
     elif isinstance(example, UnpairedExample):
-        out = {"prompt": _messages(example.prompt), "completion": _messages(example.completion),
-               "label": example.label}
+        out = {"prompt": _messages(example.prompt), "completion": _messages(example.completion), "label": example.label}
     elif isinstance(example, TextExample):
         return {"text": example.text}
     else:

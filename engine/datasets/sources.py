@@ -11,14 +11,21 @@ import os
 import re
 from pathlib import Path
 
-from engine.datasets.problems import ProblemLog
-from engine.datasets.readers import BINARY_SUFFIXES, TEXT_SUFFIXES
-from engine.datasets.schema import DatasetError
+from finetune_studio.engine.datasets.problems import ProblemLog
+from finetune_studio.engine.datasets.readers import BINARY_SUFFIXES, TEXT_SUFFIXES
+from finetune_studio.engine.datasets.schema import DatasetError
 
 DATA_SUFFIXES = set(TEXT_SUFFIXES) | set(BINARY_SUFFIXES)
 # Files that sit next to data but are not data.
-NOT_DATA = {"dataset_info.json", "state.json", "dataset_dict.json", "config.json", "dataset_infos.json",
-            "metadata.json", "package.json"}
+NOT_DATA = {
+    "dataset_info.json",
+    "state.json",
+    "dataset_dict.json",
+    "config.json",
+    "dataset_infos.json",
+    "metadata.json",
+    "package.json",
+}
 HUB_ID = re.compile(r"^(?:hf://(?:datasets/)?)?([A-Za-z0-9][\w.-]*)/([\w.-]+)$")
 
 
@@ -49,12 +56,19 @@ def _folder_files(folder: Path, log: ProblemLog, split: str | None) -> list[Path
         files = [folder / f["filename"] for f in state.get("_data_files", []) if "filename" in f]
         missing = [f.name for f in files if not f.is_file()]
         if not files or missing:
-            raise DatasetError(f"{folder} looks like a `datasets` folder but its data files are missing"
-                               + (f": {', '.join(missing)}" if missing else ""))
+            raise DatasetError(
+                f"{folder} looks like a `datasets` folder but its data files are missing"
+                + (f": {', '.join(missing)}" if missing else "")
+            )
         return files
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-                   and p.name not in NOT_DATA and not any(part.startswith(".") for part in
-                                                          p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in DATA_SUFFIXES
+        and p.name not in NOT_DATA
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
         raise DatasetError(f"{folder} holds no data files (expected .jsonl, .json, .csv, .tsv, .parquet or .arrow)")
     wanted = split or "train"
@@ -65,11 +79,15 @@ def _folder_files(folder: Path, log: ProblemLog, split: str | None) -> list[Path
         raise DatasetError(f"{folder} has no files for split '{split}'")
     kinds = {p.suffix.lower() for p in files}
     if len(kinds) > 1:
-        raise DatasetError(f"{folder} mixes data files of several types ({', '.join(sorted(kinds))}): "
-                           "point to one file instead")
+        raise DatasetError(
+            f"{folder} mixes data files of several types ({', '.join(sorted(kinds))}): point to one file instead"
+        )
     if len(files) > 1:
-        log.add(f"read {len(files)} files: {', '.join(str(p.relative_to(folder)) for p in files[:5])}"
-                + (" ..." if len(files) > 5 else ""), level="note")
+        log.add(
+            f"read {len(files)} files: {', '.join(str(p.relative_to(folder)) for p in files[:5])}"
+            + (" ..." if len(files) > 5 else ""),
+            level="note",
+        )
     return files
 
 
@@ -136,7 +154,9 @@ def _hub_files(owner: str, name: str, log: ProblemLog, split: str | None) -> lis
             files = sorted(p for p in arrows if p.parent == newest)
             log.add(f"read {owner}/{name} split '{wanted}' from the `datasets` cache ({newest})", level="note")
             return files
-    raise DatasetError(f"'{owner}/{name}' is not a file or folder here, and the hub dataset {owner}/{name} is not in "
-                       f"the local Hugging Face cache ({hub_cache_dir()}). The studio works offline: download it "
-                       "once with `huggingface-cli download --repo-type dataset "
-                       f"{owner}/{name}`, or point to a local file")
+    raise DatasetError(
+        f"'{owner}/{name}' is not a file or folder here, and the hub dataset {owner}/{name} is not in "
+        f"the local Hugging Face cache ({hub_cache_dir()}). The studio works offline: download it "
+        "once with `huggingface-cli download --repo-type dataset "
+        f"{owner}/{name}`, or point to a local file"
+    )

@@ -14,8 +14,9 @@ def split_by_prompt(examples: list, fraction: float, seed: int) -> tuple[list, l
     """
     if fraction <= 0 or len(examples) < 2:
         return list(examples), []
-    keys = sorted({ex.prompt_key for ex in examples},
-                  key=lambda k: hashlib.sha256(f"{seed}\x00{k}".encode()).hexdigest())
+    keys = sorted(
+        {ex.prompt_key for ex in examples}, key=lambda k: hashlib.sha256(f"{seed}\x00{k}".encode()).hexdigest()
+    )
     n_val = min(max(1, round(len(keys) * fraction)), len(keys) - 1) if len(keys) > 1 else 0
     val_keys = set(keys[:n_val])
     train = [ex for ex in examples if ex.prompt_key not in val_keys]

@@ -30,32 +30,183 @@ N_SFT = 400
 N_PREFERENCE = 400
 N_EVAL = 64
 
-INSTRUCTION = ('Reply with only a JSON object with the keys "name", "age" (a number), "city" and "job" '
-               '(null if not given).')
+INSTRUCTION = (
+    'Reply with only a JSON object with the keys "name", "age" (a number), "city" and "job" (null if not given).'
+)
 
 
 FIRST_NAMES = [
-    "Maria", "James", "Aiko", "Liam", "Fatima", "Noah", "Ingrid", "Mateo", "Priya", "Oliver", "Chen", "Amara",
-    "Lucas", "Sofia", "Kwame", "Elena", "Hiroshi", "Zara", "Diego", "Freya", "Omar", "Hannah", "Ravi", "Chloe",
-    "Tomasz", "Leila", "Ethan", "Yuki", "Samuel", "Nadia", "Felix", "Ana", "Kofi", "Emma", "Arjun", "Lena",
-    "Pablo", "Mei", "Jonas", "Aisha", "Victor", "Clara", "Dmitri", "Grace", "Rahul", "Isla", "Marco", "Sara",
-    "Henrik", "Lucia", "Tariq", "Julia", "Mohammed", "Nora", "Andrei", "Eva", "Kenji", "Rosa", "Daniel", "Ayla",
+    "Maria",
+    "James",
+    "Aiko",
+    "Liam",
+    "Fatima",
+    "Noah",
+    "Ingrid",
+    "Mateo",
+    "Priya",
+    "Oliver",
+    "Chen",
+    "Amara",
+    "Lucas",
+    "Sofia",
+    "Kwame",
+    "Elena",
+    "Hiroshi",
+    "Zara",
+    "Diego",
+    "Freya",
+    "Omar",
+    "Hannah",
+    "Ravi",
+    "Chloe",
+    "Tomasz",
+    "Leila",
+    "Ethan",
+    "Yuki",
+    "Samuel",
+    "Nadia",
+    "Felix",
+    "Ana",
+    "Kofi",
+    "Emma",
+    "Arjun",
+    "Lena",
+    "Pablo",
+    "Mei",
+    "Jonas",
+    "Aisha",
+    "Victor",
+    "Clara",
+    "Dmitri",
+    "Grace",
+    "Rahul",
+    "Isla",
+    "Marco",
+    "Sara",
+    "Henrik",
+    "Lucia",
+    "Tariq",
+    "Julia",
+    "Mohammed",
+    "Nora",
+    "Andrei",
+    "Eva",
+    "Kenji",
+    "Rosa",
+    "Daniel",
+    "Ayla",
 ]
 LAST_NAMES = [
-    "Lopez", "Smith", "Tanaka", "Murphy", "Haddad", "Johansson", "Rossi", "Patel", "Nguyen", "Okafor", "Schmidt",
-    "Silva", "Kowalski", "Dubois", "Garcia", "Kim", "Mensah", "Andersen", "Costa", "Ivanova", "Brown", "Sato",
-    "Fischer", "Moreau", "Ali", "Novak", "Reyes", "Larsen", "Walker", "Khan", "Bianchi", "Petrov", "Owusu",
-    "Jensen", "Romero", "Yamamoto", "Weber", "Fernandes", "Hughes", "Berg",
+    "Lopez",
+    "Smith",
+    "Tanaka",
+    "Murphy",
+    "Haddad",
+    "Johansson",
+    "Rossi",
+    "Patel",
+    "Nguyen",
+    "Okafor",
+    "Schmidt",
+    "Silva",
+    "Kowalski",
+    "Dubois",
+    "Garcia",
+    "Kim",
+    "Mensah",
+    "Andersen",
+    "Costa",
+    "Ivanova",
+    "Brown",
+    "Sato",
+    "Fischer",
+    "Moreau",
+    "Ali",
+    "Novak",
+    "Reyes",
+    "Larsen",
+    "Walker",
+    "Khan",
+    "Bianchi",
+    "Petrov",
+    "Owusu",
+    "Jensen",
+    "Romero",
+    "Yamamoto",
+    "Weber",
+    "Fernandes",
+    "Hughes",
+    "Berg",
 ]
 CITIES = [
-    "Lisbon", "Oslo", "Osaka", "Dublin", "Beirut", "Stockholm", "Turin", "Mumbai", "Hanoi", "Lagos", "Hamburg",
-    "Porto", "Krakow", "Lyon", "Seville", "Busan", "Accra", "Aarhus", "Recife", "Kazan", "Leeds", "Kyoto",
-    "Munich", "Marseille", "Cairo", "Prague", "Manila", "Bergen", "Toronto", "Karachi", "Naples", "Sofia",
-    "Kumasi", "Odense", "Valencia", "Sapporo", "Vienna", "Curitiba", "Glasgow", "Gothenburg", "Denver",
-    "Nairobi", "Melbourne", "Montreal", "Quito", "Tunis", "Zurich", "Austin",
+    "Lisbon",
+    "Oslo",
+    "Osaka",
+    "Dublin",
+    "Beirut",
+    "Stockholm",
+    "Turin",
+    "Mumbai",
+    "Hanoi",
+    "Lagos",
+    "Hamburg",
+    "Porto",
+    "Krakow",
+    "Lyon",
+    "Seville",
+    "Busan",
+    "Accra",
+    "Aarhus",
+    "Recife",
+    "Kazan",
+    "Leeds",
+    "Kyoto",
+    "Munich",
+    "Marseille",
+    "Cairo",
+    "Prague",
+    "Manila",
+    "Bergen",
+    "Toronto",
+    "Karachi",
+    "Naples",
+    "Sofia",
+    "Kumasi",
+    "Odense",
+    "Valencia",
+    "Sapporo",
+    "Vienna",
+    "Curitiba",
+    "Glasgow",
+    "Gothenburg",
+    "Denver",
+    "Nairobi",
+    "Melbourne",
+    "Montreal",
+    "Quito",
+    "Tunis",
+    "Zurich",
+    "Austin",
 ]
-JOBS = ["nurse", "teacher", "baker", "pilot", "architect", "chef", "translator", "engineer", "librarian",
-        "photographer", "carpenter", "pharmacist", "journalist", "gardener", "dentist", "mechanic"]
+JOBS = [
+    "nurse",
+    "teacher",
+    "baker",
+    "pilot",
+    "architect",
+    "chef",
+    "translator",
+    "engineer",
+    "librarian",
+    "photographer",
+    "carpenter",
+    "pharmacist",
+    "journalist",
+    "gardener",
+    "dentist",
+    "mechanic",
+]
 
 # Each template names the person, the age in digits and the city exactly once; some name a job too.
 TEMPLATES = [
@@ -125,8 +276,12 @@ def _people(rng: random.Random, n: int, taken: set[str]) -> list[dict]:
             continue
         taken.add(name)
         template = rng.choice(TEMPLATES)
-        person = {"name": name, "age": rng.randint(18, 89), "city": rng.choice(CITIES),
-                  "job": rng.choice(JOBS) if "job}" in template else None}
+        person = {
+            "name": name,
+            "age": rng.randint(18, 89),
+            "city": rng.choice(CITIES),
+            "job": rng.choice(JOBS) if "job}" in template else None,
+        }
         article = "an" if person["job"] and person["job"][0] in "aeiou" else "a"
         person["text"] = template.format(a_job=f"{article} {person['job']}", **person)
         out.append(person)
@@ -141,10 +296,14 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
     train_people = _people(rng, N_SFT + N_PREFERENCE, taken)
 
     eval_rows = [{"prompt": prompt_for(p["text"]), "expected": expected(p)} for p in eval_people]
-    sft_rows = [{"messages": [{"role": "user", "content": prompt_for(p["text"])},
-                              {"role": "assistant", "content": answer(p)}]} for p in train_people[:N_SFT]]
-    pref_rows = [{"prompt": prompt_for(p["text"]), "chosen": answer(p), "rejected": _wrong_answer(rng, p)}
-                 for p in train_people[N_SFT:]]
+    sft_rows = [
+        {"messages": [{"role": "user", "content": prompt_for(p["text"])}, {"role": "assistant", "content": answer(p)}]}
+        for p in train_people[:N_SFT]
+    ]
+    pref_rows = [
+        {"prompt": prompt_for(p["text"]), "chosen": answer(p), "rejected": _wrong_answer(rng, p)}
+        for p in train_people[N_SFT:]
+    ]
     return {"demo_sft.jsonl": sft_rows, "demo_preference.jsonl": pref_rows, "demo_eval.jsonl": eval_rows}
 
 

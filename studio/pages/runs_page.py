@@ -6,17 +6,38 @@ import json
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLineEdit, QPlainTextEdit,
-                               QPushButton, QSplitter, QTableView, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSplitter,
+    QTableView,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
-from core.store import RUN_STATUSES, Store
+from finetune_studio.core.store import RUN_STATUSES, Store
+from finetune_studio.studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
+from finetune_studio.studio.series import Ema
+from finetune_studio.studio.widgets.charts import Chart, make_curve
 
-from studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
-from studio.series import Ema
-from studio.widgets.charts import Chart, make_curve
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 MAX_OVERLAY = 10
 
 
@@ -44,7 +65,8 @@ class RunsPage(QWidget):
         for s in RUN_STATUSES:
             self.status_box.addItem(s.capitalize(), s)
         self.status_box.currentIndexChanged.connect(
-            lambda _i: self.proxy.set_filter(status=self.status_box.currentData()))
+            lambda _i: self.proxy.set_filter(status=self.status_box.currentData())
+        )
         refresh = QPushButton("Refresh", self)
         refresh.clicked.connect(self.refresh)
         top = QHBoxLayout()
@@ -145,8 +167,9 @@ class RunsPage(QWidget):
         self.export_button.setEnabled(one is not None and one.get("status") in ("completed", "stopped"))
         if one is not None:
             try:
-                self.config_view.setPlainText(json.dumps(json.loads(one.get("config") or "{}"), indent=2,
-                                                         sort_keys=True))
+                self.config_view.setPlainText(
+                    json.dumps(json.loads(one.get("config") or "{}"), indent=2, sort_keys=True)
+                )
             except ValueError:
                 self.config_view.setPlainText(one.get("config") or "")
         else:

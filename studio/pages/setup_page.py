@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QButtonGroup, QComboBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QScrollArea,
-                               QSplitter, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSplitter,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
-from core.config import METHODS, OBJECTIVES, TrainConfig
-
-from studio import estimate
-from studio.presets import Preset, load_presets
-from studio.setup_state import FIELDS, HELP, OWN_WIDGETS, SetupState
-from studio.state import MemoryState
-from studio.widgets.config_form import ConfigForm, ErrorLabel
-from studio.widgets.dataset_panel import DatasetPanel
-from studio.widgets.memory_panel import MemoryPanel
-from studio.widgets.model_panel import ModelPanel
+from finetune_studio.core.config import METHODS, OBJECTIVES, TrainConfig
+from finetune_studio.studio import estimate
+from finetune_studio.studio.presets import Preset, load_presets
+from finetune_studio.studio.setup_state import FIELDS, HELP, OWN_WIDGETS, SetupState
+from finetune_studio.studio.state import MemoryState
+from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel
+from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
+from finetune_studio.studio.widgets.memory_panel import MemoryPanel
+from finetune_studio.studio.widgets.model_panel import ModelPanel
 
 METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
 OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO"}
@@ -57,8 +67,13 @@ class Segmented(QWidget):
 class SetupPage(QWidget):
     start_requested = Signal(object)  # TrainConfig
 
-    def __init__(self, state: SetupState, memory: MemoryState, recent_models: list[str] | None = None,
-                 parent: QWidget | None = None):
+    def __init__(
+        self,
+        state: SetupState,
+        memory: MemoryState,
+        recent_models: list[str] | None = None,
+        parent: QWidget | None = None,
+    ):
         super().__init__(parent)
         self.state, self.memory = state, memory
         self.model_panel = ModelPanel(state, recent_models, self)

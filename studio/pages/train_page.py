@@ -5,17 +5,34 @@ from __future__ import annotations
 import json
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QTabWidget,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
-from studio.state import MemoryState, RunState, format_bytes, format_duration
-from studio.widgets.charts import TrainingCharts
-from studio.widgets.log_view import LogView
-from studio.widgets.memory_panel import MemoryBar
+from finetune_studio.studio.state import MemoryState, RunState, format_bytes, format_duration
+from finetune_studio.studio.widgets.charts import TrainingCharts
+from finetune_studio.studio.widgets.log_view import LogView
+from finetune_studio.studio.widgets.memory_panel import MemoryBar
 
-STATUS_TEXT = {"idle": "No run yet", "starting": "Starting…", "running": "Training", "stopping": "Stopping…",
-               "completed": "Completed", "stopped": "Stopped", "failed": "Failed", "interrupted": "Interrupted",
-               "created": "Not started"}
+STATUS_TEXT = {
+    "idle": "No run yet",
+    "starting": "Starting…",
+    "running": "Training",
+    "stopping": "Stopping…",
+    "completed": "Completed",
+    "stopped": "Stopped",
+    "failed": "Failed",
+    "interrupted": "Interrupted",
+    "created": "Not started",
+}
 
 
 class TrainPage(QWidget):
@@ -129,7 +146,8 @@ class TrainPage(QWidget):
         text = st.message
         if st.status == "failed" and text:
             kind = {"oom": "Out of memory", "config": "Settings", "data": "Dataset", "model": "Model"}.get(
-                st.message_kind, "The run failed")
+                st.message_kind, "The run failed"
+            )
             text = f"<b>{kind}:</b> {_html(text)}"
         else:
             text = _html(text)

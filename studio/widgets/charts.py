@@ -15,20 +15,32 @@ from PySide6.QtCore import QEvent, QTimer
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QGridLayout, QWidget
 
-from studio.state import RunState
+from finetune_studio.studio.state import RunState
 
 pg.setConfigOptions(antialias=False, useNumba=False)
 
-COLORS = {"raw": (120, 160, 230), "smooth": (30, 90, 200), "eval": (230, 120, 40), "lr": (150, 90, 200),
-          "grad": (200, 70, 90), "tps": (40, 160, 120), "margin": (30, 90, 200), "acc": (230, 120, 40),
-          "used": (40, 160, 120), "peak": (200, 70, 90), "budget": (120, 120, 120)}
+COLORS = {
+    "raw": (120, 160, 230),
+    "smooth": (30, 90, 200),
+    "eval": (230, 120, 40),
+    "lr": (150, 90, 200),
+    "grad": (200, 70, 90),
+    "tps": (40, 160, 120),
+    "margin": (30, 90, 200),
+    "acc": (230, 120, 40),
+    "used": (40, 160, 120),
+    "peak": (200, 70, 90),
+    "budget": (120, 120, 120),
+}
 TICK_MS = 30  # one chart is redrawn per tick
 
 
-def make_curve(plot: pg.PlotItem, color, name: str, width: float = 1.5, dash: bool = False,
-               symbol: str | None = None) -> pg.PlotDataItem:
-    pen = pg.mkPen(color=color, width=width, style=pg.QtCore.Qt.PenStyle.DashLine if dash else
-                   pg.QtCore.Qt.PenStyle.SolidLine)
+def make_curve(
+    plot: pg.PlotItem, color, name: str, width: float = 1.5, dash: bool = False, symbol: str | None = None
+) -> pg.PlotDataItem:
+    pen = pg.mkPen(
+        color=color, width=width, style=pg.QtCore.Qt.PenStyle.DashLine if dash else pg.QtCore.Qt.PenStyle.SolidLine
+    )
     kw = dict(symbol=symbol, symbolSize=6, symbolBrush=color, symbolPen=None) if symbol else {}
     item = plot.plot([], [], pen=pen, name=name, connect="finite", **kw)
     item.setDownsampling(auto=True, method="peak")
@@ -37,8 +49,7 @@ def make_curve(plot: pg.PlotItem, color, name: str, width: float = 1.5, dash: bo
 
 
 class Chart(pg.PlotWidget):
-    def __init__(self, title: str, parent: QWidget | None = None, *, legend: bool = False,
-                 from_zero: bool = False):
+    def __init__(self, title: str, parent: QWidget | None = None, *, legend: bool = False, from_zero: bool = False):
         super().__init__(parent)
         self.from_zero = from_zero  # quantities such as memory read best against zero
         self.setObjectName(f"chart_{title.split()[0].lower()}")
@@ -150,9 +161,13 @@ class TrainingCharts(QWidget):
         self.memory = Chart("Memory (GiB)", self, legend=True, from_zero=True)
         self.memory.add("memory_used_bytes", "used", "used")
         self.memory.add("memory_peak_bytes", "peak", "peak")
-        self.budget_line = pg.InfiniteLine(angle=0, movable=False, label="budget",
-                                           pen=pg.mkPen(COLORS["budget"], width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
-                                           labelOpts={"position": 0.05, "color": COLORS["budget"]})
+        self.budget_line = pg.InfiniteLine(
+            angle=0,
+            movable=False,
+            label="budget",
+            pen=pg.mkPen(COLORS["budget"], width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
+            labelOpts={"position": 0.05, "color": COLORS["budget"]},
+        )
         self.budget_line.hide()
         self.memory.addItem(self.budget_line)
         grid = QGridLayout(self)
@@ -200,7 +215,7 @@ class TrainingCharts(QWidget):
 
     def _update_dpo_visibility(self) -> None:
         margin = self.state.train.column("reward_margin")
-        has_dpo = bool(len(margin)) and bool(np.isfinite(margin[-min(len(margin), 50):]).any())
+        has_dpo = bool(len(margin)) and bool(np.isfinite(margin[-min(len(margin), 50) :]).any())
         want = has_dpo or str(self.state.info.config.get("objective")) == "dpo"
         if want != (not self.dpo.isHidden()):
             self.dpo.setVisible(want)

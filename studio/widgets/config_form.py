@@ -10,14 +10,25 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
 
-from studio.setup_state import HELP, SetupState
+from finetune_studio.studio.setup_state import HELP, SetupState
 
 LABELS = {
-    "lr": "LR", "max_steps": "Steps", "learning_rate": "Learning rate", "batch_size": "Batch size",
-    "gradient_accumulation_steps": "Gradient accumulation", "max_length": "Max length (tokens)",
-    "lora_rank": "LoRA rank r", "lora_alpha": "LoRA alpha", "dpo_beta": "DPO beta", "dpo_loss": "DPO loss",
-    "dpo_label_smoothing": "DPO label smoothing", "use_rslora": "rsLoRA scaling", "loss_on": "Loss on",
-    "run_name": "Run name", "lr_scheduler": "LR schedule", "num_epochs": "Epochs (0 = use steps)",
+    "lr": "LR",
+    "max_steps": "Steps",
+    "learning_rate": "Learning rate",
+    "batch_size": "Batch size",
+    "gradient_accumulation_steps": "Gradient accumulation",
+    "max_length": "Max length (tokens)",
+    "lora_rank": "LoRA rank r",
+    "lora_alpha": "LoRA alpha",
+    "dpo_beta": "DPO beta",
+    "dpo_loss": "DPO loss",
+    "dpo_label_smoothing": "DPO label smoothing",
+    "use_rslora": "rsLoRA scaling",
+    "loss_on": "Loss on",
+    "run_name": "Run name",
+    "lr_scheduler": "LR schedule",
+    "num_epochs": "Epochs (0 = use steps)",
 }
 
 

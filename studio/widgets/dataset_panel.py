@@ -9,12 +9,23 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-                               QPushButton, QTextBrowser, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
 
-from studio.jobs import EngineJob
-from studio.setup_state import HELP, SetupState
-from studio.widgets.config_form import ErrorLabel
+from finetune_studio.studio.jobs import EngineJob
+from finetune_studio.studio.setup_state import HELP, SetupState
+from finetune_studio.studio.widgets.config_form import ErrorLabel
 
 DATA_FILTER = "Datasets (*.jsonl *.json *.csv *.tsv *.parquet);;All files (*)"
 TRAINED_STYLE = "background-color: rgba(60, 170, 110, 0.35);"
@@ -25,9 +36,12 @@ class DatasetPanel(QGroupBox):
         super().__init__("Dataset", parent)
         self.state = state
         self.job = EngineJob(self)
-        self.job.done.connect(lambda info: state.set_dataset_info(info if isinstance(info, dict) else None,
-                                                                  "" if isinstance(info, dict) else
-                                                                  "The engine's answer was not understood."))
+        self.job.done.connect(
+            lambda info: state.set_dataset_info(
+                info if isinstance(info, dict) else None,
+                "" if isinstance(info, dict) else "The engine's answer was not understood.",
+            )
+        )
         self.job.failed.connect(lambda msg: state.set_dataset_info(None, msg))
         self.path = QLineEdit(self)
         self.path.setObjectName("datasetPath")
@@ -84,8 +98,7 @@ class DatasetPanel(QGroupBox):
         self.state.set("dataset", path)
 
     def _on_state(self, topic: str) -> None:
-        if topic in ("values:dataset", "values:model", "values:max_length", "values:*",
-                     "values:dataset_mapping"):
+        if topic in ("values:dataset", "values:model", "values:max_length", "values:*", "values:dataset_mapping"):
             if self.path.text() != self.state.values["dataset"]:
                 self.path.setText(str(self.state.values["dataset"]))
             self._debounce.start()
@@ -113,8 +126,7 @@ class DatasetPanel(QGroupBox):
         info = st.dataset_info
         self.problems.clear()
         if info is None:
-            self.summary.setText(st.dataset_message if st.values["dataset"] and not st.errors.get("dataset")
-                                 else "–")
+            self.summary.setText(st.dataset_message if st.values["dataset"] and not st.errors.get("dataset") else "–")
             self.preview.clear()
             return
         bits = [str(info.get(k)) for k in ("format", "kind") if info.get(k)]
@@ -148,8 +160,11 @@ def stats_lines(stats) -> list[str]:
     for key, text in (("over_max_length", "over max length"), ("no_trained_tokens", "with nothing to train")):
         if tokens.get(key):
             out.append(f"{tokens[key]:,} {text}")
-    out += [f"{k.replace('_', ' ')}: {_fmt(v)}" for k, v in stats.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)][:4]
+    out += [
+        f"{k.replace('_', ' ')}: {_fmt(v)}"
+        for k, v in stats.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ][:4]
     return out
 
 
@@ -178,8 +193,11 @@ def render_example(example) -> str:
                 pos = end
             out.append(html.escape(text[pos:]))
             return _pre("".join(out))
-        parts = [f"<b>{html.escape(str(k))}</b>{render_example(v)}" for k, v in example.items()
-                 if k in ("prompt", "chosen", "rejected", "text", "completion")]
+        parts = [
+            f"<b>{html.escape(str(k))}</b>{render_example(v)}"
+            for k, v in example.items()
+            if k in ("prompt", "chosen", "rejected", "text", "completion")
+        ]
         if parts:
             return "".join(parts)
         return _pre(html.escape(str(example)))

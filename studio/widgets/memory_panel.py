@@ -8,7 +8,7 @@ from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette
 from PySide6.QtWidgets import QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from studio.state import MemoryState, format_bytes
+from finetune_studio.studio.state import MemoryState, format_bytes
 
 BUDGET = QColor(70, 130, 220)
 USED = QColor(60, 170, 110)
@@ -73,8 +73,10 @@ class MemoryPanel(QGroupBox):
         lay.addWidget(self.bar)
         lay.addWidget(self.summary)
         lay.addWidget(self.parts)
-        self.setToolTip("Blue: the estimate made before the run. Green: in use now. Line: the peak so far. "
-                        "The whole bar is the device's memory.")
+        self.setToolTip(
+            "Blue: the estimate made before the run. Green: in use now. Line: the peak so far. "
+            "The whole bar is the device's memory."
+        )
         state.subscribe(lambda _topic: self.refresh())
         self.refresh()
 
@@ -85,8 +87,10 @@ class MemoryPanel(QGroupBox):
             color = "" if est.fits else " style='color:#d0503c'"
             lines.append(f"<span{color}>{html.escape(est.note)}</span>")
         elif est.total_bytes:
-            lines.append(f"Needs about <b>{format_bytes(est.total_bytes)}</b>"
-                         + (f" of {format_bytes(est.device_total_bytes)}" if est.device_total_bytes else ""))
+            lines.append(
+                f"Needs about <b>{format_bytes(est.total_bytes)}</b>"
+                + (f" of {format_bytes(est.device_total_bytes)}" if est.device_total_bytes else "")
+            )
         if est.device_name:
             lines.append(f"Device: {html.escape(est.device_name)}")
         if st.used_bytes or st.peak_bytes:

@@ -5,19 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
-                               QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
-from core.events import ModelReady, Progress
+from finetune_studio.core.events import ModelReady, Progress
+from finetune_studio.studio.jobs import EngineJob
+from finetune_studio.studio.model_info import describe_folder, format_count, local_folder
+from finetune_studio.studio.setup_state import HELP, SetupState
+from finetune_studio.studio.widgets.config_form import ErrorLabel
 
-from studio.jobs import EngineJob
-from studio.model_info import describe_folder, format_count, local_folder
-from studio.setup_state import HELP, SetupState
-from studio.widgets.config_form import ErrorLabel
-
-FACTS = (("architecture", "Architecture"), ("parameters", "Parameters"), ("layers", "Layers"),
-         ("hidden_size", "Hidden size"), ("vocab_size", "Vocabulary"), ("context_length", "Context length"),
-         ("dtype", "Weights dtype"))
+FACTS = (
+    ("architecture", "Architecture"),
+    ("parameters", "Parameters"),
+    ("layers", "Layers"),
+    ("hidden_size", "Hidden size"),
+    ("vocab_size", "Vocabulary"),
+    ("context_length", "Context length"),
+    ("dtype", "Weights dtype"),
+)
 
 
 class ModelPanel(QGroupBox):
@@ -110,8 +125,12 @@ class ModelPanel(QGroupBox):
                 return
             self.state.set_model_info(info)
             return
-        self.state.set_model_info(None, "Looking up the model…" if not spec.lower().endswith(".gguf")
-                                  else "Importing the GGUF file (converted once, then cached)…")
+        self.state.set_model_info(
+            None,
+            "Looking up the model…"
+            if not spec.lower().endswith(".gguf")
+            else "Importing the GGUF file (converted once, then cached)…",
+        )
         self.progress.setRange(0, 0)
         self.progress.show()
         self.job.run("model", "info", spec)
