@@ -32,7 +32,7 @@ def test_kernels_is_never_the_projects_code():
     assert child.returncode == 0, child.stderr
     assert child.stdout.strip() == "None" or _outside_the_project(child.stdout.strip())
     # `python -m finetune_studio.engine` typed in the checkout: the entry point takes the checkout off sys.path.
-    code = "from finetune_studio.core.paths import drop_checkout_from_path; drop_checkout_from_path(); " + WHERE_IS_KERNELS
+    code = "from finetune_studio.core.paths import drop_checkout_from_path as d; d(); " + WHERE_IS_KERNELS
     child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr
     assert child.stdout.strip() == "None" or _outside_the_project(child.stdout.strip())
