@@ -219,7 +219,9 @@ def test_gguf_model_is_imported_by_the_engine_with_progress(qtbot, make_window, 
 
 
 def test_demo_data_in_one_click_with_the_matching_objective(qtbot, make_window, tiny_model_dir):
-    win = make_window({"model": str(tiny_model_dir), "dataset": "", "objective": "dpo", "max_steps": 5})
+    win = make_window(
+        {"model": str(tiny_model_dir), "dataset": "", "objective": "dpo", "dataset_mapping": {"prompt": "q"}}
+    )
     win.show()
     page, st = win.setup_page, win.setup_state
     panel = page.dataset_panel
@@ -233,6 +235,7 @@ def test_demo_data_in_one_click_with_the_matching_objective(qtbot, make_window, 
     # SFT demo: the data, the objective and the engine's report on the bundled file all agree.
     panel.demo_actions["sft"].trigger()
     assert st.values["objective"] == "sft" and page.objective.buttons["sft"].isChecked()
+    assert st.values["dataset_mapping"] == ""  # a mapping meant for other data is dropped
     assert panel.path.text() == st.values["dataset"] == demos["sft"] and demos["sft"].endswith("demo_sft.jsonl")
     qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=20_000)
     assert (st.dataset_info.kind, st.dataset_info.rows) == ("sft", 400)

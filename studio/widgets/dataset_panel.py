@@ -157,6 +157,7 @@ class DatasetPanel(QGroupBox):
         if str(self.state.values["dataset"]).strip() != str(demo.path):
             self.state.set_dataset_info(None, "Checking the dataset…", pending=True)  # the old report is stale
         self.state.set("objective", demo.objective)
+        self.state.set("dataset_mapping", "")  # the demo files use standard column names
         self.choose(str(demo.path))
 
     def _on_state(self, topic: str) -> None:
