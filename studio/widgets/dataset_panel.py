@@ -25,7 +25,6 @@ from PySide6.QtWidgets import (
     QMenu,
     QPushButton,
     QTextBrowser,
-    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -93,11 +92,9 @@ class DatasetPanel(QGroupBox):
         file_btn.clicked.connect(self._pick_file)
         folder_btn = QPushButton("Folder…", self)
         folder_btn.clicked.connect(self._pick_folder)
-        self.demo_button = QToolButton(self)
+        self.demo_button = QPushButton("Use demo data", self)
         self.demo_button.setObjectName("demoDataButton")
-        self.demo_button.setText("Use demo data")
         self.demo_button.setToolTip("The bundled demo datasets: one click sets the data and the objective to match")
-        self.demo_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         menu = QMenu(self.demo_button)
         self.demo_actions: dict[str, QAction] = {}
         for demo in DEMOS:
