@@ -19,8 +19,8 @@ from typing import Any
 import sqlite_utils
 
 from finetune_studio.core import paths
+from finetune_studio.core.run_status import RUN_STATUSES, RunStatus  # noqa: F401 - RUN_STATUSES: still importable here
 
-RUN_STATUSES = ("created", "running", "completed", "stopped", "failed", "interrupted")
 # Columns of the metrics table beyond (run_id, kind, step).
 METRIC_COLUMNS = {
     "loss": float,
@@ -116,7 +116,7 @@ class Store:
                 },
                 pk="id",
                 not_null={"status", "config"},
-                defaults={"status": "created", "step": 0},
+                defaults={"status": RunStatus.CREATED.value, "step": 0},
                 if_not_exists=True,
             )
             self.db["metrics"].create(
@@ -151,7 +151,7 @@ class Store:
             {
                 "id": run_id,
                 "name": name or config.get("run_name") or run_id,
-                "status": "created",
+                "status": RunStatus.CREATED.value,
                 "model": config.get("model", ""),
                 "dataset": config.get("dataset", ""),
                 "method": config.get("method", ""),
@@ -198,8 +198,8 @@ class Store:
     @staticmethod
     def _with_liveness(row: dict) -> dict:
         """A run marked running whose process is gone was interrupted (crash, kill, power cut)."""
-        if row.get("status") == "running" and not pid_alive(row.get("pid")):
-            row = dict(row, status="interrupted")
+        if row.get("status") == RunStatus.RUNNING and not pid_alive(row.get("pid")):
+            row = dict(row, status=RunStatus.INTERRUPTED.value)
         return row
 
     def run_config(self, run_id: str) -> dict:

@@ -22,6 +22,7 @@ import torch
 from finetune_studio.core import events as ev
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id
 from finetune_studio.engine import adapters, checkpoint, errors
 from finetune_studio.engine.batches import Sampler, make_batch
@@ -57,7 +58,7 @@ class StopFlag:
 class RunResult:
     run_id: str
     run_dir: Path
-    status: str  # "completed" | "stopped" | "failed"
+    status: RunStatus  # completed | stopped | failed
     step: int
     adapter_dir: Path | None = None
     final_loss: float | None = None
@@ -85,10 +86,9 @@ def train_run(
         run = store.find_run(resume)
         if run is None:
             raise ConfigError("resume", f"no run named {resume!r}; give a run id from the runs list or a run folder")
-        if run["status"] == "completed":
-            raise ConfigError("resume", f"run {run['id']} already completed; start a new run from its config")
-        if run["status"] == "running":
-            raise ConfigError("resume", f"run {run['id']} is still running (process {run['pid']})")
+        if not is_resumable(run["status"]):
+            pid = f" (process {run['pid']})" if run["status"] == RunStatus.RUNNING else ""
+            raise ConfigError("resume", f"run {run['id']} cannot be resumed: {resume_refusal(run['status'])}{pid}")
         run_id, run_dir = run["id"], Path(run["run_dir"])
         config = TrainConfig.from_dict(json.loads(run["config"]))
     else:
@@ -99,16 +99,16 @@ def train_run(
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
         store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
     reporter.attach_run(store, run_id, run_dir)
-    store.update_run(run_id, status="running", pid=os.getpid(), started_at=time.time(), error="", error_kind="")
+    store.update_run(run_id, status=RunStatus.RUNNING, pid=os.getpid(), started_at=time.time(), error="", error_kind="")
     recipe = Recipe(config, run_id, run_dir, store, reporter, stop)
     try:
         return recipe.run(resume=bool(resume))
     except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
-        store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
+        store.update_run(run_id, status=RunStatus.FAILED, error=message, error_kind=kind, finished_at=time.time())
         reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
-        result = RunResult(run_id, run_dir, "failed", recipe.step, message=message)
+        result = RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise TrainingFailed(result) from exc
@@ -355,12 +355,14 @@ class Recipe:
                 self.evaluate()
             if self.stop.requested:
                 path = self.save_checkpoint()
-                return self._finish("stopped", last_loss, note=f"Stopped at step {self.step}; resume from {path.name}")
+                return self._finish(
+                    RunStatus.STOPPED, last_loss, note=f"Stopped at step {self.step}; resume from {path.name}"
+                )
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         if self.val_examples:
             self.evaluate()
-        return self._finish("completed", last_loss)
+        return self._finish(RunStatus.COMPLETED, last_loss)
 
     def _memory_budget(self) -> int:
         """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
@@ -422,9 +424,9 @@ class Recipe:
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
-    def _finish(self, status: str, last_loss: float | None, note: str = "") -> RunResult:
+    def _finish(self, status: RunStatus, last_loss: float | None, note: str = "") -> RunResult:
         adapter_dir = None
-        if status == "completed":
+        if status == RunStatus.COMPLETED:
             adapter_dir = self.run_dir / "adapter"
             tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
             self.model.save_pretrained(tmp)

@@ -106,7 +106,7 @@ def test_real_run_streams_to_charts_stays_responsive_stops_and_resumes(qtbot, re
     page, st = win.setup_page, win.setup_state
     # The real engine inspects the dataset in the background.
     qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=STEP_TIMEOUT)
-    assert st.dataset_info["kind"] == "sft" and st.dataset_info["rows"] == 40
+    assert st.dataset_info.kind == "sft" and st.dataset_info.rows == 40
     assert (
         "Hello" not in page.dataset_panel.preview.toPlainText() and "plus" in page.dataset_panel.preview.toPlainText()
     )
