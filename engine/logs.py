@@ -43,6 +43,11 @@ def setup() -> None:
     _early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
     root.addHandler(_early)
     logging.captureWarnings(True)  # warnings.warn(...) from libraries -> logger "py.warnings" -> full log only
+    # transformers writes to stderr through a handler of its own and stops its records there: route them here.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
