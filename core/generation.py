@@ -84,6 +84,9 @@ class LoadModel(Request):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantize_4bit: bool = False  # NF4 base (the one a QLoRA adapter was trained on); CUDA only
+    # "int8": weight-only int8 copies of the linear layers for faster CPU decoding (bfloat16 activations;
+    # outputs close to, not equal to, full precision). "full": the weights as loaded.
+    weights: Literal["full", "int8"] = "full"
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -91,6 +94,7 @@ class LoadModel(Request):
         _check(isinstance(self.model, str) and self.model.strip() != "", "load: 'model' must name a model")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"load: unknown dtype {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"load: unknown device {self.device!r}")
+        _check(self.weights in ("full", "int8"), f"load: 'weights' must be 'full' or 'int8', not {self.weights!r}")
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ class Loaded(Reply):
     path: str = ""  # the resolved safetensors folder
     device: str = "cpu"
     dtype: str = ""
+    weights: str = "full"
     context_length: int = 0
     parameters: int = 0
     chat_template: bool = False  # False: prompts are sent as plain text
@@ -419,4 +424,3 @@ def request_id_of(line: str | bytes) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return ""
     return data.get("id", "") if isinstance(data, dict) and isinstance(data.get("id"), str) else ""
-

@@ -131,13 +131,25 @@ class Session:
             raise GenerationError("model", "device 'cuda' was asked for, but torch sees no CUDA GPU here")
         if req.quantize_4bit and device != "cuda":
             raise GenerationError("model", "a 4-bit (QLoRA) base needs a CUDA GPU for generation; load it unquantised")
+        if req.weights == "int8":
+            from finetune_studio.engine.int8 import int8_available
+
+            if device != "cpu" or req.quantize_4bit or not int8_available():
+                raise GenerationError("model", "weights 'int8' is a CPU speed-up (not for a GPU or a 4-bit base)")
         self.unload()
         try:
             folder = resolve_model(req.model, options)
             info = describe(folder)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=req.trust_remote_code)
-            dtype = compute_dtype(req.dtype, device)
+            if req.weights == "int8" and req.dtype == "auto":
+                dtype = torch.bfloat16  # the int8 kernel's fast path takes bfloat16 activations
+            else:
+                dtype = compute_dtype(req.dtype, device)
             model = load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=req.quantize_4bit, options=options)
+            if req.weights == "int8":
+                from finetune_studio.engine.int8 import quantize_linears_int8
+
+                quantize_linears_int8(model, torch.bfloat16 if dtype == torch.float32 else dtype)
         except ModelError as exc:
             raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
         except Exception as exc:  # a broken folder raises whatever its reader raises
@@ -155,6 +167,7 @@ class Session:
             path=str(folder),
             device=device,
             dtype=str(dtype).removeprefix("torch."),
+            weights=req.weights,
             context_length=self.context_length,
             parameters=info.parameters,
             chat_template=bool(getattr(tokenizer, "chat_template", None)),
@@ -256,7 +269,8 @@ class Session:
             try:
                 text = tok.apply_chat_template([asdict(t) for t in turns], tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # jinja errors: a template that rejects these roles
-                raise GenerationError("bad_request", f"the model's chat template rejects this conversation: {exc}")
+                message = f"the model's chat template rejects this conversation: {exc}"
+                raise GenerationError("bad_request", message) from None
             return list(tok(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(t.content if t.role == "user" else f"{t.role}: {t.content}" for t in turns)
         return list(tok(text)["input_ids"])
