@@ -141,15 +141,12 @@ class Session:
             folder = resolve_model(req.model, options)
             info = describe(folder)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=req.trust_remote_code)
-            if req.weights == "int8" and req.dtype == "auto":
-                dtype = torch.bfloat16  # the int8 kernel's fast path takes bfloat16 activations
-            else:
-                dtype = compute_dtype(req.dtype, device)
+            dtype = compute_dtype(req.dtype, device)
             model = load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=req.quantize_4bit, options=options)
             if req.weights == "int8":
                 from finetune_studio.engine.int8 import quantize_linears_int8
 
-                quantize_linears_int8(model, torch.bfloat16 if dtype == torch.float32 else dtype)
+                quantize_linears_int8(model)  # bfloat16 inside the int8 matmul (its fast path), float32 around it
         except ModelError as exc:
             raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
         except Exception as exc:  # a broken folder raises whatever its reader raises

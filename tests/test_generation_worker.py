@@ -242,6 +242,17 @@ def test_a_model_that_fails_to_load_is_an_error_not_a_crash(worker, tiny_model_d
     assert _final(worker, gp.LoadModel(id="l4", model=str(tiny_model_dir))).type == "loaded"
 
 
+def test_int8_weights_generate_and_take_adapters(worker, tiny_model_dir, adapters):
+    loaded = _final(worker, gp.LoadModel(id="q8", model=str(tiny_model_dir), weights="int8", device="cpu"))
+    assert isinstance(loaded, gp.Loaded) and loaded.weights == "int8", loaded
+    base = _texts(_generate(worker, "q-base", temperature=0, max_new_tokens=12))
+    assert _final(worker, gp.AttachAdapter(id="q-at", name="a", source=str(adapters["a"]))).type == "adapter"
+    tuned = _texts(_generate(worker, "q-a", temperature=0, max_new_tokens=12))
+    assert base[0] and tuned != base
+    assert _texts(_generate(worker, "q-base2", adapter="", temperature=0, max_new_tokens=12)) == base
+    assert _final(worker, gp.LoadModel(id="full-again", model=str(tiny_model_dir))).type == "loaded"
+
+
 def test_a_killed_worker_is_seen_at_once_and_a_new_one_answers(tiny_model_dir):
     with GenerationClient(threads=1) as client:
         first = client.start()
