@@ -201,8 +201,15 @@ class Session:
             else:
                 self.peft.load_adapter(str(folder), adapter_name=req.name, is_trainable=False)
         except Exception as exc:  # peft raises many types for a mismatched adapter
-            if self.peft is not None and not self.adapters:
+            if self.peft is None:
+                _strip_adapter_layers(self.base)  # injected before the weights failed to load
+            elif not self.adapters:
                 self._unwrap()
+            elif self.peft is not None and req.name in getattr(self.peft, "peft_config", {}):
+                try:  # a half-loaded adapter must not linger under this name
+                    self.peft.delete_adapter(req.name)
+                except Exception:
+                    log.warning("could not remove the half-loaded adapter %r", req.name)
             raise GenerationError(
                 "adapter", f"adapter {folder} does not fit the loaded model: {type(exc).__name__}: {exc}"
             ) from None
@@ -332,6 +339,17 @@ class Session:
             return self.peft.disable_adapter()
         self.peft.set_adapter(adapter)
         return contextlib.nullcontext()
+
+
+def _strip_adapter_layers(model) -> None:
+    """Put back the base layers wherever PEFT injected adapter layers (what ``unload`` does, without a PeftModel)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
 
 
 def generation_kwargs(req: gp.Generate, max_new_tokens: int, eos_ids: list[int], pad_id: int | None) -> dict:

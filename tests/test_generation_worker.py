@@ -217,6 +217,13 @@ def test_bad_requests_get_errors_and_the_worker_stays_up(worker, tmp_path):
     (bad_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["zz"]}))
     (bad_adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
     assert _final(worker, gp.AttachAdapter(id="ba", name="z", source=str(bad_adapter))).kind == "adapter"
+    from tiny_model import build_tiny_model_dir
+
+    before = _texts(_generate(worker, "pre", adapter="", temperature=0, max_new_tokens=8))
+    other = _adapter_dir(build_tiny_model_dir(tmp_path / "wider", hidden_size=96), tmp_path / "wider-adapter", 5)
+    wrong = _final(worker, gp.AttachAdapter(id="wa", name="wider", source=str(other)))
+    assert wrong.kind == "adapter" and "does not fit" in wrong.message
+    assert _texts(_generate(worker, "post", adapter="", temperature=0, max_new_tokens=8)) == before
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)
     over = _final(worker, gp.Generate(id="ctx", prompt=long_prompt))
     assert over.kind == "context" and "512" in over.message
