@@ -149,7 +149,12 @@ class Builder:
         dequantised = {}
         for name, module in trained.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
-                w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                weight, state = module.weight.data, module.weight.quant_state
+                if getattr(state, "packing_format_for_cpu", False):
+                    # bitsandbytes repacks 4-bit weights in place for its CPU kernel on the first eval-mode
+                    # forward; dequantize_4bit reads the standard packing only, so undo it first.
+                    weight, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight, state)
+                w = bnb.functional.dequantize_4bit(weight, state)
                 key = name.removeprefix("base_model.model.").removesuffix(".base_layer")
                 dequantised[key] = w.float().cpu()
         self._trained = None

@@ -363,3 +363,38 @@ def test_cancel_leaves_nothing_behind(run_id, tmp_path):
             cancel=lambda: len(seen) >= 2,
         )
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_result_event_round_trips():
+    event = ev.ExportResult(
+        run_id="r", path="/x", passed=False, verdict="FAILED - gguf-q8_0: ...", formats=["adapter", "gguf-q8_0"]
+    )
+    assert ev.parse_event(event.to_json()) == event
+
+
+def test_qlora_is_merged_onto_its_dequantised_base_and_the_difference_is_reported(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune_studio.engine.models import load_causal_lm
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import train_run
+
+    cfg = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=3, method="qlora", learning_rate=3e-2)
+    run = train_run(cfg, reporter=Reporter())
+    out = export(ExportRequest(run=run.run_id, out=tmp_path / "q", formats=("merged",), dtype="float32", check=False))
+    note = next(n for n in out.report["notes"] if n.startswith("QLoRA"))
+    assert "de-quantised NF4 base" in note and "max |logit difference|" in note
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    nf4 = load_causal_lm(tiny_model_dir, dtype=torch.float32, device="cpu", quantize_4bit=True)
+    trained_model = PeftModel.from_pretrained(nf4, str(run.adapter_dir)).eval()
+    original = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    onto_original = PeftModel.from_pretrained(original, str(run.adapter_dir)).eval()
+    with torch.no_grad():
+        want = trained_model(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(out.path / "merged"), dtype=torch.float32)(ids).logits
+        naive = onto_original(ids).logits
+    merged_err, naive_err = (merged - want).abs().max().item(), (naive - want).abs().max().item()
+    print(f"QLoRA merge: dequantised base {merged_err:.2e}, original base {naive_err:.2e}")
+    # The 4-bit model computes through bitsandbytes' CPU kernel (bfloat16 inside), hence a few 1e-3.
+    assert merged_err < 1e-2 and merged_err * 5 < naive_err
