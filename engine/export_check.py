@@ -22,6 +22,7 @@ too when it is installed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,17 +67,24 @@ def check(build, written: list[dict], folder: Path, notes: list[str], cancel=Non
         }
         (scratch / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         argv = python_argv() + ["-m", "finetune_studio.engine.export_check", str(scratch / "spec.json")]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log_file = open(scratch / "check.log", "w", encoding="utf-8")  # a file: a chatty child never blocks
+        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
         started = time.monotonic()
         while proc.poll() is None:
-            if (cancel is not None and cancel()) or time.monotonic() - started > TIMEOUT_S:
+            timed_out = time.monotonic() - started > TIMEOUT_S
+            if (cancel is not None and cancel()) or timed_out:
                 proc.kill()
                 proc.wait()
+                if timed_out:
+                    break
+                log_file.close()
                 from finetune_studio.engine.export import ExportCancelled
 
                 raise ExportCancelled("export cancelled during the check; nothing was written")
             time.sleep(0.1)
-        stderr = proc.stderr.read() if proc.stderr else ""
+        log_file.close()
+        stderr = (scratch / "check.log").read_text(encoding="utf-8", errors="replace")
         result_path = scratch / "result.json"
         results = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else None
     reference = {
@@ -241,8 +249,6 @@ def child_main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

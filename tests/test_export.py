@@ -398,3 +398,24 @@ def test_qlora_is_merged_onto_its_dequantised_base_and_the_difference_is_reporte
     print(f"QLoRA merge: dequantised base {merged_err:.2e}, original base {naive_err:.2e}")
     # The 4-bit model computes through bitsandbytes' CPU kernel (bfloat16 inside), hence a few 1e-3.
     assert merged_err < 1e-2 and merged_err * 5 < naive_err
+
+
+def test_cli_cancel_by_sigterm_leaves_nothing_behind(run_id, studio_home, tmp_path):
+    import signal
+
+    target = tmp_path / "out" / "x"
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "export", run_id, str(target), "--format", "gguf"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, paths.ENV_HOME: str(studio_home)},
+    )
+    first = ev.parse_event(proc.stdout.readline())
+    assert first.type == "progress"
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read().strip().splitlines()
+    assert proc.wait(timeout=120) == 130
+    assert ev.parse_event(rest[-1]).kind == "cancelled"
+    assert list((tmp_path / "out").iterdir()) == []
