@@ -201,3 +201,24 @@ def test_export_as_passes_place_checkpoint_and_formats(qtbot, window, tmp_path):
         ["export", "2026-0", str(tmp_path / "out"), "--format", "gguf", "--format", "ollama",
          "--quant", "f16,q8_0", "--checkpoint", "best"]
     ]  # fmt: skip
+
+
+def test_export_as_dialog_offers_the_runs_checkpoints_and_builds_the_options(qtbot, tmp_path):
+    from finetune_studio.studio.widgets.export_dialog import ExportOptionsDialog
+
+    for step in (50, 100):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    dialog = ExportOptionsDialog("2026-0", str(tmp_path))
+    qtbot.addWidget(dialog)
+    choices = [dialog.checkpoint.itemData(i) for i in range(dialog.checkpoint.count())]
+    assert choices == ["", "best", "50", "100"]
+    assert dialog.options().args("2026-0") == ["export", "2026-0"]
+    dialog.place.setText(str(tmp_path / "out"))
+    dialog.checkpoint.setCurrentIndex(3)
+    dialog.merged.setChecked(True)
+    dialog.ollama.setChecked(True)
+    dialog.quants["f16"].setChecked(True)
+    assert dialog.options().args("2026-0") == [
+        "export", "2026-0", str(tmp_path / "out"), "--format", "merged", "--format", "ollama",
+        "--quant", "f16,q8_0", "--checkpoint", "100",
+    ]  # fmt: skip
