@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FORMATS = ("adapter", "merged", "gguf", "ollama")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 ProgressFn = Callable[[str, int, int, str], None]  # (stage, done, total, message)
 
