@@ -146,8 +146,24 @@ class ModelReady(Event):
     dtype: str = ""
 
 
+@dataclass(frozen=True)
+class ExportResult(Event):
+    """An export was written and checked in a fresh process (details in ``check.json`` in its folder)."""
+
+    type: ClassVar[str] = "export"
+    run_id: str
+    path: str
+    passed: bool  # every written form reloaded and answered like the trained model
+    verdict: str  # one line for a person
+    checkpoint: str = ""  # "final", "step-000050"
+    formats: list = field(default_factory=list)  # "adapter", "merged", "gguf-q8_0", "ollama"
+    sample: str = ""  # the trained model's answer to the check's prompt
+    report_file: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (Started, Progress, Step, Eval, CheckpointSaved, Log, Finished, Failed, ModelReady)
+    cls.type: cls
+    for cls in (Started, Progress, Step, Eval, CheckpointSaved, Log, Finished, Failed, ModelReady, ExportResult)
 }
 
 

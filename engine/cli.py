@@ -83,16 +83,9 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def cmd_export(args: argparse.Namespace, stream) -> int:
-    from finetune_studio.engine.export import ExportError, export_adapter
+    from finetune_studio.engine import export_cli
 
-    try:
-        out = export_adapter(args.run, args.out_dir, overwrite=args.force)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"Adapter written to {out}", file=sys.stderr)
-    stream.write(ev.Log(level="info", message=f"exported to {out}").to_json() + "\n")
-    return 0
+    return export_cli.run(args, stream)
 
 
 def cmd_model_info(args: argparse.Namespace, stream) -> int:
@@ -127,10 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML or JSON config file")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped or interrupted run (id or folder)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    p = sub.add_parser("export", help="write a run's adapter in PEFT's format")
-    p.add_argument("run", help="run id (or unique prefix) or run folder")
-    p.add_argument("out_dir")
-    p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    from finetune_studio.engine import export_cli
+
+    export_cli.add_parser(sub)
     p = sub.add_parser("model", help="model commands")
     msub = p.add_subparsers(dest="model_command", required=True)
     mi = msub.add_parser("info", help="resolve (convert a GGUF once) and describe a model")

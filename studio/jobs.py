@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QEventLoop, QObject, QProcess, QTimer, Signal
 
-from finetune_studio.core.events import Event, Failed, Progress, ProtocolError, parse_event
+from finetune_studio.core.events import Event, ExportResult, Failed, Progress, ProtocolError, parse_event
 from finetune_studio.studio.engine_process import PROJECT_ROOT, engine_command, engine_environment
 
 _ORPHANS: set[QProcess] = set()  # cancelled jobs still being reaped
@@ -50,6 +50,7 @@ class EngineJob(QObject):
         self._proc: QProcess | None = None
         self._generation = 0
         self.command = engine_command  # argv for engine arguments; tests swap in a fake engine
+        self.graceful = False  # cancel with SIGTERM (the engine cleans up, e.g. an export's temporary folder)
 
     @property
     def running(self) -> bool:
@@ -89,7 +90,7 @@ class EngineJob(QObject):
         proc.setParent(None)
         _ORPHANS.add(proc)
         proc.finished.connect(lambda *_: _reaped(proc))
-        proc.kill()
+        proc.terminate() if self.graceful else proc.kill()
 
     def _read(self, proc: QProcess, gen: int) -> None:
         buf = bytes(proc.property("out") or b"") + proc.readAllStandardOutput().data()
@@ -129,6 +130,8 @@ class EngineJob(QObject):
         result, problem = _result(lines)
         if isinstance(result, Failed):
             self.failed.emit(result.message)
+        elif isinstance(result, ExportResult):  # written; a failed check (exit 3) is in its verdict
+            self.done.emit(result)
         elif result is None and problem and code == 0:
             self.failed.emit(
                 f"The engine's answer was not understood ({problem}); are the app and engine the same version?"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from PySide6.QtCore import QByteArray, QTimer
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget
+from PySide6.QtWidgets import QMainWindow, QMessageBox, QTabWidget
 
 from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.events import ExportResult
 from finetune_studio.core.store import Store
 from finetune_studio.studio.jobs import EngineJob
 from finetune_studio.studio.pages.runs_page import RunsPage
@@ -16,6 +17,7 @@ from finetune_studio.studio.run_controller import RunController
 from finetune_studio.studio.settings import Settings
 from finetune_studio.studio.setup_state import SetupState
 from finetune_studio.studio.state import MemoryState, RunState
+from finetune_studio.studio.widgets.export_dialog import ExportDialog, ExportOptionsDialog
 
 TITLE = "Finetune Studio"
 SETUP, TRAIN, RUNS = range(3)
@@ -41,7 +43,8 @@ class MainWindow(QMainWindow):
         self.tabs.currentChanged.connect(self._page_changed)
         self.setCentralWidget(self.tabs)
         self.export_job = EngineJob(self)
-        self.export_job.done.connect(lambda _r: self.statusBar().showMessage("Adapter exported.", 8000))
+        self.export_dialog = ExportDialog(self.export_job, self)
+        self.export_job.done.connect(self._exported)
         self.export_job.failed.connect(lambda msg: self._tell("Export failed", msg))
         self.close_choice: str | None = None  # tests set "stop" / "continue" / "cancel" instead of asking
         self._closing = ""  # "stop" or "continue" while waiting for the run to let go
@@ -55,6 +58,7 @@ class MainWindow(QMainWindow):
         self.runs_page.new_from_config.connect(self.new_from_config)
         self.runs_page.resume_requested.connect(self.resume_run)
         self.runs_page.export_requested.connect(self.export_run)
+        self.runs_page.export_as_requested.connect(self.export_run_as)
         self.controller.run_ended.connect(self._run_ended)
         self._shortcuts()
         self._restore()
@@ -134,14 +138,28 @@ class MainWindow(QMainWindow):
         self.tabs.setCurrentIndex(SETUP)
         self.statusBar().showMessage("Settings loaded from the past run; adjust them and press Start.", 6000)
 
-    def choose_export_dir(self, run_id: str) -> str:
-        return QFileDialog.getExistingDirectory(self, f"Export the adapter of {run_id} to…")
-
     def export_run(self, run_id: str) -> None:
-        out = self.choose_export_dir(run_id) if run_id else ""
-        if out:
-            self.statusBar().showMessage(f"Exporting the adapter of {run_id}…")
-            self.export_job.run("export", run_id, out)
+        """One click: the adapter, checked, in the data directory's exports/ folder."""
+        if run_id:
+            self.statusBar().showMessage(f"Exporting {run_id}…")
+            self.export_dialog.start(run_id)
+
+    def choose_export_options(self, run_id: str):
+        """Export as...: the person's choice of place, checkpoint and formats (None: cancelled)."""
+        run = self.controller.store.get_run(run_id) or {}
+        dialog = ExportOptionsDialog(run_id, run.get("run_dir", ""), self)
+        return dialog.options() if dialog.exec() else None
+
+    def export_run_as(self, run_id: str) -> None:
+        options = self.choose_export_options(run_id) if run_id else None
+        if options is not None:
+            self.statusBar().showMessage(f"Exporting {run_id}…")
+            self.export_dialog.start(run_id, options)
+
+    def _exported(self, result) -> None:
+        if isinstance(result, ExportResult):
+            word = "Exported and checked" if result.passed else "Exported, but the check FAILED"
+            self.statusBar().showMessage(f"{word}: {result.path}", 15000)
 
     def _find_live_run(self) -> None:
         run_id = self.controller.find_live_run()

@@ -139,6 +139,9 @@ def test_export_cli(tiny_model_dir, tmp_path):
     run_id = events_of(run.stdout)[-1].run_id
     out = engine("export", run_id, str(tmp_path / "adapter"))
     assert out.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    result = events_of(out.stdout)[-1]
+    assert result.type == "export" and result.passed and result.path == str((tmp_path / "adapter").resolve())
+    assert "Check: passed" in out.stderr and (tmp_path / "adapter" / "check.json").is_file()
     again = engine("export", run_id, str(tmp_path / "adapter"))
     assert again.returncode == 1 and "not empty" in again.stderr
 

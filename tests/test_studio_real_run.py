@@ -10,6 +10,7 @@ import os
 import signal
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
@@ -159,13 +160,17 @@ def test_real_run_streams_to_charts_stays_responsive_stops_and_resumes(qtbot, re
         win.stop_run()
     assert run.status == "stopped"
 
-    # Export the adapter of the stopped run with the real engine.
-    out = tmp_path / "exported"
-    win.choose_export_dir = lambda _run_id: str(out)
+    # One click exports the stopped run's adapter with the real engine, checked, into exports/.
     assert win.train_page.export_button.isEnabled()
-    with qtbot.waitSignal(win.export_job.done, timeout=STEP_TIMEOUT):
+    with qtbot.waitSignal(win.export_job.done, timeout=STEP_TIMEOUT * 3) as blocker:
         qtbot.mouseClick(win.train_page.export_button, Qt.MouseButton.LeftButton)
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    result = blocker.args[0]
+    out = Path(result.path)
+    assert result.passed, result.verdict
+    assert (
+        out.parent.name == "exports" and (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    )
+    assert win.export_dialog.open_button.isVisible() and win.export_dialog.path.text() == str(out)
 
 
 def test_closing_lets_a_real_run_continue_and_the_next_start_follows_it(qtbot, ready_window, make_window):

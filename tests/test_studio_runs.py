@@ -108,18 +108,117 @@ def test_overlay_open_and_new_from_config(qtbot, window):
     assert win.setup_state.values["method"] == "qlora" and win.setup_state.values["learning_rate"] == "0.0002"
 
 
-def test_export_runs_the_engine_in_the_background(qtbot, window, tmp_path):
+def recording(fake, calls: list):
+    """A fake engine that also records the engine arguments the app asked for."""
+    return lambda *args: (calls.append(list(args)), fake(*args))[1]
+
+
+def test_one_click_export_shows_progress_verdict_path_and_open_folder(qtbot, window, tmp_path):
     win, ids = window
-    out = tmp_path / "adapter-out"
-    win.choose_export_dir = lambda run_id: str(out)
-    win.export_job.command = fake_engine(
-        "emit(type='log', level='info', message='exported to ' + sys.argv[-1] if len(sys.argv) > 1 else 'ok')"
+    dialog = win.export_dialog
+    calls: list = []
+    win.export_job.command = recording(
+        fake_engine(
+            f"""
+        emit(type="progress", stage="export", done=1, total=3, message="Copying the adapter")
+        emit(type="export", run_id="2026-0", path={str(tmp_path)!r}, passed=True, checkpoint="final",
+             verdict="passed - adapter: same answer", formats=["adapter"], sample="4.")
+        """
+        ),
+        calls,
     )
     win.runs_page.select_ids([ids[0]])
     with qtbot.waitSignal(win.export_job.done, timeout=20_000):
         win.runs_page.export_button.click()
-    assert "exported" in win.statusBar().currentMessage().lower()
+    assert dialog.isVisible() and "passed - adapter: same answer" in dialog.verdict.text()
+    assert dialog.path.text() == str(tmp_path) and dialog.open_button.isVisible()
+    assert "Exported and checked" in win.statusBar().currentMessage() and calls[-1] == ["export", "2026-0"]
+
+    # A failed check: the files are there, the verdict says FAILED.
+    win.export_job.command = fake_engine(
+        f"""emit(type="export", run_id="2026-0", path={str(tmp_path)!r}, passed=False,
+        verdict="FAILED - gguf-q8_0: <|im_end|> is not among its stop tokens"); sys.exit(3)"""
+    )
+    with qtbot.waitSignal(win.export_job.done, timeout=20_000):
+        win.runs_page.export_button.click()
+    assert "FAILED" in dialog.stage.text() and "stop tokens" in dialog.verdict.text()
+
+    # A previous export in the default place: the dialog offers to replace it, which adds --force.
+    win.export_job.command = recording(
+        fake_engine(
+            "emit(type='failed', kind='config', message='x is not empty: it holds a previous export'); sys.exit(1)"
+        ),
+        calls,
+    )
+    with qtbot.waitSignal(win.export_job.failed, timeout=20_000):
+        win.runs_page.export_button.click()
+    assert dialog.replace_button.isVisible() and not dialog.open_button.isVisible()
+    with qtbot.waitSignal(win.export_job.failed, timeout=20_000):
+        dialog.replace_button.click()
+    assert calls[-1] == ["export", "2026-0", "--force"]
     win.export_job.command = fake_engine("sys.stderr.write('error: run 2026-0 has no adapter yet\\n'); sys.exit(1)")
     with qtbot.waitSignal(win.export_job.failed, timeout=20_000):
         win.runs_page.export_button.click()
-    assert "no adapter yet" in win.statusBar().currentMessage()
+    assert "no adapter yet" in dialog.verdict.text()
+
+
+def test_export_cancel_asks_the_engine_to_clean_up(qtbot, window, tmp_path):
+    win, ids = window
+    cleaned = tmp_path / "cleaned"
+    win.export_job.command = fake_engine(
+        f"""
+        import signal, time
+        def bye(*_):
+            open({str(cleaned)!r}, "w").write("removed the temporary folder")
+            sys.exit(130)
+        signal.signal(signal.SIGTERM, bye)
+        emit(type="progress", stage="export", done=0, total=4, message="Merging")
+        time.sleep(30)
+        """
+    )
+    win.runs_page.select_ids([ids[0]])
+    with qtbot.waitSignal(win.export_job.progress, timeout=20_000):
+        win.runs_page.export_button.click()
+    assert win.export_dialog.cancel_button.isVisible()
+    win.export_dialog.cancel_button.click()
+    qtbot.waitUntil(cleaned.is_file, timeout=10_000)
+    assert "Cancelled" in win.export_dialog.stage.text() and not win.export_job.running
+
+
+def test_export_as_passes_place_checkpoint_and_formats(qtbot, window, tmp_path):
+    from finetune_studio.studio.widgets.export_dialog import ExportOptions
+
+    win, ids = window
+    calls: list = []
+    win.choose_export_options = lambda run_id: ExportOptions(
+        out=str(tmp_path / "out"), checkpoint="best", formats=("adapter", "gguf", "ollama"), quants=("f16", "q8_0")
+    )
+    win.export_job.command = recording(fake_engine("sys.exit(1)"), calls)
+    win.runs_page.select_ids([ids[0]])
+    with qtbot.waitSignal(win.export_job.failed, timeout=20_000):
+        win.runs_page.export_as_button.click()
+    assert calls == [
+        ["export", "2026-0", str(tmp_path / "out"), "--format", "gguf", "--format", "ollama",
+         "--quant", "f16,q8_0", "--checkpoint", "best"]
+    ]  # fmt: skip
+
+
+def test_export_as_dialog_offers_the_runs_checkpoints_and_builds_the_options(qtbot, tmp_path):
+    from finetune_studio.studio.widgets.export_dialog import ExportOptionsDialog
+
+    for step in (50, 100):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    dialog = ExportOptionsDialog("2026-0", str(tmp_path))
+    qtbot.addWidget(dialog)
+    choices = [dialog.checkpoint.itemData(i) for i in range(dialog.checkpoint.count())]
+    assert choices == ["", "best", "50", "100"]
+    assert dialog.options().args("2026-0") == ["export", "2026-0"]
+    dialog.place.setText(str(tmp_path / "out"))
+    dialog.checkpoint.setCurrentIndex(3)
+    dialog.merged.setChecked(True)
+    dialog.ollama.setChecked(True)
+    dialog.quants["f16"].setChecked(True)
+    assert dialog.options().args("2026-0") == [
+        "export", "2026-0", str(tmp_path / "out"), "--format", "merged", "--format", "ollama",
+        "--quant", "f16,q8_0", "--checkpoint", "100",
+    ]  # fmt: skip

@@ -46,7 +46,8 @@ class RunsPage(QWidget):
     open_requested = Signal(str)
     new_from_config = Signal(dict)
     resume_requested = Signal(str)
-    export_requested = Signal(str)
+    export_requested = Signal(str)  # one click: the adapter, checked, in the default place
+    export_as_requested = Signal(str)  # choose place, checkpoint and formats
 
     def __init__(self, store_factory=Store, parent: QWidget | None = None):
         super().__init__(parent)
@@ -97,10 +98,14 @@ class RunsPage(QWidget):
         self.again_button.clicked.connect(self._again)
         self.resume_button = QPushButton("Resume", self)
         self.resume_button.clicked.connect(lambda: self._emit_one(self.resume_requested))
-        self.export_button = QPushButton("Export adapter…", self)
+        self.export_button = QPushButton("Export", self)
+        self.export_button.setToolTip("Write the adapter with its model card to exports/ and check it reloads")
         self.export_button.clicked.connect(lambda: self._emit_one(self.export_requested))
+        self.export_as_button = QPushButton("Export as…", self)
+        self.export_as_button.setToolTip("Choose the folder, the checkpoint and the formats (merged, GGUF, Ollama)")
+        self.export_as_button.clicked.connect(lambda: self._emit_one(self.export_as_requested))
         buttons = QHBoxLayout()
-        for b in (self.open_button, self.again_button, self.resume_button, self.export_button):
+        for b in (self.open_button, self.again_button, self.resume_button, self.export_button, self.export_as_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
 
@@ -165,7 +170,9 @@ class RunsPage(QWidget):
         self.open_button.setEnabled(one is not None)
         self.again_button.setEnabled(one is not None)
         self.resume_button.setEnabled(one is not None and is_resumable(one.get("status")))
-        self.export_button.setEnabled(one is not None and is_exportable(one.get("status")))
+        exportable = one is not None and is_exportable(one.get("status"))
+        self.export_button.setEnabled(exportable)
+        self.export_as_button.setEnabled(exportable)
         if one is not None:
             try:
                 self.config_view.setPlainText(

@@ -61,7 +61,7 @@ class TrainPage(QWidget):
         self.resume_button.setObjectName("resumeButton")
         self.resume_button.setToolTip("Continue from the last checkpoint")
         self.resume_button.clicked.connect(lambda: self.resume_requested.emit(self.state.info.run_id))
-        self.export_button = QPushButton("Export adapter…", self)
+        self.export_button = QPushButton("Export", self)
         self.export_button.setObjectName("exportButton")
         self.export_button.clicked.connect(lambda: self.export_requested.emit(self.state.info.run_id))
         self.new_button = QPushButton("New run", self)
