@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,9 +33,11 @@ def is_distributed(path: Path) -> bool:
 
 
 def _options():
+    """Trainable weights only; loading them leaves the frozen base as loaded (hence not strict). A missing
+    trainable weight still fails: ``dcp.load`` refuses a key the checkpoint lacks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def save_checkpoint(run_dir: Path, module, peft_model, optimizer, scheduler, state: TrainerState, ranks, scaler=None):
@@ -80,7 +83,9 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, rank: int = 0, sca
     path = Path(path)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    with warnings.catch_warnings():  # one process reading a distributed checkpoint is intended here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     set_state_dict(
         module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options()
     )

@@ -61,7 +61,11 @@ class RankFailure:
     def from_text(cls, text: str) -> RankFailure | None:
         try:
             data = json.loads(text)
-            return cls(**data) if isinstance(data, dict) and data.keys() <= {f.name for f in dataclasses.fields(cls)} else None
+            return (
+                cls(**data)
+                if isinstance(data, dict) and data.keys() <= {f.name for f in dataclasses.fields(cls)}
+                else None
+            )
         except (TypeError, ValueError):
             return None
 
@@ -208,9 +212,7 @@ def is_peer_error(exc: BaseException) -> bool:
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     text = f"{type(exc).__name__}: {exc}".lower()
-    return any(
-        s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out")
-    )
+    return any(s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out"))
 
 
 def record_failure(rank: int, kind: str, message: str, exc: BaseException, step: int) -> None:

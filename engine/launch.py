@@ -27,7 +27,11 @@ from finetune_studio.core.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_TIMEOUT_S = 30  # SIGTERM -> SIGKILL grace for ranks that do not stop
+SHUTDOWN_TIMEOUT_S = 30  # SIGTERM -> SIGKILL grace for ranks that do not stop (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
+
+
+def shutdown_timeout() -> int:
+    return int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or SHUTDOWN_TIMEOUT_S)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def torchrun_argv(args: argparse.Namespace) -> list[str]:
     """torchrun's own arguments, then the worker command (``--no-python``: the interpreter is named)."""
     out = ["--nproc-per-node", str(args.nproc), "--nnodes", str(args.nnodes), "--max-restarts", "0"]
     out += ["--monitor-interval", "0.2", "--signals-to-handle", "SIGTERM,SIGINT"]
-    out += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    out += ["--shutdown-timeout", str(shutdown_timeout())]
     if args.rdzv_endpoint:
         out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint]
         out += ["--rdzv-id", args.rdzv_id or "finetune-studio"]
@@ -92,7 +96,9 @@ def validate(args: argparse.Namespace) -> TrainConfig | None:
         finally:
             store.close()
         if run is None:
-            raise ConfigError("resume", f"no run named {args.resume!r}; give a run id from the runs list or a run folder")
+            raise ConfigError(
+                "resume", f"no run named {args.resume!r}; give a run id from the runs list or a run folder"
+            )
         if run["status"] == "completed":
             raise ConfigError("resume", f"run {run['id']} already completed; start a new run from its config")
         if run["status"] == "running":
@@ -178,13 +184,21 @@ def describe_failure(failures: dict, world_size: int) -> tuple[str, str, str]:
         order = 0 if rf is not None and not rf.peer else 1 if rf is None else 2
         return order, f.timestamp, rank, f, rf
 
-    _order, _ts, rank, f, rf = min((info(r, f) for r, f in failures.items()), key=lambda t: t[:3])
+    infos = [info(r, f) for r, f in failures.items()]
+    parsed = [i[4] for i in infos]
+    _order, _ts, rank, f, rf = min(infos, key=lambda t: t[:3])
     if rf is not None:
         cause = rf.message
         kind = rf.kind
     elif f.exitcode < 0:
         cause = f"the process (pid {f.pid}) was killed by signal {f.signal_name()}"
         kind = "error"
+        waited = [g for g in parsed if g is not None and g.peer and "timed out" in g.detail.lower()]
+        if waited:  # the others gave up waiting for it, then torchrun had to kill it: it hung
+            cause = (
+                f"it stopped responding (rank {waited[0].rank} timed out waiting for it) and was killed "
+                f"(pid {f.pid}, {f.signal_name()})"
+            )
     else:
         cause = f"the process (pid {f.pid}) exited with code {f.exitcode}"
         kind = "error"
@@ -194,7 +208,7 @@ def describe_failure(failures: dict, world_size: int) -> tuple[str, str, str]:
         if r != rank
     )
     message = f"Rank {rank} of {world_size} failed: {cause}"
-    detail = (rf.detail if rf is not None else "") + (f" (also ended: {others})" if others else "")
+    detail = "; ".join(x for x in (rf.detail if rf is not None else "", f"also ended: {others}" if others else "") if x)
     return kind, message, detail
 
 
@@ -213,7 +227,9 @@ def _fail_run(events, launch_file: str, kind: str, message: str, detail: str) ->
     run_id = run.get("run_id", "")
     if run_id:
         latest = checkpoint.latest_checkpoint(Path(run["run_dir"]))
-        message += f". Resume the run from {latest.name}." if latest else ". No checkpoint yet: resume starts at step 0."
+        message += (
+            f". Resume the run from {latest.name}." if latest else ". No checkpoint yet: resume starts at step 0."
+        )
         store = Store()
         try:
             store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
@@ -236,7 +252,7 @@ def _after_stop(events, launch_file: str, exc) -> int:
         store.close()
     if status in ("stopped", "completed"):
         return 0
-    message = f"Stopped by {exc}, but the ranks did not checkpoint within {SHUTDOWN_TIMEOUT_S} s and were killed"
+    message = f"Stopped by {exc}, but the ranks did not checkpoint within {shutdown_timeout()} s and were killed"
     _fail_run(events, launch_file, "error", message, "")
     return 1
 

@@ -56,9 +56,9 @@ def sbatch_script(
     lines += [
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "",
-        "srun --kill-on-bad-exit=1 " + " ".join(
-            shlex.quote(a)
-            for a in [python, "-P", "-m", "finetune_studio.engine", "train", str(Path(config).resolve())]
+        "srun --kill-on-bad-exit=1 "
+        + " ".join(
+            shlex.quote(a) for a in [python, "-P", "-m", "finetune_studio.engine", "train", str(Path(config).resolve())]
         )
         + f" --nproc {gpus_per_node} --nnodes {nodes}"
         + f' --rdzv-endpoint "$head_node:{port}" --rdzv-id "$SLURM_JOB_ID" &',
