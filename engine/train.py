@@ -400,11 +400,11 @@ class Recipe:
                 with self._sync(last=i == len(batches) - 1):
                     for key, value in self._micro_step(batch.to(self.device), denom).items():
                         totals[key] = totals.get(key, 0.0) + value
-            tokens, stop_now = sum(b.tokens for b in batches), self.stop.requested
+            tokens, agreed_stop = sum(b.tokens for b in batches), False
             if self.ranks is not None:  # one all-reduce: the metrics, and a stop that every rank obeys at once
                 keys = sorted(totals)
-                summed = self.ranks.sum([totals[k] for k in keys] + [tokens, float(stop_now)])
-                totals, tokens, stop_now = dict(zip(keys, summed)), int(summed[-2]), summed[-1] > 0
+                summed = self.ranks.sum([totals[k] for k in keys] + [tokens, float(self.stop.requested)])
+                totals, tokens, agreed_stop = dict(zip(keys, summed)), int(summed[-2]), summed[-1] > 0
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
@@ -441,7 +441,7 @@ class Recipe:
             self.reporter.emit(step_event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
-            if stop_now:
+            if agreed_stop if self.ranks is not None else self.stop.requested:
                 path = self.save_checkpoint()
                 return self._finish("stopped", last_loss, note=f"Stopped at step {self.step}; resume from {path.name}")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:

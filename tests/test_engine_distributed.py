@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_helpers import Recorder, tiny_config, write_sft
+from engine_helpers import Recorder, tiny_config, write_dpo, write_sft
 
 from finetune_studio.core.events import parse_event
 from finetune_studio.core.store import Store
@@ -112,26 +112,33 @@ def write_config(path: Path, cfg) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_ranks_give_the_one_process_loss_curve(tiny_model_dir, tmp_path, launch, parallelism):
-    # 8 examples a step: each rank trains 4 (batch_size 2, two micro-batches of 2 for DDP's no_sync path)
+@pytest.mark.parametrize("parallelism, objective", [("ddp", "sft"), ("fsdp", "dpo")])
+def test_two_ranks_give_the_one_process_loss_curve(tiny_model_dir, tmp_path, launch, parallelism, objective):
+    # 8 examples a step: each rank trains 4, in two micro-batches of 2 (DDP syncs only the last one)
+    data = write_sft(tmp_path / "d.jsonl") if objective == "sft" else write_dpo(tmp_path / "d.jsonl")
     cfg = tiny_config(
         tiny_model_dir,
-        write_sft(tmp_path / "d.jsonl"),
+        data,
         max_steps=4,
         batch_size=2,
         gradient_accumulation_steps=4,
         eval_every=2,
         parallelism=parallelism,
+        objective=objective,
+        learning_rate=1e-2 if objective == "sft" else 1e-3,
     )
-    expected = one_process_losses(cfg)
+    reference = Recorder()
+    train_run(cfg, reporter=Reporter(extra=reference))
     run = launch(write_config(tmp_path / "c.json", cfg), "--nproc", "2")
     code, stderr = run.finish()
     assert code == 0, stderr[-3000:]
     assert len(run.of("started")) == 1 and run.of("started")[0].world_size == 2
-    losses = [e.loss for e in run.of("step")]
-    assert losses == pytest.approx(expected, abs=TOL)
-    assert len(run.of("eval")) == 2
+    assert [e.loss for e in run.of("step")] == pytest.approx(reference.losses, abs=TOL)
+    if objective == "dpo":
+        margins = [e.reward_margin for e in reference.of("step")]
+        assert [e.reward_margin for e in run.of("step")] == pytest.approx(margins, abs=TOL)
+    evals = [e.eval_loss for e in reference.of("eval")]
+    assert [e.eval_loss for e in run.of("eval")] == pytest.approx(evals, abs=TOL) and len(evals) == 2
     finished = run.of("finished")[-1]
     assert finished.status == "completed"
     row = Store().get_run(finished.run_id)
@@ -187,6 +194,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_one_process_resumes_it(t
 
     # the sharded (DCP) checkpoint of two FSDP ranks, resumed by one process, stays on the one-process curve
     expected = one_process_losses(cfg)
+    assert [e.loss for e in run.of("step")] == pytest.approx(expected[: finished.step], abs=TOL)
     rec = Recorder()
     train_run(resume=finished.run_id, reporter=Reporter(extra=rec))
     assert rec.of("started")[0].resumed_from_step == finished.step
@@ -216,3 +224,16 @@ def test_a_hung_rank_ends_the_run_within_the_timeout_naming_it(tiny_model_dir, t
     failed = run.of("failed")[-1]
     assert failed.message.startswith("Rank 1 of 2 failed: it stopped responding"), failed.message
     assert Store().get_run(failed.run_id)["status"] == "failed"
+
+
+def test_ranks_die_with_a_killed_launcher_and_the_run_reads_interrupted(tiny_model_dir, tmp_path, launch):
+    cfg = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=200)
+    run = launch(write_config(tmp_path / "c.json", cfg), "--nproc", "2")
+    for event in run:
+        if event.type == "step":
+            run.proc.kill()  # SIGKILL: torchrun's agent cannot forward anything
+            break
+    run.proc.wait()
+    gone, alive = psutil.wait_procs(list(run.ranks.values()), timeout=60)
+    assert not alive and len(gone) == 2
+    assert Store().get_run(run.of("started")[0].run_id)["status"] == "interrupted"  # resumable
