@@ -25,6 +25,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -157,6 +158,15 @@ class TrainConfig:
         advanced=True,
     )
 
+    # --- several processes (train --nproc N) ------------------------------------
+    parallelism: str = _f(
+        "ddp",
+        "With several processes (GPUs): DDP replicates the model and all-reduces the adapter's gradients; "
+        "FSDP shards parameters, gradients and optimizer states across the processes (not with 4-bit bases).",
+        advanced=True,
+        choices=PARALLELISMS,
+    )
+
     # --- safety -------------------------------------------------------------
     allow_pickle: bool = _f(
         False, "Allow loading .bin/.pt pickle checkpoints, which can run arbitrary code.", advanced=True
@@ -215,6 +225,14 @@ class TrainConfig:
         need(self.dpo_loss in DPO_LOSSES, "dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
         need(self.compute_dtype in DTYPES, "compute_dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
+        need(self.parallelism in PARALLELISMS, "parallelism", f"must be one of {', '.join(PARALLELISMS)}")
+        need(
+            not (self.parallelism == "fsdp" and self.method in ("qlora", "qdora")),
+            "parallelism",
+            "FSDP cannot shard a 4-bit (NF4) base: bitsandbytes keeps each weight's quantisation state beside "
+            "its packed uint8 storage, and FSDP2's per-parameter sharding splits the storage without it; "
+            "use parallelism: ddp (the 4-bit base is small enough to replicate) or method: lora / dora",
+        )
         need(
             isinstance(self.target_modules, list)
             and len(self.target_modules) > 0

@@ -45,6 +45,7 @@ class Started(Event):
     total_params: int = 0
     memory_budget_bytes: int = 0  # the estimate made before the run
     memory_total_bytes: int = 0  # what the device has
+    world_size: int = 1  # processes (GPUs) training together; memory figures are per process
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,22 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
 
     from finetune_studio.engine.train import StopFlag, TrainingFailed, train_run
 
+    ranks = None
+    if args.rank_worker:  # one rank of a run started by `train --nproc N` (or by torchrun directly)
+        from finetune_studio.engine import distributed
+
+        ranks = distributed.init(timeout_s=args.dist_timeout or distributed.DEFAULT_TIMEOUT_S)
+        if not ranks.is_main:
+            reporter.stream = None  # only rank 0 speaks
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, stop.set)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the app closed; the run goes on
     try:
-        train_run(config, resume=args.resume, reporter=reporter, stop=stop)
+        train_run(config, resume=args.resume, reporter=reporter, stop=stop, ranks=ranks)
+        if ranks is not None:
+            distributed.shutdown()
     except TrainingFailed:
         return 1
     except ConfigError as exc:  # resume of an unknown / finished run: no run row to mark
@@ -120,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML or JSON config file")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped or interrupted run (id or folder)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
-    from finetune_studio.engine import export_cli
+    from finetune_studio.engine import export_cli, launch, slurm
 
+    launch.add_arguments(p)
+    slurm.add_parser(sub)
     export_cli.add_parser(sub)
     p = sub.add_parser("model", help="model commands")
     msub = p.add_subparsers(dest="model_command", required=True)
@@ -140,6 +151,14 @@ def main(argv: list[str]) -> int:
         return cmd_demo(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    if args.command == "train" and args.nproc and not args.rank_worker:
+        from finetune_studio.engine.launch import launch
+
+        return launch(args)  # torchrun's agent; rank 0 writes the events
+    if args.command == "slurm":
+        from finetune_studio.engine.slurm import main as slurm_main
+
+        return slurm_main(args)
     stream = _event_stream()
     try:
         if args.command == "train":

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
+import collections
 import logging
-import logging.handlers
 import sys
 from pathlib import Path
 
@@ -18,7 +18,21 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN_LOGGERS = "finetune_studio"
 
 _run_log: logging.Handler | None = None
-_early: logging.handlers.MemoryHandler | None = None
+
+
+class EarlyRecords(logging.Handler):
+    """The newest records from before the run has a folder (a bounded buffer: a process that never gets one,
+    such as the generation worker, keeps no more than ``capacity``)."""
+
+    def __init__(self, capacity: int = 10_000):
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_early: EarlyRecords | None = None
 
 
 class RunLogFilter(logging.Filter):
@@ -40,7 +54,7 @@ def setup() -> None:
     _run_log.setFormatter(logging.Formatter(FORMAT))
     _run_log.addFilter(RunLogFilter())
     root.addHandler(_run_log)
-    _early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    _early = EarlyRecords()
     root.addHandler(_early)
     logging.captureWarnings(True)  # warnings.warn(...) from libraries -> logger "py.warnings" -> full log only
     # transformers writes to stderr through a handler of its own and stops its records there: route them here.
@@ -60,10 +74,9 @@ def attach_run_dir(run_dir: Path) -> None:
         return  # logging was not set up by the CLI (in-process callers keep their own logging)
     full = logging.FileHandler(Path(run_dir) / "engine.log", encoding="utf-8")
     full.setFormatter(logging.Formatter(FORMAT))
-    _early.setTarget(full)
-    _early.flush()
     root.removeHandler(_early)
-    _early.close()
+    for record in _early.records:
+        full.handle(record)
     _early = None
     root.addHandler(full)
 

@@ -24,7 +24,7 @@ from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id
-from finetune_studio.engine import adapters, checkpoint, errors
+from finetune_studio.engine import adapters, checkpoint, dist_checkpoint, errors
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
@@ -77,12 +77,22 @@ def train_run(
     resume: str | None = None,
     reporter: Reporter | None = None,
     stop: StopFlag | None = None,
+    ranks=None,
 ) -> RunResult:
-    """Train a new run from ``config``, or continue run ``resume`` (id, id prefix or run folder)."""
+    """Train a new run from ``config``, or continue run ``resume`` (id, id prefix or run folder).
+
+    ``ranks`` (an :class:`engine.distributed.Ranks`): this process is one rank of a run on several; rank 0 finds
+    or creates the run and tells the others, and only rank 0 writes the store. A rank's failure goes to
+    torchelastic's error file; the launcher (``engine.launch``) reports it.
+    """
+    from finetune_studio.engine import distributed
+
     reporter = reporter or Reporter()
     stop = stop or StopFlag()
-    store = Store()
-    if resume:
+    main = ranks is None or ranks.is_main
+    store = Store() if main else distributed.QuietStore()
+    run_id = run_dir = None  # other ranks learn them from rank 0
+    if main and resume:
         run = store.find_run(resume)
         if run is None:
             raise ConfigError("resume", f"no run named {resume!r}; give a run id from the runs list or a run folder")
@@ -91,21 +101,31 @@ def train_run(
             raise ConfigError("resume", f"run {run['id']} cannot be resumed: {resume_refusal(run['status'])}{pid}")
         run_id, run_dir = run["id"], Path(run["run_dir"])
         config = TrainConfig.from_dict(json.loads(run["config"]))
-    else:
+    elif main:
         assert config is not None
         run_id = new_run_id()
         run_dir = paths.runs_dir() / run_id
         run_dir.mkdir(parents=True)
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
         store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
-    reporter.attach_run(store, run_id, run_dir)
-    store.update_run(run_id, status=RunStatus.RUNNING, pid=os.getpid(), started_at=time.time(), error="", error_kind="")
-    recipe = Recipe(config, run_id, run_dir, store, reporter, stop)
+    if main:
+        reporter.attach_run(store, run_id, run_dir)
+        pid = int(os.environ.get(distributed.LAUNCHER_PID_ENV) or os.getpid()) if ranks else os.getpid()
+        store.update_run(run_id, status=RunStatus.RUNNING, pid=pid, started_at=time.time(), error="", error_kind="")
+    if ranks is not None:
+        if main:
+            distributed.write_launch_file(run_id, str(run_dir))
+        run_id, run_dir, config = ranks.broadcast((run_id, run_dir, config))
+        ranks.parallelism = config.parallelism
+    recipe = Recipe(config, run_id, run_dir, store, reporter, stop, ranks)
     try:
         return recipe.run(resume=bool(resume))
     except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
+        if ranks is not None:  # the launcher names the rank that failed first and marks the run
+            distributed.record_failure(ranks.rank, kind, message, exc, recipe.step)
+            raise TrainingFailed(RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)) from exc
         store.update_run(run_id, status=RunStatus.FAILED, error=message, error_kind=kind, finished_at=time.time())
         reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
         result = RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)
@@ -119,10 +139,19 @@ def train_run(
 
 class Recipe:
     def __init__(
-        self, config: TrainConfig, run_id: str, run_dir: Path, store: Store, reporter: Reporter, stop: StopFlag
+        self,
+        config: TrainConfig,
+        run_id: str,
+        run_dir: Path,
+        store: Store,
+        reporter: Reporter,
+        stop: StopFlag,
+        ranks=None,
     ):
         self.config, self.run_id, self.run_dir = config, run_id, run_dir
         self.store, self.reporter, self.stop = store, reporter, stop
+        self.ranks = ranks  # None: one process
+        self.main = ranks is None or ranks.is_main
         self.step = 0
         self.dpo = config.objective == "dpo"
 
@@ -145,8 +174,16 @@ class Recipe:
             folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
         )
         self.model = adapters.add_adapters(base, cfg)
-        self.logps = LogprobModel(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.module = None  # several processes: the DDP- or FSDP-wrapped training forward
+        if self.ranks is not None:
+            from finetune_studio.engine.distributed import WrappedLogps
+
+            self._check_world_size()
+            self.module = self.ranks.wrap(self.model, self.dtype, self.device)
+            self.logps = WrappedLogps(self.module)
+        else:
+            self.logps = LogprobModel(self.model)
+        self.params = [p for p in (self.module or self.model).parameters() if p.requires_grad]
         self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
         n = len(self.train_examples)
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -157,7 +194,7 @@ class Recipe:
         if resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is not None:
-                state = checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+                state = self._load_checkpoint(ckpt)
                 self.step, consumed = state.step, state.consumed
                 self.store.delete_metrics_after(self.run_id, self.step)
                 self.reporter.log(f"Resumed from {ckpt.name}")
@@ -167,6 +204,51 @@ class Recipe:
         self.reference = self._precompute_reference() if self.dpo and cfg.precompute_reference else None
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+
+    def _check_world_size(self) -> None:
+        cfg, n = self.config, self.ranks.world_size
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        if per_step % n:
+            raise ConfigError(
+                "batch_size",
+                f"the global batch (batch_size x gradient_accumulation_steps = {per_step}) must split evenly over "
+                f"{n} processes: choose a multiple of {n}",
+            )
+
+    def _load_checkpoint(self, ckpt: Path) -> checkpoint.TrainerState:
+        """A distributed (DCP) checkpoint, by any number of processes, or a one-process checkpoint."""
+        if dist_checkpoint.is_distributed(ckpt):
+            from finetune_studio.engine.distributed import LogpsModule
+
+            module = self.module if self.module is not None else LogpsModule(self.model)
+            rank = self.ranks.rank if self.ranks else 0
+            return dist_checkpoint.load_checkpoint(ckpt, module, self.optimizer, self.scheduler, rank, self.scaler)
+        if self.ranks is not None and self.ranks.parallelism == "fsdp":
+            raise ConfigError(
+                "parallelism", f"{ckpt.name} was saved by one process: resume it with parallelism ddp or one process"
+            )
+        return checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+
+    def _step_batches(self) -> tuple[list, int]:
+        """The micro-batches this process trains in one optimizer step, and the whole step's loss denominator
+        (trained tokens for SFT, pairs for DPO, summed over every process)."""
+        cfg, pad = self.config, self.tokenizer.pad_token_id
+        groups = [self.sampler.next_indices() for _ in range(cfg.gradient_accumulation_steps)]
+        if self.ranks is not None:  # the same global batch, this rank's share of it, in micro-batches
+            flat = [i for g in groups for i in g]
+            mine = flat[self.ranks.share(len(flat))]
+            groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        batches = [make_batch(self.train_examples, g, pad) for g in groups]
+        denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
+        if self.ranks is not None:
+            denom = int(self.ranks.sum([denom])[0])
+        return batches, denom
+
+    def _sync(self, last: bool):
+        """DDP: all-reduce gradients in the last micro-batch's backward only."""
+        if self.module is not None and not last and hasattr(self.module, "no_sync"):
+            return self.module.no_sync()
+        return contextlib.nullcontext()
 
     def _prepare_data(self) -> tuple[list, list]:
         cfg = self.config
@@ -281,7 +363,9 @@ class Recipe:
                     "reward_rejected": rr.sum().item(),
                     "reward_accuracy": (rc > rr).float().sum().item(),
                 }
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        # DDP and FSDP average gradients over the N processes; each one's loss is its part of the whole sum
+        back = loss * self.ranks.world_size if self.ranks is not None else loss
+        (self.scaler.scale(back) if self.scaler else back).backward()
         stats["loss"] = loss.item()
         return stats
 
@@ -301,6 +385,7 @@ class Recipe:
                 total_params=total,
                 memory_budget_bytes=self._memory_budget(),
                 memory_total_bytes=_device_total_memory(self.device),
+                world_size=self.ranks.world_size if self.ranks else 1,
             )
         )
         self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
@@ -309,18 +394,21 @@ class Recipe:
         self.model.train()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            batches = [
-                make_batch(self.train_examples, self.sampler.next_indices(), self.tokenizer.pad_token_id)
-                for _ in range(cfg.gradient_accumulation_steps)
-            ]
-            denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
+            batches, denom = self._step_batches()
             totals: dict[str, float] = {}
-            for batch in batches:
-                for key, value in self._micro_step(batch.to(self.device), denom).items():
-                    totals[key] = totals.get(key, 0.0) + value
+            for i, batch in enumerate(batches):
+                with self._sync(last=i == len(batches) - 1):
+                    for key, value in self._micro_step(batch.to(self.device), denom).items():
+                        totals[key] = totals.get(key, 0.0) + value
+            tokens, agreed_stop = sum(b.tokens for b in batches), False
+            if self.ranks is not None:  # one all-reduce: the metrics, and a stop that every rank obeys at once
+                keys = sorted(totals)
+                summed = self.ranks.sum([totals[k] for k in keys] + [tokens, float(self.stop.requested)])
+                totals, tokens, agreed_stop = dict(zip(keys, summed)), int(summed[-2]), summed[-1] > 0
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf")).item()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
             lr = self.scheduler.get_last_lr()[0]
             if self.scaler:
                 self.scaler.step(self.optimizer)
@@ -343,7 +431,7 @@ class Recipe:
                 loss=last_loss,
                 lr=lr,
                 grad_norm=grad_norm,
-                tokens_per_s=sum(b.tokens for b in batches) / max(time.perf_counter() - t0, 1e-9),
+                tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
                 memory_used_bytes=used,
                 memory_peak_bytes=peak,
                 epoch=self.sampler.epoch,
@@ -353,7 +441,7 @@ class Recipe:
             self.reporter.emit(step_event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
-            if self.stop.requested:
+            if agreed_stop if self.ranks is not None else self.stop.requested:
                 path = self.save_checkpoint()
                 return self._finish(
                     RunStatus.STOPPED, last_loss, note=f"Stopped at step {self.step}; resume from {path.name}"
@@ -379,6 +467,11 @@ class Recipe:
         device = DeviceInfo(
             kind=self.device, name=self.device, total_bytes=total, free_bytes=total, bf16_supported=bf16
         )
+        if self.ranks is not None:
+            from finetune_studio.core.memory_parallel import estimate_per_process_memory
+
+            n, how = self.ranks.world_size, self.ranks.parallelism
+            return estimate_per_process_memory(shape, self.config, device, n, how).total_bytes
         return estimate_training_memory(shape, self.config, device).total_bytes
 
     def _reward_stats(self, totals: dict, pairs: int) -> dict:
@@ -420,7 +513,14 @@ class Recipe:
     # --- checkpoint and clean-up ------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = checkpoint.TrainerState(step=self.step, consumed=self.sampler.consumed, run_id=self.run_id)
-        path = checkpoint.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.scaler)
+        if self.ranks is not None:
+            path = dist_checkpoint.save_checkpoint(
+                self.run_dir, self.module, self.model, self.optimizer, self.scheduler, state, self.ranks, self.scaler
+            )
+        else:
+            path = checkpoint.save_checkpoint(
+                self.run_dir, self.model, self.optimizer, self.scheduler, state, self.scaler
+            )
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
@@ -428,13 +528,15 @@ class Recipe:
         adapter_dir = None
         if status == RunStatus.COMPLETED:
             adapter_dir = self.run_dir / "adapter"
-            tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
-            self.model.save_pretrained(tmp)
-            if adapter_dir.exists():
-                import shutil
+            weights = self.ranks.full_trainable_state(self.model) if self.ranks is not None else None
+            if self.main:
+                tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
+                self.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+                if adapter_dir.exists():
+                    import shutil
 
-                shutil.rmtree(adapter_dir)
-            os.replace(tmp, adapter_dir)
+                    shutil.rmtree(adapter_dir)
+                os.replace(tmp, adapter_dir)
         if note:
             self.reporter.log(note)
         self.store.update_run(
