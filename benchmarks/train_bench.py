@@ -63,6 +63,7 @@ class Spec:
     seed: int = 42
     threads: int = 1
     device: str = "cpu"
+    dataset: str = ""  # empty: the demo SFT or preference file
 
 
 @dataclass
@@ -103,7 +104,7 @@ def engine_config(spec: Spec):
 
     return TrainConfig(
         model=spec.model,
-        dataset=str(DATA[spec.objective]),
+        dataset=spec.dataset or str(DATA[spec.objective]),
         method=spec.method,
         objective=spec.objective,
         max_steps=spec.steps,
