@@ -482,6 +482,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--model", default="default", help="'default' (the bundled model) or a model folder")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker run")
+    ap.add_argument("--save", help="also write the JSON rows to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -543,10 +544,12 @@ def main(argv=None) -> int:
                     )
                     runs[impl].append(o)
             pairs.append((summarise(runs["studio"]), summarise(runs["baseline"])))
+    keys = ("method", "objective", "impl", "tokens_per_s", "tokens_per_cpu_s", "peak_mem_bytes")
+    keys += ("peak_mem_above_model_bytes", "first_step_s", "losses")
+    rows = [{**{k: getattr(r, k) for k in keys}, "final_loss": r.final_loss} for p in pairs for r in p]
+    if args.save:
+        Path(args.save).write_text(json.dumps(rows, indent=1))
     if args.json:
-        keys = ("method", "objective", "impl", "tokens_per_s", "tokens_per_cpu_s", "peak_mem_bytes")
-        keys += ("peak_mem_above_model_bytes", "first_step_s")
-        rows = [{**{k: getattr(r, k) for k in keys}, "final_loss": r.final_loss} for p in pairs for r in p]
         print(json.dumps(rows, indent=1))
     else:
         print("\n" + table(pairs))
