@@ -2,10 +2,11 @@
 
 torch starts one thread per core. When anything else is busy on the machine (the app drawing live curves beside
 the run, a browser, another run), that is far slower than one thread fewer: at every parallel region torch's
-threads wait for the one whose core another process holds. Measured on a shared 2-core CPU
-(``benchmarks/RESULTS.md``): 20 SFT steps of the default model took 420 s with 2 threads and 79 s with 1, and
-``generate`` made 2.9 new tokens/s with 2 threads against 13.6 with 1. So the default leaves one physical core
-free; ``num_threads`` in the config, or ``OMP_NUM_THREADS`` in the environment, overrides it.
+threads wait for the one whose core another process holds. On a busy 2-core CPU, 20 SFT steps of the default
+model took 420 s with 2 threads and 79 s with 1, and ``generate`` made 2.9 new tokens/s with 2 threads against
+13.6 with 1 (issue 13; ``benchmarks/RESULTS.md`` has the rerun with ``benchmarks/profile_step.py --levers``). So
+the default leaves one physical core free; ``num_threads`` in the config, or ``OMP_NUM_THREADS`` in the
+environment, overrides it.
 """
 
 from __future__ import annotations
