@@ -285,7 +285,7 @@ def baseline_worker(spec: Spec) -> Outcome:
                 out.first_step_s = process_age()
 
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-", dir=os.environ.get("FINETUNE_STUDIO_HOME")),
         per_device_train_batch_size=spec.batch_size,
         max_steps=spec.steps,
         learning_rate=spec.learning_rate,
@@ -364,6 +364,7 @@ def baseline_worker(spec: Spec) -> Outcome:
 def run_worker(spec: Spec, timeout: float) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         result = Path(tmp) / "outcome.json"
+        (Path(tmp) / "home").mkdir()
         env = dict(
             os.environ,
             FINETUNE_STUDIO_HOME=str(Path(tmp) / "home"),
