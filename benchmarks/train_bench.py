@@ -189,6 +189,13 @@ class Memory:
         out.model_mem_bytes = self.loaded
 
 
+def _scratch() -> str:
+    """The worker's temporary studio home (created when missing), for TRL's output folder."""
+    home = os.environ.get("FINETUNE_STUDIO_HOME") or tempfile.gettempdir()
+    os.makedirs(home, exist_ok=True)
+    return home
+
+
 def process_age() -> float:
     import psutil
 
@@ -207,7 +214,6 @@ def studio_worker(spec: Spec) -> Outcome:
     from finetune_studio.engine.train import train_run
 
     out = Outcome(spec.impl, spec.method, spec.objective)
-    out.step_tokens = [batch_tokens(b) for b in data_stream(spec, load_tokenizer(spec.model))]
     mem = Memory(spec.device)
     marks: list[tuple[float, float]] = []
 
@@ -223,6 +229,8 @@ def studio_worker(spec: Spec) -> Outcome:
 
     train_run(engine_config(spec), reporter=Reporter(extra=on_event))
     mem.finish(out)
+    # Counted after the run, so that this second tokenization of the data stays out of the timings.
+    out.step_tokens = [batch_tokens(b) for b in data_stream(spec, load_tokenizer(spec.model))]
     out.step_seconds = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
     out.step_cpu_seconds = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
     out.threads = torch.get_num_threads()
@@ -285,7 +293,7 @@ def baseline_worker(spec: Spec) -> Outcome:
                 out.first_step_s = process_age()
 
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-", dir=os.environ.get("FINETUNE_STUDIO_HOME")),
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-", dir=_scratch()),
         per_device_train_batch_size=spec.batch_size,
         max_steps=spec.steps,
         learning_rate=spec.learning_rate,
