@@ -50,8 +50,8 @@ class LogprobModel:
             ).last_hidden_state  # [B, T, H]
             selected = hidden[:, :-1][mask]  # [N, H]
             if selected.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                # bf16 autocast on the CPU: the head in float32 (bf16 logits of ~20 are off by ~0.1, and the
-                # head is under 1% of a step once only trained positions reach it).
+                # bf16 autocast on the CPU: the head in float32 (bf16 logits of ~20 are off by ~0.1; the head is
+                # a small share of a step once only trained positions reach it).
                 with torch.autocast("cpu", enabled=False):
                     logps = token_logprobs(
                         selected.float(), self.head.weight.float(), targets[mask], softcap=self.softcap
