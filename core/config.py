@@ -105,6 +105,12 @@ class TrainConfig:
         advanced=True,
         choices=DTYPES,
     )
+    num_threads: int = _f(
+        0,
+        "CPU threads for the computation; 0 picks one fewer than the physical cores (at least 1), so the app "
+        "and other programs beside the run do not stall it.",
+        advanced=True,
+    )
 
     # --- optimisation -------------------------------------------------------
     optimizer: str = _f(
@@ -191,7 +197,7 @@ class TrainConfig:
                 f"must be a whole number of at least 1, not {value!r}",
             )
         need(self.max_length >= 8, "max_length", "must be at least 8 tokens")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_eval_examples"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_eval_examples", "num_threads"):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0,

@@ -49,7 +49,15 @@ class LogprobModel:
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state  # [B, T, H]
             selected = hidden[:, :-1][mask]  # [N, H]
-            logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap)
+            if selected.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # bf16 autocast on the CPU: the head in float32 (bf16 logits of ~20 are off by ~0.1; the head is
+                # a small share of a step once only trained positions reach it).
+                with torch.autocast("cpu", enabled=False):
+                    logps = token_logprobs(
+                        selected.float(), self.head.weight.float(), targets[mask], softcap=self.softcap
+                    )
+            else:
+                logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap)
         else:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[
                 :, :-1

@@ -40,6 +40,7 @@ from finetune_studio.engine.models import (
 )
 from finetune_studio.engine.render import TokenizedPair, tokenize_example
 from finetune_studio.engine.reporting import Reporter
+from finetune_studio.engine.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class Recipe:
     def setup(self, resume: bool) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
+        self.threads = apply_threads(cfg.num_threads)
         options = LoadOptions(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
         self.device = pick_device()
         self.dtype = compute_dtype(cfg.compute_dtype, self.device)

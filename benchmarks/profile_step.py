@@ -1,0 +1,170 @@
+"""Where an engine training step spends its time, and what two CPU levers change.
+
+``python benchmarks/profile_step.py [--objective sft|dpo] [--method lora|dora|qlora] [--threads N]
+[--top 25] [--levers]``
+
+Sets up the engine's own recipe (``engine.train.Recipe``: the default model, the demo data, LoRA r16, batch 4)
+and runs its step code (``Recipe._micro_step``, clipping, optimizer step): one warm-up step, then one step under
+``torch.profiler``, printed as the top ops by self CPU time and the share of four groups (matrix products,
+attention, the output head's chunked log-probs, the rest).
+
+``--levers`` then times a few steps of the same batch for: float32 vs bfloat16 autocast on the CPU (speed and
+loss; ``engine.forward`` keeps the output head in float32 under CPU autocast), and 1 thread vs one per core
+(when another process is busy, the second is much slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = {"sft": ROOT / "resources/datasets/demo_sft.jsonl", "dpo": ROOT / "resources/datasets/demo_preference.jsonl"}
+
+
+def make_recipe(args):
+    from finetune_studio.core.config import TrainConfig
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import Recipe, StopFlag
+
+    cfg = TrainConfig(
+        model=args.model,
+        dataset=str(DATA[args.objective]),
+        method=args.method,
+        objective=args.objective,
+        batch_size=args.batch_size,
+        max_length=256,
+        validation_fraction=0.0,
+        num_threads=args.threads,
+    )
+    recipe = Recipe(cfg, "profile", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
+    recipe.setup(resume=False)
+    recipe.model.train()
+    return recipe
+
+
+def one_step(recipe, batch, autocast=None) -> float:
+    import torch
+
+    denom = batch.pairs if recipe.dpo else batch.trained_tokens
+    with autocast or contextlib.nullcontext():
+        loss = recipe._micro_step(batch, denom)["loss"]
+    torch.nn.utils.clip_grad_norm_(recipe.params, 1.0)
+    recipe.optimizer.step()
+    recipe.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+GROUPS = {
+    "matrix products (aten::mm / addmm / bmm / linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+    "attention (sdpa)": ("scaled_dot_product", "_flash_attention", "_efficient_attention"),
+    "output head (chunked log-probs)": ("_ChunkedLogprobs", "logsumexp", "softmax", "aten::gather"),
+}
+
+
+def profile(recipe, batch, top: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    one_step(recipe, batch)  # warm-up: lazy inits, optimizer states
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        one_step(recipe, batch)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"profiled step: {wall:.2f} s wall (with the profiler's overhead), {total / 1e6:.2f} s self CPU in ops")
+    for name, keys in GROUPS.items():
+        t = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys))
+        print(f"  {name:<52} {t / 1e6:6.2f} s  {100 * t / total:5.1f}%")
+
+
+def levers(recipe, batch, steps: int, thread_lever: bool = True) -> None:
+    import torch
+
+    state = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+    def reset():
+        with torch.no_grad():
+            for n, p in recipe.model.named_parameters():
+                if n in state:
+                    p.copy_(state[n])
+        recipe.optimizer.state.clear()
+
+    def timed(label, autocast_dtype=None):
+        reset()
+        times, losses = [], []
+        for _ in range(steps):
+            ac = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else None
+            t0 = time.perf_counter()
+            losses.append(one_step(recipe, batch, ac))
+            times.append(time.perf_counter() - t0)
+        best = min(times[1:] or times)
+        print(
+            f"  {label:<34} step s: min {best:.2f}, all {' '.join(f'{t:.2f}' for t in times)}; "
+            f"losses {' '.join(f'{x:.5f}' for x in losses)}"
+        )
+        return best, losses
+
+    print(f"\nLevers: {steps} steps each on the same batch ({batch.tokens} tokens), from the same adapter weights")
+    threads = torch.get_num_threads()
+    f32, l32 = timed(f"float32, {threads} thread(s)")
+    b16, l16 = timed(f"bfloat16 autocast, {threads} thread(s)", torch.bfloat16)
+    print(
+        f"  bf16 / fp32 step time {b16 / f32:.2f}x; largest loss difference "
+        f"{max(abs(a - b) for a, b in zip(l32, l16)):.2e}"
+    )
+    cores = len(__import__("os").sched_getaffinity(0))
+    if cores > 1 and thread_lever:
+        torch.set_num_threads(cores)
+        many, _ = timed(f"float32, {cores} threads")
+        torch.set_num_threads(threads)
+        print(f"  {cores} threads / {threads} step time {many / f32:.2f}x (load average {_load()})")
+
+
+def _load() -> str:
+    import os
+
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--objective", choices=("sft", "dpo"), default="sft")
+    ap.add_argument("--method", choices=("lora", "dora", "qlora"), default="lora")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="0: the engine's automatic choice")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--levers", action="store_true", help="also time bf16 autocast and the thread count")
+    ap.add_argument("--lever-steps", type=int, default=3)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-thread-lever", action="store_true", help="skip the one-thread-per-core timing")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from finetune_studio.engine.batches import make_batch
+
+    recipe = make_recipe(args)
+    idx = recipe.sampler.next_indices()
+    batch = make_batch(recipe.train_examples, idx, recipe.tokenizer.pad_token_id).to(recipe.device)
+    print(
+        f"torch {torch.__version__}; {recipe.device}, {torch.get_num_threads()} thread(s); {args.method} "
+        f"{args.objective}; batch {batch.input_ids.shape[0]} rows x {batch.input_ids.shape[1]} "
+        f"({batch.tokens} tokens, {batch.trained_tokens} trained); load average {_load()}\n"
+    )
+    if not args.no_profile:
+        profile(recipe, batch, args.top)
+    if args.levers:
+        levers(recipe, batch, args.lever_steps, not args.no_thread_lever)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
