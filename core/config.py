@@ -25,6 +25,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
+LONGEST_FIRST = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,13 @@ class TrainConfig:
         False, "Recompute activations in the backward pass: much less memory, about 30% slower.", advanced=True
     )
     num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.", advanced=True)
+    longest_batch_first: str = _f(
+        "auto",
+        "Train on the longest batch first, so a run that cannot fit fails at step 1: auto does it when the "
+        "memory estimate is within 15% of the device.",
+        advanced=True,
+        choices=LONGEST_FIRST,
+    )
 
     # --- data and evaluation ------------------------------------------------
     loss_on: str = _f(
@@ -215,6 +223,11 @@ class TrainConfig:
         need(self.dpo_loss in DPO_LOSSES, "dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
         need(self.compute_dtype in DTYPES, "compute_dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
+        need(
+            self.longest_batch_first in LONGEST_FIRST,
+            "longest_batch_first",
+            f"must be one of {', '.join(LONGEST_FIRST)}",
+        )
         need(
             isinstance(self.target_modules, list)
             and len(self.target_modules) > 0
