@@ -263,15 +263,17 @@ class DataLengths:
         )
 
     @classmethod
-    def from_token_report(cls, tokens: dict | None) -> DataLengths | None:
-        """From the data report's token statistics (``engine data inspect --json``: stats.tokens), if it has them."""
+    def from_token_report(cls, tokens: dict | None, total_rows: int = 0) -> DataLengths | None:
+        """From the data report's token statistics (``engine data inspect --json``: stats.tokens, with its
+        ``longest_rows`` and ``most_trained_rows``), if it has them; ``total_rows``: the dataset's rows."""
         if not isinstance(tokens, dict):
             return None
         rows, trained = tokens.get("longest_rows"), tokens.get("most_trained_rows")
         if not rows or not isinstance(rows, list) or not isinstance(trained, list):
             return None
         try:
-            return cls(tuple(rows), tuple(trained), int(tokens.get("measured") or 0), int(tokens.get("rows") or 0))
+            measured = int(tokens.get("measured") or 0)
+            return cls(tuple(rows), tuple(trained), measured, max(measured, int(total_rows or 0)))
         except (TypeError, ValueError):
             return None
 

@@ -110,11 +110,33 @@ def cmd_model_info(args: argparse.Namespace, stream) -> int:
     try:
         folder = resolve_model(args.model, LoadOptions(allow_pickle=args.allow_pickle), progress=progress)
         info = describe(folder, name="SmolLM2-135M-Instruct (bundled)" if args.model == "default" else "")
+        if args.config:
+            info = _with_counts(info, folder, TrainConfig.load(args.config))
+    except ConfigError as exc:
+        stream.write(ev.Failed(message=f"Invalid config: {exc}", kind="config").to_json() + "\n")
+        return 2
     except ModelError as exc:
         stream.write(ev.Failed(message=f"Model problem: {exc}", kind="model").to_json() + "\n")
         return 1
     stream.write(info.to_json() + "\n")
     return 0
+
+
+def _with_counts(info: ev.ModelReady, folder, config: TrainConfig) -> ev.ModelReady:
+    """``info`` with total and trainable parameters counted on the meta device for ``config``'s method."""
+    import dataclasses
+
+    from finetune_studio.engine.memory_budget import meta_param_counts
+
+    counts = meta_param_counts(folder, config, config.trust_remote_code)
+    return dataclasses.replace(
+        info,
+        total_params=counts.total_params,
+        trainable_params=counts.trainable_params,
+        quantizable_params=counts.quantizable_params,
+        optimizer_8bit_bytes=counts.optimizer_8bit_bytes,
+        counted_for=f"{config.method} r={config.lora_rank} {','.join(config.target_modules)}",
+    )
 
 
 def cmd_demo(rest: list[str]) -> int:
@@ -141,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("info", help="resolve (convert a GGUF once) and describe a model")
     mi.add_argument("model")
     mi.add_argument("--allow-pickle", action="store_true")
+    from finetune_studio.engine.estimate_cli import add_parser as add_estimate
+
+    add_estimate(sub)
+    mi.add_argument("--config", help="a run config: also count total and trainable parameters for its method")
     sub.add_parser("demo", help="train on the bundled demo task and print the score before and after", add_help=False)
     return parser
 
@@ -157,6 +183,10 @@ def main(argv: list[str]) -> int:
             return cmd_train(args, stream)
         if args.command == "export":
             return cmd_export(args, stream)
+        if args.command == "estimate":
+            from finetune_studio.engine.estimate_cli import cmd_estimate
+
+            return cmd_estimate(args, stream)
         return cmd_model_info(args, stream)
     except Exception as exc:
         logging.getLogger("engine").exception("unexpected error")

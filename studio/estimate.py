@@ -16,6 +16,7 @@ from PySide6.QtCore import QObject, Signal
 from finetune_studio.core import memory
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo, best_device
+from finetune_studio.core.memory_report import memory_report
 from finetune_studio.studio.state import MemoryEstimate
 
 LABELS = {
@@ -58,7 +59,32 @@ def model_shape(spec: str, model_info) -> memory.ModelShape | None:
     return memory.ModelShape.for_model_spec(spec) if spec else None
 
 
-def estimate(config: TrainConfig | None, model_info, device: DeviceInfo | None) -> MemoryEstimate:
+def data_lengths(dataset_info: dict | None) -> memory.DataLengths | None:
+    """The longest rows from the dataset panel's report (``engine data inspect --json``), if it has them."""
+    if not isinstance(dataset_info, dict):
+        return None
+    stats = dataset_info.get("stats")
+    tokens = stats.get("tokens") if isinstance(stats, dict) else None
+    rows = dataset_info.get("rows")
+    return memory.DataLengths.from_token_report(tokens, rows if isinstance(rows, int) else 0)
+
+
+def counted_params(config: TrainConfig, model_info) -> memory.ParamCounts | None:
+    """The engine's meta-device count (``model info --config``) when it was made for this method."""
+    key = f"{config.method} r={config.lora_rank} {','.join(config.target_modules)}"
+    if getattr(model_info, "counted_for", "") != key or not getattr(model_info, "total_params", 0):
+        return None
+    return memory.ParamCounts(
+        model_info.total_params,
+        model_info.trainable_params,
+        model_info.quantizable_params,
+        model_info.optimizer_8bit_bytes,
+    )
+
+
+def estimate(
+    config: TrainConfig | None, model_info, device: DeviceInfo | None, dataset_info: dict | None = None
+) -> MemoryEstimate:
     if config is None:
         return MemoryEstimate(note="Fix the settings marked in red to see the memory estimate.")
     if device is None:
@@ -70,18 +96,20 @@ def estimate(config: TrainConfig | None, model_info, device: DeviceInfo | None) 
             device_total_bytes=device.available_bytes,
             note="No estimate until the model is known; the engine reports its budget when the run starts.",
         )
+    lengths = data_lengths(dataset_info) if config.dataset else None
     try:
-        est = memory.estimate_training_memory(shape, config, device)
-        verdict = memory.fits(est, device, config=config)
+        report = memory_report(shape, config, device, lengths, counted_params(config, model_info))
     except Exception as exc:
         return MemoryEstimate(note=f"No estimate for this set-up ({exc}).")
-    parts = {LABELS.get(k, k): v for k, v in est.terms.items() if v}
-    notes = "; ".join(est.notes)
+    parts = {LABELS.get(k, k): v for k, v in report.terms.items() if v}
+    notes = "; ".join(report.notes)
+    change = f" Cheapest change: {report.cheapest_change}." if report.cheapest_change else ""
     return MemoryEstimate(
-        est.total_bytes,
+        report.total_bytes,
         parts,
         device.name,
         device.available_bytes,
-        verdict.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else ""),
-        fits=verdict.fits,
+        report.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else "") + change,
+        fits=report.verdict != "does not fit",
+        lengths=report.lengths.description[:1].upper() + report.lengths.description[1:] + ".",
     )

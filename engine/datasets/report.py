@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from finetune_studio.core.memory import LONGEST_KEPT
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
 
@@ -71,6 +72,10 @@ class TokenReport:
     difference_truncated: int  # pairs whose chosen and rejected only differ past max_length
     render_failures: int  # examples the chat template refuses
     length_bias: LengthBias | None = None
+    # for the memory estimate (core.memory.DataLengths): the longest rows in tokens before truncation and the
+    # largest trained-token counts per row, largest first, at most LONGEST_KEPT; a DPO pair is two rows
+    longest_rows: list[int] = field(default_factory=list)
+    most_trained_rows: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,10 +116,14 @@ def token_report(
 
     measured = examples[:limit] if limit else examples
     lengths, trained, chosen_len, rejected_len = [], [], [], []
+    row_lengths, row_trained = [], []  # per batch row, untruncated
     over = empty = diff_cut = failures = 0
     for ex in measured:
         try:
             full = tokenize_example(tokenizer, ex, UNLIMITED, loss_on)
+            rows = (full.chosen, full.rejected) if isinstance(ex, PreferencePair) else (full,)
+            row_lengths += [len(r.input_ids) for r in rows]
+            row_trained += [r.trained_tokens for r in rows]
             if isinstance(ex, PreferencePair):
                 n = max(len(full.chosen.input_ids), len(full.rejected.input_ids))
                 chosen_len.append(len(full.chosen.input_ids) - full.prompt_tokens)
@@ -164,6 +173,8 @@ def token_report(
         diff_cut,
         failures,
         bias,
+        sorted(row_lengths, reverse=True)[:LONGEST_KEPT],
+        sorted(row_trained, reverse=True)[:LONGEST_KEPT],
     )
 
 

@@ -174,7 +174,7 @@ class SetupPage(QWidget):
         self.state.load(preset.config)
 
     def _on_state(self, topic: str) -> None:
-        if topic == "model":
+        if topic in ("model", "dataset"):
             self._estimate_timer.start()
         if topic != "errors":
             return
@@ -195,7 +195,8 @@ class SetupPage(QWidget):
         self._update_estimate()
 
     def _update_estimate(self) -> None:
-        self.memory.set_estimate(estimate.estimate(self.state.config, self.state.model_info, self.device))
+        st = self.state
+        self.memory.set_estimate(estimate.estimate(st.config, st.model_info, self.device, st.dataset_info))
 
     def shutdown(self) -> None:
         """Stop pending look-ups and kill running ones (the window is closing)."""
