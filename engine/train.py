@@ -80,6 +80,7 @@ def train_run(
     """Train a new run from ``config``, or continue run ``resume`` (id, id prefix or run folder)."""
     reporter = reporter or Reporter()
     stop = stop or StopFlag()
+    memory_budget.fix_malloc_threshold()  # CPU memory is then what the tensors need (see its docstring)
     store = Store()
     if resume:
         run = store.find_run(resume)
