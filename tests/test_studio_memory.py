@@ -1,0 +1,64 @@
+"""The studio's memory budget: fitted to the dataset report when there is one (and saying so), and the runs
+table's estimate, measured peak and error."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.devices import DeviceInfo
+from finetune_studio.core.memory import GIB, ModelShape
+from finetune_studio.core.memory_report import memory_report
+from finetune_studio.core.store import Store
+from finetune_studio.studio import estimate
+from finetune_studio.studio.runs_model import COLUMNS, RunsModel
+
+CPU = DeviceInfo("cpu", "Test CPU", 16 * GIB, 12 * GIB, True)
+REPORT = {  # what `engine data inspect --json` gives the dataset panel (the part the estimate reads)
+    "rows": 400,
+    "stats": {"tokens": {"measured": 400, "longest_rows": [126, 120, 118, 110, 90], "most_trained_rows": [30] * 5}},
+}
+
+
+def test_estimate_is_fitted_to_the_dataset_report():
+    config = TrainConfig(dataset="demo.jsonl", batch_size=4, max_length=512)
+    fitted = estimate.estimate(config, None, CPU, REPORT)
+    worst = estimate.estimate(config, None, CPU, None)
+    assert fitted.lengths.startswith("Fitted to the data") and "126 tokens" in fitted.lengths
+    assert worst.lengths.startswith("Worst case")
+    assert fitted.total_bytes < 0.7 * worst.total_bytes  # the demo's rows are a quarter of max_length
+    expected = memory_report(ModelShape.for_model_spec("default"), config, CPU, estimate.data_lengths(REPORT))
+    assert fitted.total_bytes == expected.total_bytes
+    no_dataset = estimate.estimate(config.replace(dataset=""), None, CPU, REPORT)  # a stale report is not used
+    assert no_dataset.lengths.startswith("Worst case")
+    old_report = {"rows": 10, "stats": {"tokens": {"lengths": {"max": 126}}}}  # without the longest rows
+    assert estimate.estimate(config, None, CPU, old_report).lengths.startswith("Worst case")
+
+
+def test_runs_table_shows_estimate_peak_and_error(qtbot):
+    store = Store()
+    config = TrainConfig(dataset="demo.jsonl")
+    report = memory_report(ModelShape.for_model_spec("default"), config, CPU)
+    run_id = store.create_run(config.to_dict(), name="r")
+    peak = int(report.total_bytes / 1.05)
+    store.update_run(
+        run_id,
+        memory_budget_bytes=report.total_bytes,
+        memory_estimate=report.to_json(),
+        memory_peak_bytes=peak,
+        status="completed",
+    )
+    store.create_run(config.to_dict(), name="no memory yet")
+    model = RunsModel()
+    model.set_runs(store.list_runs(order_by="created_at"))
+    col = {key: i for i, (key, _) in enumerate(COLUMNS)}
+
+    def cell(row: int, key: str, role=Qt.ItemDataRole.DisplayRole):
+        return model.data(model.index(row, col[key]), role)
+
+    assert cell(0, "memory_error") == "+5.0%"
+    assert cell(0, "memory_budget_bytes").endswith("GiB") and cell(0, "memory_peak_bytes").endswith("GiB")
+    tip = cell(0, "memory_error", Qt.ItemDataRole.ToolTipRole)
+    assert "worst case" in tip and "resident peak" in tip and "activations" in tip
+    assert cell(1, "memory_error") == "" and cell(1, "memory_peak_bytes") == ""
+    store.close()
