@@ -161,6 +161,11 @@ class ModelShape:
             return None
 
     @property
+    def formula_counts_exactly(self) -> bool:
+        """The formula counts this architecture's parameters exactly (else the engine counts them)."""
+        return self.architecture in _KNOWN and "mixture" not in self.note
+
+    @property
     def q_width(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -337,6 +342,11 @@ class ParamCounts:
     quantizable_params: int = 0
     optimizer_8bit_bytes: int = 0
     source: str = "meta"
+
+
+def counts_key(config: TrainConfig) -> str:
+    """What a parameter count depends on: method, rank and targets ("lora r=16 all-linear")."""
+    return f"{config.method} r={config.lora_rank} {','.join(config.target_modules)}"
 
 
 def states_8bit(n: int) -> int:

@@ -112,6 +112,9 @@ def cmd_model_info(args: argparse.Namespace, stream) -> int:
         info = describe(folder, name="SmolLM2-135M-Instruct (bundled)" if args.model == "default" else "")
         if args.config:
             info = _with_counts(info, folder, TrainConfig.load(args.config))
+        elif args.method:
+            adapters = dict(method=args.method, lora_rank=args.lora_rank, target_modules=args.target_modules.split(","))
+            info = _with_counts(info, folder, TrainConfig(**adapters))
     except ConfigError as exc:
         stream.write(ev.Failed(message=f"Invalid config: {exc}", kind="config").to_json() + "\n")
         return 2
@@ -126,6 +129,7 @@ def _with_counts(info: ev.ModelReady, folder, config: TrainConfig) -> ev.ModelRe
     """``info`` with total and trainable parameters counted on the meta device for ``config``'s method."""
     import dataclasses
 
+    from finetune_studio.core.memory import counts_key
     from finetune_studio.engine.memory_budget import meta_param_counts
 
     counts = meta_param_counts(folder, config, config.trust_remote_code)
@@ -135,7 +139,7 @@ def _with_counts(info: ev.ModelReady, folder, config: TrainConfig) -> ev.ModelRe
         trainable_params=counts.trainable_params,
         quantizable_params=counts.quantizable_params,
         optimizer_8bit_bytes=counts.optimizer_8bit_bytes,
-        counted_for=f"{config.method} r={config.lora_rank} {','.join(config.target_modules)}",
+        counted_for=counts_key(config),
     )
 
 
@@ -167,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_estimate(sub)
     mi.add_argument("--config", help="a run config: also count total and trainable parameters for its method")
+    mi.add_argument("--method", help="count total and trainable parameters for this method (lora, dora, ...)")
+    mi.add_argument("--lora-rank", type=int, default=16, help="with --method: the adapter rank")
+    mi.add_argument("--target-modules", default="all-linear", help="with --method: comma-separated targets")
     sub.add_parser("demo", help="train on the bundled demo task and print the score before and after", add_help=False)
     return parser
 

@@ -71,8 +71,9 @@ def data_lengths(dataset_info: dict | None) -> memory.DataLengths | None:
 
 def counted_params(config: TrainConfig, model_info) -> memory.ParamCounts | None:
     """The engine's meta-device count (``model info --config``) when it was made for this method."""
-    key = f"{config.method} r={config.lora_rank} {','.join(config.target_modules)}"
-    if getattr(model_info, "counted_for", "") != key or not getattr(model_info, "total_params", 0):
+    if getattr(model_info, "counted_for", "") != memory.counts_key(config) or not getattr(
+        model_info, "total_params", 0
+    ):
         return None
     return memory.ParamCounts(
         model_info.total_params,

@@ -208,6 +208,18 @@ def test_estimate_command_prints_the_report(tiny_model_dir, tmp_path, studio_hom
     assert report["params_source"] == "meta" and report["verdict"] == "fits"
     lengths = report["lengths"]
     assert lengths["fitted"] and lengths["rows"] == 4 and lengths["seq"] < 64  # short rows, not 512
+    info = _engine("model", "info", str(tiny_model_dir), "--method", "dora", "--lora-rank", "4", home=studio_home)
+    assert info.returncode == 0, info.stderr[-2000:]
+    from finetune_studio.core.events import parse_event
+    from finetune_studio.engine.memory_budget import meta_param_counts
+
+    ready = parse_event(info.stdout.strip().splitlines()[-1])
+    counted = meta_param_counts(tiny_model_dir, TrainConfig(method="dora", lora_rank=4))
+    assert (ready.total_params, ready.trainable_params, ready.counted_for) == (
+        counted.total_params,
+        counted.trainable_params,
+        "dora r=4 all-linear",
+    )
     missing = tmp_path / "bad.yaml"
     missing.write_text(f"model: {tmp_path / 'nope'}\n", encoding="utf-8")
     done = _engine("estimate", str(missing), home=studio_home)

@@ -62,3 +62,35 @@ def test_runs_table_shows_estimate_peak_and_error(qtbot):
     assert "worst case" in tip and "resident peak" in tip and "activations" in tip
     assert cell(1, "memory_error") == "" and cell(1, "memory_peak_bytes") == ""
     store.close()
+
+
+def test_model_panel_counts_an_unknown_architecture_with_the_engine(qtbot, tmp_path):
+    """GPT-2 (fused Conv1D) is not in the formula: the panel asks the engine to count its parameters on the meta
+    device for the chosen method, caches them, and the estimate uses them."""
+    import transformers
+
+    from finetune_studio.studio.setup_state import SetupState
+    from finetune_studio.studio.widgets.model_panel import ModelPanel
+
+    folder = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300)
+    ).save_pretrained(folder)
+    state = SetupState({"model": str(folder), "dataset": "", "method": "dora", "lora_rank": "8"})
+    panel = ModelPanel(state)
+    qtbot.addWidget(panel)
+    panel.resolve()
+    qtbot.waitUntil(lambda: getattr(state.model_info, "counted_for", "") == "dora r=8 all-linear", timeout=180_000)
+    info = state.model_info
+    from finetune_studio.engine.memory_budget import meta_param_counts
+
+    counts = meta_param_counts(folder, state.config)
+    assert (info.total_params, info.trainable_params) == (counts.total_params, counts.trainable_params)
+    assert estimate.counted_params(state.config, info) == counts
+    shape = ModelShape.from_model_dir(folder)
+    assert (
+        estimate.estimate(state.config, info, CPU).total_bytes
+        == memory_report(shape, state.config, CPU, counts=counts).total_bytes
+    )
+    assert (str(folder), "dora r=8 all-linear") in panel.counts  # cached: a second look needs no engine
+    panel.count_job.cancel()

@@ -203,6 +203,8 @@ class SetupPage(QWidget):
         for panel in (self.model_panel, self.dataset_panel):
             panel._debounce.stop()
             panel.job.cancel()
+        self.model_panel._count_debounce.stop()
+        self.model_panel.count_job.cancel()
         self._estimate_timer.stop()
 
     def request_start(self) -> None:
