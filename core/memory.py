@@ -501,12 +501,15 @@ def activation_bytes(
     With checkpointing: each block's input (h*b per token) + final norm, the boolean padding mask the
     checkpoints hold to recompute the blocks (rows * seq^2 bytes, rows > 1), and one block recomputed
     in backward; that comes after the output head's backward, so it counts only by what it exceeds the
-    head's memory freed by then: max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1))."""
+    head's memory freed by then: max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
+    DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear)."""
     tokens = rows * seq
     one = layer_activation_bytes(shape, config, rows, seq, b)
     final = tokens * (4 * shape.hidden_size + 4)
     if config.gradient_checkpointing:
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
+        if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
+            one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
         recompute = max(0, one - head)
         mask = rows * seq * seq if rows > 1 else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
