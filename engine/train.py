@@ -163,7 +163,7 @@ class Recipe:
         self.total_steps = math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps
         self.scheduler = adapters.make_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device == "cuda" else None
-        consumed, first = 0, self._longest_first()
+        consumed, first = 0, None
         if resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is not None:
@@ -173,17 +173,19 @@ class Recipe:
                 self.reporter.log(f"Resumed from {ckpt.name}")
             else:
                 self.reporter.log("No checkpoint yet: starting this run from step 0", "warning")
+        if first is None:  # a new run (a resumed one keeps its checkpoint's order: free memory may differ now)
+            first = self._longest_first()
         self.sampler = Sampler(n, cfg.batch_size, cfg.seed, consumed, first)
         self.reference = self._precompute_reference() if self.dpo and cfg.precompute_reference else None
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
     def _longest_first(self) -> list[int]:
-        """The longest batch's examples when they go first: 'on', or 'auto' with a tight (or failing) budget.
-        A resumed run takes the list from its checkpoint instead (free memory may differ by then)."""
+        """The longest batch's examples when they go first: 'on', or 'auto' when the estimate is within 15% of
+        the device's free memory (or over it)."""
         cfg, report = self.config, self.memory_report
         wanted = cfg.longest_batch_first == "on" or (
-            cfg.longest_batch_first == "auto" and report is not None and report.verdict != "fits" and report.tight
+            cfg.longest_batch_first == "auto" and report is not None and report.tight
         )
         if not wanted:
             return []

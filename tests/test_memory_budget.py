@@ -258,3 +258,37 @@ def test_demo_like_run_estimate_is_near_its_measured_cpu_peak(tmp_path, studio_h
     assert abs(error) < 0.10
     worst = memory_report(ModelShape.from_model_dir(model), TrainConfig.load(cfg), DeviceInfo("cpu", "c", 0, 0, True))
     assert worst.total_bytes > report.total_bytes  # without the data: the worst case
+
+
+def test_longest_batch_first_run_resumes_the_same_curve(tiny_model_dir, tmp_path):
+    """With longest_batch_first on, step 1 trains the longest batch; the checkpoint keeps that batch, and a
+    stopped and resumed run reproduces the uninterrupted loss curve."""
+    from engine_helpers import Recorder, tiny_config, write_sft
+
+    from finetune_studio.core.store import Store
+    from finetune_studio.engine.checkpoint import latest_checkpoint
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import StopFlag, train_run
+
+    data = write_sft(tmp_path / "d.jsonl", n=24)
+    config = tiny_config(tiny_model_dir, data, max_steps=4, batch_size=3, longest_batch_first="on")
+    full = Recorder()
+    done = train_run(config, reporter=Reporter(extra=full))
+    logged = [e.message for e in full.of("log") if "longest batch first" in e.message]
+    assert logged, "the run says it starts with the longest batch"
+    run = Store().get_run(done.run_id)
+    assert run["memory_budget_bytes"] > 0 and run["memory_peak_bytes"] > 0
+    assert MemoryReport.from_json(run["memory_estimate"]).lengths.fitted
+    stop, first = StopFlag(), Recorder()
+
+    def stop_at_two(event):
+        first(event)
+        if event.type == "step" and event.step == 2:
+            stop.set()
+
+    stopped = train_run(config, reporter=Reporter(extra=stop_at_two), stop=stop)
+    state = json.loads((latest_checkpoint(stopped.run_dir) / "trainer_state.json").read_text(encoding="utf-8"))
+    assert len(state["first_batch"]) == 3 and str(state["first_batch"]) in logged[0]
+    second = Recorder()
+    train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
+    assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-5)
