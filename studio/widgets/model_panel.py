@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from finetune_studio.core import memory
+from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.events import ModelReady, Progress
 from finetune_studio.studio.jobs import EngineJob
 from finetune_studio.studio.model_info import describe_folder, format_count, local_folder
@@ -121,9 +122,20 @@ class ModelPanel(QGroupBox):
             self._count_debounce.start()
 
     # --- exact parameter counts ------------------------------------------------------
+    def _adapters(self) -> TrainConfig | None:
+        """The method, rank and targets chosen (the rest of the form need not be valid yet)."""
+        values, errors = self.state.typed_values()
+        names = ("method", "lora_rank", "target_modules")
+        if any(n in errors for n in names):
+            return None
+        try:
+            return TrainConfig.from_dict({n: values[n] for n in names})
+        except ConfigError:
+            return None
+
     def _counts_wanted(self) -> tuple[str, str] | None:
-        """(folder, key) when the model's folder is known, the formula cannot count it and the config is valid."""
-        info, config = self.state.model_info, self.state.config
+        """(folder, key) when the model's folder is known, the formula cannot count it and the adapters are valid."""
+        info, config = self.state.model_info, self._adapters()
         path = getattr(info, "path", "")
         if not path or config is None or not (Path(path) / "config.json").is_file():
             return None
@@ -141,7 +153,8 @@ class ModelPanel(QGroupBox):
         if wanted in self.counts:
             self._apply_counts(self.counts[wanted])
             return
-        config = self.state.config
+        config = self._adapters()
+        assert config is not None
         self.count_job.run(
             "model",
             "info",
