@@ -3,11 +3,13 @@
 ``ModelShape`` reads a Hugging Face ``config.json``; ``estimate_training_memory(shape, config, device)``
 adds up what is alive at the peak of one training step (the start of the backward pass); ``fits`` turns
 that into a verdict with a sentence for the GUI. Notation in the docstrings: T = tokens per forward pass
-(batch x max_length, doubled for DPO), N = trained tokens that reach the output head (taken as
-rows x (max_length - 1), the worst case: every row full and every token trained, as with loss_on='all';
-assistant-only SFT and DPO prompts train fewer), c = the output head's chunk (1024 rows), h = hidden size,
-q / kv = width of the query / key-value projections, i = MLP width, V = vocabulary, L = layers,
-r = LoRA rank, b = bytes per compute-dtype element, P = parameter count.
+(batch x the padded length, doubled for DPO), N = trained tokens that reach the output head. With a dataset
+(``DataLengths``) the batch is the longest the data can form (``batch_lengths``); without one it is the worst
+case: rows of max_length, N = rows x (max_length - 1), every token trained. c = the output head's chunk
+(1024 rows), h = hidden size, q / kv = width of the query / key-value projections, i = MLP width,
+V = vocabulary, L = layers, r = LoRA rank, b = bytes per compute-dtype element, P = parameter count.
+``ParamCounts`` (the engine's count on the meta device) replace the formula's parameter counts for
+architectures it does not know.
 
 It describes the step the engine runs (``engine.train.Recipe``): the decoder body, then only the trained
 positions' hidden states through the output head in chunks (``engine.forward.LogprobModel``,
