@@ -84,13 +84,14 @@ def test_model_panel_counts_an_unknown_architecture_with_the_engine(qtbot, tmp_p
     info = state.model_info
     from finetune_studio.engine.memory_budget import meta_param_counts
 
-    counts = meta_param_counts(folder, state.config)
+    config = TrainConfig(model=str(folder), dataset="d.jsonl", method="dora", lora_rank=8)
+    counts = meta_param_counts(folder, config)
     assert (info.total_params, info.trainable_params) == (counts.total_params, counts.trainable_params)
-    assert estimate.counted_params(state.config, info) == counts
+    assert estimate.counted_params(config, info) == counts
     shape = ModelShape.from_model_dir(folder)
     assert (
-        estimate.estimate(state.config, info, CPU).total_bytes
-        == memory_report(shape, state.config, CPU, counts=counts).total_bytes
+        estimate.estimate(config, info, CPU).total_bytes == memory_report(shape, config, CPU, counts=counts).total_bytes
     )
+    assert estimate.counted_params(config.replace(lora_rank=4), info) is None  # counted for another rank
     assert (str(folder), "dora r=8 all-linear") in panel.counts  # cached: a second look needs no engine
     panel.count_job.cancel()
