@@ -128,6 +128,27 @@ def _optimizer(params, name: str):
     return torch.optim.AdamW(params, lr=1e-4)
 
 
+def _ragged_batch(cfg: dict, config: TrainConfig, rows: list[tuple[int, int]], device):
+    """An engine ``Batch`` from (length, trained tokens) per row, as the collator pads them (right padding to
+    the longest row); the last ``trained`` tokens of each row are trained (the answer). DPO: chosen rows, then
+    rejected rows."""
+    import torch
+
+    from finetune_studio.engine.batches import Batch
+    from finetune_studio.engine.render import IGNORE
+
+    width = max(n for n, _ in rows)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (len(rows), width), generator=g)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    for i, (n, trained) in enumerate(rows):
+        mask[i, :n] = 1
+        labels[i, n - trained : n] = ids[i, n - trained : n]
+    pairs = len(rows) // 2 if config.objective == "dpo" else 0
+    return Batch(ids, mask, labels, pairs=pairs).to(device)
+
+
 def _batch(cfg: dict, config: TrainConfig, device):
     """An engine ``Batch``: every token trained (loss_on='all', the estimate's worst case), DPO rows stacked
     [chosen; rejected]. With more than one row the last is one token shorter, so there is a padding mask
@@ -181,8 +202,15 @@ def _loss(model, config: TrainConfig, batch):
     return losses.sum() / batch.pairs, None
 
 
-def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", device: str = "cpu") -> Measured:
-    """Build the model from ``cfg`` (a config.json dict), run two training steps, return the figures."""
+def measure_step(
+    cfg: dict,
+    config: TrainConfig,
+    dtype_name: str = "float32",
+    device: str = "cpu",
+    rows: list[tuple[int, int]] | None = None,
+) -> Measured:
+    """Build the model from ``cfg`` (a config.json dict), run two training steps, return the figures.
+    ``rows``: (length, trained tokens) per batch row for a ragged batch; default: full rows, all trained."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -193,7 +221,7 @@ def measure_step(cfg: dict, config: TrainConfig, dtype_name: str = "float32", de
     frozen = [p for p in model.parameters() if not p.requires_grad]
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     opt = _optimizer(trainable, config.optimizer)
-    batch = _batch(cfg, config, device)
+    batch = _batch(cfg, config, device) if rows is None else _ragged_batch(cfg, config, rows, device)
     # Recipe._autocast: 16-bit autocast on CUDA only, around the forward (backward runs outside it)
     autocast = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
 

@@ -26,6 +26,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 PARALLELISMS = ("ddp", "fsdp")
+LONGEST_FIRST = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,13 @@ class TrainConfig:
         False, "Recompute activations in the backward pass: much less memory, about 30% slower.", advanced=True
     )
     num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.", advanced=True)
+    longest_batch_first: str = _f(
+        "auto",
+        "Train on the longest batch first, so a run that cannot fit fails at step 1: auto does it when the "
+        "memory estimate is within 15% of the device.",
+        advanced=True,
+        choices=LONGEST_FIRST,
+    )
 
     # --- data and evaluation ------------------------------------------------
     loss_on: str = _f(
@@ -238,6 +246,11 @@ class TrainConfig:
             "FSDP cannot shard a 4-bit (NF4) base: bitsandbytes keeps each weight's quantisation state beside "
             "its packed uint8 storage, and FSDP2's per-parameter sharding splits the storage without it; "
             "use parallelism: ddp (the 4-bit base is small enough to replicate) or method: lora / dora",
+        )
+        need(
+            self.longest_batch_first in LONGEST_FIRST,
+            "longest_batch_first",
+            f"must be one of {', '.join(LONGEST_FIRST)}",
         )
         need(
             isinstance(self.target_modules, list)

@@ -99,6 +99,10 @@ class TokenStats:
     difference_truncated: int  # pairs whose chosen and rejected only differ past max_length
     render_failures: int  # examples the chat template refuses
     length_bias: LengthBias | None = None
+    # For the memory estimate (core.memory.DataLengths): the longest rows in tokens before truncation and the
+    # largest trained-token counts per row, largest first, at most core.memory.LONGEST_KEPT; a DPO pair is two rows.
+    longest_rows: tuple[int, ...] = ()
+    most_trained_rows: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,6 +225,10 @@ def _build(cls, data):
             value = tuple(_build(nested[1], v) for v in value)
         elif nested is not None:
             value = _build(nested, value)
+        elif str(f.type).startswith("tuple[int"):
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise TypeError(f"{cls.__name__}.{f.name} must be a list of integers")
+            value = tuple(value)
         else:
             _check_scalar(cls, f, value)
         kwargs[f.name] = value

@@ -145,6 +145,12 @@ class ModelReady(Event):
     vocab_size: int = 0
     context_length: int = 0
     dtype: str = ""
+    # counted on the meta device for one method (``model info --config``); 0 when not counted
+    total_params: int = 0  # base + adapters
+    trainable_params: int = 0
+    quantizable_params: int = 0  # weights NF4 would quantise
+    optimizer_8bit_bytes: int = 0
+    counted_for: str = ""  # "lora r=16 all-linear": the method, rank and targets counted
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@
 ``ModelShape`` reads a Hugging Face ``config.json``; ``estimate_training_memory(shape, config, device)``
 adds up what is alive at the peak of one training step (the start of the backward pass); ``fits`` turns
 that into a verdict with a sentence for the GUI. Notation in the docstrings: T = tokens per forward pass
-(batch x max_length, doubled for DPO), N = trained tokens that reach the output head (taken as
-rows x (max_length - 1), the worst case: every row full and every token trained, as with loss_on='all';
-assistant-only SFT and DPO prompts train fewer), c = the output head's chunk (1024 rows), h = hidden size,
-q / kv = width of the query / key-value projections, i = MLP width, V = vocabulary, L = layers,
-r = LoRA rank, b = bytes per compute-dtype element, P = parameter count.
+(batch x the padded length, doubled for DPO), N = trained tokens that reach the output head. With a dataset
+(``DataLengths``) the batch is the longest the data can form (``batch_lengths``); without one it is the worst
+case: rows of max_length, N = rows x (max_length - 1), every token trained. c = the output head's chunk
+(1024 rows), h = hidden size, q / kv = width of the query / key-value projections, i = MLP width,
+V = vocabulary, L = layers, r = LoRA rank, b = bytes per compute-dtype element, P = parameter count.
+``ParamCounts`` (the engine's count on the meta device) replace the formula's parameter counts for
+architectures it does not know.
 
 It describes the step the engine runs (``engine.train.Recipe``): the decoder body, then only the trained
 positions' hidden states through the output head in chunks (``engine.forward.LogprobModel``,
@@ -52,6 +54,13 @@ _KNOWN = {
     "Phi3ForCausalLM": (2, False, False, True, False),
 }
 _EXACT = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+_ALIASES = (
+    ("hidden_size", "n_embd"),
+    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head"),
+    ("intermediate_size", "n_inner"),
+    ("max_position_embeddings", "n_positions"),
+)
 _BY_MODEL_TYPE = {**{a.removesuffix("ForCausalLM").lower(): a for a in _KNOWN}, "gemma3_text": "Gemma3ForCausalLM"}
 
 
@@ -95,8 +104,14 @@ class ModelShape:
 
     @classmethod
     def from_config_dict(cls, d: dict) -> ModelShape:
-        """Llama-style configs (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3); others are read as Llama, flagged."""
+        """Llama-style configs (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3); others are read as Llama, flagged.
+        GPT-2-style names (n_embd, n_layer, n_head, n_inner, n_positions) are read as their Llama names."""
         d = {**d, **d.get("text_config", {})}  # multimodal wrappers keep the LM under text_config
+        for name, alias in _ALIASES:
+            if d.get(name) is None and d.get(alias) is not None:
+                d[name] = d[alias]
+        if d.get("intermediate_size") is None and "hidden_size" in d:
+            d["intermediate_size"] = 4 * int(d["hidden_size"])  # GPT-2: n_inner None means 4 * n_embd
         model_type = str(d.get("model_type", "unknown"))
         arch = (d.get("architectures") or [_BY_MODEL_TYPE.get(model_type, model_type)])[0]
         norms, qk_norm, tie_default, fused, qkv_bias = _KNOWN.get(arch, (2, False, False, False, False))
@@ -146,6 +161,11 @@ class ModelShape:
             return _read_shape(str(path), _mtime(path))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    @property
+    def formula_counts_exactly(self) -> bool:
+        """The formula counts this architecture's parameters exactly (else the engine counts them)."""
+        return self.architecture in _KNOWN and "mixture" not in self.note
 
     @property
     def q_width(self) -> int:
@@ -218,6 +238,120 @@ class ModelShape:
         return tuple(lin for lin in self.linear_layers if lin.name in names)
 
 
+LONGEST_KEPT = 64  # the data report keeps this many longest rows: enough for batch_size <= 32 DPO pairs
+
+
+@dataclass(frozen=True)
+class DataLengths:
+    """The longest rows of a dataset, as a batch sees them (a DPO pair is two rows: chosen and rejected).
+
+    ``longest_rows``: the longest row lengths in tokens, before truncation, longest first;
+    ``most_trained``: the largest counts of trained tokens per row, largest first (not necessarily the
+    same rows); both at most ``LONGEST_KEPT`` long. ``measured`` rows (examples) were tokenised of ``total``.
+    """
+
+    longest_rows: tuple[int, ...]
+    most_trained: tuple[int, ...]
+    measured: int = 0
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "longest_rows", tuple(sorted((int(n) for n in self.longest_rows), reverse=True)))
+        object.__setattr__(self, "most_trained", tuple(sorted((int(n) for n in self.most_trained), reverse=True)))
+
+    @classmethod
+    def of_rows(cls, lengths: list[int], trained: list[int], total: int = 0) -> DataLengths:
+        """From every row's length and trained tokens (keeps the longest ``LONGEST_KEPT``)."""
+        return cls(
+            tuple(sorted(lengths, reverse=True)[:LONGEST_KEPT]),
+            tuple(sorted(trained, reverse=True)[:LONGEST_KEPT]),
+            len(lengths),
+            total or len(lengths),
+        )
+
+    @classmethod
+    def from_token_stats(cls, tokens, total_rows: int = 0) -> DataLengths | None:
+        """From the data report's token statistics (``core.dataset_report.TokenStats``, what ``engine data inspect
+        --json`` measured: its ``longest_rows`` and ``most_trained_rows``), if it has them; ``total_rows``: the
+        dataset's usable rows."""
+        rows, trained = getattr(tokens, "longest_rows", ()), getattr(tokens, "most_trained_rows", ())
+        if not rows or not trained:
+            return None
+        measured = int(tokens.measured or 0)
+        return cls(tuple(rows), tuple(trained), measured, max(measured, int(total_rows or 0)))
+
+
+@dataclass(frozen=True)
+class BatchLengths:
+    """The batch an estimate assumes: ``rows`` rows padded to ``seq`` tokens, ``trained_tokens`` of them
+    reaching the output head. ``fitted``: from the data (the longest batch the run can form), else the worst
+    case (every row ``max_length`` long, every token trained)."""
+
+    rows: int
+    seq: int
+    trained_tokens: int
+    fitted: bool
+    description: str
+
+
+def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> BatchLengths:
+    """The longest batch: rows = batch_size (x2 for DPO); seq = the longest row truncated at max_length (the
+    engine pads a batch to its longest row); trained = the ``rows`` largest trained counts, each at most
+    seq - 1 (an upper bound over every batch the data can form). No data: the worst case."""
+    rows = config.batch_size * (2 if config.objective == "dpo" else 1)
+    what = "pairs" if config.objective == "dpo" else "rows"
+    if lengths is None or not lengths.longest_rows:
+        return BatchLengths(
+            rows,
+            config.max_length,
+            rows * (config.max_length - 1),
+            False,
+            f"worst case (no dataset yet): {config.batch_size} {what} of max_length {config.max_length} tokens, "
+            "every token trained",
+        )
+    seq = max(2, min(config.max_length, lengths.longest_rows[0]))
+    top = list(lengths.most_trained[:rows]) + [lengths.most_trained[-1] if lengths.most_trained else seq] * max(
+        0, rows - len(lengths.most_trained)
+    )
+    trained = sum(min(n, seq - 1) for n in top)
+    cut = " (truncated at max_length)" if lengths.longest_rows[0] > config.max_length else ""
+    part = f" of the first {lengths.measured} of {lengths.total} rows" if lengths.total > lengths.measured else ""
+    return BatchLengths(
+        rows,
+        seq,
+        trained,
+        True,
+        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} padded to {seq} tokens{cut}, "
+        f"at most {trained} trained tokens",
+    )
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters counted by building the model for the chosen method (the engine does it on the meta device).
+
+    ``total_params``: every parameter of the adapted model (base + adapters, as PEFT counts them);
+    ``trainable_params``: the adapters; ``quantizable_params``: the weights of the linear layers NF4 would
+    quantise (every linear but the output head); ``optimizer_8bit_bytes``: 8-bit AdamW's states for these
+    trainable tensors (``states_8bit`` summed per tensor)."""
+
+    total_params: int
+    trainable_params: int
+    quantizable_params: int = 0
+    optimizer_8bit_bytes: int = 0
+    source: str = "meta"
+
+
+def counts_key(config: TrainConfig) -> str:
+    """What a parameter count depends on: method, rank and targets ("lora r=16 all-linear")."""
+    return f"{config.method} r={config.lora_rank} {','.join(config.target_modules)}"
+
+
+def states_8bit(n: int) -> int:
+    """8-bit AdamW state bytes for one tensor of n elements (see ``optimizer_bytes``)."""
+    return 8 * n if n < BNB_8BIT_MIN_SIZE else 2 * n + 8 * math.ceil(n / BNB_8BIT_BLOCK)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes alive at the peak of one training step, by cause. ``total_bytes`` is their sum."""
@@ -236,6 +370,9 @@ class MemoryEstimate:
     device_kind: str
     approximate: bool = False
     notes: tuple[str, ...] = ()
+    total_params: int = 0  # base + adapters
+    batch: BatchLengths | None = None  # the lengths assumed
+    params_source: str = "formula"  # 'formula' (from config.json) or 'meta' (counted by the engine)
 
     TERMS = (
         "base_weights",
@@ -309,9 +446,7 @@ def optimizer_bytes(shape: ModelShape, config: TrainConfig) -> int:
     if not config.optimizer.endswith("8bit"):
         return 8 * trainable_params(shape, config)
 
-    def states(n: int) -> int:
-        return 8 * n if n < BNB_8BIT_MIN_SIZE else 2 * n + 8 * math.ceil(n / BNB_8BIT_BLOCK)
-
+    states = states_8bit
     per_block = 0
     for lin in shape.targeted_layers(config.target_modules):
         per_block += states(config.lora_rank * lin.in_features) + states(config.lora_rank * lin.out_features)
@@ -355,19 +490,25 @@ def layer_activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, se
     return rows * seq * per_token + (rows * seq * seq * b if padded else 0) + constant
 
 
-def activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int) -> int:
+def activation_bytes(
+    shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int, trained: int | None = None
+) -> int:
     """Without checkpointing: L blocks, less the first block's first norm input (the embeddings are
     frozen, so nothing before it needs a gradient) + final norm (4h + 4 per token) + RoPE cos/sin
     (2*seq*head_dim*b).
     With checkpointing: each block's input (h*b per token) + final norm, the boolean padding mask the
     checkpoints hold to recompute the blocks (rows * seq^2 bytes, rows > 1), and one block recomputed
     in backward; that comes after the output head's backward, so it counts only by what it exceeds the
-    head's memory freed by then: max(0, block - logits_bytes(N))."""
+    head's memory freed by then: max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
+    DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear)."""
     tokens = rows * seq
     one = layer_activation_bytes(shape, config, rows, seq, b)
     final = tokens * (4 * shape.hidden_size + 4)
     if config.gradient_checkpointing:
-        recompute = max(0, one - logits_bytes(shape, rows * (seq - 1), b))
+        head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
+        if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
+            one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
+        recompute = max(0, one - head)
         mask = rows * seq * seq if rows > 1 else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     rope = 2 * seq * shape.head_dim * b
@@ -405,21 +546,40 @@ def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
     return 0
 
 
-def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: DeviceInfo) -> MemoryEstimate:
+def estimate_training_memory(
+    shape: ModelShape,
+    config: TrainConfig,
+    device: DeviceInfo,
+    lengths: DataLengths | None = None,
+    counts: ParamCounts | None = None,
+) -> MemoryEstimate:
     """Peak bytes of one training step on ``device``; every term's formula is in its function's docstring.
 
+    The batch is the longest the data can form (``batch_lengths``), or the worst case without ``lengths``.
     DPO runs chosen and rejected answers as one batch (2x the rows); its reference forward runs before the
     policy forward and adds nothing at the peak (see ``reference_bytes``). Gradients are counted in full although
     they appear only as backward frees activations (conservative by at most that term). Runtime overhead:
     the CUDA context (0.75 GiB) on a GPU, the Python/torch baseline (0.5 GiB) elsewhere; allocator slack:
-    10% of the tensors on CUDA and MPS for fragmentation.
+    10% of the tensors on CUDA and MPS for fragmentation. ``counts`` (the engine's parameter count for this
+    method) replace the formula's weights, adapters and optimizer states: exact for any architecture.
     """
     dtype = resolve_compute_dtype(config, device)
     b = DTYPE_BYTES[dtype]
-    rows = config.batch_size * (2 if config.objective == "dpo" else 1)
-    trained = rows * (config.max_length - 1)  # worst case: full rows, every token trained
-    trainable = trainable_params(shape, config)
+    batch = batch_lengths(config, lengths)
+    rows, seq, trained = batch.rows, batch.seq, batch.trained_tokens
     notes = [shape.note] if shape.note else []
+    if counts is not None:
+        trainable = counts.trainable_params
+        total_params = counts.total_params
+        base = meta_base_weight_bytes(counts, config.quantized, b)
+        optimizer = counts.optimizer_8bit_bytes if config.optimizer.endswith("8bit") else 8 * trainable
+        if shape.approximate:
+            notes = [f"{shape.architecture}: parameters counted exactly, activations approximated (Llama formula)"]
+    else:
+        trainable = trainable_params(shape, config)
+        total_params = shape.parameter_count + trainable
+        base = base_weight_bytes(shape, config.quantized, b)
+        optimizer = optimizer_bytes(shape, config)
     if shape.max_position_embeddings and config.max_length > shape.max_position_embeddings:
         notes.append(
             f"max_length {config.max_length} exceeds the model's context ({shape.max_position_embeddings} tokens)"
@@ -432,11 +592,11 @@ def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: Dev
     if config.objective == "dpo" and not config.precompute_reference:
         reference = reference_bytes(shape, trained, b)
     tensors = dict(
-        base_weights=base_weight_bytes(shape, config.quantized, b),
+        base_weights=base,
         adapter_weights=ADAPTER_BYTES * trainable,
         gradients=ADAPTER_BYTES * trainable,
-        optimizer_states=optimizer_bytes(shape, config),
-        activations=activation_bytes(shape, config, rows, config.max_length, b),
+        optimizer_states=optimizer,
+        activations=activation_bytes(shape, config, rows, seq, b, trained),
         logits=logits_bytes(shape, trained, b),
         reference_forward=reference,
     )
@@ -449,9 +609,23 @@ def estimate_training_memory(shape: ModelShape, config: TrainConfig, device: Dev
         trainable_params=trainable,
         compute_dtype=dtype,
         device_kind=device.kind,
-        approximate=shape.approximate,
+        approximate=shape.approximate and counts is None,
         notes=tuple(notes),
+        total_params=total_params,
+        batch=batch,
+        params_source="formula" if counts is None else counts.source,
     )
+
+
+def meta_base_weight_bytes(counts: ParamCounts, quantized: bool, dtype_bytes: int) -> int:
+    """The frozen base from counted parameters: (total - trainable) * b; with NF4 the quantisable weights
+    take n/2 + n/64 + 4*n/(64*256) bytes (the per-tensor code tables are left out: 1 KiB each)."""
+    frozen = counts.total_params - counts.trainable_params
+    if not quantized:
+        return frozen * dtype_bytes
+    n = counts.quantizable_params
+    blocks = math.ceil(n / NF4_BLOCK)
+    return n // 2 + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + (frozen - n) * dtype_bytes
 
 
 def fits(

@@ -39,6 +39,11 @@ METRIC_COLUMNS = {
     "time": float,
 }
 SCHEMA_VERSION = 1
+# Run columns added after schema 1, created on open where missing (older databases keep working).
+LATER_RUN_COLUMNS = {
+    "memory_estimate": str,  # core.memory_report.MemoryReport as JSON: the budget the run started with
+    "memory_reserved_peak_bytes": int,  # CUDA: the allocator's reserved peak (memory_peak_bytes: allocated)
+}
 
 
 def now() -> float:
@@ -76,6 +81,7 @@ class Store:
         if self.db.journal_mode != "wal":
             self.db.enable_wal()
         self._migrate()
+        self._add_later_columns()
 
     def close(self) -> None:
         self.db.conn.close()
@@ -140,6 +146,15 @@ class Store:
                 if_not_exists=True,
             )
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _add_later_columns(self) -> None:
+        have = set(self.db["runs"].columns_dict)
+        for name, kind in LATER_RUN_COLUMNS.items():
+            if name not in have:
+                try:
+                    self.db["runs"].add_column(name, kind)
+                except sqlite3.OperationalError:  # another process added it meanwhile
+                    pass
 
     # --- runs ---------------------------------------------------------------
     def create_run(

@@ -15,19 +15,9 @@ def add_adapters(base, config: TrainConfig):
     LoRA: ``W0 x + (alpha / r) * B A x`` with B = 0 at the start, so training starts from the base model.
     rsLoRA scales by ``alpha / sqrt(r)``. DoRA: ``m * (W0 + s B A) / ||W0 + s B A||_c``, the magnitude m trained.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = config.target_modules
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        use_dora=config.uses_dora,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
+    lora = lora_config(config)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -37,6 +27,23 @@ def add_adapters(base, config: TrainConfig):
 
         raise ConfigError("target_modules", f"{exc}") from None
     return model
+
+
+def lora_config(config: TrainConfig):
+    """PEFT's LoraConfig for ``config`` (also used to count parameters on the meta device)."""
+    from peft import LoraConfig
+
+    targets = config.target_modules
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        use_dora=config.uses_dora,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 The order is a stream of example positions: position p belongs to epoch ``p // n`` and is example
 ``perm(epoch)[p % n]``, with ``perm(epoch)`` a permutation seeded by ``seed + epoch``. A checkpoint stores only
-how many examples were consumed.
+how many examples were consumed. With ``first`` (the longest batch, ``engine.memory_budget.longest_batch``)
+epoch 0 starts with those examples, then the rest in the seeded order; a checkpoint stores ``first`` too.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class Sampler:
     """Yields lists of example indices; ``consumed`` is the resumable data position."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, consumed: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, consumed: int = 0, first: list[int] | None = None):
         self.n, self.batch_size, self.seed, self.consumed = n, batch_size, seed, consumed
+        self.first = list(first or [])
         self._epoch, self._order = -1, []
 
     @property
@@ -79,6 +81,9 @@ class Sampler:
             epoch, pos = divmod(self.consumed, self.n)
             if epoch != self._epoch:
                 self._epoch, self._order = epoch, epoch_order(self.n, self.seed, epoch)
+                if epoch == 0 and self.first:
+                    head = set(self.first)
+                    self._order = self.first + [i for i in self._order if i not in head]
             out.append(self._order[pos])
             self.consumed += 1
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ class TrainerState:
     step: int
     consumed: int  # examples consumed by the sampler
     run_id: str
+    first_batch: list = field(default_factory=list)  # the examples put first (longest batch first), if any
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -107,11 +107,37 @@ def cmd_model_info(args: argparse.Namespace, stream) -> int:
     try:
         folder = resolve_model(args.model, LoadOptions(allow_pickle=args.allow_pickle), progress=progress)
         info = describe(folder, name="SmolLM2-135M-Instruct (bundled)" if args.model == "default" else "")
+        if args.config:
+            info = _with_counts(info, folder, TrainConfig.load(args.config))
+        elif args.method:
+            adapters = dict(method=args.method, lora_rank=args.lora_rank, target_modules=args.target_modules.split(","))
+            info = _with_counts(info, folder, TrainConfig(**adapters))
+    except ConfigError as exc:
+        stream.write(ev.Failed(message=f"Invalid config: {exc}", kind="config").to_json() + "\n")
+        return 2
     except ModelError as exc:
         stream.write(ev.Failed(message=f"Model problem: {exc}", kind="model").to_json() + "\n")
         return 1
     stream.write(info.to_json() + "\n")
     return 0
+
+
+def _with_counts(info: ev.ModelReady, folder, config: TrainConfig) -> ev.ModelReady:
+    """``info`` with total and trainable parameters counted on the meta device for ``config``'s method."""
+    import dataclasses
+
+    from finetune_studio.core.memory import counts_key
+    from finetune_studio.engine.memory_budget import meta_param_counts
+
+    counts = meta_param_counts(folder, config, config.trust_remote_code)
+    return dataclasses.replace(
+        info,
+        total_params=counts.total_params,
+        trainable_params=counts.trainable_params,
+        quantizable_params=counts.quantizable_params,
+        optimizer_8bit_bytes=counts.optimizer_8bit_bytes,
+        counted_for=counts_key(config),
+    )
 
 
 def cmd_demo(rest: list[str]) -> int:
@@ -139,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("info", help="resolve (convert a GGUF once) and describe a model")
     mi.add_argument("model")
     mi.add_argument("--allow-pickle", action="store_true")
+    from finetune_studio.engine.estimate_cli import add_parser as add_estimate
+
+    add_estimate(sub)
+    mi.add_argument("--config", help="a run config: also count total and trainable parameters for its method")
+    mi.add_argument("--method", help="count total and trainable parameters for this method (lora, dora, ...)")
+    mi.add_argument("--lora-rank", type=int, default=16, help="with --method: the adapter rank")
+    mi.add_argument("--target-modules", default="all-linear", help="with --method: comma-separated targets")
     sub.add_parser("demo", help="train on the bundled demo task and print the score before and after", add_help=False)
     p = sub.add_parser("serve", help="the generation worker: JSON-line requests on stdin, replies on stdout")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: half the cores, 1 to 8)")
@@ -169,6 +202,10 @@ def main(argv: list[str]) -> int:
             from finetune_studio.engine.serve import main as serve_main
 
             return serve_main(args.threads, stream)
+        if args.command == "estimate":
+            from finetune_studio.engine.estimate_cli import cmd_estimate
+
+            return cmd_estimate(args, stream)
         return cmd_model_info(args, stream)
     except Exception as exc:
         logging.getLogger("finetune_studio.engine").exception("unexpected error")

@@ -24,7 +24,7 @@ from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id
-from finetune_studio.engine import adapters, checkpoint, dist_checkpoint, errors
+from finetune_studio.engine import adapters, checkpoint, dist_checkpoint, errors, memory_budget
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
@@ -90,6 +90,7 @@ def train_run(
 
     reporter = reporter or Reporter()
     stop = stop or StopFlag()
+    memory_budget.fix_malloc_threshold()  # CPU memory is then what the tensors need (see its docstring)
     main = ranks is None or ranks.is_main
     store = Store() if main else distributed.QuietStore()
     run_id = run_dir = None  # other ranks learn them from rank 0
@@ -127,6 +128,8 @@ def train_run(
         if ranks is not None:  # the launcher names the rank that failed first and marks the run
             distributed.record_failure(ranks.rank, kind, message, exc, recipe.step)
             raise TrainingFailed(RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)) from exc
+        with contextlib.suppress(Exception):
+            recipe.record_peak()
         store.update_run(run_id, status=RunStatus.FAILED, error=message, error_kind=kind, finished_at=time.time())
         reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
         result = RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)
@@ -170,6 +173,13 @@ class Recipe:
         self.model_folder = folder
         self.tokenizer = load_tokenizer(str(folder), options)
         self.train_examples, self.val_examples = self._prepare_data()
+        self.memory_report = memory_budget.run_report(
+            folder,
+            cfg,
+            memory_budget.device_info(self.device),  # free memory before the weights are loaded
+            self.train_examples,
+            trust_remote_code=cfg.trust_remote_code,
+        )
 
         self.reporter.progress("load", 0, 1, "Loading the model")
         base = load_causal_lm(
@@ -192,17 +202,19 @@ class Recipe:
         self.total_steps = math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps
         self.scheduler = adapters.make_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device == "cuda" else None
-        consumed = 0
+        consumed, first = 0, None
         if resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is not None:
                 state = self._load_checkpoint(ckpt)
-                self.step, consumed = state.step, state.consumed
+                self.step, consumed, first = state.step, state.consumed, state.first_batch
                 self.store.delete_metrics_after(self.run_id, self.step)
                 self.reporter.log(f"Resumed from {ckpt.name}")
             else:
                 self.reporter.log("No checkpoint yet: starting this run from step 0", "warning")
-        self.sampler = Sampler(n, cfg.batch_size, cfg.seed, consumed)
+        if first is None:  # a new run (a resumed one keeps its checkpoint's order: free memory may differ now)
+            first = self._longest_first()
+        self.sampler = Sampler(n, cfg.batch_size, cfg.seed, consumed, first)
         self.reference = self._precompute_reference() if self.dpo and cfg.precompute_reference else None
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -251,6 +263,19 @@ class Recipe:
         if self.module is not None and not last and hasattr(self.module, "no_sync"):
             return self.module.no_sync()
         return contextlib.nullcontext()
+
+    def _longest_first(self) -> list[int]:
+        """The longest batch's examples when they go first: 'on', or 'auto' when the estimate is within 15% of
+        the device's free memory (or over it)."""
+        cfg, report = self.config, self.memory_report
+        wanted = cfg.longest_batch_first == "on" or (
+            cfg.longest_batch_first == "auto" and report is not None and report.tight
+        )
+        if not wanted:
+            return []
+        first = memory_budget.longest_batch(self.train_examples, cfg.batch_size)
+        self.reporter.log(f"Training on the longest batch first (examples {first}), so memory is tested at step 1")
+        return first
 
     def _prepare_data(self) -> tuple[list, list]:
         cfg = self.config
@@ -385,12 +410,20 @@ class Recipe:
                 resumed_from_step=self.step,
                 trainable_params=trainable,
                 total_params=total,
-                memory_budget_bytes=self._memory_budget(),
+                memory_budget_bytes=self.memory_report.total_bytes if self.memory_report else 0,
                 memory_total_bytes=_device_total_memory(self.device),
                 world_size=self.ranks.world_size if self.ranks else 1,
             )
         )
         self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
+        if self.memory_report is not None:
+            budget = self.memory_report
+            self.reporter.log(f"Memory budget {budget.total_bytes / 2**30:.2f} GiB; {budget.lengths.description}")
+            self.store.update_run(
+                self.run_id,
+                memory_budget_bytes=self.memory_report.total_bytes,
+                memory_estimate=self.memory_report.to_json(),
+            )
         started = time.perf_counter()
         last_loss = None
         self.model.train()
@@ -454,28 +487,6 @@ class Recipe:
             self.evaluate()
         return self._finish(RunStatus.COMPLETED, last_loss)
 
-    def _memory_budget(self) -> int:
-        """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
-        from finetune_studio.core.devices import DeviceInfo
-        from finetune_studio.core.memory import ModelShape, estimate_training_memory
-
-        try:
-            shape = ModelShape.from_model_dir(self.model_folder)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("no memory estimate for this model: %s", exc)
-            return 0
-        total = _device_total_memory(self.device)
-        bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
-        device = DeviceInfo(
-            kind=self.device, name=self.device, total_bytes=total, free_bytes=total, bf16_supported=bf16
-        )
-        if self.ranks is not None:
-            from finetune_studio.core.memory_parallel import estimate_per_process_memory
-
-            n, how = self.ranks.world_size, self.ranks.parallelism
-            return estimate_per_process_memory(shape, self.config, device, n, how).total_bytes
-        return estimate_training_memory(shape, self.config, device).total_bytes
-
     def _reward_stats(self, totals: dict, pairs: int) -> dict:
         if not self.dpo:
             return {}
@@ -514,7 +525,9 @@ class Recipe:
 
     # --- checkpoint and clean-up ------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = checkpoint.TrainerState(step=self.step, consumed=self.sampler.consumed, run_id=self.run_id)
+        state = checkpoint.TrainerState(
+            step=self.step, consumed=self.sampler.consumed, run_id=self.run_id, first_batch=self.sampler.first
+        )
         if self.ranks is not None:
             path = dist_checkpoint.save_checkpoint(
                 self.run_dir, self.module, self.model, self.optimizer, self.scheduler, state, self.ranks, self.scaler
@@ -525,6 +538,14 @@ class Recipe:
             )
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
+
+    def record_peak(self) -> None:
+        """The run's measured peak beside its estimate: CUDA allocated and reserved, or the CPU resident peak."""
+        device = getattr(self, "device", None)
+        if device is None:
+            return
+        peak = memory_budget.measured_peak(device)
+        self.store.update_run(self.run_id, memory_peak_bytes=peak.allocated, memory_reserved_peak_bytes=peak.reserved)
 
     def _finish(self, status: RunStatus, last_loss: float | None, note: str = "") -> RunResult:
         adapter_dir = None
@@ -541,6 +562,7 @@ class Recipe:
                 os.replace(tmp, adapter_dir)
         if note:
             self.reporter.log(note)
+        self.record_peak()
         self.store.update_run(
             self.run_id,
             status=status,

@@ -15,7 +15,9 @@ from PySide6.QtCore import QObject, Signal
 
 from finetune_studio.core import memory
 from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.dataset_report import DatasetReport
 from finetune_studio.core.devices import DeviceInfo, best_device
+from finetune_studio.core.memory_report import memory_report
 from finetune_studio.studio.state import MemoryEstimate
 
 LABELS = {
@@ -58,7 +60,30 @@ def model_shape(spec: str, model_info) -> memory.ModelShape | None:
     return memory.ModelShape.for_model_spec(spec) if spec else None
 
 
-def estimate(config: TrainConfig | None, model_info, device: DeviceInfo | None) -> MemoryEstimate:
+def data_lengths(dataset_info: DatasetReport | None) -> memory.DataLengths | None:
+    """The longest rows from the dataset panel's report (``engine data inspect --json``), if it has them."""
+    if dataset_info is None or dataset_info.tokens is None:
+        return None
+    return memory.DataLengths.from_token_stats(dataset_info.tokens, dataset_info.rows)
+
+
+def counted_params(config: TrainConfig, model_info) -> memory.ParamCounts | None:
+    """The engine's meta-device count (``model info --config``) when it was made for this method."""
+    if getattr(model_info, "counted_for", "") != memory.counts_key(config) or not getattr(
+        model_info, "total_params", 0
+    ):
+        return None
+    return memory.ParamCounts(
+        model_info.total_params,
+        model_info.trainable_params,
+        model_info.quantizable_params,
+        model_info.optimizer_8bit_bytes,
+    )
+
+
+def estimate(
+    config: TrainConfig | None, model_info, device: DeviceInfo | None, dataset_info: DatasetReport | None = None
+) -> MemoryEstimate:
     if config is None:
         return MemoryEstimate(note="Fix the settings marked in red to see the memory estimate.")
     if device is None:
@@ -70,18 +95,20 @@ def estimate(config: TrainConfig | None, model_info, device: DeviceInfo | None) 
             device_total_bytes=device.available_bytes,
             note="No estimate until the model is known; the engine reports its budget when the run starts.",
         )
+    lengths = data_lengths(dataset_info) if config.dataset else None
     try:
-        est = memory.estimate_training_memory(shape, config, device)
-        verdict = memory.fits(est, device, config=config)
+        report = memory_report(shape, config, device, lengths, counted_params(config, model_info))
     except Exception as exc:
         return MemoryEstimate(note=f"No estimate for this set-up ({exc}).")
-    parts = {LABELS.get(k, k): v for k, v in est.terms.items() if v}
-    notes = "; ".join(est.notes)
+    parts = {LABELS.get(k, k): v for k, v in report.terms.items() if v}
+    notes = "; ".join(report.notes)
+    change = f" Cheapest change: {report.cheapest_change}." if report.cheapest_change else ""
     return MemoryEstimate(
-        est.total_bytes,
+        report.total_bytes,
         parts,
         device.name,
         device.available_bytes,
-        verdict.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else ""),
-        fits=verdict.fits,
+        report.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else "") + change,
+        fits=report.verdict != "does not fit",
+        lengths=report.lengths.description[:1].upper() + report.lengths.description[1:] + ".",
     )

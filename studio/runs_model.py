@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 
-from finetune_studio.studio.state import format_duration
+from finetune_studio.core.memory_report import MemoryReport
+from finetune_studio.studio.state import format_bytes, format_duration
 
 COLUMNS = (
     ("name", "Run"),
@@ -21,6 +22,9 @@ COLUMNS = (
     ("final_loss", "Final loss"),
     ("eval_loss", "Eval loss"),
     ("created_at", "Created"),
+    ("memory_budget_bytes", "Memory estimate"),
+    ("memory_peak_bytes", "Measured peak"),
+    ("memory_error", "Estimate error"),
 )
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 2
@@ -30,6 +34,34 @@ def duration(run: dict) -> float | None:
     start = run.get("started_at") or run.get("created_at")
     end = run.get("finished_at") or (time.time() if run.get("status") == "running" else run.get("updated_at"))
     return (end - start) if start and end else None
+
+
+def memory_error(run: dict) -> float | None:
+    """(estimate - measured peak) / measured peak: positive when the estimate was high; None before a peak."""
+    budget, peak = run.get("memory_budget_bytes"), run.get("memory_peak_bytes")
+    if not budget or not peak:
+        return None
+    return (budget - peak) / peak
+
+
+def memory_tooltip(run: dict) -> str | None:
+    """What the estimate assumed and what was measured (CUDA: allocated and reserved; CPU: resident peak)."""
+    text = run.get("memory_estimate")
+    if not text:
+        return None
+    try:
+        report = MemoryReport.from_json(text)
+    except (ValueError, TypeError, KeyError):
+        return None
+    lines = [f"Estimate {format_bytes(report.total_bytes)}: {report.lengths.description}"]
+    lines += [f"  {name} {format_bytes(value)}" for name, value in report.components.items()]
+    peak, reserved = run.get("memory_peak_bytes"), run.get("memory_reserved_peak_bytes")
+    if peak:
+        how = "allocator peak" if report.device_kind == "cuda" else "resident peak of the engine process"
+        lines.append(
+            f"Measured {format_bytes(peak)} ({how})" + (f", reserved {format_bytes(reserved)}" if reserved else "")
+        )
+    return "\n".join(lines)
 
 
 class RunsModel(QAbstractTableModel):
@@ -61,13 +93,15 @@ class RunsModel(QAbstractTableModel):
         if role == RUN_ID_ROLE:
             return run["id"]
         if role == SORT_ROLE:
-            value = duration(run) if key == "duration" else run.get(key)
+            value = duration(run) if key == "duration" else memory_error(run) if key == "memory_error" else run.get(key)
             return -1e300 if value is None else value if isinstance(value, (int, float)) else str(value).lower()
         if role == Qt.ItemDataRole.ToolTipRole:
             if key in ("model", "dataset"):
                 return run.get(key) or None
             if key == "status" and run.get("error"):
                 return run["error"]
+            if key in ("memory_budget_bytes", "memory_peak_bytes", "memory_error"):
+                return memory_tooltip(run)
             return None
         if role != Qt.ItemDataRole.DisplayRole:
             return None
@@ -81,6 +115,11 @@ class RunsModel(QAbstractTableModel):
         if key == "step":
             total = run.get("total_steps")
             return f"{value or 0} / {total}" if total else str(value or 0)
+        if key in ("memory_budget_bytes", "memory_peak_bytes"):
+            return format_bytes(value) if value else ""
+        if key == "memory_error":
+            err = memory_error(run)
+            return "" if err is None else f"{err:+.1%}"
         if key == "created_at":
             return time.strftime("%Y-%m-%d %H:%M", time.localtime(value)) if value else ""
         if key in ("method", "objective"):

@@ -208,6 +208,7 @@ class MemoryEstimate:
     device_total_bytes: int = 0
     note: str = ""  # the verdict ("Needs ~1.2 GiB of 16 GiB — fits"), why there is no estimate, or a warning
     fits: bool = True
+    lengths: str = ""  # the batch the estimate assumes: fitted to the data, or the worst case
 
 
 class MemoryState(Observable):

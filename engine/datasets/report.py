@@ -7,6 +7,7 @@ exactly what it will mean in training. Everything else (length bias in character
 from __future__ import annotations
 
 from finetune_studio.core.dataset_report import LengthBias, LengthStats, TokenStats
+from finetune_studio.core.memory import LONGEST_KEPT
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
 
@@ -49,10 +50,14 @@ def token_report(
 
     measured = examples[:limit] if limit else examples
     lengths, trained, chosen_len, rejected_len = [], [], [], []
+    row_lengths, row_trained = [], []  # per batch row, untruncated
     over = empty = diff_cut = failures = 0
     for ex in measured:
         try:
             full = tokenize_example(tokenizer, ex, UNLIMITED, loss_on)
+            rows = (full.chosen, full.rejected) if isinstance(ex, PreferencePair) else (full,)
+            row_lengths += [len(r.input_ids) for r in rows]
+            row_trained += [r.trained_tokens for r in rows]
             if isinstance(ex, PreferencePair):
                 n = max(len(full.chosen.input_ids), len(full.rejected.input_ids))
                 chosen_len.append(len(full.chosen.input_ids) - full.prompt_tokens)
@@ -102,6 +107,8 @@ def token_report(
         diff_cut,
         failures,
         bias,
+        tuple(sorted(row_lengths, reverse=True)[:LONGEST_KEPT]),
+        tuple(sorted(row_trained, reverse=True)[:LONGEST_KEPT]),
     )
 
 

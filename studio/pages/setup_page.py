@@ -174,7 +174,7 @@ class SetupPage(QWidget):
         self.state.load(preset.config)
 
     def _on_state(self, topic: str) -> None:
-        if topic == "model":
+        if topic in ("model", "dataset"):
             self._estimate_timer.start()
         if topic != "errors":
             return
@@ -195,13 +195,16 @@ class SetupPage(QWidget):
         self._update_estimate()
 
     def _update_estimate(self) -> None:
-        self.memory.set_estimate(estimate.estimate(self.state.config, self.state.model_info, self.device))
+        st = self.state
+        self.memory.set_estimate(estimate.estimate(st.config, st.model_info, self.device, st.dataset_info))
 
     def shutdown(self) -> None:
         """Stop pending look-ups and kill running ones (the window is closing)."""
         for panel in (self.model_panel, self.dataset_panel):
             panel._debounce.stop()
             panel.job.cancel()
+        self.model_panel._count_debounce.stop()
+        self.model_panel.count_job.cancel()
         self._estimate_timer.stop()
 
     def request_start(self) -> None:

@@ -91,6 +91,8 @@ class MemoryPanel(QGroupBox):
                 f"Needs about <b>{format_bytes(est.total_bytes)}</b>"
                 + (f" of {format_bytes(est.device_total_bytes)}" if est.device_total_bytes else "")
             )
+        if est.lengths:
+            lines.append(f"<small>{html.escape(est.lengths)}</small>")
         if est.device_name:
             lines.append(f"Device: {html.escape(est.device_name)}")
         if st.used_bytes or st.peak_bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from PySide6.QtCore import QTimer
@@ -18,6 +19,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core import memory
+from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.events import ModelReady, Progress
 from finetune_studio.studio.jobs import EngineJob
 from finetune_studio.studio.model_info import describe_folder, format_count, local_folder
@@ -79,6 +82,14 @@ class ModelPanel(QGroupBox):
         lay.addLayout(grid)
         self._debounce = QTimer(self, singleShot=True, interval=300)
         self._debounce.timeout.connect(self.resolve)
+        # Parameters counted by the engine (on the meta device) for models the formula does not know,
+        # cached per (folder, method, rank, targets): the memory estimate then uses exact counts.
+        self.counts: dict[tuple[str, str], ModelReady] = {}
+        self.count_job = EngineJob(self)
+        self.count_job.done.connect(self._on_counts)
+        self.count_job.failed.connect(lambda _msg: None)  # the estimate keeps the formula
+        self._count_debounce = QTimer(self, singleShot=True, interval=500)
+        self._count_debounce.timeout.connect(self.count_parameters)
         state.subscribe(self._on_state)
         self._show()
 
@@ -106,6 +117,68 @@ class ModelPanel(QGroupBox):
             self._debounce.start()
         elif topic == "model":
             self._show()
+            self._count_debounce.start()
+        elif topic in ("values:method", "values:lora_rank", "values:target_modules"):
+            self._count_debounce.start()
+
+    # --- exact parameter counts ------------------------------------------------------
+    def _adapters(self) -> TrainConfig | None:
+        """The method, rank and targets chosen (the rest of the form need not be valid yet)."""
+        values, errors = self.state.typed_values()
+        names = ("method", "lora_rank", "target_modules")
+        if any(n in errors for n in names):
+            return None
+        try:
+            return TrainConfig.from_dict({n: values[n] for n in names})
+        except ConfigError:
+            return None
+
+    def _counts_wanted(self) -> tuple[str, str] | None:
+        """(folder, key) when the model's folder is known, the formula cannot count it and the adapters are valid."""
+        info, config = self.state.model_info, self._adapters()
+        path = getattr(info, "path", "")
+        if not path or config is None or not (Path(path) / "config.json").is_file():
+            return None
+        try:
+            if memory.ModelShape.from_model_dir(path).formula_counts_exactly:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return path, memory.counts_key(config)
+
+    def count_parameters(self) -> None:
+        wanted = self._counts_wanted()
+        if wanted is None or getattr(self.state.model_info, "counted_for", "") == wanted[1]:
+            return
+        if wanted in self.counts:
+            self._apply_counts(self.counts[wanted])
+            return
+        config = self._adapters()
+        assert config is not None
+        self.count_job.run(
+            "model",
+            "info",
+            wanted[0],
+            "--method",
+            config.method,
+            "--lora-rank",
+            str(config.lora_rank),
+            "--target-modules",
+            ",".join(config.target_modules),
+        )
+
+    def _on_counts(self, result) -> None:
+        if isinstance(result, ModelReady) and result.counted_for:
+            self.counts[(result.path, result.counted_for)] = result
+            self._apply_counts(result)
+            self._count_debounce.start()  # the settings may have changed meanwhile
+
+    def _apply_counts(self, counted: ModelReady) -> None:
+        info = self.state.model_info
+        if info is None or Path(info.path).resolve() != Path(counted.path).resolve():
+            return
+        fields = ("total_params", "trainable_params", "quantizable_params", "optimizer_8bit_bytes", "counted_for")
+        self.state.set_model_info(dataclasses.replace(info, **{f: getattr(counted, f) for f in fields}))
 
     # --- resolving -----------------------------------------------------------------
     def resolve(self) -> None:
