@@ -177,8 +177,8 @@ def test_token_report_keeps_the_longest_rows(tiny_model_dir):
     report = token_report(examples, tok, 16, "assistant", ProblemLog())
     full = [tokenize_example(tok, ex, 10**6) for ex in examples]
     rows = sorted((len(r.input_ids) for p in full for r in (p.chosen, p.rejected)), reverse=True)
-    assert report.longest_rows == rows  # both sides of every pair, before truncation, longest first
-    assert len(report.most_trained_rows) == 24 and report.to_dict()["longest_rows"] == rows
+    assert report.longest_rows == tuple(rows)  # both sides of every pair, before truncation, longest first
+    assert len(report.most_trained_rows) == 24 and list(report.to_dict()["longest_rows"]) == rows
 
 
 def _engine(*args: str, home: Path, timeout: int = 240) -> subprocess.CompletedProcess:
