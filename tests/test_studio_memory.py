@@ -15,7 +15,9 @@ from finetune_studio.studio import estimate
 from finetune_studio.studio.runs_model import COLUMNS, RunsModel
 
 CPU = DeviceInfo("cpu", "Test CPU", 16 * GIB, 12 * GIB, True)
-TOKENS = TokenStats(512, 400, None, None, 0, 0, 0, 0, (126, 120, 118, 110, 90), (30,) * 5)
+TOKENS = TokenStats(
+    512, 400, None, None, 0, 0, 0, 0, longest_rows=(126, 120, 118, 110, 90), most_trained_rows=(30,) * 5
+)
 REPORT = DatasetReport(file="demo.jsonl", format="messages", kind="sft", rows=400, tokens=TOKENS)  # as parsed
 
 
