@@ -20,11 +20,18 @@ import sys
 from pathlib import Path
 
 from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
-from finetune_studio.engine.datasets.loader import load_dataset, open_dataset
+from finetune_studio.engine.datasets.loader import open_dataset
 from finetune_studio.engine.datasets.preview import marked_text, preview_example
 from finetune_studio.engine.datasets.problems import ProblemLog
-from finetune_studio.engine.datasets.report import char_length_bias, template_warnings, token_report, warn_length_bias
-from finetune_studio.engine.datasets.schema import DatasetError, Problem
+from finetune_studio.engine.datasets.report import (
+    LengthBias,
+    answer_chars,
+    template_warnings,
+    token_report,
+    uses_tools,
+    warn_length_bias,
+)
+from finetune_studio.engine.datasets.schema import DatasetError, PreferencePair, Problem
 
 STATS_LIMIT = 20000  # rows tokenised for the statistics
 
@@ -126,7 +133,9 @@ def load_tokenizer(model: str):
 
 
 def cmd_inspect(args) -> int:
-    ds = load_dataset(args.file, _mapping(args.mapping))
+    # One pass over a stream: only the rows measured for the statistics (cut to what max_length can reach) and
+    # the preview row are kept, so memory does not grow with the file.
+    stream = open_dataset(args.file, _mapping(args.mapping), max_length=args.max_length)
     log = ProblemLog()
     try:
         tokenizer = load_tokenizer(args.model)
@@ -137,27 +146,42 @@ def cmd_inspect(args) -> int:
             level="note",
             kind="no tokenizer",
         )
+    measured, chosen_chars, rejected_chars = [], [], []
+    preview = with_tools = None
+    for i, ex in enumerate(stream, 1):
+        if len(measured) < args.stats_limit:
+            measured.append(ex)
+        if i <= max(args.row, 1):
+            preview = ex
+        if with_tools is None and uses_tools(ex):
+            with_tools = ex
+        if isinstance(ex, PreferencePair):
+            chosen_chars.append(answer_chars(ex.chosen))
+            rejected_chars.append(answer_chars(ex.rejected))
+    if preview is None:
+        stream.result([])  # raises the reader's own explanation
+    rows = stream.usable
     stats: dict = {"length_bias": None}
-    bias = char_length_bias(ds.examples)
+    bias = LengthBias.of("characters", chosen_chars, rejected_chars)
     if tokenizer is not None:
-        template_warnings(ds.examples, tokenizer, log)
-        tokens = token_report(ds.examples, tokenizer, args.max_length, args.loss_on, log, args.stats_limit)
+        template_warnings([with_tools] if with_tools else [], tokenizer, log)
+        tokens = token_report(measured, tokenizer, args.max_length, args.loss_on, log)
         stats.update(model=args.model, max_length=args.max_length, loss_on=args.loss_on, tokens=tokens.to_dict())
         bias = tokens.length_bias or bias
-        if tokens.measured < len(ds.examples):
-            log.add(f"token statistics cover the first {tokens.measured} of {len(ds.examples)} rows", level="note")
+        if tokens.measured < rows:
+            log.add(f"token statistics cover the first {tokens.measured} of {rows} rows", level="note")
     stats["length_bias"] = bias.__dict__ if bias else None
     warn_length_bias(bias, log)
-    example = _example(ds.examples, args, tokenizer, log)
+    example = _example(preview, args, tokenizer, log)
     result = {
         "ok": True,
         "file": str(args.file),
-        "format": ds.format,
-        "kind": ds.kind,
-        "rows": len(ds.examples),
-        "rows_read": ds.rows_read,
-        "dropped": ds.dropped,
-        "problems": [p.to_dict() for p in ds.problems + log.problems()],
+        "format": stream.format,
+        "kind": stream.kind,
+        "rows": rows,
+        "rows_read": rows + sum(stream.log.dropped.values()),
+        "dropped": dict(stream.log.dropped),
+        "problems": [p.to_dict() for p in stream.log.problems() + log.problems()],
         "stats": stats,
         "example": example,
     }
@@ -168,15 +192,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _example(examples: list, args, tokenizer, log: ProblemLog) -> dict:
+def _example(example, args, tokenizer, log: ProblemLog) -> dict:
     from finetune_studio.engine.render import RenderError
 
-    index = min(max(args.row, 1), len(examples)) - 1
     try:
-        return preview_example(examples[index], tokenizer, args.max_length, args.loss_on)
+        return preview_example(example, tokenizer, args.max_length, args.loss_on)
     except RenderError as exc:
-        log.add(f"the preview row cannot be rendered: {exc}", examples[index].source_line)
-        return preview_example(examples[index])
+        log.add(f"the preview row cannot be rendered: {exc}", example.source_line)
+        return preview_example(example)
 
 
 def cmd_convert(args) -> int:

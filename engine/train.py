@@ -173,7 +173,7 @@ class Recipe:
         self.reporter.progress("data", 0, 1, f"Reading {Path(cfg.dataset).name}")
         if not cfg.dataset:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
-        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None)
+        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None, max_length=cfg.max_length)
         for problem in data.problems[:20]:
             self.reporter.log(
                 f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",

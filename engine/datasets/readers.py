@@ -24,6 +24,7 @@ SUPPORTED = "JSON Lines (.jsonl), JSON (.json), CSV (.csv), TSV (.tsv), Parquet 
 MALFORMED = "malformed row"
 _CHUNK = 1 << 20
 _MAX_ELEMENT = 256 << 20  # one JSON list element larger than this is refused
+MAX_LINE = 64 << 20  # a text line longer than this is dropped unread: no training row needs it
 _WRAPPER_KEYS = ("data", "train", "rows", "examples", "instances", "records")
 
 
@@ -94,10 +95,34 @@ def _utf8_error(name: str, data: bytes, exc: UnicodeDecodeError, line_base: int)
     )
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(fh, path: Path, log: ProblemLog | None) -> Iterator[bytes]:
+    """The file's lines; one longer than MAX_LINE is skipped without being held, recorded, and read as ''."""
+    lineno = 0
+    while True:
+        raw = fh.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            size = len(raw)
+            while raw and not raw.endswith(b"\n"):
+                raw = fh.readline(_CHUNK)
+                size += len(raw)
+            if log is not None:
+                log.drop(
+                    f"line is {size / (1 << 20):.0f} MiB long (more than {MAX_LINE >> 20} MiB): left out unread",
+                    lineno,
+                    file=str(path),
+                    kind="lines too long to read",
+                )
+            raw = b"\n"
+        yield raw
+
+
+def _text_lines(path: Path, log: ProblemLog | None = None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) pairs; invalid UTF-8 raises a DatasetError naming the line."""
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(_lines(fh, path, log), 1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[3:]
             try:
@@ -108,7 +133,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_jsonl(path: Path, log: ProblemLog) -> Iterator[Row]:
     """One JSON object per line; blank lines are skipped, malformed lines recorded and skipped."""
-    for lineno, line in _text_lines(path):
+    for lineno, line in _text_lines(path, log):
         if not line.strip():
             continue
         try:
@@ -308,7 +333,7 @@ def read_delimited(path: Path, log: ProblemLog, delimiter: str = ",") -> Iterato
     """CSV or TSV with a header row naming the columns; each following record becomes a row."""
     what = "TSV" if delimiter == "\t" else "CSV"
     csv.field_size_limit(2**31 - 1)
-    lines = _text_lines(path)
+    lines = _text_lines(path, log)
     reader = csv.reader((text for _n, text in lines), delimiter=delimiter)
     try:
         header = next(reader, None)

@@ -1,0 +1,77 @@
+"""Hostile data files: one very long row, deeply nested JSON, an unterminated CSV quote (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from finetune_studio.engine.datasets import load_dataset
+from finetune_studio.engine.datasets.bound import char_budget
+
+MIB = 1024 * 1024
+# Runs the engine's inspect as its only child and prints that child's peak resident memory (kB on Linux).
+_MEASURE = (
+    "import resource, subprocess, sys\n"
+    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "sys.stderr.write(r.stderr)\n"
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.stdout.write(r.stdout)\n"
+)
+
+
+def _long_row_file(path, mib: int):
+    filler = ("lorem ipsum dolor sit amet " * (mib * MIB // 27 + 1))[: mib * MIB]
+    rows = [
+        {"instruction": "Summarise this.", "input": filler, "output": "A long text."},
+        {"instruction": "Say hi.", "output": "hi"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_one_long_row_is_cut_before_tokenising_within_a_memory_bound(tmp_path, tiny_model_dir):
+    path = _long_row_file(tmp_path / "long.jsonl", 30)
+    argv = [sys.executable, "-P", "-m", "finetune_studio.engine", "data", "inspect", str(path), "--json"]
+    argv += ["--model", str(tiny_model_dir), "--max-length", "128"]
+    run = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, timeout=300)
+    head, _, out = run.stdout.partition("\n")
+    code, peak_kb = map(int, head.split())
+    peak_mib = peak_kb / 1024
+    print(f"data inspect of a {path.stat().st_size / MIB:.0f} MiB row: peak RSS {peak_mib:.0f} MiB")
+    assert code == 0, run.stderr[-2000:]
+    report = json.loads(out)
+    assert report["rows"] == 2
+    cut = [p for p in report["problems"] if "cut to" in p["message"]]
+    assert cut and cut[0]["line"] == 1, report["problems"]
+    assert report["stats"]["tokens"]["over_max_length"] == 1
+    # The row alone is 30 MiB; holding it a few times over is fine, tokenising it whole (GBs) is not.
+    assert peak_mib < 1500, f"peak {peak_mib:.0f} MiB"
+
+
+def test_cut_keeps_the_start_of_answers_and_the_end_of_prompts(tmp_path):
+    budget = char_budget(64)
+    long_prompt = "p" * (3 * budget) + "END"
+    long_answer = "START" + "a" * (3 * budget)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": long_prompt, "chosen": long_answer, "rejected": "no"}) + "\n")
+    ds = load_dataset(path, max_length=64)
+    pair = ds.examples[0]
+    assert pair.prompt[-1].content.endswith("END") and len(pair.prompt[-1].content) <= budget
+    assert pair.chosen[-1].content.startswith("START") and len(pair.chosen[-1].content) <= budget
+    assert pair.rejected[-1].content == "no"
+    assert any("cut to" in p.message and p.line == 1 for p in ds.problems)
+    # Without max_length nothing is cut.
+    assert load_dataset(path).examples[0].prompt[-1].content == long_prompt
+
+
+def test_a_line_too_long_to_read_is_dropped_with_its_number(tmp_path, monkeypatch):
+    from finetune_studio.engine.datasets import readers
+
+    monkeypatch.setattr(readers, "MAX_LINE", 1000)
+    path = tmp_path / "huge.jsonl"
+    rows = [{"text": "short"}, {"text": "x" * 5000}, {"text": "after"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(path)
+    assert [ex.text for ex in ds.examples] == ["short", "after"]
+    assert [p.line for p in ds.problems if p.level == "dropped"] == [2]
