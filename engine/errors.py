@@ -37,6 +37,7 @@ def oom_message(config: TrainConfig | None, step: int) -> str:
 def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple[str, str]:
     """(kind, message) for a ``failed`` event."""
     from finetune_studio.engine.datasets.schema import DatasetError
+    from finetune_studio.engine.guard import MemoryGuardError
     from finetune_studio.engine.models import ModelError
     from finetune_studio.engine.render import RenderError
 
@@ -44,6 +45,8 @@ def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple
         return "config", f"Invalid config: {exc}"
     if isinstance(exc, (DatasetError, DataError, RenderError)):
         return "data", f"Dataset problem: {exc}"
+    if isinstance(exc, MemoryGuardError):
+        return "oom", str(exc)
     if isinstance(exc, ModelError):
         return "model", f"Model problem: {exc}"
     if isinstance(exc, FileNotFoundError):

@@ -23,7 +23,7 @@ from finetune_studio.core import events as ev
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.store import Store, new_run_id
-from finetune_studio.engine import adapters, checkpoint, errors
+from finetune_studio.engine import adapters, checkpoint, errors, guard
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
@@ -137,6 +137,9 @@ class Recipe:
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
         self.model_folder = folder
+        verdict = guard.check_before_start(cfg, folder, self.device)
+        if verdict:
+            self.reporter.log(f"Memory: {verdict}")
         self.tokenizer = load_tokenizer(str(folder), options)
         self.train_examples, self.val_examples = self._prepare_data()
 
