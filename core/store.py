@@ -38,7 +38,7 @@ METRIC_COLUMNS = {
     "eval_loss": float,
     "time": float,
 }
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.pid_start, the engine process's start time (a pid alone can be reused)
 
 
 def now() -> float:
@@ -50,7 +50,29 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def pid_alive(pid: int | None) -> bool:
+def process_start(pid: int | None) -> str:
+    """What tells process ``pid`` apart from a later process given the same pid: its start time ('' when
+    unknown). Linux: the boot id and field 22 of /proc/<pid>/stat (clock ticks since boot); elsewhere
+    psutil's create time when psutil is installed."""
+    if not pid:
+        return ""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        ticks = stat[stat.rindex(")") + 2 :].split()[19]  # fields from 3 (state) on; starttime is field 22
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{ticks}"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return f"psutil:{psutil.Process(int(pid)).create_time():.3f}"
+    except Exception:  # no psutil, or no such process
+        return ""
+
+
+def pid_alive(pid: int | None, start: str | None = None) -> bool:
+    """Whether process ``pid`` lives and, when its recorded ``start`` is given, is still that same process."""
     if not pid:
         return False
     try:
@@ -58,10 +80,40 @@ def pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    except OSError:
+        return False
+    if start:
+        now_start = process_start(pid)
+        if now_start and now_start != start:
+            return False  # the pid was reused by another process
+    return True
+
+
+def signal_process(pid: int | None, start: str | None, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still the process recorded with ``start``; False when it is gone.
+    On Linux a pidfd pins the process between the check and the signal, so no unrelated process is hit."""
+    import signal as _signal
+
+    if not pid_alive(pid, start):
+        return False
+    try:
+        fd = os.pidfd_open(int(pid))
+    except (AttributeError, OSError):  # not Linux, or an old kernel: check-then-kill
+        try:
+            os.kill(int(pid), sig)
+        except OSError:
+            return False
+        return True
+    try:
+        if not pid_alive(pid, start):
+            return False
+        _signal.pidfd_send_signal(fd, sig)
         return True
     except OSError:
         return False
-    return True
+    finally:
+        os.close(fd)
 
 
 class Store:
@@ -86,60 +138,65 @@ class Store:
         if version >= SCHEMA_VERSION:
             return
         with self.db.conn:
-            self.db["runs"].create(
-                {
-                    "id": str,
-                    "name": str,
-                    "status": str,
-                    "model": str,
-                    "dataset": str,
-                    "method": str,
-                    "objective": str,
-                    "config": str,
-                    "run_dir": str,
-                    "pid": int,
-                    "device": str,
-                    "created_at": float,
-                    "started_at": float,
-                    "updated_at": float,
-                    "finished_at": float,
-                    "step": int,
-                    "total_steps": int,
-                    "final_loss": float,
-                    "eval_loss": float,
-                    "error": str,
-                    "error_kind": str,
-                    "adapter_dir": str,
-                    "memory_budget_bytes": int,
-                    "memory_peak_bytes": int,
-                    "parent_run_id": str,
-                },
-                pk="id",
-                not_null={"status", "config"},
-                defaults={"status": "created", "step": 0},
-                if_not_exists=True,
-            )
-            self.db["metrics"].create(
-                {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
-                pk=("run_id", "kind", "step"),
-                foreign_keys=[("run_id", "runs", "id")],
-                if_not_exists=True,
-            )
-            self.db["preference_pairs"].create(
-                {
-                    "id": int,
-                    "prompt": str,
-                    "chosen": str,
-                    "rejected": str,
-                    "source": str,
-                    "created_at": float,
-                    "updated_at": float,
-                    "note": str,
-                },
-                pk="id",
-                if_not_exists=True,
-            )
+            self._create_tables()
+            if "pid_start" not in self.db["runs"].columns_dict:
+                self.db["runs"].add_column("pid_start", str)
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _create_tables(self) -> None:
+        self.db["runs"].create(
+            {
+                "id": str,
+                "name": str,
+                "status": str,
+                "model": str,
+                "dataset": str,
+                "method": str,
+                "objective": str,
+                "config": str,
+                "run_dir": str,
+                "pid": int,
+                "device": str,
+                "created_at": float,
+                "started_at": float,
+                "updated_at": float,
+                "finished_at": float,
+                "step": int,
+                "total_steps": int,
+                "final_loss": float,
+                "eval_loss": float,
+                "error": str,
+                "error_kind": str,
+                "adapter_dir": str,
+                "memory_budget_bytes": int,
+                "memory_peak_bytes": int,
+                "parent_run_id": str,
+            },
+            pk="id",
+            not_null={"status", "config"},
+            defaults={"status": "created", "step": 0},
+            if_not_exists=True,
+        )
+        self.db["metrics"].create(
+            {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
+            pk=("run_id", "kind", "step"),
+            foreign_keys=[("run_id", "runs", "id")],
+            if_not_exists=True,
+        )
+        self.db["preference_pairs"].create(
+            {
+                "id": int,
+                "prompt": str,
+                "chosen": str,
+                "rejected": str,
+                "source": str,
+                "created_at": float,
+                "updated_at": float,
+                "note": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
 
     # --- runs ---------------------------------------------------------------
     def create_run(
@@ -198,7 +255,7 @@ class Store:
     @staticmethod
     def _with_liveness(row: dict) -> dict:
         """A run marked running whose process is gone was interrupted (crash, kill, power cut)."""
-        if row.get("status") == "running" and not pid_alive(row.get("pid")):
+        if row.get("status") == "running" and not pid_alive(row.get("pid"), row.get("pid_start")):
             row = dict(row, status="interrupted")
         return row
 

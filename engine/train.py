@@ -22,7 +22,7 @@ import torch
 from finetune_studio.core import events as ev
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
-from finetune_studio.core.store import Store, new_run_id
+from finetune_studio.core.store import Store, new_run_id, process_start
 from finetune_studio.engine import adapters, checkpoint, errors, guard
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
@@ -99,7 +99,15 @@ def train_run(
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
         store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
     reporter.attach_run(store, run_id, run_dir)
-    store.update_run(run_id, status="running", pid=os.getpid(), started_at=time.time(), error="", error_kind="")
+    store.update_run(
+        run_id,
+        status="running",
+        pid=os.getpid(),
+        pid_start=process_start(os.getpid()),
+        started_at=time.time(),
+        error="",
+        error_kind="",
+    )
     recipe = Recipe(config, run_id, run_dir, store, reporter, stop)
     try:
         return recipe.run(resume=bool(resume))

@@ -17,7 +17,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from finetune_studio.core import paths
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.events import Started, Step
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import Store, signal_process
 from finetune_studio.studio.engine_process import EngineProcess, Outcome, engine_command
 from finetune_studio.studio.state import MemoryEstimate, MemoryState, RunState
 
@@ -40,6 +40,7 @@ class RunController(QObject):
         self.follow_timer = QTimer(self, interval=FOLLOW_MS)
         self.follow_timer.timeout.connect(self.poll)
         self.followed_pid = 0
+        self.followed_start = ""  # the followed process's start time: a reused pid is never signalled
         self.engine_argv = engine_command  # tests may swap in a fake engine
 
     @property
@@ -91,9 +92,8 @@ class RunController(QObject):
         if self.proc.running:
             self.proc.stop()
         elif self.follow_timer.isActive() and self.followed_pid:
-            try:
-                os.kill(self.followed_pid, signal.SIGTERM)
-            except OSError:
+            if not signal_process(self.followed_pid, self.followed_start, signal.SIGTERM):
+                self.poll()  # the process is gone: show what the database says now
                 return
         else:
             return
@@ -163,6 +163,7 @@ class RunController(QObject):
         status = run.get("status") or "created"
         if status == "running":
             self.followed_pid = int(run.get("pid") or 0)
+            self.followed_start = run.get("pid_start") or ""
             self.state.following = True
             self.state.set_status("running", "Following a run that trains in the background.")
             self.follow_timer.start()

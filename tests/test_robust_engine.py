@@ -34,3 +34,47 @@ def test_a_run_the_estimate_says_cannot_fit_is_refused_unless_overridden(tmp_pat
     assert "max_length" in failed.message or "gradient checkpointing" in failed.message
     result = train_run(huge.replace(ignore_memory_check=True), reporter=Reporter(extra=Recorder()))
     assert result.status == "completed"  # the rows are short: the worst case never comes
+
+
+def _running_run(store: Store, pid: int, start: str) -> str:
+    run_id = store.create_run({"model": "m", "dataset": "d"}, run_dir="")
+    store.update_run(run_id, status="running", pid=pid, pid_start=start)
+    return run_id
+
+
+def test_a_reused_pid_is_not_trusted_and_never_signalled(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from finetune_studio.core.store import process_start, signal_process
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # an unrelated live process
+    try:
+        store = Store()
+        real = process_start(other.pid)
+        assert real
+        stale = _running_run(store, other.pid, "some-earlier-boot:12345")  # what a dead engine recorded
+        live = _running_run(store, other.pid, real)
+        assert store.get_run(stale)["status"] == "interrupted"
+        assert store.get_run(live)["status"] == "running"
+        assert [r["id"] for r in store.list_runs(status="running") if r["status"] == "running"] == [live]
+        assert not signal_process(other.pid, "some-earlier-boot:12345", signal.SIGTERM)
+        assert other.poll() is None  # still alive: nothing was sent
+        assert signal_process(other.pid, real, signal.SIGTERM)
+        assert other.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_resume_of_a_run_whose_pid_was_reused_is_allowed(tmp_path, tiny_model_dir):
+    import os
+
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=2)
+    first = train_run(config, reporter=Reporter(extra=Recorder()))
+    store = Store()
+    store.update_run(first.run_id, status="running", pid=os.getpid(), pid_start="another-boot:1")  # pid reused
+    assert store.get_run(first.run_id)["status"] == "interrupted"
+    resumed = train_run(resume=first.run_id, reporter=Reporter(extra=Recorder()))
+    assert resumed.status == "completed"
