@@ -9,9 +9,15 @@ class DataError(ValueError):
     """The dataset cannot be trained on with this config; the message says what to change."""
 
 
+# What allocators say when memory runs out: CUDA and MPS ("out of memory"), torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory ... Error code 12 (Cannot allocate memory)").
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     name = type(exc).__name__
-    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return name in ("OutOfMemoryError", "MemoryError") or any(t in text for t in _OOM_TEXT)
 
 
 def oom_message(config: TrainConfig | None, step: int) -> str:

@@ -78,3 +78,18 @@ def test_resume_of_a_run_whose_pid_was_reused_is_allowed(tmp_path, tiny_model_di
     assert store.get_run(first.run_id)["status"] == "interrupted"
     resumed = train_run(resume=first.run_id, reporter=Reporter(extra=Recorder()))
     assert resumed.status == "completed"
+
+
+def test_torch_cpu_allocator_failure_is_out_of_memory_with_advice():
+    import torch
+
+    from finetune_studio.core.config import TrainConfig
+    from finetune_studio.engine.errors import classify
+
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: the CPU allocator refuses
+    assert "DefaultCPUAllocator" in str(info.value)
+    config = TrainConfig(dataset="d.jsonl", batch_size=8, max_length=2048)
+    kind, message = classify(info.value, config, 5)
+    assert kind == "oom"
+    assert "step 5" in message and "batch_size (now 8" in message and "max_length (now 2048)" in message
