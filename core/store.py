@@ -123,11 +123,19 @@ class Store:
         self.path = Path(path) if path else paths.db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        self.db = sqlite_utils.Database(conn)
-        if self.db.journal_mode != "wal":
-            self.db.enable_wal()
-        self._migrate()
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            self.db = sqlite_utils.Database(conn)
+            if self.db.journal_mode != "wal":
+                self.db.enable_wal()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if type(exc) is sqlite3.DatabaseError:  # "file is not a database", "malformed"; not "locked"
+                from finetune_studio.core.db_recovery import DatabaseDamaged
+
+                raise DatabaseDamaged(self.path, str(exc)) from None
+            raise
 
     def close(self) -> None:
         self.db.conn.close()

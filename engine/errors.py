@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.db_recovery import DatabaseDamaged
 
 
 class DataError(ValueError):
@@ -51,6 +55,10 @@ def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple
         return "config", f"Invalid config: {exc}"
     if isinstance(exc, (DatasetError, DataError, RenderError)):
         return "data", f"Dataset problem: {exc}"
+    if isinstance(exc, DatabaseDamaged):
+        return "database", f"Database problem: {exc}"
+    if type(exc) is sqlite3.DatabaseError:  # damage found mid-run
+        return "database", f"Database problem: {DatabaseDamaged(paths.db_path(), str(exc))}"
     if isinstance(exc, MemoryGuardError):
         return "oom", str(exc)
     if isinstance(exc, ModelError):

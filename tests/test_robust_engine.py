@@ -93,3 +93,66 @@ def test_torch_cpu_allocator_failure_is_out_of_memory_with_advice():
     kind, message = classify(info.value, config, 5)
     assert kind == "oom"
     assert "step 5" in message and "batch_size (now 8" in message and "max_length (now 2048)" in message
+
+
+def _store_with_runs(n_metrics: int = 3000) -> tuple:
+    from finetune_studio.core import paths
+
+    store = Store()
+    ids = [store.create_run({"model": "m", "dataset": f"d{i}"}, run_dir="") for i in range(2)]
+    with store.db.conn:
+        for step in range(n_metrics):
+            store.add_metrics(ids[0], "train", step, {"loss": 1.0 / (step + 1), "lr": 1e-4})
+    store.close()
+    return paths.db_path(), ids
+
+
+def test_a_database_with_a_damaged_header_is_named_kept_and_replaced(tmp_path, tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    from finetune_studio.core.db_recovery import DatabaseDamaged
+
+    db, _ids = _store_with_runs(10)
+    with open(db, "r+b") as fh:
+        fh.write(b"this is no sqlite header!")
+    damaged = db.read_bytes()
+    with pytest.raises(DatabaseDamaged, match=str(db)):
+        Store()
+    config = tmp_path / "c.json"
+    config.write_text(tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl")).to_json())
+    engine = [sys.executable, "-P", "-m", "finetune_studio.engine"]
+    run = subprocess.run([*engine, "train", str(config)], capture_output=True, text=True, timeout=120)
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    assert run.returncode == 1 and events[-1]["type"] == "failed", run.stderr[-2000:]
+    assert (
+        events[-1]["kind"] == "database" and str(db) in events[-1]["message"] and "db recover" in events[-1]["message"]
+    )
+    assert "Traceback" not in run.stderr
+    assert db.read_bytes() == damaged  # nothing touched without being asked
+    check = subprocess.run([*engine, "db", "check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and "damaged" in check.stdout
+    fix = subprocess.run([*engine, "db", "recover"], capture_output=True, text=True, timeout=60)
+    assert fix.returncode == 0, fix.stderr
+    (kept,) = db.parent.glob("studio.sqlite3.corrupt-*[0-9]")
+    assert kept.read_bytes() == damaged and str(kept) in fix.stdout
+    assert Store().list_runs() == []  # a fresh, working database
+
+
+def test_recovery_copies_every_readable_row(tmp_path):
+    from finetune_studio.core import db_recovery
+
+    db, ids = _store_with_runs(3000)
+    size = db.stat().st_size
+    with open(db, "r+b") as fh:  # wreck the last third of the file: metric pages, not the runs' first pages
+        fh.seek(size * 2 // 3)
+        fh.write(b"\xde\xad" * (size // 6))
+    assert db_recovery.damage(db)
+    result = db_recovery.recover(db)
+    print(result.summary())
+    assert result.kept.exists() and result.kept.stat().st_size == size
+    store = Store()
+    assert sorted(r["id"] for r in store.list_runs()) == sorted(ids)
+    assert 0 < len(store.metrics(ids[0])) <= 3000
+    assert db_recovery.damage(db) == ""

