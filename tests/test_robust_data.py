@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.bound import char_budget
 
@@ -75,3 +77,41 @@ def test_a_line_too_long_to_read_is_dropped_with_its_number(tmp_path, monkeypatc
     ds = load_dataset(path)
     assert [ex.text for ex in ds.examples] == ["short", "after"]
     assert [p.line for p in ds.problems if p.level == "dropped"] == [2]
+
+
+def test_a_deeply_nested_line_is_dropped_with_its_number(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [
+        json.dumps({"text": "first"}),
+        '{"text": ' + deep + "}",
+        '{"text": "third", "extra": ' + "[" * 900 + "]" * 900 + "}",
+        json.dumps({"text": "last"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    ds = load_dataset(path)
+    assert [ex.text for ex in ds.examples] == ["first", "third", "last"]
+    assert [(p.line, "nested too deeply" in p.message) for p in ds.problems if p.level == "dropped"] == [(2, True)]
+
+
+def test_a_deeply_nested_json_list_element_names_its_line(tmp_path):
+    from finetune_studio.engine.datasets import DatasetError
+
+    path = tmp_path / "nested.json"
+    path.write_text('[{"text": "a"},\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(DatasetError, match="line 2 .*nested too deeply"):
+        load_dataset(path)
+
+
+def test_an_unterminated_csv_quote_names_its_line(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('instruction,output\nfirst,one\nsecond,"two\nthird,three\nfourth,four\n')
+    ds = load_dataset(path)
+    assert [ex.messages[0].content for ex in ds.examples] == ["first"]
+    (problem,) = [p for p in ds.problems if p.level == "dropped"]
+    assert problem.line == 3 and "never closed" in problem.message and "lines 3 to 5" in problem.message
+    # Quotes that do close, across lines and doubled inside a cell, are read as before.
+    path.write_text('instruction,output\n"multi\nline","say ""hi"""\nnext,row\n')
+    ds = load_dataset(path)
+    assert [ex.messages[-1].content for ex in ds.examples] == ['say "hi"', "row"]
+    assert not [p for p in ds.problems if p.level == "dropped"]

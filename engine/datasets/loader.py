@@ -18,7 +18,7 @@ from finetune_studio.engine.datasets.bound import char_budget, cut_example
 from finetune_studio.engine.datasets.formats import FORMATS, describe_columns, detect
 from finetune_studio.engine.datasets.messages import Mapping
 from finetune_studio.engine.datasets.problems import ProblemLog, RowError
-from finetune_studio.engine.datasets.readers import Row, read_file
+from finetune_studio.engine.datasets.readers import NESTED, Row, read_file
 from finetune_studio.engine.datasets.schema import DatasetError, LoadedDataset, PreferencePair, example_to_dict
 from finetune_studio.engine.datasets.sources import resolve_source
 
@@ -92,7 +92,11 @@ class DatasetStream:
         normalise = FORMATS[self.format].normalise
         for row in chain(self._head, self._rows):
             self._head = []
-            example = self._one(row, normalise)
+            try:
+                example = self._one(row, normalise)
+            except RecursionError:  # a value nested hundreds of levels deep
+                self.log.drop(NESTED, row.line, file=row.file, kind="rows nested too deeply")
+                continue
             if example is not None:
                 self.usable += 1
                 yield example

@@ -22,6 +22,7 @@ TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv":
 BINARY_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
 SUPPORTED = "JSON Lines (.jsonl), JSON (.json), CSV (.csv), TSV (.tsv), Parquet (.parquet), Arrow (.arrow)"
 MALFORMED = "malformed row"
+NESTED = "JSON nested too deeply to read (hundreds of levels of lists or objects)"
 _CHUNK = 1 << 20
 _MAX_ELEMENT = 256 << 20  # one JSON list element larger than this is refused
 MAX_LINE = 64 << 20  # a text line longer than this is dropped unread: no training row needs it
@@ -146,6 +147,9 @@ def read_jsonl(path: Path, log: ProblemLog) -> Iterator[Row]:
                 kind="lines that are not valid JSON",
             )
             continue
+        except RecursionError:
+            log.drop(NESTED, lineno, file=str(path), kind="lines nested too deeply")
+            continue
         if not isinstance(value, dict):
             log.drop(
                 f"expected a JSON object, found {_json_type(value)}",
@@ -221,6 +225,8 @@ def _decode_at(src: _JsonText, pos: int):
     while True:
         try:
             value, end = decoder.raw_decode(src.buf, pos)
+        except RecursionError:
+            raise DatasetError(f"{src.path.name}: the element at line {src.line(pos)} is {NESTED}") from None
         except json.JSONDecodeError as exc:
             incomplete = exc.pos >= len(src.buf) - 32 or exc.msg.startswith("Unterminated string")
             if incomplete and len(src.buf) - pos < _MAX_ELEMENT and src.more():
@@ -333,8 +339,14 @@ def read_delimited(path: Path, log: ProblemLog, delimiter: str = ",") -> Iterato
     """CSV or TSV with a header row naming the columns; each following record becomes a row."""
     what = "TSV" if delimiter == "\t" else "CSV"
     csv.field_size_limit(2**31 - 1)
-    lines = _text_lines(path, log)
-    reader = csv.reader((text for _n, text in lines), delimiter=delimiter)
+    record_text: list[str] = []  # the raw lines of the record being read (an unterminated quote swallows many)
+
+    def feed() -> Iterator[str]:
+        for _n, text in _text_lines(path, log):
+            record_text.append(text)
+            yield text
+
+    reader = csv.reader(feed(), delimiter=delimiter)
     try:
         header = next(reader, None)
         while header == []:
@@ -350,13 +362,26 @@ def read_delimited(path: Path, log: ProblemLog, delimiter: str = ",") -> Iterato
                 f"row naming the columns, e.g. instruction{delimiter}input{delimiter}output"
             )
         last = reader.line_num
+        record_text.clear()
         for record in reader:
             start, last = last + 1, reader.line_num
+            raw, multiline = "".join(record_text), last > start
+            record_text.clear()
             if not record or all(not c.strip() for c in record):
                 continue
-            if len(record) != len(header):
+            if multiline and raw.count('"') % 2:  # quotes pair up ("" inside a quoted field) unless one is open
                 log.drop(
-                    f"has {len(record)} fields, the header has {len(header)}",
+                    f'a quote (") opened here is never closed: lines {start} to {last} were read as one record; '
+                    "close the quote, or double a quote inside a quoted cell",
+                    start,
+                    file=str(path),
+                    kind=f"{what} records with an unterminated quote",
+                )
+                continue
+            if len(record) != len(header):
+                hint = f' (it runs over lines {start}-{last}: check for a stray quote ")' if multiline else ""
+                log.drop(
+                    f"has {len(record)} fields, the header has {len(header)}{hint}",
                     start,
                     file=str(path),
                     kind=f"{what} records with the wrong number of fields",
