@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="SFT: train on assistant turns only, or on every token",
     )
     ins.add_argument("--row", type=int, default=1, help="which usable row to preview (1-based)")
+    ins.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running Python code shipped with the model's tokenizer (never asked otherwise)",
+    )
     ins.add_argument("--stats-limit", type=int, default=STATS_LIMIT, help="rows tokenised for the statistics")
     ins.set_defaults(func=cmd_inspect)
     conv = sub.add_parser("convert", help="write the dataset in another format")
@@ -116,20 +121,23 @@ def _mapping(text: str | None) -> dict | None:
     return value
 
 
-def load_tokenizer(model: str):
-    """The tokenizer of ``model``: a local model folder directly, anything else through ``engine.models``."""
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The tokenizer of ``model``: a local model folder directly, anything else through ``engine.models``.
+    Custom tokenizer code is never run (nor asked about on the terminal) unless ``trust_remote_code``."""
+    from finetune_studio.engine.models import CUSTOM_CODE, LoadOptions
+    from finetune_studio.engine.models import load_tokenizer as resolve
+
     path = Path(model).expanduser()
     if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
-    try:
-        from finetune_studio.engine.models import load_tokenizer as resolve
-    except ImportError as exc:
-        raise RuntimeError(
-            f"model '{model}' cannot be resolved here ({exc}); pass --model with a local model folder"
-        ) from None
-    return resolve(model)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise RuntimeError(CUSTOM_CODE) from None
+            raise
+    return resolve(model, LoadOptions(trust_remote_code=trust_remote_code))
 
 
 def cmd_inspect(args) -> int:
@@ -138,7 +146,7 @@ def cmd_inspect(args) -> int:
     stream = open_dataset(args.file, _mapping(args.mapping), max_length=args.max_length)
     log = ProblemLog()
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     except Exception as exc:
         tokenizer = None
         log.add(

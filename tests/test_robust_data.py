@@ -115,3 +115,31 @@ def test_an_unterminated_csv_quote_names_its_line(tmp_path):
     ds = load_dataset(path)
     assert [ex.messages[-1].content for ex in ds.examples] == ['say "hi"', "row"]
     assert not [p for p in ds.problems if p.level == "dropped"]
+
+
+def test_a_tokenizer_with_custom_code_is_refused_without_a_prompt(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_model_dir, model)
+    marker = tmp_path / "custom-code-ran"
+    (model / "my_tokenizer.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass MyTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "my_tokenizer.MyTokenizer"]}
+    config.pop("tokenizer_class", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    argv = [sys.executable, "-P", "-m", "finetune_studio.engine", "data", "inspect", str(data), "--json"]
+    run = subprocess.run(
+        [*argv, "--model", str(model)], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)  # the whole of stdout is one JSON object: no prompt in it
+    assert not marker.exists()
+    notes = [p["message"] for p in report["problems"] if "trust_remote_code" in p["message"]]
+    assert notes and "--trust-remote-code" in notes[0], report["problems"]
+    assert "tokens" not in report["stats"]
