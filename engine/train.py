@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGINT (or a test); checked after every optimizer step."""
+    """Set by SIGTERM / SIGINT (or a test); checked after every optimizer step, and during set-up between stages
+    and for every example tokenised."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -62,6 +63,10 @@ class RunResult:
     adapter_dir: Path | None = None
     final_loss: float | None = None
     message: str = ""
+
+
+class SetupStopped(Exception):
+    """Stop was asked for before training began: nothing to checkpoint, the run ends ``stopped`` at once."""
 
 
 class TrainingFailed(RuntimeError):
@@ -99,6 +104,8 @@ def train_run(
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
         store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
     reporter.attach_run(store, run_id, run_dir)
+    for leftover in checkpoint.clean_leftovers(run_dir):
+        reporter.log(f"Removed {leftover.name}, left half-written by a process that was killed")
     store.update_run(
         run_id,
         status="running",
@@ -111,6 +118,8 @@ def train_run(
     recipe = Recipe(config, run_id, run_dir, store, reporter, stop)
     try:
         return recipe.run(resume=bool(resume))
+    except SetupStopped:
+        return recipe.stopped_in_setup()
     except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
@@ -144,18 +153,21 @@ class Recipe:
         if cfg.quantized and self.device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
+        self._stop_point()
         self.model_folder = folder
         verdict = guard.check_before_start(cfg, folder, self.device)
         if verdict:
             self.reporter.log(f"Memory: {verdict}")
         self.tokenizer = load_tokenizer(str(folder), options)
         self.train_examples, self.val_examples = self._prepare_data()
+        self._stop_point()
 
         self.reporter.progress("load", 0, 1, "Loading the model")
         base = load_causal_lm(
             folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
         )
         self.model = adapters.add_adapters(base, cfg)
+        self._stop_point()
         self.logps = LogprobModel(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
@@ -178,6 +190,18 @@ class Recipe:
         self.reference = self._precompute_reference() if self.dpo and cfg.precompute_reference else None
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+
+    def _stop_point(self) -> None:
+        if self.stop.requested:
+            raise SetupStopped
+
+    def stopped_in_setup(self) -> RunResult:
+        """Stop asked for during set-up: the run ends ``stopped`` where its last checkpoint left it."""
+        step = int((self.store.get_run(self.run_id) or {}).get("step") or 0)
+        self.reporter.log("Stopped during set-up, before any training step")
+        self.store.update_run(self.run_id, status="stopped", finished_at=time.time())
+        self.reporter.emit(ev.Finished(run_id=self.run_id, status="stopped", step=step, final_loss=None))
+        return RunResult(self.run_id, self.run_dir, "stopped", step)
 
     def _prepare_data(self) -> tuple[list, list]:
         cfg = self.config
@@ -203,6 +227,7 @@ class Recipe:
         for part_name, part in (("train", train), ("validation", val)):
             tokenized, dropped = [], 0
             for i, example in enumerate(part):
+                self._stop_point()
                 if i % 200 == 0:
                     self.reporter.progress("tokenize", i, len(part), f"Tokenizing the {part_name} split")
                 item = tokenize_example(self.tokenizer, example, cfg.max_length, cfg.loss_on)
@@ -439,11 +464,14 @@ class Recipe:
             adapter_dir = self.run_dir / "adapter"
             tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
             self.model.save_pretrained(tmp)
-            if adapter_dir.exists():
+            old = self.run_dir / f".adapter-old-{os.getpid()}"
+            if adapter_dir.exists():  # moved aside, not deleted, until the new one is in place
+                os.replace(adapter_dir, old)
+            os.replace(tmp, adapter_dir)
+            if old.exists():
                 import shutil
 
-                shutil.rmtree(adapter_dir)
-            os.replace(tmp, adapter_dir)
+                shutil.rmtree(old)
         if note:
             self.reporter.log(note)
         self.store.update_run(

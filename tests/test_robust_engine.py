@@ -156,3 +156,51 @@ def test_recovery_copies_every_readable_row(tmp_path):
     assert sorted(r["id"] for r in store.list_runs()) == sorted(ids)
     assert 0 < len(store.metrics(ids[0])) <= 3000
     assert db_recovery.damage(db) == ""
+
+
+def test_stop_during_set_up_ends_the_run_at_once(tmp_path, tiny_model_dir):
+    from finetune_studio.engine.train import StopFlag
+
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=1000), max_steps=3)
+    stop, rec = StopFlag(), Recorder()
+
+    def listener(event):
+        rec(event)
+        if event.type == "progress" and event.stage == "tokenize":
+            stop.set()  # what SIGTERM does, while the first rows are being tokenised
+
+    result = train_run(config, reporter=Reporter(extra=listener), stop=stop)
+    assert result.status == "stopped" and result.step == 0
+    assert len([e for e in rec.of("progress") if e.stage == "tokenize"]) == 1  # no further row was tokenised
+    assert not rec.of("started") and not rec.of("step")
+    assert rec.of("finished")[-1].status == "stopped"
+    assert Store().get_run(result.run_id)["status"] == "stopped"
+
+
+def test_leftovers_of_killed_processes_are_cleaned_at_the_next_start(tmp_path, tiny_model_dir):
+    from finetune_studio.engine import checkpoint
+    from finetune_studio.engine.train import StopFlag
+
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=3)
+    stop = StopFlag()
+    first = train_run(  # stopped once training began: after the first step, with a checkpoint
+        config, reporter=Reporter(extra=lambda e: stop.set() if e.type == "started" else None), stop=stop
+    )
+    assert first.status == "stopped" and first.step == 1
+    leftovers = [
+        first.run_dir / "checkpoints" / ".tmp-step-000002-999999",
+        first.run_dir / ".adapter-tmp-999999",
+    ]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half written")
+    rec = Recorder()
+    resumed = train_run(resume=first.run_id, reporter=Reporter(extra=rec))
+    assert resumed.status == "completed" and (resumed.run_dir / "adapter" / "adapter_config.json").is_file()
+    assert not any(folder.exists() for folder in leftovers)
+    assert sum("half-written" in e.message for e in rec.of("log")) == 2
+    # Killed after moving the old adapter aside but before the new one was in place: it is put back.
+    aside = resumed.run_dir / ".adapter-old-999999"
+    (resumed.run_dir / "adapter").rename(aside)
+    checkpoint.clean_leftovers(resumed.run_dir)
+    assert (resumed.run_dir / "adapter" / "adapter_config.json").is_file() and not aside.exists()
