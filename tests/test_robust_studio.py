@@ -29,3 +29,24 @@ def test_a_damaged_database_is_named_and_recovered_with_consent(qtbot, make_wind
     win.runs_page.refresh()
     assert win.runs_page.model.runs == []
     assert db_guard.ensure_database(lambda t, text: pytest.fail("asked again"), lambda t, m: None)
+
+
+def test_the_smoothed_curve_does_not_jump_after_a_resume():
+    from finetune_studio.core.events import Step
+    from finetune_studio.studio.state import RunState
+
+    def step(i: int) -> Step:
+        loss = 4.0 / i + (0.3 if i % 3 else 0.0)
+        return Step(i, 40, loss, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0, memory_used_bytes=0, memory_peak_bytes=0)
+
+    straight, resumed = RunState(), RunState()
+    for i in range(1, 41):
+        straight.apply(step(i))
+    for i in [*range(1, 31), *range(21, 41)]:  # stopped at 30, resumed from the checkpoint at step 20
+        resumed.apply(step(i))
+    assert list(resumed.train.column("step")) == list(range(1, 41))
+    assert list(resumed.train.column("loss_smooth")) == list(straight.train.column("loss_smooth"))
+    from_db = RunState()  # the same when the history comes from the database (a followed run)
+    from_db.load_history([{"step": i, "loss": step(i).loss} for i in range(1, 31)], [])
+    from_db.load_history([{"step": i, "loss": step(i).loss} for i in range(21, 41)], [])
+    assert list(from_db.train.column("loss_smooth")) == list(straight.train.column("loss_smooth"))
