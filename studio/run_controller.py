@@ -120,6 +120,7 @@ class RunController(QObject):
         self.state.add_log(text if level in ("stderr", "info") else f"[{level}] {text}")
 
     def _on_ended(self, outcome: Outcome) -> None:
+        outcome = self._reconciled(outcome)
         st = self.state
         if outcome.status == "detached":
             st.set_status("running", "The run goes on in the background; reopen the app to follow it.")
@@ -138,6 +139,19 @@ class RunController(QObject):
         if outcome.message and outcome.status not in ("completed", "stopped", "detached"):
             st.add_log(outcome.message)
         self.run_ended.emit(outcome)
+
+    def _reconciled(self, outcome: Outcome) -> Outcome:
+        """The database is written before the ``finished`` event: a child killed in between has ended its run
+        (the database says so) without saying it on stdout. Believe the database then."""
+        if outcome.status != "crashed" or not outcome.run_id:
+            return outcome
+        try:
+            run = self.store.get_run(outcome.run_id)
+        except Exception:  # a damaged database: keep the crash report
+            return outcome
+        if run and run.get("status") in ("completed", "stopped"):
+            return Outcome(run["status"], "", "", outcome.exit_code, outcome.run_id)
+        return outcome
 
     def _budget(self, budget: int, total: int, device: str) -> None:
         est = self.memory.estimate

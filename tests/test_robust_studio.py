@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from test_studio_support import IGNORE_OFFSCREEN, make_window  # noqa: F401 - fixture
+from test_studio_train import start_with, window  # noqa: F401 - fixture
 
 from finetune_studio.core import paths
 from finetune_studio.core.store import Store
@@ -50,3 +51,40 @@ def test_the_smoothed_curve_does_not_jump_after_a_resume():
     from_db.load_history([{"step": i, "loss": step(i).loss} for i in range(1, 31)], [])
     from_db.load_history([{"step": i, "loss": step(i).loss} for i in range(21, 41)], [])
     assert list(from_db.train.column("loss_smooth")) == list(straight.train.column("loss_smooth"))
+
+
+def test_a_kill_after_the_database_recorded_the_end_is_not_a_crash(qtbot, window):
+    store = Store()
+    store.create_run({"model": "m", "dataset": "d"}, run_id="fake-run")
+    store.update_run("fake-run", status="completed", step=2)  # what the engine wrote just before it was killed
+    outcome = start_with(qtbot, window, "started(total=2); step(1, 2); step(2, 2); os.kill(os.getpid(), 9)")
+    assert outcome.status == "completed" and window.run_state.status == "completed"
+    assert window.train_page.status.text() != "Failed"
+
+
+def test_a_run_whose_pid_was_reused_is_shown_interrupted_and_never_signalled(qtbot, make_window):
+    import signal
+    import subprocess
+    import sys
+
+    from finetune_studio.core.store import process_start
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store = Store()
+        stale = store.create_run({"model": "m", "dataset": "d"}, run_id="stale-run")
+        store.update_run(stale, status="running", pid=other.pid, pid_start="an-earlier-boot:42")
+        win = make_window()
+        assert win.controller.find_live_run() is None
+        assert win.controller.open_run(stale) and win.run_state.status == "interrupted"
+        win.controller.stop()
+        assert other.poll() is None  # the unrelated process got nothing
+        live = store.create_run({"model": "m", "dataset": "d"}, run_id="live-run")
+        store.update_run(live, status="running", pid=other.pid, pid_start=process_start(other.pid))
+        assert win.controller.open_run(live) and win.run_state.status == "running"
+        win.controller.stop()  # the recorded process itself: it is asked to stop
+        assert other.wait(timeout=10) == -signal.SIGTERM
+        win.controller.follow_timer.stop()
+    finally:
+        other.kill()
+        other.wait()
