@@ -143,3 +143,25 @@ def test_a_tokenizer_with_custom_code_is_refused_without_a_prompt(tmp_path, tiny
     notes = [p["message"] for p in report["problems"] if "trust_remote_code" in p["message"]]
     assert notes and "--trust-remote-code" in notes[0], report["problems"]
     assert "tokens" not in report["stats"]
+
+
+def test_training_on_a_file_with_one_long_row_stays_within_a_memory_bound(tmp_path, tiny_model_dir):
+    path = tmp_path / "long.jsonl"
+    filler = ("lorem ipsum dolor sit amet " * (30 * MIB // 27 + 1))[: 30 * MIB]
+    rows = [{"instruction": "Summarise this.", "input": filler, "output": "A long text."}]
+    rows += [{"instruction": f"What is {i} plus {i}?", "output": f"{2 * i}"} for i in range(15)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\ndataset: {path}\nmax_steps: 2\nbatch_size: 2\nmax_length: 128\n"
+        "lora_rank: 4\neval_every: 0\ncheckpoint_every: 0\nvalidation_fraction: 0.0\n"
+    )
+    argv = [sys.executable, "-P", "-m", "finetune_studio.engine", "train", str(config)]
+    run = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, timeout=300)
+    head, _, out = run.stdout.partition("\n")
+    code, peak_kb = map(int, head.split())
+    print(f"train with a 30 MiB row: peak RSS {peak_kb / 1024:.0f} MiB")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[-1]["type"] == "finished", run.stderr[-2000:]
+    assert any(e["type"] == "log" and "cut to" in e["message"] for e in events)
+    assert peak_kb / 1024 < 1500
