@@ -1,7 +1,7 @@
 """``python -m finetune_studio.engine data``: inspect a dataset before training, or convert it to another format.
 
     python -m finetune_studio.engine data inspect FILE [--json] [--model MODEL] [--max-length N] [--mapping JSON]
-                                       [--loss-on assistant|all] [--row N]
+                                       [--loss-on assistant|all] [--row N] [--trust-remote-code]
     python -m finetune_studio.engine data convert FILE OUT --to trl|trl-conversational|llama-factory|messages
                                         [--mapping JSON]
 

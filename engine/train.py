@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,10 @@ def train_run(
     except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
-        store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
+        try:
+            store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
+        except sqlite3.DatabaseError:  # the database itself is what failed: the event still says why
+            log.exception("could not record the failure of run %s in the database", run_id)
         reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
         result = RunResult(run_id, run_dir, "failed", recipe.step, message=message)
         if isinstance(exc, KeyboardInterrupt):
