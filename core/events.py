@@ -164,11 +164,20 @@ def parse_event(line: str | bytes) -> Event:
     version = data.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    cls = EVENT_TYPES.get(data.get("type"))
+    cls = _event_types().get(data.get("type"))
     if cls is None:
         raise ProtocolError(f"unknown event type {data.get('type')!r}")
+    if hasattr(cls, "from_fields"):  # events with nested dataclasses build themselves
+        return cls.from_fields(data)
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         return cls(**{k: v for k, v in data.items() if k in names})
     except TypeError as exc:
         raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+
+
+def _event_types() -> dict[str, type[Event]]:
+    """EVENT_TYPES, with the events defined in modules of their own (they build on :class:`Event`)."""
+    if "dataset_report" not in EVENT_TYPES:
+        from finetune_studio.core import dataset_report  # noqa: F401 - registers DatasetReport
+    return EVENT_TYPES

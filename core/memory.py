@@ -21,12 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
+from finetune_studio.core.model_spec import SpecKind, cached_snapshot, parse_spec
 from finetune_studio.core.paths import resources_dir
 
 GIB = 1024**3
@@ -524,17 +524,14 @@ def _read_shape(path: str, mtime: float) -> ModelShape:  # mtime keys the cache:
 
 
 def _resolve_config(spec: str) -> Path | None:
-    if spec == "default":
+    parsed = parse_spec(spec)
+    if parsed.kind == SpecKind.DEFAULT:
         return resources_dir() / "models" / DEFAULT_MODEL_FILE
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path / "config.json" if (path / "config.json").is_file() else None
-    if path.suffix.lower() == ".json" and path.is_file():
-        return path
-    if "/" in spec and not path.exists() and spec.count("/") == 1:  # a hub id in the local cache
-        hub = Path(
-            os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
-        ).expanduser()
-        snapshots = sorted((hub / f"models--{spec.replace('/', '--')}" / "snapshots").glob("*/config.json"), key=_mtime)
-        return snapshots[-1] if snapshots else None
+    if parsed.kind == SpecKind.FOLDER:
+        return parsed.path / "config.json" if (parsed.path / "config.json").is_file() else None
+    if parsed.kind == SpecKind.FILE and parsed.path.suffix.lower() == ".json":
+        return parsed.path
+    if parsed.kind == SpecKind.HUB:
+        snapshot = cached_snapshot(parsed.repo_id, needs="config.json")
+        return snapshot / "config.json" if snapshot else None
     return None  # .gguf files: no config.json to read

@@ -19,8 +19,8 @@ from typing import Any
 import sqlite_utils
 
 from finetune_studio.core import paths
+from finetune_studio.core.run_status import RUN_STATUSES, RunStatus  # noqa: F401 - RUN_STATUSES: still importable here
 
-RUN_STATUSES = ("created", "running", "completed", "stopped", "failed", "interrupted")
 # Columns of the metrics table beyond (run_id, kind, step).
 METRIC_COLUMNS = {
     "loss": float,
@@ -146,65 +146,62 @@ class Store:
         if version >= SCHEMA_VERSION:
             return
         with self.db.conn:
-            self._create_tables()
+            self.db["runs"].create(
+                {
+                    "id": str,
+                    "name": str,
+                    "status": str,
+                    "model": str,
+                    "dataset": str,
+                    "method": str,
+                    "objective": str,
+                    "config": str,
+                    "run_dir": str,
+                    "pid": int,
+                    "device": str,
+                    "created_at": float,
+                    "started_at": float,
+                    "updated_at": float,
+                    "finished_at": float,
+                    "step": int,
+                    "total_steps": int,
+                    "final_loss": float,
+                    "eval_loss": float,
+                    "error": str,
+                    "error_kind": str,
+                    "adapter_dir": str,
+                    "memory_budget_bytes": int,
+                    "memory_peak_bytes": int,
+                    "parent_run_id": str,
+                },
+                pk="id",
+                not_null={"status", "config"},
+                defaults={"status": RunStatus.CREATED.value, "step": 0},
+                if_not_exists=True,
+            )
+            self.db["metrics"].create(
+                {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
+                pk=("run_id", "kind", "step"),
+                foreign_keys=[("run_id", "runs", "id")],
+                if_not_exists=True,
+            )
+            self.db["preference_pairs"].create(
+                {
+                    "id": int,
+                    "prompt": str,
+                    "chosen": str,
+                    "rejected": str,
+                    "source": str,
+                    "created_at": float,
+                    "updated_at": float,
+                    "note": str,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
             if "pid_start" not in self.db["runs"].columns_dict:
                 self.db["runs"].add_column("pid_start", str)
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _create_tables(self) -> None:
-        self.db["runs"].create(
-            {
-                "id": str,
-                "name": str,
-                "status": str,
-                "model": str,
-                "dataset": str,
-                "method": str,
-                "objective": str,
-                "config": str,
-                "run_dir": str,
-                "pid": int,
-                "device": str,
-                "created_at": float,
-                "started_at": float,
-                "updated_at": float,
-                "finished_at": float,
-                "step": int,
-                "total_steps": int,
-                "final_loss": float,
-                "eval_loss": float,
-                "error": str,
-                "error_kind": str,
-                "adapter_dir": str,
-                "memory_budget_bytes": int,
-                "memory_peak_bytes": int,
-                "parent_run_id": str,
-            },
-            pk="id",
-            not_null={"status", "config"},
-            defaults={"status": "created", "step": 0},
-            if_not_exists=True,
-        )
-        self.db["metrics"].create(
-            {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
-            pk=("run_id", "kind", "step"),
-            foreign_keys=[("run_id", "runs", "id")],
-            if_not_exists=True,
-        )
-        self.db["preference_pairs"].create(
-            {
-                "id": int,
-                "prompt": str,
-                "chosen": str,
-                "rejected": str,
-                "source": str,
-                "created_at": float,
-                "updated_at": float,
-                "note": str,
-            },
-            pk="id",
-            if_not_exists=True,
-        )
 
     # --- runs ---------------------------------------------------------------
     def create_run(
@@ -216,7 +213,7 @@ class Store:
             {
                 "id": run_id,
                 "name": name or config.get("run_name") or run_id,
-                "status": "created",
+                "status": RunStatus.CREATED.value,
                 "model": config.get("model", ""),
                 "dataset": config.get("dataset", ""),
                 "method": config.get("method", ""),
@@ -263,8 +260,8 @@ class Store:
     @staticmethod
     def _with_liveness(row: dict) -> dict:
         """A run marked running whose process is gone was interrupted (crash, kill, power cut)."""
-        if row.get("status") == "running" and not pid_alive(row.get("pid"), row.get("pid_start")):
-            row = dict(row, status="interrupted")
+        if row.get("status") == RunStatus.RUNNING and not pid_alive(row.get("pid"), row.get("pid_start")):
+            row = dict(row, status=RunStatus.INTERRUPTED.value)
         return row
 
     def run_config(self, run_id: str) -> dict:

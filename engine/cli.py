@@ -11,10 +11,10 @@ import logging
 import os
 import signal
 import sys
-import warnings
 
 from finetune_studio.core import events as ev
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.engine import logs
 
 
 def _event_stream():
@@ -32,13 +32,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # Library deprecation notices are for developers, not for the person watching a run's log.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Library notices and deprecations are for developers: they go to the run's engine.log, not the run log.
+    logs.setup()
 
 
 def cmd_train(args: argparse.Namespace, stream) -> int:
@@ -163,7 +158,7 @@ def main(argv: list[str]) -> int:
             return cmd_export(args, stream)
         return cmd_model_info(args, stream)
     except Exception as exc:
-        logging.getLogger("engine").exception("unexpected error")
+        logging.getLogger("finetune_studio.engine").exception("unexpected error")
         stream.write(
             ev.Failed(
                 message=f"Unexpected error: {type(exc).__name__}: {exc}", kind="error", detail=repr(exc)

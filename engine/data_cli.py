@@ -7,9 +7,10 @@
 
 ``inspect`` prints the detected format and kind, the usable rows, every problem (with its line), token statistics
 under the model's tokenizer and one example rendered exactly as training sees it, trained parts marked.
-``--json`` prints exactly one JSON object on stdout (logs go to stderr). Exit status: 0 when the data is usable
-(problems or not), 1 when it is not, 2 for a usage error. FILE may also be a folder saved by ``datasets`` or a
-hub dataset id already in the local Hugging Face cache.
+``--json`` prints exactly one JSON line on stdout (logs go to stderr): a ``dataset_report`` event
+(:class:`core.dataset_report.DatasetReport`), or a ``failed`` event when the data cannot be used. Exit status: 0
+when the data is usable (problems or not), 1 when it is not, 2 for a usage error. FILE may also be a folder saved
+by ``datasets`` or a hub dataset id already in the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+from finetune_studio.core.dataset_report import DatasetReport, ExamplePreview, Problem
+from finetune_studio.core.events import Failed
 from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
 from finetune_studio.engine.datasets.loader import open_dataset
-from finetune_studio.engine.datasets.preview import marked_text, preview_example
+from finetune_studio.engine.datasets.preview import preview_example
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.report import (
     LengthBias,
@@ -31,7 +34,7 @@ from finetune_studio.engine.datasets.report import (
     uses_tools,
     warn_length_bias,
 )
-from finetune_studio.engine.datasets.schema import DatasetError, PreferencePair, Problem
+from finetune_studio.engine.datasets.schema import DatasetError, PreferencePair
 
 STATS_LIMIT = 20000  # rows tokenised for the statistics
 
@@ -95,14 +98,10 @@ def main(argv: list[str]) -> int:
 def _fail(args, message: str, problems: list[Problem]) -> int:
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(
-            json.dumps(
-                {"ok": False, "file": str(args.file), "error": message, "problems": [p.to_dict() for p in problems]},
-                ensure_ascii=False,
-            )
-        )
+        detail = "\n".join(p.where + p.message for p in problems)
+        print(Failed(message=message, kind="data", detail=detail).to_json())
     else:
-        _print_problems([p.to_dict() for p in problems], sys.stderr)
+        _print_problems(problems, sys.stderr)
     return 1
 
 
@@ -169,38 +168,38 @@ def cmd_inspect(args) -> int:
     if preview is None:
         stream.result([])  # raises the reader's own explanation
     rows = stream.usable
-    stats: dict = {"length_bias": None}
     bias = LengthBias.of("characters", chosen_chars, rejected_chars)
+    tokens = None
     if tokenizer is not None:
         template_warnings([with_tools] if with_tools else [], tokenizer, log)
         tokens = token_report(measured, tokenizer, args.max_length, args.loss_on, log)
-        stats.update(model=args.model, max_length=args.max_length, loss_on=args.loss_on, tokens=tokens.to_dict())
         bias = tokens.length_bias or bias
         if tokens.measured < rows:
             log.add(f"token statistics cover the first {tokens.measured} of {rows} rows", level="note")
-    stats["length_bias"] = bias.__dict__ if bias else None
     warn_length_bias(bias, log)
     example = _example(preview, args, tokenizer, log)
-    result = {
-        "ok": True,
-        "file": str(args.file),
-        "format": stream.format,
-        "kind": stream.kind,
-        "rows": rows,
-        "rows_read": rows + sum(stream.log.dropped.values()),
-        "dropped": dict(stream.log.dropped),
-        "problems": [p.to_dict() for p in stream.log.problems() + log.problems()],
-        "stats": stats,
-        "example": example,
-    }
+    report = DatasetReport(
+        file=str(args.file),
+        format=stream.format,
+        kind=stream.kind,
+        rows=rows,
+        rows_read=rows + sum(stream.log.dropped.values()),
+        dropped=dict(stream.log.dropped),
+        problems=tuple(stream.log.problems() + log.problems()),
+        example=example,
+        model=args.model if tokens is not None else "",
+        loss_on=args.loss_on if tokens is not None else "",
+        tokens=tokens,
+        length_bias=bias,
+    )
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        print(report.to_json())
     else:
-        _print_report(result)
+        _print_report(report)
     return 0
 
 
-def _example(example, args, tokenizer, log: ProblemLog) -> dict:
+def _example(example, args, tokenizer, log: ProblemLog) -> ExamplePreview:
     from finetune_studio.engine.render import RenderError
 
     try:
@@ -221,7 +220,7 @@ def cmd_convert(args) -> int:
         if stream.usable == 0:
             stream.result([])  # raises the reader's own explanation
         raise
-    problems = [p.to_dict() for p in stream.log.problems() + log.problems()]
+    problems = stream.log.problems() + log.problems()
     result = {
         "ok": True,
         "file": str(args.file),
@@ -230,7 +229,7 @@ def cmd_convert(args) -> int:
         "format": stream.format,
         "kind": stream.kind,
         "rows_written": written,
-        "problems": problems,
+        "problems": [p.to_dict() for p in problems],
     }
     if args.to == "llama-factory":
         result["dataset_info"] = {Path(args.out).stem: llama_factory_info(stream.kind, Path(args.out).name)}
@@ -246,41 +245,39 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _print_problems(problems: list[dict], out) -> None:
+def _print_problems(problems: list[Problem], out) -> None:
     if not problems:
         return
     print(f"problems ({len(problems)}):", file=out)
     for p in problems:
-        where = f"line {p['line']}: " if "line" in p else ""
-        print(f"  [{p.get('level', 'warning')}] {where}{p['message']}", file=out)
+        print(f"  [{p.level}] {p.where}{p.message}", file=out)
 
 
-def _print_report(r: dict) -> None:
-    print(f"file:    {r['file']}")
-    print(f"format:  {r['format']} ({r['kind']})")
-    print(f"rows:    {r['rows']} usable of {r['rows_read']} read")
-    for reason, n in r["dropped"].items():
+def _print_report(r: DatasetReport) -> None:
+    print(f"file:    {r.file}")
+    print(f"format:  {r.format} ({r.kind})")
+    print(f"rows:    {r.rows} usable of {r.rows_read} read")
+    for reason, n in r.dropped.items():
         print(f"         {n} dropped: {reason}")
-    _print_problems(r["problems"], sys.stdout)
-    tokens = r["stats"].get("tokens")
-    if tokens and tokens["lengths"]:
-        L = tokens["lengths"]
+    _print_problems(list(r.problems), sys.stdout)
+    if r.tokens is not None and r.tokens.lengths is not None:
+        L = r.tokens.lengths
         print(
-            f"tokens:  min {L['min']}, median {L['median']:g}, p95 {L['p95']}, max {L['max']} "
-            f"({tokens['over_max_length']} rows over max_length {tokens['max_length']})"
+            f"tokens:  min {L.min}, median {L.median:g}, p95 {L.p95}, max {L.max} "
+            f"({r.tokens.over_max_length} rows over max_length {r.tokens.max_length})"
         )
-    bias = r["stats"].get("length_bias")
+    bias = r.length_bias
     if bias:
         print(
-            f"length:  chosen {bias['mean_chosen']:g} vs rejected {bias['mean_rejected']:g} {bias['unit']} on "
-            f"average; chosen longer in {bias['chosen_longer_share']:.0%} of pairs"
+            f"length:  chosen {bias.mean_chosen:g} vs rejected {bias.mean_rejected:g} {bias.unit} on "
+            f"average; chosen longer in {bias.chosen_longer_share:.0%} of pairs"
         )
-    ex = r["example"]
-    print(f"\nexample (line {ex['line']}), trained text between [[ and ]]:")
-    if "segments" in ex:
-        print(marked_text(ex))
-    elif "chosen" in ex and isinstance(ex["chosen"], dict) and "segments" in ex["chosen"]:
-        for side in ("chosen", "rejected"):
-            print(f"--- {side} ---\n{marked_text(ex[side])}")
+    ex = r.example
+    print(f"\nexample (line {ex.line}), trained text between [[ and ]]:")
+    if ex.sequence is not None:
+        print(ex.sequence.marked())
+    elif ex.chosen is not None and ex.rejected is not None:
+        for side, seq in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+            print(f"--- {side} ---\n{seq.marked()}")
     else:
-        print(json.dumps(ex["data"], ensure_ascii=False, indent=2))
+        print(json.dumps(ex.data, ensure_ascii=False, indent=2))

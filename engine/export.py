@@ -1,6 +1,7 @@
 """Export a run's adapter in PEFT's format, loadable by ``PeftModel.from_pretrained`` unchanged.
 
-A completed run exports its final adapter; a stopped or interrupted run its newest checkpoint. The folder
+A completed run exports its final adapter; a stopped, interrupted or failed run its newest checkpoint
+(``core.run_status.is_exportable``, the rule the studio's buttons follow too). The folder
 is written under a temporary name and renamed, so a failed export never looks like a finished one.
 """
 
@@ -11,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from finetune_studio.core.run_status import export_refusal, is_exportable
 from finetune_studio.core.store import Store
 from finetune_studio.engine import checkpoint
 
@@ -31,6 +33,8 @@ def find_adapter(run_ref: str) -> tuple[Path, dict]:
     run_dir = Path(run["run_dir"]) if run else Path(run_ref)
     if not run and not (run_dir / "config.json").is_file():
         raise ExportError(f"no run named {run_ref!r}: give a run id from the runs list or a run folder")
+    if run and not is_exportable(run.get("status")):
+        raise ExportError(f"run {run['id']} has no adapter to export: {export_refusal(run.get('status'))}")
     final = run_dir / "adapter"
     if all((final / f).is_file() for f in ADAPTER_FILES):
         return final, run or {}

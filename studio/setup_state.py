@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.dataset_report import DatasetReport
 from finetune_studio.studio.observable import Observable
 
 HELP = TrainConfig.field_help()
@@ -60,7 +61,7 @@ class SetupState(Observable):
         self.config: TrainConfig | None = None
         self.model_info = None  # core.events.ModelReady
         self.model_message = ""  # loading / error text for the model panel
-        self.dataset_info: dict | None = None  # `engine data inspect --json` output
+        self.dataset_info: DatasetReport | None = None  # the engine's report (`engine data inspect --json`)
         self.dataset_message = ""
         self.dataset_pending = False  # the engine is checking it; Start is not held up for that
         if initial:
@@ -89,7 +90,7 @@ class SetupState(Observable):
         self.notify("model")
         self.validate()
 
-    def set_dataset_info(self, info: dict | None, message: str = "", *, pending: bool = False) -> None:
+    def set_dataset_info(self, info: DatasetReport | None, message: str = "", *, pending: bool = False) -> None:
         self.dataset_info, self.dataset_message, self.dataset_pending = info, message, pending
         self.notify("dataset")
         self.validate()
@@ -131,15 +132,15 @@ class SetupState(Observable):
             out["dataset"] = "Choose a dataset file or folder."
         elif self.dataset_message and self.dataset_info is None and not self.dataset_pending:
             out["dataset"] = self.dataset_message
-        info = self.dataset_info or {}
-        kind = info.get("kind")
+        info = self.dataset_info
+        kind = info.kind if info is not None else ""
         if kind and "objective" not in errors:
             if values.get("objective") == "dpo" and kind not in PREFERENCE_KINDS:
                 out["objective"] = (
                     f"DPO needs preference data (prompt, chosen, rejected); this dataset is "
                     f"{kind}. Choose SFT, or a preference dataset."
                 )
-        if info and info.get("rows") == 0:
+        if info is not None and info.rows == 0:
             out["dataset"] = "The dataset has no usable rows; see the checks below."
         model = self.model_info
         ctx = getattr(model, "context_length", 0) or 0

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from finetune_studio.core.events import CheckpointSaved, Eval, Failed, Finished, Progress, Started, Step
+from finetune_studio.core.run_status import RunStatus
 from finetune_studio.studio.observable import Observable
 from finetune_studio.studio.series import Columns, Ema
 
@@ -30,7 +31,7 @@ TRAIN_COLUMNS = (
     "reward_accuracy",
 )
 EVAL_COLUMNS = ("step", "eval_loss", "reward_margin", "reward_accuracy")
-ACTIVE = ("starting", "running", "stopping")
+ACTIVE = ("starting", RunStatus.RUNNING, "stopping")  # the app's own states around a stored one
 LOG_LINES = 5000
 
 

@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import sys
+
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLineEdit
-from test_studio_support import IGNORE_OFFSCREEN, fake_engine, fake_json, make_window, write_sft_jsonl  # noqa: F401 - fixture
+from test_studio_support import IGNORE_OFFSCREEN, fake_engine, make_window, write_sft_jsonl  # noqa: F401 - fixture
 
 from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.dataset_report import DatasetReport
+from finetune_studio.engine import data_cli
 from finetune_studio.studio.presets import load_presets, presets_dir, read_preset
 from finetune_studio.studio.setup_state import HELP, SetupState
+from finetune_studio.studio.widgets.dataset_panel import DEMOS
 
 pytestmark = IGNORE_OFFSCREEN
 
-INSPECT_SFT = {
-    "format": "messages",
-    "kind": "sft",
-    "rows": 24,
-    "problems": [{"line": 3, "message": "empty reply"}],
-    "stats": {"mean_tokens": 31.5},
-    "example": [
-        {"text": "<|im_start|>user\nHi<|im_end|>\n", "trained": False},
-        {"text": "Hello!<|im_end|>", "trained": True},
-    ],
-}
+
+def engine_report(data: str, model) -> str:
+    """The engine's ``data inspect --json`` answer for ``data`` (its own code, run here): the line the studio gets."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert data_cli.main(["inspect", data, "--json", "--model", str(model)]) == 0
+    return out.getvalue().strip()
+
+
+def replay(answers: dict[str, str]):
+    """An engine command that answers ``data inspect PATH`` with the engine's recorded line for PATH."""
+
+    def argv(*args: str) -> list[str]:
+        assert args[:2] == ("data", "inspect") and "--json" in args, args
+        return [sys.executable, "-P", "-c", f"print({answers[args[2]]!r})"]
+
+    return argv
+
+
+@pytest.fixture(scope="module")
+def sft_data_and_report(tmp_path_factory, tiny_model_dir) -> tuple[str, str]:
+    """24 usable chat rows and one without an answer, with the engine's report on them."""
+    data = write_sft_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl")
+    with open(data, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "Anyone there?"}]}) + "\n")
+    return data, engine_report(data, tiny_model_dir)
 
 
 def test_every_preset_validates():
@@ -51,17 +74,17 @@ def test_state_names_each_bad_field():
 
 def test_dpo_on_sft_data_is_explained_next_to_objective():
     st = SetupState({"dataset": "d.jsonl", "objective": "dpo"})
-    st.set_dataset_info({"kind": "sft", "rows": 3})
+    st.set_dataset_info(DatasetReport(file="d.jsonl", format="messages", kind="sft", rows=3))
     assert "DPO needs preference data" in st.errors["objective"]
     st.set("objective", "sft")
     assert "objective" not in st.errors
 
 
 @pytest.fixture
-def window(make_window, tiny_model_dir, tmp_path):
-    data = write_sft_jsonl(tmp_path / "train.jsonl")
+def window(make_window, tiny_model_dir, sft_data_and_report):
+    data, report = sft_data_and_report
     win = make_window({"model": str(tiny_model_dir), "dataset": "", "max_steps": 5})
-    win.setup_page.dataset_panel.job.command = fake_json(INSPECT_SFT)
+    win.setup_page.dataset_panel.job.command = replay({data: report})
     win.show()
     return win, data
 
@@ -78,14 +101,23 @@ def test_click_through_setup(qtbot, window, tiny_model_dir):
     # No dataset yet: Start is disabled and the reason is shown.
     assert not page.start_button.isEnabled()
     assert "dataset" in page.blockers.text()
-    # Choose the dataset: the (fake) engine's inspection fills the panel.
+    # Choose the dataset: the engine's report (replayed) fills the panel.
     page.dataset_panel.path.setText(data)
     page.dataset_panel.path.editingFinished.emit()
     qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=15_000)
-    panel = page.dataset_panel
-    assert "messages" in panel.summary.text() and "24 rows" in panel.summary.text()
-    assert panel.problems.item(0).text() == "line 3: empty reply"
-    assert "background-color" in panel.preview.toHtml() and "Hello!" in panel.preview.toPlainText()
+    panel, report = page.dataset_panel, st.dataset_info
+    assert isinstance(report, DatasetReport) and (report.kind, report.rows, report.rows_read) == ("sft", 24, 25)
+    summary = panel.summary.text()
+    assert summary.startswith("messages · sft · 24 rows (of 25 read)")
+    assert f"tokens: median {report.tokens.lengths.median:g}" in summary
+    dropped = next(p for p in report.problems if p.line == 25)
+    assert panel.problems.item(0).text() == f"line 25: {dropped.message}"
+    assert panel.problems.count() == len(report.problems)
+    trained = [s.text for s in report.example.sequence.segments if s.trained]
+    assert trained and "0 plus 0 is 0." in trained[0]
+    html = panel.preview.toHtml()
+    assert "background-color" in html and "0 plus 0 is 0." in panel.preview.toPlainText()
+    assert panel.preview.toPlainText().strip() == report.example.sequence.text.strip()
     # Method × objective buttons.
     qtbot.mouseClick(page.method.buttons["dora"], Qt.MouseButton.LeftButton)
     assert st.values["method"] == "dora" and page.method.buttons["dora"].isChecked()
@@ -168,13 +200,15 @@ def test_gguf_model_is_imported_by_the_engine_with_progress(qtbot, make_window, 
              parameters=134515008, layers=30, hidden_size=576, vocab_size=49152, context_length=8192,
              dtype="bfloat16")
     """)
-    seen = []
-    panel.job.progress.connect(lambda ev: seen.append((ev.done, panel.progress.isVisible() or True)))
+    seen = []  # what the bar shows as each progress event arrives (the panel's own slot runs first)
+    panel.job.progress.connect(
+        lambda ev: seen.append((ev.done, panel.progress.isVisible(), panel.progress.value(), panel.progress.format()))
+    )
     win.show()
     with qtbot.waitSignal(panel.job.done, timeout=20_000):
         panel.resolve()
         assert "GGUF" in win.setup_state.model_message
-    assert [d for d, _ in seen] == [0, 1, 2, 3, 4]
+    assert seen == [(i, True, i, f"Converting ({i}/4)") for i in range(5)]
     assert panel.facts["parameters"].text() == "134.5M" and panel.facts["context_length"].text() == "8,192"
     assert not panel.progress.isVisible()
     # A failure from the engine is shown next to the model, in its words.
@@ -182,3 +216,37 @@ def test_gguf_model_is_imported_by_the_engine_with_progress(qtbot, make_window, 
     with qtbot.waitSignal(panel.job.failed, timeout=20_000):
         panel.resolve()
     assert "cannot read x.gguf" in panel.message.text() and panel.message.isVisible()
+
+
+def test_demo_data_in_one_click_with_the_matching_objective(qtbot, make_window, tiny_model_dir):
+    win = make_window(
+        {"model": str(tiny_model_dir), "dataset": "", "objective": "dpo", "dataset_mapping": {"prompt": "q"}}
+    )
+    win.show()
+    page, st = win.setup_page, win.setup_state
+    panel = page.dataset_panel
+    demos = {d.name: str(d.path) for d in DEMOS}
+    panel.job.command = replay({path: engine_report(path, tiny_model_dir) for path in demos.values()})
+    menu = panel.demo_button.menu()
+    assert [a.text() for a in menu.actions()] == [
+        "Demo: JSON extraction (SFT)",
+        "Demo: JSON extraction preferences (DPO)",
+    ]
+    # SFT demo: the data, the objective and the engine's report on the bundled file all agree.
+    panel.demo_actions["sft"].trigger()
+    assert st.values["objective"] == "sft" and page.objective.buttons["sft"].isChecked()
+    assert st.values["dataset_mapping"] == ""  # a mapping meant for other data is dropped
+    assert panel.path.text() == st.values["dataset"] == demos["sft"] and demos["sft"].endswith("demo_sft.jsonl")
+    qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=20_000)
+    assert (st.dataset_info.kind, st.dataset_info.rows) == ("sft", 400)
+    assert "objective" not in st.errors and "dataset" not in st.errors
+    assert page.start_button.isEnabled(), page.blockers.text()
+    # Preference demo: DPO, and no "DPO needs preference data".
+    panel.demo_actions["preference"].trigger()
+    assert st.values["objective"] == "dpo" and page.objective.buttons["dpo"].isChecked()
+    assert panel.path.text() == demos["preference"] and demos["preference"].endswith("demo_preference.jsonl")
+    assert "objective" not in st.errors  # the SFT report is gone at once, so no stale "DPO needs preference data"
+    qtbot.waitUntil(lambda: st.dataset_info is not None, timeout=20_000)
+    assert (st.dataset_info.kind, st.dataset_info.rows) == ("preference", 400)
+    assert "objective" not in st.errors and page.start_button.isEnabled(), page.blockers.text()
+    assert "chosen" in panel.preview.toPlainText()

@@ -6,74 +6,12 @@ exactly what it will mean in training. Everything else (length bias in character
 
 from __future__ import annotations
 
-import math
-import statistics
-from dataclasses import asdict, dataclass
-
+from finetune_studio.core.dataset_report import LengthBias, LengthStats, TokenStats
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
 
 UNLIMITED = 10**9  # a max_length that never truncates: gives full lengths
 BIAS_WARN = 0.75  # warn when chosen is longer (or shorter) in more than this share of pairs
-
-
-@dataclass(frozen=True)
-class LengthStats:
-    count: int
-    min: int
-    median: float
-    p95: int
-    max: int
-
-    @classmethod
-    def of(cls, values: list[int]) -> LengthStats | None:
-        if not values:
-            return None
-        ordered = sorted(values)
-        p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]  # nearest rank
-        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1])
-
-
-@dataclass(frozen=True)
-class LengthBias:
-    """Whether chosen answers are systematically longer than rejected ones (DPO then learns "longer is better")."""
-
-    unit: str  # "tokens" or "characters"
-    pairs: int
-    mean_chosen: float
-    mean_rejected: float
-    chosen_longer_share: float  # share of pairs whose chosen answer is strictly longer
-
-    @classmethod
-    def of(cls, unit: str, chosen: list[int], rejected: list[int]) -> LengthBias | None:
-        if not chosen:
-            return None
-        longer = sum(1 for c, r in zip(chosen, rejected) if c > r)
-        return cls(
-            unit,
-            len(chosen),
-            round(statistics.fmean(chosen), 1),
-            round(statistics.fmean(rejected), 1),
-            round(longer / len(chosen), 3),
-        )
-
-
-@dataclass
-class TokenReport:
-    """Token statistics of a dataset under one tokenizer and ``max_length``."""
-
-    max_length: int
-    measured: int  # examples measured (all, or the first ``limit``)
-    lengths: LengthStats | None  # full sequence lengths before truncation (pairs: the longer side)
-    trained: LengthStats | None  # trained tokens per example after truncation
-    over_max_length: int  # examples longer than max_length (truncated in training)
-    no_trained_tokens: int  # examples left with nothing to learn after truncation
-    difference_truncated: int  # pairs whose chosen and rejected only differ past max_length
-    render_failures: int  # examples the chat template refuses
-    length_bias: LengthBias | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def answer_chars(msgs) -> int:
@@ -105,7 +43,7 @@ def warn_length_bias(bias: LengthBias | None, log: ProblemLog) -> None:
 
 def token_report(
     examples: list, tokenizer, max_length: int, loss_on: str, log: ProblemLog, limit: int | None = None
-) -> TokenReport:
+) -> TokenStats:
     """Tokenise (up to ``limit``) examples exactly as training will, and count what matters."""
     from finetune_studio.engine.render import RenderError, tokenize_example
 
@@ -154,7 +92,7 @@ def token_report(
             kind="rows longer than max_length",
         )
     bias = LengthBias.of("tokens", chosen_len, rejected_len)
-    return TokenReport(
+    return TokenStats(
         max_length,
         len(measured),
         LengthStats.of(lengths),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from finetune_studio.core.dataset_report import Problem  # the report's own type: one definition
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -95,25 +97,6 @@ class TextExample:
 
 
 Example = Conversation | PreferencePair | UnpairedExample | TextExample
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something wrong with the data, told so a person can fix it."""
-
-    message: str
-    line: int | None = None  # 1-based line in a text file (JSONL, JSON, CSV); 1-based row (Parquet, Arrow)
-    file: str = ""
-    # "dropped": the row was left out; "warning": kept, but look at it; "note": information.
-    level: str = "warning"
-
-    def to_dict(self) -> dict:
-        out: dict = {"message": self.message, "level": self.level}
-        if self.line is not None:
-            out["line"] = self.line
-        if self.file:
-            out["file"] = self.file
-        return out
 
 
 @dataclass

@@ -7,10 +7,10 @@ already in the local Hugging Face cache. Nothing is ever downloaded.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from finetune_studio.core.model_spec import REPO_ID, cached_snapshot, datasets_cache_dir, hub_cache_dir
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.readers import BINARY_SUFFIXES, TEXT_SUFFIXES
 from finetune_studio.engine.datasets.schema import DatasetError
@@ -26,7 +26,7 @@ NOT_DATA = {
     "metadata.json",
     "package.json",
 }
-HUB_ID = re.compile(r"^(?:hf://(?:datasets/)?)?([A-Za-z0-9][\w.-]*)/([\w.-]+)$")
+HUB_ID = re.compile(r"^(?:hf://(?:datasets/)?)?" + REPO_ID.pattern.removeprefix("^"))  # owner/name, or hf://...
 
 
 def resolve_source(spec: str | Path, log: ProblemLog, split: str | None = None) -> list[Path]:
@@ -117,34 +117,11 @@ def _json_file(path: Path) -> dict:
     return value
 
 
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, as ``huggingface_hub`` finds it (HF_HUB_CACHE, HF_HOME, ~/.cache)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
-    return home / "hub"
-
-
-def datasets_cache_dir() -> Path:
-    """The `datasets` library's processed cache (HF_DATASETS_CACHE, HF_HOME, ~/.cache)."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
-    return home / "datasets"
-
-
 def _hub_files(owner: str, name: str, log: ProblemLog, split: str | None) -> list[Path]:
-    repo = hub_cache_dir() / f"datasets--{owner}--{name}"
-    snapshots = repo / "snapshots"
-    if snapshots.is_dir():
-        ref = repo / "refs" / "main"
-        snap = snapshots / ref.read_text().strip() if ref.is_file() else None
-        if snap is None or not snap.is_dir():
-            candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-            snap = candidates[-1] if candidates else None
-        if snap is not None:
-            log.add(f"read {owner}/{name} from the local Hugging Face cache ({snap})", level="note")
-            return _folder_files(snap, log, split)
+    snap = cached_snapshot(f"{owner}/{name}", repo_type="dataset")
+    if snap is not None:
+        log.add(f"read {owner}/{name} from the local Hugging Face cache ({snap})", level="note")
+        return _folder_files(snap, log, split)
     processed = datasets_cache_dir() / f"{owner}___{name}"
     if processed.is_dir():
         wanted = split or "train"

@@ -21,7 +21,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from finetune_studio.core.store import RUN_STATUSES, Store
+from finetune_studio.core.run_status import RUN_STATUSES, is_exportable, is_resumable
+from finetune_studio.core.store import Store
 from finetune_studio.studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
 from finetune_studio.studio.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
@@ -63,7 +64,7 @@ class RunsPage(QWidget):
         self.status_box.setObjectName("runsStatus")
         self.status_box.addItem("All statuses", "")
         for s in RUN_STATUSES:
-            self.status_box.addItem(s.capitalize(), s)
+            self.status_box.addItem(s.capitalize(), s.value)
         self.status_box.currentIndexChanged.connect(
             lambda _i: self.proxy.set_filter(status=self.status_box.currentData())
         )
@@ -163,8 +164,8 @@ class RunsPage(QWidget):
         one = self._run(ids[0]) if len(ids) == 1 else None
         self.open_button.setEnabled(one is not None)
         self.again_button.setEnabled(one is not None)
-        self.resume_button.setEnabled(one is not None and one.get("status") in ("stopped", "interrupted", "failed"))
-        self.export_button.setEnabled(one is not None and one.get("status") in ("completed", "stopped"))
+        self.resume_button.setEnabled(one is not None and is_resumable(one.get("status")))
+        self.export_button.setEnabled(one is not None and is_exportable(one.get("status")))
         if one is not None:
             try:
                 self.config_view.setPlainText(

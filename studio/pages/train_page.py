@@ -17,21 +17,22 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core.run_status import RunStatus, is_exportable, is_resumable
 from finetune_studio.studio.state import MemoryState, RunState, format_bytes, format_duration
 from finetune_studio.studio.widgets.charts import TrainingCharts
 from finetune_studio.studio.widgets.log_view import LogView
 from finetune_studio.studio.widgets.memory_panel import MemoryBar
 
 STATUS_TEXT = {
-    "idle": "No run yet",
+    "idle": "No run yet",  # the app's own states around a run's stored ones
     "starting": "Starting…",
-    "running": "Training",
     "stopping": "Stopping…",
-    "completed": "Completed",
-    "stopped": "Stopped",
-    "failed": "Failed",
-    "interrupted": "Interrupted",
-    "created": "Not started",
+    RunStatus.RUNNING: "Training",
+    RunStatus.COMPLETED: "Completed",
+    RunStatus.STOPPED: "Stopped",
+    RunStatus.FAILED: "Failed",
+    RunStatus.INTERRUPTED: "Interrupted",
+    RunStatus.CREATED: "Not started",
 }
 
 
@@ -141,8 +142,8 @@ class TrainPage(QWidget):
         self.status.style().unpolish(self.status)
         self.status.style().polish(self.status)
         self.stop_button.setEnabled(st.status in ("starting", "running"))
-        self.resume_button.setEnabled(bool(st.info.run_id) and st.status in ("stopped", "interrupted", "failed"))
-        self.export_button.setEnabled(bool(st.info.run_id) and st.status in ("completed", "stopped"))
+        self.resume_button.setEnabled(bool(st.info.run_id) and is_resumable(st.status))
+        self.export_button.setEnabled(bool(st.info.run_id) and is_exportable(st.status))
         text = st.message
         if st.status == "failed" and text:
             kind = {"oom": "Out of memory", "config": "Settings", "data": "Dataset", "model": "Model"}.get(

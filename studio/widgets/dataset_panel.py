@@ -1,14 +1,19 @@
-"""Choose the dataset; show the engine's verdict: format, kind, rows, the checks and a rendered example.
+"""Choose the dataset (or one of the bundled demo sets); show the engine's verdict: format, kind, rows, the
+checks and a rendered example.
 
-The example is shown with the tokens that are trained on highlighted, read from
-``engine data inspect --json``; keys the engine does not (yet) send are skipped.
+The verdict is the :class:`core.dataset_report.DatasetReport` that ``engine data inspect --json`` sends; the
+example is shown with the tokens that are trained on highlighted.
 """
 
 from __future__ import annotations
 
 import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import QTimer
+from PySide6.QtGui import QAction
 from PySide6.QtWidgets import (
     QFileDialog,
     QFormLayout,
@@ -17,12 +22,15 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QMenu,
     QPushButton,
     QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
 
+from finetune_studio.core.dataset_report import DatasetReport, ExamplePreview, RenderedSequence, Segment
+from finetune_studio.core.paths import resources_dir
 from finetune_studio.studio.jobs import EngineJob
 from finetune_studio.studio.setup_state import HELP, SetupState
 from finetune_studio.studio.widgets.config_form import ErrorLabel
@@ -31,15 +39,46 @@ DATA_FILTER = "Datasets (*.jsonl *.json *.csv *.tsv *.parquet);;All files (*)"
 TRAINED_STYLE = "background-color: rgba(60, 170, 110, 0.35);"
 
 
+@dataclass(frozen=True)
+class Demo:
+    name: str
+    label: str
+    file: str
+    objective: str  # the objective this data is made for
+    help: str
+
+    @property
+    def path(self) -> Path:
+        return resources_dir() / "datasets" / self.file
+
+
+DEMOS = (
+    Demo(
+        "sft",
+        "Demo: JSON extraction (SFT)",
+        "demo_sft.jsonl",
+        "sft",
+        "400 chat examples: turn a sentence about a person into a JSON object; trains with SFT",
+    ),
+    Demo(
+        "preference",
+        "Demo: JSON extraction preferences (DPO)",
+        "demo_preference.jsonl",
+        "dpo",
+        "400 prompt / chosen / rejected pairs for the same task; trains with DPO",
+    ),
+)
+
+
 class DatasetPanel(QGroupBox):
     def __init__(self, state: SetupState, parent: QWidget | None = None):
         super().__init__("Dataset", parent)
         self.state = state
         self.job = EngineJob(self)
         self.job.done.connect(
-            lambda info: state.set_dataset_info(
-                info if isinstance(info, dict) else None,
-                "" if isinstance(info, dict) else "The engine's answer was not understood.",
+            lambda report: state.set_dataset_info(
+                report if isinstance(report, DatasetReport) else None,
+                "" if isinstance(report, DatasetReport) else "The engine did not report on the dataset.",
             )
         )
         self.job.failed.connect(lambda msg: state.set_dataset_info(None, msg))
@@ -53,10 +92,22 @@ class DatasetPanel(QGroupBox):
         file_btn.clicked.connect(self._pick_file)
         folder_btn = QPushButton("Folder…", self)
         folder_btn.clicked.connect(self._pick_folder)
+        self.demo_button = QPushButton("Use demo data", self)
+        self.demo_button.setObjectName("demoDataButton")
+        self.demo_button.setToolTip("The bundled demo datasets: one click sets the data and the objective to match")
+        menu = QMenu(self.demo_button)
+        self.demo_actions: dict[str, QAction] = {}
+        for demo in DEMOS:
+            action = menu.addAction(demo.label)
+            action.setToolTip(demo.help)
+            action.triggered.connect(lambda _checked=False, d=demo: self.use_demo(d.name))
+            self.demo_actions[demo.name] = action
+        self.demo_button.setMenu(menu)
         row = QHBoxLayout()
         row.addWidget(self.path, 1)
         row.addWidget(file_btn)
         row.addWidget(folder_btn)
+        row.addWidget(self.demo_button)
         self.error = ErrorLabel(self)
         self.summary = QLabel("–", self)
         self.summary.setObjectName("datasetSummary")
@@ -97,6 +148,15 @@ class DatasetPanel(QGroupBox):
         self.path.setText(path)
         self.state.set("dataset", path)
 
+    def use_demo(self, name: str) -> None:
+        """Point at a bundled demo dataset and choose the objective it is made for."""
+        demo = next(d for d in DEMOS if d.name == name)
+        if str(self.state.values["dataset"]).strip() != str(demo.path):
+            self.state.set_dataset_info(None, "Checking the dataset…", pending=True)  # the old report is stale
+        self.state.set("objective", demo.objective)
+        self.state.set("dataset_mapping", "")  # the demo files use standard column names
+        self.choose(str(demo.path))
+
     def _on_state(self, topic: str) -> None:
         if topic in ("values:dataset", "values:model", "values:max_length", "values:*", "values:dataset_mapping"):
             if self.path.text() != self.state.values["dataset"]:
@@ -125,91 +185,65 @@ class DatasetPanel(QGroupBox):
     def _show(self) -> None:
         st = self.state
         self.error.show_error(st.errors.get("dataset", "") if st.values["dataset"] else "")
-        info = st.dataset_info
+        report = st.dataset_info
         self.problems.clear()
-        if info is None:
+        if report is None:
             self.summary.setText(st.dataset_message if st.values["dataset"] and not st.errors.get("dataset") else "–")
             self.preview.clear()
             return
-        bits = [str(info.get(k)) for k in ("format", "kind") if info.get(k)]
-        if info.get("rows") is not None:
-            bits.append(f"{info['rows']:,} rows" if isinstance(info["rows"], int) else f"{info['rows']} rows")
-        self.summary.setText(" · ".join(bits + stats_lines(info.get("stats"))) or "–")
-        problems = info.get("problems") or []
-        for p in problems[:200]:
-            if isinstance(p, dict):
-                where = f"line {p['line']}: " if p.get("line") else ""
-                self.problems.addItem(where + str(p.get("message", "")))
-            else:
-                self.problems.addItem(str(p))
-        if not problems:
+        self.summary.setText(" · ".join(summary_bits(report)))
+        for p in report.problems[:200]:
+            self.problems.addItem(p.where + p.message)
+        if not report.problems:
             self.problems.addItem("No problems found.")
-        example = next((info[k] for k in ("example", "rendered", "preview", "examples") if info.get(k)), None)
-        self.preview.setHtml(render_example(example))
+        self.preview.setHtml(render_example(report.example))
 
 
-def stats_lines(stats) -> list[str]:
-    """The few statistics worth a glance: token lengths, trained tokens, truncation."""
-    if not isinstance(stats, dict):
-        return []
-    out = []
-    tokens = stats.get("tokens") if isinstance(stats.get("tokens"), dict) else {}
-    lengths, trained = tokens.get("lengths") or {}, tokens.get("trained") or {}
-    if lengths.get("median") is not None:
-        out.append(f"tokens: median {_fmt(lengths['median'])}, max {_fmt(lengths.get('max', 0))}")
-    if trained.get("median") is not None:
-        out.append(f"trained tokens: median {_fmt(trained['median'])}")
-    for key, text in (("over_max_length", "over max length"), ("no_trained_tokens", "with nothing to train")):
-        if tokens.get(key):
-            out.append(f"{tokens[key]:,} {text}")
-    out += [
-        f"{k.replace('_', ' ')}: {_fmt(v)}"
-        for k, v in stats.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ][:4]
+def summary_bits(report: DatasetReport) -> list[str]:
+    """Format, kind and rows, then the few statistics worth a glance: token lengths, trained tokens, truncation."""
+    rows = f"{report.rows:,} rows"
+    if report.rows_read > report.rows:
+        rows += f" (of {report.rows_read:,} read)"
+    out = [report.format, report.kind, rows]
+    tokens = report.tokens
+    if tokens is not None:
+        if tokens.lengths is not None:
+            out.append(f"tokens: median {_fmt(tokens.lengths.median)}, max {_fmt(tokens.lengths.max)}")
+        if tokens.trained is not None:
+            out.append(f"trained tokens: median {_fmt(tokens.trained.median)}")
+        if tokens.over_max_length:
+            out.append(f"{tokens.over_max_length:,} over max length {tokens.max_length:,}")
+        if tokens.no_trained_tokens:
+            out.append(f"{tokens.no_trained_tokens:,} with nothing to train")
+    bias = report.length_bias
+    if bias is not None:
+        out.append(f"chosen longer in {bias.chosen_longer_share:.0%} of pairs")
     return out
 
 
-def _fmt(v) -> str:
-    return f"{v:,.1f}".rstrip("0").rstrip(".") if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v
+def _fmt(v: float) -> str:
+    return f"{v:,.1f}".rstrip("0").rstrip(".") if isinstance(v, float) else f"{v:,}"
 
 
-def render_example(example) -> str:
-    """HTML for the engine's rendered example, trained spans highlighted; tolerant of its exact shape."""
+def render_example(example: ExamplePreview | None) -> str:
+    """HTML for the engine's rendered example, trained spans highlighted; the raw row without a tokenizer."""
     if example is None:
         return "<i>No rendered example.</i>"
-    if isinstance(example, str):
-        return _pre(html.escape(example))
-    if isinstance(example, list):
-        if example and all(isinstance(s, dict) and "text" in s for s in example):
-            return _pre("".join(_segment(s) for s in example))
-        return "<hr>".join(render_example(e) for e in example[:3])
-    if isinstance(example, dict):
-        if "segments" in example:
-            return render_example(example["segments"])
-        if "text" in example and isinstance(example.get("trained_spans") or example.get("spans"), list):
-            text, out, pos = example["text"], [], 0
-            for start, end in sorted(example.get("trained_spans") or example["spans"]):
-                out.append(html.escape(text[pos:start]))
-                out.append(f"<span style='{TRAINED_STYLE}'>{html.escape(text[start:end])}</span>")
-                pos = end
-            out.append(html.escape(text[pos:]))
-            return _pre("".join(out))
-        parts = [
-            f"<b>{html.escape(str(k))}</b>{render_example(v)}"
-            for k, v in example.items()
-            if k in ("prompt", "chosen", "rejected", "text", "completion")
-        ]
-        if parts:
-            return "".join(parts)
-        return _pre(html.escape(str(example)))
-    return _pre(html.escape(str(example)))
+    if example.sequence is not None:
+        return _sequence(example.sequence)
+    if example.chosen is not None and example.rejected is not None:
+        return f"<b>chosen</b>{_sequence(example.chosen)}<b>rejected</b>{_sequence(example.rejected)}"
+    note = "<i>Not rendered (no tokenizer for this model); the row as read:</i>"
+    return note + _pre(html.escape(json.dumps(example.data, ensure_ascii=False, indent=2)))
 
 
-def _segment(seg: dict) -> str:
-    text = html.escape(str(seg.get("text", "")))
-    trained = seg.get("trained", seg.get("train", seg.get("label", False)))
-    return f"<span style='{TRAINED_STYLE}'>{text}</span>" if trained else text
+def _sequence(seq: RenderedSequence) -> str:
+    return _pre("".join(_segment(s) for s in seq.segments))
+
+
+def _segment(seg: Segment) -> str:
+    text = html.escape(seg.text)
+    return f"<span style='{TRAINED_STYLE}'>{text}</span>" if seg.trained else text
 
 
 def _pre(body: str) -> str:
