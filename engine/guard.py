@@ -1,6 +1,6 @@
 """Checks before a run loads its weights: a LoRA rank the model cannot use, a run the memory estimate (fitted to
-its data) says cannot fit. Refusing at once, with the setting to change, beats being ended by the system's out-of-memory killer
-half an hour later (which leaves no ``failed`` event behind)."""
+its data) says cannot fit. Refusing at once, with the setting to change, beats being ended by the system's
+out-of-memory killer half an hour later (which leaves no ``failed`` event behind)."""
 
 from __future__ import annotations
 
