@@ -186,6 +186,11 @@ class TrainConfig:
         False, "Allow loading .bin/.pt pickle checkpoints, which can run arbitrary code.", advanced=True
     )
     trust_remote_code: bool = _f(False, "Allow running Python code shipped inside a model folder.", advanced=True)
+    ignore_memory_check: bool = _f(
+        False,
+        "Start even when the memory estimate says the run will not fit (the system may then end it).",
+        advanced=True,
+    )
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -266,6 +271,7 @@ class TrainConfig:
             "precompute_reference",
             "allow_pickle",
             "trust_remote_code",
+            "ignore_memory_check",
         ):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
 

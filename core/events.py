@@ -126,7 +126,7 @@ class Failed(Event):
 
     type: ClassVar[str] = "failed"
     message: str
-    kind: str = "error"  # "config" | "data" | "model" | "oom" | "error"
+    kind: str = "error"  # "config" | "data" | "model" | "oom" | "database" | "error"
     run_id: str = ""
     detail: str = ""  # the exception text, for the log view
 

@@ -657,6 +657,13 @@ def fits(
     )
 
 
+def rank_limit(shape: ModelShape, config: TrainConfig) -> int:
+    """The largest LoRA rank that makes sense: the widest targeted layer's narrow side, min(in, out) (0 when no
+    layer is targeted). Above it, no layer's update can gain rank: the rank only adds parameters and memory."""
+    layers = shape.targeted_layers(config.target_modules)
+    return max((min(lin.in_features, lin.out_features) for lin in layers), default=0)
+
+
 def _advice(estimate: MemoryEstimate, config: TrainConfig | None) -> str:
     """Advice for the largest shrinkable term."""
     shrinkable = ("base_weights", "optimizer_states", "activations", "logits", "reference_forward")

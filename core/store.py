@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 LATER_RUN_COLUMNS = {
     "memory_estimate": str,  # core.memory_report.MemoryReport as JSON: the budget the run started with
     "memory_reserved_peak_bytes": int,  # CUDA: the allocator's reserved peak (memory_peak_bytes: allocated)
+    "pid_start": str,  # the engine process's start time beside its pid (a pid alone can be reused)
 }
 
 
@@ -55,7 +56,29 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def pid_alive(pid: int | None) -> bool:
+def process_start(pid: int | None) -> str:
+    """What tells process ``pid`` apart from a later process given the same pid: its start time ('' when
+    unknown). Linux: the boot id and field 22 of /proc/<pid>/stat (clock ticks since boot); elsewhere
+    psutil's create time when psutil is installed."""
+    if not pid:
+        return ""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        ticks = stat[stat.rindex(")") + 2 :].split()[19]  # fields from 3 (state) on; starttime is field 22
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{ticks}"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return f"psutil:{psutil.Process(int(pid)).create_time():.3f}"
+    except Exception:  # no psutil, or no such process
+        return ""
+
+
+def pid_alive(pid: int | None, start: str | None = None) -> bool:
+    """Whether process ``pid`` lives and, when its recorded ``start`` is given, is still that same process."""
     if not pid:
         return False
     try:
@@ -63,10 +86,40 @@ def pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    except OSError:
+        return False
+    if start:
+        now_start = process_start(pid)
+        if now_start and now_start != start:
+            return False  # the pid was reused by another process
+    return True
+
+
+def signal_process(pid: int | None, start: str | None, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still the process recorded with ``start``; False when it is gone.
+    On Linux a pidfd pins the process between the check and the signal, so no unrelated process is hit."""
+    import signal as _signal
+
+    if not pid_alive(pid, start):
+        return False
+    try:
+        fd = os.pidfd_open(int(pid))
+    except (AttributeError, OSError):  # not Linux, or an old kernel: check-then-kill
+        try:
+            os.kill(int(pid), sig)
+        except OSError:
+            return False
+        return True
+    try:
+        if not pid_alive(pid, start):
+            return False
+        _signal.pidfd_send_signal(fd, sig)
         return True
     except OSError:
         return False
-    return True
+    finally:
+        os.close(fd)
 
 
 class Store:
@@ -76,12 +129,20 @@ class Store:
         self.path = Path(path) if path else paths.db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        self.db = sqlite_utils.Database(conn)
-        if self.db.journal_mode != "wal":
-            self.db.enable_wal()
-        self._migrate()
-        self._add_later_columns()
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            self.db = sqlite_utils.Database(conn)
+            if self.db.journal_mode != "wal":
+                self.db.enable_wal()
+            self._migrate()
+            self._add_later_columns()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if type(exc) is sqlite3.DatabaseError:  # "file is not a database", "malformed"; not "locked"
+                from finetune_studio.core.db_recovery import DatabaseDamaged
+
+                raise DatabaseDamaged(self.path, str(exc)) from None
+            raise
 
     def close(self) -> None:
         self.db.conn.close()
@@ -213,7 +274,7 @@ class Store:
     @staticmethod
     def _with_liveness(row: dict) -> dict:
         """A run marked running whose process is gone was interrupted (crash, kill, power cut)."""
-        if row.get("status") == RunStatus.RUNNING and not pid_alive(row.get("pid")):
+        if row.get("status") == RunStatus.RUNNING and not pid_alive(row.get("pid"), row.get("pid_start")):
             row = dict(row, status=RunStatus.INTERRUPTED.value)
         return row
 

@@ -8,6 +8,7 @@ python -m finetune_studio.engine export RUN OUT_DIR      write the adapter in PE
 python -m finetune_studio.engine demo                    train on the bundled demo task, print the score before/after
 python -m finetune_studio.engine data inspect FILE       detect format, check, preview (see --help)
 python -m finetune_studio.engine data convert FILE OUT --to FORMAT
+python -m finetune_studio.engine db check|recover        say whether the database is damaged; keep it, start afresh
 python -m finetune_studio.engine model info MODEL        resolve (and convert a GGUF) a model; prints a 'model' event
 python -m finetune_studio.engine serve [--threads N]     the generation worker (JSON-line requests on stdin)
 """
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from finetune_studio.engine.data_cli import main as data_main
 
         return data_main(rest)
+    if command == "db":
+        from finetune_studio.engine.db_cli import main as db_main
+
+        return db_main(rest)
     from finetune_studio.engine.cli import main as cli_main
 
     return cli_main(argv)

@@ -56,6 +56,27 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     return final
 
 
+def clean_leftovers(run_dir: Path) -> list[Path]:
+    """Remove the temporary folders a killed process left in ``run_dir`` (checkpoints and adapter being written),
+    and put back an adapter that was moved aside while being replaced. Call only while no other process writes
+    this run (a run is started or resumed only when it is not running). Returns what was removed."""
+    run_dir = Path(run_dir)
+    mine = f"-{os.getpid()}"
+    removed = []
+    adapter = run_dir / "adapter"
+    for old in sorted(run_dir.glob(".adapter-old-*")):
+        if not adapter.exists():
+            os.replace(old, adapter)  # killed between moving the old adapter aside and putting the new one
+        elif not old.name.endswith(mine):
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    for tmp in [*run_dir.glob(".adapter-tmp-*"), *checkpoints_dir(run_dir).glob(".tmp-*")]:
+        if tmp.is_dir() and not tmp.name.endswith(mine):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():

@@ -53,6 +53,7 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
         reporter.emit(ev.Failed(message=f"Invalid config: {exc}", kind="config"))
         return 2
 
+    from finetune_studio.core.db_recovery import DatabaseDamaged
     from finetune_studio.engine.train import StopFlag, TrainingFailed, train_run
 
     ranks = None
@@ -76,6 +77,9 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
     except ConfigError as exc:  # resume of an unknown / finished run: no run row to mark
         reporter.emit(ev.Failed(message=f"Invalid request: {exc}", kind="config"))
         return 2
+    except DatabaseDamaged as exc:  # no run row can be written: the event says which file and what to do
+        reporter.emit(ev.Failed(message=f"Database problem: {exc}", kind="database"))
+        return 1
     return 0
 
 

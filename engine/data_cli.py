@@ -1,7 +1,7 @@
 """``python -m finetune_studio.engine data``: inspect a dataset before training, or convert it to another format.
 
     python -m finetune_studio.engine data inspect FILE [--json] [--model MODEL] [--max-length N] [--mapping JSON]
-                                       [--loss-on assistant|all] [--row N]
+                                       [--loss-on assistant|all] [--row N] [--trust-remote-code]
     python -m finetune_studio.engine data convert FILE OUT --to trl|trl-conversational|llama-factory|messages
                                         [--mapping JSON]
 
@@ -23,11 +23,18 @@ from pathlib import Path
 from finetune_studio.core.dataset_report import DatasetReport, ExamplePreview, Problem
 from finetune_studio.core.events import Failed
 from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
-from finetune_studio.engine.datasets.loader import load_dataset, open_dataset
+from finetune_studio.engine.datasets.loader import open_dataset
 from finetune_studio.engine.datasets.preview import preview_example
 from finetune_studio.engine.datasets.problems import ProblemLog
-from finetune_studio.engine.datasets.report import char_length_bias, template_warnings, token_report, warn_length_bias
-from finetune_studio.engine.datasets.schema import DatasetError
+from finetune_studio.engine.datasets.report import (
+    LengthBias,
+    answer_chars,
+    template_warnings,
+    token_report,
+    uses_tools,
+    warn_length_bias,
+)
+from finetune_studio.engine.datasets.schema import DatasetError, PreferencePair
 
 STATS_LIMIT = 20000  # rows tokenised for the statistics
 
@@ -55,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         help="SFT: train on assistant turns only, or on every token",
     )
     ins.add_argument("--row", type=int, default=1, help="which usable row to preview (1-based)")
+    ins.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running Python code shipped with the model's tokenizer (never asked otherwise)",
+    )
     ins.add_argument("--stats-limit", type=int, default=STATS_LIMIT, help="rows tokenised for the statistics")
     ins.set_defaults(func=cmd_inspect)
     conv = sub.add_parser("convert", help="write the dataset in another format")
@@ -108,27 +120,32 @@ def _mapping(text: str | None) -> dict | None:
     return value
 
 
-def load_tokenizer(model: str):
-    """The tokenizer of ``model``: a local model folder directly, anything else through ``engine.models``."""
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The tokenizer of ``model``: a local model folder directly, anything else through ``engine.models``.
+    Custom tokenizer code is never run (nor asked about on the terminal) unless ``trust_remote_code``."""
+    from finetune_studio.engine.models import CUSTOM_CODE, LoadOptions
+    from finetune_studio.engine.models import load_tokenizer as resolve
+
     path = Path(model).expanduser()
     if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
-    try:
-        from finetune_studio.engine.models import load_tokenizer as resolve
-    except ImportError as exc:
-        raise RuntimeError(
-            f"model '{model}' cannot be resolved here ({exc}); pass --model with a local model folder"
-        ) from None
-    return resolve(model)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise RuntimeError(CUSTOM_CODE) from None
+            raise
+    return resolve(model, LoadOptions(trust_remote_code=trust_remote_code))
 
 
 def cmd_inspect(args) -> int:
-    ds = load_dataset(args.file, _mapping(args.mapping))
+    # One pass over a stream: only the rows measured for the statistics (cut to what max_length can reach) and
+    # the preview row are kept, so memory does not grow with the file.
+    stream = open_dataset(args.file, _mapping(args.mapping), max_length=args.max_length)
     log = ProblemLog()
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     except Exception as exc:
         tokenizer = None
         log.add(
@@ -136,24 +153,39 @@ def cmd_inspect(args) -> int:
             level="note",
             kind="no tokenizer",
         )
-    bias = char_length_bias(ds.examples)
+    measured, chosen_chars, rejected_chars = [], [], []
+    preview = with_tools = None
+    for i, ex in enumerate(stream, 1):
+        if len(measured) < args.stats_limit:
+            measured.append(ex)
+        if i <= max(args.row, 1):
+            preview = ex
+        if with_tools is None and uses_tools(ex):
+            with_tools = ex
+        if isinstance(ex, PreferencePair):
+            chosen_chars.append(answer_chars(ex.chosen))
+            rejected_chars.append(answer_chars(ex.rejected))
+    if preview is None:
+        stream.result([])  # raises the reader's own explanation
+    rows = stream.usable
+    bias = LengthBias.of("characters", chosen_chars, rejected_chars)
     tokens = None
     if tokenizer is not None:
-        template_warnings(ds.examples, tokenizer, log)
-        tokens = token_report(ds.examples, tokenizer, args.max_length, args.loss_on, log, args.stats_limit)
+        template_warnings([with_tools] if with_tools else [], tokenizer, log)
+        tokens = token_report(measured, tokenizer, args.max_length, args.loss_on, log)
         bias = tokens.length_bias or bias
-        if tokens.measured < len(ds.examples):
-            log.add(f"token statistics cover the first {tokens.measured} of {len(ds.examples)} rows", level="note")
+        if tokens.measured < rows:
+            log.add(f"token statistics cover the first {tokens.measured} of {rows} rows", level="note")
     warn_length_bias(bias, log)
-    example = _example(ds.examples, args, tokenizer, log)
+    example = _example(preview, args, tokenizer, log)
     report = DatasetReport(
         file=str(args.file),
-        format=ds.format,
-        kind=ds.kind,
-        rows=len(ds.examples),
-        rows_read=ds.rows_read,
-        dropped=dict(ds.dropped),
-        problems=tuple(ds.problems + log.problems()),
+        format=stream.format,
+        kind=stream.kind,
+        rows=rows,
+        rows_read=rows + sum(stream.log.dropped.values()),
+        dropped=dict(stream.log.dropped),
+        problems=tuple(stream.log.problems() + log.problems()),
         example=example,
         model=args.model if tokens is not None else "",
         loss_on=args.loss_on if tokens is not None else "",
@@ -167,15 +199,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _example(examples: list, args, tokenizer, log: ProblemLog) -> ExamplePreview:
+def _example(example, args, tokenizer, log: ProblemLog) -> ExamplePreview:
     from finetune_studio.engine.render import RenderError
 
-    index = min(max(args.row, 1), len(examples)) - 1
     try:
-        return preview_example(examples[index], tokenizer, args.max_length, args.loss_on)
+        return preview_example(example, tokenizer, args.max_length, args.loss_on)
     except RenderError as exc:
-        log.add(f"the preview row cannot be rendered: {exc}", examples[index].source_line)
-        return preview_example(examples[index])
+        log.add(f"the preview row cannot be rendered: {exc}", example.source_line)
+        return preview_example(example)
 
 
 def cmd_convert(args) -> int:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.db_recovery import DatabaseDamaged
 
 
 class DataError(ValueError):
     """The dataset cannot be trained on with this config; the message says what to change."""
 
 
+# What allocators say when memory runs out: CUDA and MPS ("out of memory"), torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory ... Error code 12 (Cannot allocate memory)").
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     name = type(exc).__name__
-    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return name in ("OutOfMemoryError", "MemoryError") or any(t in text for t in _OOM_TEXT)
 
 
 def oom_message(config: TrainConfig | None, step: int) -> str:
@@ -37,6 +47,7 @@ def oom_message(config: TrainConfig | None, step: int) -> str:
 def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple[str, str]:
     """(kind, message) for a ``failed`` event."""
     from finetune_studio.engine.datasets.schema import DatasetError
+    from finetune_studio.engine.guard import MemoryGuardError
     from finetune_studio.engine.models import ModelError
     from finetune_studio.engine.render import RenderError
 
@@ -44,6 +55,12 @@ def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple
         return "config", f"Invalid config: {exc}"
     if isinstance(exc, (DatasetError, DataError, RenderError)):
         return "data", f"Dataset problem: {exc}"
+    if isinstance(exc, DatabaseDamaged):
+        return "database", f"Database problem: {exc}"
+    if type(exc) is sqlite3.DatabaseError:  # damage found mid-run
+        return "database", f"Database problem: {DatabaseDamaged(paths.db_path(), str(exc))}"
+    if isinstance(exc, MemoryGuardError):
+        return "oom", str(exc)
     if isinstance(exc, ModelError):
         return "model", f"Model problem: {exc}"
     if isinstance(exc, FileNotFoundError):

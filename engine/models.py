@@ -188,11 +188,22 @@ def compute_dtype(name: str, device: str):
     return torch.float32
 
 
+CUSTOM_CODE = (
+    "this model needs its own Python code to load, which is never run unless you allow it: set "
+    "trust_remote_code: true (data inspect: --trust-remote-code) only if you trust where it came from"
+)
+
+
 def load_tokenizer(spec: str | Path, options: LoadOptions = LoadOptions()):
     from transformers import AutoTokenizer
 
     folder = resolve_model(str(spec), options)
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=options.trust_remote_code)
+    try:  # an explicit False: transformers would otherwise ask on the terminal (and wait 15 s)
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=bool(options.trust_remote_code))
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(CUSTOM_CODE) from None
+        raise
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -221,10 +232,7 @@ def load_causal_lm(folder: Path, *, dtype, device: str, quantize_4bit: bool, opt
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise ModelError(
-                "this model needs its own Python code to load; set trust_remote_code: true only "
-                "if you trust where it came from"
-            ) from None
+            raise ModelError(CUSTOM_CODE) from None
         raise
     if quantize_4bit:
         _keep_4bit_inference_in_compute_dtype(model, dtype)

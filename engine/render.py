@@ -156,7 +156,11 @@ def tokenize_unpaired(tokenizer, ex: UnpairedExample, max_length: int) -> Tokeni
 
 
 def tokenize_example(tokenizer, example, max_length: int, loss_on: str = "assistant"):
-    """Dispatch on the example's kind."""
+    """Dispatch on the example's kind. Text far beyond ``max_length`` tokens is cut first (``datasets.bound``),
+    so the work per row stays bounded whatever the row's length."""
+    from finetune_studio.engine.datasets.bound import char_budget, cut_example
+
+    example, _cut = cut_example(example, char_budget(max_length))
     if isinstance(example, Conversation):
         return tokenize_conversation(tokenizer, example, max_length, loss_on)
     if isinstance(example, PreferencePair):

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from finetune_studio.core import events as ev
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
-from finetune_studio.core.store import Store, new_run_id
-from finetune_studio.engine import adapters, checkpoint, dist_checkpoint, errors, memory_budget
+from finetune_studio.core.store import Store, new_run_id, process_start
+from finetune_studio.engine import adapters, checkpoint, dist_checkpoint, errors, guard, memory_budget
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGINT (or a test); checked after every optimizer step."""
+    """Set by SIGTERM / SIGINT (or a test); checked after every optimizer step, and during set-up between stages
+    and for every example tokenised."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -64,6 +66,10 @@ class RunResult:
     adapter_dir: Path | None = None
     final_loss: float | None = None
     message: str = ""
+
+
+class SetupStopped(Exception):
+    """Stop was asked for before training began: nothing to checkpoint, the run ends ``stopped`` at once."""
 
 
 class TrainingFailed(RuntimeError):
@@ -112,8 +118,18 @@ def train_run(
         store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
     if main:
         reporter.attach_run(store, run_id, run_dir)
+        for leftover in checkpoint.clean_leftovers(run_dir):
+            reporter.log(f"Removed {leftover.name}, left half-written by a process that was killed")
         pid = int(os.environ.get(distributed.LAUNCHER_PID_ENV) or os.getpid()) if ranks else os.getpid()
-        store.update_run(run_id, status=RunStatus.RUNNING, pid=pid, started_at=time.time(), error="", error_kind="")
+        store.update_run(
+            run_id,
+            status=RunStatus.RUNNING,
+            pid=pid,
+            pid_start=process_start(pid),
+            started_at=time.time(),
+            error="",
+            error_kind="",
+        )
     if ranks is not None:
         if main:
             distributed.write_launch_file(run_id, str(run_dir))
@@ -122,6 +138,8 @@ def train_run(
     recipe = Recipe(config, run_id, run_dir, store, reporter, stop, ranks)
     try:
         return recipe.run(resume=bool(resume))
+    except SetupStopped:
+        return recipe.stopped_in_setup()
     except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
@@ -130,7 +148,10 @@ def train_run(
             raise TrainingFailed(RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)) from exc
         with contextlib.suppress(Exception):
             recipe.record_peak()
-        store.update_run(run_id, status=RunStatus.FAILED, error=message, error_kind=kind, finished_at=time.time())
+        try:
+            store.update_run(run_id, status=RunStatus.FAILED, error=message, error_kind=kind, finished_at=time.time())
+        except sqlite3.DatabaseError:  # the database itself is what failed: the event still says why
+            log.exception("could not record the failure of run %s in the database", run_id)
         reporter.emit(ev.Failed(message=message, kind=kind, run_id=run_id, detail=f"{type(exc).__name__}: {exc}"))
         result = RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)
         if isinstance(exc, KeyboardInterrupt):
@@ -170,7 +191,9 @@ class Recipe:
         if cfg.quantized and self.device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
+        self._stop_point()
         self.model_folder = folder
+        guard.check_rank(cfg, folder)
         self.tokenizer = load_tokenizer(str(folder), options)
         self.train_examples, self.val_examples = self._prepare_data()
         self.memory_report = memory_budget.run_report(
@@ -180,12 +203,17 @@ class Recipe:
             self.train_examples,
             trust_remote_code=cfg.trust_remote_code,
         )
+        verdict = guard.check_fit(self.memory_report, cfg)  # refuses a run that cannot fit, before loading it
+        if verdict:
+            self.reporter.log(f"Memory: {verdict}")
+        self._stop_point()
 
         self.reporter.progress("load", 0, 1, "Loading the model")
         base = load_causal_lm(
             folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
         )
         self.model = adapters.add_adapters(base, cfg)
+        self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward
         if self.ranks is not None:
             from finetune_studio.engine.distributed import WrappedLogps
@@ -277,12 +305,25 @@ class Recipe:
         self.reporter.log(f"Training on the longest batch first (examples {first}), so memory is tested at step 1")
         return first
 
+    def _stop_point(self) -> None:
+        # Several processes stop together at a training step (the stop flag is agreed there); alone, at once.
+        if self.stop.requested and self.ranks is None:
+            raise SetupStopped
+
+    def stopped_in_setup(self) -> RunResult:
+        """Stop asked for during set-up: the run ends ``stopped`` where its last checkpoint left it."""
+        step = int((self.store.get_run(self.run_id) or {}).get("step") or 0)
+        self.reporter.log("Stopped during set-up, before any training step")
+        self.store.update_run(self.run_id, status=RunStatus.STOPPED, finished_at=time.time())
+        self.reporter.emit(ev.Finished(run_id=self.run_id, status=RunStatus.STOPPED, step=step, final_loss=None))
+        return RunResult(self.run_id, self.run_dir, RunStatus.STOPPED, step)
+
     def _prepare_data(self) -> tuple[list, list]:
         cfg = self.config
         self.reporter.progress("data", 0, 1, f"Reading {Path(cfg.dataset).name}")
         if not cfg.dataset:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
-        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None)
+        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None, max_length=cfg.max_length)
         for problem in data.problems[:20]:
             self.reporter.log(
                 f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",
@@ -301,6 +342,7 @@ class Recipe:
         for part_name, part in (("train", train), ("validation", val)):
             tokenized, dropped = [], 0
             for i, example in enumerate(part):
+                self._stop_point()
                 if i % 200 == 0:
                     self.reporter.progress("tokenize", i, len(part), f"Tokenizing the {part_name} split")
                 item = tokenize_example(self.tokenizer, example, cfg.max_length, cfg.loss_on)
@@ -316,7 +358,7 @@ class Recipe:
                 if unusable:
                     dropped += 1
                     continue
-                tokenized.append(item)
+                tokenized.append(_compact(item))
             if dropped:
                 self.reporter.log(
                     f"Dropped {dropped} of {len(part)} {part_name} examples with nothing to train on "
@@ -555,11 +597,14 @@ class Recipe:
             if self.main:
                 tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
                 self.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
-                if adapter_dir.exists():
+                old = self.run_dir / f".adapter-old-{os.getpid()}"
+                if adapter_dir.exists():  # moved aside, not deleted, until the new one is in place
+                    os.replace(adapter_dir, old)
+                os.replace(tmp, adapter_dir)
+                if old.exists():
                     import shutil
 
-                    shutil.rmtree(adapter_dir)
-                os.replace(tmp, adapter_dir)
+                    shutil.rmtree(old)
         if note:
             self.reporter.log(note)
         self.record_peak()
@@ -581,6 +626,17 @@ class Recipe:
             )
         )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
+
+
+def _compact(item):
+    """Token ids and labels as int32 arrays (4 bytes a token instead of a Python int's ~36): what the run keeps of
+    each example for its whole life, so a large dataset costs its tokens and little more."""
+    from array import array
+    from dataclasses import replace
+
+    if isinstance(item, TokenizedPair):
+        return replace(item, chosen=_compact(item.chosen), rejected=_compact(item.rejected))
+    return replace(item, input_ids=array("i", item.input_ids), labels=array("i", item.labels))
 
 
 def _memory(device: str) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import sys
 
 from PySide6.QtWidgets import QApplication
 
-from finetune_studio.studio import jobs, theme
+from finetune_studio.studio import db_guard, jobs, theme
 from finetune_studio.studio.main_window import MainWindow
 
 
@@ -28,6 +28,9 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"finetune-studio: {trouble}\n")
         return 1
     app = create_app(argv)
+    if not db_guard.ensure_database(db_guard.ask_with_dialog, db_guard.tell_with_dialog):
+        sys.stderr.write("finetune-studio: the database is damaged and was left as it is\n")
+        return 1
     window = MainWindow()
     window.show()
     code = app.exec()

@@ -18,7 +18,7 @@ from finetune_studio.core import paths
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.events import Started, Step
 from finetune_studio.core.run_status import RunStatus
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import Store, signal_process
 from finetune_studio.studio.engine_process import EngineProcess, Outcome, engine_command
 from finetune_studio.studio.state import MemoryEstimate, MemoryState, RunState
 
@@ -40,6 +40,7 @@ class RunController(QObject):
         self.follow_timer = QTimer(self, interval=FOLLOW_MS)
         self.follow_timer.timeout.connect(self.poll)
         self.followed_pid = 0
+        self.followed_start = ""  # the followed process's start time: a reused pid is never signalled
         self.engine_argv = engine_command  # tests may swap in a fake engine
 
     @property
@@ -91,9 +92,8 @@ class RunController(QObject):
         if self.proc.running:
             self.proc.stop()
         elif self.follow_timer.isActive() and self.followed_pid:
-            try:
-                os.kill(self.followed_pid, signal.SIGTERM)
-            except OSError:
+            if not signal_process(self.followed_pid, self.followed_start, signal.SIGTERM):
+                self.poll()  # the process is gone: show what the database says now
                 return
         else:
             return
@@ -120,6 +120,7 @@ class RunController(QObject):
         self.state.add_log(text if level in ("stderr", "info") else f"[{level}] {text}")
 
     def _on_ended(self, outcome: Outcome) -> None:
+        outcome = self._reconciled(outcome)
         st = self.state
         if outcome.status == "detached":
             st.set_status("running", "The run goes on in the background; reopen the app to follow it.")
@@ -138,6 +139,19 @@ class RunController(QObject):
         if outcome.message and outcome.status not in ("completed", "stopped", "detached"):
             st.add_log(outcome.message)
         self.run_ended.emit(outcome)
+
+    def _reconciled(self, outcome: Outcome) -> Outcome:
+        """The database is written before the ``finished`` event: a child killed in between has ended its run
+        (the database says so) without saying it on stdout. Believe the database then."""
+        if outcome.status != "crashed" or not outcome.run_id:
+            return outcome
+        try:
+            run = self.store.get_run(outcome.run_id)
+        except Exception:  # a damaged database: keep the crash report
+            return outcome
+        if run and run.get("status") in ("completed", "stopped"):
+            return Outcome(run["status"], "", "", outcome.exit_code, outcome.run_id)
+        return outcome
 
     def _budget(self, budget: int, total: int, device: str) -> None:
         est = self.memory.estimate
@@ -163,6 +177,7 @@ class RunController(QObject):
         status = run.get("status") or RunStatus.CREATED
         if status == RunStatus.RUNNING:
             self.followed_pid = int(run.get("pid") or 0)
+            self.followed_start = run.get("pid_start") or ""
             self.state.following = True
             self.state.set_status("running", "Following a run that trains in the background.")
             self.follow_timer.start()

@@ -153,7 +153,7 @@ class RunState(Observable):
     def _add_step(self, row: dict) -> None:
         step = int(row["step"])
         if self.train.n and step <= self.train.last("step"):
-            self.train.truncate_after("step", step - 1)  # a resume re-trains these steps
+            self._truncate_after(step - 1)  # a resume re-trains these steps
         smooth = self._ema.update(row.get("loss"))
         self.train.append(**{k: row.get(k) for k in TRAIN_COLUMNS if k != "loss_smooth"}, loss_smooth=smooth)
         self.step = step
@@ -163,10 +163,18 @@ class RunState(Observable):
         self.elapsed_s = float(elapsed) if elapsed else self.elapsed_s
         self._rate_marks.append((step, self.elapsed_s if elapsed else time.monotonic()))
 
+    def _truncate_after(self, step: int) -> None:
+        """Drop the steps after ``step`` and rewind the smoothing to the kept ones, so that the re-trained steps
+        are smoothed exactly as in an uninterrupted run (no jump at the resume point)."""
+        self.train.truncate_after("step", step)
+        self._ema.reset()
+        for loss in self.train.column("loss"):
+            self._ema.update(float(loss))
+
     def load_history(self, train_rows: list[dict], eval_rows: list[dict]) -> None:
         """Metrics rows from the database (a past or followed run), appended in bulk."""
         if train_rows and self.train.n and train_rows[0]["step"] <= self.train.last("step"):
-            self.train.truncate_after("step", int(train_rows[0]["step"]) - 1)
+            self._truncate_after(int(train_rows[0]["step"]) - 1)
         if train_rows:
             smooth = [self._ema.update(r.get("loss")) for r in train_rows]
             self.train.extend([dict(r, loss_smooth=v) for r, v in zip(train_rows, smooth)])

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from itertools import chain, islice
 from pathlib import Path
 
+from finetune_studio.engine.datasets.bound import char_budget, cut_example
 from finetune_studio.engine.datasets.formats import FORMATS, describe_columns, detect
 from finetune_studio.engine.datasets.messages import Mapping
 from finetune_studio.engine.datasets.problems import ProblemLog, RowError
-from finetune_studio.engine.datasets.readers import Row, read_file
+from finetune_studio.engine.datasets.readers import NESTED, Row, read_file
 from finetune_studio.engine.datasets.schema import DatasetError, LoadedDataset, PreferencePair, example_to_dict
 from finetune_studio.engine.datasets.sources import resolve_source
 
@@ -26,11 +27,15 @@ DETECT_ROWS = 64  # rows looked at to decide the layout
 
 class DatasetStream:
     """The examples of one dataset, read lazily. ``format``/``kind`` are known on construction; ``log`` fills
-    up while iterating. Iterate once."""
+    up while iterating. Iterate once.
 
-    def __init__(self, path: str | Path, mapping: dict | None = None):
+    With ``max_length`` (tokens), text far beyond what training keeps is cut as it is read (``bound``), so
+    neither memory nor tokenising grows with a row's length; each cut is reported with its line."""
+
+    def __init__(self, path: str | Path, mapping: dict | None = None, max_length: int | None = None):
         self.path = str(path)
         self.mapping = Mapping.parse(mapping)
+        self.budget = char_budget(max_length) if max_length else None
         self.log = ProblemLog()
         self.files = resolve_source(path, self.log, self.mapping.split)
         self._rows = chain.from_iterable(read_file(f, self.log) for f in self.files)
@@ -87,7 +92,11 @@ class DatasetStream:
         normalise = FORMATS[self.format].normalise
         for row in chain(self._head, self._rows):
             self._head = []
-            example = self._one(row, normalise)
+            try:
+                example = self._one(row, normalise)
+            except RecursionError:  # a value nested hundreds of levels deep
+                self.log.drop(NESTED, row.line, file=row.file, kind="rows nested too deeply")
+                continue
             if example is not None:
                 self.usable += 1
                 yield example
@@ -109,8 +118,17 @@ class DatasetStream:
                 kind="pairs whose chosen and rejected are identical",
             )
             return None
+        cut = 0
+        if self.budget is not None:
+            example, cut = cut_example(example, self.budget)
+            if cut:
+                warn(
+                    f"text cut to {self.budget:,} characters per part before tokenising ({cut:,} characters "
+                    "left out; training keeps only max_length tokens)",
+                    "rows cut before tokenising",
+                )
         digest = hashlib.blake2b(
-            json.dumps(example_to_dict(example), sort_keys=True, default=str).encode(), digest_size=12
+            json.dumps([example_to_dict(example), cut], sort_keys=True, default=str).encode(), digest_size=12
         ).digest()
         if digest in self._seen:
             first = self._seen[digest]
@@ -142,15 +160,16 @@ class DatasetStream:
         )
 
 
-def open_dataset(path: str | Path, mapping: dict | None = None) -> DatasetStream:
+def open_dataset(path: str | Path, mapping: dict | None = None, max_length: int | None = None) -> DatasetStream:
     """A lazy stream of examples; raises DatasetError at once when the source or its layout is unusable."""
-    return DatasetStream(path, mapping)
+    return DatasetStream(path, mapping, max_length)
 
 
-def load_dataset(path: str | Path, mapping: dict | None = None) -> LoadedDataset:
+def load_dataset(path: str | Path, mapping: dict | None = None, max_length: int | None = None) -> LoadedDataset:
     """Every usable example of ``path`` in internal form, with the detected layout and the problems found.
+    ``max_length`` (tokens) cuts text that training would never reach (see :class:`DatasetStream`).
 
     Raises DatasetError (with an actionable message) when the file cannot be used at all.
     """
-    stream = open_dataset(path, mapping)
+    stream = open_dataset(path, mapping, max_length)
     return stream.result(list(stream))

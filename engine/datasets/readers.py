@@ -22,8 +22,10 @@ TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv":
 BINARY_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
 SUPPORTED = "JSON Lines (.jsonl), JSON (.json), CSV (.csv), TSV (.tsv), Parquet (.parquet), Arrow (.arrow)"
 MALFORMED = "malformed row"
+NESTED = "JSON nested too deeply to read (hundreds of levels of lists or objects)"
 _CHUNK = 1 << 20
 _MAX_ELEMENT = 256 << 20  # one JSON list element larger than this is refused
+MAX_LINE = 64 << 20  # a text line longer than this is dropped unread: no training row needs it
 _WRAPPER_KEYS = ("data", "train", "rows", "examples", "instances", "records")
 
 
@@ -94,10 +96,34 @@ def _utf8_error(name: str, data: bytes, exc: UnicodeDecodeError, line_base: int)
     )
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(fh, path: Path, log: ProblemLog | None) -> Iterator[bytes]:
+    """The file's lines; one longer than MAX_LINE is skipped without being held, recorded, and read as ''."""
+    lineno = 0
+    while True:
+        raw = fh.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            size = len(raw)
+            while raw and not raw.endswith(b"\n"):
+                raw = fh.readline(_CHUNK)
+                size += len(raw)
+            if log is not None:
+                log.drop(
+                    f"line is {size / (1 << 20):.0f} MiB long (more than {MAX_LINE >> 20} MiB): left out unread",
+                    lineno,
+                    file=str(path),
+                    kind="lines too long to read",
+                )
+            raw = b"\n"
+        yield raw
+
+
+def _text_lines(path: Path, log: ProblemLog | None = None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) pairs; invalid UTF-8 raises a DatasetError naming the line."""
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(_lines(fh, path, log), 1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[3:]
             try:
@@ -108,7 +134,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_jsonl(path: Path, log: ProblemLog) -> Iterator[Row]:
     """One JSON object per line; blank lines are skipped, malformed lines recorded and skipped."""
-    for lineno, line in _text_lines(path):
+    for lineno, line in _text_lines(path, log):
         if not line.strip():
             continue
         try:
@@ -120,6 +146,9 @@ def read_jsonl(path: Path, log: ProblemLog) -> Iterator[Row]:
                 file=str(path),
                 kind="lines that are not valid JSON",
             )
+            continue
+        except RecursionError:
+            log.drop(NESTED, lineno, file=str(path), kind="lines nested too deeply")
             continue
         if not isinstance(value, dict):
             log.drop(
@@ -196,6 +225,8 @@ def _decode_at(src: _JsonText, pos: int):
     while True:
         try:
             value, end = decoder.raw_decode(src.buf, pos)
+        except RecursionError:
+            raise DatasetError(f"{src.path.name}: the element at line {src.line(pos)} is {NESTED}") from None
         except json.JSONDecodeError as exc:
             incomplete = exc.pos >= len(src.buf) - 32 or exc.msg.startswith("Unterminated string")
             if incomplete and len(src.buf) - pos < _MAX_ELEMENT and src.more():
@@ -308,8 +339,14 @@ def read_delimited(path: Path, log: ProblemLog, delimiter: str = ",") -> Iterato
     """CSV or TSV with a header row naming the columns; each following record becomes a row."""
     what = "TSV" if delimiter == "\t" else "CSV"
     csv.field_size_limit(2**31 - 1)
-    lines = _text_lines(path)
-    reader = csv.reader((text for _n, text in lines), delimiter=delimiter)
+    record_text: list[str] = []  # the raw lines of the record being read (an unterminated quote swallows many)
+
+    def feed() -> Iterator[str]:
+        for _n, text in _text_lines(path, log):
+            record_text.append(text)
+            yield text
+
+    reader = csv.reader(feed(), delimiter=delimiter)
     try:
         header = next(reader, None)
         while header == []:
@@ -325,13 +362,26 @@ def read_delimited(path: Path, log: ProblemLog, delimiter: str = ",") -> Iterato
                 f"row naming the columns, e.g. instruction{delimiter}input{delimiter}output"
             )
         last = reader.line_num
+        record_text.clear()
         for record in reader:
             start, last = last + 1, reader.line_num
+            raw, multiline = "".join(record_text), last > start
+            record_text.clear()
             if not record or all(not c.strip() for c in record):
                 continue
-            if len(record) != len(header):
+            if multiline and raw.count('"') % 2:  # quotes pair up ("" inside a quoted field) unless one is open
                 log.drop(
-                    f"has {len(record)} fields, the header has {len(header)}",
+                    f'a quote (") opened here is never closed: lines {start} to {last} were read as one record; '
+                    "close the quote, or double a quote inside a quoted cell",
+                    start,
+                    file=str(path),
+                    kind=f"{what} records with an unterminated quote",
+                )
+                continue
+            if len(record) != len(header):
+                hint = f' (it runs over lines {start}-{last}: check for a stray quote ")' if multiline else ""
+                log.drop(
+                    f"has {len(record)} fields, the header has {len(header)}{hint}",
                     start,
                     file=str(path),
                     kind=f"{what} records with the wrong number of fields",

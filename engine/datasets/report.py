@@ -15,7 +15,7 @@ UNLIMITED = 10**9  # a max_length that never truncates: gives full lengths
 BIAS_WARN = 0.75  # warn when chosen is longer (or shorter) in more than this share of pairs
 
 
-def _answer_chars(msgs) -> int:
+def answer_chars(msgs) -> int:
     return sum(len(m.content) for m in msgs)
 
 
@@ -23,7 +23,7 @@ def char_length_bias(examples: list) -> LengthBias | None:
     """Length bias of preference pairs in characters of the answers (no tokenizer needed)."""
     pairs = [ex for ex in examples if isinstance(ex, PreferencePair)]
     return LengthBias.of(
-        "characters", [_answer_chars(p.chosen) for p in pairs], [_answer_chars(p.rejected) for p in pairs]
+        "characters", [answer_chars(p.chosen) for p in pairs], [answer_chars(p.rejected) for p in pairs]
     )
 
 
@@ -112,21 +112,23 @@ def token_report(
     )
 
 
+def uses_tools(ex) -> bool:
+    """Whether an example offers tool schemas or makes tool calls."""
+    turns = ()
+    if isinstance(ex, Conversation):
+        turns = ex.messages
+    elif isinstance(ex, PreferencePair):
+        turns = ex.prompt + ex.chosen + ex.rejected
+    elif isinstance(ex, UnpairedExample):
+        turns = ex.prompt + ex.completion
+    return bool(getattr(ex, "tools", ())) or any(m.tool_calls for m in turns)
+
+
 def template_warnings(examples: list, tokenizer, log: ProblemLog) -> None:
     """Data that uses tools while the chat template ignores them renders tool turns as empty text."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if not isinstance(template, str):
         template = " ".join(template.values()) if isinstance(template, dict) else ""
-
-    def uses_tools(ex) -> bool:
-        turns = ()
-        if isinstance(ex, Conversation):
-            turns = ex.messages
-        elif isinstance(ex, PreferencePair):
-            turns = ex.prompt + ex.chosen + ex.rejected
-        elif isinstance(ex, UnpairedExample):
-            turns = ex.prompt + ex.completion
-        return bool(getattr(ex, "tools", ())) or any(m.tool_calls for m in turns)
 
     if template and "tool" not in template and any(uses_tools(ex) for ex in examples):
         log.add(

@@ -177,6 +177,8 @@ class DatasetPanel(QGroupBox):
             args += ["--model", model]
         if str(self.state.values["max_length"]).strip().isdigit():
             args += ["--max-length", str(self.state.values["max_length"]).strip()]
+        if self.state.values.get("trust_remote_code") is True:
+            args.append("--trust-remote-code")
         self.state.set_dataset_info(None, "Checking the dataset…", pending=True)
         self.job.run(*args)
 
