@@ -26,14 +26,19 @@ def test_a_rank_above_the_layer_width_is_refused_naming_the_field(tmp_path, tiny
     assert failed.kind == "config" and "lora_rank" in failed.message and "at most 64" in failed.message
 
 
-def test_a_run_the_estimate_says_cannot_fit_is_refused_unless_overridden(tmp_path, tiny_model_dir):
-    data = write_sft(tmp_path / "d.jsonl", n=12)
-    huge = tiny_config(tiny_model_dir, data, max_length=10**8, max_steps=2)  # estimate: hundreds of GiB
-    failed = _failed(huge)
-    assert failed.kind == "oom" and "ignore_memory_check" in failed.message
-    assert "max_length" in failed.message or "gradient checkpointing" in failed.message
-    result = train_run(huge.replace(ignore_memory_check=True), reporter=Reporter(extra=Recorder()))
-    assert result.status == "completed"  # the rows are short: the worst case never comes
+def test_a_run_the_estimate_says_cannot_fit_is_refused_unless_overridden(tmp_path, tiny_model_dir, monkeypatch):
+    from finetune_studio.core.devices import DeviceInfo
+    from finetune_studio.engine import memory_budget
+
+    # A machine with 64 MiB: the tiny model's run (about 0.6 GiB with the runtime) cannot fit on it.
+    small = DeviceInfo("cpu", "a 64 MiB machine", 64 * 2**20, 64 * 2**20, False)
+    monkeypatch.setattr(memory_budget, "device_info", lambda device: small)
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=2)
+    failed = _failed(config)
+    assert failed.kind == "oom" and "ignore_memory_check" in failed.message and "does not fit" in failed.message
+    assert Store().get_run(failed.run_id)["status"] == "failed"  # never left 'running'
+    result = train_run(config.replace(ignore_memory_check=True), reporter=Reporter(extra=Recorder()))
+    assert result.status == "completed"  # the person overrode the estimate: the run goes ahead
 
 
 def _running_run(store: Store, pid: int, start: str) -> str:
