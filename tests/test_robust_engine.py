@@ -35,7 +35,7 @@ def test_a_run_the_estimate_says_cannot_fit_is_refused_unless_overridden(tmp_pat
     monkeypatch.setattr(memory_budget, "device_info", lambda device: small)
     config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=2)
     failed = _failed(config)
-    assert failed.kind == "oom" and "ignore_memory_check" in failed.message and "does not fit" in failed.message
+    assert failed.kind == "oom" and "ignore_memory_check" in failed.message and "64 MiB free" in failed.message
     assert Store().get_run(failed.run_id)["status"] == "failed"  # never left 'running'
     result = train_run(config.replace(ignore_memory_check=True), reporter=Reporter(extra=Recorder()))
     assert result.status == "completed"  # the person overrode the estimate: the run goes ahead
