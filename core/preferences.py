@@ -451,10 +451,8 @@ class PreferenceStore:
         t = time.time()
         with transaction(self.conn) as c:
             for p in pairs:
-                outcome = _add_pair(
-                    c, p["prompt"], p["chosen"], p["rejected"], p.get("tools") or [], source=source,
-                    annotator=annotator, t=t,
-                )  # fmt: skip
+                prompt, chosen, rejected, tools = p["prompt"], p["chosen"], p["rejected"], p.get("tools") or []
+                outcome = _add_pair(c, prompt, chosen, rejected, tools, source=source, annotator=annotator, t=t)
                 counts[outcome] += 1
         return ImportResult(**counts)
 

@@ -79,8 +79,8 @@ def test_schema_1_database_migrates_keeping_runs_metrics_and_pairs(tmp_path):
 def _prompt_with(store, *answers):
     prefs = store.preferences
     pid = prefs.add_prompt("Name a colour.")
-    return pid, [prefs.add_candidate(pid, a, model="m", seed=i, sampling={"temperature": 0.7}) for i, a in
-                 enumerate(answers)]  # fmt: skip
+    ids = [prefs.add_candidate(pid, a, model="m", seed=i, sampling={"temperature": 0.7}) for i, a in enumerate(answers)]
+    return pid, ids
 
 
 def test_decisions_give_pairs_only_with_a_preferred_side_and_changes_are_audited(tmp_path):
