@@ -457,10 +457,11 @@ class PreferenceStore:
         return ImportResult(**counts)
 
     # --- reading pairs ------------------------------------------------------------
-    def pairs(self) -> list[Pair]:
-        """Every DPO pair the comparisons give now, oldest first."""
+    def pairs(self, source: str | None = None) -> list[Pair]:
+        """Every DPO pair the comparisons give now (or those of one ``source``), oldest first."""
+        where, args = ("WHERE source = ?", (source,)) if source is not None else ("", ())
         rows = self.conn.execute(
-            "SELECT prompt_id, decision, candidate_a, candidate_b FROM comparisons ORDER BY id"
+            f"SELECT prompt_id, decision, candidate_a, candidate_b FROM comparisons {where} ORDER BY id", args
         ).fetchall()
         out = []
         for prompt_id, decision, a, b in rows:
@@ -470,9 +471,10 @@ class PreferenceStore:
                 out.append(self._pair(prompt_id, chosen, rejected))
         return out
 
-    def left_out(self) -> dict[str, int]:
+    def left_out(self, source: str | None = None) -> dict[str, int]:
         """Comparisons that give no DPO pair, by decision."""
-        rows = self.conn.execute("SELECT decision, count(*) FROM comparisons GROUP BY decision").fetchall()
+        where, args = ("WHERE source = ?", (source,)) if source is not None else ("", ())
+        rows = self.conn.execute(f"SELECT decision, count(*) FROM comparisons {where} GROUP BY decision", args)
         return {d: n for d, n in rows if not Decision(d).gives_pair}
 
     def _pair(self, prompt_id: str, chosen: str, rejected: str) -> Pair:
@@ -489,10 +491,11 @@ class PreferenceStore:
         )
 
     # --- snapshots ----------------------------------------------------------------
-    def snapshot(self, note: str = "") -> Snapshot:
-        """Freeze today's pairs under an id (a hash of the pairs: unchanged data gives the same snapshot)."""
-        pairs = self.pairs()
-        left_out = self.left_out()
+    def snapshot(self, note: str = "", source: str | None = None) -> Snapshot:
+        """Freeze today's pairs (all, or one ``source``'s) under an id: a hash of the pairs, so unchanged data
+        gives the same snapshot."""
+        pairs = self.pairs(source)
+        left_out = self.left_out(source)
         sid = "pairs-" + _hash("snapshot", [(p.prompt_id, p.chosen_id, p.rejected_id) for p in pairs])[:12]
         t = time.time()
         with transaction(self.conn) as c:
