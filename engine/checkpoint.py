@@ -25,6 +25,10 @@ class TrainerState:
     consumed: int  # examples consumed by the sampler
     run_id: str
     first_batch: list = field(default_factory=list)  # the examples put first (longest batch first), if any
+    # Early stopping: the best eval loss so far, its step, and evaluations since it without improvement.
+    best_eval_loss: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -37,7 +41,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_adapter(model, tmp)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -75,6 +79,13 @@ def clean_leftovers(run_dir: Path) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def save_adapter(model, folder: Path, state_dict: dict | None = None) -> None:
+    """The trained adapter only, in PEFT's format (a DPO run's frozen 'reference' copy is not saved).
+    ``state_dict``: the adapter's full weights when the model itself holds only a shard of them (FSDP)."""
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(folder, selected_adapters=["default"], **extra)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -25,10 +25,21 @@ from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id, process_start
-from finetune_studio.engine import adapters, checkpoint, dist_checkpoint, errors, guard, memory_budget
+from finetune_studio.engine import (
+    adapters,
+    checkpoint,
+    dist_checkpoint,
+    errors,
+    guard,
+    init_adapter,
+    memory_budget,
+    pairs,
+    samples,
+)
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
+from finetune_studio.engine.early_stopping import EarlyStopping
 from finetune_studio.engine.forward import LogprobModel
 from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 from finetune_studio.engine.models import (
@@ -179,6 +190,9 @@ class Recipe:
         self.main = ranks is None or ranks.is_main
         self.step = 0
         self.dpo = config.objective == "dpo"
+        self.start: init_adapter.StartingAdapter | None = None
+        self.snapshot_id = ""
+        self.early = EarlyStopping(config.early_stopping_patience, run_dir)
 
     # --- set-up -------------------------------------------------------------
     def setup(self, resume: bool) -> None:
@@ -190,6 +204,11 @@ class Recipe:
         self.dtype = compute_dtype(cfg.compute_dtype, self.device)
         if cfg.quantized and self.device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
+        if cfg.init_adapter:
+            self.start = init_adapter.resolve(cfg.init_adapter, self.store)
+            self.store.update_run(
+                self.run_id, parent_run_id=self.start.parent_run_id, init_adapter=str(self.start.path)
+            )
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
         self._stop_point()
         self.model_folder = folder
@@ -212,7 +231,11 @@ class Recipe:
         base = load_causal_lm(
             folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
         )
-        self.model = adapters.add_adapters(base, cfg)
+        if self.start:
+            self.reporter.log(init_adapter.describe(self.start))
+            self.model = init_adapter.load(base, self.start, cfg, with_reference=self.dpo)
+        else:
+            self.model = adapters.add_adapters(base, cfg)
         self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward
         if self.ranks is not None:
@@ -236,6 +259,7 @@ class Recipe:
             if ckpt is not None:
                 state = self._load_checkpoint(ckpt)
                 self.step, consumed, first = state.step, state.consumed, state.first_batch
+                self.early.restore(state)
                 self.store.delete_metrics_after(self.run_id, self.step)
                 self.reporter.log(f"Resumed from {ckpt.name}")
             else:
@@ -323,7 +347,17 @@ class Recipe:
         self.reporter.progress("data", 0, 1, f"Reading {Path(cfg.dataset).name}")
         if not cfg.dataset:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
-        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None, max_length=cfg.max_length)
+        if pairs.is_store_dataset(cfg.dataset):
+            recorded = (self.store.get_run(self.run_id) or {}).get("pairs_snapshot")  # a resumed run keeps its data
+            data, snap = pairs.load_snapshot(self.store.preferences, recorded or cfg.dataset)
+            self.snapshot_id = snap.id
+            self.store.update_run(self.run_id, pairs_snapshot=snap.id)
+            self.reporter.log(
+                f"Training on {len(data.examples)} pairs of the preference store, snapshot {snap.id}"
+                + pairs.left_out_note(snap.left_out, "; ")
+            )
+        else:
+            data = load_dataset(cfg.dataset, cfg.dataset_mapping or None, max_length=cfg.max_length)
         for problem in data.problems[:20]:
             self.reporter.log(
                 f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",
@@ -338,6 +372,9 @@ class Recipe:
             )
         train, val = split_by_prompt(data.examples, cfg.validation_fraction, cfg.seed)
         val = val[: cfg.max_eval_examples]
+        self.sample_prompts = (
+            samples.pick_prompts(self.tokenizer, val, cfg.sample_prompts) if cfg.sample_prompts else []
+        )
         out = []
         for part_name, part in (("train", train), ("validation", val)):
             tokenized, dropped = [], 0
@@ -385,11 +422,13 @@ class Recipe:
         return seq[: batch.pairs], seq[batch.pairs :]
 
     def _reference_logps(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs with adapters off; ``precomputed`` (chosen, rejected) indexed by training example."""
+        """Log-probs of the reference: the starting adapter (init_adapter) or the bare base (adapters off);
+        ``precomputed`` (chosen, rejected) indexed by training example."""
         if precomputed is not None:
             idx = torch.tensor(batch.indices)
             return precomputed[0][idx].to(self.device), precomputed[1][idx].to(self.device)
-        with torch.no_grad(), self.model.disable_adapter(), self._autocast():
+        reference = init_adapter.reference_adapter(self.model) if self.start else self.model.disable_adapter()
+        with torch.no_grad(), reference, self._autocast():
             return self._pair_logps(batch)
 
     def _precompute_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,6 +494,8 @@ class Recipe:
                 memory_budget_bytes=self.memory_report.total_bytes if self.memory_report else 0,
                 memory_total_bytes=_device_total_memory(self.device),
                 world_size=self.ranks.world_size if self.ranks else 1,
+                parent_run_id=self.start.parent_run_id if self.start else "",
+                pairs_snapshot=self.snapshot_id,
             )
         )
         self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
@@ -518,6 +559,10 @@ class Recipe:
             self.reporter.emit(step_event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
+                if self.early.spent:
+                    return self._finish(
+                        RunStatus.COMPLETED, last_loss, note=self.early.note(self.step), stopped_early=True
+                    )
             if agreed_stop if self.ranks is not None else self.stop.requested:
                 path = self.save_checkpoint()
                 return self._finish(
@@ -542,6 +587,7 @@ class Recipe:
 
     @torch.no_grad()
     def evaluate(self) -> None:
+        """The eval loss (and, with early stopping, the best so far), then what the model answers now."""
         self.model.eval()
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         loss_sum = count = margin = correct = 0.0
@@ -560,15 +606,36 @@ class Recipe:
                     count += batch.pairs
                     margin += (rc - rr).sum().item()
                     correct += (rc > rr).float().sum().item()
-        self.model.train()
         if count:
+            eval_loss = loss_sum / count
             extra = {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
-            self.reporter.emit(ev.Eval(step=self.step, eval_loss=loss_sum / count, **extra))
+            if self.early.patience:
+                is_best = self.early.observe(self.step, eval_loss, self.model)
+                if is_best:
+                    self.store.update_run(
+                        self.run_id,
+                        best_step=self.step,
+                        best_eval_loss=eval_loss,
+                        best_checkpoint=str(self.early.best_dir),
+                    )
+                extra.update(best_eval_loss=self.early.best_eval_loss, best_step=self.early.best_step, is_best=is_best)
+            self.reporter.emit(ev.Eval(step=self.step, eval_loss=eval_loss, **extra))
+        if self.sample_prompts:
+            shown, rendered = zip(*self.sample_prompts, strict=True)
+            answers = samples.greedy_answers(
+                self.model, self.tokenizer, list(rendered), self.config.sample_max_new_tokens, self.device
+            )
+            self.reporter.emit(ev.Sample(step=self.step, prompts=list(shown), answers=answers))
+        self.model.train()
 
     # --- checkpoint and clean-up ------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = checkpoint.TrainerState(
-            step=self.step, consumed=self.sampler.consumed, run_id=self.run_id, first_batch=self.sampler.first
+            step=self.step,
+            consumed=self.sampler.consumed,
+            run_id=self.run_id,
+            first_batch=self.sampler.first,
+            **self.early.state(),
         )
         if self.ranks is not None:
             path = dist_checkpoint.save_checkpoint(
@@ -589,14 +656,17 @@ class Recipe:
         peak = memory_budget.measured_peak(device)
         self.store.update_run(self.run_id, memory_peak_bytes=peak.allocated, memory_reserved_peak_bytes=peak.reserved)
 
-    def _finish(self, status: RunStatus, last_loss: float | None, note: str = "") -> RunResult:
+    def _finish(
+        self, status: RunStatus, last_loss: float | None, note: str = "", stopped_early: bool = False
+    ) -> RunResult:
         adapter_dir = None
         if status == RunStatus.COMPLETED:
             adapter_dir = self.run_dir / "adapter"
             weights = self.ranks.full_trainable_state(self.model) if self.ranks is not None else None
             if self.main:
                 tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
-                self.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+                # the trained adapter only (a DPO run's frozen 'reference' copy is not saved)
+                checkpoint.save_adapter(self.model, tmp, state_dict=weights)
                 old = self.run_dir / f".adapter-old-{os.getpid()}"
                 if adapter_dir.exists():  # moved aside, not deleted, until the new one is in place
                     os.replace(adapter_dir, old)
@@ -623,6 +693,9 @@ class Recipe:
                 step=self.step,
                 final_loss=last_loss,
                 adapter_dir=str(adapter_dir or ""),
+                best_checkpoint=str(self.early.best_dir or ""),
+                best_step=self.early.best_step if self.early.best_dir else None,
+                stopped_early=stopped_early,
             )
         )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
