@@ -7,6 +7,7 @@ python -m finetune_studio.engine demo                    train on the bundled de
 python -m finetune_studio.engine data inspect FILE       detect format, check, preview (see --help)
 python -m finetune_studio.engine data convert FILE OUT --to FORMAT
 python -m finetune_studio.engine model info MODEL        resolve (and convert a GGUF) a model; prints a 'model' event
+python -m finetune_studio.engine serve [--threads N]     the generation worker (JSON-line requests on stdin)
 """
 
 from __future__ import annotations

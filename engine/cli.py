@@ -1,4 +1,4 @@
-"""The engine's subcommands: train, export, demo, model info.
+"""The engine's subcommands: train, export, demo, model info, serve.
 
 Events go to stdout as JSON lines and nothing else does: file descriptor 1 is pointed at stderr for the
 life of the process, so a library that prints cannot corrupt the event stream.
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("model")
     mi.add_argument("--allow-pickle", action="store_true")
     sub.add_parser("demo", help="train on the bundled demo task and print the score before and after", add_help=False)
+    p = sub.add_parser("serve", help="the generation worker: JSON-line requests on stdin, replies on stdout")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: half the cores, 1 to 8)")
     return parser
 
 
@@ -152,6 +154,10 @@ def main(argv: list[str]) -> int:
             return cmd_train(args, stream)
         if args.command == "export":
             return cmd_export(args, stream)
+        if args.command == "serve":
+            from finetune_studio.engine.serve import main as serve_main
+
+            return serve_main(args.threads, stream)
         return cmd_model_info(args, stream)
     except Exception as exc:
         logging.getLogger("finetune_studio.engine").exception("unexpected error")
