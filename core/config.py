@@ -54,7 +54,11 @@ class TrainConfig:
         "Model to fine-tune: 'default' (bundled SmolLM2-135M-Instruct), a local model "
         "folder, a .gguf file, or a Hugging Face hub id already in the local cache.",
     )
-    dataset: str = _f("", "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`.")
+    dataset: str = _f(
+        "",
+        "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`; for DPO also "
+        "'pairs:latest' (the preference store now) or 'pairs:<snapshot id>' (an earlier export).",
+    )
     dataset_mapping: dict = _f(
         {},
         "Optional column/role mapping that overrides format detection, e.g. "
@@ -73,6 +77,12 @@ class TrainConfig:
         choices=OBJECTIVES,
     )
     run_name: str = _f("", "A name for the run shown in the runs list; empty picks one from model and method.")
+    init_adapter: str = _f(
+        "",
+        "Start from an adapter instead of a fresh one: a run id (its final adapter), RUN:step-000050 (a checkpoint; "
+        "RUN:best for the best one), or an exported adapter folder. Its rank and layers are kept. For DPO the "
+        "reference model is this starting model.",
+    )
 
     # --- the basics ---------------------------------------------------------
     max_steps: int = _f(100, "Number of optimizer steps to train for.")
@@ -139,6 +149,18 @@ class TrainConfig:
     checkpoint_every: int = _f(
         50, "Save a resumable checkpoint every this many steps; 0 saves only at the end.", advanced=True
     )
+    sample_prompts: int = _f(
+        3,
+        "At each evaluation, answer this many fixed validation prompts (greedy) and show them; 0: none.",
+        advanced=True,
+    )
+    sample_max_new_tokens: int = _f(48, "Longest sampled answer at an evaluation, in tokens.", advanced=True)
+    early_stopping_patience: int = _f(
+        0,
+        "Stop when the eval loss has not improved for this many evaluations in a row, keeping the best "
+        "checkpoint; 0 turns early stopping off.",
+        advanced=True,
+    )
 
     # --- DPO ----------------------------------------------------------------
     dpo_beta: float = _f(0.1, "DPO temperature beta: higher keeps the model closer to the reference.", advanced=True)
@@ -181,7 +203,15 @@ class TrainConfig:
                 f"must be a whole number of at least 1, not {value!r}",
             )
         need(self.max_length >= 8, "max_length", "must be at least 8 tokens")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_eval_examples"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "checkpoint_every",
+            "max_eval_examples",
+            "sample_prompts",
+            "sample_max_new_tokens",
+            "early_stopping_patience",
+        ):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0,
@@ -223,6 +253,16 @@ class TrainConfig:
             "must be a non-empty list of module names, or ['all-linear']",
         )
         need(isinstance(self.dataset_mapping, dict), "dataset_mapping", "must be a mapping of names")
+        need(
+            not self.early_stopping_patience or (self.eval_every > 0 and self.validation_fraction > 0),
+            "early_stopping_patience",
+            "needs evaluations: set eval_every and validation_fraction above 0",
+        )
+        need(
+            not self.dataset.startswith("pairs:") or self.objective == "dpo",
+            "dataset",
+            "the preference store (pairs:...) holds DPO pairs: choose the DPO objective",
+        )
         for flag in (
             "use_rslora",
             "gradient_checkpointing",

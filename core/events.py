@@ -45,6 +45,8 @@ class Started(Event):
     total_params: int = 0
     memory_budget_bytes: int = 0  # the estimate made before the run
     memory_total_bytes: int = 0  # what the device has
+    parent_run_id: str = ""  # the run whose adapter this one started from (init_adapter)
+    pairs_snapshot: str = ""  # the preference-store snapshot a DPO run trains on (dataset: pairs:...)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,20 @@ class Eval(Event):
     eval_loss: float
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    # With early stopping: the best eval loss so far, its step, and whether this evaluation is it.
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    is_best: bool = False
+
+
+@dataclass(frozen=True)
+class Sample(Event):
+    """What the model answers (greedy, short) to a few fixed validation prompts, at one evaluation."""
+
+    type: ClassVar[str] = "sample"
+    step: int
+    prompts: list[str]  # the last user turn of each prompt
+    answers: list[str]  # the model's answer to each, in order
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,9 @@ class Finished(Event):
     final_loss: float | None = None
     adapter_dir: str = ""
     metrics: dict = field(default_factory=dict)
+    best_checkpoint: str = ""  # with early stopping: the adapter folder of the best evaluation
+    best_step: int | None = None
+    stopped_early: bool = False  # the eval loss stopped improving before the last step
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,7 @@ class ModelReady(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (Started, Progress, Step, Eval, CheckpointSaved, Log, Finished, Failed, ModelReady)
+    cls.type: cls for cls in (Started, Progress, Step, Eval, Sample, CheckpointSaved, Log, Finished, Failed, ModelReady)
 }
 
 

@@ -1,4 +1,4 @@
-"""The studio's SQLite database: runs, their step metrics, preference pairs.
+"""The studio's SQLite database: runs, their step metrics and samples, the preference store (``core.preferences``).
 
 The engine writes as it trains; the studio reads (and writes labels). WAL mode
 lets one writer and many readers work at once, and every write is committed at
@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
-from finetune_studio.core import paths
+from finetune_studio.core import paths, preferences
 from finetune_studio.core.run_status import RUN_STATUSES, RunStatus  # noqa: F401 - RUN_STATUSES: still importable here
 
 # Columns of the metrics table beyond (run_id, kind, step).
@@ -38,7 +38,7 @@ METRIC_COLUMNS = {
     "eval_loss": float,
     "time": float,
 }
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the preference store (core/preferences.py), run lineage, samples, best checkpoint
 
 
 def now() -> float:
@@ -76,6 +76,7 @@ class Store:
         if self.db.journal_mode != "wal":
             self.db.enable_wal()
         self._migrate()
+        self.preferences = preferences.PreferenceStore(conn)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -83,8 +84,15 @@ class Store:
     # --- schema -------------------------------------------------------------
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version >= SCHEMA_VERSION:
-            return
+        if version < 1:
+            self._create_v1()
+        if version < 2:
+            with preferences.transaction(self.db.conn) as conn:
+                if conn.execute("PRAGMA user_version").fetchone()[0] < 2:  # another process may have been first
+                    preferences.migrate_v2(conn)
+                    conn.execute("PRAGMA user_version = 2")
+
+    def _create_v1(self) -> None:
         with self.db.conn:
             self.db["runs"].create(
                 {
@@ -139,7 +147,7 @@ class Store:
                 pk="id",
                 if_not_exists=True,
             )
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute("PRAGMA user_version = 1")
 
     # --- runs ---------------------------------------------------------------
     def create_run(
@@ -223,23 +231,33 @@ class Store:
         """A resumed run re-trains the steps after its checkpoint: drop their old rows."""
         self.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
 
-    # --- preference pairs ---------------------------------------------------
-    def add_pairs(self, pairs: Iterable[dict], source: str = "") -> int:
-        t = now()
-        rows = [
-            {
-                "prompt": p["prompt"],
-                "chosen": p["chosen"],
-                "rejected": p["rejected"],
-                "source": p.get("source", source),
-                "created_at": t,
-                "updated_at": t,
-                "note": p.get("note", ""),
-            }
-            for p in pairs
-        ]
-        self.db["preference_pairs"].insert_all(rows)
-        return len(rows)
+    def lineage(self, run_id: str) -> list[dict]:
+        """The run and the runs it started from (``init_adapter``), oldest first."""
+        chain: list[dict] = []
+        run = self.find_run(run_id)
+        while run is not None and all(r["id"] != run["id"] for r in chain):
+            chain.append(run)
+            run = self.get_run(run["parent_run_id"]) if run.get("parent_run_id") else None
+        return chain[::-1]
 
-    def pairs(self) -> list[dict]:
-        return list(self.db["preference_pairs"].rows_where(order_by="id"))
+    def children(self, run_id: str) -> list[dict]:
+        return [self._with_liveness(r) for r in self.db["runs"].rows_where("parent_run_id = ?", [run_id])]
+
+    # --- samples: what the model answered to fixed prompts at each evaluation ------
+    def add_samples(self, run_id: str, step: int, prompts: list[str], answers: list[str]) -> None:
+        with preferences.transaction(self.db.conn) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO samples (run_id, step, position, prompt, answer) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, step, i, p, a) for i, (p, a) in enumerate(zip(prompts, answers, strict=True))],
+            )
+
+    def samples(self, run_id: str) -> list[dict]:
+        return list(self.db["samples"].rows_where("run_id = ?", [run_id], order_by="step, position"))
+
+    # --- preference pairs (see core/preferences.py) -----------------------------
+    def add_pairs(self, pairs: Iterable[dict], source: str = "") -> int:
+        """Import {prompt, chosen, rejected} pairs; returns how many were new."""
+        return self.preferences.import_pairs(pairs, source=source).added
+
+    def pairs(self) -> list[preferences.Pair]:
+        return self.preferences.pairs()

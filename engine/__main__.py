@@ -8,6 +8,8 @@ python -m finetune_studio.engine data inspect FILE       detect format, check, p
 python -m finetune_studio.engine data convert FILE OUT --to FORMAT
 python -m finetune_studio.engine model info MODEL        resolve (and convert a GGUF) a model; prints a 'model' event
 python -m finetune_studio.engine serve [--threads N]     the generation worker (JSON-line requests on stdin)
+python -m finetune_studio.engine pairs import FILE | export OUT_DIR --format F | stats    the preference store
+python -m finetune_studio.engine runs lineage RUN        the runs a run started from (init_adapter)
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         from finetune_studio.engine.data_cli import main as data_main
 
         return data_main(rest)
+    if command == "pairs":
+        from finetune_studio.engine.pairs_cli import main as pairs_main
+
+        return pairs_main(rest)
+    if command == "runs":
+        from finetune_studio.engine.runs_cli import main as runs_main
+
+        return runs_main(rest)
     from finetune_studio.engine.cli import main as cli_main
 
     return cli_main(argv)

@@ -24,6 +24,10 @@ class TrainerState:
     step: int
     consumed: int  # examples consumed by the sampler
     run_id: str
+    # Early stopping: the best eval loss so far, its step, and evaluations since it without improvement.
+    best_eval_loss: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -36,7 +40,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_adapter(model, tmp)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -53,6 +57,11 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     for old in list_checkpoints(run_dir)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_adapter(model, folder: Path) -> None:
+    """The trained adapter only, in PEFT's format (a DPO run's frozen 'reference' copy is not saved)."""
+    model.save_pretrained(folder, selected_adapters=["default"])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -102,6 +102,8 @@ class Reporter:
                 },
             )
             s.update_run(rid, eval_loss=event.eval_loss)
+        elif isinstance(event, ev.Sample):
+            s.add_samples(rid, event.step, event.prompts, event.answers)
 
     # Convenience wrappers -------------------------------------------------------
     def progress(self, stage: str, done: int, total: int, message: str = "") -> None:

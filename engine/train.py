@@ -24,7 +24,7 @@ from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id
-from finetune_studio.engine import adapters, checkpoint, errors
+from finetune_studio.engine import adapters, checkpoint, errors, init_adapter, pairs, samples
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
@@ -125,6 +125,12 @@ class Recipe:
         self.store, self.reporter, self.stop = store, reporter, stop
         self.step = 0
         self.dpo = config.objective == "dpo"
+        self.start: init_adapter.StartingAdapter | None = None
+        self.snapshot_id = ""
+        self.best_eval_loss: float | None = None  # early stopping's state (saved in checkpoints)
+        self.best_step = 0
+        self.bad_evals = 0
+        self.best_dir: Path | None = None
 
     # --- set-up -------------------------------------------------------------
     def setup(self, resume: bool) -> None:
@@ -135,6 +141,11 @@ class Recipe:
         self.dtype = compute_dtype(cfg.compute_dtype, self.device)
         if cfg.quantized and self.device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
+        if cfg.init_adapter:
+            self.start = init_adapter.resolve(cfg.init_adapter, self.store)
+            self.store.update_run(
+                self.run_id, parent_run_id=self.start.parent_run_id, init_adapter=str(self.start.path)
+            )
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
         self.model_folder = folder
         self.tokenizer = load_tokenizer(str(folder), options)
@@ -144,7 +155,11 @@ class Recipe:
         base = load_causal_lm(
             folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
         )
-        self.model = adapters.add_adapters(base, cfg)
+        if self.start:
+            self.reporter.log(init_adapter.describe(self.start))
+            self.model = init_adapter.load(base, self.start, cfg, with_reference=self.dpo)
+        else:
+            self.model = adapters.add_adapters(base, cfg)
         self.logps = LogprobModel(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
@@ -159,6 +174,13 @@ class Recipe:
             if ckpt is not None:
                 state = checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
                 self.step, consumed = state.step, state.consumed
+                self.best_eval_loss, self.best_step, self.bad_evals = (
+                    state.best_eval_loss,
+                    state.best_step,
+                    state.bad_evals,
+                )
+                if self.best_eval_loss is not None and (self.run_dir / "best").is_dir():
+                    self.best_dir = self.run_dir / "best"
                 self.store.delete_metrics_after(self.run_id, self.step)
                 self.reporter.log(f"Resumed from {ckpt.name}")
             else:
@@ -173,7 +195,17 @@ class Recipe:
         self.reporter.progress("data", 0, 1, f"Reading {Path(cfg.dataset).name}")
         if not cfg.dataset:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
-        data = load_dataset(cfg.dataset, cfg.dataset_mapping or None)
+        if pairs.is_store_dataset(cfg.dataset):
+            recorded = (self.store.get_run(self.run_id) or {}).get("pairs_snapshot")  # a resumed run keeps its data
+            data, snap = pairs.load_snapshot(self.store.preferences, recorded or cfg.dataset)
+            self.snapshot_id = snap.id
+            self.store.update_run(self.run_id, pairs_snapshot=snap.id)
+            self.reporter.log(
+                f"Training on {len(data.examples)} pairs of the preference store, snapshot {snap.id}"
+                + pairs.left_out_note(snap.left_out, "; ")
+            )
+        else:
+            data = load_dataset(cfg.dataset, cfg.dataset_mapping or None)
         for problem in data.problems[:20]:
             self.reporter.log(
                 f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",
@@ -188,6 +220,9 @@ class Recipe:
             )
         train, val = split_by_prompt(data.examples, cfg.validation_fraction, cfg.seed)
         val = val[: cfg.max_eval_examples]
+        self.sample_prompts = (
+            samples.pick_prompts(self.tokenizer, val, cfg.sample_prompts) if cfg.sample_prompts else []
+        )
         out = []
         for part_name, part in (("train", train), ("validation", val)):
             tokenized, dropped = [], 0
@@ -234,11 +269,13 @@ class Recipe:
         return seq[: batch.pairs], seq[batch.pairs :]
 
     def _reference_logps(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs with adapters off; ``precomputed`` (chosen, rejected) indexed by training example."""
+        """Log-probs of the reference: the starting adapter (init_adapter) or the bare base (adapters off);
+        ``precomputed`` (chosen, rejected) indexed by training example."""
         if precomputed is not None:
             idx = torch.tensor(batch.indices)
             return precomputed[0][idx].to(self.device), precomputed[1][idx].to(self.device)
-        with torch.no_grad(), self.model.disable_adapter(), self._autocast():
+        reference = init_adapter.reference_adapter(self.model) if self.start else self.model.disable_adapter()
+        with torch.no_grad(), reference, self._autocast():
             return self._pair_logps(batch)
 
     def _precompute_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +338,8 @@ class Recipe:
                 total_params=total,
                 memory_budget_bytes=self._memory_budget(),
                 memory_total_bytes=_device_total_memory(self.device),
+                parent_run_id=self.start.parent_run_id if self.start else "",
+                pairs_snapshot=self.snapshot_id,
             )
         )
         self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
@@ -353,6 +392,10 @@ class Recipe:
             self.reporter.emit(step_event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
+                if self._patience_spent():
+                    return self._finish(
+                        RunStatus.COMPLETED, last_loss, note=self._early_stop_note(), stopped_early=True
+                    )
             if self.stop.requested:
                 path = self.save_checkpoint()
                 return self._finish(
@@ -363,6 +406,38 @@ class Recipe:
         if self.val_examples:
             self.evaluate()
         return self._finish(RunStatus.COMPLETED, last_loss)
+
+    # --- early stopping -------------------------------------------------------------
+    def _track_best(self, eval_loss: float) -> bool:
+        """Early stopping: True when this evaluation is the best so far (its adapter is then kept in best/)."""
+        if self.best_eval_loss is not None and eval_loss >= self.best_eval_loss:
+            self.bad_evals += 1
+            return False
+        self.best_eval_loss, self.best_step, self.bad_evals = eval_loss, self.step, 0
+        best = self.run_dir / "best"
+        tmp = self.run_dir / f".best-tmp-{os.getpid()}"
+        checkpoint.save_adapter(self.model, tmp)
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({"step": self.step, "eval_loss": eval_loss, "run_id": self.run_id}), encoding="utf-8"
+        )
+        if best.exists():
+            import shutil
+
+            shutil.rmtree(best)
+        os.replace(tmp, best)
+        self.best_dir = best
+        self.store.update_run(self.run_id, best_step=self.step, best_eval_loss=eval_loss, best_checkpoint=str(best))
+        return True
+
+    def _patience_spent(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return bool(patience) and self.bad_evals >= patience
+
+    def _early_stop_note(self) -> str:
+        return (
+            f"Stopped early at step {self.step}: the eval loss has not improved for {self.bad_evals} evaluations; "
+            f"the best ({self.best_eval_loss:.4f}, step {self.best_step}) is kept in {self.best_dir}"
+        )
 
     def _memory_budget(self) -> int:
         """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
@@ -394,6 +469,7 @@ class Recipe:
 
     @torch.no_grad()
     def evaluate(self) -> None:
+        """The eval loss (and, with early stopping, the best so far), then what the model answers now."""
         self.model.eval()
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         loss_sum = count = margin = correct = 0.0
@@ -412,24 +488,43 @@ class Recipe:
                     count += batch.pairs
                     margin += (rc - rr).sum().item()
                     correct += (rc > rr).float().sum().item()
-        self.model.train()
         if count:
+            eval_loss = loss_sum / count
             extra = {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
-            self.reporter.emit(ev.Eval(step=self.step, eval_loss=loss_sum / count, **extra))
+            if self.config.early_stopping_patience:
+                is_best = self._track_best(eval_loss)
+                extra.update(best_eval_loss=self.best_eval_loss, best_step=self.best_step, is_best=is_best)
+            self.reporter.emit(ev.Eval(step=self.step, eval_loss=eval_loss, **extra))
+        if self.sample_prompts:
+            shown, rendered = zip(*self.sample_prompts, strict=True)
+            answers = samples.greedy_answers(
+                self.model, self.tokenizer, list(rendered), self.config.sample_max_new_tokens, self.device
+            )
+            self.reporter.emit(ev.Sample(step=self.step, prompts=list(shown), answers=answers))
+        self.model.train()
 
     # --- checkpoint and clean-up ------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = checkpoint.TrainerState(step=self.step, consumed=self.sampler.consumed, run_id=self.run_id)
+        state = checkpoint.TrainerState(
+            step=self.step,
+            consumed=self.sampler.consumed,
+            run_id=self.run_id,
+            best_eval_loss=self.best_eval_loss,
+            best_step=self.best_step,
+            bad_evals=self.bad_evals,
+        )
         path = checkpoint.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.scaler)
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
-    def _finish(self, status: RunStatus, last_loss: float | None, note: str = "") -> RunResult:
+    def _finish(
+        self, status: RunStatus, last_loss: float | None, note: str = "", stopped_early: bool = False
+    ) -> RunResult:
         adapter_dir = None
         if status == RunStatus.COMPLETED:
             adapter_dir = self.run_dir / "adapter"
             tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
-            self.model.save_pretrained(tmp)
+            checkpoint.save_adapter(self.model, tmp)
             if adapter_dir.exists():
                 import shutil
 
@@ -452,6 +547,9 @@ class Recipe:
                 step=self.step,
                 final_loss=last_loss,
                 adapter_dir=str(adapter_dir or ""),
+                best_checkpoint=str(self.best_dir or ""),
+                best_step=self.best_step if self.best_dir else None,
+                stopped_early=stopped_early,
             )
         )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)

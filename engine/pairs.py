@@ -1,0 +1,78 @@
+"""The preference store as training data: examples in, snapshots out, and ``dataset: pairs:...`` in a config.
+
+``pairs:latest`` freezes the store's pairs now (a snapshot whose id is a hash of the pairs, so unchanged data gives
+the same id); ``pairs:<snapshot id>`` names an earlier snapshot (an export's, or another run's). Ties, both-bad and
+skipped comparisons have no preferred side and are never DPO pairs.
+"""
+
+from __future__ import annotations
+
+from finetune_studio.core.preferences import Pair, PreferenceError, PreferenceStore, Snapshot
+from finetune_studio.engine.datasets.schema import DatasetError, LoadedDataset, Message, PreferencePair
+
+PREFIX = "pairs:"
+
+
+def is_store_dataset(dataset: str) -> bool:
+    return dataset.startswith(PREFIX)
+
+
+def _to_dicts(msgs) -> list[dict]:
+    return [m.to_dict() for m in msgs]
+
+
+def _to_messages(dicts: list[dict]) -> tuple[Message, ...]:
+    return tuple(
+        Message(role=d["role"], content=d.get("content") or "", tool_calls=tuple(d.get("tool_calls") or ()))
+        for d in dicts
+    )
+
+
+def example_to_pair(example: PreferencePair) -> dict:
+    """A dataset reader's pair as the store takes it."""
+    return {
+        "prompt": _to_dicts(example.prompt),
+        "chosen": _to_dicts(example.chosen),
+        "rejected": _to_dicts(example.rejected),
+        "tools": list(example.tools),
+    }
+
+
+def pair_to_example(pair: Pair, line: int | None = None) -> PreferencePair:
+    return PreferencePair(
+        prompt=_to_messages(pair.prompt),
+        chosen=_to_messages(pair.chosen),
+        rejected=_to_messages(pair.rejected),
+        tools=tuple(pair.tools),
+        source_line=line,
+    )
+
+
+def resolve_snapshot(prefs: PreferenceStore, ref: str) -> Snapshot:
+    """``pairs:latest`` (a snapshot of the store now) or ``pairs:<id>`` / ``<id>``."""
+    name = ref[len(PREFIX) :] if ref.startswith(PREFIX) else ref
+    if name in ("", "latest"):
+        return prefs.snapshot()
+    return prefs.get_snapshot(name)
+
+
+def load_snapshot(prefs: PreferenceStore, ref: str) -> tuple[LoadedDataset, Snapshot]:
+    """The pairs of a snapshot as a dataset the trainer reads like a file."""
+    try:
+        snap = resolve_snapshot(prefs, ref)
+    except PreferenceError as exc:
+        raise DatasetError(str(exc)) from None
+    examples = [pair_to_example(p, i + 1) for i, p in enumerate(prefs.snapshot_pairs(snap.id))]
+    if not examples:
+        raise DatasetError(
+            f"the preference store holds no pairs for {ref!r}: import some (pairs import FILE) or label candidates "
+            f"first{left_out_note(snap.left_out, prefix='; ')}"
+        )
+    return LoadedDataset(format="pairs", kind="preference", examples=examples, path=snap.id), snap
+
+
+def left_out_note(left_out: dict, prefix: str = "") -> str:
+    """'left out of DPO data: 2 ties, 1 both bad (no preferred side)', or '' when nothing was."""
+    names = {"tie": ("tie", "ties"), "both_bad": ("both bad", "both bad"), "skip": ("skip", "skips")}
+    parts = [f"{n} {names[d][n != 1]}" for d, n in sorted(left_out.items()) if n]
+    return f"{prefix}left out of DPO data: {', '.join(parts)} (no preferred side)" if parts else ""

@@ -1,0 +1,130 @@
+"""``engine pairs``: import every preference layout, export as TRL / LLaMA-Factory, re-import keeps each pair once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from finetune_studio.core.store import Store
+
+
+def _pairs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "pairs", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _contents(store: Store) -> list[tuple]:
+    return sorted(
+        (json.dumps(p.prompt), json.dumps(p.chosen), json.dumps(p.rejected)) for p in store.preferences.pairs()
+    )
+
+
+def test_import_export_reimport_keeps_every_pair_once(tmp_path):
+    trl = _write(
+        tmp_path / "trl.jsonl",
+        [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"not {i}"} for i in range(6)],
+    )
+    conversational = _write(
+        tmp_path / "conv.jsonl",
+        [
+            {
+                "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "assistant", "content": "Hello."}],
+                "rejected": [{"role": "assistant", "content": "Greetings, dear friend, how are you?"}],
+            }
+        ],
+    )
+    hh = _write(
+        tmp_path / "hh.jsonl",
+        [
+            {
+                "chosen": "\n\nHuman: Name a fruit.\n\nAssistant: Apple.",
+                "rejected": "\n\nHuman: Name a fruit.\n\nAssistant: A car.",
+            }
+        ],
+    )
+    for f, fmt in ((trl, "trl"), (conversational, "trl-conversational"), (hh, "hh")):
+        done = _pairs("import", str(f), "--json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["format"] == fmt and summary["added"] == summary["pairs"] > 0
+    again = json.loads(_pairs("import", str(trl), "--json").stdout)
+    assert (again["added"], again["unchanged"]) == (0, 6)
+
+    store = Store()
+    prefs = store.preferences
+    # A tie and a both-bad decision: never DPO pairs, and the export says so.
+    pid = prefs.add_prompt("Pick one.")
+    x, y = prefs.add_candidate(pid, "x"), prefs.add_candidate(pid, "y")
+    prefs.compare(x, y, "tie")
+    z = prefs.add_candidate(pid, "z")
+    prefs.compare(x, z, "both_bad")
+    before = _contents(store)
+    assert len(before) == 8
+    store.close()
+
+    snapshots = set()
+    for fmt in ("trl-conversational", "llama-factory", "trl"):
+        out = tmp_path / f"out-{fmt}"
+        done = _pairs("export", str(out), "--format", fmt)
+        assert done.returncode == 0, done.stderr
+        assert "left out of DPO data: 1 both bad, 1 tie" in done.stdout
+        manifest = json.loads((out / "snapshot.json").read_text())
+        snapshots.add(manifest["snapshot"])
+        assert manifest["snapshot"] in done.stdout and manifest["left_out"] == {"tie": 1, "both_bad": 1}
+        if fmt == "llama-factory":
+            info = json.loads((out / "dataset_info.json").read_text())
+            assert (
+                info[manifest["snapshot"]]["ranking"] is True
+                and info[manifest["snapshot"]]["file_name"] == "pairs.json"
+            )
+            data = json.loads((out / "pairs.json").read_text())
+            assert len(data) == 8 and {"conversations", "chosen", "rejected"} <= set(data[0])
+        else:
+            assert len((out / "pairs.jsonl").read_text().splitlines()) == manifest["pairs"]
+        if fmt == "trl":
+            # The system turn of the conversational pair cannot be a TRL string prompt: dropped, and said so.
+            assert manifest["pairs"] == 7 and "not written" in done.stdout
+        else:
+            assert manifest["pairs"] == 8
+        reimport = _pairs("import", str(out / ("pairs.json" if fmt == "llama-factory" else "pairs.jsonl")), "--json")
+        assert reimport.returncode == 0, reimport.stderr
+        assert json.loads(reimport.stdout)["added"] == 0
+    assert len(snapshots) == 1  # unchanged data, one snapshot id
+    store = Store()
+    assert _contents(store) == before
+    stats = store.preferences.stats()
+    assert stats["pairs"] == 8 and stats["decisions"]["tie"] == 1 and stats["decision_changes"] == 0
+    store.close()
+    shown = _pairs("stats")
+    assert shown.returncode == 0 and "DPO pairs:   8" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], "not preference"),
+    ],
+)
+def test_import_refuses_data_that_is_not_pairs(tmp_path, rows, message):
+    done = _pairs("import", str(_write(tmp_path / "sft.jsonl", rows)))
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_export_of_an_empty_store_and_an_unknown_snapshot_are_clear_errors(tmp_path):
+    done = _pairs("export", str(tmp_path / "o"), "--format", "trl")
+    assert done.returncode == 1 and "no pairs to export" in done.stderr
+    done = _pairs("export", str(tmp_path / "o"), "--format", "trl", "--snapshot", "pairs-unknown")
+    assert done.returncode == 1 and "no pairs snapshot 'pairs-unknown'" in done.stderr
