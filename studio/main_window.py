@@ -1,4 +1,4 @@
-"""The main window: Set up, Train and Runs pages, shortcuts, remembered choices, closing during a run."""
+"""The main window: Set up, Train, Runs and Annotate pages, shortcuts, remembered choices, closing during a run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.store import Store
 from finetune_studio.studio.jobs import EngineJob
+from finetune_studio.studio.pages.annotate_page import AnnotatePage
 from finetune_studio.studio.pages.runs_page import RunsPage
 from finetune_studio.studio.pages.setup_page import SetupPage
 from finetune_studio.studio.pages.train_page import TrainPage
@@ -18,7 +19,7 @@ from finetune_studio.studio.setup_state import SetupState
 from finetune_studio.studio.state import MemoryState, RunState
 
 TITLE = "Finetune Studio"
-SETUP, TRAIN, RUNS = range(3)
+SETUP, TRAIN, RUNS, ANNOTATE = range(4)
 
 
 class MainWindow(QMainWindow):
@@ -33,11 +34,13 @@ class MainWindow(QMainWindow):
         self.setup_page = SetupPage(self.setup_state, self.setup_memory, self.settings.get("recent_models", []))
         self.train_page = TrainPage(self.run_state, self.run_memory)
         self.runs_page = RunsPage(lambda: self.controller.store)
+        self.annotate_page = AnnotatePage(lambda: self.controller.store, lambda: str(self.setup_state.values["model"]))
         self.tabs = QTabWidget(self)
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.setup_page, "1  Set up")
         self.tabs.addTab(self.train_page, "2  Train")
         self.tabs.addTab(self.runs_page, "3  Runs")
+        self.tabs.addTab(self.annotate_page, "4  Annotate")
         self.tabs.currentChanged.connect(self._page_changed)
         self.setCentralWidget(self.tabs)
         self.export_job = EngineJob(self)
@@ -55,6 +58,8 @@ class MainWindow(QMainWindow):
         self.runs_page.new_from_config.connect(self.new_from_config)
         self.runs_page.resume_requested.connect(self.resume_run)
         self.runs_page.export_requested.connect(self.export_run)
+        self.annotate_page.train_dpo_requested.connect(self.train_dpo)
+        self.annotate_page.message.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.controller.run_ended.connect(self._run_ended)
         self._shortcuts()
         self._restore()
@@ -71,6 +76,7 @@ class MainWindow(QMainWindow):
             (("Ctrl+1",), lambda: self.tabs.setCurrentIndex(SETUP)),
             (("Ctrl+2",), lambda: self.tabs.setCurrentIndex(TRAIN)),
             (("Ctrl+3",), lambda: self.tabs.setCurrentIndex(RUNS)),
+            (("Ctrl+4",), lambda: self.tabs.setCurrentIndex(ANNOTATE)),
             (("Ctrl+Q",), self.close),
             (("F5",), self.runs_page.refresh),
         ):
@@ -97,6 +103,9 @@ class MainWindow(QMainWindow):
     def _page_changed(self, index: int) -> None:
         if index == RUNS:
             self.runs_page.refresh()
+        elif index == ANNOTATE:
+            self.annotate_page.refresh()
+            self.annotate_page.label_view.setFocus()
 
     def _tell(self, title: str, message: str) -> None:
         self.statusBar().showMessage(f"{title}: {message.splitlines()[0] if message else ''}", 15000)
@@ -133,6 +142,13 @@ class MainWindow(QMainWindow):
         self.setup_state.load(config)
         self.tabs.setCurrentIndex(SETUP)
         self.statusBar().showMessage("Settings loaded from the past run; adjust them and press Start.", 6000)
+
+    def train_dpo(self, config: dict) -> None:
+        """From the annotate page: Set up with the DPO objective on the store's pairs, from the candidates' adapter."""
+        self.setup_state.load(config)
+        self.tabs.setCurrentIndex(SETUP)
+        start = f" from {config['init_adapter']}" if config.get("init_adapter") else ""
+        self.statusBar().showMessage(f"DPO on {config['dataset']}{start}: check the settings and press Start.", 8000)
 
     def choose_export_dir(self, run_id: str) -> str:
         return QFileDialog.getExistingDirectory(self, f"Export the adapter of {run_id} to…")
@@ -200,3 +216,4 @@ class MainWindow(QMainWindow):
         self.controller.follow_timer.stop()
         self.setup_page.shutdown()
         self.export_job.cancel()
+        self.annotate_page.shutdown()
