@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out prompts (0: all)")
+    p.add_argument("--max-length", type=int, default=DEFAULTS["sft"]["max_length"], help="SFT; DPO gets 32 more")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--skip-before", action="store_true", help="do not score the base model (saves time)")
     p.add_argument("--json", action="store_true")
@@ -122,7 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    from finetune_studio.engine.train import TrainingFailed
+
+    try:
+        return _loop(build_parser().parse_args(argv))
+    except TrainingFailed as exc:
+        _say(f"demo: training failed: {exc}")
+        return 1
+
+
+def _loop(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     from finetune_studio.core.config import TrainConfig
@@ -145,7 +155,7 @@ def main(argv: list[str]) -> int:
         max_steps=args.sft_steps,
         learning_rate=d["learning_rate"],
         batch_size=d["batch_size"],
-        max_length=d["max_length"],
+        max_length=args.max_length,
         lora_rank=d["lora_rank"],
         lora_alpha=float(2 * d["lora_rank"]),
         warmup_steps=max(1, args.sft_steps // 10),
@@ -222,7 +232,7 @@ def main(argv: list[str]) -> int:
         learning_rate=args.dpo_learning_rate,
         dpo_beta=args.dpo_beta,
         batch_size=4,
-        max_length=160,
+        max_length=args.max_length + 32,
         warmup_steps=max(1, args.dpo_steps // 10),
         **common,
     )

@@ -341,7 +341,9 @@ def generation_kwargs(req: gp.Generate, max_new_tokens: int, eos_ids: list[int],
     """The ``model.generate`` arguments for a request (also what the benchmark hands plain ``generate``)."""
     from transformers import GenerationConfig
 
-    sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k} if not req.greedy else {}
+    # Temperature, top-k and top-p are applied by SamplingFilter below (in transformers' order), not by transformers'
+    # own top-p filter, which sorts the whole vocabulary every step.
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if not req.greedy else {}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not req.greedy,
@@ -351,7 +353,47 @@ def generation_kwargs(req: gp.Generate, max_new_tokens: int, eos_ids: list[int],
         use_cache=True,
         **sampling,
     )
-    return {"generation_config": config}
+    kwargs: dict = {"generation_config": config}
+    if not req.greedy:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([SamplingFilter(req.temperature, req.top_k, req.top_p)])
+    return kwargs
+
+
+class SamplingFilter:
+    """Temperature, then top-k, then top-p on the next-token scores: transformers' warpers, in their order.
+
+    Top-p keeps token j (in descending probability) iff the mass of the tokens ranked above it is < top_p: the
+    set ``TopPLogitsWarper`` keeps, found with ``topk`` over a growing k instead of sorting the whole vocabulary
+    (at temperature <= 1 a few hundred tokens almost always hold the mass).
+    """
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, first_k: int = 256):
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.first_k = first_k
+
+    def __call__(self, input_ids, scores):
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        vocab = scores.shape[-1]
+        if 0 < self.top_k < vocab:
+            kth = torch.topk(scores, self.top_k)[0][..., -1, None]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p >= 1.0:
+            return scores
+        probs = scores.softmax(dim=-1)  # (batch, vocab)
+        k = min(self.first_k, vocab)
+        while True:
+            top, idx = probs.topk(k, dim=-1)  # (batch, k), descending
+            if k == vocab or bool((top.sum(dim=-1) >= self.top_p).all()):
+                break
+            k = min(vocab, k * 4)
+        above = top.cumsum(dim=-1) - top  # mass ranked strictly above each token
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, above < self.top_p)
+        return scores.masked_fill(~keep, float("-inf"))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

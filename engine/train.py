@@ -28,6 +28,7 @@ from finetune_studio.engine import adapters, checkpoint, errors, init_adapter, p
 from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
+from finetune_studio.engine.early_stopping import EarlyStopping
 from finetune_studio.engine.forward import LogprobModel
 from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 from finetune_studio.engine.models import (
@@ -127,10 +128,7 @@ class Recipe:
         self.dpo = config.objective == "dpo"
         self.start: init_adapter.StartingAdapter | None = None
         self.snapshot_id = ""
-        self.best_eval_loss: float | None = None  # early stopping's state (saved in checkpoints)
-        self.best_step = 0
-        self.bad_evals = 0
-        self.best_dir: Path | None = None
+        self.early = EarlyStopping(config.early_stopping_patience, run_dir)
 
     # --- set-up -------------------------------------------------------------
     def setup(self, resume: bool) -> None:
@@ -174,13 +172,7 @@ class Recipe:
             if ckpt is not None:
                 state = checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
                 self.step, consumed = state.step, state.consumed
-                self.best_eval_loss, self.best_step, self.bad_evals = (
-                    state.best_eval_loss,
-                    state.best_step,
-                    state.bad_evals,
-                )
-                if self.best_eval_loss is not None and (self.run_dir / "best").is_dir():
-                    self.best_dir = self.run_dir / "best"
+                self.early.restore(state)
                 self.store.delete_metrics_after(self.run_id, self.step)
                 self.reporter.log(f"Resumed from {ckpt.name}")
             else:
@@ -392,9 +384,9 @@ class Recipe:
             self.reporter.emit(step_event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
-                if self._patience_spent():
+                if self.early.spent:
                     return self._finish(
-                        RunStatus.COMPLETED, last_loss, note=self._early_stop_note(), stopped_early=True
+                        RunStatus.COMPLETED, last_loss, note=self.early.note(self.step), stopped_early=True
                     )
             if self.stop.requested:
                 path = self.save_checkpoint()
@@ -406,38 +398,6 @@ class Recipe:
         if self.val_examples:
             self.evaluate()
         return self._finish(RunStatus.COMPLETED, last_loss)
-
-    # --- early stopping -------------------------------------------------------------
-    def _track_best(self, eval_loss: float) -> bool:
-        """Early stopping: True when this evaluation is the best so far (its adapter is then kept in best/)."""
-        if self.best_eval_loss is not None and eval_loss >= self.best_eval_loss:
-            self.bad_evals += 1
-            return False
-        self.best_eval_loss, self.best_step, self.bad_evals = eval_loss, self.step, 0
-        best = self.run_dir / "best"
-        tmp = self.run_dir / f".best-tmp-{os.getpid()}"
-        checkpoint.save_adapter(self.model, tmp)
-        (tmp / "trainer_state.json").write_text(
-            json.dumps({"step": self.step, "eval_loss": eval_loss, "run_id": self.run_id}), encoding="utf-8"
-        )
-        if best.exists():
-            import shutil
-
-            shutil.rmtree(best)
-        os.replace(tmp, best)
-        self.best_dir = best
-        self.store.update_run(self.run_id, best_step=self.step, best_eval_loss=eval_loss, best_checkpoint=str(best))
-        return True
-
-    def _patience_spent(self) -> bool:
-        patience = self.config.early_stopping_patience
-        return bool(patience) and self.bad_evals >= patience
-
-    def _early_stop_note(self) -> str:
-        return (
-            f"Stopped early at step {self.step}: the eval loss has not improved for {self.bad_evals} evaluations; "
-            f"the best ({self.best_eval_loss:.4f}, step {self.best_step}) is kept in {self.best_dir}"
-        )
 
     def _memory_budget(self) -> int:
         """The pure-Python estimate the studio showed before the run (0 when the shape is unknown)."""
@@ -491,9 +451,16 @@ class Recipe:
         if count:
             eval_loss = loss_sum / count
             extra = {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
-            if self.config.early_stopping_patience:
-                is_best = self._track_best(eval_loss)
-                extra.update(best_eval_loss=self.best_eval_loss, best_step=self.best_step, is_best=is_best)
+            if self.early.patience:
+                is_best = self.early.observe(self.step, eval_loss, self.model)
+                if is_best:
+                    self.store.update_run(
+                        self.run_id,
+                        best_step=self.step,
+                        best_eval_loss=eval_loss,
+                        best_checkpoint=str(self.early.best_dir),
+                    )
+                extra.update(best_eval_loss=self.early.best_eval_loss, best_step=self.early.best_step, is_best=is_best)
             self.reporter.emit(ev.Eval(step=self.step, eval_loss=eval_loss, **extra))
         if self.sample_prompts:
             shown, rendered = zip(*self.sample_prompts, strict=True)
@@ -509,9 +476,7 @@ class Recipe:
             step=self.step,
             consumed=self.sampler.consumed,
             run_id=self.run_id,
-            best_eval_loss=self.best_eval_loss,
-            best_step=self.best_step,
-            bad_evals=self.bad_evals,
+            **self.early.state(),
         )
         path = checkpoint.save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.scaler)
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
@@ -547,8 +512,8 @@ class Recipe:
                 step=self.step,
                 final_loss=last_loss,
                 adapter_dir=str(adapter_dir or ""),
-                best_checkpoint=str(self.best_dir or ""),
-                best_step=self.best_step if self.best_dir else None,
+                best_checkpoint=str(self.early.best_dir or ""),
+                best_step=self.early.best_step if self.early.best_dir else None,
                 stopped_early=stopped_early,
             )
         )

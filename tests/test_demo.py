@@ -192,3 +192,14 @@ def test_demo_dpo_runs_on_the_tiny_model(tiny_model_dir, capsys):
 def test_demo_rejects_a_bad_setting(capsys):
     assert demo.main(["--steps", "0"]) == 2
     assert "max_steps" in capsys.readouterr().err
+
+
+def test_the_loop_labels_exact_over_valid_over_invalid_and_equal_scores_tie():
+    from finetune_studio.engine.demo_loop import decisions, label
+
+    expected = {"name": "Ada Lee", "age": 36, "city": "Oslo", "job": None}
+    exact = '{"name": "Ada Lee", "age": 36, "city": "Oslo", "job": null}'
+    wrong = '{"name": "Ada Lee", "age": 37, "city": "Oslo", "job": null}'
+    assert [label(a, expected) for a in (exact, wrong, "Ada is 36.", "```json\n" + exact + "\n```")] == [2, 1, 0, 0]
+    assert decisions([2, 1, 0, 0]) == [(0, 1, "a"), (0, 2, "a"), (0, 3, "a"), (1, 2, "a"), (1, 3, "a"), (2, 3, "tie")]
+    assert decisions([0, 2]) == [(0, 1, "b")]

@@ -253,3 +253,19 @@ def test_a_killed_worker_is_seen_at_once_and_a_new_one_answers(tiny_model_dir):
         second = client.call(gp.Generate(id="g", prompt=PROMPT))  # starts a new worker, which answers
         assert client.ready.pid != first.pid
         assert second[-1].type == "error" and second[-1].kind == "no_model"
+
+
+def test_sampling_filter_is_transformers_temperature_top_k_top_p():
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from finetune_studio.engine.generation import SamplingFilter
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [(50, 0.1, 0.5, 0.7, 0), (320, 1.0, 0.9, 0.8, 0), (3000, 4.0, 0.95, 1.3, 40), (4099, 8.0, 0.3, 0.5, 0)]
+    for vocab, spread, p, t, k in cases + [(777, 2.0, 0.999, 1.0, 500), (600, 3.0, 1.0, 0.9, 7)]:
+        scores = torch.randn(4, vocab, generator=gen) * spread
+        ours = SamplingFilter(t, k, p, first_k=16)(None, scores.clone())
+        warpers = [TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k else []) + [TopPLogitsWarper(p)]
+        theirs = LogitsProcessorList(warpers)(None, scores.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        assert torch.allclose(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
