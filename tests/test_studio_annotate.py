@@ -9,6 +9,7 @@ import signal
 
 import pytest
 from PySide6.QtCore import QProcess, Qt
+from test_studio_support import make_window  # noqa: F401 - fixture
 
 from finetune_studio.core import annotation as an
 from finetune_studio.core.store import Store
@@ -175,3 +176,33 @@ def test_killed_worker_is_reported_and_the_next_request_recovers(qtbot, make_pag
         qtbot.mouseClick(page.generate_button, Qt.MouseButton.LeftButton)
     assert second.args == [""] and len(page.spec.items) == 3
     assert page.worker.pid != killed[0]
+
+
+def test_adapter_side_and_train_dpo_in_one_click(qtbot, make_window, tiny_model_dir, tmp_path):
+    from test_generation_worker import _adapter_dir
+
+    from finetune_studio.studio.main_window import ANNOTATE, SETUP
+
+    adapter = str(_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=3))
+    win = make_window({"model": str(tiny_model_dir)})
+    win.show()
+    win.activateWindow()
+    qtbot.waitUntil(win.isActiveWindow, timeout=5000)
+    win.setup_page.start_button.setFocus()
+    qtbot.keyClick(win.setup_page.start_button, Qt.Key.Key_4, Qt.KeyboardModifier.ControlModifier)
+    assert win.tabs.currentIndex() == ANNOTATE
+    page = win.annotate_page
+    assert page.model.text() == str(tiny_model_dir)
+    _set_up(page, PROMPTS[:2], max_new_tokens=8)
+    page.side_b.adapter.setEditText(adapter)
+    with qtbot.waitSignal(page.generator.finished, timeout=120_000) as done:
+        page.generate()
+    assert done.args == [""], page.status.text()
+    item = page.spec.items[0]
+    prefs = page.store.preferences
+    assert (prefs.candidate(item.a)["adapter"], prefs.candidate(item.b)["adapter"]) == ("", adapter)
+    _key(qtbot, page, Qt.Key.Key_A)
+    qtbot.mouseClick(page.train_button, Qt.MouseButton.LeftButton)
+    assert win.tabs.currentIndex() == SETUP
+    values = win.setup_state.values
+    assert (values["objective"], values["dataset"], values["init_adapter"]) == ("dpo", "pairs:latest", adapter)
