@@ -185,11 +185,18 @@ class AnnotatePage(QWidget):
     train_dpo_requested = Signal(dict)  # a config fragment for Set up
     message = Signal(str)
 
-    def __init__(self, store_getter, model_getter=lambda: "default", parent: QWidget | None = None):
+    def __init__(
+        self,
+        store_getter,
+        model_getter=lambda: "default",
+        worker: GenerationWorker | None = None,
+        parent: QWidget | None = None,
+    ):
         super().__init__(parent)
         self._store = store_getter
         self._model = model_getter
-        self.worker = GenerationWorker(self, threads=1)
+        self._own_worker = worker is None
+        self.worker = worker or GenerationWorker(self, threads=1)
         self.generator = SessionGenerator(self.worker, self)
         self.spec: an.SessionSpec | None = None
         self.labeller: an.Labeller | None = None
@@ -646,6 +653,7 @@ class AnnotatePage(QWidget):
 
     def shutdown(self) -> None:
         self.generator.stop()
-        self.worker.shutdown()
+        if self._own_worker:
+            self.worker.shutdown()
         if self._export is not None:
             self._export.kill()
