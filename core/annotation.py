@@ -358,6 +358,7 @@ class Progress:
     both_bad: int
     skips: int
     edits: int
+    per_hour: float | None = None  # decisions per hour over this session's span of decisions
 
     @property
     def remaining(self) -> int:
@@ -385,7 +386,18 @@ def progress(labeller: Labeller, items: list[Item]) -> Progress:
         both_bad=counts["both_bad"],
         skips=counts["skip"],
         edits=counts["edit"],
+        per_hour=_per_hour(labeller),
     )
+
+
+def _per_hour(labeller: Labeller) -> float | None:
+    n, first, last = labeller.prefs.conn.execute(
+        "SELECT count(*), min(updated_at), max(updated_at) FROM comparisons WHERE source = ? AND annotator = ?",
+        (labeller.spec.source, labeller.annotator),
+    ).fetchone()
+    if n < 2 or last - first < 1:
+        return None
+    return (n - 1) * 3600 / (last - first)
 
 
 def policy_text(left_out: dict[str, int]) -> str:

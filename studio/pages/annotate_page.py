@@ -591,7 +591,7 @@ class AnnotatePage(QWidget):
         rate = f"{p.left_rate:.0%}" if p.left_rate is not None else "–"
         self.progress_label.setText(
             f"{p.done} done, {p.remaining} remaining · ties {p.ties} · both bad {p.both_bad} · skips {p.skips} · "
-            f"edits {p.edits} · left picks {rate}"
+            f"edits {p.edits} · left picks {rate}" + (f" · {p.per_hour:.0f} per hour" if p.per_hour else "")
         )
         self._refresh_policy()
 
