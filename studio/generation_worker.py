@@ -115,6 +115,19 @@ class GenerationWorker(QObject):
 
             QTimer.singleShot(3000, self, lambda: proc.kill() if proc is self._proc and self.running else None)
 
+    def drain(self, timeout_ms: int = 5000) -> None:
+        """At exit, after the event loop: let the worker finish exiting so that it is not destroyed running."""
+        if not self.running:
+            return
+        from PySide6.QtCore import QEventLoop, QTimer
+
+        loop = QEventLoop()
+        self._proc.finished.connect(loop.quit)
+        QTimer.singleShot(timeout_ms, loop.quit)
+        loop.exec()
+        if self.running:
+            self._proc.kill()
+
     # --- process --------------------------------------------------------------------
     def _start(self) -> None:
         self._closing = False

@@ -336,12 +336,15 @@ class AnnotatePage(QWidget):
         self.side_a.set_runs(runs)
         self.side_b.set_runs(runs)
         current = self.sessions.currentText()
+        sessions = an.list_sessions()
         self.sessions.clear()
-        self.sessions.addItems(an.list_sessions())
+        self.sessions.addItems(sessions)
         if current:
             self.sessions.setCurrentText(current)
         if not self.model.text():
             self.model.setText(self._model() or "default")
+        if self.spec is None and sessions and not self.generator.running:
+            self.open_session(sessions[0])  # the app reopened: continue the latest session where it stopped
 
     def _say(self, text: str) -> None:
         self.status.setText(text)
@@ -401,6 +404,8 @@ class AnnotatePage(QWidget):
             self._say(f"A session named {spec.name!r} exists: open it (Reopen) or choose another name.")
             return
         spec.save()
+        if self.sessions.findText(spec.name) < 0:
+            self.sessions.addItem(spec.name)
         self._use(spec)
         count = self.generator.start(spec, self.store.preferences)
         if count:
