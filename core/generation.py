@@ -84,8 +84,8 @@ class LoadModel(Request):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantize_4bit: bool = False  # NF4 base (the one a QLoRA adapter was trained on); CUDA only
-    # "int8": weight-only int8 copies of the linear layers for faster CPU decoding (bfloat16 activations;
-    # outputs close to, not equal to, full precision). "full": the weights as loaded.
+    # "int8": weight-only int8 copies of the linear layers for faster CPU decoding (outputs close to, not
+    # equal to, full precision). "full": the weights as loaded.
     weights: Literal["full", "int8"] = "full"
     allow_pickle: bool = False
     trust_remote_code: bool = False

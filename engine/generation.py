@@ -141,15 +141,12 @@ class Session:
             folder = resolve_model(req.model, options)
             info = describe(folder)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=req.trust_remote_code)
-            if req.weights == "int8" and req.dtype == "auto":
-                dtype = torch.bfloat16  # the int8 kernel's fast path takes bfloat16 activations
-            else:
-                dtype = compute_dtype(req.dtype, device)
+            dtype = compute_dtype(req.dtype, device)
             model = load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=req.quantize_4bit, options=options)
             if req.weights == "int8":
                 from finetune_studio.engine.int8 import quantize_linears_int8
 
-                quantize_linears_int8(model, torch.bfloat16 if dtype == torch.float32 else dtype)
+                quantize_linears_int8(model)  # bfloat16 inside the int8 matmul (its fast path), float32 around it
         except ModelError as exc:
             raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
         except Exception as exc:  # a broken folder raises whatever its reader raises
@@ -204,8 +201,15 @@ class Session:
             else:
                 self.peft.load_adapter(str(folder), adapter_name=req.name, is_trainable=False)
         except Exception as exc:  # peft raises many types for a mismatched adapter
-            if self.peft is not None and not self.adapters:
+            if self.peft is None:
+                _strip_adapter_layers(self.base)  # injected before the weights failed to load
+            elif not self.adapters:
                 self._unwrap()
+            elif self.peft is not None and req.name in getattr(self.peft, "peft_config", {}):
+                try:  # a half-loaded adapter must not linger under this name
+                    self.peft.delete_adapter(req.name)
+                except Exception:
+                    log.warning("could not remove the half-loaded adapter %r", req.name)
             raise GenerationError(
                 "adapter", f"adapter {folder} does not fit the loaded model: {type(exc).__name__}: {exc}"
             ) from None
@@ -335,6 +339,17 @@ class Session:
             return self.peft.disable_adapter()
         self.peft.set_adapter(adapter)
         return contextlib.nullcontext()
+
+
+def _strip_adapter_layers(model) -> None:
+    """Put back the base layers wherever PEFT injected adapter layers (what ``unload`` does, without a PeftModel)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
 
 
 def generation_kwargs(req: gp.Generate, max_new_tokens: int, eos_ids: list[int], pad_id: int | None) -> dict:

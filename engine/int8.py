@@ -3,9 +3,11 @@
 Decoding a small batch reads every weight once per token, so on a CPU it is bound by memory traffic, not
 arithmetic. Each ``nn.Linear`` keeps an int8 copy of its weight, symmetric per output channel
 (``W ~= q * s``, ``q = round(W / s)`` in [-127, 127], ``s = max|W_row| / 127``), and its forward becomes
-``torch._weight_int8pack_mm(x, q, s)``: a quarter of float32's bytes, a half of bfloat16's. The original weight
-stays (PEFT's adapter layers, DoRA's norm and merging read it), so this trades memory for speed. The outputs are
-close to, not equal to, full precision: the worker's default stays ``weights: full``.
+``torch._weight_int8pack_mm(x, q, s)``: a quarter of float32's bytes, a half of bfloat16's. The product is
+computed in bfloat16 (the kernel's fast path on the CPU) and cast back to the activations' dtype: float32
+activations around it measured a little faster than a bfloat16 model (CPU attention in bfloat16 is slow).
+The original weight stays (PEFT's adapter layers, DoRA's norm and merging read it), so this trades memory for
+speed. The outputs are close to, not equal to, full precision: the worker's default stays ``weights: full``.
 """
 
 from __future__ import annotations

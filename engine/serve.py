@@ -59,6 +59,7 @@ class Worker:
         self.current_cancel = threading.Event()
         self.queued: set[str] = set()
         self.dropped: set[str] = set()
+        self.closing = False  # shutdown asked or stdin closed: what is still queued is answered, not run
 
     # reader thread ---------------------------------------------------------------------------------------------
 
@@ -76,11 +77,11 @@ class Worker:
                 self.emit(gp.Cancelled(id=req.id, target=req.target, found=self._cancel(req.target)))
                 continue
             if isinstance(req, gp.Shutdown):
-                self._cancel_all()
+                self._cancel_all(closing=True)
             with self.lock:
                 self.queued.add(req.id)
             self.queue.put(req)
-        self._cancel_all()
+        self._cancel_all(closing=True)
         self.queue.put(None)
 
     def _cancel(self, target: str) -> bool:
@@ -93,8 +94,9 @@ class Worker:
                 return True
             return False
 
-    def _cancel_all(self) -> None:
+    def _cancel_all(self, closing: bool) -> None:
         with self.lock:
+            self.closing = self.closing or closing
             self.dropped |= self.queued
             self.current_cancel.set()
 
@@ -117,6 +119,9 @@ class Worker:
                 if isinstance(req, gp.Shutdown):
                     self.emit(gp.Bye(id=req.id))
                     return 0
+                if self.closing:
+                    self.emit(gp.Error(id=req.id, message="not run: the worker is shutting down", kind="error"))
+                    continue
                 self.emit(self.handle(req, self.current_cancel))
             finally:
                 with self.lock:

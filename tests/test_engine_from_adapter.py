@@ -243,3 +243,34 @@ def test_early_stopping_stops_when_eval_loss_stops_improving_and_keeps_the_best(
         reporter=Reporter(),
     )
     assert Store().get_run(follow.run_id)["parent_run_id"] == result.run_id
+
+
+def test_a_resumed_run_stops_early_where_an_uninterrupted_one_does(tiny_model_dir, tmp_path):
+    config = tiny_config(
+        tiny_model_dir,
+        write_sft(tmp_path / "d.jsonl"),
+        max_steps=30,
+        eval_every=1,
+        early_stopping_patience=2,
+        validation_fraction=0.2,
+        learning_rate=1e-1,
+        lr_scheduler="constant",
+        sample_prompts=0,
+    )
+    full = Recorder()
+    train_run(config, reporter=Reporter(extra=full))
+    stop, first = StopFlag(), Recorder()
+
+    def stop_after_the_first_worse_eval(event):
+        first(event)
+        if event.type == "eval" and not event.is_best:
+            stop.set()
+
+    stopped = train_run(config, reporter=Reporter(extra=stop_after_the_first_worse_eval), stop=stop)
+    assert stopped.status == "stopped"
+    second = Recorder()
+    resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
+    evals = first.of("eval") + second.of("eval")
+    assert [(e.step, e.best_step) for e in evals] == [(e.step, e.best_step) for e in full.of("eval")]
+    assert [e.eval_loss for e in evals] == pytest.approx([e.eval_loss for e in full.of("eval")], abs=1e-5)
+    assert second.of("finished")[0].stopped_early and resumed.step == full.of("finished")[0].step

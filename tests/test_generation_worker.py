@@ -217,6 +217,13 @@ def test_bad_requests_get_errors_and_the_worker_stays_up(worker, tmp_path):
     (bad_adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["zz"]}))
     (bad_adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
     assert _final(worker, gp.AttachAdapter(id="ba", name="z", source=str(bad_adapter))).kind == "adapter"
+    from tiny_model import build_tiny_model_dir
+
+    before = _texts(_generate(worker, "pre", adapter="", temperature=0, max_new_tokens=8))
+    other = _adapter_dir(build_tiny_model_dir(tmp_path / "wider", hidden_size=96), tmp_path / "wider-adapter", 5)
+    wrong = _final(worker, gp.AttachAdapter(id="wa", name="wider", source=str(other)))
+    assert wrong.kind == "adapter" and "does not fit" in wrong.message
+    assert _texts(_generate(worker, "post", adapter="", temperature=0, max_new_tokens=8)) == before
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)
     over = _final(worker, gp.Generate(id="ctx", prompt=long_prompt))
     assert over.kind == "context" and "512" in over.message
@@ -240,6 +247,17 @@ def test_a_model_that_fails_to_load_is_an_error_not_a_crash(worker, tiny_model_d
     assert _final(worker, gp.Unload(id="u")).type == "unloaded"
     assert _final(worker, gp.Generate(id="g3", prompt="hi")).kind == "no_model"
     assert _final(worker, gp.LoadModel(id="l4", model=str(tiny_model_dir))).type == "loaded"
+
+
+def test_int8_weights_generate_and_take_adapters(worker, tiny_model_dir, adapters):
+    loaded = _final(worker, gp.LoadModel(id="q8", model=str(tiny_model_dir), weights="int8", device="cpu"))
+    assert isinstance(loaded, gp.Loaded) and loaded.weights == "int8", loaded
+    base = _texts(_generate(worker, "q-base", temperature=0, max_new_tokens=12))
+    assert _final(worker, gp.AttachAdapter(id="q-at", name="a", source=str(adapters["a"]))).type == "adapter"
+    tuned = _texts(_generate(worker, "q-a", temperature=0, max_new_tokens=12))
+    assert base[0] and tuned != base
+    assert _texts(_generate(worker, "q-base2", adapter="", temperature=0, max_new_tokens=12)) == base
+    assert _final(worker, gp.LoadModel(id="full-again", model=str(tiny_model_dir))).type == "loaded"
 
 
 def test_a_killed_worker_is_seen_at_once_and_a_new_one_answers(tiny_model_dir):
