@@ -204,7 +204,7 @@ class GenerationWorker(QObject):
             proc.deleteLater()
             return
         self._on_stdout(proc)
-        if self._closing and not self.pending:
+        if self._closing:  # we asked it to go: not news
             self._gone(proc, "")
             return
         if status == QProcess.ExitStatus.CrashExit or code != 0:

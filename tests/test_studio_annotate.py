@@ -213,3 +213,20 @@ def test_adapter_side_and_train_dpo_in_one_click(qtbot, make_window, tiny_model_
     assert win.tabs.currentIndex() == SETUP
     values = win.setup_state.values
     assert (values["objective"], values["dataset"], values["init_adapter"]) == ("dpo", "pairs:latest", adapter)
+
+
+def test_import_and_export_messages_from_the_tab(qtbot, make_page, tmp_path):
+    page = make_page("default")
+    page.choose_export_dir = lambda: str(tmp_path / "out")
+    page.export()
+    qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
+    assert page.status.text().startswith("Export failed: the preference store holds no pairs to export")
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page.choose_import_file = lambda: str(data)
+    page.import_pairs()
+    qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
+    assert page.status.text().startswith("Imported 3 pairs from prefs.jsonl"), page.status.text()
+    assert page.policy.text().startswith("3 DPO pairs in the store.")
+    assert [p.chosen[-1]["content"] for p in page.store.preferences.pairs()] == ["good 0", "good 1", "good 2"]

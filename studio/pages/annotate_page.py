@@ -206,6 +206,9 @@ class AnnotatePage(QWidget):
         self.last_snapshot = ""
         self._export: QProcess | None = None
         self.choose_export_dir = lambda: QFileDialog.getExistingDirectory(self, "Export the pairs to…")
+        self.choose_import_file = lambda: QFileDialog.getOpenFileName(
+            self, "Import preference pairs", "", "Preference data (*.jsonl *.json *.parquet *.csv)"
+        )[0]
         self._build()
         self.generator.progress.connect(self._on_progress)
         self.generator.streaming.connect(self._on_stream)
@@ -303,12 +306,16 @@ class AnnotatePage(QWidget):
         self.export_format.addItems(EXPORT_FORMATS)
         self.export_button = QPushButton("Export pairs…", right)
         self.export_button.clicked.connect(self.export)
+        self.import_button = QPushButton("Import pairs…", right)
+        self.import_button.setToolTip("Add the pairs of a preference file (TRL, HH, UltraFeedback, ...) to the store")
+        self.import_button.clicked.connect(self.import_pairs)
         self.train_button = QPushButton("Train DPO on these pairs", right)
         self.train_button.setObjectName("trainDpoButton")
         self.train_button.clicked.connect(self.train_dpo)
         bottom = QHBoxLayout()
         bottom.addWidget(self.export_format)
         bottom.addWidget(self.export_button)
+        bottom.addWidget(self.import_button)
         bottom.addStretch(1)
         bottom.addWidget(self.train_button)
         rcol = QVBoxLayout(right)
@@ -605,38 +612,60 @@ class AnnotatePage(QWidget):
         self.policy.setText(f"{len(prefs.pairs())} DPO pairs in the store. " + an.policy_text(prefs.left_out()))
 
     # --- export and training --------------------------------------------------------
-    def export(self) -> None:
+    def _pairs_cli(self, what: str, args: list[str], done) -> None:
+        """``engine pairs EXPORT|IMPORT ... --json`` in the background; ``done(summary)`` with its JSON answer."""
         if self._export is not None:
             return
-        out = self.choose_export_dir()
-        if not out:
-            return
-        argv = engine_command("pairs", "export", out, "--format", self.export_format.currentText(), "--json")
+        argv = engine_command("pairs", *args, "--json")
         proc = QProcess(self)
         proc.setProcessEnvironment(engine_environment())
         proc.setWorkingDirectory(str(PROJECT_ROOT))
-        proc.finished.connect(lambda code, _status: self._exported(proc, code))
+        proc.finished.connect(lambda code, _status: self._pairs_done(proc, code, what, done))
         self._export = proc
         self.export_button.setEnabled(False)
-        self._say("Exporting the pairs…")
+        self.import_button.setEnabled(False)
+        self._say(f"{what.capitalize()} of the pairs…")
         proc.start(argv[0], argv[1:])
 
-    def _exported(self, proc: QProcess, code: int) -> None:
+    def _pairs_done(self, proc: QProcess, code: int, what: str, done) -> None:
         out = proc.readAllStandardOutput().data().decode("utf-8", errors="replace").strip()
         err = proc.readAllStandardError().data().decode("utf-8", errors="replace").strip()
         proc.deleteLater()
         self._export = None
         self.export_button.setEnabled(True)
-        manifest = None
+        self.import_button.setEnabled(True)
+        summary = None
         if code == 0 and out:
             try:
-                manifest = json.loads(out.splitlines()[-1])
+                summary = json.loads(out.splitlines()[-1])
             except json.JSONDecodeError:
-                manifest = None
-        if not isinstance(manifest, dict):
+                summary = None
+        if not isinstance(summary, dict):
             last = [line for line in err.splitlines() if line.strip()]
-            self._say("Export failed: " + (last[-1].removeprefix("error: ") if last else f"exit code {code}"))
+            self._say(
+                f"{what.capitalize()} failed: " + (last[-1].removeprefix("error: ") if last else f"exit code {code}")
+            )
             return
+        done(summary)
+        self._refresh_policy()
+
+    def export(self) -> None:
+        out = self.choose_export_dir()
+        if out:
+            self._pairs_cli("export", ["export", out, "--format", self.export_format.currentText()], self._exported)
+
+    def import_pairs(self) -> None:
+        path = self.choose_import_file()
+        if path:
+            self._pairs_cli("import", ["import", path], self._imported)
+
+    def _imported(self, s: dict) -> None:
+        self._say(
+            f"Imported {s['pairs']} pairs from {Path(s['file']).name} ({s['format']}): {s['added']} new, "
+            f"{s['unchanged']} already in the store, {s['changed']} with a changed decision."
+        )
+
+    def _exported(self, manifest: dict) -> None:
         self.last_snapshot = manifest["snapshot"]
         self.last_export = manifest
         self._say(
