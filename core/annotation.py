@@ -405,3 +405,42 @@ def policy_text(left_out: dict[str, int]) -> str:
     names = {"tie": "ties", "both_bad": "both bad", "skip": "skips"}
     parts = [f"{left_out.get(d, 0)} {n}" for d, n in names.items()]
     return f"Left out of DPO data (no preferred side): {', '.join(parts)}. Edits export as edited > original."
+
+
+def cohen_kappa(pairs: list[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of two annotators' labels on the same items: (p_o - p_e) / (1 - p_e), where p_o is the
+    share of items they agree on and p_e the agreement expected from each one's label frequencies. None without
+    items; 1.0 when both always give the one same label."""
+    n = len(pairs)
+    if not n:
+        return None
+    observed = sum(a == b for a, b in pairs) / n
+    labels = {x for pair in pairs for x in pair}
+    expected = sum((sum(a == k for a, _ in pairs) / n) * (sum(b == k for _, b in pairs) / n) for k in labels)
+    if expected == 1:
+        return 1.0
+    return (observed - expected) / (1 - expected)
+
+
+def agreement(labeller: Labeller, items: list[Item]) -> dict[str, tuple[float | None, int]]:
+    """Cohen's kappa of this annotator against each other annotator who compared the same items:
+    other -> (kappa, items both labelled). Labels are the stored decisions (the same orientation for both)."""
+    conn = labeller.prefs.conn
+    mine: dict[tuple[str, str], str] = {}
+    theirs: dict[str, dict[tuple[str, str], str]] = {}
+    for item in items:
+        lo, hi = sorted((item.a, item.b))
+        rows = conn.execute(
+            "SELECT annotator, decision FROM comparisons WHERE candidate_a = ? AND candidate_b = ?", (lo, hi)
+        ).fetchall()
+        for annotator, decision in rows:
+            if annotator == labeller.annotator:
+                mine[(lo, hi)] = decision
+            else:
+                theirs.setdefault(annotator, {})[(lo, hi)] = decision
+    out = {}
+    for other, labels in sorted(theirs.items()):
+        pairs = [(mine[k], v) for k, v in labels.items() if k in mine]
+        if pairs:
+            out[other] = (cohen_kappa(pairs), len(pairs))
+    return out

@@ -145,11 +145,21 @@ def test_reopened_session_continues_at_the_first_open_item(qtbot, make_page):
     spec = an.SessionSpec("s1", PROMPTS[:3], an.Side(seed=1), an.Side(seed=2), annotator="ann")
     for i, prompt in enumerate(spec.prompts):
         pid = prefs.add_prompt(prompt, source=spec.source)
-        spec.items.append(an.Item(pid, prefs.add_candidate(pid, f"a{i}"), prefs.add_candidate(pid, f"b{i}")))
+        spec.items.append(
+            an.Item(pid, prefs.add_candidate(pid, f"**a{i}** same words"), prefs.add_candidate(pid, f"b{i} same words"))
+        )
     spec.save()
     store.close()
     page = make_page("default")
     assert page.spec.name == "s1" and page.index == 0
+    left = page.label_view.answers[0]
+    assert left.toPlainText() in ("**a0** same words", "b0 same words")
+    _key(qtbot, page, Qt.Key.Key_M)  # Markdown
+    assert left.toPlainText() in ("a0 same words", "b0 same words")
+    _key(qtbot, page, Qt.Key.Key_D)  # word diff: only the first word differs
+    assert "background-color:#f4c7c3" in left.toHtml() and left.toPlainText().endswith(" same words")
+    _key(qtbot, page, Qt.Key.Key_D)
+    assert left.toPlainText() in ("**a0** same words", "b0 same words")
     _key(qtbot, page, Qt.Key.Key_B)
     _key(qtbot, page, Qt.Key.Key_J)  # next without deciding
     _key(qtbot, page, Qt.Key.Key_K)
@@ -230,3 +240,11 @@ def test_import_and_export_messages_from_the_tab(qtbot, make_page, tmp_path):
     assert page.status.text().startswith("Imported 3 pairs from prefs.jsonl"), page.status.text()
     assert page.policy.text().startswith("3 DPO pairs in the store.")
     assert [p.chosen[-1]["content"] for p in page.store.preferences.pairs()] == ["good 0", "good 1", "good 2"]
+
+
+def test_word_diff_marks_only_the_words_that_differ():
+    from finetune_studio.studio.pages.annotate_page import word_diff_html
+
+    left, right = word_diff_html("the cat <sat> here", "the dog <sat> here")
+    assert left.count("background-color") == right.count("background-color") == 1
+    assert ">cat</span>" in left and ">dog</span>" in right and "&lt;sat&gt;" in left

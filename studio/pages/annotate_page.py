@@ -7,7 +7,10 @@ A / B, Ctrl+Z undo, Right / Down / J next, Left / Up / K previous. Every decisio
 
 from __future__ import annotations
 
+import difflib
+import html
 import json
+import re
 from pathlib import Path
 
 from PySide6.QtCore import QProcess, Qt, Signal
@@ -26,6 +29,7 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSpinBox,
     QSplitter,
+    QTextEdit,
     QVBoxLayout,
     QWidget,
 )
@@ -40,7 +44,7 @@ from finetune_studio.studio.generation_worker import GenerationWorker
 KEYS_TEXT = (
     "<b>A</b> left better · <b>B</b> right better · <b>T</b> tie · <b>X</b> both bad · <b>S</b> skip · "
     "<b>E</b> / <b>Shift+E</b> edit left / right · <b>1-3</b> strength · <b>Ctrl+Z</b> undo · "
-    "<b>→ J</b> next · <b>← K</b> previous"
+    "<b>→ J</b> next · <b>← K</b> previous · <b>M</b> Markdown · <b>D</b> word diff"
 )
 BASE_LABEL = "Base model (adapters off)"
 EXPORT_FORMATS = ("trl", "trl-conversational", "llama-factory")
@@ -48,6 +52,26 @@ EXPORT_FORMATS = ("trl", "trl-conversational", "llama-factory")
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def word_diff_html(left: str, right: str) -> tuple[str, str]:
+    """Both texts as HTML with the words that differ between them highlighted (whitespace kept)."""
+    a, b = re.split(r"(\s+)", left), re.split(r"(\s+)", right)
+    out_a, out_b = [], []
+
+    def mark(tokens: list[str], color: str) -> str:
+        text = html.escape("".join(tokens))
+        return f'<span style="background-color:{color}">{text}</span>' if text.strip() else text
+
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            out_a.append(html.escape("".join(a[i1:i2])))
+            out_b.append(html.escape("".join(b[j1:j2])))
+        else:
+            out_a.append(mark(a[i1:i2], "#f4c7c3"))
+            out_b.append(mark(b[j1:j2], "#c8e6c9"))
+    wrap = '<div style="white-space: pre-wrap">{}</div>'
+    return wrap.format("".join(out_a)), wrap.format("".join(out_b))
 
 
 class EditBox(QPlainTextEdit):
@@ -80,10 +104,13 @@ class LabelView(QWidget):
         self.prompt.setObjectName("labelPrompt")
         self.position = QLabel(self)
         self.heads = [QLabel(self), QLabel(self)]
-        self.answers = [QPlainTextEdit(self), QPlainTextEdit(self)]
+        self.answers = [QTextEdit(self), QTextEdit(self)]
         for view in self.answers:
             view.setReadOnly(True)
+            view.setAcceptRichText(False)
             view.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.mode = "plain"  # "plain" | "markdown" | "diff"
+        self._texts = ("", "")
         left_bar, right_bar = (v.verticalScrollBar() for v in self.answers)
         left_bar.valueChanged.connect(right_bar.setValue)  # synchronised scrolling
         right_bar.valueChanged.connect(left_bar.setValue)
@@ -106,9 +133,25 @@ class LabelView(QWidget):
         layout.addWidget(self.decision)
         layout.addWidget(self.keys)
 
+    def show_texts(self, left: str, right: str) -> None:
+        self._texts = (left, right)
+        if self.mode == "diff":
+            for view, text in zip(self.answers, word_diff_html(left, right), strict=True):
+                view.setHtml(text)
+            return
+        for view, text in zip(self.answers, self._texts, strict=True):
+            view.setMarkdown(text) if self.mode == "markdown" else view.setPlainText(text)
+
+    def toggle(self, mode: str) -> None:
+        self.mode = "plain" if self.mode == mode else mode
+        self.show_texts(*self._texts)
+
     def keyPressEvent(self, event) -> None:
         k, mods = event.key(), event.modifiers()
         K = Qt.Key
+        if k in (K.Key_M, K.Key_D) and not mods & ~Qt.KeyboardModifier.KeypadModifier:
+            self.toggle("markdown" if k == K.Key_M else "diff")
+            return
         if k == K.Key_Z and mods & Qt.KeyboardModifier.ControlModifier:
             self.key.emit("undo")
             return
@@ -565,9 +608,9 @@ class AnnotatePage(QWidget):
         if item is None:
             view.prompt.setText("")
             view.position.setText("No pairs yet: set up a session and press Generate.")
-            for head, answer in zip(view.heads, view.answers, strict=True):
+            for head in view.heads:
                 head.setText("")
-                answer.setPlainText("")
+            view.show_texts("", "")
             view.decision.setText("")
             self.progress_label.setText("")
             self._refresh_policy()
@@ -578,6 +621,7 @@ class AnnotatePage(QWidget):
         )
         view.prompt.setText(prompt[-1]["content"] if prompt else "")
         view.position.setText(f"Pair {self.index + 1} of {len(self.spec.items)}")
+        texts = []
         for col, (key, cid) in enumerate((("A", item.left), ("B", item.right))):
             cand = prefs.candidate(cid)
             tokens = cand["token_count"]
@@ -585,7 +629,8 @@ class AnnotatePage(QWidget):
                 f"<b>{key}</b> ({'left' if col == 0 else 'right'}): {len(cand['text'])} characters, "
                 f"{_words(cand['text'])} words" + (f", {tokens} tokens" if tokens is not None else "")
             )
-            view.answers[col].setPlainText(cand["text"])
+            texts.append(cand["text"])
+        view.show_texts(*texts)
         state = self.labeller.state(item)
         said = {
             "left": "A (left) is better",
@@ -603,7 +648,12 @@ class AnnotatePage(QWidget):
         rate = f"{p.left_rate:.0%}" if p.left_rate is not None else "–"
         self.progress_label.setText(
             f"{p.done} done, {p.remaining} remaining · ties {p.ties} · both bad {p.both_bad} · skips {p.skips} · "
-            f"edits {p.edits} · left picks {rate}" + (f" · {p.per_hour:.0f} per hour" if p.per_hour else "")
+            f"edits {p.edits} · left picks {rate}"
+            + (f" · {p.per_hour:.0f} per hour" if p.per_hour else "")
+            + "".join(
+                f" · κ {k:.2f} with {other or 'no name'} ({n} items)"
+                for other, (k, n) in an.agreement(self.labeller, self.spec.items).items()
+            )
         )
         self._refresh_policy()
 
