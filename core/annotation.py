@@ -148,16 +148,19 @@ class SessionSpec:
             raise ValueError(f"no labelling session named {name!r}") from None
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"the session file {path} cannot be read: {exc}") from None
-        return cls(
-            name=data["name"],
-            prompts=data["prompts"],
-            side_a=Side(**data["side_a"]),
-            side_b=Side(**data["side_b"]),
-            sampling=Sampling(**data.get("sampling", {})),
-            pairs_per_prompt=data.get("pairs_per_prompt", 1),
-            annotator=data.get("annotator", ""),
-            items=[Item(**i) for i in data.get("items", [])],
-        )
+        try:
+            return cls(
+                name=data["name"],
+                prompts=data["prompts"],
+                side_a=Side(**data["side_a"]),
+                side_b=Side(**data["side_b"]),
+                sampling=Sampling(**data.get("sampling", {})),
+                pairs_per_prompt=data.get("pairs_per_prompt", 1),
+                annotator=data.get("annotator", ""),
+                items=[Item(**i) for i in data.get("items", [])],
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"the session file {path} is not a labelling session ({exc})") from None
 
 
 def list_sessions() -> list[str]:
@@ -231,13 +234,10 @@ def prompts_from_file(path: str | Path, limit: int = 1000) -> list[str]:
 class Labeller:
     """Decisions on a session's items, written to the store at once, with an undo stack (this sitting's)."""
 
-    def __init__(self, prefs: PreferenceStore, spec: SessionSpec):
+    def __init__(self, prefs: PreferenceStore, spec: SessionSpec, annotator: str | None = None):
         self.prefs, self.spec = prefs, spec
+        self.annotator = spec.annotator if annotator is None else annotator  # a second annotator: their name
         self._undo: list[tuple] = []
-
-    @property
-    def annotator(self) -> str:
-        return self.spec.annotator
 
     def state(self, item: Item) -> ItemState:
         conn = self.prefs.conn

@@ -169,6 +169,12 @@ def test_reopened_session_continues_at_the_first_open_item(qtbot, make_page):
     assert again.index == 1 and again.labeller.state(again.spec.items[0]).decision == "right"
     assert again.labeller.state(again.spec.items[1]).decision == ""
     assert again.label_view.position.text() == "Pair 2 of 3"
+    again.annotator.setText("bob")  # a second annotator on the same items
+    again.annotator.editingFinished.emit()
+    assert again.index == 0 and again.labeller.state(again.spec.items[0]).decision == ""
+    _key(qtbot, again, Qt.Key.Key_B)
+    assert again.progress_label.text().endswith("κ 1.00 with ann (1 items)")
+    assert page.labeller.state(page.spec.items[0]).decision == "right"  # ann's decision is untouched
 
 
 def test_killed_worker_is_reported_and_the_next_request_recovers(qtbot, make_page, tiny_model_dir):

@@ -259,6 +259,7 @@ class AnnotatePage(QWidget):
         self.generator.finished.connect(self._on_generated)
         self.worker.died.connect(lambda msg: self._say(msg))
         self.label_view.key.connect(self.on_key)
+        self.annotator.editingFinished.connect(self._annotator_changed)
         self.label_view.edit_box.saved.connect(self._save_edit)
         self.label_view.edit_box.cancelled.connect(self._close_edit)
 
@@ -492,6 +493,15 @@ class AnnotatePage(QWidget):
         self.labeller = an.Labeller(self.store.preferences, spec)
         self.index = self._first_open()
         self._refresh_label()
+
+    def _annotator_changed(self) -> None:
+        """Another person labels the same session under their own name (their decisions are theirs)."""
+        name = self.annotator.text().strip()
+        if self.labeller is not None and name != self.labeller.annotator:
+            self.labeller = an.Labeller(self.store.preferences, self.spec, annotator=name)
+            self.index = self._first_open()
+            self._refresh_label()
+            self._say(f"Labelling as {name or 'no name'}.")
 
     def _first_open(self) -> int:
         for i, item in enumerate(self.spec.items):
