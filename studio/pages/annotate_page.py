@@ -2,7 +2,8 @@
 
 Keys (on the labelling view, shown on screen): A / B the left / right answer is better, T tie, X both bad, S skip,
 E edit the left answer (Shift+E the right one; Ctrl+Return saves, Esc cancels), 1-3 the strength of the next
-A / B, Ctrl+Z undo, Right / Down / J next, Left / Up / K previous. Every decision is written to the store at once.
+A / B, Ctrl+Z undo, Right / Down / J next, Left / Up / K previous, M Markdown view, D word diff. Every decision is
+written to the store at once.
 """
 
 from __future__ import annotations
