@@ -307,6 +307,33 @@ class Labeller:
         self._undo.append(("edit", item, edit_id[0], edit_id[1], edited))
         return edited
 
+    def candidates_of(self, item: Item) -> list[str]:
+        """Every candidate of the item's prompt in this session, in the order shown (each item's left, then right)."""
+        out: list[str] = []
+        for other in self.spec.items:
+            if other.prompt_id == item.prompt_id:
+                out += [c for c in (other.left, other.right) if c not in out]
+        return out
+
+    def rank(self, item: Item, ordered: list[str]) -> list[int]:
+        """A ranking, best first, of the prompt's candidates: C(K, 2) comparisons (the session's items among them)."""
+        if sorted(ordered) != sorted(self.candidates_of(item)):
+            raise PreferenceError("rank every candidate of this prompt exactly once")
+        conn = self.prefs.conn
+        before = {}
+        for i, x in enumerate(ordered):
+            for y in ordered[i + 1 :]:
+                lo, hi = sorted((x, y))
+                row = conn.execute(
+                    "SELECT id FROM comparisons WHERE candidate_a = ? AND candidate_b = ? AND annotator = ?",
+                    (lo, hi, self.annotator),
+                ).fetchone()
+                if row is not None:
+                    before[row[0]] = self.prefs.comparison(row[0])
+        ids = self.prefs.rank(ordered, annotator=self.annotator, source=self.spec.source)
+        self._undo.append(("rank", item, [(cid, before.get(cid)) for cid in ids]))
+        return ids
+
     @property
     def can_undo(self) -> bool:
         return bool(self._undo)
@@ -317,25 +344,14 @@ class Labeller:
             return None
         entry = self._undo.pop()
         conn = self.prefs.conn
-        if entry[0] == "compare":
-            _, item, cid, previous = entry
-            if previous is None:
-                with transaction(conn) as c:
-                    c.execute("DELETE FROM decision_changes WHERE comparison_id = ?", (cid,))
-                    c.execute("DELETE FROM comparisons WHERE id = ?", (cid,))
-            else:
-                a, b = previous["candidate_a"], previous["candidate_b"]
-                self.prefs.compare(
-                    a,
-                    b,
-                    previous["decision"],
-                    strength=previous["strength"],
-                    shown_left=previous["shown_left"],
-                    annotator=previous["annotator"],
-                    source=previous["source"],
-                )
+        if entry[0] in ("compare", "rank"):
+            item = entry[1]
+            restores = [(entry[2], entry[3])] if entry[0] == "compare" else entry[2]
+            with transaction(conn):
+                for cid, previous in restores:
+                    self._restore(cid, previous)
             return item
-        _, item, edit_id, cid, edited = entry
+        _, item, edit_id, cid, edited = entry  # an edit
         with transaction(conn) as c:
             c.execute("DELETE FROM edits WHERE id = ?", (edit_id,))
             c.execute("DELETE FROM decision_changes WHERE comparison_id = ?", (cid,))
@@ -346,6 +362,22 @@ class Labeller:
             if used is None:
                 c.execute("DELETE FROM candidates WHERE id = ?", (edited,))
         return item
+
+    def _restore(self, cid: int, previous: dict | None) -> None:
+        """A comparison as it was before (``None``: it did not exist)."""
+        if previous is None:
+            self.prefs.conn.execute("DELETE FROM decision_changes WHERE comparison_id = ?", (cid,))
+            self.prefs.conn.execute("DELETE FROM comparisons WHERE id = ?", (cid,))
+            return
+        self.prefs.compare(
+            previous["candidate_a"],
+            previous["candidate_b"],
+            previous["decision"],
+            strength=previous["strength"],
+            shown_left=previous["shown_left"],
+            annotator=previous["annotator"],
+            source=previous["source"],
+        )
 
 
 @dataclass(frozen=True)

@@ -254,3 +254,32 @@ def test_word_diff_marks_only_the_words_that_differ():
     left, right = word_diff_html("the cat <sat> here", "the dog <sat> here")
     assert left.count("background-color") == right.count("background-color") == 1
     assert ">cat</span>" in left and ">dog</span>" in right and "&lt;sat&gt;" in left
+
+
+def test_rank_four_answers_gives_six_comparisons_and_undo_takes_them_back(qtbot, make_page):
+    store = Store()
+    prefs = store.preferences
+    spec = an.SessionSpec("r", ["Rank us."], an.Side(seed=1), an.Side(seed=2), pairs_per_prompt=2, annotator="ann")
+    pid = prefs.add_prompt("Rank us.", source=spec.source)
+    cands = {t: prefs.add_candidate(pid, t) for t in ("w", "x", "y", "z")}
+    spec.items += [an.Item(pid, cands["w"], cands["x"]), an.Item(pid, cands["y"], cands["z"])]
+    spec.save()
+    store.close()
+    page = make_page("default")
+    shown = page.labeller.candidates_of(page.item)
+    _key(qtbot, page, Qt.Key.Key_R)
+    box = page.label_view.edit_box
+    assert page.editing == "rank" and box.toPlainText().startswith("1: ")
+    box.setPlainText(box.toPlainText() + "1 2 3")  # not every number: refused
+    qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    assert "from 1 to 4 once" in page.status.text()
+    box.setPlainText(box.toPlainText().rsplit(":", 1)[0] + ": 4 2 1 3")
+    qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    order = [shown[3], shown[1], shown[0], shown[2]]
+    texts = [page.store.preferences.candidate(c)["text"] for c in order]
+    pairs = {(p.chosen[-1]["content"], p.rejected[-1]["content"]) for p in page.store.preferences.pairs()}
+    assert pairs == {(texts[i], texts[j]) for i in range(4) for j in range(i + 1, 4)}
+    assert page.progress_label.text().startswith("2 done, 0 remaining")  # both items decided by the ranking
+    _key(qtbot, page, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    assert page.store.preferences.stats()["comparisons"] == 0
+    assert page.progress_label.text().startswith("0 done, 2 remaining")

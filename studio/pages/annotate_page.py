@@ -45,7 +45,7 @@ from finetune_studio.studio.generation_worker import GenerationWorker
 KEYS_TEXT = (
     "<b>A</b> left better · <b>B</b> right better · <b>T</b> tie · <b>X</b> both bad · <b>S</b> skip · "
     "<b>E</b> / <b>Shift+E</b> edit left / right · <b>1-3</b> strength · <b>Ctrl+Z</b> undo · "
-    "<b>→ J</b> next · <b>← K</b> previous · <b>M</b> Markdown · <b>D</b> word diff"
+    "<b>→ J</b> next · <b>← K</b> previous · <b>M</b> Markdown · <b>D</b> word diff · <b>R</b> rank all (3+ answers)"
 )
 BASE_LABEL = "Base model (adapters off)"
 EXPORT_FORMATS = ("trl", "trl-conversational", "llama-factory")
@@ -166,6 +166,7 @@ class LabelView(QWidget):
             K.Key_T: "tie",
             K.Key_X: "both_bad",
             K.Key_S: "skip",
+            K.Key_R: "rank",
             K.Key_E: "edit_right" if shift else "edit_left",
             K.Key_1: "strength_1",
             K.Key_2: "strength_2",
@@ -555,6 +556,8 @@ class AnnotatePage(QWidget):
             return
         elif name in ("edit_left", "edit_right"):
             self._open_edit(name[5:])
+        elif name == "rank":
+            self._open_rank()
         else:
             strength = an.STRENGTHS.get(self.strength) if name in ("left", "right") else None
             try:
@@ -599,7 +602,43 @@ class AnnotatePage(QWidget):
             f"Editing the {side} answer: Ctrl+Return saves (it becomes chosen), Esc cancels"
         )
 
+    def _open_rank(self) -> None:
+        ids = self.labeller.candidates_of(self.item)
+        if len(ids) < 3:
+            self._say("Ranking needs 3 or more answers to a prompt: set Candidates to 2 or 3 pairs.")
+            return
+        self.editing = "rank"
+        prefs = self.store.preferences
+        lines = [f"{i + 1}: {prefs.candidate(c)['text'][:100]!r}" for i, c in enumerate(ids)]
+        box = self.label_view.edit_box
+        box.setPlainText("\n".join(lines) + "\n\norder, best first: ")
+        box.moveCursor(box.textCursor().MoveOperation.End)
+        box.show()
+        box.setFocus()
+        self.label_view.decision.setText(
+            f"Ranking {len(ids)} answers: type their numbers best first after 'order' (e.g. 2 1 3), Ctrl+Return saves "
+            f"({len(ids) * (len(ids) - 1) // 2} comparisons), Esc cancels"
+        )
+
+    def _save_rank(self, text: str) -> None:
+        ids = self.labeller.candidates_of(self.item)
+        tail = text.rsplit("order, best first:", 1)[-1]
+        order = [int(d) - 1 for d in re.findall(r"\d+", tail)]
+        if sorted(order) != list(range(len(ids))):
+            self._say(f"Give each number from 1 to {len(ids)} once, best first.")
+            return
+        try:
+            self.labeller.rank(self.item, [ids[i] for i in order])
+        except PreferenceError as exc:
+            self._say(str(exc))
+            return
+        self._close_edit()
+        self._advance()
+
     def _save_edit(self, text: str) -> None:
+        if self.editing == "rank":
+            self._save_rank(text)
+            return
         try:
             self.labeller.edit(self.item, self.editing, text)
         except PreferenceError as exc:
