@@ -35,4 +35,5 @@ def run(argv: list[str] | None = None) -> int:
     window.show()
     code = app.exec()
     jobs.drain_orphans()
+    window.generation_worker.drain()
     return code

@@ -1,4 +1,4 @@
-"""The main window: Set up, Train and Runs pages, shortcuts, remembered choices, closing during a run."""
+"""The main window: Set up, Train, Runs, Annotate and Compare pages, shortcuts, remembered choices, closing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from PySide6.QtWidgets import QMainWindow, QMessageBox, QTabWidget
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.events import ExportResult
 from finetune_studio.core.store import Store
+from finetune_studio.studio.generation_worker import GenerationWorker
 from finetune_studio.studio.jobs import EngineJob
+from finetune_studio.studio.pages.annotate_page import AnnotatePage
+from finetune_studio.studio.pages.compare_page import ComparePage
 from finetune_studio.studio.pages.runs_page import RunsPage
 from finetune_studio.studio.pages.setup_page import SetupPage
 from finetune_studio.studio.pages.train_page import TrainPage
@@ -20,7 +23,7 @@ from finetune_studio.studio.state import MemoryState, RunState
 from finetune_studio.studio.widgets.export_dialog import ExportDialog, ExportOptionsDialog
 
 TITLE = "Finetune Studio"
-SETUP, TRAIN, RUNS = range(3)
+SETUP, TRAIN, RUNS, ANNOTATE, COMPARE = range(5)
 
 
 class MainWindow(QMainWindow):
@@ -35,11 +38,17 @@ class MainWindow(QMainWindow):
         self.setup_page = SetupPage(self.setup_state, self.setup_memory, self.settings.get("recent_models", []))
         self.train_page = TrainPage(self.run_state, self.run_memory)
         self.runs_page = RunsPage(lambda: self.controller.store)
+        self.generation_worker = GenerationWorker(self, threads=1)  # one model in memory for both pages
+        model = lambda: str(self.setup_state.values["model"])
+        self.annotate_page = AnnotatePage(lambda: self.controller.store, model, self.generation_worker)
+        self.compare_page = ComparePage(lambda: self.controller.store, self.generation_worker, model)
         self.tabs = QTabWidget(self)
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.setup_page, "1  Set up")
         self.tabs.addTab(self.train_page, "2  Train")
         self.tabs.addTab(self.runs_page, "3  Runs")
+        self.tabs.addTab(self.annotate_page, "4  Annotate")
+        self.tabs.addTab(self.compare_page, "5  Compare")
         self.tabs.currentChanged.connect(self._page_changed)
         self.setCentralWidget(self.tabs)
         self.export_job = EngineJob(self)
@@ -59,6 +68,9 @@ class MainWindow(QMainWindow):
         self.runs_page.resume_requested.connect(self.resume_run)
         self.runs_page.export_requested.connect(self.export_run)
         self.runs_page.export_as_requested.connect(self.export_run_as)
+        self.annotate_page.train_dpo_requested.connect(self.train_dpo)
+        self.annotate_page.message.connect(lambda text: self.statusBar().showMessage(text, 8000))
+        self.compare_page.message.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.controller.run_ended.connect(self._run_ended)
         self._shortcuts()
         self._restore()
@@ -75,6 +87,8 @@ class MainWindow(QMainWindow):
             (("Ctrl+1",), lambda: self.tabs.setCurrentIndex(SETUP)),
             (("Ctrl+2",), lambda: self.tabs.setCurrentIndex(TRAIN)),
             (("Ctrl+3",), lambda: self.tabs.setCurrentIndex(RUNS)),
+            (("Ctrl+4",), lambda: self.tabs.setCurrentIndex(ANNOTATE)),
+            (("Ctrl+5",), lambda: self.tabs.setCurrentIndex(COMPARE)),
             (("Ctrl+Q",), self.close),
             (("F5",), self.runs_page.refresh),
         ):
@@ -101,6 +115,11 @@ class MainWindow(QMainWindow):
     def _page_changed(self, index: int) -> None:
         if index == RUNS:
             self.runs_page.refresh()
+        elif index == ANNOTATE:
+            self.annotate_page.refresh()
+            self.annotate_page.label_view.setFocus()
+        elif index == COMPARE:
+            self.compare_page.refresh()
 
     def _tell(self, title: str, message: str) -> None:
         self.statusBar().showMessage(f"{title}: {message.splitlines()[0] if message else ''}", 15000)
@@ -137,6 +156,13 @@ class MainWindow(QMainWindow):
         self.setup_state.load(config)
         self.tabs.setCurrentIndex(SETUP)
         self.statusBar().showMessage("Settings loaded from the past run; adjust them and press Start.", 6000)
+
+    def train_dpo(self, config: dict) -> None:
+        """From the annotate page: Set up with the DPO objective on the store's pairs, from the candidates' adapter."""
+        self.setup_state.load(config)
+        self.tabs.setCurrentIndex(SETUP)
+        start = f" from {config['init_adapter']}" if config.get("init_adapter") else ""
+        self.statusBar().showMessage(f"DPO on {config['dataset']}{start}: check the settings and press Start.", 8000)
 
     def export_run(self, run_id: str) -> None:
         """One click: the adapter, checked, in the data directory's exports/ folder."""
@@ -218,3 +244,5 @@ class MainWindow(QMainWindow):
         self.controller.follow_timer.stop()
         self.setup_page.shutdown()
         self.export_job.cancel()
+        self.annotate_page.shutdown()
+        self.generation_worker.shutdown()

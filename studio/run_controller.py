@@ -193,8 +193,16 @@ class RunController(QObject):
         self.state.memory_budget_bytes = int(run.get("memory_budget_bytes") or 0)
         self._budget(self.state.memory_budget_bytes, 0, info.device)
         self.state.notify("info")
+        if run.get("best_step") is not None:
+            self.state.set_best(run["best_step"], run.get("best_eval_loss"), run.get("best_checkpoint") or "")
 
     def _load_history(self, run_id: str) -> None:
+        by_step: dict[int, list[tuple[str, str]]] = {}
+        for row in self.store.samples(run_id):
+            by_step.setdefault(int(row["step"]), []).append((row["prompt"], row["answer"]))
+        for step, pairs in by_step.items():
+            if self.state.samples.get(step) != pairs:
+                self.state.add_samples(step, pairs)
         train = self.store.metrics(run_id, "train", since_step=self.state.step if self.state.train.n else -1)
         evals = self.store.metrics(run_id, "eval", since_step=int(self.state.eval.last("step") or -1))
         if train or evals:

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from finetune_studio.core.events import CheckpointSaved, Eval, Failed, Finished, Progress, Started, Step
+from finetune_studio.core.events import CheckpointSaved, Eval, Failed, Finished, Progress, Sample, Started, Step
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.studio.observable import Observable
 from finetune_studio.studio.series import Columns, Ema
@@ -48,7 +48,8 @@ class RunInfo:
 
 
 class RunState(Observable):
-    """One run's live picture. Topics: 'status', 'metrics', 'log', 'progress', 'info'."""
+    """One run's live picture. Topics: 'status', 'metrics', 'log', 'progress', 'info', 'samples' (what the model
+    answers to the fixed validation prompts at each evaluation, and the best evaluation under early stopping)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,12 +71,16 @@ class RunState(Observable):
         self.progress: Progress | None = None  # slow set-up work before the first step
         self.last_checkpoint = ""
         self.following = False  # fed from the database, not from our own child process
+        self.samples: dict[int, list[tuple[str, str]]] = {}  # step -> (prompt, answer) at that evaluation
+        self.best_step: int | None = None  # early stopping: the best evaluation so far
+        self.best_eval_loss: float | None = None
+        self.best_checkpoint = ""
         self.train.clear()
         self.eval.clear()
         self._ema.reset()
         self.log.clear()
         self._rate_marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=50)
-        for topic in ("status", "metrics", "log", "progress", "info"):
+        for topic in ("status", "metrics", "log", "progress", "info", "samples"):
             self.notify(topic)
 
     # --- derived ------------------------------------------------------------
@@ -121,6 +126,11 @@ class RunState(Observable):
                 reward_accuracy=event.reward_accuracy,
             )
             self.notify("metrics")
+            if event.best_step is not None:
+                self.best_step, self.best_eval_loss = event.best_step, event.best_eval_loss
+                self.notify("samples")
+        elif isinstance(event, Sample):
+            self.add_samples(event.step, list(zip(event.prompts, event.answers, strict=False)))
         elif isinstance(event, Started):
             self.info.run_id, self.info.run_dir, self.info.device = event.run_id, event.run_dir, event.device
             self.info.total_steps, self.info.resumed_from_step = event.total_steps, event.resumed_from_step
@@ -141,6 +151,10 @@ class RunState(Observable):
             self.add_log(f"Checkpoint saved at step {event.step}: {event.path}")
         elif isinstance(event, Finished):
             self.step = max(self.step, event.step)
+            if event.best_checkpoint:
+                self.best_checkpoint = event.best_checkpoint
+                self.best_step = event.best_step if event.best_step is not None else self.best_step
+                self.notify("samples")
             how = (
                 "Training complete."
                 if event.status == "completed"
@@ -149,6 +163,15 @@ class RunState(Observable):
             self.set_status(event.status, how, "")
         elif isinstance(event, Failed):
             self.set_status("failed", event.message, event.kind)
+
+    def add_samples(self, step: int, pairs: list[tuple[str, str]]) -> None:
+        self.samples[int(step)] = pairs
+        self.notify("samples")
+
+    def set_best(self, step: int | None, eval_loss: float | None, checkpoint: str = "") -> None:
+        self.best_step, self.best_eval_loss = step, eval_loss
+        self.best_checkpoint = checkpoint or self.best_checkpoint
+        self.notify("samples")
 
     def _add_step(self, row: dict) -> None:
         step = int(row["step"])

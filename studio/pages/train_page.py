@@ -87,8 +87,17 @@ class TrainPage(QWidget):
         self.config_view = QPlainTextEdit(self)
         self.config_view.setObjectName("configView")
         self.config_view.setReadOnly(True)
+        self.samples_view = QPlainTextEdit(self)
+        self.samples_view.setObjectName("samplesView")
+        self.samples_view.setReadOnly(True)
+        self.samples_view.setPlaceholderText("What the model answers to fixed validation prompts at each evaluation")
+        self.best_label = QLabel(self)
+        self.best_label.setObjectName("bestCheckpoint")
+        self.best_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.best_label.hide()
         tabs = QTabWidget(self)
         tabs.addTab(self.log_view, "Log")
+        tabs.addTab(self.samples_view, "Samples")
         tabs.addTab(self.config_view, "Config")
         split = QSplitter(Qt.Orientation.Vertical, self)
         split.addWidget(self.charts)
@@ -99,6 +108,7 @@ class TrainPage(QWidget):
         lay.addLayout(head)
         lay.addWidget(self.progress)
         lay.addWidget(self.message)
+        lay.addWidget(self.best_label)
         mem_row = QHBoxLayout()
         mem_row.addWidget(self.memory_label)
         mem_row.addWidget(self.memory_bar, 1)
@@ -111,6 +121,28 @@ class TrainPage(QWidget):
         self._show_info()
         self._show_progress()
         self._show_memory()
+        self._show_samples()
+
+    def _show_samples(self) -> None:
+        """The samples, newest evaluation first, and the best checkpoint under early stopping."""
+        st = self.state
+        blocks = []
+        for step in sorted(st.samples, reverse=True):
+            mark = "  (best)" if step == st.best_step else ""
+            lines = [f"Step {step}{mark}"]
+            for prompt, answer in st.samples[step]:
+                lines += [f"  Q: {prompt}", "  A: " + answer.replace("\n", "\n     ")]
+            blocks.append("\n".join(lines))
+        text = "\n\n".join(blocks)
+        if self.samples_view.toPlainText() != text:
+            self.samples_view.setPlainText(text)
+        if st.best_step is None:
+            self.best_label.hide()
+            return
+        loss = f", eval loss {st.best_eval_loss:.4f}" if st.best_eval_loss is not None else ""
+        where = f": {st.best_checkpoint}" if st.best_checkpoint else ""
+        self.best_label.setText(f"Best checkpoint (early stopping): step {st.best_step}{loss}{where}")
+        self.best_label.show()
 
     def _show_memory(self) -> None:
         m, est = self.memory, self.memory.estimate
@@ -127,6 +159,8 @@ class TrainPage(QWidget):
             self._show_progress()
         elif topic == "info":
             self._show_info()
+        elif topic == "samples":
+            self._show_samples()
         elif topic in ("metrics", "progress") and not self._progress_timer.isActive():
             self._progress_timer.start()
 

@@ -1,0 +1,244 @@
+"""Compare: one prompt, two sides (the base with adapters off, a run's adapter, a checkpoint), the same seed,
+answers streaming side by side; "Left is better" / "Right is better" / "Tie" records a comparison in the store.
+
+Both sides run in the one generation worker: the base side sends ``adapter: ""``, which switches every adapter off
+for that request, so the two answers differ exactly by the adapter.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from finetune_studio.core import generation as gp
+from finetune_studio.core.preferences import Decision, PreferenceError
+from finetune_studio.core.run_status import is_exportable
+from finetune_studio.studio.generation_worker import AdapterSpec, GenerationWorker
+from finetune_studio.studio.pages.annotate_page import SideBox
+
+SOURCE = "compare"
+NAMES = ("compare-left", "compare-right")
+
+
+class ComparePage(QWidget):
+    message = Signal(str)
+
+    def __init__(self, store_getter, worker: GenerationWorker, model_getter=lambda: "default", parent=None):
+        super().__init__(parent)
+        self._store, self._model, self.worker = store_getter, model_getter, worker
+        self.model = QLineEdit(self)
+        self.model.setPlaceholderText("default")
+        self.sides = (SideBox("Left", 0, self), SideBox("Right", 0, self))
+        for box in self.sides:
+            box.seed.hide()
+            box.layout().labelForField(box.seed).hide()
+        self.seed = QSpinBox(self)
+        self.seed.setRange(0, 2**31 - 1)
+        self.temperature = QDoubleSpinBox(self)
+        self.temperature.setRange(0, 2)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setValue(0.7)
+        self.max_new_tokens = QSpinBox(self)
+        self.max_new_tokens.setRange(1, 4096)
+        self.max_new_tokens.setValue(128)
+        self.prompt = QPlainTextEdit(self)
+        self.prompt.setPlaceholderText("A prompt for both sides")
+        self.prompt.setMaximumHeight(100)
+        self.send_button = QPushButton("Send to both", self)
+        self.send_button.setObjectName("compareSend")
+        self.send_button.clicked.connect(self.send)
+        self.heads = [QLabel(self), QLabel(self)]
+        self.answers = [QPlainTextEdit(self), QPlainTextEdit(self)]
+        for view in self.answers:
+            view.setReadOnly(True)
+        self.left_button = QPushButton("Left is better", self)
+        self.right_button = QPushButton("Right is better", self)
+        self.tie_button = QPushButton("Tie", self)
+        self.left_button.clicked.connect(lambda: self.record(Decision.A))
+        self.right_button.clicked.connect(lambda: self.record(Decision.B))
+        self.tie_button.clicked.connect(lambda: self.record(Decision.TIE))
+        self.status = QLabel(self)
+        self.status.setWordWrap(True)
+        self.status.setObjectName("compareStatus")
+
+        form = QFormLayout()
+        form.addRow("Model", self.model)
+        form.addRow("Seed (both sides)", self.seed)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Max new tokens", self.max_new_tokens)
+        top = QHBoxLayout()
+        top.addLayout(form)
+        top.addWidget(self.sides[0])
+        top.addWidget(self.sides[1])
+        grid = QGridLayout()
+        for col in (0, 1):
+            grid.addWidget(self.heads[col], 0, col)
+            grid.addWidget(self.answers[col], 1, col)
+        buttons = QHBoxLayout()
+        for b in (self.left_button, self.tie_button, self.right_button):
+            buttons.addWidget(b)
+        send = QHBoxLayout()
+        send.addWidget(self.prompt, 1)
+        send.addWidget(self.send_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addLayout(send)
+        layout.addLayout(grid, 1)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+
+        self._requests: dict[str, int] = {}  # request id -> column
+        self._prepare: set[str] = set()
+        self._texts = ["", ""]
+        self._done: list[gp.Done | None] = [None, None]
+        self._used: list[tuple[str, AdapterSpec | None]] = []
+        self.candidates: tuple[str, str] | None = None
+        self.recorded = False
+        worker.reply.connect(self._on_reply)
+        worker.died.connect(self._on_died)
+        self._set_choice_enabled(False)
+
+    @property
+    def store(self):
+        return self._store()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._requests or self._prepare)
+
+    def refresh(self) -> None:
+        runs = [r["id"] for r in self.store.list_runs() if is_exportable(r.get("status") or "")]
+        for box in self.sides:
+            box.set_runs(runs)
+        if not self.model.text():
+            self.model.setText(self._model() or "default")
+
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+        if text:
+            self.message.emit(text.splitlines()[0])
+
+    def _set_choice_enabled(self, on: bool) -> None:
+        for b in (self.left_button, self.right_button, self.tie_button):
+            b.setEnabled(on)
+
+    def send(self) -> None:
+        prompt = self.prompt.toPlainText().strip()
+        if self.busy:
+            return
+        if not prompt:
+            self._say("Type a prompt first.")
+            return
+        model = self.model.text().strip() or "default"
+        try:
+            sides = [box.side(model) for box in self.sides]
+        except ValueError as exc:
+            self._say(str(exc))
+            return
+        adapters = {
+            name: AdapterSpec(s.adapter, s.checkpoint) for name, s in zip(NAMES, sides, strict=True) if s.adapter
+        }
+        self._prompt, self._sides = prompt, sides
+        self._texts, self._done, self.candidates, self.recorded = ["", ""], [None, None], None, False
+        self._set_choice_enabled(False)
+        for col, side in enumerate(sides):
+            self.answers[col].setPlainText("")
+            self.heads[col].setText(side.label().replace(f" (seed {side.seed})", ""))
+        self._prepare = set(self.worker.prepare(model, adapters))
+        self._requests = {}
+        for col, side in enumerate(sides):
+            request = gp.Generate(
+                id=self.worker.new_id("cmp"),
+                prompt=prompt,
+                seed=self.seed.value(),
+                temperature=self.temperature.value(),
+                max_new_tokens=self.max_new_tokens.value(),
+                adapter=NAMES[col] if side.adapter else gp.BASE,
+            )
+            self._requests[request.id] = col
+            self.worker.send(request)
+        self._say("Generating…")
+
+    def _on_reply(self, reply) -> None:
+        if reply.id in self._prepare:
+            self._prepare.discard(reply.id)
+            if isinstance(reply, gp.Error):
+                self._say(reply.message)
+            return
+        col = self._requests.get(reply.id)
+        if col is None:
+            return
+        if isinstance(reply, gp.Delta):
+            self._texts[col] += reply.text
+            self.answers[col].setPlainText(self._texts[col])
+        elif isinstance(reply, gp.Done):
+            self._done[col] = reply
+            self.answers[col].setPlainText(reply.text)
+        elif gp.is_final(reply):
+            del self._requests[reply.id]
+            if isinstance(reply, gp.Error):
+                self._requests.clear()
+                self._say(reply.message)
+            elif not self._requests:
+                self._both_done()
+
+    def _both_done(self) -> None:
+        if None in self._done:
+            self._say("The generation was cut short; send the prompt again.")
+            return
+        prefs = self.store.preferences
+        pid = prefs.add_prompt(self._prompt, source=SOURCE)
+        ids = []
+        for side, done in zip(self._sides, self._done, strict=True):
+            ids.append(
+                prefs.add_candidate(
+                    pid,
+                    done.text,
+                    model=side.model,
+                    adapter=side.adapter,
+                    checkpoint="" if side.checkpoint is None else str(side.checkpoint),
+                    seed=done.seed,
+                    sampling={"temperature": self.temperature.value(), "max_new_tokens": self.max_new_tokens.value()},
+                    token_count=done.tokens,
+                    source=SOURCE,
+                )
+            )
+        for col, done in enumerate(self._done):
+            self.heads[col].setText(f"{self.heads[col].text()} · {len(done.text)} characters, {done.tokens} tokens")
+        if ids[0] == ids[1]:
+            self._say("Both sides gave the same answer: nothing to choose.")
+            return
+        self.candidates = (ids[0], ids[1])
+        self._set_choice_enabled(True)
+        self._say("Which answer is better? The choice is recorded in the preference store.")
+
+    def record(self, decision: Decision) -> None:
+        if self.candidates is None:
+            return
+        left, right = self.candidates
+        try:
+            self.store.preferences.compare(left, right, decision, shown_left=left, source=SOURCE)
+        except PreferenceError as exc:
+            self._say(str(exc))
+            return
+        self.recorded = True
+        words = {Decision.A: "Left is better", Decision.B: "Right is better", Decision.TIE: "Tie"}[decision]
+        self._say(f"Recorded: {words}.")
+
+    def _on_died(self, message: str) -> None:
+        if self.busy:
+            self._requests.clear()
+            self._prepare.clear()
+            self._say(message)
