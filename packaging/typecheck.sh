@@ -8,5 +8,5 @@ tree="$root/.venv/mypy-tree"
 mkdir -p "$tree/finetune_studio"
 for pkg in core engine kernels studio; do ln -sfn "$root/$pkg" "$tree/finetune_studio/$pkg"; done
 cd "$tree"
-exec "$root/.venv/bin/mypy" --config-file "$root/pyproject.toml" --python-executable "$root/.venv/bin/python" \
+exec "$root/.venv/bin/python" -m mypy --config-file "$root/pyproject.toml" --python-executable "$root/.venv/bin/python" \
   -p finetune_studio "$@"
