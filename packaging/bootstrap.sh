@@ -60,6 +60,7 @@ case "$what" in
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
     .venv/bin/lint-imports
+    bash packaging/typecheck.sh
     exec "$VPY" -P -m pytest "$@" ;;
   *) echo "usage: bash packaging/bootstrap.sh [app|test|setup]" >&2; exit 2 ;;
 esac
