@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 METHODS = ("lora", "qlora", "dora", "qdora")
 OBJECTIVES = ("sft", "dpo")
@@ -380,7 +381,9 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
-            meta["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meta["default"] = (
+                f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
+            )
             out[f.name] = meta
         return out
 
@@ -391,7 +394,7 @@ def _num(v: Any) -> bool:
 
 def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
     """Accept the forms YAML and forms produce (1e-4 as a string, 3.0 for 3)."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

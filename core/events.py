@@ -206,7 +206,7 @@ def parse_event(line: str | bytes) -> Event:
     version = data.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    cls = _event_types().get(data.get("type"))
+    cls = _event_types().get(data.get("type", ""))
     if cls is None:
         raise ProtocolError(f"unknown event type {data.get('type')!r}")
     if hasattr(cls, "from_fields"):  # events with nested dataclasses build themselves

@@ -71,7 +71,7 @@ def _protected() -> list[tuple[Path, str]]:
 
 
 def _files_under(folder: Path) -> list[str]:
-    found = []
+    found: list[str] = []
     for root, dirs, files in os.walk(folder):
         rel = Path(root).relative_to(folder)
         found.extend(str(rel / f) if str(rel) != "." else f for f in files)

@@ -400,7 +400,7 @@ def _build(cls, data: dict):
 def parse_request(line: str | bytes) -> Request:
     """Parse one JSON line into its request class (:class:`ProtocolError` names the problem)."""
     data = _load(line)
-    cls = REQUEST_TYPES.get(data.get("type"))
+    cls = REQUEST_TYPES.get(data.get("type", ""))
     if cls is None:
         raise ProtocolError(f"unknown request type {data.get('type')!r}; known: {', '.join(sorted(REQUEST_TYPES))}")
     return _build(cls, data)
@@ -409,7 +409,7 @@ def parse_request(line: str | bytes) -> Request:
 def parse_reply(line: str | bytes) -> Reply:
     """Parse one JSON line from the worker into its reply class."""
     data = _load(line)
-    cls = REPLY_TYPES.get(data.get("type"))
+    cls = REPLY_TYPES.get(data.get("type", ""))
     if cls is None:
         raise ProtocolError(f"unknown reply type {data.get('type')!r}")
     if cls is Active and isinstance(data.get("attached"), list):

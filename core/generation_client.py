@@ -75,6 +75,7 @@ class GenerationClient:
         return ready
 
     def _read_stdout(self, proc: subprocess.Popen, out: queue.Queue) -> None:
+        assert proc.stdout is not None  # opened with stdout=PIPE
         for line in proc.stdout:
             if not line.strip():
                 continue
@@ -85,6 +86,7 @@ class GenerationClient:
         out.put(None)  # end of output: the worker has exited
 
     def _read_stderr(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None  # opened with stderr=PIPE
         for line in proc.stderr:
             self.stderr_tail.append(line.rstrip("\n"))
 
@@ -94,6 +96,7 @@ class GenerationClient:
         if proc is None:
             return
         if proc.poll() is None:
+            assert proc.stdin is not None  # opened with stdin=PIPE
             try:
                 proc.stdin.write(gp.Shutdown(id="__close__").to_json() + "\n")
                 proc.stdin.flush()
@@ -106,6 +109,7 @@ class GenerationClient:
                 proc.kill()
                 proc.wait()
         for stream in (proc.stdout, proc.stderr):
+            assert stream is not None  # both opened with PIPE
             try:
                 stream.close()
             except (OSError, ValueError):
@@ -124,6 +128,7 @@ class GenerationClient:
         if not self.alive:
             self.start()
         with self._send_lock:
+            assert self.proc is not None and self.proc.stdin is not None  # start() set both
             try:
                 self.proc.stdin.write(request.to_json() + "\n")
                 self.proc.stdin.flush()
@@ -134,6 +139,7 @@ class GenerationClient:
         """Write a raw line (to test how the worker answers malformed input)."""
         if not self.alive:
             self.start()
+        assert self.proc is not None and self.proc.stdin is not None  # start() set both
         self.proc.stdin.write(line.rstrip("\n") + "\n")
         self.proc.stdin.flush()
 

@@ -702,8 +702,9 @@ def _resolve_config(spec: str) -> Path | None:
     if parsed.kind == SpecKind.DEFAULT:
         return resources_dir() / "models" / DEFAULT_MODEL_FILE
     if parsed.kind == SpecKind.FOLDER:
+        assert parsed.path is not None  # parse_spec gives FOLDER and FILE a path
         return parsed.path / "config.json" if (parsed.path / "config.json").is_file() else None
-    if parsed.kind == SpecKind.FILE and parsed.path.suffix.lower() == ".json":
+    if parsed.kind == SpecKind.FILE and parsed.path is not None and parsed.path.suffix.lower() == ".json":
         return parsed.path
     if parsed.kind == SpecKind.HUB:
         snapshot = cached_snapshot(parsed.repo_id, needs="config.json")

@@ -18,6 +18,7 @@ Pure Python, like the estimate it builds on.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
@@ -56,7 +57,7 @@ def estimate_per_process_memory(
     base = one.base_weights / n + (1 - 1 / n) * (root + gathered * layer)
     adapter_share = 1 / n + (1 - 1 / n) * gathered / layers
 
-    tensors = dict(
+    tensors: dict[str, Any] = dict(
         base_weights=int(base),
         adapter_weights=int(one.adapter_weights * adapter_share),
         gradients=int(one.gradients * adapter_share),

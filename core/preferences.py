@@ -28,8 +28,9 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 HASH_CHARS = 16
 
@@ -65,14 +66,14 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:HASH_CHARS]
 
 
-def _messages(value: str | Sequence) -> list[dict]:
+def _messages(value: str | Sequence[Mapping[str, Any]]) -> list[dict]:
     """Messages as plain dicts; a string is one user (prompt) turn."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     return [dict(m) for m in value]
 
 
-def _answer_turns(value: str | Sequence) -> list[dict]:
+def _answer_turns(value: str | Sequence[Mapping[str, Any]]) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     return [dict(m) for m in value]

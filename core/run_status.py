@@ -37,6 +37,8 @@ EXPORTABLE = frozenset({RunStatus.COMPLETED, RunStatus.STOPPED, RunStatus.FAILED
 
 def parse_status(value: str | RunStatus | None) -> RunStatus | None:
     """The member for a stored string; None for anything else (an app-only state such as 'starting')."""
+    if value is None:
+        return None  # as RunStatus(None) would fail
     try:
         return RunStatus(value)
     except ValueError:

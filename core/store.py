@@ -103,6 +103,7 @@ def signal_process(pid: int | None, start: str | None, sig: int) -> bool:
 
     if not pid_alive(pid, start):
         return False
+    assert pid is not None  # pid_alive() is False for None
     try:
         fd = os.pidfd_open(int(pid))
     except (AttributeError, OSError):  # not Linux, or an old kernel: check-then-kill
@@ -161,7 +162,7 @@ class Store:
 
     def _create_v1(self) -> None:
         with self.db.conn:
-            self.db["runs"].create(
+            self.db.table("runs").create(
                 {
                     "id": str,
                     "name": str,
@@ -194,13 +195,13 @@ class Store:
                 defaults={"status": RunStatus.CREATED.value, "step": 0},
                 if_not_exists=True,
             )
-            self.db["metrics"].create(
+            self.db.table("metrics").create(
                 {"run_id": str, "kind": str, "step": int, **METRIC_COLUMNS},
                 pk=("run_id", "kind", "step"),
                 foreign_keys=[("run_id", "runs", "id")],
                 if_not_exists=True,
             )
-            self.db["preference_pairs"].create(
+            self.db.table("preference_pairs").create(
                 {
                     "id": int,
                     "prompt": str,
@@ -221,7 +222,7 @@ class Store:
         for name, kind in LATER_RUN_COLUMNS.items():
             if name not in have:
                 try:
-                    self.db["runs"].add_column(name, kind)
+                    self.db.table("runs").add_column(name, kind)
                 except sqlite3.OperationalError:  # another process added it meanwhile
                     pass
 
@@ -231,7 +232,7 @@ class Store:
     ) -> str:
         run_id = run_id or new_run_id()
         t = now()
-        self.db["runs"].insert(
+        self.db.table("runs").insert(
             {
                 "id": run_id,
                 "name": name or config.get("run_name") or run_id,
@@ -253,11 +254,11 @@ class Store:
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         fields["updated_at"] = now()
-        self.db["runs"].update(run_id, fields)
+        self.db.table("runs").update(run_id, fields)
 
     def get_run(self, run_id: str) -> dict | None:
         try:
-            row = self.db["runs"].get(run_id)
+            row = self.db.table("runs").get(run_id)
         except sqlite_utils.db.NotFoundError:
             return None
         return self._with_liveness(row)
@@ -294,7 +295,7 @@ class Store:
     def add_metrics(self, run_id: str, kind: str, step: int, values: dict) -> None:
         row = {"run_id": run_id, "kind": kind, "step": step, "time": now()}
         row.update({k: v for k, v in values.items() if k in METRIC_COLUMNS and v is not None})
-        self.db["metrics"].upsert(row, pk=("run_id", "kind", "step"))
+        self.db.table("metrics").upsert(row, pk=("run_id", "kind", "step"))
 
     def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[dict]:
         return list(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +37,7 @@ def lora_config(config: TrainConfig):
     targets = config.target_modules
     return LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=cast(int, config.lora_alpha),  # peft annotates int; it scales by a float alpha as well
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         use_dora=config.uses_dora,
@@ -62,7 +63,12 @@ def parameter_counts(model) -> tuple[int, int]:
 def make_optimizer(params, config: TrainConfig, device: str):
     """AdamW (8 bytes of state per trainable parameter), 8-bit AdamW (2 bytes), or paged variants."""
     params = [p for p in params if p.requires_grad]
-    kw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
+    kw: dict[str, Any] = {
+        "lr": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+    }
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, fused=device == "cuda", **kw)
     import bitsandbytes as bnb

@@ -69,7 +69,8 @@ class Sampler:
     def __init__(self, n: int, batch_size: int, seed: int, consumed: int = 0, first: list[int] | None = None):
         self.n, self.batch_size, self.seed, self.consumed = n, batch_size, seed, consumed
         self.first = list(first or [])
-        self._epoch, self._order = -1, []
+        self._epoch = -1
+        self._order: list[int] = []
 
     @property
     def epoch(self) -> float:

@@ -153,7 +153,8 @@ def cmd_inspect(args) -> int:
             level="note",
             kind="no tokenizer",
         )
-    measured, chosen_chars, rejected_chars = [], [], []
+    measured: list = []
+    chosen_chars, rejected_chars = [], []
     preview = with_tools = None
     for i, ex in enumerate(stream, 1):
         if len(measured) < args.stats_limit:
@@ -273,6 +274,7 @@ def _print_report(r: DatasetReport) -> None:
             f"average; chosen longer in {bias.chosen_longer_share:.0%} of pairs"
         )
     ex = r.example
+    assert ex is not None  # inspect always previews a row
     print(f"\nexample (line {ex.line}), trained text between [[ and ]]:")
     if ex.sequence is not None:
         print(ex.sequence.marked())

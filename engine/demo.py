@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "resources" / "datasets"
@@ -30,7 +31,7 @@ EVAL_FILE = DATA_DIR / "demo_eval.jsonl"
 KEYS = ("name", "age", "city", "job")
 
 # Defaults chosen to finish in a few minutes on a 2-core CPU and clearly lift the score.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"steps": 20, "learning_rate": 1e-3, "batch_size": 4, "lora_rank": 8, "max_length": 128},
     "dpo": {"steps": 20, "learning_rate": 5e-4, "batch_size": 4, "lora_rank": 8, "max_length": 144},
 }

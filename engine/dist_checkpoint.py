@@ -20,6 +20,7 @@ import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, rank: int = 0, sca
 
     path = Path(path)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_options())
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():  # one process reading a distributed checkpoint is intended here
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,7 +109,7 @@ class Ranks:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
-            kw = {"mp_policy": mp} if mp is not None else {}
+            kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
             for layer in decoder_layers(model):
                 fully_shard(layer, **kw)
             fully_shard(module, **kw)

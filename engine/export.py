@@ -304,17 +304,20 @@ def _write(
     if "ollama" in formats:
         from finetune_studio.engine.export_ollama import learn_pieces
 
+        assert build is not None  # every form but the adapter makes len(formats) > 1
         learn_pieces(build.tokenizer)
     merged = None
     notes: list[str] = []
     if len(formats) > 1:
         step("Merging the adapter into the base model")
+        assert build is not None  # every form but the adapter makes len(formats) > 1
         merged, note = build.merged_model()
         notes.append(note)
     if "gguf" in formats:  # from the float32 merge, before the merged copy is rounded to its dtype
         from finetune_studio.engine import export_gguf
 
         step(f"Writing GGUF ({', '.join(quants)})")
+        assert build is not None  # every form but the adapter makes len(formats) > 1
         (tmp / "gguf").mkdir()
         stem = export_target.safe_name(source.run.get("name") or source.run_id or "model")
         for quant in quants:
@@ -326,10 +329,12 @@ def _write(
         from finetune_studio.engine import export_ollama
 
         step("Writing the Ollama Modelfile")
+        assert build is not None  # every form but the adapter makes len(formats) > 1
         first = next(w for w in written if w["kind"] == "gguf")
         export_ollama.write_modelfile(build.tokenizer, Path(first["path"]), tmp / "gguf" / "Modelfile")
     if "merged" in formats:
         step(f"Writing the merged model ({request.dtype})")
+        assert build is not None  # every form but the adapter makes len(formats) > 1
         notes.append(build.save_merged(merged, tmp / "merged", request.dtype))
         written.insert(1, {"kind": "merged", "path": str(tmp / "merged"), "approximate": build.qlora})
     del merged

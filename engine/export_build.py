@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ class Builder:
         self.base_folder = Path(base_folder)
         self.qlora = source.config.get("method") == "qlora"
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_folder))
-        self._trained = None
+        self._trained: Any = None
         self.reference: dict | None = None
 
     def copy_tokenizer_if_changed(self, out: Path) -> bool:
@@ -149,7 +150,7 @@ class Builder:
         dequantised = {}
         for name, module in trained.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
-                weight, state = module.weight.data, module.weight.quant_state
+                weight, state = module.weight.data, module.weight.quant_state  # type: ignore[attr-defined]
                 if getattr(state, "packing_format_for_cpu", False):
                     # bitsandbytes repacks 4-bit weights in place for its CPU kernel on the first eval-mode
                     # forward; dequantize_4bit reads the standard packing only, so undo it first.

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 AGREEMENT_MIN = 0.9
 TIMEOUT_S = 1800
@@ -51,8 +52,8 @@ def check(build, written: list[dict], folder: Path, notes: list[str], cancel=Non
         notes = notes + ["llama-cpp-python is not installed: GGUF files were checked through transformers only"]
     ref = build.compute_reference()
     forms = [dict(f, path=str(Path(f["path"]).relative_to(folder))) for f in written]
-    with tempfile.TemporaryDirectory(prefix="export-check-") as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="export-check-") as scratch_name:
+        scratch = Path(scratch_name)
         save_file({"logits": ref["logits"].to(torch.float32).contiguous()}, str(scratch / "reference.safetensors"))
         spec = {
             "folder": str(folder),
@@ -169,8 +170,10 @@ def _load(form: dict, folder: Path, base: str):
 
         from finetune_studio.engine.models import load_causal_lm
 
-        base_model = load_causal_lm(Path(base), dtype=torch.float32, device="cpu", quantize_4bit=form.get("qlora"))
-        model = PeftModel.from_pretrained(base_model, str(path))
+        base_model = load_causal_lm(
+            Path(base), dtype=torch.float32, device="cpu", quantize_4bit=bool(form.get("qlora"))
+        )
+        model: Any = PeftModel.from_pretrained(base_model, str(path))
         tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
         gen = base_model.generation_config
@@ -182,7 +185,7 @@ def _load(form: dict, folder: Path, base: str):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         gen = model.generation_config
-    stops = set()
+    stops: set[int | None] = set()
     for value in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None), tok.eos_token_id):
         stops.update(value if isinstance(value, list) else [value])
     if form["kind"] == "gguf":

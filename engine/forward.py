@@ -9,6 +9,7 @@ take the ordinary path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ class LogprobModel:
         self.model = model
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.causal_lm = causal_lm
-        self.decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+        self.decoder: Any = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
         head = causal_lm.get_output_embeddings()
         cfg = causal_lm.config
         plain_head = type(head) is torch.nn.Linear  # not a LoRA-wrapped or quantised head

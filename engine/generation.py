@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ Emit = Callable[[gp.Reply], None]
 class GenerationError(Exception):
     """A request that cannot be served; ``kind`` is one of :data:`core.generation.ERROR_KINDS`."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: gp.ErrorKind, message: str):
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -98,9 +99,9 @@ class Session:
     """A loaded base model with its named adapters. Not thread-safe: one request at a time."""
 
     def __init__(self):
-        self.base = None  # the transformers model (adapter layers injected in place once one is attached)
-        self.peft = None  # the PeftModel wrapping ``base`` once an adapter is attached
-        self.tokenizer = None
+        self.base: Any = None  # the transformers model (adapter layers injected in place once one is attached)
+        self.peft: Any = None  # the PeftModel wrapping ``base`` once an adapter is attached
+        self.tokenizer: Any = None
         self.device = "cpu"
         self.context_length = 0
         self.active: str = gp.BASE
@@ -497,7 +498,7 @@ class CandidateStreamer:
         return list(self.stop_hit)
 
     def finish_all(self) -> None:
-        reason = "cancelled" if self.cancelled else "length"
+        reason: gp.FinishReason = "cancelled" if self.cancelled else "length"
         for i in range(self.req.n):
             if not self.finished[i]:
                 self._finish(i, reason)
@@ -514,7 +515,7 @@ class CandidateStreamer:
             self.emit(gp.Delta(id=self.req.id, candidate=i, text=safe[len(self.sent[i]) :], tokens=self.counts[i]))
             self.sent[i] = safe
 
-    def _finish(self, i: int, reason: str, text: str | None = None) -> None:
+    def _finish(self, i: int, reason: gp.FinishReason, text: str | None = None) -> None:
         self.finished[i] = True
         text = self._text(i) if text is None else text
         if self.every and text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):

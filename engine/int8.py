@@ -13,6 +13,7 @@ speed. The outputs are close to, not equal to, full precision: the worker's defa
 from __future__ import annotations
 
 import types
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,14 +34,15 @@ def quantize_linears_int8(model: nn.Module, compute_dtype: torch.dtype = torch.b
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         module.register_buffer("int8_weight", q, persistent=False)
         module.register_buffer("int8_scale", scale.to(compute_dtype), persistent=False)
-        module.forward = types.MethodType(_int8_forward, module)
+        module.forward = types.MethodType(_int8_forward, module)  # type: ignore[method-assign]
         count += 1
     return count
 
 
 def _int8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
-    y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.int8_scale.dtype), self.int8_weight, self.int8_scale)
+    weight, scale = cast(torch.Tensor, self.int8_weight), cast(torch.Tensor, self.int8_scale)  # buffers
+    y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(scale.dtype), weight, scale)
     if self.bias is not None:
         y = y + self.bias.to(y.dtype)
     return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)

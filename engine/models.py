@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from finetune_studio.core.events import ModelReady
 from finetune_studio.core.model_spec import (
@@ -68,12 +69,18 @@ def resolve_model(spec: str, options: LoadOptions = LoadOptions(), progress: Pro
     """A local folder with config.json and safetensors weights for ``spec``, converting GGUF once."""
     parsed = parse_spec(spec)
     if parsed.kind == SpecKind.DEFAULT:
-        return _converted_gguf(default_gguf_path(), converted_folder(parsed), progress)
+        gguf, target = default_gguf_path(), converted_folder(parsed)
+        assert target is not None  # DEFAULT always has one
+        return _converted_gguf(gguf, target, progress)
     if parsed.kind == SpecKind.GGUF:
+        assert parsed.path is not None  # GGUF specs carry their path
         if not parsed.path.is_file():
             raise ModelError(f"GGUF file not found: {parsed.path}")
-        return _converted_gguf(parsed.path, converted_folder(parsed), progress)
+        target = converted_folder(parsed)
+        assert target is not None  # an existing GGUF file has one
+        return _converted_gguf(parsed.path, target, progress)
     if parsed.kind == SpecKind.FOLDER:
+        assert parsed.path is not None  # FOLDER specs carry their path
         _check_folder(parsed.path, options)
         return parsed.path.resolve()
     if parsed.kind == SpecKind.FILE:
@@ -237,7 +244,7 @@ def load_causal_lm(folder: Path, *, dtype, device: str, quantize_4bit: bool, opt
     if quantize_4bit:
         _keep_4bit_inference_in_compute_dtype(model, dtype)
     else:
-        model.to(device)
+        cast(torch.nn.Module, model).to(device)  # transformers' functools.wraps on .to confuses mypy
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

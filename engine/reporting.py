@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from finetune_studio.core import events as ev
 from finetune_studio.core.store import Store
@@ -27,7 +28,7 @@ class Reporter:
         self.extra = extra
         self.store: Store | None = None
         self.run_id = ""
-        self._events_file = None
+        self._events_file: TextIO | None = None
         self.run_dir: Path | None = None
 
     def attach_run(self, store: Store, run_id: str, run_dir: Path) -> None:
@@ -70,6 +71,7 @@ class Reporter:
 
     def _record(self, event: ev.Event) -> None:
         s, rid = self.store, self.run_id
+        assert s is not None  # only called with a store attached
         if isinstance(event, ev.Step):
             values = {
                 k: getattr(event, k)

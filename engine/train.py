@@ -17,6 +17,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -53,6 +54,9 @@ from finetune_studio.engine.models import (
 from finetune_studio.engine.render import TokenizedPair, tokenize_example
 from finetune_studio.engine.reporting import Reporter
 from finetune_studio.engine.threads import apply_threads
+
+if TYPE_CHECKING:
+    from finetune_studio.engine.distributed import WrappedLogps
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +113,17 @@ def train_run(
     stop = stop or StopFlag()
     memory_budget.fix_malloc_threshold()  # CPU memory is then what the tensors need (see its docstring)
     main = ranks is None or ranks.is_main
-    store = Store() if main else distributed.QuietStore()
-    run_id = run_dir = None  # other ranks learn them from rank 0
+    # QuietStore stands in for the store on the other ranks (the writes Recipe makes; the reads are rank 0's)
+    store = Store() if main else cast(Store, distributed.QuietStore())
+    run_id: str | None = None  # other ranks learn them from rank 0
+    run_dir: Path | None = None
     if main and resume:
         run = store.find_run(resume)
         if run is None:
             raise ConfigError("resume", f"no run named {resume!r}; give a run id from the runs list or a run folder")
         if not is_resumable(run["status"]):
-            pid = f" (process {run['pid']})" if run["status"] == RunStatus.RUNNING else ""
-            raise ConfigError("resume", f"run {run['id']} cannot be resumed: {resume_refusal(run['status'])}{pid}")
+            held = f" (process {run['pid']})" if run["status"] == RunStatus.RUNNING else ""
+            raise ConfigError("resume", f"run {run['id']} cannot be resumed: {resume_refusal(run['status'])}{held}")
         run_id, run_dir = run["id"], Path(run["run_dir"])
         config = TrainConfig.from_dict(json.loads(run["config"]))
     elif main:
@@ -128,6 +134,7 @@ def train_run(
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
         store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
     if main:
+        assert run_id is not None and run_dir is not None
         reporter.attach_run(store, run_id, run_dir)
         for leftover in checkpoint.clean_leftovers(run_dir):
             reporter.log(f"Removed {leftover.name}, left half-written by a process that was killed")
@@ -143,9 +150,11 @@ def train_run(
         )
     if ranks is not None:
         if main:
+            assert run_id is not None  # rank 0 found or created the run above
             distributed.write_launch_file(run_id, str(run_dir))
         run_id, run_dir, config = ranks.broadcast((run_id, run_dir, config))
         ranks.parallelism = config.parallelism
+    assert config is not None and run_id is not None and run_dir is not None
     recipe = Recipe(config, run_id, run_dir, store, reporter, stop, ranks)
     try:
         return recipe.run(resume=bool(resume))
@@ -243,7 +252,7 @@ class Recipe:
 
             self._check_world_size()
             self.module = self.ranks.wrap(self.model, self.dtype, self.device)
-            self.logps = WrappedLogps(self.module)
+            self.logps: LogprobModel | WrappedLogps = WrappedLogps(self.module)
         else:
             self.logps = LogprobModel(self.model)
         self.params = [p for p in (self.module or self.model).parameters() if p.requires_grad]
@@ -608,7 +617,9 @@ class Recipe:
                     correct += (rc > rr).float().sum().item()
         if count:
             eval_loss = loss_sum / count
-            extra = {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
+            extra: dict[str, Any] = (
+                {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
+            )
             if self.early.patience:
                 is_best = self.early.observe(self.step, eval_loss, self.model)
                 if is_best:

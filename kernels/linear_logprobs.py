@@ -70,11 +70,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if softcap:
                 g.mul_(1 - torch.tanh(raw / softcap) ** 2)
             g = g.to(hidden.dtype)
-            if need_h:
+            if grad_h is not None:  # need_h
                 grad_h[s : s + chunk] = g @ weight
-            if need_w:
+            if grad_w is not None:  # need_w
                 grad_w.add_((g.t() @ h).to(acc))
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
 
 
 def token_logprobs(

@@ -80,6 +80,7 @@ class SessionGenerator(QObject):
 
     # --- the queue ------------------------------------------------------------------
     def _side(self, key: str) -> Side:
+        assert self.spec is not None
         return self.spec.side_a if key == "a" else self.spec.side_b
 
     def _next(self) -> None:
@@ -89,6 +90,7 @@ class SessionGenerator(QObject):
             return
         index, key = self._todo.pop(0)
         side = self._side(key)
+        assert self.spec is not None
         s = self.spec.sampling
         request = gp.Generate(
             id=self.worker.new_id("gen"),
@@ -106,6 +108,7 @@ class SessionGenerator(QObject):
         self.worker.send(request)
 
     def _heading(self, candidate: int) -> str:
+        assert self._current is not None and self.spec is not None
         index, key, _ = self._current
         return f"Prompt {index + 1}/{len(self.spec.prompts)}, side {key.upper()}, answer {candidate + 1}"
 
@@ -137,6 +140,7 @@ class SessionGenerator(QObject):
             self._fail(reply.message)
 
     def _record(self, done: gp.Done) -> None:
+        assert self._current is not None and self.spec is not None and self.prefs is not None
         index, key, _ = self._current
         side, s = self._side(key), self.spec.sampling
         prompt_id = self.prefs.add_prompt(self.spec.prompts[index], source=self.spec.source)
@@ -164,6 +168,7 @@ class SessionGenerator(QObject):
         slots[done.candidate] = cid
 
     def _side_complete(self) -> None:
+        assert self._current is not None and self.spec is not None and self.prefs is not None
         index, key, _ = self._current
         if key != "b":
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 from PySide6.QtWidgets import QApplication
 
@@ -11,7 +12,7 @@ from finetune_studio.studio.main_window import MainWindow
 
 
 def create_app(argv: list[str] | None = None) -> QApplication:
-    app = QApplication.instance() or QApplication(list(argv if argv is not None else sys.argv))
+    app = cast(QApplication, QApplication.instance() or QApplication(list(argv if argv is not None else sys.argv)))
     app.setApplicationName("Finetune Studio")
     app.setOrganizationName("finetune-studio")
     app.setDesktopFileName("finetune-studio")

@@ -53,7 +53,7 @@ class Outcome:
 class EngineProcess(QObject):
     """Runs one child; emits ``event`` for every event (and typed shortcuts), ``log`` for text, ``ended``."""
 
-    event = Signal(object)  # any core.events.Event
+    event = Signal(object)  # type: ignore[assignment]  # any core.events.Event
     started_run = Signal(object)  # Started
     log = Signal(str, str)  # level ("stderr", "info", "warning", ...), text
     protocol_error = Signal(str)
@@ -104,6 +104,7 @@ class EngineProcess(QObject):
         if not self.running:
             return
         self._stop_requested = True
+        assert self._proc is not None
         self._proc.terminate()
         proc = self._proc
         QTimer.singleShot(grace_ms, self, lambda: self.kill() if proc is self._proc and self.running else None)
@@ -113,6 +114,7 @@ class EngineProcess(QObject):
         if not self.running:
             return
         self._detach_requested = True
+        assert self._proc is not None
         self._proc.closeWriteChannel()
 
     def kill(self) -> None:
@@ -120,6 +122,7 @@ class EngineProcess(QObject):
         if not self.running:
             return
         self._stop_requested = True
+        assert self._proc is not None
         pid = self._proc.processId()
         if pid > 0:
             try:
@@ -131,6 +134,7 @@ class EngineProcess(QObject):
 
     # --- reading --------------------------------------------------------------
     def _on_stdout(self) -> None:
+        assert self._proc is not None
         self._out += self._proc.readAllStandardOutput().data()
         while (i := self._out.find(b"\n")) >= 0:
             line = bytes(self._out[:i]).strip()
@@ -157,6 +161,7 @@ class EngineProcess(QObject):
         self.event.emit(event)
 
     def _on_stderr(self) -> None:
+        assert self._proc is not None
         self._err += self._proc.readAllStandardError().data()
         while (i := self._err.find(b"\n")) >= 0:
             text = bytes(self._err[:i]).decode("utf-8", errors="replace").rstrip()
@@ -168,6 +173,7 @@ class EngineProcess(QObject):
     # --- ending -----------------------------------------------------------------
     def _on_error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.ProcessError.FailedToStart:
+            assert self._proc is not None
             self._finish(Outcome("not_started", f"The engine could not be started: {self._proc.errorString()}"))
 
     def _on_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:

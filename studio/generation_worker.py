@@ -102,6 +102,7 @@ class GenerationWorker(QObject):
     def kill(self) -> None:
         """End the worker at once (``died`` follows)."""
         if self.running:
+            assert self._proc is not None
             self._proc.kill()
 
     def shutdown(self) -> None:
@@ -109,6 +110,7 @@ class GenerationWorker(QObject):
         self._closing = True
         self._queue.clear()
         if self.running:
+            assert self._proc is not None
             self._proc.closeWriteChannel()
             proc = self._proc
             from PySide6.QtCore import QTimer
@@ -122,6 +124,7 @@ class GenerationWorker(QObject):
         from PySide6.QtCore import QEventLoop, QTimer
 
         loop = QEventLoop()
+        assert self._proc is not None
         self._proc.finished.connect(loop.quit)
         QTimer.singleShot(timeout_ms, loop.quit)
         loop.exec()
@@ -146,6 +149,7 @@ class GenerationWorker(QObject):
         proc.start(self.argv[0], self.argv[1:])
 
     def _write(self, request: gp.Request) -> None:
+        assert self._proc is not None
         self._proc.write((request.to_json() + "\n").encode("utf-8"))
 
     def _on_stdout(self, proc: QProcess) -> None:

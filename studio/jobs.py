@@ -9,6 +9,8 @@ older one, so only the latest answer shows.
 
 from __future__ import annotations
 
+from typing import cast
+
 from PySide6.QtCore import QEventLoop, QObject, QProcess, QTimer, Signal
 
 from finetune_studio.core.events import Event, ExportResult, Failed, Progress, ProtocolError, parse_event
@@ -122,7 +124,7 @@ class EngineJob(QObject):
         self._read(proc, gen)
         tail = bytes(proc.property("out") or b"").decode("utf-8", errors="replace").strip()
         lines = list(proc.property("lines") or []) + ([tail] if tail else [])
-        err = proc.readAllStandardError().data().decode("utf-8", errors="replace").strip()
+        err = cast(bytes, proc.readAllStandardError().data()).decode("utf-8", errors="replace").strip()
         proc.deleteLater()
         if gen != self._generation:
             return

@@ -93,7 +93,7 @@ class MainWindow(QMainWindow):
             (("F5",), self.runs_page.refresh),
         ):
             for key in keys:
-                QShortcut(QKeySequence(key), self, activated=slot)
+                QShortcut(QKeySequence(key), self, activated=slot)  # type: ignore[call-overload]
 
     def _restore(self) -> None:
         geometry = self.settings.get("geometry")
@@ -105,7 +105,7 @@ class MainWindow(QMainWindow):
 
     def remember(self) -> None:
         self.settings.set("last_config", self.setup_state.config_dict())
-        self.settings.set("geometry", bytes(self.saveGeometry().toHex()).decode())
+        self.settings.set("geometry", bytes(self.saveGeometry().toHex()).decode())  # type: ignore[call-overload]
         self.settings.set("show_advanced", self.setup_page.advanced_toggle.isChecked())
         model = str(self.setup_state.values["model"])
         recent = [m for m in self.settings.get("recent_models", []) if m != model]

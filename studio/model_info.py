@@ -20,8 +20,10 @@ def local_folder(spec: str) -> Path | None:
     parsed = parse_spec(spec)
     if parsed.kind == SpecKind.DEFAULT:
         folder = converted_folder(parsed)
+        assert folder is not None
         return folder if (folder / "config.json").is_file() else None  # converted by the engine already
     if parsed.kind == SpecKind.FOLDER:
+        assert parsed.path is not None
         return parsed.path if (parsed.path / "config.json").is_file() else None
     if parsed.kind == SpecKind.HUB:
         return cached_snapshot(parsed.repo_id, needs="config.json")

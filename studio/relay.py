@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGUSR1, kill)  # the app's "kill": SIGKILL cannot be forwarded
+    assert child.stdout is not None and child.stderr is not None
     copiers = [
         threading.Thread(target=_copy, args=(child.stdout.fileno(), 1), daemon=True),
         threading.Thread(target=_copy, args=(child.stderr.fileno(), 2), daemon=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 
@@ -149,7 +150,7 @@ class RunsFilter(QSortFilterProxyModel):
         self.invalidateFilter() if not hasattr(self, "endFilterChange") else self.endFilterChange()
 
     def filterAcceptsRow(self, row: int, parent) -> bool:
-        run = self.sourceModel().runs[row]
+        run = cast(RunsModel, self.sourceModel()).runs[row]
         if self.status and run.get("status") != self.status:
             return False
         if not self.text:

@@ -11,6 +11,7 @@ import collections
 import math
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from finetune_studio.core.events import CheckpointSaved, Eval, Failed, Finished, Progress, Sample, Started, Step
 from finetune_studio.core.run_status import RunStatus
@@ -175,7 +176,7 @@ class RunState(Observable):
 
     def _add_step(self, row: dict) -> None:
         step = int(row["step"])
-        if self.train.n and step <= self.train.last("step"):
+        if self.train.n and step <= cast(float, self.train.last("step")):
             self._truncate_after(step - 1)  # a resume re-trains these steps
         smooth = self._ema.update(row.get("loss"))
         self.train.append(**{k: row.get(k) for k in TRAIN_COLUMNS if k != "loss_smooth"}, loss_smooth=smooth)

@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from finetune_studio.engine.datasets.problems import ProblemLog, RowError
 from finetune_studio.engine.datasets.schema import DatasetError, Message, PreferencePair, TextExample, UnpairedExample
@@ -81,7 +82,11 @@ def to_trl_conversational(example) -> dict:
     if isinstance(example, TextExample):
         return {"text": example.text}
     if isinstance(example, PreferencePair):
-        out = {"prompt": _msgs(example.prompt), "chosen": _msgs(example.chosen), "rejected": _msgs(example.rejected)}
+        out: dict[str, Any] = {
+            "prompt": _msgs(example.prompt),
+            "chosen": _msgs(example.chosen),
+            "rejected": _msgs(example.rejected),
+        }
     elif isinstance(example, UnpairedExample):
         out = {"prompt": _msgs(example.prompt), "completion": _msgs(example.completion), "label": example.label}
     else:
@@ -93,7 +98,7 @@ def to_messages(example) -> dict:
     if isinstance(example, TextExample):
         return {"text": example.text}
     if isinstance(example, PreferencePair):
-        out = {
+        out: dict[str, Any] = {
             "chosen_messages": _msgs(example.prompt + example.chosen),
             "rejected_messages": _msgs(example.prompt + example.rejected),
         }

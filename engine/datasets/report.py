@@ -9,7 +9,7 @@ from __future__ import annotations
 from finetune_studio.core.dataset_report import LengthBias, LengthStats, TokenStats
 from finetune_studio.core.memory import LONGEST_KEPT
 from finetune_studio.engine.datasets.problems import ProblemLog
-from finetune_studio.engine.datasets.schema import Conversation, PreferencePair, UnpairedExample
+from finetune_studio.engine.datasets.schema import Conversation, Message, PreferencePair, UnpairedExample
 
 UNLIMITED = 10**9  # a max_length that never truncates: gives full lengths
 BIAS_WARN = 0.75  # warn when chosen is longer (or shorter) in more than this share of pairs
@@ -114,7 +114,7 @@ def token_report(
 
 def uses_tools(ex) -> bool:
     """Whether an example offers tool schemas or makes tool calls."""
-    turns = ()
+    turns: tuple[Message, ...] = ()
     if isinstance(ex, Conversation):
         turns = ex.messages
     elif isinstance(ex, PreferencePair):

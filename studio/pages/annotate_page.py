@@ -13,6 +13,7 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import cast
 
 from PySide6.QtCore import QProcess, Qt, Signal
 from PySide6.QtWidgets import (
@@ -500,13 +501,16 @@ class AnnotatePage(QWidget):
         """Another person labels the same session under their own name (their decisions are theirs)."""
         name = self.annotator.text().strip()
         if self.labeller is not None and name != self.labeller.annotator:
+            assert self.spec is not None
             self.labeller = an.Labeller(self.store.preferences, self.spec, annotator=name)
             self.index = self._first_open()
             self._refresh_label()
             self._say(f"Labelling as {name or 'no name'}.")
 
     def _first_open(self) -> int:
+        assert self.spec is not None
         for i, item in enumerate(self.spec.items):
+            assert self.labeller is not None
             if not self.labeller.state(item).decision:
                 return i
         return max(0, len(self.spec.items) - 1)
@@ -529,7 +533,10 @@ class AnnotatePage(QWidget):
     def _on_generated(self, problem: str) -> None:
         self.generate_button.setEnabled(True)
         self.stop_button.setEnabled(False)
-        self._say(problem or f"All answers generated: {len(self.spec.items)} pairs to label.")
+        if not problem:
+            assert self.spec is not None
+            problem = f"All answers generated: {len(self.spec.items)} pairs to label."
+        self._say(problem)
         self._refresh_label()
 
     # --- labelling ------------------------------------------------------------------
@@ -559,7 +566,10 @@ class AnnotatePage(QWidget):
         elif name == "rank":
             self._open_rank()
         else:
-            strength = an.STRENGTHS.get(self.strength) if name in ("left", "right") else None
+            strength = (
+                an.STRENGTHS.get(self.strength) if name in ("left", "right") and self.strength is not None else None
+            )
+            assert self.labeller is not None
             try:
                 self.labeller.decide(item, name, strength)
             except PreferenceError as exc:
@@ -574,6 +584,7 @@ class AnnotatePage(QWidget):
             self._refresh_label()
 
     def _advance(self) -> None:
+        assert self.spec is not None and self.labeller is not None
         items = self.spec.items
         for i in list(range(self.index + 1, len(items))) + list(range(0, self.index + 1)):
             if not self.labeller.state(items[i]).decision:
@@ -586,6 +597,7 @@ class AnnotatePage(QWidget):
             self._say("Nothing to undo.")
             return
         item = self.labeller.undo()
+        assert self.spec is not None
         if item in self.spec.items:
             self.index = self.spec.items.index(item)
         self._say("Undone.")
@@ -593,6 +605,7 @@ class AnnotatePage(QWidget):
 
     def _open_edit(self, side: str) -> None:
         item = self.item
+        assert item is not None
         self.editing = side
         box = self.label_view.edit_box
         box.setPlainText(self.store.preferences.candidate(item.left if side == "left" else item.right)["text"])
@@ -603,6 +616,7 @@ class AnnotatePage(QWidget):
         )
 
     def _open_rank(self) -> None:
+        assert self.labeller is not None and self.item is not None
         ids = self.labeller.candidates_of(self.item)
         if len(ids) < 3:
             self._say("Ranking needs 3 or more answers to a prompt: set Candidates to 2 or 3 pairs.")
@@ -621,6 +635,7 @@ class AnnotatePage(QWidget):
         )
 
     def _save_rank(self, text: str) -> None:
+        assert self.labeller is not None and self.item is not None
         ids = self.labeller.candidates_of(self.item)
         tail = text.rsplit("order, best first:", 1)[-1]
         order = [int(d) - 1 for d in re.findall(r"\d+", tail)]
@@ -639,6 +654,7 @@ class AnnotatePage(QWidget):
         if self.editing == "rank":
             self._save_rank(text)
             return
+        assert self.labeller is not None and self.item is not None
         try:
             self.labeller.edit(self.item, self.editing, text)
         except PreferenceError as exc:
@@ -665,6 +681,7 @@ class AnnotatePage(QWidget):
             self.progress_label.setText("")
             self._refresh_policy()
             return
+        assert self.spec is not None and self.labeller is not None
         prefs = self.store.preferences
         prompt = json.loads(
             prefs.conn.execute("SELECT messages FROM prompts WHERE id = ?", (item.prompt_id,)).fetchone()[0]
@@ -728,8 +745,8 @@ class AnnotatePage(QWidget):
         proc.start(argv[0], argv[1:])
 
     def _pairs_done(self, proc: QProcess, code: int, what: str, done) -> None:
-        out = proc.readAllStandardOutput().data().decode("utf-8", errors="replace").strip()
-        err = proc.readAllStandardError().data().decode("utf-8", errors="replace").strip()
+        out = cast(bytes, proc.readAllStandardOutput().data()).decode("utf-8", errors="replace").strip()
+        err = cast(bytes, proc.readAllStandardError().data()).decode("utf-8", errors="replace").strip()
         proc.deleteLater()
         self._export = None
         self.export_button.setEnabled(True)

@@ -7,6 +7,8 @@ for that request, so the two answers differ exactly by the adapter.
 
 from __future__ import annotations
 
+from typing import cast
+
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
@@ -43,7 +45,7 @@ class ComparePage(QWidget):
         self.sides = (SideBox("Left", 0, self), SideBox("Right", 0, self))
         for box in self.sides:
             box.seed.hide()
-            box.layout().labelForField(box.seed).hide()
+            cast(QFormLayout, box.layout()).labelForField(box.seed).hide()
         self.seed = QSpinBox(self)
         self.seed.setRange(0, 2**31 - 1)
         self.temperature = QDoubleSpinBox(self)
@@ -202,6 +204,7 @@ class ComparePage(QWidget):
         pid = prefs.add_prompt(self._prompt, source=SOURCE)
         ids = []
         for side, done in zip(self._sides, self._done, strict=True):
+            assert done is not None
             ids.append(
                 prefs.add_candidate(
                     pid,
@@ -216,6 +219,7 @@ class ComparePage(QWidget):
                 )
             )
         for col, done in enumerate(self._done):
+            assert done is not None
             self.heads[col].setText(f"{self.heads[col].text()} · {len(done.text)} characters, {done.tokens} tokens")
         if ids[0] == ids[1]:
             self._say("Both sides gave the same answer: nothing to choose.")

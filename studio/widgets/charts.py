@@ -227,7 +227,7 @@ class TrainingCharts(QWidget):
             gib = float(1 << 30)
             for key, curve in chart.curves.items():
                 curve.setData(x, t.column(key) / gib)
-            budget = self.state.memory_budget_bytes
+            budget: float | None = self.state.memory_budget_bytes
             self.budget_line.setVisible(bool(budget))
             if budget:
                 self.budget_line.setValue(budget / gib)

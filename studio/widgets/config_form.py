@@ -7,6 +7,8 @@ that shows the :class:`SetupState`'s message for that field.
 
 from __future__ import annotations
 
+from typing import cast
+
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
 
@@ -117,8 +119,8 @@ class ConfigForm(QWidget):
                     editor.setChecked(bool(value))
                 elif isinstance(editor, QComboBox):
                     editor.setCurrentText(str(value))
-                elif editor.text() != value:
-                    editor.setText(str(value))
+                elif cast(QLineEdit, editor).text() != value:
+                    cast(QLineEdit, editor).setText(str(value))
         finally:
             self._syncing = False
 

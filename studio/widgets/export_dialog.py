@@ -135,7 +135,7 @@ class ExportDialog(QDialog):
         self.job.graceful = True
         self.run_id = ""
         self.options = ExportOptions()
-        self.result: ExportResult | None = None
+        self.result: ExportResult | None = None  # type: ignore[assignment]
         self.stage = QLabel("", self)
         self.stage.setWordWrap(True)
         self.bar = QProgressBar(self)

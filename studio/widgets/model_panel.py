@@ -55,9 +55,11 @@ class ModelPanel(QGroupBox):
             if spec and self.choice.findText(spec) < 0:
                 self.choice.addItem(spec)
         self.choice.setCurrentText(str(state.values["model"]))
-        self.choice.lineEdit().setPlaceholderText("default, a folder, a .gguf file or an org/name hub id")
+        line_edit = self.choice.lineEdit()
+        assert line_edit is not None
+        line_edit.setPlaceholderText("default, a folder, a .gguf file or an org/name hub id")
         self.choice.activated.connect(lambda _i: self._chosen(self.choice.currentText()))
-        self.choice.lineEdit().editingFinished.connect(lambda: self._chosen(self.choice.currentText()))
+        line_edit.editingFinished.connect(lambda: self._chosen(self.choice.currentText()))
         folder_btn = QPushButton("Folder…", self)
         folder_btn.clicked.connect(self._pick_folder)
         gguf_btn = QPushButton("GGUF…", self)
