@@ -193,19 +193,25 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def parse_event(line: str | bytes) -> Event:
-    """Parse one JSON line into its event class."""
+def load_message(line: str | bytes, version: int, error: type[Exception] = ProtocolError) -> dict:
+    """One JSON-line message of a versioned protocol as a dict; ``error`` (that protocol's ProtocolError) says why
+    not: not JSON, not an object, or another version."""
     if isinstance(line, bytes):
         line = line.decode("utf-8", errors="replace")
     try:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ProtocolError(f"not JSON: {line[:120]!r} ({exc.msg})") from None
+        raise error(f"not JSON: {line[:120]!r} ({exc.msg})") from None
     if not isinstance(data, dict):
-        raise ProtocolError(f"not a JSON object: {line[:120]!r}")
-    version = data.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+        raise error(f"not a JSON object: {line[:120]!r}")
+    if data.get("v") != version:
+        raise error(f"protocol version {data.get('v')!r}, expected {version}")
+    return data
+
+
+def parse_event(line: str | bytes) -> Event:
+    """Parse one JSON line into its event class."""
+    data = load_message(line, PROTOCOL_VERSION)
     cls = _event_types().get(data.get("type", ""))
     if cls is None:
         raise ProtocolError(f"unknown event type {data.get('type')!r}")

@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from finetune_studio.core.events import load_message
+
 PROTOCOL_VERSION = 1
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -373,17 +375,7 @@ def is_final(reply: Reply) -> bool:
 
 
 def _load(line: str | bytes) -> dict:
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", errors="replace")
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"not JSON: {line[:120]!r} ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"not a JSON object: {line[:120]!r}")
-    version = data.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    data = load_message(line, PROTOCOL_VERSION, ProtocolError)
     if not isinstance(data.get("id"), str):
         raise ProtocolError("every message needs a string 'id'")
     return data

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from finetune_studio.core.dataset_report import DatasetReport, ExamplePreview, Problem
 from finetune_studio.core.events import Failed
+from finetune_studio.engine.argparsing import UsageErrorParser
 from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
 from finetune_studio.engine.datasets.loader import open_dataset
 from finetune_studio.engine.datasets.preview import preview_example
@@ -39,16 +40,9 @@ from finetune_studio.engine.datasets.schema import DatasetError, PreferencePair
 STATS_LIMIT = 20000  # rows tokenised for the statistics
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # usage errors: message on stderr, status 2, no traceback
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m finetune_studio.engine data", description="Inspect or convert a dataset.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = UsageErrorParser(prog="python -m finetune_studio.engine data", description="Inspect or convert a dataset.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageErrorParser)
     ins = sub.add_parser("inspect", help="detect the format, check the rows, preview one as the model sees it")
     ins.add_argument("file", help="data file, `datasets` folder, or hub id in the local cache")
     ins.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -23,6 +23,7 @@ from pathlib import Path
 from finetune_studio.core import paths
 from finetune_studio.core.preferences import PreferenceError
 from finetune_studio.core.store import Store
+from finetune_studio.engine.argparsing import UsageErrorParser
 from finetune_studio.engine.datasets.convert import llama_factory_info, write_examples
 from finetune_studio.engine.datasets.loader import load_dataset
 from finetune_studio.engine.datasets.problems import ProblemLog
@@ -32,16 +33,9 @@ from finetune_studio.engine.pairs import example_to_pair, left_out_note, pair_to
 EXPORT_FORMATS = ("trl", "trl-conversational", "llama-factory")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # usage errors: message on stderr, status 2, no traceback
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m finetune_studio.engine pairs", description="The preference store.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = UsageErrorParser(prog="python -m finetune_studio.engine pairs", description="The preference store.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageErrorParser)
     imp = sub.add_parser("import", help="add the pairs of a preference data file")
     imp.add_argument("file")
     imp.add_argument("--mapping", help="column/role mapping as JSON text")
