@@ -124,9 +124,7 @@ def memory_report(
     verdict = fits(est, device, config=config)
     have = device.available_bytes
     word = "unknown" if have <= 0 else "does not fit" if not verdict.fits else "tight" if verdict.tight else "fits"
-    change = (
-        "" if word in ("fits", "unknown") else cheapest_change(shape, config, device, lengths, counts, world_size)
-    )
+    change = "" if word in ("fits", "unknown") else cheapest_change(shape, config, device, lengths, counts, world_size)
     batch = est.batch
     assert batch is not None
     return MemoryReport(
