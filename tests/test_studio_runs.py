@@ -233,8 +233,9 @@ def test_run_menu_saves_a_slurm_script_with_the_runs_config(qtbot, window, tmp_p
     menu = {a.text(): a for a in page.run_menu().actions()}
     assert menu["Save SLURM script…"].isEnabled() and menu["Open"].isEnabled()
     asked: list = []
-    page.choose_slurm_options = lambda run: asked.append(run["id"]) or SlurmOptions(
-        nodes=3, gpus_per_node=4, time="02:00:00", partition="gpu", home="/shared/studio"
+    page.choose_slurm_options = lambda run: (
+        asked.append(run["id"])
+        or SlurmOptions(nodes=3, gpus_per_node=4, time="02:00:00", partition="gpu", home="/shared/studio")
     )
     target = tmp_path / "jobs" / "alpha.sbatch"
     target.parent.mkdir()
@@ -255,7 +256,12 @@ def test_run_menu_saves_a_slurm_script_with_the_runs_config(qtbot, window, tmp_p
     from finetune_studio.core.slurm import sbatch_script
 
     assert script == sbatch_script(
-        str(config_path), nodes=3, gpus_per_node=4, job_name="finetune-alpha", time="02:00:00", partition="gpu",
+        str(config_path),
+        nodes=3,
+        gpus_per_node=4,
+        job_name="finetune-alpha",
+        time="02:00:00",
+        partition="gpu",
         home="/shared/studio",
     )
     # cancelled in the file dialog: nothing written, nothing said
