@@ -143,7 +143,7 @@ def device_info(device: str) -> DeviceInfo:
 
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
-        name = torch.cuda.get_device_name(0)
+        name = torch.cuda.get_device_name()  # this process's GPU (each rank's own under torchrun)
         return DeviceInfo("cuda", name, total, free, torch.cuda.is_bf16_supported())
     import psutil
 
