@@ -277,3 +277,17 @@ def test_run_menu_saves_a_slurm_script_with_the_runs_config(qtbot, window, tmp_p
     assert said.args[0].startswith("Could not save the SLURM script")
     page.select_ids(ids[:2])
     assert not {a.text(): a for a in page.run_menu().actions()}["Save SLURM script…"].isEnabled()
+
+
+def test_slurm_dialog_gives_the_options_it_shows(qtbot):
+    from finetune_studio.studio.widgets.slurm_dialog import SlurmDialog, SlurmOptions
+
+    dialog = SlurmDialog("alpha")
+    qtbot.addWidget(dialog)
+    assert dialog.options() == SlurmOptions()  # 2 nodes x 8 GPUs, 24 h, the cluster's partition
+    dialog.nodes.setValue(4)
+    dialog.gpus.setValue(2)
+    dialog.time.setText(" ")
+    dialog.partition.setText(" a100 ")
+    dialog.home.setText("/shared/studio")
+    assert dialog.options() == SlurmOptions(4, 2, "24:00:00", "a100", "/shared/studio")
