@@ -199,7 +199,7 @@ class TrainConfig:
     parallelism: str = _f(
         "ddp",
         "With several processes (GPUs): DDP replicates the model and all-reduces the adapter's gradients; "
-        "FSDP shards parameters, gradients and optimizer states across the processes (not with 4-bit bases).",
+        "FSDP shards parameters (a 4-bit base too), gradients and optimizer states across the processes.",
         advanced=True,
         choices=PARALLELISMS,
     )
@@ -277,13 +277,6 @@ class TrainConfig:
         need(self.compute_dtype in DTYPES, "compute_dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
         need(self.parallelism in PARALLELISMS, "parallelism", f"must be one of {', '.join(PARALLELISMS)}")
-        need(
-            not (self.parallelism == "fsdp" and self.method in ("qlora", "qdora")),
-            "parallelism",
-            "FSDP cannot shard a 4-bit (NF4) base: bitsandbytes keeps each weight's quantisation state beside "
-            "its packed uint8 storage, and FSDP2's per-parameter sharding splits the storage without it; "
-            "use parallelism: ddp (the 4-bit base is small enough to replicate) or method: lora / dora",
-        )
         need(
             self.longest_batch_first in LONGEST_FIRST,
             "longest_batch_first",

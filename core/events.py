@@ -228,4 +228,6 @@ def _event_types() -> dict[str, type[Event]]:
     """EVENT_TYPES, with the events defined in modules of their own (they build on :class:`Event`)."""
     if "dataset_report" not in EVENT_TYPES:
         from finetune_studio.core import dataset_report  # noqa: F401 - registers DatasetReport
+    if "device_report" not in EVENT_TYPES:
+        from finetune_studio.core import device_report  # noqa: F401 - registers DeviceReport
     return EVENT_TYPES

@@ -25,8 +25,10 @@ from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.memory import (
     ALLOCATOR_SLACK,
     DTYPE_BYTES,
+    DataLengths,
     MemoryEstimate,
     ModelShape,
+    ParamCounts,
     estimate_training_memory,
     resolve_compute_dtype,
 )
@@ -39,13 +41,20 @@ def per_process_batch(config: TrainConfig, world_size: int) -> int:
 
 
 def estimate_per_process_memory(
-    shape: ModelShape, config: TrainConfig, device: DeviceInfo, world_size: int, parallelism: str = "ddp"
+    shape: ModelShape,
+    config: TrainConfig,
+    device: DeviceInfo,
+    world_size: int,
+    parallelism: str = "ddp",
+    lengths: DataLengths | None = None,
+    counts: ParamCounts | None = None,
 ) -> MemoryEstimate:
-    """Peak bytes on each of ``world_size`` processes; ``world_size`` 1 is the one-process estimate."""
+    """Peak bytes on each of ``world_size`` processes; ``world_size`` 1 is the one-process estimate.
+    ``lengths`` and ``counts`` as for ``core.memory.estimate_training_memory``."""
     if world_size <= 1:
-        return estimate_training_memory(shape, config, device)
+        return estimate_training_memory(shape, config, device, lengths, counts)
     local = config.replace(batch_size=per_process_batch(config, world_size))
-    one = estimate_training_memory(shape, local, device)
+    one = estimate_training_memory(shape, local, device, lengths, counts)
     note = f"per process, {world_size} processes ({parallelism.upper()})"
     if parallelism != "fsdp":
         return dataclasses.replace(one, notes=(*one.notes, note))
@@ -68,3 +77,13 @@ def estimate_per_process_memory(
     )
     slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
     return dataclasses.replace(one, **tensors, allocator_slack=slack, notes=(*one.notes, note))
+
+
+def shared_device(device: DeviceInfo, processes: int) -> DeviceInfo:
+    """Each process's share of a device that ``processes`` processes use together: the CPU's RAM (gloo ranks on
+    one machine), an Apple GPU's unified memory. A CUDA GPU is one process's own (one process per GPU)."""
+    if device.kind == "cuda" or processes <= 1:
+        return device
+    return dataclasses.replace(
+        device, total_bytes=device.total_bytes // processes, free_bytes=device.free_bytes // processes
+    )

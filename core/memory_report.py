@@ -19,9 +19,9 @@ from finetune_studio.core.memory import (
     MemoryEstimate,
     ModelShape,
     ParamCounts,
-    estimate_training_memory,
     fits,
 )
+from finetune_studio.core.memory_parallel import estimate_per_process_memory
 
 REPORT_VERSION = 1
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "overhead")
@@ -116,12 +116,15 @@ def memory_report(
     device: DeviceInfo,
     lengths: DataLengths | None = None,
     counts: ParamCounts | None = None,
+    world_size: int = 1,
 ) -> MemoryReport:
-    est = estimate_training_memory(shape, config, device, lengths, counts)
+    """With ``world_size`` processes (``train --nproc N``, ``config.parallelism``), every figure is one process's
+    (``core.memory_parallel``), against one GPU."""
+    est = estimate_per_process_memory(shape, config, device, world_size, config.parallelism, lengths, counts)
     verdict = fits(est, device, config=config)
     have = device.available_bytes
     word = "unknown" if have <= 0 else "does not fit" if not verdict.fits else "tight" if verdict.tight else "fits"
-    change = "" if word in ("fits", "unknown") else cheapest_change(shape, config, device, lengths, counts)
+    change = "" if word in ("fits", "unknown") else cheapest_change(shape, config, device, lengths, counts, world_size)
     batch = est.batch
     assert batch is not None
     return MemoryReport(
@@ -188,10 +191,12 @@ def cheapest_change(
     device: DeviceInfo,
     lengths: DataLengths | None = None,
     counts: ParamCounts | None = None,
+    world_size: int = 1,
 ) -> str:
     """The first of ``_candidates`` whose estimate fits with headroom, with the total it would need."""
     for text, changed in _candidates(config):
-        est = estimate_training_memory(shape, changed, device, lengths, counts)  # same adapters: same counts
+        # same adapters: same counts
+        est = estimate_per_process_memory(shape, changed, device, world_size, changed.parallelism, lengths, counts)
         verdict = fits(est, device, config=changed)
         if verdict.fits and not verdict.tight:
             return f"{text}: needs ~{est.total_bytes / 1024**3:.2f} GiB"

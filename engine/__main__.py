@@ -4,6 +4,7 @@ python -m finetune_studio.engine train CONFIG            one training run; JSON-
 python -m finetune_studio.engine train --resume RUN      continue a stopped or interrupted run
 python -m finetune_studio.engine train CONFIG --nproc N  the run as N processes (torchrun; DDP or FSDP2)
 python -m finetune_studio.engine slurm CONFIG --nodes N --gpus-per-node G   print a SLURM sbatch script
+python -m finetune_studio.engine devices [--json]        the GPUs (and CPU) a run can use, as torch sees them
 python -m finetune_studio.engine export RUN OUT_DIR      write the adapter in PEFT's format
 python -m finetune_studio.engine demo                    train on the bundled demo task, print the score before/after
 python -m finetune_studio.engine data inspect FILE       detect format, check, preview (see --help)

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_studio.engine.estimate_cli import add_parser as add_estimate
 
     add_estimate(sub)
+    from finetune_studio.engine.devices_cli import add_parser as add_devices
+
+    add_devices(sub)
     mi.add_argument("--config", help="a run config: also count total and trainable parameters for its method")
     mi.add_argument("--method", help="count total and trainable parameters for this method (lora, dora, ...)")
     mi.add_argument("--lora-rank", type=int, default=16, help="with --method: the adapter rank")
@@ -206,6 +209,10 @@ def main(argv: list[str]) -> int:
             from finetune_studio.engine.serve import main as serve_main
 
             return serve_main(args.threads, stream)
+        if args.command == "devices":
+            from finetune_studio.engine.devices_cli import cmd_devices
+
+            return cmd_devices(args, stream)
         if args.command == "estimate":
             from finetune_studio.engine.estimate_cli import cmd_estimate
 

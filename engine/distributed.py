@@ -81,6 +81,13 @@ class Ranks:
         self.parallelism = parallelism
         self.is_main = self.rank == 0
 
+    def device_share(self, device):
+        """What one process can count on of ``device`` (a ``core.devices.DeviceInfo``): a GPU of its own, or its
+        share of the RAM the ranks on this machine use together (``LOCAL_WORLD_SIZE``)."""
+        from finetune_studio.core.memory_parallel import shared_device
+
+        return shared_device(device, int(os.environ.get("LOCAL_WORLD_SIZE") or self.world_size))
+
     def share(self, n: int) -> slice:
         """This rank's contiguous share of a global batch of ``n`` examples (n divisible by the world size)."""
         per = n // self.world_size
@@ -133,6 +140,21 @@ class Ranks:
                 t = p.detach()
                 out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
         return out
+
+
+def check_shardable(config, device: str, dtype: torch.dtype) -> None:
+    """FSDP shards a 4-bit base only as bitsandbytes' packed storage in the compute dtype (see
+    ``engine.models.load_causal_lm``). On the CPU, bitsandbytes repacks 4-bit weights computing in bfloat16
+    into a layout of its own CPU kernel, which FSDP cannot shard: refuse that one case, before loading."""
+    if config.parallelism == "fsdp" and config.quantized and device == "cpu" and dtype != torch.float32:
+        from finetune_studio.core.config import ConfigError
+
+        raise ConfigError(
+            "compute_dtype",
+            f"FSDP with a 4-bit base on the CPU computes in float32: bitsandbytes repacks {dtype} 4-bit "
+            "weights for its CPU kernel into a layout FSDP cannot shard; use compute_dtype: auto or float32, "
+            "or parallelism: ddp",
+        )
 
 
 class LogpsModule(torch.nn.Module):

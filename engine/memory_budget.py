@@ -143,7 +143,7 @@ def device_info(device: str) -> DeviceInfo:
 
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
-        name = torch.cuda.get_device_name(0)
+        name = torch.cuda.get_device_name()  # this process's GPU (each rank's own under torchrun)
         return DeviceInfo("cuda", name, total, free, torch.cuda.is_bf16_supported())
     import psutil
 
@@ -158,9 +158,11 @@ def run_report(
     examples: list | None = None,
     total_examples: int = 0,
     trust_remote_code: bool = False,
+    world_size: int = 1,
 ) -> MemoryReport | None:
-    """The run's memory report: counted parameters, fitted to ``examples`` (tokenised) when given.
-    None when the model's config cannot be read as a decoder shape."""
+    """The run's memory report: counted parameters, fitted to ``examples`` (tokenised) when given; with
+    ``world_size`` processes, one process's figures. None when the model's config cannot be read as a decoder
+    shape."""
     try:
         shape = ModelShape.from_model_dir(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -172,4 +174,4 @@ def run_report(
         log.warning("parameters not counted on the meta device (%s); using the formula", exc)
         counts = None
     lengths = data_lengths(examples, total_examples) if examples else None
-    return memory_report(shape, config, device, lengths, counts)
+    return memory_report(shape, config, device, lengths, counts, world_size)

@@ -216,8 +216,20 @@ def load_tokenizer(spec: str | Path, options: LoadOptions = LoadOptions()):
     return tok
 
 
-def load_causal_lm(folder: Path, *, dtype, device: str, quantize_4bit: bool, options: LoadOptions = LoadOptions()):
-    """The frozen base: 16/32-bit, or NF4 with double quantisation (QLoRA) computing in ``dtype``."""
+def load_causal_lm(
+    folder: Path,
+    *,
+    dtype,
+    device: str,
+    quantize_4bit: bool,
+    options: LoadOptions = LoadOptions(),
+    shardable: bool = False,
+):
+    """The frozen base: 16/32-bit, or NF4 with double quantisation (QLoRA) computing in ``dtype``.
+
+    ``shardable`` (FSDP): the packed 4-bit weights are stored in ``dtype`` rather than uint8, so that FSDP's
+    mixed precision, which casts every parameter to ``dtype``, leaves their bytes as they are. On CUDA the model
+    goes to this process's GPU (``torch.cuda.current_device()``: each rank's own under torchrun)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -232,9 +244,9 @@ def load_causal_lm(folder: Path, *, dtype, device: str, quantize_4bit: bool, opt
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
         )
-        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ValueError as exc:

@@ -213,6 +213,10 @@ class Recipe:
         self.dtype = compute_dtype(cfg.compute_dtype, self.device)
         if cfg.quantized and self.device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
+        if self.ranks is not None:
+            from finetune_studio.engine.distributed import check_shardable
+
+            check_shardable(cfg, self.device, self.dtype)
         if cfg.init_adapter:
             self.start = init_adapter.resolve(cfg.init_adapter, self.store)
             self.store.update_run(
@@ -224,12 +228,14 @@ class Recipe:
         guard.check_rank(cfg, folder)
         self.tokenizer = load_tokenizer(str(folder), options)
         self.train_examples, self.val_examples = self._prepare_data()
+        device = memory_budget.device_info(self.device)  # free memory before the weights are loaded
         self.memory_report = memory_budget.run_report(
             folder,
             cfg,
-            memory_budget.device_info(self.device),  # free memory before the weights are loaded
+            self.ranks.device_share(device) if self.ranks is not None else device,
             self.train_examples,
             trust_remote_code=cfg.trust_remote_code,
+            world_size=self.ranks.world_size if self.ranks is not None else 1,  # then per process
         )
         verdict = guard.check_fit(self.memory_report, cfg)  # refuses a run that cannot fit, before loading it
         if verdict:
@@ -237,8 +243,9 @@ class Recipe:
         self._stop_point()
 
         self.reporter.progress("load", 0, 1, "Loading the model")
+        fsdp = self.ranks is not None and cfg.parallelism == "fsdp"
         base = load_causal_lm(
-            folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options
+            folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options, shardable=fsdp
         )
         if self.start:
             self.reporter.log(init_adapter.describe(self.start))

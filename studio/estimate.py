@@ -16,7 +16,7 @@ from PySide6.QtCore import QObject, Signal
 from finetune_studio.core import memory
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.dataset_report import DatasetReport
-from finetune_studio.core.devices import DeviceInfo, best_device
+from finetune_studio.core.devices import DeviceInfo, detect_devices
 from finetune_studio.core.memory_report import memory_report
 from finetune_studio.studio.state import MemoryEstimate
 
@@ -34,19 +34,22 @@ LABELS = {
 
 
 class DeviceProbe(QObject):
-    """Finds the training device off the UI thread; ``found`` carries a DeviceInfo (or None)."""
+    """Finds the training device off the UI thread; ``found`` carries a DeviceInfo (or None), ``gpus`` how many
+    CUDA GPUs ``nvidia-smi`` lists (with two or more, the page asks the engine which ones torch can use)."""
 
     found = Signal(object)
+    gpus = Signal(int)
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="device-probe", daemon=True).start()
 
     def _run(self) -> None:
         try:
-            device = best_device()
+            devices = detect_devices()
         except Exception:
-            device = None
-        self.found.emit(device)  # queued to the UI thread: this object lives there
+            devices = ()
+        self.found.emit(devices[0] if devices else None)  # queued to the UI thread: this object lives there
+        self.gpus.emit(sum(d.kind == "cuda" for d in devices))
 
 
 def model_shape(spec: str, model_info) -> memory.ModelShape | None:
@@ -82,8 +85,14 @@ def counted_params(config: TrainConfig, model_info) -> memory.ParamCounts | None
 
 
 def estimate(
-    config: TrainConfig | None, model_info, device: DeviceInfo | None, dataset_info: DatasetReport | None = None
+    config: TrainConfig | None,
+    model_info,
+    device: DeviceInfo | None,
+    dataset_info: DatasetReport | None = None,
+    processes: int = 1,
 ) -> MemoryEstimate:
+    """The budget of one process; with ``processes`` > 1 (one per GPU), each GPU's share under the config's
+    parallelism (``core.memory_parallel``), against ``device`` (one of the GPUs)."""
     if config is None:
         return MemoryEstimate(note="Fix the settings marked in red to see the memory estimate.")
     if device is None:
@@ -97,16 +106,17 @@ def estimate(
         )
     lengths = data_lengths(dataset_info) if config.dataset else None
     try:
-        report = memory_report(shape, config, device, lengths, counted_params(config, model_info))
+        report = memory_report(shape, config, device, lengths, counted_params(config, model_info), processes)
     except Exception as exc:
         return MemoryEstimate(note=f"No estimate for this set-up ({exc}).")
     parts = {LABELS.get(k, k): v for k, v in report.terms.items() if v}
     notes = "; ".join(report.notes)
     change = f" Cheapest change: {report.cheapest_change}." if report.cheapest_change else ""
+    each = f" × {processes}, per GPU ({config.parallelism.upper()})" if processes > 1 else ""
     return MemoryEstimate(
         report.total_bytes,
         parts,
-        device.name,
+        device.name + each,
         device.available_bytes,
         report.message + (f". {notes[:1].upper()}{notes[1:]}." if notes else "") + change,
         fits=report.verdict != "does not fit",

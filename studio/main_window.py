@@ -68,6 +68,7 @@ class MainWindow(QMainWindow):
         self.runs_page.resume_requested.connect(self.resume_run)
         self.runs_page.export_requested.connect(self.export_run)
         self.runs_page.export_as_requested.connect(self.export_run_as)
+        self.runs_page.message.connect(lambda text: self.statusBar().showMessage(text, 15000))
         self.annotate_page.train_dpo_requested.connect(self.train_dpo)
         self.annotate_page.message.connect(lambda text: self.statusBar().showMessage(text, 8000))
         self.compare_page.message.connect(lambda text: self.statusBar().showMessage(text, 8000))
@@ -132,7 +133,7 @@ class MainWindow(QMainWindow):
             return
         self.remember()
         self.setup_page._update_estimate()  # for exactly this config, not the one 100 ms ago
-        self.controller.start(config)
+        self.controller.start(config, self.setup_state.processes)
         budget = self.setup_memory.estimate  # the engine's 'started' event may refine it
         self.run_memory.set_estimate(budget)
         self.run_state.memory_budget_bytes = budget.total_bytes

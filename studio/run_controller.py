@@ -25,6 +25,11 @@ from finetune_studio.studio.state import MemoryEstimate, MemoryState, RunState
 FOLLOW_MS = 1000
 
 
+def train_args(config_path: str, processes: int = 1) -> list[str]:
+    """The engine command for a new run: ``train CONFIG``, with ``--nproc N`` for N processes (one per GPU)."""
+    return ["train", config_path, *(["--nproc", str(processes)] if processes > 1 else [])]
+
+
 class RunController(QObject):
     run_ended = Signal(object)  # Outcome, or the final status string of a followed run
     run_started = Signal(str)  # run id
@@ -55,7 +60,8 @@ class RunController(QObject):
         return self.proc.running or (self.follow_timer.isActive() and self.state.active)
 
     # --- starting ------------------------------------------------------------------
-    def start(self, config: TrainConfig) -> None:
+    def start(self, config: TrainConfig, processes: int = 1) -> None:
+        """Start a new run of ``config``, as ``processes`` processes (``train --nproc N``) when more than one."""
         if self.busy:
             return
         folder = paths.data_dir() / "configs"
@@ -63,8 +69,9 @@ class RunController(QObject):
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
         paths.atomic_write_text(path, config.to_json())
         self._begin(config.to_dict(), config.display_name)
-        self.state.add_log(f"Starting: {config.display_name} (config {path})")
-        self.proc.start(self.engine_argv("train", str(path)))
+        on = f", {processes} processes ({config.parallelism.upper()})" if processes > 1 else ""
+        self.state.add_log(f"Starting: {config.display_name} (config {path}{on})")
+        self.proc.start(self.engine_argv(*train_args(str(path), processes)))
 
     def resume(self, run_id: str) -> None:
         if self.busy:

@@ -14,12 +14,13 @@ from typing import Any
 
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.dataset_report import DatasetReport
+from finetune_studio.core.device_report import DeviceReport
 from finetune_studio.studio.observable import Observable
 
 HELP = TrainConfig.field_help()
 FIELDS = list(HELP)
 # Fields with their own widgets on the set-up page; the rest are generated as a form.
-OWN_WIDGETS = ("model", "dataset", "method", "objective")
+OWN_WIDGETS = ("model", "dataset", "method", "objective", "parallelism")
 PREFERENCE_KINDS = ("preference", "unpaired")
 
 
@@ -52,7 +53,8 @@ def from_form(name: str, value: Any) -> Any:
 
 
 class SetupState(Observable):
-    """Topics: 'values' (a field changed; the name follows after a colon), 'errors', 'model', 'dataset'."""
+    """Topics: 'values' (a field changed; the name follows after a colon), 'errors', 'model', 'dataset',
+    'devices' (the engine's device report), 'processes' (how many the run starts with)."""
 
     def __init__(self, initial: dict | None = None):
         super().__init__()
@@ -64,6 +66,8 @@ class SetupState(Observable):
         self.dataset_info: DatasetReport | None = None  # the engine's report (`engine data inspect --json`)
         self.dataset_message = ""
         self.dataset_pending = False  # the engine is checking it; Start is not held up for that
+        self.devices: DeviceReport | None = None  # the engine's answer to `devices --json` (asked with 2+ GPUs)
+        self.processes = 1  # `train --nproc N`: one process per GPU; 1 is a plain one-process run
         if initial:
             self.load(initial, quiet=True)
         self.validate()
@@ -94,6 +98,28 @@ class SetupState(Observable):
         self.dataset_info, self.dataset_message, self.dataset_pending = info, message, pending
         self.notify("dataset")
         self.validate()
+
+    def set_devices(self, report: DeviceReport | None) -> None:
+        """The GPUs the engine can use; the number of processes stays within them (1 with fewer than two)."""
+        self.devices = report
+        self.notify("devices")
+        self.set_processes(self.processes if self.several_gpus else 1, force=True)
+
+    def set_processes(self, n: int, *, force: bool = False) -> None:
+        n = max(1, min(int(n), self.max_processes))
+        if n == self.processes and not force:
+            return
+        self.processes = n
+        self.notify("processes")
+        self.validate()
+
+    @property
+    def several_gpus(self) -> bool:
+        return self.devices is not None and self.devices.several_gpus
+
+    @property
+    def max_processes(self) -> int:
+        return self.devices.max_processes if self.devices is not None else 1
 
     # --- checking -------------------------------------------------------------
     def typed_values(self) -> tuple[dict, dict]:
@@ -142,6 +168,17 @@ class SetupState(Observable):
                 )
         if info is not None and info.rows == 0:
             out["dataset"] = "The dataset has no usable rows; see the checks below."
+        n = self.processes
+        if n > 1 and "batch_size" not in errors and "gradient_accumulation_steps" not in errors:
+            try:
+                per_step = int(values["batch_size"]) * int(values["gradient_accumulation_steps"])
+            except (TypeError, ValueError):
+                per_step = 0
+            if per_step % n:
+                out["batch_size"] = (
+                    f"With {n} processes the global batch (batch_size x gradient_accumulation_steps = {per_step}) "
+                    f"must split evenly: choose a multiple of {n}."
+                )
         model = self.model_info
         ctx = getattr(model, "context_length", 0) or 0
         if ctx and "max_length" not in errors:

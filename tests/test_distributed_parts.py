@@ -52,18 +52,63 @@ def test_fsdp_keeps_a_shard_plus_the_gathered_layers():
     assert est.total_bytes < ddp.total_bytes
 
 
-def test_parallelism_is_validated_and_fsdp_refuses_a_4bit_base():
+def test_parallelism_is_validated_and_fsdp_takes_a_4bit_base_but_not_bfloat16_on_the_cpu():
+    import torch
+
+    from finetune_studio.engine.distributed import check_shardable
+
     assert TrainConfig(dataset="x").parallelism == "ddp"
     with pytest.raises(ConfigError, match="parallelism"):
         TrainConfig(dataset="x", parallelism="zero3")
-    with pytest.raises(ConfigError, match="4-bit") as err:
-        TrainConfig(dataset="x", parallelism="fsdp", method="qlora")
-    assert "parallelism: ddp" in str(err.value)
     TrainConfig(dataset="x", parallelism="fsdp", method="dora")
+    qlora = TrainConfig(dataset="x", parallelism="fsdp", method="qlora")
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16), ("cuda", torch.float16)):
+        check_shardable(qlora, device, dtype)
+    check_shardable(qlora.replace(parallelism="ddp"), "cpu", torch.bfloat16)
+    with pytest.raises(ConfigError, match="compute_dtype") as err:
+        check_shardable(qlora, "cpu", torch.bfloat16)
+    assert "bitsandbytes repacks" in str(err.value) and "parallelism: ddp" in str(err.value)
+
+
+def test_a_shardable_4bit_base_stores_its_packed_weights_in_the_compute_dtype(tiny_model_dir):
+    """What lets FSDP's mixed precision (which casts every parameter to the compute dtype) leave them intact."""
+    import bitsandbytes as bnb
+    import torch
+
+    from finetune_studio.engine.models import load_causal_lm
+
+    def storage(**kw) -> set:
+        model = load_causal_lm(tiny_model_dir, dtype=torch.float32, device="cpu", quantize_4bit=True, **kw)
+        return {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    assert storage() == {torch.uint8}
+    assert storage(shardable=True) == {torch.float32}
+
+
+def test_the_memory_report_of_a_distributed_run_is_one_processs():
+    from finetune_studio.core.memory_parallel import shared_device
+    from finetune_studio.core.memory_report import memory_report
+
+    for parallelism in ("ddp", "fsdp"):
+        cfg = TrainConfig(dataset="x", batch_size=8, parallelism=parallelism, method="qlora")
+        report = memory_report(DEFAULT, cfg, GPU, world_size=4)
+        assert report.total_bytes == estimate_per_process_memory(DEFAULT, cfg, GPU, 4, parallelism).total_bytes
+        assert f"per process, 4 processes ({parallelism.upper()})" in report.notes
+        assert report.total_bytes < memory_report(DEFAULT, cfg, GPU).total_bytes
+    # a change that makes it fit is judged per process too, FSDP with a 4-bit base among the candidates
+    small = DeviceInfo("cuda", "Small GPU", 2 * GIB, 2 * GIB, True)
+    big = TrainConfig(dataset="x", batch_size=32, max_length=2048, parallelism="fsdp")
+    assert memory_report(DEFAULT, big, small).cheapest_change.startswith("use QLORA (4-bit base)")
+    two = memory_report(DEFAULT, big, small, world_size=2)  # each process trains half the batch
+    assert two.verdict == "does not fit" and two.cheapest_change.startswith("enable gradient checkpointing and lower")
+    # gloo ranks on one machine share its RAM; a GPU is each process's own
+    cpu = DeviceInfo("cpu", "CPU", 64 * GIB, 60 * GIB, True)
+    assert shared_device(cpu, 4).free_bytes == 15 * GIB and shared_device(cpu, 4).total_bytes == 16 * GIB
+    assert shared_device(GPU, 4) == GPU and shared_device(cpu, 1) == cpu
 
 
 def test_slurm_script_runs_one_agent_per_node_with_a_rendezvous(tmp_path):
-    from finetune_studio.engine.slurm import sbatch_script
+    from finetune_studio.core.slurm import sbatch_script
 
     config = tmp_path / "run config.yaml"
     text = sbatch_script(str(config), nodes=4, gpus_per_node=8, home="/shared/studio", python="/opt/py/bin/python")

@@ -244,3 +244,33 @@ def test_ranks_die_with_a_killed_launcher_and_the_run_reads_interrupted(tiny_mod
     gone, alive = psutil.wait_procs(list(run.ranks.values()), timeout=60)
     assert not alive and len(gone) == 2
     assert Store().get_run(run.of("started")[0].run_id)["status"] == "interrupted"  # resumable
+
+
+def test_fsdp_shards_a_4bit_base_and_resumes_on_the_one_process_curve(tiny_model_dir, tmp_path, launch):
+    """QLoRA under FSDP (the packed 4-bit weights stored in the compute dtype): the one-process curve, a per-process
+    memory budget in the started event and the run's row, and a sharded checkpoint that two ranks resume."""
+    from finetune_studio.core.memory_report import MemoryReport
+
+    cfg = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=6, method="qlora", parallelism="fsdp")
+    expected = one_process_losses(cfg)
+    run = launch(write_config(tmp_path / "c.json", cfg), "--nproc", "2")
+    for event in run:
+        if event.type == "step":
+            run.proc.send_signal(signal.SIGTERM)
+            break
+    code, stderr = run.finish()
+    assert code == 0, stderr[-3000:]
+    finished = run.of("finished")[-1]
+    assert finished.status == "stopped" and 1 <= finished.step < 6 and run.of("checkpoint")
+    started = run.of("started")[0]
+    report = MemoryReport.from_json(Store().get_run(finished.run_id)["memory_estimate"])
+    assert "per process, 2 processes (FSDP)" in report.notes
+    assert started.memory_budget_bytes == report.total_bytes and report.lengths.rows == 2  # half the batch of 4
+
+    again = launch("--resume", finished.run_id, "--nproc", "2")
+    code, stderr = again.finish()
+    assert code == 0, stderr[-3000:]
+    assert again.of("started")[0].resumed_from_step == finished.step
+    losses = [e.loss for e in run.of("step")] + [e.loss for e in again.of("step")]
+    assert losses == pytest.approx(expected, abs=TOL) and len(losses) == 6
+    assert again.of("finished")[-1].status == "completed"

@@ -222,3 +222,72 @@ def test_export_as_dialog_offers_the_runs_checkpoints_and_builds_the_options(qtb
         "export", "2026-0", str(tmp_path / "out"), "--format", "merged", "--format", "ollama",
         "--quant", "f16,q8_0", "--checkpoint", "100",
     ]  # fmt: skip
+
+
+def test_run_menu_saves_a_slurm_script_with_the_runs_config(qtbot, window, tmp_path):
+    from finetune_studio.studio.widgets.slurm_dialog import SlurmOptions
+
+    win, ids = window
+    page = win.runs_page
+    page.select_ids([ids[0]])
+    menu = {a.text(): a for a in page.run_menu().actions()}
+    assert menu["Save SLURM script…"].isEnabled() and menu["Open"].isEnabled()
+    asked: list = []
+    page.choose_slurm_options = lambda run: (
+        asked.append(run["id"])
+        or SlurmOptions(nodes=3, gpus_per_node=4, time="02:00:00", partition="gpu", home="/shared/studio")
+    )
+    target = tmp_path / "jobs" / "alpha.sbatch"
+    target.parent.mkdir()
+    page.choose_slurm_file = lambda suggested: str(target)
+    with qtbot.waitSignal(page.message, timeout=1000) as said:
+        menu["Save SLURM script…"].trigger()
+    assert asked == [ids[0]] and said.args[0].startswith(f"Saved {target}")
+    script = target.read_text(encoding="utf-8")
+    config_path = tmp_path / "jobs" / "alpha.config.json"
+    assert json.loads(config_path.read_text(encoding="utf-8"))["run_name"] == "alpha"
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --gpus-per-node=4" in script
+    assert "#SBATCH --time=02:00:00" in script and "#SBATCH --partition=gpu" in script
+    assert "export FINETUNE_STUDIO_HOME=/shared/studio" in script
+    assert f"train {config_path} --nproc 4 --nnodes 3" in script and '--rdzv-endpoint "$head_node:29500"' in script
+    assert target.stat().st_mode & 0o111  # executable
+    assert sorted(p.name for p in target.parent.iterdir()) == ["alpha.config.json", "alpha.sbatch"]  # no temp left
+    # the same generator as the engine's `slurm` command
+    from finetune_studio.core.slurm import sbatch_script
+
+    assert script == sbatch_script(
+        str(config_path),
+        nodes=3,
+        gpus_per_node=4,
+        job_name="finetune-alpha",
+        time="02:00:00",
+        partition="gpu",
+        home="/shared/studio",
+    )
+    # cancelled in the file dialog: nothing written, nothing said
+    page.choose_slurm_file = lambda suggested: ""
+    target.unlink()
+    menu = {a.text(): a for a in page.run_menu().actions()}
+    menu["Save SLURM script…"].trigger()
+    assert not target.exists()
+    # an unwritable place is told, not raised
+    page.choose_slurm_file = lambda suggested: str(tmp_path / "missing" / "x.sbatch")
+    with qtbot.waitSignal(page.message, timeout=1000) as said:
+        page.save_slurm()
+    assert said.args[0].startswith("Could not save the SLURM script")
+    page.select_ids(ids[:2])
+    assert not {a.text(): a for a in page.run_menu().actions()}["Save SLURM script…"].isEnabled()
+
+
+def test_slurm_dialog_gives_the_options_it_shows(qtbot):
+    from finetune_studio.studio.widgets.slurm_dialog import SlurmDialog, SlurmOptions
+
+    dialog = SlurmDialog("alpha")
+    qtbot.addWidget(dialog)
+    assert dialog.options() == SlurmOptions()  # 2 nodes x 8 GPUs, 24 h, the cluster's partition
+    dialog.nodes.setValue(4)
+    dialog.gpus.setValue(2)
+    dialog.time.setText(" ")
+    dialog.partition.setText(" a100 ")
+    dialog.home.setText("/shared/studio")
+    assert dialog.options() == SlurmOptions(4, 2, "24:00:00", "a100", "/shared/studio")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
+    QFileDialog,
     QHBoxLayout,
     QHeaderView,
     QLineEdit,
+    QMenu,
     QPlainTextEdit,
     QPushButton,
     QSplitter,
@@ -21,11 +24,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core.config import ConfigError
 from finetune_studio.core.run_status import RUN_STATUSES, is_exportable, is_resumable
 from finetune_studio.core.store import Store
 from finetune_studio.studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
 from finetune_studio.studio.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
+from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
 
 PALETTE = [
     (31, 119, 180),
@@ -48,6 +53,7 @@ class RunsPage(QWidget):
     resume_requested = Signal(str)
     export_requested = Signal(str)  # one click: the adapter, checked, in the default place
     export_as_requested = Signal(str)  # choose place, checkpoint and formats
+    message = Signal(str)  # for the status bar
 
     def __init__(self, store_factory=Store, parent: QWidget | None = None):
         super().__init__(parent)
@@ -90,6 +96,8 @@ class RunsPage(QWidget):
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.doubleClicked.connect(lambda _i: self._open())
         self.table.selectionModel().selectionChanged.connect(lambda *_: self._selection_changed())
+        self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.table.customContextMenuRequested.connect(self._context_menu)
 
         self.open_button = QPushButton("Open", self)
         self.open_button.setToolTip("Show the run's curves and config on the Train page")
@@ -104,8 +112,27 @@ class RunsPage(QWidget):
         self.export_as_button = QPushButton("Export as…", self)
         self.export_as_button.setToolTip("Choose the folder, the checkpoint and the formats (merged, GGUF, Ollama)")
         self.export_as_button.clicked.connect(lambda: self._emit_one(self.export_as_requested))
+        self.slurm_button = QPushButton("Save SLURM script…", self)
+        self.slurm_button.setObjectName("slurmButton")
+        self.slurm_button.setToolTip(
+            "Save an sbatch script that trains this run's config on several machines (torchrun on every node)"
+        )
+        self.slurm_button.clicked.connect(self.save_slurm)
+        # what the Save SLURM script… action asks; tests answer instead of a person
+        self.choose_slurm_options = lambda run: ask_slurm_options(self, run.get("name") or run["id"])
+        self.choose_slurm_file = lambda suggested: QFileDialog.getSaveFileName(
+            self, "Save the SLURM script", suggested, "SLURM scripts (*.sbatch *.sh);;All files (*)"
+        )[0]
+        self.actions_buttons = (
+            self.open_button,
+            self.again_button,
+            self.resume_button,
+            self.export_button,
+            self.export_as_button,
+            self.slurm_button,
+        )
         buttons = QHBoxLayout()
-        for b in (self.open_button, self.again_button, self.resume_button, self.export_button, self.export_as_button):
+        for b in self.actions_buttons:
             buttons.addWidget(b)
         buttons.addStretch(1)
 
@@ -173,6 +200,7 @@ class RunsPage(QWidget):
         exportable = one is not None and is_exportable(one.get("status"))
         self.export_button.setEnabled(exportable)
         self.export_as_button.setEnabled(exportable)
+        self.slurm_button.setEnabled(one is not None)
         if one is not None:
             try:
                 self.config_view.setPlainText(
@@ -208,6 +236,41 @@ class RunsPage(QWidget):
         ids = self.selected_ids()
         if len(ids) == 1:
             signal.emit(ids[0])
+
+    def run_menu(self) -> QMenu:
+        """The selected run's actions, as the buttons under the table offer them (enabled alike)."""
+        menu = QMenu(self)
+        for button in self.actions_buttons:
+            action = menu.addAction(button.text())
+            action.setEnabled(button.isEnabled())
+            action.triggered.connect(button.click)
+        return menu
+
+    def _context_menu(self, pos) -> None:
+        self.run_menu().exec(self.table.viewport().mapToGlobal(pos))
+
+    def save_slurm(self) -> None:
+        """Save a SLURM sbatch script (and the run's config beside it) that trains the config on several
+        machines."""
+        ids = self.selected_ids()
+        run = self._run(ids[0]) if len(ids) == 1 else None
+        if run is None:
+            return
+        options = self.choose_slurm_options(run)
+        if options is None:
+            return
+        path = self.choose_slurm_file(str(Path.home() / f"{run['id']}.sbatch"))
+        if not path:
+            return
+        try:
+            config_path = save_slurm_script(Path(path), json.loads(run.get("config") or "{}"), options)
+        except (ConfigError, ValueError) as exc:
+            self.message.emit(f"No SLURM script: the run's config is not valid ({exc})")
+            return
+        except OSError as exc:
+            self.message.emit(f"Could not save the SLURM script: {exc.strerror or exc} ({path})")
+            return
+        self.message.emit(f"Saved {path} (config {config_path.name}); submit it with: sbatch {path}")
 
     def _open(self) -> None:
         self._emit_one(self.open_requested)

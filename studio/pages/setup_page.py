@@ -11,14 +11,17 @@ from PySide6.QtWidgets import (
     QLabel,
     QPushButton,
     QScrollArea,
+    QSpinBox,
     QSplitter,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from finetune_studio.core.config import METHODS, OBJECTIVES, TrainConfig
+from finetune_studio.core.config import METHODS, OBJECTIVES, PARALLELISMS, TrainConfig
+from finetune_studio.core.device_report import DeviceReport
 from finetune_studio.studio import estimate
+from finetune_studio.studio.jobs import EngineJob
 from finetune_studio.studio.presets import Preset, load_presets
 from finetune_studio.studio.setup_state import FIELDS, HELP, OWN_WIDGETS, SetupState
 from finetune_studio.studio.state import MemoryState
@@ -29,6 +32,12 @@ from finetune_studio.studio.widgets.model_panel import ModelPanel
 
 METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
 OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO"}
+PARALLELISM_LABELS = {"ddp": "DDP", "fsdp": "FSDP"}
+PROCESSES_HELP = (
+    "Train on several GPUs of this machine: one process per GPU (train --nproc N). Each process trains its "
+    "share of every global batch (batch_size x gradient_accumulation_steps, which must split evenly); the memory "
+    "budget is then one GPU's."
+)
 BASIC = [n for n in FIELDS if n not in OWN_WIDGETS and not HELP[n]["advanced"]]
 ADVANCED = [n for n in FIELDS if n not in OWN_WIDGETS and HELP[n]["advanced"]]
 
@@ -104,6 +113,24 @@ class SetupPage(QWidget):
         hlay.addWidget(self.objective_error)
         hlay.addWidget(self.preset_box)
 
+        self.gpus_box = QGroupBox("GPUs", self)
+        self.gpus_box.setObjectName("gpusBox")
+        self.gpus_box.setToolTip(PROCESSES_HELP)
+        self.processes = QSpinBox(self.gpus_box)
+        self.processes.setObjectName("processesSpin")
+        self.processes.setRange(1, 1)
+        self.processes.setToolTip(PROCESSES_HELP)
+        self.processes.valueChanged.connect(state.set_processes)
+        self.parallelism = Segmented(state, "parallelism", {p: PARALLELISM_LABELS[p] for p in PARALLELISMS}, self)
+        self.parallelism_error = ErrorLabel(self)
+        glay = QVBoxLayout(self.gpus_box)
+        glay.addWidget(QLabel("Processes (one per GPU)", self.gpus_box))
+        glay.addWidget(self.processes)
+        glay.addWidget(QLabel("Parallelism", self.gpus_box))
+        glay.addWidget(self.parallelism)
+        glay.addWidget(self.parallelism_error)
+        self.gpus_box.setVisible(False)  # shown when the engine reports two GPUs or more
+
         basics = QGroupBox("Hyper-parameters", self)
         self.basic_form = ConfigForm(state, BASIC, basics)
         QVBoxLayout(basics).addWidget(self.basic_form)
@@ -128,6 +155,7 @@ class SetupPage(QWidget):
         right = QWidget(self)
         rcol = QVBoxLayout(right)
         rcol.addWidget(how)
+        rcol.addWidget(self.gpus_box)
         rcol.addWidget(basics)
         rcol.addWidget(self.advanced_toggle)
         rcol.addWidget(self.advanced_form)
@@ -151,8 +179,11 @@ class SetupPage(QWidget):
         QVBoxLayout(self).addWidget(split)
 
         self.device = None
+        self.devices_job = EngineJob(self)  # `devices --json`: which GPUs torch can use (asked with 2+ GPUs)
+        self.devices_job.done.connect(lambda report: self.set_device_report(report))
         self.probe = estimate.DeviceProbe()  # no parent: the thread may answer after the page is gone
         self.probe.found.connect(self._device_found)
+        self.probe.gpus.connect(self._gpus_counted)
         self.probe.start()
         self._estimate_timer = QTimer(self, singleShot=True, interval=100)
         self._estimate_timer.timeout.connect(self._update_estimate)
@@ -174,13 +205,16 @@ class SetupPage(QWidget):
         self.state.load(preset.config)
 
     def _on_state(self, topic: str) -> None:
-        if topic in ("model", "dataset"):
+        if topic in ("model", "dataset", "processes"):
             self._estimate_timer.start()
+        if topic in ("devices", "processes"):
+            self._sync_gpus()
         if topic != "errors":
             return
         errors = self.state.errors
         self.method_error.show_error(errors.get("method", ""))
         self.objective_error.show_error(errors.get("objective", ""))
+        self.parallelism_error.show_error(errors.get("parallelism", ""))
         self.start_button.setEnabled(self.state.ready)
         if errors:
             names = ", ".join(sorted(errors))
@@ -194,9 +228,41 @@ class SetupPage(QWidget):
         self.device = device
         self._update_estimate()
 
+    def _gpus_counted(self, n: int) -> None:
+        """nvidia-smi lists two GPUs or more: ask the engine which ones a run can use (its torch's view)."""
+        if n > 1:
+            self.devices_job.run("devices", "--json")
+
+    def set_device_report(self, report) -> None:
+        """The engine's device report: with two GPUs or more the page offers several processes."""
+        if isinstance(report, DeviceReport):
+            self.state.set_devices(report)
+
+    def _sync_gpus(self) -> None:
+        st = self.state
+        self.gpus_box.setVisible(st.several_gpus)
+        self.processes.blockSignals(True)
+        self.processes.setRange(1, st.max_processes)
+        self.processes.setValue(st.processes)
+        self.processes.blockSignals(False)
+        self.parallelism.setEnabled(st.processes > 1)
+        if st.devices is not None and st.several_gpus:
+            names = ", ".join(f"{d.index}: {d.name}" for d in st.devices.gpus)
+            self.processes.setToolTip(f"{PROCESSES_HELP}\nGPUs: {names}")
+
+    def _estimate_device(self):
+        """With several processes, the GPU with the least free memory of those the run uses (as the engine sees
+        them): the run fits when it fits there. Else the probed device."""
+        st = self.state
+        if st.processes > 1 and st.devices is not None and st.devices.gpus:
+            return min(st.devices.gpus[: st.processes], key=lambda d: d.available_bytes)
+        return self.device
+
     def _update_estimate(self) -> None:
         st = self.state
-        self.memory.set_estimate(estimate.estimate(st.config, st.model_info, self.device, st.dataset_info))
+        self.memory.set_estimate(
+            estimate.estimate(st.config, st.model_info, self._estimate_device(), st.dataset_info, st.processes)
+        )
 
     def shutdown(self) -> None:
         """Stop pending look-ups and kill running ones (the window is closing)."""
@@ -205,6 +271,7 @@ class SetupPage(QWidget):
             panel.job.cancel()
         self.model_panel._count_debounce.stop()
         self.model_panel.count_job.cancel()
+        self.devices_job.cancel()
         self._estimate_timer.stop()
 
     def request_start(self) -> None:
