@@ -1,0 +1,217 @@
+"""Triton kernels for ``token_logprobs``: the output head and log-softmax gather fused, no [N, V] logits.
+
+Forward, one program per block of ``BLOCK_N`` rows: for each vocabulary block, the logits tile
+``hidden[rows] @ weight[cols].T`` is accumulated in float32 over hidden blocks, then folded into an online
+log-sum-exp (running max ``m`` and sum ``s``: ``s <- s * exp(m - m') + sum exp(l - m')``) and the target's
+logit is picked out. Out: ``logp = l[t] - (m + log s)`` and the ``lse`` saved for backward.
+
+Backward, one program per (row block, vocab block): the tile's logits are recomputed, and with
+``g = grad_out * (onehot(t) - exp(l - lse))`` (times ``1 - tanh^2`` under a softcap) the program adds
+``g @ weight[cols]`` into ``grad_hidden[rows]`` and ``g.T @ hidden[rows]`` into ``grad_weight[cols]``
+(float32 atomic adds, so the summation order, and the last bits, vary from run to run).
+
+Layering: kernels (``_forward_kernel``, ``_backward_kernel``) -> launchers (``forward``, ``backward``) ->
+autograd Function (``TritonLogprobs``); the public op is ``linear_logprobs.token_logprobs(impl='triton')``.
+This module imports triton: import it only once ``selection.require_triton`` has passed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from finetune_studio.kernels.selection import interpreting
+
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_BLOCKS = {"block_n": 64, "block_v": 128, "block_h": 64}
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, rows, cols, H, stride_hn, stride_hh, stride_wv, stride_wh, row_ok, col_ok,
+    IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_N, BLOCK_V] float32 logits hidden[rows] @ weight[cols].T; zero outside the matrix."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        a = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh, row_ok[:, None] & k_ok[None, :], 0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wh, k_ok[:, None] & col_ok[None, :], 0.0)
+        if DOT_F32:  # the interpreter's dot multiplies bfloat16 bit patterns; on a GPU this is the same product
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _softcapped(raw, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(logits, tanh(raw / softcap)): softcap * tanh(raw / softcap), or raw itself without a softcap."""
+    logits = raw
+    th = raw
+    if HAS_SOFTCAP:
+        th = 2.0 * tl.sigmoid(2.0 * raw / softcap) - 1.0  # tanh(raw / softcap)
+        logits = softcap * th
+    return logits, th
+
+
+@triton.jit
+def _forward_kernel(
+    h_ptr, w_ptr, t_ptr, out_ptr, lse_ptr, N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+    HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < N
+    target = tl.load(t_ptr + rows, row_ok, 0)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    picked = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_ok = cols < V
+        raw = _logits_tile(
+            h_ptr, w_ptr, rows, cols, H, stride_hn, stride_hh, stride_wv, stride_wh, row_ok, col_ok,
+            IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        logits, _ = _softcapped(raw, softcap, HAS_SOFTCAP)
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, 1))  # finite: every block holds at least one real column
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        m = m_new
+        picked += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), 1)
+    lse = m + tl.log(s)
+    tl.store(out_ptr + rows, picked - lse, row_ok)
+    tl.store(lse_ptr + rows, lse, row_ok)
+
+
+@triton.jit
+def _backward_kernel(
+    h_ptr, w_ptr, t_ptr, lse_ptr, go_ptr, gh_ptr, gw_ptr, N, V, H,
+    stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+    NEED_H: tl.constexpr, NEED_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # 64-bit offsets: V x H may pass 2**31
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row_ok = rows < N
+    col_ok = cols < V
+    raw = _logits_tile(
+        h_ptr, w_ptr, rows, cols, H, stride_hn, stride_hh, stride_wv, stride_wh, row_ok, col_ok,
+        IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_H,
+    )  # fmt: skip
+    logits, th = _softcapped(raw, softcap, HAS_SOFTCAP)
+    lse = tl.load(lse_ptr + rows, row_ok, 0.0)
+    target = tl.load(t_ptr + rows, row_ok, 0)
+    grad_out = tl.load(go_ptr + rows, row_ok, 0.0)
+    onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+    g = (onehot - tl.exp(logits - lse[:, None])) * grad_out[:, None]  # d loss / d logits
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+    g = g.to(h_ptr.dtype.element_ty)  # the matmuls below run in the input precision, accumulating in float32
+    if DOT_F32:
+        g = g.to(tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        if NEED_H:
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh, col_ok[:, None] & k_ok[None, :], 0.0
+            )
+            if DOT_F32:
+                w = w.to(tl.float32)
+            if IEEE:
+                dh = tl.dot(g, w, input_precision="ieee")
+            else:
+                dh = tl.dot(g, w)
+            tl.atomic_add(gh_ptr + rows[:, None] * H + ks[None, :], dh, row_ok[:, None] & k_ok[None, :])
+        if NEED_W:
+            h = tl.load(
+                h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh, row_ok[:, None] & k_ok[None, :], 0.0
+            )
+            if DOT_F32:
+                h = h.to(tl.float32)
+            if IEEE:
+                dw = tl.dot(tl.trans(g), h, input_precision="ieee")
+            else:
+                dw = tl.dot(tl.trans(g), h)
+            tl.atomic_add(gw_ptr + cols[:, None] * H + ks[None, :], dw, col_ok[:, None] & k_ok[None, :])
+
+
+def _flags(hidden: torch.Tensor) -> dict:
+    # float32 inputs get IEEE products unless PyTorch itself allows TF32 for matmuls (it does not by default)
+    ieee = hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return {"IEEE": ieee, "DOT_F32": interpreting() and hidden.dtype == torch.bfloat16}
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    if hidden.dtype not in SUPPORTED or weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"the Triton head kernel takes float32, bfloat16 or float16 hidden states and head of one dtype, "
+            f"not {hidden.dtype} and {weight.dtype}; use impl='chunked'"
+        )
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {list(hidden.shape)} and {list(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets [N] expected, got {list(targets.shape)} for {hidden.shape[0]} rows")
+
+
+def forward(hidden, weight, targets, softcap, *, block_n, block_v, block_h):
+    """Launch the forward kernel: (logp [N] float32, lse [N] float32)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return out, lse
+    _forward_kernel[(triton.cdiv(n, block_n),)](
+        hidden, weight, targets, out, lse, n, v, h, *hidden.stride(), *weight.stride(), float(softcap or 1.0),
+        HAS_SOFTCAP=bool(softcap), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_flags(hidden),
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(hidden, weight, targets, lse, grad_out, softcap, need_h, need_w, *, block_n, block_v, block_h):
+    """Launch the backward kernel: (grad hidden or None, grad weight or None) in the inputs' dtypes."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    grad_h = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_w else None
+    if n and (need_h or need_w):
+        dummy = lse  # an unused pointer argument when one of the gradients is not needed
+        _backward_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
+            hidden, weight, targets, lse, grad_out.float().contiguous(),
+            grad_h if grad_h is not None else dummy, grad_w if grad_w is not None else dummy,
+            n, v, h, *hidden.stride(), *weight.stride(), float(softcap or 1.0),
+            NEED_H=need_h, NEED_W=need_w, HAS_SOFTCAP=bool(softcap),
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_flags(hidden),
+        )  # fmt: skip
+    return (
+        grad_h.to(hidden.dtype) if grad_h is not None else None,
+        grad_w.to(weight.dtype) if grad_w is not None else None,
+    )
+
+
+class TritonLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[i, targets[i]] with both passes in Triton; saves only the [N] lse."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, blocks):
+        _check(hidden, weight, targets)
+        out, lse = forward(hidden, weight, targets, softcap, **blocks)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.softcap, ctx.blocks = softcap, blocks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h, grad_w = backward(hidden, weight, targets, lse, grad_out, ctx.softcap, need_h, need_w, **ctx.blocks)
+        return grad_h, grad_w, None, None, None
