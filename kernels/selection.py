@@ -11,12 +11,9 @@ the tests check them on machines without a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
 
 # (kernel, device kind) -> the implementation measured faster there; a device kind is ``torch.device.type``
 # plus, for CUDA, the GPU's name as ``torch.cuda.get_device_name`` gives it (e.g. "cuda:NVIDIA H200").
@@ -43,11 +40,13 @@ def interpreting() -> bool:
 
 def require_triton(*tensors: torch.Tensor) -> None:
     """Raise a clear error unless Triton can run on these tensors (a CUDA GPU, or the CPU interpreter)."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         raise RuntimeError(
             "impl='triton' needs the 'triton' package (pip install triton; PyTorch's CUDA wheels for Linux "
             "bring it along); use impl='auto' or 'torch' (run config: kernels: auto) meanwhile"
-        )
+        ) from None
     if interpreting():
         bad = [t.device.type for t in tensors if t.device.type != "cpu"]
         if bad:
