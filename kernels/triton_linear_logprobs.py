@@ -1,9 +1,11 @@
 """Triton kernels for ``token_logprobs``: the output head and log-softmax gather fused, no [N, V] logits.
 
-Forward, one program per block of ``BLOCK_N`` rows: for each vocabulary block, the logits tile
+Forward, one program per block of ``BLOCK_N`` rows and split of the vocabulary (splits keep the GPU busy when
+there are few rows); for each vocabulary block of its split, the logits tile
 ``hidden[rows] @ weight[cols].T`` is accumulated in float32 over hidden blocks, then folded into an online
 log-sum-exp (running max ``m`` and sum ``s``: ``s <- s * exp(m - m') + sum exp(l - m')``) and the target's
-logit is picked out. Out: ``logp = l[t] - (m + log s)`` and the ``lse`` saved for backward.
+logit is picked out. The launcher folds the splits: ``lse = logsumexp_k (m_k + log s_k)``, ``logp = l[t] - lse``,
+and saves ``lse`` [N] for backward.
 
 Backward, one program per (row block, vocab block): the tile's logits are recomputed, and with
 ``g = grad_out * (onehot(t) - exp(l - lse))`` (times ``1 - tanh^2`` under a softcap) the program adds
@@ -24,7 +26,9 @@ import triton.language as tl
 from finetune_studio.kernels.selection import interpreting
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_BLOCKS = {"block_n": 64, "block_v": 128, "block_h": 64}
+# tile sizes and launch settings (``splits``: vocabulary splits of the forward, None: enough to fill the GPU);
+# first guesses, to be tuned with benchmarks/kernels_bench.py --sweep on a GPU
+DEFAULT_BLOCKS = {"block_n": 64, "block_v": 128, "block_h": 64, "splits": None, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -62,17 +66,21 @@ def _softcapped(raw, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, t_ptr, out_ptr, lse_ptr, N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, softcap,
+    h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, pick_ptr, N, V, H, V_PER_SPLIT,
+    stride_hn, stride_hh, stride_wv, stride_wh, softcap,
     HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    """Program (row block, split): running max, sum and target logit over the split's vocabulary range."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < N
+    split = tl.program_id(1)
     target = tl.load(t_ptr + rows, row_ok, 0)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     picked = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_start = split * V_PER_SPLIT
+    for v0 in range(v_start, tl.minimum(v_start + V_PER_SPLIT, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
         raw = _logits_tile(
@@ -85,9 +93,10 @@ def _forward_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
         m = m_new
         picked += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), 1)
-    lse = m + tl.log(s)
-    tl.store(out_ptr + rows, picked - lse, row_ok)
-    tl.store(lse_ptr + rows, lse, row_ok)
+    at = split * N + rows  # the [splits, N] partial results
+    tl.store(m_ptr + at, m, row_ok)
+    tl.store(s_ptr + at, s, row_ok)
+    tl.store(pick_ptr + at, picked, row_ok)
 
 
 @triton.jit
@@ -162,22 +171,41 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
         raise ValueError(f"targets [N] expected, got {list(targets.shape)} for {hidden.shape[0]} rows")
 
 
-def forward(hidden, weight, targets, softcap, *, block_n, block_v, block_h):
-    """Launch the forward kernel: (logp [N] float32, lse [N] float32)."""
+def _splits(n_row_blocks: int, v_blocks: int, device: torch.device, splits: int | None) -> int:
+    """Vocabulary splits of the forward: enough programs for two per multiprocessor, each split >= 1 block."""
+    if splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        splits = triton.cdiv(2 * sms, n_row_blocks)
+    per_split = triton.cdiv(v_blocks, max(1, min(splits, v_blocks)))
+    return triton.cdiv(v_blocks, per_split)  # no empty split
+
+
+def forward(hidden, weight, targets, softcap, *, block_n, block_v, block_h, splits=None, num_warps=4, num_stages=2):
+    """Launch the forward kernel and fold its splits: (logp [N] float32, lse [N] float32).
+
+    ``lse = logsumexp_k (m_k + log s_k)`` over the vocabulary splits ``k``; ``logp = sum_k picked_k - lse``."""
     n, h = hidden.shape
     v = weight.shape[0]
-    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
-        return out, lse
-    _forward_kernel[(triton.cdiv(n, block_n),)](
-        hidden, weight, targets, out, lse, n, v, h, *hidden.stride(), *weight.stride(), float(softcap or 1.0),
+        empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone()
+    row_blocks, v_blocks = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
+    n_splits = _splits(row_blocks, v_blocks, hidden.device, splits)
+    m, s, picked = torch.empty(3, n_splits, n, dtype=torch.float32, device=hidden.device).unbind(0)
+    _forward_kernel[(row_blocks, n_splits)](
+        hidden, weight, targets, m, s, picked, n, v, h, triton.cdiv(v_blocks, n_splits) * block_v,
+        *hidden.stride(), *weight.stride(), float(softcap or 1.0),
         HAS_SOFTCAP=bool(softcap), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_flags(hidden),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return out, lse
+    lse = torch.logsumexp(m + s.log(), dim=0)
+    return picked.sum(0) - lse, lse
 
 
-def backward(hidden, weight, targets, lse, grad_out, softcap, need_h, need_w, *, block_n, block_v, block_h):
+def backward(
+    hidden, weight, targets, lse, grad_out, softcap, need_h, need_w, *, block_n, block_v, block_h, splits=None,
+    num_warps=4, num_stages=2,
+):  # fmt: skip
     """Launch the backward kernel: (grad hidden or None, grad weight or None) in the inputs' dtypes."""
     n, h = hidden.shape
     v = weight.shape[0]
@@ -191,6 +219,7 @@ def backward(hidden, weight, targets, lse, grad_out, softcap, need_h, need_w, *,
             n, v, h, *hidden.stride(), *weight.stride(), float(softcap or 1.0),
             NEED_H=need_h, NEED_W=need_w, HAS_SOFTCAP=bool(softcap),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_flags(hidden),
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return (
         grad_h.to(hidden.dtype) if grad_h is not None else None,
