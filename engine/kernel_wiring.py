@@ -19,6 +19,7 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 
+from finetune_studio.core.config import ConfigError
 from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
 from finetune_studio.kernels.dora_norm import dora_weight_norm
 from finetune_studio.kernels.selection import MEASURED_FASTER, device_kind, require_triton
@@ -46,10 +47,13 @@ def dora_layers(model: torch.nn.Module) -> list[DoraLinearLayer]:
 def install_kernels(model: torch.nn.Module, kernels: str, device: torch.device | str) -> list[str]:
     """Apply a config's ``kernels`` choice to ``model``; returns a line per change, for the run log.
 
-    ``triton`` fails here, before training, when Triton cannot run on ``device``."""
+    ``triton`` fails here (a ``ConfigError``), before training, when Triton cannot run on ``device``."""
     notes = []
     if kernels == "triton":
-        require_triton(torch.empty(0, device=device))
+        try:
+            require_triton(torch.empty(0, device=device))
+        except RuntimeError as exc:
+            raise ConfigError("kernels", f"'triton' cannot run here: {exc}") from None
         notes.append("Kernels: the output head's log-probs run in a fused Triton kernel")
     impl = dora_norm_impl(kernels, device)
     if impl is not None:

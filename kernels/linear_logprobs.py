@@ -110,5 +110,6 @@ def token_logprobs(
         require_triton(hidden, weight, targets)
         from finetune_studio.kernels import triton_linear_logprobs as tk
 
-        return tk.TritonLogprobs.apply(hidden, weight, targets, softcap, {**tk.DEFAULT_BLOCKS, **(blocks or {})})
+        defaults = {**tk.DEFAULT_BLOCKS, **(tk.FLOAT32_BLOCKS if hidden.dtype == torch.float32 else {})}
+        return tk.TritonLogprobs.apply(hidden, weight, targets, softcap, {**defaults, **(blocks or {})})
     return _ChunkedLogprobs.apply(hidden, weight, targets, chunk, softcap)

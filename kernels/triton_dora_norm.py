@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_BLOCKS = {"block_o": 64, "block_i": 128}
+# tile sizes and launch settings: first guesses, small enough for the 99 KiB of shared memory of consumer GPUs
+DEFAULT_BLOCKS = {"block_o": 64, "block_i": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def _check(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> 
         )
 
 
-def forward(weight, lora_A, lora_B, scaling, *, block_o, block_i):
+def forward(weight, lora_A, lora_B, scaling, *, block_o, block_i, num_warps=4, num_stages=2):
     out_f, in_f = weight.shape
     rank = lora_A.shape[0]
     norm = torch.empty(out_f, dtype=torch.float32, device=weight.device)
@@ -107,11 +108,14 @@ def forward(weight, lora_A, lora_B, scaling, *, block_o, block_i):
     _forward_kernel[(triton.cdiv(out_f, block_o),)](
         weight, lora_A, lora_B, norm, out_f, in_f, rank, *weight.stride(), *lora_A.stride(), *lora_B.stride(),
         scaling, R=_rank_block(rank), BLOCK_O=block_o, BLOCK_I=block_i,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     return norm
 
 
-def backward(weight, lora_A, lora_B, norm, grad, scaling, need_a, need_b, *, block_o, block_i):
+def backward(
+    weight, lora_A, lora_B, norm, grad, scaling, need_a, need_b, *, block_o, block_i, num_warps=4, num_stages=2
+):
     out_f, in_f = weight.shape
     rank = lora_A.shape[0]
     grad_a = torch.zeros(rank, in_f, dtype=torch.float32, device=weight.device) if need_a else None
@@ -122,6 +126,7 @@ def backward(weight, lora_A, lora_B, norm, grad, scaling, need_a, need_b, *, blo
             grad_a if grad_a is not None else norm, grad_b if grad_b is not None else norm,
             out_f, in_f, rank, *weight.stride(), *lora_A.stride(), *lora_B.stride(), scaling,
             NEED_A=need_a, NEED_B=need_b, R=_rank_block(rank), BLOCK_O=block_o, BLOCK_I=block_i,
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
         )  # fmt: skip
     return (
         grad_a.to(lora_A.dtype) if grad_a is not None else None,

@@ -29,6 +29,8 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 # tile sizes and launch settings (``splits``: vocabulary splits of the forward, None: enough to fill the GPU);
 # first guesses, to be tuned with benchmarks/kernels_bench.py --sweep on a GPU
 DEFAULT_BLOCKS = {"block_n": 64, "block_v": 128, "block_h": 64, "splits": None, "num_warps": 4, "num_stages": 2}
+# float32 tiles take twice the shared memory: a narrower hidden block keeps them under consumer GPUs' 99 KiB
+FLOAT32_BLOCKS = {"block_h": 32}
 
 
 @triton.jit
@@ -196,7 +198,7 @@ def forward(hidden, weight, targets, softcap, *, block_n, block_v, block_h, spli
         hidden, weight, targets, m, s, picked, n, v, h, triton.cdiv(v_blocks, n_splits) * block_v,
         *hidden.stride(), *weight.stride(), float(softcap or 1.0),
         HAS_SOFTCAP=bool(softcap), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_flags(hidden),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     lse = torch.logsumexp(m + s.log(), dim=0)
     return picked.sum(0) - lse, lse
@@ -219,7 +221,7 @@ def backward(
             n, v, h, *hidden.stride(), *weight.stride(), float(softcap or 1.0),
             NEED_H=need_h, NEED_W=need_w, HAS_SOFTCAP=bool(softcap),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_flags(hidden),
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
         )  # fmt: skip
     return (
         grad_h.to(hidden.dtype) if grad_h is not None else None,

@@ -180,3 +180,20 @@ def test_install_kernels_follows_the_config():
     assert kernel_wiring.install_kernels(model, "auto", "cpu") == []
     assert all("forward" not in layer.__dict__ for layer in kernel_wiring.dora_layers(model))
     assert len(kernel_wiring.dora_layers(model)) == 2
+
+
+def test_a_run_asking_for_triton_where_it_cannot_run_fails_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    from engine_helpers import Recorder, tiny_config, write_sft
+
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import TrainingFailed, train_run
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU and no interpreter: Triton has nowhere to run
+    rec = Recorder()
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), method="dora", kernels="triton")
+    with pytest.raises(TrainingFailed):
+        train_run(config, reporter=Reporter(extra=rec))
+    assert not rec.of("step")
+    (failed,) = rec.of("failed")
+    assert failed.kind == "config" and failed.message.startswith("Invalid config: kernels: 'triton' cannot run here")
+    assert "kernels: auto" in failed.message
