@@ -189,3 +189,31 @@ def test_patched_dora_layer_with_the_kernel_matches_peft():
     notes = kernel_wiring.install_kernels(model, "triton", DEVICE)
     assert len(notes) == 2 and "2 layers" in notes[1]
     assert all(layer.__dict__["_norm_impl"] == "triton" for layer in kernel_wiring.dora_layers(model))
+
+
+def test_a_dora_run_with_triton_kernels_follows_the_torch_run(tiny_model_dir, tmp_path):
+    from engine_helpers import Recorder, tiny_config, write_sft
+
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import train_run
+
+    data = write_sft(tmp_path / "d.jsonl")
+    losses, logs = {}, {}
+    for kernels in ("torch", "triton"):
+        rec = Recorder()
+        config = tiny_config(
+            tiny_model_dir,
+            data,
+            method="dora",
+            kernels=kernels,
+            max_steps=2,
+            batch_size=2,
+            max_length=64,
+            sample_prompts=0,
+        )
+        assert train_run(config, reporter=Reporter(extra=rec)).status == "completed"
+        losses[kernels] = rec.losses
+        logs[kernels] = " ".join(e.message for e in rec.of("log"))
+    assert "DoRA weight norms of" in logs["triton"] and "DoRA weight norms of" not in logs["torch"]
+    assert len(losses["triton"]) == 2
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
