@@ -22,7 +22,7 @@ from peft.utils.other import transpose
 from finetune_studio.core.config import ConfigError
 from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
 from finetune_studio.kernels.dora_norm import dora_weight_norm
-from finetune_studio.kernels.selection import MEASURED_FASTER, device_kind, require_triton
+from finetune_studio.kernels.selection import MEASURED_FASTER, device_kind, require_triton, triton_installed
 
 
 def logprobs_impl(kernels: str) -> str:
@@ -35,7 +35,8 @@ def dora_norm_impl(kernels: str, device: torch.device | str) -> str | None:
     if kernels == "triton":
         return "triton"
     if kernels == "auto":
-        return MEASURED_FASTER.get(("dora_norm", device_kind(device)))
+        choice = MEASURED_FASTER.get(("dora_norm", device_kind(device)))
+        return None if choice == "triton" and not triton_installed() else choice
     return None
 
 

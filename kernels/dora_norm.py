@@ -116,7 +116,7 @@ def dora_weight_norm(
     _check(weight, lora_A, lora_B)
     if impl == "auto":
         impl = "chunked"
-        if _acc_dtype(weight, lora_A, lora_B) != torch.float64:
+        if all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (weight, lora_A, lora_B)):
             impl = measured_choice("dora_norm", weight.device, "chunked")
     if impl == "torch":
         return dora_weight_norm_reference(weight, lora_A, lora_B, scaling)

@@ -81,6 +81,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 IMPLS = ("auto", "chunked", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernel takes (one for both)
 
 
 def token_logprobs(
@@ -102,7 +103,7 @@ def token_logprobs(
         raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
         impl = "chunked"
-        if hidden.dtype != torch.float64:
+        if hidden.dtype in _TRITON_DTYPES and weight.dtype == hidden.dtype:
             impl = measured_choice("linear_logprobs", hidden.device, "chunked")
     if impl == "torch":
         return token_logprobs_reference(hidden, weight, targets, softcap)

@@ -4,9 +4,9 @@
 measured faster than the PyTorch path on that kind of device; every other pair keeps the PyTorch path, so an
 unmeasured kernel stays opt-in (``impl='triton'``, or ``kernels: triton`` in the run config).
 
-Triton is imported lazily: this package imports without it. ``TRITON_INTERPRET=1`` (read by Triton when a
-kernel module is first imported) runs the kernels on CPU tensors through Triton's interpreter, which is how
-the tests check them on machines without a GPU.
+Triton is imported lazily: this package imports without it. ``TRITON_INTERPRET=1`` runs the kernels on CPU
+tensors through Triton's interpreter, which is how the tests check them on machines without a GPU; Triton reads
+it when ``@triton.jit`` decorates a kernel, so it must be set before ``triton_*`` kernel modules are imported.
 """
 
 from __future__ import annotations
@@ -29,8 +29,18 @@ def device_kind(device: torch.device | str) -> str:
 
 
 def measured_choice(kernel: str, device: torch.device | str, default: str) -> str:
-    """The implementation ``auto`` runs for ``kernel`` on ``device``: the measured-faster one, else ``default``."""
-    return MEASURED_FASTER.get((kernel, device_kind(device)), default)
+    """The implementation ``auto`` runs for ``kernel`` on ``device``: the measured-faster one where it can run
+    here (a Triton kernel needs the triton package), else ``default``. ``auto`` never fails for want of Triton."""
+    choice = MEASURED_FASTER.get((kernel, device_kind(device)), default)
+    return choice if choice != "triton" or triton_installed() else default
+
+
+def triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def interpreting() -> bool:
@@ -40,13 +50,11 @@ def interpreting() -> bool:
 
 def require_triton(*tensors: torch.Tensor) -> None:
     """Raise a clear error unless Triton can run on these tensors (a CUDA GPU, or the CPU interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_installed():
         raise RuntimeError(
             "impl='triton' needs the 'triton' package (pip install triton; PyTorch's CUDA wheels for Linux "
             "bring it along); use impl='auto' or 'torch' (run config: kernels: auto) meanwhile"
-        ) from None
+        )
     if interpreting():
         bad = [t.device.type for t in tensors if t.device.type != "cpu"]
         if bad:

@@ -93,6 +93,8 @@ def test_without_triton_the_kernels_import_and_triton_is_refused_clearly():
         "import torch\n"
         "from finetune_studio.kernels.linear_logprobs import token_logprobs\n"
         "h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])\n"
+        "from finetune_studio.kernels import selection\n"
+        "selection.MEASURED_FASTER[('linear_logprobs', 'cpu')] = 'triton'  # auto falls back without triton\n"
         "print(token_logprobs(h, w, t).shape[0])\n"
         "try:\n"
         "    token_logprobs(h, w, t, impl='triton')\n"
