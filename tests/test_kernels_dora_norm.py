@@ -199,3 +199,28 @@ def test_a_run_asking_for_triton_where_it_cannot_run_fails_before_training(tiny_
     (failed,) = rec.of("failed")
     assert failed.kind == "config" and failed.message.startswith("Invalid config: kernels: 'triton' cannot run here")
     assert "kernels: auto" in failed.message
+
+
+@pytest.mark.parametrize("method", ["dora", "qdora"])
+def test_patched_model_gives_peft_log_probs_on_the_engine_path(tiny_model_dir, method):
+    from finetune_studio.engine.adapters import add_adapters
+    from finetune_studio.engine.batches import Batch
+    from finetune_studio.engine.forward import LogprobModel
+    from finetune_studio.engine.models import load_causal_lm
+
+    cfg = TrainConfig(model=str(tiny_model_dir), method=method, lora_rank=4, lora_alpha=8)
+    base = load_causal_lm(tiny_model_dir, dtype=torch.float32, device="cpu", quantize_4bit=cfg.quantized)
+    model = add_adapters(base, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero; a trained-looking B makes the norm depend on it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    logps = LogprobModel(model)
+    want = logps(batch).logps
+    assert kernel_wiring.install_dora_norm(model, "chunked") > 0
+    got = logps(batch).logps
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert (got - logps(batch).logps).abs().max() == 0  # deterministic
