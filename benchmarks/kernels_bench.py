@@ -2,6 +2,7 @@
 
     python benchmarks/kernels_bench.py [--quick] [--sweep]      # needs a CUDA GPU and triton
     python benchmarks/kernels_bench.py --compile-check [--arch 86 90]  # no GPU needed: compiles every kernel
+    python benchmarks/kernels_bench.py --cpu [--threads 1]  # the PyTorch DoRA paths on the CPU
 
 * Output head log-probs (``token_logprobs``), bfloat16, N trained tokens through heads of real models' sizes:
   'chunked' (the default PyTorch path) against 'triton', forward alone and forward + backward, with the head
@@ -180,6 +181,65 @@ def faster_everywhere(rows: list[dict], baseline: str, metric: str) -> bool:
     return all(t["triton"] <= 0.95 * t[baseline] for t in by_case.values())
 
 
+CPU_DORA = [("SmolLM2 q_proj", 576, 576, 16), ("SmolLM2 up_proj", 1536, 576, 16), ("SmolLM2 down_proj", 576, 1536, 16)]
+
+
+def cpu_timed(fn, repeats: int, *args) -> float:
+    """Median milliseconds of ``fn(*args)`` on the CPU, after one warm-up call."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_cpu(repeats: int, tokens: int) -> list[dict]:
+    """The PyTorch paths on the CPU, float32: DoRA's norm (peft's way against 'chunked') and one DoRA layer's
+    forward + backward on ``tokens`` rows with peft's forward and with the patched one (engine.kernel_wiring)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune_studio.engine import kernel_wiring
+    from finetune_studio.kernels.dora_norm import dora_weight_norm
+
+    rows = []
+    for name, out_f, in_f, r in CPU_DORA:
+        g = torch.Generator().manual_seed(0)
+        weight = torch.randn(out_f, in_f, generator=g)
+        lora_a, lora_b = torch.randn(r, in_f, generator=g) * 0.01, torch.randn(out_f, r, generator=g) * 0.01
+
+        def norm(impl, weight=weight, lora_a=lora_a, lora_b=lora_b):
+            with torch.no_grad():
+                if impl == "peft":
+                    return peft_norm(weight, lora_a, lora_b, 2.0)
+                return dora_weight_norm(weight, lora_a, lora_b, 2.0, impl=impl)
+
+        torch.manual_seed(0)
+        layer = get_peft_model(
+            torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False)),
+            LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True, init_lora_weights=False),
+        )
+        x = torch.randn(tokens, in_f, generator=g)
+
+        def step(layer=layer, x=x):
+            layer(x).sum().backward()
+
+        peft_step = cpu_timed(step, repeats)
+        kernel_wiring.install_dora_norm(layer, "chunked")
+        rows.append(
+            {
+                "case": f"{name} {out_f}x{in_f} r{r}",
+                "norm peft ms": cpu_timed(norm, repeats, "peft"),
+                "norm chunked ms": cpu_timed(norm, repeats, "chunked"),
+                f"layer fwd+bwd N={tokens} peft ms": peft_step,
+                "layer patched ms": cpu_timed(step, repeats),
+            }
+        )
+    return rows
+
+
 # shared memory one block may use, by compute capability (CUDA programming guide): over it a launch fails
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 
@@ -244,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="also time the head kernel's tile settings on one head")
     p.add_argument("--compile-check", action="store_true", help="compile every kernel for --arch; no GPU needed")
+    p.add_argument("--cpu", action="store_true", help="time the PyTorch DoRA paths on the CPU instead")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for --cpu (default 1)")
     p.add_argument(
         "--arch", type=int, nargs="+", default=[86, 90], help="compute capabilities for --compile-check (86 90)"
     )
@@ -253,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.cpu:
+        torch.set_num_threads(args.threads)
+        print(f"CPU, {args.threads} torch thread(s), torch {torch.__version__}, median of {args.repeats}")
+        print_table(
+            "DoRA on the CPU, float32 (peft = peft's forward; chunked / patched = kernels.dora_norm)",
+            bench_cpu(args.repeats, min(args.tokens, 1024)),
+        )
+        return 0
     if not torch.cuda.is_available():
         print("No CUDA GPU here: nothing to time. The kernels' correctness is tested on the CPU through Triton's")
         print("interpreter (tests/test_kernels_triton.py); --compile-check compiles them for a GPU without one.")
