@@ -55,7 +55,9 @@ def install_kernels(model: torch.nn.Module, kernels: str, device: torch.device |
             require_triton(torch.empty(0, device=device))
         except RuntimeError as exc:
             raise ConfigError("kernels", f"'triton' cannot run here: {exc}") from None
-        notes.append("Kernels: the output head's log-probs run in a fused Triton kernel")
+        notes.append(
+            "Kernels: the output head's log-probs in the fused Triton kernel (where the head is a plain linear map)"
+        )
     impl = dora_norm_impl(kernels, device)
     if impl is not None:
         n = install_dora_norm(model, impl)
