@@ -152,15 +152,15 @@ def dora_model(dropout=0.0, seed=0):
 def run_step(model, x, seed=1):
     torch.manual_seed(seed)  # the same dropout masks in both models
     out = model(x)
-    loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters() if p.requires_grad])
     return out, dict(zip(names, grads))
 
 
-def assert_same_as_peft(impl, dropout=0.0, atol=1e-5):
-    x = torch.randn(6, 24)
-    ours, theirs = dora_model(dropout), dora_model(dropout)
+def assert_same_as_peft(impl, dropout=0.0, atol=1e-5, device="cpu"):
+    x = torch.randn(6, 24).to(device)
+    ours, theirs = dora_model(dropout).to(device), dora_model(dropout).to(device)
     assert kernel_wiring.install_dora_norm(ours, impl) == 2
     out, grads = run_step(ours, x)
     ref, ref_grads = run_step(theirs, x)
