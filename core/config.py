@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 PARALLELISMS = ("ddp", "fsdp")
 LONGEST_FIRST = ("auto", "on", "off")
+KERNELS = ("auto", "triton", "torch")
 
 
 class ConfigError(ValueError):
@@ -195,6 +196,15 @@ class TrainConfig:
         advanced=True,
     )
 
+    kernels: str = _f(
+        "auto",
+        "Fast kernels for the output head's log-probs and DoRA's weight norm: auto uses a Triton kernel only where "
+        "it was measured faster on this kind of GPU; triton forces them (CUDA GPU and the triton package); torch "
+        "keeps the PyTorch paths.",
+        advanced=True,
+        choices=KERNELS,
+    )
+
     # --- several processes (train --nproc N) ------------------------------------
     parallelism: str = _f(
         "ddp",
@@ -276,6 +286,7 @@ class TrainConfig:
         need(self.dpo_loss in DPO_LOSSES, "dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
         need(self.compute_dtype in DTYPES, "compute_dtype", f"must be one of {', '.join(DTYPES)}")
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
+        need(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         need(self.parallelism in PARALLELISMS, "parallelism", f"must be one of {', '.join(PARALLELISMS)}")
         need(
             self.longest_batch_first in LONGEST_FIRST,

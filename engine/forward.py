@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from finetune_studio.engine.batches import Batch
+from finetune_studio.engine.kernel_wiring import logprobs_impl
 from finetune_studio.engine.render import IGNORE
 from finetune_studio.kernels.linear_logprobs import token_logprobs
 
@@ -28,8 +29,9 @@ class TokenLogps:
 class LogprobModel:
     """Wraps a PEFT model (or a plain causal LM) to compute trained-token log-probs."""
 
-    def __init__(self, model):
+    def __init__(self, model, kernels: str = "auto"):
         self.model = model
+        self.impl = logprobs_impl(kernels)
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.causal_lm = causal_lm
         self.decoder: Any = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
@@ -55,10 +57,10 @@ class LogprobModel:
                 # a small share of a step once only trained positions reach it).
                 with torch.autocast("cpu", enabled=False):
                     logps = token_logprobs(
-                        selected.float(), self.head.weight.float(), targets[mask], softcap=self.softcap
+                        selected.float(), self.head.weight.float(), targets[mask], softcap=self.softcap, impl=self.impl
                     )
             else:
-                logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap)
+                logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap, impl=self.impl)
         else:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[
                 :, :-1

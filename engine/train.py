@@ -33,6 +33,7 @@ from finetune_studio.engine import (
     errors,
     guard,
     init_adapter,
+    kernel_wiring,
     memory_budget,
     pairs,
     samples,
@@ -253,6 +254,8 @@ class Recipe:
         else:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
+        for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device):
+            self.reporter.log(note)
         self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward
         if self.ranks is not None:
@@ -262,7 +265,7 @@ class Recipe:
             self.module = self.ranks.wrap(self.model, self.dtype, self.device)
             self.logps: LogprobModel | WrappedLogps = WrappedLogps(self.module)
         else:
-            self.logps = LogprobModel(self.model)
+            self.logps = LogprobModel(self.model, kernels=cfg.kernels)
         self.params = [p for p in (self.module or self.model).parameters() if p.requires_grad]
         self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
         n = len(self.train_examples)

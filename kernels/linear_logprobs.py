@@ -9,12 +9,15 @@ Callers pass only the trained positions (assistant tokens, DPO completions), so 
 the output head at all.
 
 Layering: reference (``token_logprobs_reference``) -> chunked autograd (``_ChunkedLogprobs``) ->
-public op (``token_logprobs`` with ``impl='auto'|'chunked'|'torch'``).
+public op (``token_logprobs`` with ``impl='auto'|'chunked'|'torch'|'triton'``). The Triton kernel, which fuses
+the head and the log-softmax gather, lives in ``triton_linear_logprobs`` and is imported only when chosen.
 """
 
 from __future__ import annotations
 
 import torch
+
+from finetune_studio.kernels.selection import measured_choice, require_triton
 
 DEFAULT_CHUNK = 1024
 
@@ -77,6 +80,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
 
 
+IMPLS = ("auto", "chunked", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernel takes (one for both)
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -85,11 +92,25 @@ def token_logprobs(
     impl: str = "auto",
     chunk: int = DEFAULT_CHUNK,
     softcap: float | None = None,
+    blocks: dict | None = None,
 ) -> torch.Tensor:
     """Public op. ``impl``: 'torch' (eager reference, full [N, V] float32 logits kept for backward),
-    'chunked', or 'auto' (chunked: at most ``chunk x V`` logits alive at once, none kept for backward)."""
+    'chunked' (at most ``chunk x V`` logits alive at once, none kept for backward), 'triton' (one fused
+    kernel each way, no logits in memory; CUDA, or the CPU under ``TRITON_INTERPRET=1``; ``blocks`` overrides
+    its tile sizes), or 'auto': 'triton' where ``selection.MEASURED_FASTER`` says it won on this kind of
+    device, else 'chunked'."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = "chunked"
+        if hidden.dtype in _TRITON_DTYPES and weight.dtype == hidden.dtype:
+            impl = measured_choice("linear_logprobs", hidden.device, "chunked")
     if impl == "torch":
         return token_logprobs_reference(hidden, weight, targets, softcap)
-    if impl not in ("auto", "chunked"):
-        raise ValueError(f"unknown impl {impl!r}")
+    if impl == "triton":
+        require_triton(hidden, weight, targets)
+        from finetune_studio.kernels import triton_linear_logprobs as tk
+
+        defaults = {**tk.DEFAULT_BLOCKS, **(tk.FLOAT32_BLOCKS if hidden.dtype == torch.float32 else {})}
+        return tk.TritonLogprobs.apply(hidden, weight, targets, softcap, {**defaults, **(blocks or {})})
     return _ChunkedLogprobs.apply(hidden, weight, targets, chunk, softcap)
