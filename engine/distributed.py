@@ -109,9 +109,9 @@ class Ranks:
     def barrier(self) -> None:
         dist.barrier()
 
-    def wrap(self, model, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    def wrap(self, model, dtype: torch.dtype, device: str, kernels: str = "auto") -> torch.nn.Module:
         """The PEFT ``model`` in a :class:`LogpsModule`, wrapped by DDP or sharded by FSDP2."""
-        module = LogpsModule(model)
+        module = LogpsModule(model, kernels)
         if self.parallelism == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -163,10 +163,10 @@ class LogpsModule(torch.nn.Module):
     Its forward takes the batch's tensors and returns (log-probs [N], row of each [N]).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, kernels: str = "auto"):
         super().__init__()
         self.model = model
-        self._logps = LogprobModel(model)
+        self._logps = LogprobModel(model, kernels=kernels)
 
     def forward(self, input_ids, attention_mask, labels):
         out = self._logps(Batch(input_ids, attention_mask, labels))

@@ -262,7 +262,7 @@ class Recipe:
             from finetune_studio.engine.distributed import WrappedLogps
 
             self._check_world_size()
-            self.module = self.ranks.wrap(self.model, self.dtype, self.device)
+            self.module = self.ranks.wrap(self.model, self.dtype, self.device, cfg.kernels)
             self.logps: LogprobModel | WrappedLogps = WrappedLogps(self.module)
         else:
             self.logps = LogprobModel(self.model, kernels=cfg.kernels)
