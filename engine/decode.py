@@ -85,6 +85,9 @@ def _expand_cache(cache, rows: int, capacity: int):
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")  # pre-norm decoder blocks, SwiGLU MLP, rotary q/k, no q/k norm
 
 
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), computed in float32
+
+
 def _fast_step(model, cache):
     """A decoding step for Llama-family models that runs the model's own modules (so PEFT adapter layers apply)
     with the glue written out: no mask building, no per-layer keyword plumbing, the cache buffers written directly.
@@ -113,12 +116,18 @@ def _fast_step(model, cache):
         if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    rms_norm = torch.nn.functional.rms_norm
     blocks = list(zip(inner.layers[: config.num_hidden_layers], cache.layers, strict=True))
     groups = config.num_attention_heads // config.num_key_value_heads
 
     def rotate(x, cos, sin):  # transformers' apply_rotary_pos_emb, one tensor
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def norm(module, x):  # Llama's RMSNorm as one op on float32 activations (the same numbers)
+        if x.dtype != torch.float32 or type(module).__name__ not in RMS_NORMS:
+            return module(x)
+        return rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         """``ids`` (rows, 1) -> next-token logits (rows, vocab)."""
@@ -130,7 +139,7 @@ def _fast_step(model, cache):
         for block, layer in blocks:
             attn, mlp = block.self_attn, block.mlp
             d = attn.head_dim
-            h = block.input_layernorm(x)
+            h = norm(block.input_layernorm, x)
             qkv = stacked(attn, "int8_qkv")  # one int8 matmul for q, k and v where they are plain int8 linears
             if qkv is not None:
                 q, k, v = int8_matmul(h, *qkv[:3]).split(qkv[3], dim=-1)
@@ -142,14 +151,14 @@ def _fast_step(model, cache):
             o = sdpa(q.transpose(1, 2), keys, values, scale=attn.scaling, enable_gqa=groups > 1)  # (rows, heads, 1, d)
             o = o.transpose(1, 2)  # (rows, 1, heads, d)
             x = x + attn.o_proj(o.reshape(rows, 1, -1))
-            h = block.post_attention_layernorm(x)
+            h = norm(block.post_attention_layernorm, x)
             gate_up = stacked(mlp, "int8_gate_up")
             if gate_up is not None:
                 gate, up = int8_matmul(h, *gate_up[:3]).split(gate_up[3], dim=-1)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return model.lm_head(inner.norm(x))[:, -1, :]
+        return model.lm_head(norm(inner.norm, x))[:, -1, :]
 
     return step
 
