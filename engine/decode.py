@@ -96,9 +96,8 @@ def _fast_step(model, cache):
     from finetune_studio.engine.int8 import int8_matmul, stacked
 
     preallocated = _cache_classes()[2]
-    inner = getattr(model, "model", None)
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in FAST_MODEL_TYPES or inner is None:
+    inner, config = getattr(model, "model", None), getattr(model, "config", None)
+    if config is None or inner is None or getattr(config, "model_type", None) not in FAST_MODEL_TYPES:
         return None
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return None

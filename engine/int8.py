@@ -58,7 +58,7 @@ def _stack(parent: nn.Module, fused: str, names: tuple[str, ...]) -> None:
         return
     weight = torch.cat([cast(torch.Tensor, p.int8_weight) for p in linears])  # (sum of out, in)
     scale = torch.cat([cast(torch.Tensor, p.int8_scale) for p in linears])
-    bias = None if linears[0].bias is None else torch.cat([p.bias.detach() for p in linears])  # type: ignore[union-attr]
+    bias = None if linears[0].bias is None else torch.cat([p.bias.detach() for p in linears])
     start = 0
     for p in linears:  # each projection's int8 weight: a view of its rows of the stack
         rows = slice(start, start + p.out_features)
