@@ -119,9 +119,8 @@ def _fast_step(model, cache):
     blocks = list(zip(inner.layers[: config.num_hidden_layers], cache.layers, strict=True))
     groups = config.num_attention_heads // config.num_key_value_heads
 
-    def rotate(x, cos, sin):  # transformers' apply_rotary_pos_emb, one tensor
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    def rotate(x, cos, signed_sin):  # transformers' apply_rotary_pos_emb: x*cos + cat(-x2, x1)*sin, the same numbers
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
     def norm(module, x):  # Llama's RMSNorm as one op on float32 activations (the same numbers)
         if x.dtype != torch.float32 or type(module).__name__ not in RMS_NORMS:
@@ -134,18 +133,22 @@ def _fast_step(model, cache):
         x = inner.embed_tokens(ids)  # (rows, 1, hidden)
         position = torch.full((1, 1), cache.layers[0].length, dtype=torch.long, device=ids.device)
         cos, sin = inner.rotary_emb(x, position_ids=position)  # (1, 1, head_dim)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (1, 1, 1, head_dim)
+        half = sin.shape[-1] // 2
+        cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1,1,1,d)
         for block, layer in blocks:
             attn, mlp = block.self_attn, block.mlp
             d = attn.head_dim
             h = norm(block.input_layernorm, x)
             qkv = stacked(attn, "int8_qkv")  # one int8 matmul for q, k and v where they are plain int8 linears
-            if qkv is not None:
-                q, k, v = int8_matmul(h, *qkv[:3]).split(qkv[3], dim=-1)
+            if qkv is not None:  # q and k rotated as one tensor
+                out = int8_matmul(h, *qkv[:3])
+                qk = rotate(out[..., : qkv[3][0] + qkv[3][1]].view(rows, 1, -1, d), cos, sin)
+                q, k = qk[:, :, : qkv[3][0] // d], qk[:, :, qkv[3][0] // d :]
+                v = out[..., qkv[3][0] + qkv[3][1] :]
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = rotate(q.view(rows, 1, -1, d), cos, sin)  # (rows, 1, heads, d)
-            k = rotate(k.view(rows, 1, -1, d), cos, sin).transpose(1, 2)  # (rows, kv heads, 1, d)
+                q, k = rotate(q.view(rows, 1, -1, d), cos, sin), rotate(k.view(rows, 1, -1, d), cos, sin)
+            k = k.transpose(1, 2)  # (rows, kv heads, 1, d); q: (rows, 1, heads, d)
             keys, values = layer.update(k, v.view(rows, 1, -1, d).transpose(1, 2))  # (rows, kv heads, t, d)
             o = sdpa(q.transpose(1, 2), keys, values, scale=attn.scaling, enable_gqa=groups > 1)  # (rows, heads, 1, d)
             o = o.transpose(1, 2)  # (rows, 1, heads, d)
@@ -198,7 +201,7 @@ def decode(
             picked = sampler.sample(logits, generator).tolist()  # (rows,)
             steps += 1
             tokens = [pad_id] * n
-            if rows == 1 and sampler.greedy:
+            if sampler.greedy:
                 tokens = [picked[0] if i in live else pad_id for i in range(n)]
             else:
                 for row, cand in enumerate(live):
