@@ -7,7 +7,11 @@ Both sides use the same model, CPU threads, prompt (through the chat template), 
 1 and 4 candidates; plain ``generate`` runs in float32 (the CPU's default), in this process. The worker is measured
 as a caller sees it: a real ``serve`` subprocess, time from sending the request to its final reply (JSON lines,
 streaming every 4 tokens included), with ``weights: full`` (float32, the same computation as plain ``generate``)
-and ``weights: int8`` (weight-only int8 linear layers). Each figure is the best of ``--repeats`` runs.
+and ``weights: int8`` (weight-only int8 linear layers). The worker decodes with its own loop (``engine.decode``:
+one prefill shared by the candidates, a preallocated KV cache) and sampler (``engine.sampling``: the same kept
+tokens as transformers' warpers, another random stream), so its texts differ from plain ``generate``'s for one
+seed, and candidates may end at other lengths: the figures count the new tokens each side made. Each figure is
+the best of ``--repeats`` runs.
 Besides wall-clock tokens/s, tokens per CPU-second of the generating process are printed: on a shared machine
 (see the load average) wall-clock figures mostly measure the neighbours, CPU time much less so.
 """

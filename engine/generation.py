@@ -4,10 +4,11 @@ One :class:`Session` holds a base model, its tokenizer, and any number of named 
 with PEFT (``load_adapter``), so switching adapters never reloads the base. "Base" generation runs inside
 ``disable_adapter()``: the adapter layers are really bypassed, not just scaled.
 
-:meth:`Session.generate` hands the ``n`` candidates to ``transformers``' ``generate`` as one batch (KV cache on,
-the prompt expanded ``n`` times). A streamer turns the new tokens into :class:`~core.generation.Delta` events every
-few tokens, notices stop strings and per-candidate ends, and a stopping criterion ends the loop on cancel. The
-per-step work outside the model is one ``.cpu()`` of ``n`` token ids plus a few list appends.
+:meth:`Session.generate` decodes the ``n`` candidates as one batch with :func:`engine.decode.decode` (the prompt
+run once, a preallocated KV cache, sampling without sorting the vocabulary: :mod:`engine.sampling`). A streamer
+turns the new tokens into :class:`~core.generation.Delta` events every few tokens and notices stop strings and
+per-candidate ends; the loop checks the cancel flag every step. The per-step work outside the model is one
+``.tolist()`` of ``n`` token ids plus a few list appends.
 """
 
 from __future__ import annotations
@@ -304,19 +305,14 @@ class Session:
         if cancel.is_set():
             streamer.cancelled = True
         else:
-            kwargs = generation_kwargs(req, max_new, self.eos_ids, self.tokenizer.pad_token_id)
-            from transformers import StoppingCriteriaList
+            from finetune_studio.engine.decode import decode
+            from finetune_studio.engine.sampling import Sampler
 
-            input_ids = torch.tensor([ids], device=self.device)
-            torch.manual_seed(req.seed)
-            with self._adapter_mode(adapter), torch.inference_mode():
-                self.base.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopWhen(streamer, cancel)]),
-                    **kwargs,
-                )
+            sampler = Sampler(req.temperature, req.top_k, req.top_p)
+            pad = self.tokenizer.pad_token_id
+            pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+            with self._adapter_mode(adapter):
+                decode(self.base, ids, req.n, max_new, sampler, streamer.step, req.seed, cancel, pad)
             streamer.cancelled = cancel.is_set()
         streamer.finish_all()
         elapsed = time.perf_counter() - start
@@ -353,65 +349,6 @@ def _strip_adapter_layers(model) -> None:
             setattr(parent, child, module.get_base_layer())
 
 
-def generation_kwargs(req: gp.Generate, max_new_tokens: int, eos_ids: list[int], pad_id: int | None) -> dict:
-    """The ``model.generate`` arguments for a request (also what the benchmark hands plain ``generate``)."""
-    from transformers import GenerationConfig
-
-    # Temperature, top-k and top-p are applied by SamplingFilter below (in transformers' order), not by transformers'
-    # own top-p filter, which sorts the whole vocabulary every step.
-    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if not req.greedy else {}
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=not req.greedy,
-        num_return_sequences=req.n,
-        eos_token_id=eos_ids or None,
-        pad_token_id=pad_id if pad_id is not None else (eos_ids[0] if eos_ids else None),
-        use_cache=True,
-        **sampling,
-    )
-    kwargs: dict = {"generation_config": config}
-    if not req.greedy:
-        from transformers import LogitsProcessorList
-
-        kwargs["logits_processor"] = LogitsProcessorList([SamplingFilter(req.temperature, req.top_k, req.top_p)])
-    return kwargs
-
-
-class SamplingFilter:
-    """Temperature, then top-k, then top-p on the next-token scores: transformers' warpers, in their order.
-
-    Top-p keeps token j (in descending probability) iff the mass of the tokens ranked above it is < top_p: the
-    set ``TopPLogitsWarper`` keeps, found with ``topk`` over a growing k instead of sorting the whole vocabulary
-    (at temperature <= 1 a few hundred tokens almost always hold the mass).
-    """
-
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, first_k: int = 256):
-        self.temperature = temperature
-        self.top_k = top_k
-        self.top_p = top_p
-        self.first_k = first_k
-
-    def __call__(self, input_ids, scores):
-        if self.temperature != 1.0:
-            scores = scores / self.temperature
-        vocab = scores.shape[-1]
-        if 0 < self.top_k < vocab:
-            kth = torch.topk(scores, self.top_k)[0][..., -1, None]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p >= 1.0:
-            return scores
-        probs = scores.softmax(dim=-1)  # (batch, vocab)
-        k = min(self.first_k, vocab)
-        while True:
-            top, idx = probs.topk(k, dim=-1)  # (batch, k), descending
-            if k == vocab or bool((top.sum(dim=-1) >= self.top_p).all()):
-                break
-            k = min(vocab, k * 4)
-        above = top.cumsum(dim=-1) - top  # mass ranked strictly above each token
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, above < self.top_p)
-        return scores.masked_fill(~keep, float("-inf"))
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids: list[int] = []
     for source in (getattr(model, "generation_config", None), tokenizer):
@@ -422,24 +359,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-class _StopWhen:
-    """Stopping criterion: every row on cancel; otherwise the rows the streamer saw finish (stop strings)."""
-
-    def __init__(self, streamer: CandidateStreamer, cancel: threading.Event):
-        self.streamer = streamer
-        self.cancel = cancel
-
-    def __call__(self, input_ids, scores, **kwargs):
-        n = input_ids.shape[0]
-        if self.cancel.is_set():
-            return torch.ones(n, dtype=torch.bool, device=input_ids.device)
-        if not self.streamer.any_stopped:
-            return torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-        return torch.tensor(self.streamer.stopped_mask(), dtype=torch.bool, device=input_ids.device)
-
-
 class CandidateStreamer:
-    """Receives each step's ``n`` new token ids from ``generate``; emits deltas and each candidate's Done.
+    """Receives each step's ``n`` new token ids from the decode loop; emits deltas and each candidate's Done.
 
     A candidate ends at an end-of-turn token (not part of its text) or a stop string (cut off, not part of its
     text). Deltas hold back an unfinished UTF-8 character and, when stop strings are set, the last few characters
@@ -458,19 +379,12 @@ class CandidateStreamer:
         self.counts = [0] * n
         self.sent = [""] * n  # text already sent as deltas
         self.finished = [False] * n
-        self.stop_hit = [False] * n
-        self.any_stopped = False
         self.cancelled = False
         self.every = req.stream_every
         self.hold = max((len(s) for s in req.stop), default=1) - 1
-        self._prompt_seen = False
 
-    # BaseStreamer's interface
-    def put(self, value) -> None:
-        if not self._prompt_seen:  # the first call hands over the (expanded) prompt
-            self._prompt_seen = True
-            return
-        new = value.tolist()
+    def step(self, new: list[int]) -> list[bool]:
+        """One decoding step's token for each candidate (ignored for ended ones); return which have ended."""
         for i, tid in enumerate(new):
             if self.finished[i]:
                 continue
@@ -483,19 +397,13 @@ class CandidateStreamer:
                 text = self._text(i)
                 cut = _first_stop(text, self.req.stop)
                 if cut is not None:
-                    self.stop_hit[i] = self.any_stopped = True
                     self._finish(i, "stop", text[:cut])
                     continue
                 if self.every and self.counts[i] % self.every == 0:
                     self._delta(i, text)
             elif self.every and self.counts[i] % self.every == 0:
                 self._delta(i, self._text(i))
-
-    def end(self) -> None:
-        pass
-
-    def stopped_mask(self) -> list[bool]:
-        return list(self.stop_hit)
+        return self.finished
 
     def finish_all(self) -> None:
         reason: gp.FinishReason = "cancelled" if self.cancelled else "length"
