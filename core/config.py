@@ -24,7 +24,7 @@ OBJECTIVES = ("sft", "dpo")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "bf16-mixed")
 LOSS_ON = ("assistant", "all")
 PARALLELISMS = ("ddp", "fsdp")
 LONGEST_FIRST = ("auto", "on", "off")
@@ -112,8 +112,9 @@ class TrainConfig:
     )
     compute_dtype: str = _f(
         "auto",
-        "Precision of the computation: auto picks bfloat16 on GPUs that support it, "
-        "float16 on older GPUs, float32 on the CPU.",
+        "Precision of the computation: auto picks bfloat16 on GPUs that support it, float16 on older GPUs, "
+        "float32 on the CPU. bf16-mixed multiplies by the frozen base weights in bfloat16 (stored in bfloat16) "
+        "and keeps the adapters, the residual stream, norms and the output head in float32.",
         advanced=True,
         choices=DTYPES,
     )
