@@ -83,6 +83,7 @@ class Outcome:
     model_mem_bytes: int = 0
     threads: int = 0
     note: str = ""
+    compute: str = ""  # the studio side's compute when it is not plain float32 (bf16-mixed on a fast-bf16 CPU)
 
     @property
     def tokens_per_s(self) -> float:
@@ -226,6 +227,8 @@ def studio_worker(spec: Spec) -> Outcome:
             out.losses.append(e.loss)
             if e.step == 1:
                 out.first_step_s = process_age()
+        elif isinstance(e, ev.Log) and e.message.startswith("bf16-mixed"):
+            out.compute = "bf16-mixed"
 
     train_run(engine_config(spec), reporter=Reporter(extra=on_event))
     mem.finish(out)
@@ -407,6 +410,7 @@ class Row:
     final_loss: float | None
     runs: int
     note: str = ""
+    compute: str = ""
 
 
 def summarise(outcomes: list[Outcome]) -> Row:
@@ -427,6 +431,7 @@ def summarise(outcomes: list[Outcome]) -> Row:
         ok[0].losses,
         ok[0].losses[-1],
         len(ok),
+        compute=ok[0].compute,
     )
 
 
@@ -434,8 +439,10 @@ def step_one_check(studio: Row, base: Row) -> str:
     if not studio.losses or not base.losses:
         return "no step-1 comparison: a side failed (" + (studio.note or base.note) + ")"
     a, b = studio.losses[0], base.losses[0]
-    if abs(a - b) <= 1e-4 * max(1.0, abs(b)):
-        return f"step-1 loss agrees: {a:.6f} vs {b:.6f}"
+    # bf16-mixed rounds the frozen products to bf16: step 1 moves by about 1e-3 of the loss (float32: 1e-6)
+    tol, how = (1e-2, " (studio in bf16-mixed: within bf16 rounding)") if studio.compute else (1e-4, "")
+    if abs(a - b) <= tol * max(1.0, abs(b)):
+        return f"step-1 loss agrees: {a:.6f} vs {b:.6f}{how}"
     return (
         f"step-1 loss DIFFERS: {a:.6f} vs {b:.6f}; the two sides did not train on the same tokens or weights "
         "(check the TRL version's collator and the model's dtype)"

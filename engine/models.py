@@ -187,7 +187,8 @@ def pick_device() -> str:
 def compute_dtype(name: str, device: str):
     """``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU.
 
-    ``bf16-mixed`` loads in float32; ``engine.mixed_precision`` then moves the frozen linears to bf16."""
+    ``bf16-mixed`` (and ``auto`` for training on a CPU with fast bf16, ``mixed_precision.uses_mixed``) loads in
+    float32; ``engine.mixed_precision.apply_mixed`` then moves the frozen decoder linears to bf16."""
     import torch
 
     if name == "bf16-mixed":

@@ -154,3 +154,37 @@ def test_a_short_bf16_mixed_run_learns(tiny_model_dir, tmp_path, objective):
     assert "bf16-mixed: 14 frozen linears" in logs
     if objective == "dpo":
         assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference (adapters off) at the start
+
+
+def test_a_bf16_mixed_adapter_exported_onto_the_float32_base_gives_the_trained_logits(tiny_model_dir, tmp_path):
+    """What a user gets: the adapter trained in bf16-mixed on a fresh float32 base. It differs from the trained
+    model only by the bf16 rounding of the frozen weights: far less than what training changed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune_studio.core.store import Store, new_run_id
+    from finetune_studio.engine.export import export_adapter
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import Recipe, StopFlag
+
+    config = tiny_config(
+        tiny_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=5, learning_rate=3e-2, compute_dtype="bf16-mixed"
+    )
+    run_id, run_dir = new_run_id(), tmp_path / "run"
+    run_dir.mkdir()
+    Store().create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir))
+    reporter = Reporter()
+    reporter.attach_run(Store(), run_id, run_dir)
+    recipe = Recipe(config, run_id, run_dir, Store(), reporter, StopFlag())
+    assert recipe.run(resume=False).status == "completed"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    with torch.no_grad():
+        trained = recipe.model.eval()(ids).logits.float()
+    out = export_adapter(run_id, tmp_path / "export")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_only = base(ids).logits.float()
+        exported = PeftModel.from_pretrained(base, out).eval()(ids).logits.float()
+    changed = (trained - base_only).abs().max()
+    assert changed > 0.1  # training moved the logits
+    assert (exported - trained).abs().max() < 0.05 * changed
