@@ -16,6 +16,8 @@ those products are nearly all of a step's FLOPs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -31,15 +33,16 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def uses_mixed(name: str, device: str, quantized: bool = False) -> bool:
+def uses_mixed(name: str, device: str, quantized: bool = False, distributed: bool = False) -> bool:
     """Whether a run with ``compute_dtype=name`` on ``device`` computes in bf16-mixed.
 
     Explicit ``bf16-mixed``: yes, on any device. ``auto``: on the CPU with fast bf16, for 16/32-bit bases (4-bit
-    bases keep their own dequantise-and-multiply path, unmeasured in this mode).
+    bases keep their own dequantise-and-multiply path, unmeasured in this mode) in one process (DDP / FSDP over
+    bf16 and float32 parameters side by side is untested).
     """
     if name == MIXED:
         return True
-    return name == "auto" and device == "cpu" and not quantized and cpu_has_fast_bf16()
+    return name == "auto" and device == "cpu" and not quantized and not distributed and cpu_has_fast_bf16()
 
 
 class BF16FrozenLinear(nn.Linear):
@@ -58,7 +61,7 @@ def _adapter_modules(model: nn.Module) -> set[int]:
     return out
 
 
-def apply_mixed(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+def apply_mixed(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
     """Swap every frozen plain ``nn.Linear`` of the decoder (LoRA/DoRA base layers included) for
     ``BF16FrozenLinear`` in place; the output head and embeddings stay as they are. Returns the count."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -246,7 +246,7 @@ class Recipe:
             self.model = init_adapter.load(base, self.start, cfg, with_reference=self.dpo)
         else:
             self.model = adapters.add_adapters(base, cfg)
-        if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, cfg.quantized):
+        if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, cfg.quantized, self.ranks is not None):
             self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
         self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward

@@ -342,3 +342,14 @@ def test_core_memory_imports_no_ml_stack():
     )
     done = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bf16_mixed_counts_its_frozen_linears_at_two_bytes():
+    cfg = TrainConfig(compute_dtype="bf16-mixed")
+    mixed, f32 = (estimate_training_memory(DEFAULT, c, CPU) for c in (cfg, cfg.replace(compute_dtype="float32")))
+    linears = DEFAULT.num_hidden_layers * sum(lin.in_features * lin.out_features for lin in DEFAULT.linear_layers)
+    assert mixed.base_weights == f32.base_weights - 2 * linears  # embeddings and norms stay float32
+    assert mixed.activations == f32.activations and mixed.compute_dtype == "bf16-mixed"
+    assert estimate_training_memory(DEFAULT, cfg.replace(method="qlora"), CPU).base_weights == (
+        estimate_training_memory(DEFAULT, cfg.replace(method="qlora", compute_dtype="float32"), CPU).base_weights
+    )

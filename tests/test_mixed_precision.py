@@ -8,7 +8,7 @@ from finetune_studio.engine import mixed_precision
 from finetune_studio.engine.mixed_precision import BF16FrozenLinear, apply_mixed, uses_mixed
 from finetune_studio.kernels.frozen_linear import frozen_linear, frozen_linear_reference
 
-BF16_TOL = dict(rtol=2e-2, atol=2e-2)  # bf16 keeps 8 mantissa bits: inputs and weights rounded by up to 2^-9
+BF16_TOL: dict = dict(rtol=2e-2, atol=2e-2)  # bf16 keeps 8 mantissa bits: inputs and weights rounded by up to 2^-9
 
 
 @pytest.mark.parametrize("shape", [(7, 33, 19), (2, 5, 64, 24), (1, 1, 3)])
@@ -122,7 +122,7 @@ def test_auto_picks_mixed_only_on_a_cpu_with_fast_bf16(monkeypatch):
     for fast in (True, False):
         monkeypatch.setattr(mixed_precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert uses_mixed("auto", "cpu") is fast
-        assert not uses_mixed("auto", "cpu", quantized=True)
+        assert not uses_mixed("auto", "cpu", quantized=True) and not uses_mixed("auto", "cpu", distributed=True)
         assert not uses_mixed("auto", "cuda") and not uses_mixed("float32", "cpu")
         assert not uses_mixed("bfloat16", "cpu")
         assert uses_mixed("bf16-mixed", "cpu") and uses_mixed("bf16-mixed", "cuda")
