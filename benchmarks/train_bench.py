@@ -64,6 +64,7 @@ class Spec:
     threads: int = 1
     device: str = "cpu"
     dataset: str = ""  # empty: the demo SFT or preference file
+    compute_dtype: str = "auto"  # the studio side's (auto: bf16-mixed on a CPU with AVX-512 BF16 / AMX)
 
 
 @dataclass
@@ -120,6 +121,7 @@ def engine_config(spec: Spec):
         eval_every=0,
         checkpoint_every=0,
         num_threads=spec.threads,
+        compute_dtype=spec.compute_dtype,
     )
 
 
@@ -128,10 +130,10 @@ def data_stream(spec: Spec, tokenizer) -> list[list]:
     ``Sampler``): what both sides train on."""
     from finetune_studio.engine.batches import Sampler
     from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe
+    from finetune_studio.engine.train import Recipe, StopFlag
 
     cfg = engine_config(spec)
-    recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), None)
+    recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), StopFlag())
     recipe.tokenizer = tokenizer
     examples, _ = recipe._prepare_data()
     sampler = Sampler(len(examples), cfg.batch_size, cfg.seed)
@@ -332,7 +334,7 @@ def baseline_worker(spec: Spec) -> Outcome:
         from trl import SFTConfig, SFTTrainer
 
         data = Dataset.from_list(
-            [{"input_ids": t.input_ids, "assistant_masks": [int(x != IGNORE) for x in t.labels]} for t in rows]
+            [{"input_ids": list(t.input_ids), "assistant_masks": [int(x != IGNORE) for x in t.labels]} for t in rows]
         )
         trainer = recording(SFTTrainer)(
             model=model,
@@ -346,12 +348,9 @@ def baseline_worker(spec: Spec) -> Outcome:
 
         def pair_row(p):
             n = sum(1 for x in p.chosen.labels if x == IGNORE)  # the shared prompt
-            assert p.chosen.input_ids[:n] == p.rejected.input_ids[:n]
-            return {
-                "prompt_ids": p.chosen.input_ids[:n],
-                "chosen_ids": p.chosen.input_ids[n:],
-                "rejected_ids": p.rejected.input_ids[n:],
-            }
+            chosen, rejected = list(p.chosen.input_ids), list(p.rejected.input_ids)  # the engine keeps array('i')
+            assert chosen[:n] == rejected[:n]
+            return {"prompt_ids": chosen[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
         trainer = recording(DPOTrainer)(
             model=model,
@@ -497,6 +496,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--model", default="default", help="'default' (the bundled model) or a model folder")
+    ap.add_argument("--compute-dtype", default="auto", help="the studio side's compute_dtype (TrainConfig)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker run")
     ap.add_argument("--save", help="also write the JSON rows to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -549,6 +549,7 @@ def main(argv=None) -> int:
                         learning_rate=args.lr,
                         threads=args.threads,
                         device=args.device,
+                        compute_dtype=args.compute_dtype,
                     )
                     t0 = time.perf_counter()
                     o = run_worker(spec, args.timeout)
