@@ -171,7 +171,8 @@ def curve(args) -> dict:
     from finetune_studio.engine.batches import make_batch
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [("float32", s) for s in seeds] + [("bf16-mixed", s) for s in seeds[: args.mixed_seeds]]
+    runs = [("float32", s) for s in seeds] * ("float32" in args.dtypes)
+    runs += [("bf16-mixed", s) for s in seeds[: args.mixed_seeds]] * ("bf16-mixed" in args.dtypes)
     out = {}
     for dtype, seed in runs:
         recipe = make_recipe(args.objective, dtype, seed)
@@ -184,9 +185,11 @@ def curve(args) -> dict:
         label = f"{dtype} seed {seed}"
         out[label] = {"losses": losses, "step_s": sum(times) / len(times)}
         print(
-            f"  {label:<22} mean step {sum(times) / len(times):5.2f} s; losses {' '.join(f'{x:.3f}' for x in losses)}",
+            f"  {label:<22} mean step {sum(times) / len(times):5.2f} s; losses {' '.join(f'{x:.4f}' for x in losses)}",
             flush=True,
         )
+        if args.json:  # after every run: a long check that is stopped keeps what it measured
+            Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
     return out
 
 
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="default: 6 (variants), 20 (curve)")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--mixed-seeds", type=int, default=1, help="how many of the seeds also run bf16-mixed")
+    ap.add_argument("--dtypes", default="float32,bf16-mixed", help="curve: which computes to run")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     args.steps = args.steps or (6 if args.what == "variants" else 20)
