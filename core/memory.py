@@ -32,8 +32,9 @@ from finetune_studio.core.model_spec import SpecKind, cached_snapshot, parse_spe
 from finetune_studio.core.paths import resources_dir
 
 GIB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16-mixed": 4}  # bf16-mixed: float32 activations
-MIXED_LINEAR_BYTES = 2  # bf16-mixed stores the frozen decoder linears' weights in bfloat16
+# bf16-mixed: float32 activations; its frozen linears are loaded in float32 and only then stored in bf16, so the
+# float32 weights are its peak (the freed pages stay in the process's heap for the activations).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16-mixed": 4}
 ADAPTER_BYTES = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype)
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes 4-bit blocks; double quantisation groups 256 absmaxes
 BNB_8BIT_MIN_SIZE, BNB_8BIT_BLOCK = 4096, 256  # 8-bit optimizers keep 32-bit state for small tensors
@@ -410,8 +411,8 @@ class FitVerdict:
 def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
     """auto -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 on the CPU.
 
-    On a CPU with fast bf16 the engine's ``auto`` computes in bf16-mixed (``engine.mixed_precision``), whose
-    frozen linears take 2 bytes instead of 4: the float32 figure is its upper bound (and the peak while loading)."""
+    On a CPU with fast bf16 the engine's ``auto`` trains LoRA/DoRA in bf16-mixed (``engine.mixed_precision``):
+    loaded in float32, so counted as float32 (``DTYPE_BYTES``)."""
     if config.compute_dtype != "auto":
         return config.compute_dtype
     if device.kind == "cpu":
@@ -576,8 +577,6 @@ def estimate_training_memory(
         trainable = counts.trainable_params
         total_params = counts.total_params
         base = meta_base_weight_bytes(counts, config.quantized, b)
-        if dtype == "bf16-mixed" and not config.quantized:
-            base -= (b - MIXED_LINEAR_BYTES) * counts.quantizable_params
         optimizer = counts.optimizer_8bit_bytes if config.optimizer.endswith("8bit") else 8 * trainable
         if shape.approximate:
             notes = [f"{shape.architecture}: parameters counted exactly, activations approximated (Llama formula)"]
@@ -585,9 +584,6 @@ def estimate_training_memory(
         trainable = trainable_params(shape, config)
         total_params = shape.parameter_count + trainable
         base = base_weight_bytes(shape, config.quantized, b)
-        if dtype == "bf16-mixed" and not config.quantized:
-            linears = sum(lin.in_features * lin.out_features for lin in shape.linear_layers)
-            base -= (b - MIXED_LINEAR_BYTES) * shape.num_hidden_layers * linears
         optimizer = optimizer_bytes(shape, config)
     if shape.max_position_embeddings and config.max_length > shape.max_position_embeddings:
         notes.append(

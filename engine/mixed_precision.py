@@ -7,9 +7,9 @@ layer's output and casts the sum back to the base output's dtype, so under autoc
 
 This mode keeps the model in float32 (adapters, DoRA magnitudes and norms, the sum with the base output, the
 residual stream, RMSNorm, attention, the output head) and only swaps the frozen decoder linears for
-``BF16FrozenLinear``: the weight stored in bfloat16 (half the memory) and ``kernels.frozen_linear`` for the
-product (x rounded to bf16, bf16 GEMM, float32 out; its backward gives grad_x the same way). For the default model
-those products are nearly all of a step's FLOPs.
+``BF16FrozenLinear``: the weight stored in bfloat16 (converted after a float32 load) and ``kernels.frozen_linear``
+for the product (x rounded to bf16, bf16 GEMM, float32 out; its backward gives grad_x the same way). For the
+default model those products are nearly all of a step's FLOPs.
 
 ``auto`` picks it on a CPU with AVX-512 BF16 or AMX (``uses_mixed``); elsewhere the CPU stays float32.
 """
