@@ -344,7 +344,6 @@ def test_core_memory_imports_no_ml_stack():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-
 def test_bf16_mixed_is_counted_like_float32():
     """The engine loads bf16-mixed's base in float32 and stores the frozen linears in bf16 only afterwards: the
     float32 weights are the peak, and activations are float32."""
