@@ -24,7 +24,7 @@ OBJECTIVES = ("sft", "dpo")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "bf16-mixed")
 LOSS_ON = ("assistant", "all")
 PARALLELISMS = ("ddp", "fsdp")
 LONGEST_FIRST = ("auto", "on", "off")
@@ -113,8 +113,10 @@ class TrainConfig:
     )
     compute_dtype: str = _f(
         "auto",
-        "Precision of the computation: auto picks bfloat16 on GPUs that support it, "
-        "float16 on older GPUs, float32 on the CPU.",
+        "Precision of the computation: auto picks bfloat16 on GPUs that support it, float16 on older GPUs, "
+        "bf16-mixed on CPUs with AVX-512 BF16 or AMX (LoRA/DoRA), float32 on other CPUs. bf16-mixed multiplies "
+        "by the frozen base weights in bfloat16 (stored in bfloat16, about 2x faster there) and keeps the adapters, "
+        "the residual stream, norms, attention and the output head in float32, so it learns like float32.",
         advanced=True,
         choices=DTYPES,
     )

@@ -32,7 +32,9 @@ from finetune_studio.core.model_spec import SpecKind, cached_snapshot, parse_spe
 from finetune_studio.core.paths import resources_dir
 
 GIB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bf16-mixed: float32 activations; its frozen linears are loaded in float32 and only then stored in bf16, so the
+# float32 weights are its peak (the freed pages stay in the process's heap for the activations).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16-mixed": 4}
 ADAPTER_BYTES = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype)
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes 4-bit blocks; double quantisation groups 256 absmaxes
 BNB_8BIT_MIN_SIZE, BNB_8BIT_BLOCK = 4096, 256  # 8-bit optimizers keep 32-bit state for small tensors
@@ -407,7 +409,10 @@ class FitVerdict:
 
 
 def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
-    """auto -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 on the CPU."""
+    """auto -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 on the CPU.
+
+    On a CPU with fast bf16 the engine's ``auto`` trains LoRA/DoRA in bf16-mixed (``engine.mixed_precision``):
+    loaded in float32, so counted as float32 (``DTYPE_BYTES``)."""
     if config.compute_dtype != "auto":
         return config.compute_dtype
     if device.kind == "cpu":

@@ -185,9 +185,14 @@ def pick_device() -> str:
 
 
 def compute_dtype(name: str, device: str):
-    """``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU."""
+    """``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU.
+
+    ``bf16-mixed`` (and ``auto`` for training on a CPU with fast bf16, ``mixed_precision.uses_mixed``) loads in
+    float32; ``engine.mixed_precision.apply_mixed`` then moves the frozen decoder linears to bf16."""
     import torch
 
+    if name == "bf16-mixed":
+        return torch.float32
     if name != "auto":
         return getattr(torch, name)
     if device == "cuda":

@@ -35,6 +35,7 @@ from finetune_studio.engine import (
     init_adapter,
     kernel_wiring,
     memory_budget,
+    mixed_precision,
     pairs,
     samples,
 )
@@ -254,6 +255,8 @@ class Recipe:
         else:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
+        if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, cfg.quantized, self.ranks is not None):
+            self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
         for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device):
             self.reporter.log(note)
         self._stop_point()

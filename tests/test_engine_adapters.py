@@ -47,7 +47,8 @@ def _trained_recipe(model_dir, tmp_path, **kw) -> Recipe:
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merged_weights_give_the_unmerged_logits(tiny_model_dir, tmp_path, method):
-    recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method)
+    # float32: under bf16-mixed (auto on a fast-bf16 CPU) the frozen weights are bf16 and a merge rounds to bf16
+    recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method, compute_dtype="float32")
     model = recipe.model.eval()
     with torch.no_grad():
         unmerged = model(IDS).logits.clone()
@@ -66,7 +67,8 @@ def test_exported_adapter_loaded_by_peft_gives_the_engines_logits(tiny_model_dir
 
     from finetune_studio.engine.export import export_adapter
 
-    recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method)
+    # float32 (bf16-mixed trains on bf16-rounded frozen weights: tests/test_mixed_precision.py checks its export)
+    recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method, compute_dtype="float32")
     with torch.no_grad():
         engine_logits = recipe.model.eval()(IDS).logits.float()
     out = export_adapter(recipe.run_id, tmp_path / "export")

@@ -90,8 +90,13 @@ def test_the_reference_is_base_plus_starting_adapter_not_the_bare_base(tiny_mode
     from finetune_studio.engine.models import load_causal_lm
     from finetune_studio.engine.train import Recipe
 
-    config = tiny_config(
-        tiny_model_dir, write_dpo(tmp_path / "p.jsonl"), objective="dpo", init_adapter=sft_run.run_id, max_steps=2
+    config = tiny_config(  # float32: the exact comparison with a float32 base (bf16-mixed rounds the base weights)
+        tiny_model_dir,
+        write_dpo(tmp_path / "p.jsonl"),
+        objective="dpo",
+        init_adapter=sft_run.run_id,
+        max_steps=2,
+        compute_dtype="float32",
     )
     store = Store()
     run_id = store.create_run(config.to_dict(), run_dir=str(tmp_path / "run"))

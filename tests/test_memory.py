@@ -342,3 +342,12 @@ def test_core_memory_imports_no_ml_stack():
     )
     done = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bf16_mixed_is_counted_like_float32():
+    """The engine loads bf16-mixed's base in float32 and stores the frozen linears in bf16 only afterwards: the
+    float32 weights are the peak, and activations are float32."""
+    cfg = TrainConfig(compute_dtype="bf16-mixed")
+    mixed, f32 = (estimate_training_memory(DEFAULT, c, CPU) for c in (cfg, cfg.replace(compute_dtype="float32")))
+    assert mixed.compute_dtype == "bf16-mixed" and mixed.base_weights == 4 * DEFAULT.parameter_count
+    assert mixed.total_bytes == f32.total_bytes

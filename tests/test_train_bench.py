@@ -14,7 +14,15 @@ def test_engine_and_trl_agree_step_by_step(tiny_model_dir, tmp_path, objective):
 
     def run(impl):
         spec = train_bench.Spec(
-            impl, "lora", objective, str(tiny_model_dir), steps=2, max_length=64, lora_rank=4, dataset=str(data)
+            impl,
+            "lora",
+            objective,
+            str(tiny_model_dir),
+            steps=2,
+            max_length=64,
+            lora_rank=4,
+            dataset=str(data),
+            compute_dtype="float32",  # the exact comparison (auto is bf16-mixed on a fast-bf16 CPU)
         )
         return (train_bench.studio_worker if impl == "studio" else train_bench.baseline_worker)(spec)
 
