@@ -10,6 +10,7 @@ from finetune_studio.core import generation as gp
 def test_every_request_round_trips():
     requests = [
         gp.LoadModel(id="1", model="default", dtype="float32", weights="int8"),
+        gp.LoadModel(id="1b", model="default", weights="int4"),
         gp.AttachAdapter(id="2", name="sft", source="20260101-000000-abcdef", checkpoint=50),
         gp.SetActive(id="3", adapter=gp.BASE),
         gp.DetachAdapter(id="4", name="sft"),
@@ -59,7 +60,7 @@ def test_every_reply_round_trips():
         ({"type": "generate", "prompt": "x", "stop": [""]}, "stop"),
         ({"type": "generate", "messages": [{"role": "user"}]}, "content"),
         ({"type": "attach", "name": "a"}, "source"),
-        ({"type": "load", "weights": "int4"}, "weights"),
+        ({"type": "load", "weights": "int2"}, "weights"),
         ({"type": "fly"}, "unknown request type"),
     ],
 )
