@@ -10,7 +10,6 @@ from finetune_studio.core import generation as gp
 def test_every_request_round_trips():
     requests = [
         gp.LoadModel(id="1", model="default", dtype="float32", weights="int8"),
-        gp.LoadModel(id="1b", model="default", weights="int4"),
         gp.AttachAdapter(id="2", name="sft", source="20260101-000000-abcdef", checkpoint=50),
         gp.SetActive(id="3", adapter=gp.BASE),
         gp.DetachAdapter(id="4", name="sft"),
@@ -19,6 +18,7 @@ def test_every_request_round_trips():
         gp.Cancel(id="7", target="5"),
         gp.Unload(id="8"),
         gp.Shutdown(id="9"),
+        gp.LoadModel(id="10", model="default", weights="int4"),
     ]
     for req in requests:
         line = req.to_json()
