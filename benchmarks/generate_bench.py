@@ -1,17 +1,17 @@
 """New tokens per second: the generation worker (``engine serve``) against plain transformers ``generate``.
 
     python benchmarks/generate_bench.py [--model default] [--threads 1] [--new-tokens 48] [--repeats 2]
-                                        [--weights full int8]
+                                        [--weights full int8 int4]
 
 Both sides use the same model, CPU threads, prompt (through the chat template), sampling settings and seed, for
 1 and 4 candidates; plain ``generate`` runs in float32 (the CPU's default), in this process. The worker is measured
 as a caller sees it: a real ``serve`` subprocess, time from sending the request to its final reply (JSON lines,
-streaming every 4 tokens included), with ``weights: full`` (float32, the same computation as plain ``generate``)
-and ``weights: int8`` (weight-only int8 linear layers). The worker decodes with its own loop (``engine.decode``:
-one prefill shared by the candidates, a preallocated KV cache) and sampler (``engine.sampling``: the same kept
-tokens as transformers' warpers, another random stream), so its texts differ from plain ``generate``'s for one
-seed, and candidates may end at other lengths: the figures count the new tokens each side made. Each figure is
-the best of ``--repeats`` runs.
+streaming every 4 tokens included), with ``weights: full`` (float32, the same computation as plain ``generate``),
+``weights: int8`` (weight-only int8 linear layers) and ``weights: int4`` (group-wise int4, the head int8). The
+worker decodes with its own loop (``engine.decode``: one prefill shared by the candidates, a preallocated KV
+cache) and sampler (``engine.sampling``: the same kept tokens as transformers' warpers, another random stream),
+so its texts differ from plain ``generate``'s for one seed, and candidates may end at other lengths: the figures
+count the new tokens each side made. Each figure is the best of ``--repeats`` runs.
 Besides wall-clock tokens/s, tokens per CPU-second of the generating process are printed: on a shared machine
 (see the load average) wall-clock figures mostly measure the neighbours, CPU time much less so.
 """
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--weights", nargs="+", default=["full", "int8"], choices=["full", "int8"])
+    parser.add_argument("--weights", nargs="+", default=["full", "int8"], choices=["full", "int8", "int4"])
     parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args(argv)
 

@@ -87,8 +87,9 @@ class LoadModel(Request):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantize_4bit: bool = False  # NF4 base (the one a QLoRA adapter was trained on); CUDA only
     # "int8": weight-only int8 copies of the linear layers for faster CPU decoding (outputs close to, not
-    # equal to, full precision). "full": the weights as loaded.
-    weights: Literal["full", "int8"] = "full"
+    # equal to, full precision). "int4": group-wise int4 (int8 for the output head and where int4 does not fit):
+    # faster still, further from full precision. "full": the weights as loaded.
+    weights: Literal["full", "int8", "int4"] = "full"
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -96,7 +97,10 @@ class LoadModel(Request):
         _check(isinstance(self.model, str) and self.model.strip() != "", "load: 'model' must name a model")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"load: unknown dtype {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"load: unknown device {self.device!r}")
-        _check(self.weights in ("full", "int8"), f"load: 'weights' must be 'full' or 'int8', not {self.weights!r}")
+        _check(
+            self.weights in ("full", "int8", "int4"),
+            f"load: 'weights' must be 'full', 'int8' or 'int4', not {self.weights!r}",
+        )
 
 
 @dataclass(frozen=True)

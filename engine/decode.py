@@ -93,6 +93,7 @@ def _fast_step(model, cache):
     with the glue written out: no mask building, no per-layer keyword plumbing, the cache buffers written directly.
     The same operations as transformers' forward (the same logits); None where the model does not fit.
     """
+    from finetune_studio.engine.int4 import int4_matmul, stacked_int4
     from finetune_studio.engine.int8 import int8_matmul, stacked
 
     preallocated = _cache_classes()[2]
@@ -127,6 +128,15 @@ def _fast_step(model, cache):
             return module(x)
         return rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
 
+    def fused(parent, name: str):  # (h -> stacked product, output sizes): int8 or int4; None where not stacked
+        s8 = stacked(parent, f"int8_{name}")
+        if s8 is not None:
+            return (lambda h: int8_matmul(h, *s8[:3])), s8[3]
+        s4 = stacked_int4(parent, f"int4_{name}")
+        if s4 is not None:
+            return (lambda h: int4_matmul(h, *s4[:4])), s4[4]
+        return None
+
     def step(ids: torch.Tensor) -> torch.Tensor:
         """``ids`` (rows, 1) -> next-token logits (rows, vocab)."""
         rows = ids.shape[0]
@@ -139,12 +149,12 @@ def _fast_step(model, cache):
             attn, mlp = block.self_attn, block.mlp
             d = attn.head_dim
             h = norm(block.input_layernorm, x)
-            qkv = stacked(attn, "int8_qkv")  # one int8 matmul for q, k and v where they are plain int8 linears
+            qkv = fused(attn, "qkv")  # one int8/int4 matmul for q, k and v where they are plain quantised linears
             if qkv is not None:  # q and k rotated as one tensor
-                out = int8_matmul(h, *qkv[:3])
-                qk = rotate(out[..., : qkv[3][0] + qkv[3][1]].view(rows, 1, -1, d), cos, sin)
-                q, k = qk[:, :, : qkv[3][0] // d], qk[:, :, qkv[3][0] // d :]
-                v = out[..., qkv[3][0] + qkv[3][1] :]
+                out, sizes = qkv[0](h), qkv[1]
+                qk = rotate(out[..., : sizes[0] + sizes[1]].view(rows, 1, -1, d), cos, sin)
+                q, k = qk[:, :, : sizes[0] // d], qk[:, :, sizes[0] // d :]
+                v = out[..., sizes[0] + sizes[1] :]
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
                 q, k = rotate(q.view(rows, 1, -1, d), cos, sin), rotate(k.view(rows, 1, -1, d), cos, sin)
@@ -154,9 +164,9 @@ def _fast_step(model, cache):
             o = o.transpose(1, 2)  # (rows, 1, heads, d)
             x = x + attn.o_proj(o.reshape(rows, 1, -1))
             h = norm(block.post_attention_layernorm, x)
-            gate_up = stacked(mlp, "int8_gate_up")
+            gate_up = fused(mlp, "gate_up")
             if gate_up is not None:
-                gate, up = int8_matmul(h, *gate_up[:3]).split(gate_up[3], dim=-1)
+                gate, up = gate_up[0](h).split(gate_up[1], dim=-1)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)

@@ -133,11 +133,15 @@ class Session:
             raise GenerationError("model", "device 'cuda' was asked for, but torch sees no CUDA GPU here")
         if req.quantize_4bit and device != "cuda":
             raise GenerationError("model", "a 4-bit (QLoRA) base needs a CUDA GPU for generation; load it unquantised")
-        if req.weights == "int8":
+        if req.weights in ("int8", "int4"):
+            from finetune_studio.engine.int4 import int4_available
             from finetune_studio.engine.int8 import int8_available
 
-            if device != "cpu" or req.quantize_4bit or not int8_available():
-                raise GenerationError("model", "weights 'int8' is a CPU speed-up (not for a GPU or a 4-bit base)")
+            available = int8_available() and (req.weights == "int8" or int4_available())
+            if device != "cpu" or req.quantize_4bit or not available:
+                raise GenerationError(
+                    "model", f"weights {req.weights!r} is a CPU speed-up (not for a GPU or a 4-bit base)"
+                )
         self.unload()
         try:
             folder = resolve_model(req.model, options)
@@ -149,6 +153,10 @@ class Session:
                 from finetune_studio.engine.int8 import quantize_linears_int8
 
                 quantize_linears_int8(model)  # bfloat16 inside the int8 matmul (its fast path), float32 around it
+            elif req.weights == "int4":
+                from finetune_studio.engine.int4 import quantize_linears_int4
+
+                quantize_linears_int4(model)  # int4 groups of 32, the head int8; bfloat16 products
         except ModelError as exc:
             raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
         except Exception as exc:  # a broken folder raises whatever its reader raises

@@ -33,17 +33,27 @@ def quantize_linears_int8(model: nn.Module, compute_dtype: torch.dtype = torch.b
     for module in model.modules():
         if type(module) is not nn.Linear:  # adapter layers (peft) wrap a Linear; their base layer is converted
             continue
-        w = module.weight.detach().float()  # (out, in)
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        module.register_buffer("int8_weight", q, persistent=False)
-        module.register_buffer("int8_scale", scale.to(compute_dtype), persistent=False)
-        module.forward = types.MethodType(_int8_forward, module)  # type: ignore[method-assign]
+        quantize_linear_int8(module, compute_dtype)
         count += 1
+    stack_int8_groups(model)
+    return count
+
+
+def quantize_linear_int8(module: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Give one ``nn.Linear`` its int8 weight and the int8 forward."""
+    w = module.weight.detach().float()  # (out, in)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    module.register_buffer("int8_weight", q, persistent=False)
+    module.register_buffer("int8_scale", scale.to(compute_dtype), persistent=False)
+    module.forward = types.MethodType(_int8_forward, module)  # type: ignore[method-assign]
+
+
+def stack_int8_groups(model: nn.Module) -> None:
+    """Stack the int8 projections that read one input (:data:`GROUPS`) in every module of ``model``."""
     for module in model.modules():
         for fused, names in GROUPS.items():
             _stack(module, fused, names)
-    return count
 
 
 GROUPS = {"int8_qkv": ("q_proj", "k_proj", "v_proj"), "int8_gate_up": ("gate_proj", "up_proj")}

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from finetune_studio.engine.decode import _expand_cache, _fast_step, decode
+from finetune_studio.engine.int4 import quantize_linears_int4
 from finetune_studio.engine.int8 import quantize_linears_int8
 from finetune_studio.engine.sampling import Sampler
 
@@ -49,7 +50,9 @@ def test_greedy_is_transformers_greedy_generate(model):
 def test_the_fast_step_gives_the_models_own_logits(model, tiny_model_dir):
     int8 = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     quantize_linears_int8(int8)  # q/k/v and gate/up stacked into one int8 matmul each in the fast step
-    for m in (model, int8):
+    int4 = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    quantize_linears_int4(int4)  # the same with int4 stacks (and an int8 head)
+    for m in (model, int8, int4):
         with torch.inference_mode():
             out = m(input_ids=torch.tensor([PROMPT]), cache=DynamicCache(config=m.config), use_cache=True)
             fast_cache = _expand_cache(out.cache, 3, 40)

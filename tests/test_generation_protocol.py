@@ -18,6 +18,7 @@ def test_every_request_round_trips():
         gp.Cancel(id="7", target="5"),
         gp.Unload(id="8"),
         gp.Shutdown(id="9"),
+        gp.LoadModel(id="10", model="default", weights="int4"),
     ]
     for req in requests:
         line = req.to_json()
@@ -59,7 +60,7 @@ def test_every_reply_round_trips():
         ({"type": "generate", "prompt": "x", "stop": [""]}, "stop"),
         ({"type": "generate", "messages": [{"role": "user"}]}, "content"),
         ({"type": "attach", "name": "a"}, "source"),
-        ({"type": "load", "weights": "int4"}, "weights"),
+        ({"type": "load", "weights": "int2"}, "weights"),
         ({"type": "fly"}, "unknown request type"),
     ],
 )

@@ -263,6 +263,17 @@ def test_int8_weights_generate_and_take_adapters(worker, tiny_model_dir, adapter
     assert _final(worker, gp.LoadModel(id="full-again", model=str(tiny_model_dir))).type == "loaded"
 
 
+def test_int4_weights_generate_and_take_adapters(worker, tiny_model_dir, adapters):
+    loaded = _final(worker, gp.LoadModel(id="q4", model=str(tiny_model_dir), weights="int4", device="cpu"))
+    assert isinstance(loaded, gp.Loaded) and loaded.weights == "int4", loaded
+    base = _texts(_generate(worker, "q4-base", temperature=0, max_new_tokens=12))
+    assert _final(worker, gp.AttachAdapter(id="q4-at", name="a", source=str(adapters["a"]))).type == "adapter"
+    tuned = _texts(_generate(worker, "q4-a", temperature=0, max_new_tokens=12))
+    assert base[0] and tuned != base
+    assert _texts(_generate(worker, "q4-base2", adapter="", temperature=0, max_new_tokens=12)) == base
+    assert _final(worker, gp.LoadModel(id="full-again4", model=str(tiny_model_dir))).type == "loaded"
+
+
 def test_a_killed_worker_is_seen_at_once_and_a_new_one_answers(tiny_model_dir):
     with GenerationClient(threads=1) as client:
         first = client.start()
