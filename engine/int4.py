@@ -79,7 +79,8 @@ def quantize_linears_int4(
         raise ValueError(f"int4: group size must be one of {GROUP_SIZES}, not {group_size}")
     if head not in ("int4", "int8"):
         raise ValueError(f"int4: head must be 'int4' or 'int8', not {head!r}")
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     four = eight = 0
     for module in model.modules():
         if type(module) is not nn.Linear:  # adapter layers (peft) wrap a Linear; their base layer is converted
@@ -92,7 +93,7 @@ def quantize_linears_int4(
         module.register_buffer("int4_codes", codes, persistent=False)  # kept for stacking, dropped after
         module.register_buffer("int4_weight", pack_int4(codes), persistent=False)
         module.register_buffer("int4_scales_zeros", scales_zeros.to(compute_dtype), persistent=False)
-        module.int4_group_size = group_size
+        setattr(module, "int4_group_size", group_size)  # noqa: B010 (an attribute, not a submodule)
         module.forward = types.MethodType(_int4_forward, module)  # type: ignore[method-assign]
         four += 1
     for module in model.modules():
@@ -120,7 +121,7 @@ def _stack(parent: nn.Module, fused: str, names: tuple[str, ...]) -> None:
     start = 0
     for p in linears:  # a view of the stack's rows where the packing of those rows is the projection's own
         rows = slice(start, start + p.out_features)
-        if torch.equal(weight[rows], p.int4_weight):
+        if torch.equal(weight[rows], cast(torch.Tensor, p.int4_weight)):
             p.register_buffer("int4_weight", weight[rows], persistent=False)
         start += p.out_features
     parent.register_buffer(f"{fused}_weight", weight, persistent=False)
@@ -162,4 +163,4 @@ def int4_matmul(
 
 def _int4_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, scales_zeros = cast(torch.Tensor, self.int4_weight), cast(torch.Tensor, self.int4_scales_zeros)
-    return int4_matmul(x, weight, scales_zeros, self.int4_group_size, self.bias)
+    return int4_matmul(x, weight, scales_zeros, int(getattr(self, "int4_group_size")), self.bias)  # noqa: B009
