@@ -54,6 +54,9 @@ _KNOWN = {
     "Phi3ForCausalLM": (2, False, False, True, False),
 }
 _EXACT = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# Architectures whose MLP and RMSNorm the engine swaps for kernels' fused ops when ``fused_ops`` is on
+# (engine.patching): layer_activation_bytes counts what those ops save.
+FUSED_OPS_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _ALIASES = (
     ("hidden_size", "n_embd"),
     ("num_hidden_layers", "n_layer"),

@@ -35,6 +35,7 @@ from finetune_studio.engine import (
     init_adapter,
     memory_budget,
     pairs,
+    patching,
     samples,
 )
 from finetune_studio.engine.batches import Sampler, make_batch
@@ -245,6 +246,7 @@ class Recipe:
             self.model = init_adapter.load(base, self.start, cfg, with_reference=self.dpo)
         else:
             self.model = adapters.add_adapters(base, cfg)
+        patching.apply_memory_patches(self.model, cfg.fused_ops)  # Llama-family: ops that save less for backward
         self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward
         if self.ranks is not None:

@@ -1,0 +1,135 @@
+"""Memory patches: a supported model's MLP and RMSNorm forwards swapped for ``kernels``' fused ops.
+
+``apply_memory_patches(model)`` rebinds, on each module instance of a Llama-family model (``core.memory
+.FUSED_OPS_ARCHITECTURES``; SmolLM2 is a ``LlamaForCausalLM``), never on the classes (another model in the process
+is untouched):
+
+- every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row);
+- every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too);
+- and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
+  them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
+  are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
+
+The LoRA/DoRA linears stay PEFT's modules and compute as before; losses and gradients are those of the unpatched
+model (tests/test_memory_patches.py). Other architectures: nothing changes (a log line says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+from finetune_studio.core.memory import FUSED_OPS_ARCHITECTURES
+from finetune_studio.kernels.recompute import recompute_when_saved
+from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
+from finetune_studio.kernels.swiglu import swiglu, swiglu_forward
+
+log = logging.getLogger(__name__)
+
+SILU = ("silu", "swish")
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _architecture(model) -> str:
+    return ((getattr(_causal_lm(model).config, "architectures", None) or [""])[0]) or type(_causal_lm(model)).__name__
+
+
+def supported(model) -> bool:
+    return _architecture(model) in FUSED_OPS_ARCHITECTURES
+
+
+def _recompute_allowed(layer) -> bool:
+    """The recompute hooks must not run inside a gradient-checkpointed block (its hooks must see every tensor)."""
+    return layer is None or not (getattr(layer, "gradient_checkpointing", False) and layer.training)
+
+
+def _norm_forward(self, hidden_states):
+    out, rstd = rms_norm_with_rstd(hidden_states, self.weight, self.variance_epsilon)
+    if self._fs_consumed:  # for the module it feeds, which takes it at once (see _consumer_forward)
+        self._fs_pending = (out, hidden_states.detach(), rstd)
+    return out
+
+
+def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    h = swiglu(gate, up)
+    if not _recompute_allowed(self._fs_layer):
+        return self.down_proj(h)
+    g, u = gate.detach(), up.detach()
+    with recompute_when_saved(h, lambda: swiglu_forward(g, u)):
+        return self.down_proj(h)
+
+
+def _consumer_forward(self, *args, **kwargs):
+    """A module fed by a patched norm: the norm's output is recomputed in backward, not kept by this module."""
+    norm, layer = self._fs_norm, self._fs_layer
+    pending, norm._fs_pending = norm._fs_pending, None
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    forward = self._fs_forward
+    if pending is None or pending[0] is not x or not _recompute_allowed(layer):
+        return forward(*args, **kwargs)
+    _, inp, rstd = pending
+    weight = norm.weight
+    with recompute_when_saved(x, lambda: rms_norm_forward(inp, weight, rstd)):
+        return forward(*args, **kwargs)
+
+
+def _is_rms_norm(module) -> bool:
+    name = type(module).__name__
+    return name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+
+
+def _is_swiglu_mlp(module) -> bool:
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    parts = all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    return type(module).__name__.endswith("MLP") and parts and act in SILU
+
+
+def apply_memory_patches(model, enabled: bool = True) -> list[str]:
+    """Patch ``model`` (a PEFT model or a causal LM) in place; returns what was patched ('rms_norm', 'swiglu',
+    'recompute'), empty when ``enabled`` is False or the architecture is not supported. Idempotent."""
+    arch = _architecture(model)
+    if not enabled:
+        return []
+    if arch not in FUSED_OPS_ARCHITECTURES:
+        log.info("fused ops: %s is not a supported architecture; its modules run unchanged", arch)
+        return []
+    done: set[str] = set()
+    for module in _causal_lm(model).modules():
+        if getattr(module, "_fs_patched", False):
+            continue
+        if _is_rms_norm(module):
+            module.forward = types.MethodType(_norm_forward, module)
+            module._fs_pending, module._fs_consumed = None, False
+            module._fs_patched = True
+            done.add("rms_norm")
+        elif _is_swiglu_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            object.__setattr__(module, "_fs_layer", None)  # plain attributes: not registered as submodules
+            module._fs_patched = True
+            done.add("swiglu")
+    for layer in _causal_lm(model).modules():
+        pairs = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
+        if not all(hasattr(layer, n) for pair in pairs for n in pair):
+            continue
+        if getattr(layer.mlp, "_fs_patched", False):
+            object.__setattr__(layer.mlp, "_fs_layer", layer)
+        for norm_name, consumer_name in pairs:
+            norm, consumer = getattr(layer, norm_name), getattr(layer, consumer_name)
+            if getattr(norm, "_fs_patched", False) and not hasattr(consumer, "_fs_norm"):
+                consumer._fs_forward = consumer.forward
+                object.__setattr__(consumer, "_fs_norm", norm)
+                object.__setattr__(consumer, "_fs_layer", layer)
+                consumer.forward = types.MethodType(_consumer_forward, consumer)
+                norm._fs_consumed = True
+                done.add("recompute")
+    log.info("fused ops on %s: %s", arch, ", ".join(sorted(done)) or "nothing matched")
+    return sorted(done)
+
+
+def count_patched(model) -> int:
+    """Modules whose forward ``apply_memory_patches`` replaced."""
+    return sum(1 for m in _causal_lm(model).modules() if getattr(m, "_fs_patched", False))
