@@ -6,6 +6,8 @@ is untouched):
 
 - every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row);
 - every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too);
+- every grouped-query attention's SDPA call, on the CPU, to ``kernels.attention`` (no repeated keys and values kept
+  for backward; elsewhere transformers' own SDPA path runs);
 - and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
   them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
   are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
@@ -19,7 +21,10 @@ from __future__ import annotations
 import logging
 import types
 
+import torch
+
 from finetune_studio.core.memory import FUSED_OPS_ARCHITECTURES
+from finetune_studio.kernels.attention import gqa_attention
 from finetune_studio.kernels.recompute import recompute_when_saved
 from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
 from finetune_studio.kernels.swiglu import swiglu, swiglu_forward
@@ -77,6 +82,71 @@ def _consumer_forward(self, *args, **kwargs):
         return forward(*args, **kwargs)
 
 
+ATTENTION = "finetune_studio_sdpa_gqa"  # registered with transformers' AttentionInterface (a new name only)
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, but on the CPU with grouped key/value heads kept as they are (no repeat_kv)
+    when a padding mask is given too (``kernels.attention``). Anything else goes to transformers' function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    fast = (
+        query.device.type == "cpu"
+        and getattr(module, "num_key_value_groups", 1) > 1
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions")
+        and query.shape[2] > 1
+        and key.shape[2] == query.shape[2]
+        and key.shape[-1] == value.shape[-1]
+        and not torch.jit.is_tracing()
+    )
+    if not fast:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    out = gqa_attention(query, key, value, attention_mask, scale=scaling, dropout=dropout, is_causal=bool(causal))
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _AttentionConfig:
+    """An attention module's view of the model config: the same object read and written through, except that
+    'sdpa' reads as ``ATTENTION`` (the mask is still built for 'sdpa' by the model, from the real config)."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_fs_config", config)
+
+    @property
+    def _attn_implementation(self):
+        impl = self._fs_config._attn_implementation
+        return ATTENTION if impl == "sdpa" else impl
+
+    def __getattr__(self, name):
+        return getattr(self._fs_config, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._fs_config, name, value)
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - transformers 5 has it
+        return False
+    AttentionInterface.register(ATTENTION, _sdpa_gqa)
+    return True
+
+
+def _is_gqa_attention(module) -> bool:
+    return (
+        type(module).__name__.endswith("Attention")
+        and getattr(module, "num_key_value_groups", 1) > 1
+        and hasattr(module, "config")
+        and not isinstance(module.config, _AttentionConfig)
+    )
+
+
 def _is_rms_norm(module) -> bool:
     name = type(module).__name__
     return name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
@@ -89,8 +159,8 @@ def _is_swiglu_mlp(module) -> bool:
 
 
 def apply_memory_patches(model, enabled: bool = True) -> list[str]:
-    """Patch ``model`` (a PEFT model or a causal LM) in place; returns what was patched ('rms_norm', 'swiglu',
-    'recompute'), empty when ``enabled`` is False or the architecture is not supported. Idempotent."""
+    """Patch ``model`` (a PEFT model or a causal LM) in place; returns what was patched ('gqa_attention', 'recompute',
+    'rms_norm', 'swiglu'), empty when ``enabled`` is False or the architecture is not supported. Idempotent."""
     arch = _architecture(model)
     if not enabled:
         return []
@@ -111,6 +181,10 @@ def apply_memory_patches(model, enabled: bool = True) -> list[str]:
             object.__setattr__(module, "_fs_layer", None)  # plain attributes: not registered as submodules
             module._fs_patched = True
             done.add("swiglu")
+        elif _is_gqa_attention(module) and _register_attention():
+            object.__setattr__(module, "config", _AttentionConfig(module.config))
+            module._fs_patched = True
+            done.add("gqa_attention")
     for layer in _causal_lm(model).modules():
         pairs = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
         if not all(hasattr(layer, n) for pair in pairs for n in pair):

@@ -1,6 +1,6 @@
 """RMSNorm as Llama computes it, saving only its input and the per-row ``rstd`` for backward (Liger-style).
 
-Transformers' ``LlamaRMSNorm`` (float32 maths whatever the input dtype)::
+Transformers' ``LlamaRMSNorm`` (float32 maths whatever the input dtype; here float64 for a float64 input)::
 
     x32 = x.float();  rstd = rsqrt(mean(x32^2, -1) + eps);  y = weight * (x32 * rstd).to(x.dtype)
 
@@ -19,15 +19,20 @@ from __future__ import annotations
 import torch
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """float32 maths (as transformers), float64 for float64 inputs (so that gradcheck can check the formula)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Eager reference: transformers 5's ``LlamaRMSNorm.forward``."""
-    x32 = x.to(torch.float32)
+    x32 = x.to(_acc(x))
     variance = x32.pow(2).mean(-1, keepdim=True)
     return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x32 = x.to(torch.float32)
+    x32 = x.to(_acc(x))
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return x32 * rstd, rstd
 
@@ -35,7 +40,7 @@ def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """The output from the input and its saved ``rstd``, without a graph (for a recompute)."""
     with torch.no_grad():
-        return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+        return weight * (x.to(rstd.dtype) * rstd).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -49,10 +54,10 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_rstd):
         x, weight, rstd = ctx.saved_tensors
-        n = x.to(torch.float32) * rstd
+        n = x.to(rstd.dtype) * rstd
         d_x = d_w = None
         if ctx.needs_input_grad[0]:
-            gn = (grad * weight).to(torch.float32)
+            gn = (grad * weight).to(rstd.dtype)
             d_x = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
         if ctx.needs_input_grad[1]:
             d_w = (grad * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
