@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memory_estimate import _Malloc, _peak_mode  # noqa: E402
-from profile_step import make_recipe  # noqa: E402
+from memory_estimate import _Malloc, _peak_mode
+from profile_step import make_recipe
 
 MIB = 2**20
 
@@ -43,12 +43,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fused-ops", action="store_true", help="train without engine.patching's fused ops")
     args = ap.parse_args(argv)
 
-    import torch
+    from profile_step import one_step
 
     from finetune_studio.engine.batches import make_batch
     from finetune_studio.engine.memory_budget import fix_malloc_threshold, resident_peak
     from finetune_studio.engine.saved_tensors import SavedTensorCensus
-    from profile_step import one_step
 
     fix_malloc_threshold()
     args.fused_ops = not args.no_fused_ops

@@ -44,8 +44,13 @@ def test_swiglu_saves_two_tensors_not_three():
     gate = torch.randn(8, 64, requires_grad=True)
     up = torch.randn(8, 64, requires_grad=True)
     for fn, expected in ((swiglu_reference, 3), (swiglu, 2)):
-        saved = set()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.data_ptr()) or t, lambda t: t):
+        saved: set[int] = set()
+
+        def pack(t, saved=saved):
+            saved.add(t.data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn(gate, up)
         assert len(saved) == expected
 
