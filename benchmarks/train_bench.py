@@ -127,10 +127,10 @@ def data_stream(spec: Spec, tokenizer) -> list[list]:
     ``Sampler``): what both sides train on."""
     from finetune_studio.engine.batches import Sampler
     from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe
+    from finetune_studio.engine.train import Recipe, StopFlag
 
     cfg = engine_config(spec)
-    recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), None)
+    recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), StopFlag())
     recipe.tokenizer = tokenizer
     examples, _ = recipe._prepare_data()
     sampler = Sampler(len(examples), cfg.batch_size, cfg.seed)
