@@ -329,7 +329,7 @@ def baseline_worker(spec: Spec) -> Outcome:
         from trl import SFTConfig, SFTTrainer
 
         data = Dataset.from_list(
-            [{"input_ids": t.input_ids, "assistant_masks": [int(x != IGNORE) for x in t.labels]} for t in rows]
+            [{"input_ids": list(t.input_ids), "assistant_masks": [int(x != IGNORE) for x in t.labels]} for t in rows]
         )
         trainer = recording(SFTTrainer)(
             model=model,
@@ -343,11 +343,12 @@ def baseline_worker(spec: Spec) -> Outcome:
 
         def pair_row(p):
             n = sum(1 for x in p.chosen.labels if x == IGNORE)  # the shared prompt
-            assert p.chosen.input_ids[:n] == p.rejected.input_ids[:n]
+            chosen, rejected = list(p.chosen.input_ids), list(p.rejected.input_ids)  # the engine keeps int32 arrays
+            assert chosen[:n] == rejected[:n]
             return {
-                "prompt_ids": p.chosen.input_ids[:n],
-                "chosen_ids": p.chosen.input_ids[n:],
-                "rejected_ids": p.rejected.input_ids[n:],
+                "prompt_ids": chosen[:n],
+                "chosen_ids": chosen[n:],
+                "rejected_ids": rejected[n:],
             }
 
         trainer = recording(DPOTrainer)(
