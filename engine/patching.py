@@ -1,4 +1,4 @@
-"""Memory patches: a supported model's MLP and RMSNorm forwards swapped for ``kernels``' fused ops.
+"""Memory patches: a supported model's MLP, RMSNorm and attention forwards swapped for ``kernels``' fused ops.
 
 ``apply_memory_patches(model)`` rebinds, on each module instance of a Llama-family model (``core.memory
 .FUSED_OPS_ARCHITECTURES``; SmolLM2 is a ``LlamaForCausalLM``), never on the classes (another model in the process
