@@ -108,12 +108,14 @@ def _build(cfg: dict, config: TrainConfig, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune_studio.engine.adapters import add_adapters
+    from finetune_studio.engine.patching import apply_memory_patches
 
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**keep, attn_implementation="sdpa")).to(dtype)
     model.config.use_cache = False
     model = add_adapters(model, config)  # also turns on gradient checkpointing when asked
+    apply_memory_patches(model, config.fused_ops)  # as engine.train.Recipe.setup does
     model.train()
     return model
 

@@ -40,6 +40,7 @@ def make_recipe(args):
         max_length=256,
         validation_fraction=0.0,
         num_threads=args.threads,
+        fused_ops=getattr(args, "fused_ops", True),
     )
     recipe = Recipe(cfg, "profile", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
     recipe.setup(resume=False)

@@ -144,6 +144,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: much less memory, about 30% slower.", advanced=True
     )
+    fused_ops: bool = _f(
+        True,
+        "Memory-saving fused ops for Llama-family models (SwiGLU MLP and RMSNorm that save less for backward): "
+        "the same numbers, less activation memory; off runs transformers' own modules.",
+        advanced=True,
+    )
     num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.", advanced=True)
     longest_batch_first: str = _f(
         "auto",

@@ -56,6 +56,9 @@ _KNOWN = {
     "Phi3ForCausalLM": (2, False, False, True, False),
 }
 _EXACT = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# Architectures whose MLP and RMSNorm the engine swaps for kernels' fused ops when ``fused_ops`` is on
+# (engine.patching): layer_activation_bytes counts what those ops save.
+FUSED_OPS_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _ALIASES = (
     ("hidden_size", "n_embd"),
     ("num_hidden_layers", "n_layer"),
@@ -459,17 +462,37 @@ def optimizer_bytes(shape: ModelShape, config: TrainConfig) -> int:
     return shape.num_hidden_layers * per_block
 
 
-def layer_activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int) -> int:
+def uses_fused_ops(shape: ModelShape, config: TrainConfig) -> bool:
+    """The engine swaps this model's MLP, norms and attention for kernels' fused ops (engine.patching)."""
+    return config.fused_ops and shape.architecture in FUSED_OPS_ARCHITECTURES
+
+
+def layer_activation_bytes(
+    shape: ModelShape,
+    config: TrainConfig,
+    rows: int,
+    seq: int,
+    b: int,
+    *,
+    fused: bool = False,
+    gqa: bool = False,
+    recompute: bool = False,
+) -> int:
     """What autograd keeps for one block with frozen base weights; per token (x T = rows * seq):
 
     - each RMSNorm: its input upcast to float32 (4h) + the rsqrt (4);      [norms * (4h + 4)]
+      fused (``kernels.rms_norm``): its input in its own dtype (b*h) + rstd [norms * (b*h + 4)]
     - SDPA (flash / memory-efficient): q, k, v, output at b bytes + log-sum-exp (4 per head);
-      k and v are saved at q width when a padding mask makes transformers repeat them (rows > 1)
+      k and v are saved at q width when a padding mask makes transformers repeat them (rows > 1),
+      at their own width with ``gqa`` (``kernels.attention`` on the CPU)
                                                                             [b*(2q + 2kv') + 4*heads]
     - MLP: gate output (for SiLU), SiLU output and up output                [3*i*b]
+      fused (``kernels.swiglu``): gate and up                               [2*i*b]
     - each adapted linear: its input cast to float32 for the float32 adapter (4*in; in float32 the
       q/k/v and gate/up inputs are one tensor, and o_proj's is the saved SDPA output)
       + lora_A's output (4r)                                                [sum 4*in + 4r]
+      ``recompute`` (fused, float32, no checkpointing): the norms' and SwiGLU's outputs are rebuilt in backward,
+      not kept (``kernels.recompute``): no input term for the layers that read them
     - DoRA also keeps the base output (b) and the adapter output (4) per out feature [sum out*(b+4)]
     plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
     and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out.
@@ -477,14 +500,16 @@ def layer_activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, se
     """
     h, i = shape.hidden_size, shape.intermediate_size
     padded = rows > 1
-    kv = shape.q_width if padded and shape.num_key_value_heads < shape.num_attention_heads else shape.kv_width
-    per_token = shape.norms_per_layer * (4 * h + 4)
+    repeated = padded and shape.num_key_value_heads < shape.num_attention_heads and not gqa
+    kv = shape.q_width if repeated else shape.kv_width
+    per_token = shape.norms_per_layer * ((b * h if fused else 4 * h) + 4)
     per_token += b * (2 * shape.q_width + 2 * kv) + 4 * shape.num_attention_heads
-    per_token += 3 * i * b + (4 * (shape.q_width + shape.kv_width) if shape.qk_norm else 0)
+    per_token += (2 if fused else 3) * i * b + (4 * (shape.q_width + shape.kv_width) if shape.qk_norm else 0)
     targeted = shape.targeted_layers(config.target_modules)
     if b == ADAPTER_BYTES:
+        kept = ("attn_out",) + (("attn_in", "mlp_in", "mlp_act") if recompute else ())
         per_token += sum(
-            4 * lin.in_features for reads, lin in {lin.reads: lin for lin in targeted}.items() if reads != "attn_out"
+            4 * lin.in_features for reads, lin in {lin.reads: lin for lin in targeted}.items() if reads not in kept
         )
     else:
         per_token += sum(4 * lin.in_features for lin in targeted)
@@ -496,28 +521,44 @@ def layer_activation_bytes(shape: ModelShape, config: TrainConfig, rows: int, se
 
 
 def activation_bytes(
-    shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int, trained: int | None = None
+    shape: ModelShape,
+    config: TrainConfig,
+    rows: int,
+    seq: int,
+    b: int,
+    trained: int | None = None,
+    device_kind: str = "cuda",
 ) -> int:
     """Without checkpointing: L blocks, less the first block's first norm input (the embeddings are
     frozen, so nothing before it needs a gradient) + final norm (4h + 4 per token) + RoPE cos/sin
-    (2*seq*head_dim*b).
+    (2*seq*head_dim*b). With the fused ops' recompute, that first norm's output is kept instead (nothing
+    before it needs a gradient, so there is nothing to rebuild it from): 4h per token when q/k/v are adapted.
     With checkpointing: each block's input (h*b per token) + final norm, the boolean padding mask the
     checkpoints hold to recompute the blocks (rows * seq^2 bytes, rows > 1), and one block recomputed
-    in backward; that comes after the output head's backward, so it counts only by what it exceeds the
-    head's memory freed by then: max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
-    DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear)."""
+    in backward (fused ops, no recompute hooks inside a checkpoint); that comes after the output head's
+    backward, so it counts only by what it exceeds the head's memory freed by then:
+    max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
+    DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear).
+    ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only."""
     tokens = rows * seq
-    one = layer_activation_bytes(shape, config, rows, seq, b)
-    final = tokens * (4 * shape.hidden_size + 4)
+    fused = uses_fused_ops(shape, config)
+    gqa = fused and device_kind == "cpu"
+    final = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if config.gradient_checkpointing:
+        one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa)
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
         if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
             one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
         recompute = max(0, one - head)
         mask = rows * seq * seq if rows > 1 else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
+    recompute = fused and b == ADAPTER_BYTES
+    one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, recompute=recompute)
     rope = 2 * seq * shape.head_dim * b
-    return shape.num_hidden_layers * one - tokens * (4 * shape.hidden_size + 4) + final + rope
+    first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
+    if recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
+        first_norm -= tokens * 4 * shape.hidden_size
+    return shape.num_hidden_layers * one - first_norm + final + rope
 
 
 def logits_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
@@ -601,7 +642,7 @@ def estimate_training_memory(
         adapter_weights=ADAPTER_BYTES * trainable,
         gradients=ADAPTER_BYTES * trainable,
         optimizer_states=optimizer,
-        activations=activation_bytes(shape, config, rows, seq, b, trained),
+        activations=activation_bytes(shape, config, rows, seq, b, trained, device.kind),
         logits=logits_bytes(shape, trained, b),
         reference_forward=reference,
     )

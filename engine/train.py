@@ -37,6 +37,7 @@ from finetune_studio.engine import (
     memory_budget,
     mixed_precision,
     pairs,
+    patching,
     samples,
 )
 from finetune_studio.engine.batches import Sampler, make_batch
@@ -255,6 +256,7 @@ class Recipe:
         else:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
+        patching.apply_memory_patches(self.model, cfg.fused_ops)  # Llama-family: ops that save less for backward
         if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, cfg.quantized, self.ranks is not None):
             self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
         for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device):

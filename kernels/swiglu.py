@@ -1,0 +1,60 @@
+"""SwiGLU, ``silu(gate) * up``, saving only its two inputs for backward.
+
+Transformers' Llama MLP computes ``act_fn(gate) * up`` as two autograd ops, which keep ``gate`` (for SiLU's
+backward), ``silu(gate)`` and ``up`` (for the product's): three tensors of the MLP's width per token. This op keeps
+``gate`` and ``up`` and recomputes ``silu(gate)`` in backward (an elementwise op, cheap next to the matrix products):
+
+    h = silu(g) * u,   silu(g) = g * sigmoid(g)
+    dL/du = dL/dh * silu(g)
+    dL/dg = dL/dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))   (aten's silu_backward, as autograd computes it)
+
+In the input dtype, as transformers computes it (bfloat16 in, bfloat16 out), so the numbers match it exactly.
+
+Layering: reference (``swiglu_reference``) -> autograd Function (``_SwiGLU``) -> public op (``swiglu`` with
+``impl='auto'|'torch'|'reference'``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Eager reference: transformers' ``ACT2FN['silu'](gate) * up`` (autograd keeps gate, silu(gate) and up)."""
+    return F.silu(gate) * up
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The product without a graph (what backward and a recompute need)."""
+    with torch.no_grad():
+        return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        d_gate = d_up = None
+        if ctx.needs_input_grad[0]:
+            d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        if ctx.needs_input_grad[1]:
+            d_up = grad * F.silu(gate)
+        return d_gate, d_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """Public op: ``silu(gate) * up``. ``impl``: 'auto' / 'torch' (the autograd Function above, saving gate and
+    up), or 'reference' (transformers' two ops, for comparison)."""
+    if impl == "reference":
+        return swiglu_reference(gate, up)
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"unknown impl {impl!r}")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up differ: {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}")
+    return _SwiGLU.apply(gate, up)
