@@ -137,6 +137,31 @@ def fix_malloc_threshold() -> bool:
         return False
 
 
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameter
+STEP_MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's own ceiling for its dynamic threshold on 64-bit systems
+STEP_TRIM_THRESHOLD_BYTES = 512 * 2**20
+
+
+def reuse_memory_between_steps() -> bool:
+    """Once the model is loaded: CPU tensors up to 32 MiB come from the heap and freed ones are reused by the next
+    step instead of going back to the system. With every large tensor mmapped (:func:`fix_malloc_threshold`) each
+    step faulted in fresh zeroed pages for all its temporaries: a LoRA step of SmolLM2-135M took 4.4-4.9 CPU
+    seconds instead of 2.3-2.4 (its resident peak was 1370 MiB instead of 1848). Loading keeps the 128 KiB
+    threshold, so the weights' conversion buffers still go back to the system. False off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES)
+        )
+    except (AttributeError, OSError):
+        return False
+
+
 def device_info(device: str) -> DeviceInfo:
     """What the training device has, as the engine's torch sees it (free memory now)."""
     import torch

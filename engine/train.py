@@ -505,6 +505,7 @@ class Recipe:
     # --- the loop -----------------------------------------------------------
     def run(self, resume: bool) -> RunResult:
         self.setup(resume)
+        memory_budget.reuse_memory_between_steps()  # the steps' temporaries reuse the heap (see its docstring)
         cfg = self.config
         trainable, total = adapters.parameter_counts(self.model)
         self.reporter.emit(
