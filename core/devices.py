@@ -31,6 +31,9 @@ class DeviceInfo:
     free_bytes: int
     bf16_supported: bool
     index: int = 0
+    # CPU: the resident memory of the process that will train, measured before the model loads (what its imports
+    # and data already take); 0 when unknown, and the estimate then uses a constant
+    process_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -646,7 +646,10 @@ def estimate_training_memory(
         logits=logits_bytes(shape, trained, b),
         reference_forward=reference,
     )
-    overhead = CUDA_CONTEXT_BYTES if device.kind == "cuda" else PYTHON_BASELINE_BYTES
+    if device.kind == "cuda":
+        overhead = CUDA_CONTEXT_BYTES
+    else:  # the training process's own resident memory before loading, where it was measured
+        overhead = device.process_bytes or PYTHON_BASELINE_BYTES
     slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
     return MemoryEstimate(
         **tensors,

@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The Triton kernels run through Triton's interpreter on CPU tensors. Triton reads this when a kernel is
+# decorated, so it must be set before any test module imports a kernel module (TRITON_INTERPRET=0 on a GPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The project is imported as finetune_studio.* (an editable install). The checkout's root is no import root:
 # under ``python -m pytest`` it would make ``import kernels`` land in this project's kernels/ folder.
