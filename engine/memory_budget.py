@@ -126,13 +126,19 @@ def fix_malloc_threshold() -> bool:
     tensors of that size land in the heap and freed ones stay resident: a CPU step's resident peak was 12%
     higher that way (129 MiB above the process baseline instead of 72 on a small Llama), and it no longer
     matched what the tensors need. No effect on other C libraries (False there)."""
+    return _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's ``mallopt`` for each (parameter, value); False where there is no glibc or it refuses one."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        libc = ctypes.CDLL(None)
+        return all([bool(libc.mallopt(param, value)) for param, value in settings])
     except (AttributeError, OSError):
         return False
 
@@ -148,18 +154,7 @@ def reuse_memory_between_steps() -> bool:
     step faulted in fresh zeroed pages for all its temporaries: a LoRA step of SmolLM2-135M took 4.4-4.9 CPU
     seconds instead of 2.3-2.4 (its resident peak was 1370 MiB instead of 1848). Loading keeps the 128 KiB
     threshold, so the weights' conversion buffers still go back to the system. False off glibc."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES)
-        )
-    except (AttributeError, OSError):
-        return False
+    return _mallopt((M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES))
 
 
 def device_info(device: str) -> DeviceInfo:
