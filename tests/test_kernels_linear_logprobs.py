@@ -48,6 +48,34 @@ def test_frozen_weight_gets_no_gradient():
     assert weight.grad is None and hidden.grad.shape == hidden.shape
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk", [4, 1024])
+def test_frozen_head_gradient_computed_in_forward_matches_reference(softcap, chunk):
+    """With a frozen head the chunked op computes d logp / d hidden in its forward pass; the gradient of any
+    loss of the log-probs (here a random weighting, and a DPO-like one that couples rows) equals the reference."""
+    torch.manual_seed(3)
+    hidden = torch.randn(45, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(61, 16, dtype=torch.float64)
+    targets = torch.randint(0, 61, (45,))
+    grad = torch.randn(45, dtype=torch.float64)
+
+    def losses(out):
+        weighted = (out * grad).sum()
+        coupled = -torch.nn.functional.logsigmoid(0.1 * (out[:20].sum() - out[20:].sum()))
+        return weighted, coupled
+
+    for pick in (0, 1):
+        ref = losses(token_logprobs_reference(hidden, weight, targets, softcap))[pick]
+        (g_ref,) = torch.autograd.grad(ref, hidden)
+        out = token_logprobs(hidden, weight, targets, impl="chunked", chunk=chunk, softcap=softcap)
+        (g,) = torch.autograd.grad(losses(out)[pick], hidden)
+        assert torch.allclose(g, g_ref, atol=1e-10)
+    with torch.no_grad():  # a reference pass: no gradient wanted, the same log-probs
+        plain = token_logprobs(hidden, weight, targets, impl="chunked", chunk=chunk, softcap=softcap)
+    assert not plain.requires_grad
+    assert torch.allclose(plain, token_logprobs_reference(hidden, weight, targets, softcap).detach(), atol=1e-10)
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown impl"):
         token_logprobs(torch.randn(5000, 4), torch.randn(3, 4), torch.zeros(5000, dtype=torch.long), impl="cuda")
