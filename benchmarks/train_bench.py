@@ -23,7 +23,10 @@ Figures: tokens/s counts the non-padding input tokens of steps 2..N (the first s
 initialisation) over their wall time; peak memory is the CUDA allocator's peak, on the CPU the process's peak
 resident set (``ru_maxrss``); "above model" subtracts what was in use once the model and adapters were loaded
 (CPU: the largest resident set sampled every 10 ms during training, minus the one at that point); first step
-is the wall time from process start to the end of step 1. The equivalence of the loss and the LoRA gradients
+is the wall time from process start to the end of step 1. The engine's worker starts with the engine's glibc
+malloc settings (``core.process_env``: the app and ``finetune-engine train`` start every training process with
+them); the baseline's with the plain environment, as a script of its own would, or with the same settings under
+``--same-allocator``. The equivalence of the loss and the LoRA gradients
 on one batch is checked in detail by ``benchmarks/engine_vs_hf.py``. TRL is the ``bench`` extra in
 ``pyproject.toml``.
 """
@@ -41,6 +44,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from finetune_studio.core.process_env import engine_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = {"sft": ROOT / "resources/datasets/demo_sft.jsonl", "dpo": ROOT / "resources/datasets/demo_preference.jsonl"}
@@ -65,6 +70,7 @@ class Spec:
     device: str = "cpu"
     dataset: str = ""  # empty: the demo SFT or preference file
     compute_dtype: str = "auto"  # the studio side's (auto: bf16-mixed on a CPU with AVX-512 BF16 / AMX)
+    same_allocator: bool = False  # the baseline's process gets the engine's glibc malloc settings too
 
 
 @dataclass
@@ -375,8 +381,11 @@ def run_worker(spec: Spec, timeout: float) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         result = Path(tmp) / "outcome.json"
         (Path(tmp) / "home").mkdir()
+        # The engine's processes start with glibc's malloc settings (core.process_env); the baseline with the
+        # plain environment, as a script of its own would (--same-allocator gives it the same settings).
+        engine_env = spec.impl == "studio" or spec.same_allocator
         env = dict(
-            os.environ,
+            engine_environment() if engine_env else os.environ,
             FINETUNE_STUDIO_HOME=str(Path(tmp) / "home"),
             OMP_NUM_THREADS=str(spec.threads),
             TOKENIZERS_PARALLELISM="false",
@@ -499,6 +508,11 @@ def main(argv=None) -> int:
     ap.add_argument("--compute-dtype", default="auto", help="the studio side's compute_dtype (TrainConfig)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker run")
     ap.add_argument("--save", help="also write the JSON rows to this file")
+    ap.add_argument(
+        "--same-allocator",
+        action="store_true",
+        help="start the baseline with the engine's glibc malloc settings too (core.process_env)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -526,7 +540,9 @@ def main(argv=None) -> int:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl.__version__}; {args.device}, "
         f"{args.threads} thread(s) per side; {Path(model).name}; batch {args.batch_size}, max length "
-        f"{args.max_length}, LoRA r{args.rank}, lr {args.lr:g}, {args.steps} steps x {args.repeats} run(s)",
+        f"{args.max_length}, LoRA r{args.rank}, lr {args.lr:g}, {args.steps} steps x {args.repeats} run(s); "
+        f"glibc malloc settings ({engine_environment().get('GLIBC_TUNABLES', 'none')}) for the engine"
+        f"{' and the baseline' if args.same_allocator else ' only'}",
         file=log,
         flush=True,
     )
@@ -550,6 +566,7 @@ def main(argv=None) -> int:
                         threads=args.threads,
                         device=args.device,
                         compute_dtype=args.compute_dtype,
+                        same_allocator=args.same_allocator,
                     )
                     t0 = time.perf_counter()
                     o = run_worker(spec, args.timeout)

@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     from finetune_studio.core.paths import drop_checkout_from_path
 
     drop_checkout_from_path()
+    if argv is None and sys.argv[1:2] in (["train"], ["demo"]):
+        from finetune_studio.core.process_env import restart_with_engine_environment
+
+        restart_with_engine_environment()  # glibc's malloc settings for training (see core.process_env)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

@@ -1,6 +1,7 @@
 """`python -m finetune_studio.engine` as the app runs it: events on stdout, failures as `failed` events, SIGTERM."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from engine_helpers import tiny_config, write_sft
 
+from finetune_studio.core import process_env
 from finetune_studio.core.events import parse_event
 from finetune_studio.core.store import Store
 
@@ -107,6 +109,11 @@ def test_sigterm_checkpoints_marks_stopped_and_exits_zero(tiny_model_dir, tmp_pa
     for line in proc.stdout:
         seen.append(parse_event(line))
         if seen[-1].type == "step" and seen[-1].step >= 2:
+            if process_env.uses_glibc() and "GLIBC_TUNABLES" not in os.environ:
+                # started by hand, the run restarted itself with glibc's malloc settings (glibc shows the first
+                # of them in /proc/PID/environ once it has read them)
+                environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+                assert any(e.startswith(b"GLIBC_TUNABLES=glibc.malloc.tcache_count=0") for e in environ)
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stdout.read()
