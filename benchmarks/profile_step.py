@@ -3,7 +3,8 @@
 ``python benchmarks/profile_step.py [--objective sft|dpo] [--method lora|dora|qlora] [--threads N]
 [--top 25] [--levers]``
 
-Sets up the engine's own recipe (``engine.train.Recipe``: the default model, the demo data, LoRA r16, batch 4)
+Sets up the engine's own recipe (``engine.train.Recipe``: the default model, the demo data, LoRA r16, batch 4;
+the process restarted with the engine's glibc malloc settings and the heap reused between steps, as in a run)
 and runs its step code (``Recipe._micro_step``, clipping, optimizer step): one warm-up step, then one step under
 ``torch.profiler``, printed as the top ops by self CPU time and the share of four groups (matrix products,
 attention, the output head's chunked log-probs, the rest).
@@ -147,12 +148,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-thread-lever", action="store_true", help="skip the one-thread-per-core timing")
     args = ap.parse_args(argv)
+    if argv is None:  # run as a script: the engine's glibc malloc settings, as a training process has them
+        from finetune_studio.core.process_env import restart_with_engine_environment
+
+        restart_with_engine_environment()
 
     import torch
 
     from finetune_studio.engine.batches import make_batch
 
     recipe = make_recipe(args)
+    from finetune_studio.engine.memory_budget import reuse_memory_between_steps
+
+    reuse_memory_between_steps()  # what Recipe.run does once the model is ready
     idx = recipe.sampler.next_indices()
     batch = make_batch(recipe.train_examples, idx, recipe.tokenizer.pad_token_id).to(recipe.device)
     print(
