@@ -49,13 +49,13 @@ def main(argv=None) -> int:
 
     import psutil
     import torch
+    from profile_step import DATA, one_step
 
     from finetune_studio.core.config import TrainConfig
     from finetune_studio.engine import memory_budget
     from finetune_studio.engine.batches import make_batch
     from finetune_studio.engine.reporting import Reporter
     from finetune_studio.engine.train import Recipe, StopFlag
-    from profile_step import DATA, one_step
 
     memory_budget.fix_malloc_threshold()
     fields = dict(
