@@ -415,8 +415,9 @@ class FitVerdict:
 def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
     """auto -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 on the CPU.
 
-    On a CPU with fast bf16 the engine's ``auto`` trains LoRA/DoRA in bf16-mixed (``engine.mixed_precision``):
-    loaded in float32, so counted as float32 (``DTYPE_BYTES``)."""
+    On a CPU with fast bf16 the engine's ``auto`` trains LoRA/DoRA and QLoRA in bf16-mixed
+    (``engine.mixed_precision``): loaded in float32 (a 4-bit base's other parameters too), so counted as float32
+    (``DTYPE_BYTES``)."""
     if config.compute_dtype != "auto":
         return config.compute_dtype
     if device.kind == "cpu":

@@ -14,8 +14,10 @@ default model those products are nearly all of a step's FLOPs.
 A 4-bit (QLoRA) base is loaded with a float32 model around it too; its bitsandbytes ``Linear4bit`` layers get
 ``compute_dtype`` bfloat16: they dequantise the NF4 weight to bf16 and multiply bf16 x (x rounded from float32),
 their output cast back to float32 (bitsandbytes' own ``Linear4bit.forward``), and nothing else changes.
-Measured on this 2-core AVX-512 BF16 CPU (``benchmarks/step_ab.py --method qlora``): 2.5 CPU s per step against
-4.4 in float32, the 20-step loss curve inside float32's seed-to-seed spread (``benchmarks/RESULTS.md``).
+Measured on a 2-core AVX-512 BF16 CPU, SmolLM2-135M, batch 4, one thread (``benchmarks/step_ab.py --method
+qlora --bnb-compute bfloat16``): 2.5 CPU s per step against 4.4 in float32; over 20 steps
+(``benchmarks/mixed_precision_check.py curve --method qlora``) |bf16-mixed - float32 seed 1| averaged 0.0007
+(at most 0.0029) against float32's own seed-to-seed spread of 0.0012 (at most 0.0026).
 
 ``auto`` picks it on a CPU with AVX-512 BF16 or AMX (``uses_mixed``), for LoRA/DoRA and for a 4-bit base, in one
 process; elsewhere the CPU stays float32.
