@@ -565,8 +565,11 @@ def activation_bytes(
     in backward (fused ops, no recompute hooks inside a checkpoint); that comes after the output head's
     backward, so it counts only by what it exceeds the head's memory freed by then:
     max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
-    DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear), or with
-    ``chunked_dora_norm`` one chunk of rows of the sum at a time (4 * min(out, 256) * in, the largest linear's).
+    DoRA's recomputed block also holds 4 * in * out per adapted linear: peft's forward builds a dense B @ A for
+    its weight norm; with ``chunked_dora_norm`` there it is one chunk of rows of the sum at a time
+    (4 * min(out, 256) * in, the largest linear's). With ``fuses_dora_output`` the measured peak is the same with
+    either norm (``benchmarks/memory_grid.py --method dora``: 15.14 MiB both, the estimate 15.17), so the dense
+    term stays; which temporaries of the recomputed block make it up there is not pinned down.
     ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only."""
     tokens = rows * seq
     fused = uses_fused_ops(shape, config)
@@ -576,9 +579,10 @@ def activation_bytes(
         one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa)
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
         targeted = shape.targeted_layers(config.target_modules)
-        if config.uses_dora and chunked_dora_norm(config, device_kind):  # one chunk of rows of W + s B A at a time
+        if config.uses_dora and chunked_dora_norm(config, device_kind) and not fuses_dora_output(config):
+            # peft's DoRA forward with the chunked norm: one chunk of rows of W + s B A at a time
             one += max(4 * min(lin.out_features, DORA_NORM_CHUNK) * lin.in_features for lin in targeted)
-        elif config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
+        elif config.uses_dora:  # measured: a dense float32 [out, in] per adapted linear (see the docstring)
             one += sum(4 * lin.in_features * lin.out_features for lin in targeted)
         recompute = max(0, one - head)
         mask = rows * seq * seq if rows > 1 else 0
