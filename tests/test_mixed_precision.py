@@ -258,3 +258,21 @@ def test_a_short_qlora_run_in_bf16_mixed_learns(tiny_model_dir, tmp_path):
     assert result.status == "completed" and len(losses) == 8
     assert sum(losses[-2:]) / 2 < losses[0] * 0.97
     assert "bf16-mixed: 14 frozen linears" in " ".join(e.message for e in rec.of("log"))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_trains_qlora_in_bf16_mixed_only_on_a_cpu_with_fast_bf16(tiny_model_dir, tmp_path, monkeypatch, fast):
+    import bitsandbytes as bnb
+
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import Recipe, StopFlag
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_fast_bf16", lambda: fast)
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), method="qlora", max_steps=1)
+    assert config.compute_dtype == "auto"
+    recipe = Recipe(config, "auto-qlora", tmp_path / "run", None, Reporter(), StopFlag())
+    recipe.setup(resume=False)
+    four_bit = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 14
+    want = torch.bfloat16 if fast else torch.float32
+    assert all(m.compute_dtype == want for m in four_bit)
