@@ -219,6 +219,9 @@ def measure_step(
     cuda = device.startswith("cuda")
     malloc = None if cuda else _Malloc()
     model = _build(cfg, config, dtype).to(device)
+    from finetune_studio.engine.kernel_wiring import install_kernels
+
+    install_kernels(model, config.kernels, device, config.fused_ops)  # as Recipe.setup does (DoRA's norm, output)
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}

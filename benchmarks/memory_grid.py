@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--limit", type=int, default=0, help="only the first N rows (a quick check)")
     parser.add_argument("--every", type=int, default=1, help="only every N-th row of the grid")
+    parser.add_argument("--method", default="", help="only the rows of this method (lora, dora)")
     args = parser.parse_args(argv)
     import torch
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(sep.join(f"{h:>10}" for h in header) if not args.markdown else "| " + " | ".join(header) + " |")
     if args.markdown:
         print("|" + "---|" * len(header))
-    cases = list(grid(args.size))[:: args.every]
+    cases = [c for c in grid(args.size) if not args.method or c[0].method == args.method][:: args.every]
     for config, fitted in cases[: args.limit or None]:
         config = config.replace(compute_dtype=args.dtype)
         if fitted:

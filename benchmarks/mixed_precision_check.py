@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = {"sft": ROOT / "resources/datasets/demo_sft.jsonl", "dpo": ROOT / "resources/datasets/demo_preference.jsonl"}
 
 
-def make_recipe(objective: str, dtype: str, seed: int = 42, max_length: int = 256):
+def make_recipe(objective: str, dtype: str, seed: int = 42, max_length: int = 256, method: str = "lora"):
     from finetune_studio.core.config import TrainConfig
     from finetune_studio.engine.batches import Sampler
     from finetune_studio.engine.reporting import Reporter
@@ -37,6 +37,7 @@ def make_recipe(objective: str, dtype: str, seed: int = 42, max_length: int = 25
     cfg = TrainConfig(
         dataset=str(DATA[objective]),
         objective=objective,
+        method=method,
         batch_size=4,
         max_length=max_length,
         validation_fraction=0.0,
@@ -175,7 +176,7 @@ def curve(args) -> dict:
     runs += [("bf16-mixed", s) for s in seeds[: args.mixed_seeds]] * ("bf16-mixed" in args.dtypes)
     out = {}
     for dtype, seed in runs:
-        recipe = make_recipe(args.objective, dtype, seed)
+        recipe = make_recipe(args.objective, dtype, seed, method=args.method)
         losses, times = [], []
         for _ in range(args.steps):
             batch = make_batch(recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id)
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("variants", "curve"))
     ap.add_argument("--objective", choices=("sft", "dpo"), default="sft")
+    ap.add_argument("--method", choices=("lora", "dora", "qlora"), default="lora", help="curve: the method")
     ap.add_argument("--steps", type=int, default=0, help="default: 6 (variants), 20 (curve)")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--mixed-seeds", type=int, default=1, help="how many of the seeds also run bf16-mixed")

@@ -35,7 +35,7 @@ def _reset_hwm() -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--objective", choices=("sft", "dpo"), default="sft")
-    ap.add_argument("--method", choices=("lora", "dora"), default="lora")
+    ap.add_argument("--method", choices=("lora", "dora", "qlora"), default="lora")
     ap.add_argument("--model", default="default")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)

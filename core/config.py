@@ -114,9 +114,10 @@ class TrainConfig:
     compute_dtype: str = _f(
         "auto",
         "Precision of the computation: auto picks bfloat16 on GPUs that support it, float16 on older GPUs, "
-        "bf16-mixed on CPUs with AVX-512 BF16 or AMX (LoRA/DoRA), float32 on other CPUs. bf16-mixed multiplies "
-        "by the frozen base weights in bfloat16 (stored in bfloat16, about 2x faster there) and keeps the adapters, "
-        "the residual stream, norms, attention and the output head in float32, so it learns like float32.",
+        "bf16-mixed on CPUs with AVX-512 BF16 or AMX (one process), float32 on other CPUs. bf16-mixed multiplies "
+        "by the frozen base weights in bfloat16 (stored in bfloat16, or a 4-bit base dequantised to bfloat16; about "
+        "2x faster there) and keeps the adapters, the residual stream, norms, attention and the output head in "
+        "float32, so it learns like float32.",
         advanced=True,
         choices=DTYPES,
     )

@@ -43,6 +43,7 @@ PYTHON_BASELINE_BYTES = GIB // 2  # the engine process with torch, transformers 
 ALLOCATOR_SLACK = {"cuda": 0.10, "mps": 0.10, "cpu": 0.0}
 DEFAULT_MODEL_FILE = "smollm2-135m-instruct.json"
 LOGITS_CHUNK = 1024  # rows of the output head per chunk: kernels.linear_logprobs.DEFAULT_CHUNK (a test pins it)
+DORA_NORM_CHUNK = 256  # rows of W + s B A per chunk: kernels.dora_norm.DEFAULT_CHUNK (a test pins it)
 
 # architecture -> (norms per block, q/k norms, default tie_word_embeddings, fused projections, bias on q/k/v)
 _KNOWN = {
@@ -414,8 +415,9 @@ class FitVerdict:
 def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
     """auto -> bfloat16 on a GPU that has it, float16 on an older GPU, float32 on the CPU.
 
-    On a CPU with fast bf16 the engine's ``auto`` trains LoRA/DoRA in bf16-mixed (``engine.mixed_precision``):
-    loaded in float32, so counted as float32 (``DTYPE_BYTES``)."""
+    On a CPU with fast bf16 the engine's ``auto`` trains LoRA/DoRA and QLoRA in bf16-mixed
+    (``engine.mixed_precision``): loaded in float32 (a 4-bit base's other parameters too), so counted as float32
+    (``DTYPE_BYTES``)."""
     if config.compute_dtype != "auto":
         return config.compute_dtype
     if device.kind == "cpu":
@@ -462,6 +464,19 @@ def optimizer_bytes(shape: ModelShape, config: TrainConfig) -> int:
     return shape.num_hidden_layers * per_block
 
 
+def fuses_dora_output(config: TrainConfig) -> bool:
+    """The engine computes DoRA's output with ``kernels.dora_output`` (``engine.kernel_wiring
+    .install_dora_output``): fused ops on, a 16/32-bit base (peft's 4-bit layers keep their own forward) and no
+    adapter dropout (with dropout peft's forward runs)."""
+    return config.uses_dora and config.fused_ops and not config.quantized and config.lora_dropout == 0
+
+
+def chunked_dora_norm(config: TrainConfig, device_kind: str) -> bool:
+    """DoRA's weight norm without the dense ``B @ A``: ``kernels: auto`` on the CPU (the chunked norm,
+    ``kernels.selection.MEASURED_FASTER``) or ``kernels: triton``; elsewhere peft's norm builds it."""
+    return config.uses_dora and (config.kernels == "triton" or (config.kernels == "auto" and device_kind == "cpu"))
+
+
 def uses_fused_ops(shape: ModelShape, config: TrainConfig) -> bool:
     """The engine swaps this model's MLP, norms and attention for kernels' fused ops (engine.patching)."""
     return config.fused_ops and shape.architecture in FUSED_OPS_ARCHITECTURES
@@ -494,8 +509,12 @@ def layer_activation_bytes(
       ``recompute`` (fused, float32, no checkpointing): the norms' and SwiGLU's outputs are rebuilt in backward,
       not kept (``kernels.recompute``): no input term for the layers that read them
     - DoRA also keeps the base output (b) and the adapter output (4) per out feature [sum out*(b+4)]
+      with ``fuses_dora_output`` (``kernels.dora_output``): only the layer's output, in float32 [sum 4*out],
+      nothing for a bias-free layer whose output its consumer keeps anyway (b = 4: gate and up for the MLP,
+      v for unrepeated attention)
     plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
-    and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out.
+    and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out (``fuses_dora_output``: the
+    scale m / n, 4 * out).
     Frozen linears keep nothing: the gradient of x needs only the weight.
     """
     h, i = shape.hidden_size, shape.intermediate_size
@@ -514,9 +533,17 @@ def layer_activation_bytes(
     else:
         per_token += sum(4 * lin.in_features for lin in targeted)
     per_token += sum(4 * config.lora_rank for _ in targeted)
-    if config.uses_dora:
+    if config.uses_dora and fuses_dora_output(config):
+        # the output, float32 (the wider of the base's and the float32 adapter's dtypes); the MLP's gate and up
+        # outputs (and v, when attention keeps it unrepeated) are kept by their consumer already when b = 4
+        shared = {"gate_proj", "up_proj", "gate_up_proj"} | (set() if repeated else {"v_proj"})
+        per_token += sum(
+            4 * lin.out_features for lin in targeted if b != ADAPTER_BYTES or lin.bias or lin.name not in shared
+        )
+    elif config.uses_dora:
         per_token += sum(lin.out_features * (b + 4) for lin in targeted)
-    constant = sum(12 * lin.out_features for lin in targeted) if config.uses_dora else 0
+    constant = sum((4 if fuses_dora_output(config) else 12) * lin.out_features for lin in targeted)
+    constant = constant if config.uses_dora else 0
     return rows * seq * per_token + (rows * seq * seq * b if padded else 0) + constant
 
 
@@ -538,7 +565,11 @@ def activation_bytes(
     in backward (fused ops, no recompute hooks inside a checkpoint); that comes after the output head's
     backward, so it counts only by what it exceeds the head's memory freed by then:
     max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
-    DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear).
+    DoRA's recomputed block also holds 4 * in * out per adapted linear: peft's forward builds a dense B @ A for
+    its weight norm; with ``chunked_dora_norm`` there it is one chunk of rows of the sum at a time
+    (4 * min(out, 256) * in, the largest linear's). With ``fuses_dora_output`` the measured peak is the same with
+    either norm (``benchmarks/memory_grid.py --method dora``: 15.14 MiB both, the estimate 15.17), so the dense
+    term stays; which temporaries of the recomputed block make it up there is not pinned down.
     ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only."""
     tokens = rows * seq
     fused = uses_fused_ops(shape, config)
@@ -547,8 +578,12 @@ def activation_bytes(
     if config.gradient_checkpointing:
         one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa)
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
-        if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
-            one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
+        targeted = shape.targeted_layers(config.target_modules)
+        if config.uses_dora and chunked_dora_norm(config, device_kind) and not fuses_dora_output(config):
+            # peft's DoRA forward with the chunked norm: one chunk of rows of W + s B A at a time
+            one += max(4 * min(lin.out_features, DORA_NORM_CHUNK) * lin.in_features for lin in targeted)
+        elif config.uses_dora:  # measured: a dense float32 [out, in] per adapted linear (see the docstring)
+            one += sum(4 * lin.in_features * lin.out_features for lin in targeted)
         recompute = max(0, one - head)
         mask = rows * seq * seq if rows > 1 else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute

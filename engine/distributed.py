@@ -145,13 +145,16 @@ class Ranks:
 def check_shardable(config, device: str, dtype: torch.dtype) -> None:
     """FSDP shards a 4-bit base only as bitsandbytes' packed storage in the compute dtype (see
     ``engine.models.load_causal_lm``). On the CPU, bitsandbytes repacks 4-bit weights computing in bfloat16
-    into a layout of its own CPU kernel, which FSDP cannot shard: refuse that one case, before loading."""
-    if config.parallelism == "fsdp" and config.quantized and device == "cpu" and dtype != torch.float32:
+    into a layout of its own CPU kernel, which FSDP cannot shard: refuse that case (also as ``bf16-mixed``, whose
+    4-bit layers compute in bfloat16), before loading."""
+    bf16_4bit = dtype != torch.float32 or config.compute_dtype == "bf16-mixed"
+    if config.parallelism == "fsdp" and config.quantized and device == "cpu" and bf16_4bit:
         from finetune_studio.core.config import ConfigError
 
         raise ConfigError(
             "compute_dtype",
-            f"FSDP with a 4-bit base on the CPU computes in float32: bitsandbytes repacks {dtype} 4-bit "
+            f"FSDP with a 4-bit base on the CPU computes in float32: bitsandbytes repacks "
+            f"{'bfloat16' if config.compute_dtype == 'bf16-mixed' else dtype} 4-bit "
             "weights for its CPU kernel into a layout FSDP cannot shard; use compute_dtype: auto or float32, "
             "or parallelism: ddp",
         )

@@ -257,9 +257,9 @@ class Recipe:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
         patching.apply_memory_patches(self.model, cfg.fused_ops)  # Llama-family: ops that save less for backward
-        if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, cfg.quantized, self.ranks is not None):
+        if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, self.ranks is not None):
             self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
-        for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device):
+        for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device, cfg.fused_ops):
             self.reporter.log(note)
         self._stop_point()
         self.module = None  # several processes: the DDP- or FSDP-wrapped training forward

@@ -68,6 +68,9 @@ def test_parallelism_is_validated_and_fsdp_takes_a_4bit_base_but_not_bfloat16_on
     with pytest.raises(ConfigError, match="compute_dtype") as err:
         check_shardable(qlora, "cpu", torch.bfloat16)
     assert "bitsandbytes repacks" in str(err.value) and "parallelism: ddp" in str(err.value)
+    with pytest.raises(ConfigError, match="compute_dtype"):  # bf16-mixed loads in float32, its 4-bit layers bf16
+        check_shardable(qlora.replace(compute_dtype="bf16-mixed"), "cpu", torch.float32)
+    check_shardable(qlora.replace(compute_dtype="bf16-mixed", parallelism="ddp"), "cpu", torch.float32)
 
 
 def test_a_shardable_4bit_base_stores_its_packed_weights_in_the_compute_dtype(tiny_model_dir):

@@ -117,13 +117,15 @@ def test_config_kernels_field():
 
 
 def test_auto_uses_a_kernel_only_where_measured(monkeypatch):
-    assert selection.MEASURED_FASTER == {}  # nothing measured yet: every auto choice is a PyTorch path
-    assert kernel_wiring.dora_norm_impl("auto", "cpu") is None
+    # measured: the chunked norm on the CPU (a whole DoRA step); no Triton kernel anywhere yet
+    assert selection.MEASURED_FASTER == {("dora_norm", "cpu"): "chunked"}
+    assert kernel_wiring.dora_norm_impl("auto", "cpu") == "chunked"
+    assert kernel_wiring.dora_norm_impl("auto", "meta") is None  # unmeasured device: peft's norm
     assert kernel_wiring.dora_norm_impl("torch", "cpu") is None
     assert kernel_wiring.dora_norm_impl("triton", "cpu") == "triton"
     assert kernel_wiring.logprobs_impl("torch") == "chunked"
-    monkeypatch.setitem(selection.MEASURED_FASTER, ("dora_norm", "cpu"), "chunked")
-    assert kernel_wiring.dora_norm_impl("auto", "cpu") == "chunked"
+    monkeypatch.delitem(selection.MEASURED_FASTER, ("dora_norm", "cpu"))
+    assert kernel_wiring.dora_norm_impl("auto", "cpu") is None
 
 
 # --- wiring into peft's DoRA layers --------------------------------------------------------------------------
@@ -180,9 +182,12 @@ def test_patched_dora_layer_matches_peft(dropout):
 def test_install_kernels_follows_the_config():
     model = dora_model()
     assert kernel_wiring.install_kernels(model, "torch", "cpu") == []
-    assert kernel_wiring.install_kernels(model, "auto", "cpu") == []
     assert all("forward" not in layer.__dict__ for layer in kernel_wiring.dora_layers(model))
     assert len(kernel_wiring.dora_layers(model)) == 2
+    assert kernel_wiring.install_kernels(model, "auto", "cpu") == [
+        "Kernels: DoRA weight norms of 2 layers via dora_weight_norm(impl='chunked')"
+    ]
+    assert all(layer._norm_impl == "chunked" for layer in kernel_wiring.dora_layers(model))
 
 
 def test_a_run_asking_for_triton_where_it_cannot_run_fails_before_training(tiny_model_dir, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.memory import (
+    DORA_NORM_CHUNK,
     GIB,
     LOGITS_CHUNK,
     ModelShape,
@@ -237,6 +238,9 @@ def test_output_head_is_chunked():
     from finetune_studio.kernels.linear_logprobs import DEFAULT_CHUNK
 
     assert LOGITS_CHUNK == DEFAULT_CHUNK
+    from finetune_studio.kernels import dora_norm
+
+    assert DORA_NORM_CHUNK == dora_norm.DEFAULT_CHUNK  # the checkpointed DoRA block's norm term
     per_token_bf16 = 2 * 576 * 2 + 48
     assert logits_bytes(DEFAULT, 256, 2) == 12 * 256 * 49152 + 256 * per_token_bf16
     assert logits_bytes(DEFAULT, 1024, 4) == 12 * 1024 * 49152 + 1024 * (2 * 576 * 4 + 48)

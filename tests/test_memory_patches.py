@@ -11,6 +11,7 @@ from engine_helpers import Recorder, tiny_config, write_sft
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.memory import ModelShape, activation_bytes
+from finetune_studio.engine import kernel_wiring
 from finetune_studio.engine.adapters import add_adapters
 from finetune_studio.engine.batches import Batch
 from finetune_studio.engine.forward import LogprobModel
@@ -54,6 +55,7 @@ def _model(arch: str, fused: bool, config: TrainConfig):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     patched = apply_memory_patches(model, fused)
+    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=fused)  # as engine.train does (DoRA's output)
     model.train()
     return model, patched
 
@@ -152,6 +154,32 @@ def test_saved_bytes_fall_by_what_the_fused_ops_leave_out():
     off = TrainConfig(batch_size=3, max_length=21, lora_rank=4, fused_ops=False)
     est = [activation_bytes(shape, c, 3, 21, 4, device_kind="cpu") for c in (off, config)]
     assert est[0] - est[1] == expected
+
+
+def test_dora_keeps_its_outputs_once_and_the_estimate_counts_that():
+    """Per token and layer, float32, DoRA on every linear, fused ops: peft kept each layer's base and adapter
+    outputs (8 * out); kernels.dora_output keeps the layer's output (4 * out), which SwiGLU (gate, up) and the
+    unrepeated attention (v) keep anyway: DoRA over LoRA is 4 * (q + kv + 2h) per token and layer, plus each
+    layer's m / n vector. The estimate's DoRA term (core.memory) is the same bytes."""
+    lora = TrainConfig(batch_size=3, max_length=21, lora_rank=4)
+    dora = lora.replace(method="dora")
+    batch = _batch(3, 21)
+    tokens, layers = batch.input_ids.numel(), SHAPE["num_hidden_layers"]
+    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    q, kv = h, SHAPE["num_key_value_heads"] * (h // SHAPE["num_attention_heads"])
+    outs = q + 2 * kv + h + 2 * i + h
+    _, saved_lora, _ = _step(_model("llama", True, lora)[0], lora, batch)
+    model, _ = _model("llama", True, dora)
+    assert len(kernel_wiring.dora_linears(model)) == 7 * layers
+    assert all("forward" in m.__dict__ for m in kernel_wiring.dora_linears(model))
+    _, saved_dora, _ = _step(model, dora, batch)
+    assert saved_dora - saved_lora == tokens * layers * 4 * (q + kv + 2 * h) + layers * 4 * outs
+    shape = ModelShape.from_config_dict({"architectures": ["LlamaForCausalLM"], **SHAPE})
+    est = [activation_bytes(shape, c, 3, 21, 4, device_kind="cpu") for c in (lora, dora)]
+    assert est[1] - est[0] == saved_dora - saved_lora
+    peft = dora.replace(fused_ops=False)  # peft's DoRA forward: base and adapter outputs, 8 * out per token
+    unfused = [activation_bytes(shape, c, 3, 21, 4, device_kind="cpu") for c in (lora.replace(fused_ops=False), peft)]
+    assert unfused[1] - unfused[0] == tokens * layers * 8 * outs + layers * 12 * outs
 
 
 def test_other_architectures_and_fused_ops_off_are_left_alone():

@@ -121,8 +121,8 @@ def test_a_small_lora_delta_survives_in_mixed_mode_where_autocast_rounds_it_away
 def test_auto_picks_mixed_only_on_a_cpu_with_fast_bf16(monkeypatch):
     for fast in (True, False):
         monkeypatch.setattr(mixed_precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert uses_mixed("auto", "cpu") is fast
-        assert not uses_mixed("auto", "cpu", quantized=True) and not uses_mixed("auto", "cpu", distributed=True)
+        assert uses_mixed("auto", "cpu") is fast  # 16/32-bit and 4-bit bases alike
+        assert not uses_mixed("auto", "cpu", distributed=True)
         assert not uses_mixed("auto", "cuda") and not uses_mixed("float32", "cpu")
         assert not uses_mixed("bfloat16", "cpu")
         assert uses_mixed("bf16-mixed", "cpu") and uses_mixed("bf16-mixed", "cuda")
@@ -188,3 +188,91 @@ def test_a_bf16_mixed_adapter_exported_onto_the_float32_base_gives_the_trained_l
     changed = (trained - base_only).abs().max()
     assert changed > 0.1  # training moved the logits
     assert (exported - trained).abs().max() < 0.05 * changed
+
+
+def _qlora_model(tiny_model_dir):
+    from finetune_studio.engine.adapters import add_adapters
+    from finetune_studio.engine.models import load_causal_lm
+
+    base = load_causal_lm(tiny_model_dir, dtype=torch.float32, device="cpu", quantize_4bit=True)
+    torch.manual_seed(0)
+    model = add_adapters(base, tiny_config(tiny_model_dir, tiny_model_dir, method="qlora"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _logps_and_grads(model, ids):
+    from finetune_studio.engine.batches import Batch
+    from finetune_studio.engine.forward import LogprobModel
+
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    logps = LogprobModel(model)(batch).logps
+    params = [p for p in model.parameters() if p.requires_grad]
+    return logps.detach(), torch.autograd.grad(logps.sum(), params)
+
+
+def test_bf16_mixed_4bit_layers_dequantise_and_multiply_in_bf16(tiny_model_dir):
+    """apply_mixed on a QLoRA model: each Linear4bit computes in bf16 (its first forward must not reset that to
+    the float32 input's dtype), its output back in float32; log-probs and adapter gradients follow float32's
+    within bf16 rounding, and differ from them (the bf16 path really runs)."""
+    import bitsandbytes as bnb
+
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    f32 = _qlora_model(tiny_model_dir)
+    want, want_grads = _logps_and_grads(f32, ids)
+    mixed = _qlora_model(tiny_model_dir)
+    four_bit = [m for m in mixed.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert apply_mixed(mixed) == len(four_bit) == 14
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype))) for m in four_bit]
+    got, grads = _logps_and_grads(mixed, ids)
+    for h in hooks:
+        h.remove()
+    assert all(m.compute_dtype == torch.bfloat16 for m in four_bit)
+    assert set(seen) == {(torch.float32, torch.float32)}  # float32 around the bf16 product
+    assert got.dtype == torch.float32 and (got - want).abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.float32
+        assert (g - w).norm() <= 0.05 * w.norm()
+
+
+def test_a_short_qlora_run_in_bf16_mixed_learns(tiny_model_dir, tmp_path):
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import train_run
+
+    rec = Recorder()
+    config = tiny_config(
+        tiny_model_dir,
+        write_sft(tmp_path / "d.jsonl"),
+        method="qlora",
+        compute_dtype="bf16-mixed",
+        max_steps=8,
+        learning_rate=1e-2,
+    )
+    result = train_run(config, reporter=Reporter(extra=rec))
+    losses = rec.losses
+    assert result.status == "completed" and len(losses) == 8
+    assert sum(losses[-2:]) / 2 < losses[0] * 0.97
+    assert "bf16-mixed: 14 frozen linears" in " ".join(e.message for e in rec.of("log"))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_trains_qlora_in_bf16_mixed_only_on_a_cpu_with_fast_bf16(tiny_model_dir, tmp_path, monkeypatch, fast):
+    import bitsandbytes as bnb
+
+    from finetune_studio.engine.reporting import Reporter
+    from finetune_studio.engine.train import Recipe, StopFlag
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_fast_bf16", lambda: fast)
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), method="qlora", max_steps=1)
+    assert config.compute_dtype == "auto"
+    recipe = Recipe(config, "auto-qlora", tmp_path / "run", None, Reporter(), StopFlag())
+    recipe.setup(resume=False)
+    four_bit = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 14
+    want = torch.bfloat16 if fast else torch.float32
+    assert all(m.compute_dtype == want for m in four_bit)
