@@ -193,8 +193,11 @@ class Memory:
             peak = torch.cuda.max_memory_allocated()
             out.peak_mem_bytes, out.peak_mem_above_model_bytes = peak, peak - self.loaded
         else:
-            out.peak_mem_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            out.peak_mem_above_model_bytes = max(self.sampled, self.proc.memory_info().rss) - self.loaded
+            sampled = max(self.sampled, self.proc.memory_info().rss)
+            # ru_maxrss is the kernel's high-water mark, which it updates lazily (and /proc/self/clear_refs resets):
+            # it can read a little below a resident size sampled since
+            out.peak_mem_bytes = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, sampled)
+            out.peak_mem_above_model_bytes = sampled - self.loaded
         out.model_mem_bytes = self.loaded
 
 
