@@ -297,38 +297,51 @@ class BatchLengths:
     trained_tokens: int
     fitted: bool
     description: str
+    packed: bool = False  # ``packing``: one row of ``seq`` tokens, several sequences in it
 
 
 def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> BatchLengths:
     """The longest batch: rows = batch_size (x2 for DPO); seq = the longest row truncated at max_length (the
     engine pads a batch to its longest row); trained = the ``rows`` largest trained counts, each at most
-    seq - 1 (an upper bound over every batch the data can form). No data: the worst case."""
+    seq - 1 (an upper bound over every batch the data can form). No data: the worst case.
+    With ``packing`` the batch is one row of the tokens present: the ``rows`` longest rows' lengths, summed."""
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
     what = "pairs" if config.objective == "dpo" else "rows"
+    packed = f", packed into one row of {{}} tokens" if config.packing else ""
     if lengths is None or not lengths.longest_rows:
-        return BatchLengths(
+        worst = BatchLengths(
             rows,
             config.max_length,
             rows * (config.max_length - 1),
             False,
-            f"worst case (no dataset yet): {config.batch_size} {what} of max_length {config.max_length} tokens, "
-            "every token trained",
+            f"worst case (no dataset yet): {config.batch_size} {what} of max_length {config.max_length} tokens"
+            f"{packed.format(rows * config.max_length)}, every token trained",
         )
+        return _packed(worst, rows * config.max_length) if config.packing else worst
     seq = max(2, min(config.max_length, lengths.longest_rows[0]))
     top = list(lengths.most_trained[:rows]) + [lengths.most_trained[-1] if lengths.most_trained else seq] * max(
         0, rows - len(lengths.most_trained)
     )
     trained = sum(min(n, seq - 1) for n in top)
+    longest = [min(config.max_length, n) for n in lengths.longest_rows[:rows]]
+    present = sum(longest) + longest[-1] * (rows - len(longest))  # rows beyond those kept: the shortest kept
     cut = " (truncated at max_length)" if lengths.longest_rows[0] > config.max_length else ""
     part = f" of the first {lengths.measured} of {lengths.total} rows" if lengths.total > lengths.measured else ""
-    return BatchLengths(
+    fitted = BatchLengths(
         rows,
         seq,
         trained,
         True,
-        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} padded to {seq} tokens{cut}, "
-        f"at most {trained} trained tokens",
+        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} "
+        + (packed.format(present)[2:] if config.packing else f"padded to {seq} tokens")
+        + f"{cut}, at most {trained} trained tokens",
     )
+    return _packed(fitted, present) if config.packing else fitted
+
+
+def _packed(batch: BatchLengths, tokens: int) -> BatchLengths:
+    """``batch`` as the engine packs it (``engine.batches.pack``): one row of ``tokens``."""
+    return BatchLengths(1, max(2, tokens), batch.trained_tokens, batch.fitted, batch.description, packed=True)
 
 
 @dataclass(frozen=True)
@@ -477,6 +490,7 @@ def layer_activation_bytes(
     fused: bool = False,
     gqa: bool = False,
     recompute: bool = False,
+    masked: bool | None = None,
 ) -> int:
     """What autograd keeps for one block with frozen base weights; per token (x T = rows * seq):
 
@@ -496,10 +510,12 @@ def layer_activation_bytes(
     - DoRA also keeps the base output (b) and the adapter output (4) per out feature [sum out*(b+4)]
     plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
     and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out.
+    ``masked``: whether a mask reaches SDPA (default rows > 1; a packed row's block-diagonal mask does, except on
+    the CPU, where each sequence is its own causal call).
     Frozen linears keep nothing: the gradient of x needs only the weight.
     """
     h, i = shape.hidden_size, shape.intermediate_size
-    padded = rows > 1
+    padded = rows > 1 if masked is None else masked
     repeated = padded and shape.num_key_value_heads < shape.num_attention_heads and not gqa
     kv = shape.q_width if repeated else shape.kv_width
     per_token = shape.norms_per_layer * ((b * h if fused else 4 * h) + 4)
@@ -539,21 +555,27 @@ def activation_bytes(
     backward, so it counts only by what it exceeds the head's memory freed by then:
     max(0, block - logits_bytes(N)), N = ``trained`` (default rows x (seq - 1)).
     DoRA's recomputed block also holds its weight norms' dense B @ A (4 * in * out per adapted linear).
-    ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only."""
+    ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only.
+    ``packing`` (``rows`` = 1 packed row of ``seq`` tokens): transformers builds a boolean block-diagonal mask
+    (seq^2 bytes) that the checkpoints hold; it reaches SDPA except on the CPU, where the attention runs
+    sequence by sequence (``engine.patching.apply_packed_attention``, keys and values at their own width)."""
     tokens = rows * seq
     fused = uses_fused_ops(shape, config)
-    gqa = fused and device_kind == "cpu"
+    packed = config.packing
+    cpu = device_kind == "cpu"
+    gqa = (fused or packed) and cpu
+    masked = (not cpu) if packed else rows > 1
     final = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if config.gradient_checkpointing:
-        one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa)
+        one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, masked=masked)
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
         if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
             one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
         recompute = max(0, one - head)
-        mask = rows * seq * seq if rows > 1 else 0
+        mask = rows * seq * seq if rows > 1 or packed else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     recompute = fused and b == ADAPTER_BYTES
-    one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, recompute=recompute)
+    one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, recompute=recompute, masked=masked)
     rope = 2 * seq * shape.head_dim * b
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):

@@ -257,6 +257,8 @@ class Recipe:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
         patching.apply_memory_patches(self.model, cfg.fused_ops)  # Llama-family: ops that save less for backward
+        if cfg.packing:  # packed rows' attention sequence by sequence on the CPU (not a block-diagonal mask)
+            patching.apply_packed_attention(self.model)
         if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, cfg.quantized, self.ranks is not None):
             self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
         for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device):
@@ -329,7 +331,7 @@ class Recipe:
             flat = [i for g in groups for i in g]
             mine = flat[self.ranks.share(len(flat))]
             groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        batches = [make_batch(self.train_examples, g, pad) for g in groups]
+        batches = [make_batch(self.train_examples, g, pad, cfg.packing) for g in groups]
         denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
         if self.ranks is not None:
             denom = int(self.ranks.sum([denom])[0])
@@ -350,7 +352,7 @@ class Recipe:
         )
         if not wanted:
             return []
-        first = memory_budget.longest_batch(self.train_examples, cfg.batch_size)
+        first = memory_budget.longest_batch(self.train_examples, cfg.batch_size, cfg.packing)
         self.reporter.log(f"Training on the longest batch first (examples {first}), so memory is tested at step 1")
         return first
 
@@ -462,7 +464,7 @@ class Recipe:
         for start in range(0, n, bs):
             self.reporter.progress("reference", start, n, "Computing reference log-probs")
             idx = list(range(start, min(n, start + bs)))
-            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id).to(self.device)
+            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id, self.config.packing).to(self.device)
             c, r = self._reference_logps(batch)
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
         return chosen, rejected
@@ -618,9 +620,8 @@ class Recipe:
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         loss_sum = count = margin = correct = 0.0
         for start in range(0, len(self.val_examples), bs):
-            batch = make_batch(self.val_examples, list(range(start, min(start + bs, len(self.val_examples)))), pad).to(
-                self.device
-            )
+            idx = list(range(start, min(start + bs, len(self.val_examples))))
+            batch = make_batch(self.val_examples, idx, pad, self.config.packing).to(self.device)
             with self._autocast():
                 if not self.dpo:
                     out = self.logps(batch)
