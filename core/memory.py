@@ -304,44 +304,41 @@ def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> Ba
     """The longest batch: rows = batch_size (x2 for DPO); seq = the longest row truncated at max_length (the
     engine pads a batch to its longest row); trained = the ``rows`` largest trained counts, each at most
     seq - 1 (an upper bound over every batch the data can form). No data: the worst case.
-    With ``packing`` the batch is one row of the tokens present: the ``rows`` longest rows' lengths, summed."""
+    With ``packing`` the batch is one row of the tokens present (``engine.batches.pack``): rows = 1, seq = the
+    ``rows`` longest rows' lengths (each truncated at max_length), summed."""
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
     what = "pairs" if config.objective == "dpo" else "rows"
-    packed = f", packed into one row of {{}} tokens" if config.packing else ""
     if lengths is None or not lengths.longest_rows:
-        worst = BatchLengths(
-            rows,
-            config.max_length,
+        present = rows * config.max_length
+        layout = f", packed into one row of {present} tokens" if config.packing else ""
+        return BatchLengths(
+            1 if config.packing else rows,
+            present if config.packing else config.max_length,
             rows * (config.max_length - 1),
             False,
             f"worst case (no dataset yet): {config.batch_size} {what} of max_length {config.max_length} tokens"
-            f"{packed.format(rows * config.max_length)}, every token trained",
+            f"{layout}, every token trained",
+            packed=config.packing,
         )
-        return _packed(worst, rows * config.max_length) if config.packing else worst
     seq = max(2, min(config.max_length, lengths.longest_rows[0]))
     top = list(lengths.most_trained[:rows]) + [lengths.most_trained[-1] if lengths.most_trained else seq] * max(
         0, rows - len(lengths.most_trained)
     )
     trained = sum(min(n, seq - 1) for n in top)
     longest = [min(config.max_length, n) for n in lengths.longest_rows[:rows]]
-    present = sum(longest) + longest[-1] * (rows - len(longest))  # rows beyond those kept: the shortest kept
+    present = max(2, sum(longest) + longest[-1] * (rows - len(longest)))  # rows past those kept: the shortest kept
     cut = " (truncated at max_length)" if lengths.longest_rows[0] > config.max_length else ""
     part = f" of the first {lengths.measured} of {lengths.total} rows" if lengths.total > lengths.measured else ""
-    fitted = BatchLengths(
-        rows,
-        seq,
+    layout = f"packed into one row of {present} tokens" if config.packing else f"padded to {seq} tokens"
+    return BatchLengths(
+        1 if config.packing else rows,
+        present if config.packing else seq,
         trained,
         True,
-        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} "
-        + (packed.format(present)[2:] if config.packing else f"padded to {seq} tokens")
-        + f"{cut}, at most {trained} trained tokens",
+        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} {layout}{cut}, "
+        f"at most {trained} trained tokens",
+        packed=config.packing,
     )
-    return _packed(fitted, present) if config.packing else fitted
-
-
-def _packed(batch: BatchLengths, tokens: int) -> BatchLengths:
-    """``batch`` as the engine packs it (``engine.batches.pack``): one row of ``tokens``."""
-    return BatchLengths(1, max(2, tokens), batch.trained_tokens, batch.fitted, batch.description, packed=True)
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,7 @@ def _examples(objective: str) -> list:
         return [_row(n, i) for i, n in enumerate(LENGTHS)]
     # a shared prompt, answers of different lengths
     return [
-        TokenizedPair(_row(n, i), _row(max(4, n - 3 * i + 5), 100 + i), prompt_tokens=0)
-        for i, n in enumerate(LENGTHS)
+        TokenizedPair(_row(n, i), _row(max(4, n - 3 * i + 5), 100 + i), prompt_tokens=0) for i, n in enumerate(LENGTHS)
     ]
 
 
@@ -165,9 +164,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch, objective, fused, checkpointing", CASES)
-def test_packed_batch_gives_the_padded_loss_and_adapter_gradients(
-    arch, objective, fused, checkpointing, monkeypatch
-):
+def test_packed_batch_gives_the_padded_loss_and_adapter_gradients(arch, objective, fused, checkpointing, monkeypatch):
     config = TrainConfig(objective=objective, lora_rank=4, gradient_checkpointing=checkpointing)
     model = _model(arch, config, fused=fused, routed=True)
     examples = _examples(objective)
