@@ -12,6 +12,10 @@ is untouched):
   them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
   are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
 
+``apply_packed_attention(model)`` (``packing``, any architecture, with or without the fused ops) routes every
+attention module's SDPA call the same way, so that a packed row (``engine.batches.pack``) runs on the CPU one
+causal SDPA call per sequence instead of transformers' block-diagonal mask over the whole row.
+
 The LoRA/DoRA linears stay PEFT's modules and compute as before; losses and gradients are those of the unpatched
 model (tests/test_memory_patches.py). Other architectures: nothing changes (a log line says so).
 """
