@@ -14,7 +14,9 @@ from the sequence boundaries passed as ``cu_seq_lens_q`` / ``cu_seq_lens_k``). T
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +77,18 @@ class LogprobModel:
             logits = self.model(**inputs).logits[:, :-1]
             logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
+
+
+def takes_packed_rows(model) -> bool:
+    """Whether ``model`` (a PEFT model or a causal LM) confines attention to each sequence of a packed row: its
+    decoder builds its masks with transformers' ``create_causal_mask`` (which finds the sequences from position ids
+    that restart) and its forward takes position ids and passes other keyword arguments on to the attention."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if decoder is None or getattr(sys.modules.get(type(decoder).__module__), "create_causal_mask", None) is None:
+        return False
+    params = inspect.signature(decoder.forward).parameters
+    return "position_ids" in params and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def packed_inputs(batch: Batch) -> dict:

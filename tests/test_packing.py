@@ -332,3 +332,19 @@ def test_a_resumed_packed_run_matches_the_uninterrupted_one(tiny_model_dir, tmp_
     assert resumed.status == "completed" and second.of("started")[0].resumed_from_step == 2
     assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-5)
     assert [m["loss"] for m in Store().metrics(stopped.run_id)] == pytest.approx(full.losses, abs=1e-5)
+
+
+def test_only_decoders_whose_masks_follow_restarting_positions_take_packed_rows():
+    """Llama and Qwen2 build their masks with transformers' create_causal_mask; Mamba has no attention to confine
+    (its state would run on from one sequence into the next): a packing run pads Mamba's batches."""
+    import transformers
+
+    from finetune_studio.engine.forward import takes_packed_rows
+
+    config = TrainConfig(lora_rank=4)
+    assert takes_packed_rows(_model("llama", config, fused=True, routed=True))
+    assert takes_packed_rows(_model("qwen2", config, fused=False, routed=False))
+    mamba = transformers.MambaForCausalLM(
+        transformers.MambaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, state_size=4)
+    )
+    assert not takes_packed_rows(mamba)
