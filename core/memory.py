@@ -488,6 +488,7 @@ def layer_activation_bytes(
     gqa: bool = False,
     recompute: bool = False,
     masked: bool | None = None,
+    split_attention: bool = False,
 ) -> int:
     """What autograd keeps for one block with frozen base weights; per token (x T = rows * seq):
 
@@ -508,7 +509,8 @@ def layer_activation_bytes(
     plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
     and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out.
     ``masked``: whether a mask reaches SDPA (default rows > 1; a packed row's block-diagonal mask does, except on
-    the CPU, where each sequence is its own causal call).
+    the CPU, where each sequence is its own causal call). ``split_attention`` (that CPU path): each call keeps its
+    sequence's output and o_proj's adapter (float32) keeps their concatenation, a second copy  [b*q]
     Frozen linears keep nothing: the gradient of x needs only the weight.
     """
     h, i = shape.hidden_size, shape.intermediate_size
@@ -527,6 +529,8 @@ def layer_activation_bytes(
     else:
         per_token += sum(4 * lin.in_features for lin in targeted)
     per_token += sum(4 * config.lora_rank for _ in targeted)
+    if split_attention and b == ADAPTER_BYTES and any(lin.reads == "attn_out" for lin in targeted):
+        per_token += b * shape.q_width
     if config.uses_dora:
         per_token += sum(lin.out_features * (b + 4) for lin in targeted)
     constant = sum(12 * lin.out_features for lin in targeted) if config.uses_dora else 0
@@ -564,7 +568,9 @@ def activation_bytes(
     masked = (not cpu) if packed else rows > 1
     final = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if config.gradient_checkpointing:
-        one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, masked=masked)
+        one = layer_activation_bytes(
+            shape, config, rows, seq, b, fused=fused, gqa=gqa, masked=masked, split_attention=packed and cpu
+        )
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
         if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
             one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
@@ -572,7 +578,18 @@ def activation_bytes(
         mask = rows * seq * seq if rows > 1 or packed else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     recompute = fused and b == ADAPTER_BYTES
-    one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, recompute=recompute, masked=masked)
+    one = layer_activation_bytes(
+        shape,
+        config,
+        rows,
+        seq,
+        b,
+        fused=fused,
+        gqa=gqa,
+        recompute=recompute,
+        masked=masked,
+        split_attention=packed and cpu,
+    )
     rope = 2 * seq * shape.head_dim * b
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
