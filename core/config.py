@@ -151,7 +151,7 @@ class TrainConfig:
         advanced=True,
     )
     packing: bool = _f(
-        False,
+        True,
         "Pack each batch's examples into one row with no padding, attention kept within each example: the same "
         "loss, less work and memory when examples differ in length.",
         advanced=True,

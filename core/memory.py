@@ -565,7 +565,9 @@ def activation_bytes(
     packed = config.packing
     cpu = device_kind == "cpu"
     gqa = (fused or packed) and cpu
-    masked = (not cpu) if packed else rows > 1
+    sequences = config.batch_size * (2 if config.objective == "dpo" else 1)
+    # a packed row of one sequence has no mask (transformers finds no restart in its position ids)
+    masked = (not cpu and sequences > 1) if packed else rows > 1
     final = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if config.gradient_checkpointing:
         one = layer_activation_bytes(
@@ -575,7 +577,7 @@ def activation_bytes(
         if config.uses_dora:  # the recomputed block's DoRA weight norms: a dense float32 B @ A per adapted linear
             one += sum(4 * lin.in_features * lin.out_features for lin in shape.targeted_layers(config.target_modules))
         recompute = max(0, one - head)
-        mask = rows * seq * seq if rows > 1 or packed else 0
+        mask = rows * seq * seq if rows > 1 or (packed and sequences > 1) else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     recompute = fused and b == ADAPTER_BYTES
     one = layer_activation_bytes(

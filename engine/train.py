@@ -472,9 +472,7 @@ class Recipe:
         for start in range(0, n, bs):
             self.reporter.progress("reference", start, n, "Computing reference log-probs")
             idx = list(range(start, min(n, start + bs)))
-            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id, self.packing).to(
-                self.device
-            )
+            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id, self.packing).to(self.device)
             c, r = self._reference_logps(batch)
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
         return chosen, rejected
