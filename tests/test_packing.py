@@ -210,7 +210,7 @@ def test_packing_must_be_true_or_false():
 
 def test_the_estimate_counts_the_tokens_a_packed_batch_holds():
     lengths = DataLengths.of_rows([400, 380, 40, 30, 20, 20], [200, 190, 20, 15, 10, 10])
-    padded = batch_lengths(TrainConfig(batch_size=4, max_length=1024), lengths)
+    padded = batch_lengths(TrainConfig(batch_size=4, max_length=1024, packing=False), lengths)
     packed = batch_lengths(TrainConfig(batch_size=4, max_length=1024, packing=True), lengths)
     assert (padded.rows, padded.seq, padded.packed) == (4, 400, False)
     assert (packed.rows, packed.seq, packed.packed) == (1, 400 + 380 + 40 + 30, True)
