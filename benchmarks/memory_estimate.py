@@ -108,7 +108,7 @@ def _build(cfg: dict, config: TrainConfig, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune_studio.engine.adapters import add_adapters
-    from finetune_studio.engine.patching import apply_memory_patches
+    from finetune_studio.engine.patching import apply_memory_patches, apply_packed_attention
 
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(0)
@@ -116,6 +116,8 @@ def _build(cfg: dict, config: TrainConfig, dtype):
     model.config.use_cache = False
     model = add_adapters(model, config)  # also turns on gradient checkpointing when asked
     apply_memory_patches(model, config.fused_ops)  # as engine.train.Recipe.setup does
+    if config.packing:
+        apply_packed_attention(model)
     model.train()
     return model
 
@@ -148,7 +150,22 @@ def _ragged_batch(cfg: dict, config: TrainConfig, rows: list[tuple[int, int]], d
         mask[i, :n] = 1
         labels[i, n - trained : n] = ids[i, n - trained : n]
     pairs = len(rows) // 2 if config.objective == "dpo" else 0
-    return Batch(ids, mask, labels, pairs=pairs).to(device)
+    return _maybe_packed(Batch(ids, mask, labels, pairs=pairs), config).to(device)
+
+
+def _maybe_packed(batch, config: TrainConfig):
+    """``batch`` as ``engine.batches.make_batch`` lays it out for ``config``: packed into one row with ``packing``."""
+    from finetune_studio.engine.batches import Batch, pack
+    from finetune_studio.engine.render import Tokenized
+
+    if not config.packing:
+        return batch
+    rows = [
+        Tokenized(ids[m.bool()].tolist(), labels[m.bool()].tolist())
+        for ids, m, labels in zip(batch.input_ids, batch.attention_mask, batch.labels)
+    ]
+    ids, mask, labels, positions = pack(rows)
+    return Batch(ids, mask, labels, pairs=batch.pairs, position_ids=positions)
 
 
 def _batch(cfg: dict, config: TrainConfig, device):
@@ -168,6 +185,9 @@ def _batch(cfg: dict, config: TrainConfig, device):
         mask[-1, -1] = 0  # right padding on the last row
     labels = ids.masked_fill(mask == 0, IGNORE)
     pairs = config.batch_size if config.objective == "dpo" else 0
+    if config.packing:  # full rows, each one's first token untrained (nothing before it in its sequence)
+        mask = torch.ones_like(ids)
+        return _maybe_packed(Batch(ids, mask, ids.clone(), pairs=pairs), config).to(device)
     return Batch(ids, mask, labels, pairs=pairs).to(device)
 
 

@@ -133,7 +133,9 @@ def variants(args) -> dict:
     from finetune_studio.engine.mixed_precision import apply_mixed
 
     recipe = make_recipe(args.objective, "float32")
-    batch = make_batch(recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id)
+    batch = make_batch(
+        recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id, recipe.packing
+    )
     state = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
     sched = recipe.scheduler.state_dict()
 
@@ -179,7 +181,9 @@ def curve(args) -> dict:
         recipe = make_recipe(args.objective, dtype, seed, method=args.method)
         losses, times = [], []
         for _ in range(args.steps):
-            batch = make_batch(recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id)
+            batch = make_batch(
+                recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id, recipe.packing
+            )
             t0 = time.perf_counter()
             losses.append(one_step(recipe, batch))
             times.append(time.perf_counter() - t0)

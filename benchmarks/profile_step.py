@@ -1,7 +1,7 @@
 """Where an engine training step spends its time, and what two CPU levers change.
 
 ``python benchmarks/profile_step.py [--objective sft|dpo] [--method lora|dora|qlora] [--threads N]
-[--top 25] [--levers]``
+[--top 25] [--levers] [--no-packing]``
 
 Sets up the engine's own recipe (``engine.train.Recipe``: the default model, the demo data, LoRA r16, batch 4;
 the process restarted with the engine's glibc malloc settings and the heap reused between steps, as in a run)
@@ -42,6 +42,7 @@ def make_recipe(args):
         validation_fraction=0.0,
         num_threads=args.threads,
         fused_ops=getattr(args, "fused_ops", True),
+        packing=not getattr(args, "no_packing", False),
     )
     recipe = Recipe(cfg, "profile", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
     recipe.setup(resume=False)
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--levers", action="store_true", help="also time bf16 autocast and the thread count")
     ap.add_argument("--lever-steps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-packing", action="store_true", help="padded batches (TrainConfig.packing off)")
     ap.add_argument("--no-thread-lever", action="store_true", help="skip the one-thread-per-core timing")
     args = ap.parse_args(argv)
     if argv is None:  # run as a script: the engine's glibc malloc settings, as a training process has them
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
 
     reuse_memory_between_steps()  # what Recipe.run does once the model is ready
     idx = recipe.sampler.next_indices()
-    batch = make_batch(recipe.train_examples, idx, recipe.tokenizer.pad_token_id).to(recipe.device)
+    batch = make_batch(recipe.train_examples, idx, recipe.tokenizer.pad_token_id, recipe.packing).to(recipe.device)
     print(
         f"torch {torch.__version__}; {recipe.device}, {torch.get_num_threads()} thread(s); {args.method} "
         f"{args.objective}; batch {batch.input_ids.shape[0]} rows x {batch.input_ids.shape[1]} "

@@ -55,7 +55,9 @@ def main(argv=None) -> int:
 
     proc = psutil.Process()
     recipe = make_recipe(args)
-    batch = make_batch(recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id)
+    batch = make_batch(
+        recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id, recipe.packing
+    )
     rss_setup = proc.memory_info().rss
     one_step(recipe, batch)  # warm-up: optimizer states, lazy inits
     rss_warm, warm_peak = proc.memory_info().rss, resident_peak()

@@ -1,7 +1,7 @@
 """Training speed and memory: the engine against transformers + PEFT + TRL, side by side.
 
 ``python benchmarks/train_bench.py [--quick] [--json] [--methods lora,qlora,dora] [--objectives sft,dpo]
-[--steps N] [--repeats R] [--threads T] [--device cpu|cuda]``
+[--steps N] [--repeats R] [--threads T] [--device cpu|cuda] [--no-packing]``
 
 Both sides train the same model (the bundled default, SmolLM2-135M-Instruct, unless ``--model``), the same data
 (the demo SFT or preference file), the same LoRA rank / alpha / targets, batch, length, learning rate, seed and
@@ -71,6 +71,7 @@ class Spec:
     dataset: str = ""  # empty: the demo SFT or preference file
     compute_dtype: str = "auto"  # the studio side's (auto: bf16-mixed on a CPU with AVX-512 BF16 / AMX)
     same_allocator: bool = False  # the baseline's process gets the engine's glibc malloc settings too
+    packing: bool = True  # the studio side's TrainConfig.packing (the baseline ignores it: TRL keeps its defaults)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def engine_config(spec: Spec):
         checkpoint_every=0,
         num_threads=spec.threads,
         compute_dtype=spec.compute_dtype,
+        packing=spec.packing,
     )
 
 
@@ -509,6 +511,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--model", default="default", help="'default' (the bundled model) or a model folder")
     ap.add_argument("--compute-dtype", default="auto", help="the studio side's compute_dtype (TrainConfig)")
+    ap.add_argument("--no-packing", action="store_true", help="the studio side pads its batches (TrainConfig.packing)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker run")
     ap.add_argument("--save", help="also write the JSON rows to this file")
     ap.add_argument(
@@ -570,6 +573,7 @@ def main(argv=None) -> int:
                         device=args.device,
                         compute_dtype=args.compute_dtype,
                         same_allocator=args.same_allocator,
+                        packing=not args.no_packing,
                     )
                     t0 = time.perf_counter()
                     o = run_worker(spec, args.timeout)

@@ -151,6 +151,12 @@ class TrainConfig:
         "the same numbers, less activation memory; off runs transformers' own modules.",
         advanced=True,
     )
+    packing: bool = _f(
+        True,
+        "Pack each batch's examples into one row with no padding, attention kept within each example: the same "
+        "loss, less work and memory when examples differ in length.",
+        advanced=True,
+    )
     num_epochs: float = _f(0.0, "If above 0, train this many passes over the data instead of max_steps.", advanced=True)
     longest_batch_first: str = _f(
         "auto",
@@ -323,6 +329,7 @@ class TrainConfig:
         for flag in (
             "use_rslora",
             "gradient_checkpointing",
+            "packing",
             "precompute_reference",
             "allow_pickle",
             "trust_remote_code",

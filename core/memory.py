@@ -298,37 +298,47 @@ class BatchLengths:
     trained_tokens: int
     fitted: bool
     description: str
+    packed: bool = False  # ``packing``: one row of ``seq`` tokens, several sequences in it
 
 
 def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> BatchLengths:
     """The longest batch: rows = batch_size (x2 for DPO); seq = the longest row truncated at max_length (the
     engine pads a batch to its longest row); trained = the ``rows`` largest trained counts, each at most
-    seq - 1 (an upper bound over every batch the data can form). No data: the worst case."""
+    seq - 1 (an upper bound over every batch the data can form). No data: the worst case.
+    With ``packing`` the batch is one row of the tokens present (``engine.batches.pack``): rows = 1, seq = the
+    ``rows`` longest rows' lengths (each truncated at max_length), summed."""
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
     what = "pairs" if config.objective == "dpo" else "rows"
     if lengths is None or not lengths.longest_rows:
+        present = rows * config.max_length
+        layout = f", packed into one row of {present} tokens" if config.packing else ""
         return BatchLengths(
-            rows,
-            config.max_length,
+            1 if config.packing else rows,
+            present if config.packing else config.max_length,
             rows * (config.max_length - 1),
             False,
-            f"worst case (no dataset yet): {config.batch_size} {what} of max_length {config.max_length} tokens, "
-            "every token trained",
+            f"worst case (no dataset yet): {config.batch_size} {what} of max_length {config.max_length} tokens"
+            f"{layout}, every token trained",
+            packed=config.packing,
         )
     seq = max(2, min(config.max_length, lengths.longest_rows[0]))
     top = list(lengths.most_trained[:rows]) + [lengths.most_trained[-1] if lengths.most_trained else seq] * max(
         0, rows - len(lengths.most_trained)
     )
     trained = sum(min(n, seq - 1) for n in top)
+    longest = [min(config.max_length, n) for n in lengths.longest_rows[:rows]]
+    present = max(2, sum(longest) + longest[-1] * (rows - len(longest)))  # rows past those kept: the shortest kept
     cut = " (truncated at max_length)" if lengths.longest_rows[0] > config.max_length else ""
     part = f" of the first {lengths.measured} of {lengths.total} rows" if lengths.total > lengths.measured else ""
+    layout = f"packed into one row of {present} tokens" if config.packing else f"padded to {seq} tokens"
     return BatchLengths(
-        rows,
-        seq,
+        1 if config.packing else rows,
+        present if config.packing else seq,
         trained,
         True,
-        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} padded to {seq} tokens{cut}, "
+        f"fitted to the data{part}: the longest batch is {config.batch_size} {what} {layout}{cut}, "
         f"at most {trained} trained tokens",
+        packed=config.packing,
     )
 
 
@@ -492,6 +502,8 @@ def layer_activation_bytes(
     fused: bool = False,
     gqa: bool = False,
     recompute: bool = False,
+    masked: bool | None = None,
+    split_attention: bool = False,
 ) -> int:
     """What autograd keeps for one block with frozen base weights; per token (x T = rows * seq):
 
@@ -515,10 +527,13 @@ def layer_activation_bytes(
     plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
     and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out (``fuses_dora_output``: the
     scale m / n, 4 * out).
+    ``masked``: whether a mask reaches SDPA (default rows > 1; a packed row's block-diagonal mask does, except on
+    the CPU, where each sequence is its own causal call). ``split_attention`` (that CPU path): each call keeps its
+    sequence's output and o_proj's adapter (float32) keeps their concatenation, a second copy  [b*q]
     Frozen linears keep nothing: the gradient of x needs only the weight.
     """
     h, i = shape.hidden_size, shape.intermediate_size
-    padded = rows > 1
+    padded = rows > 1 if masked is None else masked
     repeated = padded and shape.num_key_value_heads < shape.num_attention_heads and not gqa
     kv = shape.q_width if repeated else shape.kv_width
     per_token = shape.norms_per_layer * ((b * h if fused else 4 * h) + 4)
@@ -533,6 +548,8 @@ def layer_activation_bytes(
     else:
         per_token += sum(4 * lin.in_features for lin in targeted)
     per_token += sum(4 * config.lora_rank for _ in targeted)
+    if split_attention and b == ADAPTER_BYTES and any(lin.reads == "attn_out" for lin in targeted):
+        per_token += b * shape.q_width
     if config.uses_dora and fuses_dora_output(config):
         # the output, float32 (the wider of the base's and the float32 adapter's dtypes); the MLP's gate and up
         # outputs (and v, when attention keeps it unrepeated) are kept by their consumer already when b = 4
@@ -570,13 +587,23 @@ def activation_bytes(
     (4 * min(out, 256) * in, the largest linear's). With ``fuses_dora_output`` the measured peak is the same with
     either norm (``benchmarks/memory_grid.py --method dora``: 15.14 MiB both, the estimate 15.17), so the dense
     term stays; which temporaries of the recomputed block make it up there is not pinned down.
-    ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only."""
+    ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only.
+    ``packing`` (``rows`` = 1 packed row of ``seq`` tokens): transformers builds a boolean block-diagonal mask
+    (seq^2 bytes) that the checkpoints hold; it reaches SDPA except on the CPU, where the attention runs
+    sequence by sequence (``engine.patching.apply_packed_attention``, keys and values at their own width)."""
     tokens = rows * seq
     fused = uses_fused_ops(shape, config)
-    gqa = fused and device_kind == "cpu"
+    packed = config.packing
+    cpu = device_kind == "cpu"
+    gqa = (fused or packed) and cpu
+    sequences = config.batch_size * (2 if config.objective == "dpo" else 1)
+    # a packed row of one sequence has no mask (transformers finds no restart in its position ids)
+    masked = (not cpu and sequences > 1) if packed else rows > 1
     final = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if config.gradient_checkpointing:
-        one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa)
+        one = layer_activation_bytes(
+            shape, config, rows, seq, b, fused=fused, gqa=gqa, masked=masked, split_attention=packed and cpu
+        )
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
         targeted = shape.targeted_layers(config.target_modules)
         if config.uses_dora and chunked_dora_norm(config, device_kind) and not fuses_dora_output(config):
@@ -585,10 +612,21 @@ def activation_bytes(
         elif config.uses_dora:  # measured: a dense float32 [out, in] per adapted linear (see the docstring)
             one += sum(4 * lin.in_features * lin.out_features for lin in targeted)
         recompute = max(0, one - head)
-        mask = rows * seq * seq if rows > 1 else 0
+        mask = rows * seq * seq if rows > 1 or (packed and sequences > 1) else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     recompute = fused and b == ADAPTER_BYTES
-    one = layer_activation_bytes(shape, config, rows, seq, b, fused=fused, gqa=gqa, recompute=recompute)
+    one = layer_activation_bytes(
+        shape,
+        config,
+        rows,
+        seq,
+        b,
+        fused=fused,
+        gqa=gqa,
+        recompute=recompute,
+        masked=masked,
+        split_attention=packed and cpu,
+    )
     rope = 2 * seq * shape.head_dim * b
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):

@@ -163,7 +163,7 @@ def check_shardable(config, device: str, dtype: torch.dtype) -> None:
 class LogpsModule(torch.nn.Module):
     """The training forward (``LogprobModel``) as one module, so that DDP's and FSDP's hooks run around it.
 
-    Its forward takes the batch's tensors and returns (log-probs [N], row of each [N]).
+    Its forward takes the batch's tensors and returns (log-probs [N], sequence of each [N]).
     """
 
     def __init__(self, model, kernels: str = "auto"):
@@ -171,8 +171,8 @@ class LogpsModule(torch.nn.Module):
         self.model = model
         self._logps = LogprobModel(model, kernels=kernels)
 
-    def forward(self, input_ids, attention_mask, labels):
-        out = self._logps(Batch(input_ids, attention_mask, labels))
+    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+        out = self._logps(Batch(input_ids, attention_mask, labels, position_ids=position_ids))
         return out.logps, out.rows
 
 
@@ -183,8 +183,8 @@ class WrappedLogps:
         self.module = module
 
     def __call__(self, batch: Batch) -> TokenLogps:
-        logps, rows = self.module(batch.input_ids, batch.attention_mask, batch.labels)
-        return TokenLogps(logps=logps, rows=rows, batch=batch.input_ids.shape[0])
+        logps, rows = self.module(batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids)
+        return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

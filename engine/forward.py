@@ -4,10 +4,19 @@ Instead of ``model(...).logits`` (a [B, T, V] float32 tensor, usually the peak o
 body, pick the hidden states of trained positions, and send only those through the output head in chunks
 (``kernels.linear_logprobs``). Models whose head is not a plain linear map (LoRA on the head, logit scaling)
 take the ordinary path.
+
+A packed batch (``Batch.position_ids``: one row, positions restarting per sequence) goes in with no attention mask
+and its position ids: transformers then confines attention to each sequence (a block-diagonal causal mask for
+SDPA and eager attention, ``masking_utils.find_packed_sequence_indices``; flash-attention's varlen kernel on GPUs,
+from the sequence boundaries passed as ``cu_seq_lens_q`` / ``cu_seq_lens_k``). The CPU's patched attention
+(``engine.patching``) reads those boundaries too and runs each sequence on its own (``kernels.attention``).
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +31,8 @@ from finetune_studio.kernels.linear_logprobs import token_logprobs
 @dataclass
 class TokenLogps:
     logps: torch.Tensor  # [N] float32, log p of each trained target token
-    rows: torch.Tensor  # [N] the sequence each token belongs to
-    batch: int
+    rows: torch.Tensor  # [N] the sequence each token belongs to (a padded batch's row, or a packed one's sequence)
+    batch: int  # sequences in the batch
 
 
 class LogprobModel:
@@ -46,11 +55,14 @@ class LogprobModel:
     def __call__(self, batch: Batch) -> TokenLogps:
         targets = batch.labels[:, 1:]  # [B, T-1]
         mask = targets != IGNORE
-        rows = mask.nonzero()[:, 0]
+        if batch.packed:
+            rows = batch.sequence_index[:, :-1][mask]
+            inputs = dict(input_ids=batch.input_ids, use_cache=False, **packed_inputs(batch))
+        else:
+            rows = mask.nonzero()[:, 0]
+            inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         if self.fused:
-            hidden = self.decoder(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state  # [B, T, H]
+            hidden = self.decoder(**inputs).last_hidden_state  # [B, T, H]
             selected = hidden[:, :-1][mask]  # [N, H]
             if selected.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
                 # bf16 autocast on the CPU: the head in float32 (bf16 logits of ~20 are off by ~0.1; the head is
@@ -62,8 +74,33 @@ class LogprobModel:
             else:
                 logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap, impl=self.impl)
         else:
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[
-                :, :-1
-            ]
+            logits = self.model(**inputs).logits[:, :-1]
             logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-        return TokenLogps(logps=logps, rows=rows, batch=batch.input_ids.shape[0])
+        return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
+
+
+def takes_packed_rows(model) -> bool:
+    """Whether ``model`` (a PEFT model or a causal LM) confines attention to each sequence of a packed row: its
+    decoder builds its masks with transformers' ``create_causal_mask`` (which finds the sequences from position ids
+    that restart) and its forward takes position ids and passes other keyword arguments on to the attention."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if decoder is None or getattr(sys.modules.get(type(decoder).__module__), "create_causal_mask", None) is None:
+        return False
+    params = inspect.signature(decoder.forward).parameters
+    return "position_ids" in params and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def packed_inputs(batch: Batch) -> dict:
+    """The decoder's keyword arguments for a packed batch: its position ids, no attention mask, and the sequence
+    boundaries in flash-attention's varlen form (cumulative lengths, int32, and the longest)."""
+    lengths = batch.sequence_lengths
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=batch.input_ids.device)
+    longest = max(lengths)
+    return dict(
+        position_ids=batch.position_ids,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=longest,
+        max_length_k=longest,
+    )

@@ -71,14 +71,16 @@ def data_lengths(examples: list, total: int = 0) -> DataLengths:
     return DataLengths.of_rows(lengths, trained, total or len(examples))
 
 
-def longest_batch(examples: list, batch_size: int) -> list[int]:
+def longest_batch(examples: list, batch_size: int, packed: bool = False) -> list[int]:
     """Indices of the ``batch_size`` examples with the longest rows (then the most trained tokens, then the
-    lowest index): deterministic, so a resumed run computes the same batch."""
+    lowest index): deterministic, so a resumed run computes the same batch. ``packed`` (``packing``): the
+    examples with the most tokens (a DPO pair's chosen and rejected together), what a packed row's size is."""
 
     def key(i: int):
         item = examples[i]
         rows = (item.chosen, item.rejected) if isinstance(item, TokenizedPair) else (item,)
-        return (-max(len(r.input_ids) for r in rows), -sum(r.trained_tokens for r in rows), i)
+        size = (sum if packed else max)(len(r.input_ids) for r in rows)
+        return (-size, -sum(r.trained_tokens for r in rows), i)
 
     return sorted(range(len(examples)), key=key)[: min(batch_size, len(examples))]
 

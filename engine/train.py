@@ -44,7 +44,7 @@ from finetune_studio.engine.batches import Sampler, make_batch
 from finetune_studio.engine.datasets import load_dataset
 from finetune_studio.engine.datasets.split import split_by_prompt
 from finetune_studio.engine.early_stopping import EarlyStopping
-from finetune_studio.engine.forward import LogprobModel
+from finetune_studio.engine.forward import LogprobModel, takes_packed_rows
 from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 from finetune_studio.engine.models import (
     LoadOptions,
@@ -202,6 +202,7 @@ class Recipe:
         self.main = ranks is None or ranks.is_main
         self.step = 0
         self.dpo = config.objective == "dpo"
+        self.packing = False  # config.packing where the model takes packed rows (set up in setup)
         self.start: init_adapter.StartingAdapter | None = None
         self.snapshot_id = ""
         self.early = EarlyStopping(config.early_stopping_patience, run_dir)
@@ -257,6 +258,15 @@ class Recipe:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             self.model = adapters.add_adapters(base, cfg)
         patching.apply_memory_patches(self.model, cfg.fused_ops)  # Llama-family: ops that save less for backward
+        self.packing = cfg.packing and takes_packed_rows(self.model)
+        if self.packing:  # packed rows' attention sequence by sequence on the CPU (not a block-diagonal mask)
+            patching.apply_packed_attention(self.model)
+        elif cfg.packing:
+            self.reporter.log(
+                f"packing: {type(base).__name__} does not take packed rows (position ids that restart per "
+                "sequence); its batches are padded",
+                "warning",
+            )
         if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, self.ranks is not None):
             self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
         for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device, cfg.fused_ops):
@@ -329,7 +339,7 @@ class Recipe:
             flat = [i for g in groups for i in g]
             mine = flat[self.ranks.share(len(flat))]
             groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        batches = [make_batch(self.train_examples, g, pad) for g in groups]
+        batches = [make_batch(self.train_examples, g, pad, self.packing) for g in groups]
         denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
         if self.ranks is not None:
             denom = int(self.ranks.sum([denom])[0])
@@ -350,7 +360,7 @@ class Recipe:
         )
         if not wanted:
             return []
-        first = memory_budget.longest_batch(self.train_examples, cfg.batch_size)
+        first = memory_budget.longest_batch(self.train_examples, cfg.batch_size, self.packing)
         self.reporter.log(f"Training on the longest batch first (examples {first}), so memory is tested at step 1")
         return first
 
@@ -462,7 +472,7 @@ class Recipe:
         for start in range(0, n, bs):
             self.reporter.progress("reference", start, n, "Computing reference log-probs")
             idx = list(range(start, min(n, start + bs)))
-            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id).to(self.device)
+            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id, self.packing).to(self.device)
             c, r = self._reference_logps(batch)
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
         return chosen, rejected
@@ -618,9 +628,8 @@ class Recipe:
         bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
         loss_sum = count = margin = correct = 0.0
         for start in range(0, len(self.val_examples), bs):
-            batch = make_batch(self.val_examples, list(range(start, min(start + bs, len(self.val_examples)))), pad).to(
-                self.device
-            )
+            idx = list(range(start, min(start + bs, len(self.val_examples))))
+            batch = make_batch(self.val_examples, idx, pad, self.packing).to(self.device)
             with self._autocast():
                 if not self.dpo:
                     out = self.logps(batch)

@@ -5,6 +5,8 @@ before calling ``torch.nn.functional.scaled_dot_product_attention`` (it passes `
 and the attention's backward keeps the repeated copies: keys and values at the query width. Torch's CPU kernel
 takes ``enable_gqa`` with a mask too, and then keeps them at their own width (and runs a little faster).
 
+Packed rows (``packed_attention``): one causal SDPA call per sequence of the row.
+
 Layering: reference (``gqa_attention_reference``: repeat, then SDPA, as transformers does) -> public op
 (``gqa_attention`` with ``impl='auto'|'torch'|'reference'``: torch's SDPA with ``enable_gqa``).
 """
@@ -33,3 +35,19 @@ def gqa_attention(q, k, v, mask=None, *, scale=None, dropout=0.0, is_causal=Fals
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=is_causal, enable_gqa=True
     )
+
+
+def packed_attention(q, k, v, lengths: list[int], *, scale=None, dropout=0.0) -> torch.Tensor:
+    """Causal attention within each sequence of a packed row: q [1, H, T, D], k / v [1, KV, T, D], ``lengths`` the
+    sequences' token counts (summing to T) -> [1, H, T, D]. Each sequence is its own SDPA call (causal, grouped
+    key/value heads as they are), so no work or mask spans two sequences: the same numbers as a block-diagonal
+    causal mask over the whole row."""
+    if q.shape[0] != 1 or sum(lengths) != q.shape[2]:
+        raise ValueError(f"a packed row [1, H, {sum(lengths)}, D] was expected, not {list(q.shape)}")
+    if len(lengths) == 1:
+        return gqa_attention(q, k, v, scale=scale, dropout=dropout, is_causal=True)
+    outs = [
+        gqa_attention(qs, ks, vs, scale=scale, dropout=dropout, is_causal=True)
+        for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
+    ]
+    return torch.cat(outs, dim=2)

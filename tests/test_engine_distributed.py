@@ -121,8 +121,10 @@ def write_config(path: Path, cfg) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("parallelism, objective", [("ddp", "sft"), ("fsdp", "dpo")])
-def test_two_ranks_give_the_one_process_loss_curve(tiny_model_dir, tmp_path, launch, parallelism, objective):
+@pytest.mark.parametrize(
+    "parallelism, objective, packing", [("ddp", "sft", False), ("fsdp", "dpo", False), ("ddp", "dpo", True)]
+)
+def test_two_ranks_give_the_one_process_loss_curve(tiny_model_dir, tmp_path, launch, parallelism, objective, packing):
     # 8 examples a step: each rank trains 4, in two micro-batches of 2 (DDP syncs only the last one)
     data = write_sft(tmp_path / "d.jsonl") if objective == "sft" else write_dpo(tmp_path / "d.jsonl")
     cfg = tiny_config(
@@ -135,6 +137,7 @@ def test_two_ranks_give_the_one_process_loss_curve(tiny_model_dir, tmp_path, lau
         parallelism=parallelism,
         objective=objective,
         learning_rate=1e-2 if objective == "sft" else 1e-3,
+        packing=packing,
     )
     reference = Recorder()
     alone = train_run(cfg, reporter=Reporter(extra=reference))

@@ -108,7 +108,7 @@ def test_report_components_sum_to_the_total_and_round_trip():
 
 
 def test_fitted_lengths_are_the_longest_batch():
-    config = TrainConfig(batch_size=4, max_length=512)
+    config = TrainConfig(batch_size=4, max_length=512, packing=False)  # padded (packed: tests/test_packing.py)
     worst = batch_lengths(config)
     assert (worst.rows, worst.seq, worst.trained_tokens, worst.fitted) == (4, 512, 4 * 511, False)
     assert worst.description.startswith("worst case")
@@ -208,7 +208,8 @@ def test_estimate_command_prints_the_report(tiny_model_dir, tmp_path, studio_hom
     assert sum(report["components"].values()) == report["total_bytes"]
     assert report["params_source"] == "meta" and report["verdict"] == "fits"
     lengths = report["lengths"]
-    assert lengths["fitted"] and lengths["rows"] == 4 and lengths["seq"] < 64  # short rows, not 512
+    # packed (the default): one row of the 4 longest rows, each short, not 512
+    assert lengths["fitted"] and lengths["rows"] == 1 and lengths["seq"] < 4 * 64
     info = _engine("model", "info", str(tiny_model_dir), "--method", "dora", "--lora-rank", "4", home=studio_home)
     assert info.returncode == 0, info.stderr[-2000:]
     from finetune_studio.core.events import parse_event

@@ -138,7 +138,7 @@ def test_saved_bytes_fall_by_what_the_fused_ops_leave_out():
     """Per token and layer, float32, LoRA on every linear: silu(gate) and the SwiGLU product (8i), the two norm
     outputs (8h; not the first layer's first, which nothing rebuilds), repeated keys and values (8 (q - kv)).
     The measured difference is that exactly, and the estimate (core.memory) falls by the same bytes."""
-    config = TrainConfig(batch_size=3, max_length=21, lora_rank=4)
+    config = TrainConfig(batch_size=3, max_length=21, lora_rank=4, packing=False)  # _batch is padded
     batch = _batch(3, 21)
     tokens, layers = batch.input_ids.numel(), SHAPE["num_hidden_layers"]
     h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
@@ -151,7 +151,7 @@ def test_saved_bytes_fall_by_what_the_fused_ops_leave_out():
     assert saved1 / saved0 < 0.7
 
     shape = ModelShape.from_config_dict({"architectures": ["LlamaForCausalLM"], **SHAPE})
-    off = TrainConfig(batch_size=3, max_length=21, lora_rank=4, fused_ops=False)
+    off = config.replace(fused_ops=False)
     est = [activation_bytes(shape, c, 3, 21, 4, device_kind="cpu") for c in (off, config)]
     assert est[0] - est[1] == expected
 

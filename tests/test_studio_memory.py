@@ -22,7 +22,7 @@ REPORT = DatasetReport(file="demo.jsonl", format="messages", kind="sft", rows=40
 
 
 def test_estimate_is_fitted_to_the_dataset_report():
-    config = TrainConfig(dataset="demo.jsonl", batch_size=4, max_length=512)
+    config = TrainConfig(dataset="demo.jsonl", batch_size=4, max_length=512, packing=False)
     fitted = estimate.estimate(config, None, CPU, REPORT)
     worst = estimate.estimate(config, None, CPU, None)
     assert fitted.lengths.startswith("Fitted to the data") and "126 tokens" in fitted.lengths
