@@ -635,25 +635,21 @@ def activation_bytes(
 
 
 def logits_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
-    """The output head at the peak (its backward, which starts the backward pass), for N trained tokens:
+    """The output head at the peak (its forward, for N trained tokens):
 
-        V * 12 * N                              (N <= c: one chunk)
-        V * max(12*c, b*c + 12*min(N - c, c))   (N > c: the second chunk is the largest)
-        + N * (2*h*b + 48)
+        V * (4 + (b if b < 4 else 0)) * min(N, c) + N * (2*h*b + 48)
 
     The head runs chunk by chunk (``kernels.linear_logprobs._ChunkedLogprobs``) and keeps no logits for
-    backward. Backward recomputes each chunk: its float32 logits (4 per element), their softmax (4) and the
-    negation g (4) are alive together before the softmax is dropped (g's cast to a 16-bit dtype comes later:
-    4 + 4 + b <= 12). From the second chunk on, the previous chunk's g (cast to b bytes, c rows) is still
-    bound while the next is built. The forward's chunk is smaller (float32 logits + logsumexp's exp, 8).
-    So the term stops growing past 2c = 2048 trained tokens, and nearly past c = 1024.
-    Per trained token: the selected hidden state the head saved (h*b) and its gradient (h*b), the int64
+    backward: with the head frozen, each chunk's gradient with respect to the hidden states is made in the
+    forward pass. A chunk's float32 logits (4 per element; from a 16-bit product, that product too: b) become
+    their softmax and then its gradient in their own memory, and the chunk is dropped before the next one is
+    made, so the term stops growing past c = 1024 trained tokens. The backward only scales that gradient.
+    Per trained token: the selected hidden state (h*b) and the gradient the forward made (h*b), the int64
     target (8), the [N, 2] int64 positions of the boolean-mask gather, saved for its backward (16) and kept
     as the token -> row map (16), the float32 log-prob and its gradient (4 + 4).
     The full [B, T, h] hidden state is not kept: only the selected rows are."""
     n, c, v = trained_tokens, LOGITS_CHUNK, shape.vocab_size
-    chunks = v * (12 * n if n <= c else max(12 * c, b * c + 12 * min(n - c, c)))
-    return chunks + n * (2 * shape.hidden_size * b + 48)
+    return v * (4 + (b if b < 4 else 0)) * min(n, c) + n * (2 * shape.hidden_size * b + 48)
 
 
 def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:

@@ -60,11 +60,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
             t = targets[s : s + chunk]
             raw = (h @ weight.t()).to(acc)
             logits = softcap * torch.tanh(raw / softcap) if softcap else raw
-            lse = torch.logsumexp(logits, dim=-1)
-            out[s : s + chunk] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+            picked = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            out[s : s + chunk] = picked - _softmax_(logits)
             if grad_h is not None:
-                g = _grad_logits(logits, lse, t, raw, softcap)
+                g = _grad_logits(logits, t, raw, softcap)
                 grad_h[s : s + chunk] = g.to(hidden.dtype) @ weight
+                del g
+            del raw, logits  # before the next chunk's are made: one chunk's logits alive at a time
         if grad_h is not None:
             ctx.save_for_backward(grad_h)
         else:
@@ -87,7 +89,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             h = hidden[s : s + chunk]
             raw = (h @ weight.t()).to(acc)
             logits = softcap * torch.tanh(raw / softcap) if softcap else raw
-            g = _grad_logits(logits, torch.logsumexp(logits, dim=-1), targets[s : s + chunk], raw, softcap)
+            _softmax_(logits)
+            g = _grad_logits(logits, targets[s : s + chunk], raw, softcap)
             g.mul_(grad_out[s : s + chunk].unsqueeze(-1).to(acc))
             g = g.to(hidden.dtype)
             if grad_h is not None:  # need_h
@@ -98,10 +101,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
-def _grad_logits(logits, lse, targets, raw, softcap) -> torch.Tensor:
-    """d logp / d raw logits for one chunk: onehot(t) - softmax, through the softcap's tanh when there is one.
-    Overwrites ``logits`` (its last use)."""
-    g = logits.sub_(lse.unsqueeze(-1)).exp_().neg_()
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Turn one chunk's ``logits`` into their softmax in place and return their log-sum-exp, with no temporary
+    of the chunk's size (``torch.logsumexp`` makes one: the chunk's peak would be twice its logits)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    logits.div_(total)
+    return (top + total.log()).squeeze(-1)
+
+
+def _grad_logits(probs, targets, raw, softcap) -> torch.Tensor:
+    """d logp / d raw logits for one chunk from its softmax ``probs``: onehot(t) - softmax, through the softcap's
+    tanh when there is one. Overwrites ``probs`` (its last use)."""
+    g = probs.neg_()
     g.scatter_add_(-1, targets.unsqueeze(-1), torch.ones_like(g[:, :1]))
     if softcap:
         g.mul_(1 - torch.tanh(raw / softcap) ** 2)

@@ -228,13 +228,14 @@ def test_estimate_terms_add_up_and_breakdown_is_labelled():
     # and g (12 x 1020 rows) beside the first chunk's bf16 g (2 x 1024), capped at 12*1024 + 2*1024 per vocab
     # entry; + per trained token the selected hidden state and its gradient (2 x 576 x 2) and 48 bytes of
     # targets, positions and log-probs
-    assert e.logits == 49152 * (2 * 1024 + 12 * 1024) + 4088 * (2 * 576 * 2 + 48) == 714_258_048
+    assert e.logits == 49152 * 6 * 1024 + 4088 * (2 * 576 * 2 + 48) == 311_604_864
     assert e.reference_forward == 0
 
 
 def test_output_head_is_chunked():
-    """The engine's head never holds [T, V] logits: one chunk (12 bytes per entry) up to 1024 trained tokens,
-    then the second chunk beside the first chunk's gradient; past 2048 only the per-token part grows."""
+    """The engine's head never holds [T, V] logits: one chunk at a time, its float32 logits turned into their
+    softmax and gradient in place (4 bytes per entry, plus the 16-bit product it came from: 6 in bf16); past 1024
+    trained tokens only the per-token part grows."""
     from finetune_studio.kernels.linear_logprobs import DEFAULT_CHUNK
 
     assert LOGITS_CHUNK == DEFAULT_CHUNK
@@ -242,11 +243,10 @@ def test_output_head_is_chunked():
 
     assert DORA_NORM_CHUNK == dora_norm.DEFAULT_CHUNK  # the checkpointed DoRA block's norm term
     per_token_bf16 = 2 * 576 * 2 + 48
-    assert logits_bytes(DEFAULT, 256, 2) == 12 * 256 * 49152 + 256 * per_token_bf16
-    assert logits_bytes(DEFAULT, 1024, 4) == 12 * 1024 * 49152 + 1024 * (2 * 576 * 4 + 48)
-    assert logits_bytes(DEFAULT, 1100, 2) == 12 * 1024 * 49152 + 1100 * per_token_bf16  # small 2nd chunk
-    assert logits_bytes(DEFAULT, 2048, 2) == 14 * 1024 * 49152 + 2048 * per_token_bf16
-    assert logits_bytes(DEFAULT, 9000, 2) - logits_bytes(DEFAULT, 2048, 2) == (9000 - 2048) * per_token_bf16
+    assert logits_bytes(DEFAULT, 256, 2) == 6 * 256 * 49152 + 256 * per_token_bf16
+    assert logits_bytes(DEFAULT, 1024, 4) == 4 * 1024 * 49152 + 1024 * (2 * 576 * 4 + 48)
+    assert logits_bytes(DEFAULT, 1100, 2) == 6 * 1024 * 49152 + 1100 * per_token_bf16  # one chunk at a time
+    assert logits_bytes(DEFAULT, 9000, 2) - logits_bytes(DEFAULT, 1024, 2) == (9000 - 1024) * per_token_bf16
 
     def est(**changes):
         return estimate_training_memory(DEFAULT, TrainConfig(batch_size=1).replace(**changes), GPU)
