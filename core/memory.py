@@ -655,7 +655,7 @@ def logits_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
 def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
     """DPO's reference log-probs add nothing to the peak: 0. The engine computes them first, under no_grad with
     the adapters disabled, before the policy forward, so no policy graph is alive then; that forward keeps
-    one block's temporaries and one head chunk (8*c*V) at a time, below the training step's own peak
+    one block's temporaries and one head chunk (4*c*V) at a time, below the training step's own peak
     (all activations + ``logits_bytes``). With ``precompute_reference`` they come from a table (0 too).
     The term is kept so that the breakdown names it."""
     return 0

@@ -224,10 +224,9 @@ def test_estimate_terms_add_up_and_breakdown_is_labelled():
         "runtime_overhead",
         "allocator_slack",
     }
-    # output head, N = 8 rows x 511 trained tokens = 4088 > 1024: the second chunk's float32 logits, softmax
-    # and g (12 x 1020 rows) beside the first chunk's bf16 g (2 x 1024), capped at 12*1024 + 2*1024 per vocab
-    # entry; + per trained token the selected hidden state and its gradient (2 x 576 x 2) and 48 bytes of
-    # targets, positions and log-probs
+    # output head, N = 8 rows x 511 trained tokens = 4088 > 1024: one chunk of 1024 rows at a time, its bf16
+    # product (2) and float32 logits (4) per vocabulary entry; + per trained token the selected hidden state and
+    # its gradient (2 x 576 x 2) and 48 bytes of targets, positions and log-probs
     assert e.logits == 49152 * 6 * 1024 + 4088 * (2 * 576 * 2 + 48) == 311_604_864
     assert e.reference_forward == 0
 
