@@ -105,15 +105,11 @@ def test_sigterm_checkpoints_marks_stopped_and_exits_zero(tiny_model_dir, tmp_pa
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    seen = []
+    seen, environ = [], []
     for line in proc.stdout:
         seen.append(parse_event(line))
         if seen[-1].type == "step" and seen[-1].step >= 2:
-            if process_env.uses_glibc() and "GLIBC_TUNABLES" not in os.environ:
-                # started by hand, the run restarted itself with glibc's malloc settings (glibc shows the first
-                # of them in /proc/PID/environ once it has read them)
-                environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-                assert any(e.startswith(b"GLIBC_TUNABLES=glibc.malloc.tcache_count=0") for e in environ)
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stdout.read()
@@ -124,6 +120,10 @@ def test_sigterm_checkpoints_marks_stopped_and_exits_zero(tiny_model_dir, tmp_pa
     assert any(e.type == "checkpoint" and e.step == finished.step for e in seen)
     run = Store().get_run(finished.run_id)
     assert run["status"] == "stopped" and run["step"] == finished.step
+    if process_env.uses_glibc() and "GLIBC_TUNABLES" not in os.environ:
+        # started by hand, the run restarted itself with glibc's malloc settings (glibc shows the first of them
+        # in /proc/PID/environ once it has read them)
+        assert any(e.startswith(b"GLIBC_TUNABLES=glibc.malloc.tcache_count=0") for e in environ)
 
 
 def test_resume_of_unknown_run_is_a_clear_failure():
