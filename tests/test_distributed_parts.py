@@ -99,7 +99,7 @@ def test_the_memory_report_of_a_distributed_run_is_one_processs():
         assert f"per process, 4 processes ({parallelism.upper()})" in report.notes
         assert report.total_bytes < memory_report(DEFAULT, cfg, GPU).total_bytes
     # a change that makes it fit is judged per process too, FSDP with a 4-bit base among the candidates
-    small = DeviceInfo("cuda", "Small GPU", 2 * GIB, 2 * GIB, True)
+    small = DeviceInfo("cuda", "Small GPU", 3 * GIB // 2, 3 * GIB // 2, True)
     big = TrainConfig(dataset="x", batch_size=32, max_length=2048, parallelism="fsdp")
     assert memory_report(DEFAULT, big, small).cheapest_change.startswith("use QLORA (4-bit base)")
     two = memory_report(DEFAULT, big, small, world_size=2)  # each process trains half the batch
