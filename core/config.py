@@ -329,6 +329,7 @@ class TrainConfig:
         for flag in (
             "use_rslora",
             "gradient_checkpointing",
+            "fused_ops",
             "packing",
             "precompute_reference",
             "allow_pickle",

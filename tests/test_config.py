@@ -69,3 +69,10 @@ def test_every_field_has_help():
     help_ = TrainConfig.field_help()
     assert all(meta["help"] for meta in help_.values())
     assert help_["method"]["choices"] == ("lora", "qlora", "dora", "qdora")
+
+
+@pytest.mark.parametrize("flag", ["fused_ops", "packing", "gradient_checkpointing"])
+def test_switches_must_be_true_or_false(flag):
+    with pytest.raises(ConfigError, match="must be true or false") as err:
+        TrainConfig(dataset="x.jsonl", **{flag: "yes"}).validate()
+    assert err.value.field == flag
