@@ -70,15 +70,8 @@ class Outcome:
         return 1 - sum(self.step_tokens) / max(sum(self.step_positions), 1)
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker(spec: Spec) -> Outcome:
+    import psutil
     import torch
 
     from finetune_studio.core.config import TrainConfig
@@ -108,7 +101,7 @@ def worker(spec: Spec) -> Outcome:
     recipe.setup(resume=False)
     memory_budget.reuse_memory_between_steps()  # as Recipe.run does
     recipe.model.train()
-    out = Outcome(spec.packing, setup_rss_bytes=_status("VmRSS:"))
+    out = Outcome(spec.packing, setup_rss_bytes=psutil.Process().memory_info().rss)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     except OSError:
@@ -124,7 +117,7 @@ def worker(spec: Spec) -> Outcome:
         out.step_tokens.append(sum(b.tokens for b in batches))
         out.step_positions.append(sum(len(b.sequence_lengths) * max(b.sequence_lengths) for b in batches))
         out.losses.append(loss)
-    out.step_peak_rss_bytes = _status("VmHWM:")
+    out.step_peak_rss_bytes = memory_budget.resident_peak()
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -63,3 +64,30 @@ class Recorder:
     @property
     def losses(self) -> list[float]:
         return [e.loss for e in self.of("step")]
+
+
+def micro_step_loss(model, objective: str, batch, policy=contextlib.nullcontext):
+    """The engine's loss for one micro-batch as ``Recipe._micro_step`` computes it, before backward: SFT's mean
+    over trained tokens, or DPO's mean over pairs with the reference pass (adapters off, no graph) first.
+    ``policy()`` is entered around the part that builds the graph (a saved-tensor census, say)."""
+    import torch
+
+    from finetune_studio.engine.forward import LogprobModel
+    from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
+
+    logps = LogprobModel(model)
+    if objective == "sft":
+        with policy():
+            return sft_loss(logps(batch).logps, batch.trained_tokens)
+
+    def pair():
+        out = logps(batch)
+        seq = sequence_logps(out.logps, out.rows, out.batch)
+        return seq[: batch.pairs], seq[batch.pairs :]
+
+    with torch.no_grad(), model.disable_adapter():
+        ref_c, ref_r = pair()
+    with policy():
+        pol_c, pol_r = pair()
+        losses, _, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)
+        return losses.sum() / batch.pairs

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import Recorder, tiny_config, write_sft
+from engine_helpers import Recorder, micro_step_loss, tiny_config, write_sft
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.memory import ModelShape, activation_bytes
 from finetune_studio.engine import kernel_wiring
 from finetune_studio.engine.adapters import add_adapters
 from finetune_studio.engine.batches import Batch
-from finetune_studio.engine.forward import LogprobModel
-from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 from finetune_studio.engine.patching import apply_memory_patches, count_patched
 from finetune_studio.engine.render import IGNORE
 from finetune_studio.engine.saved_tensors import SavedTensorCensus
@@ -75,24 +73,8 @@ def _batch(rows: int, seq: int, pairs: int = 0) -> Batch:
 
 def _step(model, config: TrainConfig, batch: Batch):
     """The engine's loss (Recipe._micro_step), its saved bytes, and the adapter gradients."""
-    logps = LogprobModel(model)
     census = SavedTensorCensus(model)
-    if config.objective == "sft":
-        with census:
-            loss = sft_loss(logps(batch).logps, batch.trained_tokens)
-    else:
-
-        def pair():
-            out = logps(batch)
-            seq = sequence_logps(out.logps, out.rows, out.batch)
-            return seq[: batch.pairs], seq[batch.pairs :]
-
-        with torch.no_grad(), model.disable_adapter():
-            ref_c, ref_r = pair()
-        with census:
-            pol_c, pol_r = pair()
-            losses, _, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)
-            loss = losses.sum() / batch.pairs
+    loss = micro_step_loss(model, config.objective, batch, policy=lambda: census)
     saved = census.alive_bytes()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from engine_helpers import Recorder, tiny_config
+from engine_helpers import Recorder, micro_step_loss, tiny_config
 
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.devices import DeviceInfo
@@ -16,8 +16,6 @@ from finetune_studio.core.store import Store
 from finetune_studio.engine import patching
 from finetune_studio.engine.adapters import add_adapters
 from finetune_studio.engine.batches import make_batch
-from finetune_studio.engine.forward import LogprobModel
-from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
 from finetune_studio.engine.memory_budget import longest_batch
 from finetune_studio.engine.render import IGNORE, Tokenized, TokenizedPair
 from finetune_studio.engine.reporting import Reporter
@@ -81,21 +79,7 @@ def _loss_and_grads(model, config: TrainConfig, examples: list, packed: bool):
     """The engine's loss for one micro-batch (Recipe._micro_step) and the adapter gradients."""
     model.zero_grad(set_to_none=True)
     batch = make_batch(examples, list(range(len(examples))), pad_id=0, packed=packed)
-    logps = LogprobModel(model)
-    if config.objective == "sft":
-        loss = sft_loss(logps(batch).logps, batch.trained_tokens)
-    else:
-
-        def pair():
-            out = logps(batch)
-            seq = sequence_logps(out.logps, out.rows, out.batch)
-            return seq[: batch.pairs], seq[batch.pairs :]
-
-        with torch.no_grad(), model.disable_adapter():
-            ref_c, ref_r = pair()
-        pol_c, pol_r = pair()
-        losses, _, _ = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)
-        loss = losses.sum() / batch.pairs
+    loss = micro_step_loss(model, config.objective, batch)
     loss.backward()
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -223,18 +207,7 @@ def test_the_estimate_counts_the_tokens_a_packed_batch_holds():
 
 
 def test_a_packed_estimate_is_below_the_padded_one_for_uneven_rows():
-    shape = ModelShape(  # SmolLM2-135M
-        architecture="LlamaForCausalLM",
-        hidden_size=576,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        intermediate_size=1536,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    )
+    shape = ModelShape.for_model_spec("default")  # SmolLM2-135M
     lengths = DataLengths.of_rows([400, 60, 40, 30], [200, 30, 20, 15])
     cpu = DeviceInfo("cpu", "cpu", 16 * 2**30, 8 * 2**30, True)
     for checkpointing in (False, True):
