@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from finetune_studio.core.events import parse_event
+from finetune_studio.core.protocol.events import parse_event
 
 WARMUP = 3
 

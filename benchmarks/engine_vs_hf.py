@@ -2,11 +2,11 @@
 
 ``python benchmarks/engine_vs_hf.py [--steps N] [--real] [--device cpu|cuda] [--dtype auto|float32|bfloat16]``
 
-Same model, same adapters (``engine.adapters.add_adapters`` with the default ``TrainConfig``: LoRA r=16,
-alpha=32, all linear layers), same batch (``engine.batches.make_batch``), same optimizer
-(``engine.adapters.make_optimizer``: AdamW), two paths:
+Same model, same adapters (``engine.train.adapters.add_adapters`` with the default ``TrainConfig``: LoRA r=16,
+alpha=32, all linear layers), same batch (``engine.train.batches.make_batch``), same optimizer
+(``engine.train.adapters.make_optimizer``: AdamW), two paths:
 
-- ours: ``engine.forward.LogprobModel(model)(batch)`` -> ``engine.losses.sft_loss`` -> backward -> step. The
+- ours: ``engine.train.forward.LogprobModel(model)(batch)`` -> ``engine.train.losses.sft_loss`` -> backward -> step. The
   decoder body runs, only the trained positions' hidden states go through the output head, in chunks
   (``kernels.linear_logprobs``); no [B, T, V] float32 logits;
 - baseline: ``model(input_ids=..., attention_mask=..., labels=labels).loss`` -> backward -> step, what HF
@@ -46,11 +46,11 @@ import torch  # noqa: E402
 from memory_estimate import _Malloc, _peak_mode  # noqa: E402  (the malloc-in-use probe)
 
 from finetune_studio.core.config import TrainConfig  # noqa: E402
-from finetune_studio.engine.adapters import add_adapters, make_optimizer  # noqa: E402
-from finetune_studio.engine.batches import Batch, make_batch  # noqa: E402
-from finetune_studio.engine.forward import LogprobModel  # noqa: E402
-from finetune_studio.engine.losses import sft_loss  # noqa: E402
-from finetune_studio.engine.render import IGNORE, Tokenized  # noqa: E402
+from finetune_studio.engine.datasets.render import IGNORE, Tokenized  # noqa: E402
+from finetune_studio.engine.train.adapters import add_adapters, make_optimizer  # noqa: E402
+from finetune_studio.engine.train.batches import Batch, make_batch  # noqa: E402
+from finetune_studio.engine.train.forward import LogprobModel  # noqa: E402
+from finetune_studio.engine.train.losses import sft_loss  # noqa: E402
 
 SMALL_LLAMA = dict(
     vocab_size=49152,
@@ -144,7 +144,7 @@ def baseline_loss(model):
 
 
 def autocast_for(device: str, dtype):
-    # as engine.train.Recipe._autocast (HF Trainer's bf16=True does the same): 16-bit autocast on CUDA only
+    # as engine.train.recipe.Recipe._autocast (HF Trainer's bf16=True does the same): 16-bit autocast on CUDA only
     if device == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()

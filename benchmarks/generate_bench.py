@@ -8,8 +8,9 @@ Both sides use the same model, CPU threads, prompt (through the chat template), 
 as a caller sees it: a real ``serve`` subprocess, time from sending the request to its final reply (JSON lines,
 streaming every 4 tokens included), with ``weights: full`` (float32, the same computation as plain ``generate``),
 ``weights: int8`` (weight-only int8 linear layers) and ``weights: int4`` (group-wise int4, the head int8). The
-worker decodes with its own loop (``engine.decode``: one prefill shared by the candidates, a preallocated KV
-cache) and sampler (``engine.sampling``: the same kept tokens as transformers' warpers, another random stream),
+worker decodes with its own loop (``engine.generate.decode``: one prefill shared by the candidates, a preallocated KV
+cache) and sampler (``engine.generate.token_sampling``: the same kept tokens as transformers' warpers, another random
+stream),
 so its texts differ from plain ``generate``'s for one seed, and candidates may end at other lengths: the figures
 count the new tokens each side made. Each figure is the best of ``--repeats`` runs.
 Besides wall-clock tokens/s, tokens per CPU-second of the generating process are printed: on a shared machine
@@ -68,7 +69,7 @@ def plain_generate(folder, n: int, new_tokens: int, seed: int, cache: dict) -> t
 
 
 def worker_generate(client, n: int, new_tokens: int, seed: int, rid: str) -> tuple[int, float, float]:
-    from finetune_studio.core import generation as gp
+    from finetune_studio.core.protocol import generation as gp
 
     request = gp.Generate(id=rid, prompt=PROMPT, n=n, seed=seed, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens)
     pid = client.ready.pid
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch
 
-    from finetune_studio.core import generation as gp
-    from finetune_studio.core.generation_client import GenerationClient
+    from finetune_studio.core.protocol import generation as gp
+    from finetune_studio.core.protocol.generation_client import GenerationClient
     from finetune_studio.engine.models import resolve_model
 
     torch.set_num_threads(args.threads)

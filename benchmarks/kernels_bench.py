@@ -13,7 +13,7 @@
 Each figure is the median of ``--repeats`` timed runs (CUDA events) after warm-up; memory is the peak allocated
 above what the inputs hold. At the end it prints the ``kernels.selection.MEASURED_FASTER`` rows this GPU
 supports: a kernel that was faster than its PyTorch path in every case, by 5% or more. Without a CUDA GPU it
-says so and exits 0 (the kernels' correctness is tested on the CPU: tests/test_kernels_triton.py).
+says so and exits 0 (the kernels' correctness is tested on the CPU: tests/kernels/test_kernels_triton.py).
 
 ``--compile-check`` compiles every kernel for every dtype, with its default launch settings, to a cubin for each
 ``--arch`` (86: RTX 30xx, 89: RTX 40xx, 90: H100/H200) with Triton's own ptxas, without a GPU, and checks its
@@ -197,11 +197,12 @@ def cpu_timed(fn, repeats: int, *args) -> float:
 
 def bench_cpu(repeats: int, tokens: int) -> list[dict]:
     """The PyTorch paths on the CPU, float32: DoRA's norm (peft's way against 'chunked') and one DoRA layer's
-    forward + backward on ``tokens`` rows with peft's forward and with the patched one (engine.kernel_wiring)."""
+    forward + backward on ``tokens`` rows with peft's forward and with the patched one
+    (engine.train.model_patches.kernel_wiring)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from finetune_studio.engine import kernel_wiring
+    from finetune_studio.engine.train.model_patches import kernel_wiring
     from finetune_studio.kernels.dora_norm import dora_weight_norm
 
     rows = []
@@ -325,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not torch.cuda.is_available():
         print("No CUDA GPU here: nothing to time. The kernels' correctness is tested on the CPU through Triton's")
-        print("interpreter (tests/test_kernels_triton.py); --compile-check compiles them for a GPU without one.")
+        print(
+            "interpreter (tests/kernels/test_kernels_triton.py); --compile-check compiles them for a GPU without one."
+        )
         return 0
     try:
         import triton

@@ -1,9 +1,9 @@
 """Estimated vs measured memory of one training step: ``python benchmarks/memory_estimate.py``.
 
 For several configs on a small Llama built from a config, it runs real training steps the way the engine
-does (``engine.adapters.add_adapters``, ``engine.forward.LogprobModel``: the decoder body, then the trained
-positions through the chunked output head; ``engine.losses``; for DPO the reference log-probs first, under
-no_grad with the adapters disabled, as ``engine.train.Recipe`` does; AdamW) and measures:
+does (``engine.train.adapters.add_adapters``, ``engine.train.forward.LogprobModel``: the decoder body, then the trained
+positions through the chunked output head; ``engine.train.losses``; for DPO the reference log-probs first, under
+no_grad with the adapters disabled, as ``engine.train.recipe.Recipe`` does; AdamW) and measures:
 
 - weights, adapters, gradients, optimizer states: exact tensor bytes;
 - activations: the tensors autograd keeps for backward, caught with ``saved_tensors_hooks``, and the
@@ -13,7 +13,7 @@ no_grad with the adapters disabled, as ``engine.train.Recipe`` does; AdamW) and 
   malloc (``mallinfo2``) read after every aten op of the steps, minus the bytes in use before the model
   was built.
 
-Then it prints the estimate of ``core.memory`` beside each figure, and the default model's estimate
+Then it prints the estimate of ``core.memory.estimate`` beside each figure, and the default model's estimate
 (analytic only). Runs on a CPU in about two minutes (more when the cores are shared).
 The tests import ``measure_step`` from here.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo, best_device
-from finetune_studio.core.memory import GIB, ModelShape, estimate_training_memory, fits
+from finetune_studio.core.memory.estimate import GIB, ModelShape, estimate_training_memory, fits
 
 TINY_LLAMA = dict(
     architectures=["LlamaForCausalLM"],
@@ -107,15 +107,15 @@ def _build(cfg: dict, config: TrainConfig, dtype):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune_studio.engine.adapters import add_adapters
-    from finetune_studio.engine.patching import apply_memory_patches, apply_packed_attention
+    from finetune_studio.engine.train.adapters import add_adapters
+    from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches, apply_packed_attention
 
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**keep, attn_implementation="sdpa")).to(dtype)
     model.config.use_cache = False
     model = add_adapters(model, config)  # also turns on gradient checkpointing when asked
-    apply_memory_patches(model, config.fused_ops)  # as engine.train.Recipe.setup does
+    apply_memory_patches(model, config.fused_ops)  # as engine.train.recipe.Recipe.setup does
     if config.packing:
         apply_packed_attention(model)
     model.train()
@@ -138,8 +138,8 @@ def _ragged_batch(cfg: dict, config: TrainConfig, rows: list[tuple[int, int]], d
     rejected rows."""
     import torch
 
-    from finetune_studio.engine.batches import Batch
-    from finetune_studio.engine.render import IGNORE
+    from finetune_studio.engine.datasets.render import IGNORE
+    from finetune_studio.engine.train.batches import Batch
 
     width = max(n for n, _ in rows)
     g = torch.Generator().manual_seed(1)
@@ -154,9 +154,10 @@ def _ragged_batch(cfg: dict, config: TrainConfig, rows: list[tuple[int, int]], d
 
 
 def _maybe_packed(batch, config: TrainConfig):
-    """``batch`` as ``engine.batches.make_batch`` lays it out for ``config``: packed into one row with ``packing``."""
-    from finetune_studio.engine.batches import Batch, pack
-    from finetune_studio.engine.render import Tokenized
+    """``batch`` as ``engine.train.batches.make_batch`` lays it out for ``config``: packed into one row with
+    ``packing``."""
+    from finetune_studio.engine.datasets.render import Tokenized
+    from finetune_studio.engine.train.batches import Batch, pack
 
     if not config.packing:
         return batch
@@ -174,8 +175,8 @@ def _batch(cfg: dict, config: TrainConfig, device):
     (as a collator makes for ragged lengths) while the trained tokens stay at the worst case."""
     import torch
 
-    from finetune_studio.engine.batches import Batch
-    from finetune_studio.engine.render import IGNORE
+    from finetune_studio.engine.datasets.render import IGNORE
+    from finetune_studio.engine.train.batches import Batch
 
     rows = config.batch_size * (2 if config.objective == "dpo" else 1)
     g = torch.Generator().manual_seed(1)
@@ -196,8 +197,8 @@ def _loss(model, config: TrainConfig, batch):
     the step keeps referenced until backward is done."""
     import torch
 
-    from finetune_studio.engine.forward import LogprobModel
-    from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
+    from finetune_studio.engine.train.forward import LogprobModel
+    from finetune_studio.engine.train.losses import dpo_loss, sequence_logps, sft_loss
 
     logps = LogprobModel(model)
     if config.objective == "sft":
@@ -239,7 +240,7 @@ def measure_step(
     cuda = device.startswith("cuda")
     malloc = None if cuda else _Malloc()
     model = _build(cfg, config, dtype).to(device)
-    from finetune_studio.engine.kernel_wiring import install_kernels
+    from finetune_studio.engine.train.model_patches.kernel_wiring import install_kernels
 
     install_kernels(model, config.kernels, device, config.fused_ops)  # as Recipe.setup does (DoRA's norm, output)
     trainable = [p for p in model.parameters() if p.requires_grad]

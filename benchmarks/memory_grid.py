@@ -5,7 +5,7 @@ Grid: methods (LoRA, DoRA) x objectives (SFT, DPO) x batch x max_length x gradie
 steps the engine's way (``memory_estimate.measure_step``: PEFT adapters, the chunked output head, DPO's
 reference pass first) on a small Llama built from a config, and compares:
 
-- estimate: ``core.memory.estimate_training_memory`` less the runtime overhead (a constant: the CUDA context or
+- estimate: ``core.memory.estimate.estimate_training_memory`` less the runtime overhead (a constant: the CUDA context or
   the Python baseline) and the allocator slack, i.e. the tensors;
 - measured: the peak bytes in use over the second step, minus what was in use before the model existed
   (CUDA: ``torch.cuda.max_memory_allocated``; CPU: glibc malloc's bytes in use read after every aten op).
@@ -32,14 +32,14 @@ from memory_estimate import TINY_LLAMA, measure_step
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
-from finetune_studio.core.memory import ModelShape, estimate_training_memory
+from finetune_studio.core.memory.estimate import ModelShape, estimate_training_memory
 
 MIB = 2**20
 
 
 def ragged_examples(config: TrainConfig, n: int = 200, seed: int = 0) -> list:
     """Tokenised examples (as the engine holds them, truncated at max_length) with ragged lengths."""
-    from finetune_studio.engine.render import IGNORE, Tokenized, TokenizedPair
+    from finetune_studio.engine.datasets.render import IGNORE, Tokenized, TokenizedPair
 
     rng = random.Random(seed)
 
@@ -60,8 +60,8 @@ def ragged_examples(config: TrainConfig, n: int = 200, seed: int = 0) -> list:
 
 
 def batch_rows(examples: list, indices: list[int]) -> list[tuple[int, int]]:
-    """(length, trained) per batch row; DPO: chosen rows then rejected rows (``engine.batches.make_batch``)."""
-    from finetune_studio.engine.render import TokenizedPair
+    """(length, trained) per batch row; DPO: chosen rows then rejected rows (``engine.train.batches.make_batch``)."""
+    from finetune_studio.engine.datasets.render import TokenizedPair
 
     items = [examples[i] for i in indices]
     if isinstance(items[0], TokenizedPair):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from finetune_studio.engine.memory_budget import data_lengths, fix_malloc_threshold, longest_batch
+    from finetune_studio.engine.train.memory_budget import data_lengths, fix_malloc_threshold, longest_batch
 
     fix_malloc_threshold()
     torch.manual_seed(0)

@@ -2,7 +2,8 @@
 
 ``python benchmarks/mixed_precision_check.py variants [--objective sft|dpo] [--steps 6]``
     From the same adapter weights, on the same batch, a few steps each of: float32; bf16 autocast (output head in
-    float32, as ``engine.forward`` does); bf16-mixed (``engine.mixed_precision``: only the frozen base products in
+    float32, as ``engine.train.forward`` does); bf16-mixed (``engine.train.model_patches.mixed_precision``: only the
+    frozen base products in
     bf16); and bf16-mixed plus one bf16 op at a time: (a) the LoRA layer's sum rounded to bf16 (what PEFT does
     under autocast), (b) the adapters' own products (A x, B (A x) and their gradients) in bf16, (d) attention
     (sdpa) in bf16. Prints the loss per step and the step time.
@@ -30,9 +31,9 @@ DATA = {"sft": ROOT / "resources/datasets/demo_sft.jsonl", "dpo": ROOT / "resour
 
 def make_recipe(objective: str, dtype: str, seed: int = 42, max_length: int = 256, method: str = "lora"):
     from finetune_studio.core.config import TrainConfig
-    from finetune_studio.engine.batches import Sampler
-    from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe, StopFlag
+    from finetune_studio.engine.train.batches import Sampler
+    from finetune_studio.engine.train.recipe import Recipe, StopFlag
+    from finetune_studio.engine.train.reporting import Reporter
 
     cfg = TrainConfig(
         dataset=str(DATA[objective]),
@@ -129,8 +130,8 @@ def torch_bool():
 def variants(args) -> dict:
     import torch
 
-    from finetune_studio.engine.batches import make_batch
-    from finetune_studio.engine.mixed_precision import apply_mixed
+    from finetune_studio.engine.train.batches import make_batch
+    from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 
     recipe = make_recipe(args.objective, "float32")
     batch = make_batch(
@@ -171,7 +172,7 @@ def variants(args) -> dict:
 
 
 def curve(args) -> dict:
-    from finetune_studio.engine.batches import make_batch
+    from finetune_studio.engine.train.batches import make_batch
 
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = [("float32", s) for s in seeds] * ("float32" in args.dtypes)

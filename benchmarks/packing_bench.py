@@ -3,7 +3,8 @@
 ``python benchmarks/packing_bench.py [--dataset FILE] [--objective sft|dpo] [--method lora] [--steps 5]
 [--repeats 2] [--batch-size 4] [--max-length 512] [--threads 1] [--compute-dtype auto] [--json]``
 
-Each run is its own process (``--worker``): ``engine.train.Recipe`` set up as a run does (the default model unless
+Each run is its own process (``--worker``): ``engine.train.recipe.Recipe`` set up as a run does (the default model
+unless
 ``--model``, the demo data unless ``--dataset``), then ``--steps`` optimizer steps of the run's own code
 (``Recipe._step_batches``, ``Recipe._micro_step``, clipping, the optimizer step), the same examples in the same
 order with ``packing`` off and on; the runs are interleaved (ABBA over ``--repeats``).
@@ -75,9 +76,9 @@ def worker(spec: Spec) -> Outcome:
     import torch
 
     from finetune_studio.core.config import TrainConfig
-    from finetune_studio.engine import memory_budget
-    from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe, StopFlag
+    from finetune_studio.engine.train import memory_budget
+    from finetune_studio.engine.train.recipe import Recipe, StopFlag
+    from finetune_studio.engine.train.reporting import Reporter
 
     cfg = TrainConfig(
         model=spec.model,

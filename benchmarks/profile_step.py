@@ -3,14 +3,14 @@
 ``python benchmarks/profile_step.py [--objective sft|dpo] [--method lora|dora|qlora] [--threads N]
 [--top 25] [--levers] [--no-packing]``
 
-Sets up the engine's own recipe (``engine.train.Recipe``: the default model, the demo data, LoRA r16, batch 4;
+Sets up the engine's own recipe (``engine.train.recipe.Recipe``: the default model, the demo data, LoRA r16, batch 4;
 the process restarted with the engine's glibc malloc settings and the heap reused between steps, as in a run)
 and runs its step code (``Recipe._micro_step``, clipping, optimizer step): one warm-up step, then one step under
 ``torch.profiler``, printed as the top ops by self CPU time and the share of four groups (matrix products,
 attention, the output head's chunked log-probs, the rest).
 
 ``--levers`` then times a few steps of the same batch for: float32 vs bfloat16 autocast on the CPU (speed and
-loss; ``engine.forward`` keeps the output head in float32 under CPU autocast), and 1 thread vs one per core
+loss; ``engine.train.forward`` keeps the output head in float32 under CPU autocast), and 1 thread vs one per core
 (when another process is busy, the second is much slower).
 """
 
@@ -29,8 +29,8 @@ DATA = {"sft": ROOT / "resources/datasets/demo_sft.jsonl", "dpo": ROOT / "resour
 
 def make_recipe(args):
     from finetune_studio.core.config import TrainConfig
-    from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe, StopFlag
+    from finetune_studio.engine.train.recipe import Recipe, StopFlag
+    from finetune_studio.engine.train.reporting import Reporter
 
     cfg = TrainConfig(
         model=args.model,
@@ -157,10 +157,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from finetune_studio.engine.batches import make_batch
+    from finetune_studio.engine.train.batches import make_batch
 
     recipe = make_recipe(args)
-    from finetune_studio.engine.memory_budget import reuse_memory_between_steps
+    from finetune_studio.engine.train.memory_budget import reuse_memory_between_steps
 
     reuse_memory_between_steps()  # what Recipe.run does once the model is ready
     idx = recipe.sampler.next_indices()

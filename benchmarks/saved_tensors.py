@@ -3,7 +3,7 @@
 ``python benchmarks/saved_tensors.py [--objective sft|dpo] [--method lora|dora] [--no-fused-ops] [--top 20]``
 
 Sets up the engine's recipe as ``profile_step.py`` does (the default model, the demo data, LoRA r16, batch 4), runs
-one warm-up step, then one step with ``engine.saved_tensors.SavedTensorCensus`` over the forward pass: the bytes
+one warm-up step, then one step with ``engine.train.saved_tensors.SavedTensorCensus`` over the forward pass: the bytes
 autograd holds for backward when the forward ends (each storage once, parameters excluded), grouped by the module
 class and the torch function that saved them, also per token per layer. The same step reports glibc malloc's peak
 bytes in use (read after every aten op) and the process's resident peak (VmHWM, reset before the step through
@@ -40,14 +40,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=20)
-    ap.add_argument("--no-fused-ops", action="store_true", help="train without engine.patching's fused ops")
+    ap.add_argument(
+        "--no-fused-ops", action="store_true", help="train without engine.train.model_patches.fused_ops's fused ops"
+    )
     args = ap.parse_args(argv)
 
     from profile_step import one_step
 
-    from finetune_studio.engine.batches import make_batch
-    from finetune_studio.engine.memory_budget import fix_malloc_threshold, resident_peak
-    from finetune_studio.engine.saved_tensors import SavedTensorCensus
+    from finetune_studio.engine.train.batches import make_batch
+    from finetune_studio.engine.train.memory_budget import fix_malloc_threshold, resident_peak
+    from finetune_studio.engine.train.saved_tensors import SavedTensorCensus
 
     fix_malloc_threshold()
     args.fused_ops = not args.no_fused_ops
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
                 losses, _, _ = recipe._dpo_terms(batch, None)
                 loss = losses.sum() / denom
             else:
-                from finetune_studio.engine.losses import sft_loss
+                from finetune_studio.engine.train.losses import sft_loss
 
                 loss = sft_loss(recipe.logps(batch).logps, denom)
         saved = census.alive_bytes()

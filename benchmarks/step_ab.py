@@ -52,10 +52,10 @@ def main(argv=None) -> int:
     from profile_step import DATA, one_step
 
     from finetune_studio.core.config import TrainConfig
-    from finetune_studio.engine import memory_budget
-    from finetune_studio.engine.batches import make_batch
-    from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe, StopFlag
+    from finetune_studio.engine.train import memory_budget
+    from finetune_studio.engine.train.batches import make_batch
+    from finetune_studio.engine.train.recipe import Recipe, StopFlag
+    from finetune_studio.engine.train.reporting import Reporter
 
     memory_budget.fix_malloc_threshold()
     fields = dict(
@@ -74,11 +74,11 @@ def main(argv=None) -> int:
     recipe.setup(resume=False)
     recipe.model.train()
     if args.dora_norm:
-        from finetune_studio.engine.kernel_wiring import install_dora_norm
+        from finetune_studio.engine.train.model_patches.kernel_wiring import install_dora_norm
 
         install_dora_norm(recipe.model, args.dora_norm)
     if args.dora_output:
-        from finetune_studio.engine.kernel_wiring import install_dora_output, uninstall_dora_output
+        from finetune_studio.engine.train.model_patches.kernel_wiring import install_dora_output, uninstall_dora_output
 
         uninstall_dora_output(recipe.model)
         if args.dora_output != "off":

@@ -2,7 +2,7 @@
 
     python benchmarks/studio_responsiveness.py [--seconds S]
 
-Runs the app's real-training test (tests/test_studio_real_run.py: the tiny model trained by the real engine
+Runs the app's real-training test (tests/studio/test_studio_real_run.py: the tiny model trained by the real engine
 in a child process, charts live) with a 10 ms precise timer measuring S seconds of training, and prints the
 gaps between its ticks: median, p99 and the longest. A responsive window keeps p99 near 10-20 ms.
 Measured on the shared 2-core CPU (2026-12-01): median 10.0 ms, p99 16-18 ms, max 18-23 ms over 2 s.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST = "tests/test_studio_real_run.py::test_real_run_streams_to_charts_stays_responsive_stops_and_resumes"
+TEST = "tests/studio/test_studio_real_run.py::test_real_run_streams_to_charts_stays_responsive_stops_and_resumes"
 
 
 def main() -> int:

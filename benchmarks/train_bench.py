@@ -7,13 +7,13 @@ Both sides train the same model (the bundled default, SmolLM2-135M-Instruct, unl
 (the demo SFT or preference file), the same LoRA rank / alpha / targets, batch, length, learning rate, seed and
 example order, each in its own process (``--worker``), the runs interleaved (ABBA over repeats):
 
-- ``studio``: ``engine.train.train_run`` itself, the recipe the app runs (no eval, no checkpoints);
+- ``studio``: ``engine.train.recipe.train_run`` itself, the recipe the app runs (no eval, no checkpoints);
 - ``baseline``: ``transformers.AutoModelForCausalLM`` + ``peft.get_peft_model`` + TRL's ``SFTTrainer``
   (assistant-only loss) or ``DPOTrainer`` (the PEFT model as its own reference, ``ref_model=None``),
   TRL's defaults otherwise, except where a default would make the two runs train differently: gradient
   checkpointing and bf16 (TRL turns both on by default) follow the engine's settings, the learning-rate schedule
   is linear on both sides (TRL's default), and the sampler is sequential over a dataset written in the engine's
-  order, so both sides see the same batches. Both get the engine's tokens and masks (``engine.render``): TRL
+  order, so both sides see the same batches. Both get the engine's tokens and masks (``engine.datasets.render``): TRL
   takes them as a tokenized dataset, ``input_ids`` with ``assistant_masks`` (which TRL always applies; its
   ``assistant_only_loss`` flag works on raw conversations only, with masks from its own training template) for
   SFT, and ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` for DPO (TRL's tokenizing step skipped). So step 1's
@@ -136,9 +136,9 @@ def engine_config(spec: Spec):
 def data_stream(spec: Spec, tokenizer) -> list[list]:
     """The engine's tokenized examples, batch by batch, in the engine's order (``Recipe._prepare_data`` and
     ``Sampler``): what both sides train on."""
-    from finetune_studio.engine.batches import Sampler
-    from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import Recipe, StopFlag
+    from finetune_studio.engine.train.batches import Sampler
+    from finetune_studio.engine.train.recipe import Recipe, StopFlag
+    from finetune_studio.engine.train.reporting import Reporter
 
     cfg = engine_config(spec)
     recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), StopFlag())
@@ -149,7 +149,7 @@ def data_stream(spec: Spec, tokenizer) -> list[list]:
 
 
 def batch_tokens(batch: list) -> int:
-    from finetune_studio.engine.render import TokenizedPair
+    from finetune_studio.engine.datasets.render import TokenizedPair
 
     if isinstance(batch[0], TokenizedPair):
         return sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in batch)
@@ -222,10 +222,10 @@ def process_age() -> float:
 def studio_worker(spec: Spec) -> Outcome:
     import torch
 
-    from finetune_studio.core import events as ev
+    from finetune_studio.core.protocol import events as ev
     from finetune_studio.engine.models import load_tokenizer
-    from finetune_studio.engine.reporting import Reporter
-    from finetune_studio.engine.train import train_run
+    from finetune_studio.engine.train.recipe import train_run
+    from finetune_studio.engine.train.reporting import Reporter
 
     out = Outcome(spec.impl, spec.method, spec.objective)
     mem = Memory(spec.device)
@@ -260,7 +260,7 @@ def baseline_worker(spec: Spec) -> Outcome:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from transformers.utils import logging as hf_logging
 
-    from finetune_studio.engine.render import IGNORE
+    from finetune_studio.engine.datasets.render import IGNORE
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec.threads)

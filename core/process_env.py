@@ -1,7 +1,7 @@
 """The environment an engine process starts with: glibc malloc settings that keep a CPU run's memory down.
 
 A CPU training step allocates and frees several GiB of tensors. Between steps the engine lets glibc reuse freed
-heap memory (``engine.memory_budget.reuse_memory_between_steps``: about 2x faster steps than handing every large
+heap memory (``engine.train.memory_budget.reuse_memory_between_steps``: about 2x faster steps than handing every large
 block back to the system). But glibc's per-thread cache (tcache: up to 7 freed chunks of each size up to 1 KiB) and
 its fastbins (chunks up to 160 bytes) hold small freed chunks as if they were in use, and a few such chunks left
 between a step's large freed blocks keep those blocks from merging: the heap grew to twice what the step had in

@@ -41,7 +41,7 @@ METRIC_COLUMNS = {
 SCHEMA_VERSION = 2  # 2: the preference store (core/preferences.py), run lineage, samples, best checkpoint
 # Run columns added without a schema version of their own, created on open where missing (older databases work).
 LATER_RUN_COLUMNS = {
-    "memory_estimate": str,  # core.memory_report.MemoryReport as JSON: the budget the run started with
+    "memory_estimate": str,  # core.protocol.memory_report.MemoryReport as JSON: the budget the run started with
     "memory_reserved_peak_bytes": int,  # CUDA: the allocator's reserved peak (memory_peak_bytes: allocated)
     "pid_start": str,  # the engine process's start time beside its pid (a pid alone can be reused)
 }

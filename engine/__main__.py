@@ -35,22 +35,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "data":
-        from finetune_studio.engine.data_cli import main as data_main
+        from finetune_studio.engine.cli.data import main as data_main
 
         return data_main(rest)
     if command == "db":
-        from finetune_studio.engine.db_cli import main as db_main
+        from finetune_studio.engine.cli.db import main as db_main
 
         return db_main(rest)
     if command == "pairs":
-        from finetune_studio.engine.pairs_cli import main as pairs_main
+        from finetune_studio.engine.cli.pairs import main as pairs_main
 
         return pairs_main(rest)
     if command == "runs":
-        from finetune_studio.engine.runs_cli import main as runs_main
+        from finetune_studio.engine.cli.runs import main as runs_main
 
         return runs_main(rest)
-    from finetune_studio.engine.cli import main as cli_main
+    from finetune_studio.engine.cli.commands import main as cli_main
 
     return cli_main(argv)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from finetune_studio.core.events import ModelReady
 from finetune_studio.core.model_spec import (
     CONVERTED_MARK,
     DEFAULT_MODEL_NAME,  # noqa: F401 - still importable from here
@@ -32,6 +31,7 @@ from finetune_studio.core.model_spec import (
     hub_cache_dir,
     parse_spec,
 )
+from finetune_studio.core.protocol.events import ModelReady
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def compute_dtype(name: str, device: str):
     """``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU.
 
     ``bf16-mixed`` (and ``auto`` for training on a CPU with fast bf16, ``mixed_precision.uses_mixed``) loads in
-    float32; ``engine.mixed_precision.apply_mixed`` then moves the frozen decoder linears to bf16."""
+    float32; ``engine.train.model_patches.mixed_precision.apply_mixed`` then moves the frozen decoder linears to
+    bf16."""
     import torch
 
     if name == "bf16-mixed":

@@ -7,8 +7,9 @@ from typing import cast
 
 from PySide6.QtWidgets import QApplication
 
-from finetune_studio.studio import db_guard, jobs, theme
+from finetune_studio.studio import db_guard, theme
 from finetune_studio.studio.main_window import MainWindow
+from finetune_studio.studio.services import jobs
 
 
 def create_app(argv: list[str] | None = None) -> QApplication:

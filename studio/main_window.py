@@ -7,19 +7,19 @@ from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import QMainWindow, QMessageBox, QTabWidget
 
 from finetune_studio.core.config import TrainConfig
-from finetune_studio.core.events import ExportResult
+from finetune_studio.core.protocol.events import ExportResult
 from finetune_studio.core.store import Store
-from finetune_studio.studio.generation_worker import GenerationWorker
-from finetune_studio.studio.jobs import EngineJob
-from finetune_studio.studio.pages.annotate_page import AnnotatePage
+from finetune_studio.studio.pages.annotate.page import AnnotatePage
 from finetune_studio.studio.pages.compare_page import ComparePage
 from finetune_studio.studio.pages.runs_page import RunsPage
 from finetune_studio.studio.pages.setup_page import SetupPage
 from finetune_studio.studio.pages.train_page import TrainPage
-from finetune_studio.studio.run_controller import RunController
-from finetune_studio.studio.settings import Settings
-from finetune_studio.studio.setup_state import SetupState
-from finetune_studio.studio.state import MemoryState, RunState
+from finetune_studio.studio.services.generation_worker import GenerationWorker
+from finetune_studio.studio.services.jobs import EngineJob
+from finetune_studio.studio.services.run_controller import RunController
+from finetune_studio.studio.state.run import MemoryState, RunState
+from finetune_studio.studio.state.settings import Settings
+from finetune_studio.studio.state.setup import SetupState
 from finetune_studio.studio.widgets.export_dialog import ExportDialog, ExportOptionsDialog
 
 TITLE = "Finetune Studio"

@@ -72,8 +72,8 @@ def micro_step_loss(model, objective: str, batch, policy=contextlib.nullcontext)
     ``policy()`` is entered around the part that builds the graph (a saved-tensor census, say)."""
     import torch
 
-    from finetune_studio.engine.forward import LogprobModel
-    from finetune_studio.engine.losses import dpo_loss, sequence_logps, sft_loss
+    from finetune_studio.engine.train.forward import LogprobModel
+    from finetune_studio.engine.train.losses import dpo_loss, sequence_logps, sft_loss
 
     logps = LogprobModel(model)
     if objective == "sft":

@@ -35,7 +35,7 @@ def main() -> int:
 
     from finetune_studio.studio.app import create_app
     from finetune_studio.studio.main_window import ANNOTATE, COMPARE, MainWindow
-    from finetune_studio.studio.settings import Settings
+    from finetune_studio.studio.state.settings import Settings
 
     app = create_app(["shots"])
     settings = Settings()

@@ -6,7 +6,7 @@ but its first few hundred tokens costs gigabytes for nothing. :func:`cut_example
 about 4 characters of prose and rarely more than 16, and the budget allows ``CHARS_PER_TOKEN`` per token.
 
 What is kept is what truncation would keep: the start of an SFT conversation, of a text and of an answer; the end
-of a preference or unpaired prompt (``engine.render`` keeps a prompt's end). Pure Python: no tokenizer needed.
+of a preference or unpaired prompt (``engine.datasets.render`` keeps a prompt's end). Pure Python: no tokenizer needed.
 """
 
 from __future__ import annotations

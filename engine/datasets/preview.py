@@ -1,19 +1,19 @@
 """A rendered example exactly as training sees it: the tokens after the chat template, trained parts marked.
 
-The tokens come from :func:`engine.render.tokenize_example`, the trainer's own path. Each run of tokens that is
-(or is not) trained on becomes a :class:`core.dataset_report.Segment`; for a preference pair the chosen and the
+The tokens come from :func:`engine.datasets.render.tokenize_example`, the trainer's own path. Each run of tokens that is
+(or is not) trained on becomes a :class:`core.protocol.dataset_report.Segment`; for a preference pair the chosen and the
 rejected sequences are shown side by side.
 """
 
 from __future__ import annotations
 
-from finetune_studio.core.dataset_report import ExamplePreview, RenderedSequence, Segment
+from finetune_studio.core.protocol.dataset_report import ExamplePreview, RenderedSequence, Segment
 from finetune_studio.engine.datasets.schema import example_to_dict
 
 
 def segments(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[Segment, ...]:
     """Runs of consecutive tokens with the same trained flag, decoded to text."""
-    from finetune_studio.engine.render import IGNORE
+    from finetune_studio.engine.datasets.render import IGNORE
 
     out: list[Segment] = []
     run: list[int] = []
@@ -48,12 +48,12 @@ def _sequence(tokenizer, tokenized) -> RenderedSequence:
 def preview_example(example, tokenizer=None, max_length: int = 512, loss_on: str = "assistant") -> ExamplePreview:
     """The example in internal form and, with a tokenizer, as rendered tokens with the trained part marked.
 
-    Raises ``engine.render.RenderError`` when the chat template refuses the example.
+    Raises ``engine.datasets.render.RenderError`` when the chat template refuses the example.
     """
     plain = ExamplePreview(line=example.source_line, kind=example.kind, data=example_to_dict(example))
     if tokenizer is None:
         return plain
-    from finetune_studio.engine.render import TokenizedPair, tokenize_example
+    from finetune_studio.engine.datasets.render import TokenizedPair, tokenize_example
 
     tokenized = tokenize_example(tokenizer, example, max_length, loss_on)
     if isinstance(tokenized, TokenizedPair):

@@ -1,13 +1,13 @@
 """Checks that need numbers: token lengths, truncation, rows with nothing to train on, length bias.
 
-Token counts come from :mod:`engine.render`, the same code the trainer uses, so "exceeds max_length" here means
+Token counts come from :mod:`engine.datasets.render`, the same code the trainer uses, so "exceeds max_length" here means
 exactly what it will mean in training. Everything else (length bias in characters) works without a tokenizer.
 """
 
 from __future__ import annotations
 
-from finetune_studio.core.dataset_report import LengthBias, LengthStats, TokenStats
-from finetune_studio.core.memory import LONGEST_KEPT
+from finetune_studio.core.memory.estimate import LONGEST_KEPT
+from finetune_studio.core.protocol.dataset_report import LengthBias, LengthStats, TokenStats
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.schema import Conversation, Message, PreferencePair, UnpairedExample
 
@@ -46,7 +46,7 @@ def token_report(
     examples: list, tokenizer, max_length: int, loss_on: str, log: ProblemLog, limit: int | None = None
 ) -> TokenStats:
     """Tokenise (up to ``limit``) examples exactly as training will, and count what matters."""
-    from finetune_studio.engine.render import RenderError, tokenize_example
+    from finetune_studio.engine.datasets.render import RenderError, tokenize_example
 
     measured = examples[:limit] if limit else examples
     lengths, trained, chosen_len, rejected_len = [], [], [], []

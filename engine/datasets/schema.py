@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finetune_studio.core.dataset_report import Problem  # the report's own type: one definition
+from finetune_studio.core.protocol.dataset_report import Problem  # the report's own type: one definition
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -24,11 +24,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from finetune_studio.core import generation as gp
 from finetune_studio.core.preferences import Decision, PreferenceError
+from finetune_studio.core.protocol import generation as gp
 from finetune_studio.core.run_status import is_exportable
-from finetune_studio.studio.generation_worker import AdapterSpec, GenerationWorker
-from finetune_studio.studio.pages.annotate_page import SideBox
+from finetune_studio.studio.pages.annotate.page import SideBox
+from finetune_studio.studio.services.generation_worker import AdapterSpec, GenerationWorker
 
 SOURCE = "compare"
 NAMES = ("compare-left", "compare-right")

@@ -27,9 +27,9 @@ from PySide6.QtWidgets import (
 from finetune_studio.core.config import ConfigError
 from finetune_studio.core.run_status import RUN_STATUSES, is_exportable, is_resumable
 from finetune_studio.core.store import Store
-from finetune_studio.studio.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
-from finetune_studio.studio.series import Ema
+from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
+from finetune_studio.studio.widgets.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
 from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
 
 PALETTE = [

@@ -19,12 +19,12 @@ from PySide6.QtWidgets import (
 )
 
 from finetune_studio.core.config import METHODS, OBJECTIVES, PARALLELISMS, TrainConfig
-from finetune_studio.core.device_report import DeviceReport
-from finetune_studio.studio import estimate
-from finetune_studio.studio.jobs import EngineJob
-from finetune_studio.studio.presets import Preset, load_presets
-from finetune_studio.studio.setup_state import FIELDS, HELP, OWN_WIDGETS, SetupState
-from finetune_studio.studio.state import MemoryState
+from finetune_studio.core.protocol.device_report import DeviceReport
+from finetune_studio.studio.services.jobs import EngineJob
+from finetune_studio.studio.state import estimate
+from finetune_studio.studio.state.presets import Preset, load_presets
+from finetune_studio.studio.state.run import MemoryState
+from finetune_studio.studio.state.setup import FIELDS, HELP, OWN_WIDGETS, SetupState
 from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel
 from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
 from finetune_studio.studio.widgets.memory_panel import MemoryPanel

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
 )
 
 from finetune_studio.core.run_status import RunStatus, is_exportable, is_resumable
-from finetune_studio.studio.state import MemoryState, RunState, format_bytes, format_duration
+from finetune_studio.studio.state.run import MemoryState, RunState, format_bytes, format_duration
 from finetune_studio.studio.widgets.charts import TrainingCharts
 from finetune_studio.studio.widgets.log_view import LogView
 from finetune_studio.studio.widgets.memory_panel import MemoryBar

@@ -15,7 +15,7 @@ from PySide6.QtCore import QEvent, QTimer
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QGridLayout, QWidget
 
-from finetune_studio.studio.state import RunState
+from finetune_studio.studio.state.run import RunState
 
 pg.setConfigOptions(antialias=False, useNumba=False)
 

@@ -12,7 +12,7 @@ from typing import cast
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
 
-from finetune_studio.studio.setup_state import HELP, SetupState
+from finetune_studio.studio.state.setup import HELP, SetupState
 
 LABELS = {
     "lr": "LR",

@@ -1,7 +1,7 @@
 """Choose the dataset (or one of the bundled demo sets); show the engine's verdict: format, kind, rows, the
 checks and a rendered example.
 
-The verdict is the :class:`core.dataset_report.DatasetReport` that ``engine data inspect --json`` sends; the
+The verdict is the :class:`core.protocol.dataset_report.DatasetReport` that ``engine data inspect --json`` sends; the
 example is shown with the tokens that are trained on highlighted.
 """
 
@@ -29,10 +29,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from finetune_studio.core.dataset_report import DatasetReport, ExamplePreview, RenderedSequence, Segment
 from finetune_studio.core.paths import resources_dir
-from finetune_studio.studio.jobs import EngineJob
-from finetune_studio.studio.setup_state import HELP, SetupState
+from finetune_studio.core.protocol.dataset_report import DatasetReport, ExamplePreview, RenderedSequence, Segment
+from finetune_studio.studio.services.jobs import EngineJob
+from finetune_studio.studio.state.setup import HELP, SetupState
 from finetune_studio.studio.widgets.config_form import ErrorLabel
 
 DATA_FILTER = "Datasets (*.jsonl *.json *.csv *.tsv *.parquet);;All files (*)"

@@ -28,8 +28,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from finetune_studio.core.events import ExportResult, Progress
-from finetune_studio.studio.jobs import EngineJob
+from finetune_studio.core.protocol.events import ExportResult, Progress
+from finetune_studio.studio.services.jobs import EngineJob
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PySide6.QtGui import QFontDatabase
 from PySide6.QtWidgets import QPlainTextEdit, QWidget
 
-from finetune_studio.studio.state import LOG_LINES, RunState
+from finetune_studio.studio.state.run import LOG_LINES, RunState
 
 
 class LogView(QPlainTextEdit):

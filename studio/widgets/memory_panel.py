@@ -8,7 +8,7 @@ from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette
 from PySide6.QtWidgets import QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from finetune_studio.studio.state import MemoryState, format_bytes
+from finetune_studio.studio.state.run import MemoryState, format_bytes
 
 BUDGET = QColor(70, 130, 220)
 USED = QColor(60, 170, 110)

@@ -19,12 +19,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from finetune_studio.core import memory
 from finetune_studio.core.config import ConfigError, TrainConfig
-from finetune_studio.core.events import ModelReady, Progress
-from finetune_studio.studio.jobs import EngineJob
-from finetune_studio.studio.model_info import describe_folder, format_count, local_folder
-from finetune_studio.studio.setup_state import HELP, SetupState
+from finetune_studio.core.memory import estimate as memory
+from finetune_studio.core.protocol.events import ModelReady, Progress
+from finetune_studio.studio.services.jobs import EngineJob
+from finetune_studio.studio.state.model_info import describe_folder, format_count, local_folder
+from finetune_studio.studio.state.setup import HELP, SetupState
 from finetune_studio.studio.widgets.config_form import ErrorLabel
 
 FACTS = (

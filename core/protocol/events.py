@@ -1,0 +1,233 @@
+"""The worker's event protocol: typed, frozen events as JSON lines.
+
+The engine writes one JSON object per line on stdout; the studio reads them.
+Every object has ``"v"`` (the protocol version) and ``"type"``. Unknown fields
+are ignored on reading so that an older studio can read a newer engine's
+optional extras; a missing required field or an unknown type is a
+:class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid event."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = ""
+
+    def to_json(self) -> str:
+        body = {"v": PROTOCOL_VERSION, "type": self.type}
+        body.update(dataclasses.asdict(self))
+        return json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    """The run has a database row and a folder; training is about to begin."""
+
+    type: ClassVar[str] = "started"
+    run_id: str
+    run_dir: str
+    total_steps: int
+    device: str = "cpu"
+    resumed_from_step: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    memory_budget_bytes: int = 0  # the estimate made before the run
+    memory_total_bytes: int = 0  # what the device has
+    world_size: int = 1  # processes (GPUs) training together; memory figures are per process
+    parent_run_id: str = ""  # the run whose adapter this one started from (init_adapter)
+    pairs_snapshot: str = ""  # the preference-store snapshot a DPO run trains on (dataset: pairs:...)
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    """Slow set-up work (model conversion, tokenising, reference log-probs)."""
+
+    type: ClassVar[str] = "progress"
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    """One optimizer step. DPO steps also carry reward statistics."""
+
+    type: ClassVar[str] = "step"
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    memory_used_bytes: int
+    memory_peak_bytes: int
+    epoch: float = 0.0
+    elapsed_s: float = 0.0
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Eval(Event):
+    """Loss on the held-out split."""
+
+    type: ClassVar[str] = "eval"
+    step: int
+    eval_loss: float
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    # With early stopping: the best eval loss so far, its step, and whether this evaluation is it.
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    is_best: bool = False
+
+
+@dataclass(frozen=True)
+class Sample(Event):
+    """What the model answers (greedy, short) to a few fixed validation prompts, at one evaluation."""
+
+    type: ClassVar[str] = "sample"
+    step: int
+    prompts: list[str]  # the last user turn of each prompt
+    answers: list[str]  # the model's answer to each, in order
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Log(Event):
+    """A human-readable line worth showing in the app's log view."""
+
+    type: ClassVar[str] = "log"
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    """The run ended normally: completed, or stopped on request (resumable)."""
+
+    type: ClassVar[str] = "finished"
+    run_id: str
+    status: str  # "completed" | "stopped"
+    step: int
+    final_loss: float | None = None
+    adapter_dir: str = ""
+    metrics: dict = field(default_factory=dict)
+    best_checkpoint: str = ""  # with early stopping: the adapter folder of the best evaluation
+    best_step: int | None = None
+    stopped_early: bool = False  # the eval loss stopped improving before the last step
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    """The run could not go on. ``message`` tells a person what to change."""
+
+    type: ClassVar[str] = "failed"
+    message: str
+    kind: str = "error"  # "config" | "data" | "model" | "oom" | "database" | "error"
+    run_id: str = ""
+    detail: str = ""  # the exception text, for the log view
+
+
+@dataclass(frozen=True)
+class ModelReady(Event):
+    """A model resolved (and converted if it came as GGUF) into a loadable safetensors folder."""
+
+    type: ClassVar[str] = "model"
+    name: str
+    path: str
+    architecture: str = ""
+    parameters: int = 0
+    layers: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    context_length: int = 0
+    dtype: str = ""
+    # counted on the meta device for one method (``model info --config``); 0 when not counted
+    total_params: int = 0  # base + adapters
+    trainable_params: int = 0
+    quantizable_params: int = 0  # weights NF4 would quantise
+    optimizer_8bit_bytes: int = 0
+    counted_for: str = ""  # "lora r=16 all-linear": the method, rank and targets counted
+
+
+@dataclass(frozen=True)
+class ExportResult(Event):
+    """An export was written and checked in a fresh process (details in ``check.json`` in its folder)."""
+
+    type: ClassVar[str] = "export"
+    run_id: str
+    path: str
+    passed: bool  # every written form reloaded and answered like the trained model
+    verdict: str  # one line for a person
+    checkpoint: str = ""  # "final", "step-000050"
+    formats: list = field(default_factory=list)  # "adapter", "merged", "gguf-q8_0", "ollama"
+    sample: str = ""  # the trained model's answer to the check's prompt
+    report_file: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (Started, Progress, Step, Eval, Sample, CheckpointSaved, Log, Finished, Failed, ModelReady, ExportResult)
+}
+
+
+def load_message(line: str | bytes, version: int, error: type[Exception] = ProtocolError) -> dict:
+    """One JSON-line message of a versioned protocol as a dict; ``error`` (that protocol's ProtocolError) says why
+    not: not JSON, not an object, or another version."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise error(f"not JSON: {line[:120]!r} ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise error(f"not a JSON object: {line[:120]!r}")
+    if data.get("v") != version:
+        raise error(f"protocol version {data.get('v')!r}, expected {version}")
+    return data
+
+
+def parse_event(line: str | bytes) -> Event:
+    """Parse one JSON line into its event class."""
+    data = load_message(line, PROTOCOL_VERSION)
+    cls = _event_types().get(data.get("type", ""))
+    if cls is None:
+        raise ProtocolError(f"unknown event type {data.get('type')!r}")
+    if hasattr(cls, "from_fields"):  # events with nested dataclasses build themselves
+        return cls.from_fields(data)
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+
+
+def _event_types() -> dict[str, type[Event]]:
+    """EVENT_TYPES, with the events defined in modules of their own (they build on :class:`Event`)."""
+    if "dataset_report" not in EVENT_TYPES:
+        from finetune_studio.core.protocol import dataset_report  # noqa: F401 - registers DatasetReport
+    if "device_report" not in EVENT_TYPES:
+        from finetune_studio.core.protocol import device_report  # noqa: F401 - registers DeviceReport
+    return EVENT_TYPES

@@ -1,0 +1,422 @@
+"""The generation worker's protocol: typed, frozen requests and replies as JSON lines.
+
+``python -m finetune_studio.engine serve`` is a long-lived child process. The caller writes one request per line
+on its stdin; the worker writes replies and events, one per line, on its stdout (logs go to stderr). Every object
+has ``"v"`` (:data:`PROTOCOL_VERSION`), ``"type"`` and ``"id"``: a request's id is chosen by the caller, and every
+reply to it carries the same id.
+
+The rules a caller can rely on:
+
+* At start the worker writes :class:`Ready` (id ``""``).
+* Requests run one at a time, in the order they arrive; only :class:`Cancel` is acted on at once.
+* Every request gets exactly one *final* reply (:data:`FINAL_TYPES`): its own (``loaded``, ``adapter``,
+  ``active``, ``generated``, ``cancelled``, ``unloaded``, ``bye``) or an :class:`Error` naming the problem.
+  After an error the worker is still up and takes the next request.
+* A :class:`Generate` streams :class:`Delta` events (new text every few tokens, per candidate), then one
+  :class:`Done` per candidate (``finish_reason`` ``stop`` | ``length`` | ``cancelled``), then its final
+  :class:`Generated`. The deltas of a candidate concatenate to its ``Done.text``.
+* A line that is not a valid request is answered with an :class:`Error` (id ``""`` when none could be read).
+
+Unknown fields are ignored on reading, so an older reader can read a newer writer's optional extras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from finetune_studio.core.protocol.events import load_message
+
+PROTOCOL_VERSION = 1
+
+FinishReason = Literal["stop", "length", "cancelled"]
+# ``stop``: the model ended its answer (end-of-turn token) or wrote a stop string (not included in the text).
+FINISH_REASONS = ("stop", "length", "cancelled")
+ErrorKind = Literal["bad_request", "model", "adapter", "context", "no_model", "oom", "error"]
+ERROR_KINDS = ("bad_request", "model", "adapter", "context", "no_model", "oom", "error")
+BASE = ""  # the adapter name meaning "the base model, adapters switched off"
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid request or reply."""
+
+
+def _body(obj) -> dict:
+    out = {"v": PROTOCOL_VERSION, "type": obj.type}
+    out.update(dataclasses.asdict(obj))
+    return out
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of requests and replies: ``id`` ties replies to their request."""
+
+    type: ClassVar[str] = ""
+    id: str
+
+    def to_json(self) -> str:
+        return json.dumps(_body(self), separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ProtocolError(message)
+
+
+# --- requests --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request(Message):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadModel(Request):
+    """Load a base model, replacing the one loaded (and its adapters).
+
+    ``model`` is any model spec the engine takes: ``default``, a model folder, a ``.gguf`` file, or a hub id in
+    the local cache. ``dtype`` ``auto``: bfloat16/float16 on a GPU, float32 on the CPU.
+    """
+
+    type: ClassVar[str] = "load"
+    model: str = "default"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantize_4bit: bool = False  # NF4 base (the one a QLoRA adapter was trained on); CUDA only
+    # "int8": weight-only int8 copies of the linear layers for faster CPU decoding (outputs close to, not
+    # equal to, full precision). "int4": group-wise int4 (int8 for the output head and where int4 does not fit):
+    # faster still, further from full precision. "full": the weights as loaded.
+    weights: Literal["full", "int8", "int4"] = "full"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _check(isinstance(self.model, str) and self.model.strip() != "", "load: 'model' must name a model")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"load: unknown dtype {self.dtype!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"load: unknown device {self.device!r}")
+        _check(
+            self.weights in ("full", "int8", "int4"),
+            f"load: 'weights' must be 'full', 'int8' or 'int4', not {self.weights!r}",
+        )
+
+
+@dataclass(frozen=True)
+class AttachAdapter(Request):
+    """Attach an adapter under ``name`` (replacing one of that name) and make it the active one.
+
+    ``source``: a run id (or unique prefix) or run folder, whose final adapter is used (the newest checkpoint of a
+    run that has none yet); or an adapter folder (an export, or a checkpoint folder ``.../checkpoints/step-N``).
+    ``checkpoint``: with a run as source, the step of one of its checkpoints instead of the final adapter.
+    """
+
+    type: ClassVar[str] = "attach"
+    name: str = ""
+    source: str = ""
+    checkpoint: int | None = None
+
+    def __post_init__(self):
+        _check(isinstance(self.name, str) and self.name.strip() != "", "attach: 'name' must be a non-empty name")
+        _check(isinstance(self.source, str) and self.source.strip() != "", "attach: 'source' must name an adapter")
+        _check(
+            self.checkpoint is None or (isinstance(self.checkpoint, int) and self.checkpoint >= 0),
+            "attach: 'checkpoint' must be a step number",
+        )
+
+
+@dataclass(frozen=True)
+class SetActive(Request):
+    """Make ``adapter`` the one :class:`Generate` uses by default; ``""`` (:data:`BASE`) switches adapters off."""
+
+    type: ClassVar[str] = "set_active"
+    adapter: str = BASE
+
+
+@dataclass(frozen=True)
+class DetachAdapter(Request):
+    """Drop an attached adapter (the base is active afterwards if it was the active one)."""
+
+    type: ClassVar[str] = "detach"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Generate(Request):
+    """Sample ``n`` candidates for one prompt, as one batch.
+
+    Give ``prompt`` (a user message) or ``messages`` (a conversation); either goes through the model's chat
+    template with the generation prompt added. ``raw: true`` sends ``prompt`` as plain text instead (completion).
+    ``temperature`` 0 is greedy decoding. ``top_k`` 0 and ``top_p`` 1 switch those filters off. ``adapter``:
+    ``None`` uses the active adapter, ``""`` the base, a name that attached adapter (for this request only).
+    Candidate i of a request with seed s is reproducible: the same request gives the same texts.
+    """
+
+    type: ClassVar[str] = "generate"
+    prompt: str = ""
+    messages: tuple[ChatTurn, ...] = ()
+    raw: bool = False
+    n: int = 1
+    seed: int = 0
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    adapter: str | None = None
+    stream_every: int = 4  # tokens per Delta (per candidate); 0: no deltas, only Done
+
+    def __post_init__(self):
+        msgs = self.messages
+        _check(isinstance(msgs, (list, tuple)), "generate: 'messages' must be a list of {role, content}")
+        turns = []
+        for m in msgs:
+            if isinstance(m, dict):
+                _check(
+                    isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
+                    "generate: each message needs a string 'role' and 'content'",
+                )
+                m = ChatTurn(role=m["role"], content=m["content"])
+            _check(isinstance(m, ChatTurn), "generate: each message needs a string 'role' and 'content'")
+            turns.append(m)
+        object.__setattr__(self, "messages", tuple(turns))
+        stop = self.stop
+        _check(
+            isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop),
+            "generate: 'stop' must be a list of non-empty strings",
+        )
+        object.__setattr__(self, "stop", tuple(stop))
+        _check(isinstance(self.prompt, str), "generate: 'prompt' must be text")
+        _check(bool(self.prompt) != bool(turns), "generate: give either 'prompt' or 'messages' (one of them)")
+        _check(not (self.raw and turns), "generate: 'raw' applies to 'prompt' only")
+        _check(_is_int(self.n) and 1 <= self.n <= 64, "generate: 'n' must be between 1 and 64")
+        _check(_is_int(self.seed) and self.seed >= 0, "generate: 'seed' must be a non-negative integer")
+        _check(_is_num(self.temperature) and self.temperature >= 0, "generate: 'temperature' must be >= 0")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "generate: 'top_p' must be in (0, 1]")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "generate: 'top_k' must be >= 0 (0: off)")
+        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "generate: 'max_new_tokens' must be >= 1")
+        _check(_is_int(self.stream_every) and self.stream_every >= 0, "generate: 'stream_every' must be >= 0")
+        _check(self.adapter is None or isinstance(self.adapter, str), "generate: 'adapter' must be a name or null")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class Cancel(Request):
+    """Stop request ``target``: a running generation ends with its candidates so far (``cancelled``)."""
+
+    type: ClassVar[str] = "cancel"
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Unload(Request):
+    """Free the model and its adapters."""
+
+    type: ClassVar[str] = "unload"
+
+
+@dataclass(frozen=True)
+class Shutdown(Request):
+    """Cancel what runs, answer ``bye`` and exit. Closing the worker's stdin does the same."""
+
+    type: ClassVar[str] = "shutdown"
+
+
+REQUEST_TYPES: dict[str, type[Request]] = {
+    cls.type: cls for cls in (LoadModel, AttachAdapter, SetActive, DetachAdapter, Generate, Cancel, Unload, Shutdown)
+}
+
+
+# --- replies and events ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply(Message):
+    pass
+
+
+@dataclass(frozen=True)
+class Ready(Reply):
+    """The worker is up and reads requests (id ``""``)."""
+
+    type: ClassVar[str] = "ready"
+    pid: int = 0
+    device: str = "cpu"  # where models go with device "auto"
+    threads: int = 1  # torch's CPU threads
+
+
+@dataclass(frozen=True)
+class Loaded(Reply):
+    type: ClassVar[str] = "loaded"
+    model: str = ""  # the spec as given
+    path: str = ""  # the resolved safetensors folder
+    device: str = "cpu"
+    dtype: str = ""
+    weights: str = "full"
+    context_length: int = 0
+    parameters: int = 0
+    chat_template: bool = False  # False: prompts are sent as plain text
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdapterAttached(Reply):
+    type: ClassVar[str] = "adapter"
+    name: str = ""
+    path: str = ""  # the adapter folder that was loaded
+    run_id: str = ""  # the run it came from, when known
+    step: int | None = None  # the checkpoint's step; None for a run's final adapter or an export
+    base_model: str = ""  # what the adapter's config names as its base
+
+
+@dataclass(frozen=True)
+class Active(Reply):
+    """The adapter now active (``""``: the base), and those attached. Answers set_active and detach."""
+
+    type: ClassVar[str] = "active"
+    adapter: str = BASE
+    attached: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta(Reply):
+    """New text of one candidate since its previous delta."""
+
+    type: ClassVar[str] = "delta"
+    candidate: int = 0
+    text: str = ""
+    tokens: int = 0  # the candidate's new tokens so far
+
+
+@dataclass(frozen=True)
+class Done(Reply):
+    """One candidate is complete."""
+
+    type: ClassVar[str] = "done"
+    candidate: int = 0
+    text: str = ""
+    tokens: int = 0  # new tokens generated (a stop string's tokens included, the end-of-turn token too)
+    finish_reason: FinishReason = "stop"
+    elapsed_s: float = 0.0  # from the start of the request
+    adapter: str = BASE  # the adapter that produced it ("" for the base)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generated(Reply):
+    """The final reply to a generate request, after every candidate's :class:`Done`."""
+
+    type: ClassVar[str] = "generated"
+    candidates: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # over all candidates
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0  # new tokens per second over the whole request
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Cancelled(Reply):
+    """Answers a cancel request at once; ``found`` tells whether ``target`` was running or queued."""
+
+    type: ClassVar[str] = "cancelled"
+    target: str = ""
+    found: bool = False
+
+
+@dataclass(frozen=True)
+class Unloaded(Reply):
+    type: ClassVar[str] = "unloaded"
+
+
+@dataclass(frozen=True)
+class Bye(Reply):
+    type: ClassVar[str] = "bye"
+
+
+@dataclass(frozen=True)
+class Error(Reply):
+    """The request failed; ``message`` tells a person what is wrong. The worker stays up."""
+
+    type: ClassVar[str] = "error"
+    message: str = ""
+    kind: ErrorKind = "error"
+    detail: str = ""  # the exception text, for the log view
+
+
+REPLY_TYPES: dict[str, type[Reply]] = {
+    cls.type: cls
+    for cls in (Ready, Loaded, AdapterAttached, Active, Delta, Done, Generated, Cancelled, Unloaded, Bye, Error)
+}
+FINAL_TYPES = frozenset(
+    {"loaded", "adapter", "active", "generated", "cancelled", "unloaded", "bye", "error"}
+)  # one of these ends each request
+
+
+def is_final(reply: Reply) -> bool:
+    return reply.type in FINAL_TYPES
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------
+
+
+def _load(line: str | bytes) -> dict:
+    data = load_message(line, PROTOCOL_VERSION, ProtocolError)
+    if not isinstance(data.get("id"), str):
+        raise ProtocolError("every message needs a string 'id'")
+    return data
+
+
+def _build(cls, data: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ProtocolError(f"bad {cls.type} message: {exc}") from None
+
+
+def parse_request(line: str | bytes) -> Request:
+    """Parse one JSON line into its request class (:class:`ProtocolError` names the problem)."""
+    data = _load(line)
+    cls = REQUEST_TYPES.get(data.get("type", ""))
+    if cls is None:
+        raise ProtocolError(f"unknown request type {data.get('type')!r}; known: {', '.join(sorted(REQUEST_TYPES))}")
+    return _build(cls, data)
+
+
+def parse_reply(line: str | bytes) -> Reply:
+    """Parse one JSON line from the worker into its reply class."""
+    data = _load(line)
+    cls = REPLY_TYPES.get(data.get("type", ""))
+    if cls is None:
+        raise ProtocolError(f"unknown reply type {data.get('type')!r}")
+    if cls is Active and isinstance(data.get("attached"), list):
+        data = {**data, "attached": tuple(data["attached"])}
+    return _build(cls, data)
+
+
+def request_id_of(line: str | bytes) -> str:
+    """The id of a line that did not parse, when it has one (so its error reply can carry it)."""
+    try:
+        data = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+    return data.get("id", "") if isinstance(data, dict) and isinstance(data.get("id"), str) else ""

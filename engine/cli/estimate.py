@@ -1,0 +1,98 @@
+"""``python -m finetune_studio.engine estimate CONFIG [--json]``: the run's memory budget before it starts.
+
+Resolves the model (converting a GGUF once), counts its parameters for the chosen method on the meta device,
+tokenises the dataset as training will (when the config names one) to find the longest batch, and prints
+``core.protocol.memory_report.MemoryReport``: with ``--json`` one JSON object on stdout, else a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.protocol.memory_report import MemoryReport
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("estimate", help="the memory a run will need, fitted to its data, and whether it fits")
+    p.add_argument("config", help="YAML or JSON config file")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="device to estimate for")
+
+
+def estimate(config: TrainConfig, device_kind: str = "auto") -> MemoryReport:
+    from finetune_studio.engine.models import LoadOptions, ModelError, pick_device, resolve_model
+    from finetune_studio.engine.train import memory_budget
+
+    options = LoadOptions(allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+    folder = resolve_model(config.model, options)
+    device = memory_budget.device_info(pick_device() if device_kind == "auto" else device_kind)
+    examples, total = _tokenized(config, folder, options) if config.dataset else (None, 0)
+    report = memory_budget.run_report(folder, config, device, examples, total, config.trust_remote_code)
+    if report is None:
+        raise ModelError(f"cannot read the model's shape from {folder / 'config.json'}")
+    return report
+
+
+def _tokenized(config: TrainConfig, folder: Path, options) -> tuple[list, int]:
+    """Every example of the dataset tokenised at max_length, as training does (both splits: an upper bound)."""
+    from finetune_studio.engine.datasets import load_dataset
+    from finetune_studio.engine.datasets.render import RenderError, tokenize_example
+    from finetune_studio.engine.models import load_tokenizer
+
+    data = load_dataset(config.dataset, config.dataset_mapping or None)
+    tokenizer = load_tokenizer(str(folder), options)
+    out = []
+    for example in data.examples:
+        try:
+            out.append(tokenize_example(tokenizer, example, config.max_length, config.loss_on))
+        except RenderError:
+            continue
+    return out, len(data.examples)
+
+
+def cmd_estimate(args: argparse.Namespace, stream) -> int:
+    """``stream``: the real stdout (the CLI points fd 1 at stderr so that libraries cannot corrupt it)."""
+    from finetune_studio.engine.cli.commands import _parse_sets
+    from finetune_studio.engine.models import ModelError
+
+    try:
+        config = TrainConfig.load(args.config)
+        if args.set:
+            config = TrainConfig.from_dict({**config.to_dict(), **_parse_sets(args.set)})
+        report = estimate(config, args.device)
+    except (ConfigError, ModelError) as exc:
+        message = f"Invalid config: {exc}" if isinstance(exc, ConfigError) else f"Model problem: {exc}"
+        if args.json:
+            stream.write(json.dumps({"ok": False, "error": message}) + "\n")
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a dataset that cannot be read, a model transformers cannot build
+        message = f"{type(exc).__name__}: {exc}"
+        if args.json:
+            stream.write(json.dumps({"ok": False, "error": message}) + "\n")
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    stream.write((report.to_json() if args.json else format_report(report)) + "\n")
+    return 0
+
+
+def format_report(r: MemoryReport) -> str:
+    gib = 1024**3
+    lines = [
+        f"parameters:  {r.total_params:,} total, {r.trainable_params:,} trainable ({r.params_source})",
+        f"lengths:     {r.lengths.description}",
+        "components:",
+        *(f"  {name:<12} {value / gib:8.3f} GiB" for name, value in r.components.items()),
+        f"  {'total':<12} {r.total_bytes / gib:8.3f} GiB",
+        f"device:      {r.device_name} ({r.device_kind}), {r.device_bytes / gib:.2f} GiB free",
+        f"verdict:     {r.verdict}: {r.message}",
+    ]
+    if r.cheapest_change:
+        lines.append(f"cheapest change: {r.cheapest_change}")
+    lines += [f"note:        {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""The generation worker's decode loop: one prefill, ``n`` candidates as one batch, a preallocated KV cache.
+
+Instead of transformers' ``generate`` (which runs the prompt ``n`` times, grows each layer's KV cache with a
+``torch.cat`` every step and samples over the whole vocabulary), :func:`decode`
+
+1. runs the prompt once (batch 1, logits of the last position only) and copies its keys and values ``n`` times
+   into buffers sized for the whole answer, written in place at each step (:class:`PreallocatedLayer`; models
+   whose cache is not made of plain full-attention layers keep transformers' own cache, repeated ``n`` times);
+2. samples with :class:`~engine.generate.token_sampling.Sampler` (greedy decoding runs one row, copied to every
+candidate);
+3. hands each step's ``n`` token ids to ``on_tokens``, which says which candidates have ended, and drops ended
+   candidates from the batch, so the remaining ones decode faster.
+
+It calls the model's own ``forward``, so PEFT adapter layers injected into it (or switched off around it) apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+
+import torch
+
+from finetune_studio.engine.generate.token_sampling import Sampler
+
+OnTokens = Callable[[list[int]], list[bool]]  # one token id per candidate -> which candidates have ended
+
+
+@functools.cache
+def _cache_classes():
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A full-attention layer's keys and values in buffers (batch, heads, capacity, head dim), filled in place;
+        ``keys`` / ``values`` are views of the filled part, what ``update`` returns to attention."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, capacity: int):
+            super().__init__()
+            b, h, t, d = keys.shape
+            self.device = keys.device
+            self.k_buf = keys.new_empty(rows, h, capacity, d)
+            self.v_buf = values.new_empty(rows, h, capacity, values.shape[-1])
+            self.k_buf[:, :, :t] = keys  # (1 or rows, h, t, d) broadcast over the rows
+            self.v_buf[:, :, :t] = values
+            self.length = t
+            self.keys, self.values = self.k_buf[:, :, :t], self.v_buf[:, :, :t]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            t0, t1 = self.length, self.length + key_states.shape[-2]
+            if t1 > self.k_buf.shape[2]:  # past the planned length: grow (not expected in the worker's loop)
+                self.k_buf = torch.cat([self.k_buf, torch.empty_like(self.k_buf)], dim=2)
+                self.v_buf = torch.cat([self.v_buf, torch.empty_like(self.v_buf)], dim=2)
+            self.k_buf[:, :, t0:t1] = key_states
+            self.v_buf[:, :, t0:t1] = value_states
+            self.length = t1
+            self.keys, self.values = self.k_buf[:, :, :t1], self.v_buf[:, :, :t1]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+            self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("the decode loop never crops its cache")
+
+    return DynamicCache, DynamicLayer, PreallocatedLayer
+
+
+def _expand_cache(cache, rows: int, capacity: int):
+    """The prompt's cache (batch 1), made to hold ``rows`` candidates of up to ``capacity`` positions."""
+    _, dynamic_layer, preallocated = _cache_classes()
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is dynamic_layer and layer.is_initialized for layer in layers):
+        cache.layers = [preallocated(layer.keys, layer.values, rows, capacity) for layer in layers]
+    elif rows > 1:
+        cache.batch_repeat_interleave(rows)  # sliding-window, hybrid or recurrent layers: transformers' own
+    return cache
+
+
+FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")  # pre-norm decoder blocks, SwiGLU MLP, rotary q/k, no q/k norm
+
+
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), computed in float32
+
+
+def _fast_step(model, cache):
+    """A decoding step for Llama-family models that runs the model's own modules (so PEFT adapter layers apply)
+    with the glue written out: no mask building, no per-layer keyword plumbing, the cache buffers written directly.
+    The same operations as transformers' forward (the same logits); None where the model does not fit.
+    """
+    from finetune_studio.engine.generate.int4 import int4_matmul, stacked_int4
+    from finetune_studio.engine.generate.int8 import int8_matmul, stacked
+
+    preallocated = _cache_classes()[2]
+    inner, config = getattr(model, "model", None), getattr(model, "config", None)
+    if config is None or inner is None or getattr(config, "model_type", None) not in FAST_MODEL_TYPES:
+        return None
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return None
+    if not all(isinstance(layer, preallocated) for layer in cache.layers):
+        return None
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if not all(hasattr(inner, a) for a in needed) or not hasattr(model, "lm_head"):
+        return None
+    for block in inner.layers:
+        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        if attn is None or mlp is None or hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return None
+        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return None
+        if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return None
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rms_norm = torch.nn.functional.rms_norm
+    blocks = list(zip(inner.layers[: config.num_hidden_layers], cache.layers, strict=True))
+    groups = config.num_attention_heads // config.num_key_value_heads
+
+    def rotate(x, cos, signed_sin):  # transformers' apply_rotary_pos_emb: x*cos + cat(-x2, x1)*sin, the same numbers
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+    def norm(module, x):  # Llama's RMSNorm as one op on float32 activations (the same numbers)
+        if x.dtype != torch.float32 or type(module).__name__ not in RMS_NORMS:
+            return module(x)
+        return rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+
+    def fused(parent, name: str):  # (h -> stacked product, output sizes): int8 or int4; None where not stacked
+        s8 = stacked(parent, f"int8_{name}")
+        if s8 is not None:
+            return (lambda h: int8_matmul(h, *s8[:3])), s8[3]
+        s4 = stacked_int4(parent, f"int4_{name}")
+        if s4 is not None:
+            return (lambda h: int4_matmul(h, *s4[:4])), s4[4]
+        return None
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` (rows, 1) -> next-token logits (rows, vocab)."""
+        rows = ids.shape[0]
+        x = inner.embed_tokens(ids)  # (rows, 1, hidden)
+        position = torch.full((1, 1), cache.layers[0].length, dtype=torch.long, device=ids.device)
+        cos, sin = inner.rotary_emb(x, position_ids=position)  # (1, 1, head_dim)
+        half = sin.shape[-1] // 2
+        cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1,1,1,d)
+        for block, layer in blocks:
+            attn, mlp = block.self_attn, block.mlp
+            d = attn.head_dim
+            h = norm(block.input_layernorm, x)
+            qkv = fused(attn, "qkv")  # one int8/int4 matmul for q, k and v where they are plain quantised linears
+            if qkv is not None:  # q and k rotated as one tensor
+                out, sizes = qkv[0](h), qkv[1]
+                qk = rotate(out[..., : sizes[0] + sizes[1]].view(rows, 1, -1, d), cos, sin)
+                q, k = qk[:, :, : sizes[0] // d], qk[:, :, sizes[0] // d :]
+                v = out[..., sizes[0] + sizes[1] :]
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q, k = rotate(q.view(rows, 1, -1, d), cos, sin), rotate(k.view(rows, 1, -1, d), cos, sin)
+            k = k.transpose(1, 2)  # (rows, kv heads, 1, d); q: (rows, 1, heads, d)
+            keys, values = layer.update(k, v.view(rows, 1, -1, d).transpose(1, 2))  # (rows, kv heads, t, d)
+            o = sdpa(q.transpose(1, 2), keys, values, scale=attn.scaling, enable_gqa=groups > 1)  # (rows, heads, 1, d)
+            o = o.transpose(1, 2)  # (rows, 1, heads, d)
+            x = x + attn.o_proj(o.reshape(rows, 1, -1))
+            h = norm(block.post_attention_layernorm, x)
+            gate_up = fused(mlp, "gate_up")
+            if gate_up is not None:
+                gate, up = gate_up[0](h).split(gate_up[1], dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+        return model.lm_head(norm(inner.norm, x))[:, -1, :]
+
+    return step
+
+
+def decode(
+    model,
+    prompt: list[int],
+    n: int,
+    max_new_tokens: int,
+    sampler: Sampler,
+    on_tokens: OnTokens,
+    seed: int = 0,
+    cancel: threading.Event | None = None,
+    pad_id: int = 0,
+    fast_path: bool = True,
+) -> int:
+    """Sample ``n`` continuations of ``prompt`` with ``model`` (a causal LM); return the decoding steps run.
+
+    ``on_tokens`` gets each step's token for every candidate (``pad_id`` for those already ended) and answers
+    which candidates have now ended; the loop stops when all have, at ``max_new_tokens``, or on ``cancel``.
+    ``fast_path``: use :func:`_fast_step` for Llama-family models (False: always the model's ``forward``).
+    """
+    dynamic_cache, _, _ = _cache_classes()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = 1 if sampler.greedy else n  # greedy candidates are all the same: decode one, copy it
+    live = list(range(n))  # candidate of each batch row
+    ids = torch.tensor([prompt], device=device)
+    with torch.inference_mode():
+        out = model(input_ids=ids, cache=dynamic_cache(config=model.config), use_cache=True, logits_to_keep=1)
+        cache = _expand_cache(out.cache, rows, len(prompt) + max_new_tokens)
+        logits = out.logits[:, -1, :].expand(rows, -1)  # (rows, vocab)
+        fast = _fast_step(model, cache) if fast_path else None
+        steps = 0
+        while True:
+            if cancel is not None and cancel.is_set():
+                return steps
+            picked = sampler.sample(logits, generator).tolist()  # (rows,)
+            steps += 1
+            tokens = [pad_id] * n
+            if sampler.greedy:
+                tokens = [picked[0] if i in live else pad_id for i in range(n)]
+            else:
+                for row, cand in enumerate(live):
+                    tokens[cand] = picked[row]
+            ended = on_tokens(tokens)
+            if steps >= max_new_tokens or all(ended):
+                return steps
+            keep = [row for row, cand in enumerate(live) if not ended[cand]]
+            if sampler.greedy:
+                live = [cand for cand in live if not ended[cand]]  # one shared row until every copy has ended
+                next_ids = torch.tensor([[picked[0]]], device=device)
+            else:
+                if len(keep) < len(live):  # drop the ended candidates from the batch
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    live = [live[row] for row in keep]
+                    picked = [picked[row] for row in keep]
+                    rows = len(live)
+                next_ids = torch.tensor(picked, device=device)[:, None]
+            if fast is not None:
+                logits = fast(next_ids)
+            else:
+                out = model(input_ids=next_ids, cache=cache, use_cache=True)
+                cache = out.cache
+                logits = out.logits[:, -1, :]

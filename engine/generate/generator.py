@@ -1,0 +1,458 @@
+"""Sampling from a base model and its adapters: the generation worker's engine side, usable in-process too.
+
+One :class:`Session` holds a base model, its tokenizer, and any number of named LoRA / DoRA adapters attached
+with PEFT (``load_adapter``), so switching adapters never reloads the base. "Base" generation runs inside
+``disable_adapter()``: the adapter layers are really bypassed, not just scaled.
+
+:meth:`Session.generate` decodes the ``n`` candidates as one batch with :func:`engine.generate.decode.decode` (the
+prompt
+run once, a preallocated KV cache, sampling without sorting the vocabulary: :mod:`engine.generate.token_sampling`). A
+streamer
+turns the new tokens into :class:`~core.protocol.generation.Delta` events every few tokens and notices stop strings and
+per-candidate ends; the loop checks the cancel flag every step. The per-step work outside the model is one
+``.tolist()`` of ``n`` token ids plus a few list appends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune_studio.core.protocol import generation as gp
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[gp.Reply], None]
+
+
+class GenerationError(Exception):
+    """A request that cannot be served; ``kind`` is one of :data:`core.protocol.generation.ERROR_KINDS`."""
+
+    def __init__(self, kind: gp.ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# --- adapters --------------------------------------------------------------------------------------------------
+
+
+def resolve_adapter(source: str, checkpoint: int | None = None) -> tuple[Path, str, int | None]:
+    """(adapter folder, run id or "", checkpoint step or None) for an adapter folder, a run, or a run's checkpoint."""
+    from finetune_studio.core.store import Store
+    from finetune_studio.engine import checkpoint as ckpt
+
+    path = Path(source).expanduser()
+    if checkpoint is None and (path / "adapter_config.json").is_file():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise GenerationError("adapter", f"{path} has adapter_config.json but no adapter_model.safetensors")
+        return path.resolve(), "", _checkpoint_step(path)
+    store = Store()
+    try:
+        run = store.find_run(source)
+    finally:
+        store.close()
+    run_dir = Path(run["run_dir"]) if run else path
+    if not run and not (run_dir / "config.json").is_file():
+        raise GenerationError(
+            "adapter",
+            f"no adapter or run named {source!r}: give a run id from the runs list, a run folder, "
+            f"or a folder holding adapter_config.json",
+        )
+    run_id = run["id"] if run else run_dir.name
+    if checkpoint is not None:
+        folder = ckpt.checkpoints_dir(run_dir) / f"step-{checkpoint:06d}"
+        if not (folder / "adapter_model.safetensors").is_file():
+            steps = [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(run_dir)]
+            have = ", ".join(map(str, steps)) or "none"
+            raise GenerationError("adapter", f"run {run_id} has no checkpoint at step {checkpoint} (it has: {have})")
+        return folder, run_id, checkpoint
+    final = run_dir / "adapter"
+    if (final / "adapter_model.safetensors").is_file():
+        return final, run_id, None
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        status = run.get("status", "unknown") if run else "unknown"
+        raise GenerationError("adapter", f"run {run_id} ({status}) has no adapter yet: it saved no checkpoint")
+    return latest, run_id, _checkpoint_step(latest)
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text(encoding="utf-8"))["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+# --- the session -----------------------------------------------------------------------------------------------
+
+
+class Session:
+    """A loaded base model with its named adapters. Not thread-safe: one request at a time."""
+
+    def __init__(self):
+        self.base: Any = None  # the transformers model (adapter layers injected in place once one is attached)
+        self.peft: Any = None  # the PeftModel wrapping ``base`` once an adapter is attached
+        self.tokenizer: Any = None
+        self.device = "cpu"
+        self.context_length = 0
+        self.active: str = gp.BASE
+        self.adapters: dict[str, Path] = {}
+        self.eos_ids: list[int] = []
+
+    # load / unload ---------------------------------------------------------------------------------------------
+
+    def load(self, req: gp.LoadModel) -> gp.Loaded:
+        from transformers import AutoTokenizer
+
+        from finetune_studio.engine.models import (
+            LoadOptions,
+            ModelError,
+            compute_dtype,
+            describe,
+            load_causal_lm,
+            pick_device,
+            resolve_model,
+        )
+
+        start = time.perf_counter()
+        options = LoadOptions(allow_pickle=req.allow_pickle, trust_remote_code=req.trust_remote_code)
+        device = pick_device() if req.device == "auto" else req.device
+        if device == "mps":
+            device = "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise GenerationError("model", "device 'cuda' was asked for, but torch sees no CUDA GPU here")
+        if req.quantize_4bit and device != "cuda":
+            raise GenerationError("model", "a 4-bit (QLoRA) base needs a CUDA GPU for generation; load it unquantised")
+        if req.weights in ("int8", "int4"):
+            from finetune_studio.engine.generate.int4 import int4_available
+            from finetune_studio.engine.generate.int8 import int8_available
+
+            available = int8_available() and (req.weights == "int8" or int4_available())
+            if device != "cpu" or req.quantize_4bit or not available:
+                raise GenerationError(
+                    "model", f"weights {req.weights!r} is a CPU speed-up (not for a GPU or a 4-bit base)"
+                )
+        self.unload()
+        try:
+            folder = resolve_model(req.model, options)
+            info = describe(folder)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=req.trust_remote_code)
+            dtype = compute_dtype(req.dtype, device)
+            model = load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=req.quantize_4bit, options=options)
+            if req.weights == "int8":
+                from finetune_studio.engine.generate.int8 import quantize_linears_int8
+
+                quantize_linears_int8(model)  # bfloat16 inside the int8 matmul (its fast path), float32 around it
+            elif req.weights == "int4":
+                from finetune_studio.engine.generate.int4 import quantize_linears_int4
+
+                quantize_linears_int4(model)  # int4 groups of 32, the head int8; bfloat16 products
+        except ModelError as exc:
+            raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
+        except Exception as exc:  # a broken folder raises whatever its reader raises
+            raise GenerationError("model", f"cannot load {req.model!r}: {type(exc).__name__}: {exc}") from None
+        model.eval()
+        model.config.use_cache = True
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.base, self.tokenizer, self.device = model, tokenizer, device
+        self.context_length = info.context_length or int(getattr(tokenizer, "model_max_length", 0) or 0)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        return gp.Loaded(
+            id=req.id,
+            model=req.model,
+            path=str(folder),
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            weights=req.weights,
+            context_length=self.context_length,
+            parameters=info.parameters,
+            chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            elapsed_s=round(time.perf_counter() - start, 3),
+        )
+
+    def unload(self) -> None:
+        self.base = self.peft = self.tokenizer = None
+        self.adapters.clear()
+        self.active = gp.BASE
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _need_model(self) -> None:
+        if self.base is None:
+            raise GenerationError("no_model", "no model is loaded: send a 'load' request first")
+
+    # adapters --------------------------------------------------------------------------------------------------
+
+    def attach(self, req: gp.AttachAdapter) -> gp.AdapterAttached:
+        self._need_model()
+        folder, run_id, step = resolve_adapter(req.source, req.checkpoint)
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise GenerationError("adapter", f"cannot read {folder / 'adapter_config.json'}: {exc}") from None
+        if req.name in self.adapters:
+            self._drop(req.name)
+        try:
+            if self.peft is None:
+                from peft import PeftModel
+
+                self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=req.name, is_trainable=False)
+            else:
+                self.peft.load_adapter(str(folder), adapter_name=req.name, is_trainable=False)
+        except Exception as exc:  # peft raises many types for a mismatched adapter
+            if self.peft is None:
+                _strip_adapter_layers(self.base)  # injected before the weights failed to load
+            elif not self.adapters:
+                self._unwrap()
+            elif self.peft is not None and req.name in getattr(self.peft, "peft_config", {}):
+                try:  # a half-loaded adapter must not linger under this name
+                    self.peft.delete_adapter(req.name)
+                except Exception:
+                    log.warning("could not remove the half-loaded adapter %r", req.name)
+            raise GenerationError(
+                "adapter", f"adapter {folder} does not fit the loaded model: {type(exc).__name__}: {exc}"
+            ) from None
+        self.peft.eval()
+        self.adapters[req.name] = folder
+        self.active = req.name
+        self.peft.set_adapter(req.name)
+        return gp.AdapterAttached(
+            id=req.id,
+            name=req.name,
+            path=str(folder),
+            run_id=run_id,
+            step=step,
+            base_model=str(config.get("base_model_name_or_path") or ""),
+        )
+
+    def set_active(self, req: gp.SetActive) -> gp.Active:
+        self._need_model()
+        self._check_adapter(req.adapter)
+        self.active = req.adapter
+        return gp.Active(id=req.id, adapter=self.active, attached=tuple(self.adapters))
+
+    def detach(self, req: gp.DetachAdapter) -> gp.Active:
+        self._need_model()
+        if req.name not in self.adapters:
+            raise GenerationError("adapter", self._unknown(req.name))
+        self._drop(req.name)
+        return gp.Active(id=req.id, adapter=self.active, attached=tuple(self.adapters))
+
+    def _drop(self, name: str) -> None:
+        del self.adapters[name]
+        if self.active == name:
+            self.active = gp.BASE
+        if not self.adapters:
+            self._unwrap()
+        else:
+            if self.peft.active_adapter == name:
+                self.peft.set_adapter(next(iter(self.adapters)))
+            self.peft.delete_adapter(name)
+
+    def _unwrap(self) -> None:
+        self.base = self.peft.unload()  # the adapter layers removed, the base modules back in place
+        self.peft = None
+
+    def _check_adapter(self, name: str) -> None:
+        if name != gp.BASE and name not in self.adapters:
+            raise GenerationError("adapter", self._unknown(name))
+
+    def _unknown(self, name: str) -> str:
+        have = ", ".join(repr(n) for n in self.adapters) or "none attached"
+        return f"unknown adapter {name!r} (attached: {have}); attach it first, or use '' for the base model"
+
+    # prompts ---------------------------------------------------------------------------------------------------
+
+    def prompt_ids(self, req: gp.Generate) -> list[int]:
+        tok = self.tokenizer
+        if req.raw:
+            return list(tok(req.prompt)["input_ids"])
+        turns = list(req.messages) or [gp.ChatTurn(role="user", content=req.prompt)]
+        if getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template([asdict(t) for t in turns], tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja errors: a template that rejects these roles
+                message = f"the model's chat template rejects this conversation: {exc}"
+                raise GenerationError("bad_request", message) from None
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        text = "\n".join(t.content if t.role == "user" else f"{t.role}: {t.content}" for t in turns)
+        return list(tok(text)["input_ids"])
+
+    # generation ------------------------------------------------------------------------------------------------
+
+    def generate(self, req: gp.Generate, emit: Emit, cancel: threading.Event | None = None) -> gp.Generated:
+        """Stream ``req``'s candidates through ``emit`` (deltas, then one Done each); return the final reply."""
+        self._need_model()
+        adapter = self.active if req.adapter is None else req.adapter
+        self._check_adapter(adapter)
+        cancel = cancel or threading.Event()
+        start = time.perf_counter()
+        ids = self.prompt_ids(req)
+        if not ids:
+            raise GenerationError("bad_request", "the prompt is empty after tokenising")
+        budget = self.context_length - len(ids) if self.context_length else req.max_new_tokens
+        if budget < 1:
+            raise GenerationError(
+                "context",
+                f"the prompt is {len(ids)} tokens, and the model's context is {self.context_length}: "
+                f"shorten the prompt or the conversation",
+            )
+        max_new = min(req.max_new_tokens, budget)
+        streamer = CandidateStreamer(self.tokenizer, req, adapter, self.eos_ids, emit, start)
+        if cancel.is_set():
+            streamer.cancelled = True
+        else:
+            from finetune_studio.engine.generate.decode import decode
+            from finetune_studio.engine.generate.token_sampling import Sampler
+
+            sampler = Sampler(req.temperature, req.top_k, req.top_p)
+            pad = self.tokenizer.pad_token_id
+            pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+            with self._adapter_mode(adapter):
+                decode(self.base, ids, req.n, max_new, sampler, streamer.step, req.seed, cancel, pad)
+            streamer.cancelled = cancel.is_set()
+        streamer.finish_all()
+        elapsed = time.perf_counter() - start
+        new_tokens = sum(streamer.counts)
+        return gp.Generated(
+            id=req.id,
+            candidates=req.n,
+            prompt_tokens=len(ids),
+            new_tokens=new_tokens,
+            elapsed_s=round(elapsed, 4),
+            tokens_per_s=round(new_tokens / elapsed, 2) if elapsed > 0 else 0.0,
+            cancelled=streamer.cancelled,
+        )
+
+    def _adapter_mode(self, adapter: str):
+        import contextlib
+
+        if self.peft is None:
+            return contextlib.nullcontext()
+        if adapter == gp.BASE:
+            return self.peft.disable_adapter()
+        self.peft.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+
+def _strip_adapter_layers(model) -> None:
+    """Put back the base layers wherever PEFT injected adapter layers (what ``unload`` does, without a PeftModel)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids
+
+
+class CandidateStreamer:
+    """Receives each step's ``n`` new token ids from the decode loop; emits deltas and each candidate's Done.
+
+    A candidate ends at an end-of-turn token (not part of its text) or a stop string (cut off, not part of its
+    text). Deltas hold back an unfinished UTF-8 character and, when stop strings are set, the last few characters
+    that could begin one, so that a candidate's deltas always concatenate to its final text.
+    """
+
+    def __init__(self, tokenizer, req: gp.Generate, adapter: str, eos_ids: list[int], emit: Emit, start: float):
+        self.tok = tokenizer
+        self.req = req
+        self.adapter = adapter
+        self.eos = set(eos_ids)
+        self.emit = emit
+        self.start = start
+        n = req.n
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.counts = [0] * n
+        self.sent = [""] * n  # text already sent as deltas
+        self.finished = [False] * n
+        self.cancelled = False
+        self.every = req.stream_every
+        self.hold = max((len(s) for s in req.stop), default=1) - 1
+
+    def step(self, new: list[int]) -> list[bool]:
+        """One decoding step's token for each candidate (ignored for ended ones); return which have ended."""
+        for i, tid in enumerate(new):
+            if self.finished[i]:
+                continue
+            self.counts[i] += 1
+            if tid in self.eos:
+                self._finish(i, "stop")
+                continue
+            self.tokens[i].append(tid)
+            if self.req.stop:
+                text = self._text(i)
+                cut = _first_stop(text, self.req.stop)
+                if cut is not None:
+                    self._finish(i, "stop", text[:cut])
+                    continue
+                if self.every and self.counts[i] % self.every == 0:
+                    self._delta(i, text)
+            elif self.every and self.counts[i] % self.every == 0:
+                self._delta(i, self._text(i))
+        return self.finished
+
+    def finish_all(self) -> None:
+        reason: gp.FinishReason = "cancelled" if self.cancelled else "length"
+        for i in range(self.req.n):
+            if not self.finished[i]:
+                self._finish(i, reason)
+
+    # internals
+    def _text(self, i: int) -> str:
+        return self.tok.decode(self.tokens[i], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _delta(self, i: int, text: str) -> None:
+        safe = text.rstrip("\ufffd")
+        if self.req.stop and self.hold:
+            safe = safe[: max(len(self.sent[i]), len(safe) - self.hold)]
+        if len(safe) > len(self.sent[i]) and safe.startswith(self.sent[i]):
+            self.emit(gp.Delta(id=self.req.id, candidate=i, text=safe[len(self.sent[i]) :], tokens=self.counts[i]))
+            self.sent[i] = safe
+
+    def _finish(self, i: int, reason: gp.FinishReason, text: str | None = None) -> None:
+        self.finished[i] = True
+        text = self._text(i) if text is None else text
+        if self.every and text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):
+            self.emit(gp.Delta(id=self.req.id, candidate=i, text=text[len(self.sent[i]) :], tokens=self.counts[i]))
+            self.sent[i] = text
+        self.emit(
+            gp.Done(
+                id=self.req.id,
+                candidate=i,
+                text=text,
+                tokens=self.counts[i],
+                finish_reason=reason,
+                elapsed_s=round(time.perf_counter() - self.start, 4),
+                adapter=self.adapter,
+                seed=self.req.seed,
+            )
+        )
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [p for p in (text.find(s) for s in stops) if p >= 0]
+    return min(hits) if hits else None

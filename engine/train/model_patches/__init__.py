@@ -1,0 +1,1 @@
+"""engine/train/model_patches."""

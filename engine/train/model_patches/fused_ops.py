@@ -1,0 +1,265 @@
+"""Memory patches: a supported model's MLP, RMSNorm and attention forwards swapped for ``kernels``' fused ops.
+
+``apply_memory_patches(model)`` rebinds, on each module instance of a Llama-family model (``core.memory.estimate
+.FUSED_OPS_ARCHITECTURES``; SmolLM2 is a ``LlamaForCausalLM``), never on the classes (another model in the process
+is untouched):
+
+- every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row);
+- every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too);
+- every grouped-query attention's SDPA call, on the CPU, to ``kernels.attention`` (no repeated keys and values kept
+  for backward; elsewhere transformers' own SDPA path runs);
+- and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
+  them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
+  are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
+
+``apply_packed_attention(model)`` (``packing``, any architecture, with or without the fused ops) routes every
+attention module's SDPA call the same way, so that a packed row (``engine.train.batches.pack``) runs on the CPU one
+causal SDPA call per sequence instead of transformers' block-diagonal mask over the whole row.
+
+The LoRA/DoRA linears stay PEFT's modules and compute as before; losses and gradients are those of the unpatched
+model (tests/engine/test_memory_patches.py). Other architectures: nothing changes (a log line says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+
+from finetune_studio.core.memory.estimate import FUSED_OPS_ARCHITECTURES
+from finetune_studio.kernels.attention import gqa_attention, packed_attention
+from finetune_studio.kernels.recompute import recompute_when_saved
+from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
+from finetune_studio.kernels.swiglu import swiglu, swiglu_forward
+
+log = logging.getLogger(__name__)
+
+SILU = ("silu", "swish")
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _architecture(model) -> str:
+    return ((getattr(_causal_lm(model).config, "architectures", None) or [""])[0]) or type(_causal_lm(model)).__name__
+
+
+def supported(model) -> bool:
+    return _architecture(model) in FUSED_OPS_ARCHITECTURES
+
+
+def _recompute_allowed(layer) -> bool:
+    """The recompute hooks must not run inside a gradient-checkpointed block (its hooks must see every tensor)."""
+    return layer is None or not (getattr(layer, "gradient_checkpointing", False) and layer.training)
+
+
+def _norm_forward(self, hidden_states):
+    out, rstd = rms_norm_with_rstd(hidden_states, self.weight, self.variance_epsilon)
+    if self._fs_consumed:  # for the module it feeds, which takes it at once (see _consumer_forward)
+        self._fs_pending = (out, hidden_states.detach(), rstd)
+    return out
+
+
+def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    h = swiglu(gate, up)
+    if not _recompute_allowed(self._fs_layer):
+        return self.down_proj(h)
+    g, u = gate.detach(), up.detach()
+    with recompute_when_saved(h, lambda: swiglu_forward(g, u)):
+        return self.down_proj(h)
+
+
+def _consumer_forward(self, *args, **kwargs):
+    """A module fed by a patched norm: the norm's output is recomputed in backward, not kept by this module."""
+    norm, layer = self._fs_norm, self._fs_layer
+    pending, norm._fs_pending = norm._fs_pending, None
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    forward = self._fs_forward
+    if pending is None or pending[0] is not x or not _recompute_allowed(layer):
+        return forward(*args, **kwargs)
+    _, inp, rstd = pending
+    weight = norm.weight
+    with recompute_when_saved(x, lambda: rms_norm_forward(inp, weight, rstd)):
+        return forward(*args, **kwargs)
+
+
+ATTENTION = "finetune_studio_sdpa_gqa"  # registered with transformers' AttentionInterface (a new name only)
+
+
+def _packed_lengths(module, query, key, kwargs) -> list[int] | None:
+    """A packed row's sequence lengths (from ``cu_seq_lens_q``, see ``engine.train.forward.packed_inputs``) when its
+    attention can run sequence by sequence on the CPU with the same numbers as transformers' block-diagonal mask;
+    else None."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.device.type != "cpu" or query.shape[0] != 1 or torch.jit.is_tracing():
+        return None
+    plain = (
+        kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and kwargs.get("sinks") is None
+        and not kwargs.get("output_attentions")
+        and getattr(module, "is_causal", True)
+        and key.shape[2] == query.shape[2] == int(cu[-1])
+    )
+    if not plain:
+        return None
+    lengths = torch.diff(cu).tolist()
+    window = kwargs.get("sliding_window")
+    return lengths if window is None or max(lengths) <= window else None
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, but on the CPU: a packed row sequence by sequence (``packed_attention``), and,
+    on modules the fused ops patched, grouped key/value heads kept as they are (no repeat_kv) when a padding mask is
+    given too (``kernels.attention``). Anything else goes to transformers' function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = _packed_lengths(module, query, key, kwargs)
+    if lengths is not None:
+        out = packed_attention(query, key, value, lengths, scale=scaling, dropout=dropout)
+        return out.transpose(1, 2).contiguous(), None
+    fast = (
+        getattr(module, "_fs_gqa", False)
+        and query.device.type == "cpu"
+        and getattr(module, "num_key_value_groups", 1) > 1
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions")
+        and query.shape[2] > 1
+        and key.shape[2] == query.shape[2]
+        and key.shape[-1] == value.shape[-1]
+        and not torch.jit.is_tracing()
+    )
+    if not fast:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    out = gqa_attention(query, key, value, attention_mask, scale=scaling, dropout=dropout, is_causal=bool(causal))
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _AttentionConfig:
+    """An attention module's view of the model config: the same object read and written through, except that
+    'sdpa' reads as ``ATTENTION`` (the mask is still built for 'sdpa' by the model, from the real config)."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_fs_config", config)
+
+    @property
+    def _attn_implementation(self):
+        impl = self._fs_config._attn_implementation
+        return ATTENTION if impl == "sdpa" else impl
+
+    def __getattr__(self, name):
+        return getattr(self._fs_config, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._fs_config, name, value)
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - transformers 5 has it
+        return False
+    AttentionInterface.register(ATTENTION, _sdpa_gqa)
+    return True
+
+
+def _is_attention(module) -> bool:
+    return type(module).__name__.endswith("Attention") and hasattr(module, "config")
+
+
+def _is_gqa_attention(module) -> bool:
+    return _is_attention(module) and getattr(module, "num_key_value_groups", 1) > 1
+
+
+def _route_attention(module) -> bool:
+    """The module's SDPA attention goes through ``_sdpa_gqa`` (idempotent); False without transformers'
+    AttentionInterface."""
+    if isinstance(module.config, _AttentionConfig):
+        return True
+    if not _register_attention():
+        return False
+    object.__setattr__(module, "config", _AttentionConfig(module.config))
+    return True
+
+
+def _is_rms_norm(module) -> bool:
+    name = type(module).__name__
+    return name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+
+
+def _is_swiglu_mlp(module) -> bool:
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    parts = all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    return type(module).__name__.endswith("MLP") and parts and act in SILU
+
+
+def apply_memory_patches(model, enabled: bool = True) -> list[str]:
+    """Patch ``model`` (a PEFT model or a causal LM) in place; returns what was patched ('gqa_attention', 'recompute',
+    'rms_norm', 'swiglu'), empty when ``enabled`` is False or the architecture is not supported. Idempotent."""
+    arch = _architecture(model)
+    if not enabled:
+        return []
+    if arch not in FUSED_OPS_ARCHITECTURES:
+        log.info("fused ops: %s is not a supported architecture; its modules run unchanged", arch)
+        return []
+    done: set[str] = set()
+    for module in _causal_lm(model).modules():
+        if getattr(module, "_fs_patched", False):
+            continue
+        if _is_rms_norm(module):
+            module.forward = types.MethodType(_norm_forward, module)
+            module._fs_pending, module._fs_consumed = None, False
+            module._fs_patched = True
+            done.add("rms_norm")
+        elif _is_swiglu_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            object.__setattr__(module, "_fs_layer", None)  # plain attributes: not registered as submodules
+            module._fs_patched = True
+            done.add("swiglu")
+        elif _is_gqa_attention(module) and _route_attention(module):
+            module._fs_gqa = True
+            module._fs_patched = True
+            done.add("gqa_attention")
+    for layer in _causal_lm(model).modules():
+        pairs = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
+        if not all(hasattr(layer, n) for pair in pairs for n in pair):
+            continue
+        if getattr(layer.mlp, "_fs_patched", False):
+            object.__setattr__(layer.mlp, "_fs_layer", layer)
+        for norm_name, consumer_name in pairs:
+            norm, consumer = getattr(layer, norm_name), getattr(layer, consumer_name)
+            if getattr(norm, "_fs_patched", False) and not hasattr(consumer, "_fs_norm"):
+                consumer._fs_forward = consumer.forward
+                object.__setattr__(consumer, "_fs_norm", norm)
+                object.__setattr__(consumer, "_fs_layer", layer)
+                consumer.forward = types.MethodType(_consumer_forward, consumer)
+                norm._fs_consumed = True
+                done.add("recompute")
+    log.info("fused ops on %s: %s", arch, ", ".join(sorted(done)) or "nothing matched")
+    return sorted(done)
+
+
+def apply_packed_attention(model) -> int:
+    """Route every attention module's SDPA call through ``_sdpa_gqa``, so that packed rows run sequence by sequence
+    on the CPU (``kernels.attention.packed_attention``) instead of through a block-diagonal mask over the whole row
+    (that costs attention over every pair of tokens of the row: 5x more CPU time for a row of 8 sequences of 60-140
+    tokens). Any architecture, with or without the fused ops; padded batches, other devices and models that do not
+    use SDPA run as before. Returns the number of attention modules routed."""
+    routed = 0
+    for module in _causal_lm(model).modules():
+        if _is_attention(module) and _route_attention(module):
+            routed += 1
+    log.info("packing: %d attention modules run packed rows sequence by sequence on the CPU", routed)
+    return routed
+
+
+def count_patched(model) -> int:
+    """Modules whose forward ``apply_memory_patches`` replaced."""
+    return sum(1 for m in _causal_lm(model).modules() if getattr(m, "_fs_patched", False))

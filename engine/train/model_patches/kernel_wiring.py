@@ -1,0 +1,182 @@
+"""The run config's ``kernels: auto|triton|torch`` applied to the model: which op implementations a run uses.
+
+* The output head's log-probs (``engine.train.forward``): ``torch`` is the chunked PyTorch path, ``triton`` the fused
+  kernel, ``auto`` the op's own choice (the Triton kernel only where ``kernels.selection.MEASURED_FASTER`` has it
+  faster on this kind of device).
+* DoRA's weight norm: peft's ``DoraLinearLayer.forward`` builds ``B @ A`` and ``W + s B A`` (two weight-sized
+  temporaries) each step to take a row norm it then detaches. ``install_dora_norm`` gives each DoRA linear layer
+  of one model a forward that computes that norm with ``kernels.dora_norm`` instead and is otherwise peft's
+  line for line. ``torch`` leaves peft's forward alone; ``auto`` patches only where a measurement says so
+  (the chunked norm on the CPU: ``kernels.selection.MEASURED_FASTER``).
+* DoRA's output (``fused_ops: true``): peft's LoRA ``Linear.forward`` adds ``(m/n - 1) * base + (m/n) * s * lora``
+  to the base output, and autograd keeps both ``base`` and ``lora`` for the magnitude's gradient.
+  ``install_dora_output`` gives each plain (16/32-bit base) DoRA linear of one model a forward that computes
+  ``(m/n) * (base + s * lora)`` with ``kernels.dora_output`` (one saved tensor, the output itself), its weight
+  norm as above; anything but the plain training case (merged or disabled adapters, several active adapters, an
+  active dropout) runs peft's forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.utils.integrations import dequantize_module_weight
+from peft.utils.other import transpose
+
+from finetune_studio.core.config import ConfigError
+from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
+from finetune_studio.kernels.dora_norm import dora_weight_norm
+from finetune_studio.kernels.dora_output import dora_output
+from finetune_studio.kernels.selection import MEASURED_FASTER, device_kind, require_triton, triton_installed
+
+
+def logprobs_impl(kernels: str) -> str:
+    """The ``token_logprobs`` impl for a config's ``kernels`` choice."""
+    return {"auto": "auto", "triton": "triton", "torch": "chunked"}[kernels]
+
+
+def dora_norm_impl(kernels: str, device: torch.device | str) -> str | None:
+    """The ``dora_weight_norm`` impl for a config's ``kernels`` choice; None keeps peft's own forward."""
+    if kernels == "triton":
+        return "triton"
+    if kernels == "auto":
+        choice = MEASURED_FASTER.get(("dora_norm", device_kind(device)))
+        return None if choice == "triton" and not triton_installed() else choice
+    return None
+
+
+def dora_layers(model: torch.nn.Module) -> list[DoraLinearLayer]:
+    """The DoRA parts of linear layers (not of embeddings or convolutions, whose norms differ)."""
+    return [m for m in model.modules() if type(m) is DoraLinearLayer]
+
+
+def install_kernels(
+    model: torch.nn.Module, kernels: str, device: torch.device | str, fused_ops: bool = False
+) -> list[str]:
+    """Apply a config's ``kernels`` choice (and, for DoRA's output, its ``fused_ops``) to ``model``; returns a line
+    per change, for the run log.
+
+    ``triton`` fails here (a ``ConfigError``), before training, when Triton cannot run on ``device``."""
+    notes = []
+    if kernels == "triton":
+        try:
+            require_triton(torch.empty(0, device=device))
+        except RuntimeError as exc:
+            raise ConfigError("kernels", f"'triton' cannot run here: {exc}") from None
+        notes.append(
+            "Kernels: the output head's log-probs in the fused Triton kernel (where the head is a plain linear map)"
+        )
+    impl = dora_norm_impl(kernels, device)
+    if impl is not None:
+        n = install_dora_norm(model, impl)
+        if n:
+            notes.append(f"Kernels: DoRA weight norms of {n} layers via dora_weight_norm(impl={impl!r})")
+    if fused_ops:
+        n = install_dora_output(model, impl)
+        if n:
+            notes.append(f"Fused ops: the outputs of {n} DoRA layers via dora_output (one tensor kept for backward)")
+    return notes
+
+
+def install_dora_norm(model: torch.nn.Module, impl: str) -> int:
+    """Route the weight norm of each DoRA linear layer in ``model`` through ``dora_weight_norm(impl=impl)``.
+
+    Per instance (other peft models in the process keep peft's forward); ``uninstall_dora_norm`` undoes it.
+    Returns the number of layers patched."""
+    if impl not in DORA_IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(DORA_IMPLS)}")
+    layers = dora_layers(model)
+    for layer in layers:
+        layer._norm_impl = impl  # type: ignore[assignment]
+        layer.forward = types.MethodType(_dora_forward, layer)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def uninstall_dora_norm(model: torch.nn.Module) -> None:
+    for layer in dora_layers(model):
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_norm_impl", None)
+
+
+def dora_linears(model: torch.nn.Module) -> list[LoraLinear]:
+    """peft's LoRA linears (16/32-bit bases; not bitsandbytes' 4-bit ones) with a DoRA magnitude."""
+    return [m for m in model.modules() if type(m) is LoraLinear and len(m.lora_magnitude_vector) > 0]
+
+
+def install_dora_output(model: torch.nn.Module, norm_impl: str | None) -> int:
+    """Give each DoRA linear of ``model`` the forward that computes its output with ``kernels.dora_output`` and its
+    weight norm with ``dora_weight_norm(impl=norm_impl)`` (None: peft's norm). Per instance; returns the count;
+    ``uninstall_dora_output`` undoes it."""
+    if norm_impl is not None and norm_impl not in DORA_IMPLS:
+        raise ValueError(f"unknown impl {norm_impl!r}; choose one of {', '.join(DORA_IMPLS)}")
+    layers = dora_linears(model)
+    for layer in layers:
+        layer._fs_norm_impl = norm_impl  # type: ignore[assignment]
+        layer.forward = types.MethodType(_dora_linear_forward, layer)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def uninstall_dora_output(model: torch.nn.Module) -> None:
+    for layer in dora_linears(model):
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_fs_norm_impl", None)
+
+
+def _plain_dora_adapter(layer: LoraLinear, args, kwargs) -> str | None:
+    """The one active DoRA adapter when ``layer`` runs the plain training/eval case, else None (peft's forward)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name not in layer.lora_magnitude_vector:
+        return None
+    if layer.training and not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    return name
+
+
+def _dora_linear_forward(self, x, *args, **kwargs):
+    """peft 0.21's ``lora.Linear.forward`` for one active DoRA adapter, the output through ``dora_output``."""
+    name = _plain_dora_adapter(self, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base_layer = self.get_base_layer()
+    result = base_layer(x)
+    lora_A, lora_B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+    dora = self.lora_magnitude_vector[name]
+    x = self._cast_input_dtype(x, lora_A.weight.dtype)
+    weight = dequantize_module_weight(base_layer)
+    with torch.no_grad():  # detached, as in peft (DoRA paper, section 4.3)
+        if self._fs_norm_impl is None:
+            lora_weight = dora.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=name).to(x.dtype)
+            weight_norm = dora.get_weight_norm(weight=weight.to(x.dtype), lora_weight=lora_weight, scaling=scaling)
+        else:
+            w = transpose(weight, dora.fan_in_fan_out)
+            weight_norm = dora_weight_norm(w, lora_A.weight, lora_B.weight, scaling, impl=self._fs_norm_impl)
+    bias = base_layer.bias
+    base = result if bias is None else result - bias
+    out = dora_output(base, lora_B(lora_A(x)), dora.weight, weight_norm.to(x.dtype), scaling)
+    return (out if bias is None else out + bias).to(result.dtype)
+
+
+def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+    """peft 0.21's ``DoraLinearLayer.forward``, with the detached weight norm from ``dora_weight_norm``."""
+    magnitude = self.weight
+    weight = dequantize_module_weight(base_layer)
+    with torch.no_grad():  # peft detaches the norm (DoRA paper, section 4.3)
+        weight_norm = dora_weight_norm(
+            transpose(weight, self.fan_in_fan_out), lora_A.weight, lora_B.weight, scaling, impl=self._norm_impl
+        ).to(x.dtype)
+    mag_norm_scale = (magnitude / weight_norm).view(1, -1)
+    lora_result = lora_B(lora_A(x))
+    bias = None
+    if base_result is not None:
+        bias = base_layer.bias
+        if bias is not None:
+            base_result = base_result - bias
+    else:
+        base_result = F.linear(x, transpose(weight.to(x.dtype), self.fan_in_fan_out))
+    return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling

@@ -1,0 +1,1 @@
+"""studio/pages/annotate."""

@@ -1,0 +1,258 @@
+"""Drives one run at a time: starts or resumes the engine, follows a run in the database, stops it.
+
+Events from our own child (through :class:`EngineProcess`) and rows polled from
+the database (a run left training when the app closed, found again on the next
+start) feed the same :class:`RunState`, so the train page cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from finetune_studio.core import paths
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.protocol.events import Started, Step
+from finetune_studio.core.run_status import RunStatus
+from finetune_studio.core.store import Store, signal_process
+from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, engine_command
+from finetune_studio.studio.state.run import MemoryEstimate, MemoryState, RunState
+
+FOLLOW_MS = 1000
+
+
+def train_args(config_path: str, processes: int = 1) -> list[str]:
+    """The engine command for a new run: ``train CONFIG``, with ``--nproc N`` for N processes (one per GPU)."""
+    return ["train", config_path, *(["--nproc", str(processes)] if processes > 1 else [])]
+
+
+class RunController(QObject):
+    run_ended = Signal(object)  # Outcome, or the final status string of a followed run
+    run_started = Signal(str)  # run id
+
+    def __init__(self, state: RunState, memory: MemoryState, store: Store | None = None, parent: QObject | None = None):
+        super().__init__(parent)
+        self.state, self.memory = state, memory
+        self._store = store
+        self.proc = EngineProcess(self)
+        self.proc.event.connect(self._on_event)
+        self.proc.log.connect(self._on_log)
+        self.proc.ended.connect(self._on_ended)
+        self.follow_timer = QTimer(self, interval=FOLLOW_MS)
+        self.follow_timer.timeout.connect(self.poll)
+        self.followed_pid = 0
+        self.followed_start = ""  # the followed process's start time: a reused pid is never signalled
+        self.engine_argv = engine_command  # tests may swap in a fake engine
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store()
+        return self._store
+
+    @property
+    def busy(self) -> bool:
+        """A run is going on that this app started or follows."""
+        return self.proc.running or (self.follow_timer.isActive() and self.state.active)
+
+    # --- starting ------------------------------------------------------------------
+    def start(self, config: TrainConfig, processes: int = 1) -> None:
+        """Start a new run of ``config``, as ``processes`` processes (``train --nproc N``) when more than one."""
+        if self.busy:
+            return
+        folder = paths.data_dir() / "configs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        paths.atomic_write_text(path, config.to_json())
+        self._begin(config.to_dict(), config.display_name)
+        on = f", {processes} processes ({config.parallelism.upper()})" if processes > 1 else ""
+        self.state.add_log(f"Starting: {config.display_name} (config {path}{on})")
+        self.proc.start(self.engine_argv(*train_args(str(path), processes)))
+
+    def resume(self, run_id: str) -> None:
+        if self.busy:
+            return
+        run = self.store.get_run(run_id)
+        config = json.loads(run["config"]) if run else {}
+        self._begin(config, (run or {}).get("name") or run_id)
+        if run:
+            self._load_run_row(run)
+            self._load_history(run_id)
+        self.state.set_status("starting")
+        self.state.add_log(f"Resuming run {run_id}")
+        self.proc.start(self.engine_argv("train", "--resume", run_id))
+
+    def _begin(self, config: dict, name: str) -> None:
+        self.follow_timer.stop()
+        self.state.reset("starting")
+        self.state.info.config, self.state.info.name = config, name
+        self.memory.set_live(0, 0)
+        self.state.notify("info")
+
+    # --- stopping ------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the run to checkpoint and stop (our child, or a followed run by its pid)."""
+        if self.proc.running:
+            self.proc.stop()
+        elif self.follow_timer.isActive() and self.followed_pid:
+            if not signal_process(self.followed_pid, self.followed_start, signal.SIGTERM):
+                self.poll()  # the process is gone: show what the database says now
+                return
+        else:
+            return
+        self.state.set_status("stopping", "Stopping: the engine saves a checkpoint, then exits.")
+
+    def detach(self) -> None:
+        """Let our child go on training after the app closes."""
+        self.proc.detach()
+
+    # --- events from our child -----------------------------------------------------------
+    def _on_event(self, event) -> None:
+        if self.state.status == "stopping" and isinstance(event, (Step, Started)):
+            self.state.apply(event)
+            self.state.status = "stopping"
+        else:
+            self.state.apply(event)
+        if isinstance(event, Step):
+            self.memory.set_live(event.memory_used_bytes, event.memory_peak_bytes)
+        elif isinstance(event, Started):
+            self._budget(event.memory_budget_bytes, event.memory_total_bytes, event.device)
+            self.run_started.emit(event.run_id)
+
+    def _on_log(self, level: str, text: str) -> None:
+        self.state.add_log(text if level in ("stderr", "info") else f"[{level}] {text}")
+
+    def _on_ended(self, outcome: Outcome) -> None:
+        outcome = self._reconciled(outcome)
+        st = self.state
+        if outcome.status == "detached":
+            st.set_status("running", "The run goes on in the background; reopen the app to follow it.")
+        elif outcome.status in ("completed", "stopped"):
+            if st.status not in ("completed", "stopped"):
+                st.set_status(
+                    outcome.status,
+                    "Training complete."
+                    if outcome.status == "completed"
+                    else "Stopped; the run can be resumed from its last checkpoint.",
+                )
+        elif outcome.status == "failed":
+            st.set_status("failed", outcome.message, outcome.kind)
+        else:
+            st.set_status("failed", outcome.message, outcome.status)
+        if outcome.message and outcome.status not in ("completed", "stopped", "detached"):
+            st.add_log(outcome.message)
+        self.run_ended.emit(outcome)
+
+    def _reconciled(self, outcome: Outcome) -> Outcome:
+        """The database is written before the ``finished`` event: a child killed in between has ended its run
+        (the database says so) without saying it on stdout. Believe the database then."""
+        if outcome.status != "crashed" or not outcome.run_id:
+            return outcome
+        try:
+            run = self.store.get_run(outcome.run_id)
+        except Exception:  # a damaged database: keep the crash report
+            return outcome
+        if run and run.get("status") in ("completed", "stopped"):
+            return Outcome(run["status"], "", "", outcome.exit_code, outcome.run_id)
+        return outcome
+
+    def _budget(self, budget: int, total: int, device: str) -> None:
+        est = self.memory.estimate
+        if budget or total:
+            self.memory.set_estimate(
+                MemoryEstimate(
+                    budget or est.total_bytes, est.parts, device or est.device_name, total or est.device_total_bytes, ""
+                )
+            )
+
+    # --- past and followed runs ------------------------------------------------------------
+    def open_run(self, run_id: str) -> bool:
+        """Show a run from the database; follow it if it is still training. False if busy or unknown."""
+        if self.busy:
+            return False
+        run = self.store.get_run(run_id)
+        if run is None:
+            return False
+        config = json.loads(run.get("config") or "{}")
+        self._begin(config, run.get("name") or run_id)
+        self._load_run_row(run)
+        self._load_history(run_id)
+        status = run.get("status") or RunStatus.CREATED
+        if status == RunStatus.RUNNING:
+            self.followed_pid = int(run.get("pid") or 0)
+            self.followed_start = run.get("pid_start") or ""
+            self.state.following = True
+            self.state.set_status("running", "Following a run that trains in the background.")
+            self.follow_timer.start()
+        else:
+            self._final_status(run)
+        return True
+
+    def _load_run_row(self, run: dict) -> None:
+        info = self.state.info
+        info.run_id, info.run_dir = run["id"], run.get("run_dir") or ""
+        info.total_steps = int(run.get("total_steps") or 0)
+        info.device = run.get("device") or ""
+        self.state.memory_budget_bytes = int(run.get("memory_budget_bytes") or 0)
+        self._budget(self.state.memory_budget_bytes, 0, info.device)
+        self.state.notify("info")
+        if run.get("best_step") is not None:
+            self.state.set_best(run["best_step"], run.get("best_eval_loss"), run.get("best_checkpoint") or "")
+
+    def _load_history(self, run_id: str) -> None:
+        by_step: dict[int, list[tuple[str, str]]] = {}
+        for row in self.store.samples(run_id):
+            by_step.setdefault(int(row["step"]), []).append((row["prompt"], row["answer"]))
+        for step, pairs in by_step.items():
+            if self.state.samples.get(step) != pairs:
+                self.state.add_samples(step, pairs)
+        train = self.store.metrics(run_id, "train", since_step=self.state.step if self.state.train.n else -1)
+        evals = self.store.metrics(run_id, "eval", since_step=int(self.state.eval.last("step") or -1))
+        if train or evals:
+            self.state.load_history(train, evals)
+            last = self.state.train
+            if last.n:
+                self.memory.set_live(int(last.last("memory_used_bytes") or 0), int(last.last("memory_peak_bytes") or 0))
+
+    def poll(self) -> None:
+        """One cheap incremental read: new metric rows since the last step, and the run's status."""
+        run_id = self.state.info.run_id
+        run = self.store.get_run(run_id) if run_id else None
+        if run is None:
+            self.follow_timer.stop()
+            return
+        self._load_history(run_id)
+        if run.get("total_steps"):
+            self.state.info.total_steps = int(run["total_steps"])
+        if run.get("status") != RunStatus.RUNNING:
+            self.follow_timer.stop()
+            self.state.following = False
+            self._final_status(run)
+            self.run_ended.emit(run.get("status"))
+
+    def _final_status(self, run: dict) -> None:
+        status = run.get("status") or RunStatus.CREATED
+        step = int(run.get("step") or self.state.step)
+        self.state.step = max(self.state.step, step)
+        messages = {
+            RunStatus.COMPLETED: "Training complete.",
+            RunStatus.STOPPED: f"Stopped at step {step}; it can be resumed.",
+            RunStatus.INTERRUPTED: "This run was interrupted (its process is gone); it can be resumed from its last "
+            "checkpoint.",
+            RunStatus.CREATED: "This run never started.",
+        }
+        if status == RunStatus.FAILED:
+            self.state.set_status("failed", run.get("error") or "The run failed.", run.get("error_kind") or "")
+        else:
+            self.state.set_status(status, messages.get(status, ""))
+
+    def find_live_run(self) -> str | None:
+        """A run still training from an earlier session of the app (status running, process alive)."""
+        for run in self.store.list_runs(status=RunStatus.RUNNING):
+            if run.get("status") == RunStatus.RUNNING:
+                return run["id"]
+        return None

@@ -1,0 +1,208 @@
+"""The set-up page's state, Qt-free: raw form values, their errors, the model and the dataset.
+
+Values are kept as the form gives them (numbers as text) and validated with
+:class:`core.config.TrainConfig` on every change: each field alone first (so
+every bad field gets its own message next to it), then the whole config, then
+combinations that need the model or the dataset (DPO on an SFT dataset...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.protocol.dataset_report import DatasetReport
+from finetune_studio.core.protocol.device_report import DeviceReport
+from finetune_studio.studio.state.observable import Observable
+
+HELP = TrainConfig.field_help()
+FIELDS = list(HELP)
+# Fields with their own widgets on the set-up page; the rest are generated as a form.
+OWN_WIDGETS = ("model", "dataset", "method", "objective", "parallelism")
+PREFERENCE_KINDS = ("preference", "unpaired")
+
+
+def to_form(name: str, value: Any) -> Any:
+    """A config value as a form shows it: booleans and choices as is, everything else as text."""
+    default = HELP[name]["default"]
+    if isinstance(default, bool) or "choices" in HELP[name] or isinstance(value, str):
+        return value
+    if isinstance(default, list):
+        return ", ".join(map(str, value))
+    if isinstance(default, dict):
+        return json.dumps(value) if value else ""
+    if isinstance(default, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def from_form(name: str, value: Any) -> Any:
+    default = HELP[name]["default"]
+    if isinstance(default, dict) and isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(name, f'must be a JSON object such as {{"prompt": "question"}} ({exc.msg})') from None
+    if isinstance(value, str):
+        value = value.strip()
+    return value
+
+
+class SetupState(Observable):
+    """Topics: 'values' (a field changed; the name follows after a colon), 'errors', 'model', 'dataset',
+    'devices' (the engine's device report), 'processes' (how many the run starts with)."""
+
+    def __init__(self, initial: dict | None = None):
+        super().__init__()
+        self.values: dict[str, Any] = {n: to_form(n, HELP[n]["default"]) for n in FIELDS}
+        self.errors: dict[str, str] = {}
+        self.config: TrainConfig | None = None
+        self.model_info = None  # core.protocol.events.ModelReady
+        self.model_message = ""  # loading / error text for the model panel
+        self.dataset_info: DatasetReport | None = None  # the engine's report (`engine data inspect --json`)
+        self.dataset_message = ""
+        self.dataset_pending = False  # the engine is checking it; Start is not held up for that
+        self.devices: DeviceReport | None = None  # the engine's answer to `devices --json` (asked with 2+ GPUs)
+        self.processes = 1  # `train --nproc N`: one process per GPU; 1 is a plain one-process run
+        if initial:
+            self.load(initial, quiet=True)
+        self.validate()
+
+    # --- changing -------------------------------------------------------------
+    def set(self, name: str, value: Any) -> None:
+        if self.values.get(name) == value:
+            return
+        self.values[name] = value
+        self.notify(f"values:{name}")
+        self.validate()
+
+    def load(self, config: dict, *, quiet: bool = False) -> None:
+        """Apply a preset or a past run's config (known fields only; unknown ones are ignored)."""
+        for name, value in config.items():
+            if name in HELP:
+                self.values[name] = to_form(name, value)
+        if not quiet:
+            self.notify("values:*")
+            self.validate()
+
+    def set_model_info(self, info, message: str = "") -> None:
+        self.model_info, self.model_message = info, message
+        self.notify("model")
+        self.validate()
+
+    def set_dataset_info(self, info: DatasetReport | None, message: str = "", *, pending: bool = False) -> None:
+        self.dataset_info, self.dataset_message, self.dataset_pending = info, message, pending
+        self.notify("dataset")
+        self.validate()
+
+    def set_devices(self, report: DeviceReport | None) -> None:
+        """The GPUs the engine can use; the number of processes stays within them (1 with fewer than two)."""
+        self.devices = report
+        self.notify("devices")
+        self.set_processes(self.processes if self.several_gpus else 1, force=True)
+
+    def set_processes(self, n: int, *, force: bool = False) -> None:
+        n = max(1, min(int(n), self.max_processes))
+        if n == self.processes and not force:
+            return
+        self.processes = n
+        self.notify("processes")
+        self.validate()
+
+    @property
+    def several_gpus(self) -> bool:
+        return self.devices is not None and self.devices.several_gpus
+
+    @property
+    def max_processes(self) -> int:
+        return self.devices.max_processes if self.devices is not None else 1
+
+    # --- checking -------------------------------------------------------------
+    def typed_values(self) -> tuple[dict, dict]:
+        out, errors = {}, {}
+        for name in FIELDS:
+            try:
+                out[name] = from_form(name, self.values[name])
+            except ConfigError as exc:
+                errors[name] = _reason(exc)
+        return out, errors
+
+    def validate(self) -> None:
+        values, errors = self.typed_values()
+        for name, value in values.items():  # each field alone, so every bad field is named
+            if name in errors:
+                continue
+            try:
+                TrainConfig.from_dict({name: value})
+            except ConfigError as exc:
+                errors[exc.field if exc.field in HELP else name] = _reason(exc)
+        config = None
+        if not errors:
+            try:
+                config = TrainConfig.from_dict(values)
+            except ConfigError as exc:
+                errors[exc.field if exc.field in HELP else "model"] = _reason(exc)
+        errors.update(self._combination_errors(values, errors))
+        self.config = config if not errors else None
+        if errors != self.errors or config is None:
+            self.errors = errors
+        self.notify("errors")
+
+    def _combination_errors(self, values: dict, errors: dict) -> dict:
+        out = {}
+        if not str(values.get("dataset", "")).strip():
+            out["dataset"] = "Choose a dataset file or folder."
+        elif self.dataset_message and self.dataset_info is None and not self.dataset_pending:
+            out["dataset"] = self.dataset_message
+        info = self.dataset_info
+        kind = info.kind if info is not None else ""
+        if kind and "objective" not in errors:
+            if values.get("objective") == "dpo" and kind not in PREFERENCE_KINDS:
+                out["objective"] = (
+                    f"DPO needs preference data (prompt, chosen, rejected); this dataset is "
+                    f"{kind}. Choose SFT, or a preference dataset."
+                )
+        if info is not None and info.rows == 0:
+            out["dataset"] = "The dataset has no usable rows; see the checks below."
+        n = self.processes
+        if n > 1 and "batch_size" not in errors and "gradient_accumulation_steps" not in errors:
+            try:
+                per_step = int(values["batch_size"]) * int(values["gradient_accumulation_steps"])
+            except (TypeError, ValueError):
+                per_step = 0
+            if per_step % n:
+                out["batch_size"] = (
+                    f"With {n} processes the global batch (batch_size x gradient_accumulation_steps = {per_step}) "
+                    f"must split evenly: choose a multiple of {n}."
+                )
+        model = self.model_info
+        ctx = getattr(model, "context_length", 0) or 0
+        if ctx and "max_length" not in errors:
+            try:
+                if int(values["max_length"]) > ctx:
+                    out["max_length"] = f"The model reads at most {ctx} tokens; use {ctx} or less."
+            except (TypeError, ValueError):
+                pass
+        return out
+
+    @property
+    def ready(self) -> bool:
+        return self.config is not None and not self.errors
+
+    def config_dict(self) -> dict:
+        """The values as a config dict (may be invalid; used to remember the last choices)."""
+        values, _ = self.typed_values()
+        defaults = {f.name for f in dataclasses.fields(TrainConfig)}
+        return {k: v for k, v in values.items() if k in defaults}
+
+
+def _reason(exc: ConfigError) -> str:
+    """The message without the leading 'field: ' (the form shows it next to the field)."""
+    text = str(exc)
+    prefix = f"{exc.field}: "
+    text = text[len(prefix) :] if text.startswith(prefix) else text
+    return text[:1].upper() + text[1:]

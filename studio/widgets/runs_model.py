@@ -1,0 +1,161 @@
+"""The runs table: every run in the database with its status, set-up, duration and final metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import cast
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
+
+from finetune_studio.core.protocol.memory_report import MemoryReport
+from finetune_studio.studio.state.run import format_bytes, format_duration
+
+COLUMNS = (
+    ("name", "Run"),
+    ("status", "Status"),
+    ("model", "Model"),
+    ("dataset", "Dataset"),
+    ("method", "Method"),
+    ("objective", "Objective"),
+    ("step", "Steps"),
+    ("duration", "Duration"),
+    ("final_loss", "Final loss"),
+    ("eval_loss", "Eval loss"),
+    ("created_at", "Created"),
+    ("memory_budget_bytes", "Memory estimate"),
+    ("memory_peak_bytes", "Measured peak"),
+    ("memory_error", "Estimate error"),
+)
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 2
+
+
+def duration(run: dict) -> float | None:
+    start = run.get("started_at") or run.get("created_at")
+    end = run.get("finished_at") or (time.time() if run.get("status") == "running" else run.get("updated_at"))
+    return (end - start) if start and end else None
+
+
+def memory_error(run: dict) -> float | None:
+    """(estimate - measured peak) / measured peak: positive when the estimate was high; None before a peak."""
+    budget, peak = run.get("memory_budget_bytes"), run.get("memory_peak_bytes")
+    if not budget or not peak:
+        return None
+    return (budget - peak) / peak
+
+
+def memory_tooltip(run: dict) -> str | None:
+    """What the estimate assumed and what was measured (CUDA: allocated and reserved; CPU: resident peak)."""
+    text = run.get("memory_estimate")
+    if not text:
+        return None
+    try:
+        report = MemoryReport.from_json(text)
+    except (ValueError, TypeError, KeyError):
+        return None
+    lines = [f"Estimate {format_bytes(report.total_bytes)}: {report.lengths.description}"]
+    lines += [f"  {name} {format_bytes(value)}" for name, value in report.components.items()]
+    peak, reserved = run.get("memory_peak_bytes"), run.get("memory_reserved_peak_bytes")
+    if peak:
+        how = "allocator peak" if report.device_kind == "cuda" else "resident peak of the engine process"
+        lines.append(
+            f"Measured {format_bytes(peak)} ({how})" + (f", reserved {format_bytes(reserved)}" if reserved else "")
+        )
+    return "\n".join(lines)
+
+
+class RunsModel(QAbstractTableModel):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.runs: list[dict] = []
+
+    def set_runs(self, runs: list[dict]) -> None:
+        self.beginResetModel()
+        self.runs = list(runs)
+        self.endResetModel()
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.runs)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return COLUMNS[section][1]
+        return None
+
+    def data(self, index, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        run = self.runs[index.row()]
+        key = COLUMNS[index.column()][0]
+        if role == RUN_ID_ROLE:
+            return run["id"]
+        if role == SORT_ROLE:
+            value = duration(run) if key == "duration" else memory_error(run) if key == "memory_error" else run.get(key)
+            return -1e300 if value is None else value if isinstance(value, (int, float)) else str(value).lower()
+        if role == Qt.ItemDataRole.ToolTipRole:
+            if key in ("model", "dataset"):
+                return run.get(key) or None
+            if key == "status" and run.get("error"):
+                return run["error"]
+            if key in ("memory_budget_bytes", "memory_peak_bytes", "memory_error"):
+                return memory_tooltip(run)
+            return None
+        if role != Qt.ItemDataRole.DisplayRole:
+            return None
+        value = run.get(key)
+        if key == "duration":
+            return format_duration(duration(run))
+        if key in ("model", "dataset"):
+            return Path(value).name if value and value != "default" else (value or "")
+        if key in ("final_loss", "eval_loss"):
+            return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+        if key == "step":
+            total = run.get("total_steps")
+            return f"{value or 0} / {total}" if total else str(value or 0)
+        if key in ("memory_budget_bytes", "memory_peak_bytes"):
+            return format_bytes(value) if value else ""
+        if key == "memory_error":
+            err = memory_error(run)
+            return "" if err is None else f"{err:+.1%}"
+        if key == "created_at":
+            return time.strftime("%Y-%m-%d %H:%M", time.localtime(value)) if value else ""
+        if key in ("method", "objective"):
+            return (
+                str(value or "").upper()
+                if key == "objective"
+                else {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}.get(value, value or "")
+            )
+        return "" if value is None else str(value)
+
+
+class RunsFilter(QSortFilterProxyModel):
+    """Text filter over every column plus a status filter; sorts by raw values, not display text."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.text = ""
+        self.status = ""
+        self.setSortRole(SORT_ROLE)
+
+    def set_filter(self, text: str | None = None, status: str | None = None) -> None:
+        self.beginFilterChange() if hasattr(self, "beginFilterChange") else None
+        if text is not None:
+            self.text = text.strip().lower()
+        if status is not None:
+            self.status = status
+        self.invalidateFilter() if not hasattr(self, "endFilterChange") else self.endFilterChange()
+
+    def filterAcceptsRow(self, row: int, parent) -> bool:
+        run = cast(RunsModel, self.sourceModel()).runs[row]
+        if self.status and run.get("status") != self.status:
+            return False
+        if not self.text:
+            return True
+        hay = " ".join(
+            str(run.get(k) or "") for k in ("id", "name", "status", "model", "dataset", "method", "objective")
+        ).lower()
+        return all(word in hay for word in self.text.split())

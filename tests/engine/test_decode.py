@@ -1,0 +1,99 @@
+"""The worker's decode loop (engine.generate.decode) on the tiny Llama: greedy equals transformers' generate, the fast
+step
+gives the model's own logits, every sampled token is one the filters keep given the plain model's logits, ended
+candidates leave the batch without disturbing the others, cancel stops it."""
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from finetune_studio.engine.generate.decode import _expand_cache, _fast_step, decode
+from finetune_studio.engine.generate.int4 import quantize_linears_int4
+from finetune_studio.engine.generate.int8 import quantize_linears_int8
+from finetune_studio.engine.generate.token_sampling import Sampler
+
+PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+def _run(model, n, max_new, sampler, seed=0, end_at=None, fast_path=True, cancel=None):
+    """Each candidate's tokens; ``end_at``: {candidate: step} ends that candidate after that many tokens."""
+    seen: list[list[int]] = [[] for _ in range(n)]
+    ended = [False] * n
+
+    def on_tokens(tokens):
+        for i, t in enumerate(tokens):
+            if not ended[i]:
+                seen[i].append(t)
+                ended[i] = bool(end_at) and end_at.get(i) == len(seen[i])
+        return ended
+
+    steps = decode(model, PROMPT, n, max_new, sampler, on_tokens, seed, cancel, fast_path=fast_path)
+    return seen, steps
+
+
+def test_greedy_is_transformers_greedy_generate(model):
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+    expected = plain[0, len(PROMPT) :].tolist()
+    for fast in (True, False):
+        seen, steps = _run(model, 2, 24, Sampler(temperature=0), fast_path=fast)
+        assert seen == [expected, expected] and steps == 24
+
+
+def test_the_fast_step_gives_the_models_own_logits(model, tiny_model_dir):
+    int8 = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    quantize_linears_int8(int8)  # q/k/v and gate/up stacked into one int8 matmul each in the fast step
+    int4 = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    quantize_linears_int4(int4)  # the same with int4 stacks (and an int8 head)
+    for m in (model, int8, int4):
+        with torch.inference_mode():
+            out = m(input_ids=torch.tensor([PROMPT]), cache=DynamicCache(config=m.config), use_cache=True)
+            fast_cache = _expand_cache(out.cache, 3, 40)
+            step = _fast_step(m, fast_cache)
+            assert step is not None
+            reference = DynamicCache(config=m.config)
+            m(input_ids=torch.tensor([PROMPT] * 3), cache=reference, use_cache=True)
+            for t in range(5):
+                nxt = torch.tensor([[t + 1], [t + 20], [t + 40]])
+                ours = step(nxt)
+                theirs = m(input_ids=nxt, cache=reference, use_cache=True).logits[:, -1, :]
+                assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_tokens_are_kept_by_the_filters_on_the_plain_models_logits(model):
+    sampler = Sampler(temperature=0.9, top_k=40, top_p=0.9)
+    seen, _ = _run(model, 4, 12, sampler, seed=5, end_at={1: 3})  # candidate 1 leaves the batch after 3 tokens
+    assert [len(s) for s in seen] == [12, 3, 12, 12]
+    assert len({tuple(s) for s in seen}) > 1
+    for tokens in seen:  # teacher forcing: the plain model's logits at each position, filtered like the worker's
+        ids = torch.tensor([PROMPT + tokens])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, len(PROMPT) - 1 : -1]  # (len(tokens), vocab)
+        allowed = sampler.mask(logits)
+        assert allowed[torch.arange(len(tokens)), torch.tensor(tokens)].all()
+    again, _ = _run(model, 4, 12, sampler, seed=5, end_at={1: 3})
+    assert again == seen  # one seed, one set of candidates
+    generic, _ = _run(model, 4, 12, sampler, seed=5, end_at={1: 3}, fast_path=False)
+    assert generic == seen  # the fast step and the model's forward give the same draws
+
+
+def test_cancel_stops_the_loop(model):
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def on_tokens(tokens):
+        seen.append(tokens[0])
+        if len(seen) == 3:
+            cancel.set()
+        return [False, False]
+
+    steps = decode(model, PROMPT, 2, 50, Sampler(1.0), on_tokens, 0, cancel)
+    assert steps == 3 and len(seen) == 3

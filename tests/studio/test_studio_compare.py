@@ -1,0 +1,72 @@
+"""The compare page through the real worker with the tiny model: the base side has adapters truly off, the two
+sides stream on the same prompt and seed, and a choice is a comparison in the store."""
+
+from __future__ import annotations
+
+import pytest
+from PySide6.QtCore import QProcess, Qt
+
+from finetune_studio.core.store import Store
+
+pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
+
+
+@pytest.fixture
+def page(qtbot, tiny_model_dir):
+    from finetune_studio.studio.pages.compare_page import ComparePage
+    from finetune_studio.studio.services.generation_worker import GenerationWorker
+
+    store = Store()
+    worker = GenerationWorker(threads=1)
+    page = ComparePage(lambda: store, worker, lambda: str(tiny_model_dir))
+    page.show()
+    page.refresh()
+    yield page
+    worker.shutdown()
+    qtbot.waitUntil(lambda: all(p.state() == QProcess.ProcessState.NotRunning for p in worker.findChildren(QProcess)))
+    page.close()
+    page.deleteLater()
+    worker.deleteLater()
+    store.close()
+
+
+def _send(qtbot, page):
+    deltas = []
+    page.worker.reply.connect(lambda r: deltas.append(r) if r.type == "delta" else None)
+    qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not page.busy, timeout=120_000)
+    return deltas
+
+
+def test_base_against_adapter_same_seed_and_a_choice_in_the_store(qtbot, page, tiny_model_dir, tmp_path):
+    from test_generation_worker import _adapter_dir
+
+    adapter = str(_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=4))
+    page.prompt.setPlainText("What is the capital of France?")
+    page.temperature.setValue(0.0)
+    page.max_new_tokens.setValue(12)
+    page.seed.setValue(5)
+
+    assert _send(qtbot, page)  # base against base: streamed, the same answer, nothing to choose
+    base_text = page.answers[0].toPlainText()
+    assert base_text and page.answers[1].toPlainText() == base_text
+    assert "same answer" in page.status.text() and not page.left_button.isEnabled()
+
+    page.sides[1].adapter.setEditText(adapter)
+    _send(qtbot, page)
+    assert page.answers[0].toPlainText() == base_text  # the adapter is attached but off for the base side
+    assert page.answers[1].toPlainText() != base_text
+    assert page.right_button.isEnabled()
+    qtbot.mouseClick(page.right_button, Qt.MouseButton.LeftButton)
+    assert page.recorded and "Right is better" in page.status.text()
+
+    other = Store()
+    try:
+        pairs = other.preferences.pairs()
+        assert len(pairs) == 1
+        assert pairs[0].chosen[-1]["content"].splitlines() == page.answers[1].toPlainText().splitlines()
+        assert pairs[0].rejected[-1]["content"].splitlines() == base_text.splitlines()
+        chosen = other.preferences.candidate(pairs[0].chosen_id)
+        assert (chosen["adapter"], chosen["seed"], chosen["source"]) == (adapter, 5, "compare")
+    finally:
+        other.close()

@@ -1,0 +1,205 @@
+"""The train page through the app with a fake engine: failures shown clearly, stop, close while training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+
+import pytest
+from PySide6.QtCore import Qt
+from studio_support import IGNORE_OFFSCREEN, fake_engine, make_window, write_sft_jsonl  # noqa: F401
+
+from finetune_studio.core.store import Store, pid_alive
+
+pytestmark = IGNORE_OFFSCREEN
+
+STEPS = """
+def started(total=50):
+    emit(type="started", run_id="fake-run", run_dir="/tmp/fake", total_steps=total, memory_budget_bytes=3 << 30,
+         memory_total_bytes=16 << 30)
+def step(i, total=50):
+    emit(type="step", step=i, total_steps=total, loss=3.0 / i, lr=1e-4, grad_norm=0.7, tokens_per_s=900.0,
+         memory_used_bytes=2 << 30, memory_peak_bytes=(2 << 30) + i, elapsed_s=0.1 * i)
+"""
+
+
+@pytest.fixture
+def window(make_window, tiny_model_dir, tmp_path):
+    data = write_sft_jsonl(tmp_path / "train.jsonl")
+    win = make_window({"model": str(tiny_model_dir), "dataset": data, "max_steps": 50})
+    win.setup_page.dataset_panel.job.command = fake_engine("print(json.dumps({'kind': 'sft', 'rows': 24}))")
+    win.show()
+    return win
+
+
+def start_with(qtbot, win, body: str):
+    win.controller.engine_argv = fake_engine(STEPS + textwrap.dedent(body))
+    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
+    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000) as ended:
+        win.setup_page.request_start()
+    return ended.args[0]
+
+
+def test_out_of_memory_message_is_shown(qtbot, window):
+    outcome = start_with(
+        qtbot,
+        window,
+        """
+        started(); step(1); step(2)
+        emit(type="failed", run_id="fake-run", kind="oom",
+             message="Out of memory at step 3 (needed 9.1 GiB of 8 GiB). Lower batch_size to 2 or use QLoRA.")
+        sys.exit(1)
+    """,
+    )
+    page = window.train_page
+    assert outcome.status == "failed" and window.run_state.status == "failed"
+    assert page.message.isVisible() and "Out of memory" in page.message.text()
+    assert "Lower batch_size to 2" in page.message.text()
+    assert page.status.text() == "Failed" and not page.stop_button.isEnabled()
+    assert page.charts.state.train.n == 2
+
+
+def test_crash_mid_run_is_explained_with_the_last_output(qtbot, window):
+    outcome = start_with(
+        qtbot,
+        window,
+        """
+        started(); step(1)
+        sys.stderr.write("Traceback (most recent call last):\\nRuntimeError: CUDA error: device-side assert\\n")
+        sys.stderr.flush(); os._exit(1)
+    """,
+    )
+    assert outcome.status == "crashed"
+    text = window.train_page.message.text()
+    assert "exited unexpectedly" in text and "device-side assert" in text
+    assert "Traceback" not in text.split("Last output")[0]  # the explanation comes first, the trace after
+    assert "RuntimeError: CUDA error" in window.train_page.log_view.toPlainText()
+
+
+def test_malformed_line_goes_to_the_log_and_the_run_goes_on(qtbot, window):
+    outcome = start_with(
+        qtbot,
+        window,
+        """
+        started(); print("garbage {", flush=True); step(1); step(2)
+        emit(type="finished", run_id="fake-run", status="completed", step=2, final_loss=1.5)
+    """,
+    )
+    assert outcome.status == "completed" and window.run_state.status == "completed"
+    assert "could not read" in window.train_page.log_view.toPlainText()
+    assert window.run_state.train.n == 2
+
+
+def test_engine_that_never_starts(qtbot, window, tmp_path):
+    window.controller.engine_argv = lambda *a: [str(tmp_path / "missing-python"), "-m", "finetune_studio.engine", *a]
+    qtbot.waitUntil(lambda: window.setup_state.ready, timeout=15_000)
+    with qtbot.waitSignal(window.controller.run_ended, timeout=30_000) as ended:
+        window.setup_page.request_start()
+    assert ended.args[0].status == "not_started"
+    assert window.run_state.status == "failed"
+    assert "could not be started" in window.train_page.message.text()
+
+
+def test_stop_button_and_shortcuts(qtbot, window):
+    win = window
+    win.controller.engine_argv = fake_engine(
+        STEPS
+        + textwrap.dedent("""
+        def on_term(*_):
+            emit(type="checkpoint", step=3, path="/tmp/fake/ck")
+            emit(type="finished", run_id="fake-run", status="stopped", step=3)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        started()
+        for i in range(1, 50):
+            step(i); time.sleep(0.1)
+    """)
+    )
+    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
+    win.activateWindow()
+    win.setup_page.start_button.setFocus()
+    qtbot.keyClick(win.setup_page.start_button, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: win.run_state.step >= 3, timeout=30_000)
+    assert win.tabs.currentWidget() is win.train_page
+    assert win.train_page.memory_bar.state.used_bytes == 2 << 30
+    assert win.run_memory.estimate.total_bytes == 3 << 30  # the engine's budget from 'started'
+    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000):
+        qtbot.keyClick(win.train_page, Qt.Key.Key_Period, Qt.KeyboardModifier.ControlModifier)
+    assert win.run_state.status == "stopped"
+    assert "resumed" in win.train_page.message.text() or "resume" in win.train_page.message.text()
+    qtbot.keyClick(win.train_page, Qt.Key.Key_3, Qt.KeyboardModifier.ControlModifier)
+    assert win.tabs.currentWidget() is win.runs_page
+    qtbot.keyClick(win.runs_page, Qt.Key.Key_1, Qt.KeyboardModifier.ControlModifier)
+    assert win.tabs.currentWidget() is win.setup_page
+
+
+LONG_RUN = STEPS + textwrap.dedent("""
+    from finetune_studio.core.store import Store
+    store = Store()
+    run_id = store.create_run({{"model": "m", "dataset": "d", "method": "lora", "objective": "sft", "max_steps": 500}})
+    store.update_run(run_id, status="running", pid=os.getpid(), total_steps=500)
+    def on_term(*_):
+        store.update_run(run_id, status="stopped")
+        emit(type="finished", run_id=run_id, status="stopped", step=1)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    emit(type="started", run_id=run_id, run_dir="/tmp/fake", total_steps=500)
+    for i in range(1, 500):
+        store.add_metrics(run_id, "train", i, {{"loss": 3.0 / i, "lr": 1e-4}})
+        store.update_run(run_id, step=i)
+        try:
+            step(i, 500)
+        except OSError:
+            pass
+        time.sleep(0.05)
+""")
+
+
+def start_long_fake_run(qtbot, win):
+    """Start a scripted run that steps slowly until stopped; return once it is two steps in."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    win.controller.engine_argv = fake_engine(LONG_RUN.format(root=root))
+    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
+    win.setup_page.request_start()
+    qtbot.waitUntil(lambda: win.run_state.step >= 2, timeout=30_000)
+    return win
+
+
+def test_close_asks_and_stop_waits_for_the_checkpoint(qtbot, window):
+    win = start_long_fake_run(qtbot, window)
+    asked = []
+    win.ask_close_choice = lambda: asked.append(1) or "cancel"
+    assert not win.close() and win.isVisible() and asked == [1]
+    win.ask_close_choice = lambda: "stop"
+    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000):
+        win.close()
+    qtbot.waitUntil(lambda: not win.isVisible(), timeout=5000)
+    assert Store().get_run(win.run_state.info.run_id)["status"] == "stopped"
+
+
+def test_close_and_continue_then_the_next_start_follows(qtbot, window, make_window):
+    win = start_long_fake_run(qtbot, window)
+    run_id = win.run_state.info.run_id
+    win.close_choice = "continue"
+    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000) as ended:
+        win.close()
+    assert ended.args[0].status == "detached"
+    qtbot.waitUntil(lambda: not win.isVisible(), timeout=5000)
+    pid = Store().get_run(run_id)["pid"]
+    try:
+        assert pid_alive(pid)
+        again = make_window()
+        qtbot.waitUntil(lambda: again.run_state.info.run_id == run_id, timeout=10_000)
+        st = again.run_state
+        assert st.following and st.status == "running" and st.info.total_steps == 500
+        seen = st.step
+        qtbot.waitUntil(lambda: st.step >= seen + 5, timeout=20_000)  # curves grow by polling the database
+        assert list(st.train.column("step")) == list(range(1, st.step + 1))
+        with qtbot.waitSignal(again.controller.run_ended, timeout=30_000):
+            qtbot.mouseClick(again.train_page.stop_button, Qt.MouseButton.LeftButton)
+        assert st.status == "stopped" and not st.following
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
