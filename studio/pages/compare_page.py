@@ -29,6 +29,7 @@ from finetune_studio.core.protocol import generation as gp
 from finetune_studio.core.run_status import is_exportable
 from finetune_studio.studio.pages.annotate.page import SideBox
 from finetune_studio.studio.services.generation_worker import AdapterSpec, GenerationWorker
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 SOURCE = "compare"
 NAMES = ("compare-left", "compare-right")
@@ -111,6 +112,7 @@ class ComparePage(QWidget):
         worker.reply.connect(self._on_reply)
         worker.died.connect(self._on_died)
         self._set_choice_enabled(False)
+        guard_wheel(self)
 
     @property
     def store(self):

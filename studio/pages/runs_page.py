@@ -31,6 +31,7 @@ from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
 from finetune_studio.studio.widgets.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
 from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 PALETTE = [
     (31, 119, 180),
@@ -155,6 +156,7 @@ class RunsPage(QWidget):
         split.addWidget(detail)
         QVBoxLayout(self).addWidget(split)
         self._selection_changed()
+        guard_wheel(self)
 
     @property
     def store(self) -> Store:

@@ -29,6 +29,7 @@ from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel
 from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
 from finetune_studio.studio.widgets.memory_panel import MemoryPanel
 from finetune_studio.studio.widgets.model_panel import ModelPanel
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
 OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO"}
@@ -161,6 +162,7 @@ class SetupPage(QWidget):
         rcol.addWidget(self.advanced_form)
         rcol.addStretch(1)
         scroll = QScrollArea(self)
+        scroll.setObjectName("settingsScroll")
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setWidget(right)
@@ -190,6 +192,7 @@ class SetupPage(QWidget):
         state.subscribe(self._on_state)
         self._on_state("errors")
         self._update_estimate()
+        guard_wheel(self)
 
     # --- behaviour ------------------------------------------------------------------
     def _toggle_advanced(self, on: bool) -> None:

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from finetune_studio.core.protocol.events import ExportResult, Progress
 from finetune_studio.studio.services.jobs import EngineJob
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 
@@ -103,6 +104,7 @@ class ExportOptionsDialog(QDialog):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(buttons)
+        guard_wheel(self)
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export into (a new folder is made inside)")

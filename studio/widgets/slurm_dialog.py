@@ -16,6 +16,7 @@ from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QLabel, QL
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.slurm import sbatch_script
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class SlurmDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
+        guard_wheel(self)
 
     def options(self) -> SlurmOptions:
         return SlurmOptions(

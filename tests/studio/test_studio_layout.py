@@ -1,0 +1,109 @@
+"""What a person meets through the window: the wheel scrolls forms instead of changing settings, and the window
+fits small screens (1024×768, 1366×768 at 125 %)."""
+
+from __future__ import annotations
+
+import pytest
+from PySide6.QtCore import QPoint, QPointF, Qt
+from PySide6.QtGui import QWheelEvent
+from PySide6.QtWidgets import QApplication, QComboBox, QScrollArea, QSpinBox, QWidget
+from studio_support import IGNORE_OFFSCREEN, make_window  # noqa: F401
+
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
+
+pytestmark = IGNORE_OFFSCREEN
+
+
+def wheel_at(widget: QWidget, steps: int = -1) -> QWidget:
+    """Turn the wheel over the middle of ``widget`` as the window system would: the event goes to whatever widget
+    is under the pointer there, through QApplication. Returns that widget."""
+    centre = widget.rect().center()
+    global_pos = widget.mapToGlobal(centre)
+    target = widget.window().childAt(widget.window().mapFromGlobal(global_pos)) or widget
+    local = target.mapFromGlobal(global_pos)
+    event = QWheelEvent(
+        QPointF(local),
+        QPointF(global_pos),
+        QPoint(0, 0),
+        QPoint(0, 120 * steps),
+        Qt.MouseButton.NoButton,
+        Qt.KeyboardModifier.NoModifier,
+        Qt.ScrollPhase.NoScrollPhase,
+        False,
+    )
+    QApplication.sendEvent(target, event)
+    return target
+
+
+def scrolled_into_view(area: QScrollArea, widget: QWidget, qtbot) -> None:
+    area.ensureWidgetVisible(widget, 0, 60)
+    qtbot.wait(20)
+
+
+@pytest.fixture
+def setup_window(make_window, qtbot):
+    win = make_window({})
+    win.setup_page.advanced_toggle.setChecked(True)
+    win.resize(1024, 600)  # the advanced form is taller than the panel: the panel scrolls
+    win.show()
+    qtbot.waitExposed(win)
+    return win
+
+
+def test_wheel_over_an_advanced_drop_down_scrolls_the_panel_and_leaves_the_setting(setup_window, qtbot):
+    page = setup_window.setup_page
+    area = page.findChild(QScrollArea, "settingsScroll")
+    combo = page.advanced_form.editors["loss_on"]
+    assert isinstance(combo, QComboBox)
+    scrolled_into_view(area, combo, qtbot)
+    bar = area.verticalScrollBar()
+    assert bar.maximum() > 0, "the panel must be taller than the window for this test"
+    bar.setValue(bar.maximum() // 2)
+    scrolled_into_view(area, combo, qtbot)
+    before_value, before_scroll = combo.currentText(), bar.value()
+    assert not combo.hasFocus()
+
+    target = wheel_at(combo, steps=-1)  # down: a plain combo box would step to the next choice
+
+    assert target is combo or combo.isAncestorOf(target)
+    assert combo.currentText() == before_value
+    assert page.state.values["loss_on"] == before_value
+    assert bar.value() > before_scroll, "the panel scrolls on under the pointer"
+
+
+def test_wheel_changes_a_drop_down_once_it_has_the_focus(setup_window, qtbot):
+    page = setup_window.setup_page
+    area = page.findChild(QScrollArea, "settingsScroll")
+    combo = page.advanced_form.editors["lr_scheduler"]
+    scrolled_into_view(area, combo, qtbot)
+    setup_window.activateWindow()
+    combo.setFocus(Qt.FocusReason.MouseFocusReason)
+    qtbot.waitUntil(combo.hasFocus, timeout=2000)
+    before = combo.currentIndex()
+
+    wheel_at(combo, steps=-1 if before < combo.count() - 1 else 1)
+
+    assert combo.currentIndex() != before
+    assert page.state.values["lr_scheduler"] == combo.currentText()
+
+
+def test_the_wheel_never_gives_a_guarded_box_the_focus(setup_window):
+    win = setup_window
+    pages = (win.setup_page, win.runs_page, win.compare_page)
+    boxes = [w for page in pages for w in page.findChildren(QWidget) if isinstance(w, (QComboBox, QSpinBox))]
+    assert len(boxes) > 10
+    assert all(b.focusPolicy() == Qt.FocusPolicy.StrongFocus for b in boxes)
+
+
+def test_a_spin_box_outside_a_scroll_area_ignores_the_wheel_without_focus(qtbot):
+    holder = QWidget()
+    qtbot.addWidget(holder)
+    spin = QSpinBox(holder)
+    spin.setRange(0, 10)
+    spin.setValue(5)
+    guard_wheel(holder)
+    holder.show()
+    qtbot.waitExposed(holder)
+    wheel_at(spin, steps=1)
+    assert spin.value() == 5
+    assert guard_wheel(holder) == 0  # guarding again changes nothing
