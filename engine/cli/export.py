@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace, stream) -> int:
-    from finetune_studio.engine.export.writer import ExportCancelled, ExportError, ExportRequest, export
+    from finetune_studio.engine.export.errors import ExportCancelled, ExportError
+    from finetune_studio.engine.export.writer import ExportRequest, export
 
     cancelled = []
     signal.signal(signal.SIGTERM, lambda *_: cancelled.append(True))

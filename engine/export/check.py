@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune_studio.engine.export.errors import ExportCancelled
+
 AGREEMENT_MIN = 0.9
 TIMEOUT_S = 1800
 
@@ -80,8 +82,6 @@ def check(build, written: list[dict], folder: Path, notes: list[str], cancel=Non
                 if timed_out:
                     break
                 log_file.close()
-                from finetune_studio.engine.export.writer import ExportCancelled
-
                 raise ExportCancelled("export cancelled during the check; nothing was written")
             time.sleep(0.1)
         log_file.close()

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune_studio.engine.export.writer import ExportError
+from finetune_studio.engine.export.build import end_of_turn_id
+from finetune_studio.engine.export.errors import ExportError
 
 QUANTS = ("f32", "f16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
 _LAYER = {
@@ -162,8 +163,6 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, base_folder: Path | None)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)  # merges, bos/eos/unk/pad ids, add_bos flags, chat template
-    from finetune_studio.engine.export.build import end_of_turn_id
-
     eot = end_of_turn_id(tokenizer)
     if eot is not None:
         writer.add_eot_token_id(eot)

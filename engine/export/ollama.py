@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_studio.engine.export.writer import ExportError
+from finetune_studio.engine.export.errors import ExportError
 
 _S, _U1, _A1, _U2 = "\x02S\x03", "\x02U1\x03", "\x02A1\x03", "\x02U2\x03"
 

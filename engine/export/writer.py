@@ -24,6 +24,13 @@ from finetune_studio.core.export_target import MARKER, ExportTargetError
 from finetune_studio.core.run_status import export_refusal, is_exportable
 from finetune_studio.core.store import Store
 from finetune_studio.engine import checkpoint
+from finetune_studio.engine.export import build as export_build
+from finetune_studio.engine.export import card as export_card
+from finetune_studio.engine.export import check as export_check
+from finetune_studio.engine.export import gguf as export_gguf
+from finetune_studio.engine.export import ollama as export_ollama
+from finetune_studio.engine.export.errors import ExportCancelled, ExportError
+from finetune_studio.engine.models import ModelError, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +38,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FORMATS = ("adapter", "merged", "gguf", "ollama")
 
 ProgressFn = Callable[[str, int, int, str], None]  # (stage, done, total, message)
-
-
-class ExportError(ValueError):
-    """The export cannot be made; the message says why."""
-
-
-class ExportCancelled(ExportError):
-    """The person cancelled; nothing was left behind."""
 
 
 @dataclass(frozen=True)
@@ -210,9 +209,7 @@ def export(request: ExportRequest, progress: ProgressFn | None = None, cancel: C
     formats = _normalise_formats(request.formats)
     quants = tuple(q.strip().lower() for q in request.quants for q in q.split(",") if q.strip())
     if "gguf" in formats:
-        from finetune_studio.engine.export.gguf import check_quants
-
-        check_quants(quants)
+        export_gguf.check_quants(quants)
     source = find_source(request.run, request.checkpoint)
     run_name = source.run.get("name") or source.run_id or source.run_dir.name
     out = Path(request.out) if request.out else export_target.default_export_dir(run_name, source.label)
@@ -290,22 +287,16 @@ def _write(
     (tmp / "training_config.json").write_text(json.dumps(source.config, indent=1, sort_keys=True), encoding="utf-8")
     base_folder = _base_folder(source)
     if request.check or len(formats) > 1:
-        from finetune_studio.engine.export import build as export_build
-
         build = export_build.Builder(source, base_folder)
         build.copy_tokenizer_if_changed(tmp)
     else:
         build = None
     written: list[dict] = [{"kind": "adapter", "path": str(tmp), "qlora": source.config.get("method") == "qlora"}]
     if "gguf" in formats:
-        from finetune_studio.engine.export.gguf import preflight
-
-        preflight(base_folder)
+        export_gguf.preflight(base_folder)
     if "ollama" in formats:
-        from finetune_studio.engine.export.ollama import learn_pieces
-
         assert build is not None  # every form but the adapter makes len(formats) > 1
-        learn_pieces(build.tokenizer)
+        export_ollama.learn_pieces(build.tokenizer)
     merged = None
     notes: list[str] = []
     if len(formats) > 1:
@@ -314,8 +305,6 @@ def _write(
         merged, note = build.merged_model()
         notes.append(note)
     if "gguf" in formats:  # from the float32 merge, before the merged copy is rounded to its dtype
-        from finetune_studio.engine.export import gguf as export_gguf
-
         step(f"Writing GGUF ({', '.join(quants)})")
         assert build is not None  # every form but the adapter makes len(formats) > 1
         (tmp / "gguf").mkdir()
@@ -326,8 +315,6 @@ def _write(
             approximate = build.qlora or quant not in ("f32", "f16")
             written.append({"kind": "gguf", "path": str(path), "quant": quant, "approximate": approximate})
     if "ollama" in formats:
-        from finetune_studio.engine.export import ollama as export_ollama
-
         step("Writing the Ollama Modelfile")
         assert build is not None  # every form but the adapter makes len(formats) > 1
         first = next(w for w in written if w["kind"] == "gguf")
@@ -339,14 +326,10 @@ def _write(
         written.insert(1, {"kind": "merged", "path": str(tmp / "merged"), "approximate": build.qlora})
     del merged
     step("Writing the model card")
-    from finetune_studio.engine.export import card as export_card
-
     card_note = export_card.write_card(tmp, source, base_folder, formats, quants, request.dtype)
     notes.append(card_note)
     report: dict = {"passed": None, "checked": False, "notes": [n for n in notes if n]}
     if request.check:
-        from finetune_studio.engine.export import check as export_check
-
         step("Checking the export in a fresh process")
         report = export_check.check(build, written, tmp, notes=report["notes"], cancel=cancel)
     (tmp / "check.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
@@ -358,8 +341,6 @@ def _base_folder(source: Source) -> Path:
     base = config.get("base_model_name_or_path") or ""
     if base and Path(base).is_dir():
         return Path(base)
-    from finetune_studio.engine.models import ModelError, resolve_model
-
     try:
         return resolve_model(source.config.get("model") or base)
     except ModelError as exc:
