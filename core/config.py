@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -396,6 +396,10 @@ class TrainConfig:
             raise ConfigError("config", f"cannot parse {path.name}: {exc}") from None
         return cls.from_dict(data or {})
 
+    def with_overrides(self, pairs: Iterable[str]) -> TrainConfig:
+        """This config with ``--set KEY=VALUE`` overrides applied (see :func:`parse_overrides`), checked again."""
+        return type(self).from_dict({**self.to_dict(), **parse_overrides(pairs)})
+
     @classmethod
     def field_help(cls) -> dict[str, dict]:
         """{name: {'help', 'advanced', 'choices'?, 'default'}} for forms and tooltips."""
@@ -407,6 +411,26 @@ class TrainConfig:
             )
             out[f.name] = meta
         return out
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as ``{key: value}``, each value read as YAML (``3``, ``true``, ``[q_proj, v_proj]``).
+
+    Shared by every command that takes ``--set`` (train, the torchrun launcher, estimate); raises
+    :class:`ConfigError` for a pair without ``=`` or a value YAML cannot read.
+    """
+    import yaml  # pure Python; part of the shared dependencies
+
+    out: dict[str, Any] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(key, "--set takes KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(key.strip(), f"cannot read {value!r} as a value: {exc}") from None
+    return out
 
 
 def _num(v: Any) -> bool:

@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
                 raise ConfigError("config", "give a config file (YAML or JSON), or --resume RUN")
             config = TrainConfig.load(args.config)
             if args.set:
-                config = TrainConfig.from_dict({**config.to_dict(), **_parse_sets(args.set)})
+                config = config.with_overrides(args.set)
     except ConfigError as exc:
         reporter.emit(ev.Failed(message=f"Invalid config: {exc}", kind="config"))
         return 2
@@ -81,18 +81,6 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
         reporter.emit(ev.Failed(message=f"Database problem: {exc}", kind="database"))
         return 1
     return 0
-
-
-def _parse_sets(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(key, "--set takes KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def cmd_export(args: argparse.Namespace, stream) -> int:
@@ -145,6 +133,11 @@ def _with_counts(info: ev.ModelReady, folder, config: TrainConfig) -> ev.ModelRe
 
 
 def cmd_demo(rest: list[str]) -> int:
+    """``demo [--loop] ...``: the plain demo (``engine.demo.task``) or the SFT -> DPO loop (``engine.demo.loop``)."""
+    if "--loop" in rest:
+        from finetune_studio.engine.demo.loop import main as loop_main
+
+        return loop_main([a for a in rest if a != "--loop"])
     from finetune_studio.engine.demo.task import main as demo_main
 
     return demo_main(rest)

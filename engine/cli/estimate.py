@@ -57,13 +57,12 @@ def _tokenized(config: TrainConfig, folder: Path, options) -> tuple[list, int]:
 
 def cmd_estimate(args: argparse.Namespace, stream) -> int:
     """``stream``: the real stdout (the CLI points fd 1 at stderr so that libraries cannot corrupt it)."""
-    from finetune_studio.engine.cli.commands import _parse_sets
     from finetune_studio.engine.models import ModelError
 
     try:
         config = TrainConfig.load(args.config)
         if args.set:
-            config = TrainConfig.from_dict({**config.to_dict(), **_parse_sets(args.set)})
+            config = config.with_overrides(args.set)
         report = estimate(config, args.device)
     except (ConfigError, ModelError) as exc:
         message = f"Invalid config: {exc}" if isinstance(exc, ConfigError) else f"Model problem: {exc}"

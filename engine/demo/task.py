@@ -10,7 +10,7 @@ are such an object at all, whatever the values.
     python -m finetune_studio.engine demo                        SFT with LoRA, default settings (minutes on a CPU)
     python -m finetune_studio.engine demo --objective dpo        DPO on the preference pairs instead
     python -m finetune_studio.engine demo --json                 one JSON object on stdout instead of the summary
-    python -m finetune_studio.engine demo --loop                 SFT, sample, label with the scorer, DPO (demo_loop.py)
+    python -m finetune_studio.engine demo --loop                 SFT, sample, label with the scorer, DPO (loop.py)
 """
 
 from __future__ import annotations
@@ -203,12 +203,8 @@ def _progress(event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--loop" in argv:
-        from finetune_studio.engine.demo.loop import main as loop_main
-
-        return loop_main([a for a in argv if a != "--loop"])
-    args = build_parser().parse_args(argv)
+    """The plain demo (``demo --loop`` is :func:`engine.demo.loop.main`, chosen by the CLI)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     defaults = DEFAULTS[args.objective]
     pick = lambda value, name: defaults[name] if value is None else value
     steps = pick(args.steps, "steps")

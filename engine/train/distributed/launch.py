@@ -109,9 +109,7 @@ def validate(args: argparse.Namespace) -> TrainConfig | None:
             raise ConfigError("config", "give a config file (YAML or JSON), or --resume RUN")
         config = TrainConfig.load(args.config)
         if args.set:
-            from finetune_studio.engine.cli.commands import _parse_sets
-
-            config = TrainConfig.from_dict({**config.to_dict(), **_parse_sets(args.set)})
+            config = config.with_overrides(args.set)
     nnodes = int(str(args.nnodes).split(":")[-1])
     world = args.nproc * nnodes
     per_step = config.batch_size * config.gradient_accumulation_steps
