@@ -1,1 +1,10 @@
-"""Our own fast ops, each with an eager reference and an ``impl='auto'|'triton'|'torch'`` switch."""
+"""Our own fast ops, each with an eager reference and an ``impl='auto'|'triton'|'torch'`` switch.
+
+Holds DoRA's weight norm and output (``dora_norm``, ``dora_output``), log-probabilities through the output head
+without the full logits (``linear_logprobs``), RMSNorm, SwiGLU, grouped-query attention, a frozen 16-bit linear,
+recomputation in backward (``recompute``), the choice behind ``impl='auto'`` (``selection``) and the Triton
+kernels (``triton_*``, importable only where triton is installed).
+
+May import: torch and triton only: neither the rest of the project nor transformers (import-linter: "Kernels are
+torch and triton only"), and never Qt.
+"""
