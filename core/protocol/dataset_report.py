@@ -247,4 +247,30 @@ def _check_scalar(cls, f: dataclasses.Field, value) -> None:
         raise TypeError(f"{cls.__name__}.{f.name} must be {base}, not {type(value).__name__}")
 
 
+@dataclass(frozen=True)
+class DatasetConverted(Event):
+    """What ``engine data convert --json`` answers: a dataset written in another format."""
+
+    type: ClassVar[str] = "dataset_converted"
+    file: str
+    out: str
+    to: str  # the format written (trl, trl-conversational, llama-factory, messages)
+    format: str  # the format read
+    kind: str  # "sft" | "preference" | "unpaired" | "text"
+    rows_written: int
+    problems: tuple[Problem, ...] = ()
+    # for LLaMA-Factory: the entry to add to its data/dataset_info.json (name -> description)
+    dataset_info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_fields(cls, data: dict) -> DatasetConverted:
+        """Build from a decoded JSON object (``v`` and ``type`` already checked); ProtocolError if malformed."""
+        try:
+            return _build(cls, data)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+
+
+_NESTED[DatasetConverted] = {"problems": (tuple, Problem)}
 EVENT_TYPES[DatasetReport.type] = DatasetReport
+EVENT_TYPES[DatasetConverted.type] = DatasetConverted

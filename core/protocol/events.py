@@ -12,13 +12,38 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import ClassVar
+
+from finetune_studio.core.run_status import RunStatus
 
 PROTOCOL_VERSION = 1
 
 
 class ProtocolError(ValueError):
-    """A line that is not a valid event."""
+    """A line that is not a valid message of one of the JSON-line protocols (these events, the generation worker's
+    requests and replies in :mod:`core.protocol.generation`)."""
+
+
+class FailureKind(StrEnum):
+    """What kind of problem ended a command: what a person should look at. The values are the strings the
+    ``failed`` event and the ``runs.error_kind`` column have always held."""
+
+    CONFIG = "config"  # the settings (or the request) cannot work
+    DATA = "data"  # the dataset cannot be used
+    MODEL = "model"  # the model cannot be found, converted or loaded
+    OOM = "oom"  # the device ran out of memory
+    DATABASE = "database"  # the studio's database cannot be written or is damaged
+    CANCELLED = "cancelled"  # stopped on request before it was done (nothing left behind)
+    ERROR = "error"  # anything else (a bug, a crash)
+
+    @classmethod
+    def parse(cls, value: str | None) -> FailureKind:
+        """The member for a stored or received string; an unknown one (a newer engine's) is ERROR."""
+        try:
+            return cls(value or cls.ERROR)
+        except ValueError:
+            return cls.ERROR
 
 
 @dataclass(frozen=True)
@@ -63,7 +88,7 @@ class Progress(Event):
 
 @dataclass(frozen=True)
 class Step(Event):
-    """One optimizer step. DPO steps also carry reward statistics."""
+    """One optimizer step. DPO steps also carry reward statistics; other objectives their own ``metrics``."""
 
     type: ClassVar[str] = "step"
     step: int
@@ -80,6 +105,7 @@ class Step(Event):
     reward_rejected: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    metrics: dict = field(default_factory=dict)  # an objective's own figures, by name (the reward_* are DPO's)
 
 
 @dataclass(frozen=True)
@@ -91,6 +117,7 @@ class Eval(Event):
     eval_loss: float
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    metrics: dict = field(default_factory=dict)  # an objective's own figures, by name (the reward_* are DPO's)
     # With early stopping: the best eval loss so far, its step, and whether this evaluation is it.
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -129,7 +156,7 @@ class Finished(Event):
 
     type: ClassVar[str] = "finished"
     run_id: str
-    status: str  # "completed" | "stopped"
+    status: RunStatus  # COMPLETED or STOPPED
     step: int
     final_loss: float | None = None
     adapter_dir: str = ""
@@ -138,6 +165,12 @@ class Finished(Event):
     best_step: int | None = None
     stopped_early: bool = False  # the eval loss stopped improving before the last step
 
+    def __post_init__(self) -> None:
+        status = RunStatus(self.status)  # a string from JSON; ValueError for one that is no run status
+        if status not in (RunStatus.COMPLETED, RunStatus.STOPPED):
+            raise ValueError(f"a finished run is completed or stopped, not {status.value!r}")
+        object.__setattr__(self, "status", status)
+
 
 @dataclass(frozen=True)
 class Failed(Event):
@@ -145,9 +178,12 @@ class Failed(Event):
 
     type: ClassVar[str] = "failed"
     message: str
-    kind: str = "error"  # "config" | "data" | "model" | "oom" | "database" | "error"
+    kind: FailureKind = FailureKind.ERROR
     run_id: str = ""
     detail: str = ""  # the exception text, for the log view
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", FailureKind.parse(self.kind))
 
 
 @dataclass(frozen=True)
@@ -194,8 +230,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def load_message(line: str | bytes, version: int, error: type[Exception] = ProtocolError) -> dict:
-    """One JSON-line message of a versioned protocol as a dict; ``error`` (that protocol's ProtocolError) says why
-    not: not JSON, not an object, or another version."""
+    """One JSON-line message of a versioned protocol as a dict; ``error`` (:class:`ProtocolError` unless told) says
+    why not: not JSON, not an object, or another version."""
     if isinstance(line, bytes):
         line = line.decode("utf-8", errors="replace")
     try:
@@ -220,14 +256,26 @@ def parse_event(line: str | bytes) -> Event:
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         return cls(**{k: v for k, v in data.items() if k in names})
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ProtocolError(f"bad {cls.type} event: {exc}") from None
 
 
 def _event_types() -> dict[str, type[Event]]:
-    """EVENT_TYPES, with the events defined in modules of their own (they build on :class:`Event`)."""
-    if "dataset_report" not in EVENT_TYPES:
-        from finetune_studio.core.protocol import dataset_report  # noqa: F401 - registers DatasetReport
-    if "device_report" not in EVENT_TYPES:
-        from finetune_studio.core.protocol import device_report  # noqa: F401 - registers DeviceReport
+    """EVENT_TYPES, with the events defined in modules of their own (they build on :class:`Event` and register
+    themselves on import)."""
+    if _REGISTERED_ELSEWHERE - EVENT_TYPES.keys():
+        from finetune_studio.core.protocol import (  # noqa: F401 - each registers its events
+            dataset_report,
+            device_report,
+            memory_report,
+            pairs_report,
+            run_lineage,
+        )
     return EVENT_TYPES
+
+
+# The event types of the modules imported above, which parse_event knows without their being imported first.
+_REGISTERED_ELSEWHERE = frozenset(
+    {"dataset_report", "device_report", "memory_report", "pairs_imported", "pairs_exported", "pairs_stats"}
+    | {"dataset_converted", "run_lineage"}
+)

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from finetune_studio.core.protocol.events import load_message
+from finetune_studio.core.protocol.events import ProtocolError, load_message
 
 PROTOCOL_VERSION = 1
 
@@ -37,10 +37,6 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 ErrorKind = Literal["bad_request", "model", "adapter", "context", "no_model", "oom", "error"]
 ERROR_KINDS = ("bad_request", "model", "adapter", "context", "no_model", "oom", "error")
 BASE = ""  # the adapter name meaning "the base model, adapters switched off"
-
-
-class ProtocolError(ValueError):
-    """A line that is not a valid request or reply."""
 
 
 def _body(obj) -> dict:
@@ -379,7 +375,7 @@ def is_final(reply: Reply) -> bool:
 
 
 def _load(line: str | bytes) -> dict:
-    data = load_message(line, PROTOCOL_VERSION, ProtocolError)
+    data = load_message(line, PROTOCOL_VERSION)
     if not isinstance(data.get("id"), str):
         raise ProtocolError("every message needs a string 'id'")
     return data

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
@@ -22,6 +23,7 @@ from finetune_studio.core.memory.estimate import (
     fits,
 )
 from finetune_studio.core.memory.parallel import estimate_per_process_memory
+from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError
 
 REPORT_VERSION = 1
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "overhead")
@@ -51,9 +53,14 @@ class AssumedLengths:
 
 
 @dataclass(frozen=True)
-class MemoryReport:
-    """A run's memory budget. ``components`` (bytes) sum to ``total_bytes``."""
+class MemoryReport(Event):
+    """A run's memory budget. ``components`` (bytes) sum to ``total_bytes``.
 
+    Versioned on its own (``v``, :data:`REPORT_VERSION`): it is stored in the database beside the measured peak
+    (``runs.memory_estimate``) as well as sent as the ``memory_report`` event that ``engine estimate --json``
+    answers. Rows stored before it had a ``type`` read back alike."""
+
+    type: ClassVar[str] = "memory_report"
     total_params: int
     trainable_params: int
     total_bytes: int
@@ -85,6 +92,7 @@ class MemoryReport:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["notes"] = list(self.notes)
+        d["type"] = self.type
         return d
 
     def to_json(self) -> str:
@@ -103,6 +111,17 @@ class MemoryReport:
     @classmethod
     def from_json(cls, text: str) -> MemoryReport:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_fields(cls, data: dict) -> MemoryReport:
+        """Build from a decoded event (``v`` and ``type`` already checked); ProtocolError if malformed."""
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+
+
+EVENT_TYPES[MemoryReport.type] = MemoryReport
 
 
 def components(estimate: MemoryEstimate) -> dict[str, int]:

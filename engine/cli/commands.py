@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
             if args.set:
                 config = config.with_overrides(args.set)
     except ConfigError as exc:
-        reporter.emit(ev.Failed(message=f"Invalid config: {exc}", kind="config"))
+        reporter.emit(ev.Failed(message=f"Invalid config: {exc}", kind=ev.FailureKind.CONFIG))
         return 2
 
     from finetune_studio.core.db_recovery import DatabaseDamaged
@@ -75,10 +75,10 @@ def cmd_train(args: argparse.Namespace, stream) -> int:
     except TrainingFailed:
         return 1
     except ConfigError as exc:  # resume of an unknown / finished run: no run row to mark
-        reporter.emit(ev.Failed(message=f"Invalid request: {exc}", kind="config"))
+        reporter.emit(ev.Failed(message=f"Invalid request: {exc}", kind=ev.FailureKind.CONFIG))
         return 2
     except DatabaseDamaged as exc:  # no run row can be written: the event says which file and what to do
-        reporter.emit(ev.Failed(message=f"Database problem: {exc}", kind="database"))
+        reporter.emit(ev.Failed(message=f"Database problem: {exc}", kind=ev.FailureKind.DATABASE))
         return 1
     return 0
 
@@ -105,10 +105,10 @@ def cmd_model_info(args: argparse.Namespace, stream) -> int:
             adapters = dict(method=args.method, lora_rank=args.lora_rank, target_modules=args.target_modules.split(","))
             info = _with_counts(info, folder, TrainConfig(**adapters))
     except ConfigError as exc:
-        stream.write(ev.Failed(message=f"Invalid config: {exc}", kind="config").to_json() + "\n")
+        stream.write(ev.Failed(message=f"Invalid config: {exc}", kind=ev.FailureKind.CONFIG).to_json() + "\n")
         return 2
     except ModelError as exc:
-        stream.write(ev.Failed(message=f"Model problem: {exc}", kind="model").to_json() + "\n")
+        stream.write(ev.Failed(message=f"Model problem: {exc}", kind=ev.FailureKind.MODEL).to_json() + "\n")
         return 1
     stream.write(info.to_json() + "\n")
     return 0
@@ -217,7 +217,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger("finetune_studio.engine").exception("unexpected error")
         stream.write(
             ev.Failed(
-                message=f"Unexpected error: {type(exc).__name__}: {exc}", kind="error", detail=repr(exc)
+                message=f"Unexpected error: {type(exc).__name__}: {exc}", kind=ev.FailureKind.ERROR, detail=repr(exc)
             ).to_json()
             + "\n"
         )

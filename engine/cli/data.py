@@ -8,10 +8,9 @@
 ``inspect`` prints the detected format and kind, the usable rows, every problem (with its line), token statistics
 under the model's tokenizer and one example rendered exactly as training sees it, trained parts marked.
 ``--json`` prints exactly one JSON line on stdout (logs go to stderr): a ``dataset_report`` event
-(:class:`core.protocol.dataset_report.DatasetReport`), or a ``failed`` event when the data cannot be used. Exit status:
-0
-when the data is usable (problems or not), 1 when it is not, 2 for a usage error. FILE may also be a folder saved
-by ``datasets`` or a hub dataset id already in the local Hugging Face cache.
+(:class:`core.protocol.dataset_report.DatasetReport`; ``convert``: ``DatasetConverted``), or a ``failed`` event when
+the data cannot be used. Exit status: 0 when the data is usable (problems or not), 1 when it is not, 2 for a usage
+error. FILE may also be a folder saved by ``datasets`` or a hub dataset id already in the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from finetune_studio.core.protocol.dataset_report import DatasetReport, ExamplePreview, Problem
-from finetune_studio.core.protocol.events import Failed
+from finetune_studio.core.protocol.dataset_report import DatasetConverted, DatasetReport, ExamplePreview, Problem
+from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.engine.cli.argparsing import UsageErrorParser
 from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
 from finetune_studio.engine.datasets.loader import open_dataset
@@ -94,7 +93,7 @@ def _fail(args, message: str, problems: list[Problem]) -> int:
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         detail = "\n".join(p.where + p.message for p in problems)
-        print(Failed(message=message, kind="data", detail=detail).to_json())
+        print(Failed(message=message, kind=FailureKind.DATA, detail=detail).to_json())
     else:
         _print_problems(problems, sys.stderr)
     return 1
@@ -217,24 +216,22 @@ def cmd_convert(args) -> int:
             stream.result([])  # raises the reader's own explanation
         raise
     problems = stream.log.problems() + log.problems()
-    result = {
-        "ok": True,
-        "file": str(args.file),
-        "out": str(args.out),
-        "to": args.to,
-        "format": stream.format,
-        "kind": stream.kind,
-        "rows_written": written,
-        "problems": [p.to_dict() for p in problems],
-    }
+    info = {}
     if args.to == "llama-factory":
-        result["dataset_info"] = {Path(args.out).stem: llama_factory_info(stream.kind, Path(args.out).name)}
-        print(
-            "add to LLaMA-Factory's data/dataset_info.json:\n" + json.dumps(result["dataset_info"], indent=2),
-            file=sys.stderr,
-        )
+        info = {Path(args.out).stem: llama_factory_info(stream.kind, Path(args.out).name)}
+        print("add to LLaMA-Factory's data/dataset_info.json:\n" + json.dumps(info, indent=2), file=sys.stderr)
+    result = DatasetConverted(
+        file=str(args.file),
+        out=str(args.out),
+        to=args.to,
+        format=stream.format,
+        kind=stream.kind,
+        rows_written=written,
+        problems=tuple(problems),
+        dataset_info=info,
+    )
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        print(result.to_json())
     else:
         print(f"wrote {written} rows ({stream.format} -> {args.to}) to {args.out}")
         _print_problems(problems, sys.stdout)

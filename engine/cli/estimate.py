@@ -2,24 +2,25 @@
 
 Resolves the model (converting a GGUF once), counts its parameters for the chosen method on the meta device,
 tokenises the dataset as training will (when the config names one) to find the longest batch, and prints
-``core.protocol.memory_report.MemoryReport``: with ``--json`` one JSON object on stdout, else a table.
+``core.protocol.memory_report.MemoryReport``: with ``--json`` one ``memory_report`` event on stdout (or a ``failed``
+event, :class:`core.protocol.events.Failed`, saying why there is none), else a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.core.protocol.memory_report import MemoryReport
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="the memory a run will need, fitted to its data, and whether it fits")
     p.add_argument("config", help="YAML or JSON config file")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--json", action="store_true", help="print the report as one memory_report event (JSON line)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="device to estimate for")
 
@@ -65,19 +66,22 @@ def cmd_estimate(args: argparse.Namespace, stream) -> int:
             config = config.with_overrides(args.set)
         report = estimate(config, args.device)
     except (ConfigError, ModelError) as exc:
-        message = f"Invalid config: {exc}" if isinstance(exc, ConfigError) else f"Model problem: {exc}"
-        if args.json:
-            stream.write(json.dumps({"ok": False, "error": message}) + "\n")
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        if isinstance(exc, ConfigError):
+            failed = Failed(message=f"Invalid config: {exc}", kind=FailureKind.CONFIG)
+        else:
+            failed = Failed(message=f"Model problem: {exc}", kind=FailureKind.MODEL)
+        return _fail(args, stream, failed, 2)
     except Exception as exc:  # a dataset that cannot be read, a model transformers cannot build
-        message = f"{type(exc).__name__}: {exc}"
-        if args.json:
-            stream.write(json.dumps({"ok": False, "error": message}) + "\n")
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return _fail(args, stream, Failed(message=f"{type(exc).__name__}: {exc}", detail=repr(exc)), 1)
     stream.write((report.to_json() if args.json else format_report(report)) + "\n")
     return 0
+
+
+def _fail(args: argparse.Namespace, stream, failed: Failed, code: int) -> int:
+    if args.json:
+        stream.write(failed.to_json() + "\n")
+    print(f"error: {failed.message}", file=sys.stderr)
+    return code
 
 
 def format_report(r: MemoryReport) -> str:

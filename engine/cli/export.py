@@ -68,11 +68,11 @@ def run(args: argparse.Namespace, stream) -> int:
         outcome = export(request, progress=progress, cancel=lambda: bool(cancelled))
     except ExportCancelled as exc:
         print(f"cancelled: {exc}", file=sys.stderr)
-        emit(ev.Failed(message=str(exc), kind="cancelled"))
+        emit(ev.Failed(message=str(exc), kind=ev.FailureKind.CANCELLED))
         return EXIT_CANCELLED
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        emit(ev.Failed(message=f"Export not written: {exc}", kind="config"))
+        emit(ev.Failed(message=f"Export not written: {exc}", kind=ev.FailureKind.CONFIG))
         return 1
     report = outcome.report
     verdict = report.get("verdict") or "written, not checked (--no-check)"

@@ -11,17 +11,23 @@ again. ``export`` freezes the store's pairs as a snapshot (its id is printed, an
 exactly those pairs) and writes them for TRL or LLaMA-Factory (with its ``dataset_info.json``). Ties, both-bad and
 skipped comparisons have no preferred side: they are left out, and the export says how many. Exit status: 0 on
 success, 1 when the input cannot be used, 2 for a usage error.
+
+``--json`` prints one event line on stdout: :class:`core.protocol.pairs_report.PairsImported`, ``PairsExported`` or
+``PairsStats``, or a ``failed`` event (:class:`core.protocol.events.Failed`) when the input cannot be used.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from finetune_studio.core import paths
 from finetune_studio.core.preferences import PreferenceError
+from finetune_studio.core.protocol.events import Failed, FailureKind
+from finetune_studio.core.protocol.pairs_report import PairsExported, PairsImported, PairsStats
 from finetune_studio.core.store import Store
 from finetune_studio.engine.cli.argparsing import UsageErrorParser
 from finetune_studio.engine.datasets.convert import llama_factory_info, write_examples
@@ -60,6 +66,8 @@ def main(argv: list[str]) -> int:
         return args.func(args, store)
     except (DatasetError, PreferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.json:
+            print(Failed(message=str(exc), kind=FailureKind.DATA).to_json())
         return 1
     finally:
         store.close()
@@ -74,20 +82,20 @@ def cmd_import(args, store: Store) -> int:
             "pairs import takes prompt/chosen/rejected data (TRL, HH, UltraFeedback, LLaMA-Factory ranking...)"
         )
     result = store.preferences.import_pairs((example_to_pair(ex) for ex in data.examples), source=Path(args.file).name)
-    summary = {
-        "file": args.file,
-        "format": data.format,
-        "pairs": len(data.examples),
-        "added": result.added,
-        "unchanged": result.unchanged,
-        "changed": result.changed,
-        "dropped": data.dropped,
-    }
+    summary = PairsImported(
+        file=args.file,
+        format=data.format,
+        pairs=len(data.examples),
+        added=result.added,
+        unchanged=result.unchanged,
+        changed=result.changed,
+        dropped=dict(data.dropped),
+    )
     if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
+        print(summary.to_json())
         return 0
     print(
-        f"imported {summary['pairs']} pairs from {args.file} ({data.format}): {result.added} new, "
+        f"imported {summary.pairs} pairs from {args.file} ({data.format}): {result.added} new, "
         f"{result.unchanged} already in the store, {result.changed} with a changed decision"
     )
     for reason, n in data.dropped.items():
@@ -109,18 +117,19 @@ def cmd_export(args, store: Store) -> int:
     if args.format == "llama-factory":
         info = {snap.id: llama_factory_info("preference", name)}
         paths.atomic_write_text(out / "dataset_info.json", json.dumps(info, indent=2) + "\n")
-    manifest = {
-        "snapshot": snap.id,
-        "format": args.format,
-        "file": name,
-        "pairs": written,
-        "left_out": snap.left_out,
-        "dropped": dict(log.dropped),
-        "created_at": snap.created_at,
-    }
-    paths.atomic_write_text(out / "snapshot.json", json.dumps(manifest, indent=2) + "\n")
+    manifest = PairsExported(
+        snapshot=snap.id,
+        format=args.format,
+        file=name,
+        pairs=written,
+        left_out=dict(snap.left_out),
+        dropped=dict(log.dropped),
+        created_at=snap.created_at,
+    )
+    # snapshot.json keeps the manifest's plain fields, as it always had them (no protocol version or type)
+    paths.atomic_write_text(out / "snapshot.json", json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
     if args.json:
-        print(json.dumps(manifest, ensure_ascii=False))
+        print(manifest.to_json())
         return 0
     print(f"exported {written} pairs as {args.format} to {out / name} (snapshot {snap.id})")
     note = left_out_note(snap.left_out)
@@ -132,15 +141,15 @@ def cmd_export(args, store: Store) -> int:
 
 
 def cmd_stats(args, store: Store) -> int:
-    stats = store.preferences.stats()
+    stats = PairsStats(**store.preferences.stats())
     if args.json:
-        print(json.dumps(stats))
+        print(stats.to_json())
         return 0
-    decisions = ", ".join(f"{n} {d}" for d, n in stats["decisions"].items())
-    print(f"prompts:     {stats['prompts']}")
-    print(f"candidates:  {stats['candidates']}")
-    print(f"comparisons: {stats['comparisons']} ({decisions})")
-    print(f"DPO pairs:   {stats['pairs']} (ties, both-bad and skips are left out)")
-    print(f"edits:       {stats['edits']}; changed decisions: {stats['decision_changes']}")
-    print(f"annotators:  {stats['annotators']}; snapshots: {stats['snapshots']}")
+    decisions = ", ".join(f"{n} {d}" for d, n in stats.decisions.items())
+    print(f"prompts:     {stats.prompts}")
+    print(f"candidates:  {stats.candidates}")
+    print(f"comparisons: {stats.comparisons} ({decisions})")
+    print(f"DPO pairs:   {stats.pairs} (ties, both-bad and skips are left out)")
+    print(f"edits:       {stats.edits}; changed decisions: {stats.decision_changes}")
+    print(f"annotators:  {stats.annotators}; snapshots: {stats.snapshots}")
     return 0

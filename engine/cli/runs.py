@@ -3,18 +3,18 @@
     python -m finetune_studio.engine runs lineage RUN [--json]
 
 ``lineage`` lists the run and the runs it started from (``init_adapter``), oldest first, then the runs started
-from it. RUN is a run id, a unique id prefix or a run folder.
+from it. RUN is a run id, a unique id prefix or a run folder. ``--json`` prints one
+:class:`core.protocol.run_lineage.RunLineage` event on stdout, or a ``failed`` event when there is no such run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from finetune_studio.core.protocol.events import Failed, FailureKind
+from finetune_studio.core.protocol.run_lineage import LineageRun, RunLineage
 from finetune_studio.core.store import Store
-
-FIELDS = ("id", "name", "objective", "status", "step", "final_loss", "init_adapter", "pairs_snapshot", "parent_run_id")
 
 
 def main(argv: list[str]) -> int:
@@ -28,20 +28,25 @@ def main(argv: list[str]) -> int:
     try:
         run = store.find_run(args.run)
         if run is None:
-            print(f"error: no run named {args.run!r}; give a run id, a unique prefix or a run folder", file=sys.stderr)
+            message = f"no run named {args.run!r}; give a run id, a unique prefix or a run folder"
+            print(f"error: {message}", file=sys.stderr)
+            if args.json:
+                print(Failed(message=message, kind=FailureKind.CONFIG).to_json())
             return 1
         chain = store.lineage(run["id"])
         children = store.children(run["id"])
     finally:
         store.close()
+    answer = RunLineage(
+        lineage=tuple(LineageRun.from_fields(r) for r in chain),
+        children=tuple(LineageRun.from_fields(r) for r in children),
+    )
     if args.json:
-        out = {"lineage": [{k: r.get(k) for k in FIELDS} for r in chain]}
-        out["children"] = [{k: r.get(k) for k in FIELDS} for r in children]
-        print(json.dumps(out))
+        print(answer.to_json())
         return 0
-    for depth, r in enumerate(chain):
-        extra = f", data {r['pairs_snapshot']}" if r.get("pairs_snapshot") else ""
-        print(f"{'  ' * depth}{r['id']}  {r['objective'] or ''} {r['status']}, step {r['step']}{extra}  {r['name']}")
-    for r in children:
-        print(f"{'  ' * len(chain)}started from it: {r['id']}  {r['objective'] or ''} {r['status']}  {r['name']}")
+    for depth, r in enumerate(answer.lineage):
+        extra = f", data {r.pairs_snapshot}" if r.pairs_snapshot else ""
+        print(f"{'  ' * depth}{r.id}  {r.objective} {r.status}, step {r.step}{extra}  {r.name}")
+    for r in answer.children:
+        print(f"{'  ' * len(chain)}started from it: {r.id}  {r.objective} {r.status}  {r.name}")
     return 0

@@ -7,6 +7,7 @@ import sqlite3
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.db_recovery import DatabaseDamaged
+from finetune_studio.core.protocol.events import FailureKind
 
 
 class DataError(ValueError):
@@ -44,7 +45,7 @@ def oom_message(config: TrainConfig | None, step: int) -> str:
     return f"Out of memory{where}. To fit: " + "; ".join(tips) + "."
 
 
-def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple[str, str]:
+def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple[FailureKind, str]:
     """(kind, message) for a ``failed`` event."""
     from finetune_studio.engine.datasets.render import RenderError
     from finetune_studio.engine.datasets.schema import DatasetError
@@ -52,19 +53,19 @@ def classify(exc: BaseException, config: TrainConfig | None, step: int) -> tuple
     from finetune_studio.engine.train.guard import MemoryGuardError
 
     if isinstance(exc, ConfigError):
-        return "config", f"Invalid config: {exc}"
+        return FailureKind.CONFIG, f"Invalid config: {exc}"
     if isinstance(exc, (DatasetError, DataError, RenderError)):
-        return "data", f"Dataset problem: {exc}"
+        return FailureKind.DATA, f"Dataset problem: {exc}"
     if isinstance(exc, DatabaseDamaged):
-        return "database", f"Database problem: {exc}"
+        return FailureKind.DATABASE, f"Database problem: {exc}"
     if type(exc) is sqlite3.DatabaseError:  # damage found mid-run
-        return "database", f"Database problem: {DatabaseDamaged(paths.db_path(), str(exc))}"
+        return FailureKind.DATABASE, f"Database problem: {DatabaseDamaged(paths.db_path(), str(exc))}"
     if isinstance(exc, MemoryGuardError):
-        return "oom", str(exc)
+        return FailureKind.OOM, str(exc)
     if isinstance(exc, ModelError):
-        return "model", f"Model problem: {exc}"
+        return FailureKind.MODEL, f"Model problem: {exc}"
     if isinstance(exc, FileNotFoundError):
-        return "data", f"File not found: {exc.filename or exc}"
+        return FailureKind.DATA, f"File not found: {exc.filename or exc}"
     if is_out_of_memory(exc):
-        return "oom", oom_message(config, step)
-    return "error", f"Training failed{f' at step {step}' if step else ''}: {type(exc).__name__}: {exc}"
+        return FailureKind.OOM, oom_message(config, step)
+    return FailureKind.ERROR, f"Training failed{f' at step {step}' if step else ''}: {type(exc).__name__}: {exc}"

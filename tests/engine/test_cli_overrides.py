@@ -39,7 +39,8 @@ def test_estimate_answers_an_unreadable_override_in_its_json(config_file):
     child = _engine("estimate", config_file, "--set", "target_modules=[q_proj", "--json")
     assert child.returncode == 2, child.stderr
     answer = json.loads(child.stdout)
-    assert answer["ok"] is False and answer["error"].startswith("Invalid config: target_modules: cannot read")
+    assert answer["type"] == "failed" and answer["kind"] == "config"
+    assert answer["message"].startswith("Invalid config: target_modules: cannot read")
 
 
 def test_demo_loop_is_chosen_by_the_command_line():

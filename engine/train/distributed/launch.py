@@ -129,7 +129,7 @@ def launch(args: argparse.Namespace) -> int:
     try:
         validate(args)
     except ConfigError as exc:
-        _write(events, ev.Failed(message=f"Invalid config: {exc}", kind="config"))
+        _write(events, ev.Failed(message=f"Invalid config: {exc}", kind=ev.FailureKind.CONFIG))
         return 2
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -233,8 +233,9 @@ def _fail_run(events, launch_file: str, kind: str, message: str, detail: str) ->
             store.update_run(run_id, status="failed", error=message, error_kind=kind, finished_at=time.time())
         finally:
             store.close()
-        _append_event_file(Path(run["run_dir"]), ev.Failed(message=message, kind=kind, run_id=run_id, detail=detail))
-    _write(events, ev.Failed(message=message, kind=kind, run_id=run_id, detail=detail))
+        failed = ev.Failed(message=message, kind=ev.FailureKind.parse(kind), run_id=run_id, detail=detail)
+        _append_event_file(Path(run["run_dir"]), failed)
+    _write(events, ev.Failed(message=message, kind=ev.FailureKind.parse(kind), run_id=run_id, detail=detail))
 
 
 def _after_stop(events, launch_file: str, exc) -> int:
