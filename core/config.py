@@ -39,8 +39,8 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
-def _f(default: Any, help: str, *, advanced: bool = False, choices: tuple | None = None, **kw):
-    meta = {"help": help, "advanced": advanced}
+def _f(default: Any, help: str, *, advanced: bool = False, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    meta: dict[str, Any] = {"help": help, "advanced": advanced}
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, (list, dict)):
@@ -63,7 +63,7 @@ class TrainConfig:
         "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`; for DPO also "
         "'pairs:latest' (the preference store now) or 'pairs:<snapshot id>' (an earlier export).",
     )
-    dataset_mapping: dict = _f(
+    dataset_mapping: dict[str, Any] = _f(
         {},
         "Optional column/role mapping that overrides format detection, e.g. "
         "{'prompt': 'question', 'chosen': 'good', 'rejected': 'bad'}.",
@@ -105,7 +105,7 @@ class TrainConfig:
     # --- adapter details ----------------------------------------------------
     lora_dropout: float = _f(0.0, "Dropout on the adapter input during training.", advanced=True)
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.", advanced=True)
-    target_modules: list = _f(
+    target_modules: list[str] = _f(
         ["all-linear"],
         "Layers that get adapters: 'all-linear' (every linear layer but "
         "the output head) or module names such as q_proj, v_proj.",
@@ -355,7 +355,7 @@ class TrainConfig:
         model = Path(self.model).name if self.model != "default" else "SmolLM2-135M"
         return f"{model} {self.method} {self.objective}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
@@ -401,7 +401,7 @@ class TrainConfig:
         return type(self).from_dict({**self.to_dict(), **parse_overrides(pairs)})
 
     @classmethod
-    def field_help(cls) -> dict[str, dict]:
+    def field_help(cls) -> dict[str, dict[str, Any]]:
         """{name: {'help', 'advanced', 'choices'?, 'default'}} for forms and tooltips."""
         out = {}
         for f in dataclasses.fields(cls):
@@ -437,7 +437,7 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
-def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
     """Accept the forms YAML and forms produce (1e-4 as a string, 3.0 for 3)."""
     default = f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
     if isinstance(default, bool):
@@ -471,7 +471,7 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _did_you_mean(name: str, known: dict) -> str:
+def _did_you_mean(name: str, known: dict[str, Any]) -> str:
     import difflib
 
     close = difflib.get_close_matches(name, list(known), n=1)

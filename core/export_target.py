@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from finetune_studio.core import paths
 
@@ -39,7 +40,7 @@ def default_export_dir(run_name: str, checkpoint_label: str) -> Path:
     return exports_dir() / safe_name(f"{run_name}-{checkpoint_label}")
 
 
-def read_marker(folder: Path) -> dict | None:
+def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of a previous export, or None when ``folder`` is not one."""
     try:
         data = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
@@ -50,7 +51,7 @@ def read_marker(folder: Path) -> dict | None:
     return data
 
 
-def marker_text(files: list[str], **extra) -> str:
+def marker_text(files: list[str], **extra: Any) -> str:
     return json.dumps({"kind": MARKER_KIND, "version": MARKER_VERSION, "files": sorted(files), **extra}, indent=1)
 
 

@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 HASH_CHARS = 16
 
@@ -66,20 +66,20 @@ def _hash(*parts: object) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:HASH_CHARS]
 
 
-def _messages(value: str | Sequence[Mapping[str, Any]]) -> list[dict]:
+def _messages(value: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Messages as plain dicts; a string is one user (prompt) turn."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     return [dict(m) for m in value]
 
 
-def _answer_turns(value: str | Sequence[Mapping[str, Any]]) -> list[dict]:
+def _answer_turns(value: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     return [dict(m) for m in value]
 
 
-def _plain_text(turns: list[dict]) -> str:
+def _plain_text(turns: list[dict[str, Any]]) -> str:
     return "\n".join(str(t.get("content", "")) for t in turns if t.get("role") == "assistant")
 
 
@@ -87,10 +87,10 @@ def _plain_text(turns: list[dict]) -> str:
 class Pair:
     """One DPO pair derived from a comparison: message lists ready for the engine."""
 
-    prompt: list
-    chosen: list
-    rejected: list
-    tools: list = field(default_factory=list)
+    prompt: list[dict[str, Any]]
+    chosen: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    tools: list[Any] = field(default_factory=list)
     prompt_id: str = ""
     chosen_id: str = ""
     rejected_id: str = ""
@@ -108,7 +108,7 @@ class Snapshot:
     id: str
     created_at: float
     pairs: int
-    left_out: dict  # decision value -> comparisons not in DPO data
+    left_out: dict[str, int]  # decision value -> comparisons not in DPO data
 
 
 # --- schema -------------------------------------------------------------------------------------------------------
@@ -237,7 +237,9 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def _ensure_prompt(conn, messages: list, tools: list, source: str, t: float) -> str:
+def _ensure_prompt(
+    conn: sqlite3.Connection, messages: list[dict[str, Any]], tools: list[Any], source: str, t: float
+) -> str:
     pid = _hash("prompt", messages, tools)
     conn.execute(
         "INSERT OR IGNORE INTO prompts (id, messages, tools, source, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -246,7 +248,9 @@ def _ensure_prompt(conn, messages: list, tools: list, source: str, t: float) -> 
     return pid
 
 
-def _ensure_candidate(conn, prompt_id: str, turns: list, t: float, **meta) -> str:
+def _ensure_candidate(
+    conn: sqlite3.Connection, prompt_id: str, turns: list[dict[str, Any]], t: float, **meta: Any
+) -> str:
     cid = _hash("candidate", prompt_id, turns)
     conn.execute(
         "INSERT OR IGNORE INTO candidates (id, prompt_id, text, turns, model, adapter, run_id, checkpoint, seed, "
@@ -271,7 +275,7 @@ def _ensure_candidate(conn, prompt_id: str, turns: list, t: float, **meta) -> st
 
 
 def _compare(
-    conn,
+    conn: sqlite3.Connection,
     a: str,
     b: str,
     decision: Decision,
@@ -303,7 +307,7 @@ def _compare(
             "annotator, source, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, row[0], a, b, decision.value, strength, shown_left, annotator, source, t, t),
         )
-        return cur.lastrowid, "added"
+        return cast(int, cur.lastrowid), "added"  # an INSERT's row id
     cid, old_decision, old_strength = found
     if old_decision == decision.value and old_strength == strength:
         return cid, "unchanged"
@@ -319,7 +323,17 @@ def _compare(
     return cid, "changed"
 
 
-def _add_pair(conn, prompt, chosen, rejected, tools, *, source: str, annotator: str, t: float) -> str:
+def _add_pair(
+    conn: sqlite3.Connection,
+    prompt: str | Sequence[Mapping[str, Any]],
+    chosen: str | Sequence[Mapping[str, Any]],
+    rejected: str | Sequence[Mapping[str, Any]],
+    tools: Iterable[Any],
+    *,
+    source: str,
+    annotator: str,
+    t: float,
+) -> str:
     pid = _ensure_prompt(conn, _messages(prompt), list(tools), source, t)
     c = _ensure_candidate(conn, pid, _answer_turns(chosen), t, source=source)
     r = _ensure_candidate(conn, pid, _answer_turns(rejected), t, source=source)
@@ -333,21 +347,23 @@ class PreferenceStore:
         self.conn = conn
 
     # --- prompts and candidates ---------------------------------------------------
-    def add_prompt(self, messages: str | Sequence, tools: Sequence = (), source: str = "") -> str:
+    def add_prompt(
+        self, messages: str | Sequence[Mapping[str, Any]], tools: Sequence[Any] = (), source: str = ""
+    ) -> str:
         with transaction(self.conn) as c:
             return _ensure_prompt(c, _messages(messages), list(tools), source, time.time())
 
     def add_candidate(
         self,
         prompt_id: str,
-        answer: str | Sequence,
+        answer: str | Sequence[Mapping[str, Any]],
         *,
         model: str = "",
         adapter: str = "",
         run_id: str = "",
         checkpoint: str = "",
         seed: int | None = None,
-        sampling: dict | None = None,
+        sampling: dict[str, Any] | None = None,
         token_count: int | None = None,
         source: str = "",
     ) -> str:
@@ -370,13 +386,13 @@ class PreferenceStore:
                 source=source,
             )
 
-    def candidate(self, candidate_id: str) -> dict:
+    def candidate(self, candidate_id: str) -> dict[str, Any]:
         row = self._one("SELECT * FROM candidates WHERE id = ?", candidate_id)
         if row is None:
             raise PreferenceError(f"unknown candidate {candidate_id!r}")
         return row
 
-    def candidates(self, prompt_id: str) -> list[dict]:
+    def candidates(self, prompt_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM candidates WHERE prompt_id = ? ORDER BY created_at, id", prompt_id)
 
     # --- decisions ----------------------------------------------------------------
@@ -421,7 +437,7 @@ class PreferenceStore:
                 for worse in candidate_ids[i + 1 :]
             ]
 
-    def edit(self, original_id: str, new_answer: str | Sequence, *, annotator: str = "") -> str:
+    def edit(self, original_id: str, new_answer: str | Sequence[Mapping[str, Any]], *, annotator: str = "") -> str:
         """A person's rewrite of a candidate: a new candidate, preferred to the original. Returns its id."""
         t = time.time()
         with transaction(self.conn) as c:
@@ -437,16 +453,18 @@ class PreferenceStore:
             )
             return edited
 
-    def comparison(self, comparison_id: int) -> dict:
+    def comparison(self, comparison_id: int) -> dict[str, Any]:
         row = self._one("SELECT * FROM comparisons WHERE id = ?", comparison_id)
         if row is None:
             raise PreferenceError(f"unknown comparison {comparison_id}")
         return row
 
-    def history(self, comparison_id: int) -> list[dict]:
+    def history(self, comparison_id: int) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM decision_changes WHERE comparison_id = ? ORDER BY id", comparison_id)
 
-    def import_pairs(self, pairs: Iterable[dict], *, source: str = "", annotator: str = "import") -> ImportResult:
+    def import_pairs(
+        self, pairs: Iterable[dict[str, Any]], *, source: str = "", annotator: str = "import"
+    ) -> ImportResult:
         """Pairs {prompt, chosen, rejected, tools?} (strings or message lists), all in one transaction."""
         counts = {"added": 0, "unchanged": 0, "changed": 0}
         t = time.time()
@@ -522,7 +540,7 @@ class PreferenceStore:
             )
         return Snapshot(row["id"], row["created_at"], row["pairs"], json.loads(row["left_out"]))
 
-    def snapshots(self) -> list[dict]:
+    def snapshots(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM snapshots ORDER BY created_at DESC, id")
 
     def snapshot_pairs(self, snapshot_id: str) -> list[Pair]:
@@ -534,9 +552,9 @@ class PreferenceStore:
         return [self._pair(*r) for r in rows]
 
     # --- statistics ---------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         def count(sql: str) -> int:
-            return self.conn.execute(sql).fetchone()[0]
+            return int(self.conn.execute(sql).fetchone()[0])
 
         decisions = dict(self.conn.execute("SELECT decision, count(*) FROM comparisons GROUP BY decision").fetchall())
         return {
@@ -552,11 +570,11 @@ class PreferenceStore:
         }
 
     # --- helpers ------------------------------------------------------------------
-    def _all(self, sql: str, *args) -> list[dict]:
+    def _all(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         cur = self.conn.execute(sql, args)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-    def _one(self, sql: str, *args) -> dict | None:
+    def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         rows = self._all(sql, *args)
         return rows[0] if rows else None
