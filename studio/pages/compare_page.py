@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -29,6 +30,7 @@ from finetune_studio.core.protocol import generation as gp
 from finetune_studio.core.run_status import is_exportable
 from finetune_studio.studio.pages.annotate.page import SideBox
 from finetune_studio.studio.services.generation_worker import AdapterSpec, GenerationWorker
+from finetune_studio.studio.widgets.flow_layout import FlowLayout
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 SOURCE = "compare"
@@ -76,15 +78,19 @@ class ComparePage(QWidget):
         self.status.setWordWrap(True)
         self.status.setObjectName("compareStatus")
 
-        form = QFormLayout()
+        settings = QWidget(self)
+        form = QFormLayout(settings)
+        form.setContentsMargins(0, 0, 0, 0)
         form.addRow("Model", self.model)
         form.addRow("Seed (both sides)", self.seed)
         form.addRow("Temperature", self.temperature)
         form.addRow("Max new tokens", self.max_new_tokens)
-        top = QHBoxLayout()
-        top.addLayout(form)
-        top.addWidget(self.sides[0])
-        top.addWidget(self.sides[1])
+        top_row = QWidget(self)
+        top = FlowLayout(top_row)  # the two sides wrap under the settings in a narrow window
+        top.addWidget(settings)
+        for box in self.sides:
+            box.setSizePolicy(QSizePolicy.Policy.Expanding, box.sizePolicy().verticalPolicy())
+            top.addWidget(box)
         grid = QGridLayout()
         for col in (0, 1):
             grid.addWidget(self.heads[col], 0, col)
@@ -96,7 +102,7 @@ class ComparePage(QWidget):
         send.addWidget(self.prompt, 1)
         send.addWidget(self.send_button)
         layout = QVBoxLayout(self)
-        layout.addLayout(top)
+        layout.addWidget(top_row)
         layout.addLayout(send)
         layout.addLayout(grid, 1)
         layout.addLayout(buttons)

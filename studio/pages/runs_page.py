@@ -29,6 +29,7 @@ from finetune_studio.core.run_status import RUN_STATUSES, is_exportable, is_resu
 from finetune_studio.core.store import Store
 from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
+from finetune_studio.studio.widgets.flow_layout import FlowLayout
 from finetune_studio.studio.widgets.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
 from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
@@ -132,10 +133,10 @@ class RunsPage(QWidget):
             self.export_as_button,
             self.slurm_button,
         )
-        buttons = QHBoxLayout()
+        buttons = QWidget(self)
+        row = FlowLayout(buttons)  # wraps onto a second row in a narrow window
         for b in self.actions_buttons:
-            buttons.addWidget(b)
-        buttons.addStretch(1)
+            row.addWidget(b)
 
         self.overlay = Chart("Loss (smoothed) of the selected runs", self, legend=True)
         self.overlay.setObjectName("overlayChart")
@@ -150,7 +151,7 @@ class RunsPage(QWidget):
         llay.setContentsMargins(0, 0, 0, 0)
         llay.addLayout(top)
         llay.addWidget(self.table, 1)
-        llay.addLayout(buttons)
+        llay.addWidget(buttons)
         split = QSplitter(Qt.Orientation.Vertical, self)
         split.addWidget(left)
         split.addWidget(detail)

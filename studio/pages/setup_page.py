@@ -88,10 +88,15 @@ class SetupPage(QWidget):
         self.state, self.memory = state, memory
         self.model_panel = ModelPanel(state, recent_models, self)
         self.dataset_panel = DatasetPanel(state, self)
-        left = QWidget(self)
-        lcol = QVBoxLayout(left)
+        choices = QWidget(self)
+        lcol = QVBoxLayout(choices)
         lcol.addWidget(self.model_panel)
         lcol.addWidget(self.dataset_panel, 1)
+        left = QScrollArea(self)  # on a short screen the model and dataset panels scroll, the window stays small
+        left.setObjectName("choicesScroll")
+        left.setWidgetResizable(True)
+        left.setFrameShape(QScrollArea.Shape.NoFrame)
+        left.setWidget(choices)
 
         self.method = Segmented(state, "method", {m: METHOD_LABELS[m] for m in METHODS}, self)
         self.objective = Segmented(state, "objective", {o: OBJECTIVE_LABELS[o] for o in OBJECTIVES}, self)
@@ -166,6 +171,14 @@ class SetupPage(QWidget):
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setWidget(right)
+        # wide enough for the settings (the advanced ones too) beside the scroll bar: the panel scrolls down, never
+        # sideways
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        margins = rcol.contentsMargins().left() + rcol.contentsMargins().right()
+        scroll.setMinimumWidth(
+            max(right.minimumSizeHint().width(), self.advanced_form.minimumSizeHint().width() + margins)
+            + scroll.verticalScrollBar().sizeHint().width()
+        )
         side = QWidget(self)
         scol = QVBoxLayout(side)
         scol.setContentsMargins(0, 0, 0, 0)

@@ -58,7 +58,7 @@ class Chart(pg.PlotWidget):
         item.setTitle(title)
         item.setLabel("bottom", "step")
         item.setMenuEnabled(False)
-        self.setMinimumHeight(150)
+        self.setMinimumHeight(110)  # two rows of charts still fit a 768-pixel screen at 125 %
         if legend:
             item.addLegend(offset=(-6, 6))
         self.curves: dict[str, pg.PlotDataItem] = {}

@@ -107,3 +107,63 @@ def test_a_spin_box_outside_a_scroll_area_ignores_the_wheel_without_focus(qtbot)
     wheel_at(spin, steps=1)
     assert spin.value() == 5
     assert guard_wheel(holder) == 0  # guarding again changes nothing
+
+
+# 1024×768 less a window frame and a panel; 1366×768 at 125 % is about 1093×614 logical pixels, less the same.
+SCREEN_1024 = (1024, 700)
+PAGE_LIMIT = (1000, 500)  # a page's own minimum, so that the window fits both screens with the tab bar and status bar
+
+
+@pytest.mark.parametrize("name", ["setup_page", "train_page", "runs_page", "compare_page"])
+def test_each_page_fits_a_small_screen(make_window, qtbot, name):
+    win = make_window({})
+    win.setup_page.advanced_toggle.setChecked(True)  # the tallest and widest Set up
+    win.show()
+    page = getattr(win, name)
+    win.tabs.setCurrentWidget(page)
+    qtbot.waitExposed(win)
+    hint = page.minimumSizeHint()
+    assert hint.width() <= PAGE_LIMIT[0] and hint.height() <= PAGE_LIMIT[1], (name, hint)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the Annotate page's own minimum width (its label view and session form side by side, 1145 px here) is "
+    "being reworked with that page (issue 20); every other page fits (test_each_page_fits_a_small_screen)",
+)
+def test_the_window_fits_1024_by_700_with_every_page_shown(make_window, qtbot):
+    win = make_window({})
+    win.setup_page.advanced_toggle.setChecked(True)
+    win.show()
+    qtbot.waitExposed(win)
+    for i in range(win.tabs.count()):
+        win.tabs.setCurrentIndex(i)
+        hint = win.minimumSizeHint()
+        assert hint.width() <= SCREEN_1024[0] and hint.height() <= SCREEN_1024[1], (win.tabs.tabText(i), hint)
+    win.resize(*SCREEN_1024)
+    assert (win.width(), win.height()) == SCREEN_1024
+
+
+def test_a_row_of_buttons_wraps_in_a_narrow_window(qtbot):
+    from PySide6.QtWidgets import QPushButton, QVBoxLayout
+
+    from finetune_studio.studio.widgets.flow_layout import FlowLayout
+
+    holder = QWidget()
+    qtbot.addWidget(holder)
+    row_widget = QWidget(holder)
+    row = FlowLayout(row_widget)
+    buttons = [QPushButton(f"A button called {i}", row_widget) for i in range(6)]
+    for b in buttons:
+        row.addWidget(b)
+    QVBoxLayout(holder).addWidget(row_widget)
+    one_row = sum(b.sizeHint().width() for b in buttons)
+    assert holder.minimumSizeHint().width() < one_row / 3  # no longer the whole row's width
+    holder.resize(one_row + 200, 200)
+    holder.show()
+    qtbot.waitExposed(holder)
+    assert len({b.y() for b in buttons}) == 1
+    holder.resize(one_row // 2, 200)
+    qtbot.waitUntil(lambda: len({b.y() for b in buttons}) > 1, timeout=2000)
+    assert all(b.geometry().right() <= row_widget.width() for b in buttons)
+    assert row_widget.height() >= max(b.geometry().bottom() for b in buttons)  # the rows below are not cut off
