@@ -9,6 +9,7 @@ from PySide6.QtWidgets import QMainWindow, QMessageBox, QTabWidget
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.protocol.events import ExportResult
 from finetune_studio.core.store import Store
+from finetune_studio.studio import probe
 from finetune_studio.studio.pages.annotate.page import AnnotatePage
 from finetune_studio.studio.pages.compare_page import ComparePage
 from finetune_studio.studio.pages.runs_page import RunsPage
@@ -75,6 +76,7 @@ class MainWindow(QMainWindow):
         self.controller.run_ended.connect(self._run_ended)
         self._shortcuts()
         self._restore()
+        probe.install(self)  # the end-to-end tests' read-only view (off unless they ask for it)
         self.statusBar().showMessage("Ready.", 3000)
         QTimer.singleShot(0, self._find_live_run)
         QTimer.singleShot(0, self.setup_page.model_panel.resolve)
@@ -82,8 +84,12 @@ class MainWindow(QMainWindow):
 
     # --- set-up ---------------------------------------------------------------------
     def _shortcuts(self) -> None:
+        # Start belongs to Set up and Train: elsewhere Ctrl+Return is the page's own (Annotate saves an edit with it).
+        self.start_shortcuts = [
+            QShortcut(QKeySequence(key), self, activated=self.setup_page.request_start)  # type: ignore[call-overload]
+            for key in ("Ctrl+Return", "Ctrl+Enter")
+        ]
         for keys, slot in (
-            (("Ctrl+Return", "Ctrl+Enter"), self.setup_page.request_start),
             (("Ctrl+.",), self.stop_run),
             (("Ctrl+1",), lambda: self.tabs.setCurrentIndex(SETUP)),
             (("Ctrl+2",), lambda: self.tabs.setCurrentIndex(TRAIN)),
@@ -114,6 +120,8 @@ class MainWindow(QMainWindow):
         self.settings.save()
 
     def _page_changed(self, index: int) -> None:
+        for shortcut in self.start_shortcuts:
+            shortcut.setEnabled(index in (SETUP, TRAIN))
         if index == RUNS:
             self.runs_page.refresh()
         elif index == ANNOTATE:

@@ -202,7 +202,7 @@ def test_killed_worker_is_reported_and_the_next_request_recovers(qtbot, make_pag
 
 
 def test_adapter_side_and_train_dpo_in_one_click(qtbot, make_window, tiny_model_dir, tmp_path):
-    from test_generation_worker import _adapter_dir
+    from test_studio_compare import _adapter_dir  # the engine tests' adapter maker
 
     from finetune_studio.studio.main_window import ANNOTATE, SETUP
 

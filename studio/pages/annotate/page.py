@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import cast
 
-from PySide6.QtCore import QProcess, Qt, Signal
+from PySide6.QtCore import QEvent, QProcess, Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -76,15 +76,27 @@ def word_diff_html(left: str, right: str) -> tuple[str, str]:
     return wrap.format("".join(out_a)), wrap.format("".join(out_b))
 
 
+def _is_save(event) -> bool:
+    return event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and bool(
+        event.modifiers() & Qt.KeyboardModifier.ControlModifier
+    )
+
+
 class EditBox(QPlainTextEdit):
+    """The edit / ranking box: Ctrl+Return saves, Esc cancels. Both keys are the box's own while it has focus: it
+    claims them before any window-wide shortcut (Start training is Ctrl+Return on Set up) can take them."""
+
     saved = Signal(str)
     cancelled = Signal()
 
+    def event(self, event) -> bool:
+        if event.type() == QEvent.Type.ShortcutOverride and (_is_save(event) or event.key() == Qt.Key.Key_Escape):
+            event.accept()
+            return True
+        return super().event(event)
+
     def keyPressEvent(self, event) -> None:
-        if (
-            event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
-            and event.modifiers() & Qt.KeyboardModifier.ControlModifier
-        ):
+        if _is_save(event):
             self.saved.emit(self.toPlainText())
         elif event.key() == Qt.Key.Key_Escape:
             self.cancelled.emit()
@@ -105,6 +117,7 @@ class LabelView(QWidget):
         self.prompt.setWordWrap(True)
         self.prompt.setObjectName("labelPrompt")
         self.position = QLabel(self)
+        self.position.setObjectName("labelPosition")
         self.heads = [QLabel(self), QLabel(self)]
         self.answers = [QTextEdit(self), QTextEdit(self)]
         for view in self.answers:
@@ -118,8 +131,26 @@ class LabelView(QWidget):
         right_bar.valueChanged.connect(left_bar.setValue)
         self.decision = QLabel(self)
         self.decision.setObjectName("labelDecision")
-        self.edit_box = EditBox(self)
-        self.edit_box.hide()
+        self.edit_panel = QWidget(self)
+        self.edit_box = EditBox(self.edit_panel)
+        self.edit_box.setObjectName("editBox")
+        self.edit_hint = QLabel(self.edit_panel)
+        self.edit_hint.setWordWrap(True)
+        self.save_button = QPushButton("Save (Ctrl+Return)", self.edit_panel)
+        self.save_button.setObjectName("editSave")
+        self.save_button.clicked.connect(lambda: self.edit_box.saved.emit(self.edit_box.toPlainText()))
+        self.cancel_button = QPushButton("Cancel (Esc)", self.edit_panel)
+        self.cancel_button.setObjectName("editCancel")
+        self.cancel_button.clicked.connect(self.edit_box.cancelled.emit)
+        edit_row = QHBoxLayout()
+        edit_row.addWidget(self.edit_hint, 1)
+        edit_row.addWidget(self.save_button)
+        edit_row.addWidget(self.cancel_button)
+        edit_col = QVBoxLayout(self.edit_panel)
+        edit_col.setContentsMargins(0, 0, 0, 0)
+        edit_col.addWidget(self.edit_box)
+        edit_col.addLayout(edit_row)
+        self.edit_panel.hide()
         self.keys = QLabel(KEYS_TEXT, self)
         self.keys.setWordWrap(True)
         self.keys.setObjectName("labelKeys")
@@ -131,7 +162,7 @@ class LabelView(QWidget):
         layout.addWidget(self.position)
         layout.addWidget(self.prompt)
         layout.addLayout(grid, 1)
-        layout.addWidget(self.edit_box)
+        layout.addWidget(self.edit_panel)
         layout.addWidget(self.decision)
         layout.addWidget(self.keys)
 
@@ -270,18 +301,22 @@ class AnnotatePage(QWidget):
     def _build(self) -> None:
         setup = QWidget(self)
         self.session_name = QLineEdit("session-1", setup)
+        self.session_name.setObjectName("sessionName")
         self.sessions = QComboBox(setup)
         self.sessions.setToolTip("Reopen an earlier session: it continues where it stopped")
         self.open_button = QPushButton("Open", setup)
         self.open_button.clicked.connect(lambda: self.open_session(self.sessions.currentText()))
         self.model = QLineEdit(setup)
+        self.model.setObjectName("sessionModel")
         self.model.setPlaceholderText("default")
         self.prompts = QPlainTextEdit(setup)
+        self.prompts.setObjectName("sessionPrompts")
         self.prompts.setPlaceholderText("Prompts, one per line (or JSONL rows); answers are not needed")
         self.load_prompts_button = QPushButton("Prompts from a dataset…", setup)
         self.load_prompts_button.clicked.connect(self._choose_prompts_file)
         self.side_a, self.side_b = SideBox("Side A", 1, setup), SideBox("Side B", 2, setup)
         self.pairs_per_prompt = QSpinBox(setup)
+        self.pairs_per_prompt.setObjectName("pairsPerPrompt")
         self.pairs_per_prompt.setRange(1, 3)
         self.pairs_per_prompt.setSuffix(" pair(s)")
         self.pairs_per_prompt.setToolTip("Pairs per prompt: 1 to 3 (2 to 6 candidates, half from each side)")
@@ -294,9 +329,11 @@ class AnnotatePage(QWidget):
         self.top_p.setSingleStep(0.05)
         self.top_p.setValue(0.95)
         self.max_new_tokens = QSpinBox(setup)
+        self.max_new_tokens.setObjectName("maxNewTokens")
         self.max_new_tokens.setRange(1, 4096)
         self.max_new_tokens.setValue(128)
         self.annotator = QLineEdit(setup)
+        self.annotator.setObjectName("annotatorName")
         self.annotator.setPlaceholderText("your name (optional)")
         self.generate_button = QPushButton("Generate", setup)
         self.generate_button.setObjectName("generateButton")
@@ -352,6 +389,7 @@ class AnnotatePage(QWidget):
         self.export_format = QComboBox(right)
         self.export_format.addItems(EXPORT_FORMATS)
         self.export_button = QPushButton("Export pairs…", right)
+        self.export_button.setObjectName("exportPairsButton")
         self.export_button.clicked.connect(self.export)
         self.import_button = QPushButton("Import pairs…", right)
         self.import_button.setToolTip("Add the pairs of a preference file (TRL, HH, UltraFeedback, ...) to the store")
@@ -609,8 +647,9 @@ class AnnotatePage(QWidget):
         self.editing = side
         box = self.label_view.edit_box
         box.setPlainText(self.store.preferences.candidate(item.left if side == "left" else item.right)["text"])
-        box.show()
+        self.label_view.edit_panel.show()
         box.setFocus()
+        self.label_view.edit_hint.setText(f"Editing the {side} answer: the edit becomes chosen, the original rejected.")
         self.label_view.decision.setText(
             f"Editing the {side} answer: Ctrl+Return saves (it becomes chosen), Esc cancels"
         )
@@ -627,8 +666,9 @@ class AnnotatePage(QWidget):
         box = self.label_view.edit_box
         box.setPlainText("\n".join(lines) + "\n\norder, best first: ")
         box.moveCursor(box.textCursor().MoveOperation.End)
-        box.show()
+        self.label_view.edit_panel.show()
         box.setFocus()
+        self.label_view.edit_hint.setText(f"Ranking {len(ids)} answers: their numbers, best first.")
         self.label_view.decision.setText(
             f"Ranking {len(ids)} answers: type their numbers best first after 'order' (e.g. 2 1 3), Ctrl+Return saves "
             f"({len(ids) * (len(ids) - 1) // 2} comparisons), Esc cancels"
@@ -665,7 +705,7 @@ class AnnotatePage(QWidget):
 
     def _close_edit(self) -> None:
         self.editing = ""
-        self.label_view.edit_box.hide()
+        self.label_view.edit_panel.hide()
         self.label_view.setFocus()
         self._refresh_label()
 
