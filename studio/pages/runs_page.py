@@ -30,7 +30,7 @@ from finetune_studio.core.store import Store
 from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
 from finetune_studio.studio.widgets.flow_layout import FlowLayout
-from finetune_studio.studio.widgets.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel
+from finetune_studio.studio.widgets.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel, earlier_sessions
 from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
@@ -168,7 +168,7 @@ class RunsPage(QWidget):
     def refresh(self) -> None:
         selected = set(self.selected_ids())
         first = not self.model.runs
-        self.model.set_runs(self.store.list_runs())
+        self.model.set_runs(self.store.list_runs(), earlier_sessions(self.store))
         if first and self.model.runs:
             self.table.resizeColumnsToContents()
             for col in range(self.model.columnCount()):

@@ -90,6 +90,8 @@ class RunState(Observable):
         self._ema.reset()
         self.log.clear()
         self._rate_marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=50)
+        self._session_elapsed = 0.0  # the engine's elapsed_s in the current session (it starts at 0 on a resume)
+        self._earlier_sessions_s = 0.0  # training time of the sessions before a resume
         for topic in ("status", "metrics", "log", "progress", "info", "samples"):
             self.notify(topic)
 
@@ -188,13 +190,26 @@ class RunState(Observable):
         if self.train.n and step <= cast(float, self.train.last("step")):
             self._truncate_after(step - 1)  # a resume re-trains these steps
         smooth = self._ema.update(row.get("loss"))
+        elapsed = self._total_elapsed(row.get("elapsed_s"))
+        row = dict(row, elapsed_s=elapsed)
         self.train.append(**{k: row.get(k) for k in TRAIN_COLUMNS if k != "loss_smooth"}, loss_smooth=smooth)
         self.step = step
         if row.get("total_steps"):
             self.info.total_steps = int(row["total_steps"])
-        elapsed = row.get("elapsed_s")
-        self.elapsed_s = float(elapsed) if elapsed else self.elapsed_s
-        self._rate_marks.append((step, self.elapsed_s if elapsed else time.monotonic()))
+        self.elapsed_s = elapsed if elapsed is not None else self.elapsed_s
+        self._rate_marks.append((step, self.elapsed_s if elapsed is not None else time.monotonic()))
+
+    def _total_elapsed(self, elapsed) -> float | None:
+        """The run's training time at a step whose ``elapsed_s`` the engine counts from the start of its session: a
+        resumed run starts again at 0, so the earlier sessions' time is added and the time goes on across a resume.
+        None when the step has no time."""
+        if not elapsed:
+            return None
+        elapsed = float(elapsed)
+        if elapsed < self._session_elapsed:  # a new session (a resume)
+            self._earlier_sessions_s += self._session_elapsed
+        self._session_elapsed = elapsed
+        return self._earlier_sessions_s + elapsed
 
     def _truncate_after(self, step: int) -> None:
         """Drop the steps after ``step`` and rewind the smoothing to the kept ones, so that the re-trained steps
@@ -210,6 +225,7 @@ class RunState(Observable):
             self._truncate_after(int(train_rows[0]["step"]) - 1)
         if train_rows:
             smooth = [self._ema.update(r.get("loss")) for r in train_rows]
+            train_rows = [dict(r, elapsed_s=self._total_elapsed(r.get("elapsed_s"))) for r in train_rows]
             self.train.extend([dict(r, loss_smooth=v) for r, v in zip(train_rows, smooth)])
             last = train_rows[-1]
             self.step = int(last["step"])

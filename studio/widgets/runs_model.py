@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import cast
@@ -31,10 +32,36 @@ SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 2
 
 
-def duration(run: dict) -> float | None:
+def duration(run: dict, earlier_s: float = 0.0) -> float | None:
+    """How long the run has trained: its earlier sessions' training time (``earlier_s``, when it was resumed) and
+    its last session's, from that session's start to its end, or to now while it trains (the end time a resumed
+    run still carries is its previous session's)."""
     start = run.get("started_at") or run.get("created_at")
-    end = run.get("finished_at") or (time.time() if run.get("status") == "running" else run.get("updated_at"))
-    return (end - start) if start and end else None
+    if run.get("status") == "running":
+        end = time.time()
+    else:
+        finished = run.get("finished_at")
+        end = finished if finished and start and finished >= start else run.get("updated_at")
+    if not start or not end or end < start:
+        return earlier_s or None
+    return earlier_s + (end - start)
+
+
+EARLIER_SESSIONS_SQL = """
+SELECT run_id, SUM(elapsed_s) FROM (
+    SELECT run_id, elapsed_s, LEAD(elapsed_s) OVER (PARTITION BY run_id ORDER BY step) AS next_elapsed
+    FROM metrics WHERE kind = 'train' AND elapsed_s IS NOT NULL
+) WHERE next_elapsed < elapsed_s GROUP BY run_id
+"""
+
+
+def earlier_sessions(store) -> dict[str, float]:
+    """Run id -> the training time of its sessions before the last one (a resume starts the engine's step time
+    again at 0, so a session ends at a step whose next step has a smaller time); runs never resumed are absent."""
+    try:
+        return {run_id: float(total) for run_id, total in store.db.execute(EARLIER_SESSIONS_SQL).fetchall()}
+    except sqlite3.Error:
+        return {}
 
 
 def memory_error(run: dict) -> float | None:
@@ -69,10 +96,12 @@ class RunsModel(QAbstractTableModel):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.runs: list[dict] = []
+        self.earlier_s: dict[str, float] = {}  # run id -> training time before its last session (resumed runs)
 
-    def set_runs(self, runs: list[dict]) -> None:
+    def set_runs(self, runs: list[dict], earlier_s: dict[str, float] | None = None) -> None:
         self.beginResetModel()
         self.runs = list(runs)
+        self.earlier_s = dict(earlier_s or {})
         self.endResetModel()
 
     def rowCount(self, parent=QModelIndex()) -> int:
@@ -94,7 +123,13 @@ class RunsModel(QAbstractTableModel):
         if role == RUN_ID_ROLE:
             return run["id"]
         if role == SORT_ROLE:
-            value = duration(run) if key == "duration" else memory_error(run) if key == "memory_error" else run.get(key)
+            value = (
+                duration(run, self.earlier_s.get(run["id"], 0.0))
+                if key == "duration"
+                else memory_error(run)
+                if key == "memory_error"
+                else run.get(key)
+            )
             return -1e300 if value is None else value if isinstance(value, (int, float)) else str(value).lower()
         if role == Qt.ItemDataRole.ToolTipRole:
             if key in ("model", "dataset"):
@@ -108,7 +143,7 @@ class RunsModel(QAbstractTableModel):
             return None
         value = run.get(key)
         if key == "duration":
-            return format_duration(duration(run))
+            return format_duration(duration(run, self.earlier_s.get(run["id"], 0.0)))
         if key in ("model", "dataset"):
             return Path(value).name if value and value != "default" else (value or "")
         if key in ("final_loss", "eval_loss"):

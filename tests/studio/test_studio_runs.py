@@ -291,3 +291,48 @@ def test_slurm_dialog_gives_the_options_it_shows(qtbot):
     dialog.partition.setText(" a100 ")
     dialog.home.setText("/shared/studio")
     assert dialog.options() == SlurmOptions(4, 2, "24:00:00", "a100", "/shared/studio")
+
+
+def two_sessions(store: Store, status: str) -> str:
+    """A run trained 10 steps in 100 s, stopped, then resumed from step 10 (the engine's step time starts again at 0)
+    for 5 steps in 20 s; its finished_at is still the first session's."""
+    import os
+    import time
+
+    from finetune_studio.core.store import process_start
+
+    run_id = store.create_run({"model": "m", "max_steps": 20}, run_id="resumed", name="resumed")
+    for s in range(1, 11):
+        store.add_metrics(run_id, "train", s, {"loss": 1.0, "elapsed_s": 10.0 * s})
+    for s in range(11, 16):
+        store.add_metrics(run_id, "train", s, {"loss": 1.0, "elapsed_s": 4.0 * (s - 10)})
+    start = time.time() - 30
+    alive = {"pid": os.getpid(), "pid_start": process_start(os.getpid())} if status == "running" else {}
+    store.update_run(run_id, status=status, started_at=start, finished_at=start - 500, step=15, **alive)
+    return run_id
+
+
+@pytest.mark.parametrize("status", ["running", "interrupted"])
+def test_a_resumed_runs_duration_adds_its_sessions_and_is_never_negative(qtbot, status):
+    from finetune_studio.studio.widgets.runs_model import COLUMNS, RunsModel, earlier_sessions
+
+    store = Store()
+    run_id = two_sessions(store, status)
+    assert earlier_sessions(store) == {run_id: 100.0}  # the first session's time at its last step
+    model = RunsModel()
+    model.set_runs(store.list_runs(), earlier_sessions(store))
+    column = [key for key, _ in COLUMNS].index("duration")
+    text = model.data(model.index(0, column))
+    minutes, seconds = (int(x) for x in text.split(":"))
+    total = 60 * minutes + seconds
+    # 100 s before the resume, then this session's 30 s: up to now while it trains, else up to its last update
+    # (the database sets updated_at when the row was last written, here now)
+    assert 129 <= total <= 140, text
+
+
+def test_a_run_never_resumed_has_no_earlier_sessions(qtbot):
+    from finetune_studio.studio.widgets.runs_model import earlier_sessions
+
+    store = Store()
+    seed(store)
+    assert earlier_sessions(store) == {}

@@ -203,3 +203,50 @@ def test_close_and_continue_then_the_next_start_follows(qtbot, window, make_wind
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def _step(i: int, elapsed: float, total: int = 40):
+    from finetune_studio.core.protocol.events import Step
+
+    return Step(
+        step=i,
+        total_steps=total,
+        loss=1.0,
+        lr=1e-4,
+        grad_norm=1.0,
+        tokens_per_s=100.0,
+        memory_used_bytes=1,
+        memory_peak_bytes=1,
+        elapsed_s=elapsed,
+    )
+
+
+def test_elapsed_time_goes_on_across_a_resume_and_the_eta_stays_right():
+    """The engine counts a session's time from 0: after a resume the elapsed time continues and the time left comes
+    from the step rate (1 step per 2 s), not from a clock that went back."""
+    from finetune_studio.core.protocol.events import Started
+    from finetune_studio.studio.state.run import RunState
+
+    st = RunState()
+    st.apply(Started(run_id="r", run_dir="/tmp/r", total_steps=40))
+    for i in range(1, 21):
+        st.apply(_step(i, 2.0 * i))
+    assert st.elapsed_s == 40.0
+    st.apply(Started(run_id="r", run_dir="/tmp/r", total_steps=40, resumed_from_step=20))
+    for i in range(21, 26):
+        st.apply(_step(i, 2.0 * (i - 20)))  # the new session's clock
+    assert st.elapsed_s == 50.0
+    assert list(st.train.column("elapsed_s"))[-6:] == [40.0, 42.0, 44.0, 46.0, 48.0, 50.0]
+    assert st.eta_s() == pytest.approx(2.0 * 15)
+
+
+def test_elapsed_time_of_a_resumed_run_read_from_the_database_goes_on():
+    from finetune_studio.studio.state.run import RunState
+
+    st = RunState()
+    rows = [{"step": i, "loss": 1.0, "elapsed_s": 3.0 * i} for i in range(1, 11)]
+    rows += [{"step": i, "loss": 1.0, "elapsed_s": 3.0 * (i - 10)} for i in range(11, 14)]
+    st.load_history(rows, [])
+    assert st.elapsed_s == 39.0
+    st.apply(_step(14, 12.0))  # the followed run's next step
+    assert st.elapsed_s == 42.0
