@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from finetune_studio.core.model_folder import describe_folder
 from finetune_studio.core.model_spec import (
     CONVERTED_MARK,
     DEFAULT_MODEL_NAME,  # noqa: F401 - still importable from here
@@ -292,33 +293,6 @@ def _keep_4bit_inference_in_compute_dtype(model, dtype) -> None:
 
 
 def describe(folder: Path, name: str = "") -> ModelReady:
-    """Shape facts from config.json (pure JSON) and the weight files, for the studio's model panel."""
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    text = cfg.get("text_config", cfg)
-    params = _parameter_count(folder)
-    return ModelReady(
-        name=name or folder.name,
-        path=str(folder),
-        architecture=(cfg.get("architectures") or [""])[0],
-        parameters=params,
-        layers=int(text.get("num_hidden_layers", 0)),
-        hidden_size=int(text.get("hidden_size", 0)),
-        vocab_size=int(text.get("vocab_size", 0)),
-        context_length=int(text.get("max_position_embeddings", 0)),
-        dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or ""),
-    )
-
-
-def _parameter_count(folder: Path) -> int:
-    """Count parameters from safetensors headers without loading tensors (a tied head is stored once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="numpy") as st:
-            for key in st.keys():
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= d
-                total += n
-    return total
+    """Shape facts from config.json and the weight files' headers, for the studio's model panel (the description the
+    studio reads itself for a local folder: ``core.model_folder``)."""
+    return describe_folder(folder, name)

@@ -15,12 +15,12 @@ import os
 
 import torch
 
-# (kernel, device kind) -> the implementation measured faster there; a device kind is ``torch.device.type``
-# plus, for CUDA, the GPU's name as ``torch.cuda.get_device_name`` gives it (e.g. "cuda:NVIDIA H200").
-# Add a row only with the figures from benchmarks/kernels_bench.py in benchmarks/RESULTS.md.
-# ("dora_norm", "cpu") -> "chunked": the chunked PyTorch norm against peft's (which builds B @ A and W + s B A),
-# a whole DoRA SFT step of SmolLM2-135M on the 2-core AVX-512 BF16 CPU (benchmarks/step_ab.py, one thread,
-# bf16-mixed): 3.1 against 3.6 CPU s per step, the same losses.
+# (kernel, device kind) -> the implementation measured faster there, for the ops' own ``impl='auto'``; a device kind
+# is ``torch.device.type`` plus, for CUDA, the GPU's name as ``torch.cuda.get_device_name`` gives it (e.g.
+# "cuda:NVIDIA H200"). A run's choice (config ``kernels``) follows ``core.kernel_choice.MEASURED_FASTER``, which the
+# memory estimate reads too: this package may not import core, so the rows are written here as well and a test
+# (tests/kernels/test_kernels_dora_norm.py) keeps the two equal. Add a row to both only with the figures from
+# benchmarks/kernels_bench.py in benchmarks/RESULTS.md (the measurement behind each row is noted in core's).
 MEASURED_FASTER: dict[tuple[str, str], str] = {("dora_norm", "cpu"): "chunked"}
 
 

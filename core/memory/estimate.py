@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_studio.core import kernel_choice
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.model_spec import SpecKind, cached_snapshot, parse_spec
@@ -484,9 +485,10 @@ def fuses_dora_output(config: TrainConfig) -> bool:
 
 
 def chunked_dora_norm(config: TrainConfig, device_kind: str) -> bool:
-    """DoRA's weight norm without the dense ``B @ A``: ``kernels: auto`` on the CPU (the chunked norm,
-    ``kernels.selection.MEASURED_FASTER``) or ``kernels: triton``; elsewhere peft's norm builds it."""
-    return config.uses_dora and (config.kernels == "triton" or (config.kernels == "auto" and device_kind == "cpu"))
+    """DoRA's weight norm without the dense ``B @ A``: where the kernel wiring routes it through ``dora_weight_norm``
+    (``core.kernel_choice.dora_norm_impl``: ``kernels: auto`` where the chunked norm was measured faster, the CPU,
+    or ``kernels: triton``); elsewhere peft's norm builds it."""
+    return config.uses_dora and kernel_choice.dora_norm_impl(config.kernels, device_kind) is not None
 
 
 def uses_fused_ops(shape: ModelShape, config: TrainConfig) -> bool:

@@ -27,7 +27,8 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from finetune_studio.core.protocol.events import ProtocolError, load_message
+from finetune_studio.core.protocol.events import ProtocolError as ProtocolError  # this protocol's errors too
+from finetune_studio.core.protocol.events import load_message
 
 PROTOCOL_VERSION = 1
 

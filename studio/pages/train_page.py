@@ -181,7 +181,7 @@ class TrainPage(QWidget):
         text = st.message
         if st.status == "failed" and text:
             kind = {"oom": "Out of memory", "config": "Settings", "data": "Dataset", "model": "Model"}.get(
-                st.message_kind, "The run failed"
+                st.message_kind or "", "The run failed"
             )
             text = f"<b>{kind}:</b> {_html(text)}"
         else:

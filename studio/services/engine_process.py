@@ -12,12 +12,22 @@ import collections
 import os
 import signal
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
 from finetune_studio.core.paths import python_argv
-from finetune_studio.core.protocol.events import Event, Failed, Finished, ProtocolError, Started, parse_event
+from finetune_studio.core.protocol.events import (
+    Event,
+    Failed,
+    FailureKind,
+    Finished,
+    ProtocolError,
+    Started,
+    parse_event,
+)
+from finetune_studio.core.run_status import RunStatus, parse_status
 from finetune_studio.studio.services import relay
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -35,19 +45,43 @@ def engine_environment() -> QProcessEnvironment:
     return env
 
 
+class OutcomeStatus(StrEnum):
+    """How a run's process ended, as the app saw it."""
+
+    COMPLETED = "completed"  # trained to the end (the engine said so)
+    STOPPED = "stopped"  # stopped on request after a checkpoint
+    FAILED = "failed"  # the engine said why (a ``failed`` event)
+    CRASHED = "crashed"  # it ended without saying how the run ended (a signal, a crash)
+    NOT_STARTED = "not_started"  # the engine could not be started
+    DETACHED = "detached"  # it goes on without the app
+    INTERRUPTED = "interrupted"  # a followed run's process vanished (the database says so)
+
+    @classmethod
+    def of_run(cls, status: str | RunStatus | None) -> OutcomeStatus:
+        """The outcome of a followed run whose stored status is ``status`` (no longer running)."""
+        run_status = parse_status(status)
+        if run_status in (RunStatus.COMPLETED, RunStatus.STOPPED, RunStatus.FAILED):
+            return cls(run_status.value)
+        return cls.INTERRUPTED
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """How a child ended. status: completed | stopped | failed | crashed | not_started | detached."""
+    """How a run ended: a child of ours, or a run the app followed in the database."""
 
-    status: str
+    status: OutcomeStatus
     message: str = ""
-    kind: str = ""  # for failed: the engine's kind (config, data, model, oom, error)
+    kind: FailureKind | None = None  # for failed and crashed: what kind of problem (the engine's, or ERROR)
     exit_code: int | None = None
     run_id: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", OutcomeStatus(self.status))
+        object.__setattr__(self, "kind", FailureKind.parse(self.kind) if self.kind else None)
+
     @property
     def ok(self) -> bool:
-        return self.status in ("completed", "stopped", "detached")
+        return self.status in (OutcomeStatus.COMPLETED, OutcomeStatus.STOPPED, OutcomeStatus.DETACHED)
 
 
 class EngineProcess(QObject):
@@ -57,7 +91,7 @@ class EngineProcess(QObject):
     started_run = Signal(object)  # Started
     log = Signal(str, str)  # level ("stderr", "info", "warning", ...), text
     protocol_error = Signal(str)
-    ended = Signal(object)  # Outcome
+    ended = Signal(Outcome)
 
     def __init__(self, parent: QObject | None = None, *, stderr_tail: int = 40):
         super().__init__(parent)
@@ -174,7 +208,8 @@ class EngineProcess(QObject):
     def _on_error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.ProcessError.FailedToStart:
             assert self._proc is not None
-            self._finish(Outcome("not_started", f"The engine could not be started: {self._proc.errorString()}"))
+            why = f"The engine could not be started: {self._proc.errorString()}"
+            self._finish(Outcome(OutcomeStatus.NOT_STARTED, why))
 
     def _on_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
         self._on_stdout()
@@ -189,29 +224,30 @@ class EngineProcess(QObject):
     def _judge(self, code: int, status: QProcess.ExitStatus) -> Outcome:
         term = self._terminal
         if self._detach_requested and term is None:
-            return Outcome("detached", "The run goes on in the background.", exit_code=code, run_id=self.run_id)
+            return Outcome(
+                OutcomeStatus.DETACHED, "The run goes on in the background.", exit_code=code, run_id=self.run_id
+            )
         if isinstance(term, Failed):
-            return Outcome("failed", term.message, term.kind, code, self.run_id)
+            return Outcome(OutcomeStatus.FAILED, term.message, term.kind, code, self.run_id)
         if isinstance(term, Finished):
-            return Outcome(term.status, "", "", code, self.run_id)
+            return Outcome(OutcomeStatus(term.status.value), "", None, code, self.run_id)
         tail = "\n".join(list(self._stderr_tail)[-8:])
         if code == relay.NOT_STARTED and self.events_seen == 0:
-            return Outcome(
-                "not_started", "The engine could not be started." + (f"\n{tail}" if tail else ""), exit_code=code
-            )
+            why = "The engine could not be started." + (f"\n{tail}" if tail else "")
+            return Outcome(OutcomeStatus.NOT_STARTED, why, exit_code=code)
         if status == QProcess.ExitStatus.CrashExit or code > 128:
             sig = code - 128 if code > 128 else None
             why = " (killed; often the system ran out of memory)" if sig == 9 and not self._stop_requested else ""
             msg = f"The engine was ended by signal {sig}{why}." if sig else "The engine crashed."
         elif self._stop_requested and code == 0:
-            return Outcome("stopped", "", "", code, self.run_id)
+            return Outcome(OutcomeStatus.STOPPED, "", None, code, self.run_id)
         elif self.events_seen == 0:
             msg = f"The engine exited (code {code}) before it reported anything."
         else:
             msg = f"The engine exited unexpectedly (code {code}) without saying how the run ended."
         if tail:
             msg += f"\nLast output:\n{tail}"
-        return Outcome("crashed", msg, "error", code, self.run_id)
+        return Outcome(OutcomeStatus.CRASHED, msg, FailureKind.ERROR, code, self.run_id)
 
     def _finish(self, outcome: Outcome) -> None:
         if self.outcome is not None:

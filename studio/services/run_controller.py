@@ -16,11 +16,11 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from finetune_studio.core import paths
 from finetune_studio.core.config import TrainConfig
-from finetune_studio.core.protocol.events import Started, Step
+from finetune_studio.core.protocol.events import FailureKind, Started, Step
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import Store, signal_process
-from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, engine_command
-from finetune_studio.studio.state.run import MemoryEstimate, MemoryState, RunState
+from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, OutcomeStatus, engine_command
+from finetune_studio.studio.state.run import EstimateView, MemoryState, RunPhase, RunState
 
 FOLLOW_MS = 1000
 
@@ -31,7 +31,7 @@ def train_args(config_path: str, processes: int = 1) -> list[str]:
 
 
 class RunController(QObject):
-    run_ended = Signal(object)  # Outcome, or the final status string of a followed run
+    run_ended = Signal(Outcome)  # how our child, or a followed run, ended
     run_started = Signal(str)  # run id
 
     def __init__(self, state: RunState, memory: MemoryState, store: Store | None = None, parent: QObject | None = None):
@@ -82,13 +82,13 @@ class RunController(QObject):
         if run:
             self._load_run_row(run)
             self._load_history(run_id)
-        self.state.set_status("starting")
+        self.state.set_status(RunPhase.STARTING)
         self.state.add_log(f"Resuming run {run_id}")
         self.proc.start(self.engine_argv("train", "--resume", run_id))
 
     def _begin(self, config: dict, name: str) -> None:
         self.follow_timer.stop()
-        self.state.reset("starting")
+        self.state.reset(RunPhase.STARTING)
         self.state.info.config, self.state.info.name = config, name
         self.memory.set_live(0, 0)
         self.state.notify("info")
@@ -104,7 +104,7 @@ class RunController(QObject):
                 return
         else:
             return
-        self.state.set_status("stopping", "Stopping: the engine saves a checkpoint, then exits.")
+        self.state.set_status(RunPhase.STOPPING, "Stopping: the engine saves a checkpoint, then exits.")
 
     def detach(self) -> None:
         """Let our child go on training after the app closes."""
@@ -112,9 +112,9 @@ class RunController(QObject):
 
     # --- events from our child -----------------------------------------------------------
     def _on_event(self, event) -> None:
-        if self.state.status == "stopping" and isinstance(event, (Step, Started)):
+        if self.state.status == RunPhase.STOPPING and isinstance(event, (Step, Started)):
             self.state.apply(event)
-            self.state.status = "stopping"
+            self.state.status = RunPhase.STOPPING
         else:
             self.state.apply(event)
         if isinstance(event, Step):
@@ -129,42 +129,40 @@ class RunController(QObject):
     def _on_ended(self, outcome: Outcome) -> None:
         outcome = self._reconciled(outcome)
         st = self.state
-        if outcome.status == "detached":
-            st.set_status("running", "The run goes on in the background; reopen the app to follow it.")
-        elif outcome.status in ("completed", "stopped"):
-            if st.status not in ("completed", "stopped"):
+        if outcome.status == OutcomeStatus.DETACHED:
+            st.set_status(RunPhase.RUNNING, "The run goes on in the background; reopen the app to follow it.")
+        elif outcome.status in (OutcomeStatus.COMPLETED, OutcomeStatus.STOPPED):
+            if st.status not in (RunPhase.COMPLETED, RunPhase.STOPPED):
                 st.set_status(
-                    outcome.status,
+                    RunPhase(outcome.status.value),
                     "Training complete."
-                    if outcome.status == "completed"
+                    if outcome.status == OutcomeStatus.COMPLETED
                     else "Stopped; the run can be resumed from its last checkpoint.",
                 )
-        elif outcome.status == "failed":
-            st.set_status("failed", outcome.message, outcome.kind)
-        else:
-            st.set_status("failed", outcome.message, outcome.status)
-        if outcome.message and outcome.status not in ("completed", "stopped", "detached"):
+        else:  # failed, crashed, not started
+            st.set_status(RunPhase.FAILED, outcome.message, outcome.kind or FailureKind.ERROR)
+        if outcome.message and not outcome.ok:
             st.add_log(outcome.message)
         self.run_ended.emit(outcome)
 
     def _reconciled(self, outcome: Outcome) -> Outcome:
         """The database is written before the ``finished`` event: a child killed in between has ended its run
         (the database says so) without saying it on stdout. Believe the database then."""
-        if outcome.status != "crashed" or not outcome.run_id:
+        if outcome.status != OutcomeStatus.CRASHED or not outcome.run_id:
             return outcome
         try:
             run = self.store.get_run(outcome.run_id)
         except Exception:  # a damaged database: keep the crash report
             return outcome
-        if run and run.get("status") in ("completed", "stopped"):
-            return Outcome(run["status"], "", "", outcome.exit_code, outcome.run_id)
+        if run and run.get("status") in (RunStatus.COMPLETED, RunStatus.STOPPED):
+            return Outcome(OutcomeStatus(run["status"]), "", None, outcome.exit_code, outcome.run_id)
         return outcome
 
     def _budget(self, budget: int, total: int, device: str) -> None:
         est = self.memory.estimate
         if budget or total:
             self.memory.set_estimate(
-                MemoryEstimate(
+                EstimateView(
                     budget or est.total_bytes, est.parts, device or est.device_name, total or est.device_total_bytes, ""
                 )
             )
@@ -186,7 +184,7 @@ class RunController(QObject):
             self.followed_pid = int(run.get("pid") or 0)
             self.followed_start = run.get("pid_start") or ""
             self.state.following = True
-            self.state.set_status("running", "Following a run that trains in the background.")
+            self.state.set_status(RunPhase.RUNNING, "Following a run that trains in the background.")
             self.follow_timer.start()
         else:
             self._final_status(run)
@@ -232,7 +230,10 @@ class RunController(QObject):
             self.follow_timer.stop()
             self.state.following = False
             self._final_status(run)
-            self.run_ended.emit(run.get("status"))
+            ended = OutcomeStatus.of_run(run.get("status"))
+            why = (run.get("error") or "The run failed.") if ended == OutcomeStatus.FAILED else ""
+            kind = FailureKind.parse(run.get("error_kind")) if ended == OutcomeStatus.FAILED else None
+            self.run_ended.emit(Outcome(ended, why, kind, run_id=run_id))
 
     def _final_status(self, run: dict) -> None:
         status = run.get("status") or RunStatus.CREATED
@@ -246,9 +247,10 @@ class RunController(QObject):
             RunStatus.CREATED: "This run never started.",
         }
         if status == RunStatus.FAILED:
-            self.state.set_status("failed", run.get("error") or "The run failed.", run.get("error_kind") or "")
+            kind = FailureKind.parse(run.get("error_kind"))
+            self.state.set_status(RunPhase.FAILED, run.get("error") or "The run failed.", kind)
         else:
-            self.state.set_status(status, messages.get(status, ""))
+            self.state.set_status(RunPhase.of(status), messages.get(status, ""))
 
     def find_live_run(self) -> str | None:
         """A run still training from an earlier session of the app (status running, process alive)."""

@@ -18,7 +18,7 @@ from finetune_studio.core.devices import DeviceInfo, detect_devices
 from finetune_studio.core.memory import estimate as memory
 from finetune_studio.core.protocol.dataset_report import DatasetReport
 from finetune_studio.core.protocol.memory_report import memory_report
-from finetune_studio.studio.state.run import MemoryEstimate
+from finetune_studio.studio.state.run import EstimateView
 
 LABELS = {
     "base_weights": "base weights",
@@ -90,16 +90,16 @@ def estimate(
     device: DeviceInfo | None,
     dataset_info: DatasetReport | None = None,
     processes: int = 1,
-) -> MemoryEstimate:
+) -> EstimateView:
     """The budget of one process; with ``processes`` > 1 (one per GPU), each GPU's share under the config's
     parallelism (``core.memory.parallel``), against ``device`` (one of the GPUs)."""
     if config is None:
-        return MemoryEstimate(note="Fix the settings marked in red to see the memory estimate.")
+        return EstimateView(note="Fix the settings marked in red to see the memory estimate.")
     if device is None:
-        return MemoryEstimate(note="Looking for the training device…")
+        return EstimateView(note="Looking for the training device…")
     shape = model_shape(config.model, model_info)
     if shape is None:
-        return MemoryEstimate(
+        return EstimateView(
             device_name=device.name,
             device_total_bytes=device.available_bytes,
             note="No estimate until the model is known; the engine reports its budget when the run starts.",
@@ -108,12 +108,12 @@ def estimate(
     try:
         report = memory_report(shape, config, device, lengths, counted_params(config, model_info), processes)
     except Exception as exc:
-        return MemoryEstimate(note=f"No estimate for this set-up ({exc}).")
+        return EstimateView(note=f"No estimate for this set-up ({exc}).")
     parts = {LABELS.get(k, k): v for k, v in report.terms.items() if v}
     notes = "; ".join(report.notes)
     change = f" Cheapest change: {report.cheapest_change}." if report.cheapest_change else ""
     each = f" × {processes}, per GPU ({config.parallelism.upper()})" if processes > 1 else ""
-    return MemoryEstimate(
+    return EstimateView(
         report.total_bytes,
         parts,
         device.name + each,

@@ -11,12 +11,14 @@ import collections
 import math
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import cast
 
 from finetune_studio.core.protocol.events import (
     CheckpointSaved,
     Eval,
     Failed,
+    FailureKind,
     Finished,
     Progress,
     Sample,
@@ -41,8 +43,33 @@ TRAIN_COLUMNS = (
     "reward_accuracy",
 )
 EVAL_COLUMNS = ("step", "eval_loss", "reward_margin", "reward_accuracy")
-ACTIVE = ("starting", RunStatus.RUNNING, "stopping")  # the app's own states around a stored one
 LOG_LINES = 5000
+
+
+class RunPhase(StrEnum):
+    """What the app shows a run as: a stored :class:`core.run_status.RunStatus` (the same strings), or one of the
+    app's own states around it (nothing yet, starting, stopping)."""
+
+    IDLE = "idle"  # no run
+    STARTING = "starting"  # the engine is setting up (model, data); no step yet
+    RUNNING = RunStatus.RUNNING.value
+    STOPPING = "stopping"  # asked to stop: the engine saves a checkpoint, then exits
+    CREATED = RunStatus.CREATED.value
+    COMPLETED = RunStatus.COMPLETED.value
+    STOPPED = RunStatus.STOPPED.value
+    FAILED = RunStatus.FAILED.value
+    INTERRUPTED = RunStatus.INTERRUPTED.value
+
+    @classmethod
+    def of(cls, status: str | RunStatus) -> RunPhase:
+        """The phase of a stored run status (a status the app does not know reads as interrupted)."""
+        try:
+            return cls(status)
+        except ValueError:
+            return cls.INTERRUPTED
+
+
+ACTIVE = frozenset({RunPhase.STARTING, RunPhase.RUNNING, RunPhase.STOPPING})  # a process is (about to be) training
 
 
 @dataclass
@@ -69,11 +96,11 @@ class RunState(Observable):
         self.log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
         self.reset()
 
-    def reset(self, status: str = "idle") -> None:
+    def reset(self, status: RunPhase = RunPhase.IDLE) -> None:
         self.info = RunInfo()
         self.status = status
         self.message = ""  # what a person should know (failure reason, how it ended)
-        self.message_kind = ""
+        self.message_kind: FailureKind | None = None  # with a failure: what kind of problem
         self.step = 0
         self.elapsed_s = 0.0
         self.memory_budget_bytes = 0
@@ -115,8 +142,8 @@ class RunState(Observable):
         return max(0.0, (self.info.total_steps - s1) * (t1 - t0) / (s1 - s0))
 
     # --- feeding ------------------------------------------------------------
-    def set_status(self, status: str, message: str = "", kind: str = "") -> None:
-        self.status = status
+    def set_status(self, status: RunPhase | str, message: str = "", kind: FailureKind | None = None) -> None:
+        self.status = RunPhase(status)
         if message or kind:
             self.message, self.message_kind = message, kind
         self.notify("status")
@@ -154,7 +181,7 @@ class RunState(Observable):
             self.eval.truncate_after("step", event.resumed_from_step)
             self.progress = None
             self.notify("info")
-            self.set_status("running")
+            self.set_status(RunPhase.RUNNING)
         elif isinstance(event, Progress):
             self.progress = event
             self.notify("progress")
@@ -169,12 +196,12 @@ class RunState(Observable):
                 self.notify("samples")
             how = (
                 "Training complete."
-                if event.status == "completed"
+                if event.status == RunStatus.COMPLETED
                 else (f"Stopped at step {event.step}; a checkpoint was saved and the run can be resumed.")
             )
-            self.set_status(event.status, how, "")
+            self.set_status(RunPhase.of(event.status), how)
         elif isinstance(event, Failed):
-            self.set_status("failed", event.message, event.kind)
+            self.set_status(RunPhase.FAILED, event.message, event.kind)
 
     def add_samples(self, step: int, pairs: list[tuple[str, str]]) -> None:
         self.samples[int(step)] = pairs
@@ -257,8 +284,11 @@ def format_bytes(n: float | None) -> str:
     return ""
 
 
-@dataclass
-class MemoryEstimate:
+@dataclass(frozen=True)
+class EstimateView:
+    """The memory budget as the memory panel shows it: ``core.memory.estimate``'s estimate (or the engine's own
+    figure once a run starts) against the device, in labelled parts, or why there is none."""
+
     total_bytes: int = 0
     parts: dict = field(default_factory=dict)  # label -> bytes
     device_name: str = ""
@@ -273,11 +303,11 @@ class MemoryState(Observable):
 
     def __init__(self) -> None:
         super().__init__()
-        self.estimate = MemoryEstimate()
+        self.estimate = EstimateView()
         self.used_bytes = 0
         self.peak_bytes = 0
 
-    def set_estimate(self, estimate: MemoryEstimate) -> None:
+    def set_estimate(self, estimate: EstimateView) -> None:
         self.estimate = estimate
         self.notify("estimate")
 

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from finetune_studio.core import kernel_choice
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.memory.estimate import chunked_dora_norm
 from finetune_studio.engine.train.model_patches import kernel_wiring
 from finetune_studio.kernels import selection
 from finetune_studio.kernels.dora_norm import dora_weight_norm, dora_weight_norm_reference
@@ -118,14 +120,18 @@ def test_config_kernels_field():
 
 def test_auto_uses_a_kernel_only_where_measured(monkeypatch):
     # measured: the chunked norm on the CPU (a whole DoRA step); no Triton kernel anywhere yet
-    assert selection.MEASURED_FASTER == {("dora_norm", "cpu"): "chunked"}
+    assert kernel_choice.MEASURED_FASTER == {("dora_norm", "cpu"): "chunked"}
+    assert selection.MEASURED_FASTER == kernel_choice.MEASURED_FASTER  # the ops' own auto: the same measurements
     assert kernel_wiring.dora_norm_impl("auto", "cpu") == "chunked"
     assert kernel_wiring.dora_norm_impl("auto", "meta") is None  # unmeasured device: peft's norm
     assert kernel_wiring.dora_norm_impl("torch", "cpu") is None
     assert kernel_wiring.dora_norm_impl("triton", "cpu") == "triton"
     assert kernel_wiring.logprobs_impl("torch") == "chunked"
-    monkeypatch.delitem(selection.MEASURED_FASTER, ("dora_norm", "cpu"))
+    dora = TrainConfig(method="dora")
+    assert chunked_dora_norm(dora, "cpu") and not chunked_dora_norm(dora, "cuda")  # the estimate counts the same
+    monkeypatch.delitem(kernel_choice.MEASURED_FASTER, ("dora_norm", "cpu"))
     assert kernel_wiring.dora_norm_impl("auto", "cpu") is None
+    assert not chunked_dora_norm(dora, "cpu")
 
 
 # --- wiring into peft's DoRA layers --------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The run config's ``kernels: auto|triton|torch`` applied to the model: which op implementations a run uses.
 
 * The output head's log-probs (``engine.train.forward``): ``torch`` is the chunked PyTorch path, ``triton`` the fused
-  kernel, ``auto`` the op's own choice (the Triton kernel only where ``kernels.selection.MEASURED_FASTER`` has it
+  kernel, ``auto`` the op's own choice (the Triton kernel only where ``core.kernel_choice.MEASURED_FASTER`` has it
   faster on this kind of device).
 * DoRA's weight norm: peft's ``DoraLinearLayer.forward`` builds ``B @ A`` and ``W + s B A`` (two weight-sized
   temporaries) each step to take a row norm it then detaches. ``install_dora_norm`` gives each DoRA linear layer
   of one model a forward that computes that norm with ``kernels.dora_norm`` instead and is otherwise peft's
   line for line. ``torch`` leaves peft's forward alone; ``auto`` patches only where a measurement says so
-  (the chunked norm on the CPU: ``kernels.selection.MEASURED_FASTER``).
+  (the chunked norm on the CPU: ``core.kernel_choice.MEASURED_FASTER``, which the memory estimate reads too).
 * DoRA's output (``fused_ops: true``): peft's LoRA ``Linear.forward`` adds ``(m/n - 1) * base + (m/n) * s * lora``
   to the base output, and autograd keeps both ``base`` and ``lora`` for the magnitude's gradient.
   ``install_dora_output`` gives each plain (16/32-bit base) DoRA linear of one model a forward that computes
@@ -27,26 +27,20 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 
+from finetune_studio.core import kernel_choice
 from finetune_studio.core.config import ConfigError
 from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
 from finetune_studio.kernels.dora_norm import dora_weight_norm
 from finetune_studio.kernels.dora_output import dora_output
-from finetune_studio.kernels.selection import MEASURED_FASTER, device_kind, require_triton, triton_installed
+from finetune_studio.kernels.selection import device_kind, require_triton, triton_installed
 
-
-def logprobs_impl(kernels: str) -> str:
-    """The ``token_logprobs`` impl for a config's ``kernels`` choice."""
-    return {"auto": "auto", "triton": "triton", "torch": "chunked"}[kernels]
+logprobs_impl = kernel_choice.logprobs_impl  # the ``token_logprobs`` impl for a config's ``kernels`` choice
 
 
 def dora_norm_impl(kernels: str, device: torch.device | str) -> str | None:
-    """The ``dora_weight_norm`` impl for a config's ``kernels`` choice; None keeps peft's own forward."""
-    if kernels == "triton":
-        return "triton"
-    if kernels == "auto":
-        choice = MEASURED_FASTER.get(("dora_norm", device_kind(device)))
-        return None if choice == "triton" and not triton_installed() else choice
-    return None
+    """The ``dora_weight_norm`` impl for a config's ``kernels`` choice on ``device`` (the rule the memory estimate
+    counts: ``core.kernel_choice.dora_norm_impl``); None keeps peft's own forward."""
+    return kernel_choice.dora_norm_impl(kernels, device_kind(device), triton_installed())
 
 
 def dora_layers(model: torch.nn.Module) -> list[DoraLinearLayer]:
