@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -46,23 +47,24 @@ def make_recipe(objective: str, dtype: str, seed: int = 42, max_length: int = 25
         compute_dtype=dtype,
         seed=seed,
     )
-    recipe = Recipe(cfg, "mixed-check", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
-    recipe.setup(resume=False)
-    recipe.sampler = Sampler(len(recipe.train_examples), cfg.batch_size, 42)  # one data order for every seed
-    recipe.model.train()
-    return recipe
+    setup = Recipe(cfg, "mixed-check", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag()).setup(resume=False)
+    setup = dataclasses.replace(setup, sampler=Sampler(len(setup.data.train), cfg.batch_size, 42))  # one data order
+    setup.model.train()
+    return setup
 
 
-def one_step(recipe, batch, ctx=None) -> float:
+def one_step(setup, batch, ctx=None) -> float:
     import torch
 
-    denom = batch.pairs if recipe.dpo else batch.trained_tokens
+    from finetune_studio.engine.train.recipe import micro_step
+
+    denom = setup.objective.denominator(batch)
     with ctx or contextlib.nullcontext():
-        loss = recipe._micro_step(batch, denom)["loss"]
-    torch.nn.utils.clip_grad_norm_(recipe.params, 1.0)
-    recipe.optimizer.step()
-    recipe.optimizer.zero_grad(set_to_none=True)
-    recipe.scheduler.step()
+        loss = micro_step(setup, batch, denom)["loss"]
+    torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    setup.scheduler.step()
     return loss
 
 
@@ -133,24 +135,22 @@ def variants(args) -> dict:
     from finetune_studio.engine.train.batches import make_batch
     from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 
-    recipe = make_recipe(args.objective, "float32")
-    batch = make_batch(
-        recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id, recipe.packing
-    )
-    state = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
-    sched = recipe.scheduler.state_dict()
+    setup = make_recipe(args.objective, "float32")
+    batch = make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing)
+    state = {n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+    sched = setup.scheduler.state_dict()
 
     def run(label, make_ctx=None):
         with torch.no_grad():
-            for n, p in recipe.model.named_parameters():
+            for n, p in setup.model.named_parameters():
                 if n in state:
                     p.copy_(state[n])
-        recipe.optimizer.state.clear()
-        recipe.scheduler.load_state_dict(sched)
+        setup.optimizer.state.clear()
+        setup.scheduler.load_state_dict(sched)
         losses, times = [], []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            losses.append(one_step(recipe, batch, make_ctx() if make_ctx else None))
+            losses.append(one_step(setup, batch, make_ctx() if make_ctx else None))
             times.append(time.perf_counter() - t0)
         best = min(times[1:] or times)
         print(f"  {label:<44} min step {best:5.2f} s; losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
@@ -163,10 +163,10 @@ def variants(args) -> dict:
     )
     out = {"float32": run("float32")}
     out["autocast"] = run("bf16 autocast (head float32)", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    apply_mixed(recipe.model)  # from here on the frozen linears are bf16
+    apply_mixed(setup.model)  # from here on the frozen linears are bf16
     out["mixed"] = run("bf16-mixed (base products bf16)")
-    out["mixed+a"] = run("bf16-mixed + (a) LoRA sum rounded to bf16", lambda: lora_sum_in_bf16(recipe.model))
-    out["mixed+b"] = run("bf16-mixed + (b) adapter products in bf16", lambda: adapters_in_bf16(recipe.model))
+    out["mixed+a"] = run("bf16-mixed + (a) LoRA sum rounded to bf16", lambda: lora_sum_in_bf16(setup.model))
+    out["mixed+b"] = run("bf16-mixed + (b) adapter products in bf16", lambda: adapters_in_bf16(setup.model))
     out["mixed+d"] = run("bf16-mixed + (d) attention in bf16", attention_in_bf16)
     return out
 
@@ -179,14 +179,14 @@ def curve(args) -> dict:
     runs += [("bf16-mixed", s) for s in seeds[: args.mixed_seeds]] * ("bf16-mixed" in args.dtypes)
     out = {}
     for dtype, seed in runs:
-        recipe = make_recipe(args.objective, dtype, seed, method=args.method)
+        setup = make_recipe(args.objective, dtype, seed, method=args.method)
         losses, times = [], []
         for _ in range(args.steps):
             batch = make_batch(
-                recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id, recipe.packing
+                setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing
             )
             t0 = time.perf_counter()
-            losses.append(one_step(recipe, batch))
+            losses.append(one_step(setup, batch))
             times.append(time.perf_counter() - t0)
         label = f"{dtype} seed {seed}"
         out[label] = {"losses": losses, "step_s": sum(times) / len(times)}

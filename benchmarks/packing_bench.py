@@ -77,7 +77,7 @@ def worker(spec: Spec) -> Outcome:
 
     from finetune_studio.core.config import TrainConfig
     from finetune_studio.engine.train import memory_budget
-    from finetune_studio.engine.train.recipe import Recipe, StopFlag
+    from finetune_studio.engine.train.recipe import Recipe, StopFlag, micro_step
     from finetune_studio.engine.train.reporting import Reporter
 
     cfg = TrainConfig(
@@ -99,9 +99,9 @@ def worker(spec: Spec) -> Outcome:
         packing=spec.packing,
     )
     recipe = Recipe(cfg, "packing-bench", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
-    recipe.setup(resume=False)
+    setup = recipe.setup(resume=False)
     memory_budget.reuse_memory_between_steps()  # as Recipe.run does
-    recipe.model.train()
+    setup.model.train()
     out = Outcome(spec.packing, setup_rss_bytes=psutil.Process().memory_info().rss)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -109,11 +109,11 @@ def worker(spec: Spec) -> Outcome:
         pass
     for _ in range(spec.steps):
         t0 = time.process_time()
-        batches, denom = recipe._step_batches()
-        loss = sum(recipe._micro_step(b.to(recipe.device), denom)["loss"] for b in batches)
-        torch.nn.utils.clip_grad_norm_(recipe.params, cfg.max_grad_norm)
-        recipe.optimizer.step()
-        recipe.optimizer.zero_grad(set_to_none=True)
+        batches, denom = recipe._step_batches(setup)
+        loss = sum(micro_step(setup, b.to(setup.device), denom)["loss"] for b in batches)
+        torch.nn.utils.clip_grad_norm_(setup.params, cfg.max_grad_norm)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
         out.step_cpu_seconds.append(time.process_time() - t0)
         out.step_tokens.append(sum(b.tokens for b in batches))
         out.step_positions.append(sum(len(b.sequence_lengths) * max(b.sequence_lengths) for b in batches))

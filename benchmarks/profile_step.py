@@ -5,8 +5,8 @@
 
 Sets up the engine's own recipe (``engine.train.recipe.Recipe``: the default model, the demo data, LoRA r16, batch 4;
 the process restarted with the engine's glibc malloc settings and the heap reused between steps, as in a run)
-and runs its step code (``Recipe._micro_step``, clipping, optimizer step): one warm-up step, then one step under
-``torch.profiler``, printed as the top ops by self CPU time and the share of four groups (matrix products,
+and runs its step code (``engine.train.recipe.micro_step``, clipping, optimizer step): one warm-up step, then one step
+under ``torch.profiler``, printed as the top ops by self CPU time and the share of four groups (matrix products,
 attention, the output head's chunked log-probs, the rest).
 
 ``--levers`` then times a few steps of the same batch for: float32 vs bfloat16 autocast on the CPU (speed and
@@ -44,21 +44,22 @@ def make_recipe(args):
         fused_ops=getattr(args, "fused_ops", True),
         packing=not getattr(args, "no_packing", False),
     )
-    recipe = Recipe(cfg, "profile", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
-    recipe.setup(resume=False)
-    recipe.model.train()
-    return recipe
+    setup = Recipe(cfg, "profile", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag()).setup(resume=False)
+    setup.model.train()
+    return setup
 
 
-def one_step(recipe, batch, autocast=None) -> float:
+def one_step(setup, batch, autocast=None) -> float:
     import torch
 
-    denom = batch.pairs if recipe.dpo else batch.trained_tokens
+    from finetune_studio.engine.train.recipe import micro_step
+
+    denom = setup.objective.denominator(batch)
     with autocast or contextlib.nullcontext():
-        loss = recipe._micro_step(batch, denom)["loss"]
-    torch.nn.utils.clip_grad_norm_(recipe.params, 1.0)
-    recipe.optimizer.step()
-    recipe.optimizer.zero_grad(set_to_none=True)
+        loss = micro_step(setup, batch, denom)["loss"]
+    torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
@@ -69,14 +70,14 @@ GROUPS = {
 }
 
 
-def profile(recipe, batch, top: int) -> None:
+def profile(setup, batch, top: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    one_step(recipe, batch)  # warm-up: lazy inits, optimizer states
+    one_step(setup, batch)  # warm-up: lazy inits, optimizer states
     t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        one_step(recipe, batch)
+        one_step(setup, batch)
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
@@ -87,17 +88,17 @@ def profile(recipe, batch, top: int) -> None:
         print(f"  {name:<52} {t / 1e6:6.2f} s  {100 * t / total:5.1f}%")
 
 
-def levers(recipe, batch, steps: int, thread_lever: bool = True) -> None:
+def levers(setup, batch, steps: int, thread_lever: bool = True) -> None:
     import torch
 
-    state = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    state = {n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad}
 
     def reset():
         with torch.no_grad():
-            for n, p in recipe.model.named_parameters():
+            for n, p in setup.model.named_parameters():
                 if n in state:
                     p.copy_(state[n])
-        recipe.optimizer.state.clear()
+        setup.optimizer.state.clear()
 
     def timed(label, autocast_dtype=None):
         reset()
@@ -105,7 +106,7 @@ def levers(recipe, batch, steps: int, thread_lever: bool = True) -> None:
         for _ in range(steps):
             ac = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else None
             t0 = time.perf_counter()
-            losses.append(one_step(recipe, batch, ac))
+            losses.append(one_step(setup, batch, ac))
             times.append(time.perf_counter() - t0)
         best = min(times[1:] or times)
         print(
@@ -159,21 +160,21 @@ def main(argv=None) -> int:
 
     from finetune_studio.engine.train.batches import make_batch
 
-    recipe = make_recipe(args)
+    setup = make_recipe(args)
     from finetune_studio.engine.train.memory_budget import reuse_memory_between_steps
 
     reuse_memory_between_steps()  # what Recipe.run does once the model is ready
-    idx = recipe.sampler.next_indices()
-    batch = make_batch(recipe.train_examples, idx, recipe.tokenizer.pad_token_id, recipe.packing).to(recipe.device)
+    idx = setup.sampler.next_indices()
+    batch = make_batch(setup.data.train, idx, setup.tokenizer.pad_token_id, setup.packing).to(setup.device)
     print(
-        f"torch {torch.__version__}; {recipe.device}, {torch.get_num_threads()} thread(s); {args.method} "
+        f"torch {torch.__version__}; {setup.device}, {torch.get_num_threads()} thread(s); {args.method} "
         f"{args.objective}; batch {batch.input_ids.shape[0]} rows x {batch.input_ids.shape[1]} "
         f"({batch.tokens} tokens, {batch.trained_tokens} trained); load average {_load()}\n"
     )
     if not args.no_profile:
-        profile(recipe, batch, args.top)
+        profile(setup, batch, args.top)
     if args.levers:
-        levers(recipe, batch, args.lever_steps, not args.no_thread_lever)
+        levers(setup, batch, args.lever_steps, not args.no_thread_lever)
     return 0
 
 

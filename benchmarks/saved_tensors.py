@@ -56,39 +56,37 @@ def main(argv=None) -> int:
     import psutil
 
     proc = psutil.Process()
-    recipe = make_recipe(args)
-    batch = make_batch(
-        recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id, recipe.packing
-    )
+    setup = make_recipe(args)
+    batch = make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing)
     rss_setup = proc.memory_info().rss
-    one_step(recipe, batch)  # warm-up: optimizer states, lazy inits
+    one_step(setup, batch)  # warm-up: optimizer states, lazy inits
     rss_warm, warm_peak = proc.memory_info().rss, resident_peak()
 
-    denom = batch.pairs if recipe.dpo else batch.trained_tokens
+    denom = setup.objective.denominator(batch)
     malloc = _Malloc()
-    census = SavedTensorCensus(recipe.model)
+    census = SavedTensorCensus(setup.model)
     base, rss0 = malloc.in_use(), resident_peak()
     hwm_reset = _reset_hwm()
     rss_base = resident_peak() if hwm_reset else rss0
     mode = _peak_mode(malloc)
     with mode:
         with census:
-            if recipe.dpo:
-                losses, _, _ = recipe._dpo_terms(batch, None)
+            if setup.objective.name == "dpo":
+                losses, _, _ = setup.objective.terms(batch)
                 loss = losses.sum() / denom
             else:
                 from finetune_studio.engine.train.losses import sft_loss
 
-                loss = sft_loss(recipe.logps(batch).logps, denom)
+                loss = sft_loss(setup.logps(batch).logps, denom)
         saved = census.alive_bytes()
         rows = census.breakdown()
         loss.backward()
         del loss
-        recipe.optimizer.step()
-        recipe.optimizer.zero_grad(set_to_none=True)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
     rss_peak = resident_peak()
     tokens = batch.input_ids.numel()
-    layers = recipe.model.get_base_model().config.num_hidden_layers
+    layers = setup.model.get_base_model().config.num_hidden_layers
     print(
         f"{args.method} {args.objective}, fused ops {'on' if args.fused_ops else 'off'}; batch "
         f"{batch.input_ids.shape[0]} x {batch.input_ids.shape[1]} ({tokens} positions, {batch.trained_tokens} "

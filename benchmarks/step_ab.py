@@ -71,25 +71,25 @@ def main(argv=None) -> int:
     )
     fields.update({k: _value(v) for k, v in (s.split("=", 1) for s in args.set)})
     recipe = Recipe(TrainConfig(**fields), "step_ab", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag())
-    recipe.setup(resume=False)
-    recipe.model.train()
+    setup = recipe.setup(resume=False)
+    setup.model.train()
     if args.dora_norm:
         from finetune_studio.engine.train.model_patches.kernel_wiring import install_dora_norm
 
-        install_dora_norm(recipe.model, args.dora_norm)
+        install_dora_norm(setup.model, args.dora_norm)
     if args.dora_output:
         from finetune_studio.engine.train.model_patches.kernel_wiring import install_dora_output, uninstall_dora_output
 
-        uninstall_dora_output(recipe.model)
+        uninstall_dora_output(setup.model)
         if args.dora_output != "off":
-            install_dora_output(recipe.model, None if args.dora_output == "peft" else args.dora_output)
+            install_dora_output(setup.model, None if args.dora_output == "peft" else args.dora_output)
     if args.bnb_compute:
-        for module in recipe.model.modules():
+        for module in setup.model.modules():
             if type(module).__name__ == "Linear4bit":
                 module.compute_dtype = getattr(torch, args.bnb_compute)
     memory_budget.reuse_memory_between_steps()
     batches = [
-        make_batch(recipe.train_examples, recipe.sampler.next_indices(), recipe.tokenizer.pad_token_id)
+        make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id)
         for _ in range(args.steps)
     ]
     rss_ready = psutil.Process().memory_info().rss
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     times, losses = [], []
     for batch in batches:
         t0 = time.process_time()
-        losses.append(float(one_step(recipe, batch)))
+        losses.append(float(one_step(setup, batch)))
         times.append(time.process_time() - t0)
     peak = memory_budget.resident_peak()
     later = times[1:] or times

@@ -134,7 +134,7 @@ def engine_config(spec: Spec):
 
 
 def data_stream(spec: Spec, tokenizer) -> list[list]:
-    """The engine's tokenized examples, batch by batch, in the engine's order (``Recipe._prepare_data`` and
+    """The engine's tokenized examples, batch by batch, in the engine's order (``Recipe.prepare_data`` and
     ``Sampler``): what both sides train on."""
     from finetune_studio.engine.train.batches import Sampler
     from finetune_studio.engine.train.recipe import Recipe, StopFlag
@@ -142,8 +142,7 @@ def data_stream(spec: Spec, tokenizer) -> list[list]:
 
     cfg = engine_config(spec)
     recipe = Recipe(cfg, "bench", Path("."), None, Reporter(), StopFlag())
-    recipe.tokenizer = tokenizer
-    examples, _ = recipe._prepare_data()
+    examples = recipe.prepare_data(tokenizer).train
     sampler = Sampler(len(examples), cfg.batch_size, cfg.seed)
     return [[examples[i] for i in sampler.next_indices()] for _ in range(spec.steps)]
 

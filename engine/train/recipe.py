@@ -3,11 +3,17 @@
 ``train_run(config)`` is the whole recipe; ``python -m finetune_studio.engine train`` calls it in its own process,
 the demo and the tests call it in-process. Every event goes through a :class:`~engine.train.reporting.Reporter` (stdout,
 ``events.jsonl`` and the SQLite store).
+
+:meth:`Recipe.setup` makes everything the loop needs once and returns it as a frozen :class:`SetUp`;
+:meth:`Recipe.train` runs the steps. What the loss is comes from the config's objective
+(:mod:`engine.train.objectives`); who trains comes from the world (:mod:`engine.train.distributed.ranks`): one
+process is a world of size one, so the loop has one path for one process and for several.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -15,15 +21,17 @@ import math
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.protocol import events as ev
+from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refusal
 from finetune_studio.core.store import Store, new_run_id, process_start
 from finetune_studio.engine import checkpoint
@@ -38,20 +46,18 @@ from finetune_studio.engine.models import (
     pick_device,
     resolve_model,
 )
-from finetune_studio.engine.train import adapters, errors, guard, init_adapter, memory_budget
+from finetune_studio.engine.train import adapters, errors, guard, init_adapter, memory_budget, objectives
 from finetune_studio.engine.train import eval_samples as samples
-from finetune_studio.engine.train.batches import Sampler, make_batch
+from finetune_studio.engine.train.batches import Batch, Sampler, make_batch
 from finetune_studio.engine.train.distributed import checkpoint as dist_checkpoint
+from finetune_studio.engine.train.distributed.ranks import OneProcess, QuietStore, World, WrappedLogps
 from finetune_studio.engine.train.early_stopping import EarlyStopping
-from finetune_studio.engine.train.forward import LogprobModel, takes_packed_rows
-from finetune_studio.engine.train.losses import dpo_loss, sequence_logps, sft_loss
+from finetune_studio.engine.train.forward import TokenLogps, takes_packed_rows
 from finetune_studio.engine.train.model_patches import fused_ops as patching
 from finetune_studio.engine.train.model_patches import kernel_wiring, mixed_precision
+from finetune_studio.engine.train.objectives import Objective, TrainedModel
 from finetune_studio.engine.train.reporting import Reporter
 from finetune_studio.engine.train.threads import apply_threads
-
-if TYPE_CHECKING:
-    from finetune_studio.engine.train.distributed.ranks import WrappedLogps
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +100,22 @@ def train_run(
     resume: str | None = None,
     reporter: Reporter | None = None,
     stop: StopFlag | None = None,
-    ranks=None,
+    ranks: World | None = None,
 ) -> RunResult:
     """Train a new run from ``config``, or continue run ``resume`` (id, id prefix or run folder).
 
-    ``ranks`` (an :class:`engine.train.distributed.ranks.Ranks`): this process is one rank of a run on several; rank 0
-    finds
-    or creates the run and tells the others, and only rank 0 writes the store. A rank's failure goes to
-    torchelastic's error file; the launcher (``engine.train.distributed.launch``) reports it.
+    ``ranks`` (an :class:`engine.train.distributed.ranks.Ranks`): this process is one rank of a run on several;
+    rank 0 finds or creates the run and tells the others, and only rank 0 writes the store. A rank's failure goes
+    to torchelastic's error file; the launcher (``engine.train.distributed.launch``) reports it. Without it, the
+    run is this process alone (:class:`~engine.train.distributed.ranks.OneProcess`).
     """
-    from finetune_studio.engine.train.distributed import ranks as distributed
-
+    world: World = ranks if ranks is not None else OneProcess()
     reporter = reporter or Reporter()
     stop = stop or StopFlag()
     memory_budget.fix_malloc_threshold()  # CPU memory is then what the tensors need (see its docstring)
-    main = ranks is None or ranks.is_main
+    main = world.is_main
     # QuietStore stands in for the store on the other ranks (the writes Recipe makes; the reads are rank 0's)
-    store = Store() if main else cast(Store, distributed.QuietStore())
+    store = Store() if main else cast(Store, QuietStore())
     run_id: str | None = None  # other ranks learn them from rank 0
     run_dir: Path | None = None
     if main and resume:
@@ -134,7 +139,7 @@ def train_run(
         reporter.attach_run(store, run_id, run_dir)
         for leftover in checkpoint.clean_leftovers(run_dir):
             reporter.log(f"Removed {leftover.name}, left half-written by a process that was killed")
-        pid = int(os.environ.get(distributed.LAUNCHER_PID_ENV) or os.getpid()) if ranks else os.getpid()
+        pid = world.run_pid()
         store.update_run(
             run_id,
             status=RunStatus.RUNNING,
@@ -144,14 +149,11 @@ def train_run(
             error="",
             error_kind="",
         )
-    if ranks is not None:
-        if main:
-            assert run_id is not None  # rank 0 found or created the run above
-            distributed.write_launch_file(run_id, str(run_dir))
-        run_id, run_dir, config = ranks.broadcast((run_id, run_dir, config))
-        ranks.parallelism = config.parallelism
+        world.announce_run(run_id, str(run_dir))
+    run_id, run_dir, config = world.broadcast((run_id, run_dir, config))
     assert config is not None and run_id is not None and run_dir is not None
-    recipe = Recipe(config, run_id, run_dir, store, reporter, stop, ranks)
+    world.parallelism = config.parallelism
+    recipe = Recipe(config, run_id, run_dir, store, reporter, stop, world)
     try:
         return recipe.run(resume=bool(resume))
     except SetupStopped:
@@ -159,8 +161,7 @@ def train_run(
     except BaseException as exc:
         kind, message = errors.classify(exc, config, recipe.step)
         log.exception("run %s failed", run_id)
-        if ranks is not None:  # the launcher names the rank that failed first and marks the run
-            distributed.record_failure(ranks.rank, kind, message, exc, recipe.step)
+        if world.hand_failure_to_launcher(kind, message, exc, recipe.step):  # it names the rank that failed first
             raise TrainingFailed(RunResult(run_id, run_dir, RunStatus.FAILED, recipe.step, message=message)) from exc
         with contextlib.suppress(Exception):
             recipe.record_peak()
@@ -178,7 +179,49 @@ def train_run(
         store.close()
 
 
+@dataclass(frozen=True)
+class Data:
+    """The run's examples, tokenised and compact, and what set-up learnt reading them."""
+
+    train: list
+    validation: list
+    sample_prompts: list  # (shown, rendered) prompts answered at every evaluation
+    snapshot_id: str = ""  # the preference-store snapshot trained on (dataset: pairs:...)
+
+
+@dataclass(frozen=True)
+class SetUp:
+    """Everything :meth:`Recipe.setup` makes, made once: what the steps train with."""
+
+    device: str
+    dtype: torch.dtype
+    tokenizer: Any
+    data: Data
+    memory_report: MemoryReport | None
+    start: init_adapter.StartingAdapter | None  # the adapter the run started from (init_adapter)
+    model: Any  # the PEFT model
+    forward: torch.nn.Module  # the training forward (LogpsModule), wrapped by DDP or FSDP on several processes
+    logps: Callable[[Batch], TokenLogps]  # calls ``forward`` with a batch
+    packing: bool  # the batches are packed rows (config.packing, where the model takes them)
+    objective: Objective
+    params: list  # the trainable parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None  # float16 on CUDA
+    total_steps: int
+    sampler: Sampler  # the data order; its position moves as the steps consume examples
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def batch(self, examples: list, indices: list[int]) -> Batch:
+        """``examples[indices]`` as one batch on the device."""
+        return make_batch(examples, indices, self.tokenizer.pad_token_id, self.packing).to(self.device)
+
+
 class Recipe:
+    """One run: :meth:`setup`, then :meth:`train`; ``step`` and the early-stopping record are its progress."""
+
     def __init__(
         self,
         config: TrainConfig,
@@ -187,120 +230,134 @@ class Recipe:
         store: Store,
         reporter: Reporter,
         stop: StopFlag,
-        ranks=None,
+        world: World | None = None,
     ):
         self.config, self.run_id, self.run_dir = config, run_id, run_dir
         self.store, self.reporter, self.stop = store, reporter, stop
-        self.ranks = ranks  # None: one process
-        self.main = ranks is None or ranks.is_main
+        self.world: World = world if world is not None else OneProcess()
+        self.device = pick_device()
         self.step = 0
-        self.dpo = config.objective == "dpo"
-        self.packing = False  # config.packing where the model takes packed rows (set up in setup)
-        self.start: init_adapter.StartingAdapter | None = None
-        self.snapshot_id = ""
         self.early = EarlyStopping(config.early_stopping_patience, run_dir)
 
-    # --- set-up -------------------------------------------------------------
-    def setup(self, resume: bool) -> None:
-        cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.threads = apply_threads(cfg.num_threads)
-        options = LoadOptions(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
-        self.device = pick_device()
-        self.dtype = compute_dtype(cfg.compute_dtype, self.device)
-        if cfg.quantized and self.device == "mps":
-            raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
-        if self.ranks is not None:
-            from finetune_studio.engine.train.distributed.ranks import check_shardable
+    def run(self, resume: bool) -> RunResult:
+        return self.train(self.setup(resume))
 
-            check_shardable(cfg, self.device, self.dtype)
+    # --- set-up -------------------------------------------------------------
+    def setup(self, resume: bool) -> SetUp:
+        cfg, world, device = self.config, self.world, self.device
+        torch.manual_seed(cfg.seed)
+        apply_threads(cfg.num_threads)
+        options = LoadOptions(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+        dtype = compute_dtype(cfg.compute_dtype, device)
+        if cfg.quantized and device == "mps":
+            raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
+        world.check_shardable(cfg, device, dtype)
+        objective_class = objectives.objective_class(cfg.objective)
+        start = None
         if cfg.init_adapter:
-            self.start = init_adapter.resolve(cfg.init_adapter, self.store)
-            self.store.update_run(
-                self.run_id, parent_run_id=self.start.parent_run_id, init_adapter=str(self.start.path)
-            )
+            start = init_adapter.resolve(cfg.init_adapter, self.store)
+            self.store.update_run(self.run_id, parent_run_id=start.parent_run_id, init_adapter=str(start.path))
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
         self._stop_point()
-        self.model_folder = folder
         guard.check_rank(cfg, folder)
-        self.tokenizer = load_tokenizer(str(folder), options)
-        self.train_examples, self.val_examples = self._prepare_data()
-        device = memory_budget.device_info(self.device)  # free memory before the weights are loaded
-        self.memory_report = memory_budget.run_report(
+        tokenizer = load_tokenizer(str(folder), options)
+        data = self.prepare_data(tokenizer)
+        memory_report = memory_budget.run_report(
             folder,
             cfg,
-            self.ranks.device_share(device) if self.ranks is not None else device,
-            self.train_examples,
+            world.device_share(memory_budget.device_info(device)),  # free memory before the weights are loaded
+            data.train,
             trust_remote_code=cfg.trust_remote_code,
-            world_size=self.ranks.world_size if self.ranks is not None else 1,  # then per process
+            world_size=world.world_size,  # then per process
         )
-        verdict = guard.check_fit(self.memory_report, cfg)  # refuses a run that cannot fit, before loading it
+        verdict = guard.check_fit(memory_report, cfg)  # refuses a run that cannot fit, before loading it
         if verdict:
             self.reporter.log(f"Memory: {verdict}")
         self._stop_point()
 
-        self.reporter.progress("load", 0, 1, "Loading the model")
-        fsdp = self.ranks is not None and cfg.parallelism == "fsdp"
-        base = load_causal_lm(
-            folder, dtype=self.dtype, device=self.device, quantize_4bit=cfg.quantized, options=options, shardable=fsdp
+        model, packing = self._load_model(folder, dtype, options, start, objective_class.needs_reference)
+        self._stop_point()
+        self._check_world_size()
+        forward = world.wrap(model, dtype, device, cfg.kernels)
+        params = [p for p in forward.parameters() if p.requires_grad]
+        optimizer = adapters.make_optimizer(params, cfg, device)
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        n = len(data.train)
+        total_steps = math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps
+        scheduler = adapters.make_scheduler(optimizer, cfg, total_steps)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device == "cuda" else None
+        consumed, first = 0, None
+        if resume:
+            consumed, first = self._resume(model, forward, optimizer, scheduler, scaler)
+        if first is None:  # a new run (a resumed one keeps its checkpoint's order: free memory may differ now)
+            first = self._longest_first(data.train, memory_report, packing)
+        logps = WrappedLogps(forward)
+        objective = objective_class(
+            TrainedModel(model, logps, cfg, device, functools.partial(autocast, device, dtype), start)
         )
-        if self.start:
-            self.reporter.log(init_adapter.describe(self.start))
-            self.model = init_adapter.load(base, self.start, cfg, with_reference=self.dpo)
+        setup = SetUp(
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            data=data,
+            memory_report=memory_report,
+            start=start,
+            model=model,
+            forward=forward,
+            logps=logps,
+            packing=packing,
+            objective=objective,
+            params=params,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            total_steps=total_steps,
+            sampler=Sampler(n, cfg.batch_size, cfg.seed, consumed, first),
+        )
+        objective.prepare(data.train, functools.partial(setup.batch, data.train), self.reporter.progress)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return setup
+
+    def _load_model(
+        self, folder: Path, dtype: torch.dtype, options: LoadOptions, start, with_reference: bool
+    ) -> tuple[Any, bool]:
+        """The base with this run's adapters (fresh, or the starting one), patched; and whether it trains on
+        packed rows."""
+        cfg, device = self.config, self.device
+        self.reporter.progress("load", 0, 1, "Loading the model")
+        base = load_causal_lm(
+            folder,
+            dtype=dtype,
+            device=device,
+            quantize_4bit=cfg.quantized,
+            options=options,
+            shardable=self.world.shards,
+        )
+        if start:
+            self.reporter.log(init_adapter.describe(start))
+            model = init_adapter.load(base, start, cfg, with_reference=with_reference)
         else:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
-            self.model = adapters.add_adapters(base, cfg)
-        patching.apply_memory_patches(self.model, cfg.fused_ops)  # Llama-family: ops that save less for backward
-        self.packing = cfg.packing and takes_packed_rows(self.model)
-        if self.packing:  # packed rows' attention sequence by sequence on the CPU (not a block-diagonal mask)
-            patching.apply_packed_attention(self.model)
+            model = adapters.add_adapters(base, cfg)
+        patching.apply_memory_patches(model, cfg.fused_ops)  # Llama-family: ops that save less for backward
+        packing = cfg.packing and takes_packed_rows(model)
+        if packing:  # packed rows' attention sequence by sequence on the CPU (not a block-diagonal mask)
+            patching.apply_packed_attention(model)
         elif cfg.packing:
             self.reporter.log(
                 f"packing: {type(base).__name__} does not take packed rows (position ids that restart per "
                 "sequence); its batches are padded",
                 "warning",
             )
-        if mixed_precision.uses_mixed(cfg.compute_dtype, self.device, self.ranks is not None):
-            self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(self.model)} frozen linears multiply in bf16")
-        for note in kernel_wiring.install_kernels(self.model, cfg.kernels, self.device, cfg.fused_ops):
+        if mixed_precision.uses_mixed(cfg.compute_dtype, device, self.world.world_size > 1):
+            self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(model)} frozen linears multiply in bf16")
+        for note in kernel_wiring.install_kernels(model, cfg.kernels, device, cfg.fused_ops):
             self.reporter.log(note)
-        self._stop_point()
-        self.module = None  # several processes: the DDP- or FSDP-wrapped training forward
-        if self.ranks is not None:
-            from finetune_studio.engine.train.distributed.ranks import WrappedLogps
-
-            self._check_world_size()
-            self.module = self.ranks.wrap(self.model, self.dtype, self.device, cfg.kernels)
-            self.logps: LogprobModel | WrappedLogps = WrappedLogps(self.module)
-        else:
-            self.logps = LogprobModel(self.model, kernels=cfg.kernels)
-        self.params = [p for p in (self.module or self.model).parameters() if p.requires_grad]
-        self.optimizer = adapters.make_optimizer(self.params, cfg, self.device)
-        n = len(self.train_examples)
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        self.total_steps = math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps
-        self.scheduler = adapters.make_scheduler(self.optimizer, cfg, self.total_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device == "cuda" else None
-        consumed, first = 0, None
-        if resume:
-            ckpt = checkpoint.latest_checkpoint(self.run_dir)
-            if ckpt is not None:
-                state = self._load_checkpoint(ckpt)
-                self.step, consumed, first = state.step, state.consumed, state.first_batch
-                self.early.restore(state)
-                self.store.delete_metrics_after(self.run_id, self.step)
-                self.reporter.log(f"Resumed from {ckpt.name}")
-            else:
-                self.reporter.log("No checkpoint yet: starting this run from step 0", "warning")
-        if first is None:  # a new run (a resumed one keeps its checkpoint's order: free memory may differ now)
-            first = self._longest_first()
-        self.sampler = Sampler(n, cfg.batch_size, cfg.seed, consumed, first)
-        self.reference = self._precompute_reference() if self.dpo and cfg.precompute_reference else None
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        return model, packing
 
     def _check_world_size(self) -> None:
-        cfg, n = self.config, self.ranks.world_size
+        cfg, n = self.config, self.world.world_size
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         if per_step % n:
             raise ConfigError(
@@ -309,57 +366,46 @@ class Recipe:
                 f"{n} processes: choose a multiple of {n}",
             )
 
-    def _load_checkpoint(self, ckpt: Path) -> checkpoint.TrainerState:
+    def _resume(self, model, forward, optimizer, scheduler, scaler) -> tuple[int, list | None]:
+        """Load the latest checkpoint, if any: the step, early stopping's record, and (examples consumed, the
+        examples put first) for the sampler."""
+        ckpt = checkpoint.latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            self.reporter.log("No checkpoint yet: starting this run from step 0", "warning")
+            return 0, None
+        state = self._load_checkpoint(ckpt, model, forward, optimizer, scheduler, scaler)
+        self.step = state.step
+        self.early.restore(state)
+        self.store.delete_metrics_after(self.run_id, self.step)
+        self.reporter.log(f"Resumed from {ckpt.name}")
+        return state.consumed, state.first_batch
+
+    def _load_checkpoint(self, ckpt: Path, model, forward, optimizer, scheduler, scaler) -> checkpoint.TrainerState:
         """A distributed (DCP) checkpoint, by any number of processes, or a one-process checkpoint."""
         if dist_checkpoint.is_distributed(ckpt):
-            from finetune_studio.engine.train.distributed.ranks import LogpsModule
-
-            module = self.module if self.module is not None else LogpsModule(self.model)
-            rank = self.ranks.rank if self.ranks else 0
-            return dist_checkpoint.load_checkpoint(ckpt, module, self.optimizer, self.scheduler, rank, self.scaler)
-        if self.ranks is not None and self.ranks.parallelism == "fsdp":
+            return dist_checkpoint.load_checkpoint(ckpt, forward, optimizer, scheduler, self.world.rank, scaler)
+        if self.world.shards:
             raise ConfigError(
                 "parallelism", f"{ckpt.name} was saved by one process: resume it with parallelism ddp or one process"
             )
-        return checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+        return checkpoint.load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
 
-    def _step_batches(self) -> tuple[list, int]:
-        """The micro-batches this process trains in one optimizer step, and the whole step's loss denominator
-        (trained tokens for SFT, pairs for DPO, summed over every process)."""
-        cfg, pad = self.config, self.tokenizer.pad_token_id
-        groups = [self.sampler.next_indices() for _ in range(cfg.gradient_accumulation_steps)]
-        if self.ranks is not None:  # the same global batch, this rank's share of it, in micro-batches
-            flat = [i for g in groups for i in g]
-            mine = flat[self.ranks.share(len(flat))]
-            groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        batches = [make_batch(self.train_examples, g, pad, self.packing) for g in groups]
-        denom = sum(b.pairs for b in batches) if self.dpo else sum(b.trained_tokens for b in batches)
-        if self.ranks is not None:
-            denom = int(self.ranks.sum([denom])[0])
-        return batches, denom
-
-    def _sync(self, last: bool):
-        """DDP: all-reduce gradients in the last micro-batch's backward only."""
-        if self.module is not None and not last and hasattr(self.module, "no_sync"):
-            return self.module.no_sync()
-        return contextlib.nullcontext()
-
-    def _longest_first(self) -> list[int]:
+    def _longest_first(self, examples: list, report: MemoryReport | None, packing: bool) -> list[int]:
         """The longest batch's examples when they go first: 'on', or 'auto' when the estimate is within 15% of
         the device's free memory (or over it)."""
-        cfg, report = self.config, self.memory_report
+        cfg = self.config
         wanted = cfg.longest_batch_first == "on" or (
             cfg.longest_batch_first == "auto" and report is not None and report.tight
         )
         if not wanted:
             return []
-        first = memory_budget.longest_batch(self.train_examples, cfg.batch_size, self.packing)
+        first = memory_budget.longest_batch(examples, cfg.batch_size, packing)
         self.reporter.log(f"Training on the longest batch first (examples {first}), so memory is tested at step 1")
         return first
 
     def _stop_point(self) -> None:
         # Several processes stop together at a training step (the stop flag is agreed there); alone, at once.
-        if self.stop.requested and self.ranks is None:
+        if self.world.stopping(self.stop.requested):
             raise SetupStopped
 
     def stopped_in_setup(self) -> RunResult:
@@ -370,15 +416,18 @@ class Recipe:
         self.reporter.emit(ev.Finished(run_id=self.run_id, status=RunStatus.STOPPED, step=step, final_loss=None))
         return RunResult(self.run_id, self.run_dir, RunStatus.STOPPED, step)
 
-    def _prepare_data(self) -> tuple[list, list]:
+    def prepare_data(self, tokenizer) -> Data:
+        """The dataset read, checked against the objective, split and tokenised (examples with nothing to train
+        on dropped)."""
         cfg = self.config
         self.reporter.progress("data", 0, 1, f"Reading {Path(cfg.dataset).name}")
         if not cfg.dataset:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
+        snapshot_id = ""
         if pairs.is_store_dataset(cfg.dataset):
             recorded = (self.store.get_run(self.run_id) or {}).get("pairs_snapshot")  # a resumed run keeps its data
             data, snap = pairs.load_snapshot(self.store.preferences, recorded or cfg.dataset)
-            self.snapshot_id = snap.id
+            snapshot_id = snap.id
             self.store.update_run(self.run_id, pairs_snapshot=snap.id)
             self.reporter.log(
                 f"Training on {len(data.examples)} pairs of the preference store, snapshot {snap.id}"
@@ -391,7 +440,7 @@ class Recipe:
                 f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",
                 "warning",
             )
-        wanted = ("preference",) if self.dpo else ("sft", "text")
+        wanted = objectives.objective_class(cfg.objective).data_kinds
         if data.kind not in wanted:
             raise errors.DataError(
                 f"{Path(cfg.dataset).name} holds {data.kind} data ({data.format}), but the {cfg.objective.upper()} "
@@ -400,9 +449,7 @@ class Recipe:
             )
         train, val = split_by_prompt(data.examples, cfg.validation_fraction, cfg.seed)
         val = val[: cfg.max_eval_examples]
-        self.sample_prompts = (
-            samples.pick_prompts(self.tokenizer, val, cfg.sample_prompts) if cfg.sample_prompts else []
-        )
+        sample_prompts = samples.pick_prompts(tokenizer, val, cfg.sample_prompts) if cfg.sample_prompts else []
         out = []
         for part_name, part in (("train", train), ("validation", val)):
             tokenized, dropped = [], 0
@@ -410,7 +457,7 @@ class Recipe:
                 self._stop_point()
                 if i % 200 == 0:
                     self.reporter.progress("tokenize", i, len(part), f"Tokenizing the {part_name} split")
-                item = tokenize_example(self.tokenizer, example, cfg.max_length, cfg.loss_on)
+                item = tokenize_example(tokenizer, example, cfg.max_length, cfg.loss_on)
                 if isinstance(item, TokenizedPair):
                     unusable = (
                         item.difference_truncated
@@ -436,211 +483,133 @@ class Recipe:
                 f"no usable training examples in {Path(cfg.dataset).name} "
                 f"(after the split and max_length={cfg.max_length})"
             )
-        return out[0], out[1]
-
-    # --- maths --------------------------------------------------------------
-    def _autocast(self):
-        if self.device == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
-
-    def _pair_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.logps(batch)
-        seq = sequence_logps(out.logps, out.rows, out.batch, average=self.config.dpo_loss == "ipo")
-        return seq[: batch.pairs], seq[batch.pairs :]
-
-    def _reference_logps(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the reference: the starting adapter (init_adapter) or the bare base (adapters off);
-        ``precomputed`` (chosen, rejected) indexed by training example."""
-        if precomputed is not None:
-            idx = torch.tensor(batch.indices)
-            return precomputed[0][idx].to(self.device), precomputed[1][idx].to(self.device)
-        reference = init_adapter.reference_adapter(self.model) if self.start else self.model.disable_adapter()
-        with torch.no_grad(), reference, self._autocast():
-            return self._pair_logps(batch)
-
-    def _precompute_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n, bs = len(self.train_examples), self.config.batch_size
-        chosen, rejected = torch.zeros(n), torch.zeros(n)
-        for start in range(0, n, bs):
-            self.reporter.progress("reference", start, n, "Computing reference log-probs")
-            idx = list(range(start, min(n, start + bs)))
-            batch = make_batch(self.train_examples, idx, self.tokenizer.pad_token_id, self.packing).to(self.device)
-            c, r = self._reference_logps(batch)
-            chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
-        return chosen, rejected
-
-    def _dpo_terms(self, batch, precomputed=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-pair DPO losses and rewards; the reference pass runs first, so no policy graph is alive then."""
-        ref_c, ref_r = self._reference_logps(batch, precomputed)
-        pol_c, pol_r = self._pair_logps(batch)
-        return dpo_loss(
-            pol_c,
-            pol_r,
-            ref_c,
-            ref_r,
-            beta=self.config.dpo_beta,
-            loss_type=self.config.dpo_loss,
-            label_smoothing=self.config.dpo_label_smoothing,
-        )
-
-    def _micro_step(self, batch, denom: int) -> dict:
-        """Forward + backward of one micro-batch; returns its share of the step's metrics."""
-        with self._autocast():
-            if not self.dpo:
-                out = self.logps(batch)
-                loss = sft_loss(out.logps, denom)
-                stats = {}
-            else:
-                losses, rc, rr = self._dpo_terms(batch, self.reference)
-                loss = losses.sum() / denom
-                stats = {
-                    "reward_chosen": rc.sum().item(),
-                    "reward_rejected": rr.sum().item(),
-                    "reward_accuracy": (rc > rr).float().sum().item(),
-                }
-        # DDP and FSDP average gradients over the N processes; each one's loss is its part of the whole sum
-        back = loss * self.ranks.world_size if self.ranks is not None else loss
-        (self.scaler.scale(back) if self.scaler else back).backward()
-        stats["loss"] = loss.item()
-        return stats
+        return Data(out[0], out[1], sample_prompts, snapshot_id)
 
     # --- the loop -----------------------------------------------------------
-    def run(self, resume: bool) -> RunResult:
-        self.setup(resume)
+    def train(self, s: SetUp) -> RunResult:
         memory_budget.reuse_memory_between_steps()  # the steps' temporaries reuse the heap (see its docstring)
         cfg = self.config
-        trainable, total = adapters.parameter_counts(self.model)
+        trainable, total = adapters.parameter_counts(s.model)
         self.reporter.emit(
             ev.Started(
                 run_id=self.run_id,
                 run_dir=str(self.run_dir),
-                total_steps=self.total_steps,
-                device=self.device,
+                total_steps=s.total_steps,
+                device=s.device,
                 resumed_from_step=self.step,
                 trainable_params=trainable,
                 total_params=total,
-                memory_budget_bytes=self.memory_report.total_bytes if self.memory_report else 0,
-                memory_total_bytes=_device_total_memory(self.device),
-                world_size=self.ranks.world_size if self.ranks else 1,
-                parent_run_id=self.start.parent_run_id if self.start else "",
-                pairs_snapshot=self.snapshot_id,
+                memory_budget_bytes=s.memory_report.total_bytes if s.memory_report else 0,
+                memory_total_bytes=_device_total_memory(s.device),
+                world_size=self.world.world_size,
+                parent_run_id=s.start.parent_run_id if s.start else "",
+                pairs_snapshot=s.data.snapshot_id,
             )
         )
-        self.store.update_run(self.run_id, total_steps=self.total_steps, device=self.device)
-        if self.memory_report is not None:
-            budget = self.memory_report
+        self.store.update_run(self.run_id, total_steps=s.total_steps, device=s.device)
+        if s.memory_report is not None:
+            budget = s.memory_report
             self.reporter.log(f"Memory budget {budget.total_bytes / 2**30:.2f} GiB; {budget.lengths.description}")
-            self.store.update_run(
-                self.run_id,
-                memory_budget_bytes=self.memory_report.total_bytes,
-                memory_estimate=self.memory_report.to_json(),
-            )
+            self.store.update_run(self.run_id, memory_budget_bytes=budget.total_bytes, memory_estimate=budget.to_json())
         started = time.perf_counter()
         last_loss = None
-        self.model.train()
-        while self.step < self.total_steps:
+        s.model.train()
+        while self.step < s.total_steps:
             t0 = time.perf_counter()
-            batches, denom = self._step_batches()
+            batches, denom = self._step_batches(s)
             totals: dict[str, float] = {}
             for i, batch in enumerate(batches):
-                with self._sync(last=i == len(batches) - 1):
-                    for key, value in self._micro_step(batch.to(self.device), denom).items():
+                with _sync(s.forward, last=i == len(batches) - 1):
+                    for key, value in self._micro_step(s, batch.to(s.device), denom).items():
                         totals[key] = totals.get(key, 0.0) + value
-            tokens, agreed_stop = sum(b.tokens for b in batches), False
-            if self.ranks is not None:  # one all-reduce: the metrics, and a stop that every rank obeys at once
-                keys = sorted(totals)
-                summed = self.ranks.sum([totals[k] for k in keys] + [tokens, float(self.stop.requested)])
-                totals, tokens, agreed_stop = dict(zip(keys, summed)), int(summed[-2]), summed[-1] > 0
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+            # one all-reduce: the metrics, and a stop that every rank obeys at once
+            keys = sorted(totals)
+            tokens = sum(b.tokens for b in batches)
+            summed = self.world.sum([totals[k] for k in keys] + [tokens, float(self.stop.requested)])
+            totals, tokens, agreed_stop = dict(zip(keys, summed)), int(summed[-2]), summed[-1] > 0
+            if s.scaler:
+                s.scaler.unscale_(s.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm or float("inf"))
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
-            lr = self.scheduler.get_last_lr()[0]
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            lr = s.scheduler.get_last_lr()[0]
+            if s.scaler:
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
             else:
-                self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                s.optimizer.step()
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            last_loss = totals["loss"]
+            last_loss = totals.pop("loss")
             if not math.isfinite(last_loss):
                 raise errors.DataError(
                     f"the loss became {last_loss} at step {self.step}: lower learning_rate "
                     f"(now {cfg.learning_rate:g}) or set max_grad_norm"
                 )
-            used, peak = _memory(self.device)
+            used, peak = _memory(s.device)
             step_event = ev.Step(
                 step=self.step,
-                total_steps=self.total_steps,
+                total_steps=s.total_steps,
                 loss=last_loss,
                 lr=lr,
                 grad_norm=grad_norm,
                 tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
                 memory_used_bytes=used,
                 memory_peak_bytes=peak,
-                epoch=self.sampler.epoch,
+                epoch=s.sampler.epoch,
                 elapsed_s=time.perf_counter() - started,
-                **self._reward_stats(totals, denom),
+                **_event_fields(ev.Step, s.objective.step_metrics(totals, denom)),
             )
             self.reporter.emit(step_event)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                self.evaluate()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < s.total_steps:
+                self.evaluate(s)
                 if self.early.spent:
                     return self._finish(
-                        RunStatus.COMPLETED, last_loss, note=self.early.note(self.step), stopped_early=True
+                        s, RunStatus.COMPLETED, last_loss, note=self.early.note(self.step), stopped_early=True
                     )
-            if agreed_stop if self.ranks is not None else self.stop.requested:
-                path = self.save_checkpoint()
+            if self.world.stopping(self.stop.requested, agreed_stop):
+                path = self.save_checkpoint(s)
                 return self._finish(
-                    RunStatus.STOPPED, last_loss, note=f"Stopped at step {self.step}; resume from {path.name}"
+                    s, RunStatus.STOPPED, last_loss, note=f"Stopped at step {self.step}; resume from {path.name}"
                 )
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
-        if self.val_examples:
-            self.evaluate()
-        return self._finish(RunStatus.COMPLETED, last_loss)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < s.total_steps:
+                self.save_checkpoint(s)
+        if s.data.validation:
+            self.evaluate(s)
+        return self._finish(s, RunStatus.COMPLETED, last_loss)
 
-    def _reward_stats(self, totals: dict, pairs: int) -> dict:
-        if not self.dpo:
-            return {}
-        chosen, rejected = totals["reward_chosen"] / pairs, totals["reward_rejected"] / pairs
-        return {
-            "reward_chosen": chosen,
-            "reward_rejected": rejected,
-            "reward_margin": chosen - rejected,
-            "reward_accuracy": totals["reward_accuracy"] / pairs,
-        }
+    def _step_batches(self, s: SetUp) -> tuple[list[Batch], int]:
+        """The micro-batches this process trains in one optimizer step, and the whole step's loss denominator
+        (the objective's: trained tokens, pairs, ...), summed over every process."""
+        cfg, pad = self.config, s.tokenizer.pad_token_id
+        groups = [s.sampler.next_indices() for _ in range(cfg.gradient_accumulation_steps)]
+        # the same global batch on every process, this one's share of it (alone: all of it), in micro-batches
+        flat = [i for g in groups for i in g]
+        mine = flat[self.world.share(len(flat))]
+        groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        batches = [make_batch(s.data.train, g, pad, s.packing) for g in groups]
+        denom = int(self.world.sum([sum(s.objective.denominator(b) for b in batches)])[0])
+        return batches, denom
+
+    def _micro_step(self, s: SetUp, batch: Batch, denom: int) -> dict[str, float]:
+        return micro_step(s, batch, denom, self.world.world_size)
 
     @torch.no_grad()
-    def evaluate(self) -> None:
+    def evaluate(self, s: SetUp) -> None:
         """The eval loss (and, with early stopping, the best so far), then what the model answers now."""
-        self.model.eval()
-        bs, pad = self.config.batch_size, self.tokenizer.pad_token_id
-        loss_sum = count = margin = correct = 0.0
-        for start in range(0, len(self.val_examples), bs):
-            idx = list(range(start, min(start + bs, len(self.val_examples))))
-            batch = make_batch(self.val_examples, idx, pad, self.packing).to(self.device)
-            with self._autocast():
-                if not self.dpo:
-                    out = self.logps(batch)
-                    loss_sum += -out.logps.sum().item()
-                    count += out.logps.numel()
-                else:
-                    losses, rc, rr = self._dpo_terms(batch)  # held-out pairs: reference computed here
-                    loss_sum += losses.sum().item()
-                    count += batch.pairs
-                    margin += (rc - rr).sum().item()
-                    correct += (rc > rr).float().sum().item()
-        if count:
-            eval_loss = loss_sum / count
-            extra: dict[str, Any] = (
-                {"reward_margin": margin / count, "reward_accuracy": correct / count} if self.dpo else {}
-            )
+        s.model.eval()
+        val, bs = s.data.validation, self.config.batch_size
+        sums: dict[str, float] = {}
+        for start in range(0, len(val), bs):
+            batch = s.batch(val, list(range(start, min(start + bs, len(val)))))
+            with s.autocast():
+                for key, value in s.objective.eval_sums(batch).items():
+                    sums[key] = sums.get(key, 0.0) + value
+        if sums.get("count"):
+            eval_loss = sums["loss"] / sums["count"]
+            extra: dict[str, Any] = _event_fields(ev.Eval, s.objective.eval_metrics(sums))
             if self.early.patience:
-                is_best = self.early.observe(self.step, eval_loss, self.model)
+                is_best = self.early.observe(self.step, eval_loss, s.model)
                 if is_best:
                     self.store.update_run(
                         self.run_id,
@@ -650,53 +619,43 @@ class Recipe:
                     )
                 extra.update(best_eval_loss=self.early.best_eval_loss, best_step=self.early.best_step, is_best=is_best)
             self.reporter.emit(ev.Eval(step=self.step, eval_loss=eval_loss, **extra))
-        if self.sample_prompts:
-            shown, rendered = zip(*self.sample_prompts, strict=True)
+        if s.data.sample_prompts:
+            shown, rendered = zip(*s.data.sample_prompts, strict=True)
             answers = samples.greedy_answers(
-                self.model, self.tokenizer, list(rendered), self.config.sample_max_new_tokens, self.device
+                s.model, s.tokenizer, list(rendered), self.config.sample_max_new_tokens, s.device
             )
             self.reporter.emit(ev.Sample(step=self.step, prompts=list(shown), answers=answers))
-        self.model.train()
+        s.model.train()
 
     # --- checkpoint and clean-up ------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, s: SetUp) -> Path:
         state = checkpoint.TrainerState(
             step=self.step,
-            consumed=self.sampler.consumed,
+            consumed=s.sampler.consumed,
             run_id=self.run_id,
-            first_batch=self.sampler.first,
+            first_batch=s.sampler.first,
             **self.early.state(),
         )
-        if self.ranks is not None:
-            path = dist_checkpoint.save_checkpoint(
-                self.run_dir, self.module, self.model, self.optimizer, self.scheduler, state, self.ranks, self.scaler
-            )
-        else:
-            path = checkpoint.save_checkpoint(
-                self.run_dir, self.model, self.optimizer, self.scheduler, state, self.scaler
-            )
+        path = self.world.save_checkpoint(self.run_dir, s.forward, s.model, s.optimizer, s.scheduler, state, s.scaler)
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
     def record_peak(self) -> None:
         """The run's measured peak beside its estimate: CUDA allocated and reserved, or the CPU resident peak."""
-        device = getattr(self, "device", None)
-        if device is None:
-            return
-        peak = memory_budget.measured_peak(device)
+        peak = memory_budget.measured_peak(self.device)
         self.store.update_run(self.run_id, memory_peak_bytes=peak.allocated, memory_reserved_peak_bytes=peak.reserved)
 
     def _finish(
-        self, status: RunStatus, last_loss: float | None, note: str = "", stopped_early: bool = False
+        self, s: SetUp, status: RunStatus, last_loss: float | None, note: str = "", stopped_early: bool = False
     ) -> RunResult:
         adapter_dir = None
         if status == RunStatus.COMPLETED:
             adapter_dir = self.run_dir / "adapter"
-            weights = self.ranks.full_trainable_state(self.model) if self.ranks is not None else None
-            if self.main:
+            weights = self.world.adapter_state(s.model)  # FSDP gathers the full weights (every rank calls)
+            if self.world.is_main:
                 tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
                 # the trained adapter only (a DPO run's frozen 'reference' copy is not saved)
-                checkpoint.save_adapter(self.model, tmp, state_dict=weights)
+                checkpoint.save_adapter(s.model, tmp, state_dict=weights)
                 old = self.run_dir / f".adapter-old-{os.getpid()}"
                 if adapter_dir.exists():  # moved aside, not deleted, until the new one is in place
                     os.replace(adapter_dir, old)
@@ -729,6 +688,39 @@ class Recipe:
             )
         )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
+
+
+def micro_step(s: SetUp, batch: Batch, denom: int, world_size: int = 1) -> dict[str, float]:
+    """Forward + backward of one micro-batch on one of ``world_size`` processes; returns its share of the step's loss
+    and of the objective's metric sums."""
+    with s.autocast():
+        loss, stats = s.objective.loss(batch, denom)
+    # DDP and FSDP average gradients over the N processes; each one's loss is its part of the whole sum
+    back = loss * world_size
+    (s.scaler.scale(back) if s.scaler else back).backward()
+    return {**stats, "loss": loss.item()}
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """CUDA autocast in the run's 16-bit dtype; nothing elsewhere (the CPU's bf16-mixed is in the weights)."""
+    if device == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _sync(forward: torch.nn.Module, last: bool):
+    """DDP: all-reduce gradients in the last micro-batch's backward only."""
+    no_sync = getattr(forward, "no_sync", None)  # DDP has one; the unwrapped module has none
+    return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+
+
+def _event_fields(event: type[ev.Event], figures: dict[str, float]) -> dict[str, Any]:
+    """An objective's figures as keyword arguments of ``event``: the fields it names (DPO's rewards), the others
+    in its ``metrics``."""
+    named = {f.name for f in dataclasses.fields(event)} - {"metrics"}
+    fields: dict[str, Any] = {k: v for k, v in figures.items() if k in named}
+    own = {k: v for k, v in figures.items() if k not in named}
+    return {**fields, "metrics": own} if own else fields
 
 
 def _compact(item):

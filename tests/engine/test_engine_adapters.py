@@ -7,7 +7,7 @@ from engine_helpers import tiny_config, write_sft
 from finetune_studio.core.store import Store, new_run_id
 from finetune_studio.engine.models import load_causal_lm
 from finetune_studio.engine.train import adapters
-from finetune_studio.engine.train.recipe import Recipe, StopFlag
+from finetune_studio.engine.train.recipe import Recipe, SetUp, StopFlag
 from finetune_studio.engine.train.reporting import Reporter
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
@@ -30,7 +30,8 @@ def test_adapters_at_initialisation_leave_logits_unchanged(tiny_model_dir, tmp_p
     assert torch.equal(before, after) if method == "lora" else torch.allclose(before, after, atol=1e-6)
 
 
-def _trained_recipe(model_dir, tmp_path, **kw) -> Recipe:
+def _trained_recipe(model_dir, tmp_path, **kw) -> tuple[str, SetUp]:
+    """A completed run of 5 steps: its id, and what it trained with (its model)."""
     config = tiny_config(model_dir, write_sft(tmp_path / "sft.jsonl"), max_steps=5, learning_rate=3e-2, **kw)
     store = Store()
     run_id = new_run_id()
@@ -40,16 +41,16 @@ def _trained_recipe(model_dir, tmp_path, **kw) -> Recipe:
     reporter = Reporter()
     reporter.attach_run(store, run_id, run_dir)
     recipe = Recipe(config, run_id, run_dir, store, reporter, StopFlag())
-    result = recipe.run(resume=False)
-    assert result.status == "completed"
-    return recipe
+    setup = recipe.setup(resume=False)
+    assert recipe.train(setup).status == "completed"
+    return run_id, setup
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merged_weights_give_the_unmerged_logits(tiny_model_dir, tmp_path, method):
     # float32: under bf16-mixed (auto on a fast-bf16 CPU) the frozen weights are bf16 and a merge rounds to bf16
-    recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method, compute_dtype="float32")
-    model = recipe.model.eval()
+    _, setup = _trained_recipe(tiny_model_dir, tmp_path, method=method, compute_dtype="float32")
+    model = setup.model.eval()
     with torch.no_grad():
         unmerged = model(IDS).logits.clone()
         base_only = None
@@ -68,10 +69,10 @@ def test_exported_adapter_loaded_by_peft_gives_the_engines_logits(tiny_model_dir
     from finetune_studio.engine.export.writer import export_adapter
 
     # float32 (bf16-mixed trains on bf16-rounded frozen weights: tests/engine/test_mixed_precision.py checks its export)
-    recipe = _trained_recipe(tiny_model_dir, tmp_path, method=method, compute_dtype="float32")
+    run_id, setup = _trained_recipe(tiny_model_dir, tmp_path, method=method, compute_dtype="float32")
     with torch.no_grad():
-        engine_logits = recipe.model.eval()(IDS).logits.float()
-    out = export_adapter(recipe.run_id, tmp_path / "export")
+        engine_logits = setup.model.eval()(IDS).logits.float()
+    out = export_adapter(run_id, tmp_path / "export")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     import json
 
@@ -91,12 +92,12 @@ def test_exported_adapter_loaded_by_peft_gives_the_engines_logits(tiny_model_dir
 def test_export_refuses_to_overwrite_and_unknown_runs(tiny_model_dir, tmp_path):
     from finetune_studio.engine.export.writer import ExportError, export_adapter
 
-    recipe = _trained_recipe(tiny_model_dir, tmp_path)
+    run_id, _ = _trained_recipe(tiny_model_dir, tmp_path)
     target = tmp_path / "busy"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty"):
-        export_adapter(recipe.run_id, target)
+        export_adapter(run_id, target)
     assert (target / "keep.txt").read_text() == "mine"
     with pytest.raises(ExportError, match="no run named"):
         export_adapter("no-such-run", tmp_path / "x")

@@ -102,11 +102,11 @@ def test_the_reference_is_base_plus_starting_adapter_not_the_bare_base(tiny_mode
     run_id = store.create_run(config.to_dict(), run_dir=str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     recipe = Recipe(config, run_id, tmp_path / "run", store, Reporter(), StopFlag())
-    recipe.setup(resume=False)
-    batch = make_batch(recipe.train_examples, [0, 1, 2], recipe.tokenizer.pad_token_id)
-    ref_c, ref_r = recipe._reference_logps(batch)
-    assert any(p.requires_grad for n, p in recipe.model.named_parameters() if ".default." in n)
-    assert not any(p.requires_grad for n, p in recipe.model.named_parameters() if ".reference." in n)
+    setup = recipe.setup(resume=False)
+    batch = make_batch(setup.data.train, [0, 1, 2], setup.tokenizer.pad_token_id)
+    ref_c, ref_r = setup.objective.reference_logps(batch)
+    assert any(p.requires_grad for n, p in setup.model.named_parameters() if ".default." in n)
+    assert not any(p.requires_grad for n, p in setup.model.named_parameters() if ".reference." in n)
 
     def logps(model):
         out = LogprobModel(model)(batch)

@@ -176,10 +176,11 @@ def test_a_bf16_mixed_adapter_exported_onto_the_float32_base_gives_the_trained_l
     reporter = Reporter()
     reporter.attach_run(Store(), run_id, run_dir)
     recipe = Recipe(config, run_id, run_dir, Store(), reporter, StopFlag())
-    assert recipe.run(resume=False).status == "completed"
+    setup = recipe.setup(resume=False)
+    assert recipe.train(setup).status == "completed"
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
     with torch.no_grad():
-        trained = recipe.model.eval()(ids).logits.float()
+        trained = setup.model.eval()(ids).logits.float()
     out = export_adapter(run_id, tmp_path / "export")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -271,8 +272,8 @@ def test_auto_trains_qlora_in_bf16_mixed_only_on_a_cpu_with_fast_bf16(tiny_model
     config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), method="qlora", max_steps=1)
     assert config.compute_dtype == "auto"
     recipe = Recipe(config, "auto-qlora", tmp_path / "run", None, Reporter(), StopFlag())
-    recipe.setup(resume=False)
-    four_bit = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    setup = recipe.setup(resume=False)
+    four_bit = [m for m in setup.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 14
     want = torch.bfloat16 if fast else torch.float32
     assert all(m.compute_dtype == want for m in four_bit)

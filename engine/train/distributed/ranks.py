@@ -14,6 +14,9 @@ rank runs the same recipe (:mod:`engine.train.recipe`) with a :class:`Ranks` han
 
 The model is wrapped by torch's DDP (adapters replicated, their gradients all-reduced; frozen weights take no
 part) or by FSDP2 (``fully_shard`` on every decoder layer, then on the root): never by a home-made layer.
+
+A run on one process is a world of size one (:class:`OneProcess`): the same calls, each the identity (a sum over
+one rank is the value, a broadcast is the object, a barrier waits for nobody), so the recipe has one path.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from finetune_studio.engine import checkpoint
 from finetune_studio.engine.train.batches import Batch
+from finetune_studio.engine.train.distributed import checkpoint as dist_checkpoint
 from finetune_studio.engine.train.forward import LogprobModel, TokenLogps
 
 WORKER_ENV = "FINETUNE_STUDIO_RANK_WORKER"  # set by the launcher: this process is one rank of a run
@@ -72,8 +78,99 @@ class RankFailure:
             return None
 
 
+class World(Protocol):
+    """The processes training one run, as the recipe sees them: :class:`OneProcess` or :class:`Ranks`."""
+
+    rank: int
+    world_size: int
+    is_main: bool  # rank 0: emits the events, writes the run's rows and the adapter
+    parallelism: str
+
+    @property
+    def shards(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP)."""
+        ...
+
+    def device_share(self, device): ...
+    def share(self, n: int) -> slice: ...
+    def sum(self, values: list[float]) -> list[float]: ...
+    def broadcast(self, obj): ...
+    def barrier(self) -> None: ...
+    def wrap(self, model, dtype: torch.dtype, device: str, kernels: str = "auto") -> torch.nn.Module: ...
+    def check_shardable(self, config, device: str, dtype: torch.dtype) -> None: ...
+    def adapter_state(self, model) -> dict[str, torch.Tensor] | None: ...
+    def stopping(self, requested: bool, agreed: bool = False) -> bool: ...
+    def run_pid(self) -> int: ...
+    def announce_run(self, run_id: str, run_dir: str) -> None: ...
+    def hand_failure_to_launcher(self, kind: str, message: str, exc: BaseException, step: int) -> bool: ...
+    def save_checkpoint(
+        self, run_dir: Path, module, model, optimizer, scheduler, state: checkpoint.TrainerState, scaler=None
+    ) -> Path: ...
+
+
+class OneProcess:
+    """A run on one process: the world of size one, where every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+    local_rank = 0
+    is_main = True
+    shards = False
+
+    def __init__(self) -> None:
+        self.parallelism = ""  # nothing to split: DDP and FSDP are for several processes
+
+    def device_share(self, device):
+        """The whole ``device``: no other process shares it."""
+        return device
+
+    def share(self, n: int) -> slice:
+        return slice(0, n)
+
+    def sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def broadcast(self, obj):
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def wrap(self, model, dtype: torch.dtype, device: str, kernels: str = "auto") -> torch.nn.Module:
+        """The training forward as one module (:class:`LogpsModule`), wrapped by nothing."""
+        return LogpsModule(model, kernels)
+
+    def check_shardable(self, config, device: str, dtype: torch.dtype) -> None:
+        pass  # nothing is sharded
+
+    def adapter_state(self, model) -> dict[str, torch.Tensor] | None:
+        """None: the model holds its adapter's full weights, PEFT saves them as they are."""
+        return None
+
+    def stopping(self, requested: bool, agreed: bool = False) -> bool:
+        """One process stops as soon as it is asked to (at a step, or between set-up stages)."""
+        return requested
+
+    def run_pid(self) -> int:
+        """The process recorded as the run's (SIGTERM to it stops the run): this one."""
+        return os.getpid()
+
+    def announce_run(self, run_id: str, run_dir: str) -> None:
+        pass  # no launcher waits to learn the run
+
+    def hand_failure_to_launcher(self, kind: str, message: str, exc: BaseException, step: int) -> bool:
+        """False: no launcher; the process marks its run failed itself."""
+        return False
+
+    def save_checkpoint(
+        self, run_dir: Path, module, model, optimizer, scheduler, state: checkpoint.TrainerState, scaler=None
+    ) -> Path:
+        """A one-process checkpoint (:mod:`engine.checkpoint`)."""
+        return checkpoint.save_checkpoint(run_dir, model, optimizer, scheduler, state, scaler)
+
+
 class Ranks:
-    """This process's place in the run and the few collectives the recipe needs."""
+    """This process's place in a run on several processes and the few collectives the recipe needs."""
 
     def __init__(self, parallelism: str = "ddp"):
         self.rank = dist.get_rank()
@@ -109,6 +206,40 @@ class Ranks:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    @property
+    def shards(self) -> bool:
+        return self.parallelism == "fsdp"
+
+    def check_shardable(self, config, device: str, dtype: torch.dtype) -> None:
+        check_shardable(config, device, dtype)
+
+    def adapter_state(self, model) -> dict[str, torch.Tensor] | None:
+        """The adapter's full weights, gathered from every rank (every rank calls)."""
+        return self.full_trainable_state(model)
+
+    def stopping(self, requested: bool, agreed: bool = False) -> bool:
+        """Several processes stop together, at a step whose all-reduce carried the request (``agreed``): never
+        between set-up stages, and a request that comes later in a step waits for the next one."""
+        return agreed
+
+    def run_pid(self) -> int:
+        """The process recorded as the run's: the launcher (SIGTERM to it reaches every rank)."""
+        return int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
+
+    def announce_run(self, run_id: str, run_dir: str) -> None:
+        write_launch_file(run_id, run_dir)
+
+    def hand_failure_to_launcher(self, kind: str, message: str, exc: BaseException, step: int) -> bool:
+        """Write this rank's failure for the launcher, which names the rank that failed first and marks the run."""
+        record_failure(self.rank, kind, message, exc, step)
+        return True
+
+    def save_checkpoint(
+        self, run_dir: Path, module, model, optimizer, scheduler, state: checkpoint.TrainerState, scaler=None
+    ) -> Path:
+        """A distributed (DCP) checkpoint; every rank calls at the same step."""
+        return dist_checkpoint.save_checkpoint(run_dir, module, model, optimizer, scheduler, state, self, scaler)
 
     def wrap(self, model, dtype: torch.dtype, device: str, kernels: str = "auto") -> torch.nn.Module:
         """The PEFT ``model`` in a :class:`LogpsModule`, wrapped by DDP or sharded by FSDP2."""

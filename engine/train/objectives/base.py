@@ -1,0 +1,74 @@
+"""What every objective is: :class:`Objective`, and :class:`TrainedModel`, the model as an objective sees it."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from finetune_studio.core.config import TrainConfig
+from finetune_studio.engine.train.batches import Batch
+from finetune_studio.engine.train.forward import TokenLogps
+from finetune_studio.engine.train.init_adapter import StartingAdapter
+
+Progress = Callable[[str, int, int, str], None]  # stage, done, total, message (``Reporter.progress``)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The model being trained, as an objective sees it."""
+
+    model: Any  # the PEFT model: adapters on (the policy), off (the bare base), or its frozen 'reference' adapter
+    logps: Callable[[Batch], TokenLogps]  # the training forward (DDP- or FSDP-wrapped on several processes)
+    config: TrainConfig
+    device: str
+    autocast: Callable[[], AbstractContextManager]  # the run's autocast (CUDA in 16 bits), or nothing
+    start: StartingAdapter | None = None  # the adapter the run started from (init_adapter), if any
+
+
+class Objective(abc.ABC):
+    """Turns a batch into a loss and its metrics; one per run, made once the model is set up.
+
+    The recipe calls :meth:`denominator` for the step's micro-batches (summed over them and over processes), then
+    :meth:`loss` for each micro-batch inside its autocast, back-propagates the loss, sums the metric sums it returned
+    (over micro-batches and processes) and hands them to :meth:`step_metrics`, whose figures the ``Step`` event
+    carries. Evaluation sums :meth:`eval_sums` over the held-out batches (no gradient) and asks
+    :meth:`eval_metrics`. The key ``loss`` is the recipe's.
+    """
+
+    name: ClassVar[str]  # the config's ``objective`` value
+    data_kinds: ClassVar[tuple[str, ...]]  # the datasets it trains on (``engine.datasets``: sft, text, preference)
+    needs_reference: ClassVar[bool] = False  # started from an adapter: load a frozen 'reference' copy of it too
+
+    def __init__(self, trained: TrainedModel) -> None:
+        self.trained = trained
+
+    def prepare(self, examples: Sequence, batch: Callable[[list[int]], Batch], progress: Progress) -> None:
+        """Work done once before the first step, over the training ``examples`` (``batch(indices)`` lays some out
+        on the device); nothing by default."""
+        return None
+
+    @abc.abstractmethod
+    def denominator(self, batch: Batch) -> int:
+        """What the step's loss is averaged over, as much of it as ``batch`` holds (trained tokens, pairs)."""
+
+    @abc.abstractmethod
+    def loss(self, batch: Batch, denom: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step's loss (its sum over ``denom``, the step's whole denominator), to
+        back-propagate, and its sums of the objective's metrics."""
+
+    def step_metrics(self, sums: dict[str, float], denom: int) -> dict[str, float]:
+        """The step's figures from the summed metric sums of :meth:`loss`; none by default."""
+        return {}
+
+    @abc.abstractmethod
+    def eval_sums(self, batch: Batch) -> dict[str, float]:
+        """A held-out batch's ``loss`` (summed), the ``count`` it is averaged over, and sums of other figures."""
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """The evaluation's figures beside the eval loss (``sums["loss"] / sums["count"]``); none by default."""
+        return {}
