@@ -17,12 +17,34 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from finetune_studio.core import paths
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.protocol.events import FailureKind, Started, Step
+from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import Store, signal_process
 from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, OutcomeStatus, engine_command
 from finetune_studio.studio.state.run import EstimateView, MemoryState, RunPhase, RunState
+from finetune_studio.studio.state.run_log import LogFile
 
 FOLLOW_MS = 1000
+
+
+def stopped_on_request(outcome: Outcome, status: str) -> bool:
+    """The person pressed Stop and the engine ended by a signal before it could say so (while it was still
+    loading, before its own handler for the stop was in place; or killed when it took too long to stop)."""
+    return status == "stopping" and outcome.status == "crashed" and (outcome.exit_code or 0) > 128
+
+
+def stopped_message(outcome: Outcome) -> str:
+    if not outcome.run_id:
+        return "Stopped before training began; nothing was trained or saved."
+    return "Stopped before a checkpoint was saved; a resume starts from the last checkpoint (or from the start)."
+
+
+def device_bytes(run: dict) -> int:
+    """What the device had free when the run's memory estimate was made (0: not recorded)."""
+    try:
+        return MemoryReport.from_json(run.get("memory_estimate") or "").device_bytes
+    except (ValueError, TypeError, KeyError):
+        return 0
 
 
 def train_args(config_path: str, processes: int = 1) -> list[str]:
@@ -47,6 +69,7 @@ class RunController(QObject):
         self.followed_pid = 0
         self.followed_start = ""  # the followed process's start time: a reused pid is never signalled
         self.engine_argv = engine_command  # tests may swap in a fake engine
+        self.log_file: LogFile | None = None  # an opened or followed run's engine.log, for the Log tab
 
     @property
     def store(self) -> Store:
@@ -129,6 +152,10 @@ class RunController(QObject):
     def _on_ended(self, outcome: Outcome) -> None:
         outcome = self._reconciled(outcome)
         st = self.state
+        if stopped_on_request(outcome, st.status):
+            st.set_status("stopped", stopped_message(outcome))
+            self.run_ended.emit(outcome)
+            return
         if outcome.status == OutcomeStatus.DETACHED:
             st.set_status(RunPhase.RUNNING, "The run goes on in the background; reopen the app to follow it.")
         elif outcome.status in (OutcomeStatus.COMPLETED, OutcomeStatus.STOPPED):
@@ -179,6 +206,8 @@ class RunController(QObject):
         self._begin(config, run.get("name") or run_id)
         self._load_run_row(run)
         self._load_history(run_id)
+        self.log_file = LogFile.of_run(run.get("run_dir") or "")
+        self._read_log()
         status = run.get("status") or RunStatus.CREATED
         if status == RunStatus.RUNNING:
             self.followed_pid = int(run.get("pid") or 0)
@@ -190,13 +219,20 @@ class RunController(QObject):
             self._final_status(run)
         return True
 
+    def _read_log(self) -> None:
+        """The new lines of the opened or followed run's engine.log into the Log tab."""
+        for line in self.log_file.read_new() if self.log_file is not None else []:
+            self.state.add_log(line)
+
     def _load_run_row(self, run: dict) -> None:
         info = self.state.info
         info.run_id, info.run_dir = run["id"], run.get("run_dir") or ""
         info.total_steps = int(run.get("total_steps") or 0)
         info.device = run.get("device") or ""
         self.state.memory_budget_bytes = int(run.get("memory_budget_bytes") or 0)
-        self._budget(self.state.memory_budget_bytes, 0, info.device)
+        # the device's memory as the run's estimate saw it (free then): the bar is scaled to the device, not to the
+        # budget (the row keeps no total)
+        self._budget(self.state.memory_budget_bytes, device_bytes(run), info.device)
         self.state.notify("info")
         if run.get("best_step") is not None:
             self.state.set_best(run["best_step"], run.get("best_eval_loss"), run.get("best_checkpoint") or "")
@@ -224,6 +260,7 @@ class RunController(QObject):
             self.follow_timer.stop()
             return
         self._load_history(run_id)
+        self._read_log()
         if run.get("total_steps"):
             self.state.info.total_steps = int(run["total_steps"])
         if run.get("status") != RunStatus.RUNNING:

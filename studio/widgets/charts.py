@@ -33,6 +33,7 @@ COLORS = {
     "budget": (120, 120, 120),
 }
 TICK_MS = 30  # one chart is redrawn per tick
+EMPTY_STEPS = 10  # the step axis of a chart without data when the run's length is not known yet
 
 
 def make_curve(
@@ -100,7 +101,11 @@ class Chart(pg.PlotWidget):
             lo, hi = min(lo, extra_y), max(hi, extra_y)
         if self.from_zero and np.isfinite(lo):
             lo = min(lo, 0.0)
-        if not np.isfinite(lo):
+        if not np.isfinite(lo):  # nothing yet (a run before its first step): its steps, nothing of an earlier run's
+            empty = (0.0, float(x_max or EMPTY_STEPS), 0.0, 1.0)
+            if self._range != empty:
+                self._range = empty
+                self.getPlotItem().getViewBox().setRange(xRange=empty[:2], yRange=empty[2:], padding=0)
             return
         span = max(hi - lo, abs(hi) * 0.05, 1e-12)
         want_x = max(1.0, xhi)
@@ -188,6 +193,9 @@ class TrainingCharts(QWidget):
 
     def _on_state(self, topic: str) -> None:
         if topic not in ("metrics", "info"):
+            return
+        if not self.state.train.n and not self.state.eval.n:
+            self.refresh()  # a new run: clear every chart at once (hidden ones too), it costs nothing without data
             return
         for chart in self.charts:
             if chart not in self._dirty:

@@ -165,3 +165,51 @@ def test_dpo_chart_appears_with_reward_statistics(qtbot):
     assert not charts.dpo.isHidden()
     xs, ys = charts.dpo.curves["reward_margin"].getOriginalDataset()
     assert list(xs) == [1, 2, 3, 4, 5] and np.isnan(ys[0]) and ys[-1] == pytest.approx(0.5)
+
+
+def _steps(state: RunState, n: int, total: int = 50) -> None:
+    for i in range(1, n + 1):
+        state.apply(
+            Step(
+                step=i,
+                total_steps=total,
+                loss=2.0 / i,
+                lr=1e-4,
+                grad_norm=1.0,
+                tokens_per_s=500.0,
+                memory_used_bytes=1 << 30,
+                memory_peak_bytes=(1 << 30) + i,
+                elapsed_s=0.1 * i,
+            )
+        )
+
+
+def test_a_new_run_starts_on_empty_charts(qtbot):
+    """Between Start and the first step the charts show nothing of the previous run: no curve, no budget line, and
+    the axes of the new run (its steps), not the old one's."""
+    from finetune_studio.studio.widgets.charts import TrainingCharts
+
+    state = RunState()
+    charts = TrainingCharts(state)
+    qtbot.addWidget(charts)
+    charts.resize(900, 600)
+    charts.show()
+    qtbot.waitExposed(charts)
+    state.apply(Started(run_id="first", run_dir="/tmp/first", total_steps=50, memory_budget_bytes=2 << 30))
+    _steps(state, 50)
+    charts.refresh()
+    assert len(charts.loss.curves["loss"].getData()[0]) > 0 and charts.budget_line.isVisible()
+    old_x = charts.loss.getPlotItem().getViewBox().viewRange()[0]
+
+    state.reset("starting")  # Start pressed: the controller begins the new run
+    state.info.total_steps = 200
+    state.notify("info")
+    qtbot.waitUntil(lambda: not charts._timer.isActive(), timeout=3000)
+
+    for chart in charts.charts:
+        for curve in chart.curves.values():
+            xs, _ = curve.getData()
+            assert xs is None or len(xs) == 0, chart.title
+    assert not charts.budget_line.isVisible()
+    x_range = charts.loss.getPlotItem().getViewBox().viewRange()[0]
+    assert x_range != old_x and x_range[1] == pytest.approx(200)  # the new run's steps, before its first one

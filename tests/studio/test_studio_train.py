@@ -250,3 +250,70 @@ def test_elapsed_time_of_a_resumed_run_read_from_the_database_goes_on():
     assert st.elapsed_s == 39.0
     st.apply(_step(14, 12.0))  # the followed run's next step
     assert st.elapsed_s == 42.0
+
+
+def test_stop_while_starting_says_stopped_not_failed(qtbot, window):
+    """Stop pressed while the engine still loads (no handler for the stop yet: SIGTERM ends it) is a stop."""
+    win = window
+    win.controller.engine_argv = fake_engine("""
+        emit(type="progress", stage="model", done=0, total=1, message="Loading the model")
+        time.sleep(60)
+    """)
+    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
+    win.setup_page.request_start()
+    qtbot.waitUntil(lambda: win.run_state.progress is not None, timeout=30_000)
+    assert win.train_page.status.text() == "Starting…"
+    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000):
+        qtbot.mouseClick(win.train_page.stop_button, Qt.MouseButton.LeftButton)
+    page = win.train_page
+    assert win.run_state.status == "stopped" and page.status.text() == "Stopped"
+    assert "Stopped before training began" in page.message.text()
+    assert "signal" not in page.message.text() and "failed" not in page.message.text().lower()
+
+
+def test_a_reopened_run_shows_its_log_and_a_device_sized_memory_bar(qtbot, make_window, tmp_path):
+    from finetune_studio.core.config import TrainConfig
+    from finetune_studio.core.devices import DeviceInfo
+    from finetune_studio.core.memory.estimate import GIB, ModelShape
+    from finetune_studio.core.protocol.memory_report import memory_report
+
+    config = TrainConfig(dataset="demo.jsonl")
+    report = memory_report(
+        ModelShape.for_model_spec("default"), config, DeviceInfo("cpu", "CPU", 16 * GIB, 12 * GIB, True)
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "engine.log").write_text("".join(f"line {i}\n" for i in range(1, 31)), encoding="utf-8")
+    store = Store()
+    run_id = store.create_run(config.to_dict(), name="earlier", run_dir=str(run_dir))
+    store.update_run(
+        run_id, status="completed", memory_budget_bytes=report.total_bytes, memory_estimate=report.to_json(), step=5
+    )
+    win = make_window({})
+    assert win.controller.open_run(run_id)
+    text = win.train_page.log_view.toPlainText()
+    assert "line 1\n" in text + "\n" and text.rstrip().endswith("line 30")
+    est = win.run_memory.estimate
+    assert est.total_bytes == report.total_bytes
+    assert est.device_total_bytes == report.device_bytes > report.total_bytes  # the bar's scale is the device
+
+
+def test_a_followed_runs_log_grows_from_its_file(qtbot, make_window, tmp_path):
+    from finetune_studio.core.store import process_start
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    log = run_dir / "engine.log"
+    log.write_text("loading\n", encoding="utf-8")
+    store = Store()
+    run_id = store.create_run({"model": "m", "max_steps": 10}, name="background", run_dir=str(run_dir))
+    store.update_run(run_id, status="running", pid=os.getpid(), pid_start=process_start(os.getpid()))
+    win = make_window({})
+    qtbot.waitUntil(lambda: win.run_state.following, timeout=10_000)  # found and followed at start
+    assert win.train_page.log_view.toPlainText() == "loading"
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write("step 1 done\nhalf a li")
+    qtbot.waitUntil(lambda: "step 1 done" in win.train_page.log_view.toPlainText(), timeout=5000)
+    assert "half a li" not in win.train_page.log_view.toPlainText()
+    store.update_run(run_id, status="completed")
+    qtbot.waitUntil(lambda: not win.run_state.following, timeout=5000)
