@@ -497,25 +497,60 @@ def uses_fused_ops(shape: ModelShape, config: TrainConfig) -> bool:
     return config.fused_ops and shape.architecture in FUSED_OPS_ARCHITECTURES
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """How one training step lays out its work, as far as its memory goes: which of the engine's optimisations
+    apply to this model, batch and device (:func:`step_layout`). One description instead of a flag per
+    optimisation; each field's effect is in ``layer_activation_bytes`` and ``activation_bytes``."""
+
+    fused: bool = False  # kernels' fused norms and SwiGLU (``uses_fused_ops``)
+    recompute: bool = False  # the fused ops rebuild their outputs in backward (float32, no checkpointing)
+    gqa: bool = False  # attention keeps grouped keys and values at their own width (``kernels.attention``, CPU)
+    masked: bool = False  # a padding or block-diagonal mask reaches SDPA
+    mask_built: bool = False  # transformers builds a mask (padded rows, or a packed row of several sequences)
+    packed: bool = False  # ``packing``: one row of several sequences
+    split_attention: bool = False  # a packed row's attention sequence by sequence (the CPU)
+    checkpointing: bool = False  # ``gradient_checkpointing``: blocks recomputed in backward
+    fused_dora_output: bool = False  # ``fuses_dora_output``
+    chunked_dora_norm: bool = False  # ``chunked_dora_norm``
+
+
+def step_layout(shape: ModelShape, config: TrainConfig, rows: int, b: int, device_kind: str = "cuda") -> StepLayout:
+    """The layout of a step of ``rows`` rows computing in ``b`` bytes on ``device_kind``."""
+    fused = uses_fused_ops(shape, config)
+    packed = config.packing
+    cpu = device_kind == "cpu"
+    sequences = config.batch_size * (2 if config.objective == "dpo" else 1)
+    return StepLayout(
+        fused=fused,
+        recompute=fused and b == ADAPTER_BYTES and not config.gradient_checkpointing,
+        gqa=(fused or packed) and cpu,
+        # a packed row of one sequence has no mask (transformers finds no restart in its position ids)
+        masked=(not cpu and sequences > 1) if packed else rows > 1,
+        mask_built=rows > 1 or (packed and sequences > 1),
+        packed=packed,
+        split_attention=packed and cpu,
+        checkpointing=config.gradient_checkpointing,
+        fused_dora_output=fuses_dora_output(config),
+        chunked_dora_norm=chunked_dora_norm(config, device_kind),
+    )
+
+
 def layer_activation_bytes(
     shape: ModelShape,
     config: TrainConfig,
     rows: int,
     seq: int,
     b: int,
-    *,
-    fused: bool = False,
-    gqa: bool = False,
-    recompute: bool = False,
-    masked: bool | None = None,
-    split_attention: bool = False,
+    layout: StepLayout | None = None,
 ) -> int:
-    """What autograd keeps for one block with frozen base weights; per token (x T = rows * seq):
+    """What autograd keeps for one block with frozen base weights, laid out as ``layout`` says (default: padded
+    rows, none of the optimisations); per token (x T = rows * seq):
 
     - each RMSNorm: its input upcast to float32 (4h) + the rsqrt (4);      [norms * (4h + 4)]
       fused (``kernels.rms_norm``): its input in its own dtype (b*h) + rstd [norms * (b*h + 4)]
     - SDPA (flash / memory-efficient): q, k, v, output at b bytes + log-sum-exp (4 per head);
-      k and v are saved at q width when a padding mask makes transformers repeat them (rows > 1),
+      k and v are saved at q width when a padding mask makes transformers repeat them (``masked``),
       at their own width with ``gqa`` (``kernels.attention`` on the CPU)
                                                                             [b*(2q + 2kv') + 4*heads]
     - MLP: gate output (for SiLU), SiLU output and up output                [3*i*b]
@@ -532,30 +567,32 @@ def layer_activation_bytes(
     plus, once per block, the padding mask SDPA turns into an additive bias: rows * seq^2 * b (rows > 1),
     and for DoRA the weight norm and two scale vectors per adapted linear: 12 * out (``fuses_dora_output``: the
     scale m / n, 4 * out).
-    ``masked``: whether a mask reaches SDPA (default rows > 1; a packed row's block-diagonal mask does, except on
+    ``masked``: whether a mask reaches SDPA (padded rows > 1; a packed row's block-diagonal mask does, except on
     the CPU, where each sequence is its own causal call). ``split_attention`` (that CPU path): each call keeps its
     sequence's output and o_proj's adapter (float32) keeps their concatenation, a second copy  [b*q]
     Frozen linears keep nothing: the gradient of x needs only the weight.
     """
+    layout = layout or StepLayout(masked=rows > 1)
+    fused = layout.fused
     h, i = shape.hidden_size, shape.intermediate_size
-    padded = rows > 1 if masked is None else masked
-    repeated = padded and shape.num_key_value_heads < shape.num_attention_heads and not gqa
+    padded = layout.masked
+    repeated = padded and shape.num_key_value_heads < shape.num_attention_heads and not layout.gqa
     kv = shape.q_width if repeated else shape.kv_width
     per_token = shape.norms_per_layer * ((b * h if fused else 4 * h) + 4)
     per_token += b * (2 * shape.q_width + 2 * kv) + 4 * shape.num_attention_heads
     per_token += (2 if fused else 3) * i * b + (4 * (shape.q_width + shape.kv_width) if shape.qk_norm else 0)
     targeted = shape.targeted_layers(config.target_modules)
     if b == ADAPTER_BYTES:
-        kept = ("attn_out",) + (("attn_in", "mlp_in", "mlp_act") if recompute else ())
+        kept = ("attn_out",) + (("attn_in", "mlp_in", "mlp_act") if layout.recompute else ())
         per_token += sum(
             4 * lin.in_features for reads, lin in {lin.reads: lin for lin in targeted}.items() if reads not in kept
         )
     else:
         per_token += sum(4 * lin.in_features for lin in targeted)
     per_token += sum(4 * config.lora_rank for _ in targeted)
-    if split_attention and b == ADAPTER_BYTES and any(lin.reads == "attn_out" for lin in targeted):
+    if layout.split_attention and b == ADAPTER_BYTES and any(lin.reads == "attn_out" for lin in targeted):
         per_token += b * shape.q_width
-    if config.uses_dora and fuses_dora_output(config):
+    if config.uses_dora and layout.fused_dora_output:
         # the output, float32 (the wider of the base's and the float32 adapter's dtypes); the MLP's gate and up
         # outputs (and v, when attention keeps it unrepeated) are kept by their consumer already when b = 4
         shared = {"gate_proj", "up_proj", "gate_up_proj"} | (set() if repeated else {"v_proj"})
@@ -564,7 +601,7 @@ def layer_activation_bytes(
         )
     elif config.uses_dora:
         per_token += sum(lin.out_features * (b + 4) for lin in targeted)
-    constant = sum((4 if fuses_dora_output(config) else 12) * lin.out_features for lin in targeted)
+    constant = sum((4 if layout.fused_dora_output else 12) * lin.out_features for lin in targeted)
     constant = constant if config.uses_dora else 0
     return rows * seq * per_token + (rows * seq * seq * b if padded else 0) + constant
 
@@ -598,44 +635,25 @@ def activation_bytes(
     sequence by sequence (``engine.train.model_patches.fused_ops.apply_packed_attention``, keys and values at their own
     width)."""
     tokens = rows * seq
-    fused = uses_fused_ops(shape, config)
-    packed = config.packing
-    cpu = device_kind == "cpu"
-    gqa = (fused or packed) and cpu
-    sequences = config.batch_size * (2 if config.objective == "dpo" else 1)
-    # a packed row of one sequence has no mask (transformers finds no restart in its position ids)
-    masked = (not cpu and sequences > 1) if packed else rows > 1
+    layout = step_layout(shape, config, rows, b, device_kind)
+    fused = layout.fused
     final = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
-    if config.gradient_checkpointing:
-        one = layer_activation_bytes(
-            shape, config, rows, seq, b, fused=fused, gqa=gqa, masked=masked, split_attention=packed and cpu
-        )
+    if layout.checkpointing:
+        one = layer_activation_bytes(shape, config, rows, seq, b, layout)
         head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
         targeted = shape.targeted_layers(config.target_modules)
-        if config.uses_dora and chunked_dora_norm(config, device_kind) and not fuses_dora_output(config):
+        if config.uses_dora and layout.chunked_dora_norm and not layout.fused_dora_output:
             # peft's DoRA forward with the chunked norm: one chunk of rows of W + s B A at a time
             one += max(4 * min(lin.out_features, DORA_NORM_CHUNK) * lin.in_features for lin in targeted)
         elif config.uses_dora:  # measured: a dense float32 [out, in] per adapted linear (see the docstring)
             one += sum(4 * lin.in_features * lin.out_features for lin in targeted)
         recompute = max(0, one - head)
-        mask = rows * seq * seq if rows > 1 or (packed and sequences > 1) else 0
+        mask = rows * seq * seq if layout.mask_built else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
-    recompute = fused and b == ADAPTER_BYTES
-    one = layer_activation_bytes(
-        shape,
-        config,
-        rows,
-        seq,
-        b,
-        fused=fused,
-        gqa=gqa,
-        recompute=recompute,
-        masked=masked,
-        split_attention=packed and cpu,
-    )
+    one = layer_activation_bytes(shape, config, rows, seq, b, layout)
     rope = 2 * seq * shape.head_dim * b
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
-    if recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
+    if layout.recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
         first_norm -= tokens * 4 * shape.hidden_size
     return shape.num_hidden_layers * one - first_norm + final + rope
 
