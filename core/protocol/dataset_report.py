@@ -16,9 +16,12 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,8 @@ class Problem:
     # "dropped": the row was left out; "warning": kept, but look at it; "note": information.
     level: str = "warning"
 
-    def to_dict(self) -> dict:
-        out: dict = {"message": self.message, "level": self.level}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"message": self.message, "level": self.level}
         if self.line is not None:
             out["line"] = self.line
         if self.file:
@@ -105,7 +108,7 @@ class TokenStats:
     longest_rows: tuple[int, ...] = ()
     most_trained_rows: tuple[int, ...] = ()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -143,7 +146,7 @@ class ExamplePreview:
 
     line: int | None
     kind: str
-    data: dict  # the example in internal form (messages with roles), as JSON
+    data: dict[str, Any]  # the example in internal form (messages with roles), as JSON
     sequence: RenderedSequence | None = None
     chosen: RenderedSequence | None = None
     rejected: RenderedSequence | None = None
@@ -174,7 +177,7 @@ class DatasetReport(Event):
     length_bias: LengthBias | None = None  # in tokens with a tokenizer, else in characters
 
     @classmethod
-    def from_fields(cls, data: dict) -> DatasetReport:
+    def from_fields(cls, data: dict[str, Any]) -> DatasetReport:
         """Build from a decoded JSON object (``v`` and ``type`` already checked); ProtocolError if malformed."""
         try:
             return _build(cls, data)
@@ -207,7 +210,10 @@ _NESTED: dict[type, dict[str, Any]] = {
 _SCALARS: dict[str, Any] = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
 
 
-def _build(cls, data):
+_T = TypeVar("_T", bound="DataclassInstance")
+
+
+def _build(cls: type[_T], data: Any) -> _T:
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
     nested_fields = _NESTED.get(cls, {})
@@ -236,7 +242,7 @@ def _build(cls, data):
     return cls(**kwargs)
 
 
-def _check_scalar(cls, f: dataclasses.Field, value) -> None:
+def _check_scalar(cls: type, f: dataclasses.Field[Any], value: Any) -> None:
     base = str(f.type).split("[")[0].split(" | ")[0]
     want = _SCALARS.get(base)
     if want is None:
@@ -260,10 +266,10 @@ class DatasetConverted(Event):
     rows_written: int
     problems: tuple[Problem, ...] = ()
     # for LLaMA-Factory: the entry to add to its data/dataset_info.json (name -> description)
-    dataset_info: dict = field(default_factory=dict)
+    dataset_info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_fields(cls, data: dict) -> DatasetConverted:
+    def from_fields(cls, data: dict[str, Any]) -> DatasetConverted:
         """Build from a decoded JSON object (``v`` and ``type`` already checked); ProtocolError if malformed."""
         try:
             return _build(cls, data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError, parse_event
@@ -54,7 +54,7 @@ class DeviceReport(Event):
         return self.devices[0] if self.devices else None
 
     @classmethod
-    def from_fields(cls, data: dict) -> DeviceReport:
+    def from_fields(cls, data: dict[str, Any]) -> DeviceReport:
         """Build from a decoded JSON object (``v`` and ``type`` already checked); ProtocolError if malformed."""
         names = {f.name for f in dataclasses.fields(DeviceInfo)}
         try:

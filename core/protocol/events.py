@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 from finetune_studio.core.run_status import RunStatus
 
@@ -105,7 +105,8 @@ class Step(Event):
     reward_rejected: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
-    metrics: dict = field(default_factory=dict)  # an objective's own figures, by name (the reward_* are DPO's)
+    # an objective's own figures, by name (the reward_* are DPO's)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class Eval(Event):
     eval_loss: float
     reward_margin: float | None = None
     reward_accuracy: float | None = None
-    metrics: dict = field(default_factory=dict)  # an objective's own figures, by name (the reward_* are DPO's)
+    # an objective's own figures, by name (the reward_* are DPO's)
+    metrics: dict[str, float] = field(default_factory=dict)
     # With early stopping: the best eval loss so far, its step, and whether this evaluation is it.
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -160,7 +162,7 @@ class Finished(Event):
     step: int
     final_loss: float | None = None
     adapter_dir: str = ""
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str = ""  # with early stopping: the adapter folder of the best evaluation
     best_step: int | None = None
     stopped_early: bool = False  # the eval loss stopped improving before the last step
@@ -218,7 +220,7 @@ class ExportResult(Event):
     passed: bool  # every written form reloaded and answered like the trained model
     verdict: str  # one line for a person
     checkpoint: str = ""  # "final", "step-000050"
-    formats: list = field(default_factory=list)  # "adapter", "merged", "gguf-q8_0", "ollama"
+    formats: list[str] = field(default_factory=list)  # "adapter", "merged", "gguf-q8_0", "ollama"
     sample: str = ""  # the trained model's answer to the check's prompt
     report_file: str = ""
 
@@ -229,7 +231,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def load_message(line: str | bytes, version: int, error: type[Exception] = ProtocolError) -> dict:
+def load_message(line: str | bytes, version: int, error: type[Exception] = ProtocolError) -> dict[str, Any]:
     """One JSON-line message of a versioned protocol as a dict; ``error`` (:class:`ProtocolError` unless told) says
     why not: not JSON, not an object, or another version."""
     if isinstance(line, bytes):
@@ -252,7 +254,7 @@ def parse_event(line: str | bytes) -> Event:
     if cls is None:
         raise ProtocolError(f"unknown event type {data.get('type')!r}")
     if hasattr(cls, "from_fields"):  # events with nested dataclasses build themselves
-        return cls.from_fields(data)
+        return cast(Event, cls.from_fields(data))
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
@@ -64,7 +65,7 @@ class MemoryReport(Event):
     total_params: int
     trainable_params: int
     total_bytes: int
-    components: dict
+    components: dict[str, int]
     device_kind: str
     device_name: str
     device_bytes: int  # what the device has free (0: unknown)
@@ -74,8 +75,8 @@ class MemoryReport(Event):
     cheapest_change: str  # '' when it fits; else the change that makes it fit, or why none does
     params_source: str = "formula"  # 'formula' (config.json) or 'meta' (counted by the engine)
     compute_dtype: str = ""
-    terms: dict = field(default_factory=dict)  # core.memory.estimate's finer terms
-    notes: tuple = ()
+    terms: dict[str, int] = field(default_factory=dict)  # core.memory.estimate's finer terms
+    notes: tuple[str, ...] = ()
     v: int = REPORT_VERSION
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ class MemoryReport(Event):
         """Within ``TIGHT_SHARE`` of the device, or over it."""
         return self.device_bytes > 0 and self.total_bytes > TIGHT_SHARE * self.device_bytes
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["notes"] = list(self.notes)
         d["type"] = self.type
@@ -99,7 +100,7 @@ class MemoryReport(Event):
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> MemoryReport:
+    def from_dict(cls, d: dict[str, Any]) -> MemoryReport:
         if not isinstance(d, dict) or d.get("v") != REPORT_VERSION:
             raise ValueError(f"not a version-{REPORT_VERSION} memory report")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -113,7 +114,7 @@ class MemoryReport(Event):
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def from_fields(cls, data: dict) -> MemoryReport:
+    def from_fields(cls, data: dict[str, Any]) -> MemoryReport:
         """Build from a decoded event (``v`` and ``type`` already checked); ProtocolError if malformed."""
         try:
             return cls.from_dict(data)
@@ -165,7 +166,7 @@ def memory_report(
     )
 
 
-def _candidates(config: TrainConfig):
+def _candidates(config: TrainConfig) -> Iterator[tuple[str, TrainConfig]]:
     """Changes in rising order of cost: (what to tell a person, the changed config). The same effective batch
     (batch_size x accumulation) first: it changes nothing in what is learnt, only the speed."""
     c = config
@@ -196,7 +197,7 @@ def _candidates(config: TrainConfig):
         )
 
 
-def _smaller_batches(c: TrainConfig):
+def _smaller_batches(c: TrainConfig) -> Iterator[tuple[int, int]]:
     """Halved batch sizes down to 1, each with the accumulation that keeps (at least) the effective batch."""
     b = c.batch_size
     while b > 1:
