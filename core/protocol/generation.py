@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from finetune_studio.core.protocol.events import ProtocolError as ProtocolError  # this protocol's errors too
 from finetune_studio.core.protocol.events import load_message
@@ -40,7 +40,7 @@ ERROR_KINDS = ("bad_request", "model", "adapter", "context", "no_model", "oom", 
 BASE = ""  # the adapter name meaning "the base model, adapters switched off"
 
 
-def _body(obj) -> dict:
+def _body(obj: Message) -> dict[str, Any]:
     out = {"v": PROTOCOL_VERSION, "type": obj.type}
     out.update(dataclasses.asdict(obj))
     return out
@@ -90,7 +90,7 @@ class LoadModel(Request):
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model.strip() != "", "load: 'model' must name a model")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"load: unknown dtype {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"load: unknown device {self.device!r}")
@@ -114,7 +114,7 @@ class AttachAdapter(Request):
     source: str = ""
     checkpoint: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip() != "", "attach: 'name' must be a non-empty name")
         _check(isinstance(self.source, str) and self.source.strip() != "", "attach: 'source' must name an adapter")
         _check(
@@ -170,7 +170,7 @@ class Generate(Request):
     adapter: str | None = None
     stream_every: int = 4  # tokens per Delta (per candidate); 0: no deltas, only Done
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         msgs = self.messages
         _check(isinstance(msgs, (list, tuple)), "generate: 'messages' must be a list of {role, content}")
         turns = []
@@ -207,11 +207,11 @@ class Generate(Request):
         return self.temperature == 0
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_num(x) -> bool:
+def _is_num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -375,14 +375,17 @@ def is_final(reply: Reply) -> bool:
 # --- parsing ---------------------------------------------------------------------------------------------------
 
 
-def _load(line: str | bytes) -> dict:
+def _load(line: str | bytes) -> dict[str, Any]:
     data = load_message(line, PROTOCOL_VERSION)
     if not isinstance(data.get("id"), str):
         raise ProtocolError("every message needs a string 'id'")
     return data
 
 
-def _build(cls, data: dict):
+_M = TypeVar("_M", bound=Message)
+
+
+def _build(cls: type[_M], data: dict[str, Any]) -> _M:
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         return cls(**{k: v for k, v in data.items() if k in names})

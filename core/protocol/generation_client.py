@@ -34,13 +34,13 @@ def worker_argv(threads: int = 0) -> list[str]:
 
 
 class GenerationClient:
-    def __init__(self, argv: list[str] | None = None, env: dict | None = None, threads: int = 0):
+    def __init__(self, argv: list[str] | None = None, env: dict[str, str] | None = None, threads: int = 0) -> None:
         self.argv = argv or worker_argv(threads)
         self.env = env
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[str] | None = None
         self.ready: gp.Ready | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._replies: queue.Queue = queue.Queue()
+        self._replies: queue.Queue[gp.Reply | None] = queue.Queue()
         self._stash: dict[str, list[gp.Reply]] = collections.defaultdict(list)
         self._send_lock = threading.Lock()
 
@@ -74,7 +74,7 @@ class GenerationClient:
         self.ready = ready
         return ready
 
-    def _read_stdout(self, proc: subprocess.Popen, out: queue.Queue) -> None:
+    def _read_stdout(self, proc: subprocess.Popen[str], out: queue.Queue[gp.Reply | None]) -> None:
         assert proc.stdout is not None  # opened with stdout=PIPE
         for line in proc.stdout:
             if not line.strip():
@@ -85,7 +85,7 @@ class GenerationClient:
                 self.stderr_tail.append(f"(unreadable reply: {exc})")
         out.put(None)  # end of output: the worker has exited
 
-    def _read_stderr(self, proc: subprocess.Popen) -> None:
+    def _read_stderr(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr is not None  # opened with stderr=PIPE
         for line in proc.stderr:
             self.stderr_tail.append(line.rstrip("\n"))
@@ -118,7 +118,7 @@ class GenerationClient:
     def __enter__(self) -> GenerationClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # requests --------------------------------------------------------------------------------------------------
