@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune_studio.core import kernel_choice
 from finetune_studio.core.config import TrainConfig
@@ -110,7 +111,7 @@ class ModelShape:
     note: str = ""
 
     @classmethod
-    def from_config_dict(cls, d: dict) -> ModelShape:
+    def from_config_dict(cls, d: dict[str, Any]) -> ModelShape:
         """Llama-style configs (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3); others are read as Llama, flagged.
         GPT-2-style names (n_embd, n_layer, n_head, n_inner, n_positions) are read as their Llama names."""
         d = {**d, **d.get("text_config", {})}  # multimodal wrappers keep the LM under text_config
@@ -277,7 +278,7 @@ class DataLengths:
         )
 
     @classmethod
-    def from_token_stats(cls, tokens, total_rows: int = 0) -> DataLengths | None:
+    def from_token_stats(cls, tokens: Any, total_rows: int = 0) -> DataLengths | None:
         """From the data report's token statistics (``core.protocol.dataset_report.TokenStats``, what ``engine data
         inspect
         --json`` measured: its ``longest_rows`` and ``most_trained_rows``), if it has them; ``total_rows``: the
