@@ -7,37 +7,53 @@ once, so a crashed or closed app loses nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
 import time
+import typing
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from finetune_studio.core import paths, preferences
-from finetune_studio.core.run_status import RUN_STATUSES, RunStatus  # noqa: F401 - RUN_STATUSES: still importable here
+from finetune_studio.core.protocol.events import Eval, Step
+from finetune_studio.core.run_status import (  # noqa: F401 - RUN_STATUSES: still importable here
+    RUN_STATUSES,
+    RunStatus,
+    parse_status,
+)
 
-# Columns of the metrics table beyond (run_id, kind, step).
-METRIC_COLUMNS = {
-    "loss": float,
-    "lr": float,
-    "grad_norm": float,
-    "tokens_per_s": float,
-    "memory_used_bytes": int,
-    "memory_peak_bytes": int,
-    "epoch": float,
-    "elapsed_s": float,
-    "reward_chosen": float,
-    "reward_rejected": float,
-    "reward_margin": float,
-    "reward_accuracy": float,
-    "eval_loss": float,
-    "time": float,
-}
+# Fields of the Step and Eval events that are not a step's figures: the row's key (step), the run's length, and
+# early stopping's best-so-far (kept on the run's row: best_step, best_eval_loss).
+NOT_METRICS = frozenset({"step", "total_steps", "best_eval_loss", "best_step", "is_best"})
+
+
+def _metric_columns() -> dict[str, type]:
+    """The metrics table's columns beyond (run_id, kind, step): every number of the ``Step`` and ``Eval`` events, in
+    their order (a train row fills Step's, an eval row Eval's), then when the row was written."""
+    columns: dict[str, type] = {}
+    for event in (Step, Eval):
+        hints = typing.get_type_hints(event)
+        for f in dataclasses.fields(event):
+            kind = _NUMBERS.get(hints[f.name])
+            if kind is not None and f.name not in NOT_METRICS and f.name not in columns:
+                columns[f.name] = kind
+    columns["time"] = float
+    return columns
+
+
+# A figure's type in the events -> its column's (fields of other types, such as an objective's ``metrics`` by name,
+# are not columns).
+_NUMBERS: dict[object, type] = {int: int, float: float, float | None: float, int | None: int}
+
+
+METRIC_COLUMNS = _metric_columns()  # name -> int or float
 SCHEMA_VERSION = 2  # 2: the preference store (core/preferences.py), run lineage, samples, best checkpoint
 # Run columns added without a schema version of their own, created on open where missing (older databases work).
 LATER_RUN_COLUMNS = {
@@ -45,6 +61,136 @@ LATER_RUN_COLUMNS = {
     "memory_reserved_peak_bytes": int,  # CUDA: the allocator's reserved peak (memory_peak_bytes: allocated)
     "pid_start": str,  # the engine process's start time beside its pid (a pid alone can be reused)
 }
+
+
+class _ReadByKey:
+    """Lets a record be read as the dict it replaced (``row["id"]``, ``row.get("status")``), for the readers not yet
+    moved to its attributes; a name that is no field raises KeyError, as a missing dict key did."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = getattr(self, name, None) if name in self._names() else None
+        return default if value is None else value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._names())
+
+    @classmethod
+    def _names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    @classmethod
+    def _from_row(cls, row: dict[str, Any]) -> Any:
+        """A record from a database row: unknown columns (a newer app's) are ignored, a NULL takes the default."""
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            value = row.get(f.name)
+            if value is not None or (f.name in row and f.default is None):
+                values[f.name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class RunRecord(_ReadByKey):
+    """One run as the database holds it (a row of ``runs``)."""
+
+    id: str
+    status: RunStatus  # interrupted when it was running and its process is gone
+    name: str = ""
+    model: str = ""
+    dataset: str = ""
+    method: str = ""
+    objective: str = ""
+    config: str = "{}"  # the run's TrainConfig as JSON (see config_dict)
+    run_dir: str = ""
+    pid: int | None = None
+    pid_start: str = ""  # the process's start time beside its pid (a pid alone can be reused)
+    device: str = ""
+    created_at: float | None = None
+    started_at: float | None = None
+    updated_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    error: str = ""
+    error_kind: str = ""  # core.protocol.events.FailureKind's value
+    adapter_dir: str = ""
+    memory_budget_bytes: int = 0
+    memory_peak_bytes: int = 0
+    memory_reserved_peak_bytes: int = 0
+    memory_estimate: str = ""  # core.protocol.memory_report.MemoryReport as JSON ('' for older runs)
+    parent_run_id: str = ""
+    init_adapter: str = ""
+    pairs_snapshot: str = ""
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    best_checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        status = parse_status(self.status)
+        if status is None:
+            raise ValueError(f"run {self.id}: {self.status!r} is no run status")
+        object.__setattr__(self, "status", status)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunRecord:
+        return typing.cast(RunRecord, cls._from_row(row))
+
+    def config_dict(self) -> dict[str, Any]:
+        """The run's config as a dict ({} when the stored text is not a JSON object)."""
+        try:
+            value = json.loads(self.config or "{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class MetricRow(_ReadByKey):
+    """One step's figures (a row of ``metrics``): a train row has the ``Step`` event's, an eval row the ``Eval``
+    event's; the others are None. Its fields are :data:`METRIC_COLUMNS` (a test keeps them so)."""
+
+    run_id: str
+    kind: str  # "train" | "eval"
+    step: int
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    memory_used_bytes: int | None = None
+    memory_peak_bytes: int | None = None
+    epoch: float | None = None
+    elapsed_s: float | None = None
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    eval_loss: float | None = None
+    time: float | None = None  # when the row was written (seconds since the epoch)
+
+    def figures(self) -> dict[str, float | int | None]:
+        """The row's figures by column name (for column stores such as the studio's curves)."""
+        return {name: getattr(self, name) for name in METRIC_COLUMNS} | {"step": self.step}
+
+
+@dataclass(frozen=True)
+class SampleRow(_ReadByKey):
+    """What the model answered to one fixed prompt at one evaluation (a row of ``samples``)."""
+
+    run_id: str
+    step: int
+    position: int  # the prompt's place among the run's sample prompts
+    prompt: str
+    answer: str
 
 
 def now() -> float:
@@ -228,7 +374,13 @@ class Store:
 
     # --- runs ---------------------------------------------------------------
     def create_run(
-        self, config: dict, *, run_id: str | None = None, run_dir: str = "", name: str = "", parent_run_id: str = ""
+        self,
+        config: dict[str, Any],
+        *,
+        run_id: str | None = None,
+        run_dir: str = "",
+        name: str = "",
+        parent_run_id: str = "",
     ) -> str:
         run_id = run_id or new_run_id()
         t = now()
@@ -256,14 +408,14 @@ class Store:
         fields["updated_at"] = now()
         self.db.table("runs").update(run_id, fields)
 
-    def get_run(self, run_id: str) -> dict | None:
+    def get_run(self, run_id: str) -> RunRecord | None:
         try:
             row = self.db.table("runs").get(run_id)
         except sqlite_utils.db.NotFoundError:
             return None
-        return self._with_liveness(row)
+        return self._record(row)
 
-    def find_run(self, ref: str) -> dict | None:
+    def find_run(self, ref: str) -> RunRecord | None:
         """A run by id, by unique id prefix, or by its run folder."""
         run = self.get_run(ref)
         if run:
@@ -272,53 +424,54 @@ class Store:
         if p.exists():
             rows = list(self.db["runs"].rows_where("run_dir = ?", [str(p.resolve())]))
             if rows:
-                return self._with_liveness(rows[0])
+                return self._record(rows[0])
         rows = list(self.db["runs"].rows_where("id like ?", [ref + "%"], limit=2))
-        return self._with_liveness(rows[0]) if len(rows) == 1 else None
+        return self._record(rows[0]) if len(rows) == 1 else None
 
-    def list_runs(self, *, status: str | None = None, order_by: str = "created_at desc") -> list[dict]:
+    def list_runs(self, *, status: str | None = None, order_by: str = "created_at desc") -> list[RunRecord]:
         where, args = ("status = ?", [status]) if status else (None, [])
-        return [self._with_liveness(r) for r in self.db["runs"].rows_where(where, args, order_by=order_by)]
+        return [self._record(r) for r in self.db["runs"].rows_where(where, args, order_by=order_by)]
 
     @staticmethod
-    def _with_liveness(row: dict) -> dict:
-        """A run marked running whose process is gone was interrupted (crash, kill, power cut)."""
-        if row.get("status") == RunStatus.RUNNING and not pid_alive(row.get("pid"), row.get("pid_start")):
-            row = dict(row, status=RunStatus.INTERRUPTED.value)
-        return row
+    def _record(row: dict[str, Any]) -> RunRecord:
+        """The row as a record. A run marked running whose process is gone was interrupted (crash, kill, power cut);
+        a status this app does not know (a newer app's) reads as interrupted too."""
+        status = parse_status(row.get("status") or RunStatus.CREATED) or RunStatus.INTERRUPTED
+        if status == RunStatus.RUNNING and not pid_alive(row.get("pid"), row.get("pid_start")):
+            status = RunStatus.INTERRUPTED
+        return RunRecord.from_row({**row, "status": status})
 
-    def run_config(self, run_id: str) -> dict:
+    def run_config(self, run_id: str) -> dict[str, Any]:
         run = self.get_run(run_id)
-        return json.loads(run["config"]) if run else {}
+        return run.config_dict() if run else {}
 
     # --- metrics ------------------------------------------------------------
-    def add_metrics(self, run_id: str, kind: str, step: int, values: dict) -> None:
+    def add_metrics(self, run_id: str, kind: str, step: int, values: dict[str, Any]) -> None:
         row = {"run_id": run_id, "kind": kind, "step": step, "time": now()}
         row.update({k: v for k, v in values.items() if k in METRIC_COLUMNS and v is not None})
         self.db.table("metrics").upsert(row, pk=("run_id", "kind", "step"))
 
-    def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[dict]:
-        return list(
-            self.db["metrics"].rows_where(
-                "run_id = ? and kind = ? and step > ?", [run_id, kind, since_step], order_by="step"
-            )
+    def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[MetricRow]:
+        rows = self.db["metrics"].rows_where(
+            "run_id = ? and kind = ? and step > ?", [run_id, kind, since_step], order_by="step"
         )
+        return [typing.cast(MetricRow, MetricRow._from_row(r)) for r in rows]
 
     def delete_metrics_after(self, run_id: str, step: int) -> None:
         """A resumed run re-trains the steps after its checkpoint: drop their old rows."""
         self.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
 
-    def lineage(self, run_id: str) -> list[dict]:
+    def lineage(self, run_id: str) -> list[RunRecord]:
         """The run and the runs it started from (``init_adapter``), oldest first."""
-        chain: list[dict] = []
+        chain: list[RunRecord] = []
         run = self.find_run(run_id)
-        while run is not None and all(r["id"] != run["id"] for r in chain):
+        while run is not None and all(r.id != run.id for r in chain):
             chain.append(run)
-            run = self.get_run(run["parent_run_id"]) if run.get("parent_run_id") else None
+            run = self.get_run(run.parent_run_id) if run.parent_run_id else None
         return chain[::-1]
 
-    def children(self, run_id: str) -> list[dict]:
-        return [self._with_liveness(r) for r in self.db["runs"].rows_where("parent_run_id = ?", [run_id])]
+    def children(self, run_id: str) -> list[RunRecord]:
+        return [self._record(r) for r in self.db["runs"].rows_where("parent_run_id = ?", [run_id])]
 
     # --- samples: what the model answered to fixed prompts at each evaluation ------
     def add_samples(self, run_id: str, step: int, prompts: list[str], answers: list[str]) -> None:
@@ -328,11 +481,12 @@ class Store:
                 [(run_id, step, i, p, a) for i, (p, a) in enumerate(zip(prompts, answers, strict=True))],
             )
 
-    def samples(self, run_id: str) -> list[dict]:
-        return list(self.db["samples"].rows_where("run_id = ?", [run_id], order_by="step, position"))
+    def samples(self, run_id: str) -> list[SampleRow]:
+        rows = self.db["samples"].rows_where("run_id = ?", [run_id], order_by="step, position")
+        return [typing.cast(SampleRow, SampleRow._from_row(r)) for r in rows]
 
     # --- preference pairs (see core/preferences.py) -----------------------------
-    def add_pairs(self, pairs: Iterable[dict], source: str = "") -> int:
+    def add_pairs(self, pairs: Iterable[dict[str, Any]], source: str = "") -> int:
         """Import {prompt, chosen, rejected} pairs; returns how many were new."""
         return self.preferences.import_pairs(pairs, source=source).added
 

@@ -181,8 +181,8 @@ class MainWindow(QMainWindow):
 
     def choose_export_options(self, run_id: str):
         """Export as...: the person's choice of place, checkpoint and formats (None: cancelled)."""
-        run = self.controller.store.get_run(run_id) or {}
-        dialog = ExportOptionsDialog(run_id, run.get("run_dir", ""), self)
+        run = self.controller.store.get_run(run_id)
+        dialog = ExportOptionsDialog(run_id, run.run_dir if run else "", self)
         return dialog.options() if dialog.exec() else None
 
     def export_run_as(self, run_id: str) -> None:

@@ -8,6 +8,7 @@ line, or a ``failed`` event when there is no such run. ``lineage`` runs oldest f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ class LineageRun:
     parent_run_id: str = ""
 
     @classmethod
-    def from_fields(cls, data: dict[str, Any]) -> LineageRun:
+    def from_fields(cls, data: Mapping[str, Any]) -> LineageRun:
         """From a JSON object or a database row; a null column takes the field's default."""
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):

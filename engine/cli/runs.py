@@ -14,7 +14,7 @@ import sys
 
 from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.core.protocol.run_lineage import LineageRun, RunLineage
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import RunRecord, Store
 
 
 def main(argv: list[str]) -> int:
@@ -33,13 +33,13 @@ def main(argv: list[str]) -> int:
             if args.json:
                 print(Failed(message=message, kind=FailureKind.CONFIG).to_json())
             return 1
-        chain = store.lineage(run["id"])
-        children = store.children(run["id"])
+        chain = store.lineage(run.id)
+        children = store.children(run.id)
     finally:
         store.close()
     answer = RunLineage(
-        lineage=tuple(LineageRun.from_fields(r) for r in chain),
-        children=tuple(LineageRun.from_fields(r) for r in children),
+        lineage=tuple(_lineage_run(r) for r in chain),
+        children=tuple(_lineage_run(r) for r in children),
     )
     if args.json:
         print(answer.to_json())
@@ -50,3 +50,17 @@ def main(argv: list[str]) -> int:
     for r in answer.children:
         print(f"{'  ' * len(chain)}started from it: {r.id}  {r.objective} {r.status}  {r.name}")
     return 0
+
+
+def _lineage_run(r: RunRecord) -> LineageRun:
+    return LineageRun(
+        id=r.id,
+        name=r.name,
+        objective=r.objective,
+        status=r.status.value,
+        step=r.step,
+        final_loss=r.final_loss,
+        init_adapter=r.init_adapter,
+        pairs_snapshot=r.pairs_snapshot,
+        parent_run_id=r.parent_run_id,
+    )

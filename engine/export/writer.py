@@ -18,11 +18,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune_studio.core import export_target
 from finetune_studio.core.export_target import MARKER, ExportTargetError
 from finetune_studio.core.run_status import export_refusal, is_exportable
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import RunRecord, Store
 from finetune_studio.engine import checkpoint
 from finetune_studio.engine.export import build as export_build
 from finetune_studio.engine.export import card as export_card
@@ -45,7 +46,7 @@ class Source:
     """The adapter to export: a run's final adapter or one of its checkpoints."""
 
     folder: Path
-    run: dict
+    run: RunRecord | dict[str, Any]  # the run's row ({} for a run folder the database does not know)
     config: dict
     label: str  # "final" or "step-000050"
     step: int
@@ -84,7 +85,7 @@ class ExportOutcome:
 # --- which adapter ---------------------------------------------------------------
 
 
-def _run_and_dir(run_ref: str) -> tuple[dict, Path]:
+def _run_and_dir(run_ref: str) -> tuple[RunRecord | dict[str, Any], Path]:
     store = Store()
     try:
         run = store.find_run(run_ref)
@@ -158,7 +159,7 @@ def find_source(run_ref: str, which: str | None = None) -> Source:
     return make(step)
 
 
-def find_adapter(run_ref: str) -> tuple[Path, dict]:
+def find_adapter(run_ref: str) -> tuple[Path, RunRecord | dict[str, Any]]:
     """(adapter folder, run row or {}) for a run id, id prefix or run folder: final adapter or newest checkpoint."""
     source = find_source(run_ref)
     return source.folder, source.run

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_studio.core.config import ConfigError, TrainConfig
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import RunRecord, Store
 from finetune_studio.engine import checkpoint
 from finetune_studio.engine.train import adapters
 
@@ -37,7 +37,7 @@ def _is_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and (folder / "adapter_model.safetensors").is_file()
 
 
-def _owning_run(store: Store, folder: Path) -> dict | None:
+def _owning_run(store: Store, folder: Path) -> RunRecord | None:
     """The run whose folder holds ``folder`` (its adapter/, best/ or checkpoints/step-N/)."""
     for parent in list(folder.resolve().parents)[:3]:
         if (parent / "config.json").is_file():

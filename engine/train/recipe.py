@@ -410,7 +410,8 @@ class Recipe:
 
     def stopped_in_setup(self) -> RunResult:
         """Stop asked for during set-up: the run ends ``stopped`` where its last checkpoint left it."""
-        step = int((self.store.get_run(self.run_id) or {}).get("step") or 0)
+        run = self.store.get_run(self.run_id)
+        step = run.step if run else 0
         self.reporter.log("Stopped during set-up, before any training step")
         self.store.update_run(self.run_id, status=RunStatus.STOPPED, finished_at=time.time())
         self.reporter.emit(ev.Finished(run_id=self.run_id, status=RunStatus.STOPPED, step=step, final_loss=None))
@@ -425,7 +426,8 @@ class Recipe:
             raise errors.DataError("no dataset given: set 'dataset' to a data file")
         snapshot_id = ""
         if pairs.is_store_dataset(cfg.dataset):
-            recorded = (self.store.get_run(self.run_id) or {}).get("pairs_snapshot")  # a resumed run keeps its data
+            run = self.store.get_run(self.run_id)
+            recorded = run.pairs_snapshot if run else ""  # a resumed run keeps its data
             data, snap = pairs.load_snapshot(self.store.preferences, recorded or cfg.dataset)
             snapshot_id = snap.id
             self.store.update_run(self.run_id, pairs_snapshot=snap.id)

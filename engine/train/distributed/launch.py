@@ -246,7 +246,8 @@ def _after_stop(events, launch_file: str, exc) -> int:
         return 0  # stopped before any run existed
     store = Store()
     try:
-        status = (store.get_run(run["run_id"]) or {}).get("status")
+        recorded = store.get_run(run["run_id"])
+        status = recorded.status if recorded else None
     finally:
         store.close()
     if status in ("stopped", "completed"):
