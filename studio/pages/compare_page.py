@@ -7,9 +7,10 @@ for that request, so the two answers differ exactly by the adapter.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import cast
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
@@ -30,6 +31,7 @@ from finetune_studio.core.protocol import generation as gp
 from finetune_studio.core.run_status import is_exportable
 from finetune_studio.studio.pages.annotate.page import SideBox
 from finetune_studio.studio.services.generation_worker import AdapterSpec, GenerationWorker
+from finetune_studio.studio.state.run_labels import run_labels, run_tooltip
 from finetune_studio.studio.widgets.flow_layout import FlowLayout
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
@@ -114,6 +116,7 @@ class ComparePage(QWidget):
         self._done: list[gp.Done | None] = [None, None]
         self._used: list[tuple[str, AdapterSpec | None]] = []
         self.candidates: tuple[str, str] | None = None
+        self.run_names: dict[str, str] = {}
         self.recorded = False
         worker.reply.connect(self._on_reply)
         worker.died.connect(self._on_died)
@@ -129,11 +132,41 @@ class ComparePage(QWidget):
         return bool(self._requests or self._prepare)
 
     def refresh(self) -> None:
-        runs = [r["id"] for r in self.store.list_runs() if is_exportable(r.get("status") or "")]
+        everyone = self.store.list_runs()
+        runs = [r for r in everyone if is_exportable(r.get("status") or "")]
+        self.run_names = run_labels(runs, everyone)  # run id -> its name ("dpo-1 from sft-demo")
+        tips = {r["id"]: run_tooltip(r) for r in runs}
         for box in self.sides:
-            box.set_runs(runs)
+            try:
+                chosen = self._side(box, "").adapter  # a run's id, a folder, or '' for the base
+            except ValueError:  # a checkpoint that is no step number: the run choice is still kept by name
+                chosen = ""
+            box.set_runs([r["id"] for r in runs])
+            for i in range(box.adapter.count()):  # shown by name; the id stays the item's data
+                rid = box.adapter.itemData(i)
+                if rid in self.run_names:
+                    box.adapter.setItemText(i, self.run_names[rid])
+                    box.adapter.setItemData(i, tips[rid], Qt.ItemDataRole.ToolTipRole)
+            if chosen in self.run_names:  # the run chosen before the refresh, by its name again
+                box.adapter.setCurrentIndex(box.adapter.findData(chosen))
         if not self.model.text():
             self.model.setText(self._model() or "default")
+
+    def _side(self, box, model: str):
+        """The side a box describes, its adapter the run's id when a run is chosen by its name."""
+        side = box.side(model)
+        index = box.adapter.currentIndex()
+        rid = box.adapter.itemData(index) if index >= 0 else None
+        if rid and box.adapter.itemText(index) == box.adapter.currentText():
+            side = dataclasses.replace(side, adapter=rid)
+        return side
+
+    def heading(self, side) -> str:
+        """What answers on one side, by name: "Base model", "dpo-1 from sft-demo", "sft-demo, step 40"."""
+        if not side.adapter:
+            return "Base model (adapters off)"
+        who = self.run_names.get(side.adapter, side.adapter)
+        return who + (f", step {side.checkpoint}" if side.checkpoint is not None else "")
 
     def _say(self, text: str) -> None:
         self.status.setText(text)
@@ -153,7 +186,7 @@ class ComparePage(QWidget):
             return
         model = self.model.text().strip() or "default"
         try:
-            sides = [box.side(model) for box in self.sides]
+            sides = [self._side(box, model) for box in self.sides]
         except ValueError as exc:
             self._say(str(exc))
             return
@@ -165,7 +198,7 @@ class ComparePage(QWidget):
         self._set_choice_enabled(False)
         for col, side in enumerate(sides):
             self.answers[col].setPlainText("")
-            self.heads[col].setText(side.label().replace(f" (seed {side.seed})", ""))
+            self.heads[col].setText(self.heading(side))
         self._prepare = set(self.worker.prepare(model, adapters))
         self._requests = {}
         for col, side in enumerate(sides):

@@ -7,12 +7,15 @@ the defaults (the adapter, checked, in the data directory's ``exports/`` folder)
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QDialog,
@@ -28,11 +31,46 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core import export_target
 from finetune_studio.core.protocol.events import ExportResult, Progress
+from finetune_studio.core.store import Store
 from finetune_studio.studio.services.jobs import EngineJob
+from finetune_studio.studio.state.run_labels import run_label
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
+QUIET_S = 5  # seconds without a progress event before the dialog shows it is still working
+
+
+def in_app_words(message: str) -> str:
+    """The engine's command-line advice in the dialog's words (its Replace it button is the CLI's --force)."""
+    return message.replace("replace it (--force)", "press Replace it").replace("(--force)", "(Replace it)")
+
+
+def check_notes(result: ExportResult) -> list[str]:
+    """check.json's notes: what the check did not check, and why."""
+    report = Path(result.report_file) if result.report_file else Path(result.path) / "check.json"
+    try:
+        notes = json.loads(report.read_text(encoding="utf-8")).get("notes") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in notes if n]
+
+
+def stored_run_label(run_id: str) -> str:
+    """The run's name (with "from <parent>"), read from the database; the id when it cannot be read."""
+    try:
+        store = Store()
+    except (OSError, sqlite3.Error):  # a damaged or locked database: the id still names the run
+        return run_id
+    try:
+        run = store.get_run(run_id)
+        parent = store.get_run(run["parent_run_id"]) if run and run.get("parent_run_id") else None
+        return run_label(run, parent) if run else run_id
+    except (OSError, sqlite3.Error, KeyError):
+        return run_id
+    finally:
+        store.close()
 
 
 @dataclass(frozen=True)
@@ -65,7 +103,8 @@ class ExportOptionsDialog(QDialog):
 
     def __init__(self, run_id: str, run_dir: str = "", parent: QWidget | None = None):
         super().__init__(parent)
-        self.setWindowTitle(f"Export {run_id} as…")
+        self.setWindowTitle(f"Export {stored_run_label(run_id)} as…")
+        self.setToolTip(run_id)
         self.place = QLineEdit(self)
         self.place.setPlaceholderText("exports/ in the studio's data folder")
         browse = QPushButton("Choose…", self)
@@ -155,11 +194,20 @@ class ExportDialog(QDialog):
         self.replace_button.clicked.connect(self._replace)
         self.open_button = QPushButton("Open folder", self)
         self.open_button.clicked.connect(self.open_folder)
+        self.copy_button = QPushButton("Copy path", self)
+        self.copy_button.setObjectName("exportCopyPath")
+        self.copy_button.clicked.connect(self.copy_path)
+        self.copy_button.hide()
+        self.open_url = QDesktopServices.openUrl  # False where no file manager is registered; tests swap it
         self.close_button = QPushButton("Close", self)
         self.close_button.clicked.connect(self.hide)
+        # a sign of life while a stage takes long (the reload check can take minutes without a progress event)
+        self._alive = QTimer(self, interval=1000)
+        self._alive.timeout.connect(self._tick)
+        self._stage_text, self._quiet_s = "", 0
         buttons = QHBoxLayout()
         buttons.addStretch(1)
-        for b in (self.cancel_button, self.replace_button, self.open_button, self.close_button):
+        for b in (self.cancel_button, self.replace_button, self.copy_button, self.open_button, self.close_button):
             buttons.addWidget(b)
         lay = QVBoxLayout(self)
         for w in (self.stage, self.bar, self.verdict, self.path):
@@ -172,30 +220,58 @@ class ExportDialog(QDialog):
 
     def start(self, run_id: str, options: ExportOptions | None = None) -> None:
         self.run_id, self.options, self.result = run_id, options or ExportOptions(), None
+        label = stored_run_label(run_id)
+        self.setWindowTitle(f"Export {label}")
         self.verdict.setText("")
         self.path.setText("")
-        self.stage.setText(f"Exporting {run_id}…")
+        self.copy_button.hide()
+        self.replace_button.hide()
+        self.show()
+        if self.options.out:  # a place the person chose: refuse at once, not after the engine has started
+            try:
+                export_target.check_target(self.options.out, force=self.options.force)
+            except export_target.ExportTargetError as exc:
+                self._failed(str(exc))
+                return
+        self.stage.setText(f"Exporting {label}…")
+        self._stage_text, self._quiet_s = self.stage.text(), 0
         self.bar.setRange(0, 0)
         self._set_running(True)
-        self.replace_button.hide()
+        self._alive.start()
         self.job.run(*self.options.args(run_id))
-        self.show()
 
     def cancel(self) -> None:
         if self.job.running:
             self.job.cancel()  # SIGTERM: the engine removes its temporary folder
-            self.stage.setText("Cancelled; nothing was written.")
             self._set_running(False)
+            self.stage.setText("Cancelled; nothing was written.")
+
+    def _tick(self) -> None:
+        """Five seconds without news: the bar turns busy and the stage says how long it has been working."""
+        self._quiet_s += 1
+        if self._quiet_s >= QUIET_S and self.job.running:
+            self.bar.setRange(0, 0)
+            self.stage.setText(f"{self._stage_text} (working, {self._quiet_s} s)")
 
     def open_folder(self) -> None:
-        if self.result is not None:
-            QDesktopServices.openUrl(QUrl.fromLocalFile(self.result.path))
+        """Open the export's folder in the file manager; where none is set up, say so and offer its path."""
+        if self.result is None:
+            return
+        if not self.open_url(QUrl.fromLocalFile(self.result.path)):
+            self.stage.setText("No file manager is set up to open folders here. The export is in the folder below:")
+            self.copy_button.show()
+
+    def copy_path(self) -> None:
+        QApplication.clipboard().setText(self.path.text())
+        self.copy_button.setText("Copied")
 
     def _replace(self) -> None:
         opts = self.options
         self.start(self.run_id, ExportOptions(opts.out, opts.checkpoint, opts.formats, opts.quants, force=True))
 
     def _set_running(self, running: bool) -> None:
+        if not running:
+            self._alive.stop()
         self.cancel_button.setVisible(running)
         self.close_button.setVisible(not running)
         self.open_button.setVisible(not running and self.result is not None)
@@ -204,7 +280,8 @@ class ExportDialog(QDialog):
     def _progress(self, event: Progress) -> None:
         self.bar.setRange(0, max(event.total, 1))
         self.bar.setValue(event.done)
-        self.stage.setText(event.message)
+        self._stage_text, self._quiet_s = event.message or event.stage, 0
+        self.stage.setText(self._stage_text)
 
     def _done(self, result) -> None:
         if not isinstance(result, ExportResult):
@@ -212,14 +289,24 @@ class ExportDialog(QDialog):
             return
         self.result = result
         self.stage.setText("Export written and checked." if result.passed else "Export written, but the check FAILED.")
-        text = result.verdict + (f"\n\nSample answer: {result.sample!r}" if result.sample else "")
+        text = result.verdict
+        if "ollama" in result.formats:
+            modelfile = Path(result.path) / "gguf" / "Modelfile"
+            text += (
+                f"\nOllama: the Modelfile was written beside the GGUF (the check reloads the GGUF; the Modelfile needs "
+                f"Ollama itself). Create the model with: ollama create NAME -f {modelfile}"
+            )
+        notes = check_notes(result)
+        if notes:
+            text += "\n\nNot checked, and why:\n" + "\n".join(f"• {n}" for n in notes)
+        text += f"\n\nSample answer: {result.sample!r}" if result.sample else ""
         self.verdict.setText(text)
         self.path.setText(result.path)
         self._set_running(False)
 
     def _failed(self, message: str) -> None:
         self.result = None
-        self.stage.setText("Export not written.")
-        self.verdict.setText(message)
         self._set_running(False)
+        self.stage.setText("Export not written.")
+        self.verdict.setText(in_app_words(message))
         self.replace_button.setVisible("holds a previous export" in message and not self.options.force)

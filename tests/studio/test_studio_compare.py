@@ -81,3 +81,40 @@ def test_base_against_adapter_same_seed_and_a_choice_in_the_store(qtbot, page, t
         assert (chosen["adapter"], chosen["seed"], chosen["source"]) == (adapter, 5, "compare")
     finally:
         other.close()
+
+
+def test_runs_are_offered_by_name_with_their_parent_and_sent_by_id(qtbot, page):
+    store = page.store
+    sft = store.create_run({"model": "m", "objective": "sft"}, run_id="20261207-013549-58921c", name="sft-demo")
+    dpo = store.create_run(
+        {"model": "m", "objective": "dpo"}, run_id="20261207-020000-aaaaaa", name="dpo-1", parent_run_id=sft
+    )
+    for rid in (sft, dpo):
+        store.update_run(rid, status="completed")
+    page.refresh()
+    combo = page.sides[1].adapter
+    texts = [combo.itemText(i) for i in range(combo.count())]
+    assert "sft-demo" in texts and "dpo-1 from sft-demo" in texts
+    assert not any(t.startswith("2026") for t in texts)  # no ids on show
+    combo.setCurrentIndex(texts.index("dpo-1 from sft-demo"))
+    assert dpo in combo.itemData(combo.currentIndex(), Qt.ItemDataRole.ToolTipRole)
+    side = page._side(page.sides[1], "m")
+    assert side.adapter == dpo  # the worker gets the run's id
+    assert page.heading(side) == "dpo-1 from sft-demo"
+    assert page.heading(page._side(page.sides[0], "m")) == "Base model (adapters off)"
+    page.refresh()  # a refresh keeps the choice
+    assert page._side(page.sides[1], "m").adapter == dpo
+
+
+def test_run_labels_tell_apart_runs_with_one_name():
+    from finetune_studio.studio.state.run_labels import run_label, run_labels
+
+    runs = [
+        {"id": "a", "name": "sft-demo", "created_at": 1.0e9},
+        {"id": "b", "name": "sft-demo", "created_at": 1.0e9 + 60},
+        {"id": "c", "name": "dpo", "parent_run_id": "a"},
+    ]
+    labels = run_labels(runs)
+    assert labels["c"].startswith("dpo from sft-demo")
+    assert labels["a"] != labels["b"] and labels["a"].startswith("sft-demo (")
+    assert run_label({"id": "x", "name": ""}) == "x"

@@ -336,3 +336,61 @@ def test_a_run_never_resumed_has_no_earlier_sessions(qtbot):
     store = Store()
     seed(store)
     assert earlier_sessions(store) == {}
+
+
+def test_export_as_into_a_previous_export_is_refused_before_the_engine_starts(qtbot, window, tmp_path):
+    from finetune_studio.core.export_target import MARKER, marker_text
+    from finetune_studio.studio.widgets.export_dialog import ExportOptions
+
+    win, ids = window
+    dialog = win.export_dialog
+    previous = tmp_path / "exported"
+    previous.mkdir()
+    (previous / "adapter_model.safetensors").write_bytes(b"x")
+    (previous / MARKER).write_text(marker_text(["adapter_model.safetensors"]), encoding="utf-8")
+    calls: list = []
+    win.export_job.command = recording(fake_engine("time.sleep(30)"), calls)
+    dialog.start(ids[0], ExportOptions(out=str(previous)))
+    assert calls == [] and not win.export_job.running  # refused at once, no engine started
+    assert "holds a previous export" in dialog.verdict.text() and "--force" not in dialog.verdict.text()
+    assert "Replace it" in dialog.verdict.text() and dialog.replace_button.isVisible()
+    assert dialog.windowTitle() == "Export alpha"  # the run's name, not its id
+
+
+def test_export_shows_it_is_working_the_modelfile_and_what_was_not_checked(qtbot, window, tmp_path):
+    import json as _json
+
+    from finetune_studio.studio.widgets import export_dialog
+
+    win, ids = window
+    dialog = win.export_dialog
+    (tmp_path / "check.json").write_text(
+        _json.dumps(
+            {"passed": True, "notes": ["llama-cpp-python is not installed: GGUF checked through transformers"]}
+        ),
+        encoding="utf-8",
+    )
+    win.export_job.command = fake_engine(
+        f"""
+        emit(type="progress", stage="check", done=2, total=3, message="Checking that the export reloads")
+        time.sleep({export_dialog.QUIET_S + 2})
+        emit(type="export", run_id="2026-0", path={str(tmp_path)!r}, passed=True, checkpoint="final",
+             verdict="passed", formats=["adapter", "gguf-q8_0", "ollama"])
+        """
+    )
+    dialog.start(ids[0])
+    qtbot.waitUntil(lambda: "working" in dialog.stage.text(), timeout=20_000)
+    assert dialog.stage.text().startswith("Checking that the export reloads")
+    assert dialog.bar.maximum() == 0  # busy: a moving bar, not a bar stuck at 66 %
+    qtbot.waitUntil(lambda: dialog.result is not None, timeout=20_000)
+    verdict = dialog.verdict.text()
+    assert "Modelfile" in verdict and str(tmp_path / "gguf" / "Modelfile") in verdict
+    assert "Not checked" in verdict and "llama-cpp-python is not installed" in verdict
+
+    dialog.open_url = lambda _url: False  # no file manager registered
+    dialog.open_button.click()
+    assert "No file manager" in dialog.stage.text() and dialog.copy_button.isVisible()
+    dialog.copy_button.click()
+    from PySide6.QtWidgets import QApplication
+
+    assert QApplication.clipboard().text() == str(tmp_path)
