@@ -23,8 +23,9 @@ from pathlib import Path
 from finetune_studio.core.protocol.dataset_report import DatasetConverted, DatasetReport, ExamplePreview, Problem
 from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.engine.cli.argparsing import UsageErrorParser
+from finetune_studio.engine.datasets import pairs
 from finetune_studio.engine.datasets.convert import TARGETS, llama_factory_info, write_examples
-from finetune_studio.engine.datasets.loader import open_dataset
+from finetune_studio.engine.datasets.loader import DatasetStream, open_dataset
 from finetune_studio.engine.datasets.preview import preview_example
 from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.report import (
@@ -136,7 +137,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 def cmd_inspect(args) -> int:
     # One pass over a stream: only the rows measured for the statistics (cut to what max_length can reach) and
     # the preview row are kept, so memory does not grow with the file.
-    stream = open_dataset(args.file, _mapping(args.mapping), max_length=args.max_length)
+    stream: DatasetStream | pairs.StoreStream
+    if pairs.is_store_dataset(args.file):  # the preference store's pairs, as training reads them
+        stream = pairs.StoreStream(args.file)
+    else:
+        stream = open_dataset(args.file, _mapping(args.mapping), max_length=args.max_length)
     log = ProblemLog()
     try:
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)

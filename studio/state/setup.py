@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.config import OBJECTIVES, ConfigError, TrainConfig
 from finetune_studio.core.protocol.dataset_report import DatasetReport
 from finetune_studio.core.protocol.device_report import DeviceReport
 from finetune_studio.studio.state.observable import Observable
@@ -133,11 +133,14 @@ class SetupState(Observable):
 
     def validate(self) -> None:
         values, errors = self.typed_values()
-        for name, value in values.items():  # each field alone, so every bad field is named
+        # each field alone, so every bad field is named; with the objective, which some fields depend on
+        # (``pairs:`` data is DPO's)
+        context = {"objective": values["objective"]} if values.get("objective") in OBJECTIVES else {}
+        for name, value in values.items():
             if name in errors:
                 continue
             try:
-                TrainConfig.from_dict({name: value})
+                TrainConfig.from_dict({**context, name: value})
             except ConfigError as exc:
                 errors[exc.field if exc.field in HELP else name] = _reason(exc)
         config = None

@@ -320,9 +320,18 @@ def app_factory(xserver_factory, tmp_path, request):
         return app
 
     yield make
-    for app in apps:
+    failed = getattr(getattr(request.node, "rep_call", None), "failed", False)
+    for i, app in enumerate(apps):
+        if failed and app.proc is not None and app.proc.poll() is None:
+            try:
+                shot = app.screenshot(f"failure-{i}")
+                widgets = app.state()["widgets"]
+                texts = {k: w["text"] for k, w in widgets.items() if w["text"] and len(w["text"]) < 300}
+                sys.stderr.write(f"--- on screen at the failure ({shot}) ---\n{json.dumps(texts, indent=1)}\n")
+            except (AssertionError, subprocess.CalledProcessError) as exc:
+                sys.stderr.write(f"no picture of the failure: {exc}\n")
         app.quit()
-        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        if failed:
             sys.stderr.write(f"--- app log ({app.home}) ---\n{app.log()}\n")
 
 

@@ -229,6 +229,7 @@ def test_adapter_side_and_train_dpo_in_one_click(qtbot, make_window, tiny_model_
     assert win.tabs.currentIndex() == SETUP
     values = win.setup_state.values
     assert (values["objective"], values["dataset"], values["init_adapter"]) == ("dpo", "pairs:latest", adapter)
+    assert (values["learning_rate"], values["run_name"]) == ("2e-05", "dpo-from-adapter")
 
 
 def test_import_and_export_messages_from_the_tab(qtbot, make_page, tmp_path):

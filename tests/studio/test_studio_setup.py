@@ -250,3 +250,35 @@ def test_demo_data_in_one_click_with_the_matching_objective(qtbot, make_window, 
     assert (st.dataset_info.kind, st.dataset_info.rows) == ("preference", 400)
     assert "objective" not in st.errors and page.start_button.isEnabled(), page.blockers.text()
     assert "chosen" in panel.preview.toPlainText()
+
+
+def test_pairs_of_the_store_are_a_dataset_set_up_can_start_on(qtbot, make_window, tiny_model_dir):
+    """``pairs:latest`` and ``pairs:<snapshot>`` (what Annotate's *Train DPO on these pairs* sets) are checked by the
+    real ``data inspect``: the pair count, DPO, and Start enabled; SFT on them is explained next to the dataset."""
+    from finetune_studio.core.store import Store
+
+    store = Store()
+    rows = [{"prompt": f"Q{i}", "chosen": f"good answer {i}", "rejected": f"bad {i}"} for i in range(3)]
+    store.preferences.import_pairs(rows)
+    snapshot = store.preferences.snapshot().id
+    store.preferences.import_pairs([{"prompt": "Q9", "chosen": "good 9", "rejected": "bad 9"}])
+    store.close()
+    win = make_window({"model": str(tiny_model_dir), "dataset": "pairs:latest", "objective": "dpo", "max_steps": 2})
+    win.show()
+    st, page = win.setup_state, win.setup_page
+    qtbot.waitUntil(
+        lambda: st.dataset_info is not None or bool(st.dataset_message and not st.dataset_pending), timeout=60_000
+    )
+    assert st.dataset_info is not None, st.dataset_message
+    assert (st.dataset_info.format, st.dataset_info.kind, st.dataset_info.rows) == ("pairs", "preference", 4)
+    assert "4 rows" in page.dataset_panel.summary.text()
+    qtbot.waitUntil(lambda: page.start_button.isEnabled(), timeout=30_000)
+    st.set("dataset", f"pairs:{snapshot}")  # an export's snapshot: the pairs as they were then
+    qtbot.waitUntil(lambda: st.dataset_info is not None and st.dataset_info.rows == 3, timeout=60_000)
+    assert page.start_button.isEnabled(), page.blockers.text()
+    st.set("objective", "sft")
+    assert "DPO" in st.errors["dataset"] and not page.start_button.isEnabled()
+    st.set("objective", "dpo")
+    st.set("dataset", "pairs:pairs-000000000000")
+    qtbot.waitUntil(lambda: not st.dataset_pending and "dataset" in st.errors, timeout=60_000)
+    assert "no pairs snapshot" in st.errors["dataset"] and not page.start_button.isEnabled()

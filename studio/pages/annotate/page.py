@@ -538,6 +538,9 @@ class AnnotatePage(QWidget):
     def _annotator_changed(self) -> None:
         """Another person labels the same session under their own name (their decisions are theirs)."""
         name = self.annotator.text().strip()
+        if self.spec is not None and name != self.spec.annotator:
+            self.spec.annotator = name  # the session reopens under the name typed last, whenever it was typed
+            self.spec.save()
         if self.labeller is not None and name != self.labeller.annotator:
             assert self.spec is not None
             self.labeller = an.Labeller(self.store.preferences, self.spec, annotator=name)
@@ -831,15 +834,22 @@ class AnnotatePage(QWidget):
         )
 
     def train_dpo(self) -> None:
+        """Set up for DPO on the store's pairs (the last export's snapshot, else the pairs as they are now), from the
+        adapter that answered, at DPO's learning rate, under a run name of its own."""
         spec = self.spec
-        config = {
+        config: dict = {
             "objective": "dpo",
             "dataset": f"pairs:{self.last_snapshot}" if self.last_snapshot else "pairs:latest",
+            "learning_rate": an.DPO_LEARNING_RATE,
+            "run_name": "dpo" + (f"-{spec.name}" if spec is not None else ""),
         }
         if spec is not None:
             side = spec.side_a if spec.side_a.adapter else spec.side_b
             config["model"] = spec.side_a.model
             config["init_adapter"] = side.init_adapter
+            if side.adapter:
+                run = self.store.get_run(side.adapter) if "/" not in side.adapter else None
+                config["run_name"] = f"dpo-from-{(run or {}).get('name') or Path(side.adapter).name}"
         self.train_dpo_requested.emit(config)
 
     def shutdown(self) -> None:
