@@ -15,6 +15,8 @@ PYCHECK
 
 # System libraries Qt's xcb platform and the offscreen platform need on a bare Debian/Ubuntu machine.
 QT_DEBS="libegl1 libgl1 libglib2.0-0 libfontconfig1 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libx11-xcb1"
+# The end-to-end tests (tests/e2e) run the app in an X server of their own and drive it through the window system.
+[ "$what" = test ] && QT_DEBS="$QT_DEBS xvfb xdotool imagemagick x11-utils"
 if command -v dpkg-query >/dev/null 2>&1; then
   missing=""
   for deb in $QT_DEBS; do
@@ -22,11 +24,11 @@ if command -v dpkg-query >/dev/null 2>&1; then
   done
   if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      echo "Installing system libraries for Qt:$missing" >&2
+      echo "Installing system packages for Qt (and the end-to-end tests):$missing" >&2
       (apt-get install -y -qq $missing >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $missing >/dev/null; }) \
         || echo "Could not install:$missing. Install them with your package manager." >&2
     else
-      echo "Qt needs these system packages:$missing" >&2
+      echo "Qt (and the end-to-end tests) need these system packages:$missing" >&2
       echo "Install them with: sudo apt-get install$missing" >&2
     fi
   fi
