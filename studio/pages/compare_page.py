@@ -133,15 +133,15 @@ class ComparePage(QWidget):
 
     def refresh(self) -> None:
         everyone = self.store.list_runs()
-        runs = [r for r in everyone if is_exportable(r.get("status") or "")]
+        runs = [r for r in everyone if is_exportable(r.status)]
         self.run_names = run_labels(runs, everyone)  # run id -> its name ("dpo-1 from sft-demo")
-        tips = {r["id"]: run_tooltip(r) for r in runs}
+        tips = {r.id: run_tooltip(r) for r in runs}
         for box in self.sides:
             try:
                 chosen = self._side(box, "").adapter  # a run's id, a folder, or '' for the base
             except ValueError:  # a checkpoint that is no step number: the run choice is still kept by name
                 chosen = ""
-            box.set_runs([r["id"] for r in runs])
+            box.set_runs([r.id for r in runs])
             for i in range(box.adapter.count()):  # shown by name; the id stays the item's data
                 rid = box.adapter.itemData(i)
                 if rid in self.run_names:

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 
 from finetune_studio.core.config import ConfigError
 from finetune_studio.core.run_status import RUN_STATUSES, is_exportable, is_resumable
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import RunRecord, Store
 from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
 from finetune_studio.studio.widgets.flow_layout import FlowLayout
@@ -121,7 +121,7 @@ class RunsPage(QWidget):
         )
         self.slurm_button.clicked.connect(self.save_slurm)
         # what the Save SLURM script… action asks; tests answer instead of a person
-        self.choose_slurm_options = lambda run: ask_slurm_options(self, run.get("name") or run["id"])
+        self.choose_slurm_options = lambda run: ask_slurm_options(self, run.name or run.id)
         self.choose_slurm_file = lambda suggested: QFileDialog.getSaveFileName(
             self, "Save the SLURM script", suggested, "SLURM scripts (*.sbatch *.sh);;All files (*)"
         )[0]
@@ -191,26 +191,24 @@ class RunsPage(QWidget):
             if self.proxy.index(row, 0).data(RUN_ID_ROLE) in run_ids:
                 sel.select(self.proxy.index(row, 0), sel.SelectionFlag.Select | sel.SelectionFlag.Rows)
 
-    def _run(self, run_id: str) -> dict | None:
-        return next((r for r in self.model.runs if r["id"] == run_id), None)
+    def _run(self, run_id: str) -> RunRecord | None:
+        return next((r for r in self.model.runs if r.id == run_id), None)
 
     def _selection_changed(self) -> None:
         ids = self.selected_ids()
         one = self._run(ids[0]) if len(ids) == 1 else None
         self.open_button.setEnabled(one is not None)
         self.again_button.setEnabled(one is not None)
-        self.resume_button.setEnabled(one is not None and is_resumable(one.get("status")))
-        exportable = one is not None and is_exportable(one.get("status"))
+        self.resume_button.setEnabled(one is not None and is_resumable(one.status))
+        exportable = one is not None and is_exportable(one.status)
         self.export_button.setEnabled(exportable)
         self.export_as_button.setEnabled(exportable)
         self.slurm_button.setEnabled(one is not None)
         if one is not None:
             try:
-                self.config_view.setPlainText(
-                    json.dumps(json.loads(one.get("config") or "{}"), indent=2, sort_keys=True)
-                )
+                self.config_view.setPlainText(json.dumps(json.loads(one.config or "{}"), indent=2, sort_keys=True))
             except ValueError:
-                self.config_view.setPlainText(one.get("config") or "")
+                self.config_view.setPlainText(one.config)
         else:
             self.config_view.setPlainText("")
         self._draw_overlay(ids[:MAX_OVERLAY])
@@ -225,10 +223,10 @@ class RunsPage(QWidget):
         for i, run_id in enumerate(ids):
             rows = self.store.metrics(run_id, "train")
             ema = Ema(0.9)
-            xs = [r["step"] for r in rows]
-            ys = [ema.update(r.get("loss")) for r in rows]
-            run = self._run(run_id) or {}
-            curve = make_curve(plot, PALETTE[i % len(PALETTE)], run.get("name") or run_id, width=2)
+            xs = [r.step for r in rows]
+            ys = [ema.update(r.loss) for r in rows]
+            run = self._run(run_id)
+            curve = make_curve(plot, PALETTE[i % len(PALETTE)], (run.name if run else "") or run_id, width=2)
             curve.setData(np.asarray(xs, dtype=float), np.array([np.nan if y is None else y for y in ys], dtype=float))
             self.overlay.curves[run_id] = curve
         self.overlay.following = True
@@ -262,11 +260,11 @@ class RunsPage(QWidget):
         options = self.choose_slurm_options(run)
         if options is None:
             return
-        path = self.choose_slurm_file(str(Path.home() / f"{run['id']}.sbatch"))
+        path = self.choose_slurm_file(str(Path.home() / f"{run.id}.sbatch"))
         if not path:
             return
         try:
-            config_path = save_slurm_script(Path(path), json.loads(run.get("config") or "{}"), options)
+            config_path = save_slurm_script(Path(path), json.loads(run.config or "{}"), options)
         except (ConfigError, ValueError) as exc:
             self.message.emit(f"No SLURM script: the run's config is not valid ({exc})")
             return
@@ -283,6 +281,6 @@ class RunsPage(QWidget):
         run = self._run(ids[0]) if len(ids) == 1 else None
         if run:
             try:
-                self.new_from_config.emit(json.loads(run.get("config") or "{}"))
+                self.new_from_config.emit(json.loads(run.config or "{}"))
             except ValueError:
                 pass

@@ -1,10 +1,12 @@
-"""Short engine commands run in the background (dataset inspection, model info, export).
+"""Short engine commands run in the background (dataset inspection, model info, devices, export, the preference
+store's import and export).
 
-Each :class:`EngineJob` runs ``python -m finetune_studio.engine ...`` with QProcess. The engine answers in one
-protocol, the typed JSON-line events of :mod:`core.protocol.events`: the job emits ``progress`` for progress events and
-``done`` with the last other event (a ``ModelReady``, a ``DatasetReport``, a ``Log``...), or ``failed`` with a
-message a person can act on (a ``Failed`` event's, or why there was no answer). A newer request cancels the
-older one, so only the latest answer shows.
+Each :class:`EngineJob` runs ``python -m finetune_studio.engine ...`` with QProcess. Every ``--json`` answer of the
+engine is one protocol, the typed JSON-line events of :mod:`core.protocol` (:func:`core.protocol.events.parse_event`):
+the job emits ``progress`` for progress events and ``done`` with the last other event (a ``ModelReady``, a
+``DatasetReport``, a ``DeviceReport``, a ``PairsImported``, an ``ExportResult``...), or ``failed`` with a message a
+person can act on (the one ``Failed`` event every command answers a failure with, or why there was no answer). A
+newer request cancels the older one, so only the latest answer shows.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ start) feed the same :class:`RunState`, so the train page cannot tell them apart
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -19,7 +18,7 @@ from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.protocol.events import FailureKind, Started, Step
 from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus
-from finetune_studio.core.store import Store, signal_process
+from finetune_studio.core.store import RunRecord, Store, signal_process
 from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, OutcomeStatus, engine_command
 from finetune_studio.studio.state.run import EstimateView, MemoryState, RunPhase, RunState
 from finetune_studio.studio.state.run_log import LogFile
@@ -39,10 +38,10 @@ def stopped_message(outcome: Outcome) -> str:
     return "Stopped before a checkpoint was saved; a resume starts from the last checkpoint (or from the start)."
 
 
-def device_bytes(run: dict) -> int:
+def device_bytes(run: RunRecord) -> int:
     """What the device had free when the run's memory estimate was made (0: not recorded)."""
     try:
-        return MemoryReport.from_json(run.get("memory_estimate") or "").device_bytes
+        return MemoryReport.from_json(run.memory_estimate).device_bytes
     except (ValueError, TypeError, KeyError):
         return 0
 
@@ -100,8 +99,7 @@ class RunController(QObject):
         if self.busy:
             return
         run = self.store.get_run(run_id)
-        config = json.loads(run["config"]) if run else {}
-        self._begin(config, (run or {}).get("name") or run_id)
+        self._begin(run.config_dict() if run else {}, run.name if run and run.name else run_id)
         if run:
             self._load_run_row(run)
             self._load_history(run_id)
@@ -181,8 +179,8 @@ class RunController(QObject):
             run = self.store.get_run(outcome.run_id)
         except Exception:  # a damaged database: keep the crash report
             return outcome
-        if run and run.get("status") in (RunStatus.COMPLETED, RunStatus.STOPPED):
-            return Outcome(OutcomeStatus(run["status"]), "", None, outcome.exit_code, outcome.run_id)
+        if run and run.status in (RunStatus.COMPLETED, RunStatus.STOPPED):
+            return Outcome(OutcomeStatus(run.status.value), "", None, outcome.exit_code, outcome.run_id)
         return outcome
 
     def _budget(self, budget: int, total: int, device: str) -> None:
@@ -202,16 +200,14 @@ class RunController(QObject):
         run = self.store.get_run(run_id)
         if run is None:
             return False
-        config = json.loads(run.get("config") or "{}")
-        self._begin(config, run.get("name") or run_id)
+        self._begin(run.config_dict(), run.name or run_id)
         self._load_run_row(run)
         self._load_history(run_id)
-        self.log_file = LogFile.of_run(run.get("run_dir") or "")
+        self.log_file = LogFile.of_run(run.run_dir)
         self._read_log()
-        status = run.get("status") or RunStatus.CREATED
-        if status == RunStatus.RUNNING:
-            self.followed_pid = int(run.get("pid") or 0)
-            self.followed_start = run.get("pid_start") or ""
+        if run.status == RunStatus.RUNNING:
+            self.followed_pid = run.pid or 0
+            self.followed_start = run.pid_start
             self.state.following = True
             self.state.set_status(RunPhase.RUNNING, "Following a run that trains in the background.")
             self.follow_timer.start()
@@ -224,23 +220,23 @@ class RunController(QObject):
         for line in self.log_file.read_new() if self.log_file is not None else []:
             self.state.add_log(line)
 
-    def _load_run_row(self, run: dict) -> None:
+    def _load_run_row(self, run: RunRecord) -> None:
         info = self.state.info
-        info.run_id, info.run_dir = run["id"], run.get("run_dir") or ""
-        info.total_steps = int(run.get("total_steps") or 0)
-        info.device = run.get("device") or ""
-        self.state.memory_budget_bytes = int(run.get("memory_budget_bytes") or 0)
+        info.run_id, info.run_dir = run.id, run.run_dir
+        info.total_steps = run.total_steps
+        info.device = run.device
+        self.state.memory_budget_bytes = run.memory_budget_bytes
         # the device's memory as the run's estimate saw it (free then): the bar is scaled to the device, not to the
         # budget (the row keeps no total)
         self._budget(self.state.memory_budget_bytes, device_bytes(run), info.device)
         self.state.notify("info")
-        if run.get("best_step") is not None:
-            self.state.set_best(run["best_step"], run.get("best_eval_loss"), run.get("best_checkpoint") or "")
+        if run.best_step is not None:
+            self.state.set_best(run.best_step, run.best_eval_loss, run.best_checkpoint)
 
     def _load_history(self, run_id: str) -> None:
         by_step: dict[int, list[tuple[str, str]]] = {}
-        for row in self.store.samples(run_id):
-            by_step.setdefault(int(row["step"]), []).append((row["prompt"], row["answer"]))
+        for sample in self.store.samples(run_id):
+            by_step.setdefault(sample.step, []).append((sample.prompt, sample.answer))
         for step, pairs in by_step.items():
             if self.state.samples.get(step) != pairs:
                 self.state.add_samples(step, pairs)
@@ -261,20 +257,20 @@ class RunController(QObject):
             return
         self._load_history(run_id)
         self._read_log()
-        if run.get("total_steps"):
-            self.state.info.total_steps = int(run["total_steps"])
-        if run.get("status") != RunStatus.RUNNING:
+        if run.total_steps:
+            self.state.info.total_steps = run.total_steps
+        if run.status != RunStatus.RUNNING:
             self.follow_timer.stop()
             self.state.following = False
             self._final_status(run)
-            ended = OutcomeStatus.of_run(run.get("status"))
-            why = (run.get("error") or "The run failed.") if ended == OutcomeStatus.FAILED else ""
-            kind = FailureKind.parse(run.get("error_kind")) if ended == OutcomeStatus.FAILED else None
+            ended = OutcomeStatus.of_run(run.status)
+            why = (run.error or "The run failed.") if ended == OutcomeStatus.FAILED else ""
+            kind = FailureKind.parse(run.error_kind) if ended == OutcomeStatus.FAILED else None
             self.run_ended.emit(Outcome(ended, why, kind, run_id=run_id))
 
-    def _final_status(self, run: dict) -> None:
-        status = run.get("status") or RunStatus.CREATED
-        step = int(run.get("step") or self.state.step)
+    def _final_status(self, run: RunRecord) -> None:
+        status = run.status
+        step = run.step or self.state.step
         self.state.step = max(self.state.step, step)
         messages = {
             RunStatus.COMPLETED: "Training complete.",
@@ -284,14 +280,13 @@ class RunController(QObject):
             RunStatus.CREATED: "This run never started.",
         }
         if status == RunStatus.FAILED:
-            kind = FailureKind.parse(run.get("error_kind"))
-            self.state.set_status(RunPhase.FAILED, run.get("error") or "The run failed.", kind)
+            self.state.set_status(RunPhase.FAILED, run.error or "The run failed.", FailureKind.parse(run.error_kind))
         else:
             self.state.set_status(RunPhase.of(status), messages.get(status, ""))
 
     def find_live_run(self) -> str | None:
         """A run still training from an earlier session of the app (status running, process alive)."""
         for run in self.store.list_runs(status=RunStatus.RUNNING):
-            if run.get("status") == RunStatus.RUNNING:
-                return run["id"]
+            if run.status == RunStatus.RUNNING:  # its process is alive (else the store says interrupted)
+                return run.id
         return None

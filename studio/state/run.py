@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 from finetune_studio.core.protocol.events import (
     CheckpointSaved,
@@ -26,6 +27,7 @@ from finetune_studio.core.protocol.events import (
     Step,
 )
 from finetune_studio.core.run_status import RunStatus
+from finetune_studio.core.store import MetricRow
 from finetune_studio.studio.state.observable import Observable
 from finetune_studio.studio.state.series import Columns, Ema
 
@@ -246,8 +248,10 @@ class RunState(Observable):
         for loss in self.train.column("loss"):
             self._ema.update(float(loss))
 
-    def load_history(self, train_rows: list[dict], eval_rows: list[dict]) -> None:
-        """Metrics rows from the database (a past or followed run), appended in bulk."""
+    def load_history(self, train: Sequence[MetricRow | Figures], evals: Sequence[MetricRow | Figures]) -> None:
+        """Metrics rows from the database (a past or followed run), appended in bulk (rows given as their figures by
+        column name are read alike)."""
+        train_rows, eval_rows = _figures(train), _figures(evals)
         if train_rows and self.train.n and train_rows[0]["step"] <= self.train.last("step"):
             self._truncate_after(int(train_rows[0]["step"]) - 1)
         if train_rows:
@@ -261,8 +265,15 @@ class RunState(Observable):
             for r in train_rows[-50:]:
                 self._rate_marks.append((int(r["step"]), float(r.get("elapsed_s") or r.get("time") or 0.0)))
         if eval_rows:
-            self.eval.extend(eval_rows)
+            self.eval.extend([dict(r) for r in eval_rows])
         self.notify("metrics")
+
+
+Figures = Mapping[str, Any]  # a step's figures by column name (TRAIN_COLUMNS, EVAL_COLUMNS)
+
+
+def _figures(rows: Sequence[MetricRow | Figures]) -> list[Figures]:
+    return [r.figures() if isinstance(r, MetricRow) else r for r in rows]
 
 
 def format_duration(seconds: float | None) -> str:

@@ -65,7 +65,7 @@ def stored_run_label(run_id: str) -> str:
         return run_id
     try:
         run = store.get_run(run_id)
-        parent = store.get_run(run["parent_run_id"]) if run and run.get("parent_run_id") else None
+        parent = store.get_run(run.parent_run_id) if run and run.parent_run_id else None
         return run_label(run, parent) if run else run_id
     except (OSError, sqlite3.Error, KeyError):
         return run_id

@@ -10,6 +10,8 @@ from typing import cast
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 
 from finetune_studio.core.protocol.memory_report import MemoryReport
+from finetune_studio.core.run_status import RunStatus
+from finetune_studio.core.store import RunRecord
 from finetune_studio.studio.state.run import format_bytes, format_duration
 
 COLUMNS = (
@@ -28,20 +30,22 @@ COLUMNS = (
     ("memory_peak_bytes", "Measured peak"),
     ("memory_error", "Estimate error"),
 )
+DERIVED = ("duration", "memory_error")  # columns computed from the record, not fields of it
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 2
 
 
-def duration(run: dict, earlier_s: float = 0.0) -> float | None:
+def duration(run: RunRecord, earlier_s: float = 0.0) -> float | None:
     """How long the run has trained: its earlier sessions' training time (``earlier_s``, when it was resumed) and
     its last session's, from that session's start to its end, or to now while it trains (the end time a resumed
     run still carries is its previous session's)."""
-    start = run.get("started_at") or run.get("created_at")
-    if run.get("status") == "running":
+    start = run.started_at or run.created_at
+    end: float | None
+    if run.status == RunStatus.RUNNING:
         end = time.time()
     else:
-        finished = run.get("finished_at")
-        end = finished if finished and start and finished >= start else run.get("updated_at")
+        finished = run.finished_at
+        end = finished if finished and start and finished >= start else run.updated_at
     if not start or not end or end < start:
         return earlier_s or None
     return earlier_s + (end - start)
@@ -64,17 +68,17 @@ def earlier_sessions(store) -> dict[str, float]:
         return {}
 
 
-def memory_error(run: dict) -> float | None:
+def memory_error(run: RunRecord) -> float | None:
     """(estimate - measured peak) / measured peak: positive when the estimate was high; None before a peak."""
-    budget, peak = run.get("memory_budget_bytes"), run.get("memory_peak_bytes")
+    budget, peak = run.memory_budget_bytes, run.memory_peak_bytes
     if not budget or not peak:
         return None
     return (budget - peak) / peak
 
 
-def memory_tooltip(run: dict) -> str | None:
+def memory_tooltip(run: RunRecord) -> str | None:
     """What the estimate assumed and what was measured (CUDA: allocated and reserved; CPU: resident peak)."""
-    text = run.get("memory_estimate")
+    text = run.memory_estimate
     if not text:
         return None
     try:
@@ -83,7 +87,7 @@ def memory_tooltip(run: dict) -> str | None:
         return None
     lines = [f"Estimate {format_bytes(report.total_bytes)}: {report.lengths.description}"]
     lines += [f"  {name} {format_bytes(value)}" for name, value in report.components.items()]
-    peak, reserved = run.get("memory_peak_bytes"), run.get("memory_reserved_peak_bytes")
+    peak, reserved = run.memory_peak_bytes, run.memory_reserved_peak_bytes
     if peak:
         how = "allocator peak" if report.device_kind == "cuda" else "resident peak of the engine process"
         lines.append(
@@ -95,10 +99,10 @@ def memory_tooltip(run: dict) -> str | None:
 class RunsModel(QAbstractTableModel):
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.runs: list[dict] = []
+        self.runs: list[RunRecord] = []
         self.earlier_s: dict[str, float] = {}  # run id -> training time before its last session (resumed runs)
 
-    def set_runs(self, runs: list[dict], earlier_s: dict[str, float] | None = None) -> None:
+    def set_runs(self, runs: list[RunRecord], earlier_s: dict[str, float] | None = None) -> None:
         self.beginResetModel()
         self.runs = list(runs)
         self.earlier_s = dict(earlier_s or {})
@@ -121,35 +125,35 @@ class RunsModel(QAbstractTableModel):
         run = self.runs[index.row()]
         key = COLUMNS[index.column()][0]
         if role == RUN_ID_ROLE:
-            return run["id"]
+            return run.id
         if role == SORT_ROLE:
             value = (
-                duration(run, self.earlier_s.get(run["id"], 0.0))
+                duration(run, self.earlier_s.get(run.id, 0.0))
                 if key == "duration"
                 else memory_error(run)
                 if key == "memory_error"
-                else run.get(key)
+                else getattr(run, key)
             )
             return -1e300 if value is None else value if isinstance(value, (int, float)) else str(value).lower()
         if role == Qt.ItemDataRole.ToolTipRole:
             if key in ("model", "dataset"):
-                return run.get(key) or None
-            if key == "status" and run.get("error"):
-                return run["error"]
+                return getattr(run, key) or None
+            if key == "status" and run.error:
+                return run.error
             if key in ("memory_budget_bytes", "memory_peak_bytes", "memory_error"):
                 return memory_tooltip(run)
             return None
         if role != Qt.ItemDataRole.DisplayRole:
             return None
-        value = run.get(key)
+        value = None if key in DERIVED else getattr(run, key)
         if key == "duration":
-            return format_duration(duration(run, self.earlier_s.get(run["id"], 0.0)))
+            return format_duration(duration(run, self.earlier_s.get(run.id, 0.0)))
         if key in ("model", "dataset"):
             return Path(value).name if value and value != "default" else (value or "")
         if key in ("final_loss", "eval_loss"):
             return f"{value:.4f}" if isinstance(value, (int, float)) else ""
         if key == "step":
-            total = run.get("total_steps")
+            total = run.total_steps
             return f"{value or 0} / {total}" if total else str(value or 0)
         if key in ("memory_budget_bytes", "memory_peak_bytes"):
             return format_bytes(value) if value else ""
@@ -162,7 +166,9 @@ class RunsModel(QAbstractTableModel):
             return (
                 str(value or "").upper()
                 if key == "objective"
-                else {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}.get(value, value or "")
+                else {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}.get(
+                    str(value), str(value or "")
+                )
             )
         return "" if value is None else str(value)
 
@@ -186,11 +192,11 @@ class RunsFilter(QSortFilterProxyModel):
 
     def filterAcceptsRow(self, row: int, parent) -> bool:
         run = cast(RunsModel, self.sourceModel()).runs[row]
-        if self.status and run.get("status") != self.status:
+        if self.status and run.status != self.status:
             return False
         if not self.text:
             return True
         hay = " ".join(
-            str(run.get(k) or "") for k in ("id", "name", "status", "model", "dataset", "method", "objective")
+            str(getattr(run, k) or "") for k in ("id", "name", "status", "model", "dataset", "method", "objective")
         ).lower()
         return all(word in hay for word in self.text.split())

@@ -128,3 +128,28 @@ def test_export_of_an_empty_store_and_an_unknown_snapshot_are_clear_errors(tmp_p
     assert done.returncode == 1 and "no pairs to export" in done.stderr
     done = _pairs("export", str(tmp_path / "o"), "--format", "trl", "--snapshot", "pairs-unknown")
     assert done.returncode == 1 and "no pairs snapshot 'pairs-unknown'" in done.stderr
+
+
+def test_json_answers_are_typed_events_and_a_failure_is_a_failed_event(tmp_path):
+    from finetune_studio.core.protocol.events import Failed, FailureKind, parse_event
+    from finetune_studio.core.protocol.pairs_report import PairsExported, PairsImported, PairsStats
+
+    trl = _write(
+        tmp_path / "trl.jsonl", [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": "no"} for i in range(3)]
+    )
+    imported = parse_event(_pairs("import", str(trl), "--json").stdout)
+    assert isinstance(imported, PairsImported) and (imported.format, imported.added) == ("trl", 3)
+    exported = parse_event(_pairs("export", str(tmp_path / "out"), "--format", "trl", "--json").stdout)
+    assert isinstance(exported, PairsExported) and exported.pairs == 3
+    on_disk = json.loads((tmp_path / "out" / "snapshot.json").read_text())
+    assert "type" not in on_disk and on_disk["snapshot"] == exported.snapshot  # the manifest as it always was
+    stats = parse_event(_pairs("stats", "--json").stdout)
+    assert isinstance(stats, PairsStats) and stats.pairs == 3 and stats.snapshots == 1
+    sft = _write(
+        tmp_path / "sft.jsonl",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+    )
+    refused = _pairs("import", str(sft), "--json")
+    failed = parse_event(refused.stdout)
+    assert refused.returncode == 1 and isinstance(failed, Failed) and failed.kind is FailureKind.DATA
+    assert "not preference pairs" in failed.message and "not preference pairs" in refused.stderr

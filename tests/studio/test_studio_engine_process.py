@@ -207,3 +207,32 @@ def test_starting_twice_is_refused(qtbot):
     finally:
         with qtbot.waitSignal(proc.ended, timeout=20_000):
             proc.kill()
+
+
+def test_the_job_wrapper_reads_the_pairs_commands_typed_answers(qtbot, tmp_path):
+    """``engine pairs ... --json`` answers through EngineJob like every other engine command: a typed event on
+    ``done``, a ``failed`` event's message on ``failed``."""
+    import json
+
+    from PySide6.QtWidgets import QWidget
+
+    from finetune_studio.core.protocol.pairs_report import PairsImported
+    from finetune_studio.studio.services.jobs import EngineJob
+
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    job = EngineJob(owner)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"prompt": f"{i}?", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(2))
+    )
+    with qtbot.waitSignal(job.done, timeout=60_000) as done:
+        job.run("pairs", "import", str(pairs), "--json")
+    assert isinstance(done.args[0], PairsImported) and done.args[0].added == 2
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    )
+    with qtbot.waitSignal(job.failed, timeout=60_000) as failed:
+        job.run("pairs", "import", str(sft), "--json")
+    assert "not preference pairs" in failed.args[0]
