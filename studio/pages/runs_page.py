@@ -30,7 +30,7 @@ from finetune_studio.core.store import RunRecord, Store
 from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
 from finetune_studio.studio.widgets.flow_layout import FlowLayout
-from finetune_studio.studio.widgets.runs_model import RUN_ID_ROLE, RunsFilter, RunsModel, earlier_sessions
+from finetune_studio.studio.widgets.runs_model import COLUMNS, RUN_ID_ROLE, RunsFilter, RunsModel, earlier_sessions
 from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
@@ -173,6 +173,9 @@ class RunsPage(QWidget):
             self.table.resizeColumnsToContents()
             for col in range(self.model.columnCount()):
                 self.table.setColumnWidth(col, min(self.table.columnWidth(col), 280))
+        if self.model.runs:  # a status is short and must never be cut ("interrupted" may come after "completed")
+            status = [key for key, _ in COLUMNS].index("status")
+            self.table.setColumnWidth(status, max(self.table.columnWidth(status), self.table.sizeHintForColumn(status)))
         if selected:
             sel = self.table.selectionModel()
             for row in range(self.proxy.rowCount()):

@@ -25,7 +25,7 @@ from finetune_studio.studio.state import estimate
 from finetune_studio.studio.state.presets import Preset, load_presets
 from finetune_studio.studio.state.run import MemoryState
 from finetune_studio.studio.state.setup import FIELDS, HELP, OWN_WIDGETS, SetupState
-from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel
+from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel, label_for
 from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
 from finetune_studio.studio.widgets.memory_panel import MemoryPanel
 from finetune_studio.studio.widgets.model_panel import ModelPanel
@@ -109,6 +109,10 @@ class SetupPage(QWidget):
             self.preset_box.addItem(p.name)
             self.preset_box.setItemData(self.preset_box.count() - 1, p.description, Qt.ItemDataRole.ToolTipRole)
         self.preset_box.activated.connect(self._preset_chosen)
+        self.preset_note = QLabel(self)  # the preset last applied, so a chosen preset leaves a trace
+        self.preset_note.setObjectName("presetNote")
+        self.preset_note.setWordWrap(True)
+        self.preset_note.hide()
         how = QGroupBox("Method", self)
         hlay = QVBoxLayout(how)
         hlay.addWidget(QLabel("Adapter", how))
@@ -118,6 +122,7 @@ class SetupPage(QWidget):
         hlay.addWidget(self.objective)
         hlay.addWidget(self.objective_error)
         hlay.addWidget(self.preset_box)
+        hlay.addWidget(self.preset_note)
 
         self.gpus_box = QGroupBox("GPUs", self)
         self.gpus_box.setObjectName("gpusBox")
@@ -168,6 +173,7 @@ class SetupPage(QWidget):
         rcol.addStretch(1)
         scroll = QScrollArea(self)
         scroll.setObjectName("settingsScroll")
+        self.settings_scroll = scroll
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setWidget(right)
@@ -211,6 +217,12 @@ class SetupPage(QWidget):
     def _toggle_advanced(self, on: bool) -> None:
         self.advanced_form.setVisible(on)
         self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        if on:  # opened at the panel's bottom edge it showed two rows: scroll it into view, from its toggle down
+            QTimer.singleShot(0, self._show_advanced)
+
+    def _show_advanced(self) -> None:
+        bar = self.settings_scroll.verticalScrollBar()
+        bar.setValue(min(bar.maximum(), self.advanced_toggle.y()))
 
     def _preset_chosen(self, index: int) -> None:
         if index > 0:
@@ -219,6 +231,9 @@ class SetupPage(QWidget):
 
     def apply_preset(self, preset: Preset) -> None:
         self.state.load(preset.config)
+        self.preset_note.setText(f"Preset applied: {preset.name}. Its settings can be changed below.")
+        self.preset_note.setToolTip(preset.description)
+        self.preset_note.show()
 
     def _on_state(self, topic: str) -> None:
         if topic in ("model", "dataset", "processes"):
@@ -233,8 +248,8 @@ class SetupPage(QWidget):
         self.parallelism_error.show_error(errors.get("parallelism", ""))
         self.start_button.setEnabled(self.state.ready)
         if errors:
-            names = ", ".join(sorted(errors))
-            self.blockers.setText(f"Before starting, fix: {names}.")
+            names = ", ".join(_in_sentence(label_for(name)) for name in sorted(errors))
+            self.blockers.setText(f"Before starting, fix the settings marked in red: {names}.")
         else:
             self.blockers.setText("")
         self.blockers.setVisible(bool(errors))
@@ -293,3 +308,8 @@ class SetupPage(QWidget):
     def request_start(self) -> None:
         if self.state.ready and isinstance(self.state.config, TrainConfig):
             self.start_requested.emit(self.state.config)
+
+
+def _in_sentence(label: str) -> str:
+    """A field's label inside a sentence: 'Learning rate' -> 'learning rate'; 'LoRA rank r' and 'LR' stay."""
+    return label if label[:2].isupper() else label[:1].lower() + label[1:]

@@ -102,8 +102,11 @@ class TrainPage(QWidget):
         split = QSplitter(Qt.Orientation.Vertical, self)
         split.addWidget(self.charts)
         split.addWidget(tabs)
-        split.setStretchFactor(0, 4)
-        split.setStretchFactor(1, 1)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)  # the log and samples readable (they were four lines tall)
+        split.setChildrenCollapsible(False)
+        split.setHandleWidth(7)  # a handle a person can see and grab
+        tabs.setMinimumHeight(120)
         lay = QVBoxLayout(self)
         lay.addLayout(head)
         lay.addWidget(self.progress)
@@ -149,8 +152,9 @@ class TrainPage(QWidget):
         bits = [f"in use {format_bytes(m.used_bytes)}", f"peak {format_bytes(m.peak_bytes)}"] if m.peak_bytes else []
         if est.total_bytes:
             bits.append(f"budget {format_bytes(est.total_bytes)}")
-        if est.device_total_bytes:
-            bits.append(f"device {format_bytes(est.device_total_bytes)}")
+        if est.device_total_bytes:  # the engine's figure is the device's total; a reopened run's, what was free
+            which = "total" if self.state.memory_total_bytes else "free at the start"
+            bits.append(f"device {format_bytes(est.device_total_bytes)} {which}")
         self.memory_label.setText("Memory: " + (" · ".join(bits) if bits else "–"))
 
     def _on_state(self, topic: str) -> None:
@@ -211,7 +215,7 @@ class TrainPage(QWidget):
             bits.append(f"about {format_duration(eta)} left")
         loss = st.train.last("loss_smooth")
         if loss is not None:
-            bits.append(f"loss {loss:.4f}")
+            bits.append(f"smoothed loss {loss:.4f}")  # Runs' figure is the last step's own loss
         if st.status == "starting":
             bits = ["loading the model and data…"]
         self.progress.setFormat(" · ".join(bits))

@@ -60,8 +60,10 @@ class Chart(pg.PlotWidget):
         item.setLabel("bottom", "step")
         item.setMenuEnabled(False)
         self.setMinimumHeight(110)  # two rows of charts still fit a 768-pixel screen at 125 %
-        if legend:
-            item.addLegend(offset=(-6, 6))
+        self.headroom = 0.1  # of the data's span, above its top
+        if legend:  # one row across the top, with room kept for it above the data (it used to cover the curves)
+            item.addLegend(offset=(-6, 2), colCount=6, labelTextSize="8pt", verSpacing=-6)
+            self.headroom = 0.3
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.following = True  # the chart sets its own range until the person zooms or pans
         self._range: tuple[float, float, float, float] | None = None
@@ -118,7 +120,7 @@ class Chart(pg.PlotWidget):
                 return
         x_top = want_x if x_max else want_x * 1.25
         bottom = 0.0 if self.from_zero and lo >= 0 else lo - 0.1 * span
-        self._range = (0.0, x_top, bottom, hi + 0.1 * span)
+        self._range = (0.0, x_top, bottom, hi + self.headroom * span)
         self.getPlotItem().getViewBox().setRange(xRange=(0, x_top), yRange=self._range[2:], padding=0)
 
     def add(self, key: str, name: str, color_key: str, **kw) -> pg.PlotDataItem:
@@ -171,10 +173,14 @@ class TrainingCharts(QWidget):
             movable=False,
             label="budget",
             pen=pg.mkPen(COLORS["budget"], width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
-            labelOpts={"position": 0.05, "color": COLORS["budget"]},
+            labelOpts={"position": 0.08, "color": COLORS["budget"], "anchors": [(0.0, 1.0), (0.0, 1.0)]},
         )
         self.budget_line.hide()
         self.memory.addItem(self.budget_line)
+        # memory sits well above zero: its legend goes to the empty bottom right, clear of the budget line's label
+        legend = self.memory.getPlotItem().legend
+        legend.anchor(itemPos=(1, 1), parentPos=(1, 1), offset=(-6, -34))
+        self.memory.headroom = 0.15
         grid = QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
         grid.addWidget(self.loss, 0, 0, 1, 2)

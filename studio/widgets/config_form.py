@@ -23,6 +23,8 @@ LABELS = {
     "max_length": "Max length (tokens)",
     "lora_rank": "LoRA rank r",
     "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "target_modules": "LoRA target modules",
     "dpo_beta": "DPO beta",
     "dpo_loss": "DPO loss",
     "dpo_label_smoothing": "DPO label smoothing",

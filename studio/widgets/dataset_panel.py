@@ -185,6 +185,11 @@ class DatasetPanel(QGroupBox):
     def _show(self) -> None:
         st = self.state
         self.error.show_error(st.errors.get("dataset", "") if st.values["dataset"] else "")
+        invalid = bool(st.errors.get("dataset"))  # marked in red, as the memory panel and Start's note say
+        if bool(self.path.property("invalid")) != invalid:
+            self.path.setProperty("invalid", invalid)
+            self.path.style().unpolish(self.path)
+            self.path.style().polish(self.path)
         report = st.dataset_info
         self.problems.clear()
         if report is None:

@@ -89,7 +89,7 @@ class MemoryPanel(QGroupBox):
         elif est.total_bytes:
             lines.append(
                 f"Needs about <b>{format_bytes(est.total_bytes)}</b>"
-                + (f" of {format_bytes(est.device_total_bytes)}" if est.device_total_bytes else "")
+                + (f" of {format_bytes(est.device_total_bytes)} free" if est.device_total_bytes else "")
             )
         if est.lengths:
             lines.append(f"<small>{html.escape(est.lengths)}</small>")

@@ -45,7 +45,8 @@ class ModelPanel(QGroupBox):
         self.job = EngineJob(self)
         self.job.progress.connect(self._on_progress)
         self.job.done.connect(self._on_info)
-        self.job.failed.connect(lambda msg: self.state.set_model_info(None, msg))
+        self.job.failed.connect(self._on_failed)
+        self.looking_up = False  # the engine is describing the model: its message is news, not an error
         self.choice = QComboBox(self)
         self.choice.setObjectName("modelChoice")
         self.choice.setEditable(True)
@@ -71,6 +72,10 @@ class ModelPanel(QGroupBox):
         self.progress = QProgressBar(self)
         self.progress.hide()
         self.message = ErrorLabel(self)
+        self.busy_note = QLabel(self)  # "Looking up the model…", in the ordinary text colour
+        self.busy_note.setObjectName("modelBusy")
+        self.busy_note.setWordWrap(True)
+        self.busy_note.hide()
         self.facts: dict[str, QLabel] = {}
         grid = QFormLayout()
         for key, label in FACTS:
@@ -81,6 +86,7 @@ class ModelPanel(QGroupBox):
         lay.addLayout(row)
         lay.addWidget(self.progress)
         lay.addWidget(self.message)
+        lay.addWidget(self.busy_note)
         lay.addLayout(grid)
         self._debounce = QTimer(self, singleShot=True, interval=300)
         self._debounce.timeout.connect(self.resolve)
@@ -188,11 +194,13 @@ class ModelPanel(QGroupBox):
         spec = str(self.state.values["model"]).strip()
         if not spec:
             self.job.cancel()
+            self.looking_up = False
             self.state.set_model_info(None, "Choose a model.")
             return
         folder = local_folder(spec)
         if folder is not None:
             self.job.cancel()
+            self.looking_up = False
             try:
                 info = describe_folder(folder, name=Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct")
             except (OSError, ValueError) as exc:
@@ -200,11 +208,13 @@ class ModelPanel(QGroupBox):
                 return
             self.state.set_model_info(info)
             return
+        self.looking_up = True
         self.state.set_model_info(
             None,
-            "Looking up the model…"
+            "Looking up the model… The first time, it is prepared once (fetched or converted) and cached; later "
+            "starts are quick."
             if not spec.lower().endswith(".gguf")
-            else "Importing the GGUF file (converted once, then cached)…",
+            else "Importing the GGUF file: it is converted once, then cached; later starts are quick.",
         )
         self.progress.setRange(0, 0)
         self.progress.show()
@@ -216,7 +226,13 @@ class ModelPanel(QGroupBox):
         self.progress.setFormat(ev.message or ev.stage)
         self.progress.show()
 
+    def _on_failed(self, message: str) -> None:
+        self.looking_up = False
+        self.progress.hide()
+        self.state.set_model_info(None, message)
+
     def _on_info(self, result) -> None:
+        self.looking_up = False
         self.progress.hide()
         if isinstance(result, ModelReady):
             self.state.set_model_info(result)
@@ -227,8 +243,10 @@ class ModelPanel(QGroupBox):
         info = self.state.model_info
         if info is not None:
             self.progress.hide()
-        self.message.show_error(self.state.model_message if info is None else "")
-        self.message.setProperty("busy", self.job.running)
+        busy = info is None and self.looking_up
+        self.message.show_error(self.state.model_message if info is None and not busy else "")
+        self.busy_note.setText(self.state.model_message if busy else "")
+        self.busy_note.setVisible(busy and bool(self.state.model_message))
         for key, label in self.facts.items():
             value = getattr(info, key, None) if info is not None else None
             if key == "parameters":

@@ -123,6 +123,8 @@ def test_stop_button_and_shortcuts(qtbot, window):
     qtbot.waitUntil(lambda: win.run_state.step >= 3, timeout=30_000)
     assert win.tabs.currentWidget() is win.train_page
     assert win.train_page.memory_bar.state.used_bytes == 2 << 30
+    assert "device 16.0 GiB total" in win.train_page.memory_label.text()
+    qtbot.waitUntil(lambda: "smoothed loss" in win.train_page.progress.format(), timeout=5000)
     assert win.run_memory.estimate.total_bytes == 3 << 30  # the engine's budget from 'started'
     with qtbot.waitSignal(win.controller.run_ended, timeout=30_000):
         qtbot.keyClick(win.train_page, Qt.Key.Key_Period, Qt.KeyboardModifier.ControlModifier)
@@ -296,6 +298,7 @@ def test_a_reopened_run_shows_its_log_and_a_device_sized_memory_bar(qtbot, make_
     est = win.run_memory.estimate
     assert est.total_bytes == report.total_bytes
     assert est.device_total_bytes == report.device_bytes > report.total_bytes  # the bar's scale is the device
+    assert "free at the start" in win.train_page.memory_label.text()  # which device figure it is
 
 
 def test_a_followed_runs_log_grows_from_its_file(qtbot, make_window, tmp_path):
