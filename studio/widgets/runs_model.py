@@ -23,7 +23,7 @@ COLUMNS = (
     ("objective", "Objective"),
     ("step", "Steps"),
     ("duration", "Duration"),
-    ("final_loss", "Final loss"),
+    ("final_loss", "Last loss"),
     ("eval_loss", "Eval loss"),
     ("created_at", "Created"),
     ("memory_budget_bytes", "Memory estimate"),
@@ -31,6 +31,10 @@ COLUMNS = (
     ("memory_error", "Estimate error"),
 )
 DERIVED = ("duration", "memory_error")  # columns computed from the record, not fields of it
+HEADER_TIPS = {
+    "final_loss": "The loss of the run's last step, as it was (the Train page shows the smoothed loss)",
+    "duration": "Training time, every session of a resumed run added",
+}
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 RUN_ID_ROLE = Qt.ItemDataRole.UserRole + 2
 
@@ -117,6 +121,8 @@ class RunsModel(QAbstractTableModel):
     def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
             return COLUMNS[section][1]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return HEADER_TIPS.get(COLUMNS[section][0])
         return None
 
     def data(self, index, role=Qt.ItemDataRole.DisplayRole):
