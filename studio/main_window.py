@@ -106,8 +106,9 @@ class MainWindow(QMainWindow):
         geometry = self.settings.get("geometry")
         if geometry:
             self.restoreGeometry(QByteArray.fromHex(geometry.encode()))
-        else:
-            self.resize(1280, 860)
+        else:  # first start: a comfortable size that fits the screen (1024 x 768 included)
+            screen = self.screen().availableGeometry()
+            self.resize(min(1280, screen.width()), min(860, screen.height()))
         self.setup_page.advanced_toggle.setChecked(bool(self.settings.get("show_advanced", False)))
 
     def remember(self) -> None:

@@ -63,6 +63,15 @@ def _rect(w: QWidget) -> list[int]:
     return [p.x(), p.y(), w.width(), w.height()]
 
 
+def _visible(w: QWidget) -> list[int]:
+    """The part of the widget not clipped by a scroll area or its parents (what a click can reach)."""
+    r = w.visibleRegion().boundingRect()
+    if r.isEmpty():
+        return [0, 0, 0, 0]
+    p = w.mapToGlobal(r.topLeft())
+    return [p.x(), p.y(), r.width(), r.height()]
+
+
 def _text(w: QWidget) -> str | None:
     if isinstance(w, (QLabel, QAbstractButton, QLineEdit)):
         return w.text()
@@ -95,6 +104,7 @@ def describe(window: QMainWindow) -> dict:
             widgets[name] = {
                 "class": type(w).__name__,
                 "rect": _rect(w),
+                "visible": _visible(w),
                 "enabled": w.isEnabled(),
                 "focus": w.hasFocus(),
                 "text": _text(w),

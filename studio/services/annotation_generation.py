@@ -1,6 +1,6 @@
 """Generating a labelling session's candidates in the worker, one prompt and side at a time, never blocking.
 
-For every prompt that has no items yet, side A's answers and then side B's are requested from the
+For every prompt that has no items yet, model 1's answers (side A) and then model 2's (side B) are requested from the
 :class:`~studio.services.generation_worker.GenerationWorker`; each answer is a candidate in the store the moment its
 ``done`` arrives, and the prompt's items (A_i against B_i) are added to the session file when both sides are in.
 A killed worker stops the job with a message; the next :meth:`start` starts a new worker and goes on with the
@@ -29,7 +29,7 @@ def adapter_specs(spec: SessionSpec) -> dict[str, AdapterSpec]:
 
 class SessionGenerator(QObject):
     progress = Signal(int, int)  # generations done, total
-    streaming = Signal(str, str)  # heading ("prompt 2/5, side A, answer 1"), text so far
+    streaming = Signal(str, str)  # heading ("Prompt 2/5, model 1, answer 1"), text so far
     items_added = Signal()
     finished = Signal(str)  # '' when every prompt has its items, else why it stopped
 
@@ -110,7 +110,7 @@ class SessionGenerator(QObject):
     def _heading(self, candidate: int) -> str:
         assert self._current is not None and self.spec is not None
         index, key, _ = self._current
-        return f"Prompt {index + 1}/{len(self.spec.prompts)}, side {key.upper()}, answer {candidate + 1}"
+        return f"Prompt {index + 1}/{len(self.spec.prompts)}, model {1 if key == 'a' else 2}, answer {candidate + 1}"
 
     def _on_reply(self, reply) -> None:
         if reply.id in self._prepare_ids:

@@ -434,10 +434,15 @@ def _per_hour(labeller: Labeller) -> float | None:
     return (n - 1) * 3600 / (last - first)
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """'1 tie', '2 ties'; ``many`` where the plural is not ``one`` + 's' ('both bad')."""
+    return f"{n} {one if n == 1 else (many if many is not None else one + 's')}"
+
+
 def policy_text(left_out: dict[str, int]) -> str:
     """How ties, both-bad and skips go into an export: they are left out (no preferred side)."""
-    names = {"tie": "ties", "both_bad": "both bad", "skip": "skips"}
-    parts = [f"{left_out.get(d, 0)} {n}" for d, n in names.items()]
+    names = {"tie": ("tie", "ties"), "both_bad": ("both bad", "both bad"), "skip": ("skip", "skips")}
+    parts = [plural(left_out.get(d, 0), one, many) for d, (one, many) in names.items()]
     return f"Left out of DPO data (no preferred side): {', '.join(parts)}. Edits export as edited > original."
 
 

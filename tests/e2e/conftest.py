@@ -256,7 +256,9 @@ class App:
             return w if w and w["enabled"] else None
 
         w = wait_for(ready, wait, f"{name} to be visible and enabled")
-        x, y, width, height = w["rect"]
+        x, y, width, height = w["visible"]  # the part a click reaches (a scroll area may clip it)
+        if width < 4 or height < 4:
+            raise AssertionError(f"{name} is scrolled out of view (its rectangle: {w['rect']})")
         self.click_at(int(x + width * at[0]), int(y + height * at[1]))
 
     def click_at(self, x: int, y: int) -> None:

@@ -38,10 +38,15 @@ def test_every_annotate_key_survives_a_kill_and_trains_dpo(app_factory, tiny_mod
     app.click("generateButton")
     app.wait_text("annotateStatus", lambda t: t.startswith("All answers generated"), 180, "the answers")
     app.screenshot("generated")
+    state = app.state()
+    assert state["focus"]["name"] == "labelView" and app.text("labelFocusHint") == "Keys work here."
+    assert app.text("promptsCount") == "4 prompts in session 'e2e' (read-only)."
     # The name is typed after Generate: the decisions are still this person's (a reopened session shows them).
     app.fill("annotatorName", "me")
-    app.key("Tab")
-    app.click("labelPrompt")  # back to the labels
+    app.key("a")  # a letter typed into the field is the name's ...
+    assert app.text("annotatorName") == "mea" and app.query("SELECT id FROM comparisons") == []
+    app.key("BackSpace", "Return")  # ... and Return gives the keys back to the labels
+    assert app.state()["focus"]["name"] == "labelView"
     assert _position(app) == "Pair 1 of 8"
 
     app.key("3", "a")  # strength 3, left better
@@ -72,6 +77,7 @@ def test_every_annotate_key_survives_a_kill_and_trains_dpo(app_factory, tiny_mod
     assert {"editBox", "editSave", "editCancel"} <= set(state["widgets"]), sorted(state["widgets"])
     app.key("Escape")
     assert "editBox" not in app.state()["widgets"] and len(app.query("SELECT id FROM edits")) == 1
+    assert app.state()["focus"]["name"] == "labelView"
 
     # R: rank the prompt's 4 answers, Ctrl+Return writes C(4, 2) = 6 comparisons.
     before = len(app.query("SELECT id FROM comparisons"))
@@ -85,7 +91,7 @@ def test_every_annotate_key_survives_a_kill_and_trains_dpo(app_factory, tiny_mod
 
     # Ctrl+Z takes the ranking back; the arrows move between pairs.
     app.key("ctrl+z")
-    assert len(app.query("SELECT id FROM comparisons")) == before
+    assert len(app.query("SELECT id FROM comparisons")) == before and app.text("annotateStatus") == "Undone."
     assert _position(app) == "Pair 7 of 8"
     app.key("Left")
     assert _position(app) == "Pair 6 of 8"
@@ -102,6 +108,7 @@ def test_every_annotate_key_survives_a_kill_and_trains_dpo(app_factory, tiny_mod
     app.start()
     app.key("ctrl+4")
     app.wait_text("labelProgress", lambda t: t.startswith("7 done, 1 remaining"), 10, "the reopened session")
+    assert app.text("promptsCount") == "4 prompts in session 'e2e' (read-only)."
     assert app.text("annotatorName") == "me"
     assert _position(app) == "Pair 7 of 8"  # the one open pair
     app.screenshot("reopened")

@@ -47,11 +47,11 @@ def make_page(qtbot):
 
 
 def _set_up(page, prompts, max_new_tokens=10):
-    page.session_name.setText("s1")
-    page.prompts.setPlainText("\n".join(prompts))
-    page.temperature.setValue(1.0)
-    page.max_new_tokens.setValue(max_new_tokens)
-    page.annotator.setText("ann")
+    page.form.session_name.setText("s1")
+    page.form.prompts.setPlainText("\n".join(prompts))
+    page.form.temperature.setValue(1.0)
+    page.form.max_new_tokens.setValue(max_new_tokens)
+    page.form.annotator.setText("ann")
 
 
 def _key(qtbot, page, key, mods=Qt.KeyboardModifier.NoModifier):
@@ -69,11 +69,11 @@ def test_label_by_keyboard_then_export_exactly_those_pairs(qtbot, make_page, tin
     streamed = []
     page.generator.streaming.connect(lambda head, text: streamed.append(head))
     with qtbot.waitSignal(page.generator.finished, timeout=120_000) as done:
-        qtbot.mouseClick(page.generate_button, Qt.MouseButton.LeftButton)
-    assert done.args == [""], page.status.text()
-    assert streamed and streamed[0].startswith("Prompt 1/5, side A")
+        qtbot.mouseClick(page.form.generate_button, Qt.MouseButton.LeftButton)
+    assert done.args == [""], page.form.status.text()
+    assert streamed and streamed[0].startswith("Prompt 1/5, model 1")
     items = page.spec.items
-    assert len(items) == 5 and page.gen_progress.value() == page.gen_progress.maximum() == 10
+    assert len(items) == 5 and page.form.gen_progress.value() == page.form.gen_progress.maximum() == 10
     assert (
         page.index == 0
         and page.label_view.answers[0].toPlainText().splitlines() == _texts(page, items[0])[0].splitlines()
@@ -94,23 +94,24 @@ def test_label_by_keyboard_then_export_exactly_those_pairs(qtbot, make_page, tin
     box = page.label_view.edit_box
     assert box.isVisible() and box.toPlainText().splitlines() == _texts(page, items[4])[0].splitlines()
     qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)  # unchanged: refused
-    assert "identical" in page.status.text() and page.editing == "left"
+    assert "identical" in page.form.status.text() and page.editing == "left"
     box.setPlainText("A colour: blue.")
     qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
     assert not box.isVisible() and page.labeller.state(items[4]) == an.ItemState(
         "edit", None, page.labeller.state(items[4]).comparison_id, "A colour: blue."
     )
     assert page.progress_label.text().startswith(
-        "5 done, 0 remaining · ties 1 · both bad 1 · skips 1 · edits 1 · left picks 100%"
+        "5 done, all labelled · 1 tie · 1 both bad · 1 skip · 1 edit · left picks 100%"
     )
-    assert "1 ties, 1 both bad, 1 skips" in page.policy.text()
+    assert "1 tie, 1 both bad, 1 skip." in page.policy.text() and page.policy.text().startswith("2 DPO pairs")
+    assert page.label_view.position.text() == "Pair 5 of 5 · all 5 pairs labelled"
 
     out = tmp_path / "out"
     page.choose_export_dir = lambda: str(out)
     page.export_format.setCurrentText("trl")
     qtbot.mouseClick(page.export_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
-    assert page.last_snapshot, page.status.text()
+    assert page.last_snapshot, page.form.status.text()
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     left0, right0 = _texts(page, items[0])
     left4, _ = _texts(page, items[4])
@@ -119,7 +120,7 @@ def test_label_by_keyboard_then_export_exactly_those_pairs(qtbot, make_page, tin
     )
     manifest = json.loads((out / "snapshot.json").read_text())
     assert manifest["left_out"] == {"tie": 1, "skip": 1, "both_bad": 1}
-    assert page.last_snapshot in page.status.text()
+    assert page.last_snapshot in page.form.status.text()
 
     # Another process's view of the database: a new Store sees every decision, and a reopened session agrees.
     other = Store()
@@ -165,15 +166,15 @@ def test_reopened_session_continues_at_the_first_open_item(qtbot, make_page):
     _key(qtbot, page, Qt.Key.Key_K)
     assert page.index == 1
     again = make_page("default")  # the app reopened: the latest session opens by itself
-    assert again.sessions.findText("s1") >= 0 and again.spec.name == "s1"
+    assert again.form.sessions.findText("s1") >= 0 and again.spec.name == "s1"
     assert again.index == 1 and again.labeller.state(again.spec.items[0]).decision == "right"
     assert again.labeller.state(again.spec.items[1]).decision == ""
     assert again.label_view.position.text() == "Pair 2 of 3"
-    again.annotator.setText("bob")  # a second annotator on the same items
-    again.annotator.editingFinished.emit()
+    again.form.annotator.setText("bob")  # a second annotator on the same items
+    again.form.annotator.editingFinished.emit()
     assert again.index == 0 and again.labeller.state(again.spec.items[0]).decision == ""
     _key(qtbot, again, Qt.Key.Key_B)
-    assert again.progress_label.text().endswith("κ 1.00 with ann (1 items)")
+    assert again.progress_label.text().endswith("κ 1.00 with ann (1 item)")
     assert page.labeller.state(page.spec.items[0]).decision == "right"  # ann's decision is untouched
 
 
@@ -191,12 +192,12 @@ def test_killed_worker_is_reported_and_the_next_request_recovers(qtbot, make_pag
     with qtbot.waitSignal(page.generator.finished, timeout=120_000) as first:
         page.generate()
     assert killed and "generation worker" in first.args[0] and "killed" in first.args[0]
-    assert "next request starts a new one" in page.status.text()
-    assert page.generate_button.isEnabled() and len(page.spec.items) == 0
+    assert "next request starts a new one" in page.form.status.text()
+    assert page.form.generate_button.isEnabled() and len(page.spec.items) == 0
     page.generator.streaming.disconnect(kill_once)
-    page.max_new_tokens.setValue(8)  # no answers yet, so the settings may still change
+    page.form.max_new_tokens.setValue(8)  # no answers yet, so the settings may still change
     with qtbot.waitSignal(page.generator.finished, timeout=120_000) as second:
-        qtbot.mouseClick(page.generate_button, Qt.MouseButton.LeftButton)
+        qtbot.mouseClick(page.form.generate_button, Qt.MouseButton.LeftButton)
     assert second.args == [""] and len(page.spec.items) == 3
     assert page.worker.pid != killed[0]
 
@@ -215,12 +216,12 @@ def test_adapter_side_and_train_dpo_in_one_click(qtbot, make_window, tiny_model_
     qtbot.keyClick(win.setup_page.start_button, Qt.Key.Key_4, Qt.KeyboardModifier.ControlModifier)
     assert win.tabs.currentIndex() == ANNOTATE
     page = win.annotate_page
-    assert page.model.text() == str(tiny_model_dir)
+    assert page.form.model.text() == str(tiny_model_dir)
     _set_up(page, PROMPTS[:2], max_new_tokens=8)
-    page.side_b.adapter.setEditText(adapter)
+    page.form.side_b.adapter.setEditText(adapter)
     with qtbot.waitSignal(page.generator.finished, timeout=120_000) as done:
         page.generate()
-    assert done.args == [""], page.status.text()
+    assert done.args == [""], page.form.status.text()
     item = page.spec.items[0]
     prefs = page.store.preferences
     assert (prefs.candidate(item.a)["adapter"], prefs.candidate(item.b)["adapter"]) == ("", adapter)
@@ -237,14 +238,14 @@ def test_import_and_export_messages_from_the_tab(qtbot, make_page, tmp_path):
     page.choose_export_dir = lambda: str(tmp_path / "out")
     page.export()
     qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
-    assert page.status.text().startswith("Export failed: the preference store holds no pairs to export")
+    assert page.form.status.text().startswith("Export failed: the preference store holds no pairs to export")
     data = tmp_path / "prefs.jsonl"
     rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     page.choose_import_file = lambda: str(data)
     page.import_pairs()
     qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
-    assert page.status.text().startswith("Imported 3 pairs from prefs.jsonl"), page.status.text()
+    assert page.form.status.text().startswith("Imported 3 pairs from prefs.jsonl"), page.form.status.text()
     assert page.policy.text().startswith("3 DPO pairs in the store.")
     assert [p.chosen[-1]["content"] for p in page.store.preferences.pairs()] == ["good 0", "good 1", "good 2"]
 
@@ -273,14 +274,45 @@ def test_rank_four_answers_gives_six_comparisons_and_undo_takes_them_back(qtbot,
     assert page.editing == "rank" and box.toPlainText().startswith("1: ")
     box.setPlainText(box.toPlainText() + "1 2 3")  # not every number: refused
     qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
-    assert "from 1 to 4 once" in page.status.text()
+    assert "from 1 to 4 once" in page.form.status.text()
     box.setPlainText(box.toPlainText().rsplit(":", 1)[0] + ": 4 2 1 3")
     qtbot.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
     order = [shown[3], shown[1], shown[0], shown[2]]
     texts = [page.store.preferences.candidate(c)["text"] for c in order]
     pairs = {(p.chosen[-1]["content"], p.rejected[-1]["content"]) for p in page.store.preferences.pairs()}
     assert pairs == {(texts[i], texts[j]) for i in range(4) for j in range(i + 1, 4)}
-    assert page.progress_label.text().startswith("2 done, 0 remaining")  # both items decided by the ranking
+    assert page.progress_label.text().startswith("2 done, all labelled")  # both items decided by the ranking
     _key(qtbot, page, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     assert page.store.preferences.stats()["comparisons"] == 0
     assert page.progress_label.text().startswith("0 done, 2 remaining")
+
+
+def test_prompts_are_data_never_re_split_or_reflowed(qtbot, make_page, tmp_path):
+    """A dataset's multi-line prompts are kept as they are; a reopened session's prompts are read-only, and Generate
+    on it finds every prompt answered (it split each multi-line prompt into several)."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}:\nline two of {i}"}]} for i in range(3)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = make_page("default")
+    page.choose_prompts_file = lambda: str(data)
+    qtbot.mouseClick(page.form.load_prompts_button, Qt.MouseButton.LeftButton)
+    assert page.form.prompt_list() == [f"Question {i}:\nline two of {i}" for i in range(3)]
+    assert page.form.prompts.isReadOnly() and page.form.prompts_count.text().startswith("3 prompts from prompts.jsonl")
+    assert page.form.status.text() == "3 prompts from prompts.jsonl (answers left out)."
+    # A session made from them, answered (written directly: no worker), reopened in a new page.
+    store = Store()
+    prefs = store.preferences
+    spec = page.form.spec()
+    for prompt in spec.prompts:
+        pid = prefs.add_prompt(prompt, source=spec.source)
+        spec.items.append(an.Item(pid, prefs.add_candidate(pid, "one"), prefs.add_candidate(pid, "two")))
+    spec.save()
+    store.close()
+    again = make_page("default")
+    assert again.spec.name == spec.name and again.form.prompts.isReadOnly()
+    assert again.form.prompts_count.text() == f"3 prompts in session {spec.name!r} (read-only)."
+    again.generate()
+    assert again.form.status.text() == "Every prompt has its answers."
+    assert an.SessionSpec.load(spec.name).prompts == spec.prompts and len(again.spec.items) == 3
+    qtbot.mouseClick(again.form.new_prompts_button, Qt.MouseButton.LeftButton)
+    assert not again.form.prompts.isReadOnly() and again.form.prompts.toPlainText() == ""
