@@ -5,6 +5,9 @@ and trains with it without knowing which it is. A new objective (a reward model,
 distillation) is a new module here with an :class:`Objective` subclass, registered with :func:`register`; its loss
 function belongs in ``engine.train.losses`` beside the others. Its name must also be one the config accepts
 (``core.config.OBJECTIVES``).
+
+May import what the rest of ``train`` may: ``datasets``, the shared engine modules, kernels, core and the ML
+stack; never ``generate``, ``export``, ``demo`` or the CLI (import-linter: "The engine is layered").
 """
 
 from __future__ import annotations
