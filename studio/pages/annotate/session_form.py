@@ -84,8 +84,9 @@ class SideBox(QGroupBox):
         self.seed.setValue(side.seed)
 
 
-class SessionForm(QScrollArea):
-    """The left side of Annotate. It scrolls rather than widen or lengthen the window."""
+class SessionForm(QWidget):
+    """The left side of Annotate: the session's fields scroll (rather than widen or lengthen the window); Generate,
+    Stop and the generation's progress stay in view below them."""
 
     open_requested = Signal(str)  # a session's name
     generate_requested = Signal()
@@ -96,10 +97,11 @@ class SessionForm(QScrollArea):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setObjectName("sessionForm")
-        self.setWidgetResizable(True)
-        self.setFrameShape(QScrollArea.Shape.NoFrame)
-        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        body = QWidget(self)
+        self.scroll = QScrollArea(self)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        body = QWidget(self.scroll)
         self.locked_prompts: list[str] | None = None  # a dataset's or a reopened session's prompts, as they are
         self.session_name = QLineEdit("session-1", body)
         self.session_name.setObjectName("sessionName")
@@ -152,22 +154,22 @@ class SessionForm(QScrollArea):
         self.annotator.setPlaceholderText("your name (optional)")
         self.annotator.setToolTip("Decisions are stored under this name; change it at any time")
         self.annotator.editingFinished.connect(lambda: self.annotator_changed.emit(self.annotator.text().strip()))
-        self.generate_button = QPushButton("Generate", body)
+        self.generate_button = QPushButton("Generate", self)
         self.generate_button.setObjectName("generateButton")
         self.generate_button.setToolTip("Save the session and generate the answers it still lacks")
         self.generate_button.clicked.connect(self.generate_requested.emit)
-        self.stop_button = QPushButton("Stop", body)
+        self.stop_button = QPushButton("Stop", self)
         self.stop_button.setObjectName("stopGenerating")
         self.stop_button.clicked.connect(self.stop_requested.emit)
         self.stop_button.setEnabled(False)
-        self.gen_progress = QProgressBar(body)
+        self.gen_progress = QProgressBar(self)
         self.gen_progress.setObjectName("generationProgress")
-        self.stream_head = QLabel(body)
+        self.stream_head = QLabel(self)
         self.stream_head.setWordWrap(True)
-        self.stream = QPlainTextEdit(body)
+        self.stream = QPlainTextEdit(self)
         self.stream.setReadOnly(True)
-        self.stream.setMaximumHeight(80)
-        self.status = QLabel(body)
+        self.stream.setMaximumHeight(64)
+        self.status = QLabel(self)
         self.status.setObjectName("annotateStatus")
         self.status.setWordWrap(True)
         form = QFormLayout()
@@ -195,13 +197,16 @@ class SessionForm(QScrollArea):
         col.addLayout(prompt_buttons)
         col.addWidget(self.side_a)
         col.addWidget(self.side_b)
-        col.addLayout(buttons)
-        col.addWidget(self.gen_progress)
-        col.addWidget(self.stream_head)
-        col.addWidget(self.stream)
-        col.addWidget(self.status)
-        self.setWidget(body)
-        self.setMinimumWidth(body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width())
+        self.scroll.setWidget(body)
+        self.scroll.setMinimumWidth(body.minimumSizeHint().width() + self.scroll.verticalScrollBar().sizeHint().width())
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll, 1)
+        outer.addLayout(buttons)
+        outer.addWidget(self.gen_progress)
+        outer.addWidget(self.stream_head)
+        outer.addWidget(self.stream)
+        outer.addWidget(self.status)
         self._show_prompts_mode()
 
     # --- prompts --------------------------------------------------------------------
