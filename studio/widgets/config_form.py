@@ -13,6 +13,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
 
 from finetune_studio.studio.state.setup import HELP, SetupState
+from finetune_studio.studio.widgets.run_choice import RunChoice
 
 LABELS = {
     "lr": "LR",
@@ -92,6 +93,10 @@ class ConfigForm(QWidget):
             box = QCheckBox(self)
             box.toggled.connect(lambda on, n=name: self._edited(n, on))
             return box
+        if name == "init_adapter":  # runs by name, their ids in the config
+            choice = RunChoice(self)
+            choice.editTextChanged.connect(lambda _text, n=name, c=choice: self._edited(n, c.value()))
+            return choice
         if "choices" in meta:
             combo = QComboBox(self)
             combo.addItems(list(meta["choices"]))
@@ -117,7 +122,10 @@ class ConfigForm(QWidget):
         try:
             for name, editor in self.editors.items():
                 value = self.state.values[name]
-                if isinstance(editor, QCheckBox):
+                if isinstance(editor, RunChoice):
+                    if editor.value() != str(value):
+                        editor.show_value(str(value))
+                elif isinstance(editor, QCheckBox):
                     editor.setChecked(bool(value))
                 elif isinstance(editor, QComboBox):
                     editor.setCurrentText(str(value))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PySide6.QtCore import Qt
 from studio_support import IGNORE_OFFSCREEN, fake_engine, make_window  # noqa: F401 - fixture
 
 from finetune_studio.core.store import Store
@@ -394,3 +395,26 @@ def test_export_shows_it_is_working_the_modelfile_and_what_was_not_checked(qtbot
     from PySide6.QtWidgets import QApplication
 
     assert QApplication.clipboard().text() == str(tmp_path)
+
+
+def test_init_adapter_offers_runs_by_name_and_keeps_their_ids(qtbot, make_window, tmp_path):
+    store = Store()
+    sft = store.create_run({"model": "m"}, run_id="20261207-013549-58921c", name="sft-demo")
+    dpo = store.create_run({"model": "m"}, run_id="20261207-020000-aaaaaa", name="dpo-1", parent_run_id=sft)
+    for rid in (sft, dpo):
+        store.update_run(rid, status="completed")
+    win = make_window({"init_adapter": dpo})
+    field = (
+        win.setup_page.basic_form.editors.get("init_adapter") or win.setup_page.advanced_form.editors["init_adapter"]
+    )
+    state = win.setup_state
+    assert field.currentText() == "dpo-1 from sft-demo" and state.values["init_adapter"] == dpo
+    field.refresh()
+    field.setCurrentIndex(field.findText("sft-demo"))
+    assert state.values["init_adapter"] == sft
+    assert field.itemData(field.currentIndex(), Qt.ItemDataRole.ToolTipRole).startswith(sft)
+    field.setEditText("sft-demo:step-000040")  # a checkpoint of the run, as Annotate's hand-off writes it
+    assert state.values["init_adapter"] == f"{sft}:step-000040"
+    folder = str(tmp_path / "my-adapter")
+    field.setEditText(folder)
+    assert state.values["init_adapter"] == folder
