@@ -14,20 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune_studio.core.store import DatabaseDamaged as DatabaseDamaged  # defined where it is raised
+from finetune_studio.core.store import Store
+
 TABLES = ("runs", "metrics", "preference_pairs")
 COMPANIONS = ("-wal", "-shm")
-
-
-class DatabaseDamaged(Exception):
-    """The database file cannot be used; the message names the file and what to do."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(
-            f"the database {self.path} is damaged ({reason}). Recover it: the damaged file is kept (renamed "
-            "*.corrupt-<time>), a fresh database is started and every readable row is copied into it; open the app, "
-            "or run `python -m finetune_studio.engine db recover`"
-        )
 
 
 @dataclass(frozen=True)
@@ -62,8 +53,6 @@ def damage(path: str | Path) -> str:
 
 def recover(path: str | Path) -> Recovery:
     """Rename the damaged database aside, create a fresh one at ``path`` and copy what can be read."""
-    from finetune_studio.core.store import Store
-
     path = Path(path)
     kept = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1

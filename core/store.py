@@ -269,6 +269,18 @@ def signal_process(pid: int | None, start: str | None, sig: int) -> bool:
         os.close(fd)
 
 
+class DatabaseDamaged(Exception):
+    """The database file cannot be used; the message names the file and what to do."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(
+            f"the database {self.path} is damaged ({reason}). Recover it: the damaged file is kept (renamed "
+            "*.corrupt-<time>), a fresh database is started and every readable row is copied into it; open the app, "
+            "or run `python -m finetune_studio.engine db recover`"
+        )
+
+
 class Store:
     """A handle on the database. Cheap to open; open one per process."""
 
@@ -287,8 +299,6 @@ class Store:
         except sqlite3.DatabaseError as exc:
             conn.close()
             if type(exc) is sqlite3.DatabaseError:  # "file is not a database", "malformed"; not "locked"
-                from finetune_studio.core.db_recovery import DatabaseDamaged
-
                 raise DatabaseDamaged(self.path, str(exc)) from None
             raise
 

@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError
+from finetune_studio.core.protocol.message import EVENT_TYPES, Event, ProtocolError, parse_message
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -186,9 +186,7 @@ class DatasetReport(Event):
 
     @classmethod
     def from_json(cls, line: str | bytes) -> DatasetReport:
-        from finetune_studio.core.protocol.events import parse_event
-
-        report = parse_event(line)
+        report = parse_message(line)
         if not isinstance(report, cls):
             raise ProtocolError(f"expected a {cls.type} event, got {report.type!r}")
         return report

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from finetune_studio.core.devices import DeviceInfo
-from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError, parse_event
+from finetune_studio.core.protocol.message import EVENT_TYPES, Event, ProtocolError
+from finetune_studio.core.protocol.message import parse_message as parse_event
 
 SOURCES = ("torch", "nvidia-smi")
 

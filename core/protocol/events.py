@@ -9,20 +9,30 @@ optional extras; a missing required field or an unknown type is a
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, cast
+from typing import ClassVar
 
+# The reports defined in modules of their own register their events on import; importing them here is what makes
+# parse_event know every event of the protocol.
+from finetune_studio.core.protocol import (  # noqa: F401 - each registers its events
+    dataset_report,
+    device_report,
+    memory_report,
+    pairs_report,
+    run_lineage,
+)
+from finetune_studio.core.protocol.message import (
+    EVENT_TYPES,
+    PROTOCOL_VERSION,
+    Event,
+    ProtocolError,
+    load_message,
+    parse_message,
+)
 from finetune_studio.core.run_status import RunStatus
 
-PROTOCOL_VERSION = 1
-
-
-class ProtocolError(ValueError):
-    """A line that is not a valid message of one of the JSON-line protocols (these events, the generation worker's
-    requests and replies in :mod:`core.protocol.generation`)."""
+__all__ = ["EVENT_TYPES", "PROTOCOL_VERSION", "Event", "ProtocolError", "load_message", "parse_event"]
 
 
 class FailureKind(StrEnum):
@@ -44,16 +54,6 @@ class FailureKind(StrEnum):
             return cls(value or cls.ERROR)
         except ValueError:
             return cls.ERROR
-
-
-@dataclass(frozen=True)
-class Event:
-    type: ClassVar[str] = ""
-
-    def to_json(self) -> str:
-        body = {"v": PROTOCOL_VERSION, "type": self.type}
-        body.update(dataclasses.asdict(self))
-        return json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
 
 
 @dataclass(frozen=True)
@@ -225,59 +225,27 @@ class ExportResult(Event):
     report_file: str = ""
 
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls
-    for cls in (Started, Progress, Step, Eval, Sample, CheckpointSaved, Log, Finished, Failed, ModelReady, ExportResult)
-}
-
-
-def load_message(line: str | bytes, version: int, error: type[Exception] = ProtocolError) -> dict[str, Any]:
-    """One JSON-line message of a versioned protocol as a dict; ``error`` (:class:`ProtocolError` unless told) says
-    why not: not JSON, not an object, or another version."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", errors="replace")
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise error(f"not JSON: {line[:120]!r} ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise error(f"not a JSON object: {line[:120]!r}")
-    if data.get("v") != version:
-        raise error(f"protocol version {data.get('v')!r}, expected {version}")
-    return data
+EVENT_TYPES.update(
+    {
+        cls.type: cls
+        for cls in (
+            Started,
+            Progress,
+            Step,
+            Eval,
+            Sample,
+            CheckpointSaved,
+            Log,
+            Finished,
+            Failed,
+            ModelReady,
+            ExportResult,
+        )
+    }
+)
 
 
 def parse_event(line: str | bytes) -> Event:
-    """Parse one JSON line into its event class."""
-    data = load_message(line, PROTOCOL_VERSION)
-    cls = _event_types().get(data.get("type", ""))
-    if cls is None:
-        raise ProtocolError(f"unknown event type {data.get('type')!r}")
-    if hasattr(cls, "from_fields"):  # events with nested dataclasses build themselves
-        return cast(Event, cls.from_fields(data))
-    names = {f.name for f in dataclasses.fields(cls)}
-    try:
-        return cls(**{k: v for k, v in data.items() if k in names})
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"bad {cls.type} event: {exc}") from None
-
-
-def _event_types() -> dict[str, type[Event]]:
-    """EVENT_TYPES, with the events defined in modules of their own (they build on :class:`Event` and register
-    themselves on import)."""
-    if _REGISTERED_ELSEWHERE - EVENT_TYPES.keys():
-        from finetune_studio.core.protocol import (  # noqa: F401 - each registers its events
-            dataset_report,
-            device_report,
-            memory_report,
-            pairs_report,
-            run_lineage,
-        )
-    return EVENT_TYPES
-
-
-# The event types of the modules imported above, which parse_event knows without their being imported first.
-_REGISTERED_ELSEWHERE = frozenset(
-    {"dataset_report", "device_report", "memory_report", "pairs_imported", "pairs_exported", "pairs_stats"}
-    | {"dataset_converted", "run_lineage"}
-)
+    """Parse one JSON line into its event class: any event of this protocol, the reports of the modules imported
+    above included."""
+    return parse_message(line)

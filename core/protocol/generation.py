@@ -15,9 +15,16 @@ The rules a caller can rely on:
 * A :class:`Generate` streams :class:`Delta` events (new text every few tokens, per candidate), then one
   :class:`Done` per candidate (``finish_reason`` ``stop`` | ``length`` | ``cancelled``), then its final
   :class:`Generated`. The deltas of a candidate concatenate to its ``Done.text``.
+* A :class:`GenerateBatch` (several prompts, each with its ``n`` and seed, decoded as one batch) streams the same
+  events, each naming its ``prompt`` (the index in the request's ``prompts``) and ``candidate``; one ``Done`` per
+  (prompt, candidate), in the order they end, then one :class:`Generated` for the whole request.
 * A line that is not a valid request is answered with an :class:`Error` (id ``""`` when none could be read).
 
 Unknown fields are ignored on reading, so an older reader can read a newer writer's optional extras.
+Version 1 grows by addition only: ``generate_batch`` and the ``prompt`` field of ``delta`` / ``done`` (0 for a
+plain ``generate``) were added without a version change; a worker that predates them answers ``generate_batch``
+with an :class:`Error` (``bad_request``, "unknown request type"), so a caller can fall back to one ``generate`` per
+prompt.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
-from finetune_studio.core.protocol.events import ProtocolError as ProtocolError  # this protocol's errors too
-from finetune_studio.core.protocol.events import load_message
+from finetune_studio.core.protocol.message import ProtocolError as ProtocolError  # this protocol's errors too
+from finetune_studio.core.protocol.message import load_message
 
 PROTOCOL_VERSION = 1
 
@@ -85,7 +92,9 @@ class LoadModel(Request):
     quantize_4bit: bool = False  # NF4 base (the one a QLoRA adapter was trained on); CUDA only
     # "int8": weight-only int8 copies of the linear layers for faster CPU decoding (outputs close to, not
     # equal to, full precision). "int4": group-wise int4 (int8 for the output head and where int4 does not fit):
-    # faster still, further from full precision. "full": the weights as loaded.
+    # faster still, further from full precision. "full": the weights as loaded. Both are CPU speed-ups: with
+    # device "auto" on a GPU the model loads with "full" weights (``Loaded.weights`` says which were used);
+    # with device "cuda" or a 4-bit base they are an error. WEIGHTS_CHOICES describes them for a person.
     weights: Literal["full", "int8", "int4"] = "full"
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -171,40 +180,115 @@ class Generate(Request):
     stream_every: int = 4  # tokens per Delta (per candidate); 0: no deltas, only Done
 
     def __post_init__(self) -> None:
-        msgs = self.messages
-        _check(isinstance(msgs, (list, tuple)), "generate: 'messages' must be a list of {role, content}")
-        turns = []
-        for m in msgs:
-            if isinstance(m, dict):
-                _check(
-                    isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
-                    "generate: each message needs a string 'role' and 'content'",
-                )
-                m = ChatTurn(role=m["role"], content=m["content"])
-            _check(isinstance(m, ChatTurn), "generate: each message needs a string 'role' and 'content'")
-            turns.append(m)
-        object.__setattr__(self, "messages", tuple(turns))
-        stop = self.stop
-        _check(
-            isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop),
-            "generate: 'stop' must be a list of non-empty strings",
-        )
-        object.__setattr__(self, "stop", tuple(stop))
-        _check(isinstance(self.prompt, str), "generate: 'prompt' must be text")
-        _check(bool(self.prompt) != bool(turns), "generate: give either 'prompt' or 'messages' (one of them)")
-        _check(not (self.raw and turns), "generate: 'raw' applies to 'prompt' only")
-        _check(_is_int(self.n) and 1 <= self.n <= 64, "generate: 'n' must be between 1 and 64")
-        _check(_is_int(self.seed) and self.seed >= 0, "generate: 'seed' must be a non-negative integer")
-        _check(_is_num(self.temperature) and self.temperature >= 0, "generate: 'temperature' must be >= 0")
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "generate: 'top_p' must be in (0, 1]")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "generate: 'top_k' must be >= 0 (0: off)")
-        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "generate: 'max_new_tokens' must be >= 1")
-        _check(_is_int(self.stream_every) and self.stream_every >= 0, "generate: 'stream_every' must be >= 0")
-        _check(self.adapter is None or isinstance(self.adapter, str), "generate: 'adapter' must be a name or null")
+        object.__setattr__(self, "messages", _turns(self.messages, "generate"))
+        _check_prompt(self, "generate")
+        _check(not (self.raw and self.messages), "generate: 'raw' applies to 'prompt' only")
+        _check_sampling(self, "generate")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class BatchPrompt:
+    """One prompt of a :class:`GenerateBatch`: a user message (``prompt``) or a conversation (``messages``), its
+    ``n`` candidates and their ``seed`` (what one :class:`Generate` for it alone would carry)."""
+
+    prompt: str = ""
+    messages: tuple[ChatTurn, ...] = ()
+    n: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", _turns(self.messages, "generate_batch"))
+        _check_prompt(self, "generate_batch")
+
+
+@dataclass(frozen=True)
+class GenerateBatch(Request):
+    """Sample ``n`` candidates for each of several prompts, all decoded as one batch (one forward per token for
+    every (prompt, candidate) row; prompts of different lengths are left-padded, each row at its own positions).
+
+    The sampling settings, ``raw``, ``stop``, ``adapter`` and ``stream_every`` are :class:`Generate`'s, shared by
+    every prompt. Each prompt draws from its own random stream, seeded with its ``seed`` as a :class:`Generate` of
+    it alone would: greedy decoding gives each prompt's answers alone; sampled answers are those of the prompt
+    alone except where the batch's arithmetic (other matmul shapes, the padding mask) moves a logit by a rounding
+    error across a draw's boundary (rare; the same request always gives the same texts). Replies name the prompt:
+    ``Delta.prompt`` and ``Done.prompt`` index ``prompts``.
+    """
+
+    type: ClassVar[str] = "generate_batch"
+    prompts: tuple[BatchPrompt, ...] = ()
+    raw: bool = False
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    adapter: str | None = None
+    stream_every: int = 4
+
+    MAX_ROWS: ClassVar[int] = 256  # candidates over all prompts
+
+    def __post_init__(self) -> None:
+        items = self.prompts
+        _check(isinstance(items, (list, tuple)) and len(items) >= 1, "generate_batch: 'prompts' must list prompts")
+        prompts = []
+        for item in items:
+            if isinstance(item, dict):
+                names = {f.name for f in dataclasses.fields(BatchPrompt)}
+                item = BatchPrompt(**{k: v for k, v in item.items() if k in names})
+            _check(isinstance(item, BatchPrompt), "generate_batch: each prompt needs 'prompt' or 'messages'")
+            prompts.append(item)
+        object.__setattr__(self, "prompts", tuple(prompts))
+        _check(len(prompts) <= 64, "generate_batch: at most 64 prompts per request")
+        rows = sum(p.n for p in prompts)
+        _check(rows <= self.MAX_ROWS, f"generate_batch: at most {self.MAX_ROWS} candidates in all, not {rows}")
+        _check(not (self.raw and any(p.messages for p in prompts)), "generate_batch: 'raw' applies to 'prompt' only")
+        _check_sampling(self, "generate_batch")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _turns(msgs: object, what: str) -> tuple[ChatTurn, ...]:
+    _check(isinstance(msgs, (list, tuple)), f"{what}: 'messages' must be a list of {{role, content}}")
+    assert isinstance(msgs, (list, tuple))
+    turns = []
+    for m in msgs:
+        if isinstance(m, dict):
+            _check(
+                isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
+                f"{what}: each message needs a string 'role' and 'content'",
+            )
+            m = ChatTurn(role=m["role"], content=m["content"])
+        _check(isinstance(m, ChatTurn), f"{what}: each message needs a string 'role' and 'content'")
+        turns.append(m)
+    return tuple(turns)
+
+
+def _check_prompt(obj: Generate | BatchPrompt, what: str) -> None:
+    _check(isinstance(obj.prompt, str), f"{what}: 'prompt' must be text")
+    _check(bool(obj.prompt) != bool(obj.messages), f"{what}: give either 'prompt' or 'messages' (one of them)")
+    _check(_is_int(obj.n) and 1 <= obj.n <= 64, f"{what}: 'n' must be between 1 and 64")
+    _check(_is_int(obj.seed) and obj.seed >= 0, f"{what}: 'seed' must be a non-negative integer")
+
+
+def _check_sampling(obj: Generate | GenerateBatch, what: str) -> None:
+    stop = obj.stop
+    _check(
+        isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop),
+        f"{what}: 'stop' must be a list of non-empty strings",
+    )
+    object.__setattr__(obj, "stop", tuple(stop))
+    _check(_is_num(obj.temperature) and obj.temperature >= 0, f"{what}: 'temperature' must be >= 0")
+    _check(_is_num(obj.top_p) and 0 < obj.top_p <= 1, f"{what}: 'top_p' must be in (0, 1]")
+    _check(_is_int(obj.top_k) and obj.top_k >= 0, f"{what}: 'top_k' must be >= 0 (0: off)")
+    _check(_is_int(obj.max_new_tokens) and obj.max_new_tokens >= 1, f"{what}: 'max_new_tokens' must be >= 1")
+    _check(_is_int(obj.stream_every) and obj.stream_every >= 0, f"{what}: 'stream_every' must be >= 0")
+    _check(obj.adapter is None or isinstance(obj.adapter, str), f"{what}: 'adapter' must be a name or null")
 
 
 def _is_int(x: object) -> bool:
@@ -238,7 +322,8 @@ class Shutdown(Request):
 
 
 REQUEST_TYPES: dict[str, type[Request]] = {
-    cls.type: cls for cls in (LoadModel, AttachAdapter, SetActive, DetachAdapter, Generate, Cancel, Unload, Shutdown)
+    cls.type: cls
+    for cls in (LoadModel, AttachAdapter, SetActive, DetachAdapter, Generate, GenerateBatch, Cancel, Unload, Shutdown)
 }
 
 
@@ -301,6 +386,7 @@ class Delta(Reply):
     candidate: int = 0
     text: str = ""
     tokens: int = 0  # the candidate's new tokens so far
+    prompt: int = 0  # a generate_batch's prompt (index in its prompts); 0 for a generate
 
 
 @dataclass(frozen=True)
@@ -314,20 +400,22 @@ class Done(Reply):
     finish_reason: FinishReason = "stop"
     elapsed_s: float = 0.0  # from the start of the request
     adapter: str = BASE  # the adapter that produced it ("" for the base)
-    seed: int = 0
+    seed: int = 0  # the seed of its prompt
+    prompt: int = 0  # a generate_batch's prompt (index in its prompts); 0 for a generate
 
 
 @dataclass(frozen=True)
 class Generated(Reply):
-    """The final reply to a generate request, after every candidate's :class:`Done`."""
+    """The final reply to a generate (or generate_batch) request, after every candidate's :class:`Done`."""
 
     type: ClassVar[str] = "generated"
-    candidates: int = 0
-    prompt_tokens: int = 0
+    candidates: int = 0  # over all prompts
+    prompt_tokens: int = 0  # over all prompts
     new_tokens: int = 0  # over all candidates
     elapsed_s: float = 0.0
     tokens_per_s: float = 0.0  # new tokens per second over the whole request
     cancelled: bool = False
+    prompts: int = 1  # how many prompts the request carried
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from finetune_studio.core.memory.estimate import (
     fits,
 )
 from finetune_studio.core.memory.parallel import estimate_per_process_memory
-from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError
+from finetune_studio.core.protocol.message import EVENT_TYPES, Event, ProtocolError
 
 REPORT_VERSION = 1
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "overhead")

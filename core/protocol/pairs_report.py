@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from finetune_studio.core.protocol.events import EVENT_TYPES, Event
+from finetune_studio.core.protocol.message import EVENT_TYPES, Event
 
 
 @dataclass(frozen=True)

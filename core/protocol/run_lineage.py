@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from finetune_studio.core.protocol.events import EVENT_TYPES, Event, ProtocolError
+from finetune_studio.core.protocol.message import EVENT_TYPES, Event, ProtocolError
 
 
 @dataclass(frozen=True)
