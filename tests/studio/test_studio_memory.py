@@ -11,7 +11,7 @@ from finetune_studio.core.memory.estimate import GIB, ModelShape
 from finetune_studio.core.protocol.dataset_report import DatasetReport, TokenStats
 from finetune_studio.core.protocol.memory_report import memory_report
 from finetune_studio.core.store import Store
-from finetune_studio.studio.state import estimate
+from finetune_studio.studio.services import estimate
 from finetune_studio.studio.widgets.runs_model import COLUMNS, RunsModel
 
 CPU = DeviceInfo("cpu", "Test CPU", 16 * GIB, 12 * GIB, True)
