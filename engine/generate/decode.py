@@ -12,6 +12,12 @@ candidate);
    candidates from the batch, so the remaining ones decode faster.
 
 It calls the model's own ``forward``, so PEFT adapter layers injected into it (or switched off around it) apply.
+
+:func:`decode_batch` does the same for several prompts at once (the worker's ``generate_batch``): each prompt is
+prefilled alone (as :func:`decode` would), their caches are joined right-aligned into one buffer (left padding, the
+padded positions masked out and zero), and every step runs all live (prompt, candidate) rows as one batch, each
+row at its own rotary position. Each prompt samples from its own generator seeded as :func:`decode` seeds it and
+draws as many numbers per step as :func:`decode` alone would: the random stream per prompt is unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +67,29 @@ def _cache_classes():
 
         def get_seq_length(self) -> int:
             return self.length
+
+        @classmethod
+        def joined(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], rows: list[int], capacity: int):
+            """One layer for several prompts: prompt i's keys and values (1, h, t_i, d), copied to ``rows[i]``
+            rows and right-aligned at the longest prompt's length; the padding before a shorter prompt is zero."""
+            keys, values = parts[0]
+            _, h, _, d = keys.shape
+            longest = max(k.shape[2] for k, _ in parts)
+            self = cls.__new__(cls)
+            DynamicLayer.__init__(self)
+            self.device = keys.device
+            self.k_buf = keys.new_zeros(sum(rows), h, capacity, d)
+            self.v_buf = values.new_zeros(sum(rows), h, capacity, values.shape[-1])
+            start = 0
+            for (k, v), r in zip(parts, rows, strict=True):
+                t = k.shape[2]
+                self.k_buf[start : start + r, :, longest - t : longest] = k
+                self.v_buf[start : start + r, :, longest - t : longest] = v
+                start += r
+            self.length = longest
+            self.keys, self.values = self.k_buf[:, :, :longest], self.v_buf[:, :, :longest]
+            self.is_initialized = True
+            return self
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
@@ -138,14 +167,21 @@ def _fast_step(model, cache):
             return (lambda h: int4_matmul(h, *s4[:4])), s4[4]
         return None
 
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        """``ids`` (rows, 1) -> next-token logits (rows, vocab)."""
+    def step(
+        ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``ids`` (rows, 1) -> next-token logits (rows, vocab). ``positions`` (rows,): each row's rotary position
+        (None: the cache's length, the same for every row); ``mask`` (rows, 1, 1, length + 1) bool: the cache
+        positions each row attends to (None: all of them)."""
         rows = ids.shape[0]
         x = inner.embed_tokens(ids)  # (rows, 1, hidden)
-        position = torch.full((1, 1), cache.layers[0].length, dtype=torch.long, device=ids.device)
-        cos, sin = inner.rotary_emb(x, position_ids=position)  # (1, 1, head_dim)
+        if positions is None:
+            position = torch.full((1, 1), cache.layers[0].length, dtype=torch.long, device=ids.device)
+        else:
+            position = positions.view(rows, 1)
+        cos, sin = inner.rotary_emb(x, position_ids=position)  # (1 or rows, 1, head_dim)
         half = sin.shape[-1] // 2
-        cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (1,1,1,d)
+        cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (.,1,1,d)
         for block, layer in blocks:
             attn, mlp = block.self_attn, block.mlp
             d = attn.head_dim
@@ -161,8 +197,8 @@ def _fast_step(model, cache):
                 q, k = rotate(q.view(rows, 1, -1, d), cos, sin), rotate(k.view(rows, 1, -1, d), cos, sin)
             k = k.transpose(1, 2)  # (rows, kv heads, 1, d); q: (rows, 1, heads, d)
             keys, values = layer.update(k, v.view(rows, 1, -1, d).transpose(1, 2))  # (rows, kv heads, t, d)
-            o = sdpa(q.transpose(1, 2), keys, values, scale=attn.scaling, enable_gqa=groups > 1)  # (rows, heads, 1, d)
-            o = o.transpose(1, 2)  # (rows, 1, heads, d)
+            o = sdpa(q.transpose(1, 2), keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=groups > 1)
+            o = o.transpose(1, 2)  # (rows, heads, 1, d) -> (rows, 1, heads, d)
             x = x + attn.o_proj(o.reshape(rows, 1, -1))
             h = norm(block.post_attention_layernorm, x)
             gate_up = fused(mlp, "gate_up")
@@ -194,47 +230,112 @@ def decode(
     which candidates have now ended; the loop stops when all have, at ``max_new_tokens``, or on ``cancel``.
     ``fast_path``: use :func:`_fast_step` for Llama-family models (False: always the model's ``forward``).
     """
-    dynamic_cache, _, _ = _cache_classes()
+    return decode_batch(model, [prompt], [n], [max_new_tokens], sampler, [on_tokens], [seed], cancel, pad_id, fast_path)
+
+
+def decode_batch(
+    model,
+    prompts: list[list[int]],
+    ns: list[int],
+    max_new_tokens: list[int],
+    sampler: Sampler,
+    on_tokens: list[OnTokens],
+    seeds: list[int],
+    cancel: threading.Event | None = None,
+    pad_id: int = 0,
+    fast_path: bool = True,
+) -> int:
+    """:func:`decode` for several prompts as one batch: prompt ``i`` gets ``ns[i]`` candidates of up to
+    ``max_new_tokens[i]`` tokens, seeded with ``seeds[i]``, its tokens handed to ``on_tokens[i]`` (only while it
+    has candidates left). Returns the decoding steps run (of the longest-running prompt).
+
+    Models whose cache is not made of plain full-attention layers (sliding windows, recurrent layers) decode
+    the prompts one after another instead, each as :func:`decode` would.
+    """
+    dynamic_cache, dynamic_layer, preallocated = _cache_classes()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    rows = 1 if sampler.greedy else n  # greedy candidates are all the same: decode one, copy it
-    live = list(range(n))  # candidate of each batch row
-    ids = torch.tensor([prompt], device=device)
+    count = len(prompts)
+    rows_of = [1 if sampler.greedy else n for n in ns]  # greedy candidates are all the same: decode one, copy it
+    longest = max(len(p) for p in prompts)
+    capacity = longest + max(max_new_tokens)
     with torch.inference_mode():
-        out = model(input_ids=ids, cache=dynamic_cache(config=model.config), use_cache=True, logits_to_keep=1)
-        cache = _expand_cache(out.cache, rows, len(prompt) + max_new_tokens)
-        logits = out.logits[:, -1, :].expand(rows, -1)  # (rows, vocab)
+        caches, first = [], []
+        for prompt in prompts:  # each prompt alone: the same prefill as decode's
+            ids = torch.tensor([prompt], device=device)
+            out = model(input_ids=ids, cache=dynamic_cache(config=model.config), use_cache=True, logits_to_keep=1)
+            caches.append(out.cache)
+            first.append(out.logits[:, -1, :])
+        if count == 1:
+            cache = _expand_cache(caches[0], rows_of[0], capacity)
+        elif all(
+            getattr(c, "layers", None) and all(type(x) is dynamic_layer and x.is_initialized for x in c.layers)
+            for c in caches
+        ):
+            cache = dynamic_cache(config=model.config)
+            cache.layers = [
+                preallocated.joined([(c.layers[i].keys, c.layers[i].values) for c in caches], rows_of, capacity)
+                for i in range(len(caches[0].layers))
+            ]
+        else:
+            args = sampler, on_tokens, seeds, ns, max_new_tokens
+            return _one_by_one(model, prompts, *args, cancel=cancel, pad_id=pad_id, fast_path=fast_path)
+        logits = torch.cat([f.expand(r, -1) for f, r in zip(first, rows_of, strict=True)])  # (rows, vocab)
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        # the batch's rows: (prompt, candidate); a greedy prompt's one row stands for all its candidates (-1)
+        live = [(p, -1 if sampler.greedy else c) for p in range(count) for c in range(rows_of[p])]
+        pad = torch.tensor([longest - len(prompts[p]) for p, _ in live], device=device)  # (rows,)
+        padded = bool(pad.any())
+        attend = torch.arange(capacity, device=device)[None, :] >= pad[:, None]  # (rows, capacity)
+        ended = [[False] * n for n in ns]
+        done = [False] * count
+        steps = [0] * count
         fast = _fast_step(model, cache) if fast_path else None
-        steps = 0
+        length = longest  # the cache's positions so far, padding included
         while True:
             if cancel is not None and cancel.is_set():
-                return steps
-            picked = sampler.sample(logits, generator).tolist()  # (rows,)
-            steps += 1
-            tokens = [pad_id] * n
-            if sampler.greedy:
-                tokens = [picked[0] if i in live else pad_id for i in range(n)]
-            else:
-                for row, cand in enumerate(live):
-                    tokens[cand] = picked[row]
-            ended = on_tokens(tokens)
-            if steps >= max_new_tokens or all(ended):
-                return steps
-            keep = [row for row, cand in enumerate(live) if not ended[cand]]
-            if sampler.greedy:
-                live = [cand for cand in live if not ended[cand]]  # one shared row until every copy has ended
-                next_ids = torch.tensor([[picked[0]]], device=device)
-            else:
-                if len(keep) < len(live):  # drop the ended candidates from the batch
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    live = [live[row] for row in keep]
-                    picked = [picked[row] for row in keep]
-                    rows = len(live)
-                next_ids = torch.tensor(picked, device=device)[:, None]
+                return max(steps)
+            sizes = [sum(1 for q, _ in live if q == p) for p in range(count)]
+            picked = sampler.sample_groups(logits, [(generators[p], sizes[p]) for p in range(count) if sizes[p]])
+            picked = picked.tolist()  # (rows,)
+            tokens: list[list[int]] = [[pad_id] * n for n in ns]
+            for row, (p, c) in enumerate(live):
+                if c < 0:
+                    tokens[p] = [picked[row] if not ended[p][i] else pad_id for i in range(ns[p])]
+                else:
+                    tokens[p][c] = picked[row]
+            for p in range(count):
+                if sizes[p]:
+                    ended[p] = list(on_tokens[p](tokens[p]))
+                    steps[p] += 1
+                    done[p] = steps[p] >= max_new_tokens[p] or all(ended[p])
+            keep = [row for row, (p, c) in enumerate(live) if not done[p] and (c < 0 or not ended[p][c])]
+            if not keep:
+                return max(steps)
+            if len(keep) < len(live):  # drop the ended candidates (and finished prompts) from the batch
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                pad, attend = pad[index], attend[index]
+                live = [live[row] for row in keep]
+                picked = [picked[row] for row in keep]
+            next_ids = torch.tensor(picked, device=device)[:, None]
+            positions = (length - pad) if padded else None  # each row's own position: its prompt's length + steps
             if fast is not None:
-                logits = fast(next_ids)
+                mask = attend[:, None, None, : length + 1] if padded else None
+                logits = fast(next_ids, positions, mask)
             else:
-                out = model(input_ids=next_ids, cache=cache, use_cache=True)
+                extra = {}
+                if padded:
+                    extra = {"attention_mask": attend[:, : length + 1].long(), "position_ids": positions[:, None]}
+                out = model(input_ids=next_ids, cache=cache, use_cache=True, **extra)
                 cache = out.cache
                 logits = out.logits[:, -1, :]
+            length += 1
+
+
+def _one_by_one(model, prompts, sampler, on_tokens, seeds, ns, max_new_tokens, *, cancel, pad_id, fast_path) -> int:
+    steps = 0
+    for prompt, n, max_new, handle, seed in zip(prompts, ns, max_new_tokens, on_tokens, seeds, strict=True):
+        if cancel is not None and cancel.is_set():
+            break
+        steps = max(steps, decode(model, prompt, n, max_new, sampler, handle, seed, cancel, pad_id, fast_path))
+    return steps

@@ -5,12 +5,12 @@ with PEFT (``load_adapter``), so switching adapters never reloads the base. "Bas
 ``disable_adapter()``: the adapter layers are really bypassed, not just scaled.
 
 :meth:`Session.generate` decodes the ``n`` candidates as one batch with :func:`engine.generate.decode.decode` (the
-prompt
-run once, a preallocated KV cache, sampling without sorting the vocabulary: :mod:`engine.generate.token_sampling`). A
-streamer
-turns the new tokens into :class:`~core.protocol.generation.Delta` events every few tokens and notices stop strings and
-per-candidate ends; the loop checks the cancel flag every step. The per-step work outside the model is one
-``.tolist()`` of ``n`` token ids plus a few list appends.
+prompt run once, a preallocated KV cache, sampling without sorting the vocabulary:
+:mod:`engine.generate.token_sampling`); :meth:`Session.generate_batch` decodes several prompts' candidates as one
+batch (:func:`engine.generate.decode.decode_batch`). One streamer per prompt turns the new tokens into
+:class:`~core.protocol.generation.Delta` events every few tokens and notices stop strings and per-candidate ends;
+the loop checks the cancel flag every step. The per-step work outside the model is one ``.tolist()`` of the rows'
+token ids plus a few list appends.
 """
 
 from __future__ import annotations
@@ -135,11 +135,14 @@ class Session:
             raise GenerationError("model", "device 'cuda' was asked for, but torch sees no CUDA GPU here")
         if req.quantize_4bit and device != "cuda":
             raise GenerationError("model", "a 4-bit (QLoRA) base needs a CUDA GPU for generation; load it unquantised")
-        if req.weights in ("int8", "int4"):
+        weights = req.weights
+        if weights in ("int8", "int4") and req.device == "auto" and device != "cpu" and not req.quantize_4bit:
+            weights = "full"  # a CPU speed-up: on the GPU "auto" picked, the weights as loaded (Loaded says so)
+        if weights in ("int8", "int4"):
             from finetune_studio.engine.generate.int4 import int4_available
             from finetune_studio.engine.generate.int8 import int8_available
 
-            available = int8_available() and (req.weights == "int8" or int4_available())
+            available = int8_available() and (weights == "int8" or int4_available())
             if device != "cpu" or req.quantize_4bit or not available:
                 raise GenerationError(
                     "model", f"weights {req.weights!r} is a CPU speed-up (not for a GPU or a 4-bit base)"
@@ -151,11 +154,11 @@ class Session:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=req.trust_remote_code)
             dtype = compute_dtype(req.dtype, device)
             model = load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=req.quantize_4bit, options=options)
-            if req.weights == "int8":
+            if weights == "int8":
                 from finetune_studio.engine.generate.int8 import quantize_linears_int8
 
                 quantize_linears_int8(model)  # bfloat16 inside the int8 matmul (its fast path), float32 around it
-            elif req.weights == "int4":
+            elif weights == "int4":
                 from finetune_studio.engine.generate.int4 import quantize_linears_int4
 
                 quantize_linears_int4(model)  # int4 groups of 32, the head int8; bfloat16 products
@@ -176,7 +179,7 @@ class Session:
             path=str(folder),
             device=device,
             dtype=str(dtype).removeprefix("torch."),
-            weights=req.weights,
+            weights=weights,
             context_length=self.context_length,
             parameters=info.parameters,
             chat_template=bool(getattr(tokenizer, "chat_template", None)),
@@ -276,9 +279,10 @@ class Session:
 
     # prompts ---------------------------------------------------------------------------------------------------
 
-    def prompt_ids(self, req: gp.Generate) -> list[int]:
+    def prompt_ids(self, req: gp.Generate | gp.BatchPrompt, raw: bool = False) -> list[int]:
+        """The token ids of a prompt (a Generate or one prompt of a GenerateBatch; ``raw`` for the latter)."""
         tok = self.tokenizer
-        if req.raw:
+        if getattr(req, "raw", raw):
             return list(tok(req.prompt)["input_ids"])
         turns = list(req.messages) or [gp.ChatTurn(role="user", content=req.prompt)]
         if getattr(tok, "chat_template", None):
@@ -296,45 +300,69 @@ class Session:
     def generate(self, req: gp.Generate, emit: Emit, cancel: threading.Event | None = None) -> gp.Generated:
         """Stream ``req``'s candidates through ``emit`` (deltas, then one Done each); return the final reply."""
         self._need_model()
+        return self._generate(req, [req], [self.prompt_ids(req)], emit, cancel)
+
+    def generate_batch(self, req: gp.GenerateBatch, emit: Emit, cancel: threading.Event | None = None) -> gp.Generated:
+        """Stream the candidates of every prompt of ``req``, decoded as one batch; return the final reply."""
+        self._need_model()
+        ids = [self.prompt_ids(p, req.raw) for p in req.prompts]
+        return self._generate(req, list(req.prompts), ids, emit, cancel)
+
+    def _generate(
+        self,
+        req: gp.Generate | gp.GenerateBatch,
+        prompts: list[gp.Generate] | list[gp.BatchPrompt],
+        ids: list[list[int]],
+        emit: Emit,
+        cancel: threading.Event | None,
+    ) -> gp.Generated:
         adapter = self.active if req.adapter is None else req.adapter
         self._check_adapter(adapter)
         cancel = cancel or threading.Event()
         start = time.perf_counter()
-        ids = self.prompt_ids(req)
-        if not ids:
-            raise GenerationError("bad_request", "the prompt is empty after tokenising")
-        budget = self.context_length - len(ids) if self.context_length else req.max_new_tokens
-        if budget < 1:
-            raise GenerationError(
-                "context",
-                f"the prompt is {len(ids)} tokens, and the model's context is {self.context_length}: "
-                f"shorten the prompt or the conversation",
-            )
-        max_new = min(req.max_new_tokens, budget)
-        streamer = CandidateStreamer(self.tokenizer, req, adapter, self.eos_ids, emit, start)
-        if cancel.is_set():
-            streamer.cancelled = True
-        else:
-            from finetune_studio.engine.generate.decode import decode
+        which = (lambda i: "") if len(ids) == 1 else (lambda i: f"prompt {i + 1}: ")
+        max_new = []
+        for i, prompt_ids in enumerate(ids):
+            if not prompt_ids:
+                raise GenerationError("bad_request", f"{which(i)}the prompt is empty after tokenising")
+            budget = self.context_length - len(prompt_ids) if self.context_length else req.max_new_tokens
+            if budget < 1:
+                raise GenerationError(
+                    "context",
+                    f"{which(i)}the prompt is {len(prompt_ids)} tokens, and the model's context is "
+                    f"{self.context_length}: shorten the prompt or the conversation",
+                )
+            max_new.append(min(req.max_new_tokens, budget))
+        streamers = [
+            CandidateStreamer(self.tokenizer, req, adapter, self.eos_ids, emit, start, p.n, p.seed, index)
+            for index, p in enumerate(prompts)
+        ]
+        cancelled = cancel.is_set()
+        if not cancelled:
+            from finetune_studio.engine.generate.decode import decode_batch
             from finetune_studio.engine.generate.token_sampling import Sampler
 
             sampler = Sampler(req.temperature, req.top_k, req.top_p)
             pad = self.tokenizer.pad_token_id
             pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+            ns, seeds, steps = [p.n for p in prompts], [p.seed for p in prompts], [s.step for s in streamers]
             with self._adapter_mode(adapter):
-                decode(self.base, ids, req.n, max_new, sampler, streamer.step, req.seed, cancel, pad)
-            streamer.cancelled = cancel.is_set()
-        streamer.finish_all()
+                decode_batch(self.base, ids, ns, max_new, sampler, steps, seeds, cancel, pad)
+            cancelled = cancel.is_set()
+        for streamer in streamers:
+            streamer.cancelled = cancelled
+            streamer.finish_all()
         elapsed = time.perf_counter() - start
-        new_tokens = sum(streamer.counts)
+        new_tokens = sum(sum(s.counts) for s in streamers)
         return gp.Generated(
             id=req.id,
-            candidates=req.n,
-            prompt_tokens=len(ids),
+            candidates=sum(p.n for p in prompts),
+            prompt_tokens=sum(len(x) for x in ids),
             new_tokens=new_tokens,
             elapsed_s=round(elapsed, 4),
             tokens_per_s=round(new_tokens / elapsed, 2) if elapsed > 0 else 0.0,
-            cancelled=streamer.cancelled,
+            cancelled=cancelled,
+            prompts=len(ids),
         )
 
     def _adapter_mode(self, adapter: str):
@@ -377,14 +405,25 @@ class CandidateStreamer:
     that could begin one, so that a candidate's deltas always concatenate to its final text.
     """
 
-    def __init__(self, tokenizer, req: gp.Generate, adapter: str, eos_ids: list[int], emit: Emit, start: float):
+    def __init__(
+        self,
+        tokenizer,
+        req: gp.Generate | gp.GenerateBatch,
+        adapter: str,
+        eos_ids: list[int],
+        emit: Emit,
+        start: float,
+        n: int,
+        seed: int,
+        prompt: int = 0,
+    ):
         self.tok = tokenizer
         self.req = req
         self.adapter = adapter
         self.eos = set(eos_ids)
         self.emit = emit
         self.start = start
-        n = req.n
+        self.n, self.seed, self.prompt = n, seed, prompt
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.counts = [0] * n
         self.sent = [""] * n  # text already sent as deltas
@@ -417,7 +456,7 @@ class CandidateStreamer:
 
     def finish_all(self) -> None:
         reason: gp.FinishReason = "cancelled" if self.cancelled else "length"
-        for i in range(self.req.n):
+        for i in range(self.n):
             if not self.finished[i]:
                 self._finish(i, reason)
 
@@ -430,14 +469,16 @@ class CandidateStreamer:
         if self.req.stop and self.hold:
             safe = safe[: max(len(self.sent[i]), len(safe) - self.hold)]
         if len(safe) > len(self.sent[i]) and safe.startswith(self.sent[i]):
-            self.emit(gp.Delta(id=self.req.id, candidate=i, text=safe[len(self.sent[i]) :], tokens=self.counts[i]))
+            delta = safe[len(self.sent[i]) :]
+            self.emit(gp.Delta(id=self.req.id, candidate=i, text=delta, tokens=self.counts[i], prompt=self.prompt))
             self.sent[i] = safe
 
     def _finish(self, i: int, reason: gp.FinishReason, text: str | None = None) -> None:
         self.finished[i] = True
         text = self._text(i) if text is None else text
         if self.every and text.startswith(self.sent[i]) and len(text) > len(self.sent[i]):
-            self.emit(gp.Delta(id=self.req.id, candidate=i, text=text[len(self.sent[i]) :], tokens=self.counts[i]))
+            delta = text[len(self.sent[i]) :]
+            self.emit(gp.Delta(id=self.req.id, candidate=i, text=delta, tokens=self.counts[i], prompt=self.prompt))
             self.sent[i] = text
         self.emit(
             gp.Done(
@@ -448,7 +489,8 @@ class CandidateStreamer:
                 finish_reason=reason,
                 elapsed_s=round(time.perf_counter() - self.start, 4),
                 adapter=self.adapter,
-                seed=self.req.seed,
+                seed=self.seed,
+                prompt=self.prompt,
             )
         )
 

@@ -144,6 +144,8 @@ class Worker:
                 return s.detach(req)
             if isinstance(req, gp.Generate):
                 return s.generate(req, self.emit, cancel)
+            if isinstance(req, gp.GenerateBatch):
+                return s.generate_batch(req, self.emit, cancel)
             if isinstance(req, gp.Unload):
                 s.unload()
                 return gp.Unloaded(id=req.id)

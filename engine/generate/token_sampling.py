@@ -64,11 +64,19 @@ class Sampler:
         Inverse-CDF draw over the kept tokens: one uniform number per row (``torch.multinomial`` would draw an
         exponential variate for every token of the vocabulary).
         """
+        return self.sample_groups(logits, [(generator, logits.shape[0])])
+
+    def sample_groups(self, logits: torch.Tensor, groups: list[tuple[torch.Generator | None, int]]) -> torch.Tensor:
+        """:meth:`sample` for rows that come in consecutive groups, each drawing from its own generator: group
+        ``(generator, rows)`` draws the same numbers as :meth:`sample` of those rows alone with that generator
+        (a batch of several prompts, each with its own seed). The group sizes must add up to the rows."""
         if self.greedy:
             return logits.argmax(dim=-1)
+        if sum(size for _, size in groups) != logits.shape[0]:
+            raise ValueError(f"sample_groups: groups of {[size for _, size in groups]} rows for {logits.shape[0]}")
         probs, idx, keep = self.kept(logits)
         cdf = probs.masked_fill(~keep, 0.0).cumsum(dim=-1)  # (rows, k), unnormalised
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        u = torch.cat([torch.rand(size, 1, generator=g, device=cdf.device) for g, size in groups]) * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # first index with cdf > u
         return idx.gather(1, pick).squeeze(1)
 

@@ -19,6 +19,13 @@ def test_every_request_round_trips():
         gp.Unload(id="8"),
         gp.Shutdown(id="9"),
         gp.LoadModel(id="10", model="default", weights="int4"),
+        gp.GenerateBatch(
+            id="11",
+            prompts=[{"prompt": "Hi", "n": 2, "seed": 4}, {"messages": [{"role": "user", "content": "Yo"}]}],
+            temperature=0,
+            stop=["\n"],
+            adapter="sft",
+        ),
     ]
     for req in requests:
         line = req.to_json()
@@ -26,6 +33,12 @@ def test_every_request_round_trips():
         assert gp.parse_request(line) == req
     assert requests[4].messages == (gp.ChatTurn(role="user", content="hi"),) and requests[4].stop == ("\n\n",)
     assert requests[5].greedy
+    batch = requests[10]
+    assert batch.prompts == (
+        gp.BatchPrompt(prompt="Hi", n=2, seed=4),
+        gp.BatchPrompt(messages=(gp.ChatTurn(role="user", content="Yo"),)),
+    )
+    assert batch.greedy and batch.stop == ("\n",)
 
 
 def test_every_reply_round_trips():
@@ -35,6 +48,9 @@ def test_every_reply_round_trips():
         gp.AdapterAttached(id="2", name="sft", path="/r/adapter", run_id="r", step=None, base_model="/m"),
         gp.Active(id="3", adapter="sft", attached=("sft", "dpo")),
         gp.Delta(id="5", candidate=2, text="Hé", tokens=4),
+        gp.Delta(id="11", candidate=1, text="x", tokens=4, prompt=1),
+        gp.Done(id="11", candidate=0, text="y", tokens=3, prompt=1, seed=9),
+        gp.Generated(id="11", candidates=3, prompt_tokens=20, new_tokens=9, prompts=2),
         gp.Done(id="5", candidate=2, text="Hé!", tokens=5, finish_reason="length", elapsed_s=0.5, adapter="sft"),
         gp.Generated(id="5", candidates=4, prompt_tokens=10, new_tokens=20, elapsed_s=1.0, tokens_per_s=20.0),
         gp.Cancelled(id="7", target="5", found=True),
@@ -62,6 +78,15 @@ def test_every_reply_round_trips():
         ({"type": "attach", "name": "a"}, "source"),
         ({"type": "load", "weights": "int2"}, "weights"),
         ({"type": "fly"}, "unknown request type"),
+        ({"type": "generate_batch"}, "prompts"),
+        ({"type": "generate_batch", "prompts": []}, "prompts"),
+        ({"type": "generate_batch", "prompts": ["hi"]}, "each prompt"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x"}, {}]}, "either"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x", "n": 65}]}, "'n'"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x", "seed": -1}]}, "seed"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x", "n": 64}] * 5}, "at most 256"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x"}] * 65}, "at most 64 prompts"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x"}], "top_p": 2}, "top_p"),
     ],
 )
 def test_invalid_requests_name_the_problem(body, words):
@@ -77,3 +102,12 @@ def test_lines_that_are_not_requests():
         gp.parse_request('{"v": 1, "type": "unload"}')
     assert gp.request_id_of('{"v": 1, "id": "q7", "type": "fly"}') == "q7"
     assert gp.request_id_of("nope") == ""
+
+
+def test_a_reply_from_before_generate_batch_reads_as_prompt_0():
+    """Version 1 grew by addition: a delta or done without 'prompt' (a generate's, or an older worker's) is prompt 0,
+    and a reader ignores fields it does not know (a newer worker's extras)."""
+    done = gp.parse_reply('{"v":1,"type":"done","id":"g","candidate":1,"text":"a","future":true}')
+    assert isinstance(done, gp.Done) and done.prompt == 0 and done.candidate == 1
+    generated = gp.parse_reply('{"v":1,"type":"generated","id":"g","candidates":2}')
+    assert isinstance(generated, gp.Generated) and generated.prompts == 1

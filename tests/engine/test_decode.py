@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from finetune_studio.engine.generate.decode import _expand_cache, _fast_step, decode
+from finetune_studio.engine.generate.decode import _expand_cache, _fast_step, decode, decode_batch
 from finetune_studio.engine.generate.int4 import quantize_linears_int4
 from finetune_studio.engine.generate.int8 import quantize_linears_int8
 from finetune_studio.engine.generate.token_sampling import Sampler
@@ -97,3 +97,66 @@ def test_cancel_stops_the_loop(model):
 
     steps = decode(model, PROMPT, 2, 50, Sampler(1.0), on_tokens, 0, cancel)
     assert steps == 3 and len(seen) == 3
+
+
+PROMPTS = [PROMPT, [9, 8, 7], PROMPT[:6] + [77, 78, 79, 80, 81, 82, 83], [300, 4]]  # 10, 3, 13 and 2 tokens
+
+
+def _run_batch(model, prompts, ns, max_new, sampler, seeds, end_at=None, fast_path=True):
+    """Each prompt's candidates' tokens from one decode_batch; ``end_at``: {(prompt, candidate): tokens}."""
+    seen = [[[] for _ in range(n)] for n in ns]
+    ended = [[False] * n for n in ns]
+
+    def handler(p):
+        def on_tokens(tokens):
+            assert len(tokens) == ns[p]
+            for i, t in enumerate(tokens):
+                if not ended[p][i]:
+                    seen[p][i].append(t)
+                    ended[p][i] = bool(end_at) and end_at.get((p, i)) == len(seen[p][i])
+            return ended[p]
+
+        return on_tokens
+
+    handlers = [handler(p) for p in range(len(prompts))]
+    decode_batch(model, prompts, ns, max_new, sampler, handlers, seeds, fast_path=fast_path)
+    return seen
+
+
+@pytest.mark.parametrize("weights", ["full", "int8", "int4"])
+def test_greedy_answers_of_a_batch_of_prompts_are_each_prompt_decoded_alone(model, tiny_model_dir, weights):
+    m = model
+    if weights != "full":
+        m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+        (quantize_linears_int8 if weights == "int8" else quantize_linears_int4)(m)
+    greedy = Sampler(temperature=0)
+    max_new = [20, 14, 20, 9]
+    alone = [_run_batch(m, [p], [2], [k], greedy, [0])[0] for p, k in zip(PROMPTS, max_new, strict=True)]
+    for fast in (True, False):
+        batch = _run_batch(m, PROMPTS, [2, 2, 2, 2], max_new, greedy, [0, 1, 2, 3], fast_path=fast)
+        assert batch == alone
+    assert [len(a[0]) for a in alone] == max_new and len({tuple(a[0]) for a in alone}) == 4
+
+
+def test_a_batch_of_prompts_samples_each_prompts_own_stream(model):
+    """Each prompt draws from its own seed as if alone (the same numbers per step); the answers match the prompt
+    decoded alone here (the batch's logits differ from those alone by rounding only), ended candidates leave the
+    batch without disturbing the others, and every token is one the filters keep."""
+    sampler = Sampler(temperature=0.9, top_k=40, top_p=0.9)
+    ns, seeds, max_new = [3, 1, 2, 2], [5, 6, 7, 5], [12, 12, 8, 12]
+    end_at = {(0, 1): 3, (2, 0): 1}
+    batch = _run_batch(model, PROMPTS, ns, max_new, sampler, seeds, end_at)
+    alone = [
+        _run_batch(model, [p], [n], [k], sampler, [s], {(0, c): t for (q, c), t in end_at.items() if q == i})[0]
+        for i, (p, n, s, k) in enumerate(zip(PROMPTS, ns, seeds, max_new, strict=True))
+    ]
+    assert batch == alone
+    assert [[len(c) for c in p] for p in batch] == [[12, 3, 12], [12], [1, 8], [12, 12]]
+    assert batch[0][0] != batch[3][0]  # same seed, other prompt: other answers
+    assert _run_batch(model, PROMPTS, ns, max_new, sampler, seeds, end_at, fast_path=False) == batch
+    for p, answers in zip(PROMPTS, batch, strict=True):
+        for tokens in answers:
+            ids = torch.tensor([p + tokens])
+            with torch.inference_mode():
+                logits = model(input_ids=ids).logits[0, len(p) - 1 : -1]
+            assert sampler.mask(logits)[torch.arange(len(tokens)), torch.tensor(tokens)].all()

@@ -253,6 +253,60 @@ def test_a_model_that_fails_to_load_is_an_error_not_a_crash(worker, tiny_model_d
     assert _final(worker, gp.LoadModel(id="l4", model=str(tiny_model_dir))).type == "loaded"
 
 
+BATCH = ["Hi", PROMPT, "Write a haiku about the sea, then translate it to French."]
+
+
+def test_a_batch_of_prompts_gives_each_prompts_own_answers(worker, tiny_model_dir, adapters):
+    """generate_batch: greedy answers are each prompt's answers alone, with the base and with an adapter; sampled
+    ones come from each prompt's own seed; deltas and dones name their prompt and candidate."""
+    assert _final(worker, gp.AttachAdapter(id="bt-at", name="a", source=str(adapters["a"]))).type == "adapter"
+    for adapter in ("", "a"):
+        batch = gp.GenerateBatch(
+            id=f"bt-greedy-{adapter}",
+            prompts=[gp.BatchPrompt(prompt=p, n=2, seed=i) for i, p in enumerate(BATCH)],
+            temperature=0,
+            max_new_tokens=12,
+            adapter=adapter,
+        )
+        replies = worker.call(batch)
+        final = replies[-1]
+        assert isinstance(final, gp.Generated) and final.prompts == 3 and final.candidates == 6, final
+        for i, prompt in enumerate(BATCH):
+            alone = _texts(
+                _generate(
+                    worker,
+                    f"bt-alone-{adapter}-{i}",
+                    prompt=prompt,
+                    n=2,
+                    seed=i,
+                    temperature=0,
+                    max_new_tokens=12,
+                    adapter=adapter,
+                )
+            )
+            mine = sorted((r for r in replies if isinstance(r, gp.Done) and r.prompt == i), key=lambda r: r.candidate)
+            assert [d.text for d in mine] == alone and {d.adapter for d in mine} == {adapter}
+    sampled = dict(temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=16)
+    prompts = [gp.BatchPrompt(prompt=p, n=n, seed=s) for p, n, s in zip(BATCH, (2, 1, 3), (11, 12, 13), strict=True)]
+    replies = worker.call(gp.GenerateBatch(id="bt-sampled", prompts=prompts, stream_every=2, **sampled))
+    final = replies[-1]
+    assert isinstance(final, gp.Generated) and final.candidates == 6 and not final.cancelled
+    dones = [r for r in replies if isinstance(r, gp.Done)]
+    assert sorted((d.prompt, d.candidate) for d in dones) == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+    assert sum(d.tokens for d in dones) == final.new_tokens
+    for d in dones:
+        deltas = [r for r in replies if isinstance(r, gp.Delta) and (r.prompt, r.candidate) == (d.prompt, d.candidate)]
+        assert "".join(x.text for x in deltas) == d.text and d.seed == prompts[d.prompt].seed
+    for i, p in enumerate(prompts):
+        alone = _texts(_generate(worker, f"bt-s-{i}", prompt=p.prompt, n=p.n, seed=p.seed, **sampled))
+        assert sorted((d.candidate, d.text) for d in dones if d.prompt == i) == list(enumerate(alone))
+    long_prompt = "hello " * 5000
+    too_long = gp.GenerateBatch(id="bt-ctx", prompts=[{"prompt": "hi"}, {"prompt": long_prompt}])
+    err = _final(worker, too_long)
+    assert err.type == "error" and err.kind == "context" and "prompt 2" in err.message
+    assert _final(worker, gp.LoadModel(id="bt-reload", model=str(tiny_model_dir))).type == "loaded"
+
+
 def test_int8_weights_generate_and_take_adapters(worker, tiny_model_dir, adapters):
     loaded = _final(worker, gp.LoadModel(id="q8", model=str(tiny_model_dir), weights="int8", device="cpu"))
     assert isinstance(loaded, gp.Loaded) and loaded.weights == "int8", loaded

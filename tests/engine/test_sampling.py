@@ -2,6 +2,7 @@
 and one
 seed gives one stream."""
 
+import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -60,3 +61,20 @@ def test_greedy_is_argmax_and_one_seed_gives_one_stream():
     assert torch.equal(first[0], first[1])
     runs = {tuple(sampler.sample(scores, torch.Generator().manual_seed(s)).tolist()) for s in range(8)}
     assert len(runs) > 1  # other seeds, other draws
+
+
+def test_groups_draw_each_from_their_own_generator_as_if_alone():
+    sampler = Sampler(temperature=0.8, top_p=0.9)
+    logits = torch.randn(7, 500, generator=torch.Generator().manual_seed(3)) * 4
+    together = sampler.sample_groups(
+        logits, [(torch.Generator().manual_seed(1), 3), (torch.Generator().manual_seed(2), 4)]
+    )
+    first = sampler.sample(logits[:3], torch.Generator().manual_seed(1))
+    second = sampler.sample(logits[3:], torch.Generator().manual_seed(2))
+    assert together.tolist() == first.tolist() + second.tolist()
+    swapped = sampler.sample_groups(
+        logits, [(torch.Generator().manual_seed(2), 3), (torch.Generator().manual_seed(1), 4)]
+    )
+    assert swapped.tolist() != together.tolist()  # the seeds, not the rows' order, decide the draws
+    with pytest.raises(ValueError, match="rows"):
+        sampler.sample_groups(logits, [(None, 3)])
