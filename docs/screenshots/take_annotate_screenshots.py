@@ -45,10 +45,11 @@ def main() -> int:
     win.show()
     page, compare = win.annotate_page, win.compare_page
     win.tabs.setCurrentIndex(ANNOTATE)
-    page.session_name.setText("first-session")
-    page.prompts.setPlainText("\n".join(PROMPTS))
-    page.max_new_tokens.setValue(args.tokens)
-    page.annotator.setText("me")
+    page.form.session_name.setText("first-session")
+    page.form.prompts.setPlainText("\n".join(PROMPTS))
+    page.form.max_new_tokens.setValue(args.tokens)
+    page.form.annotator.setText("me")
+    page.form.pairs_per_prompt.setValue(1)
     shots: list[str] = []
 
     def grab(name: str) -> None:

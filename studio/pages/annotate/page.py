@@ -34,6 +34,7 @@ from finetune_studio.studio.services.engine_process import PROJECT_ROOT, engine_
 from finetune_studio.studio.services.generation_worker import GenerationWorker
 from finetune_studio.studio.state import annotation as an
 from finetune_studio.studio.state.annotate import AnnotateState, Key
+from finetune_studio.studio.state.run_labels import field, run_labels
 
 EXPORT_FORMATS = ("trl", "trl-conversational", "llama-factory")
 __all__ = ["AnnotatePage", "SideBox", "word_diff_html"]  # Compare picks its models with the same box
@@ -195,7 +196,10 @@ class AnnotatePage(QWidget):
     # --- session --------------------------------------------------------------------
     def refresh(self) -> None:
         """Runs for the model pickers, sessions to reopen."""
-        runs = [(r["id"], r.get("name") or "") for r in self.store.list_runs() if is_exportable(r.get("status") or "")]
+        everyone = self.store.list_runs()
+        runs = [r for r in everyone if is_exportable(field(r, "status") or "")]
+        names = run_labels(runs, everyone)  # by name, "dpo-1 from sft-demo"; the id in the tooltip
+        runs = [(field(r, "id"), names[field(r, "id")]) for r in runs]
         self.form.side_a.set_runs(runs)
         self.form.side_b.set_runs(runs)
         sessions = an.list_sessions()

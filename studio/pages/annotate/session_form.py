@@ -58,28 +58,41 @@ class SideBox(QGroupBox):
         self.set_runs([])
 
     def set_runs(self, runs: list[str] | list[tuple[str, str]]) -> None:
-        """``runs``: the runs with an adapter, as ids or (id, name); the name is in the id's tooltip."""
-        current = self.adapter.currentText()
+        """``runs``: the runs with an adapter, as ids or (id, name); shown by name, the id in the tooltip."""
+        current = self.adapter_value()
         self.adapter.clear()
         self.adapter.addItem(BASE_LABEL, "")
         for run in runs:
             rid, name = (run, "") if isinstance(run, str) else run
-            self.adapter.addItem(rid, rid)
-            if name:
-                self.adapter.setItemData(self.adapter.count() - 1, f"{name} ({rid})", Qt.ItemDataRole.ToolTipRole)
-        if current and current != BASE_LABEL:
-            self.adapter.setEditText(current)
+            self.adapter.addItem(name or rid, rid)
+            self.adapter.setItemData(self.adapter.count() - 1, f"run {rid}", Qt.ItemDataRole.ToolTipRole)
+        if current:
+            self.show_adapter(current)
+
+    def adapter_value(self) -> str:
+        """The run id or adapter folder chosen ('' for the base model): a listed run's id, or the text typed."""
+        text = self.adapter.currentText().strip()
+        index = self.adapter.findText(text)
+        if index >= 0:
+            return str(self.adapter.itemData(index) or "")
+        return "" if text == BASE_LABEL else text
+
+    def show_adapter(self, adapter: str) -> None:
+        index = self.adapter.findData(adapter) if adapter else 0
+        if index >= 0:
+            self.adapter.setCurrentIndex(index)
+        else:
+            self.adapter.setEditText(adapter)
 
     def side(self, model: str) -> an.Side:
-        text = self.adapter.currentText().strip()
-        adapter = "" if text in ("", BASE_LABEL) else text
+        adapter = self.adapter_value()
         step = self.checkpoint.text().strip()
         if step and not step.isdigit():
             raise ValueError(f"checkpoint: a step number, not {step!r}")
         return an.Side(model=model, adapter=adapter, checkpoint=int(step) if step else None, seed=self.seed.value())
 
     def show_side(self, side: an.Side) -> None:
-        self.adapter.setEditText(side.adapter or BASE_LABEL)
+        self.show_adapter(side.adapter)
         self.checkpoint.setText("" if side.checkpoint is None else str(side.checkpoint))
         self.seed.setValue(side.seed)
 
@@ -97,11 +110,11 @@ class SessionForm(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setObjectName("sessionForm")
-        self.scroll = QScrollArea(self)
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        body = QWidget(self.scroll)
+        self.fields = QScrollArea(self)
+        self.fields.setWidgetResizable(True)
+        self.fields.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.fields.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        body = QWidget(self.fields)
         self.locked_prompts: list[str] | None = None  # a dataset's or a reopened session's prompts, as they are
         self.session_name = QLineEdit("session-1", body)
         self.session_name.setObjectName("sessionName")
@@ -197,11 +210,11 @@ class SessionForm(QWidget):
         col.addLayout(prompt_buttons)
         col.addWidget(self.side_a)
         col.addWidget(self.side_b)
-        self.scroll.setWidget(body)
-        self.scroll.setMinimumWidth(body.minimumSizeHint().width() + self.scroll.verticalScrollBar().sizeHint().width())
+        self.fields.setWidget(body)
+        self.fields.setMinimumWidth(body.minimumSizeHint().width() + self.fields.verticalScrollBar().sizeHint().width())
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll, 1)
+        outer.addWidget(self.fields, 1)
         outer.addLayout(buttons)
         outer.addWidget(self.gen_progress)
         outer.addWidget(self.stream_head)
