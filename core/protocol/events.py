@@ -17,6 +17,7 @@ from typing import ClassVar
 # parse_event know every event of the protocol.
 from finetune_studio.core.protocol import (  # noqa: F401 - each registers its events
     dataset_report,
+    demo_report,
     device_report,
     memory_report,
     pairs_report,

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 
+from finetune_studio.core.protocol.demo_report import DemoLoopReport
 from finetune_studio.engine.demo.task import (
     DEFAULTS,
     EVAL_FILE,
@@ -257,8 +258,8 @@ def _loop(args: argparse.Namespace) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    if args.json:
-        print(json.dumps(report))
+    if args.json:  # one typed event (core.protocol.demo_report)
+        print(DemoLoopReport.from_fields(report).to_json())
     else:
         print(
             f"\nDemo loop on {len(rows)} held-out prompts ({report['total_seconds']:.0f} s)\n"

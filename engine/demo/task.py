@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_studio.core.protocol.demo_report import DemoReport
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT / "resources" / "datasets"
 SFT_FILE = DATA_DIR / "demo_sft.jsonl"
@@ -322,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": result.final_loss,
         "examples": examples,
     }
-    if args.json:
-        print(json.dumps(report))
+    if args.json:  # one typed event (core.protocol.demo_report)
+        print(DemoReport.from_fields(report).to_json())
     else:
         print(_summary(report))
     return 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune_studio.core.protocol.demo_report import DemoReport
+from finetune_studio.core.protocol.events import parse_event
 from finetune_studio.engine.demo import task as demo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,6 +158,9 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     report = json.loads(out[0])
+    typed = parse_event(out[0])  # one typed, versioned event
+    assert isinstance(typed, DemoReport) and typed.after is not None and typed.after.n == 3
+    assert typed.examples[0].expected == report["examples"][0]["expected"]
     assert report["steps"] == 2 and report["objective"] == "sft" and report["eval_prompts"] == 3
     for side in ("before", "after"):
         assert report[side]["n"] == 3 and 0 <= report[side]["exact"] <= report[side]["valid"] <= 1
