@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_dora_norm import dora_model, run_step
+from peft_dora import dora_model, run_step
 
 from finetune_studio.engine.train.model_patches import kernel_wiring
 from finetune_studio.kernels.dora_output import dora_output

@@ -182,7 +182,7 @@ def test_dora_norm_kernel_transposed_weight_zero_row_default_tiles():
 
 
 def test_patched_dora_layer_with_the_kernel_matches_peft():
-    from test_kernels_dora_norm import assert_same_as_peft, dora_model
+    from peft_dora import assert_same_as_peft, dora_model
 
     assert_same_as_peft("triton", dropout=0.1, device=DEVICE)
     model = dora_model()
