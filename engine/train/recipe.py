@@ -145,7 +145,8 @@ def train_run(
             status=RunStatus.RUNNING,
             pid=pid,
             pid_start=process_start(pid),
-            started_at=time.time(),
+            started_at=time.time(),  # this session's start (a resumed run's Duration adds its sessions' steps)
+            finished_at=None,  # a resumed run is not finished until it ends again
             error="",
             error_kind="",
         )

@@ -98,8 +98,17 @@ def test_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, objective
     stopped = train_run(config, reporter=Reporter(extra=stop_at_three), stop=stop)
     assert stopped.status == "stopped" and stopped.step == 3
     assert Store().get_run(stopped.run_id)["status"] == "stopped"
+    assert Store().get_run(stopped.run_id).finished_at is not None
     second = Recorder()
-    resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
+    while_running = []
+
+    def watch(event):
+        second(event)
+        if event.type == "step" and not while_running:  # the resumed session, training: no stale end time
+            while_running.append(Store().get_run(stopped.run_id))
+
+    resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=watch))
+    assert while_running[0].status == "running" and while_running[0].finished_at is None
     assert resumed.status == "completed" and resumed.run_id == stopped.run_id
     assert second.of("started")[0].resumed_from_step == 3
     assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-5)
