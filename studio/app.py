@@ -10,7 +10,6 @@ from PySide6.QtWidgets import QApplication
 from finetune_studio.studio import db_guard, theme
 from finetune_studio.studio.main_window import MainWindow
 from finetune_studio.studio.services import jobs
-from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 
 def create_app(argv: list[str] | None = None) -> QApplication:
@@ -35,7 +34,6 @@ def run(argv: list[str] | None = None) -> int:
         sys.stderr.write("finetune-studio: the database is damaged and was left as it is\n")
         return 1
     window = MainWindow()
-    guard_wheel(window)  # every page's combo and spin boxes, the Annotate page's too
     window.show()
     code = app.exec()
     jobs.drain_orphans()

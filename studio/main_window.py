@@ -22,6 +22,7 @@ from finetune_studio.studio.state.run import MemoryState, RunState
 from finetune_studio.studio.state.settings import Settings
 from finetune_studio.studio.state.setup import SetupState
 from finetune_studio.studio.widgets.export_dialog import ExportDialog, ExportOptionsDialog
+from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 TITLE = "Finetune Studio"
 SETUP, TRAIN, RUNS, ANNOTATE, COMPARE = range(5)
@@ -76,6 +77,7 @@ class MainWindow(QMainWindow):
         self.controller.run_ended.connect(self._run_ended)
         self._shortcuts()
         self._restore()
+        guard_wheel(self)  # every page's drop-downs and spin boxes take the wheel only once focused
         probe.install(self)  # the end-to-end tests' read-only view (off unless they ask for it)
         self.statusBar().showMessage("Ready.", 3000)
         QTimer.singleShot(0, self._find_live_run)

@@ -20,8 +20,8 @@ from PySide6.QtWidgets import (
 
 from finetune_studio.core.config import METHODS, OBJECTIVES, PARALLELISMS, TrainConfig
 from finetune_studio.core.protocol.device_report import DeviceReport
-from finetune_studio.studio.services.jobs import EngineJob
 from finetune_studio.studio.services import estimate
+from finetune_studio.studio.services.jobs import EngineJob
 from finetune_studio.studio.state.presets import Preset, load_presets
 from finetune_studio.studio.state.run import MemoryState
 from finetune_studio.studio.state.setup import FIELDS, HELP, OWN_WIDGETS, SetupState

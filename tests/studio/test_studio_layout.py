@@ -89,8 +89,9 @@ def test_wheel_changes_a_drop_down_once_it_has_the_focus(setup_window, qtbot):
 
 def test_the_wheel_never_gives_a_guarded_box_the_focus(setup_window):
     win = setup_window
-    pages = (win.setup_page, win.runs_page, win.compare_page)
+    pages = (win.setup_page, win.runs_page, win.compare_page, win.annotate_page)  # the window guards every page
     boxes = [w for page in pages for w in page.findChildren(QWidget) if isinstance(w, (QComboBox, QSpinBox))]
+    assert any(win.annotate_page.isAncestorOf(b) for b in boxes)
     assert len(boxes) > 10
     assert all(b.focusPolicy() == Qt.FocusPolicy.StrongFocus for b in boxes)
 
