@@ -110,7 +110,7 @@ def test_label_by_keyboard_then_export_exactly_those_pairs(qtbot, make_page, tin
     page.choose_export_dir = lambda: str(out)
     page.export_format.setCurrentText("trl")
     qtbot.mouseClick(page.export_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not page._pairs_job.running, timeout=60_000)
     assert page.last_snapshot, page.form.status.text()
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     left0, right0 = _texts(page, items[0])
@@ -237,14 +237,14 @@ def test_import_and_export_messages_from_the_tab(qtbot, make_page, tmp_path):
     page = make_page("default")
     page.choose_export_dir = lambda: str(tmp_path / "out")
     page.export()
-    qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not page._pairs_job.running, timeout=60_000)
     assert page.form.status.text().startswith("Export failed: the preference store holds no pairs to export")
     data = tmp_path / "prefs.jsonl"
     rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     page.choose_import_file = lambda: str(data)
     page.import_pairs()
-    qtbot.waitUntil(lambda: page._export is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not page._pairs_job.running, timeout=60_000)
     assert page.form.status.text().startswith("Imported 3 pairs from prefs.jsonl"), page.form.status.text()
     assert page.policy.text().startswith("3 DPO pairs in the store.")
     assert [p.chosen[-1]["content"] for p in page.store.preferences.pairs()] == ["good 0", "good 1", "good 2"]

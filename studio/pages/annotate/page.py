@@ -10,11 +10,9 @@ Every decision is written to the store at once.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import cast
 
-from PySide6.QtCore import QProcess, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -26,12 +24,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core.protocol.pairs_report import PairsExported, PairsImported
 from finetune_studio.core.run_status import is_exportable
 from finetune_studio.studio.pages.annotate.label_view import LabelView, word_diff_html
 from finetune_studio.studio.pages.annotate.session_form import SessionForm, SideBox
 from finetune_studio.studio.services.annotation_generation import SessionGenerator
-from finetune_studio.studio.services.engine_process import PROJECT_ROOT, engine_command, engine_environment
 from finetune_studio.studio.services.generation_worker import GenerationWorker
+from finetune_studio.studio.services.jobs import EngineJob
 from finetune_studio.studio.state import annotation as an
 from finetune_studio.studio.state.annotate import AnnotateState, Key
 from finetune_studio.studio.state.run_labels import field, run_labels
@@ -60,7 +59,10 @@ class AnnotatePage(QWidget):
         self.generator = SessionGenerator(self.worker, self)
         self.state = AnnotateState()
         self.last_snapshot = ""
-        self._export: QProcess | None = None
+        self._pairs_job = EngineJob(self)  # engine pairs import / export
+        self._pairs_job.done.connect(self._pairs_done)
+        self._pairs_job.failed.connect(self._pairs_failed)
+        self._pairs_what, self._pairs_then = "", lambda _event: None
         self.choose_export_dir = lambda: QFileDialog.getExistingDirectory(self, "Export the pairs to…")
         self.choose_import_file = lambda: QFileDialog.getOpenFileName(
             self, "Import preference pairs", "", "Preference data (*.jsonl *.json *.parquet *.csv)"
@@ -298,41 +300,29 @@ class AnnotatePage(QWidget):
 
     # --- export and training --------------------------------------------------------
     def _pairs_cli(self, what: str, args: list[str], done) -> None:
-        """``engine pairs EXPORT|IMPORT ... --json`` in the background; ``done(summary)`` with its JSON answer."""
-        if self._export is not None:
+        """``engine pairs EXPORT|IMPORT ... --json`` in the background (an :class:`EngineJob`, as every engine
+        command); ``done(event)`` with its typed answer (``core.protocol.pairs_report``)."""
+        if self._pairs_job.running:
             return
-        argv = engine_command("pairs", *args, "--json")
-        proc = QProcess(self)
-        proc.setProcessEnvironment(engine_environment())
-        proc.setWorkingDirectory(str(PROJECT_ROOT))
-        proc.finished.connect(lambda code, _status: self._pairs_done(proc, code, what, done))
-        self._export = proc
+        self._pairs_what, self._pairs_then = what, done
         self.export_button.setEnabled(False)
         self.import_button.setEnabled(False)
         self._say(f"{what.capitalize()} of the pairs…")
-        proc.start(argv[0], argv[1:])
+        self._pairs_job.run("pairs", *args, "--json")
 
-    def _pairs_done(self, proc: QProcess, code: int, what: str, done) -> None:
-        out = cast(bytes, proc.readAllStandardOutput().data()).decode("utf-8", errors="replace").strip()
-        err = cast(bytes, proc.readAllStandardError().data()).decode("utf-8", errors="replace").strip()
-        proc.deleteLater()
-        self._export = None
+    def _pairs_done(self, event: object) -> None:
         self.export_button.setEnabled(True)
         self.import_button.setEnabled(True)
-        summary = None
-        if code == 0 and out:
-            try:
-                summary = json.loads(out.splitlines()[-1])
-            except json.JSONDecodeError:
-                summary = None
-        if not isinstance(summary, dict):
-            last = [line for line in err.splitlines() if line.strip()]
-            self._say(
-                f"{what.capitalize()} failed: " + (last[-1].removeprefix("error: ") if last else f"exit code {code}")
-            )
+        if not isinstance(event, PairsImported | PairsExported):
+            self._pairs_failed(f"an unexpected answer ({getattr(event, 'type', event)!r})")
             return
-        done(summary)
+        self._pairs_then(event)
         self._refresh_policy()
+
+    def _pairs_failed(self, message: str) -> None:
+        self.export_button.setEnabled(True)
+        self.import_button.setEnabled(True)
+        self._say(f"{self._pairs_what.capitalize()} failed: {message.removeprefix('error: ')}")
 
     def export(self) -> None:
         out = self.choose_export_dir()
@@ -344,18 +334,18 @@ class AnnotatePage(QWidget):
         if path:
             self._pairs_cli("import", ["import", path], self._imported)
 
-    def _imported(self, s: dict) -> None:
+    def _imported(self, s: PairsImported) -> None:
         self._say(
-            f"Imported {s['pairs']} pairs from {Path(s['file']).name} ({s['format']}): {s['added']} new, "
-            f"{s['unchanged']} already in the store, {s['changed']} with a changed decision."
+            f"Imported {s.pairs} pairs from {Path(s.file).name} ({s.format}): {s.added} new, "
+            f"{s.unchanged} already in the store, {s.changed} with a changed decision."
         )
 
-    def _exported(self, manifest: dict) -> None:
-        self.last_snapshot = manifest["snapshot"]
+    def _exported(self, manifest: PairsExported) -> None:
+        self.last_snapshot = manifest.snapshot
         self.last_export = manifest
         self._say(
-            f"Exported {manifest['pairs']} pairs ({manifest['format']}) as snapshot {manifest['snapshot']}. "
-            + an.policy_text(manifest.get("left_out") or {})
+            f"Exported {manifest.pairs} pairs ({manifest.format}) as snapshot {manifest.snapshot}. "
+            + an.policy_text(manifest.left_out)
         )
 
     def train_dpo(self) -> None:
@@ -381,5 +371,4 @@ class AnnotatePage(QWidget):
         self.generator.stop()
         if self._own_worker:
             self.worker.shutdown()
-        if self._export is not None:
-            self._export.kill()
+        self._pairs_job.cancel()
