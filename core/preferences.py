@@ -14,8 +14,9 @@ Tables (schema version 2 of the studio database, created by :func:`migrate_v2`):
 
 Pairs are derived from comparisons: A or B gives (chosen, rejected); a tie, both-bad or skip gives none. Ranking K
 candidates records C(K, 2) comparisons. Content hashes make every write idempotent: importing the same pairs twice
-adds nothing. Each call commits in one transaction (the database is in WAL mode), so a kill -9 at any moment keeps
-every call that returned and corrupts nothing.
+adds nothing, and a pair is the same pair whoever labelled it (importing the store's own export adds nothing). Each
+call commits in one transaction (an import: short chunks, then one for all its comparisons; the database is in WAL
+mode), so a kill -9 at any moment keeps every call that returned and corrupts nothing.
 
 Pure Python: the engine turns the message lists into its own examples.
 """
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 HASH_CHARS = 16
+IMPORT_CHUNK = 500  # pairs whose prompts and candidates one of an import's short transactions writes
 
 
 class Decision(enum.StrEnum):
@@ -237,40 +239,48 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+_INSERT_PROMPT = "INSERT OR IGNORE INTO prompts (id, messages, tools, source, created_at) VALUES (?, ?, ?, ?, ?)"
+_INSERT_CANDIDATE = (
+    "INSERT OR IGNORE INTO candidates (id, prompt_id, text, turns, model, adapter, run_id, checkpoint, seed, "
+    "sampling, token_count, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _prompt_row(pid: str, messages: list[dict[str, Any]], tools: list[Any], source: str, t: float) -> tuple:
+    return (pid, json.dumps(messages, ensure_ascii=False), json.dumps(tools, ensure_ascii=False), source, t)
+
+
 def _ensure_prompt(
     conn: sqlite3.Connection, messages: list[dict[str, Any]], tools: list[Any], source: str, t: float
 ) -> str:
     pid = _hash("prompt", messages, tools)
-    conn.execute(
-        "INSERT OR IGNORE INTO prompts (id, messages, tools, source, created_at) VALUES (?, ?, ?, ?, ?)",
-        (pid, json.dumps(messages, ensure_ascii=False), json.dumps(tools, ensure_ascii=False), source, t),
-    )
+    conn.execute(_INSERT_PROMPT, _prompt_row(pid, messages, tools, source, t))
     return pid
+
+
+def _candidate_row(cid: str, prompt_id: str, turns: list[dict[str, Any]], t: float, **meta: Any) -> tuple:
+    return (
+        cid,
+        prompt_id,
+        _plain_text(turns),
+        json.dumps(turns, ensure_ascii=False),
+        meta.get("model", ""),
+        meta.get("adapter", ""),
+        meta.get("run_id", ""),
+        meta.get("checkpoint", ""),
+        meta.get("seed"),
+        json.dumps(meta.get("sampling") or {}, sort_keys=True),
+        meta.get("token_count"),
+        meta.get("source", ""),
+        t,
+    )
 
 
 def _ensure_candidate(
     conn: sqlite3.Connection, prompt_id: str, turns: list[dict[str, Any]], t: float, **meta: Any
 ) -> str:
     cid = _hash("candidate", prompt_id, turns)
-    conn.execute(
-        "INSERT OR IGNORE INTO candidates (id, prompt_id, text, turns, model, adapter, run_id, checkpoint, seed, "
-        "sampling, token_count, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            cid,
-            prompt_id,
-            _plain_text(turns),
-            json.dumps(turns, ensure_ascii=False),
-            meta.get("model", ""),
-            meta.get("adapter", ""),
-            meta.get("run_id", ""),
-            meta.get("checkpoint", ""),
-            meta.get("seed"),
-            json.dumps(meta.get("sampling") or {}, sort_keys=True),
-            meta.get("token_count"),
-            meta.get("source", ""),
-            t,
-        ),
-    )
+    conn.execute(_INSERT_CANDIDATE, _candidate_row(cid, prompt_id, turns, t, **meta))
     return cid
 
 
@@ -465,15 +475,136 @@ class PreferenceStore:
     def import_pairs(
         self, pairs: Iterable[dict[str, Any]], *, source: str = "", annotator: str = "import"
     ) -> ImportResult:
-        """Pairs {prompt, chosen, rejected, tools?} (strings or message lists), all in one transaction."""
-        counts = {"added": 0, "unchanged": 0, "changed": 0}
+        """Pairs {prompt, chosen, rejected, tools?} (strings or message lists): all of them or, when one fails, none.
+
+        A pair the store already gives (the same prompt, chosen and rejected answer, whoever labelled it: a person in
+        the app, an earlier import) is unchanged, so importing the store's own export adds nothing. A pair this
+        ``annotator`` recorded the other way round is changed (and audited).
+
+        The database's write lock is held only briefly, however long the file (a run writing its metrics, the app
+        saving a label, wait no longer than one chunk): prompts and candidates, content-addressed and shown nowhere
+        until a comparison names them, are written in transactions of :data:`IMPORT_CHUNK` pairs; the comparisons
+        wait in a temporary table (this connection's own, which takes no lock) and enter in one final transaction,
+        set-wise. If the import fails, the prompts and candidates it wrote that nothing names are taken out again."""
         t = time.time()
+        staged: dict[str, tuple[str, str, str, str]] = {}  # comparison key -> (prompt id, a, b, decision)
+        repeats = {"unchanged": 0, "changed": 0}  # a comparison the file gives more than once
+        written: dict[str, list[str]] = {"prompts": [], "candidates": []}  # ids this import added
+        chunk: list[tuple[str, tuple[Any, ...]]] = []  # (table, row) waiting for the next chunk's transaction
+        try:
+            for n, p in enumerate(pairs, 1):
+                messages, tools = _messages(p["prompt"]), list(p.get("tools") or [])
+                pid = _hash("prompt", messages, tools)
+                chunk.append(("prompts", _prompt_row(pid, messages, tools, source, t)))
+                ids = []
+                for answer in (p["chosen"], p["rejected"]):
+                    turns = _answer_turns(answer)
+                    ids.append(_hash("candidate", pid, turns))
+                    chunk.append(("candidates", _candidate_row(ids[-1], pid, turns, t, source=source)))
+                chosen, rejected = ids
+                if chosen == rejected:
+                    raise PreferenceError(f"pair {n}: the chosen and the rejected answer are the same")
+                # stored with the smaller id first, as _compare does
+                a, b, decision = (chosen, rejected, Decision.A) if chosen < rejected else (rejected, chosen, Decision.B)
+                key = _hash("comparison", a, b, annotator)
+                if key in staged:
+                    repeats["unchanged" if staged[key][3] == decision.value else "changed"] += 1
+                staged[key] = (pid, a, b, decision.value)
+                if len(chunk) >= 3 * IMPORT_CHUNK:
+                    self._write_chunk(chunk, written)
+                    chunk = []
+            self._write_chunk(chunk, written)
+            counts = self._enter_comparisons(staged, annotator=annotator, source=source, t=t)
+        except BaseException:
+            self._take_out_unnamed(written)
+            raise
+        finally:
+            self.conn.execute("DROP TABLE IF EXISTS temp.import_staged")
+        return ImportResult(
+            added=counts["added"],
+            unchanged=counts["unchanged"] + repeats["unchanged"],
+            changed=counts["changed"] + repeats["changed"],
+        )
+
+    def _write_chunk(self, chunk: list[tuple[str, tuple[Any, ...]]], written: dict[str, list[str]]) -> None:
+        """One short transaction: the chunk's prompts and candidates not yet in the store (their ids noted)."""
+        if not chunk:
+            return
         with transaction(self.conn) as c:
-            for p in pairs:
-                prompt, chosen, rejected, tools = p["prompt"], p["chosen"], p["rejected"], p.get("tools") or []
-                outcome = _add_pair(c, prompt, chosen, rejected, tools, source=source, annotator=annotator, t=t)
-                counts[outcome] += 1
-        return ImportResult(**counts)
+            for table, row in chunk:
+                sql = _INSERT_PROMPT if table == "prompts" else _INSERT_CANDIDATE
+                if c.execute(sql, row).rowcount:
+                    written[table].append(row[0])
+
+    def _enter_comparisons(
+        self, staged: dict[str, tuple[str, str, str, str]], *, annotator: str, source: str, t: float
+    ) -> dict[str, int]:
+        """The staged comparisons in one transaction, set-wise; counts added, unchanged and changed."""
+        c = self.conn
+        c.execute("DROP TABLE IF EXISTS temp.import_staged")
+        c.execute(
+            "CREATE TEMP TABLE import_staged (position INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, "
+            "prompt_id TEXT NOT NULL, a TEXT NOT NULL, b TEXT NOT NULL, decision TEXT NOT NULL, "
+            "given INTEGER NOT NULL DEFAULT 0)"
+        )
+        c.executemany(
+            "INSERT INTO temp.import_staged (key, prompt_id, a, b, decision) VALUES (?, ?, ?, ?, ?)",
+            [(key, *row) for key, row in staged.items()],
+        )
+        c.execute("CREATE INDEX temp.import_staged_pair ON import_staged (a, b)")
+        with transaction(c):
+            differs = "(c.decision != s.decision OR c.strength IS NOT NULL)"
+            mine = "FROM temp.import_staged s JOIN main.comparisons c ON c.key = s.key"
+            changed = c.execute(f"SELECT count(*) {mine} WHERE {differs}").fetchone()[0]
+            c.execute(
+                "INSERT INTO main.decision_changes (comparison_id, old_decision, new_decision, old_strength, "
+                f"new_strength, annotator, changed_at) SELECT c.id, c.decision, s.decision, c.strength, NULL, ?, ? "
+                f"{mine} WHERE {differs} ORDER BY s.position",
+                (annotator, t),
+            )
+            c.execute(
+                "UPDATE main.comparisons SET decision = s.decision, strength = NULL, shown_left = '', updated_at = ? "
+                "FROM temp.import_staged s WHERE comparisons.key = s.key "
+                "AND (comparisons.decision != s.decision OR comparisons.strength IS NOT NULL)",
+                (t,),
+            )
+            # Given already: this annotator's own comparison, or another's with the same preferred side.
+            c.execute("UPDATE temp.import_staged SET given = 1 WHERE key IN (SELECT key FROM main.comparisons)")
+            c.execute(
+                "UPDATE temp.import_staged SET given = 1 WHERE position IN (SELECT s.position FROM main.comparisons c "
+                "JOIN temp.import_staged s ON s.a = c.candidate_a AND s.b = c.candidate_b AND s.decision = c.decision)"
+            )
+            added = c.execute(
+                "INSERT INTO main.comparisons (key, prompt_id, candidate_a, candidate_b, decision, strength, "
+                "shown_left, annotator, source, created_at, updated_at) SELECT key, prompt_id, a, b, decision, NULL, "
+                "'', ?, ?, ?, ? FROM temp.import_staged WHERE given = 0 ORDER BY position",
+                (annotator, source, t, t),
+            ).rowcount
+        return {"added": added, "changed": changed, "unchanged": len(staged) - added - changed}
+
+    def _take_out_unnamed(self, written: dict[str, list[str]]) -> None:
+        """After a failed import: the prompts and candidates it wrote that no comparison, edit or candidate names."""
+        if not (written["prompts"] or written["candidates"]):
+            return
+        with contextlib.suppress(sqlite3.Error), transaction(self.conn) as c:
+            for start in range(0, len(written["candidates"]), IMPORT_CHUNK):
+                ids = written["candidates"][start : start + IMPORT_CHUNK]
+                marks = ", ".join("?" * len(ids))
+                c.execute(
+                    f"DELETE FROM candidates WHERE id IN ({marks}) AND NOT EXISTS (SELECT 1 FROM comparisons "
+                    "WHERE candidate_a = candidates.id OR candidate_b = candidates.id) AND NOT EXISTS (SELECT 1 "
+                    "FROM edits WHERE original_id = candidates.id OR edited_id = candidates.id)",
+                    ids,
+                )
+            for start in range(0, len(written["prompts"]), IMPORT_CHUNK):
+                ids = written["prompts"][start : start + IMPORT_CHUNK]
+                marks = ", ".join("?" * len(ids))
+                c.execute(
+                    f"DELETE FROM prompts WHERE id IN ({marks}) AND NOT EXISTS (SELECT 1 FROM candidates "
+                    "WHERE prompt_id = prompts.id) AND NOT EXISTS (SELECT 1 FROM comparisons "
+                    "WHERE prompt_id = prompts.id)",
+                    ids,
+                )
 
     # --- reading pairs ------------------------------------------------------------
     def pairs(self, source: str | None = None) -> list[Pair]:

@@ -7,14 +7,16 @@ once, so a crashed or closed app loses nothing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import time
 import typing
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,17 @@ from finetune_studio.core.run_status import (  # noqa: F401 - RUN_STATUSES: stil
     RunStatus,
     parse_status,
 )
+
+log = logging.getLogger(__name__)
+
+# How long a write waits for another connection's write lock before it fails with "database is locked", in ms.
+# FINETUNE_STUDIO_DB_BUSY_MS overrides it (tests that hold a lock past it need not wait 30 s).
+BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_ENV = "FINETUNE_STUDIO_DB_BUSY_MS"
+# A store that keeps its writes while the database is busy (see Store.keep_writes_when_busy) tries them this long
+# during a run (each later write tries again), and, when it closes, waits its busy timeout per try for this long.
+KEPT_WRITE_TRY_MS = 200
+KEPT_WRITES_FINAL_WAIT_S = 600.0
 
 # Fields of the Step and Eval events that are not a step's figures: the row's key (step), the run's length, and
 # early stopping's best-so-far (kept on the run's row: best_step, best_eval_loss).
@@ -281,15 +294,42 @@ class DatabaseDamaged(Exception):
         )
 
 
-class Store:
-    """A handle on the database. Cheap to open; open one per process."""
+def default_busy_timeout_ms() -> int:
+    """The busy timeout a store opens with: :data:`BUSY_TIMEOUT_MS`, or the number in FINETUNE_STUDIO_DB_BUSY_MS."""
+    value = os.environ.get(BUSY_TIMEOUT_ENV, "").strip()
+    try:
+        return max(0, int(value)) if value else BUSY_TIMEOUT_MS
+    except ValueError:
+        return BUSY_TIMEOUT_MS
 
-    def __init__(self, path: str | Path | None = None):
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` says another connection holds the database ("database is locked"), not that it is damaged."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc)
+
+
+class Store:
+    """A handle on the database. Cheap to open; open one per process.
+
+    ``busy_timeout_ms``: how long a write waits for another connection's write lock (default
+    :func:`default_busy_timeout_ms`)."""
+
+    def __init__(self, path: str | Path | None = None, *, busy_timeout_ms: int | None = None):
         self.path = Path(path) if path else paths.db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.busy_timeout_ms = default_busy_timeout_ms() if busy_timeout_ms is None else busy_timeout_ms
+        # Writes kept while the database was busy, oldest first (only with keep_writes_when_busy()).
+        self._kept: collections.deque[Callable[[], None]] | None = None
+        conn = sqlite3.connect(
+            str(self.path), timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
-            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             self.db = sqlite_utils.Database(conn)
             if self.db.journal_mode != "wal":
                 self.db.enable_wal()
@@ -303,7 +343,75 @@ class Store:
             raise
 
     def close(self) -> None:
-        self.db.conn.close()
+        """Close the connection, after making the writes kept while the database was busy (waiting for it)."""
+        try:
+            if self._kept:
+                self._flush_kept(final=True)
+        finally:
+            self.db.conn.close()
+
+    # --- writes that wait for a busy database ----------------------------------
+    def keep_writes_when_busy(self) -> None:
+        """From now on the run's writes (its row, metrics, samples) never fail because another process holds the
+        database: a write that finds it locked is kept, in order, and tried again at each later write (each try
+        waits only :data:`KEPT_WRITE_TRY_MS`, so training does not stall), and :meth:`close` waits for the lock to
+        make them all. Every such write is idempotent (an upsert or an update), so a try that half-happened is
+        simply made again."""
+        if self._kept is None:
+            self._kept = collections.deque()
+
+    @property
+    def kept_writes(self) -> int:
+        """How many writes wait for the database (0 unless keep_writes_when_busy() and it was busy)."""
+        return len(self._kept or ())
+
+    def _write(self, write: Callable[[], None]) -> None:
+        if self._kept is None:
+            write()
+            return
+        self._kept.append(write)
+        self._flush_kept(final=False)
+
+    def flush(self) -> bool:
+        """Try the kept writes now (a short wait); True when none is left."""
+        return self._flush_kept(final=False)
+
+    def _flush_kept(self, *, final: bool) -> bool:
+        """Make the kept writes in order. During a run each try waits KEPT_WRITE_TRY_MS; ``final`` (closing) waits
+        the busy timeout per try, and goes on trying for KEPT_WRITES_FINAL_WAIT_S."""
+        kept = self._kept
+        if not kept:
+            return True
+        conn = self.db.conn
+        wait_ms = self.busy_timeout_ms if final else min(KEPT_WRITE_TRY_MS, self.busy_timeout_ms)
+        give_up = time.monotonic() + KEPT_WRITES_FINAL_WAIT_S
+        conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+        try:
+            while kept:
+                try:
+                    kept[0]()
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc):
+                        raise
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if not final:
+                        return False
+                    if time.monotonic() > give_up:
+                        log.error(
+                            "the database %s stayed locked for %.0f s: %d writes of this run were not made (the "
+                            "run's events.jsonl holds its events)",
+                            self.path,
+                            KEPT_WRITES_FINAL_WAIT_S,
+                            len(kept),
+                        )
+                        return False
+                    time.sleep(0.05)
+                    continue
+                kept.popleft()
+            return True
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
 
     # --- schema -------------------------------------------------------------
     def _migrate(self) -> None:
@@ -415,8 +523,7 @@ class Store:
         return run_id
 
     def update_run(self, run_id: str, **fields: Any) -> None:
-        fields["updated_at"] = now()
-        self.db.table("runs").update(run_id, fields)
+        self._write(lambda: self.db.table("runs").update(run_id, {**fields, "updated_at": now()}))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         try:
@@ -459,7 +566,7 @@ class Store:
     def add_metrics(self, run_id: str, kind: str, step: int, values: dict[str, Any]) -> None:
         row = {"run_id": run_id, "kind": kind, "step": step, "time": now()}
         row.update({k: v for k, v in values.items() if k in METRIC_COLUMNS and v is not None})
-        self.db.table("metrics").upsert(row, pk=("run_id", "kind", "step"))
+        self._write(lambda: self.db.table("metrics").upsert(row, pk=("run_id", "kind", "step")))
 
     def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[MetricRow]:
         rows = self.db["metrics"].rows_where(
@@ -469,7 +576,7 @@ class Store:
 
     def delete_metrics_after(self, run_id: str, step: int) -> None:
         """A resumed run re-trains the steps after its checkpoint: drop their old rows."""
-        self.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
+        self._write(lambda: self.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step]))
 
     def lineage(self, run_id: str) -> list[RunRecord]:
         """The run and the runs it started from (``init_adapter``), oldest first."""
@@ -485,11 +592,16 @@ class Store:
 
     # --- samples: what the model answered to fixed prompts at each evaluation ------
     def add_samples(self, run_id: str, step: int, prompts: list[str], answers: list[str]) -> None:
-        with preferences.transaction(self.db.conn) as conn:
-            conn.executemany(
-                "INSERT OR REPLACE INTO samples (run_id, step, position, prompt, answer) VALUES (?, ?, ?, ?, ?)",
-                [(run_id, step, i, p, a) for i, (p, a) in enumerate(zip(prompts, answers, strict=True))],
-            )
+        rows = [(run_id, step, i, p, a) for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
+
+        def write() -> None:
+            with preferences.transaction(self.db.conn) as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO samples (run_id, step, position, prompt, answer) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        self._write(write)
 
     def samples(self, run_id: str) -> list[SampleRow]:
         rows = self.db["samples"].rows_where("run_id = ?", [run_id], order_by="step, position")

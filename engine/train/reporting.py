@@ -2,6 +2,10 @@
 
 stdout may vanish (the app that started the run was closed and the run lets go on): a broken pipe stops
 the stdout copy and nothing else. The store and events.jsonl stay complete.
+
+Another process may hold the database's write lock for longer than its busy timeout (a long import, a backup): the
+run never fails for that. events.jsonl is written first; the store keeps the writes it could not make and makes them,
+in order, at a later step or when the run ends (``Store.keep_writes_when_busy``).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ class Reporter:
         self.run_id = ""
         self._events_file: TextIO | None = None
         self.run_dir: Path | None = None
+        self._busy_told = False  # the log already says the database is busy and the figures are kept
 
     def attach_run(self, store: Store, run_id: str, run_dir: Path) -> None:
         self.store, self.run_id, self.run_dir = store, run_id, Path(run_dir)
+        store.keep_writes_when_busy()  # a database busy past its timeout never fails the run (see the module)
         self._events_file = open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8")
         logs.attach_run_dir(Path(run_dir))
 
@@ -55,8 +61,22 @@ class Reporter:
             self._events_file.flush()
         if self.store and self.run_id:
             self._record(event)
+            self._tell_busy(self.store.kept_writes)
         if self.extra:
             self.extra(event)
+
+    def _tell_busy(self, kept: int) -> None:
+        """Say once when the database is busy and the run keeps its figures, and once when they are written."""
+        if kept and not self._busy_told:
+            self._busy_told = True
+            self.log(
+                "The database is busy (another process holds it): this run keeps its figures and writes them when "
+                "it is free; training goes on.",
+                level="warning",
+            )
+        elif not kept and self._busy_told:
+            self._busy_told = False
+            self.log("The database is free again: the kept figures are written.")
 
     def _logs_to_file(self) -> None:
         """The app let the run go on without it: its stderr pipe is gone too, so logs go to ``engine.log``."""
