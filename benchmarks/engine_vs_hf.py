@@ -17,7 +17,7 @@ first step and again for the second, when the LoRA B matrices are no longer zero
 trivially zero). Then the steps are timed, alternating the two paths (ABBA order, to share out the drift of a
 busy machine), and reported as medians; then one more step of each path is run for memory: on CUDA
 ``torch.cuda.max_memory_allocated``, on the CPU the largest bytes-in-use of glibc's malloc read after every
-aten op (the probe of ``benchmarks/memory_estimate.py``), minus what was in use just before the step
+aten op (the probe of ``tests/measuring.py``), minus what was in use just before the step
 (weights, adapters, optimizer states). Timing steps run without the probe.
 
 Cases: a Llama built from a config with the default model's vocabulary (49,152) but 4 narrow layers, batch 4,
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the measuring helpers the tests use
 
 import torch  # noqa: E402
-from memory_estimate import _Malloc, _peak_mode  # noqa: E402  (the malloc-in-use probe)
+from measuring import Malloc, peak_mode  # noqa: E402  (the malloc-in-use probe)
 
 from finetune_studio.core.config import TrainConfig  # noqa: E402
 from finetune_studio.engine.datasets.render import IGNORE, Tokenized  # noqa: E402
@@ -215,9 +215,9 @@ def peak_of_step(path: Runner, batch: Batch, autocast, device) -> int:
         step(path, batch, autocast)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    malloc = _Malloc()
+    malloc = Malloc()
     before = malloc.in_use()
-    mode = _peak_mode(malloc)
+    mode = peak_mode(malloc)
     with mode:
         step(path, batch, autocast)
     return mode.peak - before

@@ -2,7 +2,7 @@
 
 Grid: methods (LoRA, DoRA) x objectives (SFT, DPO) x batch x max_length x gradient checkpointing x optimizer
 (AdamW, 8-bit AdamW) x lengths (fitted to a ragged dataset, or the worst case). Each row runs two real training
-steps the engine's way (``memory_estimate.measure_step``: PEFT adapters, the chunked output head, DPO's
+steps the engine's way (``tests/measuring.py``'s ``measure_step``: PEFT adapters, the chunked output head, DPO's
 reference pass first) on a small Llama built from a config, and compares:
 
 - estimate: ``core.memory.estimate.estimate_training_memory`` less the runtime overhead (a constant: the CUDA context or
@@ -27,8 +27,13 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
-from memory_estimate import TINY_LLAMA, measure_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the measuring helpers the tests use
+
+from measuring import measure_step
+from memory_estimate import TINY_LLAMA
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the measuring helpers the tests use
 
-from memory_estimate import _Malloc, _peak_mode
+from measuring import Malloc, peak_mode
 from profile_step import make_recipe
 
 MIB = 2**20
@@ -63,12 +64,12 @@ def main(argv=None) -> int:
     rss_warm, warm_peak = proc.memory_info().rss, resident_peak()
 
     denom = setup.objective.denominator(batch)
-    malloc = _Malloc()
+    malloc = Malloc()
     census = SavedTensorCensus(setup.model)
     base, rss0 = malloc.in_use(), resident_peak()
     hwm_reset = _reset_hwm()
     rss_base = resident_peak() if hwm_reset else rss0
-    mode = _peak_mode(malloc)
+    mode = peak_mode(malloc)
     with mode:
         with census:
             if setup.objective.name == "dpo":

@@ -21,7 +21,6 @@ from finetune_studio.core.paths import drop_checkout_from_path
 
 drop_checkout_from_path()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their measuring helpers
 
 import pytest  # noqa: E402
 

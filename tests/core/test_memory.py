@@ -311,7 +311,7 @@ def test_estimate_matches_a_measured_training_step(changes, dtype):
     """The engine's step (chunked output head, DPO reference first): weights, adapters, gradients and optimizer
     states exactly; the tensors autograd saves within 5%; the measured peak of a whole step (glibc malloc
     bytes in use) within 5%."""
-    from memory_estimate import measure_step
+    from measuring import measure_step
 
     cfg_dict = dict(
         architectures=["LlamaForCausalLM"],

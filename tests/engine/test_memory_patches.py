@@ -3,9 +3,6 @@ less."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from engine_helpers import Recorder, micro_step_loss, tiny_config, write_sft
@@ -18,8 +15,6 @@ from finetune_studio.engine.train.batches import Batch
 from finetune_studio.engine.train.model_patches import kernel_wiring
 from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches, count_patched
 from finetune_studio.engine.train.saved_tensors import SavedTensorCensus
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 SHAPE = dict(
     hidden_size=48,

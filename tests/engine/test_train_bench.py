@@ -1,11 +1,12 @@
-"""The training benchmark's harness: both sides train on the same tokens in the same order (TRL only)."""
+"""The engine and TRL train the same steps (tests/trl_crosscheck.py, which benchmarks/train_bench.py times): both sides
+see the same tokens in the same order and agree step by step (TRL only)."""
 
 import pytest
 from engine_helpers import write_dpo, write_sft
 
 pytest.importorskip("trl")
 
-import train_bench  # benchmarks/ is on the tests' path (conftest.py)
+import trl_crosscheck
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
@@ -13,7 +14,7 @@ def test_engine_and_trl_agree_step_by_step(tiny_model_dir, tmp_path, objective):
     data = (write_sft if objective == "sft" else write_dpo)(tmp_path / "data.jsonl")
 
     def run(impl):
-        spec = train_bench.Spec(
+        spec = trl_crosscheck.Spec(
             impl,
             "lora",
             objective,
@@ -24,7 +25,7 @@ def test_engine_and_trl_agree_step_by_step(tiny_model_dir, tmp_path, objective):
             dataset=str(data),
             compute_dtype="float32",  # the exact comparison (auto is bf16-mixed on a fast-bf16 CPU)
         )
-        return (train_bench.studio_worker if impl == "studio" else train_bench.baseline_worker)(spec)
+        return (trl_crosscheck.studio_worker if impl == "studio" else trl_crosscheck.baseline_worker)(spec)
 
     studio, base = run("studio"), run("baseline")
     assert studio.step_tokens == base.step_tokens and min(studio.step_tokens) > 0
