@@ -40,6 +40,7 @@ BUSY_TIMEOUT_ENV = "FINETUNE_STUDIO_DB_BUSY_MS"
 # A store that keeps its writes while the database is busy (see Store.keep_writes_when_busy) tries them this long
 # during a run (each later write tries again), and, when it closes, waits its busy timeout per try for this long.
 KEPT_WRITE_TRY_MS = 200
+KEPT_WRITE_RETRY_S = 1.0  # during a run, kept writes are tried again at most this often (a later write keeps too)
 KEPT_WRITES_FINAL_WAIT_S = 600.0
 
 # Fields of the Step and Eval events that are not a step's figures: the row's key (step), the run's length, and
@@ -325,6 +326,7 @@ class Store:
         self.busy_timeout_ms = default_busy_timeout_ms() if busy_timeout_ms is None else busy_timeout_ms
         # Writes kept while the database was busy, oldest first (only with keep_writes_when_busy()).
         self._kept: collections.deque[Callable[[], None]] | None = None
+        self._next_try = 0.0  # time.monotonic() before which a run's kept writes are not tried again
         conn = sqlite3.connect(
             str(self.path), timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
         )
@@ -382,6 +384,8 @@ class Store:
         kept = self._kept
         if not kept:
             return True
+        if not final and len(kept) > 1 and time.monotonic() < self._next_try:
+            return False  # tried a moment ago: keep this write behind the others, training goes on
         conn = self.db.conn
         wait_ms = self.busy_timeout_ms if final else min(KEPT_WRITE_TRY_MS, self.busy_timeout_ms)
         give_up = time.monotonic() + KEPT_WRITES_FINAL_WAIT_S
@@ -396,6 +400,7 @@ class Store:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     if not final:
+                        self._next_try = time.monotonic() + KEPT_WRITE_RETRY_S
                         return False
                     if time.monotonic() > give_up:
                         log.error(
