@@ -17,14 +17,25 @@ first, under no_grad with the adapters disabled, as ``engine.train.recipe.Recipe
 ``benchmarks/memory_grid.py`` print the figures, ``benchmarks/engine_vs_hf.py`` and ``benchmarks/saved_tensors.py``
 use the malloc probe. The benchmarks put this folder on their ``sys.path``.
 
+A process's history moves the CPU figures: garbage an earlier test left in reference cycles is freed whenever the
+cyclic collector runs (``measure_step`` collects it before the baseline), and the engine's ``mallopt`` settings
+(``engine.train.memory_budget``), applied by any in-process training run, stay for the life of the process.
+:func:`measure_step_in_own_process` runs the measurement in a fresh ``python -P`` process, which the tests use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import gc
+import json
+import subprocess
+import sys
+import tempfile
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 from finetune_studio.core.config import TrainConfig
 
@@ -296,6 +307,10 @@ def measure_step(
     # Step 1 warms up (lazy imports, optimizer states); the peak is read over step 2. What is in use after
     # step 1, less the parameters and optimizer states, is the baseline that the peak is measured from.
     step(False)
+    # What is garbage now (this model's step 1, an earlier model or test left in reference cycles) would otherwise
+    # be freed whenever Python's cyclic collector next runs, perhaps during step 2, lowering the peak by its size:
+    # collected here, before the baseline, with the collector's counters reset, step 2 runs the same in any process.
+    gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -321,3 +336,32 @@ def measure_step(
         trainable_params=sum(p.numel() for p in trainable),
         peak=peak,
     )
+
+
+def measure_step_in_own_process(
+    cfg: dict,
+    config: TrainConfig,
+    dtype_name: str = "float32",
+    device: str = "cpu",
+    rows: list[tuple[int, int]] | None = None,
+    timeout: float = 600,
+) -> Measured:
+    """:func:`measure_step` in a fresh ``python -P`` process (this file run as a script, this environment), so that
+    nothing this process did before (its allocator settings, its garbage, its heap's layout) moves the figures."""
+    request = dict(cfg=cfg, config=config.to_dict(), dtype=dtype_name, device=device, rows=rows)
+    with tempfile.TemporaryDirectory(prefix="measure-step-") as tmp:
+        result = Path(tmp) / "measured.json"
+        argv = [sys.executable, "-P", __file__, json.dumps(request), str(result)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0 or not result.exists():
+            raise RuntimeError(f"the measuring process failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return Measured(**json.loads(result.read_text(encoding="utf-8")))
+
+
+if __name__ == "__main__":  # measure_step_in_own_process's child: the request as JSON, the file for the result
+    request = json.loads(sys.argv[1])
+    rows = [tuple(r) for r in request["rows"]] if request["rows"] is not None else None
+    measured = measure_step(
+        request["cfg"], TrainConfig.from_dict(request["config"]), request["dtype"], request["device"], rows
+    )
+    Path(sys.argv[2]).write_text(json.dumps(dataclasses.asdict(measured)), encoding="utf-8")

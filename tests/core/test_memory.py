@@ -310,8 +310,8 @@ def test_fits_verdicts_name_the_biggest_term():
 def test_estimate_matches_a_measured_training_step(changes, dtype):
     """The engine's step (chunked output head, DPO reference first): weights, adapters, gradients and optimizer
     states exactly; the tensors autograd saves within 5%; the measured peak of a whole step (glibc malloc
-    bytes in use) within 5%."""
-    from measuring import measure_step
+    bytes in use) within 5%. Measured in a process of its own: what ran before in this one must not move it."""
+    from measuring import measure_step_in_own_process
 
     cfg_dict = dict(
         architectures=["LlamaForCausalLM"],
@@ -327,7 +327,7 @@ def test_estimate_matches_a_measured_training_step(changes, dtype):
     config = TrainConfig(**{**dict(batch_size=2, max_length=128, lora_rank=8), **changes}, compute_dtype=dtype)
     shape = ModelShape.from_config_dict(cfg_dict)
     est = estimate_training_memory(shape, config, CPU)
-    m = measure_step(cfg_dict, config, dtype)
+    m = measure_step_in_own_process(cfg_dict, config, dtype)
     assert (est.trainable_params, est.base_weights, est.adapter_weights, est.gradients, est.optimizer_states) == (
         m.trainable_params,
         m.base_weights,
