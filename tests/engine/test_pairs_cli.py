@@ -153,3 +153,29 @@ def test_json_answers_are_typed_events_and_a_failure_is_a_failed_event(tmp_path)
     failed = parse_event(refused.stdout)
     assert refused.returncode == 1 and isinstance(failed, Failed) and failed.kind is FailureKind.DATA
     assert "not preference pairs" in failed.message and "not preference pairs" in refused.stderr
+
+
+@pytest.mark.parametrize("fmt", ["trl-conversational", "llama-factory", "trl"])
+def test_re_importing_the_stores_own_export_of_labelled_pairs_is_an_exact_round_trip(tmp_path, fmt):
+    """Pairs a person labelled in the app (their own annotator, candidates with their origin) exported, then imported:
+    the same pairs, no new comparison (the import's annotator is no new opinion on the same pair)."""
+    store = Store()
+    prefs = store.preferences
+    for i in range(5):
+        pid = prefs.add_prompt(f"Question {i}?", source="session")
+        a = prefs.add_candidate(pid, f"answer A{i}", model="m1", seed=i, source="session")
+        b = prefs.add_candidate(pid, f"answer B{i}", model="m2", seed=i, source="session")
+        prefs.compare(a, b, "a" if i % 2 else "b", annotator="alice", shown_left=a, source="session")
+    before, stats = _contents(store), prefs.stats()
+    store.close()
+    out = tmp_path / "out"
+    assert _pairs("export", str(out), "--format", fmt).returncode == 0
+    done = _pairs("import", str(out / ("pairs.json" if fmt == "llama-factory" else "pairs.jsonl")), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["pairs"], summary["added"], summary["unchanged"], summary["changed"]) == (5, 0, 5, 0)
+    store = Store()
+    after = store.preferences.stats()
+    assert _contents(store) == before and len(before) == 5
+    assert (after["comparisons"], after["pairs"], after["candidates"], after["prompts"]) == (5, 5, 10, 5)
+    assert after["annotators"] == stats["annotators"] == 1
