@@ -1,38 +1,93 @@
 """A damaged database: say which file, keep it, start a fresh one with every row SQLite can still read.
 
 Nothing here deletes: the damaged file (with its ``-wal`` and ``-shm`` companions, which may hold the newest
-committed rows) is renamed to ``<name>.corrupt-<time>``, and the fresh database gets the rows of each table that
-can still be read, copied one by one (``sqlite3``'s ``.recover`` exists only in the command-line shell).
+committed rows) is renamed to ``<name>.corrupt-<time>``, and the fresh database gets the readable rows of every
+table of its schema (the list is read from the fresh database itself, parents before children, so a table added to
+the schema is recovered too), read past damaged pages row by row (``sqlite3``'s ``.recover`` exists only in the
+command-line shell). The result says per table what came back and what is only in the kept file.
 Pure Python (sqlite3 only): the engine and the studio both use it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_studio.core import preferences
 from finetune_studio.core.store import DatabaseDamaged as DatabaseDamaged  # defined where it is raised
 from finetune_studio.core.store import Store
 
-TABLES = ("runs", "metrics", "preference_pairs")
 COMPANIONS = ("-wal", "-shm")
+ROWS_PER_READ = 500  # rows read per query while copying; a query that fails is narrowed down to the damaged rows
+
+
+@dataclass(frozen=True)
+class TableRecovery:
+    """One table of a recovery: rows copied into the fresh database, rows that could not be read (counted by the
+    row ids missing between the rows read), rows the fresh schema refused, and why when not all came back."""
+
+    table: str
+    copied: int = 0
+    unreadable: int = 0
+    refused: int = 0
+    why: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return not (self.unreadable or self.refused or self.why)
+
+    def line(self) -> str:
+        lost = []
+        if self.unreadable:
+            lost.append(f"{self.unreadable} unreadable")
+        if self.refused:
+            lost.append(f"{self.refused} refused by the schema")
+        if self.why and not lost:
+            lost.append(self.why)
+        return f"{self.table}: {self.copied} rows" + (f" ({'; '.join(lost)})" if lost else "")
 
 
 @dataclass(frozen=True)
 class Recovery:
-    """What a recovery did: where the damaged file now lies, and the rows copied (or not) per table."""
+    """What a recovery did: where the damaged file now lies, and per table what came back."""
 
     kept: Path
-    copied: dict[str, int] = field(default_factory=dict)
-    unreadable: dict[str, str] = field(default_factory=dict)  # table -> why (some or all of its rows lost)
+    tables: tuple[TableRecovery, ...] = ()
+    # Tables of the damaged file this app's schema does not have (a newer app's): left in the kept file.
+    not_copied: tuple[str, ...] = ()
+
+    @property
+    def copied(self) -> dict[str, int]:
+        return {t.table: t.copied for t in self.tables}
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """table -> why, for each table some or all of whose rows did not come back."""
+        return {t.table: t.line() for t in self.tables if not t.complete}
+
+    @property
+    def complete(self) -> bool:
+        return all(t.complete for t in self.tables) and not self.not_copied
 
     def summary(self) -> str:
-        rows = ", ".join(f"{n} {t}" for t, n in self.copied.items()) or "no rows"
-        lost = f"; could not read all of: {', '.join(self.unreadable)}" if self.unreadable else ""
-        return f"kept the damaged file as {self.kept}; recovered {rows}{lost}"
+        """Per table what came back and, when anything did not, where it still lies."""
+        lines = [f"The damaged file is kept as {self.kept}.", "Recovered, per table:"]
+        lines += [f"  {t.line()}" for t in self.tables]
+        if self.complete:
+            lines.append("Every row was read and copied.")
+            return "\n".join(lines)
+        missing = [t.table for t in self.tables if not t.complete] + list(self.not_copied)
+        lines.append(
+            f"NOT everything came back: rows of {', '.join(missing)} are only in {self.kept}. Keep that file: "
+            "sqlite3's .recover command (sqlite3 FILE .recover) may get more of them out."
+        )
+        if self.not_copied:
+            lines.append(f"  tables this version does not know, left there: {', '.join(self.not_copied)}")
+        return "\n".join(lines)
 
 
 def damage(path: str | Path) -> str:
@@ -51,8 +106,24 @@ def damage(path: str | Path) -> str:
     return "" if result == "ok" else str(result)
 
 
+def schema_tables(conn: sqlite3.Connection) -> list[str]:
+    """The tables of a database, parents before the tables whose foreign keys name them (SQLite's own left out)."""
+    names = [
+        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    ]
+    parents = {n: {r[2] for r in conn.execute(f"PRAGMA foreign_key_list({_quote(n)})")} & set(names) for n in names}
+    ordered: list[str] = []
+    while len(ordered) < len(names):
+        ready = [n for n in names if n not in ordered and parents[n] <= set(ordered) | {n}]
+        if not ready:  # a cycle: the rest in their order
+            ready = [n for n in names if n not in ordered]
+        ordered += ready
+    return ordered
+
+
 def recover(path: str | Path) -> Recovery:
-    """Rename the damaged database aside, create a fresh one at ``path`` and copy what can be read."""
+    """Rename the damaged database aside, create a fresh one at ``path`` and copy into it every row that can be read,
+    for every table of the fresh database's schema (and schema 1's preference pairs, moved into it)."""
     path = Path(path)
     kept = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
@@ -64,49 +135,170 @@ def recover(path: str | Path) -> Recovery:
             os.replace(f"{path}{suffix}", f"{kept}{suffix}")
     os.replace(path, kept)
     fresh = Store(path)
-    copied, unreadable = {}, {}
+    dst = fresh.db.conn
     try:
-        src = sqlite3.connect(str(kept), timeout=30)
-    except sqlite3.DatabaseError as exc:
-        fresh.close()
-        return Recovery(kept, {}, {t: str(exc) for t in TABLES})
-    try:
-        for table in TABLES:
-            copied[table], why = _copy_table(src, fresh.db.conn, table)
-            if why:
-                unreadable[table] = why
+        tables = schema_tables(dst)
+        try:
+            src = sqlite3.connect(f"file:{kept}?mode=ro", uri=True, timeout=30)
+            have = set(schema_tables(src))
+        except sqlite3.DatabaseError as exc:  # not even the schema can be read
+            return Recovery(kept, tuple(TableRecovery(t, why=f"nothing readable: {exc}") for t in tables))
+        try:
+            results = [
+                copy_table(src, dst, t) if t in have else TableRecovery(t, why="not in the damaged file")
+                for t in tables
+            ]
+            if "preference_pairs" in have and "preference_pairs" not in tables:  # schema 1's labels
+                results.append(_copy_schema1_pairs(src, dst))
+            not_copied = tuple(sorted(have - set(tables) - {"preference_pairs"}))
+        finally:
+            src.close()
     finally:
-        src.close()
         fresh.close()
-    return Recovery(kept, copied, unreadable)
+    return Recovery(kept, tuple(results), not_copied)
 
 
-def _copy_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> tuple[int, str]:
-    """Rows of ``table`` copied one by one until the first unreadable page; (rows copied, why it stopped)."""
-    wanted = [r[1] for r in dst.execute(f"PRAGMA table_info({table})")]
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def copy_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> TableRecovery:
+    """Copy ``table``'s readable rows, in row id order, in one transaction. A read that fails is narrowed down:
+    rows are then read one at a time, and past a damaged page the copy goes on at the next row id that can be
+    reached; the row ids skipped are the rows counted unreadable."""
+    wanted = [r[1] for r in dst.execute(f"PRAGMA table_info({_quote(table)})")]
     try:
-        have = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
-        columns = [c for c in have if c in wanted]
-        if not columns:
-            return 0, "table missing"
-        cursor = src.execute(f"SELECT {', '.join(columns)} FROM {table}")
+        have = [r[1] for r in src.execute(f"PRAGMA table_info({_quote(table)})")]
     except sqlite3.DatabaseError as exc:
-        return 0, str(exc)
-    insert = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    count = 0
+        return TableRecovery(table, why=str(exc))
+    columns = [c for c in have if c in wanted]
+    if not columns:
+        return TableRecovery(table, why="no column in common with this version's table")
+    names = ", ".join(_quote(c) for c in columns)
+    select = f"SELECT rowid, {names} FROM {_quote(table)} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+    insert = f"INSERT OR IGNORE INTO {_quote(table)} ({names}) VALUES ({', '.join('?' * len(columns))})"
+    copied = unreadable = refused = 0
+    why = ""
+    last = -(2**63)  # the last row id read (or passed)
     dst.execute("BEGIN")
     try:
         while True:
             try:
-                row = cursor.fetchone()
+                rows = src.execute(select, (last, ROWS_PER_READ)).fetchall()
             except sqlite3.DatabaseError as exc:
-                return count, str(exc)
-            if row is None:
-                return count, ""
-            try:
-                dst.execute(insert, row)
-                count += 1
-            except sqlite3.DatabaseError:
-                continue  # a row the fresh schema refuses (e.g. a damaged value): leave it out
+                why = why or str(exc)
+                rows = _read_one_by_one(src, table, names, last)
+            if not rows:  # the end, or the row after ``last`` cannot be read
+                try:
+                    nxt = _next_rowid(src, table, last)
+                except sqlite3.DatabaseError as exc:  # not even its row id: damaged pages, skip past them
+                    why = why or str(exc)
+                    after = _next_reachable(src, table, last)
+                    if after is None:
+                        unreadable += max(1, _max_rowid(src, table, last) - max(last, 0))
+                        break
+                    unreadable += max(1, after - max(last, 0) - 1)
+                    last = after - 1
+                    continue
+                if nxt is None:
+                    break
+                unreadable += 1  # its row id is there, its content is not (e.g. a damaged overflow page)
+                last = nxt
+                continue
+            for row in rows:
+                try:
+                    dst.execute(insert, row[1:])
+                    copied += 1
+                except sqlite3.DatabaseError:
+                    refused += 1  # a row the fresh schema refuses (e.g. a damaged value)
+                last = row[0]
     finally:
         dst.execute("COMMIT")
+    return TableRecovery(table, copied, unreadable, refused, why if (unreadable or refused) else "")
+
+
+def _read_one_by_one(src: sqlite3.Connection, table: str, names: str, last: int) -> list[tuple]:
+    """The rows after ``last`` read one at a time, up to the first that cannot be read."""
+    rows: list[tuple] = []
+    while len(rows) < ROWS_PER_READ:
+        try:
+            nxt = _next_rowid(src, table, last)
+            if nxt is None:
+                return rows
+            row = src.execute(f"SELECT rowid, {names} FROM {_quote(table)} WHERE rowid = ?", (nxt,)).fetchone()
+        except sqlite3.DatabaseError:
+            return rows
+        if row is None:
+            return rows
+        rows.append(row)
+        last = nxt
+    return rows
+
+
+def _next_rowid(src: sqlite3.Connection, table: str, last: int) -> int | None:
+    """The first row id after ``last``, read from the table's tree without the row's content (None: no more rows);
+    raises sqlite3.DatabaseError when the pages on the way are damaged."""
+    sql = f"SELECT rowid FROM {_quote(table)} WHERE rowid > ? ORDER BY rowid LIMIT 1"
+    row = src.execute(sql, (last,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _next_reachable(src: sqlite3.Connection, table: str, last: int) -> int | None:
+    """Past damaged pages: the smallest row id after ``last`` that a seek reaches, found by jumping ahead in growing
+    steps and then narrowing back; None when no later row can be reached."""
+
+    def seek(after: int) -> int | None:  # the next row id after ``after``; None when the seek fails or finds none
+        try:
+            return _next_rowid(src, table, after)
+        except sqlite3.DatabaseError:
+            return None
+
+    start = max(last, 0)
+    top = _max_rowid(src, table, start)
+    step, good = 1, None
+    while start + step <= top:
+        found = seek(start + step)
+        if found is not None:
+            good = (start + step, found)
+            break
+        step *= 2
+    if good is None:
+        return None
+    lo, (hi, best) = start, good  # the seek after lo fails, after hi works: narrow down
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        found = seek(mid)
+        if found is not None:
+            hi, best = mid, found
+        else:
+            lo = mid
+    return best
+
+
+def _max_rowid(src: sqlite3.Connection, table: str, last: int) -> int:
+    """The table's largest row id (its tree's rightmost path); ``last`` when that cannot be read either."""
+    try:
+        row = src.execute(f"SELECT max(rowid) FROM {_quote(table)}").fetchone()
+    except sqlite3.DatabaseError:
+        return last
+    return last if row is None or row[0] is None else max(last, int(row[0]))
+
+
+def _copy_schema1_pairs(src: sqlite3.Connection, dst: sqlite3.Connection) -> TableRecovery:
+    """Schema 1's ``preference_pairs``: copied into a scratch table, then moved into prompts, candidates and
+    comparisons as the migration to schema 2 moves them."""
+    dst.execute(
+        "CREATE TEMP TABLE preference_pairs (id INTEGER PRIMARY KEY, prompt TEXT, chosen TEXT, rejected TEXT, "
+        "source TEXT, created_at FLOAT, updated_at FLOAT, note TEXT)"
+    )
+    try:
+        result = copy_table(src, dst, "preference_pairs")
+        with preferences.transaction(dst) as conn:
+            rows = conn.execute("SELECT prompt, chosen, rejected, source, created_at FROM temp.preference_pairs")
+            for prompt, chosen, rejected, source, created in rows.fetchall():
+                preferences._add_pair(
+                    conn, prompt, chosen, rejected, [], source=source or "schema-1", annotator="import", t=created
+                )
+    finally:
+        dst.execute("DROP TABLE IF EXISTS temp.preference_pairs")
+    return dataclasses.replace(result, table="preference_pairs (schema 1, moved into comparisons)")

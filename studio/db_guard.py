@@ -4,6 +4,7 @@ and fail later with "file is not a database"."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 
 from finetune_studio.core import db_recovery, paths
@@ -22,17 +23,22 @@ def ensure_database(ask: Ask, tell: Tell) -> bool:
     text = (
         f"The database {path} is damaged ({why}).\n\n"
         "Finetune Studio can keep it as it is (renamed to "
-        f"{path.name}.corrupt-<time>; nothing is deleted), start a fresh database and copy into it every run, "
-        "metric and preference pair that can still be read.\n\nRecover into a fresh database now?"
+        f"{path.name}.corrupt-<time>; nothing is deleted), start a fresh database and copy into it every row it can "
+        "still read: runs, metrics, samples, prompts, candidates, comparisons, edits and snapshots. It then says, "
+        "table by table, what came back.\n\nRecover into a fresh database now?"
     )
     if not ask("Damaged database", text):
         return False
     try:
         result = db_recovery.recover(path)
-    except OSError as exc:
-        tell("Recovery failed", f"Could not recover {path}: {exc.strerror or exc}. Nothing was deleted.")
+    except (OSError, sqlite3.Error) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        tell("Recovery failed", f"Could not recover {path}: {reason}. Nothing was deleted.")
         return False
-    tell("Database recovered", f"Started a fresh database at {path}: {result.summary()}.")
+    if result.complete:
+        tell("Database recovered", f"Started a fresh database at {path}.\n\n{result.summary()}")
+    else:  # the person must know that some labels or runs stay in the kept file only
+        tell("Database recovered, not completely", f"Started a fresh database at {path}.\n\n{result.summary()}")
     return True
 
 
