@@ -3,8 +3,8 @@
 The tests drive the app only through the window system (keys and clicks sent to the X server); to know *where* to
 click they ask the app for its named widgets' places on screen. They write ``request`` (any text) into the folder;
 within a tenth of a second the app answers with ``state.json``: every visible widget that has an object name, its
-global rectangle, whether it is enabled and has focus, and its text; the window's geometry and the screen's; the
-current tab; the status bar's message. Nothing here changes the app.
+global rectangle, whether it is enabled and has focus, and its text (a table: its rows' rectangles and texts); the
+window's geometry and the screen's; the current tab; the status bar's message. Nothing here changes the app.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from PySide6.QtCore import QPoint, QTimer
+from PySide6.QtCore import QPoint, QRect, QTimer
 from PySide6.QtWidgets import (
     QAbstractButton,
     QAbstractSpinBox,
@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QTabBar,
+    QTableView,
     QTabWidget,
     QTextEdit,
     QWidget,
@@ -64,12 +65,19 @@ def _rect(w: QWidget) -> list[int]:
 
 
 def _visible(w: QWidget) -> list[int]:
-    """The part of the widget not clipped by a scroll area or its parents (what a click can reach)."""
-    r = w.visibleRegion().boundingRect()
+    """The part of the widget not clipped by a scroll area or its parents (what a click can reach): its rectangle cut
+    by every parent's up to the window. (``visibleRegion`` would also cut out the widget's own opaque children, so a
+    chart or a scroll area, whose insides are such children, would look clipped when it is not.)"""
+    r = QRect(w.mapToGlobal(QPoint(0, 0)), w.size())
+    parent = w if not w.isWindow() else None
+    while parent is not None and not parent.isWindow():
+        parent = parent.parentWidget()
+        if parent is None:
+            break
+        r = r.intersected(QRect(parent.mapToGlobal(QPoint(0, 0)), parent.size()))
     if r.isEmpty():
         return [0, 0, 0, 0]
-    p = w.mapToGlobal(r.topLeft())
-    return [p.x(), p.y(), r.width(), r.height()]
+    return [r.x(), r.y(), r.width(), r.height()]
 
 
 def _text(w: QWidget) -> str | None:
@@ -84,6 +92,28 @@ def _text(w: QWidget) -> str | None:
     if isinstance(w, QProgressBar):
         return f"{w.value()}/{w.maximum()}"
     return None
+
+
+def _rows(table: QTableView, most: int = 50) -> list[dict]:
+    """The table's rows in view: each one's global rectangle (the row across the viewport) and its cells' text."""
+    model, viewport = table.model(), table.viewport()
+    rows = []
+    if model is None:
+        return rows
+    for row in range(min(model.rowCount(), most)):
+        y, height = table.rowViewportPosition(row), table.rowHeight(row)
+        if y < 0 or height <= 0 or y >= viewport.height():
+            continue
+        p = viewport.mapToGlobal(QPoint(0, y))
+        cells = [model.index(row, col).data() for col in range(model.columnCount())]
+        rows.append(
+            {
+                "rect": [p.x(), p.y(), viewport.width(), height],
+                "cells": ["" if c is None else str(c) for c in cells],
+                "selected": table.selectionModel().isRowSelected(row, table.rootIndex()),
+            }
+        )
+    return rows
 
 
 def _current_tab(window: QMainWindow) -> str | None:
@@ -109,6 +139,8 @@ def describe(window: QMainWindow) -> dict:
                 "focus": w.hasFocus(),
                 "text": _text(w),
             }
+            if isinstance(w, QTableView):
+                widgets[name]["rows"] = _rows(w)
     tabs = []
     for bar in window.findChildren(QTabBar):
         if bar.isVisible():

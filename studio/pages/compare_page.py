@@ -46,21 +46,26 @@ class ComparePage(QWidget):
         super().__init__(parent)
         self._store, self._model, self.worker = store_getter, model_getter, worker
         self.model = QLineEdit(self)
+        self.model.setObjectName("compareModel")
         self.model.setPlaceholderText("default")
         self.sides = (SideBox("Left", 0, self), SideBox("Right", 0, self))
-        for box in self.sides:
+        for box, side in zip(self.sides, ("Left", "Right"), strict=True):
+            box.adapter.setObjectName(f"compare{side}Adapter")
             box.seed.hide()
             cast(QFormLayout, box.layout()).labelForField(box.seed).hide()
         self.seed = QSpinBox(self)
+        self.seed.setObjectName("compareSeed")
         self.seed.setRange(0, 2**31 - 1)
         self.temperature = QDoubleSpinBox(self)
         self.temperature.setRange(0, 2)
         self.temperature.setSingleStep(0.1)
         self.temperature.setValue(0.7)
         self.max_new_tokens = QSpinBox(self)
+        self.max_new_tokens.setObjectName("compareMaxTokens")
         self.max_new_tokens.setRange(1, 4096)
         self.max_new_tokens.setValue(128)
         self.prompt = QPlainTextEdit(self)
+        self.prompt.setObjectName("comparePrompt")
         self.prompt.setPlaceholderText("A prompt for both sides")
         self.prompt.setMaximumHeight(100)
         self.send_button = QPushButton("Send to both", self)
@@ -68,11 +73,15 @@ class ComparePage(QWidget):
         self.send_button.clicked.connect(self.send)
         self.heads = [QLabel(self), QLabel(self)]
         self.answers = [QPlainTextEdit(self), QPlainTextEdit(self)]
-        for view in self.answers:
+        for view, side in zip(self.answers, ("Left", "Right"), strict=True):
+            view.setObjectName(f"compare{side}Answer")
             view.setReadOnly(True)
         self.left_button = QPushButton("Left is better", self)
         self.right_button = QPushButton("Right is better", self)
         self.tie_button = QPushButton("Tie", self)
+        self.left_button.setObjectName("compareLeftBetter")
+        self.right_button.setObjectName("compareRightBetter")
+        self.tie_button.setObjectName("compareTie")
         self.left_button.clicked.connect(lambda: self.record(Decision.A))
         self.right_button.clicked.connect(lambda: self.record(Decision.B))
         self.tie_button.clicked.connect(lambda: self.record(Decision.TIE))

@@ -125,6 +125,14 @@ class RunsPage(QWidget):
         self.choose_slurm_file = lambda suggested: QFileDialog.getSaveFileName(
             self, "Save the SLURM script", suggested, "SLURM scripts (*.sbatch *.sh);;All files (*)"
         )[0]
+        for button, name in (
+            (self.open_button, "runsOpen"),
+            (self.again_button, "runsAgain"),
+            (self.resume_button, "runsResume"),
+            (self.export_button, "runsExport"),
+            (self.export_as_button, "runsExportAs"),
+        ):
+            button.setObjectName(name)
         self.actions_buttons = (
             self.open_button,
             self.again_button,

@@ -177,9 +177,12 @@ class ExportDialog(QDialog):
         self.run_id = ""
         self.options = ExportOptions()
         self.result: ExportResult | None = None  # type: ignore[assignment]
+        self.setObjectName("exportDialog")
         self.stage = QLabel("", self)
+        self.stage.setObjectName("exportStage")
         self.stage.setWordWrap(True)
         self.bar = QProgressBar(self)
+        self.bar.setObjectName("exportProgress")
         self.verdict = QLabel("", self)
         self.verdict.setObjectName("exportVerdict")
         self.verdict.setWordWrap(True)
@@ -193,6 +196,7 @@ class ExportDialog(QDialog):
         self.replace_button.setToolTip("Replace the previous export in that folder")
         self.replace_button.clicked.connect(self._replace)
         self.open_button = QPushButton("Open folder", self)
+        self.open_button.setObjectName("exportOpenFolder")
         self.open_button.clicked.connect(self.open_folder)
         self.copy_button = QPushButton("Copy path", self)
         self.copy_button.setObjectName("exportCopyPath")
@@ -200,6 +204,7 @@ class ExportDialog(QDialog):
         self.copy_button.hide()
         self.open_url = QDesktopServices.openUrl  # False where no file manager is registered; tests swap it
         self.close_button = QPushButton("Close", self)
+        self.close_button.setObjectName("exportClose")
         self.close_button.clicked.connect(self.hide)
         # a sign of life while a stage takes long (the reload check can take minutes without a progress event)
         self._alive = QTimer(self, interval=1000)

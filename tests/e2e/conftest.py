@@ -85,6 +85,26 @@ class XServer:
             self.proc.kill()
 
 
+def inside(rect: list[int], screen: list[int]) -> bool:
+    """Whether ``rect`` (x, y, width, height) lies wholly on ``screen``."""
+    x, y, w, h = rect
+    sx, sy, sw, sh = screen
+    return x >= sx and y >= sy and x + w <= sx + sw and y + h <= sy + sh
+
+
+def off_screen(state: dict, names) -> dict[str, list[int]]:
+    """The named widgets a person cannot fully see: not shown at all ([]), clipped by a scroll area or a parent, or
+    past the screen's edge (their rectangle); empty when every one is in view."""
+    out = {}
+    for name in names:
+        w = state["widgets"].get(name)
+        if w is None:
+            out[name] = []  # not shown at all
+        elif w["visible"] != w["rect"] or not inside(w["rect"], state["screen"]):
+            out[name] = w["rect"]
+    return out
+
+
 def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
     """Poll ``check`` until it returns something true; fail naming ``what`` after ``timeout`` seconds."""
     end = time.monotonic() + timeout
@@ -265,6 +285,42 @@ class App:
         self.xdotool("mousemove", "--sync", str(x), str(y))
         self.xdotool("click", "1")
         time.sleep(0.25)
+
+    def choose_menu(self, text: str, wait: float = 10) -> None:
+        """Click the item of the open menu (a button's drop-down) whose text is ``text``."""
+
+        def item():
+            menus = self.state()["menus"]
+            return next((m for m in menus if m["text"].replace("&", "") == text), None)
+
+        found = wait_for(item, wait, f"the menu item {text!r}")
+        x, y, w, h = found["rect"]
+        self.click_at(x + w // 2, y + h // 2)
+
+    def click_row(self, table: str, check: Callable[[list[str]], bool], wait: float = 10) -> None:
+        """Click the first row of the named table whose cells pass ``check``."""
+
+        def row():
+            rows = self.state()["widgets"].get(table, {}).get("rows") or []
+            return next((r for r in rows if check(r["cells"])), None)
+
+        found = wait_for(row, wait, f"a matching row in {table}")
+        x, y, w, h = found["rect"]
+        self.click_at(x + min(w // 4, 120), y + h // 2)
+
+    def scroll_to(self, name: str, area: str, most: int = 60) -> None:
+        """Turn the mouse wheel over the scroll area ``area`` until the named widget is wholly in view."""
+        for _ in range(most):
+            state = self.state()
+            w, box = state["widgets"].get(name), self.widget(area, state)
+            if w is not None and w["visible"] == w["rect"]:
+                return
+            ax, ay, aw, ah = box["visible"]
+            up = w is not None and w["rect"][1] < ay
+            self.xdotool("mousemove", "--sync", str(ax + 4), str(ay + ah // 2))  # the margin: no field takes the wheel
+            self.xdotool("click", "4" if up else "5")
+            time.sleep(0.1)
+        raise AssertionError(f"{name} did not come into view in {area}")
 
     def click_tab(self, text: str) -> None:
         tab = next((t for t in self.state()["tabs"] if text in t["text"]), None)
