@@ -33,7 +33,13 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--quant", default="q8_0", help="GGUF types, comma-separated: f32, f16, q8_0, q5_0, q5_1, q4_0, q4_1"
     )
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="merged weights")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float16", "float32", "bfloat16"),
+        help="merged weights: auto (float16 where it keeps the training update, float32 otherwise); a 16-bit dtype "
+        "that would round the update away is refused",
+    )
     p.add_argument("--force", action="store_true", help="replace a previous export in that folder")
     p.add_argument("--no-check", action="store_true", help="skip the reload check (the export is marked unchecked)")
 

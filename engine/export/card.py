@@ -100,7 +100,55 @@ def _dataset_line(spec: str) -> str:
     return f"`{spec}` (not found at export time, so not hashed)"
 
 
-def write_card(folder: Path, source, base_folder: Path, formats, quants, dtype: str) -> str:
+def _run_lines(formats, quants, dtype: str, merge: dict | None, modelfiles) -> list[str]:
+    """How to run each written form: the merged model with transformers, GGUF with llama.cpp, Ollama."""
+    lines: list[str] = []
+    if "merged" in formats:
+        lines += [
+            "",
+            f"### Merged model (`merged/`, {dtype})",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder/merged")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder/merged")',
+            "```",
+        ]
+        if merge:
+            kept = merge["kept"]
+            lines += [
+                "",
+                f"Stored in {dtype}{' (chosen by the export)' if merge['requested'] == 'auto' else ''}: it keeps the "
+                f"training update in {kept[dtype]:.1%} of the {merge['changed_elements']} weights the adapter changed "
+                f"(float16 would keep {kept['float16']:.1%}, bfloat16 {kept['bfloat16']:.1%}). `check.json` has "
+                "the figure for every layer.",
+            ]
+    if "gguf" in formats:
+        lines += [
+            "",
+            f"### GGUF (`gguf/`: {', '.join(quants)})",
+            "",
+            "With llama.cpp: `llama-cli -m gguf/<file>.gguf -cnv` (the chat template and the end-of-turn token are "
+            "in the file).",
+        ]
+    if modelfiles:
+        lines += ["", "### Ollama", "", "```sh", "cd gguf"]
+        for name in modelfiles:
+            lines.append(
+                f"ollama create my-model{'' if name == 'Modelfile' else '-' + name.split('.', 1)[1]} -f {name}"
+            )
+        lines += ["ollama run my-model", "```", ""]
+        lines.append(
+            "Each Modelfile names its GGUF file (" + ", ".join(f"`{n}`" for n in modelfiles) + "); choose any name "
+            "instead of `my-model`."
+        )
+    return lines
+
+
+def write_card(
+    folder: Path, source, base_folder: Path, formats, quants, dtype: str, *, merge: dict | None = None, modelfiles=()
+) -> str:
     """Write README.md (and loss_curve.png when possible) into ``folder``; returns a note for the report."""
     cfg = source.config
     train, evals = _metrics(source.run_id, source.step)
@@ -161,9 +209,13 @@ def write_card(folder: Path, source, base_folder: Path, formats, quants, dtype: 
         f'base = AutoModelForCausalLM.from_pretrained("{base_folder}")',
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         "```",
+    ]
+    lines += _run_lines(formats, quants, dtype, merge, modelfiles)
+    lines += [
         "",
         "`check.json` holds the result of the check made after writing: each form reloaded in a fresh process "
-        "and compared with the trained model on a fixed chat prompt.",
+        "(GGUF through llama.cpp when llama-cpp-python is installed) and compared with the trained model on the "
+        "run's validation prompts: next-token agreement at every position and the greedy answers.",
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")

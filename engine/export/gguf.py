@@ -3,7 +3,8 @@
 Tensor names and the rotary permutation of the query/key projections follow llama.cpp's layout for the
 ``llama`` architecture (transformers' GGUF reader undoes the same permutation on loading). The tokenizer
 (byte-level BPE: vocabulary, token types, merges), the special tokens, the end-of-turn token and the chat
-template go into the metadata, so llama.cpp, Ollama and transformers know when an answer ends.
+template go into the metadata, so llama.cpp, Ollama and transformers know when an answer ends, and so does whether
+the tokenizer starts text with its BOS token (``add_bos_token``), so they build the same prompt tokens.
 """
 
 from __future__ import annotations
@@ -162,13 +163,23 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, base_folder: Path | None)
     writer.add_tokenizer_pre(_pre_tokenizer(tok_json, base_folder))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special.add_to_gguf(writer, quiet=True)  # merges, bos/eos/unk/pad ids, add_bos flags, chat template
+    special.add_special_token.pop("bos", None)  # recorded below from what the tokenizer does
+    special.add_to_gguf(writer, quiet=True)  # merges, bos/eos/unk/pad ids, add_eos flag, chat template
+    add_bos = adds_bos(tokenizer)
+    writer.add_add_bos_token(add_bos)
     eot = end_of_turn_id(tokenizer)
     if eot is not None:
         writer.add_eot_token_id(eot)
     if not special.chat_template and tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
-    return {"eot_id": eot, "chat_template": bool(special.chat_template or tokenizer.chat_template)}
+    return {"eot_id": eot, "chat_template": bool(special.chat_template or tokenizer.chat_template), "add_bos": add_bos}
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts encoded text with its BOS token (GGUF's ``tokenizer.ggml.add_bos_token``, which
+    tells llama.cpp and Ollama to do the same); measured, since tokenizer configs often leave it unsaid."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and list(tokenizer("a").input_ids[:1]) == [bos]
 
 
 def write_gguf(model, tokenizer, path: Path, quant: str, *, base_folder: Path | None = None) -> None:

@@ -1,4 +1,4 @@
-"""An Ollama ``Modelfile`` next to a GGUF: its chat template as a Go template, and its stop tokens.
+"""An Ollama ``Modelfile`` next to each GGUF: its chat template as a Go template, and its stop tokens.
 
 A Jinja chat template cannot be translated in general, so the template's pieces are learned by rendering it
 (with the model's own tokenizer) on conversations with marked contents: the text before and after each
@@ -15,6 +15,24 @@ from pathlib import Path
 from finetune_studio.engine.export.errors import ExportError
 
 _S, _U1, _A1, _U2 = "\x02S\x03", "\x02U1\x03", "\x02A1\x03", "\x02U2\x03"
+# Conversations the Go template must render exactly as the chat template does before a Modelfile is written.
+PROBE_CONVERSATIONS = (
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+    [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "Bye"},
+    ],
+    [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": '{"answer": 4}'},
+        {"role": "user", "content": "And 3 plus 3?"},
+        {"role": "assistant", "content": '{"answer": 6}'},
+        {"role": "user", "content": "Thanks.\nBye."},
+    ],
+)
 
 
 @dataclass(frozen=True)
@@ -99,18 +117,11 @@ def stop_tokens(tokenizer) -> list[str]:
 
 
 def write_modelfile(tokenizer, gguf_path: Path, path: Path) -> Path:
+    """Write the Modelfile at ``path`` for the GGUF file ``gguf_path`` (in the same folder)."""
     if not tokenizer.chat_template:
         raise ExportError("the model has no chat template, so Ollama would not know how to prompt it")
     pieces = learn_pieces(tokenizer)
-    probes = [
-        [
-            {"role": "user", "content": "Hello"},
-            {"role": "assistant", "content": "Hi!"},
-            {"role": "user", "content": "Bye"},
-        ],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
-    ]
-    for conv in probes:
+    for conv in PROBE_CONVERSATIONS:
         if pieces.render(conv) != tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True):
             raise ExportError("cannot write this chat template as an Ollama template: it does not render the same")
     template = go_template(pieces)
@@ -120,7 +131,8 @@ def write_modelfile(tokenizer, gguf_path: Path, path: Path) -> Path:
     if any('"' in s for s in stops):
         raise ExportError(f"a stop token contains a quote, which a Modelfile cannot hold: {stops}")
     lines = [
-        "# Written by Finetune Studio. Create the model with: ollama create NAME -f Modelfile",
+        f"# Written by Finetune Studio for {gguf_path.name}. Create the model with: ollama create NAME -f {path.name}",
+        "# then talk to it with: ollama run NAME",
         f"FROM ./{gguf_path.name}",
         f'TEMPLATE """{template}"""',
     ]

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FORMATS = ("adapter", "merged", "gguf", "ollama")
+MERGED_DTYPES = ("auto", "float16", "float32", "bfloat16")
 
 ProgressFn = Callable[[str, int, int, str], None]  # (stage, done, total, message)
 
@@ -65,7 +66,7 @@ class ExportRequest:
     quants: tuple[str, ...] = ("q8_0",)
     checkpoint: str | None = None  # None: final adapter (or newest checkpoint); "best"; a step number
     force: bool = False
-    dtype: str = "bfloat16"  # of the merged model
+    dtype: str = "auto"  # of the merged model: auto (float16 where the update survives it, else float32) or a dtype
     check: bool = True
 
 
@@ -223,8 +224,8 @@ def export(request: ExportRequest, progress: ProgressFn | None = None, cancel: C
     except OSError as exc:
         raise ExportError(_disk_message(exc, out.parent)) from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if request.dtype not in ("bfloat16", "float16", "float32"):
-        raise ExportError(f"--dtype takes bfloat16, float16 or float32, not {request.dtype!r}")
+    if request.dtype not in MERGED_DTYPES:
+        raise ExportError(f"--dtype takes {', '.join(MERGED_DTYPES)}, not {request.dtype!r}")
     stages = ["adapter"] + (["merge"] if len(formats) > 1 else []) + [f for f in formats if f != "adapter"]
     stages += ["card"] + (["check"] if request.check else [])
     done = 0
@@ -300,11 +301,22 @@ def _write(
         export_ollama.learn_pieces(build.tokenizer)
     merged = None
     notes: list[str] = []
+    merge: dict | None = None
+    dtype = request.dtype
     if len(formats) > 1:
         step("Merging the adapter into the base model")
         assert build is not None  # every form but the adapter makes len(formats) > 1
         merged, note = build.merged_model()
         notes.append(note)
+        assert build.rounding is not None
+        if "merged" in formats:  # refused here, before anything else is written, when the dtype loses the update
+            dtype = export_build.choose_dtype(request.dtype, build.rounding)
+            merge = build.rounding.report(dtype, request.dtype)
+        if "gguf" in formats and "f16" in quants and not build.rounding.holds("float16"):
+            notes.append(
+                f"GGUF f16 {build.rounding.describe('float16')}: choose f32 to keep the whole update in the GGUF"
+            )
+    modelfiles: list[str] = []
     if "gguf" in formats:  # from the float32 merge, before the merged copy is rounded to its dtype
         step(f"Writing GGUF ({', '.join(quants)})")
         assert build is not None  # every form but the adapter makes len(formats) > 1
@@ -316,23 +328,27 @@ def _write(
             approximate = build.qlora or quant not in ("f32", "f16")
             written.append({"kind": "gguf", "path": str(path), "quant": quant, "approximate": approximate})
     if "ollama" in formats:
-        step("Writing the Ollama Modelfile")
+        step("Writing the Ollama Modelfiles")
         assert build is not None  # every form but the adapter makes len(formats) > 1
-        first = next(w for w in written if w["kind"] == "gguf")
-        export_ollama.write_modelfile(build.tokenizer, Path(first["path"]), tmp / "gguf" / "Modelfile")
+        for i, form in enumerate(w for w in written if w["kind"] == "gguf"):
+            name = "Modelfile" if i == 0 else f"Modelfile.{form['quant']}"  # the first one has the plain name
+            export_ollama.write_modelfile(build.tokenizer, Path(form["path"]), tmp / "gguf" / name)
+            modelfiles.append(name)
     if "merged" in formats:
-        step(f"Writing the merged model ({request.dtype})")
+        step(f"Writing the merged model ({dtype})")
         assert build is not None  # every form but the adapter makes len(formats) > 1
-        notes.append(build.save_merged(merged, tmp / "merged", request.dtype))
+        notes.append(build.save_merged(merged, tmp / "merged", dtype))
         written.insert(1, {"kind": "merged", "path": str(tmp / "merged"), "approximate": build.qlora})
     del merged
     step("Writing the model card")
-    card_note = export_card.write_card(tmp, source, base_folder, formats, quants, request.dtype)
+    card_note = export_card.write_card(
+        tmp, source, base_folder, formats, quants, dtype, merge=merge, modelfiles=modelfiles
+    )
     notes.append(card_note)
-    report: dict = {"passed": None, "checked": False, "notes": [n for n in notes if n]}
+    report: dict = {"passed": None, "checked": False, "merge": merge, "notes": [n for n in notes if n]}
     if request.check:
         step("Checking the export in a fresh process")
-        report = export_check.check(build, written, tmp, notes=report["notes"], cancel=cancel)
+        report = export_check.check(build, written, tmp, notes=report["notes"], cancel=cancel, merge=merge)
     (tmp / "check.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     return ExportOutcome(path=tmp, source=source, formats=formats, files=[], report=report)
 
