@@ -1,4 +1,5 @@
-"""Helpers shared by the studio tests (no tests here): fake engines, windows that clean up after themselves."""
+"""Helpers shared by the studio tests (no tests and no fixtures here: those are in tests/studio/conftest.py): fake
+engines, a run started through the app with one."""
 
 from __future__ import annotations
 
@@ -50,37 +51,22 @@ def write_sft_jsonl(path, rows: int = 24) -> str:
     return str(path)
 
 
-@pytest.fixture
-def make_window(qtbot):
-    """Build MainWindows that stop their children and background jobs when the test ends."""
-    from PySide6.QtCore import QProcess
+# A fake engine's run: ``started()`` and ``step(i)`` emit the engine's events (see ``start_with``).
+STEPS = """
+def started(total=50):
+    emit(type="started", run_id="fake-run", run_dir="/tmp/fake", total_steps=total, memory_budget_bytes=3 << 30,
+         memory_total_bytes=16 << 30)
+def step(i, total=50):
+    emit(type="step", step=i, total_steps=total, loss=3.0 / i, lr=1e-4, grad_norm=0.7, tokens_per_s=900.0,
+         memory_used_bytes=2 << 30, memory_peak_bytes=(2 << 30) + i, elapsed_s=0.1 * i)
+"""
 
-    from finetune_studio.studio.main_window import MainWindow
-    from finetune_studio.studio.services.jobs import pending_orphans
-    from finetune_studio.studio.state.settings import Settings
 
-    windows = []
-
-    def make(config: dict | None = None, **kw):
-        settings = Settings()
-        if config is not None:
-            settings.set("last_config", config)
-        win = MainWindow(settings, **kw)
-        windows.append(win)
-        return win
-
-    yield make
-    for win in windows:
-        win.shutdown()
-        if win.controller.proc.running:
-            win.controller.proc.kill()
-
-        def children_gone(win=win) -> bool:
-            return not win.controller.proc.running and all(
-                p.state() == QProcess.ProcessState.NotRunning for p in win.findChildren(QProcess)
-            )
-
-        qtbot.waitUntil(children_gone, timeout=30_000)
-        win.close()
-        win.deleteLater()
-    qtbot.waitUntil(lambda: pending_orphans() == 0, timeout=30_000)
+def start_with(qtbot, win, body: str):
+    """Start a run in ``win`` (a MainWindow) with a fake engine that runs ``body`` (with :data:`STEPS`); wait for it
+    to end and return its outcome."""
+    win.controller.engine_argv = fake_engine(STEPS + textwrap.dedent(body))
+    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
+    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000) as ended:
+        win.setup_page.request_start()
+    return ended.args[0]

@@ -76,3 +76,21 @@ def build_tiny_model_dir(path: str | Path, *, seed: int = 0, hidden_size: int = 
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def build_adapter_dir(model_dir: str | Path, out: str | Path, seed: int) -> Path:
+    """Write to ``out`` a LoRA adapter (rank 4 on q, v and down) for the model in ``model_dir``, saved in PEFT's
+    format, with random non-zero B weights from ``seed`` so that it changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(out))
+    return Path(out)

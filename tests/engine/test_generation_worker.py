@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from tiny_model import build_adapter_dir
 
 from finetune_studio.core.protocol import generation as gp
 from finetune_studio.core.protocol.generation_client import GenerationClient, WorkerDied
@@ -17,26 +18,10 @@ from finetune_studio.core.protocol.generation_client import GenerationClient, Wo
 PROMPT = "What is the capital of France?"
 
 
-def _adapter_dir(model_dir, out, seed: int):
-    """A LoRA adapter with random non-zero B weights (so it changes the output), saved in PEFT's format."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {name: _adapter_dir(tiny_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    return {name: build_adapter_dir(tiny_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +209,7 @@ def test_bad_requests_get_errors_and_the_worker_stays_up(worker, tmp_path):
     from tiny_model import build_tiny_model_dir
 
     before = _texts(_generate(worker, "pre", adapter="", temperature=0, max_new_tokens=8))
-    other = _adapter_dir(build_tiny_model_dir(tmp_path / "wider", hidden_size=96), tmp_path / "wider-adapter", 5)
+    other = build_adapter_dir(build_tiny_model_dir(tmp_path / "wider", hidden_size=96), tmp_path / "wider-adapter", 5)
     wrong = _final(worker, gp.AttachAdapter(id="wa", name="wider", source=str(other)))
     assert wrong.kind == "adapter" and "does not fit" in wrong.message
     assert _texts(_generate(worker, "post", adapter="", temperature=0, max_new_tokens=8)) == before

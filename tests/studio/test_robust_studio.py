@@ -4,8 +4,7 @@ never followed or signalled; the smoothed curve after an in-app resume."""
 from __future__ import annotations
 
 import pytest
-from studio_support import IGNORE_OFFSCREEN, make_window  # noqa: F401 - fixture
-from test_studio_train import start_with, window  # noqa: F401 - fixture
+from studio_support import IGNORE_OFFSCREEN, start_with
 
 from finetune_studio.core import paths
 from finetune_studio.core.store import Store

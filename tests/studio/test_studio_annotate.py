@@ -9,7 +9,6 @@ import signal
 
 import pytest
 from PySide6.QtCore import QProcess, Qt
-from studio_support import make_window  # noqa: F401 - fixture
 
 from finetune_studio.core.store import Store
 from finetune_studio.studio.state import annotation as an
@@ -203,11 +202,11 @@ def test_killed_worker_is_reported_and_the_next_request_recovers(qtbot, make_pag
 
 
 def test_adapter_side_and_train_dpo_in_one_click(qtbot, make_window, tiny_model_dir, tmp_path):
-    from test_studio_compare import _adapter_dir  # the engine tests' adapter maker
+    from tiny_model import build_adapter_dir
 
     from finetune_studio.studio.main_window import ANNOTATE, SETUP
 
-    adapter = str(_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=3))
+    adapter = str(build_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=3))
     win = make_window({"model": str(tiny_model_dir)})
     win.show()
     win.activateWindow()

@@ -3,11 +3,9 @@ sides stream on the same prompt and seed, and a choice is a comparison in the st
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from PySide6.QtCore import QProcess, Qt
+from tiny_model import build_adapter_dir
 
 from finetune_studio.core.store import Store
 
@@ -41,18 +39,8 @@ def _send(qtbot, page):
     return deltas
 
 
-def _adapter_dir(*args, **kw):
-    """The engine tests' adapter maker (tests/engine is an import root only when pytest has collected it)."""
-    path = Path(__file__).parents[1] / "engine" / "test_generation_worker.py"
-    spec = importlib.util.spec_from_file_location("generation_worker_tests", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._adapter_dir(*args, **kw)
-
-
 def test_base_against_adapter_same_seed_and_a_choice_in_the_store(qtbot, page, tiny_model_dir, tmp_path):
-    adapter = str(_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=4))
+    adapter = str(build_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=4))
     page.prompt.setPlainText("What is the capital of France?")
     page.temperature.setValue(0.0)
     page.max_new_tokens.setValue(12)

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from studio_support import IGNORE_OFFSCREEN, fake_engine, make_window, write_sft_jsonl  # noqa: F401 - fixture
+from studio_support import IGNORE_OFFSCREEN, fake_engine, write_sft_jsonl
 
 from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.memory.estimate import ModelShape

@@ -7,7 +7,7 @@ import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QWheelEvent
 from PySide6.QtWidgets import QApplication, QComboBox, QScrollArea, QSpinBox, QWidget
-from studio_support import IGNORE_OFFSCREEN, make_window  # noqa: F401
+from studio_support import IGNORE_OFFSCREEN
 
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 

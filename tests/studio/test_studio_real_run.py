@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
-from studio_support import IGNORE_OFFSCREEN, make_window, write_sft_jsonl  # noqa: F401 - fixture
+from studio_support import IGNORE_OFFSCREEN, write_sft_jsonl
 
 from finetune_studio.core.store import Store, pid_alive
 

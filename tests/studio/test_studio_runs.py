@@ -6,7 +6,7 @@ import json
 
 import pytest
 from PySide6.QtCore import Qt
-from studio_support import IGNORE_OFFSCREEN, fake_engine, make_window  # noqa: F401 - fixture
+from studio_support import IGNORE_OFFSCREEN, fake_engine
 
 from finetune_studio.core.store import Store
 

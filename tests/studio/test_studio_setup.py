@@ -10,7 +10,7 @@ import sys
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLineEdit
-from studio_support import IGNORE_OFFSCREEN, fake_engine, make_window, write_sft_jsonl  # noqa: F401 - fixture
+from studio_support import IGNORE_OFFSCREEN, fake_engine, write_sft_jsonl
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.protocol.dataset_report import DatasetReport

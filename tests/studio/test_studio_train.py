@@ -8,37 +8,11 @@ import textwrap
 
 import pytest
 from PySide6.QtCore import Qt
-from studio_support import IGNORE_OFFSCREEN, fake_engine, make_window, write_sft_jsonl  # noqa: F401
+from studio_support import IGNORE_OFFSCREEN, STEPS, fake_engine, start_with
 
 from finetune_studio.core.store import Store, pid_alive
 
 pytestmark = IGNORE_OFFSCREEN
-
-STEPS = """
-def started(total=50):
-    emit(type="started", run_id="fake-run", run_dir="/tmp/fake", total_steps=total, memory_budget_bytes=3 << 30,
-         memory_total_bytes=16 << 30)
-def step(i, total=50):
-    emit(type="step", step=i, total_steps=total, loss=3.0 / i, lr=1e-4, grad_norm=0.7, tokens_per_s=900.0,
-         memory_used_bytes=2 << 30, memory_peak_bytes=(2 << 30) + i, elapsed_s=0.1 * i)
-"""
-
-
-@pytest.fixture
-def window(make_window, tiny_model_dir, tmp_path):
-    data = write_sft_jsonl(tmp_path / "train.jsonl")
-    win = make_window({"model": str(tiny_model_dir), "dataset": data, "max_steps": 50})
-    win.setup_page.dataset_panel.job.command = fake_engine("print(json.dumps({'kind': 'sft', 'rows': 24}))")
-    win.show()
-    return win
-
-
-def start_with(qtbot, win, body: str):
-    win.controller.engine_argv = fake_engine(STEPS + textwrap.dedent(body))
-    qtbot.waitUntil(lambda: win.setup_state.ready, timeout=15_000)
-    with qtbot.waitSignal(win.controller.run_ended, timeout=30_000) as ended:
-        win.setup_page.request_start()
-    return ended.args[0]
 
 
 def test_out_of_memory_message_is_shown(qtbot, window):
