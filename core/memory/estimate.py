@@ -508,7 +508,9 @@ class StepLayout:
     recompute: bool = False  # the fused ops rebuild their outputs in backward (float32, no checkpointing)
     gqa: bool = False  # attention keeps grouped keys and values at their own width (``kernels.attention``, CPU)
     masked: bool = False  # a padding or block-diagonal mask reaches SDPA
-    mask_built: bool = False  # transformers builds a mask (padded rows, or a packed row of several sequences)
+    # transformers builds a mask: padded rows, or a packed row of several sequences except on the CPU, where the
+    # attention runs it sequence by sequence and the decoder skips the mask (``fused_ops.split_packed_rows``)
+    mask_built: bool = False
     packed: bool = False  # ``packing``: one row of several sequences
     split_attention: bool = False  # a packed row's attention sequence by sequence (the CPU)
     checkpointing: bool = False  # ``gradient_checkpointing``: blocks recomputed in backward
@@ -528,7 +530,7 @@ def step_layout(shape: ModelShape, config: TrainConfig, rows: int, b: int, devic
         gqa=(fused or packed) and cpu,
         # a packed row of one sequence has no mask (transformers finds no restart in its position ids)
         masked=(not cpu and sequences > 1) if packed else rows > 1,
-        mask_built=rows > 1 or (packed and sequences > 1),
+        mask_built=rows > 1 or (packed and sequences > 1 and not cpu),
         packed=packed,
         split_attention=packed and cpu,
         checkpointing=config.gradient_checkpointing,
@@ -632,9 +634,11 @@ def activation_bytes(
     term stays; which temporaries of the recomputed block make it up there is not pinned down.
     ``device_kind``: the fused attention keeps grouped keys and values at their width on the CPU only.
     ``packing`` (``rows`` = 1 packed row of ``seq`` tokens): transformers builds a boolean block-diagonal mask
-    (seq^2 bytes) that the checkpoints hold; it reaches SDPA except on the CPU, where the attention runs
-    sequence by sequence (``engine.train.model_patches.fused_ops.apply_packed_attention``, keys and values at their own
-    width)."""
+    (seq^2 bytes) that the checkpoints hold and SDPA reads; not on the CPU, where the attention runs sequence by
+    sequence (``engine.train.model_patches.fused_ops.apply_packed_attention``, keys and values at their own width)
+    and the decoder builds no mask (``fused_ops.split_packed_rows``).
+    Either way the last block's backward (``backward_bytes``) counts by what it exceeds the output head's memory,
+    freed by then: max(0, backward - logits_bytes(N)); with checkpointing on top of the recomputed block."""
     tokens = rows * seq
     layout = step_layout(shape, config, rows, b, device_kind)
     fused = layout.fused
@@ -648,7 +652,7 @@ def activation_bytes(
             one += max(4 * min(lin.out_features, DORA_NORM_CHUNK) * lin.in_features for lin in targeted)
         elif config.uses_dora:  # measured: a dense float32 [out, in] per adapted linear (see the docstring)
             one += sum(4 * lin.in_features * lin.out_features for lin in targeted)
-        recompute = max(0, one - head)
+        recompute = max(0, one + backward_bytes(shape, config, tokens, b, layout) - head)
         mask = rows * seq * seq if layout.mask_built else 0
         return shape.num_hidden_layers * tokens * shape.hidden_size * b + final + mask + recompute
     one = layer_activation_bytes(shape, config, rows, seq, b, layout)
@@ -656,7 +660,25 @@ def activation_bytes(
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if layout.recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
         first_norm -= tokens * 4 * shape.hidden_size
-    return shape.num_hidden_layers * one - first_norm + final + rope
+    head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
+    backward = max(0, backward_bytes(shape, config, tokens, b, layout) - head)
+    return shape.num_hidden_layers * one - first_norm + final + rope + backward
+
+
+def backward_bytes(shape: ModelShape, config: TrainConfig, tokens: int, b: int, layout: StepLayout) -> int:
+    """The temporaries of the last block's backward, the first one to run, while every other block's activations
+    are still kept: T * (3i + 2h) * b, less 4 * i per token where down_proj's adapter kept its input (float32; not
+    with ``recompute``, which rebuilds it): that is freed once down_proj's backward is done, before the peak.
+    Its MLP's backward holds three [T, i] tensors at once (the gradient of the SwiGLU output, summed over the frozen
+    and the adapter path, and two of the SwiGLU backward's products) and the incoming gradient of the hidden state
+    and the residual's copy of it ([T, h] each). It matters where the tokens are many and the trained ones few (long
+    packed rows: the output head's chunk stops growing at c rows); measured on the fused ops' path
+    (``tests/engine/test_packed_mask.py``: a packed row of 3.6k tokens)."""
+    transient = tokens * (3 * shape.intermediate_size + 2 * shape.hidden_size) * b
+    down = [lin for lin in shape.targeted_layers(config.target_modules) if lin.reads == "mlp_act"]
+    if down and not layout.recompute:
+        transient -= tokens * 4 * down[0].in_features
+    return max(0, transient)
 
 
 def logits_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:

@@ -10,11 +10,13 @@ and its position ids: transformers then confines attention to each sequence (a b
 SDPA and eager attention, ``masking_utils.find_packed_sequence_indices``; flash-attention's varlen kernel on GPUs,
 from the sequence boundaries passed as ``cu_seq_lens_q`` / ``cu_seq_lens_k``). The CPU's patched attention
 (``engine.train.model_patches.fused_ops``) reads those boundaries too and runs each sequence on its own
-(``kernels.attention``).
+(``kernels.attention``); the forward runs inside ``fused_ops.split_packed_rows``, so that the decoder (set up by
+``apply_packed_attention``) does not build the block-diagonal mask that attention would ignore.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import sys
@@ -25,6 +27,7 @@ import torch
 
 from finetune_studio.engine.datasets.render import IGNORE
 from finetune_studio.engine.train.batches import Batch
+from finetune_studio.engine.train.model_patches.fused_ops import split_packed_rows
 from finetune_studio.engine.train.model_patches.kernel_wiring import logprobs_impl
 from finetune_studio.kernels.linear_logprobs import token_logprobs
 
@@ -56,14 +59,18 @@ class LogprobModel:
     def __call__(self, batch: Batch) -> TokenLogps:
         targets = batch.labels[:, 1:]  # [B, T-1]
         mask = targets != IGNORE
+        split: contextlib.AbstractContextManager[None]
         if batch.packed:
             rows = batch.sequence_index[:, :-1][mask]
             inputs = dict(input_ids=batch.input_ids, use_cache=False, **packed_inputs(batch))
+            split = split_packed_rows(batch.sequence_lengths)  # no [T, T] mask where the attention runs split
         else:
             rows = mask.nonzero()[:, 0]
             inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            split = contextlib.nullcontext()
         if self.fused:
-            hidden = self.decoder(**inputs).last_hidden_state  # [B, T, H]
+            with split:
+                hidden = self.decoder(**inputs).last_hidden_state  # [B, T, H]
             selected = hidden[:, :-1][mask]  # [N, H]
             if selected.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
                 # bf16 autocast on the CPU: the head in float32 (bf16 logits of ~20 are off by ~0.1; the head is
@@ -75,7 +82,8 @@ class LogprobModel:
             else:
                 logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap, impl=self.impl)
         else:
-            logits = self.model(**inputs).logits[:, :-1]
+            with split:
+                logits = self.model(**inputs).logits[:, :-1]
             logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
 

@@ -303,7 +303,7 @@ def test_fits_verdicts_name_the_biggest_term():
         (dict(objective="dpo", batch_size=1, target_modules=["q_proj", "v_proj"]), "float32"),
         (dict(batch_size=4, max_length=300), "float32"),  # 1195 trained tokens: two chunks of the output head
         (dict(packing=True, batch_size=3), "float32"),  # one row of 384 tokens, attention per sequence
-        (dict(packing=True, gradient_checkpointing=True), "bfloat16"),  # the checkpoints hold the packed mask
+        (dict(packing=True, gradient_checkpointing=True), "bfloat16"),  # no packed mask on the CPU to hold
         (dict(packing=True, objective="dpo", fused_ops=False), "float32"),
     ],
 )

@@ -14,7 +14,10 @@ is untouched):
 
 ``apply_packed_attention(model)`` (``packing``, any architecture, with or without the fused ops) routes every
 attention module's SDPA call the same way, so that a packed row (``engine.train.batches.pack``) runs on the CPU one
-causal SDPA call per sequence instead of transformers' block-diagonal mask over the whole row.
+causal SDPA call per sequence instead of transformers' block-diagonal mask over the whole row; and the decoder's mask
+builder skips that mask (a boolean [T, T], and as much again in temporaries while it is made: 14.7 GB for a row of
+32 sequences of 3.8k tokens) for the forwards that run so (``split_packed_rows``, which
+``engine.train.forward.LogprobModel`` enters for a packed batch).
 
 The LoRA/DoRA linears stay PEFT's modules and compute as before; losses and gradients are those of the unpatched
 model (tests/engine/test_memory_patches.py). Other architectures: nothing changes (a log line says so).
@@ -22,8 +25,11 @@ model (tests/engine/test_memory_patches.py). Other architectures: nothing change
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import types
+from collections.abc import Iterator
 
 import torch
 
@@ -121,6 +127,11 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if lengths is not None:
         out = packed_attention(query, key, value, lengths, scale=scaling, dropout=dropout)
         return out.transpose(1, 2).contiguous(), None
+    cu = kwargs.get("cu_seq_lens_q")
+    if attention_mask is None and cu is not None and len(cu) > 2 and query.shape[2] == key.shape[2] == int(cu[-1]):
+        # a packed row whose mask was skipped (``split_packed_rows``) reaching a call that cannot run it sequence by
+        # sequence (a softcap, sinks, a window shorter than a sequence): the mask, for this call only
+        attention_mask = _block_causal_mask(cu, kwargs.get("sliding_window"), query.device)
     fast = (
         getattr(module, "_fs_gqa", False)
         and query.device.type == "cpu"
@@ -142,9 +153,76 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
+_SPLIT_ROW: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("split_packed_row", default=None)
+
+
+@contextlib.contextmanager
+def split_packed_rows(lengths: list[int]) -> Iterator[None]:
+    """Within it, a decoder set up by ``apply_packed_attention`` builds no mask for a packed row of these sequence
+    lengths on the CPU: each routed attention module runs the row sequence by sequence (``_packed_lengths``) and reads
+    nothing of a mask. Elsewhere (another device, padded rows, a sliding window shorter than a sequence, a cache)
+    transformers' mask is built as before. Nothing changes for a decoder that was not set up so."""
+    token = _SPLIT_ROW.set(tuple(int(n) for n in lengths))
+    try:
+        yield
+    finally:
+        _SPLIT_ROW.reset(token)
+
+
+def _packed_row_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None, **kwargs
+):
+    """The decoder's mask builder (transformers' ``AttentionMaskInterface``, for the decoder's view of the config):
+    None for the packed row of ``split_packed_rows`` on the CPU, whose attention runs sequence by sequence;
+    otherwise transformers' SDPA mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    lengths = _SPLIT_ROW.get()
+    skip = (
+        lengths is not None
+        and attention_mask is None
+        and batch_size == 1
+        and q_length == kv_length == sum(lengths)
+        and not _offset(q_offset)
+        and not _offset(kv_offset)
+        and torch.device(kwargs.get("device", "cpu")).type == "cpu"
+        and (local_size is None or max(lengths) <= local_size)
+    )
+    if skip:
+        return None
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        **kwargs,
+    )
+
+
+def _offset(value) -> int:
+    return int(value) if value is not None else 0
+
+
+def _block_causal_mask(cu: torch.Tensor, window: int | None, device) -> torch.Tensor:
+    """[1, 1, T, T] boolean: causal attention within each sequence of a packed row (``cu``: cumulative lengths),
+    within ``window`` tokens when given (transformers' sliding window: q - k < window)."""
+    lengths = torch.diff(cu.to(device=device, dtype=torch.long))
+    pos = torch.arange(int(cu[-1]), device=device)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        mask &= pos[:, None] - pos[None, :] < window
+    return mask[None, None]
+
+
 class _AttentionConfig:
-    """An attention module's view of the model config: the same object read and written through, except that
-    'sdpa' reads as ``ATTENTION`` (the mask is still built for 'sdpa' by the model, from the real config)."""
+    """An attention module's (or, with packing, the decoder's) view of the model config: the same object read and
+    written through, except that 'sdpa' reads as ``ATTENTION``: the attention calls ``_sdpa_gqa`` and the decoder's
+    mask builder ``_packed_row_mask`` (which builds transformers' SDPA mask but for a row that runs split). The
+    config saved with the model is untouched."""
 
     def __init__(self, config):
         object.__setattr__(self, "_fs_config", config)
@@ -164,9 +242,11 @@ class _AttentionConfig:
 def _register_attention() -> bool:
     try:
         from transformers import AttentionInterface
-    except ImportError:  # pragma: no cover - transformers 5 has it
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # pragma: no cover - transformers 5 has both
         return False
     AttentionInterface.register(ATTENTION, _sdpa_gqa)
+    AttentionMaskInterface.register(ATTENTION, _packed_row_mask)
     return True
 
 
@@ -250,14 +330,26 @@ def apply_packed_attention(model) -> int:
     """Route every attention module's SDPA call through ``_sdpa_gqa``, so that packed rows run sequence by sequence
     on the CPU (``kernels.attention.packed_attention``) instead of through a block-diagonal mask over the whole row
     (that costs attention over every pair of tokens of the row: 5x more CPU time for a row of 8 sequences of 60-140
-    tokens). Any architecture, with or without the fused ops; padded batches, other devices and models that do not
-    use SDPA run as before. Returns the number of attention modules routed."""
+    tokens). The decoder's mask builder is routed too: within ``split_packed_rows`` it builds no mask for such a row
+    (the [T, T] mask and its temporaries were the step's largest allocations for long rows). Any architecture, with
+    or without the fused ops; padded batches, other devices and models that do not use SDPA run as before. Returns
+    the number of attention modules routed."""
     routed = 0
     for module in _causal_lm(model).modules():
         if _is_attention(module) and _route_attention(module):
             routed += 1
+    decoder = _decoder(model)
+    if routed and decoder is not None and not isinstance(decoder.config, _AttentionConfig):
+        # its mask builder then asks ``_packed_row_mask``, which skips the mask of a row that runs split
+        object.__setattr__(decoder, "config", _AttentionConfig(decoder.config))
     log.info("packing: %d attention modules run packed rows sequence by sequence on the CPU", routed)
     return routed
+
+
+def _decoder(model):
+    """The module that builds the attention masks (the causal LM's decoder body), or None."""
+    causal_lm = _causal_lm(model)
+    return causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
 
 
 def count_patched(model) -> int:
