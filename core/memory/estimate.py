@@ -721,7 +721,8 @@ def estimate_training_memory(
     DPO runs chosen and rejected answers as one batch (2x the rows); its reference forward runs before the
     policy forward and adds nothing at the peak (see ``reference_bytes``). Gradients are counted in full although
     they appear only as backward frees activations (conservative by at most that term). Runtime overhead:
-    the CUDA context (0.75 GiB) on a GPU, the Python/torch baseline (0.5 GiB) elsewhere; allocator slack:
+    the CUDA context (0.75 GiB) on a GPU; elsewhere the training process's baseline, ``device.process_bytes``
+    (what the engine measured and kept, ``core.memory.runtime_baseline``), else 0.5 GiB; allocator slack:
     10% of the tensors on CUDA and MPS for fragmentation. ``counts`` (the engine's parameter count for this
     method) replace the formula's weights, adapters and optimizer states: exact for any architecture.
     """
@@ -764,7 +765,7 @@ def estimate_training_memory(
     )
     if device.kind == "cuda":
         overhead = CUDA_CONTEXT_BYTES
-    else:  # the training process's own resident memory before loading, where it was measured
+    else:  # the training process's resident memory before loading, as the engine measured and kept it
         overhead = device.process_bytes or PYTHON_BASELINE_BYTES
     slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
     return MemoryEstimate(

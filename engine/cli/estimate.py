@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.memory.runtime_baseline import runtime_baseline
 from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.core.protocol.memory_report import MemoryReport
 
@@ -29,6 +30,9 @@ def estimate(config: TrainConfig, device_kind: str = "auto") -> MemoryReport:
     from finetune_studio.engine.models import LoadOptions, ModelError, pick_device, resolve_model
     from finetune_studio.engine.train import memory_budget
 
+    # first, before anything is loaded: the kept process baseline (measured now when none is kept), the runtime
+    # term the run and the app's panel use too, not this process's size after tokenising the data
+    memory_budget.note_runtime_baseline()
     options = LoadOptions(allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
     folder = resolve_model(config.model, options)
     device = memory_budget.device_info(pick_device() if device_kind == "auto" else device_kind)
@@ -93,6 +97,7 @@ def format_report(r: MemoryReport) -> str:
         *(f"  {name:<12} {value / gib:8.3f} GiB" for name, value in r.components.items()),
         f"  {'total':<12} {r.total_bytes / gib:8.3f} GiB",
         f"device:      {r.device_name} ({r.device_kind}), {r.device_bytes / gib:.2f} GiB free",
+        *([f"runtime:     {runtime_baseline().description}"] if r.device_kind != "cuda" else []),
         f"verdict:     {r.verdict}: {r.message}",
     ]
     if r.cheapest_change:

@@ -6,6 +6,9 @@
 - ``data_lengths`` / ``longest_batch``: the longest rows of the tokenised training data, and the batch of
   them the run can put first.
 - ``measured_peak``: CUDA allocator peak and reserved; on the CPU the process's resident peak (VmHWM).
+- ``note_runtime_baseline``: the engine process's resident size after its imports, before anything is loaded,
+  measured once per machine and versions and kept (``core.memory.runtime_baseline``): the runtime term of every
+  CPU and MPS estimate, the app's panel's included.
 - ``run_report``: the ``core.protocol.memory_report.MemoryReport`` for a run with all of the above.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
+from finetune_studio.core.memory import runtime_baseline as baseline
 from finetune_studio.core.memory.estimate import DataLengths, ModelShape, ParamCounts, states_8bit
 from finetune_studio.core.protocol.memory_report import MemoryReport, memory_report
 from finetune_studio.engine.datasets.render import TokenizedPair
@@ -160,7 +164,9 @@ def reuse_memory_between_steps() -> bool:
 
 
 def device_info(device: str) -> DeviceInfo:
-    """What the training device has, as the engine's torch sees it (free memory now)."""
+    """What the training device has, as the engine's torch sees it (free memory now). On the CPU and MPS the
+    process's baseline is the kept one (``core.memory.runtime_baseline``): the figure the app's panel uses too,
+    not this process's own size (which depends on what it did before: a loaded tokenizer, a tokenised dataset)."""
     import torch
 
     if device == "cuda":
@@ -170,9 +176,44 @@ def device_info(device: str) -> DeviceInfo:
     import psutil
 
     vm = psutil.virtual_memory()
-    # This process is the one that trains: what it holds now (imports, tokenized data) is the runtime overhead
-    own = psutil.Process().memory_info().rss if device == "cpu" else 0
-    return DeviceInfo("mps" if device == "mps" else "cpu", device, vm.total, vm.available, True, process_bytes=own)
+    kind = "mps" if device == "mps" else "cpu"
+    return DeviceInfo(kind, device, vm.total, vm.available, True, process_bytes=baseline.runtime_baseline().bytes)
+
+
+def note_runtime_baseline() -> baseline.Baseline:
+    """The kept baseline; when none is kept for this machine and these versions, this process's resident size
+    now, kept. Called where an engine process has imported what a run imports and loaded nothing yet: the start of
+    a run's set-up and of ``engine estimate``."""
+    kept = baseline.kept_baseline()
+    if kept:
+        return baseline.Baseline(kept, True)
+    import finetune_studio.engine.train.recipe  # noqa: F401  (what a run has imported when it starts)
+
+    own = resident_now()
+    if own <= 0:
+        return baseline.runtime_baseline()
+    try:
+        baseline.keep_baseline(own)
+    except OSError as exc:  # a read-only data directory: this process uses its figure, nothing is kept
+        log.warning("the process baseline could not be kept: %s", exc)
+    return baseline.Baseline(own, True)
+
+
+def resident_now() -> int:
+    """The process's resident size now (VmRSS, else psutil's rss); 0 when unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or refused: unknown
+        return 0
 
 
 def run_report(

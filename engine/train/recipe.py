@@ -246,6 +246,7 @@ class Recipe:
     # --- set-up -------------------------------------------------------------
     def setup(self, resume: bool) -> SetUp:
         cfg, world, device = self.config, self.world, self.device
+        memory_budget.note_runtime_baseline()  # nothing loaded yet: the process baseline every estimate uses
         torch.manual_seed(cfg.seed)
         apply_threads(cfg.num_threads)
         options = LoadOptions(allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)

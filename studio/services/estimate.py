@@ -4,10 +4,14 @@ The device is found once in a background thread (``core.devices`` may run
 ``nvidia-smi`` with a 2 s timeout, which must not block the window); until it
 is known, and whenever the model's shape cannot be read, the panel says so and
 the engine's own figure (in its ``started`` event) fills in once the run starts.
+On the CPU (and MPS) the runtime term is the engine process's baseline that the
+engine measured and kept (``core.memory.runtime_baseline``), the same figure
+``engine estimate`` and the run use; a stated default until it has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from PySide6.QtCore import QObject, Signal
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo, detect_devices
 from finetune_studio.core.memory import estimate as memory
+from finetune_studio.core.memory.runtime_baseline import runtime_baseline
 from finetune_studio.core.protocol.dataset_report import DatasetReport
 from finetune_studio.core.protocol.memory_report import memory_report
 from finetune_studio.studio.state.run import EstimateView
@@ -84,6 +89,16 @@ def counted_params(config: TrainConfig, model_info) -> memory.ParamCounts | None
     )
 
 
+def engine_process(device: DeviceInfo) -> tuple[DeviceInfo, str]:
+    """``device`` with the training process's baseline as the engine kept it (CPU, MPS; a GPU's runtime term is
+    its CUDA context), and the label of the runtime term: says whether it was measured."""
+    if device.kind == "cuda":
+        return device, ""
+    kept = runtime_baseline()
+    label = "runtime (measured)" if kept.measured else "runtime (default until measured)"
+    return dataclasses.replace(device, process_bytes=kept.bytes), label
+
+
 def estimate(
     config: TrainConfig | None,
     model_info,
@@ -105,11 +120,13 @@ def estimate(
             note="No estimate until the model is known; the engine reports its budget when the run starts.",
         )
     lengths = data_lengths(dataset_info) if config.dataset else None
+    device, runtime = engine_process(device)
     try:
         report = memory_report(shape, config, device, lengths, counted_params(config, model_info), processes)
     except Exception as exc:
         return EstimateView(note=f"No estimate for this set-up ({exc}).")
-    parts = {LABELS.get(k, k): v for k, v in report.terms.items() if v}
+    labels = {**LABELS, "runtime_overhead": runtime} if runtime else LABELS
+    parts = {labels.get(k, k): v for k, v in report.terms.items() if v}
     notes = "; ".join(report.notes)
     change = f" Cheapest change: {report.cheapest_change}." if report.cheapest_change else ""
     each = f" × {processes}, per GPU ({config.parallelism.upper()})" if processes > 1 else ""
