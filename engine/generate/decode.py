@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -239,7 +239,7 @@ def decode_batch(
     ns: list[int],
     max_new_tokens: list[int],
     sampler: Sampler,
-    on_tokens: list[OnTokens],
+    on_tokens: Sequence[OnTokens],
     seeds: list[int],
     cancel: threading.Event | None = None,
     pad_id: int = 0,
@@ -295,8 +295,8 @@ def decode_batch(
             if cancel is not None and cancel.is_set():
                 return max(steps)
             sizes = [sum(1 for q, _ in live if q == p) for p in range(count)]
-            picked = sampler.sample_groups(logits, [(generators[p], sizes[p]) for p in range(count) if sizes[p]])
-            picked = picked.tolist()  # (rows,)
+            groups = [(generators[p], sizes[p]) for p in range(count) if sizes[p]]
+            picked: list[int] = sampler.sample_groups(logits, groups).tolist()  # (rows,)
             tokens: list[list[int]] = [[pad_id] * n for n in ns]
             for row, (p, c) in enumerate(live):
                 if c < 0:
@@ -318,10 +318,10 @@ def decode_batch(
                 live = [live[row] for row in keep]
                 picked = [picked[row] for row in keep]
             next_ids = torch.tensor(picked, device=device)[:, None]
-            positions = (length - pad) if padded else None  # each row's own position: its prompt's length + steps
+            positions = length - pad  # each row's own position: its prompt's length + the steps so far
             if fast is not None:
                 mask = attend[:, None, None, : length + 1] if padded else None
-                logits = fast(next_ids, positions, mask)
+                logits = fast(next_ids, positions if padded else None, mask)
             else:
                 extra = {}
                 if padded:

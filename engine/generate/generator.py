@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -311,7 +311,7 @@ class Session:
     def _generate(
         self,
         req: gp.Generate | gp.GenerateBatch,
-        prompts: list[gp.Generate] | list[gp.BatchPrompt],
+        prompts: Sequence[gp.Generate | gp.BatchPrompt],
         ids: list[list[int]],
         emit: Emit,
         cancel: threading.Event | None,

@@ -14,6 +14,7 @@ from plain ``generate``'s for the same seed; greedy decoding is identical.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class Sampler:
         """
         return self.sample_groups(logits, [(generator, logits.shape[0])])
 
-    def sample_groups(self, logits: torch.Tensor, groups: list[tuple[torch.Generator | None, int]]) -> torch.Tensor:
+    def sample_groups(self, logits: torch.Tensor, groups: Sequence[tuple[torch.Generator | None, int]]) -> torch.Tensor:
         """:meth:`sample` for rows that come in consecutive groups, each drawing from its own generator: group
         ``(generator, rows)`` draws the same numbers as :meth:`sample` of those rows alone with that generator
         (a batch of several prompts, each with its own seed). The group sizes must add up to the rows."""
