@@ -42,6 +42,8 @@ PROTOCOL_VERSION = 1
 FinishReason = Literal["stop", "length", "cancelled"]
 # ``stop``: the model ended its answer (end-of-turn token) or wrote a stop string (not included in the text).
 FINISH_REASONS = ("stop", "length", "cancelled")
+Weights = Literal["full", "int8", "int4"]  # LoadModel.weights
+WEIGHTS: tuple[Weights, ...] = ("full", "int8", "int4")
 ErrorKind = Literal["bad_request", "model", "adapter", "context", "no_model", "oom", "error"]
 ERROR_KINDS = ("bad_request", "model", "adapter", "context", "no_model", "oom", "error")
 BASE = ""  # the adapter name meaning "the base model, adapters switched off"
@@ -95,7 +97,7 @@ class LoadModel(Request):
     # faster still, further from full precision. "full": the weights as loaded. Both are CPU speed-ups: with
     # device "auto" on a GPU the model loads with "full" weights (``Loaded.weights`` says which were used);
     # with device "cuda" or a 4-bit base they are an error. WEIGHTS_CHOICES describes them for a person.
-    weights: Literal["full", "int8", "int4"] = "full"
+    weights: Weights = "full"
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -104,7 +106,7 @@ class LoadModel(Request):
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"load: unknown dtype {self.dtype!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"load: unknown device {self.device!r}")
         _check(
-            self.weights in ("full", "int8", "int4"),
+            self.weights in WEIGHTS,
             f"load: 'weights' must be 'full', 'int8' or 'int4', not {self.weights!r}",
         )
 

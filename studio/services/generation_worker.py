@@ -22,6 +22,7 @@ from PySide6.QtCore import QObject, QProcess, Signal
 from finetune_studio.core.protocol import generation as gp
 from finetune_studio.core.protocol.generation_client import worker_argv
 from finetune_studio.studio.services.engine_process import PROJECT_ROOT, engine_environment
+from finetune_studio.studio.state.generation_weights import default_weights
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class GenerationWorker(QObject):
         self.pid = 0
         self.pending: set[str] = set()  # ids sent (or queued) without their final reply yet
         self.model: str | None = None  # the model spec the worker holds
+        self.weights: gp.Weights = "full"  # the LoadModel.weights it was loaded with
         self.adapters: dict[str, AdapterSpec] = {}
 
     # --- state ----------------------------------------------------------------------
@@ -78,12 +80,17 @@ class GenerationWorker(QObject):
             self._queue.append(request)
         return request.id
 
-    def prepare(self, model: str, adapters: dict[str, AdapterSpec]) -> list[str]:
-        """Send the load and attach requests the worker still needs for ``model`` with ``adapters`` (by name)."""
+    def prepare(self, model: str, adapters: dict[str, AdapterSpec], weights: gp.Weights | None = None) -> list[str]:
+        """Send the load and attach requests the worker still needs for ``model`` with ``adapters`` (by name).
+
+        ``weights``: ``LoadModel.weights`` (``full`` / ``int8`` / ``int4``); None keeps those the worker holds for
+        ``model`` (a model not loaded yet: :func:`studio.state.generation_weights.default_weights`)."""
+        if weights is None:
+            weights = self.weights if self.model == model else default_weights(model)
         sent = []
-        if self.model != model:
-            sent.append(self.send(gp.LoadModel(id=self.new_id("load"), model=model)))
-            self.model, self.adapters = model, {}
+        if self.model != model or self.weights != weights:
+            sent.append(self.send(gp.LoadModel(id=self.new_id("load"), model=model, weights=weights)))
+            self.model, self.weights, self.adapters = model, weights, {}
         for name, spec in adapters.items():
             if self.adapters.get(name) != spec:
                 sent.append(
