@@ -193,7 +193,8 @@ def merge_measuring(model) -> tuple[Any, UpdateRounding]:
             continue
         before = weight.detach().float().clone()
         module.merge()
-        rounding.add(name.removeprefix("base_model.model."), before, module.get_base_layer().weight.detach().float())
+        after = weight.detach().float()  # merge changes the parameter's data in place
+        rounding.add(name.removeprefix("base_model.model."), before, after)
     with warnings.catch_warnings():  # every layer is merged already: merge_and_unload only unwraps them
         warnings.simplefilter("ignore")
         merged = model.merge_and_unload()

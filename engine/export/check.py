@@ -281,7 +281,7 @@ class TorchForm:
         return greedy(self.model, ids, self.stops)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return str(self.tok.decode(ids, skip_special_tokens=True))
 
 
 def _declared_stops(path: Path) -> set[int]:
@@ -330,7 +330,7 @@ class LlamaCppForm:
         text = self.tok.apply_chat_template(
             messages, chat_template=self.template, add_generation_prompt=True, tokenize=False
         )
-        return self.tokenize(text, add_bos=True)  # as llama.cpp's chat path does: BOS when the file asks for it
+        return self.tokenize(str(text), add_bos=True)  # as llama.cpp's chat path does: BOS when the file asks for it
 
     def logits(self, ids: list[int]):
         import numpy as np
@@ -357,7 +357,7 @@ class LlamaCppForm:
         return out
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return str(self.tok.decode(ids, skip_special_tokens=True))
 
     def close(self) -> None:
         self.llm.close()
@@ -387,7 +387,8 @@ def _measure(loaded, form: dict, spec: dict, ref_logits: list) -> dict:
     positions = agree = answer_positions = answer_agree = same_answers = 0
     max_diff = 0.0
     prompt_same = ended = True
-    answers, differing = [], []
+    answers: list[str] = []
+    differing: list[dict] = []
     for item, theirs in zip(spec["items"], ref_logits):
         prompt, answer = item["prompt_ids"], item["answer_ids"]
         prompt_same &= loaded.prompt_ids(item["messages"]) == prompt

@@ -28,7 +28,7 @@ class CheckPrompts:
     description: str  # for the report, e.g. "6 of the run's 4 validation prompts"
 
 
-def _prompt(example) -> list[dict] | None:
+def _prompt(example: object) -> list[dict] | None:
     """The turns an answer follows, as role/content dicts; None for plain text and tool-using examples."""
     if getattr(example, "tools", ()):
         return None  # the check renders with the chat template alone
