@@ -379,7 +379,7 @@ class MemoryEstimate:
     adapter_weights: int
     gradients: int
     optimizer_states: int
-    activations: int
+    activations: int  # what autograd keeps for backward, and the last block's backward beyond the head (long rows)
     logits: int
     reference_forward: int
     runtime_overhead: int
@@ -637,8 +637,8 @@ def activation_bytes(
     (seq^2 bytes) that the checkpoints hold and SDPA reads; not on the CPU, where the attention runs sequence by
     sequence (``engine.train.model_patches.fused_ops.apply_packed_attention``, keys and values at their own width)
     and the decoder builds no mask (``fused_ops.split_packed_rows``).
-    Either way the last block's backward (``backward_bytes``) counts by what it exceeds the output head's memory,
-    freed by then: max(0, backward - logits_bytes(N)); with checkpointing on top of the recomputed block."""
+    With checkpointing the last block's backward (``backward_bytes``) adds to the recomputed block; without, it is
+    not counted here (what autograd keeps) but by ``backward_peak_bytes``."""
     tokens = rows * seq
     layout = step_layout(shape, config, rows, b, device_kind)
     fused = layout.fused
@@ -660,9 +660,27 @@ def activation_bytes(
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
     if layout.recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
         first_norm -= tokens * 4 * shape.hidden_size
+    return shape.num_hidden_layers * one - first_norm + final + rope
+
+
+def backward_peak_bytes(
+    shape: ModelShape,
+    config: TrainConfig,
+    rows: int,
+    seq: int,
+    b: int,
+    trained: int | None = None,
+    device_kind: str = "cuda",
+) -> int:
+    """What the step's peak holds beyond the kept activations and the output head, without checkpointing: the last
+    block's backward temporaries (``backward_bytes``) by what they exceed the head's memory, freed by then:
+    max(0, backward - logits_bytes(N)). 0 with checkpointing (``activation_bytes`` counts them with the recomputed
+    block), and wherever the head is the larger (short rows, or many trained tokens)."""
+    layout = step_layout(shape, config, rows, b, device_kind)
+    if layout.checkpointing:
+        return 0
     head = logits_bytes(shape, rows * (seq - 1) if trained is None else trained, b)
-    backward = max(0, backward_bytes(shape, config, tokens, b, layout) - head)
-    return shape.num_hidden_layers * one - first_norm + final + rope + backward
+    return max(0, backward_bytes(shape, config, rows * seq, b, layout) - head)
 
 
 def backward_bytes(shape: ModelShape, config: TrainConfig, tokens: int, b: int, layout: StepLayout) -> int:
@@ -759,7 +777,8 @@ def estimate_training_memory(
         adapter_weights=ADAPTER_BYTES * trainable,
         gradients=ADAPTER_BYTES * trainable,
         optimizer_states=optimizer,
-        activations=activation_bytes(shape, config, rows, seq, b, trained, device.kind),
+        activations=activation_bytes(shape, config, rows, seq, b, trained, device.kind)
+        + backward_peak_bytes(shape, config, rows, seq, b, trained, device.kind),
         logits=logits_bytes(shape, trained, b),
         reference_forward=reference,
     )
