@@ -288,3 +288,25 @@ def test_fsdp_shards_a_4bit_base_and_resumes_on_the_one_process_curve(tiny_model
     losses = [e.loss for e in run.of("step")] + [e.loss for e in again.of("step")]
     assert losses == pytest.approx(expected, abs=TOL) and len(losses) == 6
     assert again.of("finished")[-1].status == "completed"
+
+
+def test_a_launcher_that_cannot_start_says_why_and_exits_failed(tiny_model_dir, tmp_path, launch):
+    """torchrun's agent itself fails (its rendezvous port is taken by another program): one failed event on stdout
+    that names the cause, exit code 1, no rank left behind (it used to exit 1 with nothing said)."""
+    import socket
+
+    data = write_sft(tmp_path / "d.jsonl")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(tiny_config(tiny_model_dir, data, max_steps=2).to_dict()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = launch(
+            str(cfg), "--nproc", "2", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port)
+        )
+        code, stderr = run.finish(timeout=240)
+    failed = run.of("failed")
+    assert code == 1, stderr[-2000:]
+    assert len(failed) == 1 and failed[0].message.startswith("The launcher of 2 processes failed"), stderr[-2000:]
+    assert not run.of("started")

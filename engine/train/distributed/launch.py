@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from finetune_studio.core.config import ConfigError, TrainConfig
@@ -161,6 +162,11 @@ def launch(args: argparse.Namespace) -> int:
         return 1
     except SignalException as exc:  # the ranks were told to stop; they checkpointed unless they were killed
         return _after_stop(events, launch_file, exc)
+    except Exception as exc:  # torchrun's agent itself failed (rendezvous, a port, the store): say so, never exit mute
+        log.exception("the torchrun agent failed")
+        message = f"The launcher of {args.nproc} processes failed: {type(exc).__name__}: {exc}"
+        _fail_run(events, launch_file, "error", message, traceback.format_exc(limit=5))
+        return 1
     finally:
         Path(launch_file).unlink(missing_ok=True)
         try:
