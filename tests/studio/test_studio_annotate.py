@@ -315,3 +315,25 @@ def test_prompts_are_data_never_re_split_or_reflowed(qtbot, make_page, tmp_path)
     assert an.SessionSpec.load(spec.name).prompts == spec.prompts and len(again.spec.items) == 3
     qtbot.mouseClick(again.form.new_prompts_button, Qt.MouseButton.LeftButton)
     assert not again.form.prompts.isReadOnly() and again.form.prompts.toPlainText() == ""
+
+
+def test_the_weights_choice_shows_its_cost_and_the_worker_decodes_with_it(qtbot, make_page, tiny_model_dir):
+    page = make_page(str(tiny_model_dir))
+    form = page.form
+    form.model.setText("default")
+    form.refresh_weights()  # the bundled model: measured options, the default the fastest that keeps the answers
+    assert [form.weights.itemData(i) for i in range(form.weights.count())] == ["full", "int8", "int4"]
+    assert form.weights_value() == "full" and "10 prompts x 2 answers" in form.weights_detail.text()
+    form.model.setText(str(tiny_model_dir))
+    form.refresh_weights()
+    form.weights.setCurrentIndex(form.weights.findData("int8"))  # a choice stays while the model offers it
+    assert "not measured on this model" in form.weights_detail.text()
+    _set_up(page, PROMPTS[:2], max_new_tokens=4)
+    replies = []
+    page.worker.reply.connect(replies.append)
+    with qtbot.waitSignal(page.generator.finished, timeout=120_000) as done:
+        page.generate()
+    assert done.args == [""] and len(page.spec.items) == 2
+    assert page.worker.weights == "int8"
+    loaded = [r for r in replies if type(r).__name__ == "Loaded"]
+    assert loaded and loaded[-1].weights == "int8"

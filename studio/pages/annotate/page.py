@@ -248,6 +248,7 @@ class AnnotatePage(QWidget):
         self.form.set_sessions(an.list_sessions())
         self.form.set_prompts(spec.prompts, f"in session {spec.name!r}")
         self.state.use(self.store.preferences, spec)
+        self.generator.weights = self.form.weights_value()
         count = self.generator.start(spec, self.store.preferences)
         if count:
             self.form.set_generating(True)

@@ -9,6 +9,7 @@ their count, never re-read from the text box.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -28,7 +29,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core.protocol.generation import WEIGHTS, Weights
 from finetune_studio.studio.state import annotation as an
+from finetune_studio.studio.state.generation_weights import default_weights, weights_options
 
 BASE_LABEL = "Base model (adapters off)"
 PROMPTS_HINT = "Prompts, one per line (or JSONL rows); answers are not needed"
@@ -162,6 +165,14 @@ class SessionForm(QWidget):
         self.max_new_tokens.setObjectName("maxNewTokens")
         self.max_new_tokens.setRange(1, 4096)
         self.max_new_tokens.setValue(128)
+        self.weights = QComboBox(body)  # what the worker decodes with: full, int8 or int4, each with its cost
+        self.weights.setObjectName("generationWeights")
+        self.weights_detail = QLabel(body)
+        self.weights_detail.setObjectName("weightsDetail")
+        self.weights_detail.setWordWrap(True)
+        self.weights.currentIndexChanged.connect(self._show_weights_detail)
+        self.model.editingFinished.connect(self.refresh_weights)
+        self.refresh_weights()
         self.annotator = QLineEdit(body)
         self.annotator.setObjectName("annotatorName")
         self.annotator.setPlaceholderText("your name (optional)")
@@ -197,6 +208,8 @@ class SessionForm(QWidget):
         form.addRow("Temperature", self.temperature)
         form.addRow("Top-p", self.top_p)
         form.addRow("Max new tokens", self.max_new_tokens)
+        form.addRow("Weights", self.weights)
+        form.addRow("", self.weights_detail)
         prompt_buttons = QHBoxLayout()
         prompt_buttons.addWidget(self.load_prompts_button)
         prompt_buttons.addWidget(self.new_prompts_button)
@@ -223,6 +236,29 @@ class SessionForm(QWidget):
         self._show_prompts_mode()
 
     # --- prompts --------------------------------------------------------------------
+    def refresh_weights(self) -> None:
+        """The weights options for the model typed, each with its measured cost; the default chosen (the fastest that
+        keeps the answers), a choice the person made kept where the new model offers it."""
+        model = self.model.text().strip() or "default"
+        chosen = self.weights.currentData() if self.weights.count() else None
+        self.weights.blockSignals(True)
+        self.weights.clear()
+        for option in weights_options(model):
+            self.weights.addItem(option.label, option.weights)
+            self.weights.setItemData(self.weights.count() - 1, option.detail, Qt.ItemDataRole.ToolTipRole)
+        keep = self.weights.findData(chosen) if chosen else -1
+        self.weights.setCurrentIndex(keep if keep >= 0 else max(0, self.weights.findData(default_weights(model))))
+        self.weights.blockSignals(False)
+        self._show_weights_detail()
+
+    def _show_weights_detail(self) -> None:
+        self.weights_detail.setText(str(self.weights.currentData(Qt.ItemDataRole.ToolTipRole) or ""))
+
+    def weights_value(self) -> Weights:
+        """The weights the worker is to decode with (``full``, ``int8`` or ``int4``)."""
+        chosen = self.weights.currentData()
+        return cast(Weights, chosen) if chosen in WEIGHTS else "full"
+
     def set_prompts(self, prompts: list[str], where: str) -> None:
         """Show ``prompts`` read-only, exactly as they are; they are the session's until 'Type new prompts'."""
         self.locked_prompts = list(prompts)
