@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,26 @@ LOSS_ON = ("assistant", "all")
 PARALLELISMS = ("ddp", "fsdp")
 LONGEST_FIRST = ("auto", "on", "off")
 KERNELS = ("auto", "triton", "torch")
+
+# The whole-number fields' allowed ranges (inclusive). The upper bounds keep a typo or an exponent (1e30, 2**70) from
+# reaching the trainer, where it would overflow, run for ever, or read as running out of memory.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "max_steps": (1, 10**9),
+    "batch_size": (1, 65_536),
+    "gradient_accumulation_steps": (1, 4096),
+    "max_length": (8, 2**20),
+    "lora_rank": (1, 2**20),  # the model's layer width bounds it further once the model is known
+    "seed": (0, 2**32 - 1),  # what every random generator the run seeds takes
+    "num_threads": (0, 1024),
+    "warmup_steps": (0, 10**9),
+    "eval_every": (0, 10**9),
+    "checkpoint_every": (0, 10**9),
+    "max_eval_examples": (0, 10**9),
+    "sample_prompts": (0, 10_000),
+    "sample_max_new_tokens": (0, 2**20),
+    "early_stopping_patience": (0, 10**6),
+}
+MAX_EPOCHS = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -250,47 +271,43 @@ class TrainConfig:
         need(
             self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}"
         )
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_rank"):
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
             need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                _is_int(value) and low <= value <= high,
                 name,
-                f"must be a whole number of at least 1, not {value!r}",
+                f"must be a whole number from {low:,} to {high:,}, not {_show(value)}",
             )
-        need(self.max_length >= 8, "max_length", "must be at least 8 tokens")
-        for name in (
-            "warmup_steps",
-            "eval_every",
-            "checkpoint_every",
-            "max_eval_examples",
-            "sample_prompts",
-            "sample_max_new_tokens",
-            "early_stopping_patience",
-            "num_threads",
-        ):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                name,
-                f"must be a whole number of at least 0, not {value!r}",
-            )
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be a whole number")
         need(
             _num(self.learning_rate) and 0 < self.learning_rate < 1,
             "learning_rate",
             f"must be between 0 and 1 (typical: 2e-4), not {self.learning_rate!r}",
         )
-        need(_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be above 0")
+        need(
+            _num(self.lora_alpha) and 0 < self.lora_alpha <= 1e6,
+            "lora_alpha",
+            f"must be a number above 0 and at most 1,000,000 (typical: 2 x lora_rank), not {_show(self.lora_alpha)}",
+        )
         need(_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        need(_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be at least 0")
-        need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be at least 0")
-        need(_num(self.num_epochs) and self.num_epochs >= 0, "num_epochs", "must be at least 0")
+        need(
+            _num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number of at least 0"
+        )
+        need(
+            _num(self.max_grad_norm) and self.max_grad_norm >= 0,
+            "max_grad_norm",
+            "must be a finite number of at least 0",
+        )
+        need(
+            _num(self.num_epochs) and 0 <= self.num_epochs <= MAX_EPOCHS,
+            "num_epochs",
+            f"must be a number from 0 to {MAX_EPOCHS:,} (0: train for max_steps), not {_show(self.num_epochs)}",
+        )
         need(
             _num(self.validation_fraction) and 0 <= self.validation_fraction < 0.9,
             "validation_fraction",
             "must be in [0, 0.9)",
         )
-        need(_num(self.dpo_beta) and self.dpo_beta > 0, "dpo_beta", "must be above 0 (typical: 0.1)")
+        need(_num(self.dpo_beta) and self.dpo_beta > 0, "dpo_beta", "must be a finite number above 0 (typical: 0.1)")
         need(
             _num(self.dpo_label_smoothing) and 0 <= self.dpo_label_smoothing < 0.5,
             "dpo_label_smoothing",
@@ -434,7 +451,27 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    """A finite real number (not a bool, not NaN or infinity, not an int too large for a float)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(v: Any) -> str:
+    """``v`` for a message: a huge integer (which ``repr`` may refuse to write out) by its size instead."""
+    if _is_int(v) and abs(v) >= 10**18:
+        try:
+            return f"{float(v):.6g}"
+        except OverflowError:
+            return f"a whole number of about {int(v.bit_length() * math.log10(2)) + 1} digits"
+    return repr(v)
 
 
 def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
@@ -460,7 +497,10 @@ def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
             except ValueError:
                 raise ConfigError(name, f"must be a number, not {value!r}") from None
         if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(name, f"must be a finite number, not {_show(value)}") from None
         return value
     if isinstance(default, list) and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -47,6 +49,9 @@ WEIGHTS: tuple[Weights, ...] = ("full", "int8", "int4")
 ErrorKind = Literal["bad_request", "model", "adapter", "context", "no_model", "oom", "error"]
 ERROR_KINDS = ("bad_request", "model", "adapter", "context", "no_model", "oom", "error")
 BASE = ""  # the adapter name meaning "the base model, adapters switched off"
+MAX_LINE_BYTES = 4 * 2**20  # the longest request line the worker reads; a longer one is answered with an Error
+MAX_SEED = 2**32 - 1
+MAX_NEW_TOKENS = 2**20
 
 
 def _body(obj: Message) -> dict[str, Any]:
@@ -275,7 +280,10 @@ def _check_prompt(obj: Generate | BatchPrompt, what: str) -> None:
     _check(isinstance(obj.prompt, str), f"{what}: 'prompt' must be text")
     _check(bool(obj.prompt) != bool(obj.messages), f"{what}: give either 'prompt' or 'messages' (one of them)")
     _check(_is_int(obj.n) and 1 <= obj.n <= 64, f"{what}: 'n' must be between 1 and 64")
-    _check(_is_int(obj.seed) and obj.seed >= 0, f"{what}: 'seed' must be a non-negative integer")
+    _check(
+        _is_int(obj.seed) and 0 <= obj.seed <= MAX_SEED,
+        f"{what}: 'seed' must be a whole number from 0 to {MAX_SEED:,}",
+    )
 
 
 def _check_sampling(obj: Generate | GenerateBatch, what: str) -> None:
@@ -285,10 +293,13 @@ def _check_sampling(obj: Generate | GenerateBatch, what: str) -> None:
         f"{what}: 'stop' must be a list of non-empty strings",
     )
     object.__setattr__(obj, "stop", tuple(stop))
-    _check(_is_num(obj.temperature) and obj.temperature >= 0, f"{what}: 'temperature' must be >= 0")
+    _check(_is_num(obj.temperature) and obj.temperature >= 0, f"{what}: 'temperature' must be a finite number >= 0")
     _check(_is_num(obj.top_p) and 0 < obj.top_p <= 1, f"{what}: 'top_p' must be in (0, 1]")
-    _check(_is_int(obj.top_k) and obj.top_k >= 0, f"{what}: 'top_k' must be >= 0 (0: off)")
-    _check(_is_int(obj.max_new_tokens) and obj.max_new_tokens >= 1, f"{what}: 'max_new_tokens' must be >= 1")
+    _check(_is_int(obj.top_k) and 0 <= obj.top_k <= 2**31 - 1, f"{what}: 'top_k' must be >= 0 (0: off)")
+    _check(
+        _is_int(obj.max_new_tokens) and 1 <= obj.max_new_tokens <= MAX_NEW_TOKENS,
+        f"{what}: 'max_new_tokens' must be a whole number from 1 to {MAX_NEW_TOKENS:,}",
+    )
     _check(_is_int(obj.stream_every) and obj.stream_every >= 0, f"{what}: 'stream_every' must be >= 0")
     _check(obj.adapter is None or isinstance(obj.adapter, str), f"{what}: 'adapter' must be a name or null")
 
@@ -298,7 +309,13 @@ def _is_int(x: object) -> bool:
 
 
 def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite real number (JSON's ``Infinity`` and ``NaN`` are not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -466,7 +483,14 @@ def is_final(reply: Reply) -> bool:
 
 
 def _load(line: str | bytes) -> dict[str, Any]:
-    data = load_message(line, PROTOCOL_VERSION)
+    try:
+        data = load_message(line, PROTOCOL_VERSION)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError, MemoryError) as exc:
+        # what json.loads raises beyond JSONDecodeError: an integer past Python's digit limit (ValueError),
+        # nesting deeper than the interpreter's stack (RecursionError)
+        raise ProtocolError(f"unreadable JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(data.get("id"), str):
         raise ProtocolError("every message needs a string 'id'")
     return data
@@ -503,10 +527,25 @@ def parse_reply(line: str | bytes) -> Reply:
     return _build(cls, data)
 
 
+_ID = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.)*")')  # a JSON "id" key and its string value
+
+
 def request_id_of(line: str | bytes) -> str:
-    """The id of a line that did not parse, when it has one (so its error reply can carry it)."""
+    """The id of a line that did not parse, when it has one (so its error reply can carry it): read as JSON, or
+    when that fails (a line cut at :data:`MAX_LINE_BYTES`, nesting too deep), the first ``"id": "..."`` in it.
+    Never raises."""
     try:
         data = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except Exception:
+        data = None
+    else:
+        return data["id"] if isinstance(data, dict) and isinstance(data.get("id"), str) else ""
+    text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+    match = _ID.search(text[:MAX_LINE_BYTES])
+    if match is None:
         return ""
-    return data.get("id", "") if isinstance(data, dict) and isinstance(data.get("id"), str) else ""
+    try:
+        found = json.loads(match.group(1))
+    except Exception:
+        return ""
+    return found if isinstance(found, str) else ""

@@ -110,6 +110,7 @@ class Session:
         self.active: str = gp.BASE
         self.adapters: dict[str, Path] = {}
         self.eos_ids: list[int] = []
+        self.token_chars = 0  # the longest token's text in characters: bounds a prompt's length before tokenising
 
     # load / unload ---------------------------------------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class Session:
         self.base, self.tokenizer, self.device = model, tokenizer, device
         self.context_length = info.context_length or int(getattr(tokenizer, "model_max_length", 0) or 0)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.token_chars = _longest_token_chars(tokenizer)
         return gp.Loaded(
             id=req.id,
             model=req.model,
@@ -295,16 +297,38 @@ class Session:
         text = "\n".join(t.content if t.role == "user" else f"{t.role}: {t.content}" for t in turns)
         return list(tok(text)["input_ids"])
 
+    def _check_prompt_length(self, req: gp.Generate | gp.BatchPrompt, which: str = "") -> None:
+        """Refuse, before tokenising it, a prompt too long in characters for the model's context to hold.
+
+        Each token covers at most ``token_chars`` characters of text, so a prompt of more than context length x
+        ``token_chars`` characters is over the context whatever its tokens (tokenising it would only cost memory:
+        a 40 MB prompt grew the worker by gigabytes).
+        """
+        if not self.context_length or not self.token_chars:
+            return
+        chars = len(req.prompt) + sum(len(t.role) + len(t.content) for t in req.messages)
+        most = self.context_length * self.token_chars
+        if chars > most:
+            raise GenerationError(
+                "context",
+                f"{which}the prompt is {chars:,} characters: far more than the model's context of "
+                f"{self.context_length:,} tokens holds (at most {most:,} characters fit): shorten the prompt or the "
+                "conversation",
+            )
+
     # generation ------------------------------------------------------------------------------------------------
 
     def generate(self, req: gp.Generate, emit: Emit, cancel: threading.Event | None = None) -> gp.Generated:
         """Stream ``req``'s candidates through ``emit`` (deltas, then one Done each); return the final reply."""
         self._need_model()
+        self._check_prompt_length(req)
         return self._generate(req, [req], [self.prompt_ids(req)], emit, cancel)
 
     def generate_batch(self, req: gp.GenerateBatch, emit: Emit, cancel: threading.Event | None = None) -> gp.Generated:
         """Stream the candidates of every prompt of ``req``, decoded as one batch; return the final reply."""
         self._need_model()
+        for i, p in enumerate(req.prompts):
+            self._check_prompt_length(p, f"prompt {i + 1}: " if len(req.prompts) > 1 else "")
         ids = [self.prompt_ids(p, req.raw) for p in req.prompts]
         return self._generate(req, list(req.prompts), ids, emit, cancel)
 
@@ -385,6 +409,16 @@ def _strip_adapter_layers(model) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters of text one token of ``tokenizer`` stands for: its longest vocabulary entry (a byte-level
+    entry writes each byte as one character, so the text it decodes to is no longer); 0 when the vocabulary cannot
+    be read (no bound then)."""
+    try:
+        return max((len(t) for t in tokenizer.get_vocab()), default=0)
+    except Exception:
+        return 0
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -3,7 +3,8 @@
 Two threads. The reader thread parses stdin's lines: a malformed line is answered at once with an error, a
 cancel sets the running request's flag (or drops a queued one) and is answered at once, everything else is
 queued. The main thread serves the queue one request at a time. End of stdin (the caller went away) or a
-shutdown request cancels what runs and ends the process.
+shutdown request cancels what runs and ends the process. A line longer than the protocol's ``MAX_LINE_BYTES`` is
+answered with an error and skipped without being held in memory; no line, however malformed, ends the reader.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import traceback
 from finetune_studio.core.protocol import generation as gp
 
 log = logging.getLogger("engine.generate.serve")
+
+
+def _ends_line(chunk: str | bytes) -> bool:
+    return chunk[-1:] in ("\n", b"\n")
 
 
 def default_threads() -> int:
@@ -64,25 +69,67 @@ class Worker:
     # reader thread ---------------------------------------------------------------------------------------------
 
     def read(self, stdin) -> None:
-        for raw in stdin:
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                req = gp.parse_request(line)
-            except gp.ProtocolError as exc:
-                self.emit(gp.Error(id=gp.request_id_of(line), message=f"bad request: {exc}", kind="bad_request"))
-                continue
-            if isinstance(req, gp.Cancel):
-                self.emit(gp.Cancelled(id=req.id, target=req.target, found=self._cancel(req.target)))
-                continue
-            if isinstance(req, gp.Shutdown):
-                self._cancel_all(closing=True)
-            with self.lock:
-                self.queued.add(req.id)
-            self.queue.put(req)
-        self._cancel_all(closing=True)
-        self.queue.put(None)
+        """Read request lines until end of input (text or bytes lines; at most :data:`gp.MAX_LINE_BYTES` each).
+
+        Whatever one line holds, the loop goes on: a line that cannot be parsed (for whatever reason) is answered
+        with an Error, and a line over the limit is answered with an Error and skipped unread. When input ends (or
+        this loop fails), what runs is cancelled and the main thread is told to end.
+        """
+        limit = gp.MAX_LINE_BYTES
+        try:
+            while True:
+                raw = stdin.readline(limit + 1)
+                if not raw:
+                    break
+                if len(raw) > limit and not _ends_line(raw):
+                    rid = gp.request_id_of(raw)
+                    del raw
+                    ended = self._skip_line(stdin, limit)
+                    message = (
+                        f"bad request: the line is longer than {limit // 2**20} MiB ({limit:,} bytes), the most a "
+                        f"request may be; it was not read (shorten the prompts, or send fewer per request)"
+                    )
+                    self.emit(gp.Error(id=rid, message=message, kind="bad_request"))
+                    if not ended:
+                        break
+                    continue
+                try:
+                    self._take(raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw)
+                except Exception as exc:  # never let one line end the reader: the worker would go deaf
+                    log.error("could not take a request line:\n%s", traceback.format_exc())
+                    self.emit(gp.Error(id="", message=f"bad request: {type(exc).__name__}", kind="bad_request"))
+        finally:
+            self._cancel_all(closing=True)
+            self.queue.put(None)
+
+    @staticmethod
+    def _skip_line(stdin, limit: int) -> bool:
+        """Read and drop the rest of a line, ``limit`` at a time; False when input ended first."""
+        while True:
+            chunk = stdin.readline(limit)
+            if not chunk:
+                return False
+            if _ends_line(chunk):
+                return True
+
+    def _take(self, raw: str) -> None:
+        line = raw.strip()
+        if not line:
+            return
+        try:
+            req = gp.parse_request(line)
+        except Exception as exc:  # a ProtocolError names the problem; anything else is still a bad line
+            message = str(exc) if isinstance(exc, gp.ProtocolError) else f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.emit(gp.Error(id=gp.request_id_of(line), message=f"bad request: {message}", kind="bad_request"))
+            return
+        if isinstance(req, gp.Cancel):
+            self.emit(gp.Cancelled(id=req.id, target=req.target, found=self._cancel(req.target)))
+            return
+        if isinstance(req, gp.Shutdown):
+            self._cancel_all(closing=True)
+        with self.lock:
+            self.queued.add(req.id)
+        self.queue.put(req)
 
     def _cancel(self, target: str) -> bool:
         with self.lock:
@@ -167,7 +214,8 @@ class Worker:
 
 
 def serve(stdin, stream, threads: int = 0) -> int:
-    """Serve requests from ``stdin`` (text lines) with replies on ``stream`` until shutdown or end of input."""
+    """Serve requests from ``stdin`` (a binary or text stream of lines) with replies on ``stream`` until shutdown or
+    end of input."""
     import torch
 
     threads = threads or default_threads()
@@ -185,5 +233,5 @@ def serve(stdin, stream, threads: int = 0) -> int:
 
 
 def main(threads: int, stream) -> int:
-    stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)
+    stdin = open(sys.stdin.fileno(), "rb", closefd=False)  # bytes: the line limit counts bytes; decoded per line
     return serve(stdin, stream, threads)
