@@ -35,6 +35,63 @@ def runs_dir() -> Path:
     return path
 
 
+def stored_run_dir(folder: str | Path, home: Path | None = None) -> str:
+    """How the database records a path of a run (its folder, its adapter): relative to the data home when it lies
+    inside it (``runs/<id>``), so that a copied or moved home still finds its runs; absolute otherwise."""
+    folder = Path(folder)
+    home = data_dir() if home is None else home
+    try:
+        return folder.resolve().relative_to(home.resolve()).as_posix()
+    except ValueError:
+        return str(folder)
+
+
+def resolve_run_dir(stored: str, run_id: str, home: Path | None = None) -> str:
+    """The run folder the database's ``run_dir`` means in the data home ``home`` (default :func:`data_dir`).
+
+    A relative value is read from the home. An absolute one written by an older app (or in a home since copied or
+    moved) that lies outside the home reads as ``<home>/runs/<run id>`` when that folder exists: the copy's run, not
+    the old home's. Any other absolute value (a run kept elsewhere) is the stored one. '' stays ''."""
+    if not stored:
+        return stored
+    home = data_dir() if home is None else home
+    path = Path(stored)
+    if not path.is_absolute():
+        return str(home / path)
+    if not run_id or Path(run_id).name != run_id or run_id in (".", ".."):
+        return stored
+    here = home / "runs" / run_id
+    if here.is_dir() and not _inside(path, home):
+        return str(here)
+    return stored
+
+
+def resolve_in_run(stored: str, stored_run_dir: str, run_dir: str, home: Path | None = None) -> str:
+    """A path of a run (its adapter, its best checkpoint) as the database records it, in the run folder ``run_dir``
+    that :func:`resolve_run_dir` found for the stored ``stored_run_dir``: relative values are read from the home,
+    absolute ones inside the stored run folder move with it. '' stays ''."""
+    if not stored:
+        return stored
+    home = data_dir() if home is None else home
+    path = Path(stored)
+    if not path.is_absolute():
+        return str(home / path)
+    if stored_run_dir and Path(stored_run_dir).is_absolute():
+        try:
+            return str(Path(run_dir) / path.relative_to(stored_run_dir))
+        except ValueError:
+            pass
+    return stored
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def models_dir() -> Path:
     """Converted models (GGUF imports, the bundled default) live here."""
     path = data_dir() / "models"

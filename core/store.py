@@ -544,9 +544,14 @@ class Store:
             return run
         p = Path(ref)
         if p.exists():
-            rows = list(self.db["runs"].rows_where("run_dir = ?", [str(p.resolve())]))
+            folder = p.resolve()
+            stored = [str(folder), paths.stored_run_dir(folder, self.path.parent)]
+            rows = list(self.db["runs"].rows_where("run_dir in (?, ?)", stored))
             if rows:
                 return self._record(rows[0])
+            moved = self.get_run(folder.name)  # a copied or moved home's run, recorded by its old folder
+            if moved is not None and Path(moved.run_dir).resolve() == folder:
+                return moved
         rows = list(self.db["runs"].rows_where("id like ?", [ref + "%"], limit=2))
         return self._record(rows[0]) if len(rows) == 1 else None
 
@@ -554,14 +559,22 @@ class Store:
         where, args = ("status = ?", [status]) if status else (None, [])
         return [self._record(r) for r in self.db["runs"].rows_where(where, args, order_by=order_by)]
 
-    @staticmethod
-    def _record(row: dict[str, Any]) -> RunRecord:
+    def _record(self, row: dict[str, Any]) -> RunRecord:
         """The row as a record. A run marked running whose process is gone was interrupted (crash, kill, power cut);
-        a status this app does not know (a newer app's) reads as interrupted too."""
+        a status this app does not know (a newer app's) reads as interrupted too. The run's folders are read from
+        the data home beside the database (core.paths.resolve_run_dir: a copied or moved home finds its own)."""
         status = parse_status(row.get("status") or RunStatus.CREATED) or RunStatus.INTERRUPTED
         if status == RunStatus.RUNNING and not pid_alive(row.get("pid"), row.get("pid_start")):
             status = RunStatus.INTERRUPTED
-        return RunRecord.from_row({**row, "status": status})
+        home = self.path.parent
+        stored_dir = row.get("run_dir") or ""
+        run_dir = paths.resolve_run_dir(stored_dir, str(row.get("id") or ""), home)
+        folders = {
+            name: paths.resolve_in_run(row.get(name) or "", stored_dir, run_dir, home)
+            for name in ("adapter_dir", "best_checkpoint")
+            if name in row
+        }
+        return RunRecord.from_row({**row, "status": status, "run_dir": run_dir, **folders})
 
     def run_config(self, run_id: str) -> dict[str, Any]:
         run = self.get_run(run_id)

@@ -133,7 +133,10 @@ def train_run(
         run_dir = paths.runs_dir() / run_id
         run_dir.mkdir(parents=True)
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
-        store.create_run(config.to_dict(), run_id=run_id, run_dir=str(run_dir), name=config.display_name)
+        # recorded relative to the data home (runs/<id>): a copied or moved home still finds the run's folder
+        store.create_run(
+            config.to_dict(), run_id=run_id, run_dir=paths.stored_run_dir(run_dir), name=config.display_name
+        )
     if main:
         assert run_id is not None and run_dir is not None
         reporter.attach_run(store, run_id, run_dir)
@@ -619,7 +622,7 @@ class Recipe:
                         self.run_id,
                         best_step=self.step,
                         best_eval_loss=eval_loss,
-                        best_checkpoint=str(self.early.best_dir),
+                        best_checkpoint=paths.stored_run_dir(self.early.best_dir),
                     )
                 extra.update(best_eval_loss=self.early.best_eval_loss, best_step=self.early.best_step, is_best=is_best)
             self.reporter.emit(ev.Eval(step=self.step, eval_loss=eval_loss, **extra))
@@ -671,14 +674,8 @@ class Recipe:
         if note:
             self.reporter.log(note)
         self.record_peak()
-        self.store.update_run(
-            self.run_id,
-            status=status,
-            finished_at=time.time(),
-            step=self.step,
-            final_loss=last_loss,
-            adapter_dir=str(adapter_dir or ""),
-        )
+        # The finished event (events.jsonl) before the store's status: a kill between the two leaves a run the store
+        # reads as interrupted (resumable) with its events complete, never 'completed' with no finished event.
         self.reporter.emit(
             ev.Finished(
                 run_id=self.run_id,
@@ -690,6 +687,14 @@ class Recipe:
                 best_step=self.early.best_step if self.early.best_dir else None,
                 stopped_early=stopped_early,
             )
+        )
+        self.store.update_run(
+            self.run_id,
+            status=status,
+            finished_at=time.time(),
+            step=self.step,
+            final_loss=last_loss,
+            adapter_dir=paths.stored_run_dir(adapter_dir) if adapter_dir else "",
         )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
 
