@@ -3,10 +3,11 @@
     python -m finetune_studio.engine data inspect FILE [--json] [--model MODEL] [--max-length N] [--mapping JSON]
                                        [--loss-on assistant|all] [--row N] [--trust-remote-code]
     python -m finetune_studio.engine data convert FILE OUT --to trl|trl-conversational|llama-factory|messages
-                                        [--mapping JSON]
+                                        [--mapping JSON] [--force]
 
 ``inspect`` prints the detected format and kind, the usable rows, every problem (with its line), token statistics
 under the model's tokenizer and one example rendered exactly as training sees it, trained parts marked.
+``convert`` never replaces an existing OUT unless ``--force``; OUT only ever holds a complete file.
 ``--json`` prints exactly one JSON line on stdout (logs go to stderr): a ``dataset_report`` event
 (:class:`core.protocol.dataset_report.DatasetReport`; ``convert``: ``DatasetConverted``), or a ``failed`` event when
 the data cannot be used. Exit status: 0 when the data is usable (problems or not), 1 when it is not, 2 for a usage
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", required=True, choices=TARGETS)
     conv.add_argument("--mapping", help="column/role mapping as JSON text or a .json file")
     conv.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    conv.add_argument("--force", action="store_true", help="replace OUT when it exists")
     conv.set_defaults(func=cmd_convert)
     return parser
 
@@ -210,8 +212,13 @@ def _example(example, args, tokenizer, log: ProblemLog) -> ExamplePreview:
 
 
 def cmd_convert(args) -> int:
-    if Path(args.out).exists() and Path(args.out).resolve() == Path(args.file).resolve():
+    out = Path(args.out)
+    if out.exists() and out.resolve() == Path(args.file).resolve():
         raise DatasetError("OUT must be a different file from FILE")
+    if out.is_dir():
+        raise DatasetError(f"{out} is a folder: give the name of the file to write, e.g. {out / 'converted.jsonl'}")
+    if (out.exists() or out.is_symlink()) and not args.force:
+        raise DatasetError(f"{out} already exists: give a new file name, or add --force to replace it")
     stream = open_dataset(args.file, _mapping(args.mapping))
     log = ProblemLog()
     try:

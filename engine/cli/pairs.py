@@ -2,13 +2,14 @@
 
     python -m finetune_studio.engine pairs import FILE [--mapping JSON] [--json]
     python -m finetune_studio.engine pairs export OUT_DIR --format trl|trl-conversational|llama-factory
-                                                 [--snapshot ID] [--json]
+                                                 [--snapshot ID] [--json] [--force]
     python -m finetune_studio.engine pairs stats [--json]
 
 ``import`` reads every preference layout the dataset readers know (TRL, TRL conversational, HH, UltraFeedback,
 LLaMA-Factory ranking, chosen/rejected messages...) and adds the pairs; pairs already in the store are not added
 again. ``export`` freezes the store's pairs as a snapshot (its id is printed, and ``dataset: pairs:<id>`` trains on
-exactly those pairs) and writes them for TRL or LLaMA-Factory (with its ``dataset_info.json``). Ties, both-bad and
+exactly those pairs) and writes them for TRL or LLaMA-Factory (with its ``dataset_info.json``) into a new or empty
+folder or a previous pairs export (another folder only with ``--force``). Ties, both-bad and
 skipped comparisons have no preferred side: they are left out, and the export says how many. Exit status: 0 on
 success, 1 when the input cannot be used, 2 for a usage error.
 
@@ -37,6 +38,8 @@ from finetune_studio.engine.datasets.problems import ProblemLog
 from finetune_studio.engine.datasets.schema import DatasetError
 
 EXPORT_FORMATS = ("trl", "trl-conversational", "llama-factory")
+# What an export folder holds (a previous export, and only that, is replaced without --force).
+EXPORT_FILES = frozenset({"pairs.json", "pairs.jsonl", "dataset_info.json", "snapshot.json"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     exp.add_argument("--snapshot", default="latest", help="an earlier snapshot's id (default: the store now)")
     exp.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    exp.add_argument("--force", action="store_true", help="write into a folder that holds other files")
     exp.set_defaults(func=cmd_export)
     st = sub.add_parser("stats", help="prompts, candidates, decisions, pairs and snapshots in the store")
     st.add_argument("--json", action="store_true")
@@ -104,14 +108,15 @@ def cmd_import(args, store: Store) -> int:
 
 
 def cmd_export(args, store: Store) -> int:
+    out = Path(args.out_dir).expanduser()
+    name = "pairs.json" if args.format == "llama-factory" else "pairs.jsonl"
+    previous = _check_export_folder(out, name, args.force)  # before a snapshot is taken
     prefs = store.preferences
     snap = resolve_snapshot(prefs, args.snapshot)
     pairs = prefs.snapshot_pairs(snap.id)
     if not pairs:
         raise DatasetError("the preference store holds no pairs to export" + left_out_note(snap.left_out, "; "))
-    out = Path(args.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    name = "pairs.json" if args.format == "llama-factory" else "pairs.jsonl"
     log = ProblemLog()
     written = write_examples((pair_to_example(p, i + 1) for i, p in enumerate(pairs)), out / name, args.format, log)
     if args.format == "llama-factory":
@@ -128,6 +133,10 @@ def cmd_export(args, store: Store) -> int:
     )
     # snapshot.json keeps the manifest's plain fields, as it always had them (no protocol version or type)
     paths.atomic_write_text(out / "snapshot.json", json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+    if previous:  # the earlier export's files this one did not write (another format's) would read as current
+        kept = {name, "snapshot.json"} | ({"dataset_info.json"} if args.format == "llama-factory" else set())
+        for stale in EXPORT_FILES - kept:
+            (out / stale).unlink(missing_ok=True)
     if args.json:
         print(manifest.to_json())
         return 0
@@ -138,6 +147,39 @@ def cmd_export(args, store: Store) -> int:
         print(f"  {n} pairs not written: {reason}")
     print(f"train on exactly these pairs with  dataset: pairs:{snap.id}")
     return 0
+
+
+def _check_export_folder(out: Path, name: str, force: bool) -> bool:
+    """Whether ``out`` holds a previous pairs export (replaced as a whole). A folder holding other files is refused
+    unless ``force`` (then only the export's own file names in it are replaced); a file is always refused."""
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a folder: give a new or empty folder for the export")
+    if not out.is_dir():
+        return False
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return False
+    if _is_pairs_export(out, present):
+        return True
+    if force:
+        return False
+    shown = ", ".join(sorted(present)[:5]) + (", ..." if len(present) > 5 else "")
+    raise DatasetError(
+        f"{out} already holds files that are not a pairs export ({shown}); choose a new or empty folder (or an "
+        f"earlier pairs export, which is replaced), or add --force to write {name} and snapshot.json into it "
+        "(files of those names are replaced, the others left as they are)"
+    )
+
+
+def _is_pairs_export(out: Path, present: set[str]) -> bool:
+    """A folder this command wrote: only an export's files, with a snapshot.json that reads as its manifest."""
+    if "snapshot.json" not in present or not present <= EXPORT_FILES:
+        return False
+    try:
+        manifest = json.loads((out / "snapshot.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"snapshot", "format", "file"} <= manifest.keys()
 
 
 def cmd_stats(args, store: Store) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -196,11 +197,13 @@ def write_examples(examples: Iterable, out: str | Path, target: str, log: Proble
         raise ValueError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     convert = CONVERTERS[target]
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    # a fresh name in the target folder, created by this call alone (O_EXCL, never through a planted symlink)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    tmp = Path(tmp_name)
     as_list = target == "llama-factory"
     written = 0
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        with open(fd, "w", encoding="utf-8", newline="\n") as fh:
             if as_list:
                 fh.write("[")
             for ex in examples:

@@ -67,8 +67,8 @@ def _dicts(ds, keep_train: bool = True):
     return out
 
 
-def _convert(capsys, src, out, target) -> tuple[int, dict]:
-    code = main(["convert", str(src), str(out), "--to", target, "--json"])
+def _convert(capsys, src, out, target, *extra: str) -> tuple[int, dict]:
+    code = main(["convert", str(src), str(out), "--to", target, "--json", *extra])
     captured = capsys.readouterr()
     return code, json.loads(captured.out) if captured.out.strip() else {}
 
@@ -127,7 +127,7 @@ def test_rows_the_target_cannot_express_are_reported(tmp_path, capsys):
     src.write_text(json.dumps(DATA["sft"]))  # multi-turn: not expressible as TRL strings
     out = tmp_path / "out.jsonl"
     out.write_text("previous content\n")
-    code, _ = _convert(capsys, src, out, "trl")
+    code, _ = _convert(capsys, src, out, "trl", "--force")  # replacing allowed: the conversion itself fails
     assert code == 1
     assert out.read_text() == "previous content\n"  # untouched: never a half-written file
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
@@ -136,7 +136,7 @@ def test_rows_the_target_cannot_express_are_reported(tmp_path, capsys):
     mixed.write_text(
         json.dumps(DATA["sft"] + [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
     )
-    code, summary = _convert(capsys, mixed, out, "trl")
+    code, summary = _convert(capsys, mixed, out, "trl", "--force")
     assert code == 0 and summary["rows_written"] == 1
     assert [p["level"] for p in summary["problems"]] == ["dropped", "dropped"]
     assert "use --to trl-conversational" in summary["problems"][0]["message"]

@@ -1,0 +1,94 @@
+"""A person's files under faults (issue 22, item 7): exports that would overwrite them, shell lines smuggled into a
+SLURM script, a lone surrogate in a data file, a damaged database, the order of a run's last records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine_helpers import tiny_config, write_sft
+
+from finetune_studio.core.store import Store
+from finetune_studio.engine.cli import data as data_cli
+from finetune_studio.engine.cli import pairs as pairs_cli
+
+
+def _store_with_pairs(n: int = 3) -> None:
+    store = Store()
+    store.add_pairs([{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"not {i}"} for i in range(n)])
+    store.close()
+
+
+# --- pairs export and data convert never replace a person's files ---------------------------------------------
+
+
+def test_pairs_export_refuses_a_folder_of_someone_elses_files_unless_forced(tmp_path, capsys):
+    _store_with_pairs()
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "pairs.jsonl").write_text("my own data\n")
+    (folder / "notes.txt").write_text("keep me\n")
+    assert pairs_cli.main(["export", str(folder), "--format", "trl"]) == 1
+    err = capsys.readouterr().err
+    assert str(folder) in err and "--force" in err and "empty folder" in err
+    assert (folder / "pairs.jsonl").read_text() == "my own data\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "pairs.jsonl"]
+    assert pairs_cli.main(["export", str(folder), "--format", "trl", "--force"]) == 0
+    assert len((folder / "pairs.jsonl").read_text().splitlines()) == 3
+    assert (folder / "notes.txt").read_text() == "keep me\n"
+
+
+def test_pairs_export_replaces_its_own_previous_export(tmp_path):
+    _store_with_pairs()
+    folder = tmp_path / "export"
+    assert pairs_cli.main(["export", str(folder), "--format", "trl"]) == 0
+    assert pairs_cli.main(["export", str(folder), "--format", "llama-factory"]) == 0  # no --force needed
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["dataset_info.json", "pairs.json", "snapshot.json"]  # the trl file of the first is gone
+    assert json.loads((folder / "snapshot.json").read_text())["format"] == "llama-factory"
+
+
+def test_pairs_export_refuses_a_file_given_as_the_folder(tmp_path, capsys):
+    _store_with_pairs()
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    assert pairs_cli.main(["export", str(target), "--format", "trl", "--json"]) == 1
+    assert "not a folder" in json.loads(capsys.readouterr().out.splitlines()[-1])["message"]
+    assert target.read_text() == "x"
+
+
+def test_data_convert_refuses_an_existing_out_unless_forced(tmp_path, capsys):
+    data = write_sft(tmp_path / "d.jsonl", n=4)
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    assert data_cli.main(["convert", str(data), str(out), "--to", "trl"]) == 1
+    err = capsys.readouterr().err
+    assert str(out) in err and "--force" in err
+    assert out.read_text() == "precious\n"
+    assert data_cli.main(["convert", str(data), str(out), "--to", "trl", "--force"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+# --- the last records of a run ---------------------------------------------------------------------------------
+
+
+def test_the_finished_event_is_written_before_the_store_says_completed(tmp_path, tiny_model_dir):
+    """A kill between the two writes must never leave 'completed' with no finished event in events.jsonl."""
+    from finetune_studio.engine.train.recipe import train_run
+    from finetune_studio.engine.train.reporting import Reporter
+
+    seen = {}
+
+    def listener(event):  # called after the event reached events.jsonl
+        if event.type == "finished":
+            run = Store().get_run(event.run_id)
+            seen["status"] = run.status.value
+            lines = (Path(run.run_dir) / "events.jsonl").read_text().splitlines()
+            seen["last"] = json.loads(lines[-1])["type"]
+
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=1)
+    result = train_run(config, reporter=Reporter(extra=listener))
+    assert seen["last"] == "finished"
+    assert seen["status"] != "completed"  # the store said completed only after the event was on disk
+    assert Store().get_run(result.run_id).status.value == "completed"
