@@ -105,3 +105,32 @@ def test_bfloat16_is_refused_and_the_default_keeps_the_update(gently_trained, st
             merged_answer = merged.generate(**ids, max_new_tokens=12, do_sample=False)
         assert (got.argmax(-1) == want.argmax(-1)).all() and (got - want).abs().max() < 0.05
         assert merged_answer.tolist() == answer.tolist()
+
+
+def test_the_dtype_rule_on_updates_of_known_size():
+    """At 0.5, bfloat16's spacing is 2**-8 and float16's 2**-11: an update of 1e-3 survives float16 only, one of
+    1e-4 neither; weights beyond 65504 overflow float16."""
+    from finetune_studio.engine.export.build import UpdateRounding, choose_dtype
+
+    base = torch.full((40, 25), 0.5)
+    medium = UpdateRounding()
+    medium.add("layer.a", base, base + 1e-3)
+    medium.add("layer.b", base, base.clone())  # untouched: no changed weights, nothing to lose
+    assert medium.kept_share("bfloat16") == 0.0 and medium.kept_share("float16") == 1.0
+    assert choose_dtype("auto", medium) == "float16" and choose_dtype("float32", medium) == "float32"
+    with pytest.raises(ExportError, match=r"removes the update from 100\.0% of the weights it changed.*Choose float16"):
+        choose_dtype("bfloat16", medium)
+
+    tiny = UpdateRounding()
+    tiny.add("layer.a", base, base + 1e-3)
+    tiny.add("layer.b", base, base + 1e-4)  # one layer losing its update is enough to refuse
+    assert tiny.worst_layer("float16") == ("layer.b", 0.0) and tiny.kept_share("float16") == 0.5
+    assert choose_dtype("auto", tiny) == "float32"
+    with pytest.raises(ExportError, match=r"in layer\.b, 100\.0%.*Choose float32"):
+        choose_dtype("float16", tiny)
+
+    large = UpdateRounding()
+    large.add("layer.a", torch.full((4,), 7e4), torch.full((4,), 7e4 + 64))
+    assert large.beyond_float16 == 4 and choose_dtype("auto", large) == "float32"
+    report = large.report("float32", "auto")
+    assert report["kept"]["float32"] == 1.0 and report["layers"]["layer.a"]["changed"] == 4
