@@ -4,8 +4,11 @@ SLURM script, a lone surrogate in a data file, a damaged database, the order of 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from engine_helpers import tiny_config, write_sft
 
 from finetune_studio.core.store import Store
@@ -92,3 +95,36 @@ def test_the_finished_event_is_written_before_the_store_says_completed(tmp_path,
     assert seen["last"] == "finished"
     assert seen["status"] != "completed"  # the store said completed only after the event was on disk
     assert Store().get_run(result.run_id).status.value == "completed"
+
+
+# --- the SLURM script: a value is one value, never a shell line ----------------------------------------------
+
+
+def _slurm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "slurm", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("option", ["--job-name", "--partition", "--time", "--home"])
+def test_a_line_break_in_a_slurm_option_is_refused(tmp_path, option):
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    out = _slurm(str(config), option, "x\ntouch /tmp/owned")
+    assert out.returncode == 2 and out.stdout == ""
+    assert option.removeprefix("--").replace("-", " ") in out.stderr and "line break" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_slurm_values_with_spaces_stay_one_value(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    out = _slurm(str(config), "--job-name", "my run; rm -rf ~", "--partition", "gpu,debug")
+    assert out.returncode == 0, out.stderr
+    assert '#SBATCH --job-name="my run; rm -rf ~"' in out.stdout.splitlines()
+    assert "#SBATCH --partition=gpu,debug" in out.stdout.splitlines()
+    refused = _slurm(str(config), "--partition", "gpu --exclusive")
+    assert refused.returncode == 2 and "partition" in refused.stderr
