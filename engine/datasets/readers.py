@@ -158,7 +158,58 @@ def read_jsonl(path: Path, log: ProblemLog) -> Iterator[Row]:
                 kind="lines that are not JSON objects",
             )
             continue
+        if _may_hold_surrogate(line) and _dropped_for_surrogate(value, lineno, str(path), log):
+            continue
         yield Row(value, lineno, str(path))
+
+
+def _may_hold_surrogate(text: str) -> bool:
+    """Whether JSON text may decode to a lone surrogate: only a ``\\uD800``-``\\uDFFF`` escape makes one (decoded
+    UTF-8 never holds one)."""
+    return "\\ud" in text or "\\uD" in text
+
+
+def _lone_surrogate(value, where: str = "") -> tuple[str, str] | None:
+    """The first lone surrogate in ``value``'s strings (keys too): (where, as an escape), or None."""
+    if isinstance(value, str):
+        for c in value:
+            if "\ud800" <= c <= "\udfff":
+                return where or "a value", f"\\u{ord(c):04x}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, f"a field name ({where or 'the row'})") or _lone_surrogate(
+                item, f"{where}.{key}" if where else f"'{key}'"
+            )
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where or 'the row'}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _dropped_for_surrogate(value: dict, line: int | None, file: str, log: ProblemLog) -> bool:
+    """Drop (and record) a row holding a lone surrogate: half of a UTF-16 pair is no character, and a tokenizer or
+    the database refuses the text."""
+    try:
+        found = _lone_surrogate(value)
+    except RecursionError:
+        log.drop(NESTED, line, file=file, kind="lines nested too deeply")
+        return True
+    if found is None:
+        return False
+    where, escape = found
+    log.drop(
+        f"{where} holds the escape {escape}, half of a UTF-16 surrogate pair without its other half (no character); "
+        "fix or remove it",
+        line,
+        file=file,
+        kind="rows holding a lone surrogate escape",
+    )
+    return True
 
 
 def _json_type(value) -> str:
@@ -276,7 +327,8 @@ def _json_list(src: _JsonText, pos: int, log: ProblemLog) -> Iterator[Row]:
         value, end = _decode_at(src, pos)
         index += 1
         if isinstance(value, dict):
-            yield Row(value, line, str(src.path))
+            if not (_may_hold_surrogate(src.buf[pos:end]) and _dropped_for_surrogate(value, line, str(src.path), log)):
+                yield Row(value, line, str(src.path))
         elif index == 1:
             raise DatasetError(
                 f'{name}: expected a list of objects like {{"instruction": ..., "output": ...}}, '
@@ -319,7 +371,8 @@ def _single_object(path: Path, value: dict, log: ProblemLog) -> Iterator[Row]:
                 f"{path.name} is one object; read the list under '{key}' (row numbers are list positions)", level="note"
             )
             for i, row in enumerate(rows, 1):
-                yield Row(row, i, str(path))
+                if not _dropped_for_surrogate(row, i, str(path), log):
+                    yield Row(row, i, str(path))
             return
     raise DatasetError(
         f"{path.name} holds a single JSON object, not a list of objects: wrap the rows in "

@@ -128,3 +128,34 @@ def test_slurm_values_with_spaces_stay_one_value(tmp_path):
     assert "#SBATCH --partition=gpu,debug" in out.stdout.splitlines()
     refused = _slurm(str(config), "--partition", "gpu --exclusive")
     assert refused.returncode == 2 and "partition" in refused.stderr
+
+
+# --- a lone surrogate escape drops its row, not the file --------------------------------------------------------
+
+SURROGATE_ROW = '{"prompt": "\\ud800 half a pair", "chosen": "c", "rejected": "r"}'
+
+
+def _surrogate_file(path: Path, as_list: bool = False) -> Path:
+    rows = [json.dumps({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}) for i in range(3)]
+    rows.insert(1, SURROGATE_ROW)
+    path.write_text(("[\n" + ",\n".join(rows) + "\n]\n") if as_list else "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["jsonl", "json-list"])
+def test_a_lone_surrogate_is_a_problem_of_its_line(tmp_path, tiny_model_dir, capsys, as_list):
+    data = _surrogate_file(tmp_path / ("d.json" if as_list else "d.jsonl"), as_list)
+    assert data_cli.main(["inspect", str(data), "--model", str(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["type"] == "dataset_report" and report["rows"] == 3
+    (problem,) = [p for p in report["problems"] if p["level"] == "dropped"]
+    assert problem["line"] == (3 if as_list else 2)
+    assert "\\ud800" in problem["message"] and "prompt" in problem["message"]
+
+
+def test_pairs_import_keeps_the_other_rows_of_a_file_with_a_lone_surrogate(tmp_path, capsys):
+    data = _surrogate_file(tmp_path / "pairs.jsonl")
+    assert pairs_cli.main(["import", str(data), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["added"] == 3 and sum(summary["dropped"].values()) == 1
+    assert len(Store().pairs()) == 3
