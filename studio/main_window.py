@@ -19,6 +19,7 @@ from finetune_studio.studio.services.generation_worker import GenerationWorker
 from finetune_studio.studio.services.jobs import EngineJob
 from finetune_studio.studio.services.run_controller import RunController
 from finetune_studio.studio.state.run import MemoryState, RunState
+from finetune_studio.studio.state.run_labels import run_label
 from finetune_studio.studio.state.settings import Settings
 from finetune_studio.studio.state.setup import SetupState
 from finetune_studio.studio.widgets.export_dialog import ExportDialog, ExportOptionsDialog
@@ -173,13 +174,19 @@ class MainWindow(QMainWindow):
         """From the annotate page: Set up with the DPO objective on the store's pairs, from the candidates' adapter."""
         self.setup_state.load(config)
         self.tabs.setCurrentIndex(SETUP)
-        start = f" from {config['init_adapter']}" if config.get("init_adapter") else ""
+        start = f" from {self._run_named(config['init_adapter'])}" if config.get("init_adapter") else ""
         self.statusBar().showMessage(f"DPO on {config['dataset']}{start}: check the settings and press Start.", 8000)
+
+    def _run_named(self, ref: str) -> str:
+        """A run (``RUN`` or ``RUN:checkpoint``) as a person knows it: by its name; other references as they are."""
+        run_id, colon, part = ref.partition(":")
+        run = self.controller.store.get_run(run_id) if run_id else None
+        return (run_label(run) + (f" ({part})" if colon else "")) if run is not None else ref
 
     def export_run(self, run_id: str) -> None:
         """One click: the adapter, checked, in the data directory's exports/ folder."""
         if run_id:
-            self.statusBar().showMessage(f"Exporting {run_id}…")
+            self.statusBar().showMessage(f"Exporting {self._run_named(run_id)}…")
             self.export_dialog.start(run_id)
 
     def choose_export_options(self, run_id: str):
@@ -191,7 +198,7 @@ class MainWindow(QMainWindow):
     def export_run_as(self, run_id: str) -> None:
         options = self.choose_export_options(run_id) if run_id else None
         if options is not None:
-            self.statusBar().showMessage(f"Exporting {run_id}…")
+            self.statusBar().showMessage(f"Exporting {self._run_named(run_id)}…")
             self.export_dialog.start(run_id, options)
 
     def _exported(self, result) -> None:

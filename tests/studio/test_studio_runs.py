@@ -129,8 +129,12 @@ def test_one_click_export_shows_progress_verdict_path_and_open_folder(qtbot, win
         calls,
     )
     win.runs_page.select_ids([ids[0]])
+    said: list[str] = []
+    win.statusBar().messageChanged.connect(said.append)
     with qtbot.waitSignal(win.export_job.done, timeout=20_000):
         win.runs_page.export_button.click()
+    name = win.controller.store.get_run(ids[0]).name
+    assert name and name != ids[0] and f"Exporting {name}…" in said  # the run by its name, not its id
     assert dialog.isVisible() and "passed - adapter: same answer" in dialog.verdict.text()
     assert dialog.path.text() == str(tmp_path) and dialog.open_button.isVisible()
     assert "Exported and checked" in win.statusBar().currentMessage() and calls[-1] == ["export", "2026-0"]
