@@ -171,14 +171,15 @@ class DatasetPanel(QGroupBox):
             self.job.cancel()
             self.state.set_dataset_info(None)
             return
-        args = ["data", "inspect", path, "--json"]
+        args = ["data", "inspect", "--json"]
         model = str(self.state.values["model"]).strip()
         if model:
-            args += ["--model", model]
+            args.append(f"--model={model}")  # one argument: a model path starting with '-' is still the value
         if str(self.state.values["max_length"]).strip().isdigit():
             args += ["--max-length", str(self.state.values["max_length"]).strip()]
         if self.state.values.get("trust_remote_code") is True:
             args.append("--trust-remote-code")
+        args += ["--", path]  # the path last, after '--': a file named '-h' is a file, not an option
         self.state.set_dataset_info(None, "Checking the dataset…", pending=True)
         self.job.run(*args)
 

@@ -159,3 +159,27 @@ def test_pairs_import_keeps_the_other_rows_of_a_file_with_a_lone_surrogate(tmp_p
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["added"] == 3 and sum(summary["dropped"].values()) == 1
     assert len(Store().pairs()) == 3
+
+
+# --- the dataset panel's check of a file whose name reads as an option ---------------------------------------
+
+
+def test_the_dataset_panels_check_reads_a_file_named_like_an_option(
+    qtbot, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """The panel's arguments, run by the real `data inspect`: a file named ``-h`` is read, not taken for help."""
+    from finetune_studio.studio.state.setup import SetupState
+    from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
+
+    monkeypatch.chdir(tmp_path)
+    write_sft(tmp_path / "-h", n=6)
+    panel = DatasetPanel(SetupState({"dataset": "-h", "model": str(tiny_model_dir)}))
+    qtbot.addWidget(panel)
+    asked: list[tuple[str, ...]] = []
+    panel.job.command = lambda *args: asked.append(args) or [sys.executable, "-c", "pass"]
+    panel.inspect()
+    (args,) = asked
+    assert args[:2] == ("data", "inspect")
+    assert data_cli.main(list(args[1:])) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["type"] == "dataset_report" and report["file"] == "-h" and report["rows"] == 6

@@ -35,7 +35,7 @@ def replay(answers: dict[str, str]):
 
     def argv(*args: str) -> list[str]:
         assert args[:2] == ("data", "inspect") and "--json" in args, args
-        return [sys.executable, "-P", "-c", f"print({answers[args[2]]!r})"]
+        return [sys.executable, "-P", "-c", f"print({answers[args[-1]]!r})"]  # the path comes last, after '--'
 
     return argv
 
