@@ -35,6 +35,7 @@ class TableRecovery:
     unreadable: int = 0
     refused: int = 0
     why: str = ""
+    uncounted: bool = False  # the table's end could not be reached: more rows may be lost than counted
 
     @property
     def complete(self) -> bool:
@@ -43,7 +44,7 @@ class TableRecovery:
     def line(self) -> str:
         lost = []
         if self.unreadable:
-            lost.append(f"{self.unreadable} unreadable")
+            lost.append(f"{'at least ' if self.uncounted else ''}{self.unreadable} unreadable")
         if self.refused:
             lost.append(f"{self.refused} refused by the schema")
         if self.why and not lost:
@@ -179,6 +180,7 @@ def copy_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> 
     insert = f"INSERT OR IGNORE INTO {_quote(table)} ({names}) VALUES ({', '.join('?' * len(columns))})"
     copied = unreadable = refused = 0
     why = ""
+    uncounted = False
     last = -(2**63)  # the last row id read (or passed)
     dst.execute("BEGIN")
     try:
@@ -194,27 +196,41 @@ def copy_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> 
                 except sqlite3.DatabaseError as exc:  # not even its row id: damaged pages, skip past them
                     why = why or str(exc)
                     after = _next_reachable(src, table, last)
-                    if after is None:
+                    if after is None:  # nothing after them can be reached: the rest of the table is lost
                         unreadable += max(1, _max_rowid(src, table, last) - max(last, 0))
+                        uncounted = True
                         break
-                    unreadable += max(1, after - max(last, 0) - 1)
-                    last = after - 1
+                    unreadable += after - max(last, 0)  # row ids are given in order: those skipped were rows
+                    last = after
                     continue
                 if nxt is None:
                     break
                 unreadable += 1  # its row id is there, its content is not (e.g. a damaged overflow page)
                 last = nxt
                 continue
+            before = last
             for row in rows:
+                if not isinstance(row[0], int) or row[0] <= last:
+                    continue  # a damaged page can answer nonsense: only ever go forward
                 try:
                     dst.execute(insert, row[1:])
                     copied += 1
                 except sqlite3.DatabaseError:
                     refused += 1  # a row the fresh schema refuses (e.g. a damaged value)
                 last = row[0]
+            if last == before:  # nothing usable came back: count the next row id lost and go on past it
+                unreadable += 1
+                last = max(last, 0) + 1
     finally:
         dst.execute("COMMIT")
-    return TableRecovery(table, copied, unreadable, refused, why if (unreadable or refused) else "")
+    if why:  # the table's row count, when an index still gives it, counts rows lost past the last reachable one
+        try:
+            total = int(src.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()[0])
+        except sqlite3.DatabaseError:
+            total = 0
+        if total:
+            unreadable, uncounted = max(unreadable, total - copied - refused), False
+    return TableRecovery(table, copied, unreadable, refused, why if (unreadable or refused) else "", uncounted)
 
 
 def _read_one_by_one(src: sqlite3.Connection, table: str, names: str, last: int) -> list[tuple]:
@@ -240,39 +256,37 @@ def _next_rowid(src: sqlite3.Connection, table: str, last: int) -> int | None:
     raises sqlite3.DatabaseError when the pages on the way are damaged."""
     sql = f"SELECT rowid FROM {_quote(table)} WHERE rowid > ? ORDER BY rowid LIMIT 1"
     row = src.execute(sql, (last,)).fetchone()
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    if not isinstance(row[0], int) or row[0] <= last:  # a damaged page can answer nonsense
+        raise sqlite3.DatabaseError(f"database disk image is malformed (row id {row[0]!r} after {last})")
+    return row[0]
 
 
 def _next_reachable(src: sqlite3.Connection, table: str, last: int) -> int | None:
-    """Past damaged pages: the smallest row id after ``last`` that a seek reaches, found by jumping ahead in growing
-    steps and then narrowing back; None when no later row can be reached."""
+    """Past damaged pages: the smallest row id after ``last`` from which a seek for the next row works (found by
+    jumping ahead in growing steps, then narrowing back; the rows between it and that next row do not exist).
+    None when no later row can be reached. Always more than ``last``, so a copy goes on."""
 
-    def seek(after: int) -> int | None:  # the next row id after ``after``; None when the seek fails or finds none
+    def seeks(after: int) -> bool:
         try:
-            return _next_rowid(src, table, after)
+            _next_rowid(src, table, after)
         except sqlite3.DatabaseError:
-            return None
+            return False
+        return True
 
     start = max(last, 0)
     top = _max_rowid(src, table, start)
-    step, good = 1, None
-    while start + step <= top:
-        found = seek(start + step)
-        if found is not None:
-            good = (start + step, found)
-            break
+    step = 1
+    while start + step <= top and not seeks(start + step):
         step *= 2
-    if good is None:
+    if start + step > top:
         return None
-    lo, (hi, best) = start, good  # the seek after lo fails, after hi works: narrow down
+    lo, hi = start + step // 2 if step > 1 else start, start + step  # the seek after lo fails, after hi works
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        found = seek(mid)
-        if found is not None:
-            hi, best = mid, found
-        else:
-            lo = mid
-    return best
+        lo, hi = (lo, mid) if seeks(mid) else (mid, hi)
+    return hi
 
 
 def _max_rowid(src: sqlite3.Connection, table: str, last: int) -> int:

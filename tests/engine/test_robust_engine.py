@@ -139,10 +139,35 @@ def test_a_database_with_a_damaged_header_is_named_kept_and_replaced(tmp_path, t
     check = subprocess.run([*engine, "db", "check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and "damaged" in check.stdout
     fix = subprocess.run([*engine, "db", "recover"], capture_output=True, text=True, timeout=60)
-    assert fix.returncode == 0, fix.stderr
+    assert fix.returncode == 3, fix.stderr  # recovered, but the rows stay in the kept file only: said so
     (kept,) = db.parent.glob("studio.sqlite3.corrupt-*[0-9]")
-    assert kept.read_bytes() == damaged and str(kept) in fix.stdout
+    assert kept.read_bytes() == damaged and str(kept) in fix.stdout and "NOT everything came back" in fix.stdout
     assert Store().list_runs() == []  # a fresh, working database
+
+
+def test_db_recover_keeps_every_label_and_names_the_rows_left_in_the_kept_file(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from db_damage import garble, labelled_store, leaf_pages
+
+    db = labelled_store()
+    before = Store().preferences.stats()
+    pages = leaf_pages(db, "comparisons")
+    garble(db, [pages[len(pages) // 2]])
+    engine = [sys.executable, "-P", "-m", "finetune_studio.engine"]
+    fix = subprocess.run([*engine, "db", "recover"], capture_output=True, text=True, timeout=120)
+    assert fix.returncode == 3 and "Traceback" not in fix.stderr, fix.stderr
+    print(fix.stdout)
+    (kept,) = db.parent.glob("studio.sqlite3.corrupt-*[0-9]")
+    assert str(kept) in fix.stdout and "NOT everything came back: rows of comparisons" in fix.stdout
+    copied, lost = map(int, re.search(r"comparisons: (\d+) rows \((\d+) unreadable\)", fix.stdout).groups())
+    assert copied + lost == before["comparisons"] and copied > before["comparisons"] // 2
+    for table, n in (("prompts", before["prompts"]), ("candidates", before["candidates"]), ("edits", 1)):
+        assert f"  {table}: {n} rows\n" in fix.stdout  # untouched tables: every row, no loss
+    after = Store().preferences.stats()
+    assert after["comparisons"] == copied and after["snapshots"] == 1 and after["decision_changes"] == 1
 
 
 def test_recovery_copies_every_readable_row(tmp_path):

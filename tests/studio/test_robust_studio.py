@@ -24,11 +24,30 @@ def test_a_damaged_database_is_named_and_recovered_with_consent(qtbot, make_wind
     assert db_guard.ensure_database(lambda t, text: True, lambda t, m: told.append(m))
     (kept,) = db.parent.glob("studio.sqlite3.corrupt-*[0-9]")
     assert kept.read_bytes() == b"garbage, not a database" * 100
-    assert str(kept) in told[0]
+    assert str(kept) in told[0] and "NOT everything came back" in told[0]  # a wrecked header: nothing readable
     win = make_window()  # the app now opens on the fresh database
     win.runs_page.refresh()
     assert win.runs_page.model.runs == []
     assert db_guard.ensure_database(lambda t, text: pytest.fail("asked again"), lambda t, m: None)
+
+
+def test_recover_in_the_app_keeps_every_label_and_says_what_stays_in_the_kept_file(qtbot):
+    from db_damage import garble, labelled_store, leaf_pages
+
+    db = labelled_store()
+    before = Store().preferences.stats()
+    pages = leaf_pages(db, "candidates")
+    garble(db, [pages[len(pages) // 2]])
+    asked, told = [], []
+    assert db_guard.ensure_database(lambda t, text: asked.append(text) or True, lambda t, m: told.append((t, m)))
+    assert "comparisons" in asked[0] and "prompts" in asked[0]  # it promises the labels, and keeps the promise
+    (kept,) = db.parent.glob("studio.sqlite3.corrupt-*[0-9]")
+    ((title, text),) = told
+    assert title == "Database recovered, not completely" and str(kept) in text
+    assert "NOT everything came back: rows of candidates" in text
+    assert f"comparisons: {before['comparisons']} rows\n" in text and f"prompts: {before['prompts']} rows" in text
+    after = Store().preferences.stats()
+    assert after["comparisons"] == before["comparisons"] and 0 < after["candidates"] < before["candidates"]
 
 
 def test_the_smoothed_curve_does_not_jump_after_a_resume():
