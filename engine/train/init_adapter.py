@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from finetune_studio.engine.train import adapters
 
 ADAPTER_CONFIG = "adapter_config.json"
 REFERENCE = "reference"
+_CHECKPOINT_NAME = re.compile(r"step-\d+")  # what may follow RUN: besides 'best' (a folder in its checkpoints/)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,14 @@ class StartingAdapter:
     path: Path  # a folder with adapter_config.json and adapter_model.safetensors
     parent_run_id: str  # "" for a folder outside any run
     description: str  # for the log: "run X's final adapter", "checkpoint step-000050 of run X", a folder
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -70,7 +80,18 @@ def resolve(ref: str, store: Store) -> StartingAdapter:
         path, what = run_dir / "best", f"the best checkpoint of run {run['id']}"
     else:
         name = which if which.startswith("step-") else f"step-{int(which):06d}" if which.isdigit() else which
+        if not _CHECKPOINT_NAME.fullmatch(name):  # '../..', an absolute path: a folder outside the run
+            raise ConfigError(
+                "init_adapter",
+                f"{which!r} is no checkpoint of run {run['id']}: after RUN: give best, a step number (RUN:50) or a "
+                "checkpoint's name (RUN:step-000050); for an adapter folder elsewhere give the folder itself"
+                + (f" (its checkpoints: {', '.join(found)})" if found else ""),
+            )
         path, what = checkpoint.checkpoints_dir(run_dir) / name, f"checkpoint {name} of run {run['id']}"
+    if not _inside(path, run_dir):  # a symlink in the run pointing out of it
+        raise ConfigError(
+            "init_adapter", f"{path} leads out of run {run['id']}'s folder; give the adapter folder itself"
+        )
     if not _is_adapter(path):
         hint = f"its checkpoints: {', '.join(run['id'] + ':' + n for n in found)}" if found else "it has none"
         raise ConfigError("init_adapter", f"run {run['id']} ({run['status']}) has no {what.split(' of ')[0]}; {hint}")

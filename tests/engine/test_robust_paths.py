@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from engine_helpers import Recorder, tiny_config, write_sft
 
 from finetune_studio.core.protocol.events import parse_event
 from finetune_studio.core.store import Store
-from finetune_studio.engine.train.recipe import StopFlag, train_run
+from finetune_studio.engine.train.recipe import StopFlag, TrainingFailed, train_run
 from finetune_studio.engine.train.reporting import Reporter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,3 +99,23 @@ def test_a_new_run_records_its_folder_relative_to_the_data_home(tmp_path, tiny_m
     assert Path(run.run_dir) == studio_home / "runs" / result.run_id
     assert Path(run.adapter_dir) == studio_home / "runs" / result.run_id / "adapter"
     assert store.find_run(str(studio_home / "runs" / result.run_id)).id == result.run_id
+
+
+def test_a_checkpoint_reference_that_leaves_its_run_is_refused(tmp_path, tiny_model_dir):
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=1)
+    first = train_run(config, reporter=Reporter(extra=Recorder()))
+    (first.run_dir / "checkpoints").mkdir(exist_ok=True)  # as in a run that saved checkpoints
+    outside = tmp_path / "outside" / "adapter"
+    shutil.copytree(first.run_dir / "adapter", outside)  # a real adapter, in no run
+    for ref in (f"{first.run_id}:../../../../outside/adapter", f"{first.run_id}:{outside}"):
+        rec = Recorder()
+        with pytest.raises(TrainingFailed) as info:
+            train_run(
+                tiny_config(tiny_model_dir, tmp_path / "d.jsonl", max_steps=1, init_adapter=ref),
+                reporter=Reporter(extra=rec),
+            )
+        (failed,) = rec.of("failed")
+        assert failed.kind == "config" and "init_adapter" in failed.message
+        assert "step-000050" in failed.message  # says what a checkpoint reference looks like
+        run = Store().get_run(info.value.result.run_id)
+        assert run.parent_run_id == "" and run.init_adapter == ""  # never recorded as started from the run
