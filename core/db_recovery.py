@@ -16,6 +16,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune_studio.core import preferences
 from finetune_studio.core.store import DatabaseDamaged as DatabaseDamaged  # defined where it is raised
@@ -233,9 +234,9 @@ def copy_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> 
     return TableRecovery(table, copied, unreadable, refused, why if (unreadable or refused) else "", uncounted)
 
 
-def _read_one_by_one(src: sqlite3.Connection, table: str, names: str, last: int) -> list[tuple]:
+def _read_one_by_one(src: sqlite3.Connection, table: str, names: str, last: int) -> list[tuple[Any, ...]]:
     """The rows after ``last`` read one at a time, up to the first that cannot be read."""
-    rows: list[tuple] = []
+    rows: list[tuple[Any, ...]] = []
     while len(rows) < ROWS_PER_READ:
         try:
             nxt = _next_rowid(src, table, last)

@@ -246,7 +246,7 @@ _INSERT_CANDIDATE = (
 )
 
 
-def _prompt_row(pid: str, messages: list[dict[str, Any]], tools: list[Any], source: str, t: float) -> tuple:
+def _prompt_row(pid: str, messages: list[dict[str, Any]], tools: list[Any], source: str, t: float) -> tuple[Any, ...]:
     return (pid, json.dumps(messages, ensure_ascii=False), json.dumps(tools, ensure_ascii=False), source, t)
 
 
@@ -258,7 +258,7 @@ def _ensure_prompt(
     return pid
 
 
-def _candidate_row(cid: str, prompt_id: str, turns: list[dict[str, Any]], t: float, **meta: Any) -> tuple:
+def _candidate_row(cid: str, prompt_id: str, turns: list[dict[str, Any]], t: float, **meta: Any) -> tuple[Any, ...]:
     return (
         cid,
         prompt_id,

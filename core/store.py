@@ -325,7 +325,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_ms = default_busy_timeout_ms() if busy_timeout_ms is None else busy_timeout_ms
         # Writes kept while the database was busy, oldest first (only with keep_writes_when_busy()).
-        self._kept: collections.deque[Callable[[], None]] | None = None
+        self._kept: collections.deque[Callable[[], object]] | None = None
         self._next_try = 0.0  # time.monotonic() before which a run's kept writes are not tried again
         conn = sqlite3.connect(
             str(self.path), timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
@@ -367,7 +367,7 @@ class Store:
         """How many writes wait for the database (0 unless keep_writes_when_busy() and it was busy)."""
         return len(self._kept or ())
 
-    def _write(self, write: Callable[[], None]) -> None:
+    def _write(self, write: Callable[[], object]) -> None:
         if self._kept is None:
             write()
             return
