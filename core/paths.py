@@ -6,14 +6,21 @@ folder); otherwise the platform's user data directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ENV_HOME = "FINETUNE_STUDIO_HOME"
 
 
+PRIVATE_DIR = 0o700  # the data home and its folders: other local users can neither list nor enter them
+PRIVATE_FILE = 0o600  # the database: read and written by its owner alone
+
+
 def data_dir() -> Path:
+    """The data home, created owner-only (0700); an existing one readable by others is made so."""
     env = os.environ.get(ENV_HOME)
     if env:
         path = Path(env).expanduser()
@@ -21,18 +28,42 @@ def data_dir() -> Path:
         import platformdirs
 
         path = Path(platformdirs.user_data_dir("finetune-studio", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
+    return private_dir(path)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder of its owner's alone: created with mode 0700 (parents as usual), and an existing folder
+    of this user's that others may read or enter is closed to them."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    _restrict(path)
     return path
+
+
+def _restrict(path: Path) -> None:
+    """Take the group's and others' permissions off ``path`` when it is this user's."""
+    try:
+        st = path.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(path, st.st_mode & 0o7700)
+    except (OSError, AttributeError):  # another user's, a file system without modes, or no getuid (Windows)
+        pass
 
 
 def db_path() -> Path:
-    return data_dir() / "studio.sqlite3"
+    """The database file, created empty (a valid empty SQLite database) and owner-only (0600) when missing, so SQLite
+    opens it with that mode and gives its -wal and -shm files the same; an existing one is made owner-only."""
+    path = data_dir() / "studio.sqlite3"
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE))
+    except FileExistsError:
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            if (path.parent / name).is_file():
+                _restrict(path.parent / name)
+    return path
 
 
 def runs_dir() -> Path:
-    path = data_dir() / "runs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(data_dir() / "runs")
 
 
 def stored_run_dir(folder: str | Path, home: Path | None = None) -> str:
@@ -94,9 +125,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def models_dir() -> Path:
     """Converted models (GGUF imports, the bundled default) live here."""
-    path = data_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(data_dir() / "models")
 
 
 def python_argv() -> list[str]:
@@ -121,11 +150,35 @@ def resources_dir() -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash never leaves a half-written file under its final name."""
+    """Write ``text`` to ``path`` so that a crash never leaves a half-written file under its final name.
+
+    The temporary file has a fresh name in the target's folder, created by this call alone (``mkstemp``: O_EXCL, so a
+    symlink planted there is never written through); the file then gets the mode a new file gets here (umask)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            if hasattr(os, "fchmod"):  # mkstemp made it 0600
+                os.fchmod(fh.fileno(), 0o666 & ~current_umask())
+            os.fsync(fh.fileno())
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, without changing it; else set and put back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

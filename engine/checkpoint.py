@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = private_temp_dir(root, f".tmp-{final.name}-")
     save_adapter(model, tmp)
     torch.save(
         {
@@ -58,6 +58,13 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     for old in list_checkpoints(run_dir)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def private_temp_dir(folder: Path, prefix: str) -> Path:
+    """A new folder in ``folder`` to write into before its rename: a fresh name made by this call alone (mkdtemp,
+    mode 0700; a fixed name could be a symlink planted there), ending in ``-<pid>`` so that
+    :func:`clean_leftovers` tells this process's folders from those a killed one left."""
+    return Path(tempfile.mkdtemp(dir=folder, prefix=prefix, suffix=f"-{os.getpid()}"))
 
 
 def clean_leftovers(run_dir: Path) -> list[Path]:

@@ -131,7 +131,7 @@ def train_run(
         assert config is not None
         run_id = new_run_id()
         run_dir = paths.runs_dir() / run_id
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, mode=paths.PRIVATE_DIR)  # its owner's alone, as the data home
         paths.atomic_write_text(run_dir / "config.json", config.to_json())
         # recorded relative to the data home (runs/<id>): a copied or moved home still finds the run's folder
         store.create_run(
@@ -660,7 +660,7 @@ class Recipe:
             adapter_dir = self.run_dir / "adapter"
             weights = self.world.adapter_state(s.model)  # FSDP gathers the full weights (every rank calls)
             if self.world.is_main:
-                tmp = self.run_dir / f".adapter-tmp-{os.getpid()}"
+                tmp = checkpoint.private_temp_dir(self.run_dir, ".adapter-tmp-")
                 # the trained adapter only (a DPO run's frozen 'reference' copy is not saved)
                 checkpoint.save_adapter(s.model, tmp, state_dict=weights)
                 old = self.run_dir / f".adapter-old-{os.getpid()}"

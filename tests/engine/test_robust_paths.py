@@ -119,3 +119,48 @@ def test_a_checkpoint_reference_that_leaves_its_run_is_refused(tmp_path, tiny_mo
         assert "step-000050" in failed.message  # says what a checkpoint reference looks like
         run = Store().get_run(info.value.result.run_id)
         assert run.parent_run_id == "" and run.init_adapter == ""  # never recorded as started from the run
+
+
+# --- other local users: private data home, temporary names no one can plant --------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_data_home_runs_and_database_are_private_to_their_owner(tmp_path, tiny_model_dir, studio_home):
+    studio_home.chmod(0o755)  # as an older app left it
+    config = tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl", n=12), max_steps=1)
+    (tmp_path / "c.json").write_text(config.to_json())
+    out = engine("train", str(tmp_path / "c.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    started = next(e for e in events_of(out.stdout) if e.type == "started")
+    assert _mode(studio_home) == 0o700
+    assert _mode(studio_home / "runs") == 0o700 and _mode(Path(started.run_dir)) == 0o700
+    for name in ("studio.sqlite3", "studio.sqlite3-wal", "studio.sqlite3-shm"):
+        if (studio_home / name).exists():
+            assert _mode(studio_home / name) == 0o600, name
+
+
+def test_a_planted_symlink_at_a_temporary_name_is_never_written_through(tmp_path):
+    import os
+
+    from finetune_studio.core import paths
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's\n")
+    target = tmp_path / "folder" / "config.json"
+    target.parent.mkdir()
+    (target.parent / f".{target.name}.tmp-{os.getpid()}").symlink_to(victim)  # the name it used to take
+    paths.atomic_write_text(target, "{}\n")
+    assert target.read_text() == "{}\n" and not target.is_symlink()
+    assert victim.read_text() == "someone else's\n"
+    assert _mode(target) == 0o666 & ~_umask()  # the mode any new file gets here, as before
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
