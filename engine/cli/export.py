@@ -13,6 +13,7 @@ import signal
 import sys
 
 from finetune_studio.core.protocol import events as ev
+from finetune_studio.core.store import DatabaseDamaged
 
 EXIT_CHECK_FAILED = 3
 EXIT_CANCELLED = 130
@@ -79,6 +80,10 @@ def run(args: argparse.Namespace, stream) -> int:
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         emit(ev.Failed(message=f"Export not written: {exc}", kind=ev.FailureKind.CONFIG))
+        return 1
+    except DatabaseDamaged as exc:  # the run cannot be looked up: the message names the file and `db recover`
+        print(f"error: {exc}", file=sys.stderr)
+        emit(ev.Failed(message=f"Database problem: {exc}", kind=ev.FailureKind.DATABASE))
         return 1
     report = outcome.report
     verdict = report.get("verdict") or "written, not checked (--no-check)"

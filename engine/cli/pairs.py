@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from finetune_studio.core import paths
 from finetune_studio.core.preferences import PreferenceError
 from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.core.protocol.pairs_report import PairsExported, PairsImported, PairsStats
-from finetune_studio.core.store import Store
+from finetune_studio.core.store import DatabaseDamaged, Store
 from finetune_studio.engine.cli.argparsing import UsageErrorParser
 from finetune_studio.engine.datasets.convert import llama_factory_info, write_examples
 from finetune_studio.engine.datasets.loader import load_dataset
@@ -65,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    store = Store()
+    try:
+        store = Store()
+    except DatabaseDamaged as exc:
+        return _database_damaged(args, exc)
     try:
         return args.func(args, store)
     except (DatasetError, PreferenceError) as exc:
@@ -73,8 +77,20 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(Failed(message=str(exc), kind=FailureKind.DATA).to_json())
         return 1
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:  # locked, a constraint: not damage
+            raise
+        return _database_damaged(args, DatabaseDamaged(store.path, str(exc)))  # a page found damaged while reading
     finally:
         store.close()
+
+
+def _database_damaged(args, exc: DatabaseDamaged) -> int:
+    """The damaged database named, with what to do (``db recover``), as the message and as a failed event."""
+    print(f"error: {exc}", file=sys.stderr)
+    if args.json:
+        print(Failed(message=f"Database problem: {exc}", kind=FailureKind.DATABASE).to_json())
+    return 1
 
 
 def cmd_import(args, store: Store) -> int:

@@ -10,11 +10,12 @@ from it. RUN is a run id, a unique id prefix or a run folder. ``--json`` prints 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 
 from finetune_studio.core.protocol.events import Failed, FailureKind
 from finetune_studio.core.protocol.run_lineage import LineageRun, RunLineage
-from finetune_studio.core.store import RunRecord, Store
+from finetune_studio.core.store import DatabaseDamaged, RunRecord, Store
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +25,10 @@ def main(argv: list[str]) -> int:
     lin.add_argument("run")
     lin.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    store = Store()
+    try:
+        store = Store()
+    except DatabaseDamaged as exc:
+        return _database_damaged(args, exc)
     try:
         run = store.find_run(args.run)
         if run is None:
@@ -35,6 +39,10 @@ def main(argv: list[str]) -> int:
             return 1
         chain = store.lineage(run.id)
         children = store.children(run.id)
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:  # locked, a constraint: not damage
+            raise
+        return _database_damaged(args, DatabaseDamaged(store.path, str(exc)))  # a page found damaged while reading
     finally:
         store.close()
     answer = RunLineage(
@@ -50,6 +58,14 @@ def main(argv: list[str]) -> int:
     for r in answer.children:
         print(f"{'  ' * len(chain)}started from it: {r.id}  {r.objective} {r.status}  {r.name}")
     return 0
+
+
+def _database_damaged(args, exc: DatabaseDamaged) -> int:
+    """The damaged database named, with what to do (``db recover``), as the message and as a failed event."""
+    print(f"error: {exc}", file=sys.stderr)
+    if args.json:
+        print(Failed(message=f"Database problem: {exc}", kind=FailureKind.DATABASE).to_json())
+    return 1
 
 
 def _lineage_run(r: RunRecord) -> LineageRun:

@@ -183,3 +183,50 @@ def test_the_dataset_panels_check_reads_a_file_named_like_an_option(
     assert data_cli.main(list(args[1:])) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert report["type"] == "dataset_report" and report["file"] == "-h" and report["rows"] == 6
+
+
+# --- a damaged database: a message naming the file and `db recover`, never a traceback ---------------------------
+
+
+def _damage_database() -> Path:
+    from finetune_studio.core import paths
+
+    Store().close()
+    path = paths.db_path()
+    with open(path, "r+b") as fh:
+        fh.write(b"this is no SQLite header, a failing disk wrote it" * 2)
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["pairs", "stats"], ["pairs", "export", "OUT", "--format", "trl"], ["runs", "lineage", "someid"]],
+    ids=["pairs stats", "pairs export", "runs lineage"],
+)
+def test_a_damaged_database_is_named_with_db_recover(tmp_path, capsys, command):
+    from finetune_studio.engine.cli import runs as runs_cli
+
+    path = _damage_database()
+    main = pairs_cli.main if command[0] == "pairs" else runs_cli.main
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in command[1:]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "db recover" in err
+    assert main([*argv, "--json"]) == 1
+    failed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert failed["type"] == "failed" and failed["kind"] == "database" and "db recover" in failed["message"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_with_a_damaged_database_names_it_and_db_recover(tmp_path):
+    path = _damage_database()
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "export", "someid", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    failed = json.loads(out.stdout.splitlines()[-1])
+    assert failed["type"] == "failed" and failed["kind"] == "database"
+    assert str(path) in failed["message"] and "db recover" in failed["message"]
