@@ -211,11 +211,11 @@ def judge(reference: dict, results: list[dict], notes: list[str], merge: dict | 
 def merge_sentence(merge: dict) -> str:
     """The merged weights' dtype and what rounding keeps of the update, in words."""
     kept, dtype = merge["kept"], merge["dtype"]
-    others = ", ".join(f"{d} {kept[d]:.1%}" for d in ("float16", "bfloat16") if d != dtype)
+    others = ", ".join(f"{d} would keep {kept[d]:.1%}" for d in ("float16", "bfloat16") if d != dtype)
     how = "chosen by the export" if merge["requested"] == "auto" else "as asked"
     return (
         f"Merged weights in {dtype} ({how}) keep the training update in {kept[dtype]:.1%} of the "
-        f"{merge['changed_elements']} weights it changed ({others} would keep; a dtype losing it in more than "
+        f"{merge['changed_elements']} weights it changed ({others}; a dtype losing it in more than "
         f"{merge['max_lost']:.0%} of a layer's changed weights is refused)."
     )
 
@@ -370,6 +370,10 @@ def _n_ctx(spec: dict) -> int:
     return -(-(longest + 8) // 64) * 64
 
 
+def _loader(form: dict) -> str:
+    return LOADERS["llama.cpp"] if form["kind"] == "gguf" and llama_cpp_installed() else LOADERS[form["kind"]]
+
+
 def check_form(form: dict, spec: dict, ref_logits: list) -> dict:
     if form["kind"] == "gguf" and llama_cpp_installed():
         loaded: Any = LlamaCppForm(form, Path(spec["folder"]), spec["base"], _n_ctx(spec))
@@ -455,6 +459,7 @@ def child_main(spec_path: str) -> int:
                     "kind": form["kind"],
                     "label": _label(form),
                     "path": form["path"],
+                    "loader": _loader(form),
                     "error": f"{type(exc).__name__}: {exc}",
                 }
             )

@@ -125,7 +125,7 @@ def _pre_tokenizer(tok_json: dict, base_folder: Path | None) -> str:
             pass
     pre = tok_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for the GPT-2 split (it refuses "gpt2")
     kinds = [p.get("type") for p in pre.get("pretokenizers", [])]
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm"

@@ -48,8 +48,10 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def run_id(trained, studio_home):
-    """The trained run, seen from this test's own data directory (its database copied; the run folder shared)."""
+    """The trained run, seen from this test's own data directory (its database copied; the runs folder shared: the
+    database records run folders relative to the data directory)."""
     shutil.copy2(trained["home"] / "studio.sqlite3", studio_home / "studio.sqlite3")
+    (studio_home / "runs").symlink_to(trained["home"] / "runs")
     return trained["run_id"]
 
 
@@ -122,7 +124,8 @@ def test_checkpoint_by_step_best_and_default(run_id, trained):
 
     assert find_source(run_id).label == "final" and find_source(run_id).step == 6
     four = find_source(run_id, "4")
-    assert four.label == "step-000004" and four.folder == Path(trained["run_dir"]) / "checkpoints" / "step-000004"
+    want = Path(trained["run_dir"]) / "checkpoints" / "step-000004"
+    assert four.label == "step-000004" and four.folder.resolve() == want.resolve()
     store = Store()
     evals = {m["step"]: m["eval_loss"] for m in store.metrics(run_id, "eval")}
     store.close()

@@ -56,6 +56,7 @@ def test_bfloat16_is_refused_and_the_default_keeps_the_update(gently_trained, st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shutil.copy2(gently_trained["home"] / "studio.sqlite3", studio_home / "studio.sqlite3")
+    (studio_home / "runs").symlink_to(gently_trained["home"] / "runs")  # run folders are relative to the home
     run_id = gently_trained["run_id"]
     torch.set_num_threads(1)
 
