@@ -68,7 +68,9 @@ def runs_dir() -> Path:
 
 def stored_run_dir(folder: str | Path, home: Path | None = None) -> str:
     """How the database records a path of a run (its folder, its adapter): relative to the data home when it lies
-    inside it (``runs/<id>``), so that a copied or moved home still finds its runs; absolute otherwise."""
+    inside it (``runs/<id>``), so that a copied or moved home still finds its runs; absolute otherwise ('' stays '')."""
+    if folder == "":
+        return ""
     folder = Path(folder)
     home = data_dir() if home is None else home
     try:

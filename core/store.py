@@ -569,7 +569,7 @@ class Store:
         home = self.path.parent
         stored_dir = row.get("run_dir") or ""
         run_dir = paths.resolve_run_dir(stored_dir, str(row.get("id") or ""), home)
-        folders = {
+        folders: dict[str, Any] = {
             name: paths.resolve_in_run(row.get(name) or "", stored_dir, run_dir, home)
             for name in ("adapter_dir", "best_checkpoint")
             if name in row

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _database_damaged(args, exc: DatabaseDamaged) -> int:
+def _database_damaged(args: argparse.Namespace, exc: DatabaseDamaged) -> int:
     """The damaged database named, with what to do (``db recover``), as the message and as a failed event."""
     print(f"error: {exc}", file=sys.stderr)
     if args.json:

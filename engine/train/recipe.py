@@ -622,7 +622,7 @@ class Recipe:
                         self.run_id,
                         best_step=self.step,
                         best_eval_loss=eval_loss,
-                        best_checkpoint=paths.stored_run_dir(self.early.best_dir),
+                        best_checkpoint=paths.stored_run_dir(self.early.best_dir or ""),
                     )
                 extra.update(best_eval_loss=self.early.best_eval_loss, best_step=self.early.best_step, is_best=is_best)
             self.reporter.emit(ev.Eval(step=self.step, eval_loss=eval_loss, **extra))
