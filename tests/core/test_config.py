@@ -76,3 +76,38 @@ def test_switches_must_be_true_or_false(flag):
     with pytest.raises(ConfigError, match="must be true or false") as err:
         TrainConfig(dataset="x.jsonl", **{flag: "yes"}).validate()
     assert err.value.field == flag
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_epochs", float("inf")),
+        ("max_steps", 1e30),
+        ("seed", 2**70),
+        ("seed", -1),
+        ("gradient_accumulation_steps", 1e9),
+        ("num_threads", 10**6),
+        ("lora_alpha", float("inf")),
+        ("lora_alpha", 10**400),
+        ("weight_decay", float("inf")),
+        ("dpo_beta", float("nan")),
+    ],
+)
+def test_infinite_and_out_of_range_numbers_name_the_field_and_its_range(field, value):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"dataset": "x", field: value})
+    assert err.value.field == field
+    assert "finite" in str(err.value) or " to " in str(err.value) or "at most" in str(err.value)
+
+
+def test_the_bounds_themselves_are_accepted():
+    cfg = TrainConfig.from_dict(
+        {
+            "dataset": "x",
+            "seed": 2**32 - 1,
+            "max_steps": 10**9,
+            "gradient_accumulation_steps": 4096,
+            "num_threads": 1024,
+        }
+    )
+    assert (cfg.seed, cfg.max_steps, cfg.gradient_accumulation_steps, cfg.num_threads) == (2**32 - 1, 10**9, 4096, 1024)

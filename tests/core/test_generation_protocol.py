@@ -87,6 +87,11 @@ def test_every_reply_round_trips():
         ({"type": "generate_batch", "prompts": [{"prompt": "x", "n": 64}] * 5}, "at most 256"),
         ({"type": "generate_batch", "prompts": [{"prompt": "x"}] * 65}, "at most 64 prompts"),
         ({"type": "generate_batch", "prompts": [{"prompt": "x"}], "top_p": 2}, "top_p"),
+        ({"type": "generate", "prompt": "x", "seed": 2**70}, "seed"),
+        ({"type": "generate", "prompt": "x", "temperature": float("inf")}, "temperature"),
+        ({"type": "generate", "prompt": "x", "temperature": 10**400}, "temperature"),
+        ({"type": "generate", "prompt": "x", "max_new_tokens": 10**30}, "max_new_tokens"),
+        ({"type": "generate_batch", "prompts": [{"prompt": "x", "seed": 2**32}]}, "seed"),
     ],
 )
 def test_invalid_requests_name_the_problem(body, words):
@@ -102,6 +107,20 @@ def test_lines_that_are_not_requests():
         gp.parse_request('{"v": 1, "type": "unload"}')
     assert gp.request_id_of('{"v": 1, "id": "q7", "type": "fly"}') == "q7"
     assert gp.request_id_of("nope") == ""
+
+
+def test_lines_json_cannot_read_are_protocol_errors_and_keep_their_id():
+    """json.loads raises ValueError for an integer past Python's digit limit and RecursionError for deep nesting:
+    both must reach the worker as a ProtocolError (its reader answers those), with the line's id when it has one."""
+    digits = '{"v":1,"id":"d1","type":"generate","prompt":"x","seed":' + "9" * 5000 + "}"
+    deep = '{"v":1,"id":"d2","type":"generate","prompt":"x","x":' + "[" * 10**6 + "]" * 10**6 + "}"
+    for line, rid in [(digits, "d1"), (deep, "d2"), ("[" * 10**6, "")]:
+        with pytest.raises(gp.ProtocolError, match="unreadable JSON"):
+            gp.parse_request(line)
+        assert gp.request_id_of(line) == rid
+    cut = '{"v":1,"type":"generate","id":"g\\"7","prompt":"abc'  # a line cut short keeps its id
+    assert gp.request_id_of(cut) == 'g"7'
+    assert gp.request_id_of('{"v":1,"type":"generate","prompt":"say \\"id\\": \\"no\\"') == ""
 
 
 def test_a_reply_from_before_generate_batch_reads_as_prompt_0():
