@@ -65,7 +65,7 @@ def test_state_names_each_bad_field():
     st.set("learning_rate", "abc")
     st.set("batch_size", "0")
     assert set(st.errors) == {"learning_rate", "batch_size"}
-    assert "number" in st.errors["learning_rate"] and "at least 1" in st.errors["batch_size"]
+    assert "number" in st.errors["learning_rate"] and "whole number from 1" in st.errors["batch_size"]
     assert not st.ready and st.config is None
     st.set("learning_rate", "1e-4")
     st.set("batch_size", "8")
