@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,8 +161,8 @@ def _converted_gguf(gguf: Path, target: Path, progress: ProgressFn | None) -> Pa
     model = model.to(torch.bfloat16)
     del gguf_model
     report(3, "Saving a safetensors copy")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))  # a fresh name, never planted
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}), encoding="utf-8")

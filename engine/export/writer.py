@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +224,7 @@ def export(request: ExportRequest, progress: ProgressFn | None = None, cancel: C
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(_disk_message(exc, out.parent)) from None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp: Path | None = None
     if request.dtype not in MERGED_DTYPES:
         raise ExportError(f"--dtype takes {', '.join(MERGED_DTYPES)}, not {request.dtype!r}")
     stages = ["adapter"] + (["merge"] if len(formats) > 1 else []) + [f for f in formats if f != "adapter"]
@@ -239,8 +240,9 @@ def export(request: ExportRequest, progress: ProgressFn | None = None, cancel: C
         done += 1
 
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        # a fresh name (never one a planted symlink could redirect), then the mode of a folder a person made
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o755)
         outcome = _write(source, request, formats, quants, tmp, step, cancel)
         if cancel is not None and cancel():
             raise ExportCancelled("export cancelled; nothing was written")
@@ -251,10 +253,12 @@ def export(request: ExportRequest, progress: ProgressFn | None = None, cancel: C
         )
         _replace(tmp, out)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(_disk_message(exc, out.parent)) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if progress:
         progress("export", len(stages), len(stages), f"Written to {out}")

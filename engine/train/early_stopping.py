@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,7 @@ class EarlyStopping:
             return False
         self.best_eval_loss, self.best_step, self.bad_evals = eval_loss, step, 0
         best = Path(self.run_dir) / "best"
-        tmp = Path(self.run_dir) / f".best-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=self.run_dir))  # a fresh name, never a planted one
         checkpoint.save_adapter(model, tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}), encoding="utf-8")
         shutil.rmtree(best, ignore_errors=True)
