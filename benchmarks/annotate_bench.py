@@ -27,20 +27,9 @@ import os
 import sys
 import time
 
-PROMPTS = [  # the first ten of benchmarks/quant_quality.py's prompts
-    "Write a short story about a robot who learns to paint.",
-    "Explain photosynthesis to a ten-year-old.",
-    "What are three tips for staying focused while studying?",
-    "Give me a recipe for a simple tomato soup.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "How does a bicycle stay upright?",
-    "Write a haiku about autumn leaves.",
-    "What is the difference between weather and climate?",
-    "Suggest a name for a coffee shop run by cats.",
-    "Explain what a prime number is, with examples.",
-    "Write a polite email asking a colleague to review my report.",
-    "Why is the sky blue?",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other benchmarks, run as scripts
+from quant_quality import PROMPTS  # the same prompts as the weights' quality figures
+
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 0}  # Annotate's defaults (studio.state.annotation.Sampling)
 SIDES = (("a", 1), ("b", 2))  # (side, seed)
 
