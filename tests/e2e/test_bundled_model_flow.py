@@ -91,7 +91,7 @@ def test_first_start_demo_train_compare_export(app_factory):
     assert (status, step, total) == ("completed", 3, 3)
     losses = app.query("SELECT step, loss FROM metrics WHERE run_id = ? AND kind = 'train' ORDER BY step", run_id)
     assert [s for s, _ in losses] == [1, 2, 3] and all(math.isfinite(v) and v > 0 for _, v in losses), losses
-    assert (Path(adapter_dir) / "adapter_config.json").is_file(), adapter_dir
+    assert (app.home / adapter_dir / "adapter_config.json").is_file(), adapter_dir  # stored relative to the home
     done, most = app.text("runProgress").split("/")
     assert done == most and name in app.text("runTitle"), (app.text("runProgress"), app.text("runTitle"))
     _fits(app, TRAIN, "Train")
