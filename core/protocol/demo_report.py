@@ -49,12 +49,13 @@ def _scores(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, DemoScore
 
 
 def _build(cls: type[Event], data: dict[str, Any], scores: tuple[str, ...]) -> Any:
+    """``cls`` from a decoded JSON object, its scores and examples built too; ProtocolError if malformed."""
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k in names and k not in scores}
-    kwargs.update(_scores(data, scores))
-    if "examples" in kwargs:
-        kwargs["examples"] = tuple(DemoExample(**e) for e in kwargs["examples"])
     try:
+        kwargs = {k: v for k, v in data.items() if k in names and k not in scores}
+        kwargs.update(_scores(data, scores))
+        if "examples" in kwargs:
+            kwargs["examples"] = tuple(DemoExample(**e) for e in kwargs["examples"])
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"bad {cls.type} event: {exc}") from None
@@ -87,10 +88,7 @@ class DemoReport(Event):
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> DemoReport:
-        try:
-            built: DemoReport = _build(cls, data, ("before", "after"))
-        except TypeError as exc:
-            raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+        built: DemoReport = _build(cls, data, ("before", "after"))
         return built
 
 
@@ -113,10 +111,7 @@ class DemoLoopReport(Event):
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> DemoLoopReport:
-        try:
-            built: DemoLoopReport = _build(cls, data, ("before", "after_sft", "after_dpo"))
-        except TypeError as exc:
-            raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+        built: DemoLoopReport = _build(cls, data, ("before", "after_sft", "after_dpo"))
         return built
 
 
