@@ -10,7 +10,8 @@ The rules a caller can rely on:
 * At start the worker writes :class:`Ready` (id ``""``).
 * Requests run one at a time, in the order they arrive; only :class:`Cancel` is acted on at once.
 * Every request gets exactly one *final* reply (:data:`FINAL_TYPES`): its own (``loaded``, ``adapter``,
-  ``active``, ``generated``, ``cancelled``, ``unloaded``, ``bye``) or an :class:`Error` naming the problem.
+  ``active``, ``generated``, ``scores``, ``cancelled``, ``unloaded``, ``bye``) or an :class:`Error` naming the
+  problem.
   After an error the worker is still up and takes the next request.
 * A :class:`Generate` streams :class:`Delta` events (new text every few tokens, per candidate), then one
   :class:`Done` per candidate (``finish_reason`` ``stop`` | ``length`` | ``cancelled``), then its final
@@ -18,13 +19,16 @@ The rules a caller can rely on:
 * A :class:`GenerateBatch` (several prompts, each with its ``n`` and seed, decoded as one batch) streams the same
   events, each naming its ``prompt`` (the index in the request's ``prompts``) and ``candidate``; one ``Done`` per
   (prompt, candidate), in the order they end, then one :class:`Generated` for the whole request.
+* A :class:`Score` (a prompt and candidate answers) is answered with one :class:`Scores`: one float per candidate,
+  in order, from a reward model or from an adapter's implicit DPO reward.
 * A line that is not a valid request is answered with an :class:`Error` (id ``""`` when none could be read).
 
 Unknown fields are ignored on reading, so an older reader can read a newer writer's optional extras.
 Version 1 grows by addition only: ``generate_batch`` and the ``prompt`` field of ``delta`` / ``done`` (0 for a
 plain ``generate``) were added without a version change; a worker that predates them answers ``generate_batch``
 with an :class:`Error` (``bad_request``, "unknown request type"), so a caller can fall back to one ``generate`` per
-prompt.
+prompt. ``score`` and its ``scores`` reply were added the same way: an older worker answers ``score`` with that
+error.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ PROTOCOL_VERSION = 1
 FinishReason = Literal["stop", "length", "cancelled"]
 # ``stop``: the model ended its answer (end-of-turn token) or wrote a stop string (not included in the text).
 FINISH_REASONS = ("stop", "length", "cancelled")
+Scorer = Literal["reward_model", "implicit_dpo"]  # Score.scorer
+SCORERS: tuple[Scorer, ...] = ("reward_model", "implicit_dpo")
 Weights = Literal["full", "int8", "int4"]  # LoadModel.weights
 WEIGHTS: tuple[Weights, ...] = ("full", "int8", "int4")
 ErrorKind = Literal["bad_request", "model", "adapter", "context", "no_model", "oom", "error"]
@@ -319,6 +325,60 @@ def _is_num(x: object) -> bool:
 
 
 @dataclass(frozen=True)
+class Score(Request):
+    """Score ``candidates`` (answers) to one prompt: one float per candidate, higher is better (:class:`Scores`).
+
+    The prompt is ``prompt`` (a user message) or ``messages`` (a conversation); each candidate is the assistant's
+    answer after it, rendered with the model's chat template as training renders a preference pair.
+
+    ``scorer`` ``"reward_model"``: the reward model ``reward_model`` (a reward run's adapter folder, holding
+    ``reward_head.safetensors``, or a run id) scores each answer: the scalar its head reads at the last token. The
+    worker loads it once, beside the loaded model (which it needs not be), and keeps it for later requests.
+
+    ``scorer`` ``"implicit_dpo"``: a DPO adapter's implicit reward, ``beta * sum over the answer's tokens of
+    (log pi - log pi_ref)``, with pi the loaded model with ``adapter`` (``None``: the active adapter) and pi_ref
+    the ``reference``: ``""`` (:data:`BASE`) the base with adapters off, or another attached adapter (a DPO run
+    started from an adapter had that adapter as its reference). ``beta`` is the DPO run's ``dpo_beta``.
+    """
+
+    type: ClassVar[str] = "score"
+    prompt: str = ""
+    messages: tuple[ChatTurn, ...] = ()
+    candidates: tuple[str, ...] = ()
+    scorer: Scorer = "reward_model"
+    reward_model: str = ""  # scorer "reward_model": the reward model's folder or run id
+    adapter: str | None = None  # scorer "implicit_dpo": the policy's adapter (None: the active one)
+    reference: str = BASE  # scorer "implicit_dpo": the reference ("": the base with adapters off)
+    beta: float = 0.1  # scorer "implicit_dpo": the DPO run's dpo_beta
+
+    MAX_CANDIDATES: ClassVar[int] = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", _turns(self.messages, "score"))
+        _check(isinstance(self.prompt, str), "score: 'prompt' must be text")
+        _check(bool(self.prompt) != bool(self.messages), "score: give either 'prompt' or 'messages' (one of them)")
+        cands = self.candidates
+        _check(
+            isinstance(cands, (list, tuple)) and all(isinstance(c, str) for c in cands),
+            "score: 'candidates' must be a list of answers (text)",
+        )
+        _check(
+            1 <= len(cands) <= self.MAX_CANDIDATES,
+            f"score: give from 1 to {self.MAX_CANDIDATES} candidates, not {len(cands)}",
+        )
+        object.__setattr__(self, "candidates", tuple(cands))
+        _check(self.scorer in SCORERS, f"score: 'scorer' must be one of {', '.join(SCORERS)}, not {self.scorer!r}")
+        _check(isinstance(self.reward_model, str), "score: 'reward_model' must be a folder or run id")
+        _check(
+            self.scorer != "reward_model" or self.reward_model.strip() != "",
+            "score: scorer 'reward_model' needs 'reward_model': a reward model's folder or run id",
+        )
+        _check(self.adapter is None or isinstance(self.adapter, str), "score: 'adapter' must be a name or null")
+        _check(isinstance(self.reference, str), "score: 'reference' must be an adapter name ('' for the base)")
+        _check(_is_num(self.beta) and self.beta > 0, "score: 'beta' must be a finite number above 0 (typical: 0.1)")
+
+
+@dataclass(frozen=True)
 class Cancel(Request):
     """Stop request ``target``: a running generation ends with its candidates so far (``cancelled``)."""
 
@@ -342,7 +402,18 @@ class Shutdown(Request):
 
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.type: cls
-    for cls in (LoadModel, AttachAdapter, SetActive, DetachAdapter, Generate, GenerateBatch, Cancel, Unload, Shutdown)
+    for cls in (
+        LoadModel,
+        AttachAdapter,
+        SetActive,
+        DetachAdapter,
+        Generate,
+        GenerateBatch,
+        Score,
+        Cancel,
+        Unload,
+        Shutdown,
+    )
 }
 
 
@@ -438,6 +509,17 @@ class Generated(Reply):
 
 
 @dataclass(frozen=True)
+class Scores(Reply):
+    """The final reply to a score request: ``scores[i]`` is candidate i's (higher is better)."""
+
+    type: ClassVar[str] = "scores"
+    scores: tuple[float, ...] = ()
+    scorer: str = ""
+    source: str = ""  # the reward model's folder, or "adapter against reference" for implicit_dpo
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class Cancelled(Reply):
     """Answers a cancel request at once; ``found`` tells whether ``target`` was running or queued."""
 
@@ -468,10 +550,10 @@ class Error(Reply):
 
 REPLY_TYPES: dict[str, type[Reply]] = {
     cls.type: cls
-    for cls in (Ready, Loaded, AdapterAttached, Active, Delta, Done, Generated, Cancelled, Unloaded, Bye, Error)
+    for cls in (Ready, Loaded, AdapterAttached, Active, Delta, Done, Generated, Scores, Cancelled, Unloaded, Bye, Error)
 }
 FINAL_TYPES = frozenset(
-    {"loaded", "adapter", "active", "generated", "cancelled", "unloaded", "bye", "error"}
+    {"loaded", "adapter", "active", "generated", "scores", "cancelled", "unloaded", "bye", "error"}
 )  # one of these ends each request
 
 
@@ -524,6 +606,8 @@ def parse_reply(line: str | bytes) -> Reply:
         raise ProtocolError(f"unknown reply type {data.get('type')!r}")
     if cls is Active and isinstance(data.get("attached"), list):
         data = {**data, "attached": tuple(data["attached"])}
+    if cls is Scores and isinstance(data.get("scores"), list):
+        data = {**data, "scores": tuple(data["scores"])}
     return _build(cls, data)
 
 

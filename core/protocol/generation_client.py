@@ -29,6 +29,14 @@ class WorkerDied(RuntimeError):
     """The worker process ended while a reply was awaited."""
 
 
+class RequestFailed(RuntimeError):
+    """The worker answered a request with an :class:`~core.protocol.generation.Error` (``error`` holds it)."""
+
+    def __init__(self, error: gp.Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def worker_argv(threads: int = 0) -> list[str]:
     return [*python_argv(), "-m", "finetune_studio.engine", "serve", "--threads", str(threads)]
 
@@ -158,6 +166,16 @@ class GenerationClient:
     def call(self, request: gp.Request, timeout: float = 300) -> list[gp.Reply]:
         """Send ``request`` and return all its replies, the final one last."""
         return list(self.stream(request, timeout))
+
+    def score(self, request: gp.Score, timeout: float = 300) -> gp.Scores:
+        """Send a :class:`~core.protocol.generation.Score` request and return its :class:`Scores` (one float per
+        candidate, in order); :class:`RequestFailed` when the worker answers with an error."""
+        final = self.call(request, timeout)[-1]
+        if isinstance(final, gp.Error):
+            raise RequestFailed(final)
+        if not isinstance(final, gp.Scores):
+            raise RequestFailed(gp.Error(id=request.id, message=f"score was answered with {final.type!r}"))
+        return final
 
     def _next(self, request_id: str, timeout: float) -> gp.Reply:
         stash = self._stash.get(request_id)

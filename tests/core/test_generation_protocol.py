@@ -53,6 +53,7 @@ def test_every_reply_round_trips():
         gp.Generated(id="11", candidates=3, prompt_tokens=20, new_tokens=9, prompts=2),
         gp.Done(id="5", candidate=2, text="Hé!", tokens=5, finish_reason="length", elapsed_s=0.5, adapter="sft"),
         gp.Generated(id="5", candidates=4, prompt_tokens=10, new_tokens=20, elapsed_s=1.0, tokens_per_s=20.0),
+        gp.Scores(id="12", scores=(0.5, -1.25), scorer="reward_model", source="/r/adapter", elapsed_s=0.1),
         gp.Cancelled(id="7", target="5", found=True),
         gp.Unloaded(id="8"),
         gp.Bye(id="9"),
@@ -61,7 +62,7 @@ def test_every_reply_round_trips():
     for reply in replies:
         assert gp.parse_reply(reply.to_json()) == reply
     finals = {r.type for r in replies if gp.is_final(r)}
-    assert finals == {"loaded", "adapter", "active", "generated", "cancelled", "unloaded", "bye", "error"}
+    assert finals == {"loaded", "adapter", "active", "generated", "scores", "cancelled", "unloaded", "bye", "error"}
     assert set(gp.REPLY_TYPES) - finals == {"ready", "delta", "done"}
 
 
