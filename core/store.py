@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -68,6 +69,12 @@ _NUMBERS: dict[object, type] = {int: int, float: float, float | None: float, int
 
 
 METRIC_COLUMNS = _metric_columns()  # name -> int or float
+# An objective's own figures (a Step's or Eval's ``metrics``, by name: GRPO's ``reward/<name>``, ``kl``...), one row
+# per figure, as the names differ from run to run.
+NAMED_METRICS_SQL = (
+    "CREATE TABLE IF NOT EXISTS named_metrics (run_id TEXT NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL, "
+    "name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, kind, step, name))"
+)
 SCHEMA_VERSION = 2  # 2: the preference store (core/preferences.py), run lineage, samples, best checkpoint
 # Run columns added without a schema version of their own, created on open where missing (older databases work).
 LATER_RUN_COLUMNS = {
@@ -337,6 +344,7 @@ class Store:
                 self.db.enable_wal()
             self._migrate()
             self._add_later_columns()
+            self._add_later_tables()
             self.preferences = preferences.PreferenceStore(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -495,6 +503,12 @@ class Store:
                 except sqlite3.OperationalError:  # another process added it meanwhile
                     pass
 
+    def _add_later_tables(self) -> None:
+        """Tables added without a schema version of their own, created on open where missing."""
+        have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+        if "named_metrics" not in have:
+            self.db.execute(NAMED_METRICS_SQL)
+
     # --- runs ---------------------------------------------------------------
     def create_run(
         self,
@@ -582,9 +596,37 @@ class Store:
 
     # --- metrics ------------------------------------------------------------
     def add_metrics(self, run_id: str, kind: str, step: int, values: dict[str, Any]) -> None:
+        """One step's figures: the columns' (:data:`METRIC_COLUMNS`), and an objective's own figures by name under
+        ``values["metrics"]`` (a Step's or Eval's ``metrics``: GRPO's ``reward/<name>``, ``kl``...)."""
         row = {"run_id": run_id, "kind": kind, "step": step, "time": now()}
         row.update({k: v for k, v in values.items() if k in METRIC_COLUMNS and v is not None})
-        self._write(lambda: self.db.table("metrics").upsert(row, pk=("run_id", "kind", "step")))
+        named = [
+            (run_id, kind, step, str(k), float(v))
+            for k, v in (values.get("metrics") or {}).items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        ]
+
+        def write() -> None:
+            self.db.table("metrics").upsert(row, pk=("run_id", "kind", "step"))
+            if named:  # a write kept while busy is made again whole: both parts are upserts
+                with preferences.transaction(self.db.conn) as conn:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO named_metrics (run_id, kind, step, name, value) VALUES (?, ?, ?, ?, ?)",
+                        named,
+                    )
+
+        self._write(write)
+
+    def named_metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> dict[int, dict[str, float]]:
+        """An objective's own figures by step, then by name (what ``add_metrics`` got as ``values["metrics"]``)."""
+        out: dict[int, dict[str, float]] = {}
+        rows = self.db.execute(
+            "SELECT step, name, value FROM named_metrics WHERE run_id = ? AND kind = ? AND step > ? ORDER BY step",
+            [run_id, kind, since_step],
+        ).fetchall()
+        for step, name, value in rows:
+            out.setdefault(int(step), {})[name] = float(value)
+        return out
 
     def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[MetricRow]:
         rows = self.db["metrics"].rows_where(
@@ -594,7 +636,13 @@ class Store:
 
     def delete_metrics_after(self, run_id: str, step: int) -> None:
         """A resumed run re-trains the steps after its checkpoint: drop their old rows."""
-        self._write(lambda: self.db.execute("delete from metrics where run_id = ? and step > ?", [run_id, step]))
+
+        def write() -> None:
+            with preferences.transaction(self.db.conn) as conn:
+                conn.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
+                conn.execute("delete from named_metrics where run_id = ? and step > ?", [run_id, step])
+
+        self._write(write)
 
     def lineage(self, run_id: str) -> list[RunRecord]:
         """The run and the runs it started from (``init_adapter``), oldest first."""

@@ -110,6 +110,7 @@ class Reporter:
                     "reward_accuracy",
                 )
             }
+            values["metrics"] = event.metrics  # an objective's own figures by name (GRPO's reward/<name>, kl...)
             s.add_metrics(rid, "train", event.step, values)
             s.update_run(rid, step=event.step, final_loss=event.loss, memory_peak_bytes=event.memory_peak_bytes)
         elif isinstance(event, ev.Eval):
@@ -121,6 +122,7 @@ class Reporter:
                     "eval_loss": event.eval_loss,
                     "reward_margin": event.reward_margin,
                     "reward_accuracy": event.reward_accuracy,
+                    "metrics": event.metrics,
                 },
             )
             s.update_run(rid, eval_loss=event.eval_loss)
