@@ -67,10 +67,10 @@ def quality(folder, prompts: list[str], new_tokens: int, options: list[str]) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune_studio.engine.generate.decode import decode_batch
-    from finetune_studio.engine.generate.int4 import quantize_linears_int4
-    from finetune_studio.engine.generate.int8 import quantize_linears_int8
-    from finetune_studio.engine.generate.token_sampling import Sampler
+    from finetune_studio.engine.decoding.decode import decode_batch
+    from finetune_studio.engine.decoding.int4 import quantize_linears_int4
+    from finetune_studio.engine.decoding.int8 import quantize_linears_int8
+    from finetune_studio.engine.decoding.token_sampling import Sampler
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     ids = []

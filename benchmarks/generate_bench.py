@@ -8,8 +8,8 @@ Both sides use the same model, CPU threads, prompt (through the chat template), 
 as a caller sees it: a real ``serve`` subprocess, time from sending the request to its final reply (JSON lines,
 streaming every 4 tokens included), with ``weights: full`` (float32, the same computation as plain ``generate``),
 ``weights: int8`` (weight-only int8 linear layers) and ``weights: int4`` (group-wise int4, the head int8). The
-worker decodes with its own loop (``engine.generate.decode``: one prefill shared by the candidates, a preallocated KV
-cache) and sampler (``engine.generate.token_sampling``: the same kept tokens as transformers' warpers, another random
+worker decodes with its own loop (``engine.decoding.decode``: one prefill shared by the candidates, a preallocated KV
+cache) and sampler (``engine.decoding.token_sampling``: the same kept tokens as transformers' warpers, another random
 stream),
 so its texts differ from plain ``generate``'s for one seed, and candidates may end at other lengths: the figures
 count the new tokens each side made. Each figure is the best of ``--repeats`` runs.

@@ -6,7 +6,7 @@ For each of ``--prompts`` chat prompts (through the chat template), float32 gree
 tokens; that continuation is then teacher-forced through each variant (one forward over prompt + continuation)
 and the next-token distributions at the continuation's positions are compared with float32's: mean
 KL(float32 || variant) in nats, and top-1 agreement (the variant's most likely token is float32's). Each variant
-also greedy-decodes on its own (the worker's decode loop, ``engine.generate.decode``): the identical-prefix length is
+also greedy-decodes on its own (the worker's decode loop, ``engine.decoding.decode``): the identical-prefix length is
 how
 many of its first tokens equal float32's (mean over prompts, and how many prompts match all the way).
 Variants: int8 (per-channel, every linear layer), int4 with groups of 32/64 (the head in int8, and layers the
@@ -47,8 +47,8 @@ PROMPTS = [
 
 def variants():
     """(name, function quantising a float32 model in place, or None for float32 itself)."""
-    from finetune_studio.engine.generate.int4 import quantize_linears_int4
-    from finetune_studio.engine.generate.int8 import quantize_linears_int8
+    from finetune_studio.engine.decoding.int4 import quantize_linears_int4
+    from finetune_studio.engine.decoding.int8 import quantize_linears_int8
 
     yield "float32", None
     yield "int8", quantize_linears_int8
@@ -58,8 +58,8 @@ def variants():
 
 
 def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    from finetune_studio.engine.generate.decode import decode
-    from finetune_studio.engine.generate.token_sampling import Sampler
+    from finetune_studio.engine.decoding.decode import decode
+    from finetune_studio.engine.decoding.token_sampling import Sampler
 
     out: list[int] = []
 

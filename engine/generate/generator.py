@@ -4,10 +4,10 @@ One :class:`Session` holds a base model, its tokenizer, and any number of named 
 with PEFT (``load_adapter``), so switching adapters never reloads the base. "Base" generation runs inside
 ``disable_adapter()``: the adapter layers are really bypassed, not just scaled.
 
-:meth:`Session.generate` decodes the ``n`` candidates as one batch with :func:`engine.generate.decode.decode` (the
+:meth:`Session.generate` decodes the ``n`` candidates as one batch with :func:`engine.decoding.decode.decode` (the
 prompt run once, a preallocated KV cache, sampling without sorting the vocabulary:
-:mod:`engine.generate.token_sampling`); :meth:`Session.generate_batch` decodes several prompts' candidates as one
-batch (:func:`engine.generate.decode.decode_batch`). One streamer per prompt turns the new tokens into
+:mod:`engine.decoding.token_sampling`); :meth:`Session.generate_batch` decodes several prompts' candidates as one
+batch (:func:`engine.decoding.decode.decode_batch`). One streamer per prompt turns the new tokens into
 :class:`~core.protocol.generation.Delta` events every few tokens and notices stop strings and per-candidate ends;
 the loop checks the cancel flag every step. The per-step work outside the model is one ``.tolist()`` of the rows'
 token ids plus a few list appends.
@@ -140,8 +140,8 @@ class Session:
         if weights in ("int8", "int4") and req.device == "auto" and device != "cpu" and not req.quantize_4bit:
             weights = "full"  # a CPU speed-up: on the GPU "auto" picked, the weights as loaded (Loaded says so)
         if weights in ("int8", "int4"):
-            from finetune_studio.engine.generate.int4 import int4_available
-            from finetune_studio.engine.generate.int8 import int8_available
+            from finetune_studio.engine.decoding.int4 import int4_available
+            from finetune_studio.engine.decoding.int8 import int8_available
 
             available = int8_available() and (weights == "int8" or int4_available())
             if device != "cpu" or req.quantize_4bit or not available:
@@ -156,11 +156,11 @@ class Session:
             dtype = compute_dtype(req.dtype, device)
             model = load_causal_lm(folder, dtype=dtype, device=device, quantize_4bit=req.quantize_4bit, options=options)
             if weights == "int8":
-                from finetune_studio.engine.generate.int8 import quantize_linears_int8
+                from finetune_studio.engine.decoding.int8 import quantize_linears_int8
 
                 quantize_linears_int8(model)  # bfloat16 inside the int8 matmul (its fast path), float32 around it
             elif weights == "int4":
-                from finetune_studio.engine.generate.int4 import quantize_linears_int4
+                from finetune_studio.engine.decoding.int4 import quantize_linears_int4
 
                 quantize_linears_int4(model)  # int4 groups of 32, the head int8; bfloat16 products
         except ModelError as exc:
@@ -363,8 +363,8 @@ class Session:
         ]
         cancelled = cancel.is_set()
         if not cancelled:
-            from finetune_studio.engine.generate.decode import decode_batch
-            from finetune_studio.engine.generate.token_sampling import Sampler
+            from finetune_studio.engine.decoding.decode import decode_batch
+            from finetune_studio.engine.decoding.token_sampling import Sampler
 
             sampler = Sampler(req.temperature, req.top_k, req.top_p)
             pad = self.tokenizer.pad_token_id

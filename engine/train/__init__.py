@@ -7,6 +7,6 @@ events go (``reporting``), the memory budget and thread count (``memory_budget``
 census (``saved_tensors``), the model patches that wire in kernels and mixed precision (``model_patches/``) and a
 run on several processes (``distributed/``).
 
-May import: ``datasets``, the shared engine modules (models, checkpoint, logs), kernels, core, and the ML stack;
-never ``generate`` or ``export`` (its siblings), ``demo`` or the CLI (import-linter: "The engine is layered").
+May import: ``decoding``, ``datasets``, the shared engine modules (models, checkpoint, logs), kernels, core, and the
+ML stack; never ``generate`` or ``export`` (its siblings), ``demo`` or the CLI (import-linter: "The engine is layered").
 """

@@ -1,4 +1,4 @@
-"""The worker's decode loop (engine.generate.decode) on the tiny Llama: greedy equals transformers' generate, the fast
+"""The worker's decode loop (engine.decoding.decode) on the tiny Llama: greedy equals transformers' generate, the fast
 step
 gives the model's own logits, every sampled token is one the filters keep given the plain model's logits, ended
 candidates leave the batch without disturbing the others, cancel stops it."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from finetune_studio.engine.generate.decode import _expand_cache, _fast_step, decode, decode_batch
-from finetune_studio.engine.generate.int4 import quantize_linears_int4
-from finetune_studio.engine.generate.int8 import quantize_linears_int8
-from finetune_studio.engine.generate.token_sampling import Sampler
+from finetune_studio.engine.decoding.decode import _expand_cache, _fast_step, decode, decode_batch
+from finetune_studio.engine.decoding.int4 import quantize_linears_int4
+from finetune_studio.engine.decoding.int8 import quantize_linears_int8
+from finetune_studio.engine.decoding.token_sampling import Sampler
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61]
 

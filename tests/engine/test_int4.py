@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_studio.engine.generate.int4 import (
+from finetune_studio.engine.decoding.int4 import (
     dequantize_int4,
     int4_fits,
     int4_matmul,

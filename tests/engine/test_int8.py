@@ -2,7 +2,7 @@
 
 import torch
 
-from finetune_studio.engine.generate.int8 import quantize_linears_int8
+from finetune_studio.engine.decoding.int8 import quantize_linears_int8
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]])
 
@@ -37,7 +37,7 @@ def test_int8_logits_are_close_to_full_precision_and_lora_still_applies(tiny_mod
 def test_projections_reading_one_input_share_one_stacked_int8_weight(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from finetune_studio.engine.generate.int8 import int8_matmul, stacked
+    from finetune_studio.engine.decoding.int8 import int8_matmul, stacked
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     quantize_linears_int8(model)

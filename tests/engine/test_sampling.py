@@ -1,4 +1,4 @@
-"""The worker's sampler (engine.generate.token_sampling): the kept set is transformers' warpers' own, draws follow it,
+"""The worker's sampler (engine.decoding.token_sampling): the kept set is transformers' warpers' own, draws follow it,
 and one
 seed gives one stream."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from finetune_studio.engine.generate.token_sampling import Sampler
+from finetune_studio.engine.decoding.token_sampling import Sampler
 
 CASES = [  # (vocab, logit spread, top_p, temperature, top_k)
     (50, 0.1, 0.5, 0.7, 0),

@@ -6,7 +6,7 @@ Instead of transformers' ``generate`` (which runs the prompt ``n`` times, grows 
 1. runs the prompt once (batch 1, logits of the last position only) and copies its keys and values ``n`` times
    into buffers sized for the whole answer, written in place at each step (:class:`PreallocatedLayer`; models
    whose cache is not made of plain full-attention layers keep transformers' own cache, repeated ``n`` times);
-2. samples with :class:`~engine.generate.token_sampling.Sampler` (greedy decoding runs one row, copied to every
+2. samples with :class:`~engine.decoding.token_sampling.Sampler` (greedy decoding runs one row, copied to every
 candidate);
 3. hands each step's ``n`` token ids to ``on_tokens``, which says which candidates have ended, and drops ended
    candidates from the batch, so the remaining ones decode faster.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from finetune_studio.engine.generate.token_sampling import Sampler
+from finetune_studio.engine.decoding.token_sampling import Sampler
 
 OnTokens = Callable[[list[int]], list[bool]]  # one token id per candidate -> which candidates have ended
 
@@ -123,8 +123,8 @@ def _fast_step(model, cache):
     with the glue written out: no mask building, no per-layer keyword plumbing, the cache buffers written directly.
     The same operations as transformers' forward (the same logits); None where the model does not fit.
     """
-    from finetune_studio.engine.generate.int4 import int4_matmul, stacked_int4
-    from finetune_studio.engine.generate.int8 import int8_matmul, stacked
+    from finetune_studio.engine.decoding.int4 import int4_matmul, stacked_int4
+    from finetune_studio.engine.decoding.int8 import int8_matmul, stacked
 
     preallocated = _cache_classes()[2]
     inner, config = getattr(model, "model", None), getattr(model, "config", None)

@@ -11,7 +11,7 @@ speed. The outputs are close to, not equal to, full precision: the worker's defa
 
 Projections that read the same input (attention's q/k/v, a SwiGLU MLP's gate/up) also get one stacked int8
 weight on their parent (:data:`GROUPS`), and each projection's own int8 weight becomes a view of its rows: one
-matmul instead of three (or two) in the decode loop's fast path (:mod:`engine.generate.decode`), no extra memory.
+matmul instead of three (or two) in the decode loop's fast path (:mod:`engine.decoding.decode`), no extra memory.
 """
 
 from __future__ import annotations

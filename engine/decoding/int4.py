@@ -4,7 +4,7 @@ Each ``nn.Linear`` whose shape the kernel takes keeps a packed int4 copy of its 
 along the input features: each run of ``group_size`` weights of a row gets a scale ``s = (max - min) / 15`` and
 a zero point, ``W ~= (q - 8) * s + z`` with ``q = round((W - min) / s)`` in [0, 15] and ``z = min + 8 s`` (the
 layout of ``torch._weight_int4pack_mm_for_cpu``: scales and zeros as one ``(in / group, out, 2)`` bfloat16
-tensor). The product is computed in bfloat16 and cast back to the activations' dtype, like :mod:`engine.generate.int8`.
+tensor). The product is computed in bfloat16 and cast back to the activations' dtype, like :mod:`engine.decoding.int8`.
 
 The kernel needs ``in_features`` to be a multiple of the group size and ``out_features`` a multiple of 16; other
 layers fall back to int8 (:func:`int4_fits` says which). The vocabulary head stays int8 by default
@@ -12,7 +12,7 @@ layers fall back to int8 (:func:`int4_fits` says which). The vocabulary head sta
 weight stays (PEFT adapter layers read it) and the outputs are close to, not equal to, full precision.
 
 Projections reading one input (q/k/v, gate/up) also get one stacked int4 weight on their parent
-(:data:`GROUPS`): one matmul in the decode loop's fast path (:mod:`engine.generate.decode`). The CPU packing is blocked
+(:data:`GROUPS`): one matmul in the decode loop's fast path (:mod:`engine.decoding.decode`). The CPU packing is blocked
 by rows, so each projection's weight is a view of its rows of the stack where the packing allows it (checked),
 a copy of its own otherwise.
 """
@@ -25,7 +25,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from finetune_studio.engine.generate.int8 import quantize_linear_int8, stack_int8_groups
+from finetune_studio.engine.decoding.int8 import quantize_linear_int8, stack_int8_groups
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # measured: benchmarks/quant_quality.py (RESULTS.md, "Generation worker speed")
