@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 METHODS = ("lora", "qlora", "dora", "qdora")
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "reward")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -29,6 +29,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "bf16-mixed")
 LOSS_ON = ("assistant", "all")
 PARALLELISMS = ("ddp", "fsdp")
 LONGEST_FIRST = ("auto", "on", "off")
+DISTILL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TEACHER_PRECISIONS = ("auto", "16-bit", "4-bit")
 KERNELS = ("auto", "triton", "torch")
 
 # The whole-number fields' allowed ranges (inclusive). The upper bounds keep a typo or an exponent (1e30, 2**70) from
@@ -81,7 +83,7 @@ class TrainConfig:
     )
     dataset: str = _f(
         "",
-        "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`; for DPO also "
+        "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`; for DPO and reward also "
         "'pairs:latest' (the preference store now) or 'pairs:<snapshot id>' (an earlier export).",
     )
     dataset_mapping: dict[str, Any] = _f(
@@ -98,7 +100,8 @@ class TrainConfig:
     )
     objective: str = _f(
         "sft",
-        "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over the rejected one.",
+        "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over the rejected one; reward "
+        "trains a reward model (the adapter and a scalar head) that scores answers as the preference pairs do.",
         choices=OBJECTIVES,
     )
     run_name: str = _f("", "A name for the run shown in the runs list; empty picks one from model and method.")
@@ -232,6 +235,15 @@ class TrainConfig:
         advanced=True,
     )
 
+    # --- reward model -------------------------------------------------------
+    reward_margin: float = _f(
+        0.0,
+        "Reward model: the chosen answer must out-score the rejected one by this much before the loss lets go "
+        "(-log sigmoid(r_chosen - r_rejected - margin)); 0 is the plain Bradley-Terry loss. Pairs carry no "
+        "strength, so one margin serves every pair.",
+        advanced=True,
+    )
+
     kernels: str = _f(
         "auto",
         "Fast kernels for the output head's log-probs and DoRA's weight norm: auto uses a Triton kernel only where "
@@ -239,6 +251,49 @@ class TrainConfig:
         "keeps the PyTorch paths.",
         advanced=True,
         choices=KERNELS,
+    )
+
+    # --- distillation (objective distill) ---------------------------------------
+    distill_teacher: str = _f(
+        "",
+        "Distillation: the teacher, a model ('default', a local folder, a .gguf file, a hub id in the cache) or an "
+        "adapter on its base (a run id for its final adapter, RUN:best, RUN:step-000050, or an adapter folder). "
+        "It must use the student's tokenizer.",
+        advanced=True,
+    )
+    distill_alpha: float = _f(
+        0.5,
+        "Distillation: the loss is alpha x T^2 x the divergence to the teacher + (1 - alpha) x the cross-entropy of "
+        "the trained tokens; 1 learns from the teacher alone, 0 is plain SFT.",
+        advanced=True,
+    )
+    distill_temperature: float = _f(
+        1.0,
+        "Distillation: both models' logits are divided by T before the divergence; above 1 softens them.",
+        advanced=True,
+    )
+    distill_divergence: str = _f(
+        "forward_kl",
+        "Distillation: forward KL(teacher || student) covers all the teacher's choices; reverse KL(student || "
+        "teacher) settles on its likeliest; JSD blends the two by distill_jsd_beta.",
+        advanced=True,
+        choices=DISTILL_DIVERGENCES,
+    )
+    distill_jsd_beta: float = _f(
+        0.5, "Distillation with JSD: the teacher's weight in the mixture, between 0 and 1 (exclusive).", advanced=True
+    )
+    distill_on_policy: bool = _f(
+        False,
+        "Distillation on the student's own answers (sampled at each step, the teacher scoring them) instead of the "
+        "dataset's.",
+        advanced=True,
+    )
+    distill_teacher_precision: str = _f(
+        "auto",
+        "Distillation: the teacher's weights in the run's compute dtype (auto), in 16 bits, or in 4-bit NF4 (a CUDA "
+        "GPU or the CPU); it never trains.",
+        advanced=True,
+        choices=TEACHER_PRECISIONS,
     )
 
     # --- several processes (train --nproc N) ------------------------------------
@@ -309,6 +364,11 @@ class TrainConfig:
         )
         need(_num(self.dpo_beta) and self.dpo_beta > 0, "dpo_beta", "must be a finite number above 0 (typical: 0.1)")
         need(
+            _num(self.reward_margin) and 0 <= self.reward_margin <= 100,
+            "reward_margin",
+            f"must be a number from 0 to 100 (typical: 0), not {_show(self.reward_margin)}",
+        )
+        need(
             _num(self.dpo_label_smoothing) and 0 <= self.dpo_label_smoothing < 0.5,
             "dpo_label_smoothing",
             "must be in [0, 0.5)",
@@ -320,6 +380,33 @@ class TrainConfig:
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
         need(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         need(self.parallelism in PARALLELISMS, "parallelism", f"must be one of {', '.join(PARALLELISMS)}")
+        need(
+            self.objective != "distill"
+            or (isinstance(self.distill_teacher, str) and bool(self.distill_teacher.strip())),
+            "distill_teacher",
+            "name the teacher: a model folder, 'default', or a run id / adapter folder of a tuned model",
+        )
+        need(_num(self.distill_alpha) and 0 <= self.distill_alpha <= 1, "distill_alpha", "must be in [0, 1]")
+        need(
+            _num(self.distill_temperature) and 0 < self.distill_temperature <= 100,
+            "distill_temperature",
+            f"must be above 0 and at most 100 (typical: 1 or 2), not {_show(self.distill_temperature)}",
+        )
+        need(
+            self.distill_divergence in DISTILL_DIVERGENCES,
+            "distill_divergence",
+            f"must be one of {', '.join(DISTILL_DIVERGENCES)}, not {self.distill_divergence!r}",
+        )
+        need(
+            _num(self.distill_jsd_beta) and 0 < self.distill_jsd_beta < 1,
+            "distill_jsd_beta",
+            "must be between 0 and 1, exclusive (0 and 1 are the two KLs: choose forward_kl or reverse_kl)",
+        )
+        need(
+            self.distill_teacher_precision in TEACHER_PRECISIONS,
+            "distill_teacher_precision",
+            f"must be one of {', '.join(TEACHER_PRECISIONS)}",
+        )
         need(
             self.longest_batch_first in LONGEST_FIRST,
             "longest_batch_first",
@@ -339,9 +426,9 @@ class TrainConfig:
             "needs evaluations: set eval_every and validation_fraction above 0",
         )
         need(
-            not self.dataset.startswith("pairs:") or self.objective == "dpo",
+            not self.dataset.startswith("pairs:") or self.objective in ("dpo", "reward"),
             "dataset",
-            "the preference store (pairs:...) holds DPO pairs: choose the DPO objective",
+            "the preference store (pairs:...) holds preference pairs: choose the DPO or reward objective",
         )
         for flag in (
             "use_rslora",
@@ -349,6 +436,7 @@ class TrainConfig:
             "fused_ops",
             "packing",
             "precompute_reference",
+            "distill_on_policy",
             "allow_pickle",
             "trust_remote_code",
             "ignore_memory_check",
