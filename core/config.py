@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 METHODS = ("lora", "qlora", "dora", "qdora")
-OBJECTIVES = ("sft", "dpo", "reward")
+OBJECTIVES = ("sft", "dpo", "reward", "grpo")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -32,6 +32,7 @@ LONGEST_FIRST = ("auto", "on", "off")
 DISTILL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_PRECISIONS = ("auto", "16-bit", "4-bit")
 KERNELS = ("auto", "triton", "torch")
+GRPO_LOSSES = ("sequence", "token", "dr_grpo")
 
 # The whole-number fields' allowed ranges (inclusive). The upper bounds keep a typo or an exponent (1e30, 2**70) from
 # reaching the trainer, where it would overflow, run for ever, or read as running out of memory.
@@ -50,6 +51,9 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "sample_prompts": (0, 10_000),
     "sample_max_new_tokens": (0, 2**20),
     "early_stopping_patience": (0, 10**6),
+    "grpo_group_size": (2, 1024),  # one answer alone has no group to be better than
+    "grpo_max_new_tokens": (1, 2**16),
+    "grpo_updates_per_batch": (1, 64),
 }
 MAX_EPOCHS = 1_000_000
 
@@ -296,6 +300,46 @@ class TrainConfig:
         choices=TEACHER_PRECISIONS,
     )
 
+    # --- online RL (objective grpo) -------------------------------------------
+    grpo_group_size: int = _f(
+        8,
+        "GRPO: answers sampled per prompt (G); each answer's advantage is its reward against its group's mean.",
+        advanced=True,
+    )
+    grpo_max_new_tokens: int = _f(
+        128,
+        "GRPO: longest sampled answer in tokens; prompts are cut from the front to leave room for it in max_length.",
+        advanced=True,
+    )
+    grpo_temperature: float = _f(
+        1.0, "GRPO: sampling temperature of the answers (above 0: a group needs different answers).", advanced=True
+    )
+    grpo_beta: float = _f(
+        0.04,
+        "GRPO: weight of the KL penalty to the reference (the model training started from); 0 drops the "
+        "reference pass.",
+        advanced=True,
+    )
+    grpo_epsilon: float = _f(
+        0.2,
+        "GRPO: the probability ratio to the sampling policy is clipped to [1 - epsilon, 1 + epsilon].",
+        advanced=True,
+    )
+    grpo_loss: str = _f(
+        "sequence",
+        "GRPO loss normalisation: sequence (each answer's mean over its tokens, then the mean over answers), token "
+        "(the sum over all answer tokens / their count) or dr_grpo (the sum / (answers x grpo_max_new_tokens), and "
+        "advantages not divided by the group's spread).",
+        advanced=True,
+        choices=GRPO_LOSSES,
+    )
+    grpo_updates_per_batch: int = _f(
+        1,
+        "GRPO: optimizer steps taken on each batch of sampled answers (mu), the ratio measured against the policy "
+        "that sampled them; 1 is the plain policy gradient.",
+        advanced=True,
+    )
+
     # --- several processes (train --nproc N) ------------------------------------
     parallelism: str = _f(
         "ddp",
@@ -406,6 +450,31 @@ class TrainConfig:
             self.distill_teacher_precision in TEACHER_PRECISIONS,
             "distill_teacher_precision",
             f"must be one of {', '.join(TEACHER_PRECISIONS)}",
+        )
+        need(
+            _num(self.grpo_temperature) and 0 < self.grpo_temperature <= 10,
+            "grpo_temperature",
+            f"must be above 0 and at most 10 (typical: 1), not {_show(self.grpo_temperature)}",
+        )
+        need(
+            _num(self.grpo_beta) and 0 <= self.grpo_beta <= 100,
+            "grpo_beta",
+            f"must be a number from 0 to 100 (typical: 0.04; 0: no KL term), not {_show(self.grpo_beta)}",
+        )
+        need(
+            _num(self.grpo_epsilon) and 0 < self.grpo_epsilon < 1,
+            "grpo_epsilon",
+            f"must be above 0 and below 1 (typical: 0.2), not {_show(self.grpo_epsilon)}",
+        )
+        need(
+            self.grpo_loss in GRPO_LOSSES,
+            "grpo_loss",
+            f"must be one of {', '.join(GRPO_LOSSES)}, not {self.grpo_loss!r}",
+        )
+        need(
+            self.objective != "grpo" or self.grpo_max_new_tokens < self.max_length,
+            "grpo_max_new_tokens",
+            f"must be below max_length ({self.max_length}): the prompt and the answer share it",
         )
         need(
             self.longest_batch_first in LONGEST_FIRST,

@@ -32,7 +32,7 @@ from finetune_studio.studio.widgets.model_panel import ModelPanel
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
-OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO"}
+OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}
 PARALLELISM_LABELS = {"ddp": "DDP", "fsdp": "FSDP"}
 PROCESSES_HELP = (
     "Train on several GPUs of this machine: one process per GPU (train --nproc N). Each process trains its "
@@ -99,7 +99,8 @@ class SetupPage(QWidget):
         left.setWidget(choices)
 
         self.method = Segmented(state, "method", {m: METHOD_LABELS[m] for m in METHODS}, self)
-        self.objective = Segmented(state, "objective", {o: OBJECTIVE_LABELS[o] for o in OBJECTIVES}, self)
+        labels = {o: OBJECTIVE_LABELS.get(o, o.upper()) for o in OBJECTIVES}  # a new objective shows its name
+        self.objective = Segmented(state, "objective", labels, self)
         self.method_error, self.objective_error = ErrorLabel(self), ErrorLabel(self)
         self.presets = load_presets()
         self.preset_box = QComboBox(self)
