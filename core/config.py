@@ -87,8 +87,8 @@ class TrainConfig:
     )
     dataset: str = _f(
         "",
-        "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`; for DPO and reward also "
-        "'pairs:latest' (the preference store now) or 'pairs:<snapshot id>' (an earlier export).",
+        "Training data: a JSON, JSONL, CSV, TSV or Parquet file, or a folder saved by `datasets`; for DPO and "
+        "reward also 'pairs:latest' (the preference store now) or 'pairs:<snapshot id>' (an earlier export).",
     )
     dataset_mapping: dict[str, Any] = _f(
         {},
@@ -339,6 +339,13 @@ class TrainConfig:
         "that sampled them; 1 is the plain policy gradient.",
         advanced=True,
     )
+    rewards: list[dict[str, Any]] = _f(
+        [],
+        "GRPO: the reward functions and their weights, e.g. [{'kind': 'json_valid'}, {'kind': 'exact_match', "
+        "'column': 'answer', 'weight': 2}]; kinds: json_valid, json_schema, exact_match, token_f1, regex, length, "
+        "contains, not_contains, think_answer, python (your function, run in a sandbox), reward_model.",
+        advanced=True,
+    )
 
     # --- several processes (train --nproc N) ------------------------------------
     parallelism: str = _f(
@@ -489,6 +496,9 @@ class TrainConfig:
             "must be a non-empty list of module names, or ['all-linear']",
         )
         need(isinstance(self.dataset_mapping, dict), "dataset_mapping", "must be a mapping of names")
+        from finetune_studio.core.rewards.spec import parse_rewards  # it reads ConfigError from this module
+
+        parse_rewards(self.rewards)  # ConfigError("rewards", ...) naming the entry
         need(
             not self.early_stopping_patience or (self.eval_every > 0 and self.validation_fraction > 0),
             "early_stopping_patience",
@@ -659,6 +669,8 @@ def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
             except OverflowError:
                 raise ConfigError(name, f"must be a finite number, not {_show(value)}") from None
         return value
+    if name == "rewards" and isinstance(value, str):
+        return _read_rewards(value)
     if isinstance(default, list) and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(default, str) and not isinstance(value, str):
@@ -673,3 +685,20 @@ def _did_you_mean(name: str, known: dict[str, Any]) -> str:
 
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _read_rewards(text: str) -> Any:
+    """``rewards`` given as text (a form, ``--set rewards=...``): YAML or JSON, one mapping or a list of them."""
+    import yaml  # pure Python; part of the shared dependencies
+
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        value = yaml.safe_load(text if text.startswith("[") else f"[{text}]")
+    except yaml.YAMLError as exc:
+        example = "[{kind: json_valid}]"
+        raise ConfigError(
+            "rewards", f"cannot read {text[:80]!r} as a list of rewards such as {example}: {exc}"
+        ) from None
+    return value

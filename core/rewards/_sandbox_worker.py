@@ -1,0 +1,341 @@
+"""The sandboxed worker that runs a person's reward function: ``python -I -B _sandbox_worker.py`` (see ``sandbox``).
+
+Standard library only, and imports nothing of the project: it is started as a file, in a fresh interpreter that
+ignores the environment, the user's site folder and the working folder (``-I``).
+
+Protocol, JSON lines on its own copies of stdin/stdout (the function's ``print`` goes to stderr, its ``input()``
+reads nothing): the parent sends the set-up line ``{"path", "function", "scratch", "memory_mb", "cpu_s",
+"file_size_mb", "max_message_bytes"}``; the worker answers ``{"ok": true, "ready": true, "layers": {...}}`` once the
+function is loaded, or ``{"ok": false, ...}``. Then for each request ``{"prompts", "completions", "columns"}`` one
+answer: ``{"ok": true, "scores": [...]}`` or ``{"ok": false, "error": KIND, "message", "traceback"}`` with KIND one
+of ``load``, ``exception``, ``memory``, ``refused``, ``result``, ``protocol``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import resource
+import sys
+import traceback
+from typing import Any
+
+MAX_TRACEBACK = 6000
+
+
+class Guard:
+    """The audit hook's state: ``trusted`` while the worker itself acts (setting the CPU limit), and every action
+    it refused, so that a refusal the function caught and ignored is still reported."""
+
+    def __init__(self, scratch: str):
+        self.scratch = os.path.realpath(scratch)
+        self.trusted = False
+        self.refused: list[str] = []
+
+    def inside(self, path: Any) -> bool:
+        if isinstance(path, int):  # an open file descriptor: opening one was checked already
+            return True
+        try:
+            text = os.fsdecode(os.fspath(path))
+        except TypeError:
+            return False
+        real = os.path.realpath(text)
+        return real == self.scratch or real.startswith(self.scratch + os.sep) or real == os.devnull
+
+    def check(self, event: str, args: tuple[Any, ...]) -> str | None:
+        """Why ``event`` is refused, or None."""
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None, None))[:3]
+            writes = isinstance(mode, str) and any(c in mode for c in "wax+")
+            if isinstance(flags, int):
+                writes = writes or bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC))
+            if writes and not self.inside(path):
+                return f"write to {_show(path)}, outside its scratch folder"
+            return None
+        if event.startswith("socket."):
+            return f"use the network ({event}{_args(args)})"
+        if event in _PROCESS:
+            return f"start another program or process ({event}{_args(args)})"
+        if event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+            return f"send a signal to a process ({event}{_args(args)})"
+        if event in _CTYPES:
+            return f"call C code through ctypes ({event})"
+        if event in ("resource.setrlimit", "resource.prlimit"):
+            return "change its own limits (resource.setrlimit)"
+        if event in _PATH_FIRST:
+            if not self.inside(args[0]):
+                return f"change {_show(args[0])}, outside its scratch folder ({event})"
+            if event in ("os.remove", "os.rmdir", "os.mkdir", "os.chmod") and _dir_fd(args):
+                return f"change a file relative to a folder descriptor ({event}); use plain paths in the scratch folder"
+            return None
+        if event in _PATH_BOTH:
+            for path in args[:2]:
+                if not self.inside(path):
+                    return f"change {_show(path)}, outside its scratch folder ({event})"
+            return None
+        if event in _PATH_SECOND:
+            if not self.inside(args[1]):
+                return f"write to {_show(args[1])}, outside its scratch folder ({event})"
+            return None
+        if event == "sqlite3.connect":
+            database = args[0] if args else ""
+            if database not in (":memory:", "", b":memory:") and not self.inside(database):
+                return f"open the database {_show(database)}, outside its scratch folder"
+        return None
+
+
+_PROCESS = frozenset(
+    {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.startfile"}
+)
+# ctypes.dlopen stays allowed: numpy and other ordinary libraries load their C parts through it on import.
+_CTYPES = frozenset(
+    {
+        "ctypes.call_function",
+        "ctypes.dlsym",
+        "ctypes.dlsym/handle",
+        "ctypes.cdata",
+        "ctypes.cdata/buffer",
+        "ctypes.string_at",
+        "ctypes.wstring_at",
+        "ctypes.PyObj_FromPtr",
+    }
+)
+_PATH_FIRST = frozenset(
+    {
+        "os.remove",
+        "os.rmdir",
+        "os.mkdir",
+        "os.chmod",
+        "os.chown",
+        "os.lchown",
+        "os.chflags",
+        "os.lchflags",
+        "os.utime",
+        "os.truncate",
+        "os.setxattr",
+        "os.removexattr",
+        "os.mkfifo",
+        "os.mknod",
+        "shutil.rmtree",
+        "shutil.chown",
+    }
+)
+_PATH_BOTH = frozenset({"os.rename", "os.link"})  # a hard link to an outside file would let writes reach it
+_PATH_SECOND = frozenset({"os.symlink", "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.copytree"})
+
+
+def _show(path: Any) -> str:
+    try:
+        return repr(os.path.realpath(os.fsdecode(os.fspath(path))))
+    except TypeError:
+        return repr(path)
+
+
+def _args(args: tuple[Any, ...]) -> str:
+    text = ", ".join(repr(a) for a in args[:3])
+    return f": {text[:160]}" if text else ""
+
+
+def _dir_fd(args: tuple[Any, ...]) -> bool:
+    return any(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in args[1:] if a is not None)
+
+
+def isolate_network() -> str:
+    """Move this process into a new, empty network namespace (Linux); what worked, or why not."""
+    flags = {"CLONE_NEWUSER": 0x10000000, "CLONE_NEWNET": 0x40000000}
+    unshare = getattr(os, "unshare", None)
+    if unshare is None:
+        if not sys.platform.startswith("linux"):
+            return "unavailable: not Linux"
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def unshare(mask: int) -> None:
+            if libc.unshare(mask) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        unshare(flags["CLONE_NEWUSER"] | flags["CLONE_NEWNET"])
+    except OSError as exc:
+        try:
+            unshare(flags["CLONE_NEWNET"])  # root needs no user namespace
+            return "network namespace"
+        except OSError:
+            return f"unavailable: {exc.strerror}"
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        try:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        except OSError:
+            pass
+    return "user and network namespace"
+
+
+def set_limits(config: dict[str, Any]) -> list[str]:
+    mib = 1024 * 1024
+    done = []
+    for name, value in (
+        ("RLIMIT_AS", int(config["memory_mb"]) * mib),
+        ("RLIMIT_FSIZE", int(config["file_size_mb"]) * mib),
+        ("RLIMIT_CORE", 0),
+        ("RLIMIT_NOFILE", 256),
+    ):
+        limit = getattr(resource, name, None)
+        if limit is None:
+            continue
+        try:
+            _, hard = resource.getrlimit(limit)
+            soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(limit, (soft, hard))
+            done.append(name)
+        except (OSError, ValueError):
+            pass
+    return done
+
+
+def set_cpu_limit(guard: Guard, seconds: float) -> None:
+    """Allow ``seconds`` more of CPU time from now (RLIMIT_CPU counts the process's whole life)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds)
+    guard.trusted = True
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    finally:
+        guard.trusted = False
+
+
+class Channel:
+    """JSON lines on the worker's private copies of stdin and stdout."""
+
+    def __init__(self, max_bytes: int = 1 << 20):
+        self.inp = os.fdopen(os.dup(0), "rb")
+        self.out = os.dup(1)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)  # input() and sys.stdin read nothing
+        os.dup2(2, 1)  # print() goes to stderr, which the parent keeps for messages
+        os.close(null)
+        self.max_bytes = max_bytes
+
+    def read(self) -> Any:
+        line = self.inp.readline(self.max_bytes + 1)
+        if not line:
+            return None
+        if len(line) > self.max_bytes:
+            raise ValueError(f"a request longer than {self.max_bytes} bytes")
+        return json.loads(line)
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.out, view) :]
+
+
+def tidy_traceback(exc: BaseException) -> str:
+    """The traceback from the person's code down (the worker's own frames left out), cut to a readable size."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return text if len(text) <= MAX_TRACEBACK else "...\n" + text[-MAX_TRACEBACK:]
+
+
+def as_scores(value: Any) -> tuple[list[Any] | None, str]:
+    """The function's result as a JSON-able list (numpy scalars and arrays turned into floats), or why not."""
+    if not isinstance(value, (list, tuple)) and hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return None, f"must return a list of numbers (one per completion), not {type(value).__name__}"
+    out: list[Any] = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or item is None or isinstance(item, (str, bytes)):
+            return None, f"score {i} is {item!r} ({type(item).__name__}); return a number for every completion"
+        if isinstance(item, (int, float)):
+            out.append(item if isinstance(item, float) or abs(item) < 2**63 else float(item))
+            continue
+        try:
+            out.append(float(item))
+        except (TypeError, ValueError, OverflowError):
+            return None, f"score {i} is {type(item).__name__}, not a number; return a number for every completion"
+    return out, ""
+
+
+def main() -> int:
+    sys.dont_write_bytecode = True
+    channel = Channel()
+    first = channel.read()
+    channel.max_bytes = int(first["max_message_bytes"])
+    guard = Guard(first["scratch"])
+    os.chdir(guard.scratch)
+    layers = {"network": isolate_network(), "limits": ", ".join(set_limits(first))}
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if guard.trusted:
+            return
+        reason = guard.check(event, args)
+        if reason is not None:
+            guard.refused.append(reason)
+            raise PermissionError(f"refused by the reward sandbox: tried to {reason}")
+
+    sys.addaudithook(hook)
+    layers["audit_hook"] = "on"
+    path, function = first["path"], first["function"]
+    try:
+        sys.path.insert(0, os.path.dirname(path))  # the person's helper modules beside their file
+        spec = importlib.util.spec_from_file_location("reward_module", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fn = getattr(module, function, None)
+        if not callable(fn):
+            got = "is missing" if fn is None else f"is a {type(fn).__name__}, not a function"
+            channel.send({"ok": False, "error": "load", "message": f"{function} {got} after loading the file"})
+            return 1
+    except BaseException as exc:  # the person's module: anything can happen on import
+        kind = "memory" if isinstance(exc, MemoryError) else "refused" if guard.refused else "load"
+        message = guard.refused[0] if guard.refused else f"{type(exc).__name__}: {exc}"
+        channel.send({"ok": False, "error": kind, "message": message, "traceback": tidy_traceback(exc)})
+        return 1
+    if guard.refused:
+        channel.send({"ok": False, "error": "refused", "message": guard.refused[0]})
+        return 1
+    channel.send({"ok": True, "ready": True, "layers": layers})
+
+    while True:
+        try:
+            request = channel.read()
+        except ValueError as exc:
+            channel.send({"ok": False, "error": "protocol", "message": str(exc)})
+            return 1
+        if request is None:
+            return 0
+        set_cpu_limit(guard, float(first["cpu_s"]))
+        try:
+            result = fn(prompts=request["prompts"], completions=request["completions"], **request["columns"])
+        except MemoryError:
+            result = None
+            reply = {"ok": False, "error": "memory", "message": "MemoryError"}
+        except BaseException as exc:
+            result = None
+            reply = {"ok": False, "error": "exception", "message": f"{type(exc).__name__}: {exc}"}
+            reply["traceback"] = tidy_traceback(exc)
+        else:
+            scores, why = as_scores(result)
+            reply = {"ok": True, "scores": scores} if scores is not None else {"ok": False, "error": "result"}
+            if why:
+                reply["message"] = why
+        if guard.refused:
+            reply = {"ok": False, "error": "refused", "message": guard.refused[0], "traceback": reply.get("traceback")}
+        channel.send(reply)
+        if not reply["ok"]:
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
