@@ -59,15 +59,7 @@ class LogprobModel:
     def __call__(self, batch: Batch) -> TokenLogps:
         targets = batch.labels[:, 1:]  # [B, T-1]
         mask = targets != IGNORE
-        split: contextlib.AbstractContextManager[None]
-        if batch.packed:
-            rows = batch.sequence_index[:, :-1][mask]
-            inputs = dict(input_ids=batch.input_ids, use_cache=False, **packed_inputs(batch))
-            split = split_packed_rows(batch.sequence_lengths)  # no [T, T] mask where the attention runs split
-        else:
-            rows = mask.nonzero()[:, 0]
-            inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            split = contextlib.nullcontext()
+        rows, inputs, split = _model_inputs(batch, mask)
         if self.fused:
             with split:
                 hidden = self.decoder(**inputs).last_hidden_state  # [B, T, H]
@@ -86,6 +78,34 @@ class LogprobModel:
                 logits = self.model(**inputs).logits[:, :-1]
             logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
+
+    def trained_hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden states at the trained positions [N, H] and their target tokens [N], for a loss
+        that goes through the output head itself (distillation); needs a plain head (``fused``)."""
+        if not self.fused:
+            raise ValueError(f"{type(self.causal_lm).__name__}: the output head is not a plain linear layer")
+        targets = batch.labels[:, 1:]  # [B, T-1]
+        mask = targets != IGNORE
+        _rows, inputs, split = _model_inputs(batch, mask)
+        with split:
+            hidden = self.decoder(**inputs).last_hidden_state  # [B, T, H]
+        return hidden[:, :-1][mask], targets[mask]
+
+
+def _model_inputs(
+    batch: Batch, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any], contextlib.AbstractContextManager[None]]:
+    """(the sequence of each trained position [N], the model's keyword arguments, the context to run it in)."""
+    split: contextlib.AbstractContextManager[None]
+    if batch.packed:
+        rows = batch.sequence_index[:, :-1][mask]
+        inputs = dict(input_ids=batch.input_ids, use_cache=False, **packed_inputs(batch))
+        split = split_packed_rows(batch.sequence_lengths)  # no [T, T] mask where the attention runs split
+    else:
+        rows = mask.nonzero()[:, 0]
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        split = contextlib.nullcontext()
+    return rows, inputs, split
 
 
 def takes_packed_rows(model) -> bool:
