@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,16 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, scaler=None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainerState,
+    scaler=None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a checkpoint; ``extra(folder)`` adds files of the objective's own before the folder is renamed."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
@@ -53,6 +63,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
         tmp / "training_state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+    if extra is not None:
+        extra(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-KEEP]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,9 @@ class EarlyStopping:
     def spent(self) -> bool:
         return bool(self.patience) and self.bad_evals >= self.patience
 
-    def observe(self, step: int, eval_loss: float, model) -> bool:
-        """Count one evaluation; True when it is the best so far (its adapter is then saved to best/)."""
+    def observe(self, step: int, eval_loss: float, model, extra: Callable[[Path], None] | None = None) -> bool:
+        """Count one evaluation; True when it is the best so far (its adapter is then saved to best/, with the
+        objective's own files written by ``extra(folder)``)."""
         if self.best_eval_loss is not None and eval_loss >= self.best_eval_loss:
             self.bad_evals += 1
             return False
@@ -44,6 +46,8 @@ class EarlyStopping:
         tmp = Path(tempfile.mkdtemp(prefix=".best-tmp-", dir=self.run_dir))  # a fresh name, never a planted one
         checkpoint.save_adapter(model, tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}), encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
         shutil.rmtree(best, ignore_errors=True)
         os.replace(tmp, best)
         return True

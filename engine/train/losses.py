@@ -68,3 +68,80 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Bradley-Terry reward-model loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``.
+
+    ``chosen``, ``rejected``: [B] scalar rewards of the two answers; ``margin``: a float or [B] (how far the chosen
+    answer must lead before the loss lets go; 0 is the plain Bradley-Terry loss). Returns losses [B].
+    """
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages: each reward against its group's (``group_size`` consecutive answers to one prompt).
+
+    rewards: [B * G] -> [B * G] ``(r - mean_group) / (std_group + eps)`` with the group's sample standard deviation
+    (Bessel-corrected, as TRL's); ``scale`` False: ``r - mean_group`` (Dr. GRPO, Liu et al. 2025, no division).
+    """
+    groups = rewards.view(-1, group_size)
+    advantages = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (groups.std(dim=1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def grpo_token_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's loss per answer token (Shao et al. 2024, eq. 3), the KL estimate and where the clip is active.
+
+    All inputs are [N] per answer token: the policy's ``log pi`` (with gradient), the sampling policy's
+    ``log pi_old`` and the reference's ``log pi_ref`` (None: no KL term), and the advantage of the token's answer.
+    With ``rho = exp(log pi - log pi_old)``:
+
+    ``loss_t = -min(rho * A, clip(rho, 1 - epsilon, 1 + epsilon) * A) + beta * KL_t`` and
+    ``KL_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` (the k3 estimator, unbiased and positive).
+
+    Returns (losses [N], KL [N] detached (zeros without a reference), clipped [N] bool: the ratio left the clip
+    range in the direction the advantage pushes it, so the token gives no gradient).
+    """
+    ratio = torch.exp(logps - old_logps)
+    unclipped = ratio * advantages
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    losses = -torch.min(unclipped, clipped_ratio * advantages)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        losses = losses + beta * kl
+        kl = kl.detach()
+    else:
+        kl = torch.zeros_like(logps).detach()
+    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon) & (advantages > 0))
+    return losses, kl, clipped.detach()
+
+
+def grpo_loss(
+    token_losses: torch.Tensor, rows: torch.Tensor, answers: int, loss_type: str, denom: float
+) -> torch.Tensor:
+    """The GRPO losses of one micro-batch's answer tokens reduced as ``loss_type`` says, over the step's ``denom``.
+
+    token_losses: [N]; rows: [N] the answer of each token (0 .. answers - 1). ``denom`` is the whole optimizer
+    step's (every micro-batch and process), so accumulation gives the gradient of one big batch:
+
+    * sequence: each answer's mean over its tokens, summed; ``denom`` = the step's answers
+    * token: the sum over every answer token; ``denom`` = the step's answer tokens
+    * dr_grpo: the sum over every answer token; ``denom`` = the step's answers x max_new_tokens (a constant)
+    """
+    if loss_type == "sequence":
+        return sequence_logps(token_losses, rows, answers, average=True).sum() / denom
+    if loss_type in ("token", "dr_grpo"):
+        return token_losses.sum() / denom
+    raise ValueError(f"unknown GRPO loss {loss_type!r}")

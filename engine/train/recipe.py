@@ -36,7 +36,7 @@ from finetune_studio.core.run_status import RunStatus, is_resumable, resume_refu
 from finetune_studio.core.store import Store, new_run_id, process_start
 from finetune_studio.engine import checkpoint
 from finetune_studio.engine.datasets import load_dataset, pairs
-from finetune_studio.engine.datasets.render import TokenizedPair, tokenize_example
+from finetune_studio.engine.datasets.render import TokenizedPair
 from finetune_studio.engine.datasets.split import split_by_prompt
 from finetune_studio.engine.models import (
     LoadOptions,
@@ -48,7 +48,7 @@ from finetune_studio.engine.models import (
 )
 from finetune_studio.engine.train import adapters, errors, guard, init_adapter, memory_budget, objectives
 from finetune_studio.engine.train import eval_samples as samples
-from finetune_studio.engine.train.batches import Batch, Sampler, make_batch
+from finetune_studio.engine.train.batches import Batch, Sampler, layout, make_batch
 from finetune_studio.engine.train.distributed import checkpoint as dist_checkpoint
 from finetune_studio.engine.train.distributed.ranks import OneProcess, QuietStore, World, WrappedLogps
 from finetune_studio.engine.train.early_stopping import EarlyStopping
@@ -284,7 +284,22 @@ class Recipe:
         self._stop_point()
         self._check_world_size()
         forward = world.wrap(model, dtype, device, cfg.kernels)
+        logps = WrappedLogps(forward)
+        objective = objective_class(
+            TrainedModel(
+                model,
+                logps,
+                cfg,
+                device,
+                functools.partial(autocast, device, dtype),
+                start,
+                tokenizer=tokenizer,
+                layout=functools.partial(layout, pad_id=tokenizer.pad_token_id, packed=packing),
+            )
+        )
+        # the adapter's trainable parameters, then those of the objective's own modules (a reward model's head)
         params = [p for p in forward.parameters() if p.requires_grad]
+        params += [p for m in objective.extra_modules().values() for p in m.parameters() if p.requires_grad]
         optimizer = adapters.make_optimizer(params, cfg, device)
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         n = len(data.train)
@@ -293,13 +308,9 @@ class Recipe:
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device == "cuda" else None
         consumed, first = 0, None
         if resume:
-            consumed, first = self._resume(model, forward, optimizer, scheduler, scaler)
+            consumed, first = self._resume(model, forward, optimizer, scheduler, scaler, objective)
         if first is None:  # a new run (a resumed one keeps its checkpoint's order: free memory may differ now)
             first = self._longest_first(data.train, memory_report, packing)
-        logps = WrappedLogps(forward)
-        objective = objective_class(
-            TrainedModel(model, logps, cfg, device, functools.partial(autocast, device, dtype), start)
-        )
         setup = SetUp(
             device=device,
             dtype=dtype,
@@ -371,7 +382,7 @@ class Recipe:
                 f"{n} processes: choose a multiple of {n}",
             )
 
-    def _resume(self, model, forward, optimizer, scheduler, scaler) -> tuple[int, list | None]:
+    def _resume(self, model, forward, optimizer, scheduler, scaler, objective: Objective) -> tuple[int, list | None]:
         """Load the latest checkpoint, if any: the step, early stopping's record, and (examples consumed, the
         examples put first) for the sampler."""
         ckpt = checkpoint.latest_checkpoint(self.run_dir)
@@ -379,6 +390,7 @@ class Recipe:
             self.reporter.log("No checkpoint yet: starting this run from step 0", "warning")
             return 0, None
         state = self._load_checkpoint(ckpt, model, forward, optimizer, scheduler, scaler)
+        objective.load_state(ckpt)
         self.step = state.step
         self.early.restore(state)
         self.store.delete_metrics_after(self.run_id, self.step)
@@ -447,7 +459,8 @@ class Recipe:
                 f"{Path(problem.file).name or 'data'}{f':{problem.line}' if problem.line else ''}: {problem.message}",
                 "warning",
             )
-        wanted = objectives.objective_class(cfg.objective).data_kinds
+        objective_class = objectives.objective_class(cfg.objective)
+        wanted = objective_class.data_kinds
         if data.kind not in wanted:
             raise errors.DataError(
                 f"{Path(cfg.dataset).name} holds {data.kind} data ({data.format}), but the {cfg.objective.upper()} "
@@ -464,7 +477,7 @@ class Recipe:
                 self._stop_point()
                 if i % 200 == 0:
                     self.reporter.progress("tokenize", i, len(part), f"Tokenizing the {part_name} split")
-                item = tokenize_example(tokenizer, example, cfg.max_length, cfg.loss_on)
+                item = objective_class.tokenize(tokenizer, example, cfg)
                 if isinstance(item, TokenizedPair):
                     unusable = (
                         item.difference_truncated
@@ -568,6 +581,8 @@ class Recipe:
                 **_event_fields(ev.Step, s.objective.step_metrics(totals, denom)),
             )
             self.reporter.emit(step_event)
+            for event in s.objective.step_events(self.step):  # the objective's own (an RL step's sampled answers)
+                self.reporter.emit(event)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < s.total_steps:
                 self.evaluate(s)
                 if self.early.spent:
@@ -589,12 +604,16 @@ class Recipe:
         """The micro-batches this process trains in one optimizer step, and the whole step's loss denominator
         (the objective's: trained tokens, pairs, ...), summed over every process."""
         cfg, pad = self.config, s.tokenizer.pad_token_id
-        groups = [s.sampler.next_indices() for _ in range(cfg.gradient_accumulation_steps)]
-        # the same global batch on every process, this one's share of it (alone: all of it), in micro-batches
-        flat = [i for g in groups for i in g]
-        mine = flat[self.world.share(len(flat))]
-        groups = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        batches = [make_batch(s.data.train, g, pad, s.packing) for g in groups]
+
+        def next_groups() -> list[list[int]]:
+            groups = [s.sampler.next_indices() for _ in range(cfg.gradient_accumulation_steps)]
+            # the same global batch on every process, this one's share of it (alone: all of it), in micro-batches
+            flat = [i for g in groups for i in g]
+            mine = flat[self.world.share(len(flat))]
+            return [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+
+        # the objective's micro-batches: by default the next examples'; its own (sampled answers) where it makes them
+        batches = s.objective.step_batches(next_groups, lambda g: make_batch(s.data.train, g, pad, s.packing))
         denom = int(self.world.sum([sum(s.objective.denominator(b) for b in batches)])[0])
         return batches, denom
 
@@ -616,7 +635,9 @@ class Recipe:
             eval_loss = sums["loss"] / sums["count"]
             extra: dict[str, Any] = _event_fields(ev.Eval, s.objective.eval_metrics(sums))
             if self.early.patience:
-                is_best = self.early.observe(self.step, eval_loss, s.model)
+                is_best = self.early.observe(
+                    self.step, eval_loss, s.model, functools.partial(s.objective.save_state, final=True)
+                )
                 if is_best:
                     self.store.update_run(
                         self.run_id,
@@ -643,7 +664,10 @@ class Recipe:
             first_batch=s.sampler.first,
             **self.early.state(),
         )
-        path = self.world.save_checkpoint(self.run_dir, s.forward, s.model, s.optimizer, s.scheduler, state, s.scaler)
+        extra = functools.partial(s.objective.save_state, final=False)
+        path = self.world.save_checkpoint(
+            self.run_dir, s.forward, s.model, s.optimizer, s.scheduler, state, s.scaler, extra
+        )
         self.reporter.emit(ev.CheckpointSaved(step=self.step, path=str(path)))
         return path
 
@@ -663,6 +687,7 @@ class Recipe:
                 tmp = checkpoint.private_temp_dir(self.run_dir, ".adapter-tmp-")
                 # the trained adapter only (a DPO run's frozen 'reference' copy is not saved)
                 checkpoint.save_adapter(s.model, tmp, state_dict=weights)
+                s.objective.save_state(tmp, final=True)  # the objective's own files (a reward model's head)
                 old = self.run_dir / f".adapter-old-{os.getpid()}"
                 if adapter_dir.exists():  # moved aside, not deleted, until the new one is in place
                     os.replace(adapter_dir, old)

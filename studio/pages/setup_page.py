@@ -1,4 +1,5 @@
-"""Set up a run: model, dataset, method × objective, hyper-parameters (basic and advanced), presets, memory."""
+"""Set up a run: model, dataset, method × objective, hyper-parameters (basic and advanced), presets, memory; for GRPO
+its rewards (``widgets.rewards_editor``) and the reward workbench (``pages.reward_workbench``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QButtonGroup,
     QComboBox,
+    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -20,19 +22,24 @@ from PySide6.QtWidgets import (
 
 from finetune_studio.core.config import METHODS, OBJECTIVES, PARALLELISMS, TrainConfig
 from finetune_studio.core.protocol.device_report import DeviceReport
+from finetune_studio.studio.pages.reward_workbench import RewardWorkbench
 from finetune_studio.studio.services import estimate
+from finetune_studio.studio.services.generation_worker import GenerationWorker
 from finetune_studio.studio.services.jobs import EngineJob
 from finetune_studio.studio.state.presets import Preset, load_presets
 from finetune_studio.studio.state.run import MemoryState
-from finetune_studio.studio.state.setup import FIELDS, HELP, OWN_WIDGETS, SetupState
+from finetune_studio.studio.state.setup import FIELDS, HELP, OBJECTIVE_SENTENCES, OWN_WIDGETS, SetupState
 from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel, label_for
 from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
 from finetune_studio.studio.widgets.memory_panel import MemoryPanel
 from finetune_studio.studio.widgets.model_panel import ModelPanel
+from finetune_studio.studio.widgets.rewards_editor import RewardsEditor
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
-OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}
+OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO"}
+# Settings that only one objective reads, by their prefix: shown only while that objective is chosen.
+OBJECTIVE_PREFIXES = {"grpo_": "grpo"}
 PARALLELISM_LABELS = {"ddp": "DDP", "fsdp": "FSDP"}
 PROCESSES_HELP = (
     "Train on several GPUs of this machine: one process per GPU (train --nproc N). Each process trains its "
@@ -101,6 +108,11 @@ class SetupPage(QWidget):
         self.method = Segmented(state, "method", {m: METHOD_LABELS[m] for m in METHODS}, self)
         labels = {o: OBJECTIVE_LABELS.get(o, o.upper()) for o in OBJECTIVES}  # a new objective shows its name
         self.objective = Segmented(state, "objective", labels, self)
+        for value, button in self.objective.buttons.items():
+            button.setToolTip(OBJECTIVE_SENTENCES.get(value, HELP["objective"]["help"]))
+        self.objective_about = QLabel(self)  # what the chosen objective trains, in one sentence
+        self.objective_about.setObjectName("objectiveAbout")
+        self.objective_about.setWordWrap(True)
         self.method_error, self.objective_error = ErrorLabel(self), ErrorLabel(self)
         self.presets = load_presets()
         self.preset_box = QComboBox(self)
@@ -121,6 +133,7 @@ class SetupPage(QWidget):
         hlay.addWidget(self.method_error)
         hlay.addWidget(QLabel("Objective", how))
         hlay.addWidget(self.objective)
+        hlay.addWidget(self.objective_about)
         hlay.addWidget(self.objective_error)
         hlay.addWidget(self.preset_box)
         hlay.addWidget(self.preset_note)
@@ -155,6 +168,11 @@ class SetupPage(QWidget):
         self.advanced_form = ConfigForm(state, ADVANCED, self)
         self.advanced_form.setVisible(False)
         self.advanced_toggle.toggled.connect(self._toggle_advanced)
+        self.rewards_editor = RewardsEditor(state, self)
+        self.rewards_editor.try_requested.connect(self.open_workbench)
+        self.generation_worker: GenerationWorker | None = None  # None: the window's shared one (see _worker)
+        self._own_worker: GenerationWorker | None = None
+        self.workbench: RewardWorkbench | None = None
         self.memory_panel = MemoryPanel(memory, self)
         self.start_button = QPushButton("Start training", self)
         self.start_button.setObjectName("startButton")
@@ -167,6 +185,7 @@ class SetupPage(QWidget):
         right = QWidget(self)
         rcol = QVBoxLayout(right)
         rcol.addWidget(how)
+        rcol.addWidget(self.rewards_editor)
         rcol.addWidget(self.gpus_box)
         rcol.addWidget(basics)
         rcol.addWidget(self.advanced_toggle)
@@ -210,6 +229,7 @@ class SetupPage(QWidget):
         self._estimate_timer = QTimer(self, singleShot=True, interval=100)
         self._estimate_timer.timeout.connect(self._update_estimate)
         state.subscribe(self._on_state)
+        self._sync_objective()
         self._on_state("errors")
         self._update_estimate()
         guard_wheel(self)
@@ -236,7 +256,42 @@ class SetupPage(QWidget):
         self.preset_note.setToolTip(preset.description)
         self.preset_note.show()
 
+    def _sync_objective(self) -> None:
+        """The chosen objective's sentence, the rewards editor for GRPO, and only its own objective-specific rows."""
+        objective = str(self.state.values.get("objective", ""))
+        self.objective_about.setText(OBJECTIVE_SENTENCES.get(objective, ""))
+        self.objective_about.setVisible(objective in OBJECTIVE_SENTENCES)
+        self.rewards_editor.setVisible(self.state.uses_rewards)
+        for form in (self.basic_form, self.advanced_form):
+            layout = form.layout()
+            for name, editor in form.editors.items():
+                owner = next((o for prefix, o in OBJECTIVE_PREFIXES.items() if name.startswith(prefix)), None)
+                if owner is not None and isinstance(layout, QFormLayout):
+                    layout.setRowVisible(editor.parentWidget(), objective == owner)
+
+    def open_workbench(self) -> None:
+        """The reward workbench for the set-up's model, adapter, dataset and rewards (one window, brought back)."""
+        worker = self._worker()
+        if self.workbench is None or self.workbench.worker is not worker:
+            self.workbench = RewardWorkbench(self.state, worker, self)
+        self.workbench.show()
+        self.workbench.raise_()
+        self.workbench.activateWindow()
+        self.workbench.prepare()
+
+    def _worker(self) -> GenerationWorker:
+        """The generation worker the window shares between its pages (one model in memory), or, for a page on its
+        own, one of the page's."""
+        shared = self.generation_worker or getattr(self.window(), "generation_worker", None)
+        if isinstance(shared, GenerationWorker):
+            return shared
+        if self._own_worker is None:
+            self._own_worker = GenerationWorker(self, threads=1)
+        return self._own_worker
+
     def _on_state(self, topic: str) -> None:
+        if topic in ("values:objective", "values:*"):
+            self._sync_objective()
         if topic in ("model", "dataset", "processes"):
             self._estimate_timer.start()
         if topic in ("devices", "processes"):
@@ -305,6 +360,11 @@ class SetupPage(QWidget):
         self.model_panel.count_job.cancel()
         self.devices_job.cancel()
         self._estimate_timer.stop()
+        if self.workbench is not None:
+            self.workbench.job.cancel()
+            self.workbench.close()
+        if self._own_worker is not None:
+            self._own_worker.shutdown()
 
     def request_start(self) -> None:
         if self.state.ready and isinstance(self.state.config, TrainConfig):

@@ -84,5 +84,6 @@ def test_an_objective_trains_only_on_the_data_it_names(tiny_model_dir, tmp_path,
 def test_the_registry_names_what_it_holds():
     assert objectives.objective_class("dpo") is objectives.DPO
     assert objectives.DPO.needs_reference and not objectives.SFT.needs_reference
-    with pytest.raises(ConfigError, match="must be one of sft, dpo, not 'grpo'"):
-        objectives.objective_class("grpo")
+    assert objectives.objective_class("reward") is objectives.Reward and not objectives.Reward.needs_reference
+    with pytest.raises(ConfigError, match="must be one of sft, dpo, reward.*, not 'kto'"):
+        objectives.objective_class("kto")

@@ -41,7 +41,9 @@ def _options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def save_checkpoint(run_dir: Path, module, peft_model, optimizer, scheduler, state: TrainerState, ranks, scaler=None):
+def save_checkpoint(
+    run_dir: Path, module, peft_model, optimizer, scheduler, state: TrainerState, ranks, scaler=None, extra=None
+):
     """Every rank calls this at the same step; returns the checkpoint's folder."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -66,6 +68,8 @@ def save_checkpoint(run_dir: Path, module, peft_model, optimizer, scheduler, sta
         (tmp / "trainer_state.json").write_text(
             json.dumps({**asdict(state), "world_size": ranks.world_size}), encoding="utf-8"
         )
+        if extra is not None:
+            extra(tmp)  # the objective's own files
     ranks.barrier()  # every rank's files are in
     if ranks.is_main:
         shutil.rmtree(final, ignore_errors=True)

@@ -104,7 +104,15 @@ class World(Protocol):
     def announce_run(self, run_id: str, run_dir: str) -> None: ...
     def hand_failure_to_launcher(self, kind: str, message: str, exc: BaseException, step: int) -> bool: ...
     def save_checkpoint(
-        self, run_dir: Path, module, model, optimizer, scheduler, state: checkpoint.TrainerState, scaler=None
+        self,
+        run_dir: Path,
+        module,
+        model,
+        optimizer,
+        scheduler,
+        state: checkpoint.TrainerState,
+        scaler=None,
+        extra=None,
     ) -> Path: ...
 
 
@@ -163,10 +171,18 @@ class OneProcess:
         return False
 
     def save_checkpoint(
-        self, run_dir: Path, module, model, optimizer, scheduler, state: checkpoint.TrainerState, scaler=None
+        self,
+        run_dir: Path,
+        module,
+        model,
+        optimizer,
+        scheduler,
+        state: checkpoint.TrainerState,
+        scaler=None,
+        extra=None,
     ) -> Path:
-        """A one-process checkpoint (:mod:`engine.checkpoint`)."""
-        return checkpoint.save_checkpoint(run_dir, model, optimizer, scheduler, state, scaler)
+        """A one-process checkpoint (:mod:`engine.checkpoint`); ``extra(folder)`` adds the objective's files."""
+        return checkpoint.save_checkpoint(run_dir, model, optimizer, scheduler, state, scaler, extra)
 
 
 class Ranks:
@@ -236,10 +252,18 @@ class Ranks:
         return True
 
     def save_checkpoint(
-        self, run_dir: Path, module, model, optimizer, scheduler, state: checkpoint.TrainerState, scaler=None
+        self,
+        run_dir: Path,
+        module,
+        model,
+        optimizer,
+        scheduler,
+        state: checkpoint.TrainerState,
+        scaler=None,
+        extra=None,
     ) -> Path:
-        """A distributed (DCP) checkpoint; every rank calls at the same step."""
-        return dist_checkpoint.save_checkpoint(run_dir, module, model, optimizer, scheduler, state, self, scaler)
+        """A distributed (DCP) checkpoint; every rank calls at the same step (rank 0 calls ``extra(folder)``)."""
+        return dist_checkpoint.save_checkpoint(run_dir, module, model, optimizer, scheduler, state, self, scaler, extra)
 
     def wrap(self, model, dtype: torch.dtype, device: str, kernels: str = "auto") -> torch.nn.Module:
         """The PEFT ``model`` in a :class:`LogpsModule`, wrapped by DDP or sharded by FSDP2."""

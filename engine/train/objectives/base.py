@@ -6,11 +6,14 @@ import abc
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.protocol.message import Event
+from finetune_studio.engine.datasets.render import tokenize_example
 from finetune_studio.engine.train.batches import Batch
 from finetune_studio.engine.train.forward import TokenLogps
 from finetune_studio.engine.train.init_adapter import StartingAdapter
@@ -28,6 +31,8 @@ class TrainedModel:
     device: str
     autocast: Callable[[], AbstractContextManager]  # the run's autocast (CUDA in 16 bits), or nothing
     start: StartingAdapter | None = None  # the adapter the run started from (init_adapter), if any
+    tokenizer: Any = None  # the run's tokenizer (an objective that writes or reads text: sampled answers)
+    layout: Callable[[list], Batch] | None = None  # tokenized items -> one batch, padded or packed as the run trains
 
 
 class Objective(abc.ABC):
@@ -38,6 +43,10 @@ class Objective(abc.ABC):
     (over micro-batches and processes) and hands them to :meth:`step_metrics`, whose figures the ``Step`` event
     carries. Evaluation sums :meth:`eval_sums` over the held-out batches (no gradient) and asks
     :meth:`eval_metrics`. The key ``loss`` is the recipe's.
+
+    An objective may train modules of its own beside the adapter (a reward model's head): :meth:`extra_modules`
+    names them, the optimizer trains their parameters, :meth:`save_state` writes them into every checkpoint and
+    into the run's final (and best) adapter folder, and :meth:`load_state` restores them on resume.
     """
 
     name: ClassVar[str]  # the config's ``objective`` value
@@ -47,10 +56,33 @@ class Objective(abc.ABC):
     def __init__(self, trained: TrainedModel) -> None:
         self.trained = trained
 
+    @classmethod
+    def tokenize(cls, tokenizer: Any, example: Any, config: TrainConfig) -> Any:
+        """One dataset example as this objective trains on it; set-up calls it for every example, before the
+        objective is made. By default the example rendered as its kind is (``engine.datasets.render``); an
+        objective that needs more of it (the prompt alone, the reference answer) returns a ``Tokenized`` that
+        carries it too."""
+        return tokenize_example(tokenizer, example, config.max_length, config.loss_on)
+
     def prepare(self, examples: Sequence, batch: Callable[[list[int]], Batch], progress: Progress) -> None:
         """Work done once before the first step, over the training ``examples`` (``batch(indices)`` lays some out
         on the device); nothing by default."""
         return None
+
+    def step_batches(
+        self, next_groups: Callable[[], list[list[int]]], batch: Callable[[list[int]], Batch]
+    ) -> list[Batch]:
+        """The micro-batches this process trains in the next optimizer step, on the CPU (the recipe moves each to
+        the device). By default the next examples': ``next_groups()`` is this process's share of the next global
+        batch, one list of example indices per micro-batch, and ``batch`` lays one list out. An objective that
+        makes its own sequences from the examples (an online RL objective's sampled answers), or trains on the same
+        ones for several steps, overrides it: the data position moves only when it calls ``next_groups``."""
+        return [batch(g) for g in next_groups()]
+
+    def step_events(self, step: int) -> list[Event]:
+        """Events of the objective's own, emitted after optimizer step ``step``'s ``Step`` event (an online RL
+        objective's sampled answers); none by default."""
+        return []
 
     @abc.abstractmethod
     def denominator(self, batch: Batch) -> int:
@@ -72,3 +104,19 @@ class Objective(abc.ABC):
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """The evaluation's figures beside the eval loss (``sums["loss"] / sums["count"]``); none by default."""
         return {}
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Trainable modules of the objective's own, by name, made in ``__init__`` on the run's device: the
+        optimizer trains their parameters beside the adapter's. None by default."""
+        return {}
+
+    def save_state(self, folder: Path, *, final: bool) -> None:
+        """Write the objective's own files into ``folder``, an adapter folder being written (renamed into place
+        afterwards): a checkpoint (``final`` False) or the run's final or best adapter (``final`` True). Nothing by
+        default."""
+        return None
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what :meth:`save_state` wrote into the checkpoint ``folder`` (a resumed run). Nothing by
+        default."""
+        return None
