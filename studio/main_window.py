@@ -18,6 +18,7 @@ from finetune_studio.studio.pages.train_page import TrainPage
 from finetune_studio.studio.services.generation_worker import GenerationWorker
 from finetune_studio.studio.services.jobs import EngineJob
 from finetune_studio.studio.services.run_controller import RunController
+from finetune_studio.studio.state.rollouts import SendError, send_to_annotate
 from finetune_studio.studio.state.run import MemoryState, RunState
 from finetune_studio.studio.state.run_labels import run_label
 from finetune_studio.studio.state.settings import Settings
@@ -66,6 +67,7 @@ class MainWindow(QMainWindow):
         self.train_page.resume_requested.connect(self.resume_run)
         self.train_page.export_requested.connect(self.export_run)
         self.train_page.new_run_requested.connect(lambda: self.tabs.setCurrentIndex(SETUP))
+        self.train_page.annotate_requested.connect(self.send_rollouts_to_annotate)
         self.runs_page.open_requested.connect(self.open_run)
         self.runs_page.new_from_config.connect(self.new_from_config)
         self.runs_page.resume_requested.connect(self.resume_run)
@@ -164,6 +166,31 @@ class MainWindow(QMainWindow):
             self.tabs.setCurrentIndex(TRAIN)
         else:
             self.statusBar().showMessage("Stop the current run before opening another one.", 6000)
+
+    def send_rollouts_to_annotate(self, chosen: list, group: list) -> None:
+        """From the train page: the chosen rollouts into the store and the run's labelling session, opened in
+        Annotate (studio.state.rollouts.send_to_annotate)."""
+        info = self.run_state.info
+        try:
+            sent = send_to_annotate(
+                self.controller.store.preferences,
+                chosen,
+                run_id=info.run_id,
+                run_name=info.name,
+                model=str(info.config.get("model") or "default"),
+                group=group,
+            )
+        except (SendError, ValueError) as exc:
+            self.train_page.rollouts_view.say(str(exc))
+            self.statusBar().showMessage(str(exc), 8000)
+            return
+        self.train_page.rollouts_view.say("")
+        if self.annotate_page.generator.running:
+            self.statusBar().showMessage(f"{sent.message} Annotate is generating: open it from there.", 10000)
+            return
+        self.annotate_page.open_session(sent.session)
+        self.tabs.setCurrentIndex(ANNOTATE)
+        self.statusBar().showMessage(sent.message, 10000)
 
     def new_from_config(self, config: dict) -> None:
         self.setup_state.load(config)

@@ -1,4 +1,6 @@
-"""Train: live curves, progress with ETA, Stop / Resume / Export, the failure message, the log."""
+"""Train: live curves, progress with ETA, Stop / Resume / Export, the failure message, the log; for an online RL run
+its rewards, KL, answer length and clipped fraction, and its rollouts (sortable, any of them sent to Annotate); for a
+reward model its held-out accuracy and gap."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from finetune_studio.studio.state.run import MemoryState, RunState, format_bytes
 from finetune_studio.studio.widgets.charts import TrainingCharts
 from finetune_studio.studio.widgets.log_view import LogView
 from finetune_studio.studio.widgets.memory_panel import MemoryBar
+from finetune_studio.studio.widgets.rl_charts import RLCharts
+from finetune_studio.studio.widgets.rollouts_view import RolloutsView
 
 STATUS_TEXT = {
     "idle": "No run yet",  # the app's own states around a run's stored ones
@@ -41,6 +45,7 @@ class TrainPage(QWidget):
     resume_requested = Signal(str)
     export_requested = Signal(str)
     new_run_requested = Signal()
+    annotate_requested = Signal(list, list)  # rollouts to label, and their groups (studio.state.rollouts.Rollout)
 
     def __init__(self, state: RunState, memory: MemoryState, parent: QWidget | None = None):
         super().__init__(parent)
@@ -83,6 +88,17 @@ class TrainPage(QWidget):
         self.memory_label.setObjectName("memoryLine")
         memory.subscribe(lambda _topic: self._show_memory())
         self.charts = TrainingCharts(state, self)
+        self.rl_charts = RLCharts(state, self)
+        self.rollouts_view = RolloutsView(state.rollouts, self)
+        self.rollouts_view.send_requested.connect(self.annotate_requested)
+        self.chart_tabs = QTabWidget(self)
+        self.chart_tabs.setObjectName("chartTabs")
+        self.chart_tabs.setDocumentMode(True)
+        self.chart_tabs.addTab(self.charts, "Loss and speed")
+        self.chart_tabs.addTab(self.rl_charts, "Rewards")
+        self.chart_tabs.addTab(self.rollouts_view, "Rollouts")
+        self._rl_shown_for = ""  # the run whose rewards were brought forward once (a person's choice of tab stays)
+        state.rollouts.subscribe(lambda _topic: self._show_rl_tabs())
         self.log_view = LogView(state, self)
         self.config_view = QPlainTextEdit(self)
         self.config_view.setObjectName("configView")
@@ -100,7 +116,7 @@ class TrainPage(QWidget):
         tabs.addTab(self.samples_view, "Samples")
         tabs.addTab(self.config_view, "Config")
         split = QSplitter(Qt.Orientation.Vertical, self)
-        split.addWidget(self.charts)
+        split.addWidget(self.chart_tabs)
         split.addWidget(tabs)
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 2)  # the log and samples readable (they were four lines tall)
@@ -125,6 +141,22 @@ class TrainPage(QWidget):
         self._show_progress()
         self._show_memory()
         self._show_samples()
+        self._show_rl_tabs()
+
+    def _show_rl_tabs(self) -> None:
+        """The Rewards and Rollouts tabs for an online RL run or a reward model (brought forward once per run);
+        an SFT or DPO run shows its loss charts alone, as before."""
+        rewards, rollouts = self.rl_charts.has_any, bool(len(self.state.rollouts))
+        tabs = self.chart_tabs
+        tabs.setTabVisible(1, rewards)
+        tabs.setTabVisible(2, rollouts or self.rl_charts.has_grpo)
+        tabs.tabBar().setVisible(rewards or rollouts)
+        run = self.state.info.run_id or self.state.info.name
+        if rewards and run and self._rl_shown_for != run:
+            self._rl_shown_for = run
+            tabs.setCurrentIndex(1)
+        elif not tabs.isTabVisible(tabs.currentIndex()):
+            tabs.setCurrentIndex(0)
 
     def _show_samples(self) -> None:
         """The samples, newest evaluation first, and the best checkpoint under early stopping."""
@@ -163,10 +195,13 @@ class TrainPage(QWidget):
             self._show_progress()
         elif topic == "info":
             self._show_info()
+            self._show_rl_tabs()
         elif topic == "samples":
             self._show_samples()
         elif topic in ("metrics", "progress") and not self._progress_timer.isActive():
             self._progress_timer.start()
+        if topic == "metrics" and self.rl_charts.has_any != self.chart_tabs.isTabVisible(1):
+            self._show_rl_tabs()
 
     def _show_info(self) -> None:
         info = self.state.info

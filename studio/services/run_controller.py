@@ -20,6 +20,7 @@ from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import RunRecord, Store, signal_process
 from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, OutcomeStatus, engine_command
+from finetune_studio.studio.state.rollouts import Rollout
 from finetune_studio.studio.state.run import EstimateView, MemoryState, RunPhase, RunState
 from finetune_studio.studio.state.run_log import LogFile
 
@@ -44,6 +45,11 @@ def device_bytes(run: RunRecord) -> int:
         return MemoryReport.from_json(run.memory_estimate).device_bytes
     except (ValueError, TypeError, KeyError):
         return 0
+
+
+def _last_step(steps) -> int:
+    """The last step of a column of steps (-1 when empty): what a read of newer rows starts after."""
+    return int(steps[-1]) if len(steps) else -1
 
 
 def train_args(config_path: str, processes: int = 1) -> list[str]:
@@ -242,11 +248,28 @@ class RunController(QObject):
                 self.state.add_samples(step, pairs)
         train = self.store.metrics(run_id, "train", since_step=self.state.step if self.state.train.n else -1)
         evals = self.store.metrics(run_id, "eval", since_step=int(self.state.eval.last("step") or -1))
-        if train or evals:
-            self.state.load_history(train, evals)
+        named = self.store.named_metrics(run_id, "train", since_step=_last_step(self.state.figures.steps()))
+        named_evals = self.store.named_metrics(run_id, "eval", since_step=_last_step(self.state.eval_figures.steps()))
+        self._load_rollouts(run_id)
+        if train or evals or named or named_evals:
+            self.state.load_history(train, evals, named, named_evals)
             last = self.state.train
             if last.n:
                 self.memory.set_live(int(last.last("memory_used_bytes") or 0), int(last.last("memory_peak_bytes") or 0))
+
+    def _load_rollouts(self, run_id: str) -> None:
+        """The run's rollouts the page has not shown yet (an online RL run keeps every one in the database)."""
+        read = getattr(self.store, "rollouts", None)  # Store.rollouts(run_id, since_step)
+        if read is None:
+            return
+        rows = read(run_id, since_step=self.state.rollouts.last_step)
+        places: dict[int, int] = {}  # a row's place among its step's rows, in the order they were stored
+        rollouts = []
+        for row in rows:
+            step = int(row["step"] if isinstance(row, dict) else row.step)
+            places[step] = places.get(step, -1) + 1
+            rollouts.append(Rollout.of(step, places[step], row))
+        self.state.rollouts.extend(rollouts)
 
     def poll(self) -> None:
         """One cheap incremental read: new metric rows since the last step, and the run's status."""

@@ -29,6 +29,8 @@ from finetune_studio.core.protocol.events import (
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import MetricRow
 from finetune_studio.studio.state.observable import Observable
+from finetune_studio.studio.state.rl_figures import StepFigures
+from finetune_studio.studio.state.rollouts import Rollouts
 from finetune_studio.studio.state.series import Columns, Ema
 
 TRAIN_COLUMNS = (
@@ -94,6 +96,9 @@ class RunState(Observable):
         super().__init__()
         self.train = Columns(TRAIN_COLUMNS)
         self.eval = Columns(EVAL_COLUMNS)
+        self.figures = StepFigures()  # an objective's own figures at each step (Step.metrics: GRPO's reward, kl...)
+        self.eval_figures = StepFigures()  # ... and at each evaluation (Eval.metrics: a reward model's accuracy)
+        self.rollouts = Rollouts()  # an online RL run's sampled answers with their rewards
         self._ema = Ema(0.9)
         self.log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
         self.reset()
@@ -116,6 +121,9 @@ class RunState(Observable):
         self.best_checkpoint = ""
         self.train.clear()
         self.eval.clear()
+        self.figures.clear()
+        self.eval_figures.clear()
+        self.rollouts.clear()
         self._ema.reset()
         self.log.clear()
         self._rate_marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=50)
@@ -158,6 +166,8 @@ class RunState(Observable):
         """Fold one engine event into the picture."""
         if isinstance(event, Step):
             self._add_step(event.__dict__)
+            if event.metrics:
+                self.figures.add(event.step, event.metrics)
             self.notify("metrics")
         elif isinstance(event, Eval):
             self.eval.append(
@@ -166,6 +176,8 @@ class RunState(Observable):
                 reward_margin=event.reward_margin,
                 reward_accuracy=event.reward_accuracy,
             )
+            if event.metrics:
+                self.eval_figures.add(event.step, event.metrics)
             self.notify("metrics")
             if event.best_step is not None:
                 self.best_step, self.best_eval_loss = event.best_step, event.best_eval_loss
@@ -179,8 +191,11 @@ class RunState(Observable):
             self.memory_budget_bytes = event.memory_budget_bytes or self.memory_budget_bytes
             self.memory_total_bytes = event.memory_total_bytes or self.memory_total_bytes
             self.step = max(self.step, event.resumed_from_step)
-            self.train.truncate_after("step", event.resumed_from_step)
-            self.eval.truncate_after("step", event.resumed_from_step)
+            for columns in (self.train, self.eval):
+                columns.truncate_after("step", event.resumed_from_step)
+            self.figures.truncate_after(event.resumed_from_step)
+            self.eval_figures.truncate_after(event.resumed_from_step)
+            self.rollouts.truncate_after(event.resumed_from_step)
             self.progress = None
             self.notify("info")
             self.set_status(RunPhase.RUNNING)
@@ -204,6 +219,8 @@ class RunState(Observable):
             self.set_status(RunPhase.of(event.status), how)
         elif isinstance(event, Failed):
             self.set_status(RunPhase.FAILED, event.message, event.kind)
+        elif getattr(event, "type", "") == "rollouts":  # core.protocol.rollouts.Rollouts: step, items
+            self.rollouts.add(int(event.step), list(event.items))
 
     def add_samples(self, step: int, pairs: list[tuple[str, str]]) -> None:
         self.samples[int(step)] = pairs
@@ -244,13 +261,21 @@ class RunState(Observable):
         """Drop the steps after ``step`` and rewind the smoothing to the kept ones, so that the re-trained steps
         are smoothed exactly as in an uninterrupted run (no jump at the resume point)."""
         self.train.truncate_after("step", step)
+        self.figures.truncate_after(step)
         self._ema.reset()
         for loss in self.train.column("loss"):
             self._ema.update(float(loss))
 
-    def load_history(self, train: Sequence[MetricRow | Figures], evals: Sequence[MetricRow | Figures]) -> None:
+    def load_history(
+        self,
+        train: Sequence[MetricRow | Figures],
+        evals: Sequence[MetricRow | Figures],
+        named: Mapping[int, Figures] | None = None,
+        named_evals: Mapping[int, Figures] | None = None,
+    ) -> None:
         """Metrics rows from the database (a past or followed run), appended in bulk (rows given as their figures by
-        column name are read alike)."""
+        column name are read alike); ``named``, ``named_evals``: an objective's own figures by step
+        (``Store.named_metrics``)."""
         train_rows, eval_rows = _figures(train), _figures(evals)
         if train_rows and self.train.n and train_rows[0]["step"] <= self.train.last("step"):
             self._truncate_after(int(train_rows[0]["step"]) - 1)
@@ -266,6 +291,10 @@ class RunState(Observable):
                 self._rate_marks.append((int(r["step"]), float(r.get("elapsed_s") or r.get("time") or 0.0)))
         if eval_rows:
             self.eval.extend([dict(r) for r in eval_rows])
+        if named:
+            self.figures.extend(named)
+        if named_evals:
+            self.eval_figures.extend(named_evals)
         self.notify("metrics")
 
 

@@ -1,0 +1,282 @@
+"""An online RL run's rollouts as the Train page shows them, and sending some of them to Annotate. Qt-free.
+
+A rollout is one answer the policy sampled during training: its prompt, the completion, the total reward, each
+reward function's score, its group-normalised advantage and its group (the G answers to one prompt at one step). They
+come live as ``rollouts`` events and, for a finished or reopened run, from the database (``Store.rollouts``);
+:class:`Rollouts` keeps them in arrival order and gives sorted views of the latest step or of every step.
+
+:func:`send_to_annotate` puts chosen rollouts (answers to one prompt) into the preference store as candidates to
+label (their run and step recorded) and into a labelling session of their own, ``rollouts of <run>``, whose items
+are pairs of them: the Annotate tab opens that session and a person's decisions become pairs for the reward model
+and DPO like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_studio.core.preferences import PreferenceStore, transaction
+from finetune_studio.studio.state import annotation as an
+from finetune_studio.studio.state.observable import Observable
+
+SCOPES = ("latest", "all")  # the latest step's rollouts, or every step's
+# Sort keys beside each reward function's score ("reward/<name>").
+SORT_KEYS = ("step", "group", "reward", "advantage", "length", "prompt")
+CANDIDATE_SOURCE = "grpo-rollout"  # the candidates' source in the preference store
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled answer of a run: ``index`` is its place among its step's rollouts (with ``step``, its key)."""
+
+    step: int
+    index: int
+    prompt: str
+    completion: str
+    reward: float
+    rewards: dict[str, float] = field(default_factory=dict)
+    advantage: float = 0.0
+    group: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.step, self.index)
+
+    @classmethod
+    def of(cls, step: int, index: int, item: Mapping[str, Any] | object) -> Rollout:
+        """A rollout from an event's item (a dict) or a stored row (a record with these fields, ``rewards`` a dict
+        or its JSON text); missing figures read as NaN / 0."""
+
+        def get(name: str, default: Any = None) -> Any:
+            if isinstance(item, Mapping):
+                return item.get(name, default)
+            return getattr(item, name, default)
+
+        rewards = get("rewards") or {}
+        if isinstance(rewards, str):
+            try:
+                rewards = json.loads(rewards)
+            except ValueError:
+                rewards = {}
+        place = get("index", get("position"))
+        return cls(
+            step=int(get("step") if get("step") is not None else step),
+            index=int(place) if place is not None else index,
+            prompt=str(get("prompt", "") or ""),
+            completion=str(get("completion", "") or ""),
+            reward=_float(get("reward")),
+            rewards={str(k): _float(v) for k, v in dict(rewards).items()},
+            advantage=_float(get("advantage"), 0.0),
+            group=int(get("group", 0) or 0),
+        )
+
+    def sort_value(self, key: str) -> float | str:
+        if key == "prompt":
+            return self.prompt
+        if key == "length":
+            return float(len(self.completion))
+        if key.startswith("reward/"):
+            return self.rewards.get(key[len("reward/") :], math.nan)
+        return float(getattr(self, key))
+
+
+class Rollouts(Observable):
+    """Every rollout of the run shown so far, oldest first. Topic: 'rollouts' after each change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Rollout] = []
+        self._keys: set[tuple[int, int]] = set()
+        self.functions: list[str] = []  # reward functions' names, in the order they came
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def last_step(self) -> int:
+        return self.rows[-1].step if self.rows else -1
+
+    def add(self, step: int, items: Sequence[Mapping[str, Any]]) -> None:
+        """One ``rollouts`` event: the items of ``step`` (a step seen again replaces that step and the later ones,
+        as a resumed run samples them again)."""
+        self.extend(Rollout.of(step, i, item) for i, item in enumerate(items))
+
+    def extend(self, rollouts: Iterable[Rollout]) -> None:
+        new = list(rollouts)
+        if not new:
+            return
+        first = min(r.step for r in new)
+        if self.rows and first <= self.last_step:
+            self._drop_after(first - 1)
+        for r in new:
+            if r.key in self._keys:
+                continue
+            self._keys.add(r.key)
+            self.rows.append(r)
+            for name in r.rewards:
+                if name not in self.functions:
+                    self.functions.append(name)
+        self.notify("rollouts")
+
+    def truncate_after(self, step: int) -> None:
+        if self.rows and self.last_step > step:
+            self._drop_after(step)
+            self.notify("rollouts")
+
+    def _drop_after(self, step: int) -> None:
+        self.rows = [r for r in self.rows if r.step <= step]
+        self._keys = {r.key for r in self.rows}
+
+    def clear(self) -> None:
+        self.rows, self._keys, self.functions = [], set(), []
+        self.notify("rollouts")
+
+    def view(self, scope: str = "latest", sort: str = "reward", descending: bool = True) -> list[Rollout]:
+        """The rollouts of the latest step (``scope`` 'latest') or of all steps ('all'), sorted by ``sort`` (one of
+        :data:`SORT_KEYS` or ``reward/<name>``); ties, and NaN scores (last), keep the order they came in."""
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+        rows = [r for r in self.rows if r.step == self.last_step] if scope == "latest" else list(self.rows)
+        if sort == "prompt":
+            ordered = sorted(rows, key=lambda r: r.prompt, reverse=descending)
+            return ordered
+        if sort not in SORT_KEYS and not sort.startswith("reward/"):
+            raise ValueError(f"cannot sort rollouts by {sort!r}")
+        scored = [r for r in rows if not math.isnan(float(r.sort_value(sort)))]
+        unscored = [r for r in rows if math.isnan(float(r.sort_value(sort)))]
+        scored.sort(key=lambda r: float(r.sort_value(sort)), reverse=descending)
+        return scored + unscored
+
+    def group_of(self, rollout: Rollout) -> list[Rollout]:
+        """The answers sampled with ``rollout`` for its prompt (same step and group), itself included."""
+        return [r for r in self.rows if r.step == rollout.step and r.group == rollout.group]
+
+
+# --- Send to Annotate ---------------------------------------------------------------------------------------------
+class SendError(ValueError):
+    """The chosen rollouts cannot be labelled as they are; the message says what to choose instead."""
+
+
+@dataclass(frozen=True)
+class Sent:
+    session: str  # the labelling session that holds them
+    candidates: int  # answers put in the store (new or already there)
+    items: int  # pairs added to the session (0: it had them all already)
+    partner: Rollout | None = None  # the answer a single chosen rollout is paired with
+
+    @property
+    def message(self) -> str:
+        paired = ""
+        if self.partner is not None:
+            paired = f" (paired with its group's answer of reward {self.partner.reward:.3g})"
+        if not self.items:
+            return f"Already in Annotate: session {self.session!r} has these answers{paired}."
+        return (
+            f"Sent {an.plural(self.candidates, 'answer')} to Annotate{paired}: "
+            f"{an.plural(self.items, 'pair')} to label in session {self.session!r}."
+        )
+
+
+def session_name(run_name: str, run_id: str) -> str:
+    """The labelling session of a run's rollouts: ``rollouts of <run name>`` (no slashes in a session's name)."""
+    name = (run_name or run_id).replace("/", "-").replace("\\", "-").strip().lstrip(".") or run_id
+    return f"rollouts of {name}"
+
+
+def choose_partner(chosen: Rollout, group: Sequence[Rollout]) -> Rollout | None:
+    """For one chosen rollout: the answer of its group (a different text) whose reward is furthest from its own, so
+    the pair shows the person what the reward separates most."""
+    others = [r for r in group if r.completion.strip() != chosen.completion.strip()]
+    if not others:
+        return None
+
+    def distance(r: Rollout) -> float:
+        gap = abs(r.reward - chosen.reward)
+        return -1.0 if math.isnan(gap) else gap
+
+    return max(others, key=distance)
+
+
+def send_to_annotate(
+    prefs: PreferenceStore,
+    chosen: Sequence[Rollout],
+    *,
+    run_id: str,
+    run_name: str = "",
+    model: str = "default",
+    group: Sequence[Rollout] = (),
+) -> Sent:
+    """Put ``chosen`` (answers to one prompt) into the store as candidates of ``run_id`` at their step, and into the
+    run's labelling session as pairs to label: neighbours in reward order, so the answers the reward tells apart
+    least come first in each pair. A single chosen rollout is paired with an answer of its ``group`` (see
+    :func:`choose_partner`). Raises :class:`SendError` with what to choose instead."""
+    if not chosen:
+        raise SendError("Select one or more rollouts first (click a row; Ctrl+click or Shift+click for more).")
+    prompts = {r.prompt.strip() for r in chosen}
+    if len(prompts) > 1:
+        raise SendError(
+            f"The selected rollouts answer {len(prompts)} different prompts: select answers to one prompt "
+            "(sort by Prompt to bring them together)."
+        )
+    prompt = prompts.pop()
+    if not prompt:
+        raise SendError("The selected rollouts have no prompt text to label them against.")
+    distinct = list({r.completion.strip(): r for r in sorted(chosen, key=lambda r: r.key)}.values())
+    partner = None
+    if len(distinct) == 1:
+        partner = choose_partner(distinct[0], group)
+        if partner is None:
+            raise SendError(
+                "Labelling compares two different answers: select a second answer to this prompt "
+                "(its group's answers are all the same)."
+            )
+        distinct.append(partner)
+    distinct.sort(key=lambda r: -r.reward if not math.isnan(r.reward) else math.inf)
+    name = session_name(run_name, run_id)
+    try:
+        spec = an.SessionSpec.load(name)
+    except ValueError:
+        spec = an.SessionSpec(
+            name=name,
+            prompts=[prompt],
+            side_a=an.Side(model=model or "default", adapter=run_id, seed=0),
+            side_b=an.Side(model=model or "default", adapter=run_id, seed=1),  # the same policy, another draw
+        )
+    source = f"rollouts:{run_id}"
+    with transaction(prefs.conn):
+        prompt_id = prefs.add_prompt(prompt, source=source)
+        ids = [
+            prefs.add_candidate(
+                prompt_id,
+                r.completion.strip(),
+                model=model,
+                adapter=run_id,
+                run_id=run_id,
+                checkpoint=f"step-{r.step:06d}",
+                source=CANDIDATE_SOURCE,
+            )
+            for r in distinct
+        ]
+    have = {frozenset((i.a, i.b)) for i in spec.items}
+    added = 0
+    for a, b in zip(ids, ids[1:], strict=False):
+        if a != b and frozenset((a, b)) not in have:
+            spec.items.append(an.Item(prompt_id=prompt_id, a=a, b=b))
+            have.add(frozenset((a, b)))
+            added += 1
+    if prompt not in spec.prompts:
+        spec.prompts.append(prompt)
+    spec.save()
+    return Sent(session=name, candidates=len(ids), items=added, partner=partner)
+
+
+def _float(value: Any, default: float = math.nan) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out

@@ -1,0 +1,280 @@
+"""The rollouts of an online RL run: a sortable table of the latest step's (or every step's) sampled answers with
+their rewards, the selected answer in full beside it, and *Send to Annotate*.
+
+The table follows the run: each ``rollouts`` event (or each poll of a followed run) refreshes it, keeping the
+selection. While rows are selected in the latest-step view, that step stays on screen (a new step would take the rows
+from under the pointer); clearing the selection follows the run again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSplitter,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from finetune_studio.studio.state.rollouts import Rollout, Rollouts
+
+FIXED = [("step", "Step"), ("group", "Group"), ("reward", "Reward"), ("advantage", "Adv.")]
+SCOPE_TEXT = {"latest": "Latest step", "all": "All steps"}
+AnyIndex = QModelIndex | QPersistentModelIndex
+
+
+def _fmt(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3g}"
+
+
+class RolloutsModel(QAbstractTableModel):
+    """The table's rows: :meth:`Rollouts.view` of the chosen scope and sort; reward functions are columns."""
+
+    def __init__(self, rollouts: Rollouts, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.rollouts = rollouts
+        self.scope = "latest"
+        self.sort_key, self.descending = "reward", True
+        self.pinned_step: int | None = None  # the latest-step view held on a step while rows are selected
+        self.rows: list[Rollout] = []
+        self.functions: list[str] = []
+
+    # --- columns -----------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return [k for k, _ in FIXED] + [f"reward/{f}" for f in self.functions] + ["length", "prompt"]
+
+    def headers(self) -> list[str]:
+        return [h for _, h in FIXED] + self.functions + ["Answer", "Prompt"]
+
+    def shown_step(self) -> int:
+        return self.pinned_step if self.pinned_step is not None else self.rollouts.last_step
+
+    def reload(self) -> None:
+        self.beginResetModel()
+        self.functions = list(self.rollouts.functions)
+        if self.scope == "latest":
+            rows = self.rollouts.view("all", self.sort_key, self.descending)
+            self.rows = [r for r in rows if r.step == self.shown_step()]
+        else:
+            self.rows = self.rollouts.view("all", self.sort_key, self.descending)
+        self.endResetModel()
+
+    # --- Qt's model ----------------------------------------------------------------------
+    def rowCount(self, parent: AnyIndex = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent: AnyIndex = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.keys())
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            headers = self.headers()
+            return headers[section] if 0 <= section < len(headers) else None
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            tips = {"Adv.": "Advantage: the reward against its group's mean, in the group's standard deviations"}
+            return tips.get(self.headers()[section], "Click to sort")
+        return None
+
+    def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or index.row() >= len(self.rows):
+            return None
+        r, key = self.rows[index.row()], self.keys()[index.column()]
+        if role == Qt.ItemDataRole.DisplayRole:
+            if key in ("step", "group"):
+                return str(getattr(r, key))
+            if key == "length":
+                return " ".join(r.completion.split())  # one line: the table is for scanning, the pane for reading
+            if key == "prompt":
+                return " ".join(r.prompt.split())
+            return _fmt(float(r.sort_value(key)))
+        if role == Qt.ItemDataRole.ToolTipRole and key in ("length", "prompt"):
+            return (r.completion if key == "length" else r.prompt)[:2000]
+        if role == Qt.ItemDataRole.TextAlignmentRole and key not in ("length", "prompt"):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    def sort(self, column: int, order: Qt.SortOrder = Qt.SortOrder.AscendingOrder) -> None:
+        keys = self.keys()
+        if 0 <= column < len(keys):
+            self.sort_key, self.descending = keys[column], order == Qt.SortOrder.DescendingOrder
+            self.reload()
+
+
+class RolloutsView(QWidget):
+    """The rollouts table, the chosen answer in full, and Send to Annotate (``send_requested``: the chosen
+    rollouts and the chosen answers' groups, from which a single answer's partner is picked)."""
+
+    send_requested = Signal(list, list)
+
+    def __init__(self, rollouts: Rollouts, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.rollouts = rollouts
+        self.model = RolloutsModel(rollouts, self)
+        self.summary = QLabel(self)
+        self.summary.setObjectName("rolloutsSummary")
+        self.scope = QComboBox(self)
+        self.scope.setObjectName("rolloutsScope")
+        for key, text in SCOPE_TEXT.items():
+            self.scope.addItem(text, key)
+        self.scope.currentIndexChanged.connect(self._scope_changed)
+        self.send_button = QPushButton("Send to Annotate", self)
+        self.send_button.setObjectName("sendToAnnotate")
+        self.send_button.setToolTip(
+            "Label the selected answers (to one prompt) in Annotate: they join the run's labelling session as pairs "
+            "(a single answer is paired with its group's answer of the most different reward)"
+        )
+        self.send_button.clicked.connect(self.send)
+        self.message = QLabel(self)
+        self.message.setObjectName("rolloutsMessage")
+        self.message.setWordWrap(True)
+        self.table = QTableView(self)
+        self.table.setObjectName("rolloutsTable")
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.table.setSortingEnabled(True)
+        self.table.horizontalHeader().setSortIndicator(2, Qt.SortOrder.DescendingOrder)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().hide()
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 6)
+        self.table.setWordWrap(False)
+        self.table.setAlternatingRowColors(True)
+        self.table.selectionModel().selectionChanged.connect(self._selection_changed)
+        self.detail = QPlainTextEdit(self)
+        self.detail.setObjectName("rolloutDetail")
+        self.detail.setReadOnly(True)
+        self.detail.setPlaceholderText("Click a rollout to read its prompt and answer in full, with every score.")
+        head = QHBoxLayout()
+        head.addWidget(self.summary, 1)
+        head.addWidget(self.scope)
+        head.addWidget(self.send_button)
+        split = QSplitter(Qt.Orientation.Horizontal, self)
+        split.addWidget(self.table)
+        split.addWidget(self.detail)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        split.setChildrenCollapsible(False)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(head)
+        lay.addWidget(self.message)
+        lay.addWidget(split, 1)
+        self.message.hide()
+        QShortcut(QKeySequence("Escape"), self.table, activated=self.table.clearSelection)  # type: ignore[call-overload]
+        self._selecting = False
+        rollouts.subscribe(lambda _topic: self.reload())
+        self.reload()
+
+    # --- showing -------------------------------------------------------------------------
+    def selected(self) -> list[Rollout]:
+        rows = sorted({i.row() for i in self.table.selectionModel().selectedRows()})
+        return [self.model.rows[r] for r in rows if r < len(self.model.rows)]
+
+    def reload(self) -> None:
+        """Refresh from the rollouts, keeping the selected rows selected (and, in the latest view, their step)."""
+        keep = {r.key for r in self.selected()}
+        if not len(self.rollouts):
+            keep, self.model.pinned_step = set(), None
+        widths = [self.table.columnWidth(c) for c in range(self.model.columnCount())]
+        functions = list(self.model.functions)
+        self._selecting = True
+        try:
+            self.model.reload()
+            if self.model.functions == functions:
+                for c, w in enumerate(widths):
+                    self.table.setColumnWidth(c, w)
+            else:
+                self._size_columns()
+            sel = self.table.selectionModel()
+            for i, r in enumerate(self.model.rows):
+                if r.key in keep:
+                    sel.select(
+                        self.model.index(i, 0),
+                        sel.SelectionFlag.Select | sel.SelectionFlag.Rows,
+                    )
+        finally:
+            self._selecting = False
+        self._selection_changed()
+
+    def _size_columns(self) -> None:
+        header = self.table.horizontalHeader()
+        width = self.fontMetrics().horizontalAdvance("0.000-")
+        for c, key in enumerate(self.model.keys()):
+            if key == "length":
+                self.table.setColumnWidth(c, max(240, width * 4))
+            else:
+                self.table.setColumnWidth(c, width + 6 if key not in ("step", "group") else width)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+
+    def _scope_changed(self) -> None:
+        self.model.scope = str(self.scope.currentData())
+        self.model.pinned_step = None
+        self.table.clearSelection()
+        self.reload()
+
+    def _selection_changed(self, *_args: object) -> None:
+        if self._selecting:
+            return
+        chosen = self.selected()
+        m = self.model
+        if m.scope == "latest":  # rows selected: hold their step; none: follow the run again
+            pin = chosen[0].step if chosen else None
+            if pin != m.pinned_step:
+                m.pinned_step = pin
+                if pin is None and m.shown_step() != (m.rows[0].step if m.rows else -1):
+                    self.reload()
+                    return
+        self._show_summary(chosen)
+        self._show_detail(chosen)
+        self.send_button.setEnabled(bool(chosen))
+
+    def _show_summary(self, chosen: list[Rollout]) -> None:
+        n, m = len(self.rollouts), self.model
+        if not n:
+            self.summary.setText("No rollouts yet: an online RL run (GRPO) shows its sampled answers here.")
+            return
+        where = (
+            f"step {m.shown_step()}" + (" (held while rows are selected)" if m.pinned_step is not None else "")
+            if m.scope == "latest"
+            else "all steps"
+        )
+        picked = f" · {len(chosen)} selected" if chosen else " · click a row; Ctrl/Shift+click for more"
+        self.summary.setText(f"{len(m.rows)} rollouts of {where} ({n} in all){picked}")
+
+    def _show_detail(self, chosen: list[Rollout]) -> None:
+        if not chosen:
+            self.detail.setPlainText("")
+            return
+        r = chosen[-1]
+        scores = "  ".join(f"{k} {_fmt(v)}" for k, v in r.rewards.items())
+        text = (
+            f"Step {r.step} · group {r.group} · reward {_fmt(r.reward)} · advantage {_fmt(r.advantage)}\n"
+            + (f"{scores}\n" if scores else "")
+            + f"\nPrompt:\n{r.prompt}\n\nAnswer:\n{r.completion}"
+        )
+        if len(chosen) > 1:
+            text = f"{len(chosen)} selected; the last one clicked:\n" + text
+        self.detail.setPlainText(text)
+
+    def say(self, text: str) -> None:
+        self.message.setText(text)
+        self.message.setVisible(bool(text))
+
+    # --- sending -------------------------------------------------------------------------
+    def send(self) -> None:
+        chosen = self.selected()
+        groups: list[Rollout] = []
+        for r in chosen:
+            groups += [g for g in self.rollouts.group_of(r) if g not in groups]
+        self.send_requested.emit(chosen, groups)
