@@ -4,14 +4,26 @@ ranking box that is open, and what a key does.
 Keys are one enum (:class:`Key`); the page maps key presses to it and calls :meth:`AnnotateState.press`. Decisions go
 through :class:`~studio.state.annotation.Labeller` (the store, at once). Subscribers hear these topics: 'session' (a
 session was opened or the annotator changed), 'item' (the pair shown, or a decision on it), 'strength', 'editing'
-(an edit or ranking box opened or closed), 'message' (something to tell the person: :attr:`message`).
+(an edit or ranking box opened or closed), 'message' (something to tell the person: :attr:`message`), 'queue' (the
+order, the scorer or the predicted rewards changed).
+
+The queue: the pairs in the order chosen (:mod:`core.label_queue`: as added, random, least sure first, largest
+predicted gap first); the keys that move and the move after a decision follow it. The predicted rewards come from a
+scorer the page runs off the UI thread and hands in with :meth:`AnnotateState.add_rewards` (or :meth:`score_with`
+for a plain function). No anchoring: nothing the state offers for display says what the model predicts for a pair
+before the person has decided it (:meth:`AnnotateState.revealed_prediction` is '' until then; the agreement figure
+counts decisions already made).
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from finetune_studio.core import label_queue as lq
 from finetune_studio.core.preferences import PreferenceError, PreferenceStore
 from finetune_studio.studio.state import annotation as an
 from finetune_studio.studio.state.observable import Observable
@@ -54,6 +66,18 @@ SAID = {
     "edit": "Edited (the edit is chosen)",
 }
 RANK_PROMPT = "order, best first: "
+RANDOM_SEED = 0  # the random order's shuffle (the same each time a session is opened)
+Scores = Callable[[str, list[str]], list[float]]  # (prompt, answers) -> one reward per answer
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One prompt's answers to score: ``candidates`` (store ids) and their ``texts``, in the same order."""
+
+    prompt_id: str
+    prompt: str
+    candidates: tuple[str, ...]
+    texts: tuple[str, ...]
 
 
 class AnnotateState(Observable):
@@ -69,15 +93,20 @@ class AnnotateState(Observable):
         self.editing = ""  # 'left' / 'right' while an edit is open, 'rank' while a ranking is
         self.advancing = True  # after a decision, move to the next pair still open
         self.message = ""
+        self.predictions = an.Predictions("")
+        self.queue: list[int] = []  # item indices in the order chosen
 
     # --- the session ----------------------------------------------------------------
     def use(self, prefs: PreferenceStore, spec: an.SessionSpec) -> None:
-        """Label ``spec`` under its annotator, starting at its first open pair."""
+        """Label ``spec`` under its annotator, starting at its first open pair (in the session's queue order)."""
         self.prefs, self.spec = prefs, spec
         self.labeller = an.Labeller(prefs, spec)
         self.editing, self.strength = "", None
+        self.predictions = an.Predictions.load(spec.name)
+        self._requeue()
         self.index = self.first_open()
         self.notify("session")
+        self.notify("queue")
         self.notify("item")
 
     def set_annotator(self, name: str) -> None:
@@ -97,6 +126,8 @@ class AnnotateState(Observable):
 
     def items_added(self) -> None:
         """The generator added pairs (the first one is shown as soon as it is there)."""
+        self._requeue()
+        self.notify("queue")
         self.notify("item")
 
     @property
@@ -113,11 +144,138 @@ class AnnotateState(Observable):
         return self.labeller.state(item) if item is not None and self.labeller is not None else an.ItemState()
 
     def first_open(self) -> int:
-        for i, item in enumerate(self.items):
+        """The first pair of the queue still open (the queue's last when every pair is decided)."""
+        assert self.labeller is not None or not self.items
+        for i in self.queue:
             assert self.labeller is not None
-            if not self.labeller.state(item).decision:
+            if not self.labeller.state(self.items[i]).decision:
                 return i
-        return max(0, len(self.items) - 1)
+        return self.queue[-1] if self.queue else 0
+
+    @property
+    def position(self) -> int:
+        """Where the pair shown is in the queue (0-based)."""
+        return self.queue.index(self.index) if self.index in self.queue else 0
+
+    # --- the queue's order and the model's predictions ------------------------------
+    @property
+    def order(self) -> lq.Order:
+        return self.predictions.order
+
+    @property
+    def scorer(self) -> an.Scorer | None:
+        return self.predictions.scorer
+
+    @property
+    def rewards(self) -> dict[str, float]:
+        """The chosen scorer's predicted reward of each answer scored so far (candidate id -> reward)."""
+        return self.predictions.of(self.scorer)
+
+    def _margin(self, item: an.Item) -> float | None:
+        return lq.margin(self.rewards, item.a, item.b)
+
+    def _requeue(self) -> None:
+        items = self.items
+        margins = [self._margin(i) for i in items]
+        self.queue = lq.order(self.order, margins, [f"{i.a}|{i.b}" for i in items], seed=RANDOM_SEED)
+
+    def set_order(self, how: str) -> None:
+        """Order the queue ``how`` (:data:`core.label_queue.ORDERS`) and show its first open pair. An order by the
+        model's predictions needs a scorer and its rewards: :meth:`to_score` lists what is missing."""
+        order = lq.parse_order(how)
+        if self.spec is None:
+            return
+        if order != self.order:
+            self.predictions.order = order
+            self.predictions.save()
+        self._requeue()
+        self.index = self.first_open()
+        self.notify("queue")
+        self.notify("item")
+        if order in lq.NEEDS_SCORES and self.scorer is None:
+            self.say("Choose a scorer (a reward model, or a DPO run's adapter) to order the pairs by its predictions.")
+
+    def set_scorer(self, scorer: an.Scorer | None) -> None:
+        """The scorer whose predictions order the queue (its rewards scored before are kept and used again)."""
+        if self.spec is None or scorer == self.scorer:
+            return
+        self.predictions.scorer = scorer
+        self.predictions.save()
+        self._requeue()
+        if self.order in lq.NEEDS_SCORES:
+            self.index = self.first_open()
+        self.notify("queue")
+        self.notify("item")
+
+    def to_score(self) -> list[ScoreJob]:
+        """The prompts with answers the chosen scorer has no reward for yet (every answer of such a prompt)."""
+        if self.scorer is None or self.prefs is None or self.labeller is None:
+            return []
+        have, jobs, seen = self.rewards, [], set()
+        for item in self.items:
+            if item.prompt_id in seen or (item.a in have and item.b in have):
+                continue
+            seen.add(item.prompt_id)
+            ids = self.labeller.candidates_of(item)
+            row = self.prefs.conn.execute("SELECT messages FROM prompts WHERE id = ?", (item.prompt_id,)).fetchone()
+            turns = json.loads(row[0]) if row else []
+            prompt = str(turns[-1]["content"]) if turns else ""
+            texts = tuple(str(self.prefs.candidate(c)["text"]) for c in ids)
+            jobs.append(ScoreJob(item.prompt_id, prompt, tuple(ids), texts))
+        return jobs
+
+    def add_rewards(self, scorer: an.Scorer, candidates: list[str] | tuple[str, ...], rewards: list[float]) -> None:
+        """Predicted rewards arrived (from ``scorer``: those of a scorer no longer chosen are kept for it). The
+        queue is ordered again; the pair on screen stays on screen."""
+        if len(candidates) != len(rewards):
+            raise ValueError(f"{len(rewards)} rewards for {len(candidates)} answers")
+        if self.spec is None:
+            return
+        self.predictions.rewards.setdefault(scorer.key, {}).update(
+            {c: float(r) for c, r in zip(candidates, rewards, strict=True)}
+        )
+        self.predictions.save()
+        if scorer != self.scorer:
+            return
+        self._requeue()
+        self.notify("queue")
+
+    def score_with(self, scores: Scores) -> int:
+        """Score every answer still missing a reward with ``scores`` (a plain function, here and now: for scripts
+        and tests; the page runs its scorer off the UI thread). Returns how many prompts were scored."""
+        scorer = self.scorer
+        if scorer is None:
+            raise ValueError("choose a scorer first")
+        jobs = self.to_score()
+        for job in jobs:
+            self.add_rewards(scorer, job.candidates, list(scores(job.prompt, list(job.texts))))
+        return len(jobs)
+
+    def first_in_queue(self) -> None:
+        """Show the first open pair of the queue (after the order changed under the person, e.g. scores came in)."""
+        if self.items:
+            self.index = self.first_open()
+            self.notify("item")
+
+    def agreement(self) -> lq.Agreement:
+        """How often the chosen scorer agreed with this annotator's last picks (decisions already made only)."""
+        if self.labeller is None:
+            return lq.Agreement(0, 0)
+        rewards = self.rewards
+        return lq.agreement([(True, lq.margin(rewards, c, r)) for c, r in an.picks(self.labeller, self.items)])
+
+    def revealed_prediction(self) -> str:
+        """What the model predicted for the pair on screen, in screen terms, once the person has decided it; ''
+        before (no anchoring) and when there is no prediction."""
+        item = self.item
+        if item is None or not self.item_state().decision:
+            return ""
+        m = lq.margin(self.rewards, item.left, item.right)
+        if m is None:
+            return ""
+        if m == 0:
+            return "The model had no preference on this pair."
+        return f"The model preferred {'A (left)' if m > 0 else 'B (right)'} (predicted gap {abs(m):.2f})."
 
     def progress(self) -> an.Progress | None:
         if self.labeller is None or not self.items:
@@ -141,9 +299,9 @@ class AnnotateState(Observable):
         if key is Key.UNDO:
             self.undo()
         elif key is Key.NEXT:
-            self.go(self.index + 1)
+            self.step(1)
         elif key is Key.PREVIOUS:
-            self.go(self.index - 1)
+            self.step(-1)
         elif key in STRENGTH_KEYS:
             self.strength = STRENGTH_KEYS[key]
             self.notify("strength")
@@ -170,16 +328,25 @@ class AnnotateState(Observable):
         self.advance()
 
     def go(self, index: int) -> None:
+        """Show item ``index`` (its index in the session, not in the queue)."""
         if self.items:
             self.index = max(0, min(index, len(self.items) - 1))
             self.notify("item")
 
+    def step(self, by: int) -> None:
+        """The next (``by`` 1) or previous (-1) pair of the queue."""
+        if self.queue:
+            pos = max(0, min(self.position + by, len(self.queue) - 1))
+            self.go(self.queue[pos])
+
     def advance(self) -> None:
-        """To the next pair still open (after this one, wrapping around), or stay when every pair is labelled."""
+        """To the next pair of the queue still open (after this one, wrapping around), or stay when every pair is
+        labelled."""
         assert self.labeller is not None
-        items = self.items
-        if self.advancing:
-            for i in list(range(self.index + 1, len(items))) + list(range(0, self.index + 1)):
+        items, queue = self.items, self.queue
+        if self.advancing and queue:
+            pos = self.position
+            for i in queue[pos + 1 :] + queue[: pos + 1]:
                 if not self.labeller.state(items[i]).decision:
                     self.index = i
                     break

@@ -8,16 +8,26 @@ made, so an item's state is read back from SQLite and a session reopened after a
 
 Which answer is shown on the left is drawn per item from a hash of the item (random across items, the same each
 time the item is shown) and stored with the decision (``shown_left``), so position bias can be measured.
+
+A model can help order the queue (:mod:`core.label_queue`): a :class:`Scorer` (a reward model, or a DPO adapter's
+implicit reward) predicts a reward for each answer; the rewards are kept per scorer beside the session
+(:class:`Predictions`, ``<data dir>/annotation/scores/<name>.json``), so a reopened session keeps its order and the
+agreement figure (:func:`picks`: the person's picks of a side, oldest first) counts decisions made before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune_studio.core import paths
+from finetune_studio.core.label_queue import Order, parse_order
 from finetune_studio.core.preferences import Decision, PreferenceError, PreferenceStore, transaction
 
 SESSION_VERSION = 1
@@ -61,7 +71,7 @@ class Sampling:
     top_k: int = 0
     max_new_tokens: int = 128
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError("temperature must be 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
@@ -114,7 +124,7 @@ class SessionSpec:
     items: list[Item] = field(default_factory=list)
     version: int = SESSION_VERSION
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.name = self.name.strip()
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
             raise ValueError("give the session a name (letters, digits, spaces; no slashes)")
@@ -163,6 +173,121 @@ class SessionSpec:
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"the session file {path} is not a labelling session ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What predicts the rewards that order the queue: ``kind`` ``reward_model`` (``source``: a reward run's id or
+    its adapter folder, holding ``reward_head.safetensors``) or ``implicit_dpo`` (``source``: a DPO run's id or an
+    adapter folder; the reward is ``beta`` * sum of log pi - log pi_ref over the answer, pi_ref the ``reference``:
+    '' the base, or the adapter the DPO run started from, as a run id or ``RUN:step-N``)."""
+
+    kind: str
+    source: str
+    reference: str = ""
+    beta: float = 0.1
+    name: str = ""  # how the person knows it (a run's name)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("reward_model", "implicit_dpo"):
+            raise ValueError(f"a scorer is a reward model or a DPO adapter, not {self.kind!r}")
+        if not self.source.strip():
+            raise ValueError("choose a scorer: a reward model (a reward run or its folder) or a DPO run's adapter")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"the scorer's beta must be above 0, not {self.beta!r}")
+
+    @property
+    def key(self) -> str:
+        """Names the scorer's rewards in :class:`Predictions`."""
+        return f"{self.kind}:{self.source}" + (f" against {self.reference}" if self.reference else "")
+
+    def label(self) -> str:
+        what = "reward model" if self.kind == "reward_model" else "implicit reward of"
+        return f"{what} {self.name or self.source}"
+
+
+def split_adapter_ref(ref: str) -> tuple[str, int | None]:
+    """``RUN:step-000050`` -> (``RUN``, 50); anything else -> (ref, None)."""
+    m = re.fullmatch(r"(.+):step-0*(\d+)", ref)
+    return (m.group(1), int(m.group(2))) if m else (ref, None)
+
+
+def scorer_for_run(run: Mapping[str, Any]) -> Scorer | None:
+    """The scorer a finished run offers: a ``reward`` run's reward model, a ``dpo`` run's implicit reward (against
+    the adapter it started from, with its beta); None for other objectives."""
+    try:
+        config = json.loads(run.get("config") or "{}")
+    except (TypeError, ValueError):
+        config = {}
+    objective, rid, name = run.get("objective"), str(run.get("id") or ""), str(run.get("name") or "")
+    if objective == "reward":
+        return Scorer("reward_model", rid, name=name)
+    if objective == "dpo":
+        beta = config.get("dpo_beta", 0.1)
+        beta = float(beta) if isinstance(beta, int | float) and beta > 0 else 0.1
+        return Scorer("implicit_dpo", rid, reference=str(config.get("init_adapter") or ""), beta=beta, name=name)
+    return None
+
+
+def scorer_for_folder(folder: str) -> Scorer:
+    """A folder typed or picked: a reward model when it holds a reward head, else an adapter scored by its implicit
+    reward against the base (beta 0.1)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"the scorer folder {folder!r} does not exist")
+    if (path / "reward_head.safetensors").exists() or (path / "reward_head.json").exists():
+        return Scorer("reward_model", str(path), name=path.name)
+    if not (path / "adapter_config.json").exists():
+        raise ValueError(
+            f"{path.name} is neither a reward model (no reward_head.safetensors) nor an adapter "
+            "(no adapter_config.json)"
+        )
+    return Scorer("implicit_dpo", str(path), name=path.name)
+
+
+class Predictions:
+    """The rewards each scorer predicted for a session's answers (candidate id -> reward), the queue order and the
+    scorer chosen, kept beside the session (written atomically)."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.order: Order = "added"
+        self.scorer: Scorer | None = None
+        self.rewards: dict[str, dict[str, float]] = {}  # scorer key -> candidate id -> reward
+
+    @property
+    def path(self) -> Path:
+        return sessions_dir() / "scores" / f"{self.session}.json"
+
+    @classmethod
+    def load(cls, session: str) -> Predictions:
+        """The session's predictions (none yet when the file is missing or unreadable: they can be made again)."""
+        out = cls(session)
+        try:
+            data = json.loads(out.path.read_text(encoding="utf-8"))
+            out.order = parse_order(str(data.get("order", "added")))
+            scorer = data.get("scorer")
+            out.scorer = Scorer(**scorer) if isinstance(scorer, dict) else None
+            out.rewards = {
+                str(k): {str(c): float(r) for c, r in v.items() if isinstance(r, int | float)}
+                for k, v in data.get("rewards", {}).items()
+                if isinstance(v, dict)
+            }
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        return out
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "order": self.order,
+            "scorer": asdict(self.scorer) if self.scorer is not None else None,
+            "rewards": self.rewards,
+        }
+        paths.atomic_write_text(self.path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+    def of(self, scorer: Scorer | None) -> dict[str, float]:
+        return self.rewards.get(scorer.key, {}) if scorer is not None else {}
 
 
 def list_sessions() -> list[str]:
@@ -432,6 +557,18 @@ def _per_hour(labeller: Labeller) -> float | None:
     if n < 2 or last - first < 1:
         return None
     return (n - 1) * 3600 / (last - first)
+
+
+def picks(labeller: Labeller, items: list[Item]) -> list[tuple[str, str]]:
+    """This annotator's picks of a side on the session's items, oldest first (by when each was last decided):
+    (chosen candidate, rejected candidate). Ties, both bad, skips and edits are not picks."""
+    pairs = {tuple(sorted((i.a, i.b))) for i in items}
+    rows = labeller.prefs.conn.execute(
+        "SELECT candidate_a, candidate_b, decision FROM comparisons WHERE annotator = ? AND source = ? "
+        "AND decision IN ('a', 'b') ORDER BY updated_at, id",
+        (labeller.annotator, labeller.spec.source),
+    ).fetchall()
+    return [(a, b) if d == "a" else (b, a) for a, b, d in rows if (a, b) in pairs]
 
 
 def plural(n: int, one: str, many: str | None = None) -> str:
