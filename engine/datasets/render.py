@@ -121,6 +121,12 @@ def _prompt_and_completion(tokenizer, prompt, completion, tools, max_length: int
     return ids[:split], ids[split:]
 
 
+def prompt_and_completion_ids(tokenizer, prompt, completion, tools=()) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (ending with the generation prompt) and of ``completion`` after it, rendered together
+    so that the join tokenises as in training (an online RL objective samples its answers after the first part)."""
+    return _prompt_and_completion(tokenizer, prompt, completion, tools, 0)
+
+
 def _prompt_keep(prompt_len: int, longest_completion: int, max_length: int) -> int:
     """How many prompt tokens fit: the completion keeps at least half of ``max_length``; the prompt's end is kept."""
     if prompt_len + longest_completion <= max_length:

@@ -115,6 +115,11 @@ def make_batch(examples: list, indices: list[int], pad_id: int, packed: bool = F
     return Batch(*collate(items, pad_id), pairs=pairs, indices=tuple(indices))
 
 
+def layout(items: list, pad_id: int, packed: bool = False) -> Batch:
+    """``items`` (tokenized sequences made during training: sampled answers) as one batch, in their order."""
+    return make_batch(items, list(range(len(items))), pad_id, packed)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
