@@ -55,7 +55,7 @@ class Guard:
                 return f"write to {_show(path)}, outside its scratch folder"
             return None
         if event.startswith("socket."):
-            return f"use the network ({event}{_args(args)})"
+            return f"use the network ({_network(event, args)})"
         if event in _PROCESS:
             return f"start another program or process ({event}{_args(args)})"
         if event in ("os.kill", "os.killpg", "signal.pthread_kill"):
@@ -131,6 +131,16 @@ def _show(path: Any) -> str:
         return repr(os.path.realpath(os.fsdecode(os.fspath(path))))
     except TypeError:
         return repr(path)
+
+
+def _network(event: str, args: tuple[Any, ...]) -> str:
+    if event == "socket.__new__":
+        return "opened a socket"
+    if event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg") and len(args) > 1:
+        return f"{event.split('.')[1]} {args[1]!r}"[:160]
+    if event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr"):
+        return f"looked up {args[0]!r}"[:160] if args else "looked up a host name"
+    return event
 
 
 def _args(args: tuple[Any, ...]) -> str:
