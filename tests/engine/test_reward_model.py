@@ -1,0 +1,164 @@
+"""The reward objective and the reward model it saves: the loss against its formula, a synthetic preference learnt
+on the tiny model, the saved folder read back with the same scores, resume with the head restored."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from engine_helpers import Recorder, tiny_config
+
+from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.engine import reward_model as rm
+from finetune_studio.engine.datasets import load_dataset
+from finetune_studio.engine.datasets.split import split_by_prompt
+from finetune_studio.engine.train.losses import reward_loss
+from finetune_studio.engine.train.recipe import StopFlag, train_run
+from finetune_studio.engine.train.reporting import Reporter
+
+WORDS = "quick brown lazy dog capital Paris sea waves salt wind gull hello world name age answer".split()
+MARK = "fox"  # every chosen answer holds it, no rejected one does; both sides are 4 to 6 words long
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        chosen = rng.sample(WORDS, rng.randint(3, 5))
+        chosen.insert(rng.randint(0, len(chosen)), MARK)
+        rejected = rng.sample(WORDS, rng.randint(4, 6))
+        out.append(
+            {"prompt": f"Say something about item {i}.", "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+        )
+    return out
+
+
+def write_pairs(path, rows: list[dict]):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def reward_config(model_dir, data, **kw) -> TrainConfig:
+    settings = dict(
+        objective="reward",
+        max_steps=40,
+        batch_size=8,
+        learning_rate=1e-2,
+        eval_every=10,
+        validation_fraction=0.2,
+        compute_dtype="float32",
+        num_threads=1,
+    )
+    return tiny_config(model_dir, data, **{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One reward run on 200 synthetic pairs (40 steps of 8 pairs, about 5 s), in a data home of its own."""
+    root = tmp_path_factory.mktemp("reward-run")
+    data = write_pairs(root / "pairs.jsonl", synthetic_pairs(200, seed=0))
+    config = reward_config(tiny_model_dir, data)
+    events = Recorder()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_STUDIO_HOME", str(root / "home"))
+        result = train_run(config, reporter=Reporter(extra=events))
+    assert result.status == "completed" and result.adapter_dir is not None
+    return result, events, config
+
+
+def test_the_loss_is_the_bradley_terry_formula():
+    chosen = torch.tensor([1.5, -0.25, 3.0, 0.0])
+    rejected = torch.tensor([0.5, 0.75, -2.0, 0.0])
+    for margin in (0.0, 0.5):
+        expected = [math.log1p(math.exp(-(c - r - margin))) for c, r in zip(chosen.tolist(), rejected.tolist())]
+        assert reward_loss(chosen, rejected, margin).tolist() == pytest.approx(expected, rel=1e-6)
+    per_pair = torch.tensor([0.0, 1.0, 2.0, 0.25])
+    expected = [math.log1p(math.exp(-(c - r - m))) for c, r, m in zip(chosen, rejected, per_pair.tolist())]
+    assert reward_loss(chosen, rejected, per_pair).tolist() == pytest.approx(expected, rel=1e-6)
+    # the gradient pushes the chosen reward up and the rejected one down, by sigmoid(-(c - r - m))
+    c, r = torch.tensor([0.3], requires_grad=True), torch.tensor([0.1], requires_grad=True)
+    reward_loss(c, r, 0.5).sum().backward()
+    s = 1 / (1 + math.exp(-(0.3 - 0.1 - 0.5)))
+    assert c.grad.item() == pytest.approx(-(1 - s)) and r.grad.item() == pytest.approx(1 - s)
+
+
+def test_the_reward_model_learns_a_synthetic_preference(trained):
+    result, events, _config = trained
+    steps, evals = events.of("step"), events.of("eval")
+    assert all(s.reward_accuracy is not None and s.reward_margin is not None for s in steps)
+    assert steps[-1].reward_margin == pytest.approx(steps[-1].reward_chosen - steps[-1].reward_rejected)
+    assert steps[-1].loss < 0.5 * steps[0].loss
+    assert evals and evals[-1].reward_accuracy > 0.95 and evals[-1].reward_margin > 1.0
+    model = rm.RewardModel.load(result.adapter_dir)
+    fresh = synthetic_pairs(100, seed=1)  # pairs never seen in training or its evaluation
+    prompts = [p["prompt"] for p in fresh]
+    chosen = model.score(prompts, [p["chosen"] for p in fresh])
+    rejected = model.score(prompts, [p["rejected"] for p in fresh])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(fresh)
+    assert accuracy > 0.95
+
+
+def test_the_saved_folder_scores_as_the_trained_model_did(trained):
+    """The loaded folder's mean reward gap over the run's held-out pairs is the gap the run's last evaluation
+    reported: adapter, head, rendering and the last token all read back as trained."""
+    result, events, config = trained
+    folder = result.adapter_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", rm.HEAD_WEIGHTS, rm.HEAD_INFO, "README.md"):
+        assert (folder / name).is_file(), name
+    info = rm.HeadInfo.read(folder)
+    assert info.hidden_size == 64 and info.base_model == config.model and info.max_length == config.max_length
+    assert "reward model" in (folder / "README.md").read_text(encoding="utf-8").lower()
+    _train, validation = split_by_prompt(load_dataset(config.dataset).examples, config.validation_fraction, config.seed)
+    model = rm.RewardModel.load(folder)
+    prompts = [ex.prompt for ex in validation]
+    chosen = model.score(prompts, [ex.chosen[0].content for ex in validation])
+    rejected = model.score(prompts, [ex.rejected[0].content for ex in validation])
+    gap = sum(c - r for c, r in zip(chosen, rejected)) / len(validation)
+    assert gap == pytest.approx(events.of("eval")[-1].reward_margin, rel=1e-4)
+    again = rm.RewardModel.load(folder).score(prompts[:5], [ex.chosen[0].content for ex in validation[:5]])
+    assert again == pytest.approx(chosen[:5], abs=1e-5)
+
+
+def test_resume_restores_the_head(tiny_model_dir, tmp_path):
+    """Stopped at step 3 and resumed, the run's curve is the uninterrupted one: the checkpoint carried the head and
+    its optimizer state (a fresh head after resume would score every pair differently)."""
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(80, seed=3))
+    config = reward_config(tiny_model_dir, data, max_steps=6, batch_size=4, eval_every=0, checkpoint_every=3)
+    full = Recorder()
+    train_run(config, reporter=Reporter(extra=full))
+    stop, first = StopFlag(), Recorder()
+
+    def stop_at_three(event):
+        first(event)
+        if event.type == "step" and event.step == 3:
+            stop.set()
+
+    stopped = train_run(config, reporter=Reporter(extra=stop_at_three), stop=stop)
+    assert stopped.status == "stopped" and stopped.step == 3
+    assert (stopped.run_dir / "checkpoints" / "step-000003" / rm.HEAD_WEIGHTS).is_file()
+    second = Recorder()
+    resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
+    assert resumed.status == "completed"
+    assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-5)
+    accuracy = [e.reward_accuracy for e in first.of("step") + second.of("step")]
+    assert accuracy == pytest.approx([e.reward_accuracy for e in full.of("step")])
+
+
+def test_a_folder_that_is_not_a_reward_model_is_refused(tiny_model_dir, tmp_path):
+    from tiny_model import build_adapter_dir
+
+    plain = build_adapter_dir(tiny_model_dir, tmp_path / "plain", seed=1)
+    with pytest.raises(rm.RewardModelError, match="not a reward model"):
+        rm.RewardModel.load(plain)
+
+
+def test_the_reward_objective_takes_the_preference_store():
+    config = TrainConfig(objective="reward", dataset="pairs:latest")
+    assert config.dataset == "pairs:latest"
+    with pytest.raises(ConfigError, match="DPO or reward"):
+        TrainConfig(objective="sft", dataset="pairs:latest")
+    with pytest.raises(ConfigError, match="reward_margin"):
+        TrainConfig(objective="reward", reward_margin=-1)
