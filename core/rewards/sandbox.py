@@ -14,8 +14,9 @@ The layers, and what each stops:
   ends the worker (SIGXCPU). Stops busy loops, also ones that spread over threads.
 - **Memory** (``RLIMIT_AS``, the kernel): the worker's address space is capped at ``memory_mb``; allocations past
   it fail (``MemoryError`` in Python, usually a crash in C code). Stops unbounded allocation before it takes the
-  machine's memory. Files it writes are capped at ``file_size_mb`` (``RLIMIT_FSIZE``), core dumps are off and it
-  may hold 256 open files.
+  machine's memory. It caps address space, not resident memory: libraries that reserve large ranges up front
+  (torch, CUDA, many-threaded BLAS) need a higher ``memory_mb`` than the memory they use. Files it writes are
+  capped at ``file_size_mb`` (``RLIMIT_FSIZE``), core dumps are off and it may hold 256 open files.
 - **Network namespace** (Linux, the kernel): the worker moves into a new user and network namespace, which has no
   interfaces but a down loopback, so no connection leaves it even from C code. Where the kernel refuses
   unprivileged user namespaces this layer is missing (``layers["network"]`` says which it got) and only the audit
@@ -26,6 +27,8 @@ The layers, and what each stops:
   limits, and opening for writing, creating, removing, renaming, linking or changing files outside its scratch
   folder. The scratch folder is a fresh temporary folder, the worker's working folder, ``HOME`` and ``TMPDIR``;
   it is deleted when the worker ends. Reading files is allowed (the function's own modules and data).
+- **Its parent's end**: the worker reads its requests from a pipe; when the parent process ends, the pipe closes
+  and the worker exits at its next read (one stuck in a loop is ended by its CPU limit).
 - **Cleared environment**: the worker sees only ``PATH``, ``HOME``, ``TMPDIR``, a UTF-8 locale and one-thread
   settings for numerical libraries: no tokens, keys or proxies from the parent's environment.
 
