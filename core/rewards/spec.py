@@ -14,6 +14,7 @@ length           min_tokens / max_tokens, or min_chars / max_chars (at least one
 contains         text: a string or a list of strings; ignore_case [false]; after_think [false]
 not_contains     text: a string or a list of strings; ignore_case [false]; after_think [false]
 think_answer     answer_tag [false] (the answer must sit in <answer>...</answer>)
+json_fields      column; fields [all the reference's]; exact_keys [true]; partial [true]; after_think [false]
 python           path: a .py file; function ["reward"]; timeout_s [30]; memory_mb [2048]
 reward_model     adapter: a reward-model folder or a run id (scored by the engine)
 ===============  =============================================================================================
@@ -48,11 +49,12 @@ KINDS = (
     "contains",
     "not_contains",
     "think_answer",
+    "json_fields",
     "python",
     "reward_model",
 )
 # Kinds whose score depends on a dataset column (named by their ``column`` setting).
-COLUMN_KINDS = ("exact_match", "token_f1")
+COLUMN_KINDS = ("exact_match", "token_f1", "json_fields")
 MAX_TIMEOUT_S = 3600.0
 MIN_MEMORY_MB = 128
 _NAME = re.compile(r"^[A-Za-z0-9_.\- ]{1,64}$")
@@ -198,6 +200,13 @@ SETTINGS: dict[str, dict[str, tuple[Checker, Any]]] = {
         "memory_mb": (_memory, 2048),
     },
     "reward_model": {"adapter": (_adapter, _REQUIRED)},
+    "json_fields": {  # core.rewards.json_fields
+        "column": (_column, _REQUIRED),
+        "fields": (_texts, None),
+        "exact_keys": (_bool, True),
+        "partial": (_bool, True),
+        **_AFTER_THINK,
+    },
 }
 _HINTS = {
     "json_schema": "a JSON Schema, e.g. {'type': 'object', 'required': ['name']}, or the path of a .json file",
@@ -208,6 +217,7 @@ _HINTS = {
     "not_contains": "the text (or list of texts) the answer must not contain",
     "python": "the .py file that defines your reward function",
     "reward_model": "a reward model's folder or the id of the run that trained it",
+    "json_fields": "the dataset column that holds the reference JSON object",
 }
 
 

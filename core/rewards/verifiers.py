@@ -25,6 +25,8 @@ completions as text or chat messages (``text.completion_text``) and scores each 
   ``</think>`` ANSWER: REASONING not blank, ANSWER not blank, neither holding another ``<think>`` or ``</think>``,
   nothing before ``<think>``; with ``answer_tag``, ANSWER must be ``<answer>`` TEXT ``</answer>`` with TEXT not
   blank and nothing after it. Else 0.
+- ``json_fields``: the share of the reference object's fields (in ``column``) the answer has right, or 1 / 0 with
+  ``partial`` off; see ``core.rewards.json_fields``.
 
 ``after_think`` (on the content kinds) checks only the answer part of a thinking-then-answer completion: the text
 after the last ``</think>``, without an ``<answer>`` wrapper (``text.after_think``).
@@ -39,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from finetune_studio.core.rewards import json_fields
 from finetune_studio.core.rewards.base import RewardError, RewardFn
 from finetune_studio.core.rewards.spec import RewardSpec
 from finetune_studio.core.rewards.text import THINK_CLOSE, THINK_OPEN, after_think, completion_text
@@ -60,6 +63,7 @@ def build(spec: RewardSpec, count_tokens: CountTokens | None = None) -> RewardFn
         "contains": _contains,
         "not_contains": _contains,
         "think_answer": _think_answer,
+        "json_fields": _json_fields,
     }
     if spec.kind == "length":
         one = _length(spec, count_tokens)
@@ -264,6 +268,10 @@ def think_answer_ok(text: str, answer_tag: bool = False) -> bool:
         inner = _ANSWER.fullmatch(answer.rstrip())
         return inner is not None and bool(inner.group("text").strip()) and "<answer>" not in inner.group("text")
     return True
+
+
+def _json_fields(spec: RewardSpec) -> Scorer:
+    return json_fields.make(spec)
 
 
 def _think_answer(spec: RewardSpec) -> Scorer:
