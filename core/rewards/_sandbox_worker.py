@@ -18,6 +18,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import traceback
 from typing import Any
@@ -323,7 +324,9 @@ def main() -> int:
         except ValueError as exc:
             channel.send({"ok": False, "error": "protocol", "message": str(exc)})
             return 1
-        if request is None:
+        if request is None:  # the parent closed the pipe: it is done with this worker, or it ended
+            guard.trusted = True
+            shutil.rmtree(guard.scratch, ignore_errors=True)
             return 0
         set_cpu_limit(guard, float(first["cpu_s"]))
         try:

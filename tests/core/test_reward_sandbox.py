@@ -1,7 +1,10 @@
 """A person's Python reward function runs in a separate, limited process; each escape is stopped with a message."""
 
 import os
+import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 
@@ -238,3 +241,33 @@ def test_closing_removes_the_scratch_folder(sandboxed):
     assert os.path.isdir(scratch)
     fn.close()
     assert not os.path.exists(scratch)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the worker's state from /proc")
+def test_a_worker_ends_and_clears_its_scratch_folder_when_its_parent_dies(tmp_path):
+    path = reward_file(tmp_path, "def reward(prompts, completions, **kw):\n    return [1.0]\n")
+    parent = textwrap.dedent(
+        f"""
+        import os
+        from finetune_studio.core.rewards.sandbox import SandboxedReward
+        fn = SandboxedReward({str(path)!r})
+        fn(prompts=["p"], completions=["a"])
+        print(fn._holder[0].proc.pid, fn._holder[0].scratch, flush=True)
+        os._exit(0)  # no clean-up: as if the engine were killed
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60, check=True)
+    pid, scratch = out.stdout.split()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_running(int(pid)) or os.path.exists(scratch)):
+        time.sleep(0.05)
+    assert not _running(int(pid))
+    assert not os.path.exists(scratch)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
