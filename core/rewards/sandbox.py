@@ -226,7 +226,9 @@ class SandboxedReward:
             "max_message_bytes": self.limits.max_message_bytes,
         }
         try:
-            reply = self._exchange(worker, (json.dumps(setup) + "\n").encode(), self.limits.startup_timeout_s)
+            reply = self._exchange(
+                worker, (json.dumps(setup) + "\n").encode(), self.limits.startup_timeout_s, loading=True
+            )
         except RewardError:
             self.close()
             raise
@@ -236,7 +238,7 @@ class SandboxedReward:
         worker.layers = {str(k): str(v) for k, v in dict(reply.get("layers") or {}).items()}
         return worker
 
-    def _exchange(self, worker: _Worker, data: bytes, timeout_s: float) -> dict[str, Any]:
+    def _exchange(self, worker: _Worker, data: bytes, timeout_s: float, loading: bool = False) -> dict[str, Any]:
         """Send ``data`` and read one reply line, within ``timeout_s`` seconds (wall clock)."""
         proc = worker.proc
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -254,7 +256,7 @@ class SandboxedReward:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     worker.stop()
-                    raise RewardError(self.name, self._timeout_message(timeout_s))
+                    raise RewardError(self.name, self._timeout_message(timeout_s, loading))
                 for key, _ in sel.select(min(left, 1.0)):
                     if key.fileobj is proc.stdin:
                         try:
@@ -292,7 +294,12 @@ class SandboxedReward:
                         raise RewardError(self.name, f"the sandbox's answer passed {limit} bytes and was cut off")
 
     # --- messages ------------------------------------------------------------------------------------------------
-    def _timeout_message(self, timeout_s: float) -> str:
+    def _timeout_message(self, timeout_s: float, loading: bool) -> str:
+        if loading:
+            return (
+                f"loading {self.path} did not finish within {timeout_s:g} s and was stopped; look for slow work or "
+                "a loop at the top level of the file (run it inside the function instead)"
+            )
         return (
             f"{self._where()} did not answer within {timeout_s:g} s (wall clock) and was stopped; look for an "
             "endless loop or a wait, make it faster, or raise the reward's timeout_s if it is meant to be slow"

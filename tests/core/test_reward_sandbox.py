@@ -224,6 +224,9 @@ def test_a_file_that_fails_to_load_is_reported(sandboxed):
     fn = sandboxed("import no_such_module_here\n\ndef reward(prompts, completions, **kw):\n    return [1.0]\n")
     with pytest.raises(RewardError, match="loading .*my_reward.py failed: ModuleNotFoundError"):
         fn(prompts=["p"], completions=["a"])
+    stuck = sandboxed("while True:\n    pass\n", startup_timeout_s=1.0)
+    with pytest.raises(RewardError, match="loading .*my_reward.py did not finish within 1 s .* top level"):
+        stuck(prompts=["p"], completions=["a"])
 
 
 def test_the_environment_is_cleared(sandboxed, monkeypatch):
