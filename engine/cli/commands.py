@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_studio.engine.cli.devices import add_parser as add_devices
 
     add_devices(sub)
+    from finetune_studio.engine.cli.prune import add_parser as add_prune
+
+    add_prune(sub)
     mi.add_argument("--config", help="a run config: also count total and trainable parameters for its method")
     mi.add_argument("--method", help="count total and trainable parameters for this method (lora, dora, ...)")
     mi.add_argument("--lora-rank", type=int, default=16, help="with --method: the adapter rank")
@@ -208,6 +211,10 @@ def main(argv: list[str]) -> int:
             from finetune_studio.engine.cli.devices import cmd_devices
 
             return cmd_devices(args, stream)
+        if args.command == "prune":
+            from finetune_studio.engine.cli.prune import cmd_prune
+
+            return cmd_prune(args, stream)
         if args.command == "estimate":
             from finetune_studio.engine.cli.estimate import cmd_estimate
 
