@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, TextIO
 
 from finetune_studio.core.config import ConfigError
 from finetune_studio.core.protocol.distill_report import PruneReport
 from finetune_studio.core.protocol.events import Failed, FailureKind, Progress
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="make a smaller model by dropping decoder layers (and narrowing the MLP)")
     p.add_argument("--model", required=True, help="the model to prune: 'default', a folder, a .gguf file, a hub id")
     which = p.add_mutually_exclusive_group(required=True)
@@ -37,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print a prune_report event (JSON line) instead of a summary")
 
 
-def cmd_prune(args: argparse.Namespace, stream) -> int:
+def cmd_prune(args: argparse.Namespace, stream: TextIO) -> int:
     from finetune_studio.engine.models import LoadOptions, ModelError
     from finetune_studio.engine.train.prune import parse_layers, prune
 
@@ -88,7 +89,7 @@ def summary(r: PruneReport) -> str:
     return "\n".join(lines)
 
 
-def _fail(args: argparse.Namespace, stream, failed: Failed, code: int) -> int:
+def _fail(args: argparse.Namespace, stream: TextIO, failed: Failed, code: int) -> int:
     if args.json:
         stream.write(failed.to_json() + "\n")
     print(f"error: {failed.message}", file=sys.stderr)
