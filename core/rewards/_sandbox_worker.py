@@ -65,20 +65,17 @@ class Guard:
             return f"call C code through ctypes ({event})"
         if event in ("resource.setrlimit", "resource.prlimit"):
             return "change its own limits (resource.setrlimit)"
-        if event in _PATH_FIRST:
-            if not self.inside(args[0]):
-                return f"change {_show(args[0])}, outside its scratch folder ({event})"
-            if event in ("os.remove", "os.rmdir", "os.mkdir", "os.chmod") and _dir_fd(args):
-                return f"change a file relative to a folder descriptor ({event}); use plain paths in the scratch folder"
-            return None
-        if event in _PATH_BOTH:
-            for path in args[:2]:
-                if not self.inside(path):
-                    return f"change {_show(path)}, outside its scratch folder ({event})"
-            return None
-        if event in _PATH_SECOND:
-            if not self.inside(args[1]):
-                return f"write to {_show(args[1])}, outside its scratch folder ({event})"
+        if event in _PATHS:
+            verb = "write to" if event in _WRITES_TO else "change"
+            for index, fd_index in _PATHS[event]:
+                if index >= len(args):
+                    continue
+                dir_fd = args[fd_index] if fd_index is not None and fd_index < len(args) else None
+                target = _resolve(args[index], dir_fd)
+                if target is None:
+                    return f"change a file relative to a folder descriptor it cannot place ({event})"
+                if not self.inside(target):
+                    return f"{verb} {_show(target)}, outside its scratch folder ({event})"
             return None
         if event == "sqlite3.connect":
             database = args[0] if args else ""
@@ -103,28 +100,52 @@ _CTYPES = frozenset(
         "ctypes.PyObj_FromPtr",
     }
 )
-_PATH_FIRST = frozenset(
-    {
-        "os.remove",
-        "os.rmdir",
-        "os.mkdir",
-        "os.chmod",
-        "os.chown",
-        "os.lchown",
-        "os.chflags",
-        "os.lchflags",
-        "os.utime",
-        "os.truncate",
-        "os.setxattr",
-        "os.removexattr",
-        "os.mkfifo",
-        "os.mknod",
-        "shutil.rmtree",
-        "shutil.chown",
-    }
-)
-_PATH_BOTH = frozenset({"os.rename", "os.link"})  # a hard link to an outside file would let writes reach it
-_PATH_SECOND = frozenset({"os.symlink", "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.copytree"})
+# event -> (index of a path it changes, index of the folder descriptor that path is relative to, or None), for each
+# path (the order of the audit event's arguments in CPython). Removing through an outside path's hard link, or a
+# rename out of the folder, changes an outside file too, so both of a rename's and a link's paths are checked.
+_PATHS: dict[str, tuple[tuple[int, int | None], ...]] = {
+    "os.remove": ((0, 1),),
+    "os.rmdir": ((0, 1),),
+    "os.mkdir": ((0, 2),),
+    "os.chmod": ((0, 2),),
+    "os.chown": ((0, 3),),
+    "os.utime": ((0, 3),),
+    "os.mkfifo": ((0, 2),),
+    "os.mknod": ((0, 3),),
+    "os.lchown": ((0, None),),
+    "os.chflags": ((0, None),),
+    "os.lchflags": ((0, None),),
+    "os.truncate": ((0, None),),
+    "os.setxattr": ((0, None),),
+    "os.removexattr": ((0, None),),
+    "os.rename": ((0, 2), (1, 3)),
+    "os.link": ((0, 2), (1, 3)),
+    "os.symlink": ((1, 2),),
+    "shutil.rmtree": ((0, 1),),
+    "shutil.chown": ((0, None),),
+    "shutil.copyfile": ((1, None),),
+    "shutil.copymode": ((1, None),),
+    "shutil.copystat": ((1, None),),
+    "shutil.copytree": ((1, None),),
+}
+_WRITES_TO = frozenset({"os.symlink", "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.copytree"})
+
+
+def _resolve(path: Any, dir_fd: Any) -> Any:
+    """``path`` as seen from the working folder: joined to its folder descriptor's place when it has one (Linux's
+    /proc tells it); None when that place cannot be found."""
+    if isinstance(path, int) or not isinstance(dir_fd, int) or isinstance(dir_fd, bool) or dir_fd < 0:
+        return path
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except TypeError:
+        return path
+    if os.path.isabs(text):
+        return text
+    try:
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), text)
+    except OSError:
+        return None
 
 
 def _show(path: Any) -> str:
@@ -147,10 +168,6 @@ def _network(event: str, args: tuple[Any, ...]) -> str:
 def _args(args: tuple[Any, ...]) -> str:
     text = ", ".join(repr(a) for a in args[:3])
     return f": {text[:160]}" if text else ""
-
-
-def _dir_fd(args: tuple[Any, ...]) -> bool:
-    return any(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in args[1:] if a is not None)
 
 
 def isolate_network() -> str:

@@ -144,6 +144,16 @@ def test_writing_outside_the_scratch_folder_is_stopped(sandboxed, tmp_path):
         os.remove({str(keep)!r})
         return [1.0]
 
+    def via_folder_fd(prompts, completions, **kw):
+        folder = os.open({str(tmp_path)!r}, os.O_RDONLY)
+        os.remove("keep.txt", dir_fd=folder)
+        return [1.0]
+
+    def whole_folder(prompts, completions, **kw):
+        import shutil
+        shutil.rmtree({str(tmp_path)!r})
+        return [1.0]
+
     def via_link(prompts, completions, **kw):
         os.symlink({str(keep)!r}, "link.txt")  # a link in the scratch folder pointing out of it
         with open("link.txt", "a") as f:
@@ -156,8 +166,34 @@ def test_writing_outside_the_scratch_folder_is_stopped(sandboxed, tmp_path):
         sandboxed(body, "remove")(prompts=["p"], completions=["a"])
     with pytest.raises(RewardError, match=f"tried to write to '{keep}', outside its scratch folder"):
         sandboxed(body, "via_link")(prompts=["p"], completions=["a"])
+    with pytest.raises(RewardError, match=f"tried to change '{keep}', outside its scratch folder \\(os.remove"):
+        sandboxed(body, "via_folder_fd")(prompts=["p"], completions=["a"])
+    with pytest.raises(RewardError, match=f"tried to change '{tmp_path}', outside its scratch folder \\(shutil.rmtree"):
+        sandboxed(body, "whole_folder")(prompts=["p"], completions=["a"])
     assert not outside.exists()
     assert keep.read_text() == "data"
+
+
+def test_ordinary_file_work_inside_the_scratch_folder_is_allowed(sandboxed):
+    body = """
+    import os, shutil, sqlite3, tempfile
+
+    def reward(prompts, completions, **kw):
+        os.makedirs("cache/deep")
+        os.chmod("cache", 0o755)
+        with open("cache/deep/notes.txt", "w") as f:
+            f.write("x")
+        os.rename("cache/deep/notes.txt", "cache/notes.txt")
+        folder = tempfile.mkdtemp()  # TMPDIR is the scratch folder
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as f:
+            f.write("y")
+        shutil.copyfile(f.name, os.path.join(os.environ["HOME"], "copy.txt"))
+        shutil.rmtree(folder)  # removes through folder descriptors
+        sqlite3.connect("scores.db").execute("create table t (x)")
+        shutil.rmtree("cache")
+        return [float(sorted(os.listdir(".")) == ["copy.txt", "scores.db"])]
+    """
+    assert sandboxed(body)(prompts=["p"], completions=["a"]) == [1.0]
 
 
 def test_spawning_a_process_is_stopped(sandboxed, tmp_path):
