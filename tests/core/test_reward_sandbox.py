@@ -69,6 +69,17 @@ def test_chat_completions_reach_the_function_as_messages(sandboxed):
     ) == [3.0]
 
 
+def test_ordinary_libraries_load_and_their_numbers_count_as_scores(sandboxed):
+    pytest.importorskip("numpy")
+    body = """
+    import numpy as np  # loads its C parts through ctypes.dlopen, which the sandbox allows
+
+    def reward(prompts, completions, **kw):
+        return np.array([len(c) for c in completions], dtype=np.float32) / 2
+    """
+    assert sandboxed(body)(prompts=["p", "q"], completions=["ab", "abcd"]) == [1.0, 2.0]
+
+
 def test_an_endless_loop_is_stopped_by_the_wall_clock(sandboxed):
     fn = sandboxed("import time\ndef reward(prompts, completions, **kw):\n    time.sleep(60)\n", timeout_s=1.0)
     with pytest.raises(RewardError, match=r"reward\(\) in .*my_reward.py did not answer within 1 s .* timeout_s"):
