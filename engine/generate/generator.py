@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -111,6 +112,7 @@ class Session:
         self.adapters: dict[str, Path] = {}
         self.eos_ids: list[int] = []
         self.token_chars = 0  # the longest token's text in characters: bounds a prompt's length before tokenising
+        self.reward: Any = None  # the reward model a score request loaded (engine.reward_model.RewardModel), kept
 
     # load / unload ---------------------------------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ class Session:
                 raise GenerationError(
                     "model", f"weights {req.weights!r} is a CPU speed-up (not for a GPU or a 4-bit base)"
                 )
-        self.unload()
+        self.unload(reward=False)
         try:
             folder = resolve_model(req.model, options)
             info = describe(folder)
@@ -188,7 +190,11 @@ class Session:
             elapsed_s=round(time.perf_counter() - start, 3),
         )
 
-    def unload(self) -> None:
+    def unload(self, reward: bool = True) -> None:
+        """Free the model and its adapters, and the reward model a score request loaded (unless ``reward`` is
+        False: loading another model keeps it)."""
+        if reward:
+            self.reward = None
         self.base = self.peft = self.tokenizer = None
         self.adapters.clear()
         self.active = gp.BASE
@@ -388,6 +394,113 @@ class Session:
             cancelled=cancelled,
             prompts=len(ids),
         )
+
+    # scoring ---------------------------------------------------------------------------------------------------
+
+    def score(self, req: gp.Score) -> gp.Scores:
+        """One score per candidate of ``req``: a reward model's, or an adapter's implicit DPO reward."""
+        from finetune_studio.engine.datasets.schema import Message
+
+        start = time.perf_counter()
+        turns = list(req.messages) or [gp.ChatTurn(role="user", content=req.prompt)]
+        prompt = tuple(Message(role=t.role, content=t.content) for t in turns)
+        if req.scorer == "reward_model":
+            reward = self._reward_model(req.reward_model)
+            scores = reward.score([prompt] * len(req.candidates), list(req.candidates))
+            source = str(reward.folder)
+        else:
+            scores, source = self._implicit_dpo(req, prompt)
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise GenerationError("error", f"candidate {bad[0] + 1} scored {scores[bad[0]]}: the scorer is broken")
+        return gp.Scores(
+            id=req.id,
+            scores=tuple(scores),
+            scorer=req.scorer,
+            source=source,
+            elapsed_s=round(time.perf_counter() - start, 4),
+        )
+
+    def _reward_model(self, source: str) -> Any:
+        """The reward model in ``source`` (its folder, or a reward run), loaded once and kept until another is
+        asked for; on the loaded model's device (the CPU when none is loaded)."""
+        from finetune_studio.engine.models import ModelError, pick_device
+        from finetune_studio.engine.reward_model import RewardModel, RewardModelError, is_reward_model
+
+        folder = Path(source).expanduser()
+        if not is_reward_model(folder):
+            folder, _run, _step = resolve_adapter(source)
+            if not is_reward_model(folder):
+                raise GenerationError(
+                    "adapter",
+                    f"{folder} is not a reward model (no reward_head.safetensors): give the adapter folder of a "
+                    "run trained with objective 'reward'",
+                )
+        folder = folder.resolve()
+        if self.reward is not None and self.reward.folder == folder:
+            return self.reward
+        self.reward = None  # one reward model at a time: the old one's memory goes before the new one loads
+        device = self.device if self.base is not None else pick_device()
+        try:
+            self.reward = RewardModel.load(folder, device="cpu" if device == "mps" else device)
+        except (RewardModelError, ModelError) as exc:
+            raise GenerationError("adapter", f"cannot load the reward model {folder}: {exc}") from None
+        return self.reward
+
+    def _implicit_dpo(self, req: gp.Score, prompt: tuple) -> tuple[list[float], str]:
+        """``beta * sum over each answer's tokens of (log pi - log pi_ref)`` with pi the policy adapter and pi_ref the
+        reference (the base with adapters off, or another attached adapter)."""
+        from finetune_studio.engine.datasets.render import IGNORE, RenderError, tokenize_example
+        from finetune_studio.engine.datasets.schema import Message, UnpairedExample
+
+        self._need_model()
+        policy = self.active if req.adapter is None else req.adapter
+        self._check_adapter(policy)
+        self._check_adapter(req.reference)
+        if policy == req.reference:
+            what = "the base model" if policy == gp.BASE else f"adapter {policy!r}"
+            raise GenerationError(
+                "adapter",
+                f"implicit_dpo compares an adapter with its reference, and both are {what}: attach the DPO adapter "
+                "(or name it in 'adapter')",
+            )
+        most = self.context_length or 2**20
+        rows = []
+        for text in req.candidates:
+            example = UnpairedExample(prompt=prompt, completion=(Message(role="assistant", content=text),), label=True)
+            try:
+                rows.append(tokenize_example(self.tokenizer, example, most))
+            except RenderError as exc:
+                raise GenerationError("bad_request", f"cannot render the prompt and answer: {exc}") from None
+        with self._adapter_mode(policy):
+            pol = self._answer_logps(rows, IGNORE)
+        with self._adapter_mode(req.reference):
+            ref = self._answer_logps(rows, IGNORE)
+        names = {gp.BASE: "the base"}
+        source = f"{names.get(policy, policy)} against {names.get(req.reference, req.reference)}"
+        return [req.beta * (p - r) for p, r in zip(pol, ref, strict=True)], source
+
+    @torch.no_grad()
+    def _answer_logps(self, rows: Sequence[Any], ignore: int, chunk: int = 8) -> list[float]:
+        """Each row's summed log-prob of its trained (answer) tokens under the model as it is now."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            width = max(len(r.input_ids) for r in part)
+            ids = torch.full((len(part), width), pad, dtype=torch.long)
+            labels = torch.full((len(part), width), ignore, dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for i, r in enumerate(part):
+                n = len(r.input_ids)
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
+            ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+            logits = self.base(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            trained = targets != ignore
+            logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out += (logps * trained).sum(-1).tolist()
+        return out
 
     def _adapter_mode(self, adapter: str):
         import contextlib

@@ -193,6 +193,8 @@ class Worker:
                 return s.generate(req, self.emit, cancel)
             if isinstance(req, gp.GenerateBatch):
                 return s.generate_batch(req, self.emit, cancel)
+            if isinstance(req, gp.Score):
+                return s.score(req)
             if isinstance(req, gp.Unload):
                 s.unload()
                 return gp.Unloaded(id=req.id)

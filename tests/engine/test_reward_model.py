@@ -3,13 +3,12 @@ on the tiny model, the saved folder read back with the same scores, resume with 
 
 from __future__ import annotations
 
-import json
 import math
-import random
 
 import pytest
 import torch
-from engine_helpers import Recorder, tiny_config
+from engine_helpers import Recorder
+from reward_helpers import reward_config, synthetic_pairs, train_reward_model, write_pairs
 
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.engine import reward_model as rm
@@ -19,54 +18,11 @@ from finetune_studio.engine.train.losses import reward_loss
 from finetune_studio.engine.train.recipe import StopFlag, train_run
 from finetune_studio.engine.train.reporting import Reporter
 
-WORDS = "quick brown lazy dog capital Paris sea waves salt wind gull hello world name age answer".split()
-MARK = "fox"  # every chosen answer holds it, no rejected one does; both sides are 4 to 6 words long
-
-
-def synthetic_pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        chosen = rng.sample(WORDS, rng.randint(3, 5))
-        chosen.insert(rng.randint(0, len(chosen)), MARK)
-        rejected = rng.sample(WORDS, rng.randint(4, 6))
-        out.append(
-            {"prompt": f"Say something about item {i}.", "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
-        )
-    return out
-
-
-def write_pairs(path, rows: list[dict]):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    return path
-
-
-def reward_config(model_dir, data, **kw) -> TrainConfig:
-    settings = dict(
-        objective="reward",
-        max_steps=40,
-        batch_size=8,
-        learning_rate=1e-2,
-        eval_every=10,
-        validation_fraction=0.2,
-        compute_dtype="float32",
-        num_threads=1,
-    )
-    return tiny_config(model_dir, data, **{**settings, **kw})
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """One reward run on 200 synthetic pairs (40 steps of 8 pairs, about 5 s), in a data home of its own."""
-    root = tmp_path_factory.mktemp("reward-run")
-    data = write_pairs(root / "pairs.jsonl", synthetic_pairs(200, seed=0))
-    config = reward_config(tiny_model_dir, data)
-    events = Recorder()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_STUDIO_HOME", str(root / "home"))
-        result = train_run(config, reporter=Reporter(extra=events))
-    assert result.status == "completed" and result.adapter_dir is not None
-    return result, events, config
+    return train_reward_model(tiny_model_dir, tmp_path_factory.mktemp("reward-run"))
 
 
 def test_the_loss_is_the_bradley_terry_formula():
