@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtGui import QKeySequence, QShortcut, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from finetune_studio.studio.state.rollouts import Rollout, Rollouts
 
 FIXED = [("step", "Step"), ("group", "Group"), ("reward", "Reward"), ("advantage", "Adv.")]
+HEADER_CHARS = 12  # a reward function's column title at most (the full name in its tooltip)
 SCOPE_TEXT = {"latest": "Latest step", "all": "All steps"}
 AnyIndex = QModelIndex | QPersistentModelIndex
 
@@ -55,7 +56,9 @@ class RolloutsModel(QAbstractTableModel):
         return [k for k, _ in FIXED] + [f"reward/{f}" for f in self.functions] + ["length", "prompt"]
 
     def headers(self) -> list[str]:
-        return [h for _, h in FIXED] + self.functions + ["Answer", "Prompt"]
+        """Column titles; a long reward function's name is shortened (in full in the tooltip)."""
+        short = [f if len(f) <= HEADER_CHARS else f[: HEADER_CHARS - 1] + "…" for f in self.functions]
+        return [h for _, h in FIXED] + short + ["Answer", "Prompt"]
 
     def shown_step(self) -> int:
         return self.pinned_step if self.pinned_step is not None else self.rollouts.last_step
@@ -82,8 +85,11 @@ class RolloutsModel(QAbstractTableModel):
             headers = self.headers()
             return headers[section] if 0 <= section < len(headers) else None
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
-            tips = {"Adv.": "Advantage: the reward against its group's mean, in the group's standard deviations"}
-            return tips.get(self.headers()[section], "Click to sort")
+            key = self.keys()[section] if 0 <= section < len(self.keys()) else ""
+            if key.startswith("reward/"):
+                return f"Reward function {key[len('reward/') :]}: its score (click to sort)"
+            tips = {"advantage": "Advantage: the reward against its group's mean, in the group's standard deviations"}
+            return tips.get(key, "Click to sort")
         return None
 
     def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
@@ -145,7 +151,6 @@ class RolloutsView(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.setSortingEnabled(True)
         self.table.horizontalHeader().setSortIndicator(2, Qt.SortOrder.DescendingOrder)
-        self.table.horizontalHeader().setStretchLastSection(True)
         self.table.verticalHeader().hide()
         self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 6)
         self.table.setWordWrap(False)
@@ -162,8 +167,8 @@ class RolloutsView(QWidget):
         split = QSplitter(Qt.Orientation.Horizontal, self)
         split.addWidget(self.table)
         split.addWidget(self.detail)
-        split.setStretchFactor(0, 3)
-        split.setStretchFactor(1, 2)
+        split.setStretchFactor(0, 2)
+        split.setStretchFactor(1, 1)
         split.setChildrenCollapsible(False)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -173,6 +178,7 @@ class RolloutsView(QWidget):
         self.message.hide()
         QShortcut(QKeySequence("Escape"), self.table, activated=self.table.clearSelection)  # type: ignore[call-overload]
         self._selecting = False
+        self._sized = False
         rollouts.subscribe(lambda _topic: self.reload())
         self.reload()
 
@@ -208,14 +214,26 @@ class RolloutsView(QWidget):
         self._selection_changed()
 
     def _size_columns(self) -> None:
+        """Each figure's column as wide as its header (with the sort arrow) or a figure such as -0.123, whichever
+        is wider; the answer gets the room left beside them, the prompt (read in full in the pane) the rest."""
         header = self.table.horizontalHeader()
-        width = self.fontMetrics().horizontalAdvance("0.000-")
-        for c, key in enumerate(self.model.keys()):
-            if key == "length":
-                self.table.setColumnWidth(c, max(240, width * 4))
-            else:
-                self.table.setColumnWidth(c, width + 6 if key not in ("step", "group") else width)
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        metrics = header.fontMetrics()
+        figure = self.fontMetrics().horizontalAdvance("-0.123") + 12
+        for c, (key, title) in enumerate(zip(self.model.keys(), self.model.headers(), strict=True)):
+            if key == "length":
+                header.setSectionResizeMode(c, QHeaderView.ResizeMode.Stretch)
+            elif key == "prompt":
+                self.table.setColumnWidth(c, metrics.horizontalAdvance("Prompt") * 2)
+            else:
+                width = max(metrics.horizontalAdvance(title) + 22, figure if key not in ("step", "group") else 0)
+                self.table.setColumnWidth(c, width)
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if not self._sized:  # the first time on screen: the columns fitted to the table's real width
+            self._sized = True
+            self._size_columns()
 
     def _scope_changed(self) -> None:
         self.model.scope = str(self.scope.currentData())
@@ -244,8 +262,10 @@ class RolloutsView(QWidget):
         if not n:
             self.summary.setText("No rollouts yet: an online RL run (GRPO) shows its sampled answers here.")
             return
+        held = m.pinned_step is not None and m.pinned_step != self.rollouts.last_step
         where = (
-            f"step {m.shown_step()}" + (" (held while rows are selected)" if m.pinned_step is not None else "")
+            f"step {m.shown_step()}"
+            + (f" (held while rows are selected; latest {self.rollouts.last_step})" if held else "")
             if m.scope == "latest"
             else "all steps"
         )
