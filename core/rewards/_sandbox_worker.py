@@ -35,14 +35,20 @@ class Guard:
         self.trusted = False
         self.refused: list[str] = []
 
-    def inside(self, path: Any) -> bool:
+    def inside(self, path: Any, follow: bool = True) -> bool:
+        """Whether ``path`` lies in the scratch folder. ``follow``: where a symbolic link at ``path`` points (what
+        writing through it changes); else the link itself (what removing or renaming it changes)."""
         if isinstance(path, int):  # an open file descriptor: opening one was checked already
             return True
         try:
             text = os.fsdecode(os.fspath(path))
         except TypeError:
             return False
-        real = os.path.realpath(text)
+        head, name = os.path.split(text)
+        if follow or name in ("", ".", ".."):
+            real = os.path.realpath(text)
+        else:
+            real = os.path.join(os.path.realpath(head or "."), name)
         return real == self.scratch or real.startswith(self.scratch + os.sep) or real == os.devnull
 
     def check(self, event: str, args: tuple[Any, ...]) -> str | None:
@@ -74,7 +80,7 @@ class Guard:
                 target = _resolve(args[index], dir_fd)
                 if target is None:
                     return f"change a file relative to a folder descriptor it cannot place ({event})"
-                if not self.inside(target):
+                if not self.inside(target, follow=event not in _ON_THE_LINK):
                     return f"{verb} {_show(target)}, outside its scratch folder ({event})"
             return None
         if event == "sqlite3.connect":
@@ -128,6 +134,8 @@ _PATHS: dict[str, tuple[tuple[int, int | None], ...]] = {
     "shutil.copystat": ((1, None),),
     "shutil.copytree": ((1, None),),
 }
+# Events that act on a symbolic link itself, not on what it points to.
+_ON_THE_LINK = frozenset({"os.remove", "os.rmdir", "os.rename", "os.symlink", "os.lchown", "os.lchflags"})
 _WRITES_TO = frozenset({"os.symlink", "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.copytree"})
 
 

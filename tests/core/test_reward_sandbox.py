@@ -202,6 +202,9 @@ def test_ordinary_file_work_inside_the_scratch_folder_is_allowed(sandboxed):
         shutil.rmtree(folder)  # removes through folder descriptors
         sqlite3.connect("scores.db").execute("create table t (x)")
         shutil.rmtree("cache")
+        os.symlink("/", "outward")  # a link pointing out of the folder may be made, renamed and removed
+        os.rename("outward", "outward2")
+        os.remove("outward2")
         return [float(sorted(os.listdir(".")) == ["copy.txt", "scores.db"])]
     """
     assert sandboxed(body)(prompts=["p"], completions=["a"]) == [1.0]
