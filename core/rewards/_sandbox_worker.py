@@ -291,12 +291,14 @@ def as_scores(value: Any) -> tuple[list[Any] | None, str]:
     for i, item in enumerate(value):
         if isinstance(item, bool) or item is None or isinstance(item, (str, bytes)):
             return None, f"score {i} is {item!r} ({type(item).__name__}); return a number for every completion"
-        if isinstance(item, (int, float)):
-            out.append(item if isinstance(item, float) or abs(item) < 2**63 else float(item))
+        if isinstance(item, float) or (isinstance(item, int) and abs(item) < 2**63):
+            out.append(item)
             continue
         try:
             out.append(float(item))
-        except (TypeError, ValueError, OverflowError):
+        except OverflowError:
+            return None, f"score {i} is too large for a float; keep scores in a small range"
+        except (TypeError, ValueError):
             return None, f"score {i} is {type(item).__name__}, not a number; return a number for every completion"
     return out, ""
 

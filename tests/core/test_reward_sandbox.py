@@ -262,6 +262,7 @@ def test_an_exception_comes_back_with_its_traceback_and_the_worker_restarts(sand
         ("[1.0, float('nan')]", "score 1 is nan; return finite numbers"),
         ("[1.0, None]", "score 1 is None"),
         ("[1.0, '2']", "score 1 is '2' \\(str\\)"),
+        ("[1.0, 10**400]", "score 1 is too large for a float"),
     ],
 )
 def test_a_wrong_result_is_named(sandboxed, returned, message):
