@@ -202,3 +202,55 @@ def test_send_to_annotate_opens_the_rollouts_in_annotate(qtbot, make_window):
     qtbot.mouseClick(view.send_button, Qt.MouseButton.LeftButton)
     assert win.tabs.currentIndex() == 1 and "2 different prompts" in view.message.text()
     assert prefs.stats()["candidates"] == 2
+
+
+def test_a_live_grpo_run_fills_the_charts_and_the_rollouts_from_the_engines_events(qtbot, window):
+    from studio_support import start_with
+
+    outcome = start_with(
+        qtbot,
+        window,
+        """
+        started(total=3)
+        for s in (1, 2, 3):
+            emit(type="step", step=s, total_steps=3, loss=0.1, lr=1e-5, grad_norm=0.5, tokens_per_s=40.0,
+                 memory_used_bytes=1, memory_peak_bytes=1,
+                 metrics={"reward": 0.5 * s, "reward_std": 0.1, "reward/json_valid": 1.0, "kl": 0.01 * s,
+                          "completion_length": 10.0, "clip_fraction": 0.0})
+            emit(type="rollouts", step=s, items=[
+                {"prompt": "P", "completion": f"answer {s}.{i}", "reward": float(i), "rewards": {"json_valid": 1.0},
+                 "advantage": i - 0.5, "group": 0} for i in range(2)])
+        emit(type="finished", run_id="fake-run", status="completed", step=3, final_loss=0.1)
+    """,
+    )
+    assert outcome.status == "completed"
+    state, page = window.run_state, window.train_page
+    assert list(state.figures.column("reward")) == [0.5, 1.0, 1.5] and state.figures.reward_functions() == [
+        "json_valid"
+    ]
+    assert len(state.rollouts) == 6 and state.rollouts.last_step == 3
+    assert page.chart_tabs.currentWidget() is page.rl_charts and page.chart_tabs.isTabVisible(2)
+    assert [r.completion for r in page.rollouts_view.model.rows] == ["answer 3.1", "answer 3.0"]
+
+
+def test_an_opened_run_reads_its_figures_and_rollouts_from_the_database(qtbot, make_window):
+    from finetune_studio.core.store import Store
+
+    store = Store()
+    rid = store.create_run({"model": "m", "objective": "grpo", "run_name": "stored-grpo", "max_steps": 2})
+    for s in (1, 2):
+        store.add_metrics(rid, "train", s, {"loss": 0.1, "metrics": {"reward": 0.25 * s, "kl": 0.1}})
+        store.add_rollouts(rid, s, _items(s, "Stored prompt", [0.5, 1.0, 0.0]))
+    store.add_metrics(rid, "eval", 2, {"eval_loss": 0.3, "metrics": {"accuracy": 0.5}})
+    store.update_run(rid, status="completed", step=2)
+    win = make_window({})
+    assert win.controller.open_run(rid)
+    state = win.run_state
+    assert list(state.figures.column("reward")) == [0.25, 0.5] and list(state.eval_figures.column("accuracy")) == [0.5]
+    assert [(r.step, r.index) for r in state.rollouts.rows] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert state.rollouts.rows[4].rewards == {"json_valid": 1.0, "exact_match": 0.0}
+    view = win.train_page.rollouts_view
+    assert [r.reward for r in view.model.rows] == [1.0, 0.5, 0.0]
+    # polled again (a followed run): nothing is read twice
+    win.controller._load_history(rid)
+    assert len(state.rollouts) == 6 and state.figures.n == 2
