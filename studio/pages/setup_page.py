@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
+    QApplication,
     QButtonGroup,
     QComboBox,
     QFormLayout,
@@ -170,6 +171,7 @@ class SetupPage(QWidget):
         self.advanced_toggle.toggled.connect(self._toggle_advanced)
         self.rewards_editor = RewardsEditor(state, self)
         self.rewards_editor.try_requested.connect(self.open_workbench)
+        self.rewards_editor.added.connect(lambda box: QTimer.singleShot(0, lambda: self._show_reward(box)))
         self.generation_worker: GenerationWorker | None = None  # None: the window's shared one (see _worker)
         self._own_worker: GenerationWorker | None = None
         self.workbench: RewardWorkbench | None = None
@@ -266,8 +268,16 @@ class SetupPage(QWidget):
             layout = form.layout()
             for name, editor in form.editors.items():
                 owner = next((o for prefix, o in OBJECTIVE_PREFIXES.items() if name.startswith(prefix)), None)
-                if owner is not None and isinstance(layout, QFormLayout):
-                    layout.setRowVisible(editor.parentWidget(), objective == owner)
+                row = editor.parentWidget()  # the field's box: the editor and its error line
+                if owner is not None and row is not None and isinstance(layout, QFormLayout):
+                    layout.setRowVisible(row, objective == owner)
+
+    def _show_reward(self, box: QWidget) -> None:
+        """A reward just added: scrolled into view with the field that has the keyboard."""
+        self.settings_scroll.ensureWidgetVisible(box, 0, 0)
+        focus = QApplication.focusWidget()
+        if focus is not None and box.isAncestorOf(focus):
+            self.settings_scroll.ensureWidgetVisible(focus)
 
     def open_workbench(self) -> None:
         """The reward workbench for the set-up's model, adapter, dataset and rewards (one window, brought back)."""

@@ -15,18 +15,31 @@ from typing import Any
 from finetune_studio.core.config import OBJECTIVES, ConfigError, TrainConfig
 from finetune_studio.core.protocol.dataset_report import DatasetReport
 from finetune_studio.core.protocol.device_report import DeviceReport
+from finetune_studio.studio.state import rewards as reward_rows
 from finetune_studio.studio.state.observable import Observable
 
 HELP = TrainConfig.field_help()
 FIELDS = list(HELP)
 # Fields with their own widgets on the set-up page; the rest are generated as a form.
-OWN_WIDGETS = ("model", "dataset", "method", "objective", "parallelism")
+OWN_WIDGETS = ("model", "dataset", "method", "objective", "parallelism", "rewards")
 PREFERENCE_KINDS = ("preference", "unpaired")
+# What each objective trains, in one sentence (shown under the objective's buttons).
+OBJECTIVE_SENTENCES = {
+    "sft": "SFT trains the model to write the dataset's answers.",
+    "dpo": "DPO trains the model to prefer the chosen answer of each pair over the rejected one.",
+    "reward": "Reward model trains a scorer from preference pairs: it learns to give the chosen answer the higher "
+    "score, and can then rank answers or serve as a reward for GRPO.",
+    "grpo": "GRPO trains the model online: it samples several answers per prompt, scores them with the rewards "
+    "below and learns from the better ones.",
+}
+OBJECTIVES_WITH_REWARDS = ("grpo",)  # the objectives that score answers with TrainConfig.rewards
 
 
 def to_form(name: str, value: Any) -> Any:
     """A config value as a form shows it: booleans and choices as is, everything else as text."""
     default = HELP[name]["default"]
+    if name == reward_rows.FIELD:
+        return reward_rows.form_rows(value)
     if isinstance(default, bool) or "choices" in HELP[name] or isinstance(value, str):
         return value
     if isinstance(default, list):
@@ -40,6 +53,8 @@ def to_form(name: str, value: Any) -> Any:
 
 def from_form(name: str, value: Any) -> Any:
     default = HELP[name]["default"]
+    if name == reward_rows.FIELD:
+        return reward_rows.typed_specs(value)
     if isinstance(default, dict) and isinstance(value, str):
         if not value.strip():
             return {}
@@ -68,6 +83,7 @@ class SetupState(Observable):
         self.dataset_pending = False  # the engine is checking it; Start is not held up for that
         self.devices: DeviceReport | None = None  # the engine's answer to `devices --json` (asked with 2+ GPUs)
         self.processes = 1  # `train --nproc N`: one process per GPU; 1 is a plain one-process run
+        self.reward_check = reward_rows.RewardsCheck({})  # each reward's problem, shown beside it (GRPO)
         if initial:
             self.load(initial, quiet=True)
         self.validate()
@@ -122,9 +138,18 @@ class SetupState(Observable):
         return self.devices.max_processes if self.devices is not None else 1
 
     # --- checking -------------------------------------------------------------
+    @property
+    def uses_rewards(self) -> bool:
+        """The chosen objective scores answers with the rewards (GRPO): the editor shows, and they are checked."""
+        return self.values.get("objective") in OBJECTIVES_WITH_REWARDS
+
     def typed_values(self) -> tuple[dict, dict]:
-        out, errors = {}, {}
+        out: dict[str, Any] = {}
+        errors: dict[str, str] = {}
         for name in FIELDS:
+            if name == reward_rows.FIELD and not self.uses_rewards:
+                out[name] = []  # kept in the form for when GRPO is chosen again; not part of another objective's run
+                continue
             try:
                 out[name] = from_form(name, self.values[name])
             except ConfigError as exc:
@@ -136,6 +161,8 @@ class SetupState(Observable):
         # each field alone, so every bad field is named; with the objective, which some fields depend on
         # (``pairs:`` data is DPO's)
         context = {"objective": values["objective"]} if values.get("objective") in OBJECTIVES else {}
+        if context and reward_rows.FIELD in values and reward_rows.FIELD not in errors:
+            context[reward_rows.FIELD] = values[reward_rows.FIELD]  # GRPO's settings are checked with its rewards
         for name, value in values.items():
             if name in errors:
                 continue
@@ -150,6 +177,10 @@ class SetupState(Observable):
             except ConfigError as exc:
                 errors[exc.field if exc.field in HELP else "model"] = _reason(exc)
         errors.update(self._combination_errors(values, errors))
+        self.reward_check = reward_rows.check_rows(self.values.get(reward_rows.FIELD, []), needed=self.uses_rewards)
+        if self.uses_rewards and reward_rows.FIELD in HELP and not self.reward_check.ok:
+            # each reward's own message beside it; the first one (and how many more) in the list of problems
+            errors[reward_rows.FIELD] = self.reward_check.summary()
         self.config = config if not errors else None
         if errors != self.errors or config is None:
             self.errors = errors
@@ -164,9 +195,11 @@ class SetupState(Observable):
         info = self.dataset_info
         kind = info.kind if info is not None else ""
         if kind and "objective" not in errors:
-            if values.get("objective") == "dpo" and kind not in PREFERENCE_KINDS:
+            objective = values.get("objective")
+            if objective in ("dpo", "reward") and kind not in PREFERENCE_KINDS:
+                what = "DPO" if objective == "dpo" else "A reward model"
                 out["objective"] = (
-                    f"DPO needs preference data (prompt, chosen, rejected); this dataset is "
+                    f"{what} needs preference data (prompt, chosen, rejected); this dataset is "
                     f"{kind}. Choose SFT, or a preference dataset."
                 )
         if info is not None and info.rows == 0:
@@ -199,6 +232,11 @@ class SetupState(Observable):
     def config_dict(self) -> dict:
         """The values as a config dict (may be invalid; used to remember the last choices)."""
         values, _ = self.typed_values()
+        if reward_rows.FIELD in values:  # remembered whatever the objective, as far as they can be read
+            try:
+                values[reward_rows.FIELD] = reward_rows.typed_specs(self.values[reward_rows.FIELD])
+            except ConfigError:
+                values[reward_rows.FIELD] = self.values[reward_rows.FIELD]
         defaults = {f.name for f in dataclasses.fields(TrainConfig)}
         return {k: v for k, v in values.items() if k in defaults}
 
