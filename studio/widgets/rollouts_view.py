@@ -214,12 +214,12 @@ class RolloutsView(QWidget):
         self._selection_changed()
 
     def _size_columns(self) -> None:
-        """Each figure's column as wide as its header (with the sort arrow) or a figure such as -0.123, whichever
+        """Each figure's column as wide as its header (with the sort arrow) or a figure such as -0.0123, whichever
         is wider; the answer gets the room left beside them, the prompt (read in full in the pane) the rest."""
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         metrics = header.fontMetrics()
-        figure = self.fontMetrics().horizontalAdvance("-0.123") + 12
+        figure = self.fontMetrics().horizontalAdvance("-0.0123") + 12
         for c, (key, title) in enumerate(zip(self.model.keys(), self.model.headers(), strict=True)):
             if key == "length":
                 header.setSectionResizeMode(c, QHeaderView.ResizeMode.Stretch)

@@ -5,8 +5,13 @@ step, and a key labels it: the store has the person's pair."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
+import pytest
 from conftest import off_screen, wait_for
 
 from finetune_studio.core.store import Store
@@ -143,3 +148,81 @@ def test_a_rollout_of_a_reopened_grpo_run_is_sent_to_annotate_and_labelled(app_f
         "ON ch.id = CASE cmp.decision WHEN 'a' THEN cmp.candidate_a ELSE cmp.candidate_b END"
     )
     assert pairs == [(partner, f"annotate:rollouts of {RUN_NAME}")], pairs
+
+
+def _train_grpo(home, model_dir, tmp_path) -> str:
+    """A real GRPO run of the tiny model through the engine's command line (3 steps, G = 4, 8 new tokens), into
+    ``home``; returns its run id."""
+    data = tmp_path / "prompts.jsonl"
+    with data.open("w", encoding="utf-8") as fh:
+        for i in range(6):
+            turns = [
+                {"role": "user", "content": f"Give {i} as JSON."},
+                {"role": "assistant", "content": f'{{"n": {i}}}'},
+            ]
+            fh.write(json.dumps({"messages": turns}) + "\n")
+    config = {
+        "model": str(model_dir),
+        "dataset": str(data),
+        "objective": "grpo",
+        "run_name": "grpo-real",
+        "max_steps": 3,
+        "batch_size": 2,
+        "grpo_group_size": 4,
+        "grpo_max_new_tokens": 8,
+        "rewards": [{"kind": "json_valid"}, {"kind": "length", "max_chars": 12}],
+    }
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    env = dict(os.environ, FINETUNE_STUDIO_HOME=str(home), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "train", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    finished = [json.loads(line) for line in done.stdout.splitlines() if '"type":"finished"' in line]
+    assert done.returncode == 0 and finished, done.stdout[-3000:] + done.stderr[-3000:]
+    return str(finished[0]["run_id"])
+
+
+def test_a_real_grpo_runs_rollouts_are_shown_and_one_is_sent_to_annotate(app_factory, tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    run_id = _train_grpo(home, tiny_model_dir, tmp_path)
+    app = app_factory(home=home, size=(1024, 768), settings={"last_config": {"model": str(tiny_model_dir)}}).start()
+    stored = app.query(
+        "SELECT position, completion, reward FROM rollouts WHERE run_id = ? AND step = 3 ORDER BY position", run_id
+    )
+    figures = dict(app.query("SELECT name, value FROM named_metrics WHERE run_id = ? AND step = 3", run_id))
+    assert len(stored) >= 4 and {"reward", "kl", "clip_fraction", "reward/json_valid", "reward/length"} <= set(figures)
+
+    app.key("ctrl+3")
+    app.click_row("runsTable", lambda cells: "grpo-real" in cells)
+    app.click("runsOpen")
+    wait_for(lambda: app.state()["current_tab"].endswith("Train"), 10, "the run opened on Train")
+    app.wait_text("runStatus", lambda t: t == "Completed", 30, "the opened run")
+    assert off_screen(app.state(), ("chart_reward", "chart_kl", "chart_length", "chart_clip")) == {}
+    time.sleep(0.5)
+    app.screenshot("1-real-rewards-1024")
+    app.click_tab("Rollouts")
+    rows = app.widget("rolloutsTable")["rows"]
+    assert len(rows) == len(stored) and {r["cells"][0] for r in rows} == {"3"}
+    shown = sorted(float(r["cells"][2]) for r in rows)
+    assert shown == pytest.approx(sorted(float(f"{reward:.3g}") for _, _, reward in stored))
+
+    app.click_row("rolloutsTable", lambda cells: True)  # the best answer of the last step
+    detail = app.wait_text("rolloutDetail", lambda t: "Answer:" in t, 5, "the chosen answer")
+    chosen = max(stored, key=lambda r: r[2])  # sorted best first, ties in stored order
+    assert detail.split("Answer:\n", 1)[1] == chosen[1]
+    time.sleep(0.3)
+    app.screenshot("2-real-rollouts-1024")
+    app.click("sendToAnnotate")
+    wait_for(lambda: app.state()["current_tab"].endswith("Annotate"), 10, "Annotate with the sent answer")
+    sent = app.query("SELECT text, checkpoint FROM candidates WHERE run_id = ? AND source = 'grpo-rollout'", run_id)
+    assert len(sent) == 2 and {c for _, c in sent} == {"step-000003"}, sent
+    assert chosen[1].strip() in {t for t, _ in sent}
+    answers = {app.text("leftAnswer"), app.text("rightAnswer")}
+    assert {t for t, _ in sent} == answers, (answers, sent)
+    app.screenshot("3-real-annotate-1024")
