@@ -1,9 +1,10 @@
-"""What ``engine demo --json`` and ``engine demo --loop --json`` answer: the demo task's scores before and after.
+"""What ``engine demo --json``, ``engine demo --loop --json`` and ``engine demo --rl --json`` answer: the demo task's
+scores before and after.
 
-One :class:`DemoReport` (``{"v": 1, "type": "demo_report", ...}``) or :class:`DemoLoopReport` (``"demo_loop_report"``)
-event of :mod:`core.protocol.events` on one JSON line. A score is the share of held-out prompts answered exactly
-right (``exact``) and in the required format (``valid``), over ``n`` prompts. Unknown fields are ignored, as for every
-event.
+One :class:`DemoReport` (``{"v": 1, "type": "demo_report", ...}``), :class:`DemoLoopReport` (``"demo_loop_report"``)
+or :class:`DemoRLReport` (``"demo_rl_report"``) event of :mod:`core.protocol.events` on one JSON line. A score is the
+share of held-out prompts answered exactly right (``exact``) and in the required format (``valid``), over ``n``
+prompts. Unknown fields are ignored, as for every event.
 """
 
 from __future__ import annotations
@@ -115,4 +116,35 @@ class DemoLoopReport(Event):
         return built
 
 
-EVENT_TYPES.update({cls.type: cls for cls in (DemoReport, DemoLoopReport)})
+@dataclass(frozen=True)
+class DemoRLReport(Event):
+    """``engine demo --rl``: SFT, then the loop's DPO and GRPO each from the SFT adapter; scored at each stage.
+
+    ``curves`` holds GRPO's figures per optimizer step by name (``reward``, ``reward_std``, ``reward/<name>``,
+    ``kl``, ``completion_length``, ``clip_fraction``, ``loss``), each a list over steps 1..N; ``seconds`` each
+    stage's wall time (``sft``, ``dpo``, ``grpo``, and each scoring as ``score_<stage>``); ``settings`` the
+    command's settings. ``after_dpo`` and ``dpo_run`` are empty when the DPO stage was left out (``--no-dpo``).
+    """
+
+    type: ClassVar[str] = "demo_rl_report"
+    eval_prompts: int = 0
+    before: DemoScore | None = None
+    after_sft: DemoScore | None = None
+    after_dpo: DemoScore | None = None
+    after_grpo: DemoScore | None = None
+    sft_run: str = ""
+    dpo_run: str = ""
+    grpo_run: str = ""
+    pairs: int = 0  # the DPO stage's labelled pairs
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> DemoRLReport:
+        built: DemoRLReport = _build(cls, data, ("before", "after_sft", "after_dpo", "after_grpo"))
+        return built
+
+
+EVENT_TYPES.update({cls.type: cls for cls in (DemoReport, DemoLoopReport, DemoRLReport)})
