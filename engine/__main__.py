@@ -14,6 +14,8 @@ python -m finetune_studio.engine model info MODEL        resolve (and convert a 
 python -m finetune_studio.engine serve [--threads N]     the generation worker (JSON-line requests on stdin)
 python -m finetune_studio.engine pairs import FILE | export OUT_DIR --format F | stats    the preference store
 python -m finetune_studio.engine runs lineage RUN        the runs a run started from (init_adapter)
+python -m finetune_studio.engine reward score --model FOLDER --prompt P --candidate A [--input F.jsonl] [--json]
+                                                         a reward model's scores of answers
 """
 
 from __future__ import annotations

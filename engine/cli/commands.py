@@ -1,4 +1,4 @@
-"""The engine's subcommands: train, export, demo, model info, serve.
+"""The engine's subcommands: train, export, demo, model info, serve, estimate, devices, prune, reward.
 
 Events go to stdout as JSON lines and nothing else does: file descriptor 1 is pointed at stderr for the
 life of the process, so a library that prints cannot corrupt the event stream.
@@ -133,7 +133,16 @@ def _with_counts(info: ev.ModelReady, folder, config: TrainConfig) -> ev.ModelRe
 
 
 def cmd_demo(rest: list[str]) -> int:
-    """``demo [--loop] ...``: the plain demo (``engine.demo.task``) or the SFT -> DPO loop (``engine.demo.loop``)."""
+    """``demo [--loop | --rl] ...``: the plain demo (``engine.demo.task``), the SFT -> DPO loop (``engine.demo.loop``)
+    or SFT -> GRPO with the task's verifier (``engine.demo.rl``)."""
+    if "--rl" in rest:
+        from finetune_studio.engine.demo.rl import main as rl_main
+
+        return rl_main([a for a in rest if a != "--rl"])
+    if "--distill" in rest:
+        from finetune_studio.engine.demo.distill import main as distill_main
+
+        return distill_main([a for a in rest if a != "--distill"])
     if "--loop" in rest:
         from finetune_studio.engine.demo.loop import main as loop_main
 
@@ -173,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_studio.engine.cli.prune import add_parser as add_prune
 
     add_prune(sub)
+    from finetune_studio.engine.cli.reward import add_parser as add_reward
+
+    add_reward(sub)
     mi.add_argument("--config", help="a run config: also count total and trainable parameters for its method")
     mi.add_argument("--method", help="count total and trainable parameters for this method (lora, dora, ...)")
     mi.add_argument("--lora-rank", type=int, default=16, help="with --method: the adapter rank")
@@ -219,6 +231,10 @@ def main(argv: list[str]) -> int:
             from finetune_studio.engine.cli.estimate import cmd_estimate
 
             return cmd_estimate(args, stream)
+        if args.command == "reward":
+            from finetune_studio.engine.cli.reward import cmd_reward
+
+            return cmd_reward(args, stream)
         return cmd_model_info(args, stream)
     except Exception as exc:
         logging.getLogger("finetune_studio.engine").exception("unexpected error")
