@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QTimer
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QGridLayout, QWidget
 
 from finetune_studio.studio.state.rl_figures import ACCURACY_KEYS, GAP_KEYS, REWARD_PREFIX, StepFigures
@@ -21,6 +22,9 @@ from finetune_studio.studio.widgets.charts import COLORS, TICK_MS, Chart, make_c
 # Reward functions' curves, in the order the functions came (the total reward is COLORS["smooth"]).
 FUNCTION_COLORS = [(230, 120, 40), (40, 160, 120), (150, 90, 200), (200, 70, 90), (120, 120, 120), (180, 150, 30)]
 BAND = (30, 90, 200, 50)  # the spread around the mean reward
+# The least top of a chart's scale: a KL or clipped fraction of 1e-13 (rounding) reads as the zero it is, not as a
+# curve filling the chart.
+SMALLEST_TOP = {"chart_kl": 0.01, "chart_clip": 0.01}
 
 
 class RLCharts(QWidget):
@@ -32,6 +36,8 @@ class RLCharts(QWidget):
         self.state = state
         self.reward = Chart("Reward: mean ± spread, per function", self, legend=True)
         self.reward.setObjectName("chart_reward")
+        text = self.palette().color(QPalette.ColorRole.Text)  # legends in the text's colour (pyqtgraph's grey is faint)
+        self.reward.getPlotItem().legend.setLabelTextColor(text)
         self.reward.add("reward", "total", "smooth", width=2)
         self.band_hi = self.reward.add("band_hi", "", "raw", width=0.5)
         self.band_lo = self.reward.add("band_lo", "", "raw", width=0.5)
@@ -40,6 +46,7 @@ class RLCharts(QWidget):
         legend = self.reward.getPlotItem().legend
         for item in (self.band_hi, self.band_lo):
             legend.removeItem(item)
+        self.reward.headroom = 0.5  # the legend's row stays clear of rewards at their top (a verifier's 1.0)
         self.kl = Chart("KL to the reference", self, from_zero=True)
         self.kl.setObjectName("chart_kl")
         self.kl.add("kl", "kl", "lr")
@@ -51,6 +58,7 @@ class RLCharts(QWidget):
         self.clip.add("clip_fraction", "clipped", "grad")
         self.reward_model = Chart("Reward model: held-out accuracy and gap", self, legend=True)
         self.reward_model.setObjectName("chart_reward_model")
+        self.reward_model.getPlotItem().legend.setLabelTextColor(text)
         self.reward_model.add("accuracy", "pair accuracy", "acc", width=2, symbol="o")
         self.reward_model.add("gap", "reward gap", "margin", width=2, symbol="o", dash=True)
         grid = QGridLayout(self)
@@ -161,7 +169,7 @@ class RLCharts(QWidget):
         else:
             for key, curve in chart.curves.items():
                 curve.setData(x, f.column(key))
-        chart.fit(self.state.info.total_steps or None)
+        chart.fit(self.state.info.total_steps or None, SMALLEST_TOP.get(chart.objectName()))
         self.redraws += 1
 
     def _reward_model_series(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
