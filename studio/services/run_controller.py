@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+import numpy as np
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from finetune_studio.core import paths
@@ -47,7 +48,7 @@ def device_bytes(run: RunRecord) -> int:
         return 0
 
 
-def _last_step(steps) -> int:
+def _last_step(steps: np.ndarray) -> int:
     """The last step of a column of steps (-1 when empty): what a read of newer rows starts after."""
     return int(steps[-1]) if len(steps) else -1
 
