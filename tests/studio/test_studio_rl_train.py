@@ -254,3 +254,17 @@ def test_an_opened_run_reads_its_figures_and_rollouts_from_the_database(qtbot, m
     # polled again (a followed run): nothing is read twice
     win.controller._load_history(rid)
     assert len(state.rollouts) == 6 and state.figures.n == 2
+
+
+def test_reward_objectives_own_evaluations_chart_as_accuracy_and_gap(qtbot, page):
+    """The reward objective reports its held-out figures in the evaluations' reward_accuracy / reward_margin."""
+    page.state.info.config = {"objective": "reward"}
+    page.state.apply(Started(run_id="rm2", run_dir="/tmp/rm2", total_steps=8))
+    for step, acc, gap in ((4, 0.6, 0.2), (8, 0.96, 1.4)):
+        page.state.apply(Eval(step=step, eval_loss=0.4, reward_margin=gap, reward_accuracy=acc))
+    charts = page.rl_charts
+    charts.refresh()
+    assert page.chart_tabs.isTabVisible(1) and not page.chart_tabs.isTabVisible(2)  # no rollouts for a reward model
+    xs, acc = charts.reward_model.curves["accuracy"].getOriginalDataset()
+    _, gap = charts.reward_model.curves["gap"].getOriginalDataset()
+    assert list(xs) == [4, 8] and list(acc) == [0.6, 0.96] and list(gap) == [0.2, 1.4]
