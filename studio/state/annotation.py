@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from finetune_studio.core import paths
 from finetune_studio.core.label_queue import Order, parse_order
 from finetune_studio.core.preferences import Decision, PreferenceError, PreferenceStore, transaction
+from finetune_studio.studio.state.run_labels import field as field_of
 
 SESSION_VERSION = 1
 STRENGTHS = {1: 1 / 3, 2: 2 / 3, 3: 1.0}  # the 1-3 keys as the store's 0-1 strength
@@ -212,14 +212,15 @@ def split_adapter_ref(ref: str) -> tuple[str, int | None]:
     return (m.group(1), int(m.group(2))) if m else (ref, None)
 
 
-def scorer_for_run(run: Mapping[str, Any]) -> Scorer | None:
+def scorer_for_run(run: Any) -> Scorer | None:
     """The scorer a finished run offers: a ``reward`` run's reward model, a ``dpo`` run's implicit reward (against
     the adapter it started from, with its beta); None for other objectives."""
     try:
-        config = json.loads(run.get("config") or "{}")
+        config = json.loads(field_of(run, "config") or "{}")
     except (TypeError, ValueError):
         config = {}
-    objective, rid, name = run.get("objective"), str(run.get("id") or ""), str(run.get("name") or "")
+    config = config if isinstance(config, dict) else {}
+    objective, rid, name = field_of(run, "objective"), str(field_of(run, "id") or ""), str(field_of(run, "name") or "")
     if objective == "reward":
         return Scorer("reward_model", rid, name=name)
     if objective == "dpo":

@@ -200,7 +200,7 @@ class LabelView(QWidget):
 
     # --- showing --------------------------------------------------------------------
     def _on_state(self, topic: str) -> None:
-        if topic in ("item", "strength", "session"):
+        if topic in ("item", "strength", "session", "queue"):
             self.refresh()
         elif topic == "editing":
             self._show_editing()
@@ -220,7 +220,7 @@ class LabelView(QWidget):
             prefs.conn.execute("SELECT messages FROM prompts WHERE id = ?", (item.prompt_id,)).fetchone()[0]
         )
         self.prompt.setText(prompt[-1]["content"] if prompt else "")
-        where = f"Pair {st.index + 1} of {len(st.items)}"
+        where = f"Pair {st.position + 1} of {len(st.items)}"  # its place in the queue
         if st.all_labelled:
             where += f" · all {an.plural(len(st.items), 'pair')} labelled"
         self.position.setText(where)
@@ -240,7 +240,8 @@ class LabelView(QWidget):
         if state.strength is not None:
             said += f", strength {round(state.strength * 3)}"
         pending = f" · next strength {st.strength}" if st.strength else ""
-        self.decision.setText(f"Decision: {said}{pending}")
+        revealed = st.revealed_prediction()  # '' until this pair is decided: no anchoring
+        self.decision.setText(f"Decision: {said}{pending}" + (f" · {revealed}" if revealed else ""))
 
     def show_texts(self, left: str, right: str) -> None:
         self._texts = (left, right)

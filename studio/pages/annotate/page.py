@@ -6,13 +6,18 @@ view, shown on screen): A / B the left / right answer is better, T tie, X both b
 (Shift+E the right one; Ctrl+Return or Save saves, Esc or Cancel cancels), R rank every answer to the prompt, 1-3 the
 strength of the next A / B, Ctrl+Z undo, Right / Down / J next, Left / Up / K previous, M Markdown view, D word diff.
 Every decision is written to the store at once.
+
+Above the answers, the queue's order (as added, random, least sure first, largest predicted gap first) and the scorer
+whose predictions order it (a reward model, or a DPO run's adapter by its implicit reward), scored in the generation
+worker (``scoring``); below them, how often that model agreed with the person's last decisions. The model's guess for
+the pair on screen is never shown before the person has decided it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -24,9 +29,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from finetune_studio.core import label_queue as lq
 from finetune_studio.core.protocol.pairs_report import PairsExported, PairsImported
 from finetune_studio.core.run_status import is_exportable
 from finetune_studio.studio.pages.annotate.label_view import LabelView, word_diff_html
+from finetune_studio.studio.pages.annotate.scoring import SessionScorer
 from finetune_studio.studio.pages.annotate.session_form import SessionForm, SideBox
 from finetune_studio.studio.services.annotation_generation import SessionGenerator
 from finetune_studio.studio.services.generation_worker import GenerationWorker
@@ -57,6 +64,9 @@ class AnnotatePage(QWidget):
         self._own_worker = worker is None
         self.worker = worker or GenerationWorker(self, threads=1)
         self.generator = SessionGenerator(self.worker, self)
+        self.scoring = SessionScorer(self.worker, self)
+        self._scorer_runs: dict[str, an.Scorer] = {}  # run id -> the scorer it offers
+        self._done_when_scoring = -1  # decisions made when the scoring started
         self.state = AnnotateState()
         self.last_snapshot = ""
         self._pairs_job = EngineJob(self)  # engine pairs import / export
@@ -70,12 +80,24 @@ class AnnotatePage(QWidget):
         self.choose_prompts_file = lambda: QFileDialog.getOpenFileName(
             self, "Prompts from a dataset", "", "Datasets (*.jsonl *.json)"
         )[0]
+        self.choose_scorer_folder = lambda: QFileDialog.getExistingDirectory(
+            self, "A reward model's folder, or an adapter folder"
+        )
         self._build()
         self.generator.progress.connect(self._on_progress)
         self.generator.streaming.connect(self._on_stream)
         self.generator.items_added.connect(self.state.items_added)
         self.generator.finished.connect(self._on_generated)
         self.worker.died.connect(lambda msg: self._say(msg))
+        self.scoring.scored.connect(self.state.add_rewards)
+        self.scoring.progress.connect(self._on_scoring_progress)
+        self.scoring.finished.connect(self._on_scored)
+        self.order_box.currentIndexChanged.connect(lambda _i: self._order_chosen())
+        self.scorer_box.activated.connect(lambda _i: self._scorer_chosen())
+        scorer_edit = self.scorer_box.lineEdit()
+        assert scorer_edit is not None  # an editable combo box has one
+        scorer_edit.editingFinished.connect(self._scorer_chosen)
+        self.scorer_folder_button.clicked.connect(self._choose_scorer_folder)
         self.label_view.key.connect(self.state.press)
         self.state.subscribe(self._on_state)
         f = self.form
@@ -89,10 +111,46 @@ class AnnotatePage(QWidget):
     def _build(self) -> None:
         self.form = SessionForm(self)
         right = QWidget(self)
+        self.order_box = QComboBox(right)
+        self.order_box.setObjectName("queueOrder")
+        for name, text in lq.ORDERS.items():
+            self.order_box.addItem(text, name)
+        self.order_box.setToolTip(
+            "The order of the pairs to label. Least sure first: the pairs the scorer is closest to a tie on, where a "
+            "label teaches most; largest predicted gap first: those it is surest about."
+        )
+        self.scorer_box = QComboBox(right)
+        self.scorer_box.setObjectName("queueScorer")
+        self.scorer_box.setEditable(True)
+        self.scorer_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.scorer_box.setMinimumContentsLength(12)
+        scorer_edit = self.scorer_box.lineEdit()
+        assert scorer_edit is not None  # an editable combo box has one
+        scorer_edit.setPlaceholderText("no scorer")
+        self.scorer_box.setToolTip(
+            "What predicts which answer is better: a reward run (its reward model), a DPO run (its adapter's implicit "
+            "reward against the model it started from), or a folder of either"
+        )
+        self.scorer_folder_button = QPushButton("Folder…", right)
+        self.scorer_folder_button.setObjectName("scorerFolder")
+        self.scorer_folder_button.setToolTip("A reward model's folder, or an adapter folder (implicit reward)")
+        order_row = QHBoxLayout()
+        order_row.addWidget(QLabel("Order", right))
+        order_row.addWidget(self.order_box)
+        order_row.addWidget(QLabel("Scorer", right))
+        order_row.addWidget(self.scorer_box, 1)
+        order_row.addWidget(self.scorer_folder_button)
         self.label_view = LabelView(self.state, right)
         self.progress_label = QLabel(right)
         self.progress_label.setObjectName("labelProgress")
         self.progress_label.setWordWrap(True)
+        self.agreement_label = QLabel(right)
+        self.agreement_label.setObjectName("labelAgreement")
+        self.agreement_label.setWordWrap(True)
+        self.agreement_label.setToolTip(
+            "Counted over your last picks of a side (ties, both bad and skips are not picks), once decided: the "
+            "model's guess for the pair on screen is never shown before you decide."
+        )
         self.policy = QLabel(right)
         self.policy.setObjectName("pairsPolicy")
         self.policy.setWordWrap(True)
@@ -114,8 +172,10 @@ class AnnotatePage(QWidget):
         bottom.addStretch(1)
         bottom.addWidget(self.train_button)
         rcol = QVBoxLayout(right)
+        rcol.addLayout(order_row)
         rcol.addWidget(self.label_view, 1)
         rcol.addWidget(self.progress_label)
+        rcol.addWidget(self.agreement_label)
         rcol.addWidget(self.policy)
         rcol.addLayout(bottom)
         splitter = QSplitter(self)
@@ -161,6 +221,8 @@ class AnnotatePage(QWidget):
             self._say(self.state.message)
         elif topic in ("item", "session"):
             self._refresh_progress()
+        elif topic == "queue":
+            self._show_queue()
         elif topic == "editing" and not self.state.editing:
             self._refresh_progress()
 
@@ -172,6 +234,7 @@ class AnnotatePage(QWidget):
     def _refresh_progress(self) -> None:
         st = self.state
         p = st.progress()
+        self._refresh_agreement()
         if p is None or st.labeller is None:
             self.progress_label.setText("")
             self._refresh_policy()
@@ -195,6 +258,104 @@ class AnnotatePage(QWidget):
             f"{an.plural(len(prefs.pairs()), 'DPO pair')} in the store. " + an.policy_text(prefs.left_out())
         )
 
+    # --- the queue's order and its scorer -------------------------------------------
+    def _refresh_agreement(self) -> None:
+        """Decisions already made only (the state counts those); nothing about the pair on screen."""
+        st = self.state
+        if st.labeller is None or st.scorer is None:
+            self.agreement_label.setText("")
+            return
+        self.agreement_label.setText(f"{st.agreement().text()} (scorer: {st.scorer.label()})")
+
+    def _show_queue(self) -> None:
+        """The order and scorer boxes as the state has them (a reopened session's own)."""
+        st = self.state
+        self.order_box.blockSignals(True)
+        self.order_box.setCurrentIndex(max(0, self.order_box.findData(st.order)))
+        self.order_box.blockSignals(False)
+        scorer = st.scorer
+        self.scorer_box.blockSignals(True)
+        if scorer is None:
+            self.scorer_box.setCurrentIndex(-1)
+            self.scorer_box.setEditText("")
+        else:
+            i = self.scorer_box.findData(scorer.source)
+            if i >= 0:
+                self.scorer_box.setCurrentIndex(i)
+            else:
+                self.scorer_box.setEditText(scorer.source)
+        self.scorer_box.blockSignals(False)
+        self._refresh_agreement()
+
+    def _order_chosen(self) -> None:
+        how = str(self.order_box.currentData() or "added")
+        if self.state.spec is None:
+            return
+        self.state.set_order(how)
+        self._score_missing()
+        self.label_view.setFocus()
+
+    def _scorer_from_box(self) -> an.Scorer | None:
+        text = self.scorer_box.currentText().strip()
+        if not text:
+            return None
+        i = self.scorer_box.findText(text)
+        rid = str(self.scorer_box.itemData(i) or "") if i >= 0 else ""
+        if rid in self._scorer_runs:
+            return self._scorer_runs[rid]
+        current = self.state.scorer
+        if current is not None and text == current.source:
+            return current
+        return an.scorer_for_folder(text)
+
+    def _scorer_chosen(self) -> None:
+        try:
+            scorer = self._scorer_from_box()
+        except ValueError as exc:
+            self._say(str(exc))
+            return
+        if scorer == self.state.scorer:
+            return
+        if self.scoring.running:
+            self.scoring.stop()
+        self.state.set_scorer(scorer)
+        self._refresh_agreement()
+        self._score_missing()
+
+    def _choose_scorer_folder(self) -> None:
+        folder = self.choose_scorer_folder()
+        if folder:
+            self.scorer_box.setEditText(folder)
+            self._scorer_chosen()
+
+    def _score_missing(self) -> None:
+        """Score the answers the chosen scorer has no reward for yet, when the order needs them."""
+        st = self.state
+        if st.order not in lq.NEEDS_SCORES or st.scorer is None or st.spec is None or self.scoring.running:
+            return
+        jobs = st.to_score()
+        if not jobs:
+            return
+        p = st.progress()
+        self._done_when_scoring = p.done if p is not None else 0
+        self.scoring.start(st.spec.side_a.model, st.scorer, jobs)
+        self._say(f"Scoring the answers to {an.plural(len(jobs), 'prompt')} with the {st.scorer.label()}…")
+
+    def _on_scoring_progress(self, done: int, total: int) -> None:
+        if total and done < total:
+            self.form.status.setText(f"Scored {done} of {an.plural(total, 'prompt')}…")
+
+    def _on_scored(self, problem: str) -> None:
+        if problem:
+            self._say(problem)
+            return
+        st = self.state
+        p = st.progress()
+        if p is not None and p.done == self._done_when_scoring:  # nothing decided meanwhile: start at the queue's head
+            st.first_in_queue()
+        self._say(f"Every pair has its prediction: the queue is {lq.ORDERS[st.order].lower()}.")
+        self.label_view.setFocus()
+
     # --- session --------------------------------------------------------------------
     def refresh(self) -> None:
         """Runs for the model pickers, sessions to reopen."""
@@ -204,6 +365,7 @@ class AnnotatePage(QWidget):
         runs = [(field(r, "id"), names[field(r, "id")]) for r in runs]
         self.form.side_a.set_runs(runs)
         self.form.side_b.set_runs(runs)
+        self._set_scorer_runs([r for r in everyone if is_exportable(field(r, "status") or "")], names)
         sessions = an.list_sessions()
         self.form.set_sessions(sessions)
         if not self.form.model.text():
@@ -211,6 +373,24 @@ class AnnotatePage(QWidget):
         if self.spec is None and sessions and not self.generator.running:
             self.open_session(sessions[0])  # the app reopened: continue the latest session where it stopped
         self._refresh_progress()
+
+    def _set_scorer_runs(self, runs: list, names: dict[str, str]) -> None:
+        """The runs that can score: reward runs (their reward model) and DPO runs (their implicit reward)."""
+        self._scorer_runs = {}
+        for run in runs:
+            scorer = an.scorer_for_run(run)
+            if scorer is not None:
+                self._scorer_runs[scorer.source] = an.Scorer(
+                    scorer.kind, scorer.source, scorer.reference, scorer.beta, names.get(scorer.source, scorer.name)
+                )
+        self.scorer_box.blockSignals(True)
+        self.scorer_box.clear()
+        for rid, scorer in self._scorer_runs.items():
+            kind = "reward model" if scorer.kind == "reward_model" else "DPO, implicit reward"
+            self.scorer_box.addItem(f"{scorer.name or rid} ({kind})", rid)
+            self.scorer_box.setItemData(self.scorer_box.count() - 1, f"run {rid}", Qt.ItemDataRole.ToolTipRole)
+        self.scorer_box.blockSignals(False)
+        self._show_queue()
 
     def load_prompts_file(self, path: str) -> None:
         self._say(self.form.load_prompts_file(path))
@@ -266,12 +446,14 @@ class AnnotatePage(QWidget):
             self._say(str(exc))
             return
         self.form.show_spec(spec)
+        self.scoring.stop()
         self.state.use(self.store.preferences, spec)
         missing = len(self.generator.missing_prompts(spec, self.store.preferences))
         self._say(
             f"Session {spec.name!r} reopened"
             + (f"; {an.plural(missing, 'prompt')} still need answers." if missing else ".")
         )
+        self._score_missing()
         self.label_view.setFocus()
 
     def _annotator_changed(self, name: str) -> None:
@@ -297,6 +479,7 @@ class AnnotatePage(QWidget):
         self._say(problem)
         self.label_view.refresh()
         self._refresh_progress()
+        self._score_missing()  # the new pairs' predictions, for an order by them
         self.label_view.setFocus()  # the keys label again, whatever was clicked to start
 
     # --- export and training --------------------------------------------------------
@@ -370,6 +553,7 @@ class AnnotatePage(QWidget):
 
     def shutdown(self) -> None:
         self.generator.stop()
+        self.scoring.stop()
         if self._own_worker:
             self.worker.shutdown()
         self._pairs_job.cancel()
