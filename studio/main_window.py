@@ -171,6 +171,7 @@ class MainWindow(QMainWindow):
         """From the train page: the chosen rollouts into the store and the run's labelling session, opened in
         Annotate (studio.state.rollouts.send_to_annotate)."""
         info = self.run_state.info
+        sampled = {"temperature": info.config["grpo_temperature"]} if "grpo_temperature" in info.config else None
         try:
             sent = send_to_annotate(
                 self.controller.store.preferences,
@@ -179,6 +180,7 @@ class MainWindow(QMainWindow):
                 run_name=info.name,
                 model=str(info.config.get("model") or "default"),
                 group=group,
+                sampling=sampled,
             )
         except (SendError, ValueError) as exc:
             self.train_page.rollouts_view.say(str(exc))

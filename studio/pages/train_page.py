@@ -248,8 +248,11 @@ class TrainPage(QWidget):
         eta = st.eta_s() if st.status == "running" else None
         if eta is not None:
             bits.append(f"about {format_duration(eta)} left")
+        reward = st.figures.last("reward")
         loss = st.train.last("loss_smooth")
-        if loss is not None:
+        if reward is not None:  # an online RL run: its reward says how it goes (its loss hovers around 0)
+            bits.append(f"mean reward {reward:.3g}")
+        elif loss is not None:
             bits.append(f"smoothed loss {loss:.4f}")  # Runs' figure is the last step's own loss
         if st.status == "starting":
             bits = ["loading the model and data…"]

@@ -209,11 +209,13 @@ def send_to_annotate(
     run_name: str = "",
     model: str = "default",
     group: Sequence[Rollout] = (),
+    sampling: Mapping[str, Any] | None = None,
 ) -> Sent:
     """Put ``chosen`` (answers to one prompt) into the store as candidates of ``run_id`` at their step, and into the
     run's labelling session as pairs to label: neighbours in reward order, so the answers the reward tells apart
     least come first in each pair. A single chosen rollout is paired with an answer of its ``group`` (see
-    :func:`choose_partner`). Raises :class:`SendError` with what to choose instead."""
+    :func:`choose_partner`). ``sampling``: how the run sampled them (its temperature), kept with each candidate.
+    Raises :class:`SendError` with what to choose instead."""
     if not chosen:
         raise SendError("Select one or more rollouts first (click a row; Ctrl+click or Shift+click for more).")
     prompts = {r.prompt.strip() for r in chosen}
@@ -257,6 +259,7 @@ def send_to_annotate(
                 adapter=run_id,
                 run_id=run_id,
                 checkpoint=f"step-{r.step:06d}",
+                sampling=dict(sampling or {}),
                 source=CANDIDATE_SOURCE,
             )
             for r in distinct

@@ -194,6 +194,7 @@ class RolloutsView(QWidget):
             keep, self.model.pinned_step = set(), None
         widths = [self.table.columnWidth(c) for c in range(self.model.columnCount())]
         functions = list(self.model.functions)
+        scrolled = self.table.verticalScrollBar().value()  # a person reading down the table stays where they are
         self._selecting = True
         try:
             self.model.reload()
@@ -211,6 +212,7 @@ class RolloutsView(QWidget):
                     )
         finally:
             self._selecting = False
+        self.table.verticalScrollBar().setValue(scrolled)
         self._selection_changed()
 
     def _size_columns(self) -> None:

@@ -46,7 +46,7 @@ def _items(step: int, prompt: str, rewards: list[float], group: int = 0) -> list
 
 
 def _grpo(state: RunState, steps: int = 3) -> None:
-    state.info.config = {"objective": "grpo", "model": "tiny"}
+    state.info.config = {"objective": "grpo", "model": "tiny", "grpo_temperature": 0.9}
     state.info.name = "grpo-demo"
     state.apply(Started(run_id="run-grpo", run_dir="/tmp/r", total_steps=20))
     for s in range(1, steps + 1):
@@ -185,6 +185,7 @@ def test_send_to_annotate_opens_the_rollouts_in_annotate(qtbot, make_window):
     item = annotate.state.item
     texts = {prefs.candidate(c)["text"] for c in (item.a, item.b)}
     assert texts == {r.completion for r in win.run_state.rollouts.rows if r.reward in (1.5, 0.5)}
+    assert {prefs.candidate(c)["sampling"] for c in (item.a, item.b)} == {'{"temperature": 0.9}'}  # how it was drawn
     assert "Sent 2 answers to Annotate (paired with" in win.statusBar().currentMessage()
 
     # two prompts at once cannot be one pair: the page says what to do, nothing is sent
@@ -231,6 +232,8 @@ def test_a_live_grpo_run_fills_the_charts_and_the_rollouts_from_the_engines_even
     assert len(state.rollouts) == 6 and state.rollouts.last_step == 3
     assert page.chart_tabs.currentWidget() is page.rl_charts and page.chart_tabs.isTabVisible(2)
     assert [r.completion for r in page.rollouts_view.model.rows] == ["answer 3.1", "answer 3.0"]
+    page._show_progress()
+    assert "mean reward 1.5" in page.progress.format() and "loss" not in page.progress.format()
 
 
 def test_an_opened_run_reads_its_figures_and_rollouts_from_the_database(qtbot, make_window):
