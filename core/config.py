@@ -22,6 +22,10 @@ from typing import Any, cast
 
 METHODS = ("lora", "qlora", "dora", "qdora")
 OBJECTIVES = ("sft", "dpo", "reward", "grpo")
+# How an objective's step is shaped, for the memory estimate (core.memory.estimate): the engine's objectives say the
+# same (tests/engine/test_reward_model.py checks that they agree).
+PAIR_OBJECTIVES = ("dpo", "reward")  # each example is a preference pair: chosen and rejected, two sequences
+SCALAR_HEAD_OBJECTIVES = ("reward",)  # a scalar head at each sequence's last token instead of the output head
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -500,6 +504,11 @@ class TrainConfig:
 
         parse_rewards(self.rewards)  # ConfigError("rewards", ...) naming the entry
         need(
+            self.objective != "grpo" or bool(self.rewards),
+            "rewards",
+            "GRPO scores its sampled answers with rewards: list at least one, e.g. [{'kind': 'json_valid'}]",
+        )
+        need(
             not self.early_stopping_patience or (self.eval_every > 0 and self.validation_fraction > 0),
             "early_stopping_patience",
             "needs evaluations: set eval_every and validation_fraction above 0",
@@ -527,6 +536,16 @@ class TrainConfig:
     def quantized(self) -> bool:
         """True when the frozen base is stored in 4-bit NF4."""
         return self.method in ("qlora", "qdora")
+
+    @property
+    def trains_on_pairs(self) -> bool:
+        """Each example is a preference pair whose chosen and rejected answers run as two sequences of one batch."""
+        return self.objective in PAIR_OBJECTIVES
+
+    @property
+    def scalar_head(self) -> bool:
+        """The step reads one scalar per sequence at its last token (a reward model): no output head, no logits."""
+        return self.objective in SCALAR_HEAD_OBJECTIVES
 
     @property
     def uses_dora(self) -> bool:

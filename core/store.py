@@ -1,4 +1,5 @@
-"""The studio's SQLite database: runs, their step metrics and samples, the preference store (``core.preferences``).
+"""The studio's SQLite database: runs, their step metrics, samples and rollouts, the preference store
+(``core.preferences``).
 
 The engine writes as it trains; the studio reads (and writes labels). WAL mode
 lets one writer and many readers work at once, and every write is committed at
@@ -74,6 +75,13 @@ METRIC_COLUMNS = _metric_columns()  # name -> int or float
 NAMED_METRICS_SQL = (
     "CREATE TABLE IF NOT EXISTS named_metrics (run_id TEXT NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL, "
     "name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, kind, step, name))"
+)
+# What an online RL objective sampled (the ``rollouts`` event's items), one row per answer, with its scores: any of
+# them can be sent to be labelled.
+ROLLOUTS_SQL = (
+    "CREATE TABLE IF NOT EXISTS rollouts (run_id TEXT NOT NULL, step INTEGER NOT NULL, position INTEGER NOT NULL, "
+    "grp INTEGER NOT NULL, prompt TEXT NOT NULL, completion TEXT NOT NULL, reward REAL NOT NULL, "
+    "rewards TEXT NOT NULL, advantage REAL NOT NULL, PRIMARY KEY (run_id, step, position))"
 )
 SCHEMA_VERSION = 2  # 2: the preference store (core/preferences.py), run lineage, samples, best checkpoint
 # Run columns added without a schema version of their own, created on open where missing (older databases work).
@@ -212,6 +220,22 @@ class SampleRow(_ReadByKey):
     position: int  # the prompt's place among the run's sample prompts
     prompt: str
     answer: str
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """One answer an online RL step sampled, with its scores (a row of ``rollouts``; an item of the ``rollouts``
+    event, :mod:`core.protocol.rollouts`)."""
+
+    run_id: str
+    step: int
+    position: int  # its place among the step's answers
+    group: int  # the step's prompt it answers (the G answers of one prompt share it)
+    prompt: str
+    completion: str
+    reward: float  # the weighted total
+    rewards: dict[str, float]  # each reward function's score by name
+    advantage: float
 
 
 def now() -> float:
@@ -508,6 +532,8 @@ class Store:
         have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
         if "named_metrics" not in have:
             self.db.execute(NAMED_METRICS_SQL)
+        if "rollouts" not in have:
+            self.db.execute(ROLLOUTS_SQL)
 
     # --- runs ---------------------------------------------------------------
     def create_run(
@@ -641,6 +667,7 @@ class Store:
             with preferences.transaction(self.db.conn) as conn:
                 conn.execute("delete from metrics where run_id = ? and step > ?", [run_id, step])
                 conn.execute("delete from named_metrics where run_id = ? and step > ?", [run_id, step])
+                conn.execute("delete from rollouts where run_id = ? and step > ?", [run_id, step])
 
         self._write(write)
 
@@ -673,6 +700,48 @@ class Store:
         rows = self.db["samples"].rows_where("run_id = ?", [run_id], order_by="step, position")
         return [typing.cast(SampleRow, SampleRow._from_row(r)) for r in rows]
 
+    # --- rollouts: what an online RL objective sampled at each step, with its scores --------
+    def add_rollouts(self, run_id: str, step: int, items: list[dict[str, Any]]) -> None:
+        """One step's sampled answers (the ``rollouts`` event's items: prompt, completion, reward, rewards by name,
+        advantage, group), kept in their order; a step written again (a resumed run) replaces its rows."""
+        rows = [
+            (
+                run_id,
+                step,
+                i,
+                int(item["group"]),
+                str(item["prompt"]),
+                str(item["completion"]),
+                float(item["reward"]),
+                json.dumps({str(k): float(v) for k, v in dict(item.get("rewards") or {}).items()}, allow_nan=False),
+                float(item["advantage"]),
+            )
+            for i, item in enumerate(items)
+        ]
+
+        def write() -> None:
+            with preferences.transaction(self.db.conn) as conn:
+                conn.execute("DELETE FROM rollouts WHERE run_id = ? AND step = ?", [run_id, step])
+                conn.executemany(
+                    "INSERT INTO rollouts (run_id, step, position, grp, prompt, completion, reward, rewards, "
+                    "advantage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        self._write(write)
+
+    def rollouts(self, run_id: str, since_step: int = -1) -> list[RolloutRow]:
+        """The run's sampled answers after ``since_step``, by step and then in their order."""
+        found = self.db.execute(
+            "SELECT step, position, grp, prompt, completion, reward, rewards, advantage FROM rollouts "
+            "WHERE run_id = ? AND step > ? ORDER BY step, position",
+            [run_id, since_step],
+        ).fetchall()
+        return [
+            RolloutRow(run_id, int(step), int(pos), int(grp), prompt, completion, float(reward), _scores(rewards), adv)
+            for step, pos, grp, prompt, completion, reward, rewards, adv in found
+        ]
+
     # --- preference pairs (see core/preferences.py) -----------------------------
     def add_pairs(self, pairs: Iterable[dict[str, Any]], source: str = "") -> int:
         """Import {prompt, chosen, rejected} pairs; returns how many were new."""
@@ -680,3 +749,14 @@ class Store:
 
     def pairs(self) -> list[preferences.Pair]:
         return self.preferences.pairs()
+
+
+def _scores(text: str) -> dict[str, float]:
+    """A rollout's per-function scores as stored (JSON); text that is not such an object reads as none."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -19,8 +19,11 @@ from finetune_studio.core.protocol import (  # noqa: F401 - each registers its e
     dataset_report,
     demo_report,
     device_report,
+    distill_report,
     memory_report,
     pairs_report,
+    reward_scores,
+    rollouts,
     run_lineage,
 )
 from finetune_studio.core.protocol.message import (

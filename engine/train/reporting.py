@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from finetune_studio.core.protocol import events as ev
+from finetune_studio.core.protocol.rollouts import Rollouts
 from finetune_studio.core.store import Store
 from finetune_studio.engine import logs
 
@@ -128,6 +129,8 @@ class Reporter:
             s.update_run(rid, eval_loss=event.eval_loss)
         elif isinstance(event, ev.Sample):
             s.add_samples(rid, event.step, event.prompts, event.answers)
+        elif isinstance(event, Rollouts):
+            s.add_rollouts(rid, event.step, event.items)
 
     # Convenience wrappers -------------------------------------------------------
     def progress(self, stage: str, done: int, total: int, message: str = "") -> None:

@@ -16,12 +16,24 @@ from finetune_studio.core.config import ConfigError
 from finetune_studio.engine.train.objectives.base import Objective, Progress, TrainedModel
 from finetune_studio.engine.train.objectives.distill import Distill
 from finetune_studio.engine.train.objectives.dpo import DPO
+from finetune_studio.engine.train.objectives.grpo import GRPO
 from finetune_studio.engine.train.objectives.reward import Reward
 from finetune_studio.engine.train.objectives.sft import SFT
 
-__all__ = ["DPO", "REGISTRY", "SFT", "Reward", "Objective", "Progress", "TrainedModel", "objective_class", "register"]
+__all__ = [
+    "DPO",
+    "GRPO",
+    "REGISTRY",
+    "SFT",
+    "Reward",
+    "Objective",
+    "Progress",
+    "TrainedModel",
+    "objective_class",
+    "register",
+]
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, Reward, Distill)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, Reward, Distill, GRPO)}
 
 
 def register(cls: type[Objective]) -> type[Objective]:

@@ -1,0 +1,310 @@
+"""GRPO: the advantages and the loss equal the formulas written out; a tiny-model run raises its mean reward under a
+deterministic verifier; resume reproduces the uninterrupted curve; the rollouts reach the events and the store."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from engine_helpers import Recorder, tiny_config, write_sft
+
+from finetune_studio.core.config import ConfigError, TrainConfig
+from finetune_studio.core.protocol import events as ev
+from finetune_studio.core.protocol.rollouts import Rollouts
+from finetune_studio.core.store import Store
+from finetune_studio.engine.train.losses import group_advantages, grpo_loss, grpo_token_losses
+from finetune_studio.engine.train.recipe import StopFlag, train_run
+from finetune_studio.engine.train.reporting import Reporter
+
+# --- the formulas on fixed tensors ---------------------------------------------------------------------------------
+
+REWARDS = [1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 1.0, 1.0]  # three groups of four; the second all equal
+
+
+def direct_advantages(rewards: list[float], g: int, scale: bool, eps: float = 1e-4) -> list[float]:
+    out = []
+    for start in range(0, len(rewards), g):
+        group = rewards[start : start + g]
+        mean = sum(group) / g
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (g - 1))  # the sample standard deviation
+        out += [(r - mean) / (std + eps) if scale else r - mean for r in group]
+    return out
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_advantages_are_each_reward_against_its_group(scale):
+    got = group_advantages(torch.tensor(REWARDS), 4, scale=scale)
+    assert got.tolist() == pytest.approx(direct_advantages(REWARDS, 4, scale), abs=1e-6)
+    assert got[4:8].tolist() == [0.0] * 4  # a group whose answers all score the same teaches nothing
+
+
+# Five answers of 3, 1, 4, 2 and 2 tokens; their advantages; the policy's, the sampler's and the reference's log-probs.
+ROWS = [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 4, 4]
+ADVANTAGES = [1.5, -0.7, 0.4, -1.2, 0.0]
+LOGPS = [-1.0, -2.0, -0.5, -3.0, -1.2, -0.1, -2.2, -0.9, -1.7, -0.3, -2.5, -1.1]
+OLD = [-1.4, -2.0, -0.4, -2.5, -1.0, -0.1, -2.9, -0.95, -1.7, -0.7, -2.2, -1.3]  # ratios in and out of [0.8, 1.2]
+REF = [-1.1, -1.8, -0.6, -2.9, -1.5, -0.2, -2.0, -1.0, -1.6, -0.5, -2.4, -1.0]
+EPSILON, BETA, MAX_NEW = 0.2, 0.05, 6
+
+
+def direct_token_terms() -> tuple[list[float], list[float], list[bool]]:
+    losses, kls, clipped = [], [], []
+    for lp, old, ref, row in zip(LOGPS, OLD, REF, ROWS):
+        a = ADVANTAGES[row]
+        rho = math.exp(lp - old)
+        surrogate = min(rho * a, min(max(rho, 1 - EPSILON), 1 + EPSILON) * a)
+        kl = math.exp(ref - lp) - (ref - lp) - 1
+        losses.append(-surrogate + BETA * kl)
+        kls.append(kl)
+        clipped.append((rho < 1 - EPSILON and a < 0) or (rho > 1 + EPSILON and a > 0))
+    return losses, kls, clipped
+
+
+def test_the_token_losses_are_the_clipped_surrogate_plus_the_k3_kl():
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    losses, kl, clipped = grpo_token_losses(
+        logps,
+        torch.tensor(OLD, dtype=torch.float64),
+        torch.tensor(REF, dtype=torch.float64),
+        torch.tensor(ADVANTAGES, dtype=torch.float64)[torch.tensor(ROWS)],
+        epsilon=EPSILON,
+        beta=BETA,
+    )
+    want_losses, want_kl, want_clipped = direct_token_terms()
+    assert losses.tolist() == pytest.approx(want_losses, abs=1e-12)
+    assert kl.tolist() == pytest.approx(want_kl, abs=1e-12)
+    assert clipped.tolist() == want_clipped
+    assert 0 < sum(want_clipped) < len(want_clipped)  # the clip is active for some tokens, not for others
+    # a clipped token gives no gradient through its ratio: only the KL term's
+    losses.sum().backward()
+    for i, is_clipped in enumerate(want_clipped):
+        kl_grad = BETA * (1 - math.exp(REF[i] - LOGPS[i]))  # d/dlp of beta * (exp(ref - lp) - (ref - lp) - 1)
+        if is_clipped:
+            assert logps.grad[i].item() == pytest.approx(kl_grad, abs=1e-12)
+        else:
+            ratio_grad = -math.exp(LOGPS[i] - OLD[i]) * ADVANTAGES[ROWS[i]]
+            assert logps.grad[i].item() == pytest.approx(ratio_grad + kl_grad, abs=1e-12)
+
+
+def test_without_a_reference_there_is_no_kl_and_with_mu_one_the_ratio_is_one():
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor(ADVANTAGES, dtype=torch.float64)[torch.tensor(ROWS)]
+    losses, kl, clipped = grpo_token_losses(logps, logps.detach(), None, adv, epsilon=EPSILON, beta=BETA)
+    assert losses.tolist() == pytest.approx((-adv).tolist(), abs=1e-12) and not kl.any() and not clipped.any()
+    losses.sum().backward()
+    assert logps.grad.tolist() == pytest.approx((-adv).tolist(), abs=1e-12)  # the plain policy gradient
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "token", "dr_grpo"])
+def test_each_normalisation_equals_its_formula(loss_type):
+    token_losses, _, _ = direct_token_terms()
+    answers = len(ADVANTAGES)
+    if loss_type == "sequence":  # each answer's mean over its tokens, then the mean over answers
+        per_answer = [[t for t, r in zip(token_losses, ROWS) if r == i] for i in range(answers)]
+        want, denom = sum(sum(p) / len(p) for p in per_answer) / answers, answers
+    elif loss_type == "token":  # the sum over every token / the tokens
+        want, denom = sum(token_losses) / len(token_losses), len(token_losses)
+    else:  # the sum / (answers x max_new_tokens)
+        want, denom = sum(token_losses) / (answers * MAX_NEW), answers * MAX_NEW
+    got = grpo_loss(torch.tensor(token_losses, dtype=torch.float64), torch.tensor(ROWS), answers, loss_type, denom)
+    assert got.item() == pytest.approx(want, abs=1e-12)
+    # split over two micro-batches (answers 0-1 and 2-4) over the step's denominator, the parts add up to the whole
+    cut = ROWS.index(2)
+    first = grpo_loss(
+        torch.tensor(token_losses[:cut], dtype=torch.float64), torch.tensor(ROWS[:cut]), 2, loss_type, denom
+    )
+    rows_rest = torch.tensor(ROWS[cut:]) - 2
+    rest = grpo_loss(torch.tensor(token_losses[cut:], dtype=torch.float64), rows_rest, 3, loss_type, denom)
+    assert (first + rest).item() == pytest.approx(want, abs=1e-12)
+
+
+# --- the settings -------------------------------------------------------------------------------------------------
+
+
+def test_grpo_without_rewards_is_a_config_error_naming_rewards(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        tiny_config(tiny_model_dir, write_sft(tmp_path / "d.jsonl"), objective="grpo")
+    assert caught.value.field == "rewards"
+    for bad, field in (
+        ({"grpo_group_size": 1}, "grpo_group_size"),
+        ({"grpo_temperature": 0}, "grpo_temperature"),
+        ({"grpo_epsilon": 1.0}, "grpo_epsilon"),
+        ({"grpo_beta": -0.1}, "grpo_beta"),
+        ({"grpo_loss": "mean"}, "grpo_loss"),
+        ({"grpo_updates_per_batch": 0}, "grpo_updates_per_batch"),
+        ({"grpo_max_new_tokens": 512, "max_length": 512}, "grpo_max_new_tokens"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            TrainConfig(objective="grpo", rewards=[{"kind": "json_valid"}], **bad)
+        assert caught.value.field == field
+
+
+# --- runs on the tiny model ----------------------------------------------------------------------------------------
+
+LETTER = [{"kind": "regex", "pattern": "[a-z]", "name": "letter"}]  # 1 when the answer holds a lowercase letter
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its (tied) embeddings ten times larger. The plain tiny model's logits are all within about
+    +-1 (embeddings of std 0.02 read a normalised hidden state), so no adapter can make any answer likely: a reward
+    could hardly rise. Larger embeddings let its distributions peak, as a real model's do."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("peaked-model")
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def grpo_config(model_dir, data, **kw) -> TrainConfig:
+    settings = dict(
+        objective="grpo",
+        rewards=LETTER,
+        grpo_group_size=8,
+        grpo_max_new_tokens=2,
+        batch_size=4,
+        learning_rate=3e-2,
+        lr_scheduler="constant",
+        compute_dtype="float32",
+    )
+    settings.update(kw)
+    return tiny_config(model_dir, data, **settings)
+
+
+def test_a_grpo_run_raises_its_mean_reward(peaked_model_dir, tmp_path):
+    rec = Recorder()
+    config = grpo_config(peaked_model_dir, write_sft(tmp_path / "d.jsonl"), max_steps=16, grpo_beta=0.0)
+    result = train_run(config, reporter=Reporter(extra=rec))
+    assert result.status == "completed"
+    steps = rec.of("step")
+    rewards = [s.metrics["reward"] for s in steps]
+    assert sum(rewards[:4]) / 4 < 0.3 and sum(rewards[-4:]) / 4 > 0.8, rewards
+    # the figures the Train page charts, on every step
+    for s in steps:
+        assert {"reward", "reward_std", "reward/letter", "kl", "completion_length", "clip_fraction"} <= set(s.metrics)
+        assert s.metrics["reward/letter"] == s.metrics["reward"]  # one function of weight 1: the total is its score
+        assert 1 <= s.metrics["completion_length"] <= 2
+    # one rollouts event per step: G answers to each of batch_size prompts, with their scores and advantages
+    rollouts = rec.of("rollouts")
+    assert [r.step for r in rollouts] == [s.step for s in steps]
+    first = rollouts[0].items
+    assert len(first) == 4 * 8 and sorted({i["group"] for i in first}) == [0, 1, 2, 3]
+    for group in range(4):
+        scores = [i["reward"] for i in first if i["group"] == group]
+        advantages = [i["advantage"] for i in first if i["group"] == group]
+        assert advantages == pytest.approx(direct_advantages(scores, 8, True), abs=1e-5)
+    assert all(i["reward"] == (1.0 if any("a" <= c <= "z" for c in i["completion"]) else 0.0) for i in first)
+    mean_first = sum(i["reward"] for i in first) / len(first)
+    assert steps[0].metrics["reward"] == pytest.approx(mean_first)
+    # the store keeps every rollout, in order, with its scores
+    stored = Store().rollouts(result.run_id)
+    assert len(stored) == sum(len(r.items) for r in rollouts)
+    assert [(r.step, r.completion, r.reward, r.rewards, r.group) for r in stored[: len(first)]] == [
+        (1, i["completion"], i["reward"], i["rewards"], i["group"]) for i in first
+    ]
+    assert Store().rollouts(result.run_id, since_step=15)[0].step == 16
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, updates):
+    """Stopped at step 3 (with mu = 2: in the middle of a batch of answers) and resumed, the run samples the same
+    answers and trains the same steps: the sampling generator, the kept answers and their steps left are restored."""
+    config = grpo_config(
+        tiny_model_dir,
+        write_sft(tmp_path / "d.jsonl"),
+        max_steps=6,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        grpo_group_size=3,
+        grpo_max_new_tokens=4,
+        grpo_beta=0.1,
+        grpo_updates_per_batch=updates,
+        grpo_loss="token",
+        lora_dropout=0.1,
+        rewards=[{"kind": "regex", "pattern": "[a-z]"}, {"kind": "length", "max_chars": 6, "weight": 0.5}],
+    )
+    full = Recorder()
+    train_run(config, reporter=Reporter(extra=full))
+    stop, first = StopFlag(), Recorder()
+
+    def stop_at_three(event):
+        first(event)
+        if event.type == "step" and event.step == 3:
+            stop.set()
+
+    stopped = train_run(config, reporter=Reporter(extra=stop_at_three), stop=stop)
+    assert stopped.status == "stopped" and stopped.step == 3
+    second = Recorder()
+    resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
+    assert resumed.status == "completed"
+    assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-6)
+    names = ("reward", "reward_std", "kl", "clip_fraction", "completion_length")
+    curve = [s.metrics[k] for s in first.of("step") + second.of("step") for k in names]
+    assert curve == pytest.approx([s.metrics[k] for s in full.of("step") for k in names], abs=1e-6)
+    answers = [[i["completion"] for i in r.items] for r in first.of("rollouts") + second.of("rollouts")]
+    assert answers == [[i["completion"] for i in r.items] for r in full.of("rollouts")]
+    assert [r.step for r in full.of("rollouts")] == ([1, 2, 3, 4, 5, 6] if updates == 1 else [1, 3, 5])
+    if updates == 2:  # the second update of a batch measures its ratio against the sampler: some tokens clip
+        assert any(s.metrics["clip_fraction"] > 0 for s in full.of("step")[1::2])
+    # the store holds each step's rollouts once, the resumed session's replacing none it should keep
+    assert [r.step for r in Store().rollouts(stopped.run_id)] == [r.step for r in full.of("rollouts") for _ in r.items]
+
+
+# --- the event and the store ------------------------------------------------------------------------------------
+
+ITEMS = [
+    {
+        "prompt": "p",
+        "completion": '{"a": 1}',
+        "reward": 1.5,
+        "rewards": {"json": 1.0, "len": 0.5},
+        "advantage": 0.7,
+        "group": 0,
+    },
+    {
+        "prompt": "p",
+        "completion": "nope",
+        "reward": 0.0,
+        "rewards": {"json": 0.0, "len": 0.0},
+        "advantage": -0.7,
+        "group": 0,
+    },
+]
+
+
+def test_the_rollouts_event_round_trips_and_refuses_bad_items():
+    event = Rollouts(step=3, items=ITEMS)
+    assert ev.parse_event(event.to_json()) == event
+    for bad in (
+        {**ITEMS[0], "reward": None},
+        {**ITEMS[0], "rewards": {"json": "high"}},
+        {**ITEMS[0], "group": -1},
+        {**ITEMS[0], "completion": 3},
+    ):
+        line = json.dumps({"v": ev.PROTOCOL_VERSION, "type": "rollouts", "step": 3, "items": [bad]})
+        with pytest.raises(ev.ProtocolError, match="item 0"):
+            ev.parse_event(line)
+
+
+def test_the_store_round_trips_rollouts():
+    store = Store()
+    rid = store.create_run({"model": "default", "objective": "grpo"})
+    store.add_rollouts(rid, 1, ITEMS)
+    store.add_rollouts(rid, 2, ITEMS[:1])
+    store.add_rollouts(rid, 2, ITEMS[1:])  # a step written again (a resumed run) replaces its rows
+    rows = Store().rollouts(rid)
+    assert [(r.step, r.position, r.group) for r in rows] == [(1, 0, 0), (1, 1, 0), (2, 0, 0)]
+    assert rows[0].completion == '{"a": 1}' and rows[0].rewards == {"json": 1.0, "len": 0.5}
+    assert (rows[1].reward, rows[1].advantage, rows[2].completion) == (0.0, -0.7, "nope")
+    assert [r.step for r in store.rollouts(rid, since_step=1)] == [2]
+    store.delete_metrics_after(rid, 1)  # a resumed run drops what it trains again
+    assert [r.step for r in store.rollouts(rid)] == [1, 1]
