@@ -13,9 +13,10 @@ and DPO like any other.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,13 +76,8 @@ class Rollout:
         )
 
     def sort_value(self, key: str) -> float | str:
-        if key == "prompt":
-            return self.prompt
-        if key == "length":
-            return float(len(self.completion))
-        if key.startswith("reward/"):
-            return self.rewards.get(key[len("reward/") :], math.nan)
-        return float(getattr(self, key))
+        """The figure a column shows and sorts by (the prompt's text for 'prompt')."""
+        return self.prompt if key == "prompt" else _number_of(key)(self)
 
 
 class Rollouts(Observable):
@@ -92,6 +88,7 @@ class Rollouts(Observable):
         self.rows: list[Rollout] = []
         self._keys: set[tuple[int, int]] = set()
         self.functions: list[str] = []  # reward functions' names, in the order they came
+        self.generation = 0  # counts the times rows were taken away (a resume, a new run): views built before are stale
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,32 +125,81 @@ class Rollouts(Observable):
             self.notify("rollouts")
 
     def _drop_after(self, step: int) -> None:
+        self.generation += 1
         self.rows = [r for r in self.rows if r.step <= step]
         self._keys = {r.key for r in self.rows}
 
     def clear(self) -> None:
+        self.generation += 1
         self.rows, self._keys, self.functions = [], set(), []
         self.notify("rollouts")
 
-    def view(self, scope: str = "latest", sort: str = "reward", descending: bool = True) -> list[Rollout]:
-        """The rollouts of the latest step (``scope`` 'latest') or of all steps ('all'), sorted by ``sort`` (one of
-        :data:`SORT_KEYS` or ``reward/<name>``); ties, and NaN scores (last), keep the order they came in."""
+    def view(
+        self, scope: str = "latest", sort: str = "reward", descending: bool = True, step: int | None = None
+    ) -> list[Rollout]:
+        """The rollouts of the latest step (``scope`` 'latest'; ``step``: of that step instead) or of all steps
+        ('all'), sorted by ``sort`` (one of :data:`SORT_KEYS` or ``reward/<name>``); ties, and NaN scores (last),
+        keep the order they came in."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-        rows = [r for r in self.rows if r.step == self.last_step] if scope == "latest" else list(self.rows)
+        if scope == "latest":
+            shown = self.last_step if step is None else step
+            rows = [r for r in self.rows if r.step == shown]
+        else:
+            rows = self.rows
         if sort == "prompt":
-            ordered = sorted(rows, key=lambda r: r.prompt, reverse=descending)
-            return ordered
-        if sort not in SORT_KEYS and not sort.startswith("reward/"):
-            raise ValueError(f"cannot sort rollouts by {sort!r}")
-        scored = [r for r in rows if not math.isnan(float(r.sort_value(sort)))]
-        unscored = [r for r in rows if math.isnan(float(r.sort_value(sort)))]
-        scored.sort(key=lambda r: float(r.sort_value(sort)), reverse=descending)
-        return scored + unscored
+            return sorted(rows, key=lambda r: r.prompt, reverse=descending)
+        get = _number_of(sort)
+        keyed = [(get(r), r) for r in rows]
+        scored = [kr for kr in keyed if not math.isnan(kr[0])]
+        scored.sort(key=lambda kr: kr[0], reverse=descending)  # stable: equal scores keep their order
+        return [r for _, r in scored] + [r for v, r in keyed if math.isnan(v)]
+
+    def sorted_view(self) -> SortedView:
+        return SortedView(self)
 
     def group_of(self, rollout: Rollout) -> list[Rollout]:
         """The answers sampled with ``rollout`` for its prompt (same step and group), itself included."""
         return [r for r in self.rows if r.step == rollout.step and r.group == rollout.group]
+
+
+class SortedView:
+    """:meth:`Rollouts.view` kept up to date as rollouts come: while only rows are added, every step's view
+    inserts the new rows into the sorted list (a binary search each) instead of sorting every rollout again, so the
+    table of a long run's 30,000 rollouts follows each step without a pause."""
+
+    def __init__(self, rollouts: Rollouts, scope: str = "latest", sort: str = "reward", descending: bool = True):
+        self.rollouts = rollouts
+        self.scope, self.sort, self.descending = scope, sort, descending
+        self.step: int | None = None  # the latest-step view held on this step
+        self.rows: list[Rollout] = []
+        self._built: tuple[object, ...] = ()  # what rows were built for: (generation, scope, sort, descending, step)
+        self._seen = 0  # rollouts' rows already in the view
+
+    def update(self) -> list[Rollout]:
+        src = self.rollouts
+        wanted = (src.generation, self.scope, self.sort, self.descending, self.step)
+        shown = src.last_step if self.step is None else self.step
+        new = len(src.rows) - self._seen
+        # a step's few rows are inserted; many at once (a run's history) are sorted with the others in one go
+        grows = self._built == wanted and self.sort != "prompt" and 0 <= new <= max(64, len(self.rows) // 16)
+        if grows and self.scope == "latest" and self.rows and self.rows[0].step != shown:
+            grows = False  # a newer step replaces the latest step's rows
+        if grows:
+            get = _number_of(self.sort)
+            sign = -1.0 if self.descending else 1.0
+
+            def key(r: Rollout) -> tuple[bool, float]:
+                v = get(r)
+                return (math.isnan(v), 0.0 if math.isnan(v) else sign * v)
+
+            for r in src.rows[self._seen :]:
+                if self.scope == "all" or r.step == shown:
+                    bisect.insort_right(self.rows, r, key=key)
+        else:
+            self.rows = src.view(self.scope, self.sort, self.descending, step=self.step)
+        self._built, self._seen = wanted, len(src.rows)
+        return self.rows
 
 
 # --- Send to Annotate ---------------------------------------------------------------------------------------------
@@ -275,6 +321,18 @@ def send_to_annotate(
         spec.prompts.append(prompt)
     spec.save()
     return Sent(session=name, candidates=len(ids), items=added, partner=partner)
+
+
+def _number_of(key: str) -> Callable[[Rollout], float]:
+    """How to read a rollout's figure ``key`` (one of :data:`SORT_KEYS` but prompt, or ``reward/<name>``)."""
+    if key.startswith("reward/"):
+        name = key[len("reward/") :]
+        return lambda r: r.rewards.get(name, math.nan)
+    if key == "length":
+        return lambda r: float(len(r.completion))
+    if key in ("step", "group", "reward", "advantage"):
+        return lambda r: float(getattr(r, key))
+    raise ValueError(f"cannot sort rollouts by {key!r}")
 
 
 def _float(value: Any, default: float = math.nan) -> float:

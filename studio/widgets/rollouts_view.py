@@ -45,9 +45,7 @@ class RolloutsModel(QAbstractTableModel):
     def __init__(self, rollouts: Rollouts, parent: QWidget | None = None):
         super().__init__(parent)
         self.rollouts = rollouts
-        self.scope = "latest"
-        self.sort_key, self.descending = "reward", True
-        self.pinned_step: int | None = None  # the latest-step view held on a step while rows are selected
+        self.sorted = rollouts.sorted_view()  # scope, sort key and order, the step held while rows are selected
         self.rows: list[Rollout] = []
         self.functions: list[str] = []
 
@@ -60,17 +58,25 @@ class RolloutsModel(QAbstractTableModel):
         short = [f if len(f) <= HEADER_CHARS else f[: HEADER_CHARS - 1] + "…" for f in self.functions]
         return [h for _, h in FIXED] + short + ["Answer", "Prompt"]
 
+    @property
+    def scope(self) -> str:
+        return self.sorted.scope
+
+    @property
+    def sort_key(self) -> str:
+        return self.sorted.sort
+
+    @property
+    def pinned_step(self) -> int | None:
+        return self.sorted.step
+
     def shown_step(self) -> int:
         return self.pinned_step if self.pinned_step is not None else self.rollouts.last_step
 
     def reload(self) -> None:
         self.beginResetModel()
         self.functions = list(self.rollouts.functions)
-        if self.scope == "latest":
-            rows = self.rollouts.view("all", self.sort_key, self.descending)
-            self.rows = [r for r in rows if r.step == self.shown_step()]
-        else:
-            self.rows = self.rollouts.view("all", self.sort_key, self.descending)
+        self.rows = list(self.sorted.update())
         self.endResetModel()
 
     # --- Qt's model ----------------------------------------------------------------------
@@ -113,7 +119,7 @@ class RolloutsModel(QAbstractTableModel):
     def sort(self, column: int, order: Qt.SortOrder = Qt.SortOrder.AscendingOrder) -> None:
         keys = self.keys()
         if 0 <= column < len(keys):
-            self.sort_key, self.descending = keys[column], order == Qt.SortOrder.DescendingOrder
+            self.sorted.sort, self.sorted.descending = keys[column], order == Qt.SortOrder.DescendingOrder
             self.reload()
 
 
@@ -191,7 +197,7 @@ class RolloutsView(QWidget):
         """Refresh from the rollouts, keeping the selected rows selected (and, in the latest view, their step)."""
         keep = {r.key for r in self.selected()}
         if not len(self.rollouts):
-            keep, self.model.pinned_step = set(), None
+            keep, self.model.sorted.step = set(), None
         widths = [self.table.columnWidth(c) for c in range(self.model.columnCount())]
         functions = list(self.model.functions)
         scrolled = self.table.verticalScrollBar().value()  # a person reading down the table stays where they are
@@ -204,7 +210,7 @@ class RolloutsView(QWidget):
             else:
                 self._size_columns()
             sel = self.table.selectionModel()
-            for i, r in enumerate(self.model.rows):
+            for i, r in enumerate(self.model.rows if keep else ()):
                 if r.key in keep:
                     sel.select(
                         self.model.index(i, 0),
@@ -238,8 +244,8 @@ class RolloutsView(QWidget):
             self._size_columns()
 
     def _scope_changed(self) -> None:
-        self.model.scope = str(self.scope.currentData())
-        self.model.pinned_step = None
+        self.model.sorted.scope = str(self.scope.currentData())
+        self.model.sorted.step = None
         self.table.clearSelection()
         self.reload()
 
@@ -251,7 +257,7 @@ class RolloutsView(QWidget):
         if m.scope == "latest":  # rows selected: hold their step; none: follow the run again
             pin = chosen[0].step if chosen else None
             if pin != m.pinned_step:
-                m.pinned_step = pin
+                m.sorted.step = pin
                 if pin is None and m.shown_step() != (m.rows[0].step if m.rows else -1):
                     self.reload()
                     return

@@ -174,3 +174,35 @@ def test_send_to_annotate_refuses_what_cannot_be_labelled_with_what_to_do(studio
     with pytest.raises(SendError, match="select a second answer"):
         send_to_annotate(prefs, [lonely], run_id="r", group=r.group_of(lonely))
     assert prefs.stats()["candidates"] == 0 and an.list_sessions() == []  # nothing half-written
+
+
+def test_the_sorted_view_follows_added_rollouts_exactly_as_a_fresh_sort_would():
+    import random
+
+    rnd = random.Random(3)
+    r = Rollouts()
+    sv = r.sorted_view()
+
+    def check() -> None:
+        assert [x.key for x in sv.update()] == [x.key for x in r.view(sv.scope, sv.sort, sv.descending, step=sv.step)]
+
+    for scope, sort, descending in (("all", "reward", True), ("all", "reward/exact", False), ("latest", "length", True)):
+        sv.scope, sv.sort, sv.descending = scope, sort, descending
+        for step in range(1, 30):
+            rewards = [rnd.choice([0.0, 0.5, 1.0, math.nan]) for _ in range(5)]  # ties and NaN scores
+            r.add(len(r.rows) and r.last_step + 1 or 1, _items(f"P{step % 3}", rewards, group=step % 2))
+            check()
+            if step == 10:
+                sv.step = r.last_step - 2  # a step held while rows are selected
+                check()
+            if step == 20:
+                sv.step = None
+                r.truncate_after(r.last_step - 3)  # a resume: rows taken away
+                check()
+    sv.sort = "prompt"
+    check()
+    sv.scope, sv.sort, sv.step = "all", "reward", None
+    built = sv.update()
+    r.add(r.last_step + 1, _items("P", [0.25, 2.0]))
+    assert sv.update() is built and built[0].reward == 2.0  # the new rows inserted, not a new sort
+    check()
