@@ -182,7 +182,8 @@ class RolloutsView(QWidget):
         lay.addWidget(self.message)
         lay.addWidget(split, 1)
         self.message.hide()
-        QShortcut(QKeySequence("Escape"), self.table, activated=self.table.clearSelection)  # type: ignore[call-overload]
+        clear = QShortcut(QKeySequence("Escape"), self.table, activated=self.table.clearSelection)  # type: ignore[call-overload]
+        clear.setContext(Qt.ShortcutContext.WidgetShortcut)  # Esc on the table only (other pages have their own Esc)
         self._selecting = False
         self._sized = False
         rollouts.subscribe(lambda _topic: self.reload())

@@ -161,7 +161,9 @@ def test_rollouts_table_sorts_grows_and_shows_the_chosen_answer(qtbot, page):
         qtbot.mouseClick(view.send_button, Qt.MouseButton.LeftButton)
     chosen, group = sent.args
     assert len(chosen) == 2 and {r.step for r in chosen} == {2} and len(group) == 4
-    table.clearSelection()  # nothing selected: the view follows the run again
+    table.setFocus()
+    qtbot.keyClick(table, Qt.Key.Key_Escape)  # Esc: nothing selected, the view follows the run again
+    assert view.selected() == []
     assert {r.step for r in model.rows} == {3} and model.rowCount() == 2
     view.scope.setCurrentIndex(1)  # every step
     assert model.rowCount() == 10
