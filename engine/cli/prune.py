@@ -30,6 +30,13 @@ def add_parser(sub: Any) -> None:
     which.add_argument("--drop", type=int, metavar="N", help="drop N layers, chosen by measuring on --measure-on")
     p.add_argument("--measure-on", metavar="DATASET", help="data to choose layers (and MLP channels) on")
     p.add_argument("--measure", choices=("kl", "hidden"), default="kl", help="the change measured (default: kl)")
+    p.add_argument(
+        "--search",
+        choices=("greedy", "once"),
+        default="greedy",
+        help="greedy: drop one layer per round, measured anew (default); once: measure each layer alone, drop the N "
+        "least missed (faster)",
+    )
     p.add_argument("--examples", type=int, default=32, help="rows of the data measured on (default: 32)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per measured row (default: 256)")
     p.add_argument("--mlp-width", type=int, default=0, help="narrow every MLP to this many channels (0: keep)")
@@ -57,6 +64,7 @@ def cmd_prune(args: argparse.Namespace, stream: TextIO) -> int:
             drop=args.drop or 0,
             measure_on=Path(args.measure_on) if args.measure_on else None,
             measure=args.measure,
+            search=args.search,
             mlp_width=args.mlp_width,
             examples=args.examples,
             max_length=args.max_length,
