@@ -285,9 +285,11 @@ def send_to_annotate(
         distinct.append(partner)
     distinct.sort(key=lambda r: -r.reward if not math.isnan(r.reward) else math.inf)
     name = session_name(run_name, run_id)
-    try:
-        spec = an.SessionSpec.load(name)
-    except ValueError:
+    spec = _session(name)
+    if spec is not None and spec.side_a.adapter != run_id:  # another run of the same name has that session
+        name = f"{name} ({run_id})"
+        spec = _session(name)
+    if spec is None:
         spec = an.SessionSpec(
             name=name,
             prompts=[prompt],
@@ -321,6 +323,13 @@ def send_to_annotate(
         spec.prompts.append(prompt)
     spec.save()
     return Sent(session=name, candidates=len(ids), items=added, partner=partner)
+
+
+def _session(name: str) -> an.SessionSpec | None:
+    try:
+        return an.SessionSpec.load(name)
+    except ValueError:
+        return None
 
 
 def _number_of(key: str) -> Callable[[Rollout], float]:

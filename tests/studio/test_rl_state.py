@@ -161,6 +161,12 @@ def test_send_to_annotate_writes_candidates_with_their_run_and_step_and_annotate
     spec = an.SessionSpec.load(sent.session)
     assert spec.prompts == ["Give the JSON for Ann, 31.", "Another prompt"] and len(spec.items) == 3
 
+    # another run under the same name gets a session of its own (its adapter is the one a DPO run starts from)
+    other = send_to_annotate(prefs, chosen, run_id="run-xyz", run_name="grpo/demo", group=r.rows)
+    assert other.session == "rollouts of grpo-demo (run-xyz)" and other.items == 2
+    assert an.SessionSpec.load(other.session).side_a.init_adapter == "run-xyz"
+    assert len(an.SessionSpec.load(sent.session).items) == 3
+
 
 def test_send_to_annotate_refuses_what_cannot_be_labelled_with_what_to_do(studio_home):
     prefs = Store().preferences
@@ -186,7 +192,11 @@ def test_the_sorted_view_follows_added_rollouts_exactly_as_a_fresh_sort_would():
     def check() -> None:
         assert [x.key for x in sv.update()] == [x.key for x in r.view(sv.scope, sv.sort, sv.descending, step=sv.step)]
 
-    for scope, sort, descending in (("all", "reward", True), ("all", "reward/exact", False), ("latest", "length", True)):
+    for scope, sort, descending in (
+        ("all", "reward", True),
+        ("all", "reward/exact", False),
+        ("latest", "length", True),
+    ):
         sv.scope, sv.sort, sv.descending = scope, sort, descending
         for step in range(1, 30):
             rewards = [rnd.choice([0.0, 0.5, 1.0, math.nan]) for _ in range(5)]  # ties and NaN scores
