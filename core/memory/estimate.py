@@ -309,9 +309,11 @@ def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> Ba
     engine pads a batch to its longest row); trained = the ``rows`` largest trained counts, each at most
     seq - 1 (an upper bound over every batch the data can form). No data: the worst case.
     With ``packing`` the batch is one row of the tokens present (``engine.train.batches.pack``): rows = 1, seq = the
-    ``rows`` longest rows' lengths (each truncated at max_length), summed."""
-    rows = config.batch_size * (2 if config.objective == "dpo" else 1)
-    what = "pairs" if config.objective == "dpo" else "rows"
+    ``rows`` longest rows' lengths (each truncated at max_length), summed. GRPO: ``grpo_batch_lengths``."""
+    if config.objective == "grpo":
+        return grpo_batch_lengths(config, lengths)
+    rows = config.batch_size * (2 if config.trains_on_pairs else 1)
+    what = "pairs" if config.trains_on_pairs else "rows"
     if lengths is None or not lengths.longest_rows:
         present = rows * config.max_length
         layout = f", packed into one row of {present} tokens" if config.packing else ""
@@ -341,6 +343,30 @@ def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> Ba
         True,
         f"fitted to the data{part}: the longest batch is {config.batch_size} {what} {layout}{cut}, "
         f"at most {trained} trained tokens",
+        packed=config.packing,
+    )
+
+
+def grpo_batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> BatchLengths:
+    """GRPO's longest step batch: each of batch_size prompts with grpo_group_size (G) sampled answers, so rows =
+    batch_size x G sequences of a prompt and up to grpo_max_new_tokens answer tokens; seq = the data's longest row
+    (its prompt and reference answer: more than its prompt) + grpo_max_new_tokens, at most max_length (the engine
+    cuts prompts to leave the answers room); no data: max_length. Trained: every answer token, rows x
+    grpo_max_new_tokens. Packed: one row of rows x seq tokens."""
+    g, new = config.grpo_group_size, config.grpo_max_new_tokens
+    rows = config.batch_size * g
+    fitted = lengths is not None and bool(lengths.longest_rows)
+    longest = lengths.longest_rows[0] if lengths is not None and fitted else config.max_length
+    seq = max(2, min(config.max_length, longest + new))
+    present = rows * seq
+    layout = f"packed into one row of {present} tokens" if config.packing else f"padded to {seq} tokens"
+    source = "fitted to the data" if fitted else "worst case (no dataset yet)"
+    return BatchLengths(
+        1 if config.packing else rows,
+        present if config.packing else seq,
+        rows * min(new, seq - 1),
+        fitted,
+        f"{source}: {config.batch_size} prompts x {g} sampled answers of up to {new} tokens, {layout}",
         packed=config.packing,
     )
 
@@ -392,6 +418,7 @@ class MemoryEstimate:
     total_params: int = 0  # base + adapters
     batch: BatchLengths | None = None  # the lengths assumed
     params_source: str = "formula"  # 'formula' (from config.json) or 'meta' (counted by the engine)
+    rollouts: int = 0  # GRPO: what its sampling phase needs beyond the step's activations (``rollout_bytes``)
 
     TERMS = (
         "base_weights",
@@ -401,6 +428,7 @@ class MemoryEstimate:
         "activations",
         "logits",
         "reference_forward",
+        "rollouts",
         "runtime_overhead",
         "allocator_slack",
     )
@@ -523,7 +551,7 @@ def step_layout(shape: ModelShape, config: TrainConfig, rows: int, b: int, devic
     fused = uses_fused_ops(shape, config)
     packed = config.packing
     cpu = device_kind == "cpu"
-    sequences = config.batch_size * (2 if config.objective == "dpo" else 1)
+    sequences = config.batch_size * (2 if config.trains_on_pairs else 1)
     return StepLayout(
         fused=fused,
         recompute=fused and b == ADAPTER_BYTES and not config.gradient_checkpointing,
@@ -686,7 +714,9 @@ def backward_peak_bytes(
 def backward_bytes(shape: ModelShape, config: TrainConfig, tokens: int, b: int, layout: StepLayout) -> int:
     """The temporaries of the last block's backward, the first one to run, while every other block's activations
     are still kept: T * (3i + 2h) * b, less 4 * i per token where down_proj's adapter kept its input (float32; not
-    with ``recompute``, which rebuilds it): that is freed once down_proj's backward is done, before the peak.
+    with ``recompute``, which rebuilds it): that is freed once down_proj's backward is done, before the peak. With
+    16-bit compute (b = 2) it is not subtracted: the peak was measured with that float32 copy still alive (a reward
+    model's step, ``tests/core/test_memory.py``, where no output head outgrows this term).
     Its MLP's backward holds three [T, i] tensors at once (the gradient of the SwiGLU output, summed over the frozen
     and the adapter path, and two of the SwiGLU backward's products) and the incoming gradient of the hidden state
     and the residual's copy of it ([T, h] each). It matters where the tokens are many and the trained ones few (long
@@ -694,7 +724,7 @@ def backward_bytes(shape: ModelShape, config: TrainConfig, tokens: int, b: int, 
     (``tests/engine/test_packed_mask.py``: a packed row of 3.6k tokens)."""
     transient = tokens * (3 * shape.intermediate_size + 2 * shape.hidden_size) * b
     down = [lin for lin in shape.targeted_layers(config.target_modules) if lin.reads == "mlp_act"]
-    if down and not layout.recompute:
+    if down and not layout.recompute and b == ADAPTER_BYTES:
         transient -= tokens * 4 * down[0].in_features
     return max(0, transient)
 
@@ -717,6 +747,19 @@ def logits_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
     return v * (4 + (b if b < 4 else 0)) * min(n, c) + n * (2 * shape.hidden_size * b + 48)
 
 
+def scalar_head_params(shape: ModelShape) -> int:
+    """A reward model's head, Linear(h, 1): h + 1 trainable float32 parameters beside the adapter's."""
+    return shape.hidden_size + 1
+
+
+def scalar_head_bytes(shape: ModelShape, sequences: int, b: int) -> int:
+    """A reward model's head at the peak, in place of the output head (``engine.train.objectives.reward``): per
+    sequence its last position's hidden state (h*b), that state in float32 for the head (4h), the reward and its
+    gradient (4 + 4) and the gathered position (8):  sequences * (h*b + 4h + 16). No logits and no [T, V] tensor:
+    the output head never runs."""
+    return sequences * (shape.hidden_size * b + 4 * shape.hidden_size + 16)
+
+
 def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
     """DPO's reference log-probs add nothing to the peak: 0. The engine computes them first, under no_grad with
     the adapters disabled, before the policy forward, so no policy graph is alive then; that forward keeps
@@ -724,6 +767,75 @@ def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
     (all activations + ``logits_bytes``). With ``precompute_reference`` they come from a table (0 too).
     The term is kept so that the breakdown names it."""
     return 0
+
+
+def rollout_bytes(shape: ModelShape, config: TrainConfig, capacity: int, b: int) -> int:
+    """GRPO's sampling phase, when no graph is alive (the previous step's is freed, its gradients too), for one
+    micro-batch's rows R = batch_size x grpo_group_size (``engine.decoding.decode``): the preallocated KV cache,
+    2 x L x R x capacity x kv x b (keys and values of the prompt and every answer token; capacity = the longest
+    prompt + grpo_max_new_tokens), and one step's next-token scores, R x V x (b + 16) (the head's output, then the
+    sampler's float32 scores, probabilities, kept mass and cumulative sums). Its log-prob passes for the sampling
+    policy (grpo_updates_per_batch above 1) and the reference run without a graph, one layer's work at a time: less
+    than the step's own forward keeps, so nothing beyond it."""
+    rows = config.batch_size * config.grpo_group_size
+    kv_cache = 2 * shape.num_hidden_layers * rows * capacity * shape.kv_width * b
+    return kv_cache + rows * shape.vocab_size * (b + 16)
+
+
+DISTILL_CHUNK = 256  # trained positions per chunk of the distillation loss: kernels.distill_logits.DEFAULT_CHUNK
+DISTILL_CHUNK_TENSORS = 8  # [chunk, V] float32 tensors alive at once in a chunk of the distillation loss
+
+
+def teacher_shape(config: TrainConfig) -> ModelShape | None:
+    """The distillation teacher's shape (``distill_teacher``): a model spec's, or the base model of the adapter or
+    run it names (its folder's ``adapter_config.json``, the run's ``config.json``); None when unknown."""
+    spec = config.distill_teacher.strip()
+    if not spec:
+        return None
+    shape = ModelShape.for_model_spec(spec)
+    if shape is not None:
+        return shape
+    from finetune_studio.core import paths
+
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():  # a run id, or RUN:best / RUN:step-N
+        folder = paths.data_dir() / "runs" / spec.partition(":")[0]
+    for place in (folder, *list(folder.parents)[:3]):
+        try:
+            if (place / "adapter_config.json").is_file():
+                base = json.loads((place / "adapter_config.json").read_text(encoding="utf-8"))
+                shape = ModelShape.for_model_spec(str(base.get("base_model_name_or_path") or ""))
+            elif (place / "config.json").is_file() and not (place / "model.safetensors").exists():  # a run folder
+                run = json.loads((place / "config.json").read_text(encoding="utf-8"))
+                shape = ModelShape.for_model_spec(str(run.get("model") or ""))
+        except (OSError, ValueError, AttributeError):
+            shape = None
+        if shape is not None:
+            return shape
+    return None
+
+
+def teacher_weight_bytes(teacher: ModelShape, config: TrainConfig, b: int) -> int:
+    """The frozen teacher's weights: in the run's dtype (b bytes), 16 bits (2), or NF4 as a QLoRA base is."""
+    precision = config.distill_teacher_precision
+    if precision == "4-bit":
+        return base_weight_bytes(teacher, True, 2)
+    return teacher.parameter_count * (2 if precision == "16-bit" else b)
+
+
+def distill_logits_bytes(student: ModelShape, teacher: ModelShape, trained_tokens: int, b: int, tb: int) -> int:
+    """Both output heads at the peak, in place of ``logits_bytes`` (``kernels.distill_logits``):
+
+        8 * 4 * V * min(N, c) + N * (2*hs*b + ht*tb + 48)
+
+    The distillation loss applies the student's and the teacher's heads chunk by chunk (c = 256 trained positions)
+    and keeps no logits for backward; a chunk holds about eight [c, V] float32 tensors at once (both heads' logits,
+    their log-softmaxes at T, probabilities, the gradient). Per trained token: the student's selected hidden state
+    and the gradient the forward made (2*hs*b), the teacher's hidden state, kept from its no-grad pass until the
+    loss (ht*tb), targets, positions and the three per-token figures (48). The teacher's own forward runs before the
+    student's, under no_grad, one block at a time: below the step's peak, as DPO's reference pass is."""
+    n, c, v = trained_tokens, DISTILL_CHUNK, student.vocab_size
+    return DISTILL_CHUNK_TENSORS * 4 * v * min(n, c) + n * (2 * student.hidden_size * b + teacher.hidden_size * tb + 48)
 
 
 def estimate_training_memory(
@@ -736,13 +848,18 @@ def estimate_training_memory(
     """Peak bytes of one training step on ``device``; every term's formula is in its function's docstring.
 
     The batch is the longest the data can form (``batch_lengths``), or the worst case without ``lengths``.
-    DPO runs chosen and rejected answers as one batch (2x the rows); its reference forward runs before the
-    policy forward and adds nothing at the peak (see ``reference_bytes``). Gradients are counted in full although
-    they appear only as backward frees activations (conservative by at most that term). Runtime overhead:
-    the CUDA context (0.75 GiB) on a GPU; elsewhere the training process's baseline, ``device.process_bytes``
-    (what the engine measured and kept, ``core.memory.runtime_baseline``), else 0.5 GiB; allocator slack:
-    10% of the tensors on CUDA and MPS for fragmentation. ``counts`` (the engine's parameter count for this
-    method) replace the formula's weights, adapters and optimizer states: exact for any architecture.
+    Pair objectives (``TrainConfig.trains_on_pairs``: DPO, reward) run chosen and rejected answers as one batch
+    (2x the rows); DPO's reference forward runs before the policy forward and adds nothing at the peak (see
+    ``reference_bytes``). A reward model (``TrainConfig.scalar_head``) has no reference and no output head: the
+    ``logits`` term is its scalar head's (``scalar_head_bytes``), whose h + 1 parameters join the trainable ones.
+    GRPO's step trains batch_size x grpo_group_size sampled answers (``grpo_batch_lengths``); its sampling phase
+    (the KV cache, the next-token scores) comes between steps, so ``rollouts`` holds only what it needs beyond the
+    step's activations, output head and gradients (``rollout_bytes``); its reference runs without a graph.
+    Gradients are counted in full although they appear only as backward frees activations (conservative by at most
+    that term). Runtime overhead: the CUDA context (0.75 GiB) on a GPU; elsewhere the training process's baseline,
+    ``device.process_bytes`` (what the engine measured and kept, ``core.memory.runtime_baseline``), else 0.5 GiB;
+    allocator slack: 10% of the tensors on CUDA and MPS for fragmentation. ``counts`` (the engine's parameter count
+    for this method) replace the formula's weights, adapters and optimizer states: exact for any architecture.
     """
     dtype = resolve_compute_dtype(config, device)
     b = DTYPE_BYTES[dtype]
@@ -772,6 +889,12 @@ def estimate_training_memory(
     reference = 0
     if config.objective == "dpo" and not config.precompute_reference:
         reference = reference_bytes(shape, trained, b)
+    if config.scalar_head:  # a reward model: its head's weights and their optimizer states, no output head at all
+        head = scalar_head_params(shape)
+        trainable += head
+        total_params += head
+        optimizer += 8 * head
+        trained = 0  # no token reaches the output head (activation_bytes and backward_peak_bytes read it so)
     tensors = dict(
         base_weights=base,
         adapter_weights=ADAPTER_BYTES * trainable,
@@ -779,9 +902,25 @@ def estimate_training_memory(
         optimizer_states=optimizer,
         activations=activation_bytes(shape, config, rows, seq, b, trained, device.kind)
         + backward_peak_bytes(shape, config, rows, seq, b, trained, device.kind),
-        logits=logits_bytes(shape, trained, b),
+        logits=scalar_head_bytes(shape, 2 * config.batch_size, b)
+        if config.scalar_head
+        else logits_bytes(shape, trained, b),
         reference_forward=reference,
     )
+    if config.objective == "grpo":  # the sampling phase's peak beside the step's: only what it needs beyond it
+        capacity = batch.seq // rows if batch.packed else batch.seq
+        step = tensors["activations"] + tensors["logits"] + tensors["gradients"]
+        tensors["rollouts"] = max(0, rollout_bytes(shape, config, capacity, b) - step)
+    if config.objective == "distill":  # the teacher's frozen weights, and both heads in the loss's chunks
+        teacher = teacher_shape(config)
+        if teacher is None:
+            notes.append("the distillation teacher's size is unknown (not counted): name a model or a run's adapter")
+        else:
+            weights = teacher_weight_bytes(teacher, config, b)
+            tb = 2 if config.distill_teacher_precision != "auto" else b
+            tensors["base_weights"] += weights
+            tensors["logits"] = distill_logits_bytes(shape, teacher, trained, b, tb)
+            notes.append(f"base weights include the distillation teacher's ({_gib(weights)})")
     if device.kind == "cuda":
         overhead = CUDA_CONTEXT_BYTES
     else:  # the training process's resident memory before loading, as the engine measured and kept it
@@ -851,7 +990,7 @@ def rank_limit(shape: ModelShape, config: TrainConfig) -> int:
 
 def _advice(estimate: MemoryEstimate, config: TrainConfig | None) -> str:
     """Advice for the largest shrinkable term."""
-    shrinkable = ("base_weights", "optimizer_states", "activations", "logits", "reference_forward")
+    shrinkable = ("base_weights", "optimizer_states", "activations", "logits", "reference_forward", "rollouts")
     biggest = max(shrinkable, key=lambda name: getattr(estimate, name))
     checkpointing = config is not None and config.gradient_checkpointing
     quantized = config is not None and config.quantized
@@ -859,6 +998,8 @@ def _advice(estimate: MemoryEstimate, config: TrainConfig | None) -> str:
         return "enable gradient checkpointing, or lower batch_size or max_length"
     if biggest in ("activations", "logits"):
         return "lower batch_size or max_length" + ("" if checkpointing else ", or enable gradient checkpointing")
+    if biggest == "rollouts":
+        return "lower grpo_group_size, batch_size or grpo_max_new_tokens"
     if biggest == "reference_forward":
         return "turn on precompute_reference, or lower batch_size or max_length"
     if biggest == "optimizer_states":

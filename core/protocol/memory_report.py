@@ -36,7 +36,7 @@ _GROUPS = {
     "weights": ("base_weights", "adapter_weights"),
     "gradients": ("gradients",),
     "optimizer": ("optimizer_states",),
-    "activations": ("activations",),
+    "activations": ("activations", "rollouts"),
     "logits": ("logits", "reference_forward"),
     "overhead": ("runtime_overhead", "allocator_slack"),
 }

@@ -17,6 +17,7 @@ from finetune_studio.core.memory.estimate import (
     GIB,
     LOGITS_CHUNK,
     ModelShape,
+    backward_peak_bytes,
     base_weight_bytes,
     estimate_training_memory,
     fits,
@@ -221,6 +222,7 @@ def test_estimate_terms_add_up_and_breakdown_is_labelled():
         "activations",
         "logits",
         "reference_forward",
+        "rollouts",
         "runtime_overhead",
         "allocator_slack",
     }
@@ -305,6 +307,8 @@ def test_fits_verdicts_name_the_biggest_term():
         (dict(packing=True, batch_size=3), "float32"),  # one row of 384 tokens, attention per sequence
         (dict(packing=True, gradient_checkpointing=True), "bfloat16"),  # no packed mask on the CPU to hold
         (dict(packing=True, objective="dpo", fused_ops=False), "float32"),
+        (dict(objective="reward"), "float32"),  # pairs, a scalar head at the last token, no output head
+        (dict(objective="reward", packing=True, batch_size=3), "bfloat16"),
     ],
 )
 def test_estimate_matches_a_measured_training_step(changes, dtype):
@@ -335,7 +339,12 @@ def test_estimate_matches_a_measured_training_step(changes, dtype):
         m.gradients,
         m.optimizer_states,
     )
-    assert est.activations == pytest.approx(m.activations, rel=0.05)
+    # the activations term also holds the last block's backward temporaries where they outgrow the output head's
+    # memory (always for a reward model, which has none): not saved tensors, so compared with the peak only
+    trained = 0 if config.scalar_head else est.batch.trained_tokens
+    b = 2 if dtype == "bfloat16" else 4
+    transient = backward_peak_bytes(shape, config, est.batch.rows, est.batch.seq, b, trained, "cpu")
+    assert est.activations - transient == pytest.approx(m.activations, rel=0.05)
     tensors = est.total_bytes - est.runtime_overhead - est.allocator_slack
     assert tensors == pytest.approx(m.peak, rel=0.05)
 

@@ -308,3 +308,57 @@ def test_the_store_round_trips_rollouts():
     assert [r.step for r in store.rollouts(rid, since_step=1)] == [2]
     store.delete_metrics_after(rid, 1)  # a resumed run drops what it trains again
     assert [r.step for r in store.rollouts(rid)] == [1, 1]
+
+
+# --- the memory estimate --------------------------------------------------------------------------------------------
+
+
+def test_the_memory_estimate_covers_grpo():
+    from finetune_studio.core.devices import DeviceInfo
+    from finetune_studio.core.memory.estimate import (
+        DataLengths,
+        ModelShape,
+        estimate_training_memory,
+        rollout_bytes,
+    )
+    from finetune_studio.core.protocol.memory_report import memory_report
+
+    gpu = DeviceInfo("cuda", "Test GPU", 8 * 2**30, 8 * 2**30, True)
+    shape = ModelShape.for_model_spec("default")  # SmolLM2-135M: 30 layers, keys and values 3 heads x 64, V 49152
+    rewards = [{"kind": "json_valid"}]
+    lengths = DataLengths.of_rows([100, 80, 60, 40], [20, 15, 10, 5])
+    settings = dict(batch_size=2, max_length=512, packing=False, compute_dtype="bfloat16")
+    sft = estimate_training_memory(shape, TrainConfig(**settings), gpu, lengths)
+    grpo_cfg = TrainConfig(objective="grpo", rewards=rewards, grpo_group_size=8, grpo_max_new_tokens=64, **settings)
+    grpo = estimate_training_memory(shape, grpo_cfg, gpu, lengths)
+    # the step trains batch_size x G answers: prompt (at most the longest row) + the answers' tokens
+    assert (grpo.batch.rows, grpo.batch.seq, grpo.batch.trained_tokens) == (16, 100 + 64, 16 * 64)
+    assert "2 prompts x 8 sampled answers of up to 64 tokens" in grpo.batch.description
+    assert grpo.activations > 4 * sft.activations and grpo.total_bytes > sft.total_bytes
+    assert grpo.total_bytes == sum(grpo.terms.values())
+    # the sampling phase: its KV cache and next-token scores, written out
+    assert rollout_bytes(shape, grpo_cfg, 164, 2) == 2 * 30 * 16 * 164 * 192 * 2 + 16 * 49152 * (2 + 16)
+    step = grpo.activations + grpo.logits + grpo.gradients
+    assert grpo.rollouts == max(0, rollout_bytes(shape, grpo_cfg, 164, 2) - step)
+    # a deep model without grouped keys and values, its step's activations recomputed: the sampling phase's KV cache is
+    # then the larger, and the estimate is its peak instead of the step's
+    mha = ModelShape.from_config_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 1024,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "intermediate_size": 2816,
+            "vocab_size": 32000,
+            "max_position_embeddings": 2048,
+        }
+    )
+    light = grpo_cfg.replace(gradient_checkpointing=True, grpo_group_size=16, grpo_max_new_tokens=400)
+    small = estimate_training_memory(mha, light, gpu, lengths)
+    capacity = min(512, 100 + 400)
+    step = small.activations + small.logits + small.gradients
+    assert small.rollouts == rollout_bytes(mha, light, capacity, 2) - step > 0
+    # the report the app shows counts it with the activations
+    report = memory_report(mha, light, gpu, lengths)
+    assert report.terms["rollouts"] == small.rollouts and report.total_bytes == small.total_bytes
