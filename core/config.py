@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-METHODS = ("lora", "qlora", "dora", "qdora")
+from finetune_studio.core import methods as _methods
+
+METHODS = _methods.NAMES  # every trainable method, its capabilities in core.methods
 OBJECTIVES = ("sft", "dpo", "reward", "grpo")
 # How an objective's step is shaped, for the memory estimate (core.memory.estimate): the engine's objectives say the
 # same (tests/engine/test_reward_model.py checks that they agree).
@@ -58,6 +60,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "grpo_group_size": (2, 1024),  # one answer alone has no group to be better than
     "grpo_max_new_tokens": (1, 2**16),
     "grpo_updates_per_batch": (1, 64),
+    "num_virtual_tokens": (1, 4096),
+    "adapter_reduction_factor": (1, 4096),
 }
 MAX_EPOCHS = 1_000_000
 
@@ -102,8 +106,9 @@ class TrainConfig:
     )
     method: str = _f(
         "lora",
-        "Adapter method: LoRA (16-bit base), QLoRA (4-bit NF4 base), DoRA "
-        "(magnitude + direction), or QDoRA (DoRA on a 4-bit base).",
+        "Adapter method: LoRA (16-bit base), QLoRA (4-bit NF4 base), DoRA (magnitude + direction), QDoRA (DoRA on "
+        "a 4-bit base), VeRA, IA3, BitFit (biases), prompt tuning, P-tuning, prefix tuning, or a bottleneck adapter "
+        "(Houlsby or Pfeiffer); core.methods says what each trains and allows.",
         choices=METHODS,
     )
     objective: str = _f(
@@ -137,6 +142,31 @@ class TrainConfig:
     # --- adapter details ----------------------------------------------------
     lora_dropout: float = _f(0.0, "Dropout on the adapter input during training.", advanced=True)
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.", advanced=True)
+    lora_init: str = _f(
+        "default",
+        "LoRA's initialisation: default (B = 0), PiSSA or OLoRA (the adapter starts as the weights' principal part, "
+        "taken out of the base; 16-bit LoRA, SFT) or LoftQ (QLoRA: the adapter starts by correcting the 4-bit "
+        "rounding of the base).",
+        advanced=True,
+        choices=_methods.LORA_INITS,
+    )
+    loraplus_lr_ratio: float = _f(
+        1.0,
+        "LoRA+: the B matrices learn at this many times the learning rate (the paper suggests 16); 1 is plain LoRA.",
+        advanced=True,
+    )
+    num_virtual_tokens: int = _f(
+        20, "Prompt tuning, P-tuning and prefix tuning: the number of virtual tokens (prefix length).", advanced=True
+    )
+    adapter_reduction_factor: int = _f(
+        16, "Bottleneck adapters: the bottleneck is the hidden size divided by this.", advanced=True
+    )
+    adapter_non_linearity: str = _f(
+        "relu",
+        "Bottleneck adapters: the non-linearity between the down- and up-projection.",
+        advanced=True,
+        choices=_methods.NON_LINEARITIES,
+    )
     target_modules: list[str] = _f(
         ["all-linear"],
         "Layers that get adapters: 'all-linear' (every linear layer but "
@@ -435,6 +465,7 @@ class TrainConfig:
         need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}")
         need(self.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         need(self.parallelism in PARALLELISMS, "parallelism", f"must be one of {', '.join(PARALLELISMS)}")
+        self._check_method()
         need(
             self.objective != "distill"
             or (isinstance(self.distill_teacher, str) and bool(self.distill_teacher.strip())),
@@ -531,11 +562,35 @@ class TrainConfig:
         ):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
 
+    def _check_method(self) -> None:
+        """What the method cannot do, refused here (before anything loads), naming the field to change."""
+        entry = _methods.method(self.method)
+        if self.packing and not entry.allows(_methods.PACKING):
+            raise ConfigError("packing", f"{entry.label} cannot train on packed rows: {entry.refusal('packing')}")
+        if self.trains_on_pairs and not entry.allows(_methods.PAIRS):
+            raise ConfigError("objective", f"{entry.label} cannot train {self.objective}: {entry.refusal('dpo')}")
+        if self.lora_init not in _methods.LORA_INITS:
+            raise ConfigError("lora_init", f"must be one of {', '.join(_methods.LORA_INITS)}, not {self.lora_init!r}")
+        why = _methods.lora_init_refusal(self.lora_init, self.method, self.trains_on_pairs or self.objective == "grpo")
+        if why and not self.init_adapter:
+            raise ConfigError("lora_init", why)
+        if not (_num(self.loraplus_lr_ratio) and 1 <= self.loraplus_lr_ratio <= 1000):
+            raise ConfigError(
+                "loraplus_lr_ratio",
+                f"must be a number from 1 to 1,000 (1: plain LoRA), not {_show(self.loraplus_lr_ratio)}",
+            )
+        if self.loraplus_lr_ratio != 1 and not entry.peft_lora:
+            raise ConfigError(
+                "loraplus_lr_ratio", f"LoRA+ sets the learning rate of LoRA's B matrices; {entry.label} has none"
+            )
+        if self.adapter_non_linearity not in _methods.NON_LINEARITIES:
+            raise ConfigError("adapter_non_linearity", f"must be one of {', '.join(_methods.NON_LINEARITIES)}")
+
     # --- helpers --------------------------------------------------------------
     @property
     def quantized(self) -> bool:
         """True when the frozen base is stored in 4-bit NF4."""
-        return self.method in ("qlora", "qdora")
+        return _methods.method(self.method).base_4bit
 
     @property
     def trains_on_pairs(self) -> bool:

@@ -126,10 +126,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Tra
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-    if unexpected:
-        raise ValueError(f"checkpoint {path} does not match this adapter ({unexpected[:3]})")
+    if hasattr(model, "load_adapter_weights"):  # adapters of the engine's own (engine.bottleneck)
+        model.load_adapter_weights(weights)
+    else:
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if unexpected:
+            raise ValueError(f"checkpoint {path} does not match this adapter ({unexpected[:3]})")
     blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -1,9 +1,9 @@
-"""Adapter layers (PEFT's LoRA / DoRA) on a frozen base, and the optimizer over them."""
+"""Adapters on a frozen base (each method's in :mod:`engine.train.methods`), and the optimizer over them."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -21,40 +21,19 @@ def enable_checkpointing(base) -> None:
 
 
 def add_adapters(base, config: TrainConfig):
-    """Wrap ``base`` with LoRA (or DoRA) on ``config.target_modules``; only adapter weights train.
+    """Wrap ``base`` with ``config.method``'s adapters (:mod:`engine.train.methods`); only they train."""
+    from finetune_studio.engine.train import methods
 
-    LoRA: ``W0 x + (alpha / r) * B A x`` with B = 0 at the start, so training starts from the base model.
-    rsLoRA scales by ``alpha / sqrt(r)``. DoRA: ``m * (W0 + s B A) / ||W0 + s B A||_c``, the magnitude m trained.
-    """
-    from peft import get_peft_model
-
-    lora = lora_config(config)
     if config.gradient_checkpointing:
         enable_checkpointing(base)
-    try:
-        model = get_peft_model(base, lora)
-    except ValueError as exc:
-        from finetune_studio.core.config import ConfigError
-
-        raise ConfigError("target_modules", f"{exc}") from None
-    return model
+    return methods.build(base, config)
 
 
 def lora_config(config: TrainConfig):
-    """PEFT's LoraConfig for ``config`` (also used to count parameters on the meta device)."""
-    from peft import LoraConfig
+    """PEFT's LoraConfig for ``config`` (the LoRA family's; :func:`engine.train.methods.lora.lora_config`)."""
+    from finetune_studio.engine.train.methods import lora
 
-    targets = config.target_modules
-    return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=cast(int, config.lora_alpha),  # peft annotates int; it scales by a float alpha as well
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        use_dora=config.uses_dora,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
+    return lora.lora_config(config)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -70,9 +49,13 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def make_optimizer(params, config: TrainConfig, device: str):
-    """AdamW (8 bytes of state per trainable parameter), 8-bit AdamW (2 bytes), or paged variants."""
+def make_optimizer(params, config: TrainConfig, device: str, model=None):
+    """AdamW (8 bytes of state per trainable parameter), 8-bit AdamW (2 bytes), or paged variants; with LoRA+
+    (``loraplus_lr_ratio``) and ``model`` given, LoRA's B matrices in a group of their own."""
+    from finetune_studio.engine.train import methods
+
     params = [p for p in params if p.requires_grad]
+    groups = methods.param_groups(params, model, config) if model is not None else [{"params": params}]
     kw: dict[str, Any] = {
         "lr": config.learning_rate,
         "weight_decay": config.weight_decay,
@@ -80,7 +63,7 @@ def make_optimizer(params, config: TrainConfig, device: str):
         "eps": 1e-8,
     }
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, fused=device == "cuda", **kw)
+        return torch.optim.AdamW(groups, fused=device == "cuda", **kw)
     import bitsandbytes as bnb
 
     cls = {
@@ -88,7 +71,7 @@ def make_optimizer(params, config: TrainConfig, device: str):
         "paged_adamw": bnb.optim.PagedAdamW,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
     }[config.optimizer]
-    return cls(params, **kw)
+    return cls(groups, **kw)
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):

@@ -54,7 +54,11 @@ class LogprobModel:
         scaled = any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("logit_scale", "logits_scaling"))
         self.head = head
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.fused = self.decoder is not None and plain_head and not scaled and head.bias is None
+        # prompt / prefix / P-tuning put their virtual tokens in through the PEFT model's own forward
+        prompt_learning = bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+        self.fused = (
+            self.decoder is not None and plain_head and not scaled and head.bias is None and not prompt_learning
+        )
 
     def __call__(self, batch: Batch) -> TokenLogps:
         targets = batch.labels[:, 1:]  # [B, T-1]
@@ -75,7 +79,8 @@ class LogprobModel:
                 logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap, impl=self.impl)
         else:
             with split:
-                logits = self.model(**inputs).logits[:, :-1]
+                # the last T positions: prompt tuning's output starts with its virtual tokens' positions
+                logits = self.model(**inputs).logits[:, -batch.input_ids.shape[1] : -1]
             logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
 

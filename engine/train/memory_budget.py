@@ -32,16 +32,16 @@ def meta_param_counts(folder: str | Path, config: TrainConfig, trust_remote_code
     """Total / trainable / NF4-quantisable parameters of ``folder``'s model with ``config``'s adapters,
     counted on the meta device. 4-bit methods are counted on the unquantised model (the same parameters)."""
     import torch
-    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune_studio.engine.train.adapters import lora_config
+    from finetune_studio.engine.train import methods
 
     hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     quantizable = _quantizable_params(model)
-    peft_model = get_peft_model(model, lora_config(config))
+    # every method's adapters as training makes them; the initialisation (PiSSA's SVD, LoftQ) counts nothing
+    peft_model = methods.build(model, config.replace(lora_init="default"))
     trainable, total = peft_model.get_nb_trainable_parameters()
     eight_bit = sum(states_8bit(p.numel()) for p in peft_model.parameters() if p.requires_grad)
     return ParamCounts(total, trainable, quantizable, eight_bit, source="meta")

@@ -300,7 +300,7 @@ class Recipe:
         # the adapter's trainable parameters, then those of the objective's own modules (a reward model's head)
         params = [p for p in forward.parameters() if p.requires_grad]
         params += [p for m in objective.extra_modules().values() for p in m.parameters() if p.requires_grad]
-        optimizer = adapters.make_optimizer(params, cfg, device)
+        optimizer = adapters.make_optimizer(params, cfg, device, model)
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         n = len(data.train)
         total_steps = math.ceil(cfg.num_epochs * n / per_step) if cfg.num_epochs > 0 else cfg.max_steps

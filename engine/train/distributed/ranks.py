@@ -303,6 +303,13 @@ def check_shardable(config, device: str, dtype: torch.dtype) -> None:
     ``engine.models.load_causal_lm``). On the CPU, bitsandbytes repacks 4-bit weights computing in bfloat16
     into a layout of its own CPU kernel, which FSDP cannot shard: refuse that case (also as ``bf16-mixed``, whose
     4-bit layers compute in bfloat16), before loading."""
+    from finetune_studio.core import methods
+
+    entry = methods.method(config.method)
+    if not entry.allows(methods.DISTRIBUTED):
+        from finetune_studio.core.config import ConfigError
+
+        raise ConfigError("method", f"{entry.label} on several processes: {entry.refusal(methods.DISTRIBUTED)}")
     bf16_4bit = dtype != torch.float32 or config.compute_dtype == "bf16-mixed"
     if config.parallelism == "fsdp" and config.quantized and device == "cpu" and bf16_4bit:
         from finetune_studio.core.config import ConfigError
