@@ -63,6 +63,8 @@ class Rollout:
                 rewards = json.loads(rewards)
             except ValueError:
                 rewards = {}
+        if not isinstance(rewards, Mapping):
+            rewards = {}
         place = get("index", get("position"))
         return cls(
             step=int(get("step") if get("step") is not None else step),

@@ -122,6 +122,8 @@ def test_rollouts_are_read_from_stored_rows_and_events_alike():
     stored = {"step": 5, "position": 3, "prompt": "Q", "completion": "A", "reward": "0.5", "rewards": '{"f": 1}'}
     row = Rollout.of(-1, 0, stored)
     assert (row.step, row.index, row.reward, row.rewards, row.advantage) == (5, 3, 0.5, {"f": 1.0}, 0.0)
+    damaged = Rollout.of(6, 2, {"prompt": "Q", "completion": "A", "reward": None, "rewards": "[1, 2]"})
+    assert (damaged.step, damaged.index, math.isnan(damaged.reward), damaged.rewards) == (6, 2, True, {})
     state.reset()
     assert len(state.rollouts) == 0
 
