@@ -32,7 +32,7 @@ def test_least_sure_first_then_the_agreement_after_the_decision(app_factory, tin
     app.wait_text("annotateStatus", lambda t: t.startswith("All answers generated"), 180, "the answers")
     assert app.text("labelPosition") == "Pair 1 of 6" and app.text("labelAgreement") == ""
 
-    # The scorer: the adapter folder, typed; Return takes it.
+    # The scorer: the adapter folder, typed; Return takes it (its scoring starts).
     app.fill("queueScorer", str(adapter_dir))
     app.key("Return")
     assert app.text("queueScorer") == str(adapter_dir)
@@ -41,7 +41,9 @@ def test_least_sure_first_then_the_agreement_after_the_decision(app_factory, tin
     app.click("queueOrder")
     app.key("Down", "Down", "Return")
     assert app.text("queueOrder") == "Least sure first"
-    app.wait_text("annotateStatus", lambda t: t.startswith("Every pair has its prediction"), 120, "the scores")
+    # Scoring began with the scorer; once done, the queue is ordered by it (whichever of the two came first).
+    done = ("Every pair has its prediction: the queue is least sure first", "The queue is least sure first")
+    app.wait_text("annotateStatus", lambda t: t.startswith(done), 120, "the scores")
     state = app.state()
     assert state["focus"]["name"] == "labelView", state["focus"]
 

@@ -291,8 +291,11 @@ class AnnotatePage(QWidget):
         how = str(self.order_box.currentData() or "added")
         if self.state.spec is None:
             return
-        self.state.set_order(how)
+        st = self.state
+        st.set_order(how)
         self._score_missing()
+        if how in lq.NEEDS_SCORES and st.scorer is not None and not self.scoring.running:
+            self._say(f"The queue is {lq.ORDERS[st.order].lower()}, by the {st.scorer.label()}.")
         self.label_view.setFocus()
 
     def _scorer_from_box(self) -> an.Scorer | None:
@@ -329,9 +332,9 @@ class AnnotatePage(QWidget):
             self._scorer_chosen()
 
     def _score_missing(self) -> None:
-        """Score the answers the chosen scorer has no reward for yet, when the order needs them."""
+        """Score the answers the chosen scorer has no reward for yet (for the order, and for the agreement line)."""
         st = self.state
-        if st.order not in lq.NEEDS_SCORES or st.scorer is None or st.spec is None or self.scoring.running:
+        if st.scorer is None or st.spec is None or self.scoring.running:
             return
         jobs = st.to_score()
         if not jobs:
@@ -351,7 +354,8 @@ class AnnotatePage(QWidget):
             return
         st = self.state
         p = st.progress()
-        if p is not None and p.done == self._done_when_scoring:  # nothing decided meanwhile: start at the queue's head
+        # nothing decided meanwhile: start at the head of a queue ordered by the predictions
+        if st.order in lq.NEEDS_SCORES and p is not None and p.done == self._done_when_scoring:
             st.first_in_queue()
         self._say(f"Every pair has its prediction: the queue is {lq.ORDERS[st.order].lower()}.")
         self.label_view.setFocus()
@@ -427,7 +431,16 @@ class AnnotatePage(QWidget):
         spec.save()
         self.form.set_sessions(an.list_sessions())
         self.form.set_prompts(spec.prompts, f"in session {spec.name!r}")
+        fresh = not an.Predictions(spec.name).path.exists()
+        order = str(self.order_box.currentData() or "added")
+        try:
+            scorer = self._scorer_from_box()
+        except ValueError:
+            scorer = None
         self.state.use(self.store.preferences, spec)
+        if fresh:  # a new session: the order and scorer chosen before it existed
+            self.state.set_scorer(scorer)
+            self.state.set_order(order)
         self.generator.weights = self.form.weights_value()
         count = self.generator.start(spec, self.store.preferences)
         if count:
