@@ -273,3 +273,32 @@ def test_reward_objectives_own_evaluations_chart_as_accuracy_and_gap(qtbot, page
     xs, acc = charts.reward_model.curves["accuracy"].getOriginalDataset()
     _, gap = charts.reward_model.curves["gap"].getOriginalDataset()
     assert list(xs) == [4, 8] and list(acc) == [0.6, 0.96] and list(gap) == [0.2, 1.4]
+
+
+def test_a_followed_grpo_run_grows_its_figures_and_rollouts_at_each_poll(qtbot, make_window):
+    """A run training in the background (the app closed and reopened): each poll of the database adds the new steps'
+    figures and rollouts."""
+    import subprocess
+
+    from finetune_studio.core.store import Store, process_start
+
+    engine = subprocess.Popen(["sleep", "60"])  # stands in for the engine's process: alive, never signalled here
+    try:
+        store = Store()
+        rid = store.create_run({"model": "m", "objective": "grpo", "run_name": "followed", "max_steps": 9})
+        store.update_run(rid, status="running", pid=engine.pid, pid_start=process_start(engine.pid))
+        store.add_metrics(rid, "train", 1, {"loss": 0.1, "metrics": {"reward": 0.5}})
+        store.add_rollouts(rid, 1, _items(1, "P", [0.5, 1.0]))
+        win = make_window({})
+        assert win.controller.open_run(rid) and win.controller.follow_timer.isActive()
+        state = win.run_state
+        assert len(state.rollouts) == 2 and state.figures.n == 1
+        store.add_metrics(rid, "train", 2, {"loss": 0.1, "metrics": {"reward": 0.75}})
+        store.add_rollouts(rid, 2, _items(2, "P", [0.0, 2.0, 1.0]))
+        win.controller.poll()
+        assert list(state.figures.column("reward")) == [0.5, 0.75] and len(state.rollouts) == 5
+        assert [r.reward for r in win.train_page.rollouts_view.model.rows] == [2.0, 1.0, 0.0]  # the newest step
+        win.controller.follow_timer.stop()
+    finally:
+        engine.kill()
+        engine.wait(10)
