@@ -144,7 +144,7 @@ def _ragged_batch(cfg: dict, config: TrainConfig, rows: list[tuple[int, int]], d
     for i, (n, trained) in enumerate(rows):
         mask[i, :n] = 1
         labels[i, n - trained : n] = ids[i, n - trained : n]
-    pairs = len(rows) // 2 if config.objective == "dpo" else 0
+    pairs = len(rows) // 2 if config.trains_on_pairs else 0
     return _maybe_packed(Batch(ids, mask, labels, pairs=pairs), config).to(device)
 
 
@@ -173,21 +173,30 @@ def _batch(cfg: dict, config: TrainConfig, device):
     from finetune_studio.engine.datasets.render import IGNORE
     from finetune_studio.engine.train.batches import Batch
 
-    rows = config.batch_size * (2 if config.objective == "dpo" else 1)
+    rows = config.batch_size * (2 if config.trains_on_pairs else 1)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg["vocab_size"], (rows, config.max_length), generator=g)
     mask = torch.ones_like(ids)
     if rows > 1:
         mask[-1, -1] = 0  # right padding on the last row
     labels = ids.masked_fill(mask == 0, IGNORE)
-    pairs = config.batch_size if config.objective == "dpo" else 0
+    pairs = config.batch_size if config.trains_on_pairs else 0
     if config.packing:  # full rows, each one's first token untrained (nothing before it in its sequence)
         mask = torch.ones_like(ids)
         return _maybe_packed(Batch(ids, mask, ids.clone(), pairs=pairs), config).to(device)
     return Batch(ids, mask, labels, pairs=pairs).to(device)
 
 
-def _loss(model, config: TrainConfig, batch):
+def _objective(model, config: TrainConfig, device: str):
+    """The engine's reward objective for ``model`` (its head made as a run makes it), or None for the others."""
+    if config.objective != "reward":
+        return None
+    from finetune_studio.engine.train.objectives import Reward, TrainedModel
+
+    return Reward(TrainedModel(model, lambda batch: None, config, device, contextlib.nullcontext))
+
+
+def _loss(model, config: TrainConfig, batch, objective=None):
     """The engine's loss for one micro-batch, as ``Recipe._micro_step`` computes it. Returns the loss and what
     the step keeps referenced until backward is done."""
     import torch
@@ -195,6 +204,8 @@ def _loss(model, config: TrainConfig, batch):
     from finetune_studio.engine.train.forward import LogprobModel
     from finetune_studio.engine.train.losses import dpo_loss, sequence_logps, sft_loss
 
+    if objective is not None:  # the reward objective's own loss: its scalar head at each sequence's last token
+        return objective.loss(batch, batch.pairs)[0], None
     logps = LogprobModel(model)
     if config.objective == "sft":
         out = logps(batch)
@@ -238,9 +249,11 @@ def measure_step(
     from finetune_studio.engine.train.model_patches.kernel_wiring import install_kernels
 
     install_kernels(model, config.kernels, device, config.fused_ops)  # as Recipe.setup does (DoRA's norm, output)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    objective = _objective(model, config, device)
+    extra = [p for m in (objective.extra_modules() if objective else {}).values() for p in m.parameters()]
+    trainable = [p for p in model.parameters() if p.requires_grad] + extra
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_ptrs = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *extra]}
     opt = _optimizer(trainable, config.optimizer)
     batch = _batch(cfg, config, device) if rows is None else _ragged_batch(cfg, config, rows, device)
     # Recipe._autocast: 16-bit autocast on CUDA only, around the forward (backward runs outside it)
@@ -283,7 +296,7 @@ def measure_step(
             hooks.append(m.register_forward_hook(leave))
         hooks += [m.register_forward_pre_hook(block_mask, with_kwargs=True) for m in blocks]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t), autocast:
-            loss, out = _loss(model, config, batch)
+            loss, out = _loss(model, config, batch, objective)
         for h in hooks:
             h.remove()
         alive = {"act": 0, "loss": 0}
@@ -323,7 +336,7 @@ def measure_step(
         with mode:
             act, loss_saved = step(True)
         peak = mode.peak
-    base -= nbytes(model.parameters()) + nbytes(state_tensors())
+    base -= nbytes([*model.parameters(), *extra]) + nbytes(state_tensors())
     peak -= base
     states = state_tensors()
     return Measured(

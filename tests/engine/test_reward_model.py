@@ -118,3 +118,34 @@ def test_the_reward_objective_takes_the_preference_store():
         TrainConfig(objective="sft", dataset="pairs:latest")
     with pytest.raises(ConfigError, match="reward_margin"):
         TrainConfig(objective="reward", reward_margin=-1)
+
+
+def test_the_memory_estimate_covers_the_reward_objective():
+    """Pairs like DPO (two sequences per example), no reference pass, no output head: a scalar head whose h + 1
+    parameters are trained. (tests/core/test_memory.py checks the figures against a measured reward step.)"""
+    from finetune_studio.core.devices import DeviceInfo
+    from finetune_studio.core.memory.estimate import ModelShape, estimate_training_memory
+
+    gpu = DeviceInfo("cuda", "Test GPU", 8 * 2**30, 8 * 2**30, True)
+    shape = ModelShape.for_model_spec("default")
+    sft, dpo, reward = (
+        estimate_training_memory(shape, TrainConfig(objective=o, batch_size=4, max_length=256, packing=False), gpu)
+        for o in ("sft", "dpo", "reward")
+    )
+    assert reward.batch.rows == dpo.batch.rows == 2 * sft.batch.rows == 8
+    assert "4 pairs" in reward.batch.description
+    assert reward.trainable_params == dpo.trainable_params + shape.hidden_size + 1
+    assert reward.reference_forward == 0
+    # 8 sequences' last hidden state and its float32 copy, instead of 8 x 255 tokens through a 49k vocabulary
+    assert reward.logits == 8 * (shape.hidden_size * 2 + 4 * shape.hidden_size + 16) < dpo.logits / 1000
+    assert reward.total_bytes < dpo.total_bytes
+
+
+def test_the_config_knows_which_objectives_train_on_pairs():
+    """core.config's PAIR_OBJECTIVES (what the memory estimate reads) agrees with the engine's objectives."""
+    from finetune_studio.core.config import PAIR_OBJECTIVES, SCALAR_HEAD_OBJECTIVES
+    from finetune_studio.engine.train import objectives
+
+    for name, cls in objectives.REGISTRY.items():
+        assert (cls.data_kinds == ("preference",)) == (name in PAIR_OBJECTIVES), name
+        assert (name in SCALAR_HEAD_OBJECTIVES) == (cls is objectives.Reward), name
