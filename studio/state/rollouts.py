@@ -297,6 +297,7 @@ def send_to_annotate(
             prompts=[prompt],
             side_a=an.Side(model=model or "default", adapter=run_id, seed=0),
             side_b=an.Side(model=model or "default", adapter=run_id, seed=1),  # the same policy, another draw
+            sampling=_session_sampling(sampling),
         )
     source = f"rollouts:{run_id}"
     with transaction(prefs.conn):
@@ -325,6 +326,14 @@ def send_to_annotate(
         spec.prompts.append(prompt)
     spec.save()
     return Sent(session=name, candidates=len(ids), items=added, partner=partner)
+
+
+def _session_sampling(sampling: Mapping[str, Any] | None) -> an.Sampling:
+    """The session's sampling: the run's temperature where it is known (more answers drawn alike)."""
+    try:
+        return an.Sampling(temperature=float((sampling or {})["temperature"]))
+    except (KeyError, TypeError, ValueError):
+        return an.Sampling()
 
 
 def _session(name: str) -> an.SessionSpec | None:

@@ -188,6 +188,7 @@ def test_send_to_annotate_opens_the_rollouts_in_annotate(qtbot, make_window):
     texts = {prefs.candidate(c)["text"] for c in (item.a, item.b)}
     assert texts == {r.completion for r in win.run_state.rollouts.rows if r.reward in (1.5, 0.5)}
     assert {prefs.candidate(c)["sampling"] for c in (item.a, item.b)} == {'{"temperature": 0.9}'}  # how it was drawn
+    assert annotate.spec.sampling.temperature == 0.9
     assert "Sent 2 answers to Annotate (paired with" in win.statusBar().currentMessage()
 
     # two prompts at once cannot be one pair: the page says what to do, nothing is sent
