@@ -1,0 +1,72 @@
+"""``demo --rl``: SFT, the loop's DPO and GRPO with the task's verifier, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from finetune_studio.core.protocol.demo_report import DemoRLReport
+from finetune_studio.core.protocol.events import parse_event
+from finetune_studio.core.store import Store
+from finetune_studio.engine.demo import rl
+
+TINY = ["--sft-steps", "1", "--max-length", "256", "--eval-limit", "1", "--max-new-tokens", "3", "--skip-before"]
+GRPO = ["--grpo-steps", "2", "--grpo-prompts", "2", "--group-size", "2", "--grpo-max-new-tokens", "4"]
+
+
+def test_demo_rl_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
+    argv = ["--model", str(tiny_model_dir), *TINY, *GRPO, "--dpo-steps", "1", "--dpo-prompts", "2", "--json"]
+    assert rl.main(argv) == 0
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert len(out) == 1
+    typed = parse_event(out[0])  # one typed, versioned event
+    assert isinstance(typed, DemoRLReport)
+    for score in (typed.after_sft, typed.after_grpo):
+        assert score is not None and score.n == 1 and 0 <= score.exact <= score.valid <= 1
+    assert typed.before is None  # --skip-before
+    assert typed.eval_prompts == 1
+    # the tiny model's candidates all score 0: no pairs, so the loop's DPO is left out and said to be
+    assert typed.pairs == 0 and typed.after_dpo is None and typed.dpo_run == ""
+    assert "no pairs, so no DPO" in captured.err
+    # GRPO's curves: one value per step for each figure the objective reports, the rewards by name
+    for key in ("reward", "reward_std", "kl", "completion_length", "clip_fraction", "reward/fields", "reward/exact"):
+        assert len(typed.curves[key]) == 2, key
+    assert all(0 <= r <= 2 for r in typed.curves["reward"])  # fields share + exact: at most 2
+    assert all(0 < n <= 4 for n in typed.curves["completion_length"])
+    assert set(typed.seconds) >= {"sft", "dpo", "grpo", "score_after SFT", "score_after GRPO"}
+    assert typed.settings["group_size"] == 2 and typed.settings["grpo_steps"] == 2
+    # GRPO started from the SFT run's adapter, DPO too (the loop's DPO), and the rollouts are kept with the run
+    store = Store()
+    try:
+        grpo = store.find_run(typed.grpo_run)
+        assert grpo is not None and grpo.status == "completed" and grpo.objective == "grpo"
+        assert grpo.parent_run_id == typed.sft_run
+        assert json.loads(grpo.config)["rewards"] == rl.REWARDS
+        rollouts = store.rollouts(typed.grpo_run)
+        assert len(rollouts) == 2 * 2 * 2  # steps x prompts x G
+    finally:
+        store.close()
+
+
+def test_demo_rl_without_dpo_prints_the_summary(tiny_model_dir, capsys):
+    assert rl.main(["--model", str(tiny_model_dir), *TINY, *GRPO, "--no-dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "after SFT" in out and "after GRPO" in out and "after DPO" not in out
+    assert "mean reward by step" in out
+
+
+def test_demo_rl_refuses_a_bad_setting_naming_it(tiny_model_dir, capsys):
+    assert rl.main(["--model", str(tiny_model_dir), *TINY, "--no-dpo", "--group-size", "1"]) == 2
+    assert "grpo_group_size" in capsys.readouterr().err
+
+
+def test_demo_rl_is_chosen_by_the_command_line():
+    import subprocess
+
+    from finetune_studio.core.paths import python_argv
+
+    out = subprocess.run(
+        [*python_argv(), "-m", "finetune_studio.engine", "demo", "--rl", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "demo --rl" in out.stdout and "--group-size" in out.stdout and "--dpo-run" in out.stdout
