@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from finetune_studio.core import paths
+from finetune_studio.engine.bottleneck import is_bottleneck_folder, load_bottlenecks
 from finetune_studio.engine.datasets.render import tokenize_example
 from finetune_studio.engine.datasets.schema import Message, UnpairedExample
 from finetune_studio.engine.models import LoadOptions, ModelError, compute_dtype, load_causal_lm, resolve_model
@@ -82,9 +83,11 @@ class HeadInfo:
 
 
 def is_reward_model(folder: Path) -> bool:
-    """Whether ``folder`` holds a reward model's files (adapter, head and its description)."""
+    """Whether ``folder`` holds a reward model's files (a PEFT or bottleneck adapter, the head and its
+    description)."""
     folder = Path(folder)
-    return all((folder / name).is_file() for name in ("adapter_config.json", HEAD_WEIGHTS, HEAD_INFO))
+    adapter = (folder / "adapter_config.json").is_file() or is_bottleneck_folder(folder)
+    return adapter and all((folder / name).is_file() for name in (HEAD_WEIGHTS, HEAD_INFO))
 
 
 # --- the head ----------------------------------------------------------------------------------------------------
@@ -196,11 +199,13 @@ def _base_folder(folder: Path, info: HeadInfo, base_model: str | None, options: 
     """The base to load: the one given, the adapter config's (a folder on this machine), or the run's spec."""
     if base_model:
         return resolve_model(base_model, options)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RewardModelError(f"cannot read {folder / 'adapter_config.json'}: {exc}") from None
-    named = str(config.get("base_model_name_or_path") or "")
+    named = ""
+    if (folder / "adapter_config.json").is_file():
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RewardModelError(f"cannot read {folder / 'adapter_config.json'}: {exc}") from None
+        named = str(config.get("base_model_name_or_path") or "")
     for candidate in (named, info.base_model_path):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
@@ -240,8 +245,10 @@ class RewardModel:
         if not folder.is_dir():
             raise RewardModelError(f"no folder {folder}: give a reward run's adapter folder")
         info = HeadInfo.read(folder)
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise RewardModelError(f"{folder} has {HEAD_INFO} but no adapter_model.safetensors")
+        if not is_reward_model(folder) or not (folder / "adapter_model.safetensors").is_file():
+            raise RewardModelError(
+                f"{folder} has {HEAD_INFO} but no adapter (its config and adapter_model.safetensors)"
+            )
         base_folder = _base_folder(folder, info, base_model, options)
         tokenizer = load_tokenizer(str(base_folder), options)
         base = load_causal_lm(
@@ -254,7 +261,10 @@ class RewardModel:
                 "give the base model it was trained on"
             )
         try:
-            model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+            if is_bottleneck_folder(folder):
+                model = load_bottlenecks(base, folder)
+            else:
+                model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
         except Exception as exc:  # peft raises many types for a mismatched adapter
             raise RewardModelError(f"the adapter in {folder} does not fit {base_folder}: {exc}") from None
         model.eval()

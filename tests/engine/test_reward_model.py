@@ -149,3 +149,31 @@ def test_the_config_knows_which_objectives_train_on_pairs():
     for name, cls in objectives.REGISTRY.items():
         assert (cls.data_kinds == ("preference",)) == (name in PAIR_OBJECTIVES), name
         assert (name in SCALAR_HEAD_OBJECTIVES) == (cls is objectives.Reward), name
+
+
+def test_a_bottleneck_reward_model_trains_saves_and_loads(tiny_model_dir, tmp_path):
+    """The head rides on any method that adapts the layers: a bottleneck adapter (not a PEFT model) too."""
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=4))
+    config = reward_config(tiny_model_dir, data, method="houlsby", max_steps=4, batch_size=4, eval_every=2)
+    events = Recorder()
+    result = train_run(config, reporter=Reporter(extra=events))
+    assert result.status == "completed" and rm.is_reward_model(result.adapter_dir)
+    _train, validation = split_by_prompt(load_dataset(config.dataset).examples, config.validation_fraction, config.seed)
+    model = rm.RewardModel.load(result.adapter_dir)
+    prompts = [ex.prompt for ex in validation]
+    chosen = model.score(prompts, [ex.chosen[0].content for ex in validation])
+    rejected = model.score(prompts, [ex.rejected[0].content for ex in validation])
+    gap = sum(c - r for c, r in zip(chosen, rejected)) / len(validation)
+    assert gap == pytest.approx(events.of("eval")[-1].reward_margin, rel=1e-4)
+
+
+def test_a_method_of_virtual_tokens_is_refused_naming_the_method(tiny_model_dir, tmp_path):
+    from finetune_studio.engine.train.recipe import TrainingFailed
+
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(20, seed=5))
+    events = Recorder()
+    with pytest.raises(TrainingFailed, match="method: prompt_tuning trains virtual tokens"):
+        train_run(
+            reward_config(tiny_model_dir, data, method="prompt_tuning", packing=False), reporter=Reporter(extra=events)
+        )
+    assert events.of("failed")[0].kind == "config"

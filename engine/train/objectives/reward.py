@@ -41,14 +41,19 @@ class Reward(Objective):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
                 raise ConfigError("objective", "a reward model trains on one process: run it without --nproc")
+        peft_config = getattr(trained.model, "active_peft_config", None)
+        if getattr(peft_config, "is_prompt_learning", False):
+            raise ConfigError(
+                "method",
+                f"{trained.config.method} trains virtual tokens in front of the input, which the reward model's "
+                "hidden states never see: choose a method that adapts the layers (LoRA, DoRA, IA3, bottleneck...)",
+            )
         self.decoder = rm.decoder_of(trained.model)
-        causal_lm = trained.model.get_base_model()
-        hidden = int(causal_lm.config.hidden_size)
-        self.head = rm.new_head(hidden, trained.config.seed, trained.device)
+        self.head = rm.new_head(int(self.decoder.config.hidden_size), trained.config.seed, trained.device)
         start = trained.start
         if start is not None and rm.is_reward_model(start.path):
             rm.load_head_weights(start.path, self.head)  # a reward model goes on training, head and all
-        self.base_path = str(getattr(trained.model.peft_config.get("default"), "base_model_name_or_path", "") or "")
+        self.base_path = str(getattr(peft_config, "base_model_name_or_path", "") or "")
 
     def extra_modules(self) -> dict[str, torch.nn.Module]:
         return {"reward_head": self.head}
