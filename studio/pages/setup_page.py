@@ -10,7 +10,6 @@ from PySide6.QtWidgets import (
     QComboBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QScrollArea,
@@ -32,6 +31,7 @@ from finetune_studio.studio.state.run import MemoryState
 from finetune_studio.studio.state.setup import FIELDS, HELP, OBJECTIVE_SENTENCES, OWN_WIDGETS, SetupState
 from finetune_studio.studio.widgets.config_form import ConfigForm, ErrorLabel, label_for
 from finetune_studio.studio.widgets.dataset_panel import DatasetPanel
+from finetune_studio.studio.widgets.flow_layout import FlowLayout
 from finetune_studio.studio.widgets.memory_panel import MemoryPanel
 from finetune_studio.studio.widgets.model_panel import ModelPanel
 from finetune_studio.studio.widgets.rewards_editor import RewardsEditor
@@ -59,9 +59,7 @@ class Segmented(QWidget):
         self.state, self.name = state, name
         self.group = QButtonGroup(self)
         self.buttons: dict[str, QPushButton] = {}
-        row = QHBoxLayout(self)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.setSpacing(0)
+        row = FlowLayout(self, spacing=0)  # many choices wrap onto a second row instead of widening the page
         for value, text in labels.items():
             btn = QPushButton(text, self)
             btn.setObjectName(f"{name}_{value}")
@@ -72,7 +70,6 @@ class Segmented(QWidget):
             self.buttons[value] = btn
             row.addWidget(btn)
             btn.clicked.connect(lambda _=False, v=value: state.set(name, v))
-        row.addStretch(1)
         state.subscribe(lambda topic: self.sync() if topic in (f"values:{name}", "values:*") else None)
         self.sync()
 
@@ -106,7 +103,7 @@ class SetupPage(QWidget):
         left.setFrameShape(QScrollArea.Shape.NoFrame)
         left.setWidget(choices)
 
-        self.method = Segmented(state, "method", {m: METHOD_LABELS[m] for m in METHODS}, self)
+        self.method = Segmented(state, "method", {m: METHOD_LABELS.get(m, m.upper()) for m in METHODS}, self)
         labels = {o: OBJECTIVE_LABELS.get(o, o.upper()) for o in OBJECTIVES}  # a new objective shows its name
         self.objective = Segmented(state, "objective", labels, self)
         for value, button in self.objective.buttons.items():

@@ -22,6 +22,8 @@ from typing import Any
 from finetune_studio.studio.state.observable import Observable
 
 PROMPT_COLUMNS = ("prompt", "question", "instruction", "query", "input")  # looked for in this order
+ANSWER_COLUMNS = ("answer", "completion", "response", "output", "chosen")
+ANSWER = "answer"  # the column the rewards read the reference answer from, in training too
 MESSAGE_COLUMNS = ("messages", "conversations", "conversation")
 READABLE = (".jsonl", ".json", ".csv", ".tsv")
 MAX_SCANNED = 10_000  # rows looked at for prompts at most (a huge file is not read to its end)
@@ -34,7 +36,8 @@ class PromptReadError(Exception):
 @dataclass(frozen=True)
 class PromptRow:
     """One prompt: its text as a person reads it, the conversation sent to the model (``messages``, or empty: the
-    text is the user's message), and the row's other columns (reward functions get them as keyword arguments)."""
+    text is the user's message), and the columns reward functions get as keyword arguments. As in a GRPO run, that
+    is the row's reference answer (its last assistant turn, or its answer / completion column) as ``answer``."""
 
     text: str
     messages: tuple[tuple[str, str], ...] = ()  # (role, content), ending with the user's turn
@@ -42,11 +45,12 @@ class PromptRow:
 
 
 def read_prompts(path: str, count: int, mapping: dict[str, Any] | None = None) -> list[PromptRow]:
-    """The first ``count`` prompts of a JSON Lines, JSON, CSV or TSV dataset, with their rows' other columns.
+    """The first ``count`` prompts of a JSON Lines, JSON, CSV or TSV dataset, with their reference answers.
 
     A row's prompt is its ``prompt`` column (or the column ``mapping['prompt']`` names, or question / instruction /
-    query / input), or the turns of its conversation (``messages``) up to the first answer. Rows without one are
-    skipped. :class:`PromptReadError` when the file cannot be read or holds no prompt.
+    query / input) and its reference the answer / completion / response / output / chosen column (or the one the
+    mapping names); or, in a conversation (``messages``), the turns before its last answer and that answer. Rows
+    without a prompt are skipped. :class:`PromptReadError` when the file cannot be read or holds no prompt.
     """
     if count < 1:
         return []
@@ -65,12 +69,13 @@ def read_prompts(path: str, count: int, mapping: dict[str, Any] | None = None) -
             'as JSON Lines ({"prompt": ...} per line) to try the rewards on them.'
         )
     prompt_key = str((mapping or {}).get("prompt", "") or "")
+    answer_key = next((str(v) for k in ("answer", "completion", "chosen") if (v := (mapping or {}).get(k))), "")
     out: list[PromptRow] = []
     try:
         for i, row in enumerate(_rows(file)):
             if i >= MAX_SCANNED or len(out) >= count:
                 break
-            prompt = _prompt(row, prompt_key)
+            prompt = _prompt(row, prompt_key, answer_key)
             if prompt is not None:
                 out.append(prompt)
     except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as exc:
@@ -104,47 +109,64 @@ def _rows(file: Path) -> Iterator[dict[str, Any]]:
             yield from csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
 
 
-def _prompt(row: dict[str, Any], prompt_key: str) -> PromptRow | None:
+def _prompt(row: dict[str, Any], prompt_key: str, answer_key: str) -> PromptRow | None:
     keys = (prompt_key,) if prompt_key else PROMPT_COLUMNS
     for key in keys:
         value = row.get(key)
         if isinstance(value, str) and value.strip():
-            return PromptRow(value, (), _others(row, key))
+            return PromptRow(value, (), _reference(_answer_of(row, answer_key)))
         if isinstance(value, list):  # a conversational prompt: a list of turns
-            turns = _turns(value)
+            turns, _ = _split(value)
             if turns:
-                return PromptRow(turns[-1][1], turns, _others(row, key))
+                return PromptRow(turns[-1][1], turns, _reference(_answer_of(row, answer_key)))
     if prompt_key:
         return None
     for key in MESSAGE_COLUMNS:
         value = row.get(key)
         if isinstance(value, list):
-            turns = _turns(value)
+            turns, answer = _split(value)
             if turns:
-                return PromptRow(turns[-1][1], turns, _others(row, key))
+                return PromptRow(turns[-1][1], turns, _reference(answer))
     return None
 
 
-def _turns(messages: list[Any]) -> tuple[tuple[str, str], ...]:
-    """The turns before the first answer (the prompt of a conversation), ending with a user turn; () if none."""
+def _answer_of(row: dict[str, Any], answer_key: str) -> str | None:
+    """A prompt row's reference answer: the mapped column, or answer / completion / response / output / chosen."""
+    for key in (answer_key,) if answer_key else ANSWER_COLUMNS:
+        value = row.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):  # a conversational completion: its assistant turn
+            _, answer = _split([{"role": "user", "content": ""}, *value])
+            if answer is not None:
+                return answer
+    return None
+
+
+def _reference(answer: str | None) -> dict[str, Any]:
+    """The columns the rewards get, as training gives them: the reference answer as ``answer`` (when there is one)."""
+    return {} if answer is None else {ANSWER: answer}
+
+
+def _split(messages: list[Any]) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """A conversation as training splits it: the turns before its last answer (ending with a user turn) and that
+    answer (None when it has none: the whole conversation, up to its last user turn, is the prompt)."""
     turns: list[tuple[str, str]] = []
     for m in messages:
         if not isinstance(m, dict):
-            return ()
+            return (), None
         role = str(m.get("role", m.get("from", "")))
         content = m.get("content", m.get("value", ""))
         role = {"human": "user", "gpt": "assistant"}.get(role, role)
-        if role == "assistant":
-            break
         if isinstance(content, str):
             turns.append((role, content))
+    answer = None
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
+    if last >= 0:
+        answer, turns = turns[last][1], turns[:last]
     while turns and turns[-1][0] != "user":
         turns.pop()
-    return tuple(turns)
-
-
-def _others(row: dict[str, Any], prompt_key: str) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != prompt_key}
+    return tuple(turns), answer
 
 
 # --- the scores ---------------------------------------------------------------------------------------------------

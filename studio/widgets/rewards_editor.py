@@ -273,5 +273,6 @@ class RewardsEditor(QGroupBox):
         self.boxes = [RewardBox(self, i, r if isinstance(r, dict) else {}) for i, r in enumerate(rows)]
         for box in self.boxes:
             self.list.addWidget(box)
-            box.setVisible(self.isVisible())  # now, not at the layout's next turn: a field may take the focus at once
+            if self.isVisible():  # shown now, not at the layout's next turn: a field may take the focus at once
+                box.show()
         self._kinds = [str(r.get("kind", "")) if isinstance(r, dict) else "" for r in rows]

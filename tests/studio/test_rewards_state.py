@@ -141,36 +141,40 @@ def test_scores_must_match_the_answers():
         WorkbenchResult([PromptRow("p")], [["a"]], ["f"], [1.0], {"f": [math.nan]})
 
 
-def test_prompts_and_their_columns_from_the_dataset(tmp_path):
+def test_prompts_and_their_reference_answers_from_the_dataset(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     rows = [
-        {"prompt": "Name a colour.", "answer": "red"},
+        {"prompt": "Name a colour.", "completion": "red", "id": 3},
         {
             "messages": [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Hi?"},
                 {"role": "assistant", "content": "Hello."},
-            ],
-            "id": 7,
+                {"role": "user", "content": "And?"},
+                {"role": "assistant", "content": "Bye."},
+            ]
         },
         {"nothing": "here"},
-        {"question": "2+2?", "reference": "4"},
+        {"question": "2+2?"},
     ]
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n", encoding="utf-8")
     got = read_prompts(str(jsonl), 5)
-    assert [p.text for p in got] == ["Name a colour.", "Hi?", "2+2?"]
-    assert got[0].columns == {"answer": "red"} and got[0].messages == ()
-    assert got[1].messages == (("system", "Be brief."), ("user", "Hi?")) and got[1].columns == {"id": 7}
+    assert [p.text for p in got] == ["Name a colour.", "And?", "2+2?"]
+    # the rewards get what a GRPO run gives them: the reference answer as 'answer' (no other columns)
+    assert got[0] == PromptRow("Name a colour.", (), {"answer": "red"})
+    # a conversation: the turns before its last answer are the prompt, that answer the reference
+    assert got[1].messages == (("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "And?"))
+    assert got[1].columns == {"answer": "Bye."} and got[2].columns == {}
     assert read_prompts(str(jsonl), 1) == got[:1]
-    # a mapping names the prompt column
-    mapped = read_prompts(str(jsonl), 5, {"prompt": "answer"})
-    assert [p.text for p in mapped] == ["red"] and mapped[0].columns == {"prompt": "Name a colour."}
+    # a mapping names the prompt and answer columns
+    mapped = read_prompts(str(jsonl), 5, {"prompt": "completion", "completion": "prompt"})
+    assert mapped == [PromptRow("red", (), {"answer": "Name a colour."})]
     table = tmp_path / "p.csv"
     with open(table, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerows([["instruction", "gold"], ["Add 1 and 2.", "3"]])
-    assert read_prompts(str(table), 3) == [PromptRow("Add 1 and 2.", (), {"gold": "3"})]
-    assert columns_per_answer(got[:2], [["a", "b"], ["c"]]) == {"answer": ["red", "red", None], "id": [None, None, 7]}
+        writer.writerows([["instruction", "output"], ["Add 1 and 2.", "3"]])
+    assert read_prompts(str(table), 3) == [PromptRow("Add 1 and 2.", (), {"answer": "3"})]
+    assert columns_per_answer(got, [["a", "b"], ["c"], ["d"]]) == {"answer": ["red", "red", "Bye.", None]}
 
 
 @pytest.mark.parametrize(

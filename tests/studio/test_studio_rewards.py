@@ -111,6 +111,9 @@ def test_workbench_samples_the_model_and_scores_off_the_ui_thread(qtbot, tiny_mo
     page = _page(qtbot, {"model": str(tiny_model_dir), "dataset": str(data), "objective": "grpo", "rewards": rewards})
     try:
         assert page.state.ready, page.state.errors
+        boxes = page.rewards_editor.boxes  # a config's rewards (a past run's, a preset's) each in its box, shown
+        assert [b.kind for b in boxes] == ["json_valid", "length", "python"] and all(b.isVisible() for b in boxes)
+        assert boxes[2].fields["name"].text() == "column" and boxes[1].fields["max_chars"].text() == "12"
         page.open_workbench()
         bench = page.workbench
         assert bench is not None and bench.isVisible()
