@@ -59,6 +59,7 @@ class HeadInfo:
     base_model_path: str = ""  # the base's resolved folder when the run was trained
     max_length: int = 512  # the run's max_length: longer prompt + answer are cut as training cut them
     margin: float = 0.0  # the run's reward_margin
+    method: str = ""  # the run's adapter method (lora, dora, houlsby...)
     meaning: str = MEANING
     format: str = FORMAT
     version: int = FORMAT_VERSION
@@ -145,26 +146,27 @@ def load_head_weights(folder: Path, head: torch.nn.Module) -> None:
             param.copy_(weights[name].to(device))
 
 
-def write_card(folder: Path, info: HeadInfo, run_id: str = "") -> None:
-    """``README.md``: what the folder is and how to score with it."""
-    source = f" by run `{run_id}`" if run_id else ""
-    text = f"""# Reward model
+def card_section(info: HeadInfo) -> str:
+    """The card's text about the reward model: what a score is and how to score (Markdown, from a level-2 title)."""
+    adapter = f"a {info.method} adapter" if info.method else "an adapter"
+    return f"""## Reward model
 
-Trained{source} with Finetune Studio's `reward` objective on preference pairs: a LoRA adapter for
-`{info.base_model}` plus a scalar head (`{HEAD_WEIGHTS}`, a Linear({info.hidden_size}, 1) in float32, described
-in `{HEAD_INFO}`).
+{adapter[0].upper()}{adapter[1:]} for `{info.base_model}` trained with Finetune Studio's `reward` objective on
+preference pairs, plus a scalar head (`{HEAD_WEIGHTS}`, a Linear({info.hidden_size}, 1) in float32, described in
+`{HEAD_INFO}`).
 
 **What a score is:** {info.meaning}
 
 The loss was `-log sigmoid(r_chosen - r_rejected - {info.margin:g})`; prompt + answer are rendered with the base
 model's chat template (the prompt a user turn, the answer an assistant turn) and cut at {info.max_length} tokens.
+Loaded as a plain adapter (without the head) it is a language model adapter that was never trained to generate.
 
-## Scoring
+### Scoring
 
 ```
-finetune-engine reward score --model {Path(folder).name} --prompt "Your prompt" \\
+finetune-engine reward score --model THIS_FOLDER --prompt "Your prompt" \\
     --candidate "Answer A" --candidate "Answer B"
-finetune-engine reward score --model {Path(folder).name} --input candidates.jsonl --json
+finetune-engine reward score --model THIS_FOLDER --input candidates.jsonl --json
 ```
 
 From Python:
@@ -172,15 +174,24 @@ From Python:
 ```python
 from finetune_studio.engine.reward_model import RewardModel
 
-rm = RewardModel.load("{Path(folder).name}")
+rm = RewardModel.load("THIS_FOLDER")
 rm.score(["Your prompt", "Your prompt"], ["Answer A", "Answer B"])
 ```
 
 The generation worker scores too: a `score` request with `scorer: "reward_model"` and this folder.
-This folder is a PEFT adapter as well; loaded as a plain adapter (without the head) it is a language model
-adapter that was never trained to generate.
 """
-    paths.atomic_write_text(Path(folder) / "README.md", text)
+
+
+def write_card(folder: Path, info: HeadInfo) -> None:
+    """``README.md`` of a reward run's adapter folder: what the folder is and how to score with it."""
+    paths.atomic_write_text(Path(folder) / "README.md", "# Reward model\n\n" + card_section(info))
+
+
+def add_to_card(folder: Path) -> None:
+    """Append the reward model's section to the ``README.md`` of ``folder`` (an export of a reward run)."""
+    card = Path(folder) / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    paths.atomic_write_text(card, text.rstrip("\n") + "\n\n" + card_section(HeadInfo.read(folder)))
 
 
 # --- loading and scoring -------------------------------------------------------------------------------------------

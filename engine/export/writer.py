@@ -25,11 +25,12 @@ from finetune_studio.core import export_target
 from finetune_studio.core.export_target import MARKER, ExportTargetError
 from finetune_studio.core.run_status import export_refusal, is_exportable
 from finetune_studio.core.store import RunRecord, Store
-from finetune_studio.engine import checkpoint
+from finetune_studio.engine import bottleneck, checkpoint, reward_model
 from finetune_studio.engine.export import build as export_build
 from finetune_studio.engine.export import card as export_card
 from finetune_studio.engine.export import check as export_check
 from finetune_studio.engine.export import gguf as export_gguf
+from finetune_studio.engine.export import methods as export_methods
 from finetune_studio.engine.export import ollama as export_ollama
 from finetune_studio.engine.export.errors import ExportCancelled, ExportError
 from finetune_studio.engine.models import ModelError, resolve_model
@@ -101,8 +102,15 @@ def _run_and_dir(run_ref: str) -> tuple[RunRecord | dict[str, Any], Path]:
     return run or {}, run_dir
 
 
+def _adapter_files(folder: Path) -> tuple[str, ...]:
+    """A PEFT adapter's files, or a bottleneck adapter's (``engine.bottleneck``)."""
+    return (
+        (bottleneck.CONFIG_FILE, bottleneck.WEIGHTS_FILE) if bottleneck.is_bottleneck_folder(folder) else ADAPTER_FILES
+    )
+
+
 def _has_adapter(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in ADAPTER_FILES)
+    return all((folder / f).is_file() for f in _adapter_files(folder))
 
 
 def _step_of(folder: Path) -> int:
@@ -214,6 +222,10 @@ def export(request: ExportRequest, progress: ProgressFn | None = None, cancel: C
     if "gguf" in formats:
         export_gguf.check_quants(quants)
     source = find_source(request.run, request.checkpoint)
+    if any(f in export_methods.FOLDED for f in formats):  # before any work: what this method's adapter cannot be
+        method = export_methods.method_of(source.folder, source.config)
+        base = _base_folder(source) if method == "bitfit" else None
+        export_methods.refuse_unfoldable(method, formats, source.folder, base)
     run_name = source.run.get("name") or source.run_id or source.run_dir.name
     out = Path(request.out) if request.out else export_target.default_export_dir(run_name, source.label)
     try:
@@ -288,8 +300,11 @@ def _write(
     source: Source, request: ExportRequest, formats: list[str], quants: tuple[str, ...], tmp: Path, step, cancel
 ):
     step("Copying the adapter")
-    for name in ADAPTER_FILES:
+    for name in _adapter_files(source.folder):
         shutil.copy2(source.folder / name, tmp / name)
+    for name in (reward_model.HEAD_WEIGHTS, reward_model.HEAD_INFO):  # a reward model's head, and what it reads
+        if (source.folder / name).is_file():
+            shutil.copy2(source.folder / name, tmp / name)
     (tmp / "training_config.json").write_text(json.dumps(source.config, indent=1, sort_keys=True), encoding="utf-8")
     base_folder = _base_folder(source)
     if request.check or len(formats) > 1:
@@ -349,6 +364,8 @@ def _write(
         tmp, source, base_folder, formats, quants, dtype, merge=merge, modelfiles=modelfiles
     )
     notes.append(card_note)
+    if (tmp / reward_model.HEAD_INFO).is_file():
+        reward_model.add_to_card(tmp)  # what a score is and how to score
     report: dict = {"passed": None, "checked": False, "merge": merge, "notes": [n for n in notes if n]}
     if request.check:
         step("Checking the export in a fresh process")
@@ -358,7 +375,8 @@ def _write(
 
 
 def _base_folder(source: Source) -> Path:
-    config = _read_json(source.folder / "adapter_config.json")
+    config_file = bottleneck.CONFIG_FILE if bottleneck.is_bottleneck_folder(source.folder) else "adapter_config.json"
+    config = _read_json(source.folder / config_file)
     base = config.get("base_model_name_or_path") or ""
     if base and Path(base).is_dir():
         return Path(base)

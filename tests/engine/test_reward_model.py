@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from engine_helpers import Recorder
-from reward_helpers import reward_config, synthetic_pairs, train_reward_model, write_pairs
+from reward_helpers import MARK, reward_config, synthetic_pairs, train_reward_model, write_pairs
 
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.engine import reward_model as rm
@@ -177,3 +177,17 @@ def test_a_method_of_virtual_tokens_is_refused_naming_the_method(tiny_model_dir,
             reward_config(tiny_model_dir, data, method="prompt_tuning", packing=False), reporter=Reporter(extra=events)
         )
     assert events.of("failed")[0].kind == "config"
+
+
+def test_the_export_of_a_reward_run_is_a_reward_model(tiny_model_dir, tmp_path):
+    from finetune_studio.engine.export.writer import ExportRequest, export
+
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=6))
+    result = train_run(reward_config(tiny_model_dir, data, max_steps=3, batch_size=4, eval_every=0))
+    out = export(ExportRequest(run=result.run_id, out=tmp_path / "export", check=False)).path
+    assert rm.is_reward_model(out)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "## Reward model" in card and "reward score --model" in card
+    prompts, answers = ["Say something about item 1."] * 2, [f"the {MARK} and the dog", "the sea and the dog"]
+    exported = rm.RewardModel.load(out).score(prompts, answers)
+    assert exported == pytest.approx(rm.RewardModel.load(result.adapter_dir).score(prompts, answers), abs=1e-6)

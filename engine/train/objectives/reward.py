@@ -116,6 +116,7 @@ class Reward(Objective):
             base_model_path=self.base_path,
             max_length=cfg.max_length,
             margin=cfg.reward_margin,
+            method=cfg.method,
         )
         rm.save_head(self.head, folder, info)
         if final:
