@@ -102,3 +102,169 @@ def test_bad_settings_are_refused_by_name():
         distill_losses(hs, ws, hs, ws, targets, divergence="kl")
     with pytest.raises(ValueError, match="vocabularies differ"):
         distill_losses(hs, ws, hs, torch.randn(6, 4), targets)
+
+
+# --- the objective, on tiny models -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def distill_objective(monkeypatch):
+    """The config accepts 'distill' (whether or not the shared list names it yet)."""
+    from finetune_studio.core import config as config_module
+
+    monkeypatch.setattr(config_module, "OBJECTIVES", tuple(dict.fromkeys((*config_module.OBJECTIVES, "distill"))))
+
+
+@pytest.fixture
+def teacher_run(tiny_model_dir, tmp_path):
+    """A tuned teacher: 6 SFT steps on the tiny model, by run id."""
+    from engine_helpers import tiny_config, write_sft
+
+    from finetune_studio.engine.train.recipe import train_run
+
+    data = write_sft(tmp_path / "teach.jsonl")
+    run = train_run(tiny_config(tiny_model_dir, data, max_steps=6, learning_rate=3e-2, compute_dtype="float32"))
+    assert run.status == "completed"
+    return run.run_id, data
+
+
+def test_the_students_kl_to_the_teacher_falls(tiny_model_dir, teacher_run, distill_objective):
+    """The student (the base with a fresh adapter) learns the teacher (the base with the run's adapter, by run id)."""
+    from engine_helpers import Recorder, tiny_config
+
+    from finetune_studio.engine.train.recipe import train_run
+    from finetune_studio.engine.train.reporting import Reporter
+
+    run_id, data = teacher_run
+    rec = Recorder()
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        objective="distill",
+        distill_teacher=run_id,
+        distill_alpha=1.0,
+        max_steps=12,
+        learning_rate=1e-2,
+        eval_every=4,
+        compute_dtype="float32",
+    )
+    assert train_run(config, reporter=Reporter(extra=rec)).status == "completed"
+    steps = rec.of("step")
+    kl = [s.metrics["kl"] for s in steps]
+    assert all(s.metrics["ce"] > 0 for s in steps)
+    assert [s.loss for s in steps] == pytest.approx(kl, rel=1e-5)  # alpha 1, T 1: the loss is the KL
+    assert kl[0] > 5e-3  # the teacher is the tuned model, not the base the student starts as
+    assert sum(kl[-3:]) < 0.5 * sum(kl[:3])
+    evals = [e.metrics["kl"] for e in rec.of("eval")]  # the same held-out tokens at steps 4, 8 and 12
+    assert len(evals) == 3 and evals[2] <= evals[1] <= evals[0] and evals[2] < evals[0]
+
+
+def test_against_its_own_base_the_kl_starts_at_zero(tiny_model_dir, tmp_path, distill_objective):
+    """The first step's loss is computed before any update, the student's fresh adapter a no-op: the student is then
+    the teacher, and the divergence is 0 (the chunked heads, the trained positions and the teacher's pass agree)."""
+    from engine_helpers import Recorder, tiny_config, write_sft
+
+    from finetune_studio.engine.train.recipe import train_run
+    from finetune_studio.engine.train.reporting import Reporter
+
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        rec = Recorder()
+        config = tiny_config(
+            tiny_model_dir,
+            write_sft(tmp_path / "d.jsonl"),
+            objective="distill",
+            distill_teacher=str(tiny_model_dir),
+            distill_divergence=divergence,
+            distill_temperature=2.0,
+            max_steps=1,
+            compute_dtype="float32",
+        )
+        train_run(config, reporter=Reporter(extra=rec))
+        assert rec.of("step")[0].metrics["kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path, distill_objective):
+    from engine_helpers import Recorder, tiny_config, write_sft
+    from tiny_model import build_tiny_model_dir
+
+    from finetune_studio.engine.train.recipe import StopFlag, train_run
+    from finetune_studio.engine.train.reporting import Reporter
+
+    teacher = build_tiny_model_dir(tmp_path / "teacher", seed=5, hidden_size=96, layers=3)  # wider, deeper
+    config = tiny_config(
+        tiny_model_dir,
+        write_sft(tmp_path / "d.jsonl"),
+        objective="distill",
+        distill_teacher=str(teacher),
+        distill_divergence="jsd",
+        distill_temperature=2.0,
+        max_steps=6,
+        batch_size=3,
+        gradient_accumulation_steps=2,
+        compute_dtype="float32",
+    )
+    full = Recorder()
+    train_run(config, reporter=Reporter(extra=full))
+    stop, first = StopFlag(), Recorder()
+
+    def stop_at_three(event):
+        first(event)
+        if event.type == "step" and event.step == 3:
+            stop.set()
+
+    stopped = train_run(config, reporter=Reporter(extra=stop_at_three), stop=stop)
+    assert stopped.status == "stopped" and stopped.step == 3
+    second = Recorder()
+    resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
+    assert resumed.status == "completed"
+    assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-5)
+    kl = [s.metrics["kl"] for s in first.of("step") + second.of("step")]
+    assert kl == pytest.approx([s.metrics["kl"] for s in full.of("step")], abs=1e-6)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_by_name(tiny_model_dir, tmp_path, distill_objective):
+    from engine_helpers import tiny_config, write_sft
+    from tiny_model import build_tiny_model_dir
+    from transformers import AutoTokenizer
+
+    from finetune_studio.engine.train.recipe import TrainingFailed, train_run
+
+    other = build_tiny_model_dir(tmp_path / "other")
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})  # one token more
+    tok.save_pretrained(other)
+    config = tiny_config(
+        tiny_model_dir, write_sft(tmp_path / "d.jsonl"), objective="distill", distill_teacher=str(other)
+    )
+    with pytest.raises(TrainingFailed, match="distill_teacher: .*another tokenizer"):
+        train_run(config)
+    # the same vocabulary, another end-of-text token
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(other)
+    with pytest.raises(
+        TrainingFailed, match="distill_teacher: .*eos_token '<.endoftext.>', the student's '<.im_end.>'"
+    ):
+        train_run(config)
+    unknown = tiny_config(
+        tiny_model_dir, write_sft(tmp_path / "e.jsonl"), objective="distill", distill_teacher="nosuchrun"
+    )
+    with pytest.raises(TrainingFailed, match="distill_teacher: model not found: 'nosuchrun'.*run id / adapter folder"):
+        train_run(unknown)
+
+
+def test_the_config_names_bad_distillation_settings(distill_objective):
+    from finetune_studio.core.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="distill_teacher"):
+        TrainConfig(objective="distill")
+    for field, value in (
+        ("distill_alpha", 1.5),
+        ("distill_temperature", 0.0),
+        ("distill_divergence", "kl"),
+        ("distill_jsd_beta", 1.0),
+        ("distill_teacher_precision", "8-bit"),
+        ("distill_on_policy", "yes"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            TrainConfig(objective="distill", distill_teacher="default", **{field: value})
