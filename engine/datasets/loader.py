@@ -7,6 +7,7 @@ mapping can rename columns and roles or name the layout outright.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -19,7 +20,13 @@ from finetune_studio.engine.datasets.formats import FORMATS, describe_columns, d
 from finetune_studio.engine.datasets.messages import Mapping
 from finetune_studio.engine.datasets.problems import ProblemLog, RowError
 from finetune_studio.engine.datasets.readers import NESTED, Row, read_file
-from finetune_studio.engine.datasets.schema import DatasetError, LoadedDataset, PreferencePair, example_to_dict
+from finetune_studio.engine.datasets.schema import (
+    Conversation,
+    DatasetError,
+    LoadedDataset,
+    PreferencePair,
+    example_to_dict,
+)
 from finetune_studio.engine.datasets.sources import resolve_source
 
 DETECT_ROWS = 64  # rows looked at to decide the layout
@@ -106,10 +113,14 @@ class DatasetStream:
             self.log.add(message, row.line, file=row.file, kind=kind)
 
         try:
-            example = normalise(self.mapping.apply(row.data), self.mapping, row.line, warn)
+            data = self.mapping.apply(row.data)
+            example = normalise(data, self.mapping, row.line, warn)
         except RowError as exc:
             self.log.drop(str(exc), row.line, file=row.file, kind=exc.kind)
             return None
+        if isinstance(example, Conversation):  # the plain columns travel with it (an RL objective's rewards read them)
+            kept = tuple((str(k), v) for k, v in data.items() if isinstance(v, str | int | float | bool))
+            example = dataclasses.replace(example, columns=kept) if kept else example
         if isinstance(example, PreferencePair) and example.chosen == example.rejected:
             self.log.drop(
                 "chosen and rejected are identical: the pair teaches nothing",

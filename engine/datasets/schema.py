@@ -39,6 +39,9 @@ class Conversation:
     messages: tuple[Message, ...]
     tools: tuple = ()  # tool (function) schemas offered to the model
     source_line: int | None = None
+    # The row's columns holding one plain value each (text, a number, true/false), as (name, value) pairs: what an
+    # online RL objective hands its rewards beside the answers (a reference answer, a test case's expected value).
+    columns: tuple[tuple[str, str | int | float | bool], ...] = ()
 
     kind = "sft"
 

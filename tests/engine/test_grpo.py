@@ -16,7 +16,7 @@ from finetune_studio.core.protocol import events as ev
 from finetune_studio.core.protocol.rollouts import Rollouts
 from finetune_studio.core.store import Store
 from finetune_studio.engine.train.losses import group_advantages, grpo_loss, grpo_token_losses
-from finetune_studio.engine.train.recipe import StopFlag, train_run
+from finetune_studio.engine.train.recipe import StopFlag, TrainingFailed, train_run
 from finetune_studio.engine.train.reporting import Reporter
 
 # --- the formulas on fixed tensors ---------------------------------------------------------------------------------
@@ -243,6 +243,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, upd
 
     stopped = train_run(config, reporter=Reporter(extra=stop_at_three), stop=stop)
     assert stopped.status == "stopped" and stopped.step == 3
+    assert (stopped.run_dir / "checkpoints" / "step-000003" / "grpo_state-rank0.pt").is_file()
     second = Recorder()
     resumed = train_run(resume=stopped.run_id, reporter=Reporter(extra=second))
     assert resumed.status == "completed"
@@ -257,6 +258,42 @@ def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, upd
         assert any(s.metrics["clip_fraction"] > 0 for s in full.of("step")[1::2])
     # the store holds each step's rollouts once, the resumed session's replacing none it should keep
     assert [r.step for r in Store().rollouts(stopped.run_id)] == [r.step for r in full.of("rollouts") for _ in r.items]
+
+
+def test_the_rewards_get_the_prompt_the_reference_answer_and_the_rows_columns(tiny_model_dir, tmp_path):
+    """A person's Python reward (TRL's contract, in its sandbox) sees each answer's prompt, the reference answer as
+    ``answer`` and the row's other plain columns by name; a reward reading a column the data lacks is refused."""
+    rows = [{"prompt": f"Say {i}.", "completion": f"It is {i}.", "level": i % 3} for i in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    script = tmp_path / "score.py"
+    script.write_text(
+        "def reward(prompts, completions, answer, level, **kw):\n"
+        "    return [10.0 * l + (1.0 if a == p.replace('Say', 'It is') else 0.0)"
+        " for p, a, l in zip(prompts, answer, level)]\n",
+        encoding="utf-8",
+    )
+    rec = Recorder()
+    config = grpo_config(
+        tiny_model_dir,
+        data,
+        max_steps=2,
+        grpo_group_size=2,
+        validation_fraction=0.0,
+        rewards=[{"kind": "python", "path": str(script), "name": "mine"}],
+    )
+    train_run(config, reporter=Reporter(extra=rec))
+    items = [i for r in rec.of("rollouts") for i in r.items]
+    assert len(items) == 2 * 4 * 2
+    by_prompt = {r["prompt"]: r for r in rows}
+    for item in items:
+        assert item["reward"] == item["rewards"]["mine"] == 10.0 * by_prompt[item["prompt"]]["level"] + 1.0
+    missing = config.replace(rewards=[{"kind": "exact_match", "column": "solution"}])
+    failed = Recorder()
+    with pytest.raises(TrainingFailed):
+        train_run(missing, reporter=Reporter(extra=failed))
+    [event] = failed.of("failed")
+    assert event.kind == "config" and "rewards" in event.message and "solution" in event.message
 
 
 # --- the event and the store ------------------------------------------------------------------------------------

@@ -11,14 +11,19 @@ Shao et al. 2024), reduced per answer, per token, or over answers x grpo_max_new
 frozen copy (``init_adapter``), as for DPO.
 
 The data are SFT conversations: the prompt is every turn before the last assistant turn, which is the reference
-answer. The rewards get the prompt's last user turn as ``prompts`` and the reference answer as the column
-``answer`` (:data:`ANSWER_COLUMN`); the held-out loss is the reference answers' cross-entropy.
+answer. The rewards get the prompt's last user turn as ``prompts``, the reference answer as the column ``answer``
+(:data:`ANSWER_COLUMN`) and the row's other plain columns by their names (``Conversation.columns``; a column of the
+data named ``answer`` is the one they get); the held-out loss is the reference answers' cross-entropy.
 
 The answers of a step are trained on for ``grpo_updates_per_batch`` (mu) optimizer steps, ``rho`` measured against
 the log-probs of the policy that sampled them (with mu = 1, ``rho`` is 1 and its gradient the plain policy
 gradient). The sampling draws from a ``torch.Generator`` of its own, seeded from the run's seed (and the process's
 rank); its state, the answers kept for later steps and how many steps they have left go into every checkpoint
-(:data:`STATE_FILE`), so a resumed run samples and trains exactly as the uninterrupted one.
+(:data:`STATE_FILE`), so a resumed run samples and trains exactly as the uninterrupted one. On several processes
+each samples for its share of the prompts; only the first process writes its state into a checkpoint (the seam
+calls ``save_state`` there), so the others resume with fresh generators: not the same answers. FSDP, which gathers
+the sharded weights in every forward and so needs every process to run the same forwards, is refused: the decode
+loop stops when a process's own answers have ended.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from finetune_studio.engine.train.losses import group_advantages, grpo_loss, grp
 from finetune_studio.engine.train.objectives.base import Objective, Progress, TrainedModel
 
 ANSWER_COLUMN = "answer"  # the column the rewards read the reference answer from (exact_match, token_f1)
-STATE_FILE = "grpo_state.pt"  # in a checkpoint: the sampling generator, the answers kept and their steps left
+STATE_FILE = "grpo_state-rank{rank}.pt"  # in a checkpoint: the sampler's generator, the kept answers, steps left
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class PromptExample(Tokenized):
     prompt_tokens: int = 0
     prompt: str = ""  # the prompt's last user turn: the rewards' ``prompts``
     answer: str = ""  # the reference answer (the last assistant turn): the column ``answer``
+    columns: tuple[tuple[str, Any], ...] = ()  # the row's plain columns (``Conversation.columns``)
 
 
 @dataclass
@@ -107,6 +113,12 @@ class GRPO(Objective):
     def __init__(self, trained: TrainedModel) -> None:
         super().__init__(trained)
         cfg = trained.config
+        if cfg.parallelism == "fsdp" and _world_size() > 1:
+            raise ConfigError(
+                "parallelism",
+                "GRPO samples answers with each process's own decode loop, which FSDP's sharded weights cannot run: "
+                "choose ddp",
+            )
         specs = getattr(cfg, "rewards", None)
         if not specs:
             raise ConfigError(
@@ -116,7 +128,7 @@ class GRPO(Objective):
 
         tokenizer = trained.tokenizer
         count = (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])) if tokenizer else None
-        self.rewards = RewardSet(parse_rewards(specs, [ANSWER_COLUMN]), self._learned, count_tokens=count)
+        self.rewards = RewardSet(parse_rewards(specs), self._learned, count_tokens=count)
         weakref.finalize(self, self.rewards.close)  # the sandboxed reward workers end with the run
         self.generator = torch.Generator().manual_seed(cfg.seed + 7919 * _rank())
         self.stop_ids = _stop_ids(trained.model, tokenizer)
@@ -152,10 +164,16 @@ class GRPO(Objective):
             prompt_tokens=len(kept),
             prompt=user,
             answer=msgs[last].content,
+            columns=example.columns,
         )
 
     def prepare(self, examples: Sequence, batch: Callable[[list[int]], Batch], progress: Progress) -> None:
+        """Keep the training prompts; a reward that reads a column the data lacks is a ConfigError now."""
+        from finetune_studio.core.rewards import parse_rewards
+
         self.examples = examples
+        names = {ANSWER_COLUMN} | {name for ex in examples for name, _ in getattr(ex, "columns", ())}
+        parse_rewards(self.trained.config.rewards, names)
 
     # --- the step's batches: sampled answers ------------------------------------
     def step_batches(
@@ -187,6 +205,8 @@ class GRPO(Objective):
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for per_prompt in answers for ids in per_prompt]
         prompt_texts = [ex.prompt for ex in examples for _ in range(g)]
         columns = {ANSWER_COLUMN: [ex.answer for ex in examples for _ in range(g)]}
+        for name in dict.fromkeys(name for ex in examples for name, _ in ex.columns):  # each once, in order
+            columns[name] = [dict(ex.columns).get(name) for ex in examples for _ in range(g)]
         scores = self.rewards.score(prompt_texts, texts, columns)
         total = torch.tensor(scores.total, dtype=torch.float32)
         advantages = group_advantages(total, g, scale=cfg.grpo_loss != "dr_grpo")
@@ -355,10 +375,10 @@ class GRPO(Objective):
             "uses_left": self.uses_left,
             "kept": [b.state() for b in self.kept] if self.uses_left else [],
         }
-        torch.save(state, Path(folder) / STATE_FILE)
+        torch.save(state, Path(folder) / STATE_FILE.format(rank=_rank()))
 
     def load_state(self, folder: Path) -> None:
-        path = Path(folder) / STATE_FILE
+        path = Path(folder) / STATE_FILE.format(rank=_rank())
         if not path.is_file():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -411,3 +431,9 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
