@@ -271,6 +271,7 @@ class RewardModel:
                 f"{folder}'s head reads {info.hidden_size} hidden units, but {base_folder} has {hidden}: "
                 "give the base model it was trained on"
             )
+        model: Any
         try:
             if is_bottleneck_folder(folder):
                 model = load_bottlenecks(base, folder)
