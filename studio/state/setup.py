@@ -31,6 +31,7 @@ OBJECTIVE_SENTENCES = {
     "score, and can then rank answers or serve as a reward for GRPO.",
     "grpo": "GRPO trains the model online: it samples several answers per prompt, scores them with the rewards "
     "below and learns from the better ones.",
+    "distill": "Distillation trains the model to match a teacher model's next-token distributions.",
 }
 OBJECTIVES_WITH_REWARDS = ("grpo",)  # the objectives that score answers with TrainConfig.rewards
 

@@ -222,3 +222,15 @@ def test_a_reward_functions_traceback_becomes_the_line_it_failed_on():
     assert in_words("reward 'len': returned 2 score(s) for 3 completion(s)") == (
         "Reward 'len': returned 2 score(s) for 3 completion(s)"
     )
+
+
+def test_each_objective_says_what_it_trains_and_a_reward_model_needs_pairs():
+    from finetune_studio.core.protocol.dataset_report import DatasetReport
+    from finetune_studio.studio.state.setup import OBJECTIVE_SENTENCES
+
+    assert {"sft", "dpo", "reward", "grpo"} <= set(OBJECTIVE_SENTENCES)
+    st = SetupState({"dataset": "d.jsonl", "objective": "reward"})
+    st.set_dataset_info(DatasetReport(file="d.jsonl", format="messages", kind="sft", rows=3))
+    assert st.errors["objective"].startswith("A reward model needs preference data")
+    st.set_dataset_info(DatasetReport(file="d.jsonl", format="pairs", kind="preference", rows=3))
+    assert "objective" not in st.errors and st.ready

@@ -185,3 +185,39 @@ def test_workbench_says_why_it_cannot_sample(qtbot, tmp_path):
         assert bench.state.result is None and page._own_worker is not None and not page._own_worker.running
     finally:
         _shut(qtbot, page)
+
+
+def test_workbench_scores_a_reward_model_in_the_worker(qtbot, tiny_model_dir, tmp_path):
+    """A reward model's scores come from the generation worker's score request: those the model gives the same
+    answers when loaded here, and they count in the total with their weight."""
+    from reward_helpers import train_reward_model
+
+    from finetune_studio.engine.reward_model import RewardModel
+
+    (tmp_path / "reward").mkdir()
+    result, _events, _config = train_reward_model(tiny_model_dir, tmp_path / "reward", max_steps=2)
+    folder = str(result.adapter_dir)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Say something about foxes."}) + "\n", encoding="utf-8")
+    rewards = [{"kind": "json_valid"}, {"kind": "reward_model", "adapter": folder, "weight": 2}]
+    page = _page(qtbot, {"model": str(tiny_model_dir), "dataset": str(data), "objective": "grpo", "rewards": rewards})
+    try:
+        assert page.state.ready, page.state.errors
+        page.open_workbench()
+        bench = page.workbench
+        bench.answers_spin.setValue(3)
+        bench.tokens_spin.setValue(8)
+        qtbot.mouseClick(bench.sample_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: bench.state.result is not None or bool(bench.state.error), timeout=180_000)
+        assert bench.state.error == "", bench.state.error
+        got = bench.state.result
+        assert got.unscored == {} and got.names == ["json_valid", "reward_model"]
+        model = RewardModel.load(folder)
+        answers = got.answers[0]
+        expected = model.score(["Say something about foxes."] * len(answers), answers)
+        assert got.scores["reward_model"] == [pytest.approx(v, abs=1e-4) for v in expected]
+        assert got.totals() == pytest.approx([j + 2 * r for j, r in zip(got.scores["json_valid"], expected)], abs=2e-4)
+        headers = [bench.table.horizontalHeaderItem(c).text() for c in range(bench.table.columnCount())]
+        assert headers[2:4] == ["json_valid", "reward_model"]
+    finally:
+        _shut(qtbot, page)
