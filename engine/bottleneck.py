@@ -266,3 +266,12 @@ def parameter_count(hidden: int, layers: int, placement: str, reduction_factor: 
     """Trainable parameters: per adapter ``2 h b + b + h`` (b = h // reduction_factor), one or two a layer."""
     b = max(1, hidden // reduction_factor)
     return layers * len(PLACEMENTS[placement]) * (2 * hidden * b + b + hidden)
+
+
+def load_adapter_folder(base: nn.Module, folder: str | Path, is_trainable: bool = False) -> Any:
+    """``base`` with the adapter saved in ``folder``: a bottleneck adapter (this module's form) or a PEFT one."""
+    if is_bottleneck_folder(folder):
+        return load_bottlenecks(base, folder, is_trainable=is_trainable)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)

@@ -59,6 +59,7 @@ def save_checkpoint(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "prompt_encoder": _prompt_encoder_state(model),
         },
         tmp / "training_state.pt",
     )
@@ -107,6 +108,15 @@ def save_adapter(model, folder: Path, state_dict: dict | None = None) -> None:
     model.save_pretrained(folder, selected_adapters=["default"], **extra)
 
 
+def _prompt_encoder_state(model) -> dict | None:
+    """P-tuning's encoder weights: PEFT saves only the prompt embeddings it produces (enough to use the adapter),
+    so a checkpoint keeps the encoder itself to resume training it."""
+    config = getattr(model, "active_peft_config", None)
+    if str(getattr(config, "peft_type", "")) not in ("P_TUNING", "PeftType.P_TUNING"):
+        return None
+    return {k: v.detach().cpu() for k, v in model.prompt_encoder.state_dict().items()}
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
@@ -134,6 +144,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Tra
         if unexpected:
             raise ValueError(f"checkpoint {path} does not match this adapter ({unexpected[:3]})")
     blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    if blob.get("prompt_encoder"):
+        model.prompt_encoder.load_state_dict(blob["prompt_encoder"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob.get("scaler"):

@@ -242,10 +242,10 @@ class Builder:
     def trained(self):
         """Base (NF4 for QLoRA, as trained) + the exported adapter, in evaluation mode on the CPU."""
         if self._trained is None:
-            from peft import PeftModel
+            from finetune_studio.engine.bottleneck import load_adapter_folder
 
             base = load_causal_lm(self.base_folder, dtype=torch.float32, device="cpu", quantize_4bit=self.qlora)
-            self._trained = PeftModel.from_pretrained(base, str(self.source.folder)).eval()
+            self._trained = load_adapter_folder(base, self.source.folder).eval()
         return self._trained
 
     def compute_reference(self) -> dict:

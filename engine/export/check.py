@@ -233,14 +233,13 @@ class TorchForm:
         path = folder / form["path"]
         self.loader = LOADERS[form["kind"]]
         if form["kind"] == "adapter":
-            from peft import PeftModel
-
+            from finetune_studio.engine.bottleneck import load_adapter_folder
             from finetune_studio.engine.models import load_causal_lm
 
             base_model = load_causal_lm(
                 Path(base), dtype=torch.float32, device="cpu", quantize_4bit=bool(form.get("qlora"))
             )
-            model: Any = PeftModel.from_pretrained(base_model, str(path))
+            model: Any = load_adapter_folder(base_model, path)
             tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
             gen = base_model.generation_config

@@ -53,6 +53,7 @@ from finetune_studio.engine.train.distributed import checkpoint as dist_checkpoi
 from finetune_studio.engine.train.distributed.ranks import OneProcess, QuietStore, World, WrappedLogps
 from finetune_studio.engine.train.early_stopping import EarlyStopping
 from finetune_studio.engine.train.forward import TokenLogps, takes_packed_rows
+from finetune_studio.engine.train.methods import lora as lora_methods
 from finetune_studio.engine.train.model_patches import fused_ops as patching
 from finetune_studio.engine.train.model_patches import kernel_wiring, mixed_precision
 from finetune_studio.engine.train.objectives import Objective, TrainedModel
@@ -60,6 +61,8 @@ from finetune_studio.engine.train.reporting import Reporter
 from finetune_studio.engine.train.threads import apply_threads
 
 log = logging.getLogger(__name__)
+
+INITIAL_ADAPTER = "initial-adapter"  # PiSSA / OLoRA: the adapter as initialised, to convert the final one against
 
 
 class StopFlag:
@@ -356,6 +359,11 @@ class Recipe:
         else:
             torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
             model = adapters.add_adapters(base, cfg)
+            initial = self.run_dir / INITIAL_ADAPTER
+            if lora_methods.converts_on_save(cfg) and not initial.exists():  # PiSSA / OLoRA: the start, for the end
+                tmp = checkpoint.private_temp_dir(self.run_dir, ".adapter-tmp-")
+                checkpoint.save_adapter(model, tmp)
+                os.replace(tmp, initial)
         patching.apply_memory_patches(model, cfg.fused_ops)  # Llama-family: ops that save less for backward
         packing = cfg.packing and takes_packed_rows(model)
         if packing:  # packed rows' attention sequence by sequence on the CPU (not a block-diagonal mask)
@@ -686,7 +694,14 @@ class Recipe:
             if self.world.is_main:
                 tmp = checkpoint.private_temp_dir(self.run_dir, ".adapter-tmp-")
                 # the trained adapter only (a DPO run's frozen 'reference' copy is not saved)
-                checkpoint.save_adapter(s.model, tmp, state_dict=weights)
+                if lora_methods.converts_on_save(self.config):  # as plain LoRA on the unchanged base (rank 2r)
+                    s.model.save_pretrained(
+                        tmp,
+                        selected_adapters=["default"],
+                        path_initial_model_for_weight_conversion=str(self.run_dir / INITIAL_ADAPTER),
+                    )
+                else:
+                    checkpoint.save_adapter(s.model, tmp, state_dict=weights)
                 s.objective.save_state(tmp, final=True)  # the objective's own files (a reward model's head)
                 old = self.run_dir / f".adapter-old-{os.getpid()}"
                 if adapter_dir.exists():  # moved aside, not deleted, until the new one is in place
