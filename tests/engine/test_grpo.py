@@ -260,6 +260,19 @@ def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, upd
     assert [r.step for r in Store().rollouts(stopped.run_id)] == [r.step for r in full.of("rollouts") for _ in r.items]
 
 
+def test_grpo_from_an_sft_adapter_measures_its_kl_against_that_adapter(tiny_model_dir, tmp_path):
+    """Started from a trained adapter, the reference is that adapter's frozen copy: the first step's KL is 0 (the
+    policy is the reference before any update), then it grows; the bare base would differ from the start."""
+    data = write_sft(tmp_path / "d.jsonl")
+    sft = train_run(tiny_config(tiny_model_dir, data, max_steps=4, learning_rate=5e-2, compute_dtype="float32"))
+    rec = Recorder()
+    config = grpo_config(tiny_model_dir, data, max_steps=3, grpo_beta=0.1, init_adapter=sft.run_id, learning_rate=5e-2)
+    result = train_run(config, reporter=Reporter(extra=rec))
+    assert result.status == "completed" and Store().get_run(result.run_id).parent_run_id == sft.run_id
+    kls = [s.metrics["kl"] for s in rec.of("step")]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[-1] > 1e-6, kls
+
+
 def test_the_rewards_get_the_prompt_the_reference_answer_and_the_rows_columns(tiny_model_dir, tmp_path):
     """A person's Python reward (TRL's contract, in its sandbox) sees each answer's prompt, the reference answer as
     ``answer`` and the row's other plain columns by name; a reward reading a column the data lacks is refused."""
