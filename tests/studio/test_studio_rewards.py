@@ -12,7 +12,9 @@ import textwrap
 import pytest
 from PySide6.QtCore import Qt, QTimer
 
+from finetune_studio.core.protocol import generation as gp
 from finetune_studio.studio.pages.setup_page import SetupPage
+from finetune_studio.studio.services.generation_worker import AdapterSpec
 from finetune_studio.studio.state import rewards as rw
 from finetune_studio.studio.state.run import MemoryState
 from finetune_studio.studio.state.setup import SetupState
@@ -191,6 +193,7 @@ def test_workbench_scores_a_reward_model_in_the_worker(qtbot, tiny_model_dir, tm
     """A reward model's scores come from the generation worker's score request: those the model gives the same
     answers when loaded here, and they count in the total with their weight."""
     from reward_helpers import train_reward_model
+    from tiny_model import build_adapter_dir
 
     from finetune_studio.engine.reward_model import RewardModel
 
@@ -200,11 +203,15 @@ def test_workbench_scores_a_reward_model_in_the_worker(qtbot, tiny_model_dir, tm
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "Say something about foxes."}) + "\n", encoding="utf-8")
     rewards = [{"kind": "json_valid"}, {"kind": "reward_model", "adapter": folder, "weight": 2}]
-    page = _page(qtbot, {"model": str(tiny_model_dir), "dataset": str(data), "objective": "grpo", "rewards": rewards})
+    start = str(build_adapter_dir(tiny_model_dir, tmp_path / "start", seed=3))  # the run's starting adapter
+    config = {"model": str(tiny_model_dir), "dataset": str(data), "objective": "grpo", "rewards": rewards}
+    page = _page(qtbot, {**config, "init_adapter": start})
     try:
         assert page.state.ready, page.state.errors
         page.open_workbench()
         bench = page.workbench
+        done = []
+        bench.worker.reply.connect(lambda r: done.append(r) if isinstance(r, gp.Done) else None)
         bench.answers_spin.setValue(3)
         bench.tokens_spin.setValue(8)
         qtbot.mouseClick(bench.sample_button, Qt.MouseButton.LeftButton)
@@ -219,5 +226,10 @@ def test_workbench_scores_a_reward_model_in_the_worker(qtbot, tiny_model_dir, tm
         assert got.totals() == pytest.approx([j + 2 * r for j, r in zip(got.scores["json_valid"], expected)], abs=2e-4)
         headers = [bench.table.horizontalHeaderItem(c).text() for c in range(bench.table.columnCount())]
         assert headers[2:4] == ["json_valid", "reward_model"]
+        # sampled from the model the run starts from: the base with the starting adapter attached
+        assert bench.worker.adapters == {"workbench": AdapterSpec(start, None)}
+        assert [d.adapter for d in done] == ["workbench"] * 3
+        assert [d.text for d in sorted(done, key=lambda d: d.candidate)] == answers  # they end in any order
+        assert "with the adapter" in bench.about.text()
     finally:
         _shut(qtbot, page)
