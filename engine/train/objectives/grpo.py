@@ -15,6 +15,12 @@ answer. The rewards get the prompt's last user turn as ``prompts``, the referenc
 (:data:`ANSWER_COLUMN`) and the row's other plain columns by their names (``Conversation.columns``; a column of the
 data named ``answer`` is the one they get); the held-out loss is the reference answers' cross-entropy.
 
+Log-probs are the policy's own (temperature 1): ``grpo_temperature`` shapes only what is sampled. Each step's
+figures (``Step.metrics``): ``reward`` (the mean weighted total), ``reward_std`` (the mean over prompts of their
+group's standard deviation: 0 means no group had anything to learn from), ``reward/<name>`` (each function's
+mean), ``kl`` and ``clip_fraction`` (per answer token), ``completion_length`` (answer tokens per answer); and a
+``rollouts`` event (``core.protocol.rollouts``) with every answer sampled that step.
+
 The answers of a step are trained on for ``grpo_updates_per_batch`` (mu) optimizer steps, ``rho`` measured against
 the log-probs of the policy that sampled them (with mu = 1, ``rho`` is 1 and its gradient the plain policy
 gradient). The sampling draws from a ``torch.Generator`` of its own, seeded from the run's seed (and the process's
