@@ -88,7 +88,7 @@ def test_least_sure_first_by_an_adapters_implicit_reward(qtbot, make_page, tiny_
     page = make_page(str(tiny_model_dir))
     _session(page, str(tiny_model_dir))
     st = page.state
-    assert len(st.items) == 8 and st.queue == list(range(8)) and page.agreement_label.text() == ""
+    assert len(st.items) == 8 and st.queue == list(range(8)) and not page.agreement_label.isVisible()
 
     page.choose_scorer_folder = lambda: str(adapter_dir)
     qtbot.mouseClick(page.scorer_folder_button, Qt.MouseButton.LeftButton)
@@ -118,6 +118,7 @@ def test_least_sure_first_by_an_adapters_implicit_reward(qtbot, make_page, tiny_
     assert "The model preferred" not in shown and "(predicted gap " not in shown and f"{abs(m):.2f})" not in shown
     assert "model agreed" not in shown and "did not agree" not in shown
     assert page.label_view.decision.text() == "Decision: Not decided yet"
+    assert page.agreement_label.isVisible()
     assert page.agreement_label.text().startswith("The model's agreement with you shows here after your first pick")
 
     qtbot.keyClick(page.label_view, Qt.Key.Key_A)  # left is better: saved, the next pair of the queue is shown

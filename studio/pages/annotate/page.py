@@ -264,8 +264,10 @@ class AnnotatePage(QWidget):
         st = self.state
         if st.labeller is None or st.scorer is None:
             self.agreement_label.setText("")
+            self.agreement_label.hide()  # no empty line without a scorer
             return
         self.agreement_label.setText(f"{st.agreement().text()} (scorer: {st.scorer.label()})")
+        self.agreement_label.show()
 
     def _show_queue(self) -> None:
         """The order and scorer boxes as the state has them (a reopened session's own)."""
