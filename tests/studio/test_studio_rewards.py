@@ -7,6 +7,7 @@ is a message, never a traceback."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -14,7 +15,7 @@ from PySide6.QtCore import Qt, QTimer
 
 from finetune_studio.core.protocol import generation as gp
 from finetune_studio.studio.pages.setup_page import SetupPage
-from finetune_studio.studio.services.generation_worker import AdapterSpec
+from finetune_studio.studio.services.generation_worker import AdapterSpec, GenerationWorker
 from finetune_studio.studio.state import rewards as rw
 from finetune_studio.studio.state.run import MemoryState
 from finetune_studio.studio.state.setup import SetupState
@@ -231,5 +232,54 @@ def test_workbench_scores_a_reward_model_in_the_worker(qtbot, tiny_model_dir, tm
         assert [d.adapter for d in done] == ["workbench"] * 3
         assert [d.text for d in sorted(done, key=lambda d: d.candidate)] == answers  # they end in any order
         assert "with the adapter" in bench.about.text()
+    finally:
+        _shut(qtbot, page)
+
+
+# A generation worker from before the score request: it loads, answers generate_batch with fixed answers (a JSON
+# object, then plain words) and refuses what it does not know, as the real one refuses an unknown request type.
+OLD_WORKER = textwrap.dedent("""
+    import json, sys
+    def say(**kw):
+        sys.stdout.write(json.dumps({"v": 1, **kw}) + "\\n"); sys.stdout.flush()
+    say(type="ready", id="", pid=1)
+    for line in sys.stdin:
+        req = json.loads(line)
+        kind, rid = req["type"], req["id"]
+        if kind == "load":
+            say(type="loaded", id=rid, model=req["model"])
+        elif kind == "generate_batch":
+            for p, item in enumerate(req["prompts"]):
+                for c in range(item["n"]):
+                    text = '{"answer": %d}' % c if c % 2 == 0 else "no json here"
+                    say(type="done", id=rid, prompt=p, candidate=c, text=text, tokens=3 + c)
+            say(type="generated", id=rid, prompts=len(req["prompts"]))
+        else:
+            say(type="error", id=rid, kind="bad_request", message=f"unknown request type {kind!r}")
+""")
+
+
+def test_a_worker_that_cannot_score_leaves_the_reward_model_to_training(qtbot, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "One?"}\n{"prompt": "Two?"}\n', encoding="utf-8")
+    rewards = [{"kind": "json_valid"}, {"kind": "reward_model", "adapter": str(tmp_path / "rm")}]
+    page = _page(qtbot, {"dataset": str(data), "objective": "grpo", "rewards": rewards})
+    try:
+        page._own_worker = GenerationWorker(page)
+        page._own_worker.argv = [sys.executable, "-c", OLD_WORKER]
+        page.open_workbench()
+        bench = page.workbench
+        bench.answers_spin.setValue(2)
+        qtbot.mouseClick(bench.sample_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: bench.state.result is not None or bool(bench.state.error), timeout=30_000)
+        result = bench.state.result
+        assert bench.state.error == "" and result.scores == {"json_valid": [1.0, 0.0, 1.0, 0.0]}
+        assert result.unscored["reward_model"].startswith("scored during training")
+        assert bench.status.text() == "Scored 4 answers to 2 prompts; reward_model scored during training only."
+        assert bench.note.isVisible() and bench.note.text().startswith("reward_model: scored during training")
+        table = bench.table
+        headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+        assert headers == ["Prompt", "Answer", "json_valid", "Total", ""]
+        assert [table.item(r, 4).text() for r in range(4)] == ["best", "worst", "best", "worst"]
     finally:
         _shut(qtbot, page)
