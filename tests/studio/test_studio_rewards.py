@@ -283,3 +283,10 @@ def test_a_worker_that_cannot_score_leaves_the_reward_model_to_training(qtbot, t
         assert [table.item(r, 4).text() for r in range(4)] == ["best", "worst", "best", "worst"]
     finally:
         _shut(qtbot, page)
+
+
+def test_the_window_lends_the_workbench_its_one_generation_worker(make_window, tmp_path):
+    win = make_window({"dataset": str(tmp_path / "d.jsonl"), "objective": "grpo", "rewards": [{"kind": "json_valid"}]})
+    win.setup_page.open_workbench()
+    assert win.setup_page.workbench.worker is win.generation_worker  # one model in memory for every page
+    assert win.setup_page._own_worker is None
