@@ -50,7 +50,11 @@ class Kind:
     params: tuple[Param, ...] = ()
 
 
-_COLUMN_HELP = "The dataset column holding each prompt's reference answer."
+ANSWER_COLUMN = "answer"  # the column a GRPO run gives the rewards: each prompt's reference answer
+_COLUMN_HELP = (
+    "The column holding each prompt's reference answer. A GRPO run gives the rewards the dataset's answer (a "
+    "conversation's last assistant turn, or its answer / completion column) as 'answer'."
+)
 _AFTER_THINK = Param(
     "after_think",
     "Score only the part after </think>",
@@ -83,7 +87,7 @@ KINDS: dict[str, Kind] = {
             "Exact match",
             "1 when the answer equals the reference column, else 0.",
             (
-                Param("column", "Reference column", "column", _COLUMN_HELP, required=True),
+                Param("column", "Reference column", "column", _COLUMN_HELP, required=True, default=ANSWER_COLUMN),
                 Param(
                     "normalize",
                     "Ignore case, spaces and punctuation",
@@ -101,7 +105,10 @@ KINDS: dict[str, Kind] = {
             "token_f1",
             "Token F1",
             "The word overlap (F1, 0 to 1) between the answer and the reference column.",
-            (Param("column", "Reference column", "column", _COLUMN_HELP, required=True), _AFTER_THINK),
+            (
+                Param("column", "Reference column", "column", _COLUMN_HELP, required=True, default=ANSWER_COLUMN),
+                _AFTER_THINK,
+            ),
         ),
         Kind(
             "regex",
@@ -188,8 +195,10 @@ KINDS: dict[str, Kind] = {
                     "column",
                     "Reference column",
                     "column",
-                    "The dataset column holding the reference object.",
+                    "The column holding each prompt's reference JSON object (a GRPO run gives the dataset's answer "
+                    "as 'answer').",
                     required=True,
+                    default=ANSWER_COLUMN,
                 ),
                 Param(
                     "fields",
@@ -262,12 +271,13 @@ def row_title(index: int, row: dict[str, Any]) -> str:
 
 
 def new_row(kind: str) -> dict[str, Any]:
-    """A fresh row of ``kind``: weight 1, check boxes at their defaults, text fields empty."""
+    """A fresh row of ``kind``: weight 1, check boxes at their defaults, the reference column 'answer', other text
+    fields empty."""
     if kind not in KINDS:
         raise ValueError(f"unknown reward kind {kind!r}")
     row: dict[str, Any] = {"kind": kind, "name": "", "weight": f"{DEFAULT_WEIGHT:g}"}
     for p in KINDS[kind].params:
-        row[p.name] = bool(p.default) if p.type == "bool" else ""
+        row[p.name] = bool(p.default) if p.type == "bool" else p.default if p.type == "column" else ""
     return row
 
 

@@ -48,6 +48,12 @@ def test_rows_as_the_form_holds_them_become_typed_rewards_and_back():
     assert rw.typed_specs(again) == specs
 
 
+def test_a_new_reference_reward_reads_the_column_a_grpo_run_gives_it():
+    for kind in ("exact_match", "token_f1", "json_fields"):
+        assert rw.new_row(kind)["column"] == "answer"
+        assert rw.typed_spec(0, rw.new_row(kind))["column"] == "answer"
+
+
 def test_a_value_that_cannot_be_read_names_the_reward_and_the_field():
     rows = [rw.new_row("json_valid"), {**rw.new_row("length"), "max_tokens": "forty"}]
     with pytest.raises(rw.ConfigError) as caught:
@@ -61,7 +67,7 @@ def test_each_reward_gets_its_own_message_from_core_rewards_numbered_by_its_plac
     rows = [
         rw.new_row("json_valid"),
         {**rw.new_row("regex"), "pattern": "("},
-        rw.new_row("exact_match"),  # no column
+        {**rw.new_row("exact_match"), "column": ""},  # no column
         {**rw.new_row("length"), "max_tokens": "10", "min_chars": "3"},
     ]
     check = rw.check_rows(rows, needed=True)
