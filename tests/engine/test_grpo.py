@@ -214,8 +214,8 @@ def test_a_grpo_run_raises_its_mean_reward(peaked_model_dir, tmp_path):
     assert Store().rollouts(result.run_id, since_step=15)[0].step == 16
 
 
-@pytest.mark.parametrize("updates", [1, 2])
-def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, updates):
+@pytest.mark.parametrize("updates,packing", [(1, True), (2, False)])
+def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, updates, packing):
     """Stopped at step 3 (with mu = 2: in the middle of a batch of answers) and resumed, the run samples the same
     answers and trains the same steps: the sampling generator, the kept answers and their steps left are restored."""
     config = grpo_config(
@@ -228,6 +228,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, upd
         grpo_max_new_tokens=4,
         grpo_beta=0.1,
         grpo_updates_per_batch=updates,
+        packing=packing,  # the answers packed into one row, or padded rows
         grpo_loss="token",
         lora_dropout=0.1,
         rewards=[{"kind": "regex", "pattern": "[a-z]"}, {"kind": "length", "max_chars": 6, "weight": 0.5}],
