@@ -191,3 +191,18 @@ def test_the_export_of_a_reward_run_is_a_reward_model(tiny_model_dir, tmp_path):
     prompts, answers = ["Say something about item 1."] * 2, [f"the {MARK} and the dog", "the sea and the dog"]
     exported = rm.RewardModel.load(out).score(prompts, answers)
     assert exported == pytest.approx(rm.RewardModel.load(result.adapter_dir).score(prompts, answers), abs=1e-6)
+
+
+def test_a_reward_run_started_from_a_reward_model_keeps_its_head(trained, tiny_model_dir, tmp_path):
+    """init_adapter naming a reward model's folder: the adapter and the head go on from it (a fresh head would score
+    the pairs as the untrained model did)."""
+    result, _events, _config = trained
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(20, seed=7))
+    config = reward_config(
+        tiny_model_dir, data, init_adapter=str(result.adapter_dir), max_steps=1, learning_rate=1e-9, eval_every=0
+    )
+    again = train_run(config)
+    prompts, answers = ["Say something about item 2."] * 2, [f"wind {MARK} salt", "wind sea salt"]
+    before = rm.RewardModel.load(result.adapter_dir).score(prompts, answers)
+    after = rm.RewardModel.load(again.adapter_dir).score(prompts, answers)
+    assert after == pytest.approx(before, abs=1e-4) and before[0] - before[1] > 1
