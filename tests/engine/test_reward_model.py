@@ -206,3 +206,18 @@ def test_a_reward_run_started_from_a_reward_model_keeps_its_head(trained, tiny_m
     before = rm.RewardModel.load(result.adapter_dir).score(prompts, answers)
     after = rm.RewardModel.load(again.adapter_dir).score(prompts, answers)
     assert after == pytest.approx(before, abs=1e-4) and before[0] - before[1] > 1
+
+
+def test_packed_and_padded_batches_give_the_same_curve(tiny_model_dir, tmp_path):
+    """Each sequence's last token is found in a packed row as in a padded batch: the same losses and accuracies."""
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=8))
+    curves = []
+    for packing in (True, False):
+        events = Recorder()
+        train_run(
+            reward_config(tiny_model_dir, data, packing=packing, max_steps=3, batch_size=4, eval_every=0),
+            reporter=Reporter(extra=events),
+        )
+        curves.append([(e.loss, e.reward_margin) for e in events.of("step")])
+    assert len(curves[0]) == 3
+    assert [x for step in curves[0] for x in step] == pytest.approx([x for step in curves[1] for x in step], abs=1e-4)
