@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 IMPLS = ("auto", "chunked", "torch")
-DEFAULT_CHUNK = 512  # positions per chunk: each holds a handful of [chunk, V] float32 tensors
+DEFAULT_CHUNK = 256  # positions per chunk: each holds about eight [chunk, V] float32 tensors (core.memory.estimate)
 
 
 class DistillLosses(NamedTuple):

@@ -268,3 +268,50 @@ def test_the_config_names_bad_distillation_settings(distill_objective):
     ):
         with pytest.raises(ConfigError, match=field):
             TrainConfig(objective="distill", distill_teacher="default", **{field: value})
+
+
+# --- the memory estimate -----------------------------------------------------------------------------------------
+
+
+def test_the_estimate_counts_the_teacher(tiny_model_dir, teacher_run, distill_objective):
+    """The teacher's weights join the base weights (its own dtype, 16 bits or NF4), both heads' chunks replace the
+    output head's term; a teacher named by run id is found through its run; an unknown one is said to be unknown."""
+    from finetune_studio.core.config import TrainConfig
+    from finetune_studio.core.devices import DeviceInfo
+    from finetune_studio.core.memory import estimate as est
+    from finetune_studio.kernels.distill_logits import DEFAULT_CHUNK
+
+    assert est.DISTILL_CHUNK == DEFAULT_CHUNK
+    gpu = DeviceInfo("cuda", "Test GPU", 8 * 2**30, 8 * 2**30, True)
+    shape = est.ModelShape.for_model_spec(str(tiny_model_dir))
+    assert shape is not None
+    sft = est.estimate_training_memory(shape, TrainConfig(model=str(tiny_model_dir)), gpu)
+    run_id, _data = teacher_run
+    for teacher, precision, weight_bytes in (
+        (str(tiny_model_dir), "auto", 2),  # bf16 on this GPU
+        (str(tiny_model_dir), "16-bit", 2),
+        (run_id, "auto", 2),  # the run's base: the tiny model
+    ):
+        config = TrainConfig(
+            model=str(tiny_model_dir),
+            objective="distill",
+            distill_teacher=teacher,
+            distill_teacher_precision=precision,
+        )
+        e = est.estimate_training_memory(shape, config, gpu)
+        assert e.base_weights - sft.base_weights == shape.parameter_count * weight_bytes
+        n = e.batch.trained_tokens
+        assert e.logits == 8 * 4 * shape.vocab_size * min(n, 256) + n * (2 * 64 * 2 + 64 * 2 + 48)
+        assert any("teacher" in note for note in e.notes)
+    quarter = est.estimate_training_memory(
+        shape,
+        TrainConfig(
+            model=str(tiny_model_dir), objective="distill", distill_teacher=run_id, distill_teacher_precision="4-bit"
+        ),
+        gpu,
+    )
+    assert quarter.base_weights - sft.base_weights == est.base_weight_bytes(shape, True, 2)
+    unknown = est.estimate_training_memory(
+        shape, TrainConfig(model=str(tiny_model_dir), objective="distill", distill_teacher="no-such-run"), gpu
+    )
+    assert unknown.base_weights == sft.base_weights and any("unknown" in note for note in unknown.notes)
