@@ -291,7 +291,7 @@ def measure_step(
 
         hooks = []
         blocks = [m for n, m in model.named_modules() if n.endswith(tuple(f"layers.{i}" for i in range(99)))]
-        for m in blocks + [model.base_model.model.model.norm]:
+        for m in blocks + [model.get_base_model().model.norm]:
             hooks.append(m.register_forward_pre_hook(lambda *_: label.append("act")))
             hooks.append(m.register_forward_hook(leave))
         hooks += [m.register_forward_pre_hook(block_mask, with_kwargs=True) for m in blocks]

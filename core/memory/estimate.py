@@ -30,6 +30,7 @@ from typing import Any
 from finetune_studio.core import kernel_choice
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
+from finetune_studio.core.memory import method_terms
 from finetune_studio.core.model_spec import SpecKind, cached_snapshot, parse_spec
 from finetune_studio.core.paths import resources_dir
 
@@ -468,7 +469,14 @@ def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
 
 
 def trainable_params(shape: ModelShape, config: TrainConfig) -> int:
-    """LoRA: L * sum r*(in+out) over targeted linears; DoRA adds a magnitude vector of size out to each."""
+    """LoRA: L * sum r*(in+out) over targeted linears; DoRA adds a magnitude vector of size out to each; VeRA trains
+    r + out per targeted linear; the other methods' in ``core.memory.method_terms``."""
+    if not method_terms.lora_like(config):
+        return method_terms.trainable_params(shape, config)
+    if config.method == "vera":  # d (r) and b (out); the shared random matrices are frozen
+        return shape.num_hidden_layers * sum(
+            config.lora_rank + lin.out_features for lin in shape.targeted_layers(config.target_modules)
+        )
     per_block = sum(
         config.lora_rank * (lin.in_features + lin.out_features) + (lin.out_features if config.uses_dora else 0)
         for lin in shape.targeted_layers(config.target_modules)
@@ -497,6 +505,8 @@ def optimizer_bytes(shape: ModelShape, config: TrainConfig) -> int:
     elements (DoRA magnitudes, small LoRA matrices), which bitsandbytes keeps in 32 bits (8 bytes)."""
     if not config.optimizer.endswith("8bit"):
         return 8 * trainable_params(shape, config)
+    if not method_terms.lora_like(config) or config.method == "vera":  # vectors and small matrices: approximate
+        return states_8bit(trainable_params(shape, config))
 
     states = states_8bit
     per_block = 0
@@ -613,6 +623,9 @@ def layer_activation_bytes(
     per_token += b * (2 * shape.q_width + 2 * kv) + 4 * shape.num_attention_heads
     per_token += (2 if fused else 3) * i * b + (4 * (shape.q_width + shape.kv_width) if shape.qk_norm else 0)
     targeted = shape.targeted_layers(config.target_modules)
+    if not method_terms.lora_pair(config):  # no trained low-rank pair: the method's own layers' terms instead
+        targeted = ()
+        per_token += method_terms.layer_token_bytes(shape, config, b)
     if b == ADAPTER_BYTES:
         kept = ("attn_out",) + (("attn_in", "mlp_in", "mlp_act") if layout.recompute else ())
         per_token += sum(
@@ -686,7 +699,8 @@ def activation_bytes(
     one = layer_activation_bytes(shape, config, rows, seq, b, layout)
     rope = 2 * seq * shape.head_dim * b
     first_norm = tokens * ((b * shape.hidden_size if fused else 4 * shape.hidden_size) + 4)
-    if layout.recompute and any(lin.reads == "attn_in" for lin in shape.targeted_layers(config.target_modules)):
+    adapted = shape.targeted_layers(config.target_modules) if method_terms.lora_pair(config) else ()
+    if layout.recompute and any(lin.reads == "attn_in" for lin in adapted):
         first_norm -= tokens * 4 * shape.hidden_size
     return shape.num_hidden_layers * one - first_norm + final + rope
 
@@ -723,7 +737,8 @@ def backward_bytes(shape: ModelShape, config: TrainConfig, tokens: int, b: int, 
     packed rows: the output head's chunk stops growing at c rows); measured on the fused ops' path
     (``tests/engine/test_packed_mask.py``: a packed row of 3.6k tokens)."""
     transient = tokens * (3 * shape.intermediate_size + 2 * shape.hidden_size) * b
-    down = [lin for lin in shape.targeted_layers(config.target_modules) if lin.reads == "mlp_act"]
+    adapted = shape.targeted_layers(config.target_modules) if method_terms.lora_pair(config) else ()
+    down = [lin for lin in adapted if lin.reads == "mlp_act"]
     if down and not layout.recompute and b == ADAPTER_BYTES:
         transient -= tokens * 4 * down[0].in_features
     return max(0, transient)
@@ -865,6 +880,8 @@ def estimate_training_memory(
     b = DTYPE_BYTES[dtype]
     batch = batch_lengths(config, lengths)
     rows, seq, trained = batch.rows, batch.seq, batch.trained_tokens
+    extra = method_terms.extra_positions(config)  # a soft prompt's virtual tokens before every sequence
+    seq += extra
     notes = [shape.note] if shape.note else []
     if counts is not None:
         trainable = counts.trainable_params
@@ -907,6 +924,17 @@ def estimate_training_memory(
         else logits_bytes(shape, trained, b),
         reference_forward=reference,
     )
+    if method_terms.family(config) == "bottleneck":  # nothing before the first adapter needs a gradient
+        tensors["activations"] -= method_terms.frozen_start_bytes(shape, config, rows, seq, b)
+    if method_terms.family(config) == "prompt":  # the method's own terms (core.memory.method_terms)
+        cache = method_terms.prefix_cache_bytes(shape, config, rows, b)
+        tensors["activations"] += cache
+        if not config.scalar_head:
+            tensors["logits"] = method_terms.full_head_bytes(shape, rows, seq, trained, b)
+        if extra:
+            notes.append(f"{config.num_virtual_tokens} virtual tokens lengthen every sequence to {seq} positions")
+        if cache:
+            notes.append(f"the prefix's key/value cache: {_gib(cache)} in the activations")
     if config.objective == "grpo":  # the sampling phase's peak beside the step's: only what it needs beyond it
         capacity = batch.seq // rows if batch.packed else batch.seq
         step = tensors["activations"] + tensors["logits"] + tensors["gradients"]
