@@ -23,7 +23,7 @@ from typing import Any, cast
 from finetune_studio.core import methods as _methods
 
 METHODS = _methods.NAMES  # every trainable method, its capabilities in core.methods
-OBJECTIVES = ("sft", "dpo", "reward", "grpo")
+OBJECTIVES = ("sft", "dpo", "reward", "grpo", "distill")
 # How an objective's step is shaped, for the memory estimate (core.memory.estimate): the engine's objectives say the
 # same (tests/engine/test_reward_model.py checks that they agree).
 PAIR_OBJECTIVES = ("dpo", "reward")  # each example is a preference pair: chosen and rejected, two sequences
@@ -114,7 +114,8 @@ class TrainConfig:
     objective: str = _f(
         "sft",
         "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over the rejected one; reward "
-        "trains a reward model (the adapter and a scalar head) that scores answers as the preference pairs do.",
+        "trains a reward model (the adapter and a scalar head) that scores answers as the preference pairs do; "
+        "distill teaches this (smaller) model the output distribution of a teacher (distill_teacher).",
         choices=OBJECTIVES,
     )
     run_name: str = _f("", "A name for the run shown in the runs list; empty picks one from model and method.")
