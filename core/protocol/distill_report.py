@@ -53,6 +53,7 @@ class ModelFigures:
     valid: float  # share of answers in the required format
     n: int
     tokens_per_s: float  # new tokens per second, greedy, batch of one
+    tokens_per_cpu_s: float = 0.0  # the same per CPU second of the process (steadier on a busy machine)
     layers: int = 0
     params: int = 0
 

@@ -5,13 +5,15 @@
 2. The student: the teacher merged into its base and pruned to half its depth, the layers chosen on the training
    data as those whose absence changes the teacher's outputs least (``engine.train.prune``).
 3. Distillation: the student trained with LoRA against the teacher (objective ``distill``) on ``demo_sft.jsonl``.
-4. The held-out exact-match score and the generation speed (new tokens per second, greedy, one prompt at a time) of
-   the teacher, the pruned student before distillation and after it.
+4. The held-out exact-match score and the generation speed (new tokens per second, greedy, one prompt at a time, the
+   three models taking turns prompt by prompt; per wall-clock second and per CPU second) of the teacher, the pruned
+   student before distillation and after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
@@ -69,51 +71,48 @@ def main(argv: list[str]) -> int:
         return 2
 
 
-def tokens_per_second(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> float:
-    """New tokens per second, greedy, one prompt at a time (what a person waiting on one answer sees); one untimed
-    warm-up answer first."""
+def speeds(
+    models: dict[str, Any], tokenizer: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS
+) -> dict[str, tuple[float, float]]:
+    """New tokens per second of each model, greedy, one prompt at a time (what a person waiting on one answer sees):
+    (per wall-clock second, per CPU second of this process). The models take turns prompt by prompt, so that a
+    machine busy with other work slows them alike; one untimed warm-up answer each first."""
     import torch
 
     from finetune_studio.engine.datasets.render import render_text
     from finetune_studio.engine.datasets.schema import Message
 
-    model.eval()
     stop = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int)]
-    new, seconds = 0, 0.0
+    totals = {name: [0, 0.0, 0.0] for name in models}  # new tokens, wall seconds, CPU seconds
     for i, prompt in enumerate([prompts[0], *prompts]):
         text = render_text(tokenizer, (Message("user", prompt),), add_generation_prompt=True)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        if i:  # the first is the warm-up
-            seconds += time.perf_counter() - start
-            new += out.shape[1] - ids.shape[1]
-    return new / max(seconds, 1e-9)
+        for name, model in models.items():
+            model.eval()
+            wall, cpu = time.perf_counter(), time.process_time()
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            if i:  # the first round is the warm-up
+                totals[name][0] += out.shape[1] - ids.shape[1]
+                totals[name][1] += time.perf_counter() - wall
+                totals[name][2] += time.process_time() - cpu
+    return {name: (n / max(w, 1e-9), n / max(c, 1e-9)) for name, (n, w, c) in totals.items()}
 
 
-def _figures(model: Any, tokenizer: Any, rows: list[dict], speed_prompts: int, label: str) -> dict[str, Any]:
+def _figures(model: Any, tokenizer: Any, rows: list[dict], label: str) -> dict[str, Any]:
     _say(f"   scoring {label} on {len(rows)} held-out prompts")
     score, _ = evaluate(model, tokenizer, rows, max_new_tokens=MAX_NEW_TOKENS)
-    speed = tokens_per_second(model, tokenizer, [r["prompt"] for r in rows[:speed_prompts]])
     layers = int(model.config.num_hidden_layers)
     params = sum(p.numel() for p in model.parameters())
-    _say(f"   {label}: {score.exact:.1%} exact, {score.valid:.1%} valid, {speed:.1f} new tokens/s, {layers} layers")
-    return {
-        "exact": score.exact,
-        "valid": score.valid,
-        "n": score.n,
-        "tokens_per_s": speed,
-        "layers": layers,
-        "params": params,
-    }
+    _say(f"   {label}: {score.exact:.1%} exact, {score.valid:.1%} valid, {layers} layers")
+    return {"exact": score.exact, "valid": score.valid, "n": score.n, "layers": layers, "params": params}
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -162,7 +161,7 @@ def _distill(args: argparse.Namespace) -> int:
         store.close()
     base = load_causal_lm(folder, dtype=torch.float32, device=device, quantize_4bit=False)
     teacher = PeftModel.from_pretrained(base, str(start.path)).merge_and_unload()
-    figures = {"teacher": _figures(teacher, tokenizer, rows, args.speed_prompts, "the teacher")}
+    figures = {"teacher": _figures(teacher, tokenizer, rows, "the teacher")}
 
     work = Path(tempfile.mkdtemp(prefix="demo-distill-"))
     try:
@@ -171,7 +170,6 @@ def _distill(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(merged)
         layers = int(teacher.config.num_hidden_layers)
         drop = layers - max(1, round(layers * args.keep))
-        del teacher, base
         _say(f"2/4 the student: dropping {drop} of {layers} layers, chosen on {args.measure_examples} training rows")
         student_dir = _students_dir() / f"demo-distill-student-{int(time.time())}"
         pruned = prune(
@@ -188,7 +186,8 @@ def _distill(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     _say(f"   kept layers {pruned.kept_layers} ({pruned.params_after:,} of {pruned.params_before:,} parameters)")
     student = load_causal_lm(student_dir, dtype=torch.float32, device=device, quantize_4bit=False)
-    figures["student_before"] = _figures(student, tokenizer, rows, args.speed_prompts, "the pruned student")
+    figures["student_before"] = _figures(student, tokenizer, rows, "the pruned student")
+    before = copy.deepcopy(student)  # the adapter is merged into ``student`` below
 
     config = TrainConfig(
         model=str(student_dir),
@@ -210,8 +209,15 @@ def _distill(args: argparse.Namespace) -> int:
     _say(f"3/4 distillation: {args.steps} steps, {args.divergence}, alpha {args.alpha:g}, T {args.temperature:g}")
     run = train_run(config, reporter=Reporter(extra=_progress))
     distilled = PeftModel.from_pretrained(student, str(run.adapter_dir)).merge_and_unload()
-    _say("4/4 scoring the distilled student")
-    figures["student_after"] = _figures(distilled, tokenizer, rows, args.speed_prompts, "the distilled student")
+    _say("4/4 scoring the distilled student, then timing the three models in turn")
+    figures["student_after"] = _figures(distilled, tokenizer, rows, "the distilled student")
+    timed = speeds(
+        {"teacher": teacher, "student_before": before, "student_after": distilled},
+        tokenizer,
+        [r["prompt"] for r in rows[: args.speed_prompts]],
+    )
+    for name, (wall, cpu) in timed.items():
+        figures[name] |= {"tokens_per_s": wall, "tokens_per_cpu_s": cpu}
 
     report = {
         "eval_prompts": len(rows),
@@ -250,16 +256,19 @@ def summary(r: dict[str, Any]) -> str:
     t, b, a = r["teacher"], r["student_before"], r["student_after"]
     lines = [
         f"\nDistillation demo on {r['eval_prompts']} held-out prompts ({r['total_seconds']:.0f} s)",
-        "                          layers   exact    valid   new tokens/s",
+        "                          layers   exact    valid   new tokens/s   per CPU second",
     ]
     for label, f in (("teacher", t), ("pruned student", b), ("distilled student", a)):
         lines.append(
-            f"  {label:<22} {f['layers']:>6}  {f['exact']:6.1%}   {f['valid']:6.1%}   {f['tokens_per_s']:8.1f}"
+            f"  {label:<22} {f['layers']:>6}  {f['exact']:6.1%}   {f['valid']:6.1%}   {f['tokens_per_s']:10.1f}"
+            f"   {f['tokens_per_cpu_s']:10.1f}"
         )
     keep = a["exact"] / t["exact"] if t["exact"] else float("nan")
     lines.append(
         f"  the distilled student keeps {keep:.0%} of the teacher's exact-match score at "
-        f"{a['tokens_per_s'] / max(t['tokens_per_s'], 1e-9):.2f}x its speed (layers kept: {r['kept_layers']})"
+        f"{a['tokens_per_s'] / max(t['tokens_per_s'], 1e-9):.2f}x its speed "
+        f"({a['tokens_per_cpu_s'] / max(t['tokens_per_cpu_s'], 1e-9):.2f}x per CPU second; "
+        f"layers kept: {r['kept_layers']})"
     )
     return "\n".join(lines)
 

@@ -108,14 +108,6 @@ def test_bad_settings_are_refused_by_name():
 
 
 @pytest.fixture
-def distill_objective(monkeypatch):
-    """The config accepts 'distill' (whether or not the shared list names it yet)."""
-    from finetune_studio.core import config as config_module
-
-    monkeypatch.setattr(config_module, "OBJECTIVES", tuple(dict.fromkeys((*config_module.OBJECTIVES, "distill"))))
-
-
-@pytest.fixture
 def teacher_run(tiny_model_dir, tmp_path):
     """A tuned teacher: 6 SFT steps on the tiny model, by run id."""
     from engine_helpers import tiny_config, write_sft
@@ -128,7 +120,7 @@ def teacher_run(tiny_model_dir, tmp_path):
     return run.run_id, data
 
 
-def test_the_students_kl_to_the_teacher_falls(tiny_model_dir, teacher_run, distill_objective):
+def test_the_students_kl_to_the_teacher_falls(tiny_model_dir, teacher_run):
     """The student (the base with a fresh adapter) learns the teacher (the base with the run's adapter, by run id)."""
     from engine_helpers import Recorder, tiny_config
 
@@ -159,7 +151,7 @@ def test_the_students_kl_to_the_teacher_falls(tiny_model_dir, teacher_run, disti
     assert len(evals) == 3 and evals[2] <= evals[1] <= evals[0] and evals[2] < evals[0]
 
 
-def test_against_its_own_base_the_kl_starts_at_zero(tiny_model_dir, tmp_path, distill_objective):
+def test_against_its_own_base_the_kl_starts_at_zero(tiny_model_dir, tmp_path):
     """The first step's loss is computed before any update, the student's fresh adapter a no-op: the student is then
     the teacher, and the divergence is 0 (the chunked heads, the trained positions and the teacher's pass agree)."""
     from engine_helpers import Recorder, tiny_config, write_sft
@@ -183,7 +175,7 @@ def test_against_its_own_base_the_kl_starts_at_zero(tiny_model_dir, tmp_path, di
         assert rec.of("step")[0].metrics["kl"] == pytest.approx(0, abs=1e-6)
 
 
-def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path, distill_objective):
+def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path):
     from engine_helpers import Recorder, tiny_config, write_sft
     from tiny_model import build_tiny_model_dir
 
@@ -222,7 +214,7 @@ def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path, distill_objective
     assert kl == pytest.approx([s.metrics["kl"] for s in full.of("step")], abs=1e-6)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused_by_name(tiny_model_dir, tmp_path, distill_objective):
+def test_a_teacher_with_another_tokenizer_is_refused_by_name(tiny_model_dir, tmp_path):
     from engine_helpers import tiny_config, write_sft
     from tiny_model import build_tiny_model_dir
     from transformers import AutoTokenizer
@@ -253,7 +245,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tiny_model_dir, tmp
         train_run(unknown)
 
 
-def test_the_config_names_bad_distillation_settings(distill_objective):
+def test_the_config_names_bad_distillation_settings():
     from finetune_studio.core.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="distill_teacher"):
@@ -273,7 +265,7 @@ def test_the_config_names_bad_distillation_settings(distill_objective):
 # --- the memory estimate -----------------------------------------------------------------------------------------
 
 
-def test_the_estimate_counts_the_teacher(tiny_model_dir, teacher_run, distill_objective):
+def test_the_estimate_counts_the_teacher(tiny_model_dir, teacher_run):
     """The teacher's weights join the base weights (its own dtype, 16 bits or NF4), both heads' chunks replace the
     output head's term; a teacher named by run id is found through its run; an unknown one is said to be unknown."""
     from finetune_studio.core.config import TrainConfig
