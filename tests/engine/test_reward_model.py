@@ -221,3 +221,20 @@ def test_packed_and_padded_batches_give_the_same_curve(tiny_model_dir, tmp_path)
         curves.append([(e.loss, e.reward_margin) for e in events.of("step")])
     assert len(curves[0]) == 3
     assert [x for step in curves[0] for x in step] == pytest.approx([x for step in curves[1] for x in step], abs=1e-4)
+
+
+def test_the_best_checkpoint_of_early_stopping_is_a_reward_model(tiny_model_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=9))
+    events = Recorder()
+    config = reward_config(tiny_model_dir, data, max_steps=4, batch_size=4, eval_every=2, early_stopping_patience=3)
+    result = train_run(config, reporter=Reporter(extra=events))
+    best = result.run_dir / "best"
+    assert rm.is_reward_model(best) and (best / "README.md").is_file()
+    _train, validation = split_by_prompt(load_dataset(config.dataset).examples, config.validation_fraction, config.seed)
+    model = rm.RewardModel.load(best)
+    prompts = [ex.prompt for ex in validation]
+    chosen = model.score(prompts, [ex.chosen[0].content for ex in validation])
+    rejected = model.score(prompts, [ex.rejected[0].content for ex in validation])
+    best_eval = next(e for e in events.of("eval") if e.is_best and e.step == events.of("finished")[0].best_step)
+    gap = sum(c - r for c, r in zip(chosen, rejected)) / len(validation)
+    assert gap == pytest.approx(best_eval.reward_margin, rel=1e-4)
