@@ -46,7 +46,7 @@ def main() -> None:
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(str(folder))
 
-    def load(path) -> torch.nn.Module:
+    def load(path: object) -> torch.nn.Module:
         return load_causal_lm(path, dtype=torch.float32, device="cpu", quantize_4bit=False)
 
     models = {"teacher": PeftModel.from_pretrained(load(folder), str(teacher_adapter)).merge_and_unload()}
