@@ -21,6 +21,7 @@ from finetune_studio.core.protocol import (  # noqa: F401 - each registers its e
     device_report,
     distill_report,
     memory_report,
+    methods_lab,
     pairs_report,
     reward_scores,
     rollouts,

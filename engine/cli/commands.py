@@ -1,4 +1,4 @@
-"""The engine's subcommands: train, export, demo, model info, serve, estimate, devices, prune, reward.
+"""The engine's subcommands: train, export, demo, methods, model info, serve, estimate, devices, prune, reward.
 
 Events go to stdout as JSON lines and nothing else does: file descriptor 1 is pointed at stderr for the
 life of the process, so a library that prints cannot corrupt the event stream.
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--lora-rank", type=int, default=16, help="with --method: the adapter rank")
     mi.add_argument("--target-modules", default="all-linear", help="with --method: comma-separated targets")
     sub.add_parser("demo", help="train on the bundled demo task and print the score before and after", add_help=False)
+    sub.add_parser(
+        "methods", help="the PEFT methods lab: each method on one dataset and budget, side by side", add_help=False
+    )
     p = sub.add_parser("serve", help="the generation worker: JSON-line requests on stdin, replies on stdout")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: half the cores, 1 to 8)")
     return parser
@@ -199,6 +202,11 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "demo":
         _quiet_libraries()
         return cmd_demo(argv[1:])
+    if argv and argv[0] == "methods":  # the PEFT methods lab (engine.demo.methods_lab)
+        _quiet_libraries()
+        from finetune_studio.engine.demo.methods_lab import main as methods_main
+
+        return methods_main(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     if args.command == "train" and args.nproc and not args.rank_worker:

@@ -259,6 +259,10 @@ class Recipe:
         dtype = compute_dtype(cfg.compute_dtype, device)
         if cfg.quantized and device == "mps":
             raise errors.DataError("4-bit NF4 (QLoRA / QDoRA) needs a CUDA GPU or the CPU; choose LoRA or DoRA")
+        if cfg.lora_init == "loftq" and device != "cuda" and not cfg.init_adapter:
+            raise ConfigError(
+                "lora_init", "LoftQ's initialisation (PEFT's) runs on a CUDA GPU: use the default init here"
+            )
         world.check_shardable(cfg, device, dtype)
         objective_class = objectives.objective_class(cfg.objective)
         start = None

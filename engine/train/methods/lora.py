@@ -14,6 +14,7 @@ rsLoRA scales by ``alpha / sqrt(r)``. DoRA: ``m * (W0 + s B A) / ||W0 + s B A||_
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 from finetune_studio.core.config import TrainConfig
@@ -45,7 +46,16 @@ def apply_loftq(model: Any) -> None:
     layer's rounding, computed from the original weights in the model's folder."""
     from peft import replace_lora_weights_loftq
 
-    replace_lora_weights_loftq(model)
+    folder = Path(str(getattr(model.get_base_model().config, "_name_or_path", "")))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if len(files) != 1:
+        from finetune_studio.core.config import ConfigError
+
+        raise ConfigError(
+            "lora_init",
+            f"LoftQ reads the 16-bit weights from the model's one safetensors file; {folder} has {len(files)}",
+        )
+    replace_lora_weights_loftq(model, model_path=str(files[0]))
 
 
 def loraplus_groups(params: list, model: Any, config: TrainConfig) -> list[dict[str, Any]]:
