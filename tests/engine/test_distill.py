@@ -175,7 +175,9 @@ def test_against_its_own_base_the_kl_starts_at_zero(tiny_model_dir, tmp_path):
         assert rec.of("step")[0].metrics["kl"] == pytest.approx(0, abs=1e-6)
 
 
-def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path, on_policy):
+    """Off-policy, and on-policy (each prompt's sample seeded by the run's seed and the example's index)."""
     from engine_helpers import Recorder, tiny_config, write_sft
     from tiny_model import build_tiny_model_dir
 
@@ -190,6 +192,7 @@ def test_resume_reproduces_the_curve(tiny_model_dir, tmp_path):
         distill_teacher=str(teacher),
         distill_divergence="jsd",
         distill_temperature=2.0,
+        distill_on_policy=on_policy,
         max_steps=6,
         batch_size=3,
         gradient_accumulation_steps=2,
@@ -307,3 +310,52 @@ def test_the_estimate_counts_the_teacher(tiny_model_dir, teacher_run):
         shape, TrainConfig(model=str(tiny_model_dir), objective="distill", distill_teacher="no-such-run"), gpu
     )
     assert unknown.base_weights == sft.base_weights and any("unknown" in note for note in unknown.notes)
+
+
+def test_on_policy_trains_on_the_students_own_answers(tiny_model_dir, tmp_path):
+    """On-policy: the answers are sampled by the student; each sample's tokens are averaged, then the samples."""
+    from engine_helpers import Recorder, tiny_config, write_sft
+
+    from finetune_studio.engine.train.objectives.distill import Distill
+    from finetune_studio.engine.train.recipe import TrainingFailed, train_run
+    from finetune_studio.engine.train.reporting import Reporter
+
+    sampled: list = []
+    original = Distill.on_policy
+
+    def spy(self, batch):
+        out = original(self, batch)
+        sampled.append((batch, out))
+        return out
+
+    rec = Recorder()
+    config = tiny_config(
+        tiny_model_dir,
+        write_sft(tmp_path / "d.jsonl"),
+        objective="distill",
+        distill_teacher=str(tiny_model_dir),
+        distill_on_policy=True,
+        max_steps=2,
+        compute_dtype="float32",
+    )
+    Distill.on_policy = spy
+    try:
+        assert train_run(config, reporter=Reporter(extra=rec)).status == "completed"
+    finally:
+        Distill.on_policy = original
+    assert len(sampled) == 2 and all(s.metrics["kl"] >= 0 and s.metrics["ce"] > 0 for s in rec.of("step"))
+    for given, made in sampled:
+        assert made.sequences == given.sequences
+        for row in range(made.sequences):
+            labels = made.labels[row][made.attention_mask[row].bool()]
+            trained = (labels != -100).nonzero()[:, 0]
+            assert len(trained) > 0
+            # the prompt is the dataset's, untrained; every sampled token is trained
+            assert (labels[: trained[0]] == -100).all() and (labels[trained[0] :] != -100).all()
+    text = tmp_path / "t.jsonl"
+    text.write_text("\n".join('{"text": "plain text with no prompt"}' for _ in range(12)) + "\n")
+    plain = tiny_config(
+        tiny_model_dir, text, objective="distill", distill_teacher=str(tiny_model_dir), distill_on_policy=True
+    )
+    with pytest.raises(TrainingFailed, match="distill_on_policy: needs prompts"):
+        train_run(plain)
