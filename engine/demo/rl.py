@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="when scoring (greedy)")
     p.add_argument("--skip-before", action="store_true", help="do not score the base model (saves time)")
     p.add_argument("--json", action="store_true", help="print one JSON object (a demo_rl_report event)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads for training and scoring (0: the engine's choice)"
+    )
     g = p.add_argument_group("SFT")
     g.add_argument("--sft-steps", type=int, default=DEFAULTS["sft"]["steps"])
     g.add_argument("--max-length", type=int, default=DEFAULTS["sft"]["max_length"])
@@ -115,7 +118,12 @@ def _configs(args: argparse.Namespace, prompts: Path) -> tuple[Any, Any]:
     from finetune_studio.core.config import TrainConfig
 
     common: dict[str, Any] = dict(
-        model=args.model, seed=args.seed, validation_fraction=0.0, eval_every=0, checkpoint_every=0
+        model=args.model,
+        seed=args.seed,
+        validation_fraction=0.0,
+        eval_every=0,
+        checkpoint_every=0,
+        num_threads=args.threads,
     )
     d = DEFAULTS["sft"]
     sft = TrainConfig(
@@ -165,8 +173,12 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
     from finetune_studio.engine.models import compute_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
     from finetune_studio.engine.train.recipe import train_run
     from finetune_studio.engine.train.reporting import Reporter
+    from finetune_studio.engine.train.threads import apply_threads
 
     started = time.perf_counter()
+    # Scoring runs with the threads training gets: torch's default (every core) crawls on a busy machine, where
+    # its threads wait on each other at every op.
+    apply_threads(args.threads)
     rows = read_jsonl(EVAL_FILE)[: args.eval_limit or None]
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(str(folder))
@@ -350,6 +362,7 @@ def _loop_dpo(
         validation_fraction=0.0,
         eval_every=0,
         checkpoint_every=0,
+        num_threads=args.threads,
     )
     _say(f"   DPO from the SFT adapter on {snap.pairs} pairs, {dpo.max_steps} steps, lr {dpo.learning_rate:g}")
     run = train_run(dpo, reporter=Reporter(extra=_progress))
