@@ -46,12 +46,41 @@ class GenerationError(Exception):
 # --- adapters --------------------------------------------------------------------------------------------------
 
 
+PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def unservable_adapter(folder: Path) -> str:
+    """Why the worker cannot answer with the adapter in ``folder`` ("" when it can): it serves adapters that live in
+    the model's layers (PEFT's LoRA family, IA3, VeRA, bias tuning); its decode loop feeds no virtual tokens or
+    prefix, and runs no bottleneck adapters."""
+    from finetune_studio.engine import bottleneck
+
+    if bottleneck.is_bottleneck_folder(folder):
+        return (
+            f"{folder.name} is a bottleneck adapter (Houlsby / Pfeiffer), which this worker does not run: load it "
+            "with engine.bottleneck.load_bottlenecks(base, folder) (its export's model card shows how)"
+        )
+    try:
+        kind = str(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", ""))
+    except (OSError, ValueError):
+        return ""
+    if kind in PROMPT_LEARNING:
+        return (
+            f"{folder.name} is a {kind.lower().replace('_', ' ')} adapter: its virtual tokens (or prefix) are extra "
+            "inputs that this worker's decode loop does not feed; load it with PEFT (PeftModel.from_pretrained) and "
+            "generate there"
+        )
+    return ""
+
+
 def resolve_adapter(source: str, checkpoint: int | None = None) -> tuple[Path, str, int | None]:
     """(adapter folder, run id or "", checkpoint step or None) for an adapter folder, a run, or a run's checkpoint."""
     from finetune_studio.core.store import Store
     from finetune_studio.engine import checkpoint as ckpt
 
     path = Path(source).expanduser()
+    if checkpoint is None and (path / "bottleneck_config.json").is_file():  # refused by name (unservable_adapter)
+        return path.resolve(), "", _checkpoint_step(path)
     if checkpoint is None and (path / "adapter_config.json").is_file():
         if not (path / "adapter_model.safetensors").is_file():
             raise GenerationError("adapter", f"{path} has adapter_config.json but no adapter_model.safetensors")
@@ -165,6 +194,10 @@ class Session:
                 from finetune_studio.engine.decoding.int4 import quantize_linears_int4
 
                 quantize_linears_int4(model)  # int4 groups of 32, the head int8; bfloat16 products
+            if weights in ("int8", "int4"):
+                from finetune_studio.engine.decoding.int8 import compile_row_products
+
+                compile_row_products(model)  # one answer at a time: int8 products compiled per shape (seconds, once)
         except ModelError as exc:
             raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
         except Exception as exc:  # a broken folder raises whatever its reader raises
@@ -210,6 +243,9 @@ class Session:
     def attach(self, req: gp.AttachAdapter) -> gp.AdapterAttached:
         self._need_model()
         folder, run_id, step = resolve_adapter(req.source, req.checkpoint)
+        refusal = unservable_adapter(folder)
+        if refusal:
+            raise GenerationError("adapter", refusal)
         try:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

@@ -283,3 +283,22 @@ def test_the_estimate_s_terms_match_a_measured_step(method):
     transient = backward_peak_bytes(shape, config, est.batch.rows, seq, 4, est.batch.trained_tokens, "cpu")
     assert est.activations - transient == pytest.approx(m.activations, rel=0.10)
     assert est.total_bytes - est.runtime_overhead - est.allocator_slack == pytest.approx(m.peak, rel=0.06)
+
+
+def test_the_generation_worker_names_the_adapters_it_cannot_run(tiny_model_dir, tmp_path):
+    from finetune_studio.core.protocol import generation as gp
+    from finetune_studio.engine.generate.generator import GenerationError, Session, unservable_adapter
+
+    data = write_sft(tmp_path / "sft.jsonl")
+    folders = {}
+    for method in ("ia3", "prefix_tuning", "houlsby"):
+        run = train_run(_config(tiny_model_dir, data, method, max_steps=1), reporter=Reporter(extra=Recorder()))
+        folders[method] = run.adapter_dir
+    assert unservable_adapter(folders["ia3"]) == ""
+    assert "virtual tokens (or prefix)" in unservable_adapter(folders["prefix_tuning"])
+    assert "bottleneck adapter" in unservable_adapter(folders["houlsby"])
+    worker = Session()
+    worker.load(gp.LoadModel(id="l", model=str(tiny_model_dir)))
+    with pytest.raises(GenerationError, match="load_bottlenecks"):
+        worker.attach(gp.AttachAdapter(id="a", name="h", source=str(folders["houlsby"])))
+    assert worker.attach(gp.AttachAdapter(id="b", name="i", source=str(folders["ia3"]))).name == "i"
