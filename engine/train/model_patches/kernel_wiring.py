@@ -14,11 +14,17 @@
   ``(m/n) * (base + s * lora)`` with ``kernels.dora_output`` (one saved tensor, the output itself), its weight
   norm as above; anything but the plain training case (merged or disabled adapters, several active adapters, an
   active dropout) runs peft's forward.
+* Plain LoRA's output (``fused_ops: true``): ``install_lora_linear`` gives each LoRA linear without a variant (no
+  DoRA) over a frozen 16/32-bit ``nn.Linear`` (bf16-mixed's ``BF16FrozenLinear`` included) a forward through
+  ``kernels.lora_linear``: the low-rank product added into the base output in place, one autograd node, the same
+  numbers to float32 rounding; the same fall-back to peft's forward as DoRA's (a disabled adapter, as DPO's
+  reference pass uses, runs peft's forward, which calls the base layer alone).
 """
 
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +35,11 @@ from peft.utils.other import transpose
 
 from finetune_studio.core import kernel_choice
 from finetune_studio.core.config import ConfigError
+from finetune_studio.engine.train.model_patches.mixed_precision import BF16FrozenLinear
 from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
 from finetune_studio.kernels.dora_norm import dora_weight_norm
 from finetune_studio.kernels.dora_output import dora_output
+from finetune_studio.kernels.lora_linear import lora_linear
 from finetune_studio.kernels.selection import device_kind, require_triton, triton_installed
 
 logprobs_impl = kernel_choice.logprobs_impl  # the ``token_logprobs`` impl for a config's ``kernels`` choice
@@ -73,6 +81,9 @@ def install_kernels(
         n = install_dora_output(model, impl)
         if n:
             notes.append(f"Fused ops: the outputs of {n} DoRA layers via dora_output (one tensor kept for backward)")
+        n = install_lora_linear(model)
+        if n:
+            notes.append(f"Fused ops: {n} LoRA layers via lora_linear (the low-rank product added in place)")
     return notes
 
 
@@ -174,3 +185,62 @@ def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=N
     else:
         base_result = F.linear(x, transpose(weight.to(x.dtype), self.fan_in_fan_out))
     return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+
+
+def lora_linears(model: torch.nn.Module) -> list[LoraLinear]:
+    """peft's LoRA linears without a DoRA magnitude whose base is a plain frozen linear (16/32-bit; bf16-mixed's
+    ``BF16FrozenLinear`` too, not a 4-bit one)."""
+    out = []
+    for m in model.modules():
+        if type(m) is not LoraLinear or len(m.lora_magnitude_vector) > 0:
+            continue
+        base = m.get_base_layer()
+        if type(base) in (torch.nn.Linear, BF16FrozenLinear) and not base.weight.requires_grad:
+            out.append(m)
+    return out
+
+
+def install_lora_linear(model: torch.nn.Module) -> int:
+    """Give each plain LoRA linear of ``model`` (``lora_linears``) the forward through ``kernels.lora_linear``.
+    Per instance; returns the count; ``uninstall_lora_linear`` undoes it."""
+    layers = lora_linears(model)
+    for layer in layers:
+        layer.forward = types.MethodType(_lora_linear_forward, layer)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def uninstall_lora_linear(model: torch.nn.Module) -> None:
+    for layer in lora_linears(model):
+        layer.__dict__.pop("forward", None)
+
+
+def _plain_lora_adapter(
+    layer: LoraLinear, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str | None:
+    """The one active plain LoRA adapter when ``layer`` runs the plain training/eval case, else None (peft's)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or getattr(layer, "fan_in_fan_out", False):
+        return None
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if lora_a.bias is not None or lora_b.bias is not None:
+        return None
+    if lora_a.weight.dtype != x.dtype or lora_b.weight.dtype != x.dtype:
+        return None
+    if layer.training and not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    base = layer.get_base_layer()
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    return name
+
+
+def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft 0.21's ``lora.Linear.forward`` for one active plain LoRA adapter, through ``kernels.lora_linear``."""
+    name = _plain_lora_adapter(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
