@@ -286,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"demo: the run ended as {result.status}: {result.message}")
         return 1
 
-    from peft import PeftModel
+    from finetune_studio.engine.bottleneck import load_adapter_folder
 
     _say("Scoring the fine-tuned model...")
-    tuned = PeftModel.from_pretrained(base, str(result.adapter_dir))
+    tuned = load_adapter_folder(base, result.adapter_dir)
     after, after_answers = evaluate(tuned, tokenizer, rows, **gen)
     total_seconds = time.perf_counter() - started
 

@@ -198,16 +198,27 @@ def write_card(
             every = max(1, len(train) // 20)
             lines += ["", "| Step | Train loss |", "|---|---|"]
             lines += [f"| {s} | {v:.4f} |" for s, v in train[::every]]
+    bottleneck_adapter = (folder / "bottleneck_config.json").is_file()  # engine.bottleneck's saved form
+    loader = (
+        ["from finetune_studio.engine.bottleneck import load_bottlenecks"]
+        if bottleneck_adapter
+        else ["from peft import PeftModel"]
+    )
+    load = (
+        'model = load_bottlenecks(base, "path/to/this/folder")  # bottleneck_config.json says the format'
+        if bottleneck_adapter
+        else 'model = PeftModel.from_pretrained(base, "path/to/this/folder")'
+    )
     lines += [
         "",
         "## Use",
         "",
         "```python",
-        "from peft import PeftModel",
+        *loader,
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'base = AutoModelForCausalLM.from_pretrained("{base_folder}")',
-        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        load,
         "```",
     ]
     lines += _run_lines(formats, quants, dtype, merge, modelfiles)

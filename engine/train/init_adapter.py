@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.store import RunRecord, Store
-from finetune_studio.engine import checkpoint
+from finetune_studio.engine import bottleneck, checkpoint
 from finetune_studio.engine.train import adapters
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -44,7 +44,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _is_adapter(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).is_file() and (folder / "adapter_model.safetensors").is_file()
+    config = ADAPTER_CONFIG if not bottleneck.is_bottleneck_folder(folder) else bottleneck.CONFIG_FILE
+    return (folder / config).is_file() and (folder / "adapter_model.safetensors").is_file()
 
 
 def _owning_run(store: Store, folder: Path) -> RunRecord | None:
@@ -104,6 +105,17 @@ def load(base, start: StartingAdapter, config: TrainConfig, *, with_reference: b
 
     if config.gradient_checkpointing:
         adapters.enable_checkpointing(base)
+    if bottleneck.is_bottleneck_folder(start.path):  # the engine's own adapters: no frozen copy for a reference
+        if with_reference:
+            raise ConfigError(
+                "init_adapter",
+                f"{start.description} is a bottleneck adapter: starting this objective from it needs a frozen copy "
+                "as the reference, which is made for PEFT adapters only; start from a LoRA run",
+            )
+        try:
+            return bottleneck.load_bottlenecks(base, start.path, is_trainable=True)
+        except ValueError as exc:
+            raise ConfigError("init_adapter", f"{start.description} does not fit this model: {exc}") from None
     # The adapter's shape comes from its folder; dropout is this run's (0 by default, so DPO starts at ln 2).
     adapter_config = PeftConfig.from_pretrained(str(start.path))
     adapter_config.lora_dropout = config.lora_dropout
@@ -120,7 +132,12 @@ def load(base, start: StartingAdapter, config: TrainConfig, *, with_reference: b
 
 
 def describe(start: StartingAdapter) -> str:
+    if bottleneck.is_bottleneck_folder(start.path):
+        b = bottleneck.BottleneckConfig.read(start.path)
+        return f"Starting from {start.description}: {b.placement} bottleneck adapters (factor {b.reduction_factor})"
     cfg = json.loads((start.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if cfg.get("peft_type", "LORA") != "LORA":  # IA3, VeRA, bias tuning, prompt learning: their own settings
+        return f"Starting from {start.description}: a {cfg['peft_type']} adapter (the method's settings are its own)"
     kind = "DoRA" if cfg.get("use_dora") else "LoRA"
     return (
         f"Starting from {start.description}: {kind} rank {cfg.get('r')}, alpha {cfg.get('lora_alpha')} "

@@ -302,3 +302,23 @@ def test_the_generation_worker_names_the_adapters_it_cannot_run(tiny_model_dir, 
     with pytest.raises(GenerationError, match="load_bottlenecks"):
         worker.attach(gp.AttachAdapter(id="a", name="h", source=str(folders["houlsby"])))
     assert worker.attach(gp.AttachAdapter(id="b", name="i", source=str(folders["ia3"]))).name == "i"
+
+
+@pytest.mark.parametrize("method", ["houlsby", "ia3"])
+def test_a_run_starts_from_another_method_s_adapter_and_continues_it(tiny_model_dir, tmp_path, method):
+    data = write_sft(tmp_path / "sft.jsonl")
+    before = Recorder()
+    first = train_run(_config(tiny_model_dir, data, method, max_steps=4), reporter=Reporter(extra=before))
+    rec = Recorder()
+    # the method named here is ignored: the adapter's own kind is loaded and trained on
+    config = _config(tiny_model_dir, data, "lora", max_steps=2, init_adapter=first.run_id)
+    second = train_run(config, reporter=Reporter(extra=rec))
+    assert second.status == "completed"
+    assert rec.losses[0] < before.losses[0] - 1e-3  # starts where the first run got to, not from the base
+    if method == "houlsby":
+        assert bottleneck.is_bottleneck_folder(second.adapter_dir)
+        from finetune_studio.engine.train.recipe import TrainingFailed
+
+        with pytest.raises(TrainingFailed, match="init_adapter: .* needs a frozen copy as the reference"):
+            dpo = _config(tiny_model_dir, write_dpo(tmp_path / "d.jsonl"), "lora", objective="dpo")
+            train_run(dpo.replace(init_adapter=first.run_id), reporter=Reporter(extra=Recorder()))
