@@ -359,3 +359,27 @@ def test_on_policy_trains_on_the_students_own_answers(tiny_model_dir, tmp_path):
     )
     with pytest.raises(TrainingFailed, match="distill_on_policy: needs prompts"):
         train_run(plain)
+
+
+def test_the_demo_report_round_trips_and_reads_as_a_summary():
+    from finetune_studio.core.protocol.distill_report import DemoDistillReport
+    from finetune_studio.core.protocol.events import parse_event
+    from finetune_studio.engine.demo.distill import summary
+
+    figures = {"exact": 0.5, "valid": 1.0, "n": 24, "tokens_per_s": 10.0, "tokens_per_cpu_s": 12.0, "layers": 30}
+    report = {
+        "eval_prompts": 24,
+        "teacher": figures,
+        "student_before": {**figures, "exact": 0.0, "tokens_per_s": 19.0, "layers": 15},
+        "student_after": {**figures, "exact": 0.45, "tokens_per_s": 20.0, "tokens_per_cpu_s": 25.0, "layers": 15},
+        "kept_layers": [0, 2],
+        "teacher_run": "r1",
+        "distill_run": "r2",
+        "settings": {"steps": 30},
+        "total_seconds": 12.0,
+    }
+    event = DemoDistillReport.from_fields(report)
+    assert parse_event(event.to_json()) == event
+    assert event.student_after is not None and event.student_after.tokens_per_cpu_s == 25.0
+    text = summary(report)
+    assert "keeps 90% of the teacher's exact-match score at 2.00x its speed (2.08x per CPU second" in text
