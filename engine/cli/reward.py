@@ -90,6 +90,7 @@ def cmd_reward(args: argparse.Namespace, stream: TextIO) -> int:
         return _fail(args, stream, Failed(message=f"Invalid request: {exc}", kind=FailureKind.CONFIG), 2)
     from finetune_studio.engine.models import ModelError, pick_device
     from finetune_studio.engine.reward_model import RewardModel, RewardModelError, is_reward_model
+
     try:
         folder = _reward_folder(args.model, is_reward_model)
         device = pick_device() if args.device == "auto" else args.device
