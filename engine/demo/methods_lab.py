@@ -15,6 +15,7 @@ held-out prompts answered exactly right.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -110,14 +111,44 @@ def lab_config(name: str, args: argparse.Namespace, dataset: str, stamp: str) ->
     return TrainConfig.from_dict(data)
 
 
+MEASURED = "measured.json"  # what train_one measured: the resident size once the model was loaded, and the peak
+
+
+def train_one(config_file: str) -> int:
+    """One method's run in this process (the lab's child): the events on stdout as ``engine train`` writes them, and
+    beside the config the resident size when training begins (the model loaded) and the process's peak after it."""
+    import psutil
+
+    from finetune_studio.engine.train.memory_budget import resident_peak
+    from finetune_studio.engine.train.recipe import TrainingFailed, train_run
+    from finetune_studio.engine.train.reporting import Reporter
+
+    at_start: list[int] = []
+
+    def listen(event: ev.Event) -> None:
+        if isinstance(event, ev.Started):  # set-up done: the model, its adapters and the data are loaded
+            at_start.append(psutil.Process().memory_info().rss)
+
+    config = TrainConfig.load(config_file)
+    events = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)  # libraries' prints go to the log, the events alone to stdout
+    try:
+        train_run(config, reporter=Reporter(stream=events, extra=listen))
+    except (TrainingFailed, ConfigError):
+        return 1  # the failed event says why
+    measured = {"loaded": at_start[0] if at_start else 0, "peak": resident_peak()}
+    paths.atomic_write_text(Path(config_file).with_name(MEASURED), json.dumps(measured))
+    return 0
+
+
 def train_in_own_process(config: TrainConfig, folder: Path) -> tuple[list[ev.Event], str]:
-    """Train ``config`` with ``engine train`` in a fresh process: its events, and the end of its log."""
+    """Train ``config`` in a fresh process (:func:`train_one`): its events, and the end of its log."""
     cfg = folder / "config.json"
     paths.atomic_write_text(cfg, config.to_json())
     log = folder / "engine.log"
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.run(
-            [*paths.python_argv(), "-m", "finetune_studio.engine", "train", str(cfg)],
+            [*paths.python_argv(), "-m", "finetune_studio.engine", "methods", "--train-one", str(cfg)],
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
@@ -133,8 +164,11 @@ def train_in_own_process(config: TrainConfig, folder: Path) -> tuple[list[ev.Eve
     return events, log.read_text(encoding="utf-8", errors="replace")[-2000:]
 
 
-def row_from_events(name: str, config: TrainConfig, events: list[ev.Event], log_tail: str) -> MethodRow:
-    """The lab's row for one run from its events and the store's record (estimate and measured peak)."""
+def row_from_events(
+    name: str, config: TrainConfig, events: list[ev.Event], log_tail: str, measured_file: Path | None = None
+) -> MethodRow:
+    """The lab's row for one run from its events, the store's record (the estimate) and what :func:`train_one`
+    measured: memory above the model = the peak less the resident size once the model was loaded."""
     from finetune_studio.core.store import Store
 
     settings = {k: v for k, v in LAB_SETTINGS[name].items()}
@@ -158,7 +192,9 @@ def row_from_events(name: str, config: TrainConfig, events: list[ev.Event], log_
         report = MemoryReport.from_json(run.memory_estimate)
         below = report.terms.get("base_weights", 0) + report.terms.get("runtime_overhead", 0)
         estimated = report.total_bytes - report.terms.get("allocator_slack", 0) - below
-        measured = max(0, (run.memory_peak_bytes or 0) - below)
+    if measured_file is not None and measured_file.is_file():
+        figures = json.loads(measured_file.read_text(encoding="utf-8"))
+        measured = max(0, int(figures["peak"]) - int(figures["loaded"])) if figures.get("loaded") else 0
     warm = steps[1:] or steps
     return MethodRow(
         name,
@@ -190,6 +226,8 @@ def score_on_demo(row: MethodRow, adapter_dir: str, model: str, rows: list[dict]
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--train-one"] and len(argv) == 2:  # the lab's child process (train_in_own_process)
+        return train_one(argv[1])
     args = build_parser().parse_args(argv)
     names = list(LAB_SETTINGS) if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",")]
     unknown = [n for n in names if n not in LAB_SETTINGS]
@@ -218,7 +256,7 @@ def main(argv: list[str]) -> int:
             folder = Path(tmp) / name
             folder.mkdir()
             events, tail = train_in_own_process(config, folder)
-            row = row_from_events(name, config, events, tail)
+            row = row_from_events(name, config, events, tail, folder / MEASURED)
             started = next((e for e in events if isinstance(e, ev.Started)), None)
             device = device or (started.device if started else "")
             finished = next((e for e in events if isinstance(e, ev.Finished)), None)
