@@ -115,7 +115,7 @@ TABLE: tuple[Method, ...] = (
     ),
     Method(
         "bitfit",
-        "BitFit (biases)",
+        "BitFit",
         "bias",
         "Trains a bias vector added to each linear layer's output (on a model without biases, such as Llama, new "
         "zero-initialised ones): one vector a layer, almost no memory above the model.",
@@ -147,7 +147,7 @@ TABLE: tuple[Method, ...] = (
     ),
     Method(
         "houlsby",
-        "Bottleneck adapter (Houlsby)",
+        "Houlsby adapter",
         "bottleneck",
         "Trains a small bottleneck (hidden / reduction factor wide) after each layer's attention and after its MLP: "
         "about 2 x 2 x hidden^2 / factor parameters a layer, and the bottleneck's activations.",
@@ -162,7 +162,7 @@ TABLE: tuple[Method, ...] = (
     ),
     Method(
         "pfeiffer",
-        "Bottleneck adapter (Pfeiffer)",
+        "Pfeiffer adapter",
         "bottleneck",
         "Trains one small bottleneck (hidden / reduction factor wide) after each layer's MLP: half Houlsby's "
         "parameters, about 2 x hidden^2 / factor a layer.",

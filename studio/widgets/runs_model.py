@@ -9,6 +9,7 @@ from typing import cast
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 
+from finetune_studio.core import methods
 from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import RunRecord
@@ -172,9 +173,7 @@ class RunsModel(QAbstractTableModel):
             return (
                 str(value or "").upper()
                 if key == "objective"
-                else {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}.get(
-                    str(value), str(value or "")
-                )
+                else (methods.BY_NAME[str(value)].label if str(value) in methods.BY_NAME else str(value or ""))
             )
         return "" if value is None else str(value)
 
