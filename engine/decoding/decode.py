@@ -18,6 +18,14 @@ prefilled alone (as :func:`decode` would), their caches are joined right-aligned
 padded positions masked out and zero), and every step runs all live (prompt, candidate) rows as one batch, each
 row at its own rotary position. Each prompt samples from its own generator seeded as :func:`decode` seeds it and
 draws as many numbers per step as :func:`decode` alone would: the random stream per prompt is unchanged.
+
+``draft=k`` (greedy, one prompt, the fast step): prompt-lookup drafting (:func:`draft_tokens`, up to ``k`` tokens
+that followed the latest earlier occurrence of the answer's last 3 or 2 tokens), checked in one forward of the fast
+step over several positions, the cache cut back past the first wrong draft. Off by default: measured
+(``benchmarks/decode_bench.py``, RESULTS.md) on chat prompts it pays for float32 (x1.1) but not against the
+compiled one-row int8 products it has to give up (the int8/int4 kernels compute a row the same whatever the rows
+around it, the compiled product does not, and greedy answers must not depend on the drafts); and the answers equal
+one token per forward only up to the products' rounding (bfloat16 logits from the int8 head tie often).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -98,6 +107,11 @@ def _cache_classes():
         def crop(self, tokens_to_remove: int) -> None:
             raise NotImplementedError("the decode loop never crops its cache")
 
+        def truncate(self, length: int) -> None:
+            """Forget the positions from ``length`` on (drafted tokens that were not accepted)."""
+            self.length = length
+            self.keys, self.values = self.k_buf[:, :, :length], self.v_buf[:, :, :length]
+
     return DynamicCache, DynamicLayer, PreallocatedLayer
 
 
@@ -111,6 +125,9 @@ def _expand_cache(cache, rows: int, capacity: int):
         cache.batch_repeat_interleave(rows)  # sliding-window, hybrid or recurrent layers: transformers' own
     return cache
 
+
+DRAFT_TOKENS = 0  # drafted tokens per forward by default (greedy, one prompt): off, measured not to pay (see below)
+DRAFT_NGRAMS = (3, 2)  # the n-gram sizes looked up, longest first
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")  # pre-norm decoder blocks, SwiGLU MLP, rotary q/k, no q/k norm
 
@@ -172,14 +189,21 @@ def _fast_step(model, cache):
     ) -> torch.Tensor:
         """``ids`` (rows, 1) -> next-token logits (rows, vocab). ``positions`` (rows,): each row's rotary position
         (None: the cache's length, the same for every row); ``mask`` (rows, 1, 1, length + 1) bool: the cache
-        positions each row attends to (None: all of them)."""
-        rows = ids.shape[0]
-        x = inner.embed_tokens(ids)  # (rows, 1, hidden)
+        positions each row attends to (None: all of them).
+
+        ``ids`` (rows, t) with t > 1 (no ``positions`` or ``mask``): t new positions, each attending to the cache
+        and the new positions before it (drafted tokens checked in one forward); logits (rows, t, vocab)."""
+        rows, t = ids.shape
+        x = inner.embed_tokens(ids)  # (rows, t, hidden)
         if positions is None:
-            position = torch.full((1, 1), cache.layers[0].length, dtype=torch.long, device=ids.device)
+            start = cache.layers[0].length
+            position = torch.arange(start, start + t, device=ids.device)[None, :]  # (1, t)
+            if t > 1:
+                later = torch.arange(start + t, device=ids.device)[None, :] > position.view(t, 1)  # (t, start + t)
+                mask = ~later
         else:
             position = positions.view(rows, 1)
-        cos, sin = inner.rotary_emb(x, position_ids=position)  # (1 or rows, 1, head_dim)
+        cos, sin = inner.rotary_emb(x, position_ids=position)  # (1 or rows, t, head_dim)
         half = sin.shape[-1] // 2
         cos, sin = cos.unsqueeze(2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)  # (.,1,1,d)
         for block, layer in blocks:
@@ -189,17 +213,17 @@ def _fast_step(model, cache):
             qkv = fused(attn, "qkv")  # one int8/int4 matmul for q, k and v where they are plain quantised linears
             if qkv is not None:  # q and k rotated as one tensor
                 out, sizes = qkv[0](h), qkv[1]
-                qk = rotate(out[..., : sizes[0] + sizes[1]].view(rows, 1, -1, d), cos, sin)
+                qk = rotate(out[..., : sizes[0] + sizes[1]].view(rows, t, -1, d), cos, sin)
                 q, k = qk[:, :, : sizes[0] // d], qk[:, :, sizes[0] // d :]
                 v = out[..., sizes[0] + sizes[1] :]
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-                q, k = rotate(q.view(rows, 1, -1, d), cos, sin), rotate(k.view(rows, 1, -1, d), cos, sin)
-            k = k.transpose(1, 2)  # (rows, kv heads, 1, d); q: (rows, 1, heads, d)
-            keys, values = layer.update(k, v.view(rows, 1, -1, d).transpose(1, 2))  # (rows, kv heads, t, d)
+                q, k = rotate(q.view(rows, t, -1, d), cos, sin), rotate(k.view(rows, t, -1, d), cos, sin)
+            k = k.transpose(1, 2)  # (rows, kv heads, t, d); q: (rows, t, heads, d)
+            keys, values = layer.update(k, v.view(rows, t, -1, d).transpose(1, 2))  # (rows, kv heads, length, d)
             o = sdpa(q.transpose(1, 2), keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=groups > 1)
-            o = o.transpose(1, 2)  # (rows, heads, 1, d) -> (rows, 1, heads, d)
-            x = x + attn.o_proj(o.reshape(rows, 1, -1))
+            o = o.transpose(1, 2)  # (rows, heads, t, d) -> (rows, t, heads, d)
+            x = x + attn.o_proj(o.reshape(rows, t, -1))
             h = norm(block.post_attention_layernorm, x)
             gate_up = fused(mlp, "gate_up")
             if gate_up is not None:
@@ -207,7 +231,8 @@ def _fast_step(model, cache):
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return model.lm_head(norm(inner.norm, x))[:, -1, :]
+        logits = model.lm_head(norm(inner.norm, x))
+        return logits[:, -1, :] if t == 1 else logits
 
     return step
 
@@ -223,14 +248,17 @@ def decode(
     cancel: threading.Event | None = None,
     pad_id: int = 0,
     fast_path: bool = True,
+    draft: int = DRAFT_TOKENS,
 ) -> int:
     """Sample ``n`` continuations of ``prompt`` with ``model`` (a causal LM); return the decoding steps run.
 
     ``on_tokens`` gets each step's token for every candidate (``pad_id`` for those already ended) and answers
     which candidates have now ended; the loop stops when all have, at ``max_new_tokens``, or on ``cancel``.
     ``fast_path``: use :func:`_fast_step` for Llama-family models (False: always the model's ``forward``).
+    ``draft``: greedy decoding drafts up to this many tokens by prompt lookup (:func:`_decode_drafted`; 0: off).
     """
-    return decode_batch(model, [prompt], [n], [max_new_tokens], sampler, [on_tokens], [seed], cancel, pad_id, fast_path)
+    args = [prompt], [n], [max_new_tokens], sampler, [on_tokens], [seed], cancel, pad_id, fast_path
+    return decode_batch(model, *args, draft=draft)
 
 
 def decode_batch(
@@ -244,6 +272,7 @@ def decode_batch(
     cancel: threading.Event | None = None,
     pad_id: int = 0,
     fast_path: bool = True,
+    draft: int = DRAFT_TOKENS,
 ) -> int:
     """:func:`decode` for several prompts as one batch: prompt ``i`` gets ``ns[i]`` candidates of up to
     ``max_new_tokens[i]`` tokens, seeded with ``seeds[i]``, its tokens handed to ``on_tokens[i]`` (only while it
@@ -290,6 +319,9 @@ def decode_batch(
         done = [False] * count
         steps = [0] * count
         fast = _fast_step(model, cache) if fast_path else None
+        if draft > 0 and sampler.greedy and count == 1 and fast is not None:
+            one = prompts[0], ns[0], max_new_tokens[0], on_tokens[0], logits
+            return _decode_drafted(fast, cache, *one, draft=draft, cancel=cancel, pad_id=pad_id)
         length = longest  # the cache's positions so far, padding included
         while True:
             if cancel is not None and cancel.is_set():
@@ -330,6 +362,90 @@ def decode_batch(
                 cache = out.cache
                 logits = out.logits[:, -1, :]
             length += 1
+
+
+def draft_tokens(history: list[int], most: int, ngrams: Sequence[int] = DRAFT_NGRAMS) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of ``history``'s last n tokens (the
+    longest n of ``ngrams`` that occurs), at most ``most``; [] where none occurs."""
+    for n in ngrams:
+        if len(history) <= n or most < 1:
+            continue
+        tail = history[-n:]
+        for i in range(len(history) - n - 1, -1, -1):
+            if history[i : i + n] == tail:
+                return history[i + n : i + n + most]
+    return []
+
+
+Step = Callable[..., torch.Tensor]
+
+
+def _decode_drafted(
+    fast: Step,
+    cache: object,
+    prompt: list[int],
+    n: int,
+    max_new: int,
+    on_tokens: OnTokens,
+    logits: torch.Tensor,
+    *,
+    draft: int,
+    cancel: threading.Event | None,
+    pad_id: int,
+) -> int:
+    """Greedy decoding of one prompt that checks drafted tokens in one forward: the tokens :func:`draft_tokens`
+    proposes from the prompt and the answer so far go through the fast step after the last token, each position's
+    greedy choice is read from that one forward, the drafts up to the first that differs from it are accepted, and
+    the choice after them comes free. The answer is the same as one token per forward (the same choices, each
+    made at the same position), in fewer forwards where the answer repeats text before it (extraction, quotes,
+    code, lists)."""
+    from finetune_studio.engine.decoding.int8 import use_row_products
+
+    was = use_row_products(False)  # the kernel for one row too: its rows do not depend on how many there are
+    try:
+        return _drafted_loop(fast, cache, prompt, n, max_new, on_tokens, logits, draft, cancel, pad_id)
+    finally:
+        use_row_products(was)
+
+
+def _drafted_loop(
+    fast: Step,
+    cache: object,
+    prompt: list[int],
+    n: int,
+    max_new: int,
+    on_tokens: OnTokens,
+    logits: torch.Tensor,
+    draft: int,
+    cancel: threading.Event | None,
+    pad_id: int,
+) -> int:
+    layers = cast(list[Any], getattr(cache, "layers"))  # noqa: B009 (PreallocatedLayer, built at runtime)
+    history = list(prompt)
+    chosen = [int(logits[0].argmax())]
+    ended = [False] * n
+    steps = 0
+    while True:
+        for choice in chosen:
+            ended = list(on_tokens([choice if not e else pad_id for e in ended]))
+            steps += 1
+            history.append(choice)
+            if steps >= max_new or all(ended):
+                return steps
+        if cancel is not None and cancel.is_set():
+            return steps
+        token = history[-1]
+        drafted = draft_tokens(history, min(draft, max_new - steps - 1))
+        start = layers[0].length
+        out = fast(torch.tensor([[token, *drafted]], device=logits.device))  # (1, vocab) or (1, t, vocab)
+        picks = out.argmax(dim=-1).reshape(-1).tolist()  # the greedy choice after each position
+        accepted = 0
+        while accepted < len(drafted) and drafted[accepted] == picks[accepted]:
+            accepted += 1
+        if accepted < len(drafted):  # forget the positions of the drafts that were wrong
+            for layer in layers:
+                layer.truncate(start + 1 + accepted)
+        chosen = picks[: accepted + 1]
 
 
 def _one_by_one(model, prompts, sampler, on_tokens, seeds, ns, max_new_tokens, *, cancel, pad_id, fast_path) -> int:

@@ -12,11 +12,22 @@ speed. The outputs are close to, not equal to, full precision: the worker's defa
 Projections that read the same input (attention's q/k/v, a SwiGLU MLP's gate/up) also get one stacked int8
 weight on their parent (:data:`GROUPS`), and each projection's own int8 weight becomes a view of its rows: one
 matmul instead of three (or two) in the decode loop's fast path (:mod:`engine.decoding.decode`), no extra memory.
+
+One row at a time (one answer decoding), :func:`compile_row_products` replaces the kernel with a product compiled
+by ``torch.compile`` (inductor's CPU code: each weight converted to float32 in registers and multiplied by the
+float32 input, one pass over the int8 bytes), one compiled function per weight shape: measured 2x faster than
+``torch._weight_int8pack_mm`` for the 49k-token head and 1.3x over a whole model's products
+(``benchmarks/decode_bench.py``). It is slower than the kernel for 4 rows and more, which keep the kernel. Its
+numbers are the dequantised int8 weight times the float32 input (the kernel rounds the input to bfloat16), so
+they differ from the kernel's by about bfloat16's rounding.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import types
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -96,9 +107,76 @@ def stacked(parent: nn.Module, fused: str) -> tuple[torch.Tensor, torch.Tensor, 
     )
 
 
+log = logging.getLogger(__name__)
+
+RowProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_row_products: dict[tuple[int, int], RowProduct] = {}  # (out, in) -> compiled one-row product; empty: none
+
+
+def row_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scale).T`` for one float32 row ``x`` (1, in), in float32: what :func:`compile_row_products`
+    compiles (called as it is, eagerly, it materialises the float32 weight: the reference for tests)."""
+    return ((weight.to(torch.float32) * x).sum(-1) * scale.to(torch.float32)).unsqueeze(0)
+
+
+def _compiled_row_product(out_features: int, in_features: int) -> RowProduct:
+    # one code object per shape: torch.compile keeps its compiled variants per code object, up to a limit
+    code = row_product.__code__.replace(co_name=f"row_product_{out_features}x{in_features}")
+    fn = types.FunctionType(code, row_product.__globals__, code.co_name)
+    return cast(RowProduct, torch.compile(fn, dynamic=False))
+
+
+def compile_row_products(model: nn.Module) -> float:
+    """Compile the one-row product for every int8 weight shape of ``model`` (its plain linears and stacks) and use
+    it from then on for single-row float32 inputs; return the seconds it took. Where compiling fails (no C++
+    compiler on this machine), say so in the log, keep the kernel and return -1."""
+    shapes = sorted(
+        {
+            tuple(t.shape)
+            for m in model.modules()
+            for name, t in m.named_buffers(recurse=False)
+            if name.startswith("int8_") and name.endswith("weight") and t.dim() == 2
+        }
+    )
+    start = time.perf_counter()
+    try:
+        for out_f, in_f in shapes:
+            key = (int(out_f), int(in_f))
+            if key in _row_products:
+                continue
+            fn = _compiled_row_product(*key)
+            weight = torch.zeros(key, dtype=torch.int8)
+            with torch.inference_mode():
+                fn(torch.zeros(1, key[1]), weight, torch.ones(key[0], dtype=torch.bfloat16))
+            _row_products[key] = fn
+    except Exception as exc:  # inductor needs a C++ compiler; the kernel works without one
+        log.warning("int8: the compiled one-row product is not available (%s: %s)", type(exc).__name__, exc)
+        return -1.0
+    return time.perf_counter() - start
+
+
+def use_row_products(on: bool) -> bool:
+    """Switch the compiled one-row products on (those compiled so far) or off (the kernel for every input);
+    return whether they were on."""
+    global _row_products_on
+    was, _row_products_on = _row_products_on, on
+    return was
+
+
+_row_products_on = True
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ (weight * scale).T + bias`` for ``x`` (..., in) in any float dtype, computed in ``scale``'s dtype."""
+    """``x @ (weight * scale).T + bias`` for ``x`` (..., in) in any float dtype, computed in ``scale``'s dtype
+    (one float32 row: in float32, where :func:`compile_row_products` compiled this shape)."""
     shape = x.shape
+    if _row_products_on and x.dtype == torch.float32 and x.numel() == shape[-1]:
+        product = _row_products.get((weight.shape[0], weight.shape[1]))
+        if product is not None:
+            y = product(x.reshape(1, -1), weight, scale)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.reshape(*shape[:-1], y.shape[-1])
     y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(scale.dtype), weight, scale)
     if bias is not None:
         y = y + bias.to(y.dtype)

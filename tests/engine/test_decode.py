@@ -160,3 +160,38 @@ def test_a_batch_of_prompts_samples_each_prompts_own_stream(model):
             with torch.inference_mode():
                 logits = model(input_ids=ids).logits[0, len(p) - 1 : -1]
             assert sampler.mask(logits)[torch.arange(len(tokens)), torch.tensor(tokens)].all()
+
+
+def test_prompt_lookup_drafts_the_tokens_after_the_latest_earlier_occurrence():
+    from finetune_studio.engine.decoding.decode import draft_tokens
+
+    history = [1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 2, 3]
+    assert draft_tokens(history, 4) == [5, 6, 7, 2]  # "2 3" last seen before 5 6 7 (3-gram "x 2 3" never repeats)
+    assert draft_tokens(history, 2) == [5, 6]
+    assert draft_tokens([1, 2, 3, 1, 2, 3, 8, 1, 2, 3], 3) == [8, 1, 2]  # the 3-gram, its latest occurrence
+    assert draft_tokens([1, 2, 3, 4], 4) == [] and draft_tokens([5, 5], 0) == []
+
+
+@pytest.mark.parametrize("weights", ["full", "int8"])
+def test_greedy_with_drafted_tokens_gives_the_same_answer_in_fewer_forwards(tiny_model_dir, weights):
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    if weights == "int8":
+        quantize_linears_int8(m)
+    forwards = []
+    m.lm_head.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[1]))
+    prompt = PROMPT * 3  # a prompt that repeats itself: the lookup finds drafts in it
+    answers = {}
+    for draft in (0, 4):
+        seen: list[int] = []
+
+        def on_tokens(tokens, seen=seen):
+            seen.append(tokens[0])
+            return [False, False]
+
+        forwards.clear()
+        steps = decode(m, prompt, 2, 40, Sampler(temperature=0), on_tokens, draft=draft)
+        answers[draft] = (seen, steps, len(forwards), max(forwards))
+    plain, drafted = answers[0], answers[4]
+    assert drafted[0] == plain[0] and drafted[1] == plain[1] == 40  # the same 40 tokens
+    assert plain[2] == 40 and plain[3] == 1  # the prefill (its last position), then one position per forward
+    assert drafted[3] > 1 and drafted[2] < plain[2]  # several positions checked at once: fewer forwards

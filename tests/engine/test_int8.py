@@ -57,3 +57,38 @@ def test_projections_reading_one_input_share_one_stacked_int8_weight(tiny_model_
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     assert stacked(attn, "int8_qkv") is None  # q_proj is an adapter layer now: the stack is not used
     assert stacked(mlp, "int8_gate_up") is not None
+
+
+def test_the_compiled_one_row_product_is_the_dequantised_int8_product_and_greedy_keeps_its_tokens(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune_studio.engine.decoding import int8
+    from finetune_studio.engine.decoding.decode import decode
+    from finetune_studio.engine.decoding.token_sampling import Sampler
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    quantize_linears_int8(model)
+
+    def greedy() -> list[int]:
+        out: list[int] = []
+        decode(model, IDS[0].tolist(), 1, 16, Sampler(temperature=0), lambda t: (out.append(t[0]), [False])[1])
+        return out
+
+    int8.use_row_products(False)
+    try:
+        kernel = greedy()
+        assert int8.compile_row_products(model) > 0  # every int8 shape: the stacks, o/down and the head
+        head = model.lm_head
+        x = torch.randn(1, 1, head.in_features)
+        with torch.inference_mode():
+            reference = x.reshape(1, -1) @ (head.int8_weight.float() * head.int8_scale.float()[:, None]).T
+            eager = int8.row_product(x.reshape(1, -1), head.int8_weight, head.int8_scale)
+            int8.use_row_products(True)
+            compiled = head(x)
+            two_rows = head(torch.cat([x, x]))  # two rows: the kernel (bfloat16 products)
+        assert torch.allclose(eager, reference, atol=1e-5) and torch.allclose(compiled[0], reference, atol=1e-4)
+        assert not torch.equal(two_rows[0], compiled[0])  # the kernel rounds the input to bfloat16; this does not
+        assert torch.allclose(two_rows[0], compiled[0], atol=0.05 * reference.std().item())
+        assert greedy() == kernel  # the same greedy tokens as the kernel on this model
+    finally:
+        int8.use_row_products(True)
