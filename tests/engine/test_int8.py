@@ -89,6 +89,19 @@ def test_the_compiled_one_row_product_is_the_dequantised_int8_product_and_greedy
         assert torch.allclose(eager, reference, atol=1e-5) and torch.allclose(compiled[0], reference, atol=1e-4)
         assert not torch.equal(two_rows[0], compiled[0])  # the kernel rounds the input to bfloat16; this does not
         assert torch.allclose(two_rows[0], compiled[0], atol=0.05 * reference.std().item())
-        assert greedy() == kernel  # the same greedy tokens as the kernel on this model
+        compiled_tokens = greedy()
+        assert compiled_tokens == kernel  # the same greedy tokens as the kernel on this model
+
+        from peft import LoraConfig, get_peft_model
+
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.3)
+        tuned = greedy()  # the fast step calls the adapter layers; their base layers use the compiled products
+        with peft.disable_adapter():
+            assert greedy() == compiled_tokens  # adapters off: exactly the int8 base again, nothing recompiled
+        assert tuned != compiled_tokens
     finally:
         int8.use_row_products(True)
