@@ -30,6 +30,7 @@ from finetune_studio.core.store import RunRecord, Store
 from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
 from finetune_studio.studio.widgets.flow_layout import FlowLayout
+from finetune_studio.studio.widgets.methods_lab_dialog import MethodsLabDialog
 from finetune_studio.studio.widgets.runs_model import COLUMNS, RUN_ID_ROLE, RunsFilter, RunsModel, earlier_sessions
 from finetune_studio.studio.widgets.slurm_dialog import ask_slurm_options, save_slurm_script
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
@@ -79,10 +80,16 @@ class RunsPage(QWidget):
         )
         refresh = QPushButton("Refresh", self)
         refresh.clicked.connect(self.refresh)
+        self.lab_button = QPushButton("Methods lab…", self)
+        self.lab_button.setObjectName("methodsLabButton")
+        self.lab_button.setToolTip("Train every chosen PEFT method on one dataset and budget, side by side")
+        self.lab_button.clicked.connect(self.open_methods_lab)
+        self.methods_lab: MethodsLabDialog | None = None
         top = QHBoxLayout()
         top.addWidget(self.filter_edit, 1)
         top.addWidget(self.status_box)
         top.addWidget(refresh)
+        top.addWidget(self.lab_button)
 
         self.table = QTableView(self)
         self.table.setObjectName("runsTable")
@@ -172,6 +179,14 @@ class RunsPage(QWidget):
         if self._store is None:
             self._store = self._store_factory()
         return self._store
+
+    def open_methods_lab(self) -> MethodsLabDialog:
+        """The methods lab (one at a time); its runs appear here once it is done."""
+        if self.methods_lab is None:
+            self.methods_lab = MethodsLabDialog(self)
+            self.methods_lab.finished_report.connect(lambda _report: self.refresh())
+        self.methods_lab.show()
+        return self.methods_lab
 
     def refresh(self) -> None:
         selected = set(self.selected_ids())

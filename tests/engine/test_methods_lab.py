@@ -22,8 +22,11 @@ def test_the_lab_trains_each_method_as_a_run_and_reports_its_row(tiny_model_dir,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 1, proc.stderr[-2000:]  # one row refused
-    report = parse_event(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the report says which row was refused
+    lines = proc.stdout.strip().splitlines()
+    progress = [parse_event(line) for line in lines[:-1]]  # which method of how many, for the app's dialog
+    assert [(p.done, p.total) for p in progress] == [(0, 3), (1, 3)]  # prompt tuning refused before training
+    report = parse_event(lines[-1])
     assert isinstance(report, MethodsLabReport) and report.steps == 2 and report.scorer == ""
     rows = {r.method: r for r in report.rows}
     assert rows["prompt_tuning"].status == "refused" and "packing" in rows["prompt_tuning"].message
