@@ -51,7 +51,7 @@ threads on a busy machine run it with ``OMP_WAIT_POLICY=PASSIVE``: otherwise a t
 descheduled partner spins, and that spinning is counted as CPU time (measured: 3.5% of the peak instead of 41%).
 The figures then say how well each thread's CPU second is used, not how the wall clock scales.
 
-Results, 2026-12-07 07:53-08:25 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
+Results, 2026-12-07 07:40-08:18 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
 load average 9-14 from other jobs, ``--steps 3`` (2 for 2 threads), share of the measured bf16 square peak
 (~200 GFLOP/s per CPU second; float32 ~90):
 
@@ -61,6 +61,7 @@ load average 9-14 from other jobs, ``--steps 3`` (2 for 2 threads), share of the
     default    sft       2            496           84.0              41.2%                48.1%
     default    dpo       2            728          110.0              53.9%                63.1%
     qwen0.5b   sft       1           1645          119.4              60.4%                70.9%
+    qwen0.5b   sft       2           1644          110.3              55.7%                65.7%
     qwen0.5b   dpo       1           2439          125.1              61.6%                74.0%
 
 (default SFT on one thread before ``kernels.lora_linear``: 42.6%.) The goal of 65% is not met for the bundled
