@@ -322,3 +322,15 @@ def test_a_run_starts_from_another_method_s_adapter_and_continues_it(tiny_model_
         with pytest.raises(TrainingFailed, match="init_adapter: .* needs a frozen copy as the reference"):
             dpo = _config(tiny_model_dir, write_dpo(tmp_path / "d.jsonl"), "lora", objective="dpo")
             train_run(dpo.replace(init_adapter=first.run_id), reporter=Reporter(extra=Recorder()))
+
+
+def test_lora_plus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tmp_path / "x.jsonl", "lora", loraplus_lr_ratio=16.0)
+    model = adapters.add_adapters(_base(tiny_model_dir), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adapters.make_optimizer(params, config, "cpu", model)
+    slow, fast = optimizer.param_groups
+    b_ids = {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+    assert {id(p) for p in fast["params"]} == b_ids and not b_ids & {id(p) for p in slow["params"]}
+    assert (slow["lr"], fast["lr"]) == (config.learning_rate, 16 * config.learning_rate)
+    assert len(slow["params"]) + len(fast["params"]) == len(params)
