@@ -51,11 +51,13 @@ def config_for(config: TrainConfig) -> Any:
     if name == "bitfit":
         return peft.BeftConfig(target_modules=_targets(config), task_type="CAUSAL_LM")
     if name == "prompt_tuning":
-        return peft.PromptTuningConfig(num_virtual_tokens=n, task_type="CAUSAL_LM")
+        # started as the embeddings of tokens sampled from the vocabulary: N(0, 1) vectors would be far larger
+        return peft.PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init="SAMPLE_VOCAB", task_type="CAUSAL_LM")
     if name == "p_tuning":
         return peft.PromptEncoderConfig(num_virtual_tokens=n, encoder_hidden_size=128, task_type="CAUSAL_LM")
     if name == "prefix_tuning":
-        return peft.PrefixTuningConfig(num_virtual_tokens=n, task_type="CAUSAL_LM")
+        # zero keys and values at the start: random ones (PEFT's default) derail every attention layer at step 0
+        return peft.PrefixTuningConfig(num_virtual_tokens=n, init_weights="zero", task_type="CAUSAL_LM")
     raise ValueError(f"no PEFT config for method {name!r}")
 
 
