@@ -568,6 +568,11 @@ class TrainConfig:
         entry = _methods.method(self.method)
         if self.packing and not entry.allows(_methods.PACKING):
             raise ConfigError("packing", f"{entry.label} cannot train on packed rows: {entry.refusal('packing')}")
+        if (self.objective == "grpo" or self.distill_on_policy) and not entry.allows(_methods.SAMPLING):
+            field_name = "objective" if self.objective == "grpo" else "distill_on_policy"
+            raise ConfigError(
+                field_name, f"{entry.label} cannot learn from sampled answers: {entry.refusal('sampling')}"
+            )
         if self.trains_on_pairs and not entry.allows(_methods.PAIRS):
             raise ConfigError("objective", f"{entry.label} cannot train {self.objective}: {entry.refusal('dpo')}")
         if self.lora_init not in _methods.LORA_INITS:

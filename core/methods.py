@@ -28,6 +28,7 @@ PACKING = "packing"
 PAIRS = "dpo"  # DPO and the other objectives that compare the model with the one training started from
 MERGE = "merge"  # the merged and GGUF exports
 DISTRIBUTED = "distributed"  # several processes (train --nproc N)
+SAMPLING = "sampling"  # objectives that sample answers with the engine's decode loop (GRPO, on-policy distillation)
 
 LORA_INITS = ("default", "pissa", "olora", "loftq")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -37,6 +38,10 @@ _PROMPT_PACKING = (
     "whose attention is kept apart: set packing to false"
 )
 _ONE_PROCESS = "it is trained in one process here: run it without --nproc"
+_NO_SAMPLING = (
+    "the engine's decode loop, which samples the answers, does not feed its virtual tokens (or prefix), so they "
+    "would not be the trained model's: choose SFT or DPO"
+)
 _NO_FOLD_PROMPT = (
     "it trains extra inputs (virtual tokens or a key/value prefix), not weights, so nothing folds into the model: "
     "export the adapter (the model card shows how to load it)"
@@ -127,7 +132,12 @@ TABLE: tuple[Method, ...] = (
         "prompt",
         "Trains n soft-prompt embeddings put before every input: n x hidden parameters, and n extra positions in "
         "every sequence's activations.",
-        refusals=((PACKING, _PROMPT_PACKING), (MERGE, _NO_FOLD_PROMPT), (DISTRIBUTED, _ONE_PROCESS)),
+        refusals=(
+            (PACKING, _PROMPT_PACKING),
+            (MERGE, _NO_FOLD_PROMPT),
+            (DISTRIBUTED, _ONE_PROCESS),
+            (SAMPLING, _NO_SAMPLING),
+        ),
     ),
     Method(
         "p_tuning",
@@ -135,7 +145,12 @@ TABLE: tuple[Method, ...] = (
         "prompt",
         "Soft-prompt embeddings produced by a small trained MLP encoder: the encoder's parameters, and n extra "
         "positions in every sequence's activations.",
-        refusals=((PACKING, _PROMPT_PACKING), (MERGE, _NO_FOLD_PROMPT), (DISTRIBUTED, _ONE_PROCESS)),
+        refusals=(
+            (PACKING, _PROMPT_PACKING),
+            (MERGE, _NO_FOLD_PROMPT),
+            (DISTRIBUTED, _ONE_PROCESS),
+            (SAMPLING, _NO_SAMPLING),
+        ),
     ),
     Method(
         "prefix_tuning",
@@ -143,7 +158,12 @@ TABLE: tuple[Method, ...] = (
         "prompt",
         "Trains n key and value vectors that every attention layer sees before the input: 2 x layers x n x the "
         "key/value width parameters, and that prefix in every sequence's key/value cache.",
-        refusals=((PACKING, _PROMPT_PACKING), (MERGE, _NO_FOLD_PROMPT), (DISTRIBUTED, _ONE_PROCESS)),
+        refusals=(
+            (PACKING, _PROMPT_PACKING),
+            (MERGE, _NO_FOLD_PROMPT),
+            (DISTRIBUTED, _ONE_PROCESS),
+            (SAMPLING, _NO_SAMPLING),
+        ),
     ),
     Method(
         "houlsby",

@@ -200,6 +200,11 @@ def test_a_bottleneck_folder_for_another_model_is_refused(tiny_model_dir, tmp_pa
         ({"method": "ia3", "loraplus_lr_ratio": 16.0}, "loraplus_lr_ratio", "IA3 has none"),
         ({"method": "houlsby", "adapter_non_linearity": "sigmoid"}, "adapter_non_linearity", "relu"),
         ({"method": "rank1"}, "method", "houlsby"),
+        (
+            {"method": "prefix_tuning", "packing": False, "objective": "grpo", "rewards": [{"kind": "json_valid"}]},
+            "objective",
+            "decode loop",
+        ),
     ],
 )
 def test_what_a_method_cannot_do_is_refused_naming_the_field(tmp_path, changes, field, words):
