@@ -1,0 +1,447 @@
+"""Decoding speed: the generation worker's decode loop against llama.cpp, one answer and several at once.
+
+    python benchmarks/decode_bench.py [--model default] [--finetune-steps 20] [--threads 1] [--new-tokens 128]
+                                      [--repeats 3] [--batches 4 8] [--int4-gguf q4_0|q4_1] [--profile]
+
+Needs llama.cpp's Python binding (the ``gguf-check`` extra, llama-cpp-python 0.3.36, built from source). The model
+is ``--model`` fine-tuned ``--finetune-steps`` full-parameter AdamW steps on the demo SFT data (written once to the
+temp folder; the bundled model's float32 weights are a dequantised Q4_1 GGUF, so a fine-tune is what moves them off
+that grid, as a user's merged model is), written as GGUF f16 / q8_0 / q4_0 / q4_1 by the export's own writer.
+Both sides: one thread, greedy, ``--new-tokens`` new tokens per answer (end-of-text ignored), the prefill included
+(a 40-token chat prompt). One answer: the worker's decode loop (``engine.decoding.decode.decode_batch``) on the
+model loaded as the worker loads it (``weights`` full / int8 / int4, the compiled one-row int8 products included)
+against llama.cpp on the comparable GGUF (f16 / q8_0 / q4_0 or q4_1). Several answers: 4 and 8 different chat
+prompts decoded as one batch (prompt batching, one forward per token for all of them). The sides alternate within
+each round; the best of ``--repeats`` rounds is printed as wall-clock new tokens/s and new tokens per CPU-second
+of this process: on the shared 2-core machine (load average 9-12) the wall clock mostly measures the neighbours,
+so the ratios are taken on CPU time. Then KL(float32 ‖ side) and top-1 agreement over float32's greedy
+continuations, teacher-forced through each worker precision and each GGUF (llama.cpp's own logits).
+
+Where a step's time goes (``--profile``: one row, 128 cached positions, each part timed alone on the same inputs,
+CPU ms; 2026-12-07, load average 10.4-11.7):
+
+| weights | step | block products | head product | attention | cache writes | greedy pick | top-p 0.9 pick | glue |
+|---|---|---|---|---|---|---|---|---|
+| full | 57.5 | 37.3 | 9.6 | 0.63 | 0.13 | 0.05 | 0.25 | 9.9 |
+| int8 | 27.1 | 15.5 | 2.2 | 0.66 | 0.13 | 0.05 | 0.21 | 8.6 |
+| int4 | 18.5 | 9.3 | 2.3 | 0.63 | 0.15 | 0.05 | 0.75 | 6.2 |
+
+"glue" is the step less its parts: the Python of 30 blocks and their small ops (RMSNorm, rotary, residual adds,
+views, the bfloat16 casts around the int8/int4 kernels), 0.2-0.3 ms a block. torch.profiler on the int8 step
+before this change: ``_weight_int8pack_mm`` 72% of the time (121 calls a step), SDPA 8%, then transpose / copy /
+slice / view / cat at 2% each. Sampling and the cache writes are noise (0.3 ms together). llama.cpp's whole
+token costs 9.8 ms (q8_0) and 6.9 ms (q4_0) of CPU here: the products alone (17.7 ms int8, 11.6 ms int4) are
+slower than its whole step, so no amount of glue removal reaches it with torch's CPU kernels.
+
+Levers, each measured (one thread, CPU time, alternating, same run; load average 12-14):
+
+* kept: the one-row int8 product compiled by ``torch.compile`` per weight shape (``int8.compile_row_products``,
+  float32, the weight converted in registers): the 49k x 576 head 4.6 -> 2.4 ms, a whole model's products
+  19.2 -> 13.9 ms; in the step, int8 30.5 -> 27.6 ms (x1.11) and int4 (whose head is int8) 21.2 -> 18.8 ms
+  (x1.13). Compile time, once per shape set: 9-36 s on this loaded machine at load (reported by the
+  benchmark, 0 where an earlier precision in the same process compiled the shapes; inductor's disk cache makes
+  later loads faster). 4 rows: slower than the kernel (41 against 30 ms): batches keep the kernel. Greedy tokens
+  equal the kernel's on the test model; adapters apply on top unchanged.
+* not kept: the same compiled product for int4 (nibbles unpacked in inductor): 44 ms against the int4 kernel's
+  9.2 for a model's products. An int4 head: its kernel (3.2-3.6 ms) is now slower than the compiled int8 head
+  (2.2 ms), and it costs KL 0.044 (``quant_quality.py``).
+* an option, off by default: prompt-lookup drafting for greedy single answers (``decode(..., draft=4)``): up to 4
+  tokens that followed the last 3- or 2-gram's latest earlier occurrence, checked in one forward over 5
+  positions. Simulated on llama.cpp's greedy answers to 8 chat prompts: 1.36 tokens a forward (1.06-2.0). Measured,
+  4 chat prompts x 96 tokens, tok/CPU-s, compiled one-row / kernel / kernel + drafts: int8 36-39 / 34-35 / 31-37,
+  int4 51-53 / 45-46 / 49-51, float32 16-17 / 17 / 18.5-19 (x1.1, the same answers). It must use the kernel for
+  one row too (its rows are computed alike whatever the rows around them; the compiled product's are not), so
+  for int8/int4 it loses the compiled product's gain; and with the int8 head's bfloat16 logits, which tie often,
+  its answers differed from one token per forward's for int8/int4 (float32: the same answers).
+* already there: q/k/v and gate/up as one stacked product, the preallocated cache (the static buffers; CPU has no
+  graph replay), top-p without sorting. Not retried: ``torch.compile`` of the whole step (RESULTS.md: 49 s to
+  compile, then slower), one fused rotary.
+
+Figures: benchmarks/RESULTS.md ("Decoding against llama.cpp").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from quant_quality import PROMPTS  # noqa: E402  (the chat prompts the quality figures use)
+
+STORY = PROMPTS[0]
+GGUF_QUANTS = ("f16", "q8_0", "q4_0", "q4_1")
+WORKER_WEIGHTS = ("full", "int8", "int4")
+PAIRS = {"full": "f16", "int8": "q8_0", "int4": "q4_0"}  # comparable precisions, side by side
+
+
+def cache_dir(model: str, steps: int) -> Path:
+    name = "".join(c if c.isalnum() else "_" for c in model)[-60:]
+    return Path(tempfile.gettempdir()) / "finetune-studio-decode-bench" / f"{name}-ft{steps}"
+
+
+def finetuned(model: str, steps: int) -> Path:
+    """``model`` fine-tuned ``steps`` full-parameter AdamW steps on the demo SFT data (4 conversations a step,
+    learning rate 2e-5, float32), saved once as a model folder (the weights move off the GGUF grid the bundled
+    model's float32 copy lies on, as any fine-tune's merged weights do). 0 steps: the model's own folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_studio.engine.models import resolve_model
+
+    folder = resolve_model(model)
+    if steps == 0:
+        return folder
+    target = cache_dir(model, steps)
+    if (target / "config.json").is_file():
+        return target
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    net = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    net.train()
+    rows = [json.loads(line) for line in (HERE.parent / "resources/datasets/demo_sft.jsonl").open(encoding="utf-8")]
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-5, weight_decay=0.0)
+    torch.manual_seed(0)
+    for step in range(steps):
+        batch = [rows[(step * 4 + i) % len(rows)]["messages"] for i in range(4)]
+        texts = [tok.apply_chat_template(m, tokenize=False) for m in batch]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = net(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        print(f"  fine-tune step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    tmp = target.with_name(target.name + ".tmp")
+    net.eval().save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    tmp.rename(target)
+    return target
+
+
+def gguf_files(folder: Path, quants) -> dict[str, Path]:
+    """The model as GGUF files (the export's own writer), written once next to a fine-tuned folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_studio.engine.export.gguf import write_gguf
+
+    out = cache_dir(str(folder), 0).parent / (folder.name + "-gguf")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {q: out / f"model-{q}.gguf" for q in quants}
+    missing = [q for q, p in paths.items() if not p.is_file()]
+    if missing:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        for q in missing:
+            tmp = paths[q].with_suffix(".tmp")
+            write_gguf(model, tok, tmp, q, base_folder=folder)
+            tmp.rename(paths[q])
+    return paths
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return list(tok(chat, add_special_tokens=False)["input_ids"])
+
+
+def load_worker_model(folder: Path, weights: str):
+    """The model as the worker loads it (``weights``: full / int8 / int4); returns (model, compile seconds)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_studio.engine.decoding.int4 import quantize_linears_int4
+    from finetune_studio.engine.decoding.int8 import compile_row_products, quantize_linears_int8
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model.config.use_cache = True
+    compiled = 0.0
+    if weights == "int8":
+        quantize_linears_int8(model)
+    elif weights == "int4":
+        quantize_linears_int4(model)
+    if weights != "full":
+        compiled = compile_row_products(model)
+    return model, compiled
+
+
+def worker_run(model, prompts: list[list[int]], new_tokens: int, **options) -> tuple[int, float, float, list]:
+    """Greedy answers to ``prompts`` (one batch), ``new_tokens`` each (end-of-text ignored): (new tokens, wall s,
+    CPU s, the answers)."""
+    from finetune_studio.engine.decoding.decode import decode_batch
+    from finetune_studio.engine.decoding.token_sampling import Sampler
+
+    answers: list[list[int]] = [[] for _ in prompts]
+
+    def taker(i):
+        def on_tokens(tokens):
+            answers[i].append(tokens[0])
+            return [False]
+
+        return on_tokens
+
+    n = len(prompts)
+    start, cpu = time.perf_counter(), time.process_time()
+    decode_batch(
+        model,
+        prompts,
+        [1] * n,
+        [new_tokens] * n,
+        Sampler(temperature=0),
+        [taker(i) for i in range(n)],
+        list(range(n)),
+        **options,
+    )
+    return sum(len(a) for a in answers), time.perf_counter() - start, time.process_time() - cpu, answers
+
+
+def llama_run(llm, prompt: list[int], new_tokens: int) -> tuple[int, float, float, list[int]]:
+    """llama.cpp's greedy answer to ``prompt`` (prefill and ``new_tokens`` steps), as :func:`worker_run`."""
+    out: list[int] = []
+    start, cpu = time.perf_counter(), time.process_time()
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        out.append(token)
+        if len(out) >= new_tokens:
+            break
+    return len(out), time.perf_counter() - start, time.process_time() - cpu, out
+
+
+def quality(models: dict, files: dict, prompts: list[list[int]], new_tokens: int) -> list[tuple[str, float, float]]:
+    """Mean KL(float32 || side) and top-1 agreement over float32's greedy continuation of each prompt, teacher-forced
+    through each worker model and each llama.cpp file (its logits for every position)."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    refs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cont = worker_run(models["full"], [prompt], new_tokens)[3][0]
+            ids = torch.tensor([prompt + cont[:-1]])
+            refs.append((prompt, cont, models["full"](ids).logits[0, len(prompt) - 1 :].float().log_softmax(-1)))
+    rows = []
+    sides = [(f"worker {w}", m, None) for w, m in models.items() if w != "full"]
+    sides += [
+        (f"llama.cpp {q}", None, Llama(model_path=str(path), n_threads=1, n_ctx=1024, logits_all=True, verbose=False))
+        for q, path in files.items()
+    ]
+    for name, model, llm in sides:
+        kls, agree = [], []
+        for prompt, cont, ref in refs:
+            if model is not None:
+                with torch.inference_mode():
+                    logits = model(torch.tensor([prompt + cont[:-1]])).logits[0, len(prompt) - 1 :].float()
+            else:
+                llm.reset()
+                llm.eval(prompt + cont[:-1])
+                logits = torch.from_numpy(np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(cont) - 1]))
+            logp = logits.float().log_softmax(-1)
+            kls.append((ref.exp() * (ref - logp)).sum(-1).mean().item())
+            agree.append((ref.argmax(-1) == logp.argmax(-1)).float().mean().item())
+        rows.append((name, sum(kls) / len(kls), sum(agree) / len(agree)))
+    return rows
+
+
+def profile_step(model, prompt: list[int], context: int = 128, repeats: int = 30) -> dict[str, float]:
+    """Where one decoding step's CPU time goes (one row, the fast step, a cache of ``context`` positions), in ms:
+    the step as the loop runs it, and each part alone with the same inputs (the block products, the head, the
+    attention, the cache writes, greedy and top-p sampling); "glue" is the step minus its parts (the Python of 30
+    blocks and their small ops: norms, rotary, residuals, views, dtype casts)."""
+    import torch
+
+    from finetune_studio.engine.decoding.decode import _cache_classes, _expand_cache, _fast_step
+    from finetune_studio.engine.decoding.token_sampling import Sampler
+
+    def cpu_ms(fn) -> float:
+        fn()
+        start = time.thread_time()
+        for _ in range(repeats):
+            fn()
+        return (time.thread_time() - start) / repeats * 1e3
+
+    inner, hidden = model.model, model.config.hidden_size
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), cache=_cache_classes()[0](config=model.config), use_cache=True)
+        cache = _expand_cache(out.cache, 1, len(prompt) + context + 2 * repeats + 8)
+        step = _fast_step(model, cache)
+        ids = torch.tensor([[prompt[-1]]])
+        while cache.layers[0].length < context:
+            step(ids)
+        layers = cache.layers
+        parts: dict[str, float] = {}
+        parts["step"] = cpu_ms(lambda: step(ids))
+        for layer in layers:  # back to the context length the parts are measured at
+            layer.truncate(context)
+        x, wide = torch.randn(1, 1, hidden), torch.randn(1, 1, model.config.intermediate_size)
+
+        def blocks() -> None:
+            for block in inner.layers:
+                a, m = block.self_attn, block.mlp
+                for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj):
+                    proj(x)
+                m.down_proj(wide)
+
+        def stacked_blocks() -> None:
+            from finetune_studio.engine.decoding.int4 import int4_matmul, stacked_int4
+            from finetune_studio.engine.decoding.int8 import int8_matmul, stacked
+
+            for block in inner.layers:
+                for parent, name in ((block.self_attn, "qkv"), (block.mlp, "gate_up")):
+                    s8, s4 = stacked(parent, f"int8_{name}"), stacked_int4(parent, f"int4_{name}")
+                    if s8 is not None:
+                        int8_matmul(x, *s8[:3])
+                    elif s4 is not None:
+                        int4_matmul(x, *s4[:4])
+                    else:
+                        for proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                            if hasattr(parent, proj):
+                                getattr(parent, proj)(x)
+                block.self_attn.o_proj(x)
+                block.mlp.down_proj(wide)
+
+        stack = (
+            stacked_blocks
+            if hasattr(inner.layers[0].self_attn, "int8_qkv_weight")
+            or hasattr(inner.layers[0].self_attn, "int4_qkv_weight")
+            else blocks
+        )
+        parts["block products"] = cpu_ms(stack)
+        parts["head product"] = cpu_ms(lambda: model.lm_head(x))
+        a0 = inner.layers[0].self_attn
+        heads, kv, d = model.config.num_attention_heads, model.config.num_key_value_heads, a0.head_dim
+        q = torch.randn(1, heads, 1, d)
+        keys, values = layers[0].keys, layers[0].values
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        parts["attention"] = cpu_ms(
+            lambda: [sdpa(q, keys, values, scale=a0.scaling, enable_gqa=heads != kv) for _ in inner.layers]
+        )
+        k1 = torch.randn(1, kv, 1, d)
+
+        def writes() -> None:
+            for layer in layers:
+                layer.k_buf[:, :, context : context + 1] = k1
+                layer.v_buf[:, :, context : context + 1] = k1
+
+        parts["cache writes"] = cpu_ms(writes)
+        logits = model.lm_head(x)[:, -1, :]
+        parts["sampling, greedy"] = cpu_ms(lambda: Sampler(temperature=0).sample(logits))
+        gen = torch.Generator().manual_seed(0)
+        parts["sampling, top-p 0.9"] = cpu_ms(lambda: Sampler(temperature=0.7, top_p=0.9).sample(logits, gen))
+    measured = ("block products", "head product", "attention", "cache writes", "sampling, greedy")
+    parts["glue"] = parts["step"] + parts["sampling, greedy"] - sum(parts[k] for k in measured)
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--finetune-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--weights", nargs="+", default=list(WORKER_WEIGHTS), choices=WORKER_WEIGHTS)
+    parser.add_argument("--quality-prompts", type=int, default=8)
+    parser.add_argument("--quality-tokens", type=int, default=48)
+    parser.add_argument("--profile", action="store_true", help="only where a decoding step's time goes")
+    parser.add_argument("--int4-gguf", default="q4_0", choices=["q4_0", "q4_1"], help="llama.cpp's side of int4")
+    args = parser.parse_args(argv)
+    PAIRS["int4"] = args.int4_gguf
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("llama.cpp's Python binding is missing: pip install -e '.[gguf-check]'") from None
+    torch.set_num_threads(args.threads)
+    folder = finetuned(args.model, args.finetune_steps)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    files = gguf_files(folder, [PAIRS[w] for w in args.weights])
+    print(f"model {args.model} fine-tuned {args.finetune_steps} steps ({folder}); {args.threads} thread(s); greedy, ")
+    print(f"{args.new_tokens} new tokens per answer (end-of-text ignored), prefill included; best of {args.repeats}")
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    models, llms = {}, {}
+    for w in args.weights:
+        start = time.perf_counter()
+        models[w], compiled = load_worker_model(folder, w)
+        print(
+            f"  worker {w}: loaded in {time.perf_counter() - start:.1f} s (compiling its one-row products: "
+            f"{compiled:.1f} s)",
+            flush=True,
+        )
+        if args.profile:
+            continue
+        q = PAIRS[w]
+        llms[q] = Llama(
+            model_path=str(files[q]), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024, verbose=False
+        )
+    story = chat_ids(tok, STORY)
+    if args.profile:
+        print(
+            "\nOne decoding step, one row, 128 cached positions, CPU ms (the step does not sample; sampling is a step"
+        )
+        print("of the loop), each part measured alone:")
+        found = {w: profile_step(models[w], story) for w in args.weights}
+        print("| weights | " + " | ".join(found[args.weights[0]]) + " |")
+        print("|---|" + "---|" * len(found[args.weights[0]]))
+        for w, parts in found.items():
+            print(f"| {w} | " + " | ".join(f"{v:.2f}" for v in parts.values()) + " |")
+        print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        return 0
+    batch_prompts = [chat_ids(tok, p) for p in PROMPTS]
+    for w in args.weights:  # warm-up (first calls allocate)
+        worker_run(models[w], [story], 4)
+        llama_run(llms[PAIRS[w]], story, 4)
+    results: dict[str, list[tuple[float, float]]] = {}
+
+    def record(key: str, made: int, wall: float, cpu: float) -> None:
+        results.setdefault(key, []).append((made / wall, made / cpu))
+
+    for r in range(args.repeats):  # alternating sides, each measurement once per round
+        for w in args.weights:
+            record(f"llama.cpp {PAIRS[w]} x1", *llama_run(llms[PAIRS[w]], story, args.new_tokens)[:3])
+            record(f"worker {w} x1", *worker_run(models[w], [story], args.new_tokens)[:3])
+            for b in args.batches:
+                record(f"worker {w} x{b}", *worker_run(models[w], batch_prompts[:b], args.new_tokens)[:3])
+        print(f"  round {r + 1}/{args.repeats} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    best = {k: (max(v[0] for v in runs), max(v[1] for v in runs)) for k, runs in results.items()}
+    print()
+    print("| side | answers | new tok/s (wall) | new tok/CPU-s | vs llama.cpp one answer (CPU) |")
+    print("|---|---|---|---|---|")
+    for w in args.weights:
+        base = best[f"llama.cpp {PAIRS[w]} x1"][1]
+        print(f"| llama.cpp {PAIRS[w]} | 1 | {best[f'llama.cpp {PAIRS[w]} x1'][0]:.1f} | {base:.1f} | x1.00 |")
+        for b in [1, *args.batches]:
+            wall, cpu = best[f"worker {w} x{b}"]
+            print(f"| worker {w} | {b} | {wall:.1f} | {cpu:.1f} | x{cpu / base:.2f} |")
+    print(f"load average at end of timings: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if args.quality_prompts and "full" in models:
+        qp = [chat_ids(tok, p) for p in PROMPTS[: args.quality_prompts]]
+        print()
+        print(f"Quality against float32 ({len(qp)} prompts, float32's greedy {args.quality_tokens} tokens each):")
+        print("| side | mean KL(f32 ‖ side) nats | top-1 agreement |")
+        print("|---|---|---|")
+        for name, kl, agree in quality(models, files, qp, args.quality_tokens):
+            print(f"| {name} | {kl:.4f} | {100 * agree:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--prepare-only"]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    f = finetuned("default", 20)
+    print(f, gguf_files(f, GGUF_QUANTS))
+elif __name__ == "__main__":
+    sys.exit(main())
