@@ -2,6 +2,7 @@
 
 Holds DoRA's weight norm and output (``dora_norm``, ``dora_output``), log-probabilities through the output head
 without the full logits (``linear_logprobs``), RMSNorm, SwiGLU, grouped-query attention, a frozen 16-bit linear,
+a LoRA linear over it in one autograd node (``lora_linear``),
 recomputation in backward (``recompute``), the choice behind ``impl='auto'`` (``selection``) and the Triton
 kernels (``triton_*``, importable only where triton is installed).
 
