@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grpo-loss", choices=("sequence", "token", "dr_grpo"), default="sequence")
     g.add_argument("--grpo-updates", type=int, default=1, help="optimizer steps per batch of answers (mu)")
     g.add_argument("--grpo-max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    g.add_argument("--grpo-run", help="score this GRPO run's adapter (a run id) instead of training one")
     return p
 
 
@@ -247,19 +248,25 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
             shown = "  ".join(f"{k} {figures[k]:.3f}" for k in CURVE_KEYS if k in figures)
             _say(f"        {shown}")
 
-    grpo = dataclasses.replace(grpo, init_adapter=init)
-    _say(
-        f"3/3 GRPO from the SFT adapter: {grpo.max_steps} steps x {grpo.batch_size} prompts x G "
-        f"{grpo.grpo_group_size}, lr {grpo.learning_rate:g}, beta {grpo.grpo_beta:g}, temperature "
-        f"{grpo.grpo_temperature:g}, loss {grpo.grpo_loss}"
-    )
-    t0 = time.perf_counter()
-    grpo_run = train_run(grpo, reporter=Reporter(extra=on_event))
-    seconds["grpo"] = round(time.perf_counter() - t0, 1)
-    if grpo_run.adapter_dir is None:
-        _say(f"demo: the GRPO run ended as {grpo_run.status}: {grpo_run.message}")
-        return 1
-    after_grpo = score("after GRPO", Path(grpo_run.adapter_dir))
+    if args.grpo_run:
+        grpo_id, grpo_adapter = _adapter(args.grpo_run)
+        _say(f"3/3 GRPO: the adapter of {args.grpo_run} ({grpo_adapter}); its curves from the store")
+        curves.update(_stored_curves(grpo_id))
+    else:
+        grpo = dataclasses.replace(grpo, init_adapter=init)
+        _say(
+            f"3/3 GRPO from the SFT adapter: {grpo.max_steps} steps x {grpo.batch_size} prompts x G "
+            f"{grpo.grpo_group_size}, lr {grpo.learning_rate:g}, beta {grpo.grpo_beta:g}, temperature "
+            f"{grpo.grpo_temperature:g}, loss {grpo.grpo_loss}"
+        )
+        t0 = time.perf_counter()
+        grpo_run = train_run(grpo, reporter=Reporter(extra=on_event))
+        seconds["grpo"] = round(time.perf_counter() - t0, 1)
+        if grpo_run.adapter_dir is None:
+            _say(f"demo: the GRPO run ended as {grpo_run.status}: {grpo_run.message}")
+            return 1
+        grpo_id, grpo_adapter = grpo_run.run_id, Path(grpo_run.adapter_dir)
+    after_grpo = score("after GRPO", grpo_adapter)
 
     report = {
         "eval_prompts": len(rows),
@@ -269,7 +276,7 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
         "after_grpo": after_grpo.to_dict(),
         "sft_run": sft_id,
         "dpo_run": dpo_id,
-        "grpo_run": grpo_run.run_id,
+        "grpo_run": grpo_id,
         "pairs": pairs,
         "curves": curves,
         "seconds": seconds,
@@ -281,6 +288,23 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
     else:
         print(_summary(report))
     return 0
+
+
+def _stored_curves(run_id: str) -> dict[str, list[float]]:
+    """An earlier run's figures per step as the store keeps them (its loss and the objective's named figures)."""
+    from finetune_studio.core.store import Store
+
+    store = Store()
+    try:
+        losses = {m.step: m.loss for m in store.metrics(run_id) if m.loss is not None}
+        named = store.named_metrics(run_id)
+    finally:
+        store.close()
+    curves: dict[str, list[float]] = {}
+    for step in sorted(set(losses) | set(named)):
+        for key, value in {"loss": losses.get(step, 0.0), **named.get(step, {})}.items():
+            curves.setdefault(key, []).append(round(float(value), 5))
+    return curves
 
 
 def _loop_dpo(

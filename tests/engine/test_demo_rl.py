@@ -48,11 +48,25 @@ def test_demo_rl_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
         store.close()
 
 
-def test_demo_rl_without_dpo_prints_the_summary(tiny_model_dir, capsys):
+def test_demo_rl_without_dpo_prints_the_summary_and_rescores_earlier_runs(tiny_model_dir, capsys):
     assert rl.main(["--model", str(tiny_model_dir), *TINY, *GRPO, "--no-dpo"]) == 0
     out = capsys.readouterr().out
     assert "after SFT" in out and "after GRPO" in out and "after DPO" not in out
     assert "mean reward by step" in out
+    store = Store()
+    try:
+        sft, grpo = sorted((r for r in store.list_runs()), key=lambda r: r.objective != "sft")[:2]
+    finally:
+        store.close()
+    assert (sft.objective, grpo.objective) == ("sft", "grpo")
+    # the same runs again, scored without training: the same scores, and GRPO's curves read back from the store
+    again = ["--model", str(tiny_model_dir), *TINY, "--no-dpo", "--sft-run", sft.id, "--grpo-run", grpo.id, "--json"]
+    assert rl.main(again) == 0
+    typed = parse_event(capsys.readouterr().out.strip())
+    assert isinstance(typed, DemoRLReport) and (typed.sft_run, typed.grpo_run) == (sft.id, grpo.id)
+    assert "grpo" not in typed.seconds and "sft" in typed.seconds  # nothing trained
+    assert len(typed.curves["reward"]) == 2 and len(typed.curves["loss"]) == 2
+    assert f"{typed.after_grpo.exact:6.1%} exact" in out
 
 
 def test_demo_rl_refuses_a_bad_setting_naming_it(tiny_model_dir, capsys):
