@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -242,5 +242,6 @@ def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
+    weight, bias = cast(torch.Tensor, base.weight), cast("torch.Tensor | None", base.bias)
+    lora_a, lora_b = cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)
+    return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling[name])
