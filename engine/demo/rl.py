@@ -391,7 +391,7 @@ def _loop_dpo(
     _say(f"   DPO from the SFT adapter on {snap.pairs} pairs, {dpo.max_steps} steps, lr {dpo.learning_rate:g}")
     run = train_run(dpo, reporter=Reporter(extra=_progress))
     if run.adapter_dir is None:
-        raise TrainingFailed(f"the DPO run ended as {run.status}: {run.message}")
+        raise TrainingFailed(dataclasses.replace(run, message=f"the DPO run ended as {run.status}: {run.message}"))
     return run.run_id, Path(run.adapter_dir), snap.pairs
 
 
