@@ -44,7 +44,8 @@ Levers, each measured (one thread, CPU time, alternating, same run; load average
   equal the kernel's on the test model; adapters apply on top unchanged.
 * not kept: the same compiled product for int4 (nibbles unpacked in inductor): 44 ms against the int4 kernel's
   9.2 for a model's products. An int4 head: its kernel (3.2-3.6 ms) is now slower than the compiled int8 head
-  (2.2 ms), and it costs KL 0.044 (``quant_quality.py``).
+  (2.2 ms), and it costs KL 0.044 (``quant_quality.py``). AOTInductor for the one-row products: 1.8 us a call
+  against 22 us through ``torch.compile``'s wrapper (about 2.5 ms of the int8 step), but 197 s to compile a shape.
 * an option, off by default: prompt-lookup drafting for greedy single answers (``decode(..., draft=4)``): up to 4
   tokens that followed the last 3- or 2-gram's latest earlier occurrence, checked in one forward over 5
   positions. Simulated on llama.cpp's greedy answers to 8 chat prompts: 1.36 tokens a forward (1.06-2.0). Measured,
