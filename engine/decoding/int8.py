@@ -14,12 +14,12 @@ weight on their parent (:data:`GROUPS`), and each projection's own int8 weight b
 matmul instead of three (or two) in the decode loop's fast path (:mod:`engine.decoding.decode`), no extra memory.
 
 One row at a time (one answer decoding), :func:`compile_row_products` replaces the kernel with a product compiled
-by ``torch.compile`` (inductor's CPU code: each weight converted to float32 in registers and multiplied by the
-float32 input, one pass over the int8 bytes), one compiled function per weight shape: measured 2x faster than
-``torch._weight_int8pack_mm`` for the 49k-token head and 1.3x over a whole model's products
-(``benchmarks/decode_bench.py``). It is slower than the kernel for 4 rows and more, which keep the kernel. Its
-numbers are the dequantised int8 weight times the float32 input (the kernel rounds the input to bfloat16), so
-they differ from the kernel's by about bfloat16's rounding.
+by inductor, ``torch.compile``'s code generator (its CPU code: each weight converted to float32 in registers and
+multiplied by the float32 input, one pass over the int8 bytes), one compiled function per weight shape, called
+directly: measured 2x faster than ``torch._weight_int8pack_mm`` for the 49k-token head and 1.3x over a whole
+model's products (``benchmarks/decode_bench.py``). It is slower than the kernel for 4 rows and more, which keep
+the kernel. Its numbers are the dequantised int8 weight times the float32 input (the kernel rounds the input to
+bfloat16), so they differ from the kernel's by about bfloat16's rounding.
 """
 
 from __future__ import annotations
@@ -120,10 +120,24 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def _compiled_row_product(out_features: int, in_features: int) -> RowProduct:
-    # one code object per shape: torch.compile keeps its compiled variants per code object, up to a limit
-    code = row_product.__code__.replace(co_name=f"row_product_{out_features}x{in_features}")
-    fn = types.FunctionType(code, row_product.__globals__, code.co_name)
-    return cast(RowProduct, torch.compile(fn, dynamic=False))
+    """Inductor's code for :func:`row_product` at one shape (contiguous float32 input, int8 weight, bfloat16
+    scale), called directly: without ``torch.compile``'s frame and guard machinery (22 us a call against 7 measured,
+    121 calls a step), so the caller must pass exactly those dtypes, shapes and contiguous layouts."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    example = (
+        torch.zeros(1, in_features),
+        torch.zeros(out_features, in_features, dtype=torch.int8),
+        torch.ones(out_features, dtype=torch.bfloat16),
+    )
+    compiled = cast(Callable[..., object], compile_fx(make_fx(row_product)(*example), list(example)))
+
+    def product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = compiled(x, weight, scale)
+        return cast(torch.Tensor, out[0] if isinstance(out, (list, tuple)) else out)
+
+    return product
 
 
 def compile_row_products(model: nn.Module) -> float:
@@ -172,8 +186,9 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     shape = x.shape
     if _row_products_on and x.dtype == torch.float32 and x.numel() == shape[-1]:
         product = _row_products.get((weight.shape[0], weight.shape[1]))
-        if product is not None:
-            y = product(x.reshape(1, -1), weight, scale)
+        usable = weight.dtype == torch.int8 and scale.dtype == torch.bfloat16
+        if product is not None and usable and weight.is_contiguous() and scale.is_contiguous():
+            y = product(x.reshape(1, -1).contiguous(), weight, scale)
             if bias is not None:
                 y = y + bias.to(y.dtype)
             return y.reshape(*shape[:-1], y.shape[-1])
