@@ -20,7 +20,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from finetune_studio.core.config import METHODS, OBJECTIVES, PARALLELISMS, TrainConfig
+from finetune_studio.core import methods as method_table
+from finetune_studio.core.config import OBJECTIVES, PARALLELISMS, TrainConfig
 from finetune_studio.core.protocol.device_report import DeviceReport
 from finetune_studio.studio.pages.reward_workbench import RewardWorkbench
 from finetune_studio.studio.services import estimate
@@ -37,10 +38,9 @@ from finetune_studio.studio.widgets.model_panel import ModelPanel
 from finetune_studio.studio.widgets.rewards_editor import RewardsEditor
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
-METHOD_LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA"}
-OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO"}
+OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO", "distill": "Distil"}
 # Settings that only one objective reads, by their prefix: shown only while that objective is chosen.
-OBJECTIVE_PREFIXES = {"grpo_": "grpo"}
+OBJECTIVE_PREFIXES = {"grpo_": "grpo", "distill_": "distill"}
 PARALLELISM_LABELS = {"ddp": "DDP", "fsdp": "FSDP"}
 PROCESSES_HELP = (
     "Train on several GPUs of this machine: one process per GPU (train --nproc N). Each process trains its "
@@ -103,7 +103,13 @@ class SetupPage(QWidget):
         left.setFrameShape(QScrollArea.Shape.NoFrame)
         left.setWidget(choices)
 
-        self.method = Segmented(state, "method", {m: METHOD_LABELS.get(m, m.upper()) for m in METHODS}, self)
+        # every method of core.methods, its one sentence (what it trains, what it costs) as its tooltip and below
+        self.method = Segmented(state, "method", {m.name: m.label for m in method_table.TABLE}, self)
+        for value, button in self.method.buttons.items():
+            button.setToolTip(method_table.method(value).summary)
+        self.method_about = QLabel(self)
+        self.method_about.setObjectName("methodAbout")
+        self.method_about.setWordWrap(True)
         labels = {o: OBJECTIVE_LABELS.get(o, o.upper()) for o in OBJECTIVES}  # a new objective shows its name
         self.objective = Segmented(state, "objective", labels, self)
         for value, button in self.objective.buttons.items():
@@ -128,6 +134,7 @@ class SetupPage(QWidget):
         hlay = QVBoxLayout(how)
         hlay.addWidget(QLabel("Adapter", how))
         hlay.addWidget(self.method)
+        hlay.addWidget(self.method_about)
         hlay.addWidget(self.method_error)
         hlay.addWidget(QLabel("Objective", how))
         hlay.addWidget(self.objective)
@@ -229,6 +236,7 @@ class SetupPage(QWidget):
         self._estimate_timer.timeout.connect(self._update_estimate)
         state.subscribe(self._on_state)
         self._sync_objective()
+        self._sync_method()
         self._on_state("errors")
         self._update_estimate()
         guard_wheel(self)
@@ -254,6 +262,10 @@ class SetupPage(QWidget):
         self.preset_note.setText(f"Preset applied: {preset.name}. Its settings can be changed below.")
         self.preset_note.setToolTip(preset.description)
         self.preset_note.show()
+
+    def _sync_method(self) -> None:
+        chosen = method_table.BY_NAME.get(str(self.state.values.get("method", "")))
+        self.method_about.setText(chosen.summary if chosen else "")
 
     def _sync_objective(self) -> None:
         """The chosen objective's sentence, the rewards editor for GRPO, and only its own objective-specific rows."""
@@ -299,6 +311,8 @@ class SetupPage(QWidget):
     def _on_state(self, topic: str) -> None:
         if topic in ("values:objective", "values:*"):
             self._sync_objective()
+        if topic in ("values:method", "values:*"):
+            self._sync_method()
         if topic in ("model", "dataset", "processes"):
             self._estimate_timer.start()
         if topic in ("devices", "processes"):

@@ -164,6 +164,10 @@ class SetupState(Observable):
         context = {"objective": values["objective"]} if values.get("objective") in OBJECTIVES else {}
         if context and reward_rows.FIELD in values and reward_rows.FIELD not in errors:
             context[reward_rows.FIELD] = values[reward_rows.FIELD]  # GRPO's settings are checked with its rewards
+        if context and values.get("distill_teacher") and "distill_teacher" not in errors:
+            context["distill_teacher"] = values["distill_teacher"]  # distillation's settings need its teacher
+        # what a method allows depends on the method and these (core.methods: packing, lora_init)
+        context.update({k: values[k] for k in ("method", "packing") if k in values and k not in errors})
         for name, value in values.items():
             if name in errors:
                 continue
