@@ -298,7 +298,6 @@ class TrainConfig:
         "Distillation: the teacher, a model ('default', a local folder, a .gguf file, a hub id in the cache) or an "
         "adapter on its base (a run id for its final adapter, RUN:best, RUN:step-000050, or an adapter folder). "
         "It must use the student's tokenizer.",
-        advanced=True,
     )
     distill_alpha: float = _f(
         0.5,
