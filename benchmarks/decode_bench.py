@@ -33,19 +33,21 @@ slice / view / cat at 2% each. Sampling and the cache writes are noise (0.3 ms t
 token costs 9.8 ms (q8_0) and 6.9 ms (q4_0) of CPU here: the products alone (17.7 ms int8, 11.6 ms int4) are
 slower than its whole step, so no amount of glue removal reaches it with torch's CPU kernels.
 
-Levers, each measured (one thread, CPU time, alternating, same run; load average 12-14):
+Levers, each measured (one thread, CPU time, alternating, same run; load average 8-14):
 
-* kept: the one-row int8 product compiled by ``torch.compile`` per weight shape (``int8.compile_row_products``,
-  float32, the weight converted in registers): the 49k x 576 head 4.6 -> 2.4 ms, a whole model's products
-  19.2 -> 13.9 ms; in the step, int8 30.5 -> 27.6 ms (x1.11) and int4 (whose head is int8) 21.2 -> 18.8 ms
-  (x1.13). Compile time, once per shape set: 9-36 s on this loaded machine at load (reported by the
-  benchmark, 0 where an earlier precision in the same process compiled the shapes; inductor's disk cache makes
-  later loads faster). 4 rows: slower than the kernel (41 against 30 ms): batches keep the kernel. Greedy tokens
-  equal the kernel's on the test model; adapters apply on top unchanged.
+* kept: the one-row int8 product compiled by inductor per weight shape (``int8.compile_row_products``, float32,
+  the weight converted in registers) and called directly: the 49k x 576 head 4.6 -> 2.4 ms, a whole model's
+  products 19.2 -> 13.9 ms; in the step, int8 29.7 -> 20.2 ms (x1.47) and int4 (whose head is int8) 20.9 -> 18.5
+  ms (x1.11). Through ``torch.compile``'s wrapper instead (22 us a call against 7, 121 calls a step) it gave only
+  x1.11 for int8 (30.5 -> 27.6 ms; the profile above was taken then). Compile time, once per shape set: 6-36 s on
+  this loaded machine at load (reported by the benchmark, 0 where an earlier precision in the same process
+  compiled the shapes; inductor's disk cache makes later loads faster). 4 rows: slower than the kernel (41
+  against 30 ms): batches keep the kernel. Greedy tokens equal the kernel's on the test model; adapters apply on
+  top unchanged.
 * not kept: the same compiled product for int4 (nibbles unpacked in inductor): 44 ms against the int4 kernel's
   9.2 for a model's products. An int4 head: its kernel (3.2-3.6 ms) is now slower than the compiled int8 head
-  (2.2 ms), and it costs KL 0.044 (``quant_quality.py``). AOTInductor for the one-row products: 1.8 us a call
-  against 22 us through ``torch.compile``'s wrapper (about 2.5 ms of the int8 step), but 197 s to compile a shape.
+  (2.2 ms), and it costs KL 0.044 (``quant_quality.py``). AOTInductor for the one-row products: 1.8 us a call,
+  but 197 s to compile a shape (inductor's code called directly: 7 us, 5 s).
 * an option, off by default: prompt-lookup drafting for greedy single answers (``decode(..., draft=4)``): up to 4
   tokens that followed the last 3- or 2-gram's latest earlier occurrence, checked in one forward over 5
   positions. Simulated on llama.cpp's greedy answers to 8 chat prompts: 1.36 tokens a forward (1.06-2.0). Measured,
