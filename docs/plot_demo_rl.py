@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p.setXRange(1, steps[-1], padding=0.02)
     p.setYRange(0, 2, padding=0.02)
 
-    for key, title in (
-        ("kl", "KL to the SFT model (per answer token)"),
-        ("completion_length", "answer length (tokens)"),
+    for key, title, scale in (
+        ("kl", "KL to the SFT model per answer token (x 1000)", 1000.0),
+        ("completion_length", "answer length (tokens)", 1.0),
     ):
-        values = curves.get(key)
+        values = [v * scale for v in curves.get(key, [])]
         if not values:
             continue
         p = win.addPlot(title=title)
