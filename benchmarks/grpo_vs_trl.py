@@ -32,17 +32,21 @@ peak minus the resident set once the model and adapters were loaded ("above mode
 
 Measured on the shared 2-core CPU (torch 2.13.0, transformers 5.24.0, TRL 1.16.0), SmolLM2-135M-Instruct, the
 defaults (4 steps x 2 prompts x G 4, up to 32 new tokens, temperature 1, beta 0.04, loss sequence, LoRA r8, lr
-1e-5), one run a side, twice, while other people's jobs held the load average at 8-16:
+1e-5), one run a side, three times: twice while other people's jobs held the load average at 8-16, once with the
+machine nearly idle (load 1.0-2.7):
 
     run  side    tokens/s  tok/cpu-s  peak MiB  above model MiB   load average during the run
     1    engine      6.9          -      1913             1024   11.0 -> 13.4
     1    TRL         4.6          -      4054             2914   13.4 -> 11.5
     2    engine      8.4       80.6      1773              887   14.5 -> 15.9
     2    TRL         7.7       41.2      3700             2593   15.9 -> 8.0
+    3    engine    100.9       99.6      1794              908    1.1 -> 1.0
+    3    TRL        36.6       46.6      4329             3192    1.0 -> 2.7
 
-Engine / TRL: wall-clock tokens/s 1.51x and 1.09x (in run 2 TRL ran as the load fell by half), tokens per CPU
-second 1.96x (run 2; run 1 predates that column), memory above the loaded model 0.35x and 0.34x, peak resident set
-0.47x and 0.48x. The base model rarely answers in the task's format, so rewards stay near 0 on both sides: the
+Engine / TRL on the quiet machine (run 3): **2.75x the tokens/s** (2.14x per CPU second) at **0.28x the memory
+above the loaded model** (peak resident set 0.41x). Under load: wall-clock tokens/s 1.51x and 1.09x (in run 2 TRL
+ran as the load fell by half), 1.96x per CPU second (run 1 predates that column), memory above the model 0.35x
+and 0.34x. The base model rarely answers in the task's format, so rewards stay near 0 on both sides: the
 figures are of speed and memory, not of learning (``engine demo --rl`` measures learning).
 """
 
