@@ -11,14 +11,16 @@ from finetune_studio.core.store import Store
 
 
 def labelled_store(prompts: int = 120) -> Path:
-    """A database with rows in every table of the schema: two runs with metrics and samples, and the preference
+    """A database with rows in every table of the schema: two runs with metrics (named ones too), samples and rollouts, and the preference
     store after labelling (comparisons, a changed decision, an edit, a snapshot)."""
     store = Store()
     runs = [store.create_run({"model": "m", "dataset": f"d{i}"}, run_dir="") for i in range(2)]
     with store.db.conn:
         for step in range(1, 400):
-            store.add_metrics(runs[0], "train", step, {"loss": 1.0 / step, "lr": 1e-4})
+            store.add_metrics(runs[0], "train", step, {"loss": 1.0 / step, "lr": 1e-4, "metrics": {"kl": 0.01}})
     store.add_samples(runs[0], 10, ["Say hi."], ["hi"])
+    rollout = {"prompt": "Say hi.", "completion": "hi", "reward": 1.0, "rewards": {"json_valid": 1.0}, "advantage": 0.5}
+    store.add_rollouts(runs[1], 1, [dict(rollout, group=g) for g in range(4)])
     prefs = store.preferences
     for i in range(prompts):
         pid = prefs.add_prompt(f"Question {i}: " + "why? " * 20, source="session")
