@@ -11,8 +11,8 @@ from finetune_studio.core.store import Store
 
 
 def labelled_store(prompts: int = 120) -> Path:
-    """A database with rows in every table of the schema: two runs with metrics (named ones too), samples and rollouts, and the preference
-    store after labelling (comparisons, a changed decision, an edit, a snapshot)."""
+    """A database with rows in every table of the schema: two runs with metrics (named ones too), samples and
+    rollouts, and the preference store after labelling (comparisons, a changed decision, an edit, a snapshot)."""
     store = Store()
     runs = [store.create_run({"model": "m", "dataset": f"d{i}"}, run_dir="") for i in range(2)]
     with store.db.conn:
