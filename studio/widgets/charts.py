@@ -146,7 +146,63 @@ def apply_palette(widget: pg.PlotWidget) -> None:
     item.titleLabel.setText(getattr(widget, "title", ""), color=QColor(fg).name())
 
 
-class TrainingCharts(QWidget):
+class StaggeredCharts(QWidget):
+    """Charts that redraw one per timer tick (``TICK_MS``), each only once it has new data, hidden ones when shown.
+
+    A subclass sets ``charts``, defines :meth:`_empty` (no data: a new run), :meth:`_update` (hand one chart its
+    columns) and, if some charts show only for some runs, :meth:`_visibility`; then calls :meth:`_start_redraws`.
+    """
+
+    charts: list[Chart]
+
+    def _start_redraws(self, state: RunState) -> None:
+        self._dirty: list[Chart] = []
+        self._timer = QTimer(self, interval=TICK_MS)
+        self._timer.timeout.connect(self._tick)
+        self.redraws = 0
+        state.subscribe(self._on_state)
+
+    def _empty(self) -> bool:
+        raise NotImplementedError
+
+    def _update(self, chart: Chart) -> None:
+        raise NotImplementedError
+
+    def _visibility(self) -> None:
+        """Show the charts this run has figures for; all of them by default."""
+
+    def _on_state(self, topic: str) -> None:
+        if topic not in ("metrics", "info"):
+            return
+        if self._empty():
+            self.refresh()  # a new run: clear every chart at once (hidden ones too), it costs nothing without data
+            return
+        for chart in self.charts:
+            if chart not in self._dirty:
+                self._dirty.append(chart)
+        if not self._timer.isActive():
+            self._timer.start()
+            self._tick()
+
+    def _tick(self) -> None:
+        """Redraw the next chart that has new data (hidden ones are skipped until shown)."""
+        self._visibility()
+        while self._dirty:
+            chart = self._dirty.pop(0)
+            if chart.isVisible() or not self.isVisible():
+                self._update(chart)
+                return
+        self._timer.stop()
+
+    def refresh(self) -> None:
+        """Hand the current columns to every curve at once (views, not copies)."""
+        self._visibility()
+        for chart in self.charts:
+            self._update(chart)
+        self._dirty.clear()
+
+
+class TrainingCharts(StaggeredCharts):
     """The run's curves; subscribes to a :class:`RunState` and redraws at most every ``REFRESH_MS``."""
 
     def __init__(self, state: RunState, parent: QWidget | None = None):
@@ -191,41 +247,13 @@ class TrainingCharts(QWidget):
         grid.addWidget(self.dpo, 2, 0, 1, 3)
         self.dpo.hide()
         self.charts = [self.loss, self.memory, self.lr, self.grad, self.tps, self.dpo]
-        self._dirty: list[Chart] = []
-        self._timer = QTimer(self, interval=TICK_MS)
-        self._timer.timeout.connect(self._tick)
-        self.redraws = 0
-        state.subscribe(self._on_state)
+        self._start_redraws(state)
 
-    def _on_state(self, topic: str) -> None:
-        if topic not in ("metrics", "info"):
-            return
-        if not self.state.train.n and not self.state.eval.n:
-            self.refresh()  # a new run: clear every chart at once (hidden ones too), it costs nothing without data
-            return
-        for chart in self.charts:
-            if chart not in self._dirty:
-                self._dirty.append(chart)
-        if not self._timer.isActive():
-            self._timer.start()
-            self._tick()
+    def _empty(self) -> bool:
+        return not self.state.train.n and not self.state.eval.n
 
-    def _tick(self) -> None:
-        """Redraw the next chart that has new data (hidden ones are skipped until shown)."""
+    def _visibility(self) -> None:
         self._update_dpo_visibility()
-        while self._dirty:
-            chart = self._dirty.pop(0)
-            if chart.isVisible() or not self.isVisible():
-                self._update(chart)
-                return
-        self._timer.stop()
-
-    def refresh(self) -> None:
-        """Hand the current columns to every curve at once (views, not copies)."""
-        self._update_dpo_visibility()
-        for chart in self.charts:
-            self._update(chart)
-        self._dirty.clear()
 
     def _update_dpo_visibility(self) -> None:
         margin = self.state.train.column("reward_margin")

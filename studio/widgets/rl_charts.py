@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QTimer
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QGridLayout, QWidget
 
 from finetune_studio.studio.state.rl_figures import ACCURACY_KEYS, GAP_KEYS, REWARD_PREFIX, StepFigures
 from finetune_studio.studio.state.run import RunState
-from finetune_studio.studio.widgets.charts import COLORS, TICK_MS, Chart, make_curve
+from finetune_studio.studio.widgets.charts import COLORS, Chart, StaggeredCharts, make_curve
 
 # Reward functions' curves, in the order the functions came (the total reward is COLORS["smooth"]).
 FUNCTION_COLORS = [(230, 120, 40), (40, 160, 120), (150, 90, 200), (200, 70, 90), (120, 120, 120), (180, 150, 30)]
@@ -27,7 +26,7 @@ BAND = (30, 90, 200, 50)  # the spread around the mean reward
 SMALLEST_TOP = {"chart_kl": 0.01, "chart_clip": 0.01}
 
 
-class RLCharts(QWidget):
+class RLCharts(StaggeredCharts):
     """GRPO's figures (``state.figures``) and a reward model's (``state.eval_figures``, else the evaluations'
     reward_accuracy / reward_margin columns) as charts; subscribes to the :class:`RunState`."""
 
@@ -71,12 +70,8 @@ class RLCharts(QWidget):
         self.grpo_charts = [self.reward, self.kl, self.length, self.clip]
         self.charts = [*self.grpo_charts, self.reward_model]
         self._functions: list[str] = []
-        self._dirty: list[Chart] = []
-        self._timer = QTimer(self, interval=TICK_MS)
-        self._timer.timeout.connect(self._tick)
-        self.redraws = 0
         self._visibility()
-        state.subscribe(self._on_state)
+        self._start_redraws(state)
 
     # --- what is shown ---------------------------------------------------------------
     @property
@@ -120,33 +115,8 @@ class RLCharts(QWidget):
         self._functions = list(names)
 
     # --- redrawing -------------------------------------------------------------------
-    def _on_state(self, topic: str) -> None:
-        if topic not in ("metrics", "info"):
-            return
-        if not self.state.figures.n and not self.state.eval_figures.n:
-            self.refresh()  # a new run: empty charts at once
-            return
-        for chart in self.charts:
-            if chart not in self._dirty:
-                self._dirty.append(chart)
-        if not self._timer.isActive():
-            self._timer.start()
-            self._tick()
-
-    def _tick(self) -> None:
-        self._visibility()
-        while self._dirty:
-            chart = self._dirty.pop(0)
-            if chart.isVisible() or not self.isVisible():
-                self._update(chart)
-                return
-        self._timer.stop()
-
-    def refresh(self) -> None:
-        self._visibility()
-        for chart in self.charts:
-            self._update(chart)
-        self._dirty.clear()
+    def _empty(self) -> bool:
+        return not self.state.figures.n and not self.state.eval_figures.n
 
     def _update(self, chart: Chart) -> None:
         f = self.state.figures
