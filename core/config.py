@@ -62,6 +62,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "grpo_updates_per_batch": (1, 64),
     "num_virtual_tokens": (1, 4096),
     "adapter_reduction_factor": (1, 4096),
+    "distill_student_layers": (0, 4096),  # below the model's layers, checked once the model is known
 }
 MAX_EPOCHS = 1_000_000
 
@@ -107,8 +108,9 @@ class TrainConfig:
     method: str = _f(
         "lora",
         "Adapter method: LoRA (16-bit base), QLoRA (4-bit NF4 base), DoRA (magnitude + direction), QDoRA (DoRA on "
-        "a 4-bit base), VeRA, IA3, BitFit (biases), prompt tuning, P-tuning, prefix tuning, or a bottleneck adapter "
-        "(Houlsby or Pfeiffer); core.methods says what each trains and allows.",
+        "a 4-bit base), VeRA, IA3, BitFit (biases), prompt tuning, P-tuning, prefix tuning, a bottleneck adapter "
+        "(Houlsby or Pfeiffer), or full (every weight trained, no adapter); core.methods says what each trains and "
+        "allows.",
         choices=METHODS,
     )
     objective: str = _f(
@@ -333,6 +335,19 @@ class TrainConfig:
         advanced=True,
         choices=TEACHER_PRECISIONS,
     )
+    distill_student_layers: int = _f(
+        0,
+        "Distillation: 0 trains the model as it is; N above 0 makes the student the model pruned to N layers, "
+        "chosen on the run's training data as the layers whose removal changes its outputs least (pruned once, at "
+        "the start, into the run's folder).",
+        advanced=True,
+    )
+    distill_measure_speed: bool = _f(
+        True,
+        "Distillation: at the end, time greedy generation (new tokens per second) of the teacher and the trained "
+        "student on a few prompts, taking turns, and keep the figures with the run.",
+        advanced=True,
+    )
 
     # --- online RL (objective grpo) -------------------------------------------
     grpo_group_size: int = _f(
@@ -489,6 +504,12 @@ class TrainConfig:
             "must be between 0 and 1, exclusive (0 and 1 are the two KLs: choose forward_kl or reverse_kl)",
         )
         need(
+            self.objective == "distill" or not self.distill_student_layers,
+            "distill_student_layers",
+            f"prunes the student of a distillation: set objective to distill, or set it to 0 (now "
+            f"{_show(self.distill_student_layers)})",
+        )
+        need(
             self.distill_teacher_precision in TEACHER_PRECISIONS,
             "distill_teacher_precision",
             f"must be one of {', '.join(TEACHER_PRECISIONS)}",
@@ -556,6 +577,7 @@ class TrainConfig:
             "packing",
             "precompute_reference",
             "distill_on_policy",
+            "distill_measure_speed",
             "allow_pickle",
             "trust_remote_code",
             "ignore_memory_check",
@@ -574,6 +596,21 @@ class TrainConfig:
             )
         if self.trains_on_pairs and not entry.allows(_methods.PAIRS):
             raise ConfigError("objective", f"{entry.label} cannot train {self.objective}: {entry.refusal('dpo')}")
+        if self.objective == "reward" and not entry.allows(_methods.REWARD_HEAD):
+            raise ConfigError("objective", f"{entry.label} cannot train a reward model: {entry.refusal('reward')}")
+        if entry.family == "full":
+            if self.init_adapter:
+                raise ConfigError(
+                    "init_adapter",
+                    "a full fine-tune starts from the model's own weights, not an adapter: set model to the tuned "
+                    "model's folder (a merged export, or a full run's model/ folder) and leave init_adapter empty",
+                )
+            if self.compute_dtype == "bf16-mixed":
+                raise ConfigError(
+                    "compute_dtype",
+                    "bf16-mixed keeps frozen weights in bfloat16, and a full fine-tune freezes none (updates to "
+                    "bfloat16 weights would be rounded away): choose auto, float32 or bfloat16",
+                )
         if self.lora_init not in _methods.LORA_INITS:
             raise ConfigError("lora_init", f"must be one of {', '.join(_methods.LORA_INITS)}, not {self.lora_init!r}")
         why = _methods.lora_init_refusal(self.lora_init, self.method, self.trains_on_pairs or self.objective == "grpo")

@@ -17,6 +17,8 @@ Families:
 - ``bottleneck``: sequential bottleneck adapters (down-projection, non-linearity, up-projection, residual) after
   the attention and the MLP (Houlsby) or after the MLP only (Pfeiffer); the non-linearity keeps them out of the
   weights.
+- ``full``: no adapter, every weight of the model trained (the student of a distillation is the usual case); the run
+  saves a whole model folder, which is also its merged export.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ PAIRS = "dpo"  # DPO and the other objectives that compare the model with the on
 MERGE = "merge"  # the merged and GGUF exports
 DISTRIBUTED = "distributed"  # several processes (train --nproc N)
 SAMPLING = "sampling"  # objectives that sample answers with the engine's decode loop (GRPO, on-policy distillation)
+BASE_4BIT = "4bit"  # the weights stored in 4-bit NF4 (a method whose base_4bit is true)
+REWARD_HEAD = "reward"  # the reward objective: an adapter and a scalar head saved on the base
 
 LORA_INITS = ("default", "pissa", "olora", "loftq")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -42,6 +46,10 @@ _NO_SAMPLING = (
     "the engine's decode loop, which samples the answers, does not feed its virtual tokens (or prefix), so they "
     "would not be the trained model's: choose SFT or DPO"
 )
+_FULL_4BIT = (
+    "a full fine-tune updates the weights themselves, and 4-bit NF4 weights cannot take small updates (the "
+    "rounding eats them), so there is no QLoRA-style full fine-tune: train in 16 or 32 bits, or choose qlora"
+)
 _NO_FOLD_PROMPT = (
     "it trains extra inputs (virtual tokens or a key/value prefix), not weights, so nothing folds into the model: "
     "export the adapter (the model card shows how to load it)"
@@ -54,7 +62,7 @@ class Method:
 
     name: str
     label: str
-    family: str  # lora | scaling | bias | prompt | bottleneck
+    family: str  # lora | scaling | bias | prompt | bottleneck | full
     summary: str  # what it trains and what it costs, one sentence
     base_4bit: bool = False  # the frozen base is stored in 4-bit NF4
     refusals: tuple[tuple[str, str], ...] = ()  # (capability, why not) for each thing it cannot do
@@ -193,6 +201,27 @@ TABLE: tuple[Method, ...] = (
                 "(with its loader)",
             ),
             (DISTRIBUTED, _ONE_PROCESS),
+        ),
+    ),
+    Method(
+        "full",
+        "Full fine-tune",
+        "full",
+        "Trains every weight of the model, no adapter: all its parameters, their gradients and two AdamW states "
+        "each (about 16 bytes a parameter), and the run saves a whole model folder. For small models, such as a "
+        "distilled student.",
+        refusals=(
+            (BASE_4BIT, _FULL_4BIT),
+            (
+                REWARD_HEAD,
+                "a reward model is saved as an adapter and a scalar head on its base: train it with an adapter "
+                "method (lora)",
+            ),
+            (
+                DISTRIBUTED,
+                "it is trained in one process here (its whole-model checkpoints are not sharded): run it without "
+                "--nproc",
+            ),
         ),
     ),
 )

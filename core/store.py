@@ -26,6 +26,7 @@ from typing import Any
 import sqlite_utils
 
 from finetune_studio.core import paths, preferences
+from finetune_studio.core.protocol.distill_report import DistillSpeed
 from finetune_studio.core.protocol.events import Eval, Step
 from finetune_studio.core.run_status import (  # noqa: F401 - RUN_STATUSES: still importable here
     RUN_STATUSES,
@@ -653,6 +654,27 @@ class Store:
         for step, name, value in rows:
             out.setdefault(int(step), {})[name] = float(value)
         return out
+
+    def add_distill_speed(self, run_id: str, speed: DistillSpeed) -> None:
+        """A distillation run's generation speed (the ``distill_speed`` event), kept as named figures of kind
+        ``speed`` at step 0; a second one for the run (a resumed run measured again) replaces the first."""
+        rows = [(run_id, "speed", 0, name, float(getattr(speed, name))) for name in DistillSpeed.FIELDS]
+
+        def write() -> None:
+            with preferences.transaction(self.db.conn) as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO named_metrics (run_id, kind, step, name, value) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        self._write(write)
+
+    def distill_speed(self, run_id: str) -> DistillSpeed | None:
+        """The run's ``distill_speed`` event as stored (None when the run measured none)."""
+        figures = self.named_metrics(run_id, "speed").get(0)
+        if not figures:
+            return None
+        return DistillSpeed.from_fields(figures)
 
     def metrics(self, run_id: str, kind: str = "train", since_step: int = -1) -> list[MetricRow]:
         rows = self.db["metrics"].rows_where(

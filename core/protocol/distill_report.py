@@ -6,6 +6,11 @@ on data, each greedy round's dropped layer and the change it left (``measure``: 
 
 :class:`DemoDistillReport` (``"demo_distill_report"``): the demo task's held-out score and generation speed (new
 tokens per second, greedy, one prompt at a time) of the teacher, the pruned student before distillation and after it.
+
+:class:`DistillSpeed` (``"distill_speed"``): emitted by a distillation run when it ends (``distill_measure_speed``):
+greedy new tokens per second of the teacher and of the trained student, one prompt at a time, the two models taking
+turns prompt by prompt, wall-clock and per CPU second of the process; their layers and parameters. The run's store
+keeps it (``Store.distill_speed(run_id)``).
 Unknown fields are ignored, as for every event.
 """
 
@@ -86,4 +91,59 @@ class DemoDistillReport(Event):
             raise ProtocolError(f"bad {cls.type} event: {exc}") from None
 
 
-EVENT_TYPES.update({cls.type: cls for cls in (PruneReport, DemoDistillReport)})
+@dataclass(frozen=True)
+class DistillSpeed(Event):
+    """A distillation run's generation speed: its trained student beside its teacher, on the same prompts."""
+
+    type: ClassVar[str] = "distill_speed"
+    prompts: int = 0  # prompts each model answered (one at a time, the models taking turns)
+    new_tokens: int = 0  # the most new tokens asked of each answer (greedy)
+    teacher_tokens_per_s: float = 0.0  # new tokens per wall-clock second
+    teacher_tokens_per_cpu_s: float = 0.0  # new tokens per CPU second of the process (steadier on a busy machine)
+    student_tokens_per_s: float = 0.0
+    student_tokens_per_cpu_s: float = 0.0
+    teacher_layers: int = 0
+    student_layers: int = 0
+    teacher_params: int = 0
+    student_params: int = 0
+
+    # The number fields, in order: what the store keeps (``Store.distill_speed``).
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "prompts",
+        "new_tokens",
+        "teacher_tokens_per_s",
+        "teacher_tokens_per_cpu_s",
+        "student_tokens_per_s",
+        "student_tokens_per_cpu_s",
+        "teacher_layers",
+        "student_layers",
+        "teacher_params",
+        "student_params",
+    )
+
+    @property
+    def speedup(self) -> float:
+        """The student's new tokens per wall-clock second over the teacher's (0 when the teacher's is unknown)."""
+        return self.student_tokens_per_s / self.teacher_tokens_per_s if self.teacher_tokens_per_s > 0 else 0.0
+
+    @property
+    def speedup_cpu(self) -> float:
+        """The same per CPU second."""
+        if self.teacher_tokens_per_cpu_s <= 0:
+            return 0.0
+        return self.student_tokens_per_cpu_s / self.teacher_tokens_per_cpu_s
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> DistillSpeed:
+        try:
+            kwargs: dict[str, Any] = {}
+            for f in dataclasses.fields(cls):
+                if f.name in data:
+                    kind = int if f.type in ("int", int) else float
+                    kwargs[f.name] = kind(data[f.name])
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"bad {cls.type} event: {exc}") from None
+
+
+EVENT_TYPES.update({cls.type: cls for cls in (PruneReport, DemoDistillReport, DistillSpeed)})

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from finetune_studio.core.protocol import events as ev
+from finetune_studio.core.protocol.distill_report import DistillSpeed
 from finetune_studio.core.protocol.rollouts import Rollouts
 from finetune_studio.core.store import Store
 from finetune_studio.engine import logs
@@ -131,6 +132,8 @@ class Reporter:
             s.add_samples(rid, event.step, event.prompts, event.answers)
         elif isinstance(event, Rollouts):
             s.add_rollouts(rid, event.step, event.items)
+        elif isinstance(event, DistillSpeed):
+            s.add_distill_speed(rid, event)  # Store.distill_speed(run_id) reads it back
 
     # Convenience wrappers -------------------------------------------------------
     def progress(self, stage: str, done: int, total: int, message: str = "") -> None:

@@ -23,7 +23,7 @@ def test_unknown_field_is_named_with_a_suggestion():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("method", "full"),
+        ("method", "complete"),
         ("objective", "ppo"),
         ("max_steps", 0),
         ("batch_size", -1),

@@ -17,7 +17,7 @@ from finetune_studio.engine.train.recipe import Recipe, SetUp, StopFlag, train_r
 from finetune_studio.engine.train.reporting import Reporter
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
-NEW = [m.name for m in table.TABLE if not m.base_4bit and m.name not in ("lora", "dora")]  # lora/dora tested elsewhere
+NEW = [m.name for m in table.TABLE if not m.base_4bit and m.name not in ("lora", "dora", "full")]  # tested elsewhere
 PROMPT = {m.name for m in table.TABLE if m.family == "prompt"}
 
 
