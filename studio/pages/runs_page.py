@@ -1,4 +1,5 @@
-"""Runs: every run from the database; filter, sort, overlay loss curves, open, start again, export."""
+"""Runs: every run from the database; filter, sort, overlay loss curves, open, start again, export; a distillation's
+student timed beside its teacher."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
+    QLabel,
     QLineEdit,
     QMenu,
     QPlainTextEdit,
@@ -27,6 +29,7 @@ from PySide6.QtWidgets import (
 from finetune_studio.core.config import ConfigError
 from finetune_studio.core.run_status import RUN_STATUSES, is_exportable, is_resumable
 from finetune_studio.core.store import RunRecord, Store
+from finetune_studio.studio.state.distill import is_distill, speed_details, speed_line
 from finetune_studio.studio.state.series import Ema
 from finetune_studio.studio.widgets.charts import Chart, make_curve
 from finetune_studio.studio.widgets.flow_layout import FlowLayout
@@ -161,12 +164,18 @@ class RunsPage(QWidget):
         detail = QTabWidget(self)
         detail.addTab(self.overlay, "Loss curves")
         detail.addTab(self.config_view, "Config")
+        self.speed_label = QLabel(self)  # the selected distillation's student timed beside its teacher
+        self.speed_label.setObjectName("runsDistillSpeed")
+        self.speed_label.setWordWrap(True)
+        self.speed_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.speed_label.hide()
         left = QWidget(self)
         llay = QVBoxLayout(left)
         llay.setContentsMargins(0, 0, 0, 0)
         llay.addLayout(top)
         llay.addWidget(self.table, 1)
         llay.addWidget(buttons)
+        llay.addWidget(self.speed_label)
         split = QSplitter(Qt.Orientation.Vertical, self)
         split.addWidget(left)
         split.addWidget(detail)
@@ -237,7 +246,16 @@ class RunsPage(QWidget):
                 self.config_view.setPlainText(one.config)
         else:
             self.config_view.setPlainText("")
+        self._show_speed(one)
         self._draw_overlay(ids[:MAX_OVERLAY])
+
+    def _show_speed(self, run: RunRecord | None) -> None:
+        """One distillation run selected: its student's generation speed beside its teacher's, when it was timed."""
+        speed = self.store.distill_speed(run.id) if run is not None and is_distill(run.config_dict()) else None
+        self.speed_label.setVisible(speed is not None)
+        if speed is not None:
+            self.speed_label.setText(speed_line(speed))
+            self.speed_label.setToolTip(speed_details(speed))
 
     def _draw_overlay(self, ids: list[str]) -> None:
         plot = self.overlay.getPlotItem()

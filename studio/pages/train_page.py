@@ -1,6 +1,7 @@
 """Train: live curves, progress with ETA, Stop / Resume / Export, the failure message, the log; for an online RL run
 its rewards, KL, answer length and clipped fraction, and its rollouts (sortable, any of them sent to Annotate); for a
-reward model its held-out accuracy and gap."""
+reward model its held-out accuracy and gap; for a distillation its divergence to the teacher and task loss, and at its
+end the student's generation speed beside the teacher's."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from PySide6.QtWidgets import (
 )
 
 from finetune_studio.core.run_status import RunStatus, is_exportable, is_resumable
+from finetune_studio.studio.state.distill import speed_details, speed_line
 from finetune_studio.studio.state.run import MemoryState, RunState, format_bytes, format_duration
 from finetune_studio.studio.widgets.charts import TrainingCharts
+from finetune_studio.studio.widgets.distill_charts import DistillCharts
 from finetune_studio.studio.widgets.log_view import LogView
 from finetune_studio.studio.widgets.memory_panel import MemoryBar
 from finetune_studio.studio.widgets.rl_charts import RLCharts
@@ -89,6 +92,7 @@ class TrainPage(QWidget):
         memory.subscribe(lambda _topic: self._show_memory())
         self.charts = TrainingCharts(state, self)
         self.rl_charts = RLCharts(state, self)
+        self.distill_charts = DistillCharts(state, self)
         self.rollouts_view = RolloutsView(state.rollouts, self)
         self.rollouts_view.send_requested.connect(self.annotate_requested)
         self.chart_tabs = QTabWidget(self)
@@ -97,7 +101,8 @@ class TrainPage(QWidget):
         self.chart_tabs.addTab(self.charts, "Loss and speed")
         self.chart_tabs.addTab(self.rl_charts, "Rewards")
         self.chart_tabs.addTab(self.rollouts_view, "Rollouts")
-        self._rl_shown_for = ""  # the run whose rewards were brought forward once (a person's choice of tab stays)
+        self.chart_tabs.addTab(self.distill_charts, "Distillation")
+        self._rl_shown_for = ""  # the run whose own charts were brought forward once (a person's choice of tab stays)
         state.rollouts.subscribe(lambda _topic: self._show_rl_tabs())
         self.log_view = LogView(state, self)
         self.config_view = QPlainTextEdit(self)
@@ -111,6 +116,11 @@ class TrainPage(QWidget):
         self.best_label.setObjectName("bestCheckpoint")
         self.best_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.best_label.hide()
+        self.speed_label = QLabel(self)  # a distillation's student timed beside its teacher, at the run's end
+        self.speed_label.setObjectName("distillSpeed")
+        self.speed_label.setWordWrap(True)
+        self.speed_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.speed_label.hide()
         tabs = QTabWidget(self)
         tabs.addTab(self.log_view, "Log")
         tabs.addTab(self.samples_view, "Samples")
@@ -128,6 +138,7 @@ class TrainPage(QWidget):
         lay.addWidget(self.progress)
         lay.addWidget(self.message)
         lay.addWidget(self.best_label)
+        lay.addWidget(self.speed_label)
         mem_row = QHBoxLayout()
         mem_row.addWidget(self.memory_label)
         mem_row.addWidget(self.memory_bar, 1)
@@ -142,21 +153,41 @@ class TrainPage(QWidget):
         self._show_memory()
         self._show_samples()
         self._show_rl_tabs()
+        self._show_speed()
+
+    def _objective_tabs(self) -> dict[QWidget, bool]:
+        """The objective's own tabs and whether the run has them."""
+        rollouts = bool(len(self.state.rollouts)) or self.rl_charts.has_grpo
+        return {
+            self.rl_charts: self.rl_charts.has_any,
+            self.rollouts_view: rollouts,
+            self.distill_charts: self.distill_charts.has_any,
+        }
 
     def _show_rl_tabs(self) -> None:
-        """The Rewards and Rollouts tabs for an online RL run or a reward model (brought forward once per run);
-        an SFT or DPO run shows its loss charts alone, as before."""
-        rewards, rollouts = self.rl_charts.has_any, bool(len(self.state.rollouts))
+        """The Rewards and Rollouts tabs for an online RL run or a reward model, the Distillation tab for a
+        distillation (its first chart tab brought forward once per run); an SFT or DPO run shows its loss charts alone,
+        as before."""
         tabs = self.chart_tabs
-        tabs.setTabVisible(1, rewards)
-        tabs.setTabVisible(2, rollouts or self.rl_charts.has_grpo)
-        tabs.tabBar().setVisible(rewards or rollouts)
+        shown = self._objective_tabs()
+        for widget, on in shown.items():
+            tabs.setTabVisible(tabs.indexOf(widget), on)
+        tabs.tabBar().setVisible(any(shown.values()))
+        first = next((w for w in (self.rl_charts, self.distill_charts) if shown[w]), None)
         run = self.state.info.run_id or self.state.info.name
-        if rewards and run and self._rl_shown_for != run:
+        if first is not None and run and self._rl_shown_for != run:
             self._rl_shown_for = run
-            tabs.setCurrentIndex(1)
+            tabs.setCurrentWidget(first)
         elif not tabs.isTabVisible(tabs.currentIndex()):
             tabs.setCurrentIndex(0)
+
+    def _show_speed(self) -> None:
+        """A distillation's student beside its teacher: generation speed, measured at the run's end."""
+        speed = self.state.distill_speed
+        self.speed_label.setVisible(speed is not None)
+        if speed is not None:
+            self.speed_label.setText(speed_line(speed))
+            self.speed_label.setToolTip(speed_details(speed))
 
     def _show_samples(self) -> None:
         """The samples, newest evaluation first, and the best checkpoint under early stopping."""
@@ -198,9 +229,13 @@ class TrainPage(QWidget):
             self._show_rl_tabs()
         elif topic == "samples":
             self._show_samples()
+        elif topic == "distill_speed":
+            self._show_speed()
         elif topic in ("metrics", "progress") and not self._progress_timer.isActive():
             self._progress_timer.start()
-        if topic == "metrics" and self.rl_charts.has_any != self.chart_tabs.isTabVisible(1):
+        if topic == "metrics" and any(
+            on != self.chart_tabs.isTabVisible(self.chart_tabs.indexOf(w)) for w, on in self._objective_tabs().items()
+        ):
             self._show_rl_tabs()
 
     def _show_info(self) -> None:
@@ -254,6 +289,9 @@ class TrainPage(QWidget):
             bits.append(f"mean reward {reward:.3g}")
         elif loss is not None:
             bits.append(f"smoothed loss {loss:.4f}")  # Runs' figure is the last step's own loss
+        if self.distill_charts.has_any:  # a distillation: its two parts, the last step's
+            kl, ce = st.figures.last("kl"), st.figures.last("ce")
+            bits += [f"{name} {v:.3g}" for name, v in (("KL", kl), ("CE", ce)) if v is not None]
         if st.status == "starting":
             bits = ["loading the model and data…"]
         self.progress.setFormat(" · ".join(bits))

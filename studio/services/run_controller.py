@@ -21,6 +21,7 @@ from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import RunRecord, Store, signal_process
 from finetune_studio.studio.services.engine_process import EngineProcess, Outcome, OutcomeStatus, engine_command
+from finetune_studio.studio.state.distill import is_distill
 from finetune_studio.studio.state.rollouts import Rollout
 from finetune_studio.studio.state.run import EstimateView, MemoryState, RunPhase, RunState
 from finetune_studio.studio.state.run_log import LogFile
@@ -292,7 +293,13 @@ class RunController(QObject):
             kind = FailureKind.parse(run.error_kind) if ended == OutcomeStatus.FAILED else None
             self.run_ended.emit(Outcome(ended, why, kind, run_id=run_id))
 
+    def _load_distill_speed(self, run_id: str) -> None:
+        """A distillation run's generation speed beside its teacher, once the run has ended (measured at its end)."""
+        if is_distill(self.state.info.config):
+            self.state.set_distill_speed(self.store.distill_speed(run_id))
+
     def _final_status(self, run: RunRecord) -> None:
+        self._load_distill_speed(run.id)
         status = run.status
         step = run.step or self.state.step
         self.state.step = max(self.state.step, step)

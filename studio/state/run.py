@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
 
+from finetune_studio.core.protocol.distill_report import DistillSpeed
 from finetune_studio.core.protocol.events import (
     CheckpointSaved,
     Eval,
@@ -90,7 +91,8 @@ class RunInfo:
 
 class RunState(Observable):
     """One run's live picture. Topics: 'status', 'metrics', 'log', 'progress', 'info', 'samples' (what the model
-    answers to the fixed validation prompts at each evaluation, and the best evaluation under early stopping)."""
+    answers to the fixed validation prompts at each evaluation, and the best evaluation under early stopping),
+    'distill_speed' (a distillation's student timed beside its teacher at the run's end)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,6 +121,7 @@ class RunState(Observable):
         self.best_step: int | None = None  # early stopping: the best evaluation so far
         self.best_eval_loss: float | None = None
         self.best_checkpoint = ""
+        self.distill_speed: DistillSpeed | None = None  # a distillation run's generation speed, at its end
         self.train.clear()
         self.eval.clear()
         self.figures.clear()
@@ -129,7 +132,7 @@ class RunState(Observable):
         self._rate_marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=50)
         self._session_elapsed = 0.0  # the engine's elapsed_s in the current session (it starts at 0 on a resume)
         self._earlier_sessions_s = 0.0  # training time of the sessions before a resume
-        for topic in ("status", "metrics", "log", "progress", "info", "samples"):
+        for topic in ("status", "metrics", "log", "progress", "info", "samples", "distill_speed"):
             self.notify(topic)
 
     # --- derived ------------------------------------------------------------
@@ -221,6 +224,14 @@ class RunState(Observable):
             self.set_status(RunPhase.FAILED, event.message, event.kind)
         elif getattr(event, "type", "") == "rollouts":  # core.protocol.rollouts.Rollouts: step, items
             self.rollouts.add(int(event.step), list(event.items))
+        elif isinstance(event, DistillSpeed):
+            self.set_distill_speed(event)
+
+    def set_distill_speed(self, speed: DistillSpeed | None) -> None:
+        """A distillation run's student timed beside its teacher (live, or read back with the run)."""
+        if speed != self.distill_speed:
+            self.distill_speed = speed
+            self.notify("distill_speed")
 
     def add_samples(self, step: int, pairs: list[tuple[str, str]]) -> None:
         self.samples[int(step)] = pairs
