@@ -1,5 +1,6 @@
 """Set up a run: model, dataset, method × objective, hyper-parameters (basic and advanced), presets, memory; for GRPO
-its rewards (``widgets.rewards_editor``) and the reward workbench (``pages.reward_workbench``)."""
+its rewards (``widgets.rewards_editor``) and the reward workbench (``pages.reward_workbench``); for a distillation its
+student (``widgets.student_choice``: the model as it is, or with fewer layers)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from finetune_studio.studio.widgets.flow_layout import FlowLayout
 from finetune_studio.studio.widgets.memory_panel import MemoryPanel
 from finetune_studio.studio.widgets.model_panel import ModelPanel
 from finetune_studio.studio.widgets.rewards_editor import RewardsEditor
+from finetune_studio.studio.widgets.student_choice import StudentChoice
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO", "distill": "Distil"}
@@ -118,6 +120,9 @@ class SetupPage(QWidget):
         self.objective_about.setObjectName("objectiveAbout")
         self.objective_about.setWordWrap(True)
         self.method_error, self.objective_error = ErrorLabel(self), ErrorLabel(self)
+        self.student = StudentChoice(state, self)  # a distillation's student: this model, or it with fewer layers
+        self.student_title = QLabel("Student", self)
+        self.student_title.setBuddy(self.student.whole)
         self.presets = load_presets()
         self.preset_box = QComboBox(self)
         self.preset_box.setObjectName("presetBox")
@@ -132,7 +137,7 @@ class SetupPage(QWidget):
         self.preset_note.hide()
         how = QGroupBox("Method", self)
         hlay = QVBoxLayout(how)
-        hlay.addWidget(QLabel("Adapter", how))
+        hlay.addWidget(QLabel("Adapter, or full fine-tune", how))
         hlay.addWidget(self.method)
         hlay.addWidget(self.method_about)
         hlay.addWidget(self.method_error)
@@ -140,6 +145,8 @@ class SetupPage(QWidget):
         hlay.addWidget(self.objective)
         hlay.addWidget(self.objective_about)
         hlay.addWidget(self.objective_error)
+        hlay.addWidget(self.student_title)
+        hlay.addWidget(self.student)
         hlay.addWidget(self.preset_box)
         hlay.addWidget(self.preset_note)
 
@@ -273,6 +280,8 @@ class SetupPage(QWidget):
         self.objective_about.setText(OBJECTIVE_SENTENCES.get(objective, ""))
         self.objective_about.setVisible(objective in OBJECTIVE_SENTENCES)
         self.rewards_editor.setVisible(self.state.uses_rewards)
+        for widget in (self.student_title, self.student):
+            widget.setVisible(objective == "distill")
         for form in (self.basic_form, self.advanced_form):
             layout = form.layout()
             for name, editor in form.editors.items():

@@ -52,9 +52,9 @@ def student_layers_error(layers: int, model_layers: int) -> str:
 def student_sentence(layers: int, model_layers: int) -> str:
     """The chosen student in one line, under the choice."""
     if not layers:
-        return "The student is the chosen model as it is; the teacher's answers teach it."
+        return "The student is this model, all of its layers."
     of = f" of its {model_layers}" if model_layers else ""
-    return f"The student is the chosen model cut to {layers}{of} layers (the engine picks them on the training data)."
+    return f"The engine keeps the {layers}{of} layers that matter most on the training data."
 
 
 def _rate(value: float) -> str:

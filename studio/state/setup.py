@@ -15,13 +15,14 @@ from typing import Any
 from finetune_studio.core.config import OBJECTIVES, ConfigError, TrainConfig
 from finetune_studio.core.protocol.dataset_report import DatasetReport
 from finetune_studio.core.protocol.device_report import DeviceReport
+from finetune_studio.studio.state import distill
 from finetune_studio.studio.state import rewards as reward_rows
 from finetune_studio.studio.state.observable import Observable
 
 HELP = TrainConfig.field_help()
 FIELDS = list(HELP)
 # Fields with their own widgets on the set-up page; the rest are generated as a form.
-OWN_WIDGETS = ("model", "dataset", "method", "objective", "parallelism", "rewards")
+OWN_WIDGETS = ("model", "dataset", "method", "objective", "parallelism", "rewards", distill.STUDENT_FIELD)
 PREFERENCE_KINDS = ("preference", "unpaired")
 # What each objective trains, in one sentence (shown under the objective's buttons).
 OBJECTIVE_SENTENCES = {
@@ -151,6 +152,9 @@ class SetupState(Observable):
             if name == reward_rows.FIELD and not self.uses_rewards:
                 out[name] = []  # kept in the form for when GRPO is chosen again; not part of another objective's run
                 continue
+            if name == distill.STUDENT_FIELD and self.values.get("objective") != distill.OBJECTIVE:
+                out[name] = 0  # the student kept in the form for when Distil is chosen again
+                continue
             try:
                 out[name] = from_form(name, self.values[name])
             except ConfigError as exc:
@@ -221,6 +225,12 @@ class SetupState(Observable):
                     f"must split evenly: choose a multiple of {n}."
                 )
         model = self.model_info
+        if distill.STUDENT_FIELD not in errors:
+            why = distill.student_layers_error(
+                distill.student_layers(values.get(distill.STUDENT_FIELD)), int(getattr(model, "layers", 0) or 0)
+            )
+            if why:
+                out[distill.STUDENT_FIELD] = why
         ctx = getattr(model, "context_length", 0) or 0
         if ctx and "max_length" not in errors:
             try:

@@ -34,6 +34,7 @@ LABELS = {
     "run_name": "Run name",
     "lr_scheduler": "LR schedule",
     "num_epochs": "Epochs (0 = use steps)",
+    "distill_student_layers": "Student layers",
 }
 
 
