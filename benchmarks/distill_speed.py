@@ -1,10 +1,11 @@
 """New tokens per second of a teacher and its pruned (and distilled) students, timed in turn on the same prompts.
 
     python benchmarks/distill_speed.py --teacher RUN [--model default] --student FOLDER [--student-run RUN]
-                                       [--prompts 6] [--new-tokens 48] [--threads 1]
+                                       [--also FOLDER ...] [--prompts 6] [--new-tokens 48] [--threads 1]
 
 The teacher is ``--model`` with the adapter of run ``--teacher`` merged in (as it would be served); the students are
-the pruned folder ``--student`` as it is and, with ``--student-run``, with that distillation run's adapter merged in.
+the pruned folder ``--student`` as it is and, with ``--student-run``, with that distillation run's adapter merged in;
+``--also`` adds more model folders as they are (other prunings: fewer layers, a narrower MLP).
 Greedy, one prompt at a time (what a person waiting on one answer sees), through transformers' ``generate`` in
 float32; the models take turns prompt by prompt, one untimed warm-up answer each first, so that a machine busy with
 other work slows them alike (``engine.demo.distill.speeds``). Printed per wall-clock second and per CPU second of
@@ -23,6 +24,7 @@ def main() -> None:
     p.add_argument("--teacher", required=True, help="the teacher's run (its adapter on --model)")
     p.add_argument("--student", required=True, help="the pruned model folder")
     p.add_argument("--student-run", default="", help="a distillation run of the student: its adapter merged in")
+    p.add_argument("--also", action="append", default=[], help="another model folder to time as it is (repeatable)")
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
@@ -55,6 +57,8 @@ def main() -> None:
         models["distilled student"] = PeftModel.from_pretrained(
             load(args.student), str(student_adapter)
         ).merge_and_unload()
+    for extra in args.also:
+        models[os.path.basename(os.path.normpath(extra))] = load(extra)
     prompts = [r["prompt"] for r in read_jsonl(EVAL_FILE)[: args.prompts]]
     timed = speeds(models, tokenizer, prompts, args.new_tokens)
     wall0, cpu0 = timed["teacher"]
@@ -62,10 +66,13 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}; {len(prompts)} prompts, up to {args.new_tokens} new tokens, "
         f"{args.threads} thread(s)"
     )
-    print(f"{'':<20} {'layers':>6} {'tokens/s':>9} {'ratio':>6} {'tokens/CPU-s':>13} {'ratio':>6}")
+    print(f"{'':<20} {'layers':>6} {'params':>7} {'tokens/s':>9} {'ratio':>6} {'tokens/CPU-s':>13} {'ratio':>6}")
     for name, (wall, cpu) in timed.items():
         layers = models[name].config.num_hidden_layers
-        print(f"{name:<20} {layers:>6} {wall:>9.1f} {wall / wall0:>6.2f} {cpu:>13.1f} {cpu / cpu0:>6.2f}")
+        params = sum(p.numel() for p in models[name].parameters()) / 1e6
+        print(
+            f"{name:<20} {layers:>6} {params:>6.1f}M {wall:>9.1f} {wall / wall0:>6.2f} {cpu:>13.1f} {cpu / cpu0:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Resumable checkpoints: adapter, optimizer, scheduler, RNG state and data position.
 
 Layout of ``<run_dir>/checkpoints/step-000050/``: ``adapter_config.json`` + ``adapter_model.safetensors``
-(PEFT's format), ``training_state.pt`` (optimizer, scheduler, RNG) and ``trainer_state.json`` (step, examples
-consumed). A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half-written
-checkpoint under its final name. The two newest are kept.
+(PEFT's format; a full fine-tune's whole model folder instead, ``engine.train.methods.full``),
+``training_state.pt`` (optimizer, scheduler, RNG) and ``trainer_state.json`` (step, examples consumed). A
+checkpoint is written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint under its
+final name. The two newest are kept.
 """
 
 from __future__ import annotations
@@ -135,10 +136,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Tra
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_model.safetensors"))
-    if hasattr(model, "load_adapter_weights"):  # adapters of the engine's own (engine.bottleneck)
-        model.load_adapter_weights(weights)
+    if hasattr(model, "load_saved_folder"):  # a whole model saved (engine.train.methods.full)
+        model.load_saved_folder(path)
+    elif hasattr(model, "load_adapter_weights"):  # adapters of the engine's own (engine.bottleneck)
+        model.load_adapter_weights(load_file(str(path / "adapter_model.safetensors")))
     else:
+        weights = load_file(str(path / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(model, weights)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
         if unexpected:

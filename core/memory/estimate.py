@@ -702,6 +702,8 @@ def activation_bytes(
     adapted = shape.targeted_layers(config.target_modules) if method_terms.lora_pair(config) else ()
     if layout.recompute and any(lin.reads == "attn_in" for lin in adapted):
         first_norm -= tokens * 4 * shape.hidden_size
+    if method_terms.family(config) == "full":  # the embeddings train: the first norm's input is kept too
+        first_norm = 0
     return shape.num_hidden_layers * one - first_norm + final + rope
 
 
@@ -903,6 +905,11 @@ def estimate_training_memory(
         notes.append("paged optimizer states can spill to CPU memory when the GPU runs short")
     if config.quantized and device.kind != "cuda":
         notes.append("4-bit (NF4) bases need bitsandbytes on a CUDA GPU for good speed")
+    if method_terms.family(config) == "full":  # the weights are the trained parameters (adapter_weights, float32)
+        total_params = trainable
+        base = method_terms.full_weight_bytes(shape, config)
+        if base:
+            notes.append(f"base weights: the frozen start weights DPO / GRPO compare with ({_gib(base)})")
     reference = 0
     if config.objective == "dpo" and not config.precompute_reference:
         reference = reference_bytes(shape, trained, b)

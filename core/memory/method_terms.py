@@ -1,6 +1,7 @@
 """The memory estimate's terms for the methods that are not LoRA (``core.methods``): trainable parameters, what their
 layers keep for backward, a soft prompt's extra positions, a prefix's key/value cache and the unchunked output head
-the prompt-learning methods go through.
+the prompt-learning methods go through; a full fine-tune's weights (every parameter trained: float32 weights,
+gradients and AdamW states, the linears' inputs kept, and the start weights where DPO or GRPO compare with them).
 
 :func:`core.memory.estimate.estimate_training_memory` reads these where ``lora_like(config)`` is false; the LoRA
 family (LoRA, QLoRA, DoRA, QDoRA, VeRA) keeps the estimate's own formulas. Pure Python.
@@ -62,10 +63,13 @@ def trainable_params(shape: ModelShape, config: TrainConfig) -> int:
     - BitFit (BEFT): one bias vector per targeted linear, its output width;
     - prompt tuning: n x h; P-tuning: n x h + the encoder's MLP h -> e -> e -> h with biases (e = 128);
     - prefix tuning: n x L x 2 x the key/value width (a key and a value per virtual token and layer);
-    - bottleneck: per adapter 2 h b + b + h (b = h // reduction factor), one or two a layer.
+    - bottleneck: per adapter 2 h b + b + h (b = h // reduction factor), one or two a layer;
+    - full: every parameter of the model (a tied head once).
     """
     h, layers, n = shape.hidden_size, shape.num_hidden_layers, config.num_virtual_tokens
     kind = config.method
+    if family(config) == "full":
+        return shape.parameter_count
     if kind == "ia3":
         return layers * sum(
             lin.in_features if lin.name in IA3_FEEDFORWARD else lin.out_features for lin in ia3_layers(shape, config)
@@ -104,7 +108,24 @@ def layer_token_bytes(shape: ModelShape, config: TrainConfig, b: int) -> int:
     if family(config) == "bottleneck":
         width = bottleneck_width(shape, config)
         return bottleneck_sites(config) * (shape.hidden_size + 2 * width) * b
+    if family(config) == "full":
+        return full_layer_token_bytes(shape, b)
     return 0
+
+
+def full_layer_token_bytes(shape: ModelShape, b: int) -> int:
+    """A full fine-tune's linears need their inputs for their weights' gradients: beside what the frozen block keeps
+    already (the norms' inputs, the attention's output, which o_proj reads, the MLP's gate and up outputs), the
+    attention's input (the first norm's output, read by q, k and v), the MLP's input (the second norm's output, read
+    by gate and up) and the down-projection's input (the SwiGLU product): b (2 h + i) per token and layer."""
+    return b * (2 * shape.hidden_size + shape.intermediate_size)
+
+
+def full_weight_bytes(shape: ModelShape, config: TrainConfig) -> int:
+    """A full fine-tune's weights beside the trained ones (counted as the trainable parameters, float32): a frozen
+    float32 copy of the start weights for the objectives that compare with them (DPO, GRPO with a KL term), else 0."""
+    keeps = config.objective == "dpo" or (config.objective == "grpo" and config.grpo_beta > 0)
+    return 4 * shape.parameter_count if keeps else 0
 
 
 def frozen_start_bytes(shape: ModelShape, config: TrainConfig, rows: int, seq: int, b: int) -> int:

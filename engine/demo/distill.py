@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.5, help="share of the layers the student keeps (default: half)")
     p.add_argument("--measure-examples", type=int, default=4, help="training rows the layers are chosen on")
     p.add_argument("--search", choices=("greedy", "once"), default="once", help="how the layers are chosen (prune)")
+    p.add_argument(
+        "--mlp-width", type=int, default=0, help="narrow every kept layer's MLP to this many channels (prune; 0: keep)"
+    )
     p.add_argument("--steps", type=int, default=90, help="distillation steps (default 90; 30 were too few: README)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=32)
@@ -179,6 +182,7 @@ def _distill(args: argparse.Namespace) -> int:
             measure_on=SFT_FILE,
             examples=args.measure_examples,
             search=args.search,
+            mlp_width=args.mlp_width,
             max_length=d["max_length"],
             progress=lambda _s, done, total, _m: _say(f"   round {done + 1}/{total}"),
         )

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import torch
 
+from finetune_studio.core import methods as methods_table
 from finetune_studio.core import paths
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.core.protocol import events as ev
@@ -116,6 +117,7 @@ def train_run(
     reporter = reporter or Reporter()
     stop = stop or StopFlag()
     memory_budget.fix_malloc_threshold()  # CPU memory is then what the tensors need (see its docstring)
+    memory_budget.bound_onednn_caches()  # before any bf16 product: the per-shape caches stay small (see it)
     main = world.is_main
     # QuietStore stands in for the store on the other ranks (the writes Recipe makes; the reads are rank 0's)
     store = Store() if main else cast(Store, QuietStore())
@@ -349,9 +351,10 @@ class Recipe:
         packed rows."""
         cfg, device = self.config, self.device
         self.reporter.progress("load", 0, 1, "Loading the model")
+        full = methods_table.method(cfg.method).family == "full"  # trained weights: float32 (CUDA: autocast)
         base = load_causal_lm(
             folder,
-            dtype=dtype,
+            dtype=torch.float32 if full else dtype,
             device=device,
             quantize_4bit=cfg.quantized,
             options=options,
@@ -378,7 +381,7 @@ class Recipe:
                 "sequence); its batches are padded",
                 "warning",
             )
-        if mixed_precision.uses_mixed(cfg.compute_dtype, device, self.world.world_size > 1):
+        if not full and mixed_precision.uses_mixed(cfg.compute_dtype, device, self.world.world_size > 1):
             self.reporter.log(f"bf16-mixed: {mixed_precision.apply_mixed(model)} frozen linears multiply in bf16")
         for note in kernel_wiring.install_kernels(model, cfg.kernels, device, cfg.fused_ops):
             self.reporter.log(note)

@@ -10,6 +10,7 @@ table :mod:`core.methods`, which the config checks before anything loads.
   P-tuning, prefix tuning);
 - bottleneck adapters (Houlsby, Pfeiffer) are written here, in :mod:`engine.bottleneck` (shared with generation and
   export, which load them).
+- :mod:`.full`: no adapter, every weight trained (``method: full``), with the PEFT model's interface.
 
 May import what the rest of ``train`` may (import-linter: "The engine is layered").
 """
@@ -21,13 +22,15 @@ from typing import Any
 from finetune_studio.core import methods as table
 from finetune_studio.core.config import ConfigError, TrainConfig
 from finetune_studio.engine import bottleneck
-from finetune_studio.engine.train.methods import lora, peft_methods
+from finetune_studio.engine.train.methods import full, lora, peft_methods
 
 
 def build(base: Any, config: TrainConfig) -> Any:
     """``base`` with ``config.method``'s fresh adapters; only they train. A target the model lacks is a
     ConfigError naming ``target_modules``."""
     family = table.method(config.method).family
+    if family == "full":
+        return full.build(base, config)
     if family == "bottleneck":
         return bottleneck.add_bottlenecks(base, bottleneck_config(config))
     peft_config = lora.lora_config(config) if table.method(config.method).peft_lora else peft_methods.config_for(config)
