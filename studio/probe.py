@@ -3,8 +3,9 @@
 The tests drive the app only through the window system (keys and clicks sent to the X server); to know *where* to
 click they ask the app for its named widgets' places on screen. They write ``request`` (any text) into the folder;
 within a tenth of a second the app answers with ``state.json``: every visible widget that has an object name, its
-global rectangle, whether it is enabled and has focus, and its text (a table: its rows' rectangles and texts); the
-window's geometry and the screen's; the current tab; the status bar's message. Nothing here changes the app.
+global rectangle, whether it is enabled and has focus (and, a checkable button, whether it is checked), and its text
+(a table: its rows' rectangles and texts); the window's geometry and the screen's; the current tab; the status bar's
+message. Nothing here changes the app.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def describe(window: QMainWindow) -> dict:
             }
             if isinstance(w, QTableView):
                 widgets[name]["rows"] = _rows(w)
+            if isinstance(w, QAbstractButton) and w.isCheckable():
+                widgets[name]["checked"] = w.isChecked()
     tabs = []
     for bar in window.findChildren(QTabBar):
         if bar.isVisible():

@@ -16,10 +16,11 @@ from finetune_studio.studio.state.distill import is_distill
 from finetune_studio.studio.state.run import RunState
 from finetune_studio.studio.widgets.charts import Chart, StaggeredCharts
 
-# each chart: its object name, title, the figure it draws, and the colour of its training curve (charts.COLORS)
+# each chart: its object name, title, the figure it draws, the colour of its training curve (charts.COLORS), and
+# whether its scale starts at zero (a divergence reads best against zero; a loss, like the loss chart, by its span)
 CHARTS = (
-    ("chart_distill_kl", "Divergence to the teacher (per token)", "kl", "lr"),
-    ("chart_distill_ce", "Task loss: cross-entropy (per token)", "ce", "tps"),
+    ("chart_distill_kl", "Divergence to the teacher (per token)", "kl", "lr", True),
+    ("chart_distill_ce", "Task loss: cross-entropy (per token)", "ce", "tps", False),
 )
 
 
@@ -33,8 +34,8 @@ class DistillCharts(StaggeredCharts):
         grid = QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
         self.figure_of: dict[Chart, str] = {}
-        for column, (name, title, key, color) in enumerate(CHARTS):
-            chart = Chart(title, self, legend=True, from_zero=True)
+        for column, (name, title, key, color, from_zero) in enumerate(CHARTS):
+            chart = Chart(title, self, legend=True, from_zero=from_zero)
             chart.setObjectName(name)
             chart.getPlotItem().legend.setLabelTextColor(text)
             chart.add("train", "train", color)
