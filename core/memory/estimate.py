@@ -20,6 +20,7 @@ tensors autograd saves and the peak of whole steps) for transformers' Llama with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -880,11 +881,18 @@ def estimate_training_memory(
     """
     dtype = resolve_compute_dtype(config, device)
     b = DTYPE_BYTES[dtype]
+    student_note = ""
+    if config.objective == "distill" and 0 < config.distill_student_layers < shape.num_hidden_layers:
+        # the run prunes its model to this many layers first: the student's shape (counts were of the whole model)
+        shape = dataclasses.replace(shape, num_hidden_layers=config.distill_student_layers)
+        counts = None
+        student_note = f"the student: the model pruned to {config.distill_student_layers} layers"
     batch = batch_lengths(config, lengths)
     rows, seq, trained = batch.rows, batch.seq, batch.trained_tokens
     extra = method_terms.extra_positions(config)  # a soft prompt's virtual tokens before every sequence
     seq += extra
     notes = [shape.note] if shape.note else []
+    notes += [student_note] if student_note else []
     if counts is not None:
         trainable = counts.trainable_params
         total_params = counts.total_params

@@ -394,3 +394,59 @@ def parse_layers(text: str) -> list[int]:
     except ValueError:
         raise ConfigError("keep_layers", f"{text!r}: give layer numbers like 0,1,4-7") from None
     return out
+
+
+# --- a distillation run's student (distill_student_layers) -----------------------------------------------------------
+
+STUDENT_DIR = "student"  # in the run's folder
+STUDENT_EXAMPLES = 16  # training rows the layers are chosen on
+
+
+def run_student(
+    model_folder: Path,
+    config: Any,
+    run_dir: Path,
+    options: LoadOptions = LoadOptions(),
+    progress: Progress | None = None,
+) -> tuple[Path, PruneResult | None]:
+    """The student of a distillation run with ``distill_student_layers`` N > 0: ``model_folder`` pruned to N
+    layers, those whose removal changes the model's outputs least on the run's training data (each layer measured
+    left out alone, ``search='once'``: n passes over the first rows), written into ``<run_dir>/student``. A folder
+    already there (a resumed run) is reused as it is: (its path, None); else (its path, what was pruned).
+    N at or above the model's layers is a ConfigError naming ``distill_student_layers``."""
+    out = Path(run_dir) / STUDENT_DIR
+    if (out / RECORD).is_file():
+        return out, None
+    wanted = int(config.distill_student_layers)
+    layers = _num_layers(model_folder)
+    if not 0 < wanted < layers:
+        raise ConfigError(
+            "distill_student_layers",
+            f"must be below the model's {layers} layers (0 trains the model as it is), not {wanted}",
+        )
+    try:
+        result = prune(
+            model_folder,
+            out,
+            drop=layers - wanted,
+            measure_on=Path(config.dataset),
+            search="once",
+            examples=STUDENT_EXAMPLES,
+            max_length=int(config.max_length),
+            options=options,
+            progress=progress,
+        )
+    except ConfigError as exc:
+        if exc.field != "measure_on":
+            raise
+        raise ConfigError("dataset", str(exc).removeprefix("measure_on: ")) from None
+    return out, result
+
+
+def _num_layers(folder: Path) -> int:
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    cfg = {**cfg, **cfg.get("text_config", {})}
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0
+    if not layers:
+        raise ConfigError("distill_student_layers", f"{folder}: its config does not say how many layers it has")
+    return int(layers)

@@ -47,7 +47,7 @@ from finetune_studio.engine.models import (
     pick_device,
     resolve_model,
 )
-from finetune_studio.engine.train import adapters, errors, guard, init_adapter, memory_budget, objectives
+from finetune_studio.engine.train import adapters, errors, guard, init_adapter, memory_budget, objectives, prune
 from finetune_studio.engine.train import eval_samples as samples
 from finetune_studio.engine.train.batches import Batch, Sampler, layout, make_batch
 from finetune_studio.engine.train.distributed import checkpoint as dist_checkpoint
@@ -273,6 +273,9 @@ class Recipe:
             self.store.update_run(self.run_id, parent_run_id=start.parent_run_id, init_adapter=str(start.path))
         folder = resolve_model(cfg.model, options, progress=self.reporter.progress)
         self._stop_point()
+        if cfg.objective == "distill" and cfg.distill_student_layers:  # the student: the model pruned to N layers
+            folder = self._student(folder, options)
+            self._stop_point()
         guard.check_rank(cfg, folder)
         tokenizer = load_tokenizer(str(folder), options)
         data = self.prepare_data(tokenizer)
@@ -304,6 +307,7 @@ class Recipe:
                 start,
                 tokenizer=tokenizer,
                 layout=functools.partial(layout, pad_id=tokenizer.pad_token_id, packed=packing),
+                model_folder=folder,
             )
         )
         # the adapter's trainable parameters, then those of the objective's own modules (a reward model's head)
@@ -386,6 +390,21 @@ class Recipe:
         for note in kernel_wiring.install_kernels(model, cfg.kernels, device, cfg.fused_ops):
             self.reporter.log(note)
         return model, packing
+
+    def _student(self, folder: Path, options: LoadOptions) -> Path:
+        """``distill_student_layers``: the model pruned to that many layers in ``<run_dir>/student``, made once (a
+        resumed run reuses it)."""
+        cfg = self.config
+        student, pruned = prune.run_student(folder, cfg, self.run_dir, options, self.reporter.progress)
+        if pruned is None:
+            self.reporter.log(f"The student: {student}, pruned when this run started")
+        else:
+            self.reporter.log(
+                f"The student: {folder.name} pruned to {len(pruned.kept_layers)} of {pruned.num_layers_before} "
+                f"layers (kept {pruned.kept_layers}; {pruned.params_after:,} of {pruned.params_before:,} "
+                f"parameters), chosen on the training data, in {student}"
+            )
+        return student
 
     def _check_world_size(self) -> None:
         cfg, n = self.config, self.world.world_size
@@ -718,6 +737,7 @@ class Recipe:
                     import shutil
 
                     shutil.rmtree(old)
+                self._finish_events(s, adapter_dir)
         if note:
             self.reporter.log(note)
         self.record_peak()
@@ -744,6 +764,18 @@ class Recipe:
             adapter_dir=paths.stored_run_dir(adapter_dir) if adapter_dir else "",
         )
         return RunResult(self.run_id, self.run_dir, status, self.step, adapter_dir, last_loss)
+
+    def _finish_events(self, s: SetUp, saved: Path) -> None:
+        """The objective's own events at the end of a completed run (a distillation's generation speed); a failure
+        there is logged, never the run's."""
+        try:
+            for event in s.objective.finish_events(saved, [*s.data.validation, *s.data.train]):
+                self.reporter.emit(event)
+        except Exception as exc:  # a measurement after training must not fail the trained run
+            log.exception("the objective's final measurement failed")
+            self.reporter.log(
+                f"The final measurement failed ({type(exc).__name__}: {exc}); the run is complete", "warning"
+            )
 
 
 def micro_step(s: SetUp, batch: Batch, denom: int, world_size: int = 1) -> dict[str, float]:

@@ -56,6 +56,10 @@ def resolve(ref: str, store: Store, options: LoadOptions) -> TeacherSource:
     folder = Path(ref).expanduser()
     looks_like_run = not folder.exists() and "/" not in ref and ref != "default" and not ref.endswith(".gguf")
     a_run = looks_like_run and store.find_run(ref.partition(":")[0]) is not None
+    if a_run:  # a full fine-tune's run: its saved folder is the whole model
+        whole = _full_model_of_run(ref, store)
+        if whole is not None:
+            return TeacherSource(whole, None, f"the fully tuned model {ref}")
     if a_run or (folder / init_adapter.ADAPTER_CONFIG).is_file():
         try:
             start = init_adapter.resolve(ref, store)
@@ -70,6 +74,27 @@ def resolve(ref: str, store: Store, options: LoadOptions) -> TeacherSource:
     except ModelError as exc:
         raise ConfigError(FIELD, f"{exc} (a model, or a run id / adapter folder of a tuned model)") from None
     return TeacherSource(base, None, f"the model {base.name}")
+
+
+def _full_model_of_run(ref: str, store: Store) -> Path | None:
+    """The model folder a full fine-tune's run saved (``RUN``, ``RUN:best``, ``RUN:step-000050``), or None."""
+    from finetune_studio.engine import checkpoint
+    from finetune_studio.engine.train.methods import full
+
+    run_ref, _, which = ref.partition(":")
+    run = store.find_run(run_ref)
+    if run is None:
+        return None
+    run_dir = Path(run["run_dir"])
+    if not which:
+        path = run_dir / "adapter"
+    elif which == "best":
+        path = run_dir / "best"
+    else:
+        name = which if which.startswith("step-") else f"step-{int(which):06d}" if which.isdigit() else which
+        path = checkpoint.checkpoints_dir(run_dir) / name
+    inside = path.resolve().is_relative_to(run_dir.resolve())
+    return path if inside and full.is_full_model_folder(path) else None
 
 
 def check_same_tokenizer(student: Any, teacher: Any, description: str) -> None:

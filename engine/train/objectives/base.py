@@ -33,6 +33,7 @@ class TrainedModel:
     start: StartingAdapter | None = None  # the adapter the run started from (init_adapter), if any
     tokenizer: Any = None  # the run's tokenizer (an objective that writes or reads text: sampled answers)
     layout: Callable[[list], Batch] | None = None  # tokenized items -> one batch, padded or packed as the run trains
+    model_folder: Path | None = None  # the folder the model was loaded from (a distillation's pruned student)
 
 
 class Objective(abc.ABC):
@@ -115,6 +116,12 @@ class Objective(abc.ABC):
         afterwards): a checkpoint (``final`` False) or the run's final or best adapter (``final`` True). Nothing by
         default."""
         return None
+
+    def finish_events(self, saved: Path, examples: Sequence) -> list[Event]:
+        """Events of the objective's own when the run completes, its final folder ``saved`` in place; ``examples``:
+        tokenised examples, held-out ones first (a distillation times its student beside its teacher on their
+        prompts). None by default."""
+        return []
 
     def load_state(self, folder: Path) -> None:
         """Restore what :meth:`save_state` wrote into the checkpoint ``folder`` (a resumed run). Nothing by

@@ -15,16 +15,19 @@ seed and the example's index, so a resumed run samples what the uninterrupted on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from finetune_studio.core.config import ConfigError
+from finetune_studio.core.protocol.message import Event
 from finetune_studio.core.store import Store
 from finetune_studio.engine.datasets.render import IGNORE
 from finetune_studio.engine.decoding.decode import decode_batch
 from finetune_studio.engine.decoding.token_sampling import Sampler
 from finetune_studio.engine.models import LoadOptions, compute_dtype, load_tokenizer
+from finetune_studio.engine.train import distill_speed
 from finetune_studio.engine.train import teacher as teachers
 from finetune_studio.engine.train.batches import Batch
 from finetune_studio.engine.train.forward import LogprobModel
@@ -76,6 +79,19 @@ class Distill(Objective):
                 f"{self.teacher.description}: its output head has {rows_t:,} rows, the student's {rows_s:,}, the "
                 f"tokenizer {len(self.tokenizer):,} tokens",
             )
+
+    def finish_events(self, saved: Path, examples: Sequence) -> list[Event]:
+        """``distill_measure_speed``: the trained student's generation speed beside the teacher's
+        (:mod:`engine.train.distill_speed`), the student loaded from ``saved`` in the teacher's dtype."""
+        cfg, device = self.trained.config, self.trained.device
+        if not cfg.distill_measure_speed or self.teacher is None or self.trained.model_folder is None:
+            return []
+        run_dtype = compute_dtype(cfg.compute_dtype, device)
+        dtype = teachers.teacher_dtype(cfg.distill_teacher_precision, run_dtype, device)
+        student = distill_speed.load_student(saved, self.trained.model_folder, cfg, dtype, device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        event = distill_speed.measure(self.teacher.model, student, examples, pad_id=pad)
+        return [event] if event is not None else []
 
     def denominator(self, batch: Batch) -> int:
         """Off-policy: the trained tokens; on-policy: the sequences (the samples' lengths are not known yet, so each
