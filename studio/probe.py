@@ -4,8 +4,8 @@ The tests drive the app only through the window system (keys and clicks sent to 
 click they ask the app for its named widgets' places on screen. They write ``request`` (any text) into the folder;
 within a tenth of a second the app answers with ``state.json``: every visible widget that has an object name, its
 global rectangle, whether it is enabled and has focus (and, a checkable button, whether it is checked), and its text
-(a table: its rows' rectangles and texts); the window's geometry and the screen's; the current tab; the status bar's
-message. Nothing here changes the app.
+(a table: its rows' rectangles and texts); the window's geometry and the screen's; the tabs shown; the current tab;
+the status bar's message. Nothing here changes the app.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def describe(window: QMainWindow) -> dict:
     for bar in window.findChildren(QTabBar):
         if bar.isVisible():
             for i in range(bar.count()):
+                if not bar.isTabVisible(i):
+                    continue
                 r = bar.tabRect(i)
                 p = bar.mapToGlobal(r.topLeft())
                 tabs.append({"text": bar.tabText(i), "rect": [p.x(), p.y(), r.width(), r.height()]})

@@ -282,9 +282,16 @@ class App:
         self.click_at(int(x + width * at[0]), int(y + height * at[1]))
 
     def click_at(self, x: int, y: int) -> None:
-        self.xdotool("mousemove", "--sync", str(x), str(y))
+        self.move_to(x, y)
         self.xdotool("click", "1")
         time.sleep(0.25)
+
+    def move_to(self, x: int, y: int) -> None:
+        """The pointer to (x, y). ``mousemove --sync`` waits for the pointer to move, which never comes when it is
+        there already (xdotool gives up after about 15 s): such a move is skipped."""
+        where = dict(line.split("=", 1) for line in self.xdotool("getmouselocation", "--shell").splitlines())
+        if (where.get("X"), where.get("Y")) != (str(x), str(y)):
+            self.xdotool("mousemove", "--sync", str(x), str(y))
 
     def choose_menu(self, text: str, wait: float = 10) -> None:
         """Click the item of the open menu (a button's drop-down) whose text is ``text``."""
@@ -317,7 +324,7 @@ class App:
                 return
             ax, ay, aw, ah = box["visible"]
             up = w is not None and w["rect"][1] < ay
-            self.xdotool("mousemove", "--sync", str(ax + 4), str(ay + ah // 2))  # the margin: no field takes the wheel
+            self.move_to(ax + 4, ay + ah // 2)  # the margin: no field takes the wheel
             self.xdotool("click", "4" if up else "5")
             time.sleep(0.1)
         raise AssertionError(f"{name} did not come into view in {area}")
