@@ -20,6 +20,10 @@ directly: measured 2x faster than ``torch._weight_int8pack_mm`` for the 49k-toke
 model's products (``benchmarks/decode_bench.py``). It is slower than the kernel for 4 rows and more, which keep
 the kernel. Its numbers are the dequantised int8 weight times the float32 input (the kernel rounds the input to
 bfloat16), so they differ from the kernel's by about bfloat16's rounding.
+
+Where the CPU has AVX-512 VNNI and a C compiler is there, both give way to the int8 x int16 products of
+:mod:`engine.decoding.int8_dot` (float32 inputs, any number of rows; :func:`use_dot_products` switches them):
+measured faster than either at 1, 4 and 8 rows and closer to float32 (``benchmarks/decode_bench.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import cast
 
 import torch
 from torch import nn
+
+from finetune_studio.engine.decoding import int8_dot
 
 
 def int8_available() -> bool:
@@ -143,7 +149,10 @@ def _compiled_row_product(out_features: int, in_features: int) -> RowProduct:
 def compile_row_products(model: nn.Module) -> float:
     """Compile the one-row product for every int8 weight shape of ``model`` (its plain linears and stacks) and use
     it from then on for single-row float32 inputs; return the seconds it took. Where compiling fails (no C++
-    compiler on this machine), say so in the log, keep the kernel and return -1."""
+    compiler on this machine), say so in the log, keep the kernel and return -1. Where the int8 x int8 products
+    (:mod:`engine.decoding.int8_dot`) are on and run here, they take every row: nothing to compile, returns 0."""
+    if _dot_products_on and int8_dot.available():
+        return 0.0
     shapes = sorted(
         {
             tuple(t.shape)
@@ -180,10 +189,26 @@ def use_row_products(on: bool) -> bool:
 _row_products_on = True
 
 
+def use_dot_products(on: bool) -> bool:
+    """Switch the int8 x int8 products (:mod:`engine.decoding.int8_dot`, float32 inputs where the CPU has AVX-512
+    VNNI) on or off (then the compiled one-row products and torch's kernel); return whether they were on."""
+    global _dot_products_on
+    was, _dot_products_on = _dot_products_on, on
+    return was
+
+
+_dot_products_on = True
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (weight * scale).T + bias`` for ``x`` (..., in) in any float dtype, computed in ``scale``'s dtype
     (one float32 row: in float32, where :func:`compile_row_products` compiled this shape)."""
     shape = x.shape
+    if _dot_products_on and x.dtype == torch.float32 and weight.dtype == torch.int8 and scale.dtype == torch.bfloat16:
+        if weight.is_contiguous() and scale.is_contiguous() and x.device.type == "cpu" and int8_dot.available():
+            b = None if bias is None else bias.to(torch.float32).contiguous()
+            y = int8_dot.int8_dot_matmul(x.reshape(-1, shape[-1]), weight, scale, b)
+            return y.reshape(*shape[:-1], y.shape[-1])
     if _row_products_on and x.dtype == torch.float32 and x.numel() == shape[-1]:
         product = _row_products.get((weight.shape[0], weight.shape[1]))
         usable = weight.dtype == torch.int8 and scale.dtype == torch.bfloat16

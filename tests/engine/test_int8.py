@@ -74,6 +74,7 @@ def test_the_compiled_one_row_product_is_the_dequantised_int8_product_and_greedy
         decode(model, IDS[0].tolist(), 1, 16, Sampler(temperature=0), lambda t: (out.append(t[0]), [False])[1])
         return out
 
+    dot = int8.use_dot_products(False)  # the compiled product is what runs where the integer products do not
     int8.use_row_products(False)
     try:
         kernel = greedy()
@@ -105,3 +106,4 @@ def test_the_compiled_one_row_product_is_the_dequantised_int8_product_and_greedy
         assert tuned != compiled_tokens
     finally:
         int8.use_row_products(True)
+        int8.use_dot_products(dot)
