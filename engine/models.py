@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# In a folder a full fine-tune saved (engine.train.methods.full): the whole model, not an adapter; what it started from.
+FULL_MODEL_MARKER = "full_finetune.json"
+
+
+def is_full_model_folder(folder: str | Path) -> bool:
+    """A folder saved by a full fine-tune (a whole model folder transformers loads), not an adapter."""
+    return (Path(folder) / FULL_MODEL_MARKER).is_file()
+
 
 ProgressFn = Callable[[str, int, int, str], None]  # (stage, done, total, message)
 

@@ -25,7 +25,7 @@ import torch
 
 from finetune_studio.engine.export.errors import ExportError
 from finetune_studio.engine.export.prompts import FIXED_PROMPT, CheckPrompts, check_prompts
-from finetune_studio.engine.models import load_causal_lm
+from finetune_studio.engine.models import FULL_MODEL_MARKER, is_full_model_folder, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,30 @@ def merge_measuring(model) -> tuple[Any, UpdateRounding]:
     return merged, rounding
 
 
+def full_rounding(model, folder: Path) -> UpdateRounding:
+    """A full fine-tune's update, weight by weight: the trained weights against the start weights (the model its
+    ``full_finetune.json`` names, when it is on this machine with the same weights; else against zero, so the whole
+    weight is the update)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    start: dict[str, torch.Tensor] = {}
+    record = json.loads((Path(folder) / FULL_MODEL_MARKER).read_text(encoding="utf-8"))
+    origin = Path(str(record.get("base_model_name_or_path") or ""))
+    if str(origin) and origin.is_dir():
+        for file in sorted(origin.glob("*.safetensors")):
+            start.update(load_file(str(file)))
+    rounding = UpdateRounding()
+    for name, p in model.named_parameters():
+        after = p.detach().float()
+        before = start.get(name)
+        if before is None or before.shape != after.shape:
+            before = torch.zeros_like(after)
+        rounding.add(name, before.float(), after)
+    return rounding
+
+
 # --- the trained model, its answers, the merge ----------------------------------------------------
 
 
@@ -213,6 +237,7 @@ class Builder:
         self.source = source
         self.base_folder = Path(base_folder)
         self.qlora = source.config.get("method") == "qlora"
+        self.full = is_full_model_folder(source.folder)  # a full fine-tune: the saved folder is the model
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_folder))
         self._trained: Any = None
         self._prompts: CheckPrompts | None = None
@@ -241,6 +266,10 @@ class Builder:
 
     def trained(self):
         """Base (NF4 for QLoRA, as trained) + the exported adapter, in evaluation mode on the CPU."""
+        if self._trained is None and self.full:
+            self._trained = load_causal_lm(
+                self.source.folder, dtype=torch.float32, device="cpu", quantize_4bit=False
+            ).eval()
         if self._trained is None:
             from finetune_studio.engine.bottleneck import load_adapter_folder
 
@@ -289,6 +318,10 @@ class Builder:
         """(merged plain float32 model, note for the report). The trained model is consumed; the update's
         rounding figures are kept as ``self.rounding``."""
         self.compute_reference()
+        if self.full:  # nothing to merge: the trained weights measured against the start weights
+            merged, self.rounding = self.trained(), full_rounding(self.trained(), self.source.folder)
+            self._trained = None
+            return merged, "a full fine-tune: the trained model itself (float32), nothing to merge"
         if self.qlora:
             merged, self.rounding = self._merge_qlora()
         else:

@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from finetune_studio.core.store import Store
+from finetune_studio.engine.models import is_full_model_folder
 
 SETTINGS = (
     "method",
@@ -151,6 +152,7 @@ def write_card(
 ) -> str:
     """Write README.md (and loss_curve.png when possible) into ``folder``; returns a note for the report."""
     cfg = source.config
+    full = is_full_model_folder(source.folder)  # a full fine-tune: the model itself, loaded without PEFT
     train, evals = _metrics(source.run_id, source.step)
     drew = _draw(train, evals, folder / "loss_curve.png")
     best = min(evals, key=lambda p: p[1]) if evals else None
@@ -163,8 +165,14 @@ def write_card(
         "",
         f"# {source.run.get('name') or source.run_id or 'Fine-tuned adapter'}",
         "",
-        f"A {cfg.get('method', 'lora').upper()} adapter trained with {cfg.get('objective', 'sft').upper()} by "
-        f"Finetune Studio, exported from {'the final adapter' if source.label == 'final' else source.label}.",
+        (
+            f"A model fine-tuned in full (every weight trained, no adapter) with {cfg.get('objective', 'sft').upper()} "
+            "by Finetune Studio"
+            if full
+            else f"A {cfg.get('method', 'lora').upper()} adapter trained with {cfg.get('objective', 'sft').upper()} by "
+            "Finetune Studio"
+        )
+        + f", exported from {'the final adapter' if source.label == 'final' else source.label}.",
         "",
         "| | |",
         "|---|---|",
@@ -209,6 +217,10 @@ def write_card(
         if bottleneck_adapter
         else 'model = PeftModel.from_pretrained(base, "path/to/this/folder")'
     )
+    use = [f'base = AutoModelForCausalLM.from_pretrained("{base_folder}")', load]
+    if full:
+        loader = []
+        use = ['model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # the whole model']
     lines += [
         "",
         "## Use",
@@ -217,8 +229,7 @@ def write_card(
         *loader,
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base_folder}")',
-        load,
+        *use,
         "```",
     ]
     lines += _run_lines(formats, quants, dtype, merge, modelfiles)

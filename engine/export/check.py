@@ -232,14 +232,22 @@ class TorchForm:
 
         path = folder / form["path"]
         self.loader = LOADERS[form["kind"]]
-        if form["kind"] == "adapter":
+        from finetune_studio.engine.models import is_full_model_folder
+
+        model: Any
+        if form["kind"] == "adapter" and is_full_model_folder(path):  # a full fine-tune's model: no adapter
+            self.loader = LOADERS["merged"]
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(path))
+            gen = model.generation_config
+        elif form["kind"] == "adapter":
             from finetune_studio.engine.bottleneck import load_adapter_folder
             from finetune_studio.engine.models import load_causal_lm
 
             base_model = load_causal_lm(
                 Path(base), dtype=torch.float32, device="cpu", quantize_4bit=bool(form.get("qlora"))
             )
-            model: Any = load_adapter_folder(base_model, path)
+            model = load_adapter_folder(base_model, path)
             tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
             gen = base_model.generation_config

@@ -33,11 +33,12 @@ from finetune_studio.engine.export import gguf as export_gguf
 from finetune_studio.engine.export import methods as export_methods
 from finetune_studio.engine.export import ollama as export_ollama
 from finetune_studio.engine.export.errors import ExportCancelled, ExportError
-from finetune_studio.engine.models import ModelError, resolve_model
+from finetune_studio.engine.models import FULL_MODEL_MARKER, ModelError, is_full_model_folder, resolve_model
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FULL_MODEL_EXTRA = ("generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 FORMATS = ("adapter", "merged", "gguf", "ollama")
 MERGED_DTYPES = ("auto", "float16", "float32", "bfloat16")
 
@@ -103,7 +104,12 @@ def _run_and_dir(run_ref: str) -> tuple[RunRecord | dict[str, Any], Path]:
 
 
 def _adapter_files(folder: Path) -> tuple[str, ...]:
-    """A PEFT adapter's files, or a bottleneck adapter's (``engine.bottleneck``)."""
+    """A PEFT adapter's files, a bottleneck adapter's (``engine.bottleneck``), or a full fine-tune's whole model
+    (its marker, config, weights and tokenizer: the model itself)."""
+    if is_full_model_folder(folder):
+        weights = sorted(p.name for p in folder.glob("model*.safetensors")) or ["model.safetensors"]
+        present = [n for n in (*FULL_MODEL_EXTRA, *export_build.TOKENIZER_COPY) if (folder / n).is_file()]
+        return (FULL_MODEL_MARKER, "config.json", *weights, *present)
     return (
         (bottleneck.CONFIG_FILE, bottleneck.WEIGHTS_FILE) if bottleneck.is_bottleneck_folder(folder) else ADAPTER_FILES
     )
@@ -375,6 +381,8 @@ def _write(
 
 
 def _base_folder(source: Source) -> Path:
+    if is_full_model_folder(source.folder):  # a full fine-tune: the saved folder is the model
+        return source.folder
     config_file = bottleneck.CONFIG_FILE if bottleneck.is_bottleneck_folder(source.folder) else "adapter_config.json"
     config = _read_json(source.folder / config_file)
     base = config.get("base_model_name_or_path") or ""

@@ -54,7 +54,13 @@ def unservable_adapter(folder: Path) -> str:
     the model's layers (PEFT's LoRA family, IA3, VeRA, bias tuning); its decode loop feeds no virtual tokens or
     prefix, and runs no bottleneck adapters."""
     from finetune_studio.engine import bottleneck
+    from finetune_studio.engine.models import is_full_model_folder
 
+    if is_full_model_folder(folder):
+        return (
+            f"{folder} holds a whole model (a full fine-tune), not an adapter: load that folder as the model "
+            "instead of attaching it"
+        )
     if bottleneck.is_bottleneck_folder(folder):
         return (
             f"{folder.name} is a bottleneck adapter (Houlsby / Pfeiffer), which this worker does not run: load it "

@@ -129,3 +129,28 @@ def test_distill_into_a_fully_trained_student(tiny_model_dir, tmp_path):
     assert kl[0] == pytest.approx(0.0, abs=1e-5)  # the student starts as the teacher
     assert kl[-1] > 1e-6  # the cross-entropy half moved every weight away from it
     assert rec.losses[-1] < rec.losses[0]
+
+
+def test_exports_the_model_itself_as_merged_and_gguf_checked_in_a_fresh_process(tiny_model_dir, tmp_path):
+    import json
+
+    from finetune_studio.engine.export.writer import ExportRequest, export
+
+    torch.set_num_threads(1)
+    config = _config(tiny_model_dir, write_sft(tmp_path / "sft.jsonl"), max_steps=4, learning_rate=2e-3)
+    result = train_run(config, reporter=Reporter())
+    out = export(ExportRequest(run=result.run_id, out=tmp_path / "x", formats=("merged", "ollama"), quants=("f16",)))
+    report = json.loads((out.path / "check.json").read_text())
+    assert report["passed"], report["verdict"]
+    forms = {f["label"]: f for f in report["forms"]}
+    assert set(forms) == {"adapter", "merged", "gguf-f16"}
+    for label in ("adapter", "merged", "gguf-f16"):
+        assert forms[label]["greedy_same"] and forms[label]["agreement"] == 1.0, forms[label]
+    assert forms["adapter"]["max_logit_diff"] < 1e-5  # the saved model itself
+    assert report["merge"]["changed_elements"] > 0  # measured against the start weights
+    assert (out.path / "gguf" / "Modelfile").is_file()
+    assert "fine-tuned in full" in (out.path / "README.md").read_text()
+    with torch.no_grad():
+        want = _plain(result.adapter_dir)(IDS).logits
+        merged = _plain(out.path / "merged")(IDS).logits
+    assert torch.allclose(merged, want, atol=0.05) and (merged.argmax(-1) == want.argmax(-1)).all()

@@ -30,8 +30,11 @@ import torch
 from torch import nn
 
 from finetune_studio.core.config import TrainConfig
+from finetune_studio.engine.models import FULL_MODEL_MARKER, is_full_model_folder
 
-MARKER = "full_finetune.json"  # in a saved folder: written by a full fine-tune (a whole model, not an adapter)
+__all__ = ["MARKER", "FullModel", "build", "is_full_model_folder", "keeps_reference"]
+
+MARKER = FULL_MODEL_MARKER  # in a saved folder: written by a full fine-tune (a whole model, not an adapter)
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -49,11 +52,6 @@ TOKENIZER_FILES = (
 def keeps_reference(config: TrainConfig) -> bool:
     """The objectives that compare the model with the one training started from: DPO, and GRPO with a KL term."""
     return config.objective == "dpo" or (config.objective == "grpo" and config.grpo_beta > 0)
-
-
-def is_full_model_folder(folder: str | Path) -> bool:
-    """A folder saved by a full fine-tune (the whole model), not an adapter."""
-    return (Path(folder) / MARKER).is_file()
 
 
 class FullModel(nn.Module):
