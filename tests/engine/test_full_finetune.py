@@ -154,3 +154,38 @@ def test_exports_the_model_itself_as_merged_and_gguf_checked_in_a_fresh_process(
         want = _plain(result.adapter_dir)(IDS).logits
         merged = _plain(out.path / "merged")(IDS).logits
     assert torch.allclose(merged, want, atol=0.05) and (merged.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_grpo_measures_its_kl_against_the_start_weights(tiny_model_dir, tmp_path):
+    config = _config(
+        tiny_model_dir,
+        write_sft(tmp_path / "sft.jsonl"),
+        objective="grpo",
+        rewards=[{"kind": "regex", "pattern": "[a-z]"}],
+        grpo_group_size=3,
+        grpo_max_new_tokens=3,
+        grpo_beta=0.1,
+        batch_size=2,
+        max_steps=3,
+        learning_rate=1e-2,
+    )
+    rec = Recorder()
+    assert train_run(config, reporter=Reporter(extra=rec)).status == "completed"
+    kl = [s.metrics["kl"] for s in rec.of("step")]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # the first answers come from the start weights themselves
+    assert kl[-1] > 0  # the trained weights moved away from the frozen copy
+
+
+def test_on_policy_distillation_samples_from_the_fully_trained_student(tiny_model_dir, tmp_path):
+    config = _config(
+        tiny_model_dir,
+        write_sft(tmp_path / "sft.jsonl"),
+        objective="distill",
+        distill_teacher=str(tiny_model_dir),
+        distill_on_policy=True,
+        distill_measure_speed=False,
+        max_steps=2,
+    )
+    rec = Recorder()
+    assert train_run(config, reporter=Reporter(extra=rec)).status == "completed"
+    assert rec.of("step")[0].metrics["kl"] == pytest.approx(0.0, abs=1e-5)
