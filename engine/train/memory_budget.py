@@ -163,6 +163,31 @@ def reuse_memory_between_steps() -> bool:
     return _mallopt((M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES))
 
 
+ONEDNN_CACHE_ENTRIES = 64  # per cache; a step reuses about 8 shapes per micro-batch (forward and grad_x products)
+ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's primitives, ideep's own
+
+
+def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> bool:
+    """Hold oneDNN's primitive cache and ideep's computation cache to ``entries`` each (1024 by default); a value
+    the user set is kept. Every bf16 matrix product on the CPU (bf16-mixed's frozen linears, their grad_x
+    products) builds a primitive for its exact shape, about 0.29 MiB of generated code in each cache, whatever the
+    weight's size, and keeps it: each new padded length of a batch (or an evaluation batch) added about 8 shapes,
+    4.6 MiB of the heap that stayed in use between steps. Those blocks, left among a step's freed temporaries, kept
+    the heap from reusing them: over 60 steps of the reward model on the demo pairs the heap grew 4-5x what the
+    caches held and the resident peak grew with it (``benchmarks/reward_model_bench.py`` prints the curve). With
+    64 entries a step still reuses its own shapes; a shape seen again after being evicted is rebuilt (about 6 ms).
+    Both libraries read the setting once, when their cache is first used: True when this call set it now (it
+    takes effect only if no bf16 product has run in this process yet), False when it was already set."""
+    import os
+
+    changed = False
+    for name in ONEDNN_CACHES:
+        if name not in os.environ:
+            os.environ[name] = str(entries)
+            changed = True
+    return changed
+
+
 def device_info(device: str) -> DeviceInfo:
     """What the training device has, as the engine's torch sees it (free memory now). On the CPU and MPS the
     process's baseline is the kept one (``core.memory.runtime_baseline``): the figure the app's panel uses too,
