@@ -2,10 +2,14 @@
 
     python benchmarks/distill_speed.py --teacher RUN [--model default] --student FOLDER [--student-run RUN]
                                        [--also FOLDER ...] [--prompts 6] [--new-tokens 48] [--threads 1]
+                                       [--decode generate|engine|int8]
 
 The teacher is ``--model`` with the adapter of run ``--teacher`` merged in (as it would be served); the students are
 the pruned folder ``--student`` as it is and, with ``--student-run``, with that distillation run's adapter merged in;
-``--also`` adds more model folders as they are (other prunings: fewer layers, a narrower MLP).
+``--also`` adds more model folders as they are (other prunings: fewer layers, a narrower MLP). ``--decode engine``
+times the generation worker's decode loop instead of ``generate`` (float32), ``--decode int8`` that loop on int8
+weights with the compiled one-row products (the worker's fastest CPU mode); both make every answer ``--new-tokens``
+long.
 Greedy, one prompt at a time (what a person waiting on one answer sees), through transformers' ``generate`` in
 float32; the models take turns prompt by prompt, one untimed warm-up answer each first, so that a machine busy with
 other work slows them alike (``engine.demo.distill.speeds``). Printed per wall-clock second and per CPU second of
@@ -28,6 +32,14 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--decode",
+        choices=("generate", "engine", "int8"),
+        default="generate",
+        help="generate: transformers' generate in float32 (stops at the end of the answer); engine: the generation "
+        "worker's decode loop in float32; int8: that loop on int8 weights with the compiled one-row products, as the "
+        "worker serves (both: every answer --new-tokens long)",
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,11 +72,14 @@ def main() -> None:
     for extra in args.also:
         models[os.path.basename(os.path.normpath(extra))] = load(extra)
     prompts = [r["prompt"] for r in read_jsonl(EVAL_FILE)[: args.prompts]]
-    timed = speeds(models, tokenizer, prompts, args.new_tokens)
+    if args.decode == "generate":
+        timed = speeds(models, tokenizer, prompts, args.new_tokens)
+    else:
+        timed = decode_speeds(models, tokenizer, prompts, args.new_tokens, int8=args.decode == "int8")
     wall0, cpu0 = timed["teacher"]
     print(
         f"load average {os.getloadavg()[0]:.1f}; {len(prompts)} prompts, up to {args.new_tokens} new tokens, "
-        f"{args.threads} thread(s)"
+        f"{args.threads} thread(s), {args.decode}"
     )
     print(f"{'':<20} {'layers':>6} {'params':>7} {'tokens/s':>9} {'ratio':>6} {'tokens/CPU-s':>13} {'ratio':>6}")
     for name, (wall, cpu) in timed.items():
@@ -73,6 +88,50 @@ def main() -> None:
         print(
             f"{name:<20} {layers:>6} {params:>6.1f}M {wall:>9.1f} {wall / wall0:>6.2f} {cpu:>13.1f} {cpu / cpu0:>6.2f}"
         )
+
+
+def decode_speeds(models: dict, tokenizer, prompts: list[str], new_tokens: int, int8: bool) -> dict:
+    """As ``engine.demo.distill.speeds``, through the generation worker's decode loop (each answer exactly
+    ``new_tokens`` long); with ``int8`` the weights as the worker's int8 mode makes them (compiled first, untimed)."""
+    import time
+
+    import torch
+
+    from finetune_studio.engine.datasets.render import render_text
+    from finetune_studio.engine.datasets.schema import Message
+    from finetune_studio.engine.decoding.decode import decode
+    from finetune_studio.engine.decoding.int8 import compile_row_products, quantize_linears_int8
+    from finetune_studio.engine.decoding.token_sampling import Sampler
+
+    for model in models.values():
+        model.eval()
+        model.config.use_cache = True
+        if int8:
+            quantize_linears_int8(model)
+            compile_row_products(model)
+    ids = [
+        tokenizer(render_text(tokenizer, (Message("user", p),), add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p in prompts
+    ]
+    totals = {name: [0, 0.0, 0.0] for name in models}
+    for i, prompt in enumerate([ids[0], *ids]):
+        for name, model in models.items():
+            got: list[int] = []
+
+            def on_tokens(tokens: list[int], got: list[int] = got) -> list[bool]:
+                got.append(tokens[0])
+                return [False]
+
+            wall, cpu = time.perf_counter(), time.process_time()
+            with torch.inference_mode():
+                decode(model, prompt, 1, new_tokens, Sampler(temperature=0), on_tokens)
+            if i:
+                totals[name][0] += len(got)
+                totals[name][1] += time.perf_counter() - wall
+                totals[name][2] += time.process_time() - cpu
+    return {name: (n / max(w, 1e-9), n / max(c, 1e-9)) for name, (n, w, c) in totals.items()}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ LAB_SETTINGS: dict[str, dict[str, Any]] = {
     "prefix_tuning": {"learning_rate": 1e-2, "packing": False},
     "houlsby": {"learning_rate": 1e-3},
     "pfeiffer": {"learning_rate": 1e-3},
+    "full": {"learning_rate": 5e-5},  # every weight: the usual full fine-tuning rate, far below an adapter's
 }
 DEFAULT_METHODS = tuple(n for n in LAB_SETTINGS if n not in ("qlora", "qdora", "loftq"))  # 16-bit bases
 
@@ -217,13 +218,23 @@ def row_from_events(
 def score_on_demo(row: MethodRow, adapter_dir: str, model: str, rows: list[dict], max_new_tokens: int) -> MethodRow:
     """The demo task's exact-match share of the held-out prompts, answered by the base with ``adapter_dir``."""
     from finetune_studio.engine.bottleneck import load_adapter_folder
-    from finetune_studio.engine.models import compute_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
+    from finetune_studio.engine.models import (
+        compute_dtype,
+        is_full_model_folder,
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+        resolve_model,
+    )
 
     folder = resolve_model(model)
     tokenizer = load_tokenizer(str(folder))
     device = pick_device()
-    base = load_causal_lm(folder, dtype=compute_dtype("auto", device), device=device, quantize_4bit=False)
-    tuned = load_adapter_folder(base, adapter_dir)
+    if is_full_model_folder(adapter_dir):  # a full fine-tune saved the whole model
+        tuned = load_causal_lm(adapter_dir, dtype=compute_dtype("auto", device), device=device, quantize_4bit=False)
+    else:
+        base = load_causal_lm(folder, dtype=compute_dtype("auto", device), device=device, quantize_4bit=False)
+        tuned = load_adapter_folder(base, adapter_dir)
     score, _answers = task.evaluate(tuned, tokenizer, rows, max_new_tokens=max_new_tokens)
     return replace(row, exact=score.exact)
 
