@@ -9,6 +9,7 @@ changed only when the data leave it.
 
 from __future__ import annotations
 
+import numpy as np
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QGridLayout, QWidget
 
@@ -57,7 +58,13 @@ class DistillCharts(StaggeredCharts):
     def _update(self, chart: Chart) -> None:
         key = self.figure_of[chart]
         train, evals = self.state.figures, self.state.eval_figures
-        chart.curves["train"].setData(train.steps(), train.column(key))
-        chart.curves["eval"].setData(evals.steps(), evals.column(key))
+        if not self.has_any:  # another objective's figures: nothing of them here (its tab is hidden)
+            for curve in chart.curves.values():
+                curve.setData([], [])
+        else:
+            chart.curves["train"].setData(train.steps(), train.column(key))
+            points = evals.column(key)
+            shown = np.isfinite(points)  # the evaluations that have this figure (a scatter of NaN alone warns)
+            chart.curves["eval"].setData(evals.steps()[shown], points[shown])
         chart.fit(self.state.info.total_steps or None)
         self.redraws += 1

@@ -116,6 +116,8 @@ def test_a_grpo_run_with_a_kl_figure_has_no_distillation_tab(page):
     state.apply(_step(1, reward=1.0, kl=0.01))
     assert not page.chart_tabs.isTabVisible(page.chart_tabs.indexOf(page.distill_charts))
     assert page.chart_tabs.currentWidget() is page.rl_charts
+    page.distill_charts.refresh()  # GRPO's KL is not a divergence to a teacher: nothing drawn there
+    assert _points(page.distill_charts.kl, "train") == 0 and _points(page.distill_charts.ce, "eval") == 0
 
 
 def test_a_live_distillation_shows_its_student_speed_beside_the_teacher_at_its_end(qtbot, window):
