@@ -92,7 +92,24 @@ def test_the_estimate_counts_every_parameter_trainable(tiny_model_dir, tmp_path)
     assert trainable == total == sum(p.numel() for p in _plain(tiny_model_dir).parameters())
     counts = meta_param_counts(tiny_model_dir, config)
     assert counts.trainable_params == counts.total_params == trainable
-    assert trainable_params(ModelShape.from_model_dir(tiny_model_dir), config) == trainable
+    shape = ModelShape.from_model_dir(tiny_model_dir)
+    assert trainable_params(shape, config) == trainable
+
+    from finetune_studio.core.devices import DeviceInfo
+    from finetune_studio.core.memory.estimate import estimate_training_memory
+
+    cpu = DeviceInfo("cpu", "CPU", 16 * 2**30, 12 * 2**30, False)
+    for used in (counts, None):  # the engine's count, and the formula from config.json
+        est = estimate_training_memory(shape, config, cpu, counts=used)
+        assert est.trainable_params == est.total_params == trainable
+        assert (est.adapter_weights, est.gradients, est.optimizer_states) == (
+            4 * trainable,
+            4 * trainable,
+            8 * trainable,
+        )
+        assert est.base_weights == 0  # the weights are the trained parameters
+    dpo = estimate_training_memory(shape, config.replace(objective="dpo"), cpu, counts=counts)
+    assert dpo.base_weights == 4 * trainable  # the frozen start weights DPO compares with
 
 
 def test_dpo_trains_against_the_frozen_start_weights(tiny_model_dir, tmp_path):
