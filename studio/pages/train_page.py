@@ -231,6 +231,7 @@ class TrainPage(QWidget):
             self._show_samples()
         elif topic == "distill_speed":
             self._show_speed()
+            self._show_progress()
         elif topic in ("metrics", "progress") and not self._progress_timer.isActive():
             self._progress_timer.start()
         if topic == "metrics" and any(
@@ -292,6 +293,9 @@ class TrainPage(QWidget):
         if self.distill_charts.has_any:  # a distillation: its two parts, the last step's
             kl, ce = st.figures.last("kl"), st.figures.last("ce")
             bits += [f"{name} {v:.3g}" for name, v in (("KL", kl), ("CE", ce)) if v is not None]
+            timing = st.info.config.get("distill_measure_speed", True) and st.distill_speed is None
+            if timing and st.status == "running" and total and st.step >= total:  # the engine times both models
+                bits.append("timing the student's generation against the teacher's…")
         if st.status == "starting":
             bits = ["loading the model and data…"]
         self.progress.setFormat(" · ".join(bits))

@@ -107,6 +107,11 @@ def test_kl_and_ce_are_charted_by_step_and_by_evaluation_in_the_distillation_tab
     state.apply(_step(5, kl=0.1, ce=1.9))
     assert tabs.currentIndex() == 0
     assert not page.speed_label.isVisible()  # timed only at the end
+    state.apply(_step(6, kl=0.1, ce=1.9))  # the last step: the engine now times both models
+    page._show_progress()
+    assert page.progress.format().endswith("timing the student's generation against the teacher's…")
+    state.apply(SPEED)
+    assert "timing" not in page.progress.format() and page.speed_label.text() == SPEED_LINE
 
 
 def test_a_grpo_run_with_a_kl_figure_has_no_distillation_tab(page):
