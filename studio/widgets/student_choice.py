@@ -65,8 +65,8 @@ class StudentChoice(QWidget):
         col.addWidget(self.error)
         self._syncing = False
         self._number_typed = False  # a person set the number: kept while "this model" is chosen
-        self.whole.toggled.connect(lambda on: on and self._chosen())
-        self.pruned.toggled.connect(lambda on: on and self._chosen())
+        self.whole.toggled.connect(self._toggled)
+        self.pruned.toggled.connect(self._toggled)
         self.layers.valueChanged.connect(self._number_changed)
         state.subscribe(self._on_state)
         self.sync()
@@ -82,6 +82,10 @@ class StudentChoice(QWidget):
         return max(1, self.model_layers // 2)
 
     # --- a person's choice ------------------------------------------------------------
+    def _toggled(self, on: bool) -> None:
+        if on:  # the option now chosen (the other one's toggle off says nothing new)
+            self._chosen()
+
     def _chosen(self) -> None:
         if self._syncing:
             return
