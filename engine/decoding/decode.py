@@ -135,10 +135,11 @@ FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")  # pre-norm decoder blocks, Swi
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), computed in float32
 
 
-def _fast_step(model, cache):
+def _fast_step(model, cache, native: bool = True):
     """A decoding step for Llama-family models that runs the model's own modules (so PEFT adapter layers apply)
     with the glue written out: no mask building, no per-layer keyword plumbing, the cache buffers written directly.
     The same operations as transformers' forward (the same logits); None where the model does not fit.
+    ``native``: the whole step in C where the model is plain int8 (:mod:`engine.decoding.native_step`).
     """
     from finetune_studio.engine.decoding.int4 import int4_matmul, stacked_int4
     from finetune_studio.engine.decoding.int8 import int8_matmul, stacked
@@ -234,7 +235,9 @@ def _fast_step(model, cache):
         logits = model.lm_head(norm(inner.norm, x))
         return logits[:, -1, :] if t == 1 else logits
 
-    return step
+    from finetune_studio.engine.decoding.native_step import native_step
+
+    return (native_step(model, cache, step) if native else None) or step
 
 
 def decode(
@@ -318,8 +321,9 @@ def decode_batch(
         ended = [[False] * n for n in ns]
         done = [False] * count
         steps = [0] * count
-        fast = _fast_step(model, cache) if fast_path else None
-        if draft > 0 and sampler.greedy and count == 1 and fast is not None:
+        drafting = draft > 0 and sampler.greedy and count == 1
+        fast = _fast_step(model, cache, native=not drafting) if fast_path else None  # drafts: one code for any t
+        if drafting and fast is not None:
             one = prompts[0], ns[0], max_new_tokens[0], on_tokens[0], logits
             return _decode_drafted(fast, cache, *one, draft=draft, cancel=cancel, pad_id=pad_id)
         length = longest  # the cache's positions so far, padding included

@@ -144,31 +144,31 @@ def _cache_folder() -> Path:
     return Path(base) / "finetune-studio" / "kernels"
 
 
-def _build(target: Path) -> None:
-    """Compile :data:`SOURCE` to ``target`` (a shared library), through a temporary file renamed at the end."""
+def _build(source: str, target: Path) -> None:
+    """Compile C ``source`` to ``target`` (a shared library), through a temporary file renamed at the end."""
     target.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CC") or "cc"
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source, built = Path(tmp) / "int8_dot.c", Path(tmp) / target.name
-        source.write_text(SOURCE, encoding="utf-8")
-        command = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", "-o", str(built), str(source), "-lm"]
+        source_file, built = Path(tmp) / "kernel.c", Path(tmp) / target.name
+        source_file.write_text(source, encoding="utf-8")
+        command = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", "-o", str(built), str(source_file), "-lm"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
         os.replace(built, target)
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source), or None where the CPU or the machine cannot run it."""
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
-    target = _cache_folder() / f"int8_dot-{digest}.so"
+def load_library(name: str, source: str) -> ctypes.CDLL | None:
+    """C ``source`` (which includes :data:`SOURCE`) compiled once into the cache folder and loaded, or None where
+    this machine cannot (no compiler, no AVX-512 VNNI: the log says which)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    target = _cache_folder() / f"{name}-{digest}.so"
     try:
         if not target.is_file():
-            _build(target)
+            _build(source, target)
         lib = ctypes.CDLL(str(target))
     except Exception as exc:  # no compiler, a read-only home, an unsupported platform
-        log.warning("int8: the int8 x int8 kernel is not available (%s: %s)", type(exc).__name__, exc)
+        log.warning("int8: the int8 x int16 kernel is not available (%s: %s)", type(exc).__name__, exc)
         return None
     if not lib.int8_dot_supported():
         log.info("int8: this CPU lacks AVX-512 VNNI; the int8 layers keep torch's kernels")
@@ -177,6 +177,11 @@ def _library() -> ctypes.CDLL | None:
     lib.int8_dot_gemm.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer, ctypes.c_int]
     lib.int8_dot_gemm.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return load_library("int8_dot", SOURCE)
 
 
 def available() -> bool:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from finetune_studio.engine.decoding.decode import _expand_cache, _fast_step, decode, decode_batch
 from finetune_studio.engine.decoding.int4 import quantize_linears_int4
 from finetune_studio.engine.decoding.int8 import quantize_linears_int8
+from finetune_studio.engine.decoding.native_step import use_native_step
 from finetune_studio.engine.decoding.token_sampling import Sampler
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61]
@@ -65,7 +66,8 @@ def test_the_fast_step_gives_the_models_own_logits(model, tiny_model_dir):
                 nxt = torch.tensor([[t + 1], [t + 20], [t + 40]])
                 ours = step(nxt)
                 theirs = m(input_ids=nxt, cache=reference, use_cache=True).logits[:, -1, :]
-                assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+                tol = 1e-4 if m is int8 else 1e-5  # int8: the step in C, its sums in another order, requantised
+                assert torch.allclose(ours, theirs, atol=tol, rtol=tol)
 
 
 def test_sampled_tokens_are_kept_by_the_filters_on_the_plain_models_logits(model):
@@ -181,6 +183,7 @@ def test_greedy_with_drafted_tokens_gives_the_same_answer_in_fewer_forwards(tiny
     m.lm_head.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[1]))
     prompt = PROMPT * 3  # a prompt that repeats itself: the lookup finds drafts in it
     answers = {}
+    native = use_native_step(False)  # drafting runs the Python step (its head's forwards are counted): both sides
     for draft in (0, 4):
         seen: list[int] = []
 
@@ -191,6 +194,7 @@ def test_greedy_with_drafted_tokens_gives_the_same_answer_in_fewer_forwards(tiny
         forwards.clear()
         steps = decode(m, prompt, 2, 40, Sampler(temperature=0), on_tokens, draft=draft)
         answers[draft] = (seen, steps, len(forwards), max(forwards))
+    use_native_step(native)
     plain, drafted = answers[0], answers[4]
     assert drafted[0] == plain[0] and drafted[1] == plain[1] == 40  # the same 40 tokens
     assert plain[2] == 40 and plain[3] == 1  # the prefill (its last position), then one position per forward
