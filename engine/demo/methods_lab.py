@@ -231,7 +231,9 @@ def score_on_demo(row: MethodRow, adapter_dir: str, model: str, rows: list[dict]
     tokenizer = load_tokenizer(str(folder))
     device = pick_device()
     if is_full_model_folder(adapter_dir):  # a full fine-tune saved the whole model
-        tuned = load_causal_lm(adapter_dir, dtype=compute_dtype("auto", device), device=device, quantize_4bit=False)
+        tuned = load_causal_lm(
+            Path(adapter_dir), dtype=compute_dtype("auto", device), device=device, quantize_4bit=False
+        )
     else:
         base = load_causal_lm(folder, dtype=compute_dtype("auto", device), device=device, quantize_4bit=False)
         tuned = load_adapter_folder(base, adapter_dir)
