@@ -6,7 +6,8 @@
 
 The teacher is ``--model`` with the adapter of run ``--teacher`` merged in (as it would be served); the students are
 the pruned folder ``--student`` as it is and, with ``--student-run``, with that distillation run's adapter merged in;
-``--also`` adds more model folders as they are (other prunings: fewer layers, a narrower MLP). ``--decode engine``
+``--also`` adds more model folders (other prunings: fewer layers, a narrower MLP; ``FOLDER@RUN`` with that run's
+adapter merged). ``--decode engine``
 times the generation worker's decode loop instead of ``generate`` (float32), ``--decode int8`` that loop on int8
 weights with the compiled one-row products (the worker's fastest CPU mode); both make every answer ``--new-tokens``
 long.
@@ -28,7 +29,9 @@ def main() -> None:
     p.add_argument("--teacher", required=True, help="the teacher's run (its adapter on --model)")
     p.add_argument("--student", required=True, help="the pruned model folder")
     p.add_argument("--student-run", default="", help="a distillation run of the student: its adapter merged in")
-    p.add_argument("--also", action="append", default=[], help="another model folder to time as it is (repeatable)")
+    p.add_argument(
+        "--also", action="append", default=[], help="another model folder (FOLDER@RUN: with that run's adapter merged)"
+    )
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
@@ -69,8 +72,15 @@ def main() -> None:
         models["distilled student"] = PeftModel.from_pretrained(
             load(args.student), str(student_adapter)
         ).merge_and_unload()
-    for extra in args.also:
-        models[os.path.basename(os.path.normpath(extra))] = load(extra)
+    for extra in args.also:  # FOLDER, or FOLDER@RUN: that run's adapter merged in
+        path, _, run = extra.partition("@")
+        name = os.path.basename(os.path.normpath(path)) + (" + adapter" if run else "")
+        models[name] = load(path)
+        if run:
+            store = Store()
+            adapter = init_adapter.resolve(run, store).path
+            store.close()
+            models[name] = PeftModel.from_pretrained(models[name], str(adapter)).merge_and_unload()
     prompts = [r["prompt"] for r in read_jsonl(EVAL_FILE)[: args.prompts]]
     if args.decode == "generate":
         timed = speeds(models, tokenizer, prompts, args.new_tokens)

@@ -3,7 +3,9 @@
 1. The teacher: an SFT adapter on the bundled model trained on ``demo_sft.jsonl`` (as the plain demo), or an
    existing run (``--teacher RUN``, e.g. the DPO run of ``demo --loop``).
 2. The student: the teacher merged into its base and pruned to half its depth, the layers chosen on the training
-   data as those whose absence changes the teacher's outputs least (``engine.train.prune``).
+   data as those whose absence changes the teacher's outputs least, and every kept MLP narrowed to ``--mlp-width``
+   channels (1024 of 1536; the output head and embeddings stay whole, so half the layers alone give about 1.8x,
+   not 2x) (``engine.train.prune``).
 3. Distillation: the student trained with LoRA against the teacher (objective ``distill``) on ``demo_sft.jsonl``.
 4. The held-out exact-match score and the generation speed (new tokens per second, greedy, one prompt at a time, the
    three models taking turns prompt by prompt; per wall-clock second and per CPU second) of the teacher, the pruned
@@ -44,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-examples", type=int, default=4, help="training rows the layers are chosen on")
     p.add_argument("--search", choices=("greedy", "once"), default="once", help="how the layers are chosen (prune)")
     p.add_argument(
-        "--mlp-width", type=int, default=0, help="narrow every kept layer's MLP to this many channels (prune; 0: keep)"
+        "--mlp-width",
+        type=int,
+        default=1024,
+        help="narrow every kept layer's MLP to this many channels, the most active on the measured rows (prune; "
+        "default 1024 of the bundled model's 1536: about 2x the teacher's speed at half depth, README; 0: keep)",
     )
     p.add_argument("--steps", type=int, default=90, help="distillation steps (default 90; 30 were too few: README)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -182,7 +188,7 @@ def _distill(args: argparse.Namespace) -> int:
             measure_on=SFT_FILE,
             examples=args.measure_examples,
             search=args.search,
-            mlp_width=args.mlp_width,
+            mlp_width=min(args.mlp_width, int(getattr(teacher.config, "intermediate_size", 0) or 0)),
             max_length=d["max_length"],
             progress=lambda _s, done, total, _m: _say(f"   round {done + 1}/{total}"),
         )
