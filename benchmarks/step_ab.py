@@ -8,11 +8,18 @@ after), then runs ``--steps`` steps over the first batches of the run's own orde
 (``time.process_time``) and loss, and the resident peak (VmHWM) of the steps above the resident size once the model
 was ready. ``--set`` overrides TrainConfig fields (``--set compute_dtype=float32 --set kernels=torch``). Run each
 variant in its own process, interleaved, to compare them: one process's peak is its own.
+
+``--lever NAME [--rounds 6]``: an A/B of one lever in one process instead: the same batch, from the same adapter
+weights and a fresh optimizer each time, one step with the lever off and one with it on, alternating (which side
+goes first alternates too), ``--rounds`` times; prints each side's CPU seconds (median and best), the ratio on/off
+and both sides' losses and gradient norms (a lever that keeps the maths gives the same loss). The levers
+(``LEVERS``) switch a kernel choice on a set-up model; new ones are a pair of functions there.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +27,93 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MIB = 2**20
+
+
+def _head_grad_bf16(setup, on: bool) -> None:
+    """The output head's gradient product in bf16 (``kernels.linear_logprobs.set_head_grad_dtype``)."""
+    import torch
+
+    from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype
+
+    head = setup.model.get_base_model().get_output_embeddings()
+    set_head_grad_dtype(head.weight, torch.bfloat16 if on else None)
+
+
+def _lora_bf16(setup, on: bool) -> None:
+    """The LoRA adapters' own products in bf16 (``kernels.lora_linear``'s ``adapter_dtype``)."""
+    import torch
+
+    from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
+
+    for layer in lora_linears(setup.model):
+        layer._fs_adapter_dtype = torch.bfloat16 if on else None
+
+
+def _lora_stacked(setup, on: bool) -> None:
+    """bf16 adapter products with A stacked under W (``kernels.lora_linear``'s ``stacked``) against without."""
+    import torch
+
+    from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
+    from finetune_studio.kernels.lora_linear import stack_weight
+
+    for layer in lora_linears(setup.model):
+        layer._fs_adapter_dtype = torch.bfloat16
+        base = layer.get_base_layer()
+        if on and getattr(layer, "_fs_stacked", None) is None:
+            r = layer.lora_A[layer.active_adapters[0]].weight.shape[0]
+            stacked = stack_weight(base.weight.data, r)
+            base.weight.data = stacked[: base.weight.shape[0]]
+            layer._fs_stacked = stacked
+        elif not on:
+            layer._fs_stacked = None
+
+
+LEVERS = {"head_grad_bf16": _head_grad_bf16, "lora_bf16": _lora_bf16, "lora_stacked": _lora_stacked}
+
+
+def lever_ab(setup, batch, name: str, rounds: int) -> None:
+    """Alternate one step with the lever off and one with it on, from the same weights; print the comparison."""
+    import statistics
+
+    import torch
+
+    from finetune_studio.engine.train.recipe import micro_step
+
+    switch = LEVERS[name]
+    state = {n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+
+    def step(on: bool) -> tuple[float, float, float]:
+        with torch.no_grad():
+            for n, p in setup.model.named_parameters():
+                if n in state:
+                    p.copy_(state[n])
+        setup.optimizer.state.clear()
+        switch(setup, on)
+        t0 = time.process_time()
+        loss = micro_step(setup, batch, setup.objective.denominator(batch))["loss"]
+        norm = torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+        return time.process_time() - t0, float(loss), float(norm)
+
+    step(False)  # warm-up: lazy inits, the allocator's first growth
+    step(True)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    seen: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for r in range(rounds):
+        for on in (False, True) if r % 2 == 0 else (True, False):
+            t, loss, norm = step(on)
+            times[on].append(t)
+            seen[on].append((loss, norm))
+    switch(setup, False)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(
+        f"lever {name}: CPU s per step off {off:.3f} (best {min(times[False]):.3f}), on {on:.3f} (best "
+        f"{min(times[True]):.3f}); on/off median {on / off:.3f}, best {min(times[True]) / min(times[False]):.3f}; "
+        f"{rounds} rounds, {batch.tokens} tokens; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
+        f"  loss off {seen[False][0][0]:.6f} on {seen[True][0][0]:.6f}; grad norm off {seen[False][0][1]:.6f} "
+        f"on {seen[True][0][1]:.6f}"
+    )
 
 
 def _value(text: str):
@@ -43,6 +137,8 @@ def main(argv=None) -> int:
         "--dora-output", default="", choices=("", "off", "peft", "chunked"), help="after set-up: DoRA's output path"
     )
     ap.add_argument("--bnb-compute", default="", help="after set-up: every Linear4bit's compute_dtype (bfloat16)")
+    ap.add_argument("--lever", default="", choices=("", *LEVERS), help="an in-process A/B of one lever")
+    ap.add_argument("--rounds", type=int, default=6, help="--lever: steps on each side")
     args = ap.parse_args(argv)
 
     import tempfile
@@ -88,6 +184,10 @@ def main(argv=None) -> int:
             if type(module).__name__ == "Linear4bit":
                 module.compute_dtype = getattr(torch, args.bnb_compute)
     memory_budget.reuse_memory_between_steps()
+    if args.lever:
+        batch = make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing)
+        lever_ab(setup, batch, args.lever, args.rounds)
+        return 0
     batches = [
         make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id)
         for _ in range(args.steps)

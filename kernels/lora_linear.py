@@ -12,9 +12,20 @@ dtype (x rounded to it) and comes back in x's dtype, as ``kernels.frozen_linear`
 ``g @ W``. What is kept for backward: x (which peft's ``lora_A`` keeps anyway, and which
 ``kernels.recompute.recompute_when_saved`` may replace), the [tokens, r] product ``x A^T``, and the weights.
 
+``adapter_dtype=torch.bfloat16`` (bf16-mixed, where the base weight is bf16 already) also runs the adapter's own
+products in bf16 (``_LoraLinearLow``): ``x A^T`` from the bf16 x the base product rounds anyway, ``g B``, and both
+weight gradients ``g^T (x A^T)`` and ``(g B)^T x`` from the bf16 g the input gradient rounds anyway, each with
+float32 accumulation inside the product and its [tokens, r] or [r, in] / [out, r] result rounded to bf16. The low-
+rank product is still added to the float32 base output in float32 (``addmm_``; so a small update is never rounded
+away against the base output, which is what bf16 autocast gets wrong), and so is its part of the input gradient;
+the adapter weights, their gradients and the optimizer stay float32. The rank-r products read half the bytes and
+run on the bf16 units: the [tokens, r] products are memory-bound, and in a training step each reads a tensor that
+has left the cache.
+
 Layering: reference (``lora_linear_reference``: everything in float32 through autograd, as peft computes it) ->
-autograd Function (``_LoraLinear``) -> public op (``lora_linear`` with ``impl='auto'|'torch'``; ``torch`` is the
-reference's maths with the base product in the weight's dtype, through autograd).
+autograd Functions (``_LoraLinear``, ``_LoraLinearLow``) -> public op (``lora_linear`` with
+``impl='auto'|'torch'``; ``torch`` is the reference's maths with the base product in the weight's dtype, through
+autograd, and with the adapter products in ``adapter_dtype`` when given).
 """
 
 from __future__ import annotations
@@ -55,12 +66,17 @@ def _lora_linear_torch(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
+    adapter_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The same maths as ``_LoraLinear``, through autograd (peft's order: base, then the scaled low-rank part)."""
+    """The same maths as ``_LoraLinear`` (``_LoraLinearLow`` with ``adapter_dtype``), through autograd (peft's
+    order: base, then the scaled low-rank part)."""
     out = _base(x, weight)
     if bias is not None:
         out = out + bias.to(x.dtype)
-    return out + F.linear(F.linear(x, lora_a), lora_b) * scaling
+    if adapter_dtype is None:
+        return out + F.linear(F.linear(x, lora_a), lora_b) * scaling
+    xa = F.linear(x.to(adapter_dtype), lora_a.to(adapter_dtype)).to(x.dtype)  # its gradient rounded to low too
+    return out + F.linear(xa, lora_b) * scaling
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -110,6 +126,75 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+class _LoraLinearLow(torch.autograd.Function):
+    """As ``_LoraLinear``, the rank-r products in ``low`` (bf16) with their results rounded to it; the sums with
+    the base output and the base input gradient in x's dtype. With ``stacked`` (a [out + r, in] tensor in ``low``
+    whose first ``out`` rows are W's storage), A is copied into its last r rows and ``x A^T`` comes out of the base
+    product (one product of N = out + r), and the input gradient's low-rank part goes into the base's
+    (``[g, s g B] [W; A]``, one product of K = out + r, rounded to bf16 with it)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        low: torch.dtype,
+        stacked: torch.Tensor | None,
+    ) -> torch.Tensor:
+        n_in, n_out = weight.shape[1], weight.shape[0]
+        xl = x.reshape(-1, n_in).to(low)  # what the base product multiplies
+        if stacked is None:
+            out = F.linear(xl, weight.to(low)).to(x.dtype)  # fresh, contiguous
+            xa = xl @ lora_a.to(low).t()  # [N, r] in low
+        else:
+            with torch.no_grad():
+                stacked[n_out:].copy_(lora_a)
+            full = F.linear(xl, stacked)  # [N, out + r]
+            out = torch.empty(full.shape[0], n_out, dtype=x.dtype, device=x.device)
+            out.copy_(full[:, :n_out])
+            xa = full[:, n_out:].contiguous()
+            del full
+        if bias is not None:
+            out.add_(bias.to(out.dtype))
+        out.addmm_(xa.to(x.dtype), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, xa, weight, lora_a, lora_b, stacked)
+        ctx.scaling, ctx.low = scaling, low
+        return out.view(*x.shape[:-1], n_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, xa, weight, lora_a, lora_b, stacked = ctx.saved_tensors
+        s, low = ctx.scaling, ctx.low
+        n_in, n_out, r = weight.shape[1], weight.shape[0], lora_a.shape[0]
+        g = grad_out.reshape(-1, n_out)
+        if stacked is None or not ctx.needs_input_grad[0]:
+            gl = g.to(low)
+            gcat = None
+        else:
+            gcat = torch.empty(g.shape[0], n_out + r, dtype=low, device=g.device)
+            gcat[:, :n_out].copy_(g)
+            gl = gcat[:, :n_out]
+        gb = gl @ lora_b.to(low)  # [N, r] in low
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[4]:
+            grad_b = (gl.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x.reshape(-1, n_in).to(low)).to(lora_a.dtype).mul_(s)  # [r, in]
+        if ctx.needs_input_grad[0]:
+            if gcat is not None:
+                torch.mul(gb, s, out=gcat[:, n_out:])
+                gx = (gcat @ stacked).to(grad_out.dtype)  # [N, in]: g W + s (g B) A in one product
+            else:
+                gx = (gl @ weight.to(low)).to(grad_out.dtype)  # [N, in]
+                gx.addmm_(gb.to(gx.dtype), lora_a, alpha=s)
+            grad_x = gx.view(x.shape).to(x.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -118,18 +203,58 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     impl: str = "auto",
+    adapter_dtype: torch.dtype | None = None,
+    stacked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W^T + b + scaling * (x @ A^T) @ B^T`` with W and b frozen; the base product in W's dtype.
 
     x [..., in] (float32 under bf16-mixed), weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r]
-    in x's dtype. impl: ``auto`` (the autograd Function) or ``torch`` (autograd through the same maths)."""
+    in x's dtype. impl: ``auto`` (the autograd Function) or ``torch`` (autograd through the same maths).
+    adapter_dtype: None (the adapter's products in x's dtype) or a 16-bit dtype for them (see the module doc; the
+    base product then runs in it too, whatever W's dtype). stacked: with ``adapter_dtype``, a [out + r, in] tensor
+    in it whose first ``out`` rows share W's storage (``stack_weight``): A is written into its last rows and
+    multiplied with the base product (see ``_LoraLinearLow``)."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
     if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
         raise ValueError(f"lora_linear: the adapter weights must be in x's dtype ({x.dtype})")
+    if adapter_dtype is not None and adapter_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"lora_linear: adapter_dtype must be a 16-bit dtype or None, not {adapter_dtype}")
+    if adapter_dtype == x.dtype:
+        adapter_dtype = None
     if impl == "torch":
-        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling)
+        if adapter_dtype is not None:
+            weight = weight.to(adapter_dtype)
+        return _lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling, adapter_dtype)
     if impl != "auto":
         raise ValueError(f"lora_linear: impl must be 'auto' or 'torch', not {impl!r}")
+    if adapter_dtype is not None:
+        if stacked is not None and not _stacks(stacked, weight, lora_a, adapter_dtype):
+            raise ValueError("lora_linear: stacked must be [out + r, in] in adapter_dtype, its first rows W itself")
+        low: torch.Tensor = _LoraLinearLow.apply(
+            x, weight, bias, lora_a, lora_b, float(scaling), adapter_dtype, stacked
+        )
+        return low
     out: torch.Tensor = _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
     return out
+
+
+def stack_weight(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """A [out + rank, in] tensor in W's dtype whose first ``out`` rows hold W (copied); assign
+    ``weight.data = stacked[:out]`` to make W a view of it, then pass it to ``lora_linear(stacked=...)``."""
+    stacked = torch.empty(weight.shape[0] + rank, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    stacked[: weight.shape[0]].copy_(weight)
+    stacked[weight.shape[0] :].zero_()
+    return stacked
+
+
+def _stacks(stacked: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, low: torch.dtype) -> bool:
+    """``stacked`` is [out + r, in] in ``low`` and its first rows are W's own storage."""
+    return (
+        stacked.dtype == low
+        and weight.dtype == low
+        and stacked.is_contiguous()
+        and weight.is_contiguous()
+        and tuple(stacked.shape) == (weight.shape[0] + lora_a.shape[0], weight.shape[1])
+        and stacked.data_ptr() == weight.data_ptr()
+    )

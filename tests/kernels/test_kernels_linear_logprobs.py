@@ -79,3 +79,60 @@ def test_frozen_head_gradient_computed_in_forward_matches_reference(softcap, chu
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown impl"):
         token_logprobs(torch.randn(5000, 4), torch.randn(3, 4), torch.zeros(5000, dtype=torch.long), impl="cuda")
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_head_gradient_in_bf16_keeps_the_log_probs_and_rounds_only_the_gradient(softcap, monkeypatch):
+    """set_head_grad_dtype(weight, bf16): the same float32 log-probs bit for bit; d logp / d hidden within bf16's
+    rounding of the reference (the head cast a vocabulary chunk at a time: 3 chunks here); None undoes it."""
+    from finetune_studio.kernels import linear_logprobs as ll
+
+    monkeypatch.setattr(ll, "GRAD_VOCAB_CHUNK", 40)
+    torch.manual_seed(5)
+    hidden = torch.randn(30, 24)
+    weight = torch.randn(101, 24) * 0.3
+    targets = torch.randint(0, 101, (30,))
+    grad = torch.randn(30)
+
+    def run():
+        h = hidden.clone().requires_grad_()
+        out = token_logprobs(h, weight, targets, impl="chunked", chunk=16, softcap=softcap)
+        (g,) = torch.autograd.grad((out * grad).sum(), h)
+        return out.detach(), g
+
+    exact_out, exact_g = run()
+    ll.set_head_grad_dtype(weight, torch.bfloat16)
+    assert ll.head_grad_dtype(weight) == torch.bfloat16
+    low_out, low_g = run()
+    h64 = hidden.double().requires_grad_()
+    ref = token_logprobs_reference(h64, weight.double(), targets, softcap)
+    (ref_g,) = torch.autograd.grad((ref * grad.double()).sum(), h64)
+    assert torch.equal(low_out, exact_out)
+    rel = ((low_g.double() - ref_g).norm() / ref_g.norm()).item()
+    assert 1e-5 < rel < 1e-2  # rounded (not the float32 path), but only to bf16's precision
+    assert ((exact_g.double() - ref_g).norm() / ref_g.norm()).item() < 1e-5
+    ll.set_head_grad_dtype(weight, None)
+    assert ll.head_grad_dtype(weight) is None
+    assert torch.equal(run()[1], exact_g)
+    with pytest.raises(ValueError, match="16-bit"):
+        ll.set_head_grad_dtype(weight, torch.float64)
+
+
+def test_mixed_precision_marks_a_frozen_float32_head_only():
+    import transformers
+
+    from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
+    from finetune_studio.kernels.linear_logprobs import head_grad_dtype
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=40
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    model.requires_grad_(False)
+    apply_mixed(model)
+    assert head_grad_dtype(model.get_output_embeddings().weight) == torch.bfloat16
+    trained = transformers.LlamaForCausalLM(cfg)  # a head that trains keeps its float32 gradient path
+    trained.requires_grad_(False)
+    trained.get_output_embeddings().weight.requires_grad_(True)
+    apply_mixed(trained)
+    assert head_grad_dtype(trained.get_output_embeddings().weight) is None

@@ -19,6 +19,12 @@
   ``kernels.lora_linear``: the low-rank product added into the base output in place, one autograd node, the same
   numbers to float32 rounding; the same fall-back to peft's forward as DoRA's (a disabled adapter, as DPO's
   reference pass uses, runs peft's forward, which calls the base layer alone).
+* bf16-mixed's adapters (with or without ``fused_ops``): over a ``BF16FrozenLinear`` base a plain LoRA linear
+  goes through ``kernels.lora_linear`` with its adapter products in bf16 (``low_precision_adapters``: ``x A^T``,
+  ``g B`` and the two weight gradients in bf16, A stacked under W so that ``x A^T`` and the input gradient's
+  low-rank part ride on the base products; the sums, the adapter weights and their gradients float32). Measured in
+  ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product peak"): one SFT step 0.945x the CPU time for
+  the bf16 products, 0.98x more for the stack; loss curves within float32's seed spread.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from finetune_studio.engine.train.model_patches.mixed_precision import BF16Froze
 from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
 from finetune_studio.kernels.dora_norm import dora_weight_norm
 from finetune_studio.kernels.dora_output import dora_output
-from finetune_studio.kernels.lora_linear import lora_linear
+from finetune_studio.kernels.lora_linear import lora_linear, stack_weight
 from finetune_studio.kernels.selection import device_kind, require_triton, triton_installed
 
 logprobs_impl = kernel_choice.logprobs_impl  # the ``token_logprobs`` impl for a config's ``kernels`` choice
@@ -81,9 +87,15 @@ def install_kernels(
         n = install_dora_output(model, impl)
         if n:
             notes.append(f"Fused ops: the outputs of {n} DoRA layers via dora_output (one tensor kept for backward)")
-        n = install_lora_linear(model)
-        if n:
-            notes.append(f"Fused ops: {n} LoRA layers via lora_linear (the low-rank product added in place)")
+    # over bf16-mixed's bf16 bases the adapter products run in bf16 whether or not the fused ops are on (a choice of
+    # the compute dtype, so both give the same numbers); with them on, every plain LoRA layer goes through lora_linear
+    n = install_lora_linear(model, low_precision_adapters=True, low_only=not fused_ops)
+    low = sum(1 for layer in lora_linears(model) if getattr(layer, "_fs_adapter_dtype", None) is not None)
+    if n:
+        notes.append(
+            f"{'Fused ops' if fused_ops else 'bf16-mixed'}: {n} LoRA layers via lora_linear (the low-rank product "
+            "added in place" + (f"; the adapter products of {low} over bf16 bases in bf16)" if low else ")")
+        )
     return notes
 
 
@@ -200,18 +212,49 @@ def lora_linears(model: torch.nn.Module) -> list[LoraLinear]:
     return out
 
 
-def install_lora_linear(model: torch.nn.Module) -> int:
+def install_lora_linear(model: torch.nn.Module, low_precision_adapters: bool = False, low_only: bool = False) -> int:
     """Give each plain LoRA linear of ``model`` (``lora_linears``) the forward through ``kernels.lora_linear``.
-    Per instance; returns the count; ``uninstall_lora_linear`` undoes it."""
+    ``low_precision_adapters``: over a bf16-mixed base (``BF16FrozenLinear``) the adapter's own rank-r products run
+    in bf16 too (``lora_linear``'s ``adapter_dtype``; the sums and the adapter weights stay float32), and the base
+    weight becomes the first rows of a [out + r, in] bf16 tensor whose last rows take A at each forward
+    (``lora_linear``'s ``stacked``: ``x A^T`` comes out of the base product, the input gradient's low-rank part goes
+    into the base's; no copy of W, r rows more). ``low_only``: only those layers (``install_kernels`` without the
+    fused ops). Per instance; returns the count; ``uninstall_lora_linear`` undoes it (the base weight stays a view
+    of its stack, the same values)."""
     layers = lora_linears(model)
+    if low_only:
+        layers = [m for m in layers if low_precision_adapters and type(m.get_base_layer()) is BF16FrozenLinear]
     for layer in layers:
+        base = layer.get_base_layer()
+        low = low_precision_adapters and type(base) is BF16FrozenLinear
+        layer._fs_adapter_dtype = base.weight.dtype if low else None  # type: ignore[assignment]
+        layer._fs_stacked = _stack(layer) if low else None  # type: ignore[assignment]
         layer.forward = types.MethodType(_lora_linear_forward, layer)  # type: ignore[method-assign]
     return len(layers)
+
+
+def _stack(layer: LoraLinear) -> torch.Tensor | None:
+    """The base weight moved into the first rows of a [out + r, in] tensor (``kernels.lora_linear.stack_weight``),
+    for the one active plain adapter of rank r; None where there is no such adapter."""
+    names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.lora_variant]
+    if len(names) != 1 or getattr(layer, "fan_in_fan_out", False):
+        return None
+    base = layer.get_base_layer()
+    weight = cast(torch.Tensor, base.weight)
+    old = getattr(layer, "_fs_stacked", None)
+    if old is not None and old.data_ptr() == weight.data_ptr():
+        return cast(torch.Tensor, old)
+    rank = cast(torch.Tensor, layer.lora_A[names[0]].weight).shape[0]
+    stacked = stack_weight(weight.detach(), rank)
+    weight.data = stacked[: weight.shape[0]]
+    return stacked
 
 
 def uninstall_lora_linear(model: torch.nn.Module) -> None:
     for layer in lora_linears(model):
         layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_fs_adapter_dtype", None)
+        layer.__dict__.pop("_fs_stacked", None)
 
 
 def _plain_lora_adapter(
@@ -244,4 +287,10 @@ def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs
     base = self.get_base_layer()
     weight, bias = cast(torch.Tensor, base.weight), cast("torch.Tensor | None", base.bias)
     lora_a, lora_b = cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)
-    return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling[name])
+    low = cast("torch.dtype | None", getattr(self, "_fs_adapter_dtype", None))
+    stacked = cast("torch.Tensor | None", getattr(self, "_fs_stacked", None))
+    if stacked is not None and (
+        low is None or stacked.data_ptr() != weight.data_ptr() or stacked.shape[0] != weight.shape[0] + lora_a.shape[0]
+    ):
+        stacked = None  # the base weight was replaced, another adapter is active, or the adapters run in float32
+    return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling[name], adapter_dtype=low, stacked=stacked)

@@ -9,7 +9,9 @@ This mode keeps the model in float32 (adapters, DoRA magnitudes and norms, the s
 residual stream, RMSNorm, attention, the output head) and only swaps the frozen decoder linears for
 ``BF16FrozenLinear``: the weight stored in bfloat16 (converted after a float32 load) and ``kernels.frozen_linear``
 for the product (x rounded to bf16, bf16 GEMM, float32 out; its backward gives grad_x the same way). For the
-default model those products are nearly all of a step's FLOPs.
+default model those products are nearly all of a step's FLOPs. A frozen float32 output head keeps its float32
+logits; only its gradient product (``d logp / d hidden``) runs in bf16
+(``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept).
 
 A 4-bit (QLoRA) base is loaded with a float32 model around it too; its bitsandbytes ``Linear4bit`` layers get
 ``compute_dtype`` bfloat16: they dequantise the NF4 weight to bf16 and multiply bf16 x (x rounded from float32),
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from finetune_studio.kernels.frozen_linear import frozen_linear
+from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype
 
 MIXED = "bf16-mixed"
 
@@ -99,4 +102,7 @@ def apply_mixed(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
         module.weight.data = module.weight.data.to(dtype)
         module.__class__ = BF16FrozenLinear
         n += 1
+    low = dtype in (torch.bfloat16, torch.float16)
+    if low and type(head) is nn.Linear and head.weight.dtype == torch.float32 and not head.weight.requires_grad:
+        set_head_grad_dtype(head.weight, dtype)  # the head's d logp / d hidden product in bf16; its logits float32
     return n
