@@ -113,3 +113,33 @@ def test_prompts_are_the_tokens_before_the_first_trained_one():
     ]
     assert prompt_ids(rows, 5) == [[1, 2], [9]]
     assert prompt_ids(rows, 5, most=1) == [[2], [9]]
+
+
+def test_through_the_command_line_a_full_fine_tune_of_a_pruned_student_prints_and_stores_its_speed(
+    four_layers, tmp_path, studio_home
+):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from finetune_studio.core.protocol.events import parse_event
+
+    config = _config(four_layers, write_sft(tmp_path / "d.jsonl"), method="full", distill_student_layers=2)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "finetune_studio.engine", "train", str(path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = [parse_event(line) for line in out.stdout.splitlines() if line.strip()]
+    (speed,) = [e for e in events if e.type == "distill_speed"]  # what the app reads from the engine's stdout
+    assert (speed.teacher_layers, speed.student_layers) == (4, 2) and speed.student_tokens_per_s > 0
+    started = next(e for e in events if e.type == "started")
+    assert started.trainable_params == started.total_params == speed.student_params  # every weight of the student
+    assert Store().distill_speed(started.run_id) == speed  # and from the store, as the app's Runs page does
+    saved = Path(started.run_dir) / "adapter"
+    assert json.loads((saved / "config.json").read_text())["num_hidden_layers"] == 2
