@@ -48,6 +48,10 @@ ALLOCATOR_SLACK = {"cuda": 0.10, "mps": 0.10, "cpu": 0.0}
 DEFAULT_MODEL_FILE = "smollm2-135m-instruct.json"
 LOGITS_CHUNK = 1024  # rows of the output head per chunk: kernels.linear_logprobs.DEFAULT_CHUNK (a test pins it)
 DORA_NORM_CHUNK = 256  # rows of W + s B A per chunk: kernels.dora_norm.DEFAULT_CHUNK (a test pins it)
+# oneDNN's and ideep's caches of bf16 products (bf16-mixed on the CPU): engine.train.memory_budget bounds each to
+# ONEDNN_CACHE_ENTRIES (a test pins it), about 0.29 MiB of generated code an entry whatever the shapes
+ONEDNN_CACHE_ENTRIES = 64
+ONEDNN_CACHE_BYTES = 2 * ONEDNN_CACHE_ENTRIES * 300 * 1024
 
 # architecture -> (norms per block, q/k norms, default tie_word_embeddings, fused projections, bias on q/k/v)
 _KNOWN = {
@@ -462,6 +466,8 @@ def resolve_compute_dtype(config: TrainConfig, device: DeviceInfo) -> str:
     (``engine.train.model_patches.mixed_precision``): loaded in float32 (a 4-bit base's other parameters too), so
     counted as float32
     (``DTYPE_BYTES``)."""
+    if device.kind == "cpu" and method_terms.family(config) == "full":
+        return "float32"  # a full fine-tune's weights are float32, and 16 bits are CUDA autocast over them
     if config.compute_dtype != "auto":
         return config.compute_dtype
     if device.kind == "cpu":
@@ -876,8 +882,10 @@ def estimate_training_memory(
     Gradients are counted in full although they appear only as backward frees activations (conservative by at most
     that term). Runtime overhead: the CUDA context (0.75 GiB) on a GPU; elsewhere the training process's baseline,
     ``device.process_bytes`` (what the engine measured and kept, ``core.memory.runtime_baseline``), else 0.5 GiB;
-    allocator slack: 10% of the tensors on CUDA and MPS for fragmentation. ``counts`` (the engine's parameter count
-    for this method) replace the formula's weights, adapters and optimizer states: exact for any architecture.
+    allocator slack: 10% of the tensors on CUDA and MPS for fragmentation, on the CPU the bf16 products' primitive
+    caches at their bound (``ONEDNN_CACHE_BYTES``, 38 MiB; a float32 run keeps none). ``counts`` (the engine's
+    parameter count for this method) replace the formula's weights, adapters and optimizer states: exact for any
+    architecture.
     """
     dtype = resolve_compute_dtype(config, device)
     b = DTYPE_BYTES[dtype]
@@ -969,6 +977,8 @@ def estimate_training_memory(
     else:  # the training process's resident memory before loading, as the engine measured and kept it
         overhead = device.process_bytes or PYTHON_BASELINE_BYTES
     slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
+    if device.kind == "cpu":  # the bf16 products' kept primitives in the heap, full after a few batch lengths
+        slack += ONEDNN_CACHE_BYTES
     return MemoryEstimate(
         **tensors,
         runtime_overhead=overhead,

@@ -356,6 +356,8 @@ class Recipe:
         cfg, device = self.config, self.device
         self.reporter.progress("load", 0, 1, "Loading the model")
         full = methods_table.method(cfg.method).family == "full"  # trained weights: float32 (CUDA: autocast)
+        if full and device != "cuda" and dtype != torch.float32:
+            self.reporter.log(f"Full fine-tune on {device}: float32 throughout (a 16-bit compute dtype is CUDA's)")
         base = load_causal_lm(
             folder,
             dtype=torch.float32 if full else dtype,

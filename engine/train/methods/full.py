@@ -35,7 +35,6 @@ from finetune_studio.engine.models import FULL_MODEL_MARKER, is_full_model_folde
 __all__ = ["MARKER", "FullModel", "build", "is_full_model_folder", "keeps_reference"]
 
 MARKER = FULL_MODEL_MARKER  # in a saved folder: written by a full fine-tune (a whole model, not an adapter)
-WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
