@@ -24,6 +24,8 @@ from finetune_studio.core import methods as _methods
 
 METHODS = _methods.NAMES  # every trainable method, its capabilities in core.methods
 OBJECTIVES = ("sft", "dpo", "reward", "grpo", "distill")
+# What a person reads for each objective (Set up's choice, the Runs table's column).
+OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO", "distill": "Distil"}
 # How an objective's step is shaped, for the memory estimate (core.memory.estimate): the engine's objectives say the
 # same (tests/engine/test_reward_model.py checks that they agree).
 PAIR_OBJECTIVES = ("dpo", "reward")  # each example is a preference pair: chosen and rejected, two sequences

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from finetune_studio.core import methods as method_table
-from finetune_studio.core.config import OBJECTIVES, PARALLELISMS, TrainConfig
+from finetune_studio.core.config import OBJECTIVE_LABELS, OBJECTIVES, PARALLELISMS, TrainConfig
 from finetune_studio.core.protocol.device_report import DeviceReport
 from finetune_studio.studio.pages.reward_workbench import RewardWorkbench
 from finetune_studio.studio.services import estimate
@@ -40,7 +40,6 @@ from finetune_studio.studio.widgets.rewards_editor import RewardsEditor
 from finetune_studio.studio.widgets.student_choice import StudentChoice
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
-OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO", "distill": "Distil"}
 # Settings that only one objective reads, by their prefix: shown only while that objective is chosen.
 OBJECTIVE_PREFIXES = {"grpo_": "grpo", "distill_": "distill"}
 PARALLELISM_LABELS = {"ddp": "DDP", "fsdp": "FSDP"}

@@ -10,6 +10,7 @@ from typing import cast
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 
 from finetune_studio.core import methods
+from finetune_studio.core.config import OBJECTIVE_LABELS
 from finetune_studio.core.protocol.memory_report import MemoryReport
 from finetune_studio.core.run_status import RunStatus
 from finetune_studio.core.store import RunRecord
@@ -171,7 +172,7 @@ class RunsModel(QAbstractTableModel):
             return time.strftime("%Y-%m-%d %H:%M", time.localtime(value)) if value else ""
         if key in ("method", "objective"):
             return (
-                str(value or "").upper()
+                OBJECTIVE_LABELS.get(str(value), str(value or "").upper())
                 if key == "objective"
                 else (methods.BY_NAME[str(value)].label if str(value) in methods.BY_NAME else str(value or ""))
             )

@@ -422,3 +422,16 @@ def test_init_adapter_offers_runs_by_name_and_keeps_their_ids(qtbot, make_window
     folder = str(tmp_path / "my-adapter")
     field.setEditText(folder)
     assert state.values["init_adapter"] == folder
+
+
+def test_objective_column_reads_the_objectives_labels(qtbot):
+    from finetune_studio.studio.widgets.runs_model import COLUMNS, RunsModel
+
+    store = Store()
+    for objective in ("distill", "reward", "grpo"):
+        store.create_run({"model": "m", "objective": objective, "method": "lora"}, run_id=objective, name=objective)
+    model = RunsModel()
+    model.set_runs(store.list_runs())
+    column = [key for key, _ in COLUMNS].index("objective")
+    shown = {model.index(r, 0).data(): model.index(r, column).data() for r in range(model.rowCount())}
+    assert shown == {"distill": "Distil", "reward": "Reward model", "grpo": "GRPO"}
