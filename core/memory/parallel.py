@@ -25,6 +25,7 @@ from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.memory.estimate import (
     ALLOCATOR_SLACK,
     DTYPE_BYTES,
+    ONEDNN_CACHE_BYTES,
     DataLengths,
     MemoryEstimate,
     ModelShape,
@@ -76,6 +77,8 @@ def estimate_per_process_memory(
         reference_forward=one.reference_forward,
     )
     slack = int(ALLOCATOR_SLACK[device.kind] * sum(tensors.values()))
+    if device.kind == "cpu":  # each process keeps its own bf16 primitive caches (as estimate_training_memory)
+        slack += ONEDNN_CACHE_BYTES
     return dataclasses.replace(one, **tensors, allocator_slack=slack, notes=(*one.notes, note))
 
 

@@ -21,7 +21,13 @@ from pathlib import Path
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.memory import runtime_baseline as baseline
-from finetune_studio.core.memory.estimate import DataLengths, ModelShape, ParamCounts, states_8bit
+from finetune_studio.core.memory.estimate import (  # the estimate counts the caches at this bound
+    ONEDNN_CACHE_ENTRIES,
+    DataLengths,
+    ModelShape,
+    ParamCounts,
+    states_8bit,
+)
 from finetune_studio.core.protocol.memory_report import MemoryReport, memory_report
 from finetune_studio.engine.datasets.render import TokenizedPair
 
@@ -163,7 +169,6 @@ def reuse_memory_between_steps() -> bool:
     return _mallopt((M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES))
 
 
-ONEDNN_CACHE_ENTRIES = 64  # per cache; a step reuses about 8 shapes per micro-batch (forward and grad_x products)
 ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's primitives, ideep's own
 
 
@@ -177,7 +182,8 @@ def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> bool:
     caches held and the resident peak grew with it (``benchmarks/reward_model_bench.py`` prints the curve). With
     64 entries a step still reuses its own shapes; a shape seen again after being evicted is rebuilt (about 6 ms).
     Both libraries read the setting once, when their cache is first used: True when this call set it now (it
-    takes effect only if no bf16 product has run in this process yet), False when it was already set."""
+    takes effect only if no bf16 product has run in this process yet), False when it was already set. The memory
+    estimate counts both caches full (``core.memory.estimate.ONEDNN_CACHE_BYTES``)."""
     import os
 
     changed = False
