@@ -49,7 +49,7 @@ DEFAULT_MODEL_FILE = "smollm2-135m-instruct.json"
 LOGITS_CHUNK = 1024  # rows of the output head per chunk: kernels.linear_logprobs.DEFAULT_CHUNK (a test pins it)
 DORA_NORM_CHUNK = 256  # rows of W + s B A per chunk: kernels.dora_norm.DEFAULT_CHUNK (a test pins it)
 # oneDNN's and ideep's caches of bf16 products (bf16-mixed on the CPU): engine.train.memory_budget bounds each to
-# ONEDNN_CACHE_ENTRIES (a test pins it), about 0.29 MiB of generated code an entry whatever the shapes
+# ONEDNN_CACHE_ENTRIES (it reads it from here), about 0.29 MiB of generated code an entry whatever the shapes
 ONEDNN_CACHE_ENTRIES = 64
 ONEDNN_CACHE_BYTES = 2 * ONEDNN_CACHE_ENTRIES * 300 * 1024
 
