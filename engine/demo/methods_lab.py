@@ -195,6 +195,8 @@ def row_from_events(
     if run is not None and run.memory_estimate:
         report = MemoryReport.from_json(run.memory_estimate)
         below = report.terms.get("base_weights", 0) + report.terms.get("runtime_overhead", 0)
+        if LAB_SETTINGS.get(name, {}).get("method", name) == "full":  # its trained weights are the loaded model
+            below += report.terms.get("adapter_weights", 0)
         estimated = report.total_bytes - report.terms.get("allocator_slack", 0) - below
     if measured_file is not None and measured_file.is_file():
         figures = json.loads(measured_file.read_text(encoding="utf-8"))
