@@ -512,6 +512,13 @@ class TrainConfig:
             f"{_show(self.distill_student_layers)})",
         )
         need(
+            not (self.distill_student_layers and self.init_adapter),
+            "distill_student_layers",
+            "prunes the model at the run's start, so an adapter made for another model cannot continue on it: to go "
+            "on from an earlier run's student, set model to that run's student folder (<run folder>/student), "
+            "init_adapter to the run, and this to 0",
+        )
+        need(
             self.distill_teacher_precision in TEACHER_PRECISIONS,
             "distill_teacher_precision",
             f"must be one of {', '.join(TEACHER_PRECISIONS)}",

@@ -39,6 +39,11 @@ def test_full_is_a_method_with_its_refusals_in_the_table():
             "whole number",
         ),
         (
+            {"objective": "distill", "distill_teacher": "default", "distill_student_layers": 4, "init_adapter": "r1"},
+            "distill_student_layers",
+            "student folder",
+        ),
+        (
             {"objective": "distill", "distill_teacher": "default", "distill_measure_speed": "yes"},
             "distill_measure_speed",
             "true or false",
