@@ -56,6 +56,7 @@ static void quantize(const float* x, int64_t M, int64_t K, int64_t Kp, int16_t* 
     const float* xr = x + m * K;
     int16_t* qr = q + m * Kp;
     float amax = 0.f;
+#pragma omp simd reduction(max : amax)
     for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
     float id = amax > 0.f ? 32767.f / amax : 0.f;
     d[m] = amax / 32767.f;

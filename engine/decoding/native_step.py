@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from finetune_studio.engine.decoding import int8_dot
-from finetune_studio.engine.decoding.int8 import stacked
+from finetune_studio.engine.decoding.int8 import GROUPS
 
 STEP_SOURCE = r"""
 typedef struct {
@@ -42,10 +42,50 @@ typedef struct {
   float* v_buf;
 } block_t;
 
+typedef struct {
+  int64_t block, target; /* target: 0 the q/k/v stack, 1 o, 2 the gate/up stack, 3 down */
+  int64_t offset, out, in, rank; /* the adapted projection's first output in its product, its shape, the rank */
+  const float* a; /* (rank, in) */
+  const float* b; /* (out, rank) */
+  float scaling;
+} lora_t;
+
+/* y[:, offset : offset + out] += scaling * B (A x) for the block's adapters on this target (PEFT's LoRA: on the side
+   of the base product, not merged into it). */
+static int add_lora(const lora_t* loras, int64_t count, int64_t block, int64_t target, const float* x, int64_t ldx,
+                    float* y, int64_t ldy, int64_t M) {
+  for (int64_t i = 0; i < count; i++) {
+    const lora_t* l = loras + i;
+    if (l->block != block || l->target != target) continue;
+    float* t = malloc(sizeof(float) * l->rank);
+    if (!t) return -1;
+    for (int64_t m = 0; m < M; m++) {
+      const float* xr = x + m * ldx;
+      for (int64_t r = 0; r < l->rank; r++) {
+        const float* ar = l->a + r * l->in;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < l->in; k++) s += ar[k] * xr[k];
+        t[r] = s;
+      }
+      float* yr = y + m * ldy + l->offset;
+      for (int64_t j = 0; j < l->out; j++) {
+        const float* br = l->b + j * l->rank;
+        float s = 0.f;
+        for (int64_t r = 0; r < l->rank; r++) s += br[r] * t[r];
+        yr[j] += s * l->scaling;
+      }
+    }
+    free(t);
+  }
+  return 0;
+}
+
 static void rms_norm(const float* x, const float* weight, float eps, int64_t M, int64_t H, float* out) {
   for (int64_t m = 0; m < M; m++) {
     const float* xr = x + m * H;
     float s = 0.f;
+#pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < H; i++) s += xr[i] * xr[i];
     float r = 1.f / sqrtf(s / (float)H + eps);
     for (int64_t i = 0; i < H; i++) out[m * H + i] = weight[i] * (xr[i] * r);
@@ -69,7 +109,8 @@ int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, in
                 int64_t heads, int64_t kv_heads, int64_t D, int64_t inter, float eps, float attn_scale,
                 const float* inv_freq, float rope_scaling, const int64_t* positions, int64_t length, int64_t cap,
                 const uint8_t* mask, int64_t mask_stride, const float* final_norm, const int8_t* head_w,
-                const uint16_t* head_s, int64_t V, float* logits, int threads) {
+                const uint16_t* head_s, int64_t V, float* logits, const lora_t* loras, int64_t lora_count,
+                int threads) {
   int64_t QKV = (heads + 2 * kv_heads) * D, groups = heads / kv_heads;
   float* x = malloc(sizeof(float) * M * H);
   float* h = malloc(sizeof(float) * M * H);
@@ -98,6 +139,7 @@ int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, in
     const block_t* b = blocks + l;
     rms_norm(x, b->in_norm, eps, M, H, h);
     if (int8_dot_gemm(h, M, H, b->qkv_w, b->qkv_s, b->qkv_b, QKV, qkv, threads)) { rc = -2; goto done; }
+    if (add_lora(loras, lora_count, l, 0, h, H, qkv, QKV, M)) { rc = -1; goto done; }
     for (int64_t m = 0; m < M; m++) {
       float* row = qkv + m * QKV;
       const float* c = cs + m * 2 * D;
@@ -116,6 +158,7 @@ int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, in
         for (int64_t p = 0; p <= length; p++) {
           if (mk && !mk[p]) { scores[p] = -INFINITY; continue; }
           float s = 0.f;
+#pragma omp simd reduction(+ : s)
           for (int64_t i = 0; i < D; i++) s += q[i] * keys[p * D + i];
           scores[p] = s * attn_scale;
           top = scores[p] > top ? scores[p] : top;
@@ -135,15 +178,18 @@ int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, in
       }
     }
     if (int8_dot_gemm(att, M, heads * D, b->o_w, b->o_s, b->o_b, H, t, threads)) { rc = -2; goto done; }
+    if (add_lora(loras, lora_count, l, 1, att, heads * D, t, H, M)) { rc = -1; goto done; }
     for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
     rms_norm(x, b->post_norm, eps, M, H, h);
     if (int8_dot_gemm(h, M, H, b->gu_w, b->gu_s, b->gu_b, 2 * inter, gu, threads)) { rc = -2; goto done; }
+    if (add_lora(loras, lora_count, l, 2, h, H, gu, 2 * inter, M)) { rc = -1; goto done; }
     for (int64_t m = 0; m < M; m++)
       for (int64_t i = 0; i < inter; i++) {
         float g = gu[m * 2 * inter + i], u = gu[m * 2 * inter + inter + i];
         act[m * inter + i] = g / (1.f + expf(-g)) * u;
       }
     if (int8_dot_gemm(act, M, inter, b->down_w, b->down_s, b->down_b, H, t, threads)) { rc = -2; goto done; }
+    if (add_lora(loras, lora_count, l, 3, act, inter, t, H, M)) { rc = -1; goto done; }
     for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
   }
   rms_norm(x, final_norm, eps, M, H, h);
@@ -163,13 +209,28 @@ class _Block(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in _FIELDS]
 
 
+class _Lora(ctypes.Structure):
+    _fields_ = [
+        ("block", ctypes.c_int64),
+        ("target", ctypes.c_int64),
+        ("offset", ctypes.c_int64),
+        ("out", ctypes.c_int64),
+        ("in_", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("scaling", ctypes.c_float),
+    ]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     lib = int8_dot.load_library("native_step", int8_dot.SOURCE + STEP_SOURCE)
     if lib is None:
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.native_step.argtypes = [p, i, p, i, i, p, i, i, i, i, f, f, p, f, p, i, i, p, i, p, p, p, i, p, ctypes.c_int]
+    lib.native_step.argtypes = [p, i, p, i, i, p, i, i, i, i, f, f, p, f, p, i, i, p, i, p, p, p, i, p, p, i]
+    lib.native_step.argtypes += [ctypes.c_int]
     lib.native_step.restype = ctypes.c_int
     return lib
 
@@ -184,6 +245,49 @@ def _int8(module: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
         return None
     w, s, b = cast(torch.Tensor, module.int8_weight), cast(torch.Tensor, module.int8_scale), module.bias
     return _checked(w, s, None if b is None else b.detach())
+
+
+def _base(module: object) -> nn.Linear | None:
+    """The linear under ``module``: itself where it is a plain ``nn.Linear``, the base layer of a PEFT LoRA layer."""
+    if type(module) is nn.Linear:
+        return module
+    base = getattr(module, "base_layer", None)
+    return base if _is_lora(module) and type(base) is nn.Linear else None
+
+
+def _is_lora(module: object) -> bool:
+    if not type(module).__module__.startswith("peft."):
+        return False
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return type(module) is LoraLinear
+
+
+def _lora_terms(module: Any) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """(A, B, scaling) of each adapter PEFT applies on the side of ``module`` (none for a plain linear or with the
+    adapters switched off); None where the C step cannot apply them as PEFT does (merged, DoRA and other variants,
+    dropout in training mode, a bias on B, other dtypes)."""
+    if type(module) is nn.Linear:
+        return []
+    if not _is_lora(module) or module.merged:
+        return None
+    if module.disable_adapters:
+        return []
+    terms: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}):
+            return None
+        a, b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and not dropout.training):
+            return None
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+            return None
+        if not (_float32(a.weight) and _float32(b.weight)):
+            return None
+        terms.append((a.weight.detach(), b.weight.detach(), float(module.scaling[name])))
+    return terms
 
 
 def _checked(
@@ -234,22 +338,48 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
         return None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     blocks = []
-    for block in inner.layers[: config.num_hidden_layers]:
+    loras: list[tuple[int, int, int, torch.Tensor, torch.Tensor, float]] = []  # (block, target, offset, A, B, scale)
+    if not _float32(inner.norm.weight):
+        return None
+    for index, block in enumerate(inner.layers[: config.num_hidden_layers]):
         attn, mlp = block.self_attn, block.mlp
-        qkv, gate_up = stacked(attn, "int8_qkv"), stacked(mlp, "int8_gate_up")
-        o, down = _int8(attn.o_proj), _int8(mlp.down_proj)
-        if qkv is None or gate_up is None or o is None or down is None:
-            return None  # an adapter layer (or something else) in the way: the fast step calls it
         d = attn.head_dim
-        if qkv[3] != [heads * d, kv_heads * d, kv_heads * d] or len(gate_up[3]) != 2 or gate_up[3][0] != gate_up[3][1]:
-            return None
         norms = (block.input_layernorm, block.post_attention_layernorm)
         if any(type(n).__name__ not in RMS_NORMS or not _float32(n.weight) for n in norms):
             return None
-        parts = [_checked(*qkv[:3]), o, _checked(*gate_up[:3]), down]
-        if any(p is None for p in parts) or not _float32(inner.norm.weight):
+        parts = []
+        for parent, fused, target in ((attn, "int8_qkv", 0), (attn, "o_proj", 1), (mlp, "int8_gate_up", 2)):
+            names = GROUPS.get(fused, (fused,))
+            modules = [getattr(parent, n, None) for n in names]
+            bases = [_base(m) for m in modules]
+            if fused in GROUPS:
+                if not hasattr(parent, f"{fused}_weight") or any(b is None for b in bases):
+                    return None
+                w, sc, bias = (getattr(parent, f"{fused}_{k}") for k in ("weight", "scale", "bias"))
+                part = _checked(w, sc, bias)
+            else:
+                part, w = _int8(bases[0]), None
+            if part is None:
+                return None
+            offset = 0
+            for module, base in zip(modules, bases, strict=True):
+                terms = _lora_terms(module)
+                if base is None or terms is None:
+                    return None  # an adapter the C step cannot apply as PEFT does: the fast step calls it
+                if w is not None and cast(torch.Tensor, base.int8_weight).data_ptr() != w[offset].data_ptr():
+                    return None  # the stack is not (or no longer) made of these projections' weights
+                loras += [(index, target, offset, la, lb, scaling) for la, lb, scaling in terms]
+                offset += base.out_features
+            parts.append(part)
+        down, terms = _base(mlp.down_proj), _lora_terms(mlp.down_proj)
+        down_part = _int8(down)
+        if down_part is None or terms is None:
             return None
-        blocks.append((block, [p for p in parts if p is not None]))
+        loras += [(index, 3, 0, la, lb, scaling) for la, lb, scaling in terms]
+        qkv_part, o_part, gate_up_part = parts
+        if qkv_part[0].shape[0] != (heads + 2 * kv_heads) * d or gate_up_part[0].shape[0] % 2:
+            return None
+        blocks.append((block, [qkv_part, o_part, gate_up_part, down_part]))
     layers = cache.layers
     if not all(_float32(layer.k_buf) and _float32(layer.v_buf) for layer in layers):
         return None
@@ -266,13 +396,18 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
             setattr(entry, f"{prefix}_w", w.data_ptr())
             setattr(entry, f"{prefix}_s", s.data_ptr())
             setattr(entry, f"{prefix}_b", None if b is None else b.data_ptr())
+    table_loras = (_Lora * max(1, len(loras)))()
+    for entry, (index, target, offset, la, lb, scaling) in zip(table_loras, loras, strict=False):
+        entry.block, entry.target, entry.offset = index, target, offset
+        entry.out, entry.in_, entry.rank = lb.shape[0], la.shape[1], la.shape[0]
+        entry.a, entry.b, entry.scaling = la.data_ptr(), lb.data_ptr(), scaling
     known: list[int] = [-1]  # the first layer's key buffer the table points at
 
     def step(
         ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         rows, t = ids.shape
-        if t != 1:
+        if t != 1 or layers[0].k_buf.shape[0] != rows:  # (rows: a cache reshaped behind the step's back)
             return fallback(ids, positions, mask)
         length = layers[0].length
         if length + 1 > layers[0].k_buf.shape[2]:  # past the planned length: grow (as the cache's update does)
@@ -280,6 +415,9 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
                 layer.k_buf = torch.cat([layer.k_buf, torch.empty_like(layer.k_buf)], dim=2)
                 layer.v_buf = torch.cat([layer.v_buf, torch.empty_like(layer.v_buf)], dim=2)
         if layers[0].k_buf.data_ptr() != known[0]:  # new buffers (grown, or ended rows dropped)
+            shape = layers[0].k_buf.shape
+            if any(x.shape != shape or not x.is_contiguous() for layer in layers for x in (layer.k_buf, layer.v_buf)):
+                return fallback(ids, positions, mask)
             for entry, layer in zip(table, layers, strict=True):
                 entry.k_buf, entry.v_buf = layer.k_buf.data_ptr(), layer.v_buf.data_ptr()
             known[0] = layers[0].k_buf.data_ptr()
@@ -296,7 +434,7 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
             None if pos is None else pos.data_ptr(), length, capacity,
             None if attend is None else attend.data_ptr(), 0 if attend is None else attend.stride(0),
             inner.norm.weight.data_ptr(), head[0].data_ptr(), head[1].data_ptr(), head[0].shape[0],
-            logits.data_ptr(), torch.get_num_threads(),
+            logits.data_ptr(), table_loras, len(loras), torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError(f"native decoding step failed ({rc})")

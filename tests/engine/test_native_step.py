@@ -64,28 +64,48 @@ def test_the_c_step_gives_the_python_fast_steps_logits_and_cache(int8_model, pad
     assert not torch.equal(ours[:, 0], ours[:, 1])  # rows at different tokens (and positions) differ
 
 
-def test_adapters_attached_keep_the_python_step_and_apply(int8_model):
+def _cache(model, rows=1):
+    with torch.inference_mode():  # the worker decodes with the base model, PEFT's layers injected into it
+        first = model(input_ids=torch.tensor([PROMPT]), cache=DynamicCache(config=model.config))
+    return _expand_cache(first.cache, rows, 30)
+
+
+def test_lora_adapters_apply_on_the_side_in_the_c_step_as_in_the_python_step(int8_model):
     from peft import LoraConfig, get_peft_model
 
-    base, _ = _steps(int8_model, True, 2, 20, 4, False)  # the C step
-    peft = get_peft_model(int8_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.inference_mode():  # the worker decodes with the base model, PEFT's layers injected into it
-        first = int8_model(input_ids=torch.tensor([PROMPT]), cache=DynamicCache(config=int8_model.config))
-    cache = _expand_cache(first.cache, 1, 30)
-    assert native_step.native_step(int8_model, cache, lambda *a: torch.zeros(1)) is None  # adapter layers in the way
+    base, _ = _steps(int8_model, True, 2, 20, 4, False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(int8_model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1))
+    peft.eval()
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.fill_(0.3)
-    tuned, _ = _steps(int8_model, True, 2, 20, 4, False)  # the Python step, through the adapter layers
-    assert (tuned - base).abs().max() > 0.1 * base.std()  # the adapter applies
-    with peft.disable_adapter():
+                p.copy_(torch.randn_like(p) * 0.2)
+    assert native_step.native_step(int8_model, _cache(int8_model), lambda *a: torch.zeros(1)) is not None
+    ours, _ = _steps(int8_model, True, 2, 20, 4, False)  # the C step, adapters added on the side
+    theirs, _ = _steps(int8_model, False, 2, 20, 4, False)  # the Python step through PEFT's layers
+    assert (ours - base).abs().max() > 0.1 * base.std()  # the adapters apply
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    with peft.disable_adapter():  # "base": the adapters bypassed
         off, _ = _steps(int8_model, True, 2, 20, 4, False)
-    assert torch.allclose(off, base, atol=1e-4, rtol=1e-4)  # adapters off: the int8 base's logits
+    assert torch.allclose(off, base, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the adapter's weights are read live, not copied when the model was loaded
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(2)
+    doubled, _ = _steps(int8_model, True, 2, 20, 4, False)
+    assert not torch.allclose(doubled, ours, atol=1e-3)
+
+
+def test_adapters_the_c_step_cannot_apply_keep_the_python_step(int8_model):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(int8_model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True)).eval()
+    assert native_step.native_step(int8_model, _cache(int8_model), lambda *a: torch.zeros(1)) is None
 
     def greedy() -> list[int]:
         out: list[int] = []
         decode(int8_model, PROMPT, 1, 8, Sampler(temperature=0), lambda t: (out.append(t[0]), [False])[1])
         return out
 
-    assert len(greedy()) == 8  # the decode loop runs through the adapter layers
+    assert len(greedy()) == 8  # the decode loop runs the Python step through DoRA's layers
