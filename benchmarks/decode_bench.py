@@ -33,7 +33,28 @@ slice / view / cat at 2% each. Sampling and the cache writes are noise (0.3 ms t
 token costs 9.8 ms (q8_0) and 6.9 ms (q4_0) of CPU here: the products alone (17.7 ms int8, 11.6 ms int4) are
 slower than its whole step, so no amount of glue removal reaches it with torch's CPU kernels.
 
-Levers, each measured (one thread, CPU time, alternating, same run; load average 8-14):
+Levers since (2026-12-07 10:00-10:45 UTC, one thread, CPU time, load average 7-11):
+
+* kept: int8 x int16 products (``engine/decoding/int8_dot.py``, a C kernel compiled once, AVX-512 VNNI
+  ``vpdpwssd``, each activation row quantised to int16 with one scale; every float32 row of every int8 layer):
+  a whole model's products (30 blocks + head, ms) 1 row 10.8 (compiled one-row) -> 8.6, 4 rows 29 (kernel) -> 18.5,
+  8 rows 46 -> 25; quality against float32 KL 0.0051 / 94.8% top-1 (the bfloat16 kernel: 0.0055 / 93.5%). Reading
+  the weight rows one after another matters: 4 rows interleaved ran at half the bandwidth (8 against 16-20 GB/s;
+  a plain streaming read here: 16.5 GB/s). Not kept: int8 activations in blocks of 32 (llama.cpp's q8_0 ``x``
+  side, ``vpdpbusd`` and a float multiply-add per block): slower (12.3 ms a model at one row) and further from
+  float32 (KL 0.0086, 92.2%). With gcc 12 the VNNI intrinsic copies every accumulator around its tied operand (2x
+  the instructions): the kernel uses inline assembly for it.
+* kept: the whole step in C for plain int8 Llama-family models (``engine/decoding/native_step.py``: embedding,
+  norms, the stacked products, rotary, cache writes, attention, SiLU, residuals, head; PEFT LoRA adapters added
+  on the side in C, read live): one answer's step 27 -> 8-10 ms (the Python glue, 8.6 ms, gone), one answer 53
+  -> 100 new tok/CPU-s and 8 answers 144 -> 177 in the same run (the products at 8 rows are compute-bound:
+  ``vpdpwssd`` at about 2 cycles here). A 42-token prefill (the model's forward, 42 rows) costs 117-130 ms.
+  Merged adapters, DoRA and other variants, dropout in training mode, int4 weights and drafted positions keep
+  the Python step.
+* next: an int4 x int16 kernel and its C step (half of int8's bytes; estimated 5.5-6 ms a step against 8-10);
+  int8 activations for several rows would halve the batched products' work, at int8's quality cost.
+
+Earlier levers, each measured (one thread, CPU time, alternating, same run; load average 8-14):
 
 * kept: the one-row int8 product compiled by inductor per weight shape (``int8.compile_row_products``, float32,
   the weight converted in registers) and called directly: the 49k x 576 head 4.6 -> 2.4 ms, a whole model's
@@ -173,6 +194,23 @@ def load_worker_model(folder: Path, weights: str):
     return model, compiled
 
 
+def attach_lora(model, rank: int, seed: int = 0):
+    """A LoRA adapter of ``rank`` on every projection of ``model`` (PEFT, injected as the worker attaches one; B
+    random rather than zero, so that it changes the answers), switched to inference; returns ``model``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    peft.eval()
+    return model  # the worker decodes with the base model, the adapter layers injected into it
+
+
 def worker_run(model, prompts: list[list[int]], new_tokens: int, **options) -> tuple[int, float, float, list]:
     """Greedy answers to ``prompts`` (one batch), ``new_tokens`` each (end-of-text ignored): (new tokens, wall s,
     CPU s, the answers)."""
@@ -228,7 +266,7 @@ def quality(models: dict, files: dict, prompts: list[list[int]], new_tokens: int
             ids = torch.tensor([prompt + cont[:-1]])
             refs.append((prompt, cont, models["full"](ids).logits[0, len(prompt) - 1 :].float().log_softmax(-1)))
     rows = []
-    sides = [(f"worker {w}", m, None) for w, m in models.items() if w != "full"]
+    sides = [(f"worker {w}", m, None) for w, m in models.items() if w != "full" and "LoRA" not in w]
     sides += [
         (f"llama.cpp {q}", None, Llama(model_path=str(path), n_threads=1, n_ctx=1024, logits_all=True, verbose=False))
         for q, path in files.items()
@@ -271,13 +309,16 @@ def profile_step(model, prompt: list[int], context: int = 128, repeats: int = 30
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt]), cache=_cache_classes()[0](config=model.config), use_cache=True)
         cache = _expand_cache(out.cache, 1, len(prompt) + context + 2 * repeats + 8)
-        step = _fast_step(model, cache)
+        step, python_step = _fast_step(model, cache), _fast_step(model, cache, native=False)
         ids = torch.tensor([[prompt[-1]]])
         while cache.layers[0].length < context:
             step(ids)
         layers = cache.layers
         parts: dict[str, float] = {}
-        parts["step"] = cpu_ms(lambda: step(ids))
+        parts["step"] = cpu_ms(lambda: step(ids))  # in C where the model is plain int8 (native_step)
+        for layer in layers:  # back to the context length
+            layer.truncate(context)
+        parts["Python step"] = cpu_ms(lambda: python_step(ids))
         for layer in layers:  # back to the context length the parts are measured at
             layer.truncate(context)
         x, wide = torch.randn(1, 1, hidden), torch.randn(1, 1, model.config.intermediate_size)
@@ -336,7 +377,7 @@ def profile_step(model, prompt: list[int], context: int = 128, repeats: int = 30
         gen = torch.Generator().manual_seed(0)
         parts["sampling, top-p 0.9"] = cpu_ms(lambda: Sampler(temperature=0.7, top_p=0.9).sample(logits, gen))
     measured = ("block products", "head product", "attention", "cache writes", "sampling, greedy")
-    parts["glue"] = parts["step"] + parts["sampling, greedy"] - sum(parts[k] for k in measured)
+    parts["glue"] = parts["Python step"] + parts["sampling, greedy"] - sum(parts[k] for k in measured)
     return parts
 
 
@@ -353,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-tokens", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="only where a decoding step's time goes")
     parser.add_argument("--int4-gguf", default="q4_0", choices=["q4_0", "q4_1"], help="llama.cpp's side of int4")
+    parser.add_argument("--lora", type=int, default=16, help="rank of an adapter on int8 as one more side (0: none)")
     args = parser.parse_args(argv)
     PAIRS["int4"] = args.int4_gguf
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -381,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{compiled:.1f} s)",
             flush=True,
         )
+        if w == "int8" and args.lora and not args.profile:
+            side = f"int8 + LoRA r{args.lora}"
+            models[side] = attach_lora(load_worker_model(folder, "int8")[0], args.lora)
+            PAIRS[side] = "q8_0"
         if args.profile:
             continue
         q = PAIRS[w]
@@ -401,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         return 0
     batch_prompts = [chat_ids(tok, p) for p in PROMPTS]
-    for w in args.weights:  # warm-up (first calls allocate)
+    sides = [w for w in models if w in args.weights or "LoRA" in w]
+    for w in sides:  # warm-up (first calls allocate)
         worker_run(models[w], [story], 4)
         llama_run(llms[PAIRS[w]], story, 4)
     results: dict[str, list[tuple[float, float]]] = {}
@@ -410,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(key, []).append((made / wall, made / cpu))
 
     for r in range(args.repeats):  # alternating sides, each measurement once per round
-        for w in args.weights:
+        for w in sides:
             record(f"llama.cpp {PAIRS[w]} x1", *llama_run(llms[PAIRS[w]], story, args.new_tokens)[:3])
             record(f"worker {w} x1", *worker_run(models[w], [story], args.new_tokens)[:3])
             for b in args.batches:
@@ -420,9 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| side | answers | new tok/s (wall) | new tok/CPU-s | vs llama.cpp one answer (CPU) |")
     print("|---|---|---|---|---|")
-    for w in args.weights:
+    for w in sides:
         base = best[f"llama.cpp {PAIRS[w]} x1"][1]
-        print(f"| llama.cpp {PAIRS[w]} | 1 | {best[f'llama.cpp {PAIRS[w]} x1'][0]:.1f} | {base:.1f} | x1.00 |")
+        if "LoRA" not in w:
+            print(f"| llama.cpp {PAIRS[w]} | 1 | {best[f'llama.cpp {PAIRS[w]} x1'][0]:.1f} | {base:.1f} | x1.00 |")
         for b in [1, *args.batches]:
             wall, cpu = best[f"worker {w} x{b}"]
             print(f"| worker {w} | {b} | {wall:.1f} | {cpu:.1f} | x{cpu / base:.2f} |")

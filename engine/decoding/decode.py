@@ -12,6 +12,8 @@ candidate);
    candidates from the batch, so the remaining ones decode faster.
 
 It calls the model's own ``forward``, so PEFT adapter layers injected into it (or switched off around it) apply.
+Plain int8 Llama-family models run each step in C instead (:mod:`engine.decoding.native_step`; LoRA adapters
+injected into them are added there on the side, other adapter layers keep the Python step).
 
 :func:`decode_batch` does the same for several prompts at once (the worker's ``generate_batch``): each prompt is
 prefilled alone (as :func:`decode` would), their caches are joined right-aligned into one buffer (left padding, the

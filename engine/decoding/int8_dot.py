@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -152,9 +153,12 @@ def _build(source: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source_file, built = Path(tmp) / "kernel.c", Path(tmp) / target.name
         source_file.write_text(source, encoding="utf-8")
-        command = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", "-o", str(built), str(source_file), "-lm"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-        if done.returncode != 0:
+        for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it): one thread, the same numbers
+            command = [compiler, "-O3", "-shared", "-fPIC", *openmp, "-o", str(built), str(source_file), "-lm"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
         os.replace(built, target)
 
@@ -162,6 +166,8 @@ def _build(source: str, target: Path) -> None:
 def load_library(name: str, source: str) -> ctypes.CDLL | None:
     """C ``source`` (which includes :data:`SOURCE`) compiled once into the cache folder and loaded, or None where
     this machine cannot (no compiler, no AVX-512 VNNI: the log says which)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # AVX-512 is x86's
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     target = _cache_folder() / f"{name}-{digest}.so"
     try:
