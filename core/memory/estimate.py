@@ -1055,6 +1055,8 @@ def _advice(estimate: MemoryEstimate, config: TrainConfig | None) -> str:
         return "lower grpo_group_size, batch_size or grpo_max_new_tokens"
     if biggest == "reference_forward":
         return "turn on precompute_reference, or lower batch_size or max_length"
+    if biggest == "optimizer_states" and config is not None and method_terms.family(config) == "full":
+        return "use 8-bit AdamW, or train an adapter (method lora) instead of every weight"
     if biggest == "optimizer_states":
         return "use 8-bit AdamW, or lower lora_rank"
     return "choose a smaller model" if quantized else "use QLoRA (4-bit base), or choose a smaller model"
