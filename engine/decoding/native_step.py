@@ -57,23 +57,26 @@ static int add_lora(const lora_t* loras, int64_t count, int64_t block, int64_t t
   for (int64_t i = 0; i < count; i++) {
     const lora_t* l = loras + i;
     if (l->block != block || l->target != target) continue;
-    float* t = malloc(sizeof(float) * l->rank);
+    float* t = malloc(sizeof(float) * l->rank * M); /* (M, rank): each row's A x */
     if (!t) return -1;
-    for (int64_t m = 0; m < M; m++) {
-      const float* xr = x + m * ldx;
-      for (int64_t r = 0; r < l->rank; r++) {
-        const float* ar = l->a + r * l->in;
+    for (int64_t r = 0; r < l->rank; r++) { /* A's row read once for every row of x */
+      const float* ar = l->a + r * l->in;
+      for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * ldx;
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int64_t k = 0; k < l->in; k++) s += ar[k] * xr[k];
-        t[r] = s;
+        t[m * l->rank + r] = s;
       }
-      float* yr = y + m * ldy + l->offset;
-      for (int64_t j = 0; j < l->out; j++) {
-        const float* br = l->b + j * l->rank;
+    }
+    for (int64_t j = 0; j < l->out; j++) {
+      const float* br = l->b + j * l->rank;
+      for (int64_t m = 0; m < M; m++) {
+        const float* tm = t + m * l->rank;
         float s = 0.f;
-        for (int64_t r = 0; r < l->rank; r++) s += br[r] * t[r];
-        yr[j] += s * l->scaling;
+#pragma omp simd reduction(+ : s)
+        for (int64_t r = 0; r < l->rank; r++) s += br[r] * tm[r];
+        y[m * ldy + l->offset + j] += s * l->scaling;
       }
     }
     free(t);
