@@ -174,16 +174,19 @@ ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # one
 
 def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> bool:
     """Hold oneDNN's primitive cache and ideep's computation cache to ``entries`` each (1024 by default); a value
-    the user set is kept. Every bf16 matrix product on the CPU (bf16-mixed's frozen linears, their grad_x
-    products) builds a primitive for its exact shape, about 0.29 MiB of generated code in each cache, whatever the
-    weight's size, and keeps it: each new padded length of a batch (or an evaluation batch) added about 8 shapes,
-    4.6 MiB of the heap that stayed in use between steps. Those blocks, left among a step's freed temporaries, kept
-    the heap from reusing them: over 60 steps of the reward model on the demo pairs the heap grew 4-5x what the
-    caches held and the resident peak grew with it (``benchmarks/reward_model_bench.py`` prints the curve). With
-    64 entries a step still reuses its own shapes; a shape seen again after being evicted is rebuilt (about 6 ms).
-    Both libraries read the setting once, when their cache is first used: True when this call set it now (it
-    takes effect only if no bf16 product has run in this process yet), False when it was already set. The memory
-    estimate counts both caches full (``core.memory.estimate.ONEDNN_CACHE_BYTES``)."""
+    the user set is kept. Every bf16 matrix product on the CPU (bf16-mixed's frozen linears and LoRA products, their
+    input-gradient products) builds a primitive for its exact shape, about 0.29 MiB of generated code in each
+    cache whatever the matrices' sizes, and keeps it: on the default model each new padded length of a batch (or
+    of an evaluation batch) kept 4.6 MiB more heap in use (about 8 shapes; 11.5 MiB once the LoRA products ran in
+    bf16 too). Those blocks, made among a step's temporaries, kept the freed temporaries around them from being
+    reused: over 60 steps of the reward model on the demo pairs the heap grew 4x what the caches held and the
+    resident peak grew with it, 1769 -> 2000 MiB in a training process (2003 -> 2787 without the engine's malloc
+    settings); bounded, it stayed at 1656-1818 (``benchmarks/RESULTS.md``). With 64 entries a step still reuses
+    its own shapes; a shape met again after being evicted is rebuilt: 1.6 ms of CPU a primitive, 13 ms for the 8
+    of a batch length, against a step's 3-4 s. Both libraries read the setting once, when their cache is first
+    used: True when this call set it now (it takes effect only if no bf16 product has run in this process yet),
+    False when it was already set. The memory estimate counts both caches full
+    (``core.memory.estimate.ONEDNN_CACHE_BYTES``)."""
     import os
 
     changed = False
