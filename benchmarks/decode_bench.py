@@ -51,8 +51,14 @@ Levers since (2026-12-07 10:00-10:45 UTC, one thread, CPU time, load average 7-1
   ``vpdpwssd`` at about 2 cycles here). A 42-token prefill (the model's forward, 42 rows) costs 117-130 ms.
   Merged adapters, DoRA and other variants, dropout in training mode, int4 weights and drafted positions keep
   the Python step.
-* next: an int4 x int16 kernel and its C step (half of int8's bytes; estimated 5.5-6 ms a step against 8-10);
-  int8 activations for several rows would halve the batched products' work, at int8's quality cost.
+* kept: LoRA in the C step, A's and B's rows read once for all the batch's rows: 8 answers with a rank-16 adapter
+  on every projection 128 -> 142 new tok/CPU-s (int8 alone 170 in that run).
+* not kept: an int4 x int16 kernel (nibbles unpacked to int16 in registers, ``vpmaddwd``, a float multiply-add
+  per group of 32 for its scale, the zero point through each group's activation sum): 6.6 ms against the int8
+  kernel's 4.7 for the same number of weights at one row (113 M weights, C timing loop), 24 against 15 at 8 rows:
+  the unpacking and the per-group float work make it compute-bound above int8's memory time, so int4 keeps torch's
+  kernel and the Python step. Next: a layout that unpacks cheaper (llama.cpp's q4_0 x q8_0 runs at 6.9 ms a whole
+  token here), and int8 activations for several rows (half the batched products' work, at a quality cost).
 
 Earlier levers, each measured (one thread, CPU time, alternating, same run; load average 8-14):
 

@@ -29,6 +29,21 @@ def test_the_product_is_the_dequantised_int8_product_and_each_row_is_computed_al
         assert torch.equal(int8_dot.int8_dot_matmul(x[r : r + 1], weight, scale, bias)[0], y[r])
 
 
+def test_several_threads_give_the_same_numbers():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (301, 200), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(301, generator=gen) * 0.01).to(torch.bfloat16)
+    x = torch.randn(5, 200, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = int8_dot.int8_dot_matmul(x, weight, scale, None)
+        torch.set_num_threads(2)  # each output computed by one thread, in the same order
+        assert torch.equal(int8_dot.int8_dot_matmul(x, weight, scale, None), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_int8_layers_use_it_closer_to_full_precision_and_adapters_stay_live(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
