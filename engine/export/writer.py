@@ -305,7 +305,8 @@ def _replace(tmp: Path, out: Path) -> None:
 def _write(
     source: Source, request: ExportRequest, formats: list[str], quants: tuple[str, ...], tmp: Path, step, cancel
 ):
-    step("Copying the adapter")
+    whole = is_full_model_folder(source.folder)  # a full fine-tune: the folder is the model
+    step("Copying the fully tuned model" if whole else "Copying the adapter")
     for name in _adapter_files(source.folder):
         shutil.copy2(source.folder / name, tmp / name)
     for name in (reward_model.HEAD_WEIGHTS, reward_model.HEAD_INFO):  # a reward model's head, and what it reads
@@ -329,7 +330,7 @@ def _write(
     merge: dict | None = None
     dtype = request.dtype
     if len(formats) > 1:
-        step("Merging the adapter into the base model")
+        step("Loading the fully tuned model" if whole else "Merging the adapter into the base model")
         assert build is not None  # every form but the adapter makes len(formats) > 1
         merged, note = build.merged_model()
         notes.append(note)
