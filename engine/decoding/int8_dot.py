@@ -173,6 +173,9 @@ def load_library(name: str, source: str) -> ctypes.CDLL | None:
     try:
         if not target.is_file():
             _build(source, target)
+            for old in target.parent.glob(f"{name}-*.so"):  # earlier versions' builds
+                if old != target:
+                    old.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(target))
     except Exception as exc:  # no compiler, a read-only home, an unsupported platform
         log.warning("int8: the int8 x int16 kernel is not available (%s: %s)", type(exc).__name__, exc)

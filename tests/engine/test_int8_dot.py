@@ -86,3 +86,19 @@ def test_int8_layers_use_it_closer_to_full_precision_and_adapters_stay_live(tiny
             assert greedy(peft) == base_tokens
     assert (tuned - dot).abs().max() > 0.1 * full.std()  # adapters on: they apply (on the side, not merged)
     assert greedy(peft) != base_tokens
+
+
+def test_the_kernel_builds_into_the_cache_folder_once_and_a_missing_compiler_only_turns_it_off(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level("WARNING"):
+        assert int8_dot.load_library("probe", int8_dot.SOURCE) is None
+    assert "not available" in caplog.text and "no-such-compiler" in caplog.text
+    monkeypatch.delenv("CC")
+    lib = int8_dot.load_library("probe", int8_dot.SOURCE)
+    built = list((tmp_path / "finetune-studio" / "kernels").iterdir())
+    assert lib is not None and len(built) == 1 and built[0].name.startswith("probe-")  # no temporary files left
+    assert int8_dot.load_library("probe", int8_dot.SOURCE + "\n") is not None  # another source: rebuilt,
+    assert len(list(built[0].parent.iterdir())) == 1  # the earlier build removed
