@@ -426,8 +426,12 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
             known[0] = layers[0].k_buf.data_ptr()
         capacity = layers[0].k_buf.shape[2]
         ids = ids.reshape(rows).contiguous()
+        if int(ids.min()) < 0 or int(ids.max()) >= embed.shape[0]:  # C does not check: torch's embedding raises
+            return fallback(ids.view(rows, 1), positions, mask)
         pos = None if positions is None else positions.to(torch.int64).contiguous()
         attend = None if mask is None else mask.reshape(rows, -1)
+        if attend is not None and (attend.dtype != torch.bool or attend.shape[1] < length + 1):
+            return fallback(ids.view(rows, 1), positions, mask)
         if attend is not None and attend.stride(1) != 1:
             attend = attend.contiguous()
         logits = torch.empty(rows, head[0].shape[0])

@@ -109,3 +109,10 @@ def test_adapters_the_c_step_cannot_apply_keep_the_python_step(int8_model):
         return out
 
     assert len(greedy()) == 8  # the decode loop runs the Python step through DoRA's layers
+
+
+def test_a_token_id_outside_the_vocabulary_raises_as_torch_does(int8_model):
+    with torch.inference_mode():
+        step = _fast_step(int8_model, _cache(int8_model))
+        with pytest.raises(IndexError):
+            step(torch.tensor([[int8_model.config.vocab_size + 5]]))
