@@ -149,7 +149,7 @@ def _compiled_row_product(out_features: int, in_features: int) -> RowProduct:
 def compile_row_products(model: nn.Module) -> float:
     """Compile the one-row product for every int8 weight shape of ``model`` (its plain linears and stacks) and use
     it from then on for single-row float32 inputs; return the seconds it took. Where compiling fails (no C++
-    compiler on this machine), say so in the log, keep the kernel and return -1. Where the int8 x int8 products
+    compiler on this machine), say so in the log, keep the kernel and return -1. Where the int8 x int16 products
     (:mod:`engine.decoding.int8_dot`) are on and run here, they take every row: nothing to compile, returns 0."""
     if _dot_products_on and int8_dot.available():
         return 0.0
@@ -190,7 +190,7 @@ _row_products_on = True
 
 
 def use_dot_products(on: bool) -> bool:
-    """Switch the int8 x int8 products (:mod:`engine.decoding.int8_dot`, float32 inputs where the CPU has AVX-512
+    """Switch the int8 x int16 products (:mod:`engine.decoding.int8_dot`, float32 inputs where the CPU has AVX-512
     VNNI) on or off (then the compiled one-row products and torch's kernel); return whether they were on."""
     global _dot_products_on
     was, _dot_products_on = _dot_products_on, on
