@@ -203,7 +203,9 @@ class Session:
             if weights in ("int8", "int4"):
                 from finetune_studio.engine.decoding.int8 import compile_row_products
 
-                compile_row_products(model)  # one answer at a time: int8 products compiled per shape (seconds, once)
+                # Where the VNNI products (engine.decoding.int8_dot) run this compiles nothing; elsewhere the one-row
+                # int8 products are compiled per shape (seconds, once).
+                compile_row_products(model)
         except ModelError as exc:
             raise GenerationError("model", f"cannot load {req.model!r}: {exc}") from None
         except Exception as exc:  # a broken folder raises whatever its reader raises
