@@ -7,9 +7,17 @@ Trains ``objective: reward`` (LoRA rank 16 on every linear layer, a float32 scal
 pairs, 10% of the prompts held out, evaluating every ``--steps``/4 steps, in a data home of its own (a temporary
 folder). Prints the held-out pair accuracy and the mean reward gap (chosen minus rejected) at each evaluation, the
 training time per step, the memory estimate against the measured peak (the process's resident peak on the CPU,
-CUDA's allocated peak on a GPU), and then, with the saved folder loaded by ``RewardModel.load``: the held-out
-accuracy again (it must equal the run's last evaluation) and the scoring speed in answers per second (batches of
-8). Wall-clock figures move with whatever else the machine runs; the load average is printed with them.
+CUDA's allocated peak on a GPU) with the resident curve over the run (the peak after the first step, at each
+evaluation and at the end: flat once the kernels' caches are full, within the first ten steps), and then, with
+the saved folder loaded by ``RewardModel.load``: the held-out accuracy again (it must equal the run's last
+evaluation) and the scoring speed in answers per second (batches of 8). Wall-clock figures move with whatever
+else the machine runs; the load average is printed with them.
+
+It runs as a training process does: restarted once with the engine's glibc malloc settings
+(``core.process_env``). Measured 2026-12-07 (``benchmarks/RESULTS.md``, "A reward run's resident memory over 60
+steps"): estimate 1950 MiB, peak 1849 MiB, reached by step 10 and flat to step 60. Before oneDNN's per-shape caches
+were bounded (``engine.train.memory_budget.bound_onednn_caches``) the peak grew through the run: 1769 -> 2000 MiB
+in a training process, 2003 -> 2787 MiB in this script's own process, which did not restart then.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    from finetune_studio.core.process_env import restart_with_engine_environment
+
+    restart_with_engine_environment()  # the malloc settings of a training process (see the docstring)
 
     from finetune_studio.core.config import TrainConfig
     from finetune_studio.engine.models import resolve_model
@@ -88,6 +99,7 @@ def run(config) -> None:
             f"memory: estimate {estimate / 2**20:.0f} MiB, measured peak {peak / 2**20:.0f} MiB "
             f"({estimate / peak:.2f}x)"
         )
+    print(_memory_curve(steps, [e.step for e in events if e.type == "eval"]))
 
     _train, validation = split_by_prompt(load_dataset(config.dataset).examples, config.validation_fraction, config.seed)
     reward = RewardModel.load(result.adapter_dir)
@@ -103,6 +115,17 @@ def run(config) -> None:
         f"({correct / len(validation):.1%}), mean gap {gap:.3f}"
     )
     print(f"scoring: {2 * len(validation) / scoring:.1f} answers/s ({2 * len(validation)} answers, batches of 8)")
+
+
+def _memory_curve(steps: list, evals: list[int]) -> str:
+    """The resident peak (MiB) after the first step, after each evaluation's step and at the end, and how much the
+    resident size grew from the first step to the last."""
+    mib = 2**20
+    marks = sorted({1, *evals, steps[-1].step})
+    by_step = {e.step: e for e in steps}
+    peaks = ", ".join(f"{s}: {by_step[s].memory_peak_bytes / mib:.0f}" for s in marks if s in by_step)
+    grown = (steps[-1].memory_used_bytes - steps[0].memory_used_bytes) / mib
+    return f"resident peak by step (MiB) {peaks}; resident size grew {grown:+.0f} MiB from step 1 to the last"
 
 
 def _run(run_id: str):
