@@ -83,36 +83,21 @@ def main(argv: list[str]) -> int:
 def speeds(
     models: dict[str, Any], tokenizer: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS
 ) -> dict[str, tuple[float, float]]:
-    """New tokens per second of each model, greedy, one prompt at a time (what a person waiting on one answer sees):
-    (per wall-clock second, per CPU second of this process). The models take turns prompt by prompt, so that a
-    machine busy with other work slows them alike; one untimed warm-up answer each first."""
-    import torch
-
+    """New tokens per second of each model on the demo's prompts (rendered as a user turn), greedy, one prompt at a
+    time, the models taking turns (``engine.train.distill_speed.time_generation``): (per wall-clock second, per CPU
+    second of this process). Answers end at the end of the turn."""
     from finetune_studio.engine.datasets.render import render_text
     from finetune_studio.engine.datasets.schema import Message
+    from finetune_studio.engine.train.distill_speed import time_generation
 
     stop = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int)]
-    totals = {name: [0, 0.0, 0.0] for name in models}  # new tokens, wall seconds, CPU seconds
-    for i, prompt in enumerate([prompts[0], *prompts]):
-        text = render_text(tokenizer, (Message("user", prompt),), add_generation_prompt=True)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        for name, model in models.items():
-            model.eval()
-            wall, cpu = time.perf_counter(), time.process_time()
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            if i:  # the first round is the warm-up
-                totals[name][0] += out.shape[1] - ids.shape[1]
-                totals[name][1] += time.perf_counter() - wall
-                totals[name][2] += time.process_time() - cpu
-    return {name: (n / max(w, 1e-9), n / max(c, 1e-9)) for name, (n, w, c) in totals.items()}
+    ids = [
+        tokenizer(render_text(tokenizer, (Message("user", p),), add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p in prompts
+    ]
+    return time_generation(models, ids, max_new_tokens, stop=stop, pad_id=tokenizer.pad_token_id)
 
 
 def _figures(model: Any, tokenizer: Any, rows: list[dict], label: str) -> dict[str, Any]:
