@@ -291,7 +291,18 @@ def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def run_row(model: str, objective: str, threads: int, args) -> Row:
+def levers_off(setup) -> None:
+    """Undo the bf16-mixed levers of 2026-12-07 on a set-up model (for ``--compare``): the LoRA adapters' products
+    back in float32 (``kernels.lora_linear`` without ``adapter_dtype``), the head's gradient product float32."""
+    from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
+    from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype
+
+    for layer in lora_linears(setup.model):
+        layer._fs_adapter_dtype = None
+    set_head_grad_dtype(setup.model.get_base_model().get_output_embeddings().weight, None)
+
+
+def run_row(model: str, objective: str, threads: int, args, before: bool = False) -> Row:
     import torch
     from profile_step import DATA, one_step
 
@@ -316,6 +327,14 @@ def run_row(model: str, objective: str, threads: int, args) -> Row:
     )
     setup = Recipe(cfg, "peak_share", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag()).setup(resume=False)
     setup.model.train()
+    if before:
+        levers_off(setup)
+    if args.compare:  # both sides of a comparison on the same batches, whatever the recipe's sampler drew before
+        import dataclasses
+
+        from finetune_studio.engine.train.batches import Sampler
+
+        setup = dataclasses.replace(setup, sampler=Sampler(len(setup.data.train), cfg.batch_size, args.seed))
     torch.set_num_threads(threads)
     memory_budget.reuse_memory_between_steps()
     base = setup.model.get_base_model()
@@ -346,7 +365,7 @@ def run_row(model: str, objective: str, threads: int, args) -> Row:
     if peaks.rounds == 0:
         peaks.update(measure_peaks(shape, int(mean_tokens)))
     row = Row(
-        model=model,
+        model=model + (" (before)" if before else ""),
         objective=objective,
         threads=threads,
         steps=len(rates),
@@ -374,13 +393,13 @@ def run_row(model: str, objective: str, threads: int, args) -> Row:
 def print_table(rows: list[Row]) -> None:
     g = 1e9
     print(
-        "\nmodel     obj thr tok/step MFLOP/tok bf16%  achieved GFLOP/s (med/best) | peak GFLOP/s: bf16 sq, fp32 sq, "
-        "bf16 model fwd/bwd | share of bf16 peak, of mixed roofline | tok/CPU-s | load"
+        "\nmodel              obj thr tok/step MFLOP/tok bf16%  achieved GFLOP/s (med/best) | peak GFLOP/s: bf16 sq, "
+        "fp32 sq, bf16 model fwd/bwd | share of bf16 peak, of mixed roofline | tok/CPU-s | load"
     )
     for r in rows:
         p = r.peaks
         print(
-            f"{r.model:<9} {r.objective:<3} {r.threads:>3} {r.tokens_per_step:>8.0f} {r.flops_per_token / 1e6:>9.0f} "
+            f"{r.model:<18} {r.objective:<3} {r.threads:>3} {r.tokens_per_step:>8.0f} {r.flops_per_token / 1e6:>9.0f} "
             f"{100 * r.bf16_share_of_flops:4.0f}%  {r.achieved_median / g:8.1f} / {r.achieved_best / g:6.1f}         "
             f"| {p.square_bf16 / g:6.1f}, {p.square_fp32 / g:5.1f}, "
             f"{p.model_fwd_bf16 / g:5.1f}/{p.model_bwd_bf16 / g:5.1f}      "
@@ -399,6 +418,9 @@ def main(argv=None) -> int:
     ap.add_argument("--long-max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument(
+        "--compare", action="store_true", help="each row also with the bf16 adapter and head-gradient levers off, first"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if argv is None:  # as a training process: the engine's glibc malloc settings
@@ -416,8 +438,9 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         for objective in args.objectives.split(","):
             for threads in (int(t) for t in args.threads.split(",")):
-                rows.append(run_row(model, objective, threads, args))
-                print_table(rows[-1:])
+                for before in (True, False) if args.compare else (False,):
+                    rows.append(run_row(model, objective, threads, args, before))
+                    print_table(rows[-1:])
     print_table(rows)
     if args.json:
         out = Path(args.json)

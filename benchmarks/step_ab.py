@@ -9,7 +9,8 @@ after), then runs ``--steps`` steps over the first batches of the run's own orde
 was ready. ``--set`` overrides TrainConfig fields (``--set compute_dtype=float32 --set kernels=torch``). Run each
 variant in its own process, interleaved, to compare them: one process's peak is its own.
 
-``--lever NAME [--rounds 6]``: an A/B of one lever in one process instead: the same batch, from the same adapter
+``--lever NAME [--rounds 6] [--fresh-batches]``: an A/B of one lever in one process instead: the same batch (or
+each round a batch of its own, the same for both sides: new shapes each round, as in a run), from the same adapter
 weights and a fresh optimizer each time, one step with the lever off and one with it on, alternating (which side
 goes first alternates too), ``--rounds`` times; prints each side's CPU seconds (median and best), the ratio on/off
 and both sides' losses and gradient norms (a lever that keeps the maths gives the same loss). The levers
@@ -68,11 +69,24 @@ def _lora_stacked(setup, on: bool) -> None:
             layer._fs_stacked = None
 
 
-LEVERS = {"head_grad_bf16": _head_grad_bf16, "lora_bf16": _lora_bf16, "lora_stacked": _lora_stacked}
+def _all_bf16(setup, on: bool) -> None:
+    """Both: the adapters' products in bf16 (A stacked under W, as the engine installs them) and the head's gradient
+    product in bf16, against float32 for both (what bf16-mixed ran before 2026-12-07)."""
+    _lora_bf16(setup, on)
+    _head_grad_bf16(setup, on)
 
 
-def lever_ab(setup, batch, name: str, rounds: int) -> None:
-    """Alternate one step with the lever off and one with it on, from the same weights; print the comparison."""
+LEVERS = {
+    "head_grad_bf16": _head_grad_bf16,
+    "lora_bf16": _lora_bf16,
+    "lora_stacked": _lora_stacked,
+    "all_bf16": _all_bf16,
+}
+
+
+def lever_ab(setup, batches, name: str, rounds: int) -> None:
+    """Alternate one step with the lever off and one with it on, from the same weights, on the same batch (or on
+    each round's own batch, the same for both sides); print the comparison."""
     import statistics
 
     import torch
@@ -82,7 +96,7 @@ def lever_ab(setup, batch, name: str, rounds: int) -> None:
     switch = LEVERS[name]
     state = {n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad}
 
-    def step(on: bool) -> tuple[float, float, float]:
+    def step(on: bool, batch) -> tuple[float, float, float]:
         with torch.no_grad():
             for n, p in setup.model.named_parameters():
                 if n in state:
@@ -96,21 +110,26 @@ def lever_ab(setup, batch, name: str, rounds: int) -> None:
         setup.optimizer.zero_grad(set_to_none=True)
         return time.process_time() - t0, float(loss), float(norm)
 
-    step(False)  # warm-up: lazy inits, the allocator's first growth
-    step(True)
+    step(False, batches[0])  # warm-up: lazy inits, the allocator's first growth
+    step(True, batches[0])
     times: dict[bool, list[float]] = {False: [], True: []}
     seen: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for r in range(rounds):
+        batch = batches[min(r + 1, len(batches) - 1)]
         for on in (False, True) if r % 2 == 0 else (True, False):
-            t, loss, norm = step(on)
+            t, loss, norm = step(on, batch)
             times[on].append(t)
             seen[on].append((loss, norm))
     switch(setup, False)
     off, on = statistics.median(times[False]), statistics.median(times[True])
+    pairs = statistics.median(t_on / t_off for t_on, t_off in zip(times[True], times[False]))
+    sizes = "/".join(str(b.tokens) for b in batches[1:] or batches)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"lever {name}: CPU s per step off {off:.3f} (best {min(times[False]):.3f}), on {on:.3f} (best "
-        f"{min(times[True]):.3f}); on/off median {on / off:.3f}, best {min(times[True]) / min(times[False]):.3f}; "
-        f"{rounds} rounds, {batch.tokens} tokens; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
+        f"{min(times[True]):.3f}); on/off median {on / off:.3f}, best {min(times[True]) / min(times[False]):.3f}, "
+        f"median of the rounds' ratios {pairs:.3f}; {rounds} rounds, "
+        f"{'one batch of' if len(batches) == 1 else 'batches of'} {sizes} tokens; load average {load}\n"
         f"  loss off {seen[False][0][0]:.6f} on {seen[True][0][0]:.6f}; grad norm off {seen[False][0][1]:.6f} "
         f"on {seen[True][0][1]:.6f}"
     )
@@ -139,6 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bnb-compute", default="", help="after set-up: every Linear4bit's compute_dtype (bfloat16)")
     ap.add_argument("--lever", default="", choices=("", *LEVERS), help="an in-process A/B of one lever")
     ap.add_argument("--rounds", type=int, default=6, help="--lever: steps on each side")
+    ap.add_argument(
+        "--fresh-batches", action="store_true", help="--lever: each round its own batch (new shapes, as in a run)"
+    )
     args = ap.parse_args(argv)
 
     import tempfile
@@ -185,8 +207,11 @@ def main(argv=None) -> int:
                 module.compute_dtype = getattr(torch, args.bnb_compute)
     memory_budget.reuse_memory_between_steps()
     if args.lever:
-        batch = make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing)
-        lever_ab(setup, batch, args.lever, args.rounds)
+        batches = [
+            make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing)
+            for _ in range(args.rounds + 1 if args.fresh_batches else 1)
+        ]
+        lever_ab(setup, batches, args.lever, args.rounds)
         return 0
     batches = [
         make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id)
