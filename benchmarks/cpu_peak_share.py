@@ -51,21 +51,28 @@ threads on a busy machine run it with ``OMP_WAIT_POLICY=PASSIVE``: otherwise a t
 descheduled partner spins, and that spinning is counted as CPU time (measured: 3.5% of the peak instead of 41%).
 The figures then say how well each thread's CPU second is used, not how the wall clock scales.
 
-Results, 2026-12-07 07:40-08:18 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
-load average 9-14 from other jobs, ``--steps 3`` (2 for 2 threads), share of the measured bf16 square peak
-(~200 GFLOP/s per CPU second; float32 ~90):
+``--compare`` runs each row twice in one process, on the same batches (a fresh sampler): first with the levers of
+2026-12-07 10:00-11:10 switched off (``levers_off``: the LoRA adapters' products and the head's gradient product
+back in float32), then as the engine runs. The load moves both sides alike; compare within a pair.
 
-    model      objective threads  MFLOP/token  achieved GFLOP/s  share of bf16 peak  of the mixed roofline
-    default    sft       1            496           96.9              48.7%                58.4%
-    default    dpo       1            727          106.4              53.9%                61.4%
-    default    sft       2            496           84.0              41.2%                48.1%
-    default    dpo       2            728          110.0              53.9%                63.1%
-    qwen0.5b   sft       1           1645          119.4              60.4%                70.9%
-    qwen0.5b   sft       2           1644          110.3              55.7%                65.7%
-    qwen0.5b   dpo       1           2439          125.1              61.6%                74.0%
+Results, 2026-12-07 11:10-11:25 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
+load average 3-6 from other jobs, ``--compare --steps 3`` (2 threads with ``OMP_WAIT_POLICY=PASSIVE``), share of
+the measured bf16 square peak (~208 GFLOP/s per CPU second; float32 ~94), before / after:
 
-(default SFT on one thread before ``kernels.lora_linear``: 42.6%.) The goal of 65% is not met for the bundled
-model; ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product peak") says where the rest goes.
+    model      objective threads  MFLOP/token  share of bf16 peak  of the mixed roofline  tokens per CPU s
+    default    sft       1            496      53.4% / 55.3%        62.0% / 64.5%          224.4 / 232.3
+    default    dpo       1            727      55.6% / 57.1%        63.1% / 64.8%          157.2 / 163.2
+    qwen0.5b   sft       1           1645      61.4% / 63.9%        72.5% / 75.0%           78.2 / 80.8
+    qwen0.5b   dpo       1           2439      62.7% / 65.2%        73.4% / 78.1%           53.9 / 56.6
+    default    sft       2            496      42.5% / 48.5%        51.0% / 57.2%          179.1 / 203.3
+    default    dpo       2            727      52.3% / 52.5%        60.5% / 60.2%          150.0 / 151.0
+    qwen0.5b   sft       2           1645      53.6% / 55.9%        62.9% / 66.9%           60.1 / 69.2
+    qwen0.5b   dpo       2           2439      58.5% / 63.7%        70.4% / 76.6%           49.2 / 52.6
+
+The morning's figures (07:40-08:18, load 9-14, before the levers) read 48.7% (SFT) and 53.9% (DPO) for the
+default model on one thread, 60.4% / 61.6% for the 0.5B shape: the share falls with the machine's load. The goal
+of 65% is met by the 0.5B shape's DPO only; ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product
+peak") says where the rest of the bundled model's step goes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bf16-mixed compute: the frozen base's matrix products in bfloat16, everything that learns in float32.
+"""bf16-mixed compute: the frozen base's matrix products in bfloat16, everything that learns kept in float32.
 
 Plain bfloat16 autocast on the CPU is 1.4-1.6x faster per step but learns more slowly than float32 (measured in
 ``benchmarks/RESULTS.md``, "bf16 mixed compute on the CPU"): PEFT adds the LoRA delta ``s * B A x`` to the base
@@ -11,7 +11,12 @@ residual stream, RMSNorm, attention, the output head) and only swaps the frozen 
 for the product (x rounded to bf16, bf16 GEMM, float32 out; its backward gives grad_x the same way). For the
 default model those products are nearly all of a step's FLOPs. A frozen float32 output head keeps its float32
 logits; only its gradient product (``d logp / d hidden``) runs in bf16
-(``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept).
+(``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept). Over these bf16 bases a plain
+LoRA layer's own rank-r products run in bf16 as well (``kernel_wiring.install_lora_linear``'s
+``low_precision_adapters``, installed by ``install_kernels``): the adapter weights, their gradients, the optimizer
+and the sum of the low-rank part with the base output stay float32, so no update is rounded away; measured
+3-5% faster a step, the loss curves within float32's seed spread (``benchmarks/RESULTS.md``, "The share of the
+CPU's matrix-product peak").
 
 A 4-bit (QLoRA) base is loaded with a float32 model around it too; its bitsandbytes ``Linear4bit`` layers get
 ``compute_dtype`` bfloat16: they dequantise the NF4 weight to bf16 and multiply bf16 x (x rounded from float32),
