@@ -61,15 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     win.resize(1600, 360)
     blue, orange, grey, green = (31, 119, 180), (255, 127, 14), (140, 140, 140), (44, 160, 44)
 
-    p = win.addPlot(title="GRPO: mean reward of the sampled answers (0..2)")
+    top = 2.0 if max(curves["reward"]) > 1 else 1.0  # the exact reward is 0 or 1; earlier reports summed two
+    p = win.addPlot(title=f"GRPO: mean reward of the sampled answers (0..{top:g})")
     p.addLegend(offset=(-10, -10))
     p.plot(steps, curves["reward"], pen=pg.mkPen(grey, width=1), name="per step")
     p.plot(steps, _smooth(curves["reward"], args.smooth), pen=pg.mkPen(blue, width=3), name=f"mean of {args.smooth}")
-    if "reward/exact" in curves:
+    if "reward/exact" in curves and curves["reward/exact"] != curves["reward"]:
         p.plot(steps, curves["reward/exact"], pen=pg.mkPen(orange, width=2), name="share exact")
+    if "reward/fields" in curves and top == 1.0:
+        p.plot(steps, curves["reward/fields"], pen=pg.mkPen(orange, width=2), name="share of fields right")
     p.setLabel("bottom", "step")
     p.setXRange(1, steps[-1], padding=0.02)
-    p.setYRange(0, 2, padding=0.02)
+    p.setYRange(0, top, padding=0.02)
 
     for key, title, scale in (
         ("kl", "KL to the SFT model per answer token (x 1000)", 1000.0),

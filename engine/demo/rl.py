@@ -7,9 +7,9 @@
    ``--no-dpo``; left out too when every candidate scores the same, so there are no pairs); score the held-out
    prompts.
 3. GRPO from the SFT adapter (the SFT model is the KL's reference) on the training prompts: G answers sampled per
-   prompt, each scored by the task's verifier (:data:`REWARDS`: the share of the expected object's fields the
-   answer has exactly right, plus 1 when all are: ``json_fields`` in ``core.rewards``), advantages against the
-   group's; score the held-out prompts.
+   prompt, each scored by the task's verifier (:data:`REWARDS`: 1 when the answer is exactly the expected object,
+   else 0: ``json_fields`` in ``core.rewards``; the share of fields right is watched, not trained on), advantages
+   against the group's; score the held-out prompts.
 
 The held-out prompts are never trained on. ``--json`` prints one typed event (``core.protocol.demo_report``:
 :class:`DemoRLReport`) with the scores, each stage's time and GRPO's curves (mean reward, its spread in a group,
@@ -41,11 +41,13 @@ from finetune_studio.engine.demo.task import (
 )
 
 # The task's verifier as rewards (core.rewards): ``answer`` is the reference answer's column GRPO gives the rewards
-# (the SFT row's assistant turn: the expected JSON object). Total in [0, 2]: a step up for every field right and
-# one more for the whole answer right, so a group's answers differ in reward even when none is exact.
+# (the SFT row's assistant turn: the expected JSON object). The reward is the held-out score's own test, 1 for an
+# answer exactly right and 0 otherwise; the share of fields right is reported (``reward/fields``) with weight 0.
+# Partial credit as reward did worse: the SFT model's commonest error is a job made up where the text gives none,
+# which keeps 3 of 4 fields right, so in a group with no exact answer it rewarded the made-up jobs.
 REWARDS: list[dict[str, Any]] = [
-    {"kind": "json_fields", "column": "answer", "name": "fields"},
     {"kind": "json_fields", "column": "answer", "partial": False, "name": "exact"},
+    {"kind": "json_fields", "column": "answer", "name": "fields", "weight": 0.0},
 ]
 CURVE_KEYS = ("reward", "reward_std", "kl", "completion_length", "clip_fraction")
 
@@ -72,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dpo-learning-rate", type=float, default=2e-5)
     g.add_argument("--dpo-prompts", type=int, default=48)
     g = p.add_argument_group("GRPO")
-    g.add_argument("--grpo-steps", type=int, default=20, help="optimizer steps")
+    g.add_argument("--grpo-steps", type=int, default=24, help="optimizer steps")
     g.add_argument("--grpo-prompts", type=int, default=4, help="prompts per step")
-    g.add_argument("--group-size", type=int, default=4, help="answers sampled per prompt (G)")
-    g.add_argument("--grpo-learning-rate", type=float, default=5e-5)
+    g.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt (G)")
+    g.add_argument("--grpo-learning-rate", type=float, default=2e-5)
     g.add_argument("--grpo-beta", type=float, default=0.04, help="KL weight to the SFT model")
     g.add_argument("--grpo-epsilon", type=float, default=0.2)
-    g.add_argument("--grpo-temperature", type=float, default=1.0)
-    g.add_argument("--grpo-loss", choices=("sequence", "token", "dr_grpo"), default="sequence")
+    g.add_argument("--grpo-temperature", type=float, default=0.7)
+    g.add_argument("--grpo-loss", choices=("sequence", "token", "dr_grpo"), default="token")
     g.add_argument("--grpo-updates", type=int, default=1, help="optimizer steps per batch of answers (mu)")
     g.add_argument("--grpo-max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     g.add_argument("--grpo-run", help="score this GRPO run's adapter (a run id) instead of training one")

@@ -31,7 +31,7 @@ def test_demo_rl_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
     # GRPO's curves: one value per step for each figure the objective reports, the rewards by name
     for key in ("reward", "reward_std", "kl", "completion_length", "clip_fraction", "reward/fields", "reward/exact"):
         assert len(typed.curves[key]) == 2, key
-    assert all(0 <= r <= 2 for r in typed.curves["reward"])  # fields share + exact: at most 2
+    assert all(0 <= r <= 1 for r in typed.curves["reward"])  # the exact reward: 0 or 1 an answer
     assert all(0 < n <= 4 for n in typed.curves["completion_length"])
     assert set(typed.seconds) >= {"sft", "dpo", "grpo", "score_after SFT", "score_after GRPO"}
     assert typed.settings["group_size"] == 2 and typed.settings["grpo_steps"] == 2
@@ -67,6 +67,24 @@ def test_demo_rl_without_dpo_prints_the_summary_and_rescores_earlier_runs(tiny_m
     assert "grpo" not in typed.seconds and "sft" in typed.seconds  # nothing trained
     assert len(typed.curves["reward"]) == 2 and len(typed.curves["loss"]) == 2
     assert f"{typed.after_grpo.exact:6.1%} exact" in out
+
+
+def test_the_demo_reward_is_the_exact_answer_and_gives_a_made_up_job_nothing():
+    """GRPO's reward is the held-out score's test: 1 for the expected object, 0 for anything else, a made-up job
+    (three fields of four right) included; the share of fields right is watched with weight 0."""
+    from finetune_studio.core.rewards import RewardSet
+
+    expected = {"name": "Mei Weber", "age": 77, "city": "Dublin", "job": None}
+    answers = [
+        json.dumps(expected),
+        json.dumps({**expected, "job": "born"}),  # the SFT model's commonest error
+        json.dumps({**expected, "age": "77"}),  # a string is not the number
+        "not json",
+    ]
+    with RewardSet(rl.REWARDS) as rewards:
+        scores = rewards.score(["p"] * 4, answers, {"answer": [json.dumps(expected)] * 4})
+    assert scores.total == [1.0, 0.0, 0.0, 0.0]
+    assert scores.by_function["fields"] == [1.0, 0.75, 0.75, 0.0]
 
 
 def test_demo_rl_refuses_a_bad_setting_naming_it(tiny_model_dir, capsys):
