@@ -43,7 +43,7 @@ from finetune_studio.engine.demo.task import (
 # The task's verifier as rewards (core.rewards): ``answer`` is the reference answer's column GRPO gives the rewards
 # (the SFT row's assistant turn: the expected JSON object). The reward is the held-out score's own test, 1 for an
 # answer exactly right and 0 otherwise; the share of fields right is reported (``reward/fields``) with weight 0.
-# Partial credit as reward did worse: the SFT model's commonest error is a job made up where the text gives none,
+# Partial credit is left out of the reward: the SFT model's commonest error is a job made up where the text gives none,
 # which keeps 3 of 4 fields right, so in a group with no exact answer it rewarded the made-up jobs.
 REWARDS: list[dict[str, Any]] = [
     {"kind": "json_fields", "column": "answer", "partial": False, "name": "exact"},
