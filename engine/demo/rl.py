@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dpo-prompts", type=int, default=48)
     g = p.add_argument_group("GRPO")
     g.add_argument("--grpo-steps", type=int, default=24, help="optimizer steps")
-    g.add_argument("--grpo-prompts", type=int, default=4, help="prompts per step")
+    g.add_argument("--grpo-prompts", type=int, default=4, help="prompts per batch of answers")
+    g.add_argument(
+        "--grpo-accumulation",
+        type=int,
+        default=1,
+        help="batches of prompts per optimizer step (gradient_accumulation_steps): more prompts a step in the memory "
+        "of one batch",
+    )
     g.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt (G)")
     g.add_argument("--grpo-learning-rate", type=float, default=2e-5)
     g.add_argument("--grpo-beta", type=float, default=0.04, help="KL weight to the SFT model")
@@ -148,6 +155,7 @@ def _configs(args: argparse.Namespace, prompts: Path) -> tuple[Any, Any]:
         rewards=REWARDS,
         max_steps=args.grpo_steps,
         batch_size=args.grpo_prompts,
+        gradient_accumulation_steps=args.grpo_accumulation,
         learning_rate=args.grpo_learning_rate,
         warmup_steps=max(1, args.grpo_steps // 10),
         max_length=args.max_length + args.grpo_max_new_tokens,
@@ -408,13 +416,14 @@ def _summary(r: dict[str, Any]) -> str:
         k = max(1, len(rewards) // 10)
         curve = "  mean reward by step: " + " ".join(f"{x:.2f}" for x in rewards[::k]) + f" (every {k})\n"
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
+    per_step = st["grpo_prompts"] * st.get("grpo_accumulation", 1)  # reports from before the setting have none
     return (
         f"\nDemo RL on {r['eval_prompts']} held-out prompts ({r['total_seconds']:.0f} s: {secs})\n"
         + line("base model", r["before"])
         + line("after SFT", r["after_sft"])
         + line("after DPO", r["after_dpo"])
         + line("after GRPO", r["after_grpo"])
-        + f"  GRPO: {st['grpo_steps']} steps x {st['grpo_prompts']} prompts x G {st['group_size']}, lr "
+        + f"  GRPO: {st['grpo_steps']} steps x {per_step} prompts x G {st['group_size']}, lr "
         f"{st['grpo_learning_rate']:g}, beta {st['grpo_beta']:g}, temperature {st['grpo_temperature']:g}\n" + curve
     )
 

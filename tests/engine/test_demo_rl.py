@@ -92,6 +92,12 @@ def test_demo_rl_refuses_a_bad_setting_naming_it(tiny_model_dir, capsys):
     assert "grpo_group_size" in capsys.readouterr().err
 
 
+def test_demo_rl_accumulates_batches_of_prompts_into_one_step(tmp_path):
+    args = rl.build_parser().parse_args(["--grpo-prompts", "4", "--grpo-accumulation", "2"])
+    _, grpo = rl._configs(args, tmp_path / "prompts.jsonl")
+    assert (grpo.batch_size, grpo.gradient_accumulation_steps) == (4, 2)
+
+
 def test_demo_rl_is_chosen_by_the_command_line():
     import subprocess
 
