@@ -32,6 +32,8 @@ class TrainerState:
     best_eval_loss: float | None = None
     best_step: int = 0
     bad_evals: int = 0
+    # What chose the best evaluation, lower being better: its eval loss, or minus an objective's figure (a reward).
+    best_score: float | None = None
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

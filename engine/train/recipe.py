@@ -344,6 +344,8 @@ class Recipe:
             sampler=Sampler(n, cfg.batch_size, cfg.seed, consumed, first),
         )
         objective.prepare(data.train, functools.partial(setup.batch, data.train), self.reporter.progress)
+        objective.prepare_eval(data.validation)
+        self.early.criterion = objective.best_metric
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         return setup
@@ -669,10 +671,16 @@ class Recipe:
                     sums[key] = sums.get(key, 0.0) + value
         if sums.get("count"):
             eval_loss = sums["loss"] / sums["count"]
-            extra: dict[str, Any] = _event_fields(ev.Eval, s.objective.eval_metrics(sums))
+            figures = s.objective.eval_metrics(sums)
+            extra: dict[str, Any] = _event_fields(ev.Eval, figures)
             if self.early.patience:
+                chosen_by = s.objective.best_metric  # "": the eval loss; else a figure, the highest the best
                 is_best = self.early.observe(
-                    self.step, eval_loss, s.model, functools.partial(s.objective.save_state, final=True)
+                    self.step,
+                    eval_loss,
+                    s.model,
+                    functools.partial(s.objective.save_state, final=True),
+                    score=-figures[chosen_by] if chosen_by else None,
                 )
                 if is_best:
                     self.store.update_run(

@@ -214,6 +214,66 @@ def test_a_grpo_run_raises_its_mean_reward(peaked_model_dir, tmp_path):
     assert Store().rollouts(result.run_id, since_step=15)[0].step == 16
 
 
+def test_evaluation_scores_greedy_answers_and_keeps_the_highest_reward(peaked_model_dir, tmp_path):
+    """Each evaluation scores the model's greedy answer to every held-out prompt with the run's rewards (the
+    weighted total and each function); early stopping's best is the highest eval reward, not the lowest eval loss;
+    the last evaluation's reward equals the trained adapter's greedy answers scored directly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_studio.core.rewards import RewardSet, parse_rewards
+    from finetune_studio.engine.datasets.loader import load_dataset
+    from finetune_studio.engine.datasets.split import split_by_prompt
+
+    rewards = [LETTER[0], {"kind": "length", "max_chars": 40, "weight": 0.5, "name": "short"}]
+    data = write_sft(tmp_path / "d.jsonl")
+    rec = Recorder()
+    config = grpo_config(
+        peaked_model_dir,
+        data,
+        max_steps=16,
+        grpo_beta=0.0,
+        rewards=rewards,
+        eval_every=4,
+        early_stopping_patience=100,
+    )
+    result = train_run(config, reporter=Reporter(extra=rec))
+    assert result.status == "completed"
+    evals = rec.of("eval")
+    assert [e.step for e in evals] == [4, 8, 12, 16]
+    for e in evals:
+        m = e.metrics
+        assert m["eval_reward"] == pytest.approx(m["eval_reward/letter"] + 0.5 * m["eval_reward/short"])
+        assert 0.0 <= m["eval_reward/letter"] <= 1.0 and 0.0 <= m["eval_reward/short"] <= 1.0
+    scores = [e.metrics["eval_reward"] for e in evals]
+    assert scores[-1] > scores[0]  # the greedy answers learn to hold a letter, as the sampled ones do
+    best = evals[scores.index(max(scores))]  # the first of the highest
+    assert evals[-1].best_step == best.step and evals[-1].best_eval_loss == pytest.approx(best.eval_loss)
+    for i, e in enumerate(evals):  # an evaluation is the best when it beats every one before it
+        assert e.is_best == (i == 0 or e.metrics["eval_reward"] > max(scores[:i]))
+    run = Store().get_run(result.run_id)
+    assert run.best_step == best.step
+    kept = json.loads((result.run_dir / "best" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert kept["step"] == best.step and kept["score"] == pytest.approx(-best.metrics["eval_reward"])
+
+    # the last evaluation, recomputed: the final adapter's greedy answers to the held-out prompts, scored
+    _, held_out = split_by_prompt(load_dataset(str(data)).examples, config.validation_fraction, config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(peaked_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaked_model_dir), result.adapter_dir)
+    model.eval()
+    prompts, texts = [], []
+    for example in held_out:
+        user = example.messages[0].content
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        prompts.append(user)
+        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    direct = RewardSet(parse_rewards(rewards)).score(prompts, texts, {"answer": [""] * len(texts)})
+    assert evals[-1].metrics["eval_reward"] == pytest.approx(sum(direct.total) / len(texts), abs=1e-6)
+
+
 @pytest.mark.parametrize("updates,packing", [(1, True), (2, False)])
 def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, tmp_path, updates, packing):
     """Stopped at step 3 (with mu = 2: in the middle of a batch of answers) and resumed, the run samples the same

@@ -70,6 +70,11 @@ class Objective(abc.ABC):
         on the device); nothing by default."""
         return None
 
+    def prepare_eval(self, examples: Sequence) -> None:
+        """Keep the held-out ``examples`` (their batches' ``indices`` point into them) for an evaluation that needs
+        more than a batch's tokens (an online RL objective's answers and reward columns); nothing by default."""
+        return None
+
     def step_batches(
         self, next_groups: Callable[[], list[list[int]]], batch: Callable[[list[int]], Batch]
     ) -> list[Batch]:
@@ -105,6 +110,11 @@ class Objective(abc.ABC):
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """The evaluation's figures beside the eval loss (``sums["loss"] / sums["count"]``); none by default."""
         return {}
+
+    # Which evaluation is the best (early stopping's ``best/``, the run's best checkpoint): "" for the lowest eval
+    # loss, or the name of one of :meth:`eval_metrics`' figures, the highest being the best (an RL objective's
+    # held-out reward, which its eval loss does not follow).
+    best_metric: str = ""
 
     def extra_modules(self) -> dict[str, torch.nn.Module]:
         """Trainable modules of the objective's own, by name, made in ``__init__`` on the run's device: the

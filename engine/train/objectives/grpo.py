@@ -13,7 +13,9 @@ frozen copy (``init_adapter``), as for DPO.
 The data are SFT conversations: the prompt is every turn before the last assistant turn, which is the reference
 answer. The rewards get the prompt's last user turn as ``prompts``, the reference answer as the column ``answer``
 (:data:`ANSWER_COLUMN`) and the row's other plain columns by their names (``Conversation.columns``; a column of the
-data named ``answer`` is the one they get); the held-out loss is the reference answers' cross-entropy.
+data named ``answer`` is the one they get). An evaluation scores the model's greedy answer to each held-out
+prompt with the same rewards (``eval_reward``, ``eval_reward/<name>``, in the eval event's metrics) beside the eval
+loss (the reference answers' cross-entropy); with early stopping the best evaluation is the highest eval reward.
 
 Log-probs are the policy's own (temperature 1): ``grpo_temperature`` shapes only what is sampled. Each step's
 figures (``Step.metrics``): ``reward`` (the mean weighted total), ``reward_std`` (the mean over prompts of their
@@ -144,6 +146,7 @@ class GRPO(Objective):
         self.kept: list[RolloutBatch] = []  # the answers trained on until uses_left runs out
         self.uses_left = 0
         self.pending: list[dict[str, Any]] | None = None  # the items of the next Rollouts event
+        self.eval_examples: Sequence[Any] = ()  # the held-out prompts (prepare_eval)
 
     # --- data -----------------------------------------------------------------
     @classmethod
@@ -260,11 +263,14 @@ class GRPO(Objective):
         ]
         return rollout, rollout_items
 
-    def decode(self, prompts: list[list[int]]) -> list[list[list[int]]]:
-        """G sampled answers (token ids, ending with an end-of-turn token unless cut at grpo_max_new_tokens) to each
-        prompt: the decode loop with the adapters live, the model in eval mode."""
+    def decode(
+        self, prompts: list[list[int]], group: int | None = None, sampler: Sampler | None = None
+    ) -> list[list[list[int]]]:
+        """``group`` (default G) sampled answers (token ids, ending with an end-of-turn token unless cut at
+        grpo_max_new_tokens) to each prompt: the decode loop with the adapters live, the model in eval mode;
+        ``sampler`` defaults to grpo_temperature's."""
         cfg, model = self.trained.config, self.trained.model
-        g, n = cfg.grpo_group_size, len(prompts)
+        g, n = group or cfg.grpo_group_size, len(prompts)
         out: list[list[list[int]]] = [[[] for _ in range(g)] for _ in prompts]
         ended = [[False] * g for _ in prompts]
         stops = set(self.stop_ids)
@@ -290,7 +296,7 @@ class GRPO(Objective):
                     prompts,
                     [g] * n,
                     [cfg.grpo_max_new_tokens] * n,
-                    Sampler(temperature=cfg.grpo_temperature),
+                    sampler or Sampler(temperature=cfg.grpo_temperature),
                     [collector(p) for p in range(n)],
                     seeds,
                     pad_id=self.pad_id,
@@ -366,10 +372,41 @@ class GRPO(Objective):
         items, self.pending = self.pending, None
         return [Rollouts(step=step, items=items)] if items else []
 
-    # --- evaluation: the reference answers' cross-entropy --------------------------
+    # --- evaluation: the reference answers' cross-entropy and the greedy answers' rewards ----
+    best_metric = "eval_reward"  # the best evaluation (early stopping's best/) is the highest held-out reward
+
+    def prepare_eval(self, examples: Sequence) -> None:
+        self.eval_examples = examples
+
     def eval_sums(self, batch: Batch) -> dict[str, float]:
+        """The reference answers' cross-entropy (the eval loss), and the model's greedy answer to each held-out
+        prompt scored by the rewards: what the run is trained to raise, so the best evaluation is chosen by it."""
         out = self.trained.logps(batch)
-        return {"loss": -out.logps.sum().item(), "count": out.logps.numel()}
+        sums = {"loss": -out.logps.sum().item(), "count": float(out.logps.numel())}
+        examples = [self.eval_examples[i] for i in batch.indices] if self.eval_examples else []
+        if not examples:
+            return sums
+        prompts = [list(ex.input_ids[: ex.prompt_tokens]) for ex in examples]
+        answers = self.decode(prompts, group=1, sampler=Sampler(temperature=0.0))
+        tokenizer = self.trained.tokenizer
+        texts = [tokenizer.decode(per_prompt[0], skip_special_tokens=True) for per_prompt in answers]
+        columns: dict[str, list[Any]] = {ANSWER_COLUMN: [ex.answer for ex in examples]}
+        for name in dict.fromkeys(name for ex in examples for name, _ in ex.columns):
+            columns[name] = [dict(ex.columns).get(name) for ex in examples]
+        scores = self.rewards.score([ex.prompt for ex in examples], texts, columns)
+        sums["answers"] = float(len(texts))
+        sums["reward"] = float(sum(scores.total))
+        sums.update({f"reward/{name}": float(sum(v)) for name, v in scores.by_function.items()})
+        return sums
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """``eval_reward``: the greedy answers' mean weighted reward; ``eval_reward/<name>``: each function's."""
+        answers = sums.get("answers", 0.0)
+        if not answers:
+            return {}
+        out = {"eval_reward": sums["reward"] / answers}
+        out.update({f"eval_{k}": v / answers for k, v in sums.items() if k.startswith("reward/")})
+        return out
 
     # --- checkpoints -------------------------------------------------------------
     def save_state(self, folder: Path, *, final: bool) -> None:
