@@ -121,7 +121,8 @@ class DemoRLReport(Event):
     """``engine demo --rl``: SFT, then the loop's DPO and GRPO each from the SFT adapter; scored at each stage.
 
     ``curves`` holds GRPO's figures per optimizer step by name (``reward``, ``reward_std``, ``reward/<name>``,
-    ``kl``, ``completion_length``, ``clip_fraction``, ``loss``), each a list over steps 1..N; ``seconds`` each
+    ``kl``, ``completion_length``, ``clip_fraction``, ``loss``), each a list over steps 1..N, and the validation
+    reward at each evaluation (``eval_reward`` at the steps in ``eval_step``); ``seconds`` each
     stage's wall time (``sft``, ``dpo``, ``grpo``, and each scoring as ``score_<stage>``); ``settings`` the
     command's settings. ``after_dpo`` and ``dpo_run`` are empty when the DPO stage was left out (``--no-dpo``).
     """
@@ -136,6 +137,7 @@ class DemoRLReport(Event):
     dpo_run: str = ""
     grpo_run: str = ""
     pairs: int = 0  # the DPO stage's labelled pairs
+    grpo_best_step: int = 0  # the GRPO step scored: the best validation reward (0: the last step, no validation)
     curves: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grpo-loss", choices=("sequence", "token", "dr_grpo"), default="token")
     g.add_argument("--grpo-updates", type=int, default=1, help="optimizer steps per batch of answers (mu)")
     g.add_argument("--grpo-max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    g.add_argument(
+        "--grpo-validation",
+        type=int,
+        default=32,
+        help="training prompts held out of GRPO to choose its best step by their greedy answers' reward (never the "
+        "held-out test prompts; 0: none, the last step's adapter is scored)",
+    )
+    g.add_argument("--grpo-eval-every", type=int, default=2, help="steps between those evaluations")
     g.add_argument("--grpo-run", help="score this GRPO run's adapter (a run id) instead of training one")
     return p
 
@@ -122,7 +130,7 @@ def _adapter(ref: str) -> tuple[str, Path]:
     return start.parent_run_id, start.path
 
 
-def _configs(args: argparse.Namespace, prompts: Path) -> tuple[Any, Any]:
+def _configs(args: argparse.Namespace, prompts: Path, training_prompts: int = 0) -> tuple[Any, Any]:
     """The SFT and GRPO runs' configs (GRPO's ``init_adapter`` is filled in once SFT is done), checked before any
     work: a bad setting is refused at once, naming the field."""
     from finetune_studio.core.config import TrainConfig
@@ -166,7 +174,21 @@ def _configs(args: argparse.Namespace, prompts: Path) -> tuple[Any, Any]:
         grpo_epsilon=args.grpo_epsilon,
         grpo_loss=args.grpo_loss,
         grpo_updates_per_batch=args.grpo_updates,
-        **common,
+        **{
+            **common,
+            # a validation split of the training prompts: each evaluation scores the greedy answers to it with the
+            # rewards; the best step's adapter (early stopping's best/, never stopping) is the one scored
+            **(
+                dict(
+                    validation_fraction=args.grpo_validation / max(training_prompts, 1),
+                    eval_every=args.grpo_eval_every,
+                    early_stopping_patience=args.grpo_steps,
+                    max_eval_examples=args.grpo_validation,
+                )
+                if 0 < args.grpo_validation < training_prompts  # (0 training prompts: not counted, none held out)
+                else {}
+            ),
+        },
     )
     return sft, grpo
 
@@ -177,7 +199,7 @@ def _rl(args: argparse.Namespace) -> int:
         held_out = {r["prompt"] for r in read_jsonl(EVAL_FILE)}
         train = [r for r in read_jsonl(SFT_FILE) if r["messages"][0]["content"] not in held_out]
         prompts.write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
-        return _stages(args, *_configs(args, prompts))
+        return _stages(args, *_configs(args, prompts, len({r["messages"][0]["content"] for r in train})))
 
 
 def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
@@ -248,9 +270,14 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
 
     # 3. GRPO ----------------------------------------------------------------------------------------------------
     curves: dict[str, list[float]] = {}
+    best_step = 0
 
     def on_event(event: Any) -> None:
         _progress(event)
+        if getattr(event, "type", "") == "eval" and "eval_reward" in event.metrics:
+            curves.setdefault("eval_step", []).append(float(event.step))
+            curves.setdefault("eval_reward", []).append(round(float(event.metrics["eval_reward"]), 5))
+            _say(f"        step {event.step}: validation reward {event.metrics['eval_reward']:.3f}")
         if getattr(event, "type", "") == "step":
             figures = {"loss": event.loss, **event.metrics}
             for key, value in figures.items():
@@ -276,6 +303,11 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
             _say(f"demo: the GRPO run ended as {grpo_run.status}: {grpo_run.message}")
             return 1
         grpo_id, grpo_adapter = grpo_run.run_id, Path(grpo_run.adapter_dir)
+        best = Path(grpo_run.run_dir) / "best"
+        if grpo.early_stopping_patience and best.is_dir():  # the step with the highest validation reward
+            best_step = int(json.loads((best / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+            _say(f"   GRPO's best step by the validation reward: {best_step} of {grpo_run.step}")
+            grpo_adapter = best
     after_grpo = score("after GRPO", grpo_adapter)
 
     report = {
@@ -288,6 +320,7 @@ def _stages(args: argparse.Namespace, sft: Any, grpo: Any) -> int:
         "dpo_run": dpo_id,
         "grpo_run": grpo_id,
         "pairs": pairs,
+        "grpo_best_step": best_step,
         "curves": curves,
         "seconds": seconds,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
@@ -415,6 +448,10 @@ def _summary(r: dict[str, Any]) -> str:
     if rewards:
         k = max(1, len(rewards) // 10)
         curve = "  mean reward by step: " + " ".join(f"{x:.2f}" for x in rewards[::k]) + f" (every {k})\n"
+    valid = ""
+    if c.get("eval_reward"):
+        pairs = zip(c["eval_step"], c["eval_reward"], strict=True)
+        valid = "  validation reward by step: " + " ".join(f"{int(s)}: {x:.2f}" for s, x in pairs) + "\n"
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
     per_step = st["grpo_prompts"] * st.get("grpo_accumulation", 1)  # reports from before the setting have none
     return (
@@ -424,7 +461,11 @@ def _summary(r: dict[str, Any]) -> str:
         + line("after DPO", r["after_dpo"])
         + line("after GRPO", r["after_grpo"])
         + f"  GRPO: {st['grpo_steps']} steps x {per_step} prompts x G {st['group_size']}, lr "
-        f"{st['grpo_learning_rate']:g}, beta {st['grpo_beta']:g}, temperature {st['grpo_temperature']:g}\n" + curve
+        f"{st['grpo_learning_rate']:g}, beta {st['grpo_beta']:g}, temperature {st['grpo_temperature']:g}"
+        + (f"; scored at step {r['grpo_best_step']} (the best validation reward)" if r.get("grpo_best_step") else "")
+        + "\n"
+        + curve
+        + valid
     )
 
 

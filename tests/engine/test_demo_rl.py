@@ -33,6 +33,9 @@ def test_demo_rl_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
         assert len(typed.curves[key]) == 2, key
     assert all(0 <= r <= 1 for r in typed.curves["reward"])  # the exact reward: 0 or 1 an answer
     assert all(0 < n <= 4 for n in typed.curves["completion_length"])
+    # one evaluation on the validation prompts (held out of GRPO's training prompts), at step 2: the step scored
+    assert typed.curves["eval_step"] == [2.0] and 0 <= typed.curves["eval_reward"][0] <= 1
+    assert typed.grpo_best_step == 2
     assert set(typed.seconds) >= {"sft", "dpo", "grpo", "score_after SFT", "score_after GRPO"}
     assert typed.settings["group_size"] == 2 and typed.settings["grpo_steps"] == 2
     # GRPO started from the SFT run's adapter, DPO too (the loop's DPO), and the rollouts are kept with the run
@@ -90,6 +93,16 @@ def test_the_demo_reward_is_the_exact_answer_and_gives_a_made_up_job_nothing():
 def test_demo_rl_refuses_a_bad_setting_naming_it(tiny_model_dir, capsys):
     assert rl.main(["--model", str(tiny_model_dir), *TINY, "--no-dpo", "--group-size", "1"]) == 2
     assert "grpo_group_size" in capsys.readouterr().err
+
+
+def test_demo_rl_holds_validation_prompts_out_of_grpo_to_choose_its_step(tmp_path):
+    args = rl.build_parser().parse_args(["--grpo-validation", "20", "--grpo-eval-every", "3", "--grpo-steps", "9"])
+    _, grpo = rl._configs(args, tmp_path / "prompts.jsonl", training_prompts=400)
+    assert grpo.validation_fraction == 20 / 400 and grpo.max_eval_examples == 20 and grpo.eval_every == 3
+    assert grpo.early_stopping_patience == 9  # the best step is kept; the run never stops early
+    off = rl.build_parser().parse_args(["--grpo-validation", "0"])
+    _, plain = rl._configs(off, tmp_path / "prompts.jsonl", training_prompts=400)
+    assert (plain.validation_fraction, plain.eval_every, plain.early_stopping_patience) == (0.0, 0, 0)
 
 
 def test_demo_rl_accumulates_batches_of_prompts_into_one_step(tmp_path):
