@@ -392,11 +392,13 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
     if any(float(b.input_layernorm.variance_epsilon) != eps for b, _ in blocks):
         return None
     table = (_Block * len(blocks))()
+    kept: list[torch.Tensor] = []  # the packed weights the table points at (int8_dot keeps them too, while they live)
     for entry, (block, products) in zip(table, blocks, strict=True):
         entry.in_norm = block.input_layernorm.weight.data_ptr()
         entry.post_norm = block.post_attention_layernorm.weight.data_ptr()
         for prefix, (w, s, b) in zip(("qkv", "o", "gu", "down"), products, strict=True):
-            setattr(entry, f"{prefix}_w", w.data_ptr())
+            kept.append(int8_dot.packed(w))
+            setattr(entry, f"{prefix}_w", kept[-1].data_ptr())
             setattr(entry, f"{prefix}_s", s.data_ptr())
             setattr(entry, f"{prefix}_b", None if b is None else b.data_ptr())
     table_loras = (_Lora * max(1, len(loras)))()
@@ -405,6 +407,7 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
         entry.out, entry.in_, entry.rank = lb.shape[0], la.shape[1], la.shape[0]
         entry.a, entry.b, entry.scaling = la.data_ptr(), lb.data_ptr(), scaling
     known: list[int] = [-1]  # the first layer's key buffer the table points at
+    head_packed = int8_dot.packed(head[0])
 
     def step(
         ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -440,7 +443,7 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
             float(inner.layers[0].self_attn.scaling), rotary.inv_freq.data_ptr(), float(rotary.attention_scaling),
             None if pos is None else pos.data_ptr(), length, capacity,
             None if attend is None else attend.data_ptr(), 0 if attend is None else attend.stride(0),
-            inner.norm.weight.data_ptr(), head[0].data_ptr(), head[1].data_ptr(), head[0].shape[0],
+            inner.norm.weight.data_ptr(), head_packed.data_ptr(), head[1].data_ptr(), head[0].shape[0],
             logits.data_ptr(), table_loras, len(loras), torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:

@@ -102,3 +102,39 @@ def test_the_kernel_builds_into_the_cache_folder_once_and_a_missing_compiler_onl
     assert lib is not None and len(built) == 1 and built[0].name.startswith("probe-")  # no temporary files left
     assert int8_dot.load_library("probe", int8_dot.SOURCE + "\n") is not None  # another source: rebuilt,
     assert len(list(built[0].parent.iterdir())) == 1  # the earlier build removed
+
+
+def test_sums_past_int32_are_split_and_a_partial_block_of_outputs_writes_only_its_outputs():
+    """A row at its maximum everywhere against weights at 127: 1000 x 127 x 32767 is past int32 (the kernel sums in
+    int32 over 512 inputs, then in float32); 37 outputs leave a partial block of 16, whose other lanes the kernel
+    must not write (the memory after the last row's 37 outputs stays as it was)."""
+    weight = torch.full((37, 1000), 127, dtype=torch.int8)
+    weight[5] = -127
+    scale = torch.full((37,), 0.5, dtype=torch.bfloat16)
+    x = torch.full((3, 1000), 2.0)
+    y = torch.full((3 * 37 + 16,), 7.0)
+    lib = int8_dot._library()
+    assert lib is not None
+    packed = int8_dot.packed(weight)
+    assert lib.int8_dot_gemm(x.data_ptr(), 3, 1000, packed.data_ptr(), scale.data_ptr(), None, 37, y.data_ptr(), 1) == 0
+    expected = torch.full((3, 37), 1000 * 127 * 0.5 * 2.0)
+    expected[:, 5] *= -1
+    assert torch.allclose(y[: 3 * 37].view(3, 37), expected, rtol=1e-6)
+    assert (y[3 * 37 :] == 7.0).all()
+    assert torch.equal(int8_dot.int8_dot_matmul(x, weight, scale, None), y[: 3 * 37].view(3, 37))
+
+
+def test_a_view_of_a_stacks_rows_uses_the_stacks_packed_weight_and_a_changed_weight_is_packed_again():
+    gen = torch.Generator().manual_seed(3)
+    stack = torch.randint(-127, 128, (96, 70), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(96, generator=gen) * 0.01 + 1e-4).to(torch.bfloat16)
+    x = torch.randn(5, 70, generator=gen)
+    whole = int8_dot.int8_dot_matmul(x, stack, scale, None)
+    for rows in (slice(0, 48), slice(48, 80), slice(80, 96), slice(40, 60)):  # 40: not a block start, packed alone
+        view = stack[rows]
+        assert torch.equal(int8_dot.int8_dot_matmul(x, view, scale[rows], None), whole[:, rows])
+    assert int8_dot.packed(stack[48:80]).data_ptr() == int8_dot.packed(stack)[3].data_ptr()  # no second copy
+    assert int8_dot.packed(stack) is int8_dot.packed(stack)  # packed once
+    stack[0].neg_()  # changed in place: packed again
+    again = int8_dot.int8_dot_matmul(x, stack, scale, None)
+    assert torch.allclose(again[:, 0], -whole[:, 0], atol=1e-5) and torch.equal(again[:, 1:], whole[:, 1:])
