@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,53 @@ class PromptExample(Tokenized):
     columns: tuple[tuple[str, Any], ...] = ()  # the row's plain columns (``Conversation.columns``)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How an objective samples its answers: how many to each prompt, how long at most, at what temperature."""
+
+    answers_per_prompt: int
+    max_new_tokens: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A micro-batch's sampled answers, scored: what every sampling objective makes of them (:meth:`GRPO.answer`).
+    Answer ``i`` answers prompt ``i // per_prompt``."""
+
+    prompt_texts: list[str]  # each answer's prompt (its last user turn), as the rewards got it
+    texts: list[str]  # the answers' text
+    scores: Any  # core.rewards' scores: the weighted ``total`` and each function's (``by_function``)
+    total: torch.Tensor  # [answers] float32 weighted total reward
+    lengths: list[int]  # each answer's tokens
+    laid: Batch  # prompt + answer of each, laid out as the run trains (on the CPU), labels on the answers
+    per_prompt: int
+
+    def stats(self) -> dict[str, float]:
+        """Sums of the step's reward figures over these answers."""
+        return {
+            "answers": float(len(self.texts)),
+            "reward": float(self.total.sum()),
+            "length": float(sum(self.lengths)),
+            **{f"reward/{name}": float(sum(s)) for name, s in self.scores.by_function.items()},
+        }
+
+    def items(self, advantages: Sequence[float], first_group: int) -> list[dict[str, Any]]:
+        """The answers as a ``Rollouts`` event's items, with what the update made of each (``advantages``), the
+        prompts' groups numbered from ``first_group``."""
+        return [
+            {
+                "prompt": self.prompt_texts[i],
+                "completion": self.texts[i],
+                "reward": self.scores.total[i],
+                "rewards": {name: s[i] for name, s in self.scores.by_function.items()},
+                "advantage": float(advantages[i]),
+                "group": first_group + i // self.per_prompt,
+            }
+            for i in range(len(self.texts))
+        ]
+
+
 @dataclass
 class RolloutBatch(Batch):
     """Sampled answers after their prompts, labels on the answers, with what the loss needs of each."""
@@ -82,27 +129,17 @@ class RolloutBatch(Batch):
     stats: dict[str, float] = field(default_factory=dict)  # this batch's sums of the step's reward figures
 
     def to(self, device: str) -> RolloutBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return RolloutBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
-            self.pairs,
-            self.indices,
-            move(self.position_ids),
-            advantages=move(self.advantages),
-            old_logps=move(self.old_logps),
-            ref_logps=move(self.ref_logps),
-            stats=self.stats,
-        )
+        """Every tensor field (a subclass's too) on ``device``; the numbers and the stats as they are."""
+        moved: dict[str, Any] = {
+            f.name: value.to(device) if isinstance(value := getattr(self, f.name), torch.Tensor) else value
+            for f in fields(self)
+        }
+        return type(self)(**moved)
 
     def state(self) -> dict[str, Any]:
         """Tensors and numbers only (a checkpoint is read with ``weights_only``)."""
-        tensors = ("input_ids", "attention_mask", "labels", "position_ids", "advantages", "old_logps", "ref_logps")
-        out: dict[str, Any] = {name: getattr(self, name) for name in tensors}
-        out["pairs"], out["indices"], out["stats"] = self.pairs, list(self.indices), dict(self.stats)
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["indices"], out["stats"] = list(self.indices), dict(self.stats)
         return out
 
     @classmethod
@@ -117,6 +154,16 @@ class GRPO(Objective):
     name = "grpo"
     data_kinds = ("sft",)
     needs_reference = True  # started from an adapter: its frozen copy is the KL's reference
+    rollout_type: type[RolloutBatch] = RolloutBatch  # what :meth:`sample` makes (and a checkpoint restores)
+
+    @classmethod
+    def sampling(cls, config: TrainConfig) -> Sampling:
+        """How this objective samples: GRPO's ``grpo_*`` settings (an objective built on it reads its own)."""
+        return Sampling(config.grpo_group_size, config.grpo_max_new_tokens, config.grpo_temperature)
+
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on each batch of sampled answers (mu)."""
+        return self.trained.config.grpo_updates_per_batch
 
     def __init__(self, trained: TrainedModel) -> None:
         super().__init__(trained)
@@ -162,7 +209,7 @@ class GRPO(Objective):
         bounded, _ = cut_example(example, char_budget(config.max_length))  # bounded work whatever the row's size
         cut = bounded.messages
         prompt_ids, answer_ids = prompt_and_completion_ids(tokenizer, cut[:last], cut[last : last + 1], bounded.tools)
-        room = config.max_length - config.grpo_max_new_tokens
+        room = config.max_length - cls.sampling(config).max_new_tokens
         kept = prompt_ids[-room:]
         answer = answer_ids[: config.max_length - len(kept)]
         user = next((m.content for m in reversed(msgs[:last]) if m.role == "user"), "")
@@ -190,54 +237,37 @@ class GRPO(Objective):
     ) -> list[Batch]:
         """Sample and score answers for the next prompts when the kept ones are spent (every mu steps)."""
         if self.uses_left == 0:
-            self.kept, items = [], list[dict[str, Any]]()
-            for group in next_groups():
-                sampled, sampled_items = self.sample(
-                    group, first_group=len(items) // self.trained.config.grpo_group_size
-                )
-                self.kept.append(sampled)
-                items += sampled_items
-            self.uses_left = self.trained.config.grpo_updates_per_batch
-            self.pending = items
+            self.kept, self.pending = self.sample_step(next_groups())
+            self.uses_left = self.updates_per_batch()
         self.uses_left -= 1
         return list(self.kept)
+
+    def sample_step(self, groups: list[list[int]]) -> tuple[list[RolloutBatch], list[dict[str, Any]]]:
+        """The step's micro-batches of sampled answers (one per list of prompt indices) and their rollout items."""
+        kept, items = [], list[dict[str, Any]]()
+        per_prompt = self.sampling(self.trained.config).answers_per_prompt
+        for group in groups:
+            sampled, sampled_items = self.sample(group, first_group=len(items) // per_prompt)
+            kept.append(sampled)
+            items += sampled_items
+        return kept, items
 
     def sample(self, indices: list[int], first_group: int = 0) -> tuple[RolloutBatch, list[dict[str, Any]]]:
         """G answers to each prompt of ``indices``, scored, as one batch (on the CPU) with their advantages and the
         sampling policy's and reference's log-probs; and the rollout items (their groups numbered from
         ``first_group``)."""
-        cfg, tokenizer = self.trained.config, self.trained.tokenizer
+        cfg = self.trained.config
         g = cfg.grpo_group_size
-        examples = [self.examples[i] for i in indices]
-        prompts = [list(ex.input_ids[: ex.prompt_tokens]) for ex in examples]
-        answers = self.decode(prompts)
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for per_prompt in answers for ids in per_prompt]
-        prompt_texts = [ex.prompt for ex in examples for _ in range(g)]
-        columns = {ANSWER_COLUMN: [ex.answer for ex in examples for _ in range(g)]}
-        for name in dict.fromkeys(name for ex in examples for name, _ in ex.columns):  # each once, in order
-            columns[name] = [dict(ex.columns).get(name) for ex in examples for _ in range(g)]
-        scores = self.rewards.score(prompt_texts, texts, columns)
-        total = torch.tensor(scores.total, dtype=torch.float32)
+        answered = self.answer(indices)
+        total, laid = answered.total, answered.laid
         advantages = group_advantages(total, g, scale=cfg.grpo_loss != "dr_grpo")
-        items = [
-            Tokenized(list(prompt) + ids, [IGNORE] * len(prompt) + ids)
-            for prompt, per_prompt in zip(prompts, answers, strict=True)
-            for ids in per_prompt
-        ]
-        laid = self.trained.layout(items) if self.trained.layout is not None else None
-        if laid is None:
-            raise RuntimeError("GRPO needs the run's batch layout (TrainedModel.layout)")
         on_device = laid.to(self.trained.device)
         old = self.policy_logps(on_device) if cfg.grpo_updates_per_batch > 1 else None
         ref = self.reference_logps(on_device) if cfg.grpo_beta > 0 else None
-        lengths = [len(ids) for per_prompt in answers for ids in per_prompt]
         stats = {
-            "answers": float(len(texts)),
-            "groups": float(len(prompts)),
-            "reward": float(total.sum()),
+            **answered.stats(),
+            "groups": float(len(indices)),
             "reward_std": float(total.view(-1, g).std(dim=1).sum()),
-            "length": float(sum(lengths)),
-            **{f"reward/{name}": float(sum(s)) for name, s in scores.by_function.items()},
         }
         rollout = RolloutBatch(
             laid.input_ids,
@@ -250,27 +280,42 @@ class GRPO(Objective):
             ref_logps=ref,
             stats=stats,
         )
-        rollout_items = [
-            {
-                "prompt": prompt_texts[i],
-                "completion": texts[i],
-                "reward": scores.total[i],
-                "rewards": {name: s[i] for name, s in scores.by_function.items()},
-                "advantage": float(advantages[i]),
-                "group": first_group + i // g,
-            }
-            for i in range(len(texts))
+        return rollout, answered.items(advantages.tolist(), first_group)
+
+    def answer(self, indices: list[int]) -> Answered:
+        """The sampled answers to each prompt of ``indices`` (``sampling().answers_per_prompt`` each, in order),
+        scored by the rewards and laid out as one batch on the CPU."""
+        cfg, tokenizer = self.trained.config, self.trained.tokenizer
+        g = self.sampling(cfg).answers_per_prompt
+        examples = [self.examples[i] for i in indices]
+        prompts = [list(ex.input_ids[: ex.prompt_tokens]) for ex in examples]
+        answers = self.decode(prompts)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for per_prompt in answers for ids in per_prompt]
+        prompt_texts = [ex.prompt for ex in examples for _ in range(g)]
+        columns = {ANSWER_COLUMN: [ex.answer for ex in examples for _ in range(g)]}
+        for name in dict.fromkeys(name for ex in examples for name, _ in ex.columns):  # each once, in order
+            columns[name] = [dict(ex.columns).get(name) for ex in examples for _ in range(g)]
+        scores = self.rewards.score(prompt_texts, texts, columns)
+        items = [
+            Tokenized(list(prompt) + ids, [IGNORE] * len(prompt) + ids)
+            for prompt, per_prompt in zip(prompts, answers, strict=True)
+            for ids in per_prompt
         ]
-        return rollout, rollout_items
+        laid = self.trained.layout(items) if self.trained.layout is not None else None
+        if laid is None:
+            raise RuntimeError(f"{type(self).__name__} needs the run's batch layout (TrainedModel.layout)")
+        lengths = [len(ids) for per_prompt in answers for ids in per_prompt]
+        return Answered(prompt_texts, texts, scores, torch.tensor(scores.total, dtype=torch.float32), lengths, laid, g)
 
     def decode(
         self, prompts: list[list[int]], group: int | None = None, sampler: Sampler | None = None
     ) -> list[list[list[int]]]:
         """``group`` (default G) sampled answers (token ids, ending with an end-of-turn token unless cut at
         grpo_max_new_tokens) to each prompt: the decode loop with the adapters live, the model in eval mode;
-        ``sampler`` defaults to grpo_temperature's."""
+        ``sampler`` defaults to grpo_temperature's (:meth:`sampling`'s, for an objective built on GRPO)."""
         cfg, model = self.trained.config, self.trained.model
-        g, n = group or cfg.grpo_group_size, len(prompts)
+        how = self.sampling(cfg)
+        g, n = group or how.answers_per_prompt, len(prompts)
         out: list[list[list[int]]] = [[[] for _ in range(g)] for _ in prompts]
         ended = [[False] * g for _ in prompts]
         stops = set(self.stop_ids)
@@ -295,8 +340,8 @@ class GRPO(Objective):
                     causal_lm,
                     prompts,
                     [g] * n,
-                    [cfg.grpo_max_new_tokens] * n,
-                    sampler or Sampler(temperature=cfg.grpo_temperature),
+                    [how.max_new_tokens] * n,
+                    sampler or Sampler(temperature=how.temperature),
                     [collector(p) for p in range(n)],
                     seeds,
                     pad_id=self.pad_id,
@@ -427,7 +472,7 @@ class GRPO(Objective):
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.generator.set_state(state["generator"])
         self.uses_left = int(state["uses_left"])
-        self.kept = [RolloutBatch.from_state(b) for b in state["kept"]]
+        self.kept = [self.rollout_type.from_state(b) for b in state["kept"]]
 
     # --- a learned reward --------------------------------------------------------
     def _learned(self, spec: Any) -> Callable[..., list[float]]:
