@@ -52,7 +52,7 @@ typedef struct {
 
 /* y[:, offset : offset + out] += scaling * B (A x) for the block's adapters on this target (PEFT's LoRA: on the side
    of the base product, not merged into it). */
-static int add_lora(const lora_t* loras, int64_t count, int64_t block, int64_t target, const float* x, int64_t ldx,
+VNNI static int add_lora(const lora_t* loras, int64_t count, int64_t block, int64_t target, const float* x, int64_t ldx,
                     float* y, int64_t ldy, int64_t M) {
   for (int64_t i = 0; i < count; i++) {
     const lora_t* l = loras + i;
@@ -84,7 +84,7 @@ static int add_lora(const lora_t* loras, int64_t count, int64_t block, int64_t t
   return 0;
 }
 
-static void rms_norm(const float* x, const float* weight, float eps, int64_t M, int64_t H, float* out) {
+VNNI static void rms_norm(const float* x, const float* weight, float eps, int64_t M, int64_t H, float* out) {
   for (int64_t m = 0; m < M; m++) {
     const float* xr = x + m * H;
     float s = 0.f;
@@ -96,7 +96,7 @@ static void rms_norm(const float* x, const float* weight, float eps, int64_t M, 
 }
 
 /* x (D) rotated in place: x * cos + rotate_half(x) * sin, cos/sin of (position * inv_freq) * scaling. */
-static void rotate(float* x, const float* cosv, const float* sinv, int64_t D) {
+VNNI static void rotate(float* x, const float* cosv, const float* sinv, int64_t D) {
   int64_t h = D / 2;
   for (int64_t i = 0; i < h; i++) {
     float a = x[i], b = x[i + h];
@@ -105,10 +105,60 @@ static void rotate(float* x, const float* cosv, const float* sinv, int64_t D) {
   }
 }
 
+/* a . b over D floats (16 at a time where D allows). */
+VNNI static inline float dot(const float* a, const float* b, int64_t D) {
+  if (D % 16) {
+    float s = 0.f;
+    for (int64_t i = 0; i < D; i++) s += a[i] * b[i];
+    return s;
+  }
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+  return _mm512_reduce_add_ps(s);
+}
+
+/* scores (G, n) = attn_scale * q (G, D) . keys[p] (n, D) for the G query heads of one key head; -inf where mk[p]
+   is 0 (mk NULL: every position). Each key is read once for the G heads. */
+VNNI static void group_scores(const float* q, int64_t G, const float* keys, const uint8_t* mk, int64_t n, int64_t D,
+                              float attn_scale, float* scores) {
+  for (int64_t p = 0; p < n; p++) {
+    if (mk && !mk[p]) {
+      for (int64_t j = 0; j < G; j++) scores[j * n + p] = -INFINITY;
+      continue;
+    }
+    for (int64_t j = 0; j < G; j++) scores[j * n + p] = dot(q + j * D, keys + p * D, D) * attn_scale;
+  }
+}
+
+/* o (D) = sum of w[p] * values[p] (n rows of D) over the nonzero w, the sum kept in registers for D 64 and 128. */
+#define WEIGHTED(DV)                                                                                               \
+  VNNI static void weighted_##DV(const float* w, const float* values, int64_t n, float* o) {                       \
+    __m512 acc[DV / 16];                                                                                           \
+    for (int v = 0; v < DV / 16; v++) acc[v] = _mm512_setzero_ps();                                                \
+    for (int64_t p = 0; p < n; p++) {                                                                              \
+      if (w[p] == 0.f) continue;                                                                                   \
+      __m512 wp = _mm512_set1_ps(w[p]);                                                                            \
+      const float* vp = values + p * DV;                                                                           \
+      for (int v = 0; v < DV / 16; v++) acc[v] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(vp + 16 * v), acc[v]);       \
+    }                                                                                                              \
+    for (int v = 0; v < DV / 16; v++) _mm512_storeu_ps(o + 16 * v, acc[v]);                                        \
+  }
+WEIGHTED(64) WEIGHTED(128)
+
+VNNI static void weighted_sum(const float* w, const float* values, int64_t n, int64_t D, float* o) {
+  if (D == 64) return weighted_64(w, values, n, o);
+  if (D == 128) return weighted_128(w, values, n, o);
+  for (int64_t i = 0; i < D; i++) o[i] = 0.f;
+  for (int64_t p = 0; p < n; p++) {
+    if (w[p] == 0.f) continue;
+    for (int64_t i = 0; i < D; i++) o[i] += w[p] * values[p * D + i];
+  }
+}
+
 /* One decoding step for M rows (one new token each). Returns 0, -1 without scratch memory, -2 where a product
    failed. positions: each row's rotary position (NULL: length for every row); mask: M rows of capacity bytes
    (stride mask_stride), nonzero where the row attends to that position (NULL: every position up to length). */
-int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, int64_t L, const block_t* blocks,
+VNNI int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, int64_t L, const block_t* blocks,
                 int64_t heads, int64_t kv_heads, int64_t D, int64_t inter, float eps, float attn_scale,
                 const float* inv_freq, float rope_scaling, const int64_t* positions, int64_t length, int64_t cap,
                 const uint8_t* mask, int64_t mask_stride, const float* final_norm, const int8_t* head_w,
@@ -122,7 +172,7 @@ int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, in
   float* att = malloc(sizeof(float) * M * heads * D);
   float* gu = malloc(sizeof(float) * M * 2 * inter);
   float* act = malloc(sizeof(float) * M * inter);
-  float* scores = malloc(sizeof(float) * (length + 1));
+  float* scores = malloc(sizeof(float) * (length + 1) * groups);
   float* cs = malloc(sizeof(float) * M * 2 * D);
   int rc = 0;
   if (!x || !h || !t || !qkv || !att || !gu || !act || !scores || !cs) {
@@ -152,31 +202,21 @@ int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t H, in
         memcpy(b->v_buf + ((m * kv_heads + g) * cap + length) * D, row + (heads + kv_heads + g) * D,
                sizeof(float) * D);
       }
-      for (int64_t j = 0; j < heads; j++) {
-        const float* q = row + j * D;
-        const float* keys = b->k_buf + (m * kv_heads + j / groups) * cap * D;
-        const float* values = b->v_buf + (m * kv_heads + j / groups) * cap * D;
-        const uint8_t* mk = mask ? mask + m * mask_stride : NULL;
-        float top = -INFINITY;
-        for (int64_t p = 0; p <= length; p++) {
-          if (mk && !mk[p]) { scores[p] = -INFINITY; continue; }
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < D; i++) s += q[i] * keys[p * D + i];
-          scores[p] = s * attn_scale;
-          top = scores[p] > top ? scores[p] : top;
-        }
-        float total = 0.f;
-        for (int64_t p = 0; p <= length; p++) {
-          scores[p] = scores[p] == -INFINITY ? 0.f : expf(scores[p] - top);
-          total += scores[p];
-        }
-        float* o = att + (m * heads + j) * D;
-        for (int64_t i = 0; i < D; i++) o[i] = 0.f;
-        for (int64_t p = 0; p <= length; p++) {
-          float w = scores[p] / total;
-          if (w == 0.f) continue;
-          for (int64_t i = 0; i < D; i++) o[i] += w * values[p * D + i];
+      const uint8_t* mk = mask ? mask + m * mask_stride : NULL;
+      for (int64_t g = 0; g < kv_heads; g++) { /* the query heads that share key/value head g, each key read once */
+        const float* keys = b->k_buf + (m * kv_heads + g) * cap * D;
+        const float* values = b->v_buf + (m * kv_heads + g) * cap * D;
+        group_scores(row + g * groups * D, groups, keys, mk, length + 1, D, attn_scale, scores);
+        for (int64_t j = 0; j < groups; j++) {
+          float* sj = scores + j * (length + 1);
+          float top = -INFINITY, total = 0.f;
+          for (int64_t p = 0; p <= length; p++) top = sj[p] > top ? sj[p] : top;
+          for (int64_t p = 0; p <= length; p++) {
+            sj[p] = sj[p] == -INFINITY ? 0.f : expf(sj[p] - top);
+            total += sj[p];
+          }
+          for (int64_t p = 0; p <= length; p++) sj[p] /= total;
+          weighted_sum(sj, values, length + 1, D, att + (m * heads + g * groups + j) * D);
         }
       }
     }

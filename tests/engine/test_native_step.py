@@ -64,6 +64,21 @@ def test_the_c_step_gives_the_python_fast_steps_logits_and_cache(int8_model, pad
     assert not torch.equal(ours[:, 0], ours[:, 1])  # rows at different tokens (and positions) differ
 
 
+@pytest.mark.parametrize("hidden", [256, 512])
+def test_head_sizes_64_and_128_with_their_own_attention_code_give_the_python_steps_logits(tmp_path, hidden):
+    """The C step's attention keeps a row's weighted values in registers for heads of 64 and 128 (the tiny model's
+    heads are 16: the general code); 3 rows at their own positions and masks."""
+    from tiny_model import build_tiny_model_dir
+
+    folder = build_tiny_model_dir(tmp_path / "model", hidden_size=hidden)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert model.model.layers[0].self_attn.head_dim == hidden // 4
+    quantize_linears_int8(model)
+    ours, _ = _steps(model, True, 3, 20, 4, True)
+    theirs, _ = _steps(model, False, 3, 20, 4, True)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 def _cache(model, rows=1):
     with torch.inference_mode():  # the worker decodes with the base model, PEFT's layers injected into it
         first = model(input_ids=torch.tensor([PROMPT]), cache=DynamicCache(config=model.config))
