@@ -1,10 +1,11 @@
 """The charts of an online RL run (GRPO) and of a reward model, beside the loss charts.
 
 GRPO, at each step: the mean total reward with its spread (± one standard deviation across the step's rollouts,
-shaded) and each reward function's mean; the KL to the reference; the completions' mean length; the fraction of
-tokens whose ratio was clipped. A reward model, at each evaluation: held-out pair accuracy and the reward gap
-(chosen minus rejected). Redrawn as :class:`~studio.widgets.charts.TrainingCharts` are: one chart per event-loop turn,
-the view range changed only when the data leave it.
+shaded) and each reward function's mean, and at each evaluation the held-out prompts' greedy answers' reward; the
+KL to the reference; the completions' mean length; the fraction of tokens whose ratio was clipped. A reward model,
+at each evaluation: held-out pair accuracy and the reward gap (chosen minus rejected). Redrawn as
+:class:`~studio.widgets.charts.TrainingCharts` are: one chart per event-loop turn, the view range changed only when
+the data leave it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ BAND = (30, 90, 200, 50)  # the spread around the mean reward
 # The least top of a chart's scale: a KL or clipped fraction of 1e-13 (rounding) reads as the zero it is, not as a
 # curve filling the chart.
 SMALLEST_TOP = {"chart_kl": 0.01, "chart_clip": 0.01}
+HELD_OUT = "eval_reward"  # GRPO's evaluation figure: the greedy answers to the held-out prompts, mean total reward
 
 
 class RLCharts(StaggeredCharts):
@@ -38,6 +40,8 @@ class RLCharts(StaggeredCharts):
         text = self.palette().color(QPalette.ColorRole.Text)  # legends in the text's colour (pyqtgraph's grey is faint)
         self.reward.getPlotItem().legend.setLabelTextColor(text)
         self.reward.add("reward", "total", "smooth", width=2)
+        # each evaluation: the greedy answers to the held-out prompts, scored (GRPO's eval_reward)
+        self.reward.add(HELD_OUT, "held-out (greedy)", "eval", width=2, symbol="o")
         self.band_hi = self.reward.add("band_hi", "", "raw", width=0.5)
         self.band_lo = self.reward.add("band_lo", "", "raw", width=0.5)
         self.band = pg.FillBetweenItem(self.band_hi, self.band_lo, brush=pg.mkBrush(*BAND))
@@ -130,6 +134,10 @@ class RLCharts(StaggeredCharts):
                     curve.setData(x, mean + spread)
                 elif key == "band_lo":
                     curve.setData(x, mean - spread)
+                elif key == HELD_OUT:
+                    ef = self.state.eval_figures
+                    if HELD_OUT in ef.names:
+                        curve.setData(ef.steps(), ef.column(HELD_OUT))
                 else:
                     curve.setData(x, f.column(key))
         elif chart is self.reward_model:

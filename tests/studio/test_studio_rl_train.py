@@ -224,6 +224,8 @@ def test_a_live_grpo_run_fills_the_charts_and_the_rollouts_from_the_engines_even
             emit(type="rollouts", step=s, items=[
                 {"prompt": "P", "completion": f"answer {s}.{i}", "reward": float(i), "rewards": {"json_valid": 1.0},
                  "advantage": i - 0.5, "group": 0} for i in range(2)])
+            if s == 2:
+                emit(type="eval", step=2, eval_loss=0.3, metrics={"eval_reward": 0.75, "eval_reward/json_valid": 0.75})
         emit(type="finished", run_id="fake-run", status="completed", step=3, final_loss=0.1)
     """,
     )
@@ -237,6 +239,10 @@ def test_a_live_grpo_run_fills_the_charts_and_the_rollouts_from_the_engines_even
     assert [r.completion for r in page.rollouts_view.model.rows] == ["answer 3.1", "answer 3.0"]
     page._show_progress()
     assert "mean reward 1.5" in page.progress.format() and "loss" not in page.progress.format()
+    # the evaluation's held-out reward (greedy answers) is drawn on the reward chart at its step
+    held_out = page.rl_charts.reward.curves["eval_reward"]
+    qtbot.waitUntil(lambda: held_out.getData()[0] is not None and len(held_out.getData()[0]) == 1, timeout=5000)
+    assert list(held_out.getData()[0]) == [2] and list(held_out.getData()[1]) == [0.75]
 
 
 def test_an_opened_run_reads_its_figures_and_rollouts_from_the_database(qtbot, make_window):
