@@ -67,7 +67,7 @@ def test_the_c_step_gives_the_python_fast_steps_logits_and_cache(int8_model, pad
 @pytest.mark.parametrize("hidden", [256, 512])
 def test_head_sizes_64_and_128_with_their_own_attention_code_give_the_python_steps_logits(tmp_path, hidden):
     """The C step's attention keeps a row's weighted values in registers for heads of 64 and 128 (the tiny model's
-    heads are 16: the general code); 3 rows at their own positions and masks."""
+    heads are 16: the general code); 3 rows at their own positions and masks, a row alone computed as in the batch."""
     from tiny_model import build_tiny_model_dir
 
     folder = build_tiny_model_dir(tmp_path / "model", hidden_size=hidden)
@@ -77,6 +77,8 @@ def test_head_sizes_64_and_128_with_their_own_attention_code_give_the_python_ste
     ours, _ = _steps(model, True, 3, 20, 4, True)
     theirs, _ = _steps(model, False, 3, 20, 4, True)
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    alone, _ = _steps(model, True, 1, 20, 4, True)  # the first row (no padding) decoded alone: the same numbers
+    assert torch.equal(alone[:, 0], ours[:, 0])
 
 
 def _cache(model, rows=1):
