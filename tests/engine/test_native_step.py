@@ -87,9 +87,15 @@ def _cache(model, rows=1):
     return _expand_cache(first.cache, rows, 30)
 
 
-def test_lora_adapters_apply_on_the_side_in_the_c_step_as_in_the_python_step(int8_model):
+@pytest.mark.parametrize("hidden", [64, 40])
+def test_lora_adapters_apply_on_the_side_in_the_c_step_as_in_the_python_step(tiny_model_dir, tmp_path, hidden):
+    """Hidden size 40: projections of 20, 40 and 80 outputs (B's products run 16 outputs at a time: partial blocks)."""
     from peft import LoraConfig, get_peft_model
+    from tiny_model import build_tiny_model_dir
 
+    folder = tiny_model_dir if hidden == 64 else build_tiny_model_dir(tmp_path / "model", hidden_size=hidden)
+    int8_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    quantize_linears_int8(int8_model)
     base, _ = _steps(int8_model, True, 2, 20, 4, False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft = get_peft_model(int8_model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1))
