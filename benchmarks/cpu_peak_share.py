@@ -298,15 +298,23 @@ def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def levers_off(setup) -> None:
-    """Undo the bf16-mixed levers of 2026-12-07 on a set-up model (for ``--compare``): the LoRA adapters' products
-    back in float32 (``kernels.lora_linear`` without ``adapter_dtype``), the head's gradient product float32."""
+def levers_off(setup, which: str = "levers") -> None:
+    """Undo bf16-mixed levers of 2026-12-07 on a set-up model (for ``--compare``). ``levers``: those of 10:00-11:10,
+    the LoRA adapters' products back in float32 (``kernels.lora_linear`` without ``adapter_dtype``) and both of the
+    head's products float32. ``head``: only ``kernels.bf16_head`` (13:00-): the logits float32 again and the gradient
+    product torch's bf16 one, a vocabulary chunk at a time (``linear_logprobs.BF16_HEAD_KERNEL``, a process-wide
+    switch that ``run_row`` sets back after the row)."""
     from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
-    from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype
+    from finetune_studio.kernels import linear_logprobs
 
+    if which == "head":
+        linear_logprobs.BF16_HEAD_KERNEL = False
+        return
     for layer in lora_linears(setup.model):
         layer._fs_adapter_dtype = None
-    set_head_grad_dtype(setup.model.get_base_model().get_output_embeddings().weight, None)
+    head = setup.model.get_base_model().get_output_embeddings().weight
+    linear_logprobs.set_head_grad_dtype(head, None)
+    linear_logprobs.set_head_logits_dtype(head, None)
 
 
 def run_row(model: str, objective: str, threads: int, args, before: bool = False) -> Row:
@@ -335,7 +343,7 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
     setup = Recipe(cfg, "peak_share", Path(tempfile.mkdtemp()), None, Reporter(), StopFlag()).setup(resume=False)
     setup.model.train()
     if before:
-        levers_off(setup)
+        levers_off(setup, args.compare)
     if args.compare:  # both sides of a comparison on the same batches, whatever the recipe's sampler drew before
         import dataclasses
 
@@ -371,6 +379,9 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
         wall += w
     if peaks.rounds == 0:
         peaks.update(measure_peaks(shape, int(mean_tokens)))
+    from finetune_studio.kernels import linear_logprobs
+
+    linear_logprobs.BF16_HEAD_KERNEL = True  # as the engine runs (levers_off(..., "head") cleared it for this row)
     row = Row(
         model=model + (" (before)" if before else ""),
         objective=objective,
@@ -426,7 +437,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the rows to this file")
     ap.add_argument(
-        "--compare", action="store_true", help="each row also with the bf16 adapter and head-gradient levers off, first"
+        "--compare",
+        nargs="?",
+        const="levers",
+        default="",
+        choices=("levers", "head"),
+        help="each row also with levers off, first: 'levers' (the default) the bf16 adapter products and both head "
+        "products float32; 'head' only kernels.bf16_head off",
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

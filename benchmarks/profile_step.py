@@ -12,6 +12,13 @@ attention, the output head's chunked log-probs, the rest).
 ``--levers`` then times a few steps of the same batch for: float32 vs bfloat16 autocast on the CPU (speed and
 loss; ``engine.train.forward`` keeps the output head in float32 under CPU autocast), and 1 thread vs one per core
 (when another process is busy, the second is much slower).
+
+``--ab NAME [--rounds 6] [--fresh-batches]``: an in-process A/B of one lever, alternating a step with it off and
+one with it on from the same adapter weights (``benchmarks/step_ab.py``'s ``lever_ab``, with this script's levers
+added to its ``LEVERS``): ``head_logits_bf16``, the output head's logits from bf16 inputs with a float32 result
+(``kernels.bf16_head``) against torch's float32 product; ``head_kernel``, both head products through
+``kernels.bf16_head`` (the logits, and the gradient product ``G W`` with nothing of it rounded) against the step
+without that kernel (float32 logits, torch's bf16 ``G W`` a vocabulary chunk at a time).
 """
 
 from __future__ import annotations
@@ -131,6 +138,27 @@ def levers(setup, batch, steps: int, thread_lever: bool = True) -> None:
         print(f"  {cores} threads / {threads} step time {many / f32:.2f}x (load average {_load()})")
 
 
+def _head_logits_bf16(setup, on: bool) -> None:
+    """The head's logits through ``kernels.bf16_head`` (``set_head_logits_dtype``) against float32."""
+    import torch
+
+    from finetune_studio.kernels.linear_logprobs import set_head_logits_dtype
+
+    head = setup.model.get_base_model().get_output_embeddings()
+    set_head_logits_dtype(head.weight, torch.bfloat16 if on else None)
+
+
+def _head_kernel(setup, on: bool) -> None:
+    """The bf16 marks of the head (as bf16-mixed sets them) through ``kernels.bf16_head`` (logits and gradient
+    product) against without it (the logits float32, the gradient product torch's bf16 one, chunk by chunk)."""
+    from finetune_studio.kernels import linear_logprobs
+
+    linear_logprobs.BF16_HEAD_KERNEL = on
+
+
+AB_LEVERS = {"head_logits_bf16": _head_logits_bf16, "head_kernel": _head_kernel}
+
+
 def _load() -> str:
     import os
 
@@ -150,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-packing", action="store_true", help="padded batches (TrainConfig.packing off)")
     ap.add_argument("--no-thread-lever", action="store_true", help="skip the one-thread-per-core timing")
+    ap.add_argument("--ab", default="", help="an in-process A/B of one lever: " + ", ".join(AB_LEVERS))
+    ap.add_argument("--rounds", type=int, default=6, help="--ab: steps on each side")
+    ap.add_argument("--fresh-batches", action="store_true", help="--ab: each round its own batch, as in a run")
     args = ap.parse_args(argv)
     if argv is None:  # run as a script: the engine's glibc malloc settings, as a training process has them
         from finetune_studio.core.process_env import restart_with_engine_environment
@@ -164,6 +195,18 @@ def main(argv=None) -> int:
     from finetune_studio.engine.train.memory_budget import reuse_memory_between_steps
 
     reuse_memory_between_steps()  # what Recipe.run does once the model is ready
+    if args.ab:
+        import step_ab
+
+        step_ab.LEVERS.update(AB_LEVERS)
+        if args.ab not in step_ab.LEVERS:
+            ap.error(f"--ab: one of {', '.join(step_ab.LEVERS)}")
+        batches = [
+            make_batch(setup.data.train, setup.sampler.next_indices(), setup.tokenizer.pad_token_id, setup.packing)
+            for _ in range(args.rounds + 1 if args.fresh_batches else 1)
+        ]
+        step_ab.lever_ab(setup, batches, args.ab, args.rounds)
+        return 0
     idx = setup.sampler.next_indices()
     batch = make_batch(setup.data.train, idx, setup.tokenizer.pad_token_id, setup.packing).to(setup.device)
     print(

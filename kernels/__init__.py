@@ -1,7 +1,8 @@
 """Our own fast ops, each with an eager reference and an ``impl='auto'|'triton'|'torch'`` switch.
 
 Holds DoRA's weight norm and output (``dora_norm``, ``dora_output``), log-probabilities through the output head
-without the full logits (``linear_logprobs``), RMSNorm, SwiGLU, grouped-query attention, a frozen 16-bit linear,
+without the full logits (``linear_logprobs``; its bf16 products with a float32 result on the CPU in
+``bf16_head``, C compiled on first use), RMSNorm, SwiGLU, grouped-query attention, a frozen 16-bit linear,
 a LoRA linear over it in one autograd node (``lora_linear``),
 recomputation in backward (``recompute``), the choice behind ``impl='auto'`` (``selection``) and the Triton
 kernels (``triton_*``, importable only where triton is installed).

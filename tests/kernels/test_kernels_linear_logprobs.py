@@ -81,13 +81,19 @@ def test_unknown_impl_is_refused():
         token_logprobs(torch.randn(5000, 4), torch.randn(3, 4), torch.zeros(5000, dtype=torch.long), impl="cuda")
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_head_gradient_in_bf16_keeps_the_log_probs_and_rounds_only_the_gradient(softcap, monkeypatch):
+def test_head_gradient_in_bf16_keeps_the_log_probs_and_rounds_only_the_gradient(softcap, native, monkeypatch):
     """set_head_grad_dtype(weight, bf16): the same float32 log-probs bit for bit; d logp / d hidden within bf16's
-    rounding of the reference (the head cast a vocabulary chunk at a time: 3 chunks here); None undoes it."""
+    rounding of the reference (torch's path: the head cast a vocabulary chunk at a time, 3 chunks here; or
+    kernels.bf16_head where it runs); None undoes it."""
+    from finetune_studio.kernels import bf16_head
     from finetune_studio.kernels import linear_logprobs as ll
 
+    if native and not bf16_head.available():
+        pytest.skip("needs AVX-512 BF16 and a C compiler")
     monkeypatch.setattr(ll, "GRAD_VOCAB_CHUNK", 40)
+    monkeypatch.setattr(ll, "BF16_HEAD_KERNEL", native)
     torch.manual_seed(5)
     hidden = torch.randn(30, 24)
     weight = torch.randn(101, 24) * 0.3

@@ -10,8 +10,10 @@ residual stream, RMSNorm, attention, the output head) and only swaps the frozen 
 ``BF16FrozenLinear``: the weight stored in bfloat16 (converted after a float32 load) and ``kernels.frozen_linear``
 for the product (x rounded to bf16, bf16 GEMM, float32 out; its backward gives grad_x the same way). For the
 default model those products are nearly all of a step's FLOPs. A frozen float32 output head keeps its float32
-logits; only its gradient product (``d logp / d hidden``) runs in bf16
-(``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept). Over these bf16 bases a plain
+weight and float32 logits; its gradient product (``d logp / d hidden``) runs in bf16
+(``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept), and so, where
+``kernels.bf16_head`` runs (AVX-512 BF16), does its logits' product, with a float32 result (``set_head_logits_dtype``:
+the hidden states and the head rounded to bf16, the logits not). Over these bf16 bases a plain
 LoRA layer's own rank-r products run in bf16 as well (``kernel_wiring.install_lora_linear``'s
 ``low_precision_adapters``, installed by ``install_kernels``): the adapter weights, their gradients, the optimizer
 and the sum of the low-rank part with the base output stay float32, so no update is rounded away; measured
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from finetune_studio.kernels.frozen_linear import frozen_linear
-from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype
+from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype, set_head_logits_dtype
 
 MIXED = "bf16-mixed"
 
@@ -109,5 +111,7 @@ def apply_mixed(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
         n += 1
     low = dtype in (torch.bfloat16, torch.float16)
     if low and type(head) is nn.Linear and head.weight.dtype == torch.float32 and not head.weight.requires_grad:
-        set_head_grad_dtype(head.weight, dtype)  # the head's d logp / d hidden product in bf16; its logits float32
+        set_head_grad_dtype(head.weight, dtype)  # the head's d logp / d hidden product in bf16
+        if dtype == torch.bfloat16:  # its logits from bf16 inputs, a float32 result (kernels.bf16_head, if it runs)
+            set_head_logits_dtype(head.weight, dtype)
     return n
