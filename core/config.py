@@ -23,9 +23,17 @@ from typing import Any, cast
 from finetune_studio.core import methods as _methods
 
 METHODS = _methods.NAMES  # every trainable method, its capabilities in core.methods
-OBJECTIVES = ("sft", "dpo", "reward", "grpo", "distill")
+OBJECTIVES = ("sft", "dpo", "reward", "grpo", "ppo", "distill")
 # What a person reads for each objective (Set up's choice, the Runs table's column).
-OBJECTIVE_LABELS = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model", "grpo": "GRPO", "distill": "Distil"}
+OBJECTIVE_LABELS = {
+    "sft": "SFT",
+    "dpo": "DPO",
+    "reward": "Reward model",
+    "grpo": "GRPO",
+    "ppo": "PPO",
+    "distill": "Distil",
+}
+SAMPLING_OBJECTIVES = ("grpo", "ppo")  # online RL: answers sampled from the policy, scored with ``rewards``
 # How an objective's step is shaped, for the memory estimate (core.memory.estimate): the engine's objectives say the
 # same (tests/engine/test_reward_model.py checks that they agree).
 PAIR_OBJECTIVES = ("dpo", "reward")  # each example is a preference pair: chosen and rejected, two sequences
@@ -62,6 +70,9 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "grpo_group_size": (2, 1024),  # one answer alone has no group to be better than
     "grpo_max_new_tokens": (1, 2**16),
     "grpo_updates_per_batch": (1, 64),
+    "ppo_samples_per_prompt": (1, 1024),
+    "ppo_max_new_tokens": (1, 2**16),
+    "ppo_epochs": (1, 64),
     "num_virtual_tokens": (1, 4096),
     "adapter_reduction_factor": (1, 4096),
     "distill_student_layers": (0, 4096),  # below the model's layers, checked once the model is known
@@ -119,6 +130,7 @@ class TrainConfig:
         "sft",
         "SFT learns to imitate the answers; DPO learns to prefer the chosen answer over the rejected one; reward "
         "trains a reward model (the adapter and a scalar head) that scores answers as the preference pairs do; "
+        "GRPO and PPO learn online from sampled answers scored by the rewards (PPO with a value head); "
         "distill teaches this (smaller) model the output distribution of a teacher (distill_teacher).",
         choices=OBJECTIVES,
     )
@@ -390,9 +402,58 @@ class TrainConfig:
         "that sampled them; 1 is the plain policy gradient.",
         advanced=True,
     )
+    # --- online RL with a value head (objective ppo; TRL's PPOConfig names in brackets) ---------------------
+    ppo_samples_per_prompt: int = _f(
+        1,
+        "PPO: answers sampled per prompt (1 as in TRL; more share one prompt's prefill). Each is scored alone: "
+        "its advantage comes from the value head, not from the other answers.",
+        advanced=True,
+    )
+    ppo_max_new_tokens: int = _f(
+        128,
+        "PPO: longest sampled answer in tokens (TRL: response_length); prompts are cut from the front to leave room "
+        "for it in max_length.",
+        advanced=True,
+    )
+    ppo_temperature: float = _f(
+        1.0, "PPO: sampling temperature of the answers (TRL: temperature); 1 samples the policy itself.", advanced=True
+    )
+    ppo_epochs: int = _f(
+        4,
+        "PPO: optimizer steps taken on each batch of sampled answers (TRL: num_ppo_epochs, with one mini-batch), "
+        "the ratio measured against the policy that sampled them.",
+        advanced=True,
+    )
+    ppo_cliprange: float = _f(
+        0.2,
+        "PPO: the probability ratio to the sampling policy is clipped to [1 - cliprange, 1 + cliprange] (TRL: "
+        "cliprange).",
+        advanced=True,
+    )
+    ppo_cliprange_value: float = _f(
+        0.2,
+        "PPO: the value head's prediction may move at most this far from its sampling-time value before the value "
+        "loss stops pushing it (TRL: cliprange_value).",
+        advanced=True,
+    )
+    ppo_vf_coef: float = _f(0.1, "PPO: weight of the value loss beside the policy loss (TRL: vf_coef).", advanced=True)
+    ppo_kl_coef: float = _f(
+        0.05,
+        "PPO: each answer token's reward is -kl_coef x (log pi_old - log pi_ref), the KL penalty to the reference "
+        "(the model training started from); 0 drops the reference pass (TRL: kl_coef).",
+        advanced=True,
+    )
+    ppo_gamma: float = _f(
+        1.0, "PPO: discount of later tokens' rewards in the advantages and returns (TRL: gamma).", advanced=True
+    )
+    ppo_lambda: float = _f(
+        0.95,
+        "PPO: GAE's lambda, between the one-step estimate (0) and the whole answer's return (1) (TRL: lam).",
+        advanced=True,
+    )
     rewards: list[dict[str, Any]] = _f(
         [],
-        "GRPO: the reward functions and their weights, e.g. [{'kind': 'json_valid'}, {'kind': 'exact_match', "
+        "GRPO and PPO: the reward functions and their weights, e.g. [{'kind': 'json_valid'}, {'kind': 'exact_match', "
         "'column': 'answer', 'weight': 2}]; kinds: json_valid, json_schema, exact_match, token_f1, regex, length, "
         "contains, not_contains, think_answer, python (your function, run in a sandbox), reward_model.",
         advanced=True,
@@ -548,6 +609,7 @@ class TrainConfig:
             "grpo_max_new_tokens",
             f"must be below max_length ({self.max_length}): the prompt and the answer share it",
         )
+        self._check_ppo()
         need(
             self.longest_batch_first in LONGEST_FIRST,
             "longest_batch_first",
@@ -565,9 +627,10 @@ class TrainConfig:
 
         parse_rewards(self.rewards)  # ConfigError("rewards", ...) naming the entry
         need(
-            self.objective != "grpo" or bool(self.rewards),
+            self.objective not in SAMPLING_OBJECTIVES or bool(self.rewards),
             "rewards",
-            "GRPO scores its sampled answers with rewards: list at least one, e.g. [{'kind': 'json_valid'}]",
+            f"{OBJECTIVE_LABELS.get(self.objective, '')} scores its sampled answers with rewards: list at least one, "
+            "e.g. [{'kind': 'json_valid'}]",
         )
         need(
             not self.early_stopping_patience or (self.eval_every > 0 and self.validation_fraction > 0),
@@ -593,13 +656,55 @@ class TrainConfig:
         ):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
 
+    def _check_ppo(self) -> None:
+        """PPO's settings (``ppo_*``), each refused naming its field."""
+
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(name, msg)
+
+        need(
+            _num(self.ppo_temperature) and 0 < self.ppo_temperature <= 10,
+            "ppo_temperature",
+            f"must be above 0 and at most 10 (typical: 1), not {_show(self.ppo_temperature)}",
+        )
+        need(
+            _num(self.ppo_cliprange) and 0 < self.ppo_cliprange < 1,
+            "ppo_cliprange",
+            f"must be above 0 and below 1 (typical: 0.2), not {_show(self.ppo_cliprange)}",
+        )
+        need(
+            _num(self.ppo_cliprange_value) and 0 < self.ppo_cliprange_value <= 100,
+            "ppo_cliprange_value",
+            f"must be above 0 and at most 100, in the rewards' units (typical: 0.2), not "
+            f"{_show(self.ppo_cliprange_value)}",
+        )
+        need(
+            _num(self.ppo_vf_coef) and 0 <= self.ppo_vf_coef <= 100,
+            "ppo_vf_coef",
+            f"must be a number from 0 to 100 (typical: 0.1), not {_show(self.ppo_vf_coef)}",
+        )
+        need(
+            _num(self.ppo_kl_coef) and 0 <= self.ppo_kl_coef <= 100,
+            "ppo_kl_coef",
+            f"must be a number from 0 to 100 (typical: 0.05; 0: no KL penalty), not {_show(self.ppo_kl_coef)}",
+        )
+        for name, typical in (("ppo_gamma", 1), ("ppo_lambda", 0.95)):
+            value = getattr(self, name)
+            need(_num(value) and 0 <= value <= 1, name, f"must be from 0 to 1 (typical: {typical}), not {_show(value)}")
+        need(
+            self.objective != "ppo" or self.ppo_max_new_tokens < self.max_length,
+            "ppo_max_new_tokens",
+            f"must be below max_length ({self.max_length}): the prompt and the answer share it",
+        )
+
     def _check_method(self) -> None:
         """What the method cannot do, refused here (before anything loads), naming the field to change."""
         entry = _methods.method(self.method)
         if self.packing and not entry.allows(_methods.PACKING):
             raise ConfigError("packing", f"{entry.label} cannot train on packed rows: {entry.refusal('packing')}")
-        if (self.objective == "grpo" or self.distill_on_policy) and not entry.allows(_methods.SAMPLING):
-            field_name = "objective" if self.objective == "grpo" else "distill_on_policy"
+        if (self.objective in SAMPLING_OBJECTIVES or self.distill_on_policy) and not entry.allows(_methods.SAMPLING):
+            field_name = "objective" if self.objective in SAMPLING_OBJECTIVES else "distill_on_policy"
             raise ConfigError(
                 field_name, f"{entry.label} cannot learn from sampled answers: {entry.refusal('sampling')}"
             )
@@ -608,6 +713,12 @@ class TrainConfig:
         if self.objective == "reward" and not entry.allows(_methods.REWARD_HEAD):
             raise ConfigError("objective", f"{entry.label} cannot train a reward model: {entry.refusal('reward')}")
         if entry.family == "full":
+            if self.objective == "ppo" and self.ppo_kl_coef > 0:
+                raise ConfigError(
+                    "ppo_kl_coef",
+                    "a full fine-tune keeps no copy of its start weights for PPO's KL penalty: set ppo_kl_coef to 0, "
+                    "or train an adapter (lora)",
+                )
             if self.init_adapter:
                 raise ConfigError(
                     "init_adapter",
@@ -622,7 +733,9 @@ class TrainConfig:
                 )
         if self.lora_init not in _methods.LORA_INITS:
             raise ConfigError("lora_init", f"must be one of {', '.join(_methods.LORA_INITS)}, not {self.lora_init!r}")
-        why = _methods.lora_init_refusal(self.lora_init, self.method, self.trains_on_pairs or self.objective == "grpo")
+        why = _methods.lora_init_refusal(
+            self.lora_init, self.method, self.trains_on_pairs or self.objective in SAMPLING_OBJECTIVES
+        )
         if why and not self.init_adapter:
             raise ConfigError("lora_init", why)
         if not (_num(self.loraplus_lr_ratio) and 1 <= self.loraplus_lr_ratio <= 1000):

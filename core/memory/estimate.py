@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_studio.core import kernel_choice
-from finetune_studio.core.config import TrainConfig
+from finetune_studio.core.config import SAMPLING_OBJECTIVES, TrainConfig
 from finetune_studio.core.devices import DeviceInfo
 from finetune_studio.core.memory import method_terms
 from finetune_studio.core.model_spec import SpecKind, cached_snapshot, parse_spec
@@ -315,8 +315,8 @@ def batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) -> Ba
     engine pads a batch to its longest row); trained = the ``rows`` largest trained counts, each at most
     seq - 1 (an upper bound over every batch the data can form). No data: the worst case.
     With ``packing`` the batch is one row of the tokens present (``engine.train.batches.pack``): rows = 1, seq = the
-    ``rows`` longest rows' lengths (each truncated at max_length), summed. GRPO: ``grpo_batch_lengths``."""
-    if config.objective == "grpo":
+    ``rows`` longest rows' lengths (each truncated at max_length), summed. GRPO and PPO: ``grpo_batch_lengths``."""
+    if config.objective in SAMPLING_OBJECTIVES:
         return grpo_batch_lengths(config, lengths)
     rows = config.batch_size * (2 if config.trains_on_pairs else 1)
     what = "pairs" if config.trains_on_pairs else "rows"
@@ -358,8 +358,9 @@ def grpo_batch_lengths(config: TrainConfig, lengths: DataLengths | None = None) 
     batch_size x G sequences of a prompt and up to grpo_max_new_tokens answer tokens; seq = the data's longest row
     (its prompt and reference answer: more than its prompt) + grpo_max_new_tokens, at most max_length (the engine
     cuts prompts to leave the answers room); no data: max_length. Trained: every answer token, rows x
-    grpo_max_new_tokens. Packed: one row of rows x seq tokens."""
-    g, new = config.grpo_group_size, config.grpo_max_new_tokens
+    grpo_max_new_tokens. Packed: one row of rows x seq tokens. PPO: the same with its ``ppo_samples_per_prompt`` and
+    ``ppo_max_new_tokens`` (``sampling_settings``)."""
+    g, new = sampling_settings(config)
     rows = config.batch_size * g
     fitted = lengths is not None and bool(lengths.longest_rows)
     longest = lengths.longest_rows[0] if lengths is not None and fitted else config.max_length
@@ -793,6 +794,27 @@ def reference_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
     return 0
 
 
+def sampling_settings(config: TrainConfig) -> tuple[int, int]:
+    """An online RL objective's answers per prompt and longest answer: GRPO's ``grpo_group_size`` and
+    ``grpo_max_new_tokens``, PPO's ``ppo_samples_per_prompt`` and ``ppo_max_new_tokens``."""
+    if config.objective == "ppo":
+        return config.ppo_samples_per_prompt, config.ppo_max_new_tokens
+    return config.grpo_group_size, config.grpo_max_new_tokens
+
+
+def value_head_bytes(shape: ModelShape, trained_tokens: int, b: int) -> int:
+    """PPO's value head beside the output head (``engine.train.objectives.ppo``), for N answer tokens:
+
+        N * (4h [b < 4] + 32)
+
+    The head reads the same selected hidden states as the output head (counted in ``logits_bytes``), in float32:
+    a copy of them (4h per token) kept for the head's weight gradient unless they are float32 already; per token
+    the value and its gradient, the sampling-time value, the return, the advantage, the sampling policy's and the
+    reference's log-probs and the token -> answer map (8 x 4). Its weights, h + 1 float32 parameters, join the
+    trainable ones (``scalar_head_params``)."""
+    return trained_tokens * ((4 * shape.hidden_size if b < 4 else 0) + 32)
+
+
 def rollout_bytes(shape: ModelShape, config: TrainConfig, capacity: int, b: int) -> int:
     """GRPO's sampling phase, when no graph is alive (the previous step's is freed, its gradients too), for one
     micro-batch's rows R = batch_size x grpo_group_size (``engine.decoding.decode``): the preallocated KV cache,
@@ -801,7 +823,7 @@ def rollout_bytes(shape: ModelShape, config: TrainConfig, capacity: int, b: int)
     sampler's float32 scores, probabilities, kept mass and cumulative sums). Its log-prob passes for the sampling
     policy (grpo_updates_per_batch above 1) and the reference run without a graph, one layer's work at a time: less
     than the step's own forward keeps, so nothing beyond it."""
-    rows = config.batch_size * config.grpo_group_size
+    rows = config.batch_size * sampling_settings(config)[0]  # PPO: x ppo_samples_per_prompt
     kv_cache = 2 * shape.num_hidden_layers * rows * capacity * shape.kv_width * b
     return kv_cache + rows * shape.vocab_size * (b + 16)
 
@@ -876,7 +898,9 @@ def estimate_training_memory(
     (2x the rows); DPO's reference forward runs before the policy forward and adds nothing at the peak (see
     ``reference_bytes``). A reward model (``TrainConfig.scalar_head``) has no reference and no output head: the
     ``logits`` term is its scalar head's (``scalar_head_bytes``), whose h + 1 parameters join the trainable ones.
-    GRPO's step trains batch_size x grpo_group_size sampled answers (``grpo_batch_lengths``); its sampling phase
+    GRPO's step trains batch_size x grpo_group_size sampled answers (``grpo_batch_lengths``; PPO's x
+    ppo_samples_per_prompt, its value head in ``logits``, ``value_head_bytes``, and its weights with the trainable
+    parameters; its reference pass, as GRPO's, runs without a graph before the step); its sampling phase
     (the KV cache, the next-token scores) comes between steps, so ``rollouts`` holds only what it needs beyond the
     step's activations, output head and gradients (``rollout_bytes``); its reference runs without a graph.
     Gradients are counted in full although they appear only as backward frees activations (conservative by at most
@@ -935,6 +959,11 @@ def estimate_training_memory(
         total_params += head
         optimizer += 8 * head
         trained = 0  # no token reaches the output head (activation_bytes and backward_peak_bytes read it so)
+    if config.objective == "ppo":  # the value head's weights and their optimizer states (its tokens: below)
+        head = scalar_head_params(shape)
+        trainable += head
+        total_params += head
+        optimizer += 8 * head
     tensors = dict(
         base_weights=base,
         adapter_weights=ADAPTER_BYTES * trainable,
@@ -958,7 +987,9 @@ def estimate_training_memory(
             notes.append(f"{config.num_virtual_tokens} virtual tokens lengthen every sequence to {seq} positions")
         if cache:
             notes.append(f"the prefix's key/value cache: {_gib(cache)} in the activations")
-    if config.objective == "grpo":  # the sampling phase's peak beside the step's: only what it needs beyond it
+    if config.objective == "ppo":
+        tensors["logits"] += value_head_bytes(shape, trained, b)
+    if config.objective in SAMPLING_OBJECTIVES:  # the sampling phase's peak beside the step's: what it needs beyond
         capacity = batch.seq // rows if batch.packed else batch.seq
         step = tensors["activations"] + tensors["logits"] + tensors["gradients"]
         tensors["rollouts"] = max(0, rollout_bytes(shape, config, capacity, b) - step)

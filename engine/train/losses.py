@@ -145,3 +145,103 @@ def grpo_loss(
     if loss_type in ("token", "dr_grpo"):
         return token_losses.sum() / denom
     raise ValueError(f"unknown GRPO loss {loss_type!r}")
+
+
+def ppo_token_rewards(
+    scores: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    rows: torch.Tensor,
+    *,
+    kl_coef: float,
+) -> torch.Tensor:
+    """PPO's reward per answer token: the KL penalty to the reference on every token, the answer's score on its last
+    (the RLHF shaping of Ziegler et al. 2019 and InstructGPT, as TRL's PPO).
+
+    scores: [B] each answer's reward; old_logps, ref_logps: [N] the sampling policy's and the reference's log-probs
+    of the answer tokens (ref None: no penalty); rows: [N] the answer of each token, each answer's tokens consecutive
+    and in order. ``r_t = -kl_coef * (log pi_old - log pi_ref)``, plus ``score`` at the answer's last token -> [N].
+    """
+    rewards = torch.zeros_like(old_logps) if ref_logps is None else -kl_coef * (old_logps - ref_logps)
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = rows[1:] != rows[:-1]
+    return rewards + torch.where(last, scores.to(rewards.dtype)[rows], torch.zeros_like(rewards))
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each answer's tokens, and the returns.
+
+    rewards, values: [N] per answer token (the value ``V_t`` of the state before the token); rows: [N] the answer of
+    each token, each answer's tokens consecutive and in order. Per answer, with ``V`` after its last token 0:
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``, ``R_t = A_t + V_t``.
+
+    Returns (advantages [N], returns [N]), without gradient.
+    """
+    rewards, values = rewards.detach(), values.detach()
+    answers = int(rows.max()) + 1 if rows.numel() else 0
+    counts = torch.bincount(rows, minlength=answers)  # [B] tokens of each answer
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]  # each token's place in its answer
+    width = int(counts.max()) if answers else 0
+    r = rewards.new_zeros(answers, width + 1)  # [B, T + 1]: 0 past each answer's end
+    v = values.new_zeros(answers, width + 1)
+    r[rows, pos], v[rows, pos] = rewards, values
+    adv = rewards.new_zeros(answers, width + 1)
+    for t in reversed(range(width)):  # past an answer's end r = V = 0, so its A stays 0 until its last token
+        delta = r[:, t] + gamma * v[:, t + 1] - v[:, t]
+        adv[:, t] = delta + gamma * lam * adv[:, t + 1]
+    advantages = adv[rows, pos]
+    return advantages, advantages + values
+
+
+def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over all of ``values`` (the sample variance, as TRL's ``whiten``)."""
+    if values.numel() < 2:
+        return values - values.mean()
+    return (values - values.mean()) * torch.rsqrt(values.var() + eps)
+
+
+def ppo_value_losses(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token, and where the clip decides it.
+
+    All [N]: the value head's predictions ``V`` (with gradient), the sampling-time values ``V_old`` and the returns
+    ``R``. With ``V_clip = clip(V, V_old - c, V_old + c)``:
+
+    ``loss_t = 0.5 * max((V - R)^2, (V_clip - R)^2)``; clipped: the second is the larger (no gradient through V).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    plain = (values - returns) ** 2
+    bounded = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(plain, bounded), (bounded > plain).detach()
+
+
+def ppo_token_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's policy and value losses per answer token (Schulman et al. 2017, eq. 7 and 9; TRL's PPO).
+
+    All [N]: ``log pi`` (with gradient), ``log pi_old``, the advantages (GAE, whitened), the value head's ``V`` (with
+    gradient), ``V_old`` and the returns. With ``rho = exp(log pi - log pi_old)``:
+
+    ``policy_t = -min(rho * A, clip(rho, 1 - cliprange, 1 + cliprange) * A)`` (:func:`grpo_token_losses` without
+    a KL term: PPO's KL is in the rewards) and ``value_t`` from :func:`ppo_value_losses`. The step's loss is
+    ``sum(policy_t + vf_coef * value_t) / tokens``.
+
+    Returns (policy [N], value [N], policy clipped [N] bool, value clipped [N] bool).
+    """
+    policy, _, clipped = grpo_token_losses(logps, old_logps, None, advantages, epsilon=cliprange)
+    value, value_clipped = ppo_value_losses(values, old_values, returns, cliprange_value=cliprange_value)
+    return policy, value, clipped, value_clipped

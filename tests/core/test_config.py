@@ -24,7 +24,7 @@ def test_unknown_field_is_named_with_a_suggestion():
     "field,value",
     [
         ("method", "complete"),
-        ("objective", "ppo"),
+        ("objective", "kto"),  # not an objective the engine has
         ("max_steps", 0),
         ("batch_size", -1),
         ("learning_rate", 5),

@@ -17,12 +17,14 @@ from finetune_studio.engine.train.objectives.base import Objective, Progress, Tr
 from finetune_studio.engine.train.objectives.distill import Distill
 from finetune_studio.engine.train.objectives.dpo import DPO
 from finetune_studio.engine.train.objectives.grpo import GRPO
+from finetune_studio.engine.train.objectives.ppo import PPO
 from finetune_studio.engine.train.objectives.reward import Reward
 from finetune_studio.engine.train.objectives.sft import SFT
 
 __all__ = [
     "DPO",
     "GRPO",
+    "PPO",
     "REGISTRY",
     "SFT",
     "Reward",
@@ -33,7 +35,7 @@ __all__ = [
     "register",
 ]
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, Reward, Distill, GRPO)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, Reward, Distill, GRPO, PPO)}
 
 
 def register(cls: type[Objective]) -> type[Objective]:
