@@ -41,7 +41,7 @@ from finetune_studio.studio.widgets.student_choice import StudentChoice
 from finetune_studio.studio.widgets.wheel_guard import guard_wheel
 
 # Settings that only one objective reads, by their prefix: shown only while that objective is chosen.
-OBJECTIVE_PREFIXES = {"grpo_": "grpo", "distill_": "distill"}
+OBJECTIVE_PREFIXES = {"grpo_": "grpo", "ppo_": "ppo", "distill_": "distill"}
 PARALLELISM_LABELS = {"ddp": "DDP", "fsdp": "FSDP"}
 PROCESSES_HELP = (
     "Train on several GPUs of this machine: one process per GPU (train --nproc N). Each process trains its "

@@ -32,9 +32,11 @@ OBJECTIVE_SENTENCES = {
     "score, and can then rank answers or serve as a reward for GRPO.",
     "grpo": "GRPO trains the model online: it samples several answers per prompt, scores them with the rewards "
     "below and learns from the better ones.",
+    "ppo": "PPO trains the model online as in RLHF: it samples answers, scores them with the rewards below, and "
+    "learns from each token's advantage over a value head that it trains alongside.",
     "distill": "Distillation trains the model to match a teacher model's next-token distributions.",
 }
-OBJECTIVES_WITH_REWARDS = ("grpo",)  # the objectives that score answers with TrainConfig.rewards
+OBJECTIVES_WITH_REWARDS = ("grpo", "ppo")  # the objectives that score answers with TrainConfig.rewards
 
 
 def to_form(name: str, value: Any) -> Any:
