@@ -221,7 +221,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 _packed: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}  # id(weight) -> (it, version, packed)
 
 
-def _version(t: torch.Tensor) -> int:
+def version(t: torch.Tensor) -> int:
+    """``t``'s version counter (in-place changes count up), -1 for an inference tensor (which has none)."""
     try:
         return int(t._version)
     except RuntimeError:  # an inference tensor: no version counter (and no in-place change outside inference mode)
@@ -242,13 +243,13 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_whole(weight: torch.Tensor) -> torch.Tensor:
-    key, version = id(weight), _version(weight)
+    key, now = id(weight), version(weight)
     entry = _packed.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == version:
+    if entry is not None and entry[0]() is weight and entry[1] == now:
         return entry[2]
     with torch.no_grad():
         result = pack(weight.detach())
-    _packed[key] = (weakref.ref(weight, functools.partial(_forget, key)), version, result)
+    _packed[key] = (weakref.ref(weight, functools.partial(_forget, key)), now, result)
     return result
 
 

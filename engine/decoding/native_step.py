@@ -46,7 +46,7 @@ typedef struct {
   int64_t block, target; /* target: 0 the q/k/v stack, 1 o, 2 the gate/up stack, 3 down */
   int64_t offset, out, in, rank; /* the adapted projection's first output in its product, its shape, the rank */
   const float* a; /* (rank, in) */
-  const float* b; /* (out, rank) */
+  const float* b; /* B transposed: (rank, out) */
   float scaling;
 } lora_t;
 
@@ -69,19 +69,16 @@ VNNI static int add_lora(const lora_t* loras, int64_t count, int64_t block, int6
         t[m * l->rank + r] = s;
       }
     }
-    /* 16 outputs at a time, one lane each (no horizontal sums): B's column r for those outputs gathered once for
-       every row of x, times the row's (A x)[r] broadcast */
-    const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32((int)l->rank));
+    /* 16 outputs at a time, one lane each (no horizontal sums): B's column r for those outputs (a row of B
+       transposed) read once for every row of x, times the row's (A x)[r] broadcast */
     for (int64_t j0 = 0; j0 < l->out; j0 += 16) {
       __mmask16 keep = l->out - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (l->out - j0)) - 1);
-      const float* bj = l->b + j0 * l->rank;
       for (int64_t m0 = 0; m0 < M; m0 += 8) {
         int64_t mt = M - m0 < 8 ? M - m0 : 8;
         __m512 acc[8];
         for (int64_t m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
         for (int64_t r = 0; r < l->rank; r++) {
-          __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, across, bj + r, 4);
+          __m512 column = _mm512_maskz_loadu_ps(keep, l->b + r * l->out + j0);
           for (int64_t m = 0; m < mt; m++)
             acc[m] = _mm512_fmadd_ps(column, _mm512_set1_ps(t[(m0 + m) * l->rank + r]), acc[m]);
         }
@@ -458,7 +455,16 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
     for entry, (index, target, offset, la, lb, scaling) in zip(table_loras, loras, strict=False):
         entry.block, entry.target, entry.offset = index, target, offset
         entry.out, entry.in_, entry.rank = lb.shape[0], la.shape[1], la.shape[0]
-        entry.a, entry.b, entry.scaling = la.data_ptr(), lb.data_ptr(), scaling
+        entry.a, entry.scaling = la.data_ptr(), scaling
+    transposed: list[tuple[int, torch.Tensor]] = []  # each B's (version, B transposed), the table's b
+
+    def read_b() -> None:  # B transposed, again where a B changed (the adapters' weights are read live)
+        if transposed and all(int8_dot.version(lb) == v for (v, _), (*_, lb, _) in zip(transposed, loras)):
+            return
+        transposed[:] = [(int8_dot.version(lb), lb.detach().t().contiguous()) for *_, lb, _ in loras]
+        for entry, (_, bt) in zip(table_loras, transposed, strict=False):
+            entry.b = bt.data_ptr()
+
     known: list[int] = [-1]  # the first layer's key buffer the table points at
     head_packed = int8_dot.packed(head[0])
 
@@ -491,6 +497,7 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
         if attend is not None and attend.stride(1) != 1:
             attend = attend.contiguous()
         logits = torch.empty(rows, head[0].shape[0])
+        read_b()
         rc = lib.native_step(
             ids.data_ptr(), rows, embed.data_ptr(), hidden, len(blocks), table, heads, kv_heads, d, inter, eps,
             float(inner.layers[0].self_attn.scaling), rotary.inv_freq.data_ptr(), float(rotary.attention_scaling),

@@ -139,3 +139,34 @@ def test_a_token_id_outside_the_vocabulary_raises_as_torch_does(int8_model):
         step = _fast_step(int8_model, _cache(int8_model))
         with pytest.raises(IndexError):
             step(torch.tensor([[int8_model.config.vocab_size + 5]]))
+
+
+def test_an_adapter_weight_changed_between_steps_is_read_at_the_next_step(int8_model):
+    """The C step reads B transposed (a copy): a B changed in place is copied again before the next step."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(int8_model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"])).eval()
+    b = [p for name, p in peft.named_parameters() if "lora_B" in name]
+    with torch.no_grad():
+        for p in b:
+            p.copy_(torch.randn_like(p) * 0.2)
+    ids = torch.tensor([[7], [9]])
+    was = native_step.use_native_step(False)
+    try:
+        with torch.inference_mode():
+            python_step = _fast_step(int8_model, _cache(int8_model, 2))  # stays the Python step
+    finally:
+        native_step.use_native_step(was)
+    with torch.inference_mode():
+        c_cache = _cache(int8_model, 2)
+        assert native_step.native_step(int8_model, c_cache, lambda *a: torch.zeros(1)) is not None
+        c_step = _fast_step(int8_model, c_cache)
+        first = c_step(ids)
+        assert torch.allclose(first, python_step(ids), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        for p in b:
+            p.mul_(-3)
+    with torch.inference_mode():
+        second, expected = c_step(ids), python_step(ids)
+    assert not torch.allclose(second, first, atol=1e-2)
+    assert torch.allclose(second, expected, atol=1e-4, rtol=1e-4)
