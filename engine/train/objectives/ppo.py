@@ -26,11 +26,11 @@ sampling policy's log-probs and values and the reference's log-probs are taken o
 the model in eval mode and no gradient.
 
 Each step's figures (``Step.metrics``): ``reward`` (the mean score), ``reward/<name>``, ``kl`` (per answer token,
-``log pi_old - log pi_ref`` of the sampled tokens), ``policy_loss`` and ``value_loss`` (per token), ``value`` (the
-value head's mean prediction), ``explained_variance`` (``1 - Var(R - V_old) / Var(R)`` over the step's tokens;
-left out when the returns do not vary), ``clip_fraction`` and ``value_clip_fraction`` (tokens where the clip
-decided the loss) and ``completion_length``. A rollout item's ``advantage`` is the mean of its tokens' whitened
-advantages.
+``log pi_old - log pi_ref`` of the sampled tokens; 0 with ``ppo_kl_coef`` 0, which skips the reference pass),
+``policy_loss`` and ``value_loss`` (per token), ``value`` (the value head's mean prediction),
+``explained_variance`` (``1 - Var(R - V_old) / Var(R)`` over the step's tokens; left out when the returns do not
+vary), ``clip_fraction`` and ``value_clip_fraction`` (tokens where the clip decided the loss) and
+``completion_length``. A rollout item's ``advantage`` is the mean of its tokens' whitened advantages.
 
 One process only (the value head and the decoder's hidden states do not go through the DDP / FSDP wrapper), and
 only methods whose output head stays a plain linear layer (not ``lm_head`` in ``target_modules``).
