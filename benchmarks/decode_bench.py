@@ -60,6 +60,40 @@ Levers since (2026-12-07 10:00-10:45 UTC, one thread, CPU time, load average 7-1
   kernel and the Python step. Next: a layout that unpacks cheaper (llama.cpp's q4_0 x q8_0 runs at 6.9 ms a whole
   token here), and int8 activations for several rows (half the batched products' work, at a quality cost).
 
+Levers for several answers (2026-12-07 13:00-13:30 UTC, one thread, CPU time, load average 1.3-5.5):
+
+* kept: the int8 x int16 products read a packed copy of each weight (``int8_dot.packed``: blocks of 16 outputs,
+  each pair of inputs' 16 x 2 bytes in order; one more byte a weight, made at the first product): the activation
+  pair broadcast to 16 lanes, one lane per output, so no horizontal sums (at 8 rows a 576-input output had 18
+  steps of 8 ``vpdpwssd`` and then 8 16-lane sums of about 10 instructions each), and the activations quantised
+  16 at a time (``lrintf`` was a call per value). The same integer sums, so the same
+  quality (KL 0.0051, 94.8% top-1, q8_0 0.0052 / 95.6%). A whole model's 121 products, C timing, in one process
+  (row layout -> packed, ms): 1 row 7.2 -> 5.8, 2 rows 8.7 -> 6.4, 4 rows 15.5 -> 7.2, 8 rows 24.1 -> 14.2, 42
+  rows (a prefill) 101 -> 63. 8 rows stay compute-bound (``vpdpwssd`` at about 1.5 cycles here).
+* kept: the step's C compiled for AVX-512 (it had been SSE), attention's dot products 16 floats at a time, a row's
+  weighted values in registers for heads of 64 and 128, each key read once for the 3 query heads that share it:
+  8 rows at 106 cached positions 24.1 -> 20.7 (the target) -> 19.4 ms a step, 1 row 7.4 -> 6.3-6.6.
+* kept: LoRA's B products 16 outputs at a time from B transposed (a copy refreshed where B changed in place):
+  with a rank-16 adapter on every projection, 1 row 8.1 -> 7.5 ms a step, 8 rows 30 -> 23.5 (gathering B's
+  columns instead of a copy: 9.5 at 1 row, slower).
+* not kept: int8 activations with ``vpdpbusd`` (64 products an instruction, twice ``vpdpwssd``'s 32; the weight
+  flipped to uint8 by one xor shared by the rows, ``- 128 * sum(q)`` per row exact in integers). Faster: a model's
+  products at 8 rows 26.5 -> 20.5 ms in the row layout, and 15.0 -> 8.0 ms packed (4 inputs a lane; a standalone C
+  timing loop, random data; 1 row 6.1 -> 6.6, memory-bound either way). But far from q8_0's quality: with the
+  weights as they are, the activations rounded in torch as the kernel rounds them (the same 8 prompts x 48
+  positions against float32; int16 per row there gives the kernel's 0.0051 / 94.5%), int8 with one scale a row
+  costs KL 0.0442 / 87.8% top-1; scales per block of 32 / 64 / 128 / 256 inputs 0.0085 / 0.0110 / 0.0157 /
+  0.0237 (and a float multiply-add per block and row: the block-32 kernel tried before was slower); int8 for all
+  but one kind of product, that one int16: q/k/v 0.0237, down 0.0332, gate/up 0.0347, head 0.0404, o 0.0427,
+  down and head 0.0313. Every product needs its 16 bits for q8_0's KL (0.0052), so the several-row products
+  keep int16 and stay the same numbers as one row's (a batch's answers are each prompt's answers alone).
+* not done: the prompts' prefills as one forward. A 42-token prefill costs 68-73 ms of CPU (was 117-130), 63 of
+  them its products, which are compute-bound per row at 8 rows a tile: one forward over 8 prompts would save the
+  8 forwards' Python (about 6 ms each, under 2% of an 8-answer run) and pad the shorter prompts.
+
+Where 8 answers' time goes now: 8 prefills, about 0.56 s (18%), then 128 steps of 8 rows at about 20 ms
+(products 14-16, attention and the rest 4-5).
+
 Earlier levers, each measured (one thread, CPU time, alternating, same run; load average 8-14):
 
 * kept: the one-row int8 product compiled by inductor per weight shape (``int8.compile_row_products``, float32,

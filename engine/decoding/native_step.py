@@ -8,13 +8,19 @@ rotary embedding, the key and value written into the preallocated cache in place
 float32, over each row's attended positions), the output projection, the residual, the norm, the stacked gate/up
 product, SiLU(gate) * up, the down projection, the residual; then the final norm and the int8 head into float32
 logits. The same operations, in the same precision, as the fast step over the int8 layers with the int8 x int16
-products (tested equal within float32's rounding).
+products (tested equal within float32's rounding). The C is compiled for AVX-512 (the CPU the products need):
+attention's dot products 16 floats at a time, each key read once for the query heads that share it, a row's
+weighted values kept in registers for heads of 64 and 128 (8 rows at 106 cached positions on the bundled model:
+24.1 -> 19.4 ms a step with the packed products; 1 row 7.4 -> 6.5). Each row is computed alone, the same whatever
+the rows around it.
 
-It applies where every projection is a plain int8 linear with its stacks (no adapter layers injected): a PEFT
-adapter, attached, wraps projections, and then the decode loop keeps the Python fast step (which calls the adapter
-layers, so adapters stay live, on the side). Otherwise (another model family, int4 weights, rotary scaling that
-changes with the length, no AVX-512 VNNI or no C compiler) :func:`native_step` answers None and the fast step is
-used as before.
+It applies where every projection is a plain int8 linear with its stacks, or a PEFT LoRA layer over one: the
+adapters' A x and B (A x) are added on the side in C, B read transposed (16 outputs a lane each, no horizontal
+sums; a copy made when the step is built and made again before a step where a B changed in place, so the
+adapters' weights are read live). Merged adapters, DoRA and other variants, dropout in training mode keep the
+Python fast step (which calls the adapter layers). Otherwise (another model family, int4 weights, rotary scaling
+that changes with the length, no AVX-512 VNNI or no C compiler) :func:`native_step` answers None and the fast
+step is used as before.
 """
 
 from __future__ import annotations
