@@ -299,16 +299,18 @@ def _load() -> str:
 
 
 def levers_off(setup, which: str = "levers") -> None:
-    """Undo bf16-mixed levers of 2026-12-07 on a set-up model (for ``--compare``). ``levers``: those of 10:00-11:10,
-    the LoRA adapters' products back in float32 (``kernels.lora_linear`` without ``adapter_dtype``) and both of the
-    head's products float32. ``head``: only ``kernels.bf16_head`` (13:00-): the logits float32 again and the gradient
-    product torch's bf16 one, a vocabulary chunk at a time (``linear_logprobs.BF16_HEAD_KERNEL``, a process-wide
-    switch that ``run_row`` sets back after the row)."""
+    """Undo bf16-mixed levers of 2026-12-07 on a set-up model (for ``--compare``). ``levers``: all of them, the step
+    of that morning: the LoRA adapters' products back in float32 (``kernels.lora_linear`` without ``adapter_dtype``),
+    both of the head's products float32, and the C kernels below off. ``kernels``: only the C kernels of 13:00-14:00
+    (process-wide switches that ``run_row`` sets back after the row): ``kernels.bf16_head`` (the logits float32
+    again, the gradient product torch's bf16 one a vocabulary chunk at a time; ``linear_logprobs.BF16_HEAD_KERNEL``)
+    and ``kernels.cpu_swiglu`` (SwiGLU through torch's ops; ``swiglu.NATIVE``)."""
     from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
-    from finetune_studio.kernels import linear_logprobs
+    from finetune_studio.kernels import linear_logprobs, swiglu
 
-    if which == "head":
-        linear_logprobs.BF16_HEAD_KERNEL = False
+    linear_logprobs.BF16_HEAD_KERNEL = False
+    swiglu.NATIVE = False
+    if which == "kernels":
         return
     for layer in lora_linears(setup.model):
         layer._fs_adapter_dtype = None
@@ -379,9 +381,9 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
         wall += w
     if peaks.rounds == 0:
         peaks.update(measure_peaks(shape, int(mean_tokens)))
-    from finetune_studio.kernels import linear_logprobs
+    from finetune_studio.kernels import linear_logprobs, swiglu
 
-    linear_logprobs.BF16_HEAD_KERNEL = True  # as the engine runs (levers_off(..., "head") cleared it for this row)
+    linear_logprobs.BF16_HEAD_KERNEL = swiglu.NATIVE = True  # as the engine runs (levers_off may have cleared them)
     row = Row(
         model=model + (" (before)" if before else ""),
         objective=objective,
@@ -441,9 +443,9 @@ def main(argv=None) -> int:
         nargs="?",
         const="levers",
         default="",
-        choices=("levers", "head"),
+        choices=("levers", "kernels"),
         help="each row also with levers off, first: 'levers' (the default) the bf16 adapter products and both head "
-        "products float32; 'head' only kernels.bf16_head off",
+        "products float32; 'kernels' only the C kernels (kernels.bf16_head, kernels.cpu_swiglu) off",
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -18,7 +18,8 @@ one with it on from the same adapter weights (``benchmarks/step_ab.py``'s ``leve
 added to its ``LEVERS``): ``head_logits_bf16``, the output head's logits from bf16 inputs with a float32 result
 (``kernels.bf16_head``) against torch's float32 product; ``head_kernel``, both head products through
 ``kernels.bf16_head`` (the logits, and the gradient product ``G W`` with nothing of it rounded) against the step
-without that kernel (float32 logits, torch's bf16 ``G W`` a vocabulary chunk at a time).
+without that kernel (float32 logits, torch's bf16 ``G W`` a vocabulary chunk at a time); ``swiglu_native``,
+SwiGLU's float32 forward and backward in one pass each (``kernels.cpu_swiglu``) against torch's ops.
 """
 
 from __future__ import annotations
@@ -156,7 +157,14 @@ def _head_kernel(setup, on: bool) -> None:
     linear_logprobs.BF16_HEAD_KERNEL = on
 
 
-AB_LEVERS = {"head_logits_bf16": _head_logits_bf16, "head_kernel": _head_kernel}
+def _swiglu_native(setup, on: bool) -> None:
+    """SwiGLU's float32 forward and backward through ``kernels.cpu_swiglu`` against torch's ops."""
+    from finetune_studio.kernels import swiglu
+
+    swiglu.NATIVE = on
+
+
+AB_LEVERS = {"head_logits_bf16": _head_logits_bf16, "head_kernel": _head_kernel, "swiglu_native": _swiglu_native}
 
 
 def _load() -> str:

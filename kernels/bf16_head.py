@@ -18,10 +18,10 @@ oneDNN's bf16 one (whose result is bf16; about 10 of the 44 ms are reading the f
 gradient product 46 ms against 50 ms for oneDNN's bf16 products a vocabulary chunk at a time (casts included) and
 78 ms in float32.
 
-The kernel is C, compiled once with the system's C compiler (``$CC``, else ``cc``) into the user's cache folder
-(``$XDG_CACHE_HOME`` or ``~/.cache``, ``finetune-studio/kernels``), loaded with ctypes, and run on torch's thread
-count (OpenMP: panels split between threads). :func:`available` is False where the CPU lacks AVX-512 BF16 or
-nothing compiles (the log says why); callers then keep torch's products (``kernels.linear_logprobs`` does).
+The kernel is C, compiled once with the system's C compiler and loaded with ctypes (``kernels.native_build``), and
+runs on torch's thread count (OpenMP: panels split between threads). :func:`available` is False where the CPU lacks
+AVX-512 BF16 or nothing compiles (the log says why); callers then keep torch's products (``kernels.linear_logprobs``
+does).
 
 Layering: references (``bf16_logits_reference``, ``bf16_grad_product_reference``: the inputs rounded, the product
 in float32 by torch) -> public ops (``bf16_logits``, ``bf16_grad_product``). No autograd: ``kernels.linear_logprobs``
@@ -32,15 +32,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+
+from finetune_studio.kernels import native_build
 
 log = logging.getLogger(__name__)
 
@@ -277,46 +273,13 @@ def bf16_grad_product_reference(grad: torch.Tensor, weight: torch.Tensor) -> tor
     return grad.to(torch.bfloat16).float() @ weight.to(torch.bfloat16).float()
 
 
-def _cache_folder() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "finetune-studio" / "kernels"
-
-
-def _build(target: Path) -> None:
-    """Compile :data:`SOURCE` to ``target`` (a shared library), through a temporary file renamed at the end."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC") or "cc"
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source_file, built = Path(tmp) / "bf16_head.c", Path(tmp) / target.name
-        source_file.write_text(SOURCE, encoding="utf-8")
-        for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it): one thread, the same numbers
-            command = [compiler, "-O3", "-shared", "-fPIC", *openmp, "-o", str(built), str(source_file)]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-            if done.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
-        os.replace(built, target)
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None  # AVX-512 is x86's
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
-    target = _cache_folder() / f"bf16_head-{digest}.so"
-    try:
-        if not target.is_file():
-            _build(target)
-            for old in target.parent.glob("bf16_head-*.so"):  # earlier versions' builds
-                if old != target:
-                    old.unlink(missing_ok=True)
-        lib = ctypes.CDLL(str(target))
-    except Exception as exc:  # no compiler, a read-only home, an unsupported platform
-        log.warning("bf16_head: the bf16 logits kernel is not available (%s: %s)", type(exc).__name__, exc)
+    lib = native_build.load("bf16_head", SOURCE)
+    if lib is None:
         return None
     if not lib.bf16_head_supported():
-        log.info("bf16_head: this CPU lacks AVX-512 BF16; the head's logits stay torch's float32 product")
+        log.info("bf16_head: this CPU lacks AVX-512 BF16; the head's products stay torch's")
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.bf16_head_logits.argtypes = [pointer, size, size, pointer, size, size, size, pointer, size, ctypes.c_int]

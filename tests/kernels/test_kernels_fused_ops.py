@@ -28,16 +28,53 @@ def test_swiglu_gradcheck_float64(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_equals_transformers_ops_exactly(dtype):
-    """Same aten ops in the same dtype: the output and both gradients are bit for bit the reference's."""
+    """impl='torch': the same aten ops in the same dtype, the output and both gradients bit for bit the
+    reference's (so is 'auto' for bf16, which the native kernel does not take)."""
     torch.manual_seed(0)
     gate, up = torch.randn(4, 9, 37, dtype=dtype), torch.randn(4, 9, 37, dtype=dtype)
     gate.requires_grad_(), up.requires_grad_()
-    out, grads = _grads(swiglu, gate, up)
+    impls = ("torch", "auto") if dtype == torch.bfloat16 else ("torch",)
     ref, ref_grads = _grads(swiglu_reference, gate, up)
-    assert torch.equal(out, ref)
-    for a, b in zip(grads, ref_grads):
-        assert torch.equal(a, b)
-    assert torch.equal(swiglu_forward(gate, up), ref)
+    for impl in impls:
+        out, grads = _grads(lambda g, u, impl=impl: swiglu(g, u, impl=impl), gate, up)
+        assert torch.equal(out, ref)
+        for a, b in zip(grads, ref_grads):
+            assert torch.equal(a, b)
+        assert torch.equal(swiglu_forward(gate, up, impl=impl), ref)
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 37), (1, 455, 1536), (3,), (2, 17)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_swiglu_native_float32_within_ulps_of_the_reference(shape, threads):
+    """impl='auto' on float32 CPU tensors: kernels.cpu_swiglu (where it runs), within a few float32 ulps of the
+    reference forward and backward, over a range that saturates the sigmoid both ways; the forward without a graph
+    (the recompute's) gives the same numbers bit for bit; NATIVE = False gives torch's exactly."""
+    from finetune_studio.kernels import cpu_swiglu
+    from finetune_studio.kernels import swiglu as sw
+
+    if not cpu_swiglu.available():
+        pytest.skip("needs AVX-512 and a C compiler")
+    torch.manual_seed(1)
+    gate = (torch.randn(shape) * 6).requires_grad_()
+    up = torch.randn(shape).requires_grad_()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grads = _grads(swiglu, gate, up)
+        again = swiglu_forward(gate, up)
+    finally:
+        torch.set_num_threads(old)
+    ref, ref_grads = _grads(swiglu_reference, gate, up)
+    assert torch.equal(again, out)
+    assert not torch.equal(out, ref) or out.numel() < 64  # the kernel really ran (its own exponential)
+    for a, b in zip([out, *grads], [ref, *ref_grads]):
+        assert torch.allclose(a, b, rtol=2e-6, atol=1e-6 * b.abs().max().item())
+    sw.NATIVE = False
+    try:
+        out_torch, grads_torch = _grads(swiglu, gate, up)
+    finally:
+        sw.NATIVE = True
+    assert torch.equal(out_torch, ref) and all(torch.equal(a, b) for a, b in zip(grads_torch, ref_grads))
 
 
 def test_swiglu_saves_two_tensors_not_three():

@@ -1,0 +1,143 @@
+"""SwiGLU's forward and backward in one pass each over float32 CPU tensors (AVX-512), for ``kernels.swiglu``.
+
+torch computes ``silu(g) * u`` as two passes and its backward (``silu_backward(dh * u, g)`` and ``dh * silu(g)``) as
+four, each a trip through memory, with two exponentials per element. ``swiglu_forward_native`` reads g and u once
+and writes h; ``swiglu_backward_native`` reads dh, g and u once and writes both gradients, one exponential an
+element. The same formulas as aten's CPU kernels (``silu = g / (1 + exp(-g))``, ``s = 1 / (1 + exp(-g))``,
+``dg = dh u s (1 + g (1 - s))``, ``du = dh g s``), with an exponential of its own (Cody-Waite reduction, the
+Taylor series to the 7th power, at most a few float32 ulps from libm's): results within 4e-7 relative of torch's,
+not bit for bit. Measured on a 2-core Zen 4, one thread, [455, 1536] (one layer of the bundled model on one batch):
+forward 0.22 against 0.50 ms, backward 0.32 against 1.15 ms.
+
+C compiled once and loaded with ctypes (``kernels.native_build``), run on torch's thread count; :func:`available`
+is False where the CPU lacks AVX-512 or nothing compiles, and ``kernels.swiglu`` keeps torch's ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+from finetune_studio.kernels import native_build
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#define AVX512 __attribute__((target("avx512f")))
+
+int cpu_swiglu_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+/* exp(x) for float32 lanes: x = n ln2 + r (Cody-Waite), exp(r) by its Taylor series to r^7 (|r| <= ln2 / 2),
+   scaled by 2^n; x clamped to [-87.3, 88.7] */
+AVX512 static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* h = g / (1 + exp(-g)) * u over n floats */
+AVX512 void swiglu_fwd(const float* g, const float* u, float* h, int64_t n, int threads) {
+  int64_t blocks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    int64_t i = b * 16, left = n - i;
+    __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+    _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(silu, uv));
+  }
+}
+
+/* s = 1 / (1 + exp(-g)); du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)) */
+AVX512 void swiglu_bwd(const float* dh, const float* g, const float* u, float* dg, float* du, int64_t n,
+                       int threads) {
+  int64_t blocks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    int64_t i = b * 16, left = n - i;
+    __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+    __m512 d = _mm512_maskz_loadu_ps(m, dh + i);
+    __m512 one = _mm512_set1_ps(1.f);
+    __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    _mm512_mask_storeu_ps(du + i, m, _mm512_mul_ps(d, _mm512_mul_ps(gv, s)));
+    __m512 t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one);
+    _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, uv), s), t));
+  }
+}
+"""
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = native_build.load("cpu_swiglu", SOURCE)
+    if lib is None:
+        return None
+    if not lib.cpu_swiglu_supported():
+        log.info("cpu_swiglu: this CPU lacks AVX-512; SwiGLU stays torch's ops")
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.swiglu_fwd.argtypes = [pointer, pointer, pointer, size, ctypes.c_int]
+    lib.swiglu_fwd.restype = None
+    lib.swiglu_bwd.argtypes = [pointer, pointer, pointer, pointer, pointer, size, ctypes.c_int]
+    lib.swiglu_bwd.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native SwiGLU runs here (builds it on the first call: about a second)."""
+    return _library() is not None
+
+
+def runs_on(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can go through the kernel: float32 CPU tensors of one shape, and the kernel built."""
+    first = tensors[0]
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" and t.shape == first.shape for t in tensors)
+        and available()
+    )
+
+
+def swiglu_forward_native(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (float32 CPU tensors of one shape; check :func:`runs_on`), a new contiguous tensor."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("cpu_swiglu: the kernel is not available here (check available() first)")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    return out
+
+
+def swiglu_backward_native(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of ``silu(gate) * up`` for the output's gradient ``grad`` (float32 CPU tensors of one shape)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("cpu_swiglu: the kernel is not available here (check available() first)")
+    grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    ptrs = (grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
+    lib.swiglu_bwd(*ptrs, gate.numel(), torch.get_num_threads())
+    return d_gate, d_up

@@ -1,0 +1,60 @@
+"""C kernels compiled once with the system's C compiler and loaded with ctypes (``bf16_head``, ``cpu_swiglu``).
+
+``load(name, source)`` compiles ``source`` with ``$CC`` (else ``cc``), ``-O3`` and OpenMP where the compiler has it,
+into the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``finetune-studio/kernels``, one file per
+source's hash, earlier versions removed), through a temporary file renamed at the end (two processes building at
+once each finish a whole file), and loads it; it returns None, with a log line saying why, where that fails (no
+compiler, a read-only home) or the machine is not x86-64. The kernels pass torch's thread count to OpenMP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "finetune-studio" / "kernels"
+
+
+def _build(name: str, source: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CC") or "cc"
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source_file, built = Path(tmp) / f"{name}.c", Path(tmp) / target.name
+        source_file.write_text(source, encoding="utf-8")
+        for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it): one thread, the same numbers
+            command = [compiler, "-O3", "-shared", "-fPIC", *openmp, "-o", str(built), str(source_file)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
+        os.replace(built, target)
+
+
+def load(name: str, source: str) -> ctypes.CDLL | None:
+    """``source`` compiled (once) and loaded, or None where this machine cannot (the log says why)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # the kernels are AVX-512's
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    target = cache_folder() / f"{name}-{digest}.so"
+    try:
+        if not target.is_file():
+            _build(name, source, target)
+            for old in target.parent.glob(f"{name}-*.so"):  # earlier versions' builds
+                if old != target:
+                    old.unlink(missing_ok=True)
+        return ctypes.CDLL(str(target))
+    except Exception as exc:  # no compiler, a read-only home, an unsupported platform
+        log.warning("%s: the C kernel is not available (%s: %s)", name, type(exc).__name__, exc)
+        return None
