@@ -86,6 +86,9 @@ VNNI static inline __m512i dpwssd(__m512i acc, __m512i w, const int16_t* a) {
   return acc;
 }
 
+typedef void (*tile_fn_t)(const int8_t*, int64_t, int64_t, const int16_t*, const float*, const uint16_t*,
+                          const float*, float*, int64_t);
+
 /* Outputs 16 nb .. 16 nb + 15 for MT activation rows, from the packed weight: per block of 16 outputs, per pair of
    inputs, 32 bytes (16 outputs x 2 inputs), read in order and widened to int16 once for the MT rows. Each lane
    sums its own output (no horizontal sums), in int32 over SEGMENT inputs, then in float32. */
@@ -115,10 +118,10 @@ VNNI static inline __m512i dpwssd(__m512i acc, __m512i w, const int16_t* a) {
                             _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(d[m])), sum[m], b));                   \
   }
 
-TILE(1) TILE(2) TILE(4) TILE(8)
+TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
 
-typedef void (*tile_fn)(const int8_t*, int64_t, int64_t, const int16_t*, const float*, const uint16_t*, const float*,
-                        float*, int64_t);
+static const tile_fn_t tiles[9] = {NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8};
+
 
 /* y (M, N) float32 = x (M, K) float32 @ (w * scale (N) bfloat16)^T + bias (N) float32 or NULL, each row of x
    quantised to int16; w: the int8 weight (N, K) packed by int8_dot_pack. Returns 0, or -1 where scratch memory was
@@ -126,6 +129,7 @@ typedef void (*tile_fn)(const int8_t*, int64_t, int64_t, const int16_t*, const f
 int int8_dot_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, const float* bias,
                   int64_t N, float* y, int threads) {
   int64_t Kp = (K + 1) / 2 * 2, blocks = (N + 15) / 16;
+  if (M <= 0) return 0;
   int16_t* q = aligned_alloc(64, ((size_t)M * (size_t)Kp * 2 + 63) / 64 * 64);
   float* d = malloc((size_t)M * sizeof(float));
   if (!q || !d) {
@@ -135,8 +139,8 @@ int int8_dot_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, const u
   }
   quantize(x, M, K, Kp, q, d);
   for (int64_t m0 = 0; m0 < M;) {
-    int64_t mt = M - m0 >= 8 ? 8 : M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
-    tile_fn tile = mt == 1 ? tile_1 : mt == 2 ? tile_2 : mt == 4 ? tile_4 : tile_8;
+    int64_t mt = M - m0 >= 8 ? 8 : M - m0; /* one pass over the weight for up to 8 rows */
+    tile_fn_t tile = tiles[mt];
     const int16_t* qm = q + m0 * Kp;
     const float* dm = d + m0;
     float* ym = y + m0 * N;
