@@ -87,9 +87,12 @@ Levers for several answers (2026-12-07 13:00-13:30 UTC, one thread, CPU time, lo
   but one kind of product, that one int16: q/k/v 0.0237, down 0.0332, gate/up 0.0347, head 0.0404, o 0.0427,
   down and head 0.0313. Every product needs its 16 bits for q8_0's KL (0.0052), so the several-row products
   keep int16 and stay the same numbers as one row's (a batch's answers are each prompt's answers alone).
+* kept: tiles of any 1 to 8 rows (they were 8, 4, 2 or 1): a prompt's leftover rows take one pass over the
+  weights instead of up to three; the 8 chat prompts' prefills (37-43 tokens), one by one, 585-598 -> 538-568 ms.
 * not done: the prompts' prefills as one forward. A 42-token prefill costs 68-73 ms of CPU (was 117-130), 63 of
-  them its products, which are compute-bound per row at 8 rows a tile: one forward over 8 prompts would save the
-  8 forwards' Python (about 6 ms each, under 2% of an 8-answer run) and pad the shorter prompts.
+  them its products, compute-bound per row at 8 rows a tile; the 8 prompts left-padded into one forward (344
+  rows) took 454-458 ms against 538-568 one by one: about 3% of an 8-answer run, for which each prompt's numbers
+  would depend on the batch (its padded attention), where now a batch's answers are each prompt's alone.
 
 Where 8 answers' time goes now: 8 prefills, about 0.56 s (18%), then 128 steps of 8 rows at about 20 ms
 (products 14-16, attention and the rest 4-5).
