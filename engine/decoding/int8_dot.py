@@ -12,9 +12,9 @@ lives: one more byte a weight): blocks of 16 output rows, each pair of inputs' 1
 pair's, widened to int16 in a register and multiplied with the pair of a row's activations broadcast to the 16
 lanes, so each of the 16 int32 lanes sums one output and no horizontal sums are needed; one weight load serves up
 to 8 rows. Against reading the int8 weight rows as they are (a sum per output and row over 16 lanes at the end):
-a whole model's products (the bundled model, one thread) 8.3 -> 7.1 ms at one row, 27 -> 16.4 at 8 and 101 -> 64
+a whole model's products (the bundled model, one thread) 7.2 -> 5.8 ms at one row, 24.1 -> 14.2 at 8 and 101 -> 63
 at 42 (a prefill). Decoding one token reads every weight once, so one row is bound by memory traffic (one byte a
-weight, read in order), 8 rows by the ``vpdpwssd`` (about 1.7 cycles each here). A row's numbers do not depend
+weight, read in order), 8 rows by the ``vpdpwssd`` (about 1.5 cycles each here). A row's numbers do not depend
 on the rows around it (each row is quantised alone and summed in the same order whatever the batch).
 
 The kernel is C, compiled once with the system's C compiler (``$CC``, else ``cc``) into the user's cache folder
