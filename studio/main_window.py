@@ -171,7 +171,8 @@ class MainWindow(QMainWindow):
         """From the train page: the chosen rollouts into the store and the run's labelling session, opened in
         Annotate (studio.state.rollouts.send_to_annotate)."""
         info = self.run_state.info
-        sampled = {"temperature": info.config["grpo_temperature"]} if "grpo_temperature" in info.config else None
+        key = f"{info.config.get('objective') or 'grpo'}_temperature"  # grpo_temperature, ppo_temperature
+        sampled = {"temperature": info.config[key]} if key in info.config else None
         try:
             sent = send_to_annotate(
                 self.controller.store.preferences,

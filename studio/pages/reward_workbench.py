@@ -49,10 +49,19 @@ ERROR_STYLE = "color: #d0503c;"
 SHORT = 160  # characters of a prompt or answer shown in a cell (all of it in the tooltip)
 
 
-def _setting(state: SetupState, name: str, default: float) -> float:
-    """A GRPO setting of the form as a number (its default when absent or unreadable)."""
+# The form's sampling settings of each online RL objective: answers per prompt, longest answer, temperature.
+SAMPLING_SETTINGS = {
+    "grpo": ("grpo_group_size", "grpo_max_new_tokens", "grpo_temperature"),
+    "ppo": ("ppo_samples_per_prompt", "ppo_max_new_tokens", "ppo_temperature"),
+}
+
+
+def _setting(state: SetupState, which: int, default: float) -> float:
+    """The form's sampling setting ``which`` (0 answers per prompt, 1 longest answer, 2 temperature) of the objective
+    chosen (GRPO's unless PPO is), as a number (its default when absent or unreadable)."""
+    names = SAMPLING_SETTINGS.get(str(state.values.get("objective") or ""), SAMPLING_SETTINGS["grpo"])
     try:
-        return float(str(state.values.get(name, default)).strip())
+        return float(str(state.values.get(names[which], default)).strip())
     except ValueError:
         return default
 
@@ -78,18 +87,18 @@ class RewardWorkbench(QDialog):
         self.about.setObjectName("workbenchAbout")
         self.about.setWordWrap(True)
         self.prompts_spin = self._spin("workbenchPrompts", 1, 16, 4, "How many of the dataset's first prompts")
-        group = int(_setting(setup, "grpo_group_size", 4))
+        group = int(_setting(setup, 0, 4))
         self.answers_spin = self._spin(
             "workbenchAnswers", 2, 16, max(2, min(group, 16)), "Answers sampled per prompt (GRPO's group size)"
         )
-        tokens = int(_setting(setup, "grpo_max_new_tokens", 64))
+        tokens = int(_setting(setup, 1, 64))
         self.tokens_spin = self._spin("workbenchMaxTokens", 1, 2048, max(1, min(tokens, 2048)), "Longest answer")
         self.temperature = QDoubleSpinBox(self)
         self.temperature.setObjectName("workbenchTemperature")
         self.temperature.setRange(0.05, 2.0)
         self.temperature.setSingleStep(0.1)
-        self.temperature.setValue(_setting(setup, "grpo_temperature", 1.0))
-        self.temperature.setToolTip("Sampling temperature (the run's GRPO temperature)")
+        self.temperature.setValue(_setting(setup, 2, 1.0))
+        self.temperature.setToolTip("Sampling temperature (the run's)")
         self.sample_button = QPushButton("Sample and score", self)
         self.sample_button.setObjectName("workbenchSample")
         self.sample_button.setDefault(True)

@@ -15,6 +15,7 @@ import pyqtgraph as pg
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QGridLayout, QWidget
 
+from finetune_studio.core.config import SAMPLING_OBJECTIVES
 from finetune_studio.studio.state.rl_figures import ACCURACY_KEYS, GAP_KEYS, REWARD_PREFIX, StepFigures
 from finetune_studio.studio.state.run import RunState
 from finetune_studio.studio.widgets.charts import COLORS, Chart, StaggeredCharts, make_curve
@@ -80,7 +81,7 @@ class RLCharts(StaggeredCharts):
     # --- what is shown ---------------------------------------------------------------
     @property
     def has_grpo(self) -> bool:
-        return self.state.figures.has_rl or self.objective == "grpo"
+        return self.state.figures.has_rl or self.objective in SAMPLING_OBJECTIVES
 
     @property
     def has_reward_model(self) -> bool:

@@ -190,6 +190,27 @@ def test_workbench_says_why_it_cannot_sample(qtbot, tmp_path):
         _shut(qtbot, page)
 
 
+@pytest.mark.parametrize(
+    "objective,settings",
+    [
+        ("grpo", {"grpo_group_size": 6, "grpo_max_new_tokens": 40, "grpo_temperature": 0.7}),
+        ("ppo", {"ppo_samples_per_prompt": 3, "ppo_max_new_tokens": 24, "ppo_temperature": 0.9}),
+    ],
+)
+def test_workbench_samples_as_the_chosen_objective_would(qtbot, tmp_path, objective, settings):
+    """The workbench starts from the sampling settings of the objective on the form: GRPO's, or PPO's."""
+    config = {"dataset": "pairs:latest", "objective": objective, "rewards": [{"kind": "json_valid"}], **settings}
+    page = _page(qtbot, config)
+    try:
+        page.open_workbench()
+        bench = page.workbench
+        answers, tokens, temperature = settings.values()
+        assert bench.answers_spin.value() == answers and bench.tokens_spin.value() == tokens
+        assert bench.temperature.value() == pytest.approx(temperature)
+    finally:
+        _shut(qtbot, page)
+
+
 def test_workbench_scores_a_reward_model_in_the_worker(qtbot, tiny_model_dir, tmp_path):
     """A reward model's scores come from the generation worker's score request: those the model gives the same
     answers when loaded here, and they count in the total with their weight."""

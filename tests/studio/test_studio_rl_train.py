@@ -45,8 +45,8 @@ def _items(step: int, prompt: str, rewards: list[float], group: int = 0) -> list
     ]
 
 
-def _grpo(state: RunState, steps: int = 3) -> None:
-    state.info.config = {"objective": "grpo", "model": "tiny", "grpo_temperature": 0.9}
+def _grpo(state: RunState, steps: int = 3, objective: str = "grpo") -> None:
+    state.info.config = {"objective": objective, "model": "tiny", f"{objective}_temperature": 0.9}
     state.info.name = "grpo-demo"
     state.apply(Started(run_id="run-grpo", run_dir="/tmp/r", total_steps=20))
     for s in range(1, steps + 1):
@@ -169,12 +169,15 @@ def test_rollouts_table_sorts_grows_and_shows_the_chosen_answer(qtbot, page):
     assert model.rowCount() == 10
 
 
-def test_send_to_annotate_opens_the_rollouts_in_annotate(qtbot, make_window):
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_send_to_annotate_opens_the_rollouts_in_annotate(qtbot, make_window, objective):
+    """A GRPO or PPO run's rollouts go to Annotate with the temperature they were sampled at."""
     from finetune_studio.studio.main_window import ANNOTATE
 
     win = make_window({})
     win.show()
-    _grpo(win.run_state, steps=1)
+    _grpo(win.run_state, steps=1, objective=objective)
+    assert win.train_page.rl_charts.has_grpo  # the online RL charts, for either objective
     view = win.train_page.rollouts_view
     win.train_page.chart_tabs.setCurrentWidget(view)
     _click_row(qtbot, view.table, 1)  # reward 1.5: paired with the group's most different answer (0.5)
