@@ -33,7 +33,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from finetune_studio.engine.decoding import int8_dot
+from finetune_studio.engine.decoding import int4_dot, int8_dot
+from finetune_studio.engine.decoding.int4 import GROUPS as INT4_GROUPS
 from finetune_studio.engine.decoding.int8 import GROUPS
 
 STEP_SOURCE = r"""
@@ -46,7 +47,15 @@ typedef struct {
   const int8_t* down_w; const uint16_t* down_s; const float* down_b;
   float* k_buf; /* (rows, kv heads, capacity, head dim) */
   float* v_buf;
+  int64_t int4; /* bit p set: product p (q/k/v, o, gate/up, down) is int4 (w: int4_dot's packing, s unused) */
 } block_t;
+
+/* One of the block's products: int8 x int16 (int8_dot) or int4 x int8 in blocks of 32 (int4_dot). */
+static int product(const block_t* b, int which, const float* x, int64_t M, int64_t K, const void* w,
+                   const uint16_t* s, const float* bias, int64_t N, float* y, int threads) {
+  if (b->int4 >> which & 1) return int4_dot_gemm(x, M, K, (const uint8_t*)w, bias, N, y, threads);
+  return int8_dot_gemm(x, M, K, (const int8_t*)w, s, bias, N, y, threads);
+}
 
 typedef struct {
   int64_t block, target; /* target: 0 the q/k/v stack, 1 o, 2 the gate/up stack, 3 down */
@@ -207,7 +216,7 @@ VNNI int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t 
   for (int64_t l = 0; l < L; l++) {
     const block_t* b = blocks + l;
     rms_norm(x, b->in_norm, eps, M, H, h);
-    if (int8_dot_gemm(h, M, H, b->qkv_w, b->qkv_s, b->qkv_b, QKV, qkv, threads)) { rc = -2; goto done; }
+    if (product(b, 0, h, M, H, b->qkv_w, b->qkv_s, b->qkv_b, QKV, qkv, threads)) { rc = -2; goto done; }
     if (add_lora(loras, lora_count, l, 0, h, H, qkv, QKV, M)) { rc = -1; goto done; }
     for (int64_t m = 0; m < M; m++) {
       float* row = qkv + m * QKV;
@@ -236,18 +245,18 @@ VNNI int native_step(const int64_t* ids, int64_t M, const float* embed, int64_t 
         }
       }
     }
-    if (int8_dot_gemm(att, M, heads * D, b->o_w, b->o_s, b->o_b, H, t, threads)) { rc = -2; goto done; }
+    if (product(b, 1, att, M, heads * D, b->o_w, b->o_s, b->o_b, H, t, threads)) { rc = -2; goto done; }
     if (add_lora(loras, lora_count, l, 1, att, heads * D, t, H, M)) { rc = -1; goto done; }
     for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
     rms_norm(x, b->post_norm, eps, M, H, h);
-    if (int8_dot_gemm(h, M, H, b->gu_w, b->gu_s, b->gu_b, 2 * inter, gu, threads)) { rc = -2; goto done; }
+    if (product(b, 2, h, M, H, b->gu_w, b->gu_s, b->gu_b, 2 * inter, gu, threads)) { rc = -2; goto done; }
     if (add_lora(loras, lora_count, l, 2, h, H, gu, 2 * inter, M)) { rc = -1; goto done; }
     for (int64_t m = 0; m < M; m++)
       for (int64_t i = 0; i < inter; i++) {
         float g = gu[m * 2 * inter + i], u = gu[m * 2 * inter + inter + i];
         act[m * inter + i] = g / (1.f + expf(-g)) * u;
       }
-    if (int8_dot_gemm(act, M, inter, b->down_w, b->down_s, b->down_b, H, t, threads)) { rc = -2; goto done; }
+    if (product(b, 3, act, M, inter, b->down_w, b->down_s, b->down_b, H, t, threads)) { rc = -2; goto done; }
     if (add_lora(loras, lora_count, l, 3, act, inter, t, H, M)) { rc = -1; goto done; }
     for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
   }
@@ -265,7 +274,7 @@ _FIELDS += ["k_buf", "v_buf"]
 
 
 class _Block(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in _FIELDS]
+    _fields_ = [(name, ctypes.c_void_p) for name in _FIELDS] + [("int4", ctypes.c_int64)]
 
 
 class _Lora(ctypes.Structure):
@@ -284,7 +293,7 @@ class _Lora(ctypes.Structure):
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = int8_dot.load_library("native_step", int8_dot.SOURCE + STEP_SOURCE)
+    lib = int8_dot.load_library("native_step", int8_dot.SOURCE + int4_dot.SOURCE + STEP_SOURCE)
     if lib is None:
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -304,6 +313,51 @@ def _int8(module: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
         return None
     w, s, b = cast(torch.Tensor, module.int8_weight), cast(torch.Tensor, module.int8_scale), module.bias
     return _checked(w, s, None if b is None else b.detach())
+
+
+Product = tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]
+"""(0 int8 / 1 int4, the kernel's packed weight, the int8 scale or None, float32 bias or None, outputs)."""
+
+
+def _product(module: object) -> Product | None:
+    """A plain int8 or int4 linear as the C step reads it, else None."""
+    if type(module) is not nn.Linear:
+        return None
+    if hasattr(module, "int4_weight"):
+        packed = int4_dot.packed_for(cast(torch.Tensor, module.int4_weight))
+        bias = None if module.bias is None else module.bias.detach()
+        if packed is None or (bias is not None and not _float32(bias)):
+            return None
+        return 1, packed, None, bias, module.out_features
+    part = _int8(module)
+    return None if part is None else (0, int8_dot.packed(part[0]), part[1], part[2], module.out_features)
+
+
+def _stack(parent: nn.Module, names: tuple[str, ...]) -> tuple[Product, list[torch.Tensor]] | None:
+    """``parent``'s int8 or int4 stack of ``names`` as the C step reads it, and each projection's packed rows the
+    stack must begin with at its offset; None where there is none."""
+    int8_name = next(k for k, v in GROUPS.items() if v == names)
+    int4_name = next(k for k, v in INT4_GROUPS.items() if v == names)
+    if hasattr(parent, f"{int8_name}_weight"):
+        w, sc, bias = (getattr(parent, f"{int8_name}_{k}") for k in ("weight", "scale", "bias"))
+        part = _checked(w, sc, bias)
+        if part is None:
+            return None
+        return (0, int8_dot.packed(w), sc, bias, int(w.shape[0])), [w]
+    if hasattr(parent, f"{int4_name}_weight"):
+        w, bias = getattr(parent, f"{int4_name}_weight"), getattr(parent, f"{int4_name}_bias")
+        packed = int4_dot.packed_for(w)
+        if packed is None or (bias is not None and not _float32(bias)):
+            return None
+        return (1, packed, None, bias, packed.shape[0] * 16), [packed]
+    return None
+
+
+def _rows_of(base: nn.Linear, kind: int) -> torch.Tensor | None:
+    """The weight (int8) or the kernel's packed copy (int4) of ``base`` whose first row the stack's must be."""
+    if kind == 0:
+        return cast(torch.Tensor, base.int8_weight) if hasattr(base, "int8_weight") else None
+    return int4_dot.packed_for(cast(torch.Tensor, base.int4_weight)) if hasattr(base, "int4_weight") else None
 
 
 def _base(module: object) -> nn.Linear | None:
@@ -406,18 +460,17 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
         norms = (block.input_layernorm, block.post_attention_layernorm)
         if any(type(n).__name__ not in RMS_NORMS or not _float32(n.weight) for n in norms):
             return None
-        parts = []
-        for parent, fused, target in ((attn, "int8_qkv", 0), (attn, "o_proj", 1), (mlp, "int8_gate_up", 2)):
-            names = GROUPS.get(fused, (fused,))
+        parts: list[Product] = []
+        qkv_names, gate_up_names = GROUPS["int8_qkv"], GROUPS["int8_gate_up"]
+        for parent, names, target in ((attn, qkv_names, 0), (attn, ("o_proj",), 1), (mlp, gate_up_names, 2)):
             modules = [getattr(parent, n, None) for n in names]
             bases = [_base(m) for m in modules]
-            if fused in GROUPS:
-                if not hasattr(parent, f"{fused}_weight") or any(b is None for b in bases):
-                    return None
-                w, sc, bias = (getattr(parent, f"{fused}_{k}") for k in ("weight", "scale", "bias"))
-                part = _checked(w, sc, bias)
-            else:
-                part, w = _int8(bases[0]), None
+            if any(b is None for b in bases):
+                return None
+            stacked = _stack(parent, names) if len(names) > 1 else None
+            if len(names) > 1 and stacked is None:
+                return None
+            part = stacked[0] if stacked is not None else _product(bases[0])
             if part is None:
                 return None
             offset = 0
@@ -425,25 +478,28 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
                 terms = _lora_terms(module)
                 if base is None or terms is None:
                     return None  # an adapter the C step cannot apply as PEFT does: the fast step calls it
-                if w is not None and cast(torch.Tensor, base.int8_weight).data_ptr() != w[offset].data_ptr():
-                    return None  # the stack is not (or no longer) made of these projections' weights
+                if stacked is not None:  # the stack must still be made of these projections' weights
+                    rows = _rows_of(base, part[0])
+                    unit = 1 if part[0] == 0 else 16  # int4's packing: a block of 16 outputs a row
+                    if rows is None or offset % unit or rows.data_ptr() != stacked[1][0][offset // unit].data_ptr():
+                        return None
                 loras += [(index, target, offset, la, lb, scaling) for la, lb, scaling in terms]
                 offset += base.out_features
             parts.append(part)
         down, terms = _base(mlp.down_proj), _lora_terms(mlp.down_proj)
-        down_part = _int8(down)
+        down_part = _product(down)
         if down_part is None or terms is None:
             return None
         loras += [(index, 3, 0, la, lb, scaling) for la, lb, scaling in terms]
         qkv_part, o_part, gate_up_part = parts
-        if qkv_part[0].shape[0] != (heads + 2 * kv_heads) * d or gate_up_part[0].shape[0] % 2:
+        if qkv_part[4] != (heads + 2 * kv_heads) * d or gate_up_part[4] % 2:
             return None
         blocks.append((block, [qkv_part, o_part, gate_up_part, down_part]))
     layers = cache.layers
     if not all(_float32(layer.k_buf) and _float32(layer.v_buf) for layer in layers):
         return None
     d, hidden = inner.layers[0].self_attn.head_dim, config.hidden_size
-    inter = blocks[0][1][2][0].shape[0] // 2
+    inter = blocks[0][1][2][4] // 2
     eps = float(inner.layers[0].input_layernorm.variance_epsilon)
     if any(float(b.input_layernorm.variance_epsilon) != eps for b, _ in blocks):
         return None
@@ -452,10 +508,12 @@ def native_step(model: Any, cache: Any, fallback: Step) -> Step | None:
     for entry, (block, products) in zip(table, blocks, strict=True):
         entry.in_norm = block.input_layernorm.weight.data_ptr()
         entry.post_norm = block.post_attention_layernorm.weight.data_ptr()
-        for prefix, (w, s, b) in zip(("qkv", "o", "gu", "down"), products, strict=True):
-            kept.append(int8_dot.packed(w))
-            setattr(entry, f"{prefix}_w", kept[-1].data_ptr())
-            setattr(entry, f"{prefix}_s", s.data_ptr())
+        entry.int4 = 0
+        for which, (prefix, (kind, w, s, b, _)) in enumerate(zip(("qkv", "o", "gu", "down"), products, strict=True)):
+            kept.append(w)
+            entry.int4 |= kind << which
+            setattr(entry, f"{prefix}_w", w.data_ptr())
+            setattr(entry, f"{prefix}_s", None if s is None else s.data_ptr())
             setattr(entry, f"{prefix}_b", None if b is None else b.data_ptr())
     table_loras = (_Lora * max(1, len(loras)))()
     for entry, (index, target, offset, la, lb, scaling) in zip(table_loras, loras, strict=False):
