@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     report = _event(args.report)
-    scores = {"SFT": report.get("after_sft"), "DPO (loop)": report.get("after_dpo"), "GRPO": report.get("after_grpo")}
+    best = report.get("grpo_best_step")  # the step chosen by the validation reward
+    grpo = f"GRPO (step {best})" if best else "GRPO"
+    scores = {"SFT": report.get("after_sft"), "DPO (loop)": report.get("after_dpo"), grpo: report.get("after_grpo")}
     if scores["DPO (loop)"] is None and args.loop:
         scores["DPO (loop)"] = _event(args.loop).get("after_dpo")
     if report.get("before"):
@@ -70,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         p.plot(steps, curves["reward/exact"], pen=pg.mkPen(orange, width=2), name="share exact")
     if "reward/fields" in curves and top == 1.0:
         p.plot(steps, curves["reward/fields"], pen=pg.mkPen(orange, width=2), name="share of fields right")
+    if curves.get("eval_reward"):  # the validation prompts' greedy answers, at each evaluation
+        p.plot(
+            curves["eval_step"],
+            curves["eval_reward"],
+            pen=pg.mkPen(green, width=2),
+            symbol="o",
+            symbolBrush=green,
+            name="validation (greedy)",
+        )
     p.setLabel("bottom", "step")
     p.setXRange(1, steps[-1], padding=0.02)
     p.setYRange(0, top, padding=0.02)
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p = win.addPlot(title=f"held-out exact match ({report.get('eval_prompts', 0)} prompts)")
     names = [n for n, s in scores.items() if s]
     values = [100 * scores[n]["exact"] for n in names]
-    colors = [grey if n == "base" else orange if n == "GRPO" else blue for n in names]
+    colors = [grey if n == "base" else orange if n.startswith("GRPO") else blue for n in names]
     p.addItem(pg.BarGraphItem(x=list(range(len(names))), height=values, width=0.6, brushes=colors))
     for i, v in enumerate(values):
         label = pg.TextItem(f"{v:.1f}%", color="k", anchor=(0.5, 1.0))
