@@ -1,4 +1,4 @@
-"""A whole decoding step in C for int8 Llama-family models: the decode loop's fast step without Python in between.
+"""A whole decoding step in C for int8 and int4 Llama-family models: the decode loop's fast step without Python.
 
 One answer's step on the bundled model is 121 products and some 900 small torch operations (norms, rotary, views,
 cache writes, residual adds), each paying Python's and the dispatcher's few microseconds: measured 8.6 ms of a
@@ -8,17 +8,19 @@ rotary embedding, the key and value written into the preallocated cache in place
 float32, over each row's attended positions), the output projection, the residual, the norm, the stacked gate/up
 product, SiLU(gate) * up, the down projection, the residual; then the final norm and the int8 head into float32
 logits. The same operations, in the same precision, as the fast step over the int8 layers with the int8 x int16
-products (tested equal within float32's rounding). The C is compiled for AVX-512 (the CPU the products need):
+products (tested equal within float32's rounding). An int4 model's block products are
+:mod:`engine.decoding.int4_dot`'s q4_0 x q8_0 products instead (its head stays int8, as :mod:`engine.decoding.int4`
+keeps it), again the Python fast step's numbers. The C is compiled for AVX-512 (the CPU the products need):
 attention's dot products 16 floats at a time, each key read once for the query heads that share it, a row's
 weighted values kept in registers for heads of 64 and 128 (8 rows at 106 cached positions on the bundled model:
 24.1 -> 19.4 ms a step with the packed products; 1 row 7.4 -> 6.5). Each row is computed alone, the same whatever
 the rows around it.
 
-It applies where every projection is a plain int8 linear with its stacks, or a PEFT LoRA layer over one: the
-adapters' A x and B (A x) are added on the side in C, B read transposed (16 outputs a lane each, no horizontal
+It applies where every projection is a plain int8 or int4 linear with its stacks, or a PEFT LoRA layer over one:
+the adapters' A x and B (A x) are added on the side in C, B read transposed (16 outputs a lane each, no horizontal
 sums; a copy made when the step is built and made again before a step where a B changed in place, so the
 adapters' weights are read live). Merged adapters, DoRA and other variants, dropout in training mode keep the
-Python fast step (which calls the adapter layers). Otherwise (another model family, int4 weights, rotary scaling
+Python fast step (which calls the adapter layers). Otherwise (another model family, an int4 head, rotary scaling
 that changes with the length, no AVX-512 VNNI or no C compiler) :func:`native_step` answers None and the fast
 step is used as before.
 """
