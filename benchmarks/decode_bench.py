@@ -97,6 +97,30 @@ Levers for several answers (2026-12-07 13:00-13:30 UTC, one thread, CPU time, lo
 Where 8 answers' time goes now: 8 prefills, about 0.56 s (18%), then 128 steps of 8 rows at about 20 ms
 (products 14-16, attention and the rest 4-5).
 
+Levers for int4 (2026-12-07 13:40-14:00 UTC, one thread, CPU time, load average 3-6):
+
+* kept: llama.cpp's own scheme, q4_0 x q8_0 (``engine/decoding/int4_dot.py``): the int4 codes (0..15) times
+  the activations quantised to int8 in blocks of 32 with one float scale a block, ``vpdpbusd`` (u8 codes x s8
+  activations, 64 products an instruction), the zero point and the ``- 8`` through each block's activation sum
+  (exact in int32), two float multiply-adds per block of 32 and 16 outputs for the bfloat16 scale and zero. The
+  layout unpacks with one AND and one shift-and-AND per 64-byte load (16 outputs x 8 inputs), and each block of
+  16 outputs x 32 inputs carries its 16 (scale, zero) pairs in 64 bytes before its 256 bytes of codes: 5 bits a
+  weight. A model's block products (30 blocks, no head), standalone C timing loop, one process, ms: 1 row 5.5 ->
+  3.6 against the packed int8 x int16 kernel (the same products with the weights in cache: 3.4 -> 1.5, so one
+  row is bound by memory traffic, 66 MB at about 18 GB/s), 4 rows 6.9 -> 5.1, 8 rows 13.9 -> 9.7. The int4
+  model's whole step then runs in C (``native_step``, the head int8 x int16 as before): ``--profile`` 6.3 ms a
+  step against int8's 7.9 (the Python step over the same products: 15.1). One answer x1.11 and x1.17 llama.cpp
+  q4_0's new tokens per CPU-second in two runs (was x0.35); 4 and 8 answers batched x2.55 / x2.53. Quality
+  (8 prompts x 48 positions against float32): KL 0.0341 / 90.1% top-1 against torch's int4 kernel's bfloat16
+  activations 0.0317 / 90.9% on the same weights (and q4_0's 0.4271 / 70.6%): the int8 activations add 0.0024,
+  about 0.5% of q4_0's cost. Torch's int4 kernel stays as the fallback (no AVX-512 VNNI, no compiler, other
+  dtypes; ``int4.use_dot_products``).
+* not kept: software prefetch in the int4 kernel (5 cache lines a block of 32 inputs, 640-5120 bytes ahead):
+  1 row 5.0-5.6 ms against 4.1-4.3 without (separate processes one after the other, load about 4: the hardware
+  prefetcher already follows the one stream), 8 rows 7.8-9.3 against 10.1 (not the goal; not measured further).
+* not done: an int4 head (its KL cost, 0.044 measured before, is the head's alone) and 4.5 bits a weight as
+  q4_0 (one scale, no zero: our asymmetric groups are what keep KL at 0.03 where q4_0 costs 0.43).
+
 Earlier levers, each measured (one thread, CPU time, alternating, same run; load average 8-14):
 
 * kept: the one-row int8 product compiled by inductor per weight shape (``int8.compile_row_products``, float32,
