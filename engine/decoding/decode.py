@@ -12,8 +12,8 @@ candidate);
    candidates from the batch, so the remaining ones decode faster.
 
 It calls the model's own ``forward``, so PEFT adapter layers injected into it (or switched off around it) apply.
-Plain int8 Llama-family models run each step in C instead (:mod:`engine.decoding.native_step`; LoRA adapters
-injected into them are added there on the side, other adapter layers keep the Python step).
+Plain int8 and int4 Llama-family models run each step in C instead (:mod:`engine.decoding.native_step`; LoRA
+adapters injected into them are added there on the side, other adapter layers keep the Python step).
 
 :func:`decode_batch` does the same for several prompts at once (the worker's ``generate_batch``): each prompt is
 prefilled alone (as :func:`decode` would), their caches are joined right-aligned into one buffer (left padding, the
@@ -141,7 +141,7 @@ def _fast_step(model, cache, native: bool = True):
     """A decoding step for Llama-family models that runs the model's own modules (so PEFT adapter layers apply)
     with the glue written out: no mask building, no per-layer keyword plumbing, the cache buffers written directly.
     The same operations as transformers' forward (the same logits); None where the model does not fit.
-    ``native``: the whole step in C where the model is plain int8 (:mod:`engine.decoding.native_step`).
+    ``native``: the whole step in C where the model is plain int8 or int4 (:mod:`engine.decoding.native_step`).
     """
     from finetune_studio.engine.decoding.int4 import int4_matmul, stacked_int4
     from finetune_studio.engine.decoding.int8 import int8_matmul, stacked
