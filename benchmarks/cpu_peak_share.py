@@ -16,7 +16,9 @@ For each model, objective and thread count, in one process:
    - attention: ``Q K^T`` and ``P V`` over the causal pairs of each sequence (``L (L + 1) / 2``), forward
      ``4 * pairs * head_dim * heads`` per layer, backward twice that (dQ, dK, dP, dV) (float32).
    - the output head on trained positions only (``engine.train.forward``): logits ``2 * H * V`` and the hidden
-     state's gradient ``2 * H * V`` per trained token (float32, the gradient made in the forward pass).
+     state's gradient ``2 * H * V`` per trained token (the gradient made in the forward pass; under bf16-mixed both
+     are bf16 products with a float32 result, ``kernels.bf16_head``, but the roofline below counts them as float32,
+     as it does LoRA's products, so that its figures compare with the earlier ones).
    - DPO adds the reference pass before the policy's (adapters off, no gradient): the body's and attention's
      forward on every token and the head's logits on trained positions.
 
@@ -51,28 +53,38 @@ threads on a busy machine run it with ``OMP_WAIT_POLICY=PASSIVE``: otherwise a t
 descheduled partner spins, and that spinning is counted as CPU time (measured: 3.5% of the peak instead of 41%).
 The figures then say how well each thread's CPU second is used, not how the wall clock scales.
 
-``--compare`` runs each row twice in one process, on the same batches (a fresh sampler): first with the levers of
-2026-12-07 10:00-11:10 switched off (``levers_off``: the LoRA adapters' products and the head's gradient product
-back in float32), then as the engine runs. The load moves both sides alike; compare within a pair.
+``--compare [levers|kernels]`` runs each row twice in one process, on the same batches (a fresh sampler): first with
+levers switched off (``levers_off``), then as the engine runs. ``levers`` (the default): the step of the morning of
+2026-12-07 (the LoRA adapters' products and both of the head's products in float32, SwiGLU through torch's ops);
+``kernels``: the step of 11:25 (only the C kernels of 13:00-14:00 off: ``kernels.bf16_head``, ``kernels.cpu_swiglu``).
+The load moves both sides alike; compare within a pair.
 
-Results, 2026-12-07 11:10-11:25 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
-load average 3-6 from other jobs, ``--compare --steps 3`` (2 threads with ``OMP_WAIT_POLICY=PASSIVE``), share of
-the measured bf16 square peak (~208 GFLOP/s per CPU second; float32 ~94), before / after:
+Results, 2026-12-07 13:34-13:56 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
+load average 2-6 from other jobs, ``--compare kernels`` (2 threads with ``OMP_WAIT_POLICY=PASSIVE``), share of
+each row's measured bf16 square peak (204-211 GFLOP/s per CPU second; float32 ~94), before / after the C kernels
+(the head's two products with bf16 inputs and a float32 result, SwiGLU in one pass each way):
 
-    model      objective threads  MFLOP/token  share of bf16 peak  of the mixed roofline  tokens per CPU s
-    default    sft       1            496      53.4% / 55.3%        62.0% / 64.5%          224.4 / 232.3
-    default    dpo       1            727      55.6% / 57.1%        63.1% / 64.8%          157.2 / 163.2
-    qwen0.5b   sft       1           1645      61.4% / 63.9%        72.5% / 75.0%           78.2 / 80.8
-    qwen0.5b   dpo       1           2439      62.7% / 65.2%        73.4% / 78.1%           53.9 / 56.6
-    default    sft       2            496      42.5% / 48.5%        51.0% / 57.2%          179.1 / 203.3
-    default    dpo       2            727      52.3% / 52.5%        60.5% / 60.2%          150.0 / 151.0
-    qwen0.5b   sft       2           1645      53.6% / 55.9%        62.9% / 66.9%           60.1 / 69.2
-    qwen0.5b   dpo       2           2439      58.5% / 63.7%        70.4% / 76.6%           49.2 / 52.6
+    model      objective threads  MFLOP/token  share of bf16 peak  of the mixed roofline  tokens per CPU s   steps
+    default    sft       1            496      51.8% / 54.6%        61.0% / 64.1%          215.5 / 232.5      3
+    default    dpo       1            727      56.6% / 58.8%        64.7% / 70.1%          165.7 / 163.8      3
+    default    sft       1            496      48.8% / 50.4%        61.7% / 61.3%          202.1 / 210.7      5
+    default    dpo       1            728      56.5% / 58.1%        66.8% / 68.0%          160.3 / 165.2      5
+    qwen0.5b   sft       1           1645      61.9% / 65.7%        72.9% / 79.0%           75.8 / 82.4       3
+    qwen0.5b   dpo       1           2439      65.1% / 76.0%        78.2% / 89.6%           55.9 / 65.5       3
+    qwen0.5b   sft       1           1645      64.8% / 67.7%        75.7% / 79.0%           81.5 / 85.6       4
+    qwen0.5b   dpo       1           2439      69.4% / 75.9%        79.7% / 86.5%           58.8 / 64.9       4
+    default    sft       2            496      49.9% / 50.3%        57.6% / 58.6%          212.1 / 215.4      3
+    default    dpo       2            727      55.2% / 57.4%        65.0% / 68.2%          153.8 / 162.3      3
+    qwen0.5b   sft       2           1645      55.7% / 61.8%        66.2% / 74.6%           70.2 / 76.5       3
+    qwen0.5b   dpo       2           2439      59.2% / 67.6%        72.4% / 82.0%           49.7 / 57.2       3
 
-The morning's figures (07:40-08:18, load 9-14, before the levers) read 48.7% (SFT) and 53.9% (DPO) for the
-default model on one thread, 60.4% / 61.6% for the 0.5B shape: the share falls with the machine's load. The goal
-of 65% is met by the 0.5B shape's DPO only; ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product
-peak") says where the rest of the bundled model's step goes.
+The same step reads about 3 points apart in two runs minutes apart (the machine's load and state): compare within a
+pair. The goal of 65% of the one-thread bf16 peak is met by the 0.5B shape (SFT 66-68%, DPO 76%), not by the
+bundled model (SFT 50-55%, DPO 58-59%); on 2 threads 50% / 57% and 62% / 68%. Earlier the same day (11:10-11:25,
+``--compare levers``, before these kernels, load 3-6): bundled 55.3% SFT / 57.1% DPO, 0.5B 63.9% / 65.2% on one
+thread; 48.5% / 52.5% and 55.9% / 63.7% on two; the morning's (07:40-08:18, load 9-14, before any lever) 48.7% /
+53.9% and 60.4% / 61.6%. ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product peak") has the A/Bs,
+the loss curves and where the rest of the bundled model's step goes.
 """
 
 from __future__ import annotations

@@ -74,7 +74,10 @@ def one_step(setup, batch, autocast=None) -> float:
 GROUPS = {
     "matrix products (aten::mm / addmm / bmm / linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
     "attention (sdpa)": ("scaled_dot_product", "_flash_attention", "_efficient_attention"),
-    "output head (chunked log-probs)": ("_ChunkedLogprobs", "logsumexp", "softmax", "aten::gather"),
+    "output head (chunked log-probs; kernels.bf16_head inside)": ("_ChunkedLogprobs", "logsumexp", "softmax", "gather"),
+    "SwiGLU (kernels.cpu_swiglu inside _SwiGLU)": ("_SwiGLU", "aten::silu"),
+    "casts (aten::copy_)": ("aten::copy_",),
+    "LoRA linears' own time (Python, outside their ops)": ("_LoraLinear",),
 }
 
 
@@ -93,7 +96,7 @@ def profile(setup, batch, top: int) -> None:
     print(f"profiled step: {wall:.2f} s wall (with the profiler's overhead), {total / 1e6:.2f} s self CPU in ops")
     for name, keys in GROUPS.items():
         t = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys))
-        print(f"  {name:<52} {t / 1e6:6.2f} s  {100 * t / total:5.1f}%")
+        print(f"  {name:<60} {t / 1e6:6.2f} s  {100 * t / total:5.1f}%")
 
 
 def levers(setup, batch, steps: int, thread_lever: bool = True) -> None:

@@ -5,7 +5,8 @@
 is untouched):
 
 - every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row);
-- every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too);
+- every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too; float32
+  on a CPU with AVX-512 in one pass each way, ``kernels.cpu_swiglu``);
 - every grouped-query attention's SDPA call, on the CPU, to ``kernels.attention`` (no repeated keys and values kept
   for backward; elsewhere transformers' own SDPA path runs);
 - and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
