@@ -58,9 +58,11 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         if ctx.native and cpu_swiglu.runs_on(grad, gate, up):
-            d_gate, d_up = cpu_swiglu.swiglu_backward_native(grad, gate, up)
-            return (d_gate if ctx.needs_input_grad[0] else None), (d_up if ctx.needs_input_grad[1] else None), None
-        d_gate = d_up = None
+            native_gate, native_up = cpu_swiglu.swiglu_backward_native(grad, gate, up)
+            wanted = ctx.needs_input_grad
+            return (native_gate if wanted[0] else None), (native_up if wanted[1] else None), None
+        d_gate: torch.Tensor | None = None
+        d_up: torch.Tensor | None = None
         if ctx.needs_input_grad[0]:
             d_gate = torch.ops.aten.silu_backward(grad * up, gate)
         if ctx.needs_input_grad[1]:
