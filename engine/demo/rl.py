@@ -74,17 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dpo-learning-rate", type=float, default=2e-5)
     g.add_argument("--dpo-prompts", type=int, default=48)
     g = p.add_argument_group("GRPO")
-    g.add_argument("--grpo-steps", type=int, default=24, help="optimizer steps")
+    g.add_argument("--grpo-steps", type=int, default=10, help="optimizer steps")
     g.add_argument("--grpo-prompts", type=int, default=4, help="prompts per batch of answers")
     g.add_argument(
         "--grpo-accumulation",
         type=int,
-        default=1,
+        default=4,
         help="batches of prompts per optimizer step (gradient_accumulation_steps): more prompts a step in the memory "
         "of one batch",
     )
     g.add_argument("--group-size", type=int, default=8, help="answers sampled per prompt (G)")
-    g.add_argument("--grpo-learning-rate", type=float, default=2e-5)
+    g.add_argument("--grpo-learning-rate", type=float, default=1e-5)
     g.add_argument("--grpo-beta", type=float, default=0.04, help="KL weight to the SFT model")
     g.add_argument("--grpo-epsilon", type=float, default=0.2)
     g.add_argument("--grpo-temperature", type=float, default=0.7)

@@ -10,7 +10,8 @@ from finetune_studio.core.store import Store
 from finetune_studio.engine.demo import rl
 
 TINY = ["--sft-steps", "1", "--max-length", "256", "--eval-limit", "1", "--max-new-tokens", "3", "--skip-before"]
-GRPO = ["--grpo-steps", "2", "--grpo-prompts", "2", "--group-size", "2", "--grpo-max-new-tokens", "4"]
+GRPO = ["--grpo-steps", "2", "--grpo-prompts", "2", "--grpo-accumulation", "1", "--group-size", "2"]
+GRPO += ["--grpo-max-new-tokens", "4"]
 
 
 def test_demo_rl_runs_end_to_end_on_the_tiny_model(tiny_model_dir, capsys):
