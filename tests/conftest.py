@@ -40,3 +40,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny_model import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its (tied) embeddings ten times larger. The plain tiny model's logits are all within about
+    +-1 (embeddings of std 0.02 read a normalised hidden state), so no adapter can make any answer likely: an online
+    RL reward could hardly rise. Larger embeddings let its distributions peak, as a real model's do."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("peaked-model")
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -145,24 +144,6 @@ def test_grpo_without_rewards_is_a_config_error_naming_rewards(tiny_model_dir, t
 # --- runs on the tiny model ----------------------------------------------------------------------------------------
 
 LETTER = [{"kind": "regex", "pattern": "[a-z]", "name": "letter"}]  # 1 when the answer holds a lowercase letter
-
-
-@pytest.fixture(scope="module")
-def peaked_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its (tied) embeddings ten times larger. The plain tiny model's logits are all within about
-    +-1 (embeddings of std 0.02 read a normalised hidden state), so no adapter can make any answer likely: a reward
-    could hardly rise. Larger embeddings let its distributions peak, as a real model's do."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("peaked-model")
-    for f in tiny_model_dir.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copy(f, out / f.name)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10.0)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def grpo_config(model_dir, data, **kw) -> TrainConfig:

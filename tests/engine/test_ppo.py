@@ -162,23 +162,6 @@ def test_ppo_is_registered_and_its_settings_are_checked():
 LETTER = [{"kind": "regex", "pattern": "[a-z]", "name": "letter"}]  # 1 when the answer holds a lowercase letter
 
 
-@pytest.fixture(scope="module")
-def peaked_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its (tied) embeddings ten times larger, so that its distributions can peak (as
-    tests/engine/test_grpo.py explains): a reward can then rise within a few steps."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("peaked-model")
-    for f in tiny_model_dir.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copy(f, out / f.name)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10.0)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def ppo_config(model_dir, data, **kw) -> TrainConfig:
     settings = dict(
         objective="ppo",
