@@ -167,7 +167,19 @@ def _swiglu_native(setup, on: bool) -> None:
     swiglu.NATIVE = on
 
 
-AB_LEVERS = {"head_logits_bf16": _head_logits_bf16, "head_kernel": _head_kernel, "swiglu_native": _swiglu_native}
+def _rms_norm_native(setup, on: bool) -> None:
+    """RMSNorm's float32 forward, recompute and input gradient through ``kernels.cpu_rms_norm`` against torch's."""
+    from finetune_studio.kernels import rms_norm
+
+    rms_norm.NATIVE = on
+
+
+AB_LEVERS = {
+    "head_logits_bf16": _head_logits_bf16,
+    "head_kernel": _head_kernel,
+    "swiglu_native": _swiglu_native,
+    "rms_norm_native": _rms_norm_native,
+}
 
 
 def _load() -> str:

@@ -156,11 +156,9 @@ class _LoraLinearLow(torch.autograd.Function):
             out = F.linear(xl, weight.to(low)).to(x.dtype)  # fresh, contiguous
             xa = xl @ lora_a.to(low).t()  # [N, r] in low
         else:
-            with torch.no_grad():
-                stacked[n_out:].copy_(lora_a)
+            stacked[n_out:].copy_(lora_a)  # (a Function's forward runs without gradients)
             full = F.linear(xl, stacked)  # [N, out + r]
-            out = torch.empty(full.shape[0], n_out, dtype=x.dtype, device=x.device)
-            out.copy_(full[:, :n_out])
+            out = full[:, :n_out].to(x.dtype)  # a fresh contiguous float32 tensor (the slice is not dense)
             xa = full[:, n_out:].contiguous()
             del full
         if bias is not None:
