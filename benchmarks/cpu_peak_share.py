@@ -53,10 +53,11 @@ threads on a busy machine run it with ``OMP_WAIT_POLICY=PASSIVE``: otherwise a t
 descheduled partner spins, and that spinning is counted as CPU time (measured: 3.5% of the peak instead of 41%).
 The figures then say how well each thread's CPU second is used, not how the wall clock scales.
 
-``--compare [levers|kernels]`` runs each row twice in one process, on the same batches (a fresh sampler): first with
-levers switched off (``levers_off``), then as the engine runs. ``levers`` (the default): the step of the morning of
+``--compare [levers|kernels|norm]`` runs each row twice in one process, on the same batches (a fresh sampler): first
+with levers switched off (``levers_off``), then as the engine runs. ``levers`` (the default): the step of the morning of
 2026-12-07 (the LoRA adapters' products and both of the head's products in float32, SwiGLU through torch's ops);
-``kernels``: the step of 11:25 (only the C kernels of 13:00-14:00 off: ``kernels.bf16_head``, ``kernels.cpu_swiglu``).
+``kernels``: the step of 11:25 (only the C kernels of 13:00-14:30 off: ``kernels.bf16_head``, ``kernels.cpu_swiglu``,
+``kernels.cpu_rms_norm``); ``norm``: the step of 14:00 (only ``kernels.cpu_rms_norm`` off).
 The load moves both sides alike; compare within a pair.
 
 Results, 2026-12-07 13:34-13:56 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
@@ -85,6 +86,20 @@ bundled model (SFT 50-55%, DPO 58-59%); on 2 threads 50% / 57% and 62% / 68%. Ea
 thread; 48.5% / 52.5% and 55.9% / 63.7% on two; the morning's (07:40-08:18, load 9-14, before any lever) 48.7% /
 53.9% and 60.4% / 61.6%. ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product peak") has the A/Bs,
 the loss curves and where the rest of the bundled model's step goes.
+
+Later, 14:30-14:40 UTC (load 3.7-4.8, a GRPO job and a test run beside it), ``--models default --compare norm``
+(``kernels.cpu_rms_norm`` off, then on; 2 threads with ``OMP_WAIT_POLICY=PASSIVE``), share of the bf16 peak and
+tokens per CPU second:
+
+    model      objective threads  share of bf16 peak  of the mixed roofline  tokens per CPU s   steps
+    default    sft       1        54.3% / 51.0%        66.4% / 61.5%          218.1 / 210.1      4
+    default    dpo       1        57.1% / 56.1%        68.0% / 64.7%          160.1 / 150.1      4
+    default    sft       2        43.8% / 49.4%        56.2% / 60.4%          179.3 / 200.4      4
+    default    dpo       2        55.6% / 56.8%        65.7% / 68.5%          159.7 / 160.5      4
+
+The pairs move both ways by more than the kernel is worth (alternating A/Bs in one process: 0.5-1% less CPU a
+step); read them as the run-to-run spread. **65% of the one-thread bf16 peak is not reached for the bundled
+model**: SFT 50-55%, DPO 56-59% on one thread, 44-50% and 56-57% on two, over the runs since 13:30.
 """
 
 from __future__ import annotations
@@ -316,10 +331,14 @@ def levers_off(setup, which: str = "levers") -> None:
     both of the head's products float32, and the C kernels below off. ``kernels``: only the C kernels of 13:00-14:00
     (process-wide switches that ``run_row`` sets back after the row): ``kernels.bf16_head`` (the logits float32
     again, the gradient product torch's bf16 one a vocabulary chunk at a time; ``linear_logprobs.BF16_HEAD_KERNEL``)
-    and ``kernels.cpu_swiglu`` (SwiGLU through torch's ops; ``swiglu.NATIVE``)."""
+    and ``kernels.cpu_swiglu`` (SwiGLU through torch's ops; ``swiglu.NATIVE``), and the later ``kernels.cpu_rms_norm``.
+    ``norm``: only ``kernels.cpu_rms_norm`` (of 14:25; RMSNorm through torch's ops, ``rms_norm.NATIVE``)."""
     from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
-    from finetune_studio.kernels import linear_logprobs, swiglu
+    from finetune_studio.kernels import linear_logprobs, rms_norm, swiglu
 
+    rms_norm.NATIVE = False
+    if which == "norm":
+        return
     linear_logprobs.BF16_HEAD_KERNEL = False
     swiglu.NATIVE = False
     if which == "kernels":
@@ -393,9 +412,10 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
         wall += w
     if peaks.rounds == 0:
         peaks.update(measure_peaks(shape, int(mean_tokens)))
-    from finetune_studio.kernels import linear_logprobs, swiglu
+    from finetune_studio.kernels import linear_logprobs, rms_norm, swiglu
 
-    linear_logprobs.BF16_HEAD_KERNEL = swiglu.NATIVE = True  # as the engine runs (levers_off may have cleared them)
+    # as the engine runs (levers_off may have cleared them)
+    linear_logprobs.BF16_HEAD_KERNEL = swiglu.NATIVE = rms_norm.NATIVE = True
     row = Row(
         model=model + (" (before)" if before else ""),
         objective=objective,
@@ -455,9 +475,10 @@ def main(argv=None) -> int:
         nargs="?",
         const="levers",
         default="",
-        choices=("levers", "kernels"),
+        choices=("levers", "kernels", "norm"),
         help="each row also with levers off, first: 'levers' (the default) the bf16 adapter products and both head "
-        "products float32; 'kernels' only the C kernels (kernels.bf16_head, kernels.cpu_swiglu) off",
+        "products float32; 'kernels' only the C kernels (kernels.bf16_head, kernels.cpu_swiglu, kernels.cpu_rms_norm) "
+        "off; 'norm' only kernels.cpu_rms_norm off",
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
