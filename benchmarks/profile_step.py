@@ -19,7 +19,10 @@ added to its ``LEVERS``): ``head_logits_bf16``, the output head's logits from bf
 (``kernels.bf16_head``) against torch's float32 product; ``head_kernel``, both head products through
 ``kernels.bf16_head`` (the logits, and the gradient product ``G W`` with nothing of it rounded) against the step
 without that kernel (float32 logits, torch's bf16 ``G W`` a vocabulary chunk at a time); ``swiglu_native``,
-SwiGLU's float32 forward and backward in one pass each (``kernels.cpu_swiglu``) against torch's ops.
+SwiGLU's float32 forward and backward in one pass each (``kernels.cpu_swiglu``) against torch's ops;
+``rms_norm_native``, RMSNorm's float32 forward, recompute and input gradient in one pass a row
+(``kernels.cpu_rms_norm``) against torch's ops. Read the profile's small ops (norms, casts, the LoRA layers' own time)
+as upper bounds: the profiler books its own overhead per op to them; the A/Bs say what a lever is worth.
 """
 
 from __future__ import annotations

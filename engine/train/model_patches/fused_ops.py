@@ -4,7 +4,8 @@
 .FUSED_OPS_ARCHITECTURES``; SmolLM2 is a ``LlamaForCausalLM``), never on the classes (another model in the process
 is untouched):
 
-- every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row);
+- every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row; float32 on a CPU
+  with AVX-512 in one pass a row each way, ``kernels.cpu_rms_norm``);
 - every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too; float32
   on a CPU with AVX-512 in one pass each way, ``kernels.cpu_swiglu``);
 - every grouped-query attention's SDPA call, on the CPU, to ``kernels.attention`` (no repeated keys and values kept
