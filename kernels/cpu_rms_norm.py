@@ -148,6 +148,8 @@ def rms_norm_forward_native(
     given = rstd is not None
     r = rstd.contiguous() if rstd is not None else torch.empty(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
     rows = x.numel() // n if n else 0
+    if r.numel() != rows or weight.numel() != n:
+        raise ValueError(f"cpu_rms_norm: rstd {list(r.shape)}, weight {list(weight.shape)} do not fit {list(x.shape)}")
     lib.rms_norm_fwd(
         x.data_ptr(), weight.data_ptr(), out.data_ptr(), r.data_ptr(), rows, n, eps, int(given), torch.get_num_threads()
     )
@@ -163,6 +165,8 @@ def rms_norm_backward_native(
     grad, x, weight, rstd = grad.contiguous(), x.contiguous(), weight.contiguous(), rstd.contiguous()
     d_x = torch.empty_like(x)
     rows = x.numel() // n if n else 0
+    if rstd.numel() != rows or weight.numel() != n or grad.shape != x.shape:
+        raise ValueError(f"cpu_rms_norm: grad {list(grad.shape)}, rstd {list(rstd.shape)} do not fit x {list(x.shape)}")
     ptrs = (grad.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), d_x.data_ptr())
     lib.rms_norm_bwd(*ptrs, rows, n, torch.get_num_threads())
     return d_x

@@ -79,3 +79,11 @@ def test_runs_on_only_float32_cpu_tensors_of_one_width():
     assert not cpu_rms_norm.runs_on(x.bfloat16(), torch.randn(8))
     assert not cpu_rms_norm.runs_on(x, torch.randn(9))
     assert not cpu_rms_norm.runs_on(x.double(), torch.randn(8).double())
+
+
+def test_shapes_that_do_not_fit_are_refused_before_the_kernel_reads():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_rms_norm.rms_norm_forward_native(x, torch.randn(8), 1e-5, rstd=torch.ones(3, 1))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_rms_norm.rms_norm_backward_native(torch.randn(4, 8), x, torch.randn(8), torch.ones(5, 1))
