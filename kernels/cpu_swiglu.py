@@ -54,35 +54,38 @@ AVX512 static inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-/* h = g / (1 + exp(-g)) * u over n floats */
-AVX512 void swiglu_fwd(const float* g, const float* u, float* h, int64_t n, int threads) {
-  int64_t blocks = (n + 15) / 16;
+/* h = g / (1 + exp(-g)) * u over rows x cols floats; g's and u's rows start sg and su floats apart (a slice of a
+   stacked product), h's are contiguous */
+AVX512 void swiglu_fwd(const float* g, const float* u, float* h, int64_t rows, int64_t cols, int64_t sg, int64_t su,
+                       int threads) {
+  int64_t per_row = (cols + 15) / 16, blocks = rows * per_row;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
-    int64_t i = b * 16, left = n - i;
+    int64_t r = b / per_row, i = (b % per_row) * 16, left = cols - i;
     __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-    __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + r * sg + i), uv = _mm512_maskz_loadu_ps(m, u + r * su + i);
     __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
     __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-    _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(silu, uv));
+    _mm512_mask_storeu_ps(h + r * cols + i, m, _mm512_mul_ps(silu, uv));
   }
 }
 
-/* s = 1 / (1 + exp(-g)); du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)) */
-AVX512 void swiglu_bwd(const float* dh, const float* g, const float* u, float* dg, float* du, int64_t n,
-                       int threads) {
-  int64_t blocks = (n + 15) / 16;
+/* s = 1 / (1 + exp(-g)); du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)); rows of dh, g and u start sd, sg
+   and su floats apart, dg's and du's are contiguous */
+AVX512 void swiglu_bwd(const float* dh, const float* g, const float* u, float* dg, float* du, int64_t rows,
+                       int64_t cols, int64_t sd, int64_t sg, int64_t su, int threads) {
+  int64_t per_row = (cols + 15) / 16, blocks = rows * per_row;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; b++) {
-    int64_t i = b * 16, left = n - i;
+    int64_t r = b / per_row, i = (b % per_row) * 16, left = cols - i, o = r * cols + i;
     __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-    __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
-    __m512 d = _mm512_maskz_loadu_ps(m, dh + i);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + r * sg + i), uv = _mm512_maskz_loadu_ps(m, u + r * su + i);
+    __m512 d = _mm512_maskz_loadu_ps(m, dh + r * sd + i);
     __m512 one = _mm512_set1_ps(1.f);
     __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-    _mm512_mask_storeu_ps(du + i, m, _mm512_mul_ps(d, _mm512_mul_ps(gv, s)));
+    _mm512_mask_storeu_ps(du + o, m, _mm512_mul_ps(d, _mm512_mul_ps(gv, s)));
     __m512 t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one);
-    _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, uv), s), t));
+    _mm512_mask_storeu_ps(dg + o, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, uv), s), t));
   }
 }
 """
@@ -97,9 +100,9 @@ def _library() -> ctypes.CDLL | None:
         log.info("cpu_swiglu: this CPU lacks AVX-512; SwiGLU stays torch's ops")
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.swiglu_fwd.argtypes = [pointer, pointer, pointer, size, ctypes.c_int]
+    lib.swiglu_fwd.argtypes = [pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
     lib.swiglu_fwd.restype = None
-    lib.swiglu_bwd.argtypes = [pointer, pointer, pointer, pointer, pointer, size, ctypes.c_int]
+    lib.swiglu_bwd.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size, ctypes.c_int]
     lib.swiglu_bwd.restype = None
     return lib
 
@@ -118,26 +121,44 @@ def runs_on(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a (rows, last dim) view with contiguous rows, as it is when it can be (a slice of a stacked product's
+    last dim reads in place, with its row stride); else a contiguous copy."""
+    cols = t.shape[-1]
+    if t.stride(-1) == 1:
+        try:
+            return t.view(-1, cols)
+        except RuntimeError:
+            pass
+    return t.contiguous().view(-1, cols)
+
+
 def swiglu_forward_native(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (float32 CPU tensors of one shape; check :func:`runs_on`), a new contiguous tensor."""
+    """``silu(gate) * up`` (float32 CPU tensors of one shape; check :func:`runs_on`), a new contiguous tensor. Slices of
+    a stacked gate/up product are read in place: no copies (the memory estimate counts none)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("cpu_swiglu: the kernel is not available here (check available() first)")
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    g, u = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    rows, cols = g.shape
+    lib.swiglu_fwd(g.data_ptr(), u.data_ptr(), out.data_ptr(), rows, cols, g.stride(0), u.stride(0),
+                   torch.get_num_threads())  # fmt: skip
     return out
 
 
 def swiglu_backward_native(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of ``silu(gate) * up`` for the output's gradient ``grad`` (float32 CPU tensors of one shape)."""
+    """(d gate, d up) of ``silu(gate) * up`` for the output's gradient ``grad`` (float32 CPU tensors of one shape;
+    slices read in place), each a new contiguous tensor."""
     lib = _library()
     if lib is None:
         raise RuntimeError("cpu_swiglu: the kernel is not available here (check available() first)")
-    grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
-    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-    ptrs = (grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
-    lib.swiglu_bwd(*ptrs, gate.numel(), torch.get_num_threads())
+    d, g, u = _rows(grad), _rows(gate), _rows(up)
+    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    rows, cols = g.shape
+    ptrs = (d.data_ptr(), g.data_ptr(), u.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
+    lib.swiglu_bwd(*ptrs, rows, cols, d.stride(0), g.stride(0), u.stride(0), torch.get_num_threads())
     return d_gate, d_up

@@ -358,10 +358,14 @@ def measure_step_in_own_process(
     device: str = "cpu",
     rows: list[tuple[int, int]] | None = None,
     timeout: float = 600,
+    native_kernels: bool = True,
 ) -> Measured:
     """:func:`measure_step` in a fresh ``python -P`` process (this file run as a script, this environment), so that
-    nothing this process did before (its allocator settings, its garbage, its heap's layout) moves the figures."""
-    request = dict(cfg=cfg, config=config.to_dict(), dtype=dtype_name, device=device, rows=rows)
+    nothing this process did before (its allocator settings, its garbage, its heap's layout) moves the figures.
+    ``native_kernels`` False: SwiGLU and RMSNorm on torch's ops (as on a CPU without AVX-512), not the C kernels."""
+    request = dict(
+        cfg=cfg, config=config.to_dict(), dtype=dtype_name, device=device, rows=rows, native=native_kernels
+    )
     with tempfile.TemporaryDirectory(prefix="measure-step-") as tmp:
         result = Path(tmp) / "measured.json"
         argv = [sys.executable, "-P", __file__, json.dumps(request), str(result)]
@@ -374,6 +378,10 @@ def measure_step_in_own_process(
 if __name__ == "__main__":  # measure_step_in_own_process's child: the request as JSON, the file for the result
     request = json.loads(sys.argv[1])
     rows = [tuple(r) for r in request["rows"]] if request["rows"] is not None else None
+    if not request.get("native", True):
+        from finetune_studio.kernels import rms_norm, swiglu
+
+        rms_norm.NATIVE = swiglu.NATIVE = False
     measured = measure_step(
         request["cfg"], TrainConfig.from_dict(request["config"]), request["dtype"], request["device"], rows
     )

@@ -124,8 +124,10 @@ def test_the_fallback_mask_is_transformers_block_diagonal_mask(window):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_estimate_matches_a_measured_packed_step_of_long_rows(checkpointing):
     """The peak of a packed step of 3644 tokens (glibc malloc bytes in use after every op) within 5% of the estimate
-    fitted to those rows. Before: the mask's making was the peak, 35% (20% with checkpointing) above the estimate.
-    Measured in a process of its own: what ran before in this one must not move it."""
+    fitted to those rows, on torch's SwiGLU and RMSNorm (a CPU without AVX-512). Before: the mask's making was the
+    peak, 35% (20% with checkpointing) above the estimate. With the C kernels (kernels.cpu_swiglu, cpu_rms_norm) the
+    MLP's backward holds one [T, i] float32 tensor fewer: the estimate stays above that peak, within 10%. Measured in
+    a process of its own: what ran before in this one must not move it."""
     from measuring import measure_step_in_own_process
 
     config = TrainConfig(
@@ -139,6 +141,11 @@ def test_the_estimate_matches_a_measured_packed_step_of_long_rows(checkpointing)
     lengths = DataLengths.of_rows([n for n, _ in ROWS], [t for _, t in ROWS])
     est = estimate_training_memory(ModelShape.from_config_dict(TINY), config, CPU, lengths)
     assert est.batch is not None and est.batch.packed and est.batch.seq == sum(n for n, _ in ROWS)
-    measured = measure_step_in_own_process(TINY, config, "float32", rows=ROWS)
+    measured = measure_step_in_own_process(TINY, config, "float32", rows=ROWS, native_kernels=False)
     tensors = est.total_bytes - est.runtime_overhead - est.allocator_slack
     assert tensors == pytest.approx(measured.peak, rel=0.05)
+    from finetune_studio.kernels import cpu_swiglu
+
+    if cpu_swiglu.available():
+        native = measure_step_in_own_process(TINY, config, "float32", rows=ROWS)
+        assert 0.9 * tensors <= native.peak <= tensors, (native.peak, tensors)

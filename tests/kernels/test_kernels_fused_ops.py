@@ -77,6 +77,28 @@ def test_swiglu_native_float32_within_ulps_of_the_reference(shape, threads):
     assert torch.equal(out_torch, ref) and all(torch.equal(a, b) for a, b in zip(grads_torch, ref_grads))
 
 
+def test_swiglu_native_reads_slices_of_a_stacked_product_in_place():
+    """gate and up as the two halves of one stacked product (strided rows): the kernel reads them where they are, with
+    no contiguous copies (the memory estimate counts none), and gives what it gives on contiguous copies."""
+    from finetune_studio.kernels import cpu_swiglu
+
+    if not cpu_swiglu.available():
+        pytest.skip("needs AVX-512 and a C compiler")
+    torch.manual_seed(2)
+    stacked = torch.randn(3, 11, 2 * 37) * 4
+    gate, up = stacked[..., :37], stacked[..., 37:]
+    assert not gate.is_contiguous()
+    assert cpu_swiglu._rows(gate).data_ptr() == gate.data_ptr()  # a view, not a copy
+    grad = torch.randn(3, 11, 37)
+    out = cpu_swiglu.swiglu_forward_native(gate, up)
+    d_gate, d_up = cpu_swiglu.swiglu_backward_native(grad, gate, up)
+    assert torch.equal(out, cpu_swiglu.swiglu_forward_native(gate.contiguous(), up.contiguous()))
+    copies = cpu_swiglu.swiglu_backward_native(grad, gate.contiguous(), up.contiguous())
+    assert torch.equal(d_gate, copies[0]) and torch.equal(d_up, copies[1])
+    ref = torch.nn.functional.silu(gate) * up
+    assert out.shape == (3, 11, 37) and torch.allclose(out, ref, rtol=2e-6, atol=1e-5)
+
+
 def test_swiglu_saves_two_tensors_not_three():
     gate = torch.randn(8, 64, requires_grad=True)
     up = torch.randn(8, 64, requires_grad=True)
