@@ -363,9 +363,7 @@ def measure_step_in_own_process(
     """:func:`measure_step` in a fresh ``python -P`` process (this file run as a script, this environment), so that
     nothing this process did before (its allocator settings, its garbage, its heap's layout) moves the figures.
     ``native_kernels`` False: SwiGLU and RMSNorm on torch's ops (as on a CPU without AVX-512), not the C kernels."""
-    request = dict(
-        cfg=cfg, config=config.to_dict(), dtype=dtype_name, device=device, rows=rows, native=native_kernels
-    )
+    request = dict(cfg=cfg, config=config.to_dict(), dtype=dtype_name, device=device, rows=rows, native=native_kernels)
     with tempfile.TemporaryDirectory(prefix="measure-step-") as tmp:
         result = Path(tmp) / "measured.json"
         argv = [sys.executable, "-P", __file__, json.dumps(request), str(result)]
