@@ -1,7 +1,8 @@
-"""C kernels compiled once with the system's C compiler and loaded with ctypes (``bf16_head``, ``cpu_swiglu``).
+"""C kernels compiled once with the system's C compiler and loaded with ctypes (``bf16_head``, ``cpu_swiglu``,
+``cpu_rms_norm``, and the decoding's ``engine.decoding.int8_dot``, ``int4_dot`` and ``native_step``).
 
-``load(name, source)`` compiles ``source`` with ``$CC`` (else ``cc``), ``-O3`` and OpenMP where the compiler has it,
-into the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``finetune-studio/kernels``, one file per
+``load(name, source)`` compiles ``source`` with ``$CC`` (else ``cc``), ``-O3``, libm and OpenMP where the compiler has
+it, into the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``finetune-studio/kernels``, one file per
 source's hash, earlier versions removed), through a temporary file renamed at the end (two processes building at
 once each finish a whole file), and loads it; it returns None, with a log line saying why, where that fails (no
 compiler, a read-only home) or the machine is not x86-64. The kernels pass torch's thread count to OpenMP.
@@ -33,7 +34,7 @@ def _build(name: str, source: str, target: Path) -> None:
         source_file, built = Path(tmp) / f"{name}.c", Path(tmp) / target.name
         source_file.write_text(source, encoding="utf-8")
         for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it): one thread, the same numbers
-            command = [compiler, "-O3", "-shared", "-fPIC", *openmp, "-o", str(built), str(source_file)]
+            command = [compiler, "-O3", "-shared", "-fPIC", *openmp, "-o", str(built), str(source_file), "-lm"]
             done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
             if done.returncode == 0:
                 break

@@ -17,26 +17,22 @@ at 42 (a prefill). Decoding one token reads every weight once, so one row is bou
 weight, read in order), 8 rows by the ``vpdpwssd`` (about 1.5 cycles each here). A row's numbers do not depend
 on the rows around it (each row is quantised alone and summed in the same order whatever the batch).
 
-The kernel is C, compiled once with the system's C compiler (``$CC``, else ``cc``) into the user's cache folder
-(``$XDG_CACHE_HOME`` or ``~/.cache``, ``finetune-studio/kernels``), loaded with ctypes and run on torch's thread
-count (OpenMP: torch's own runtime, already loaded). :func:`available` is False (and the int8 layers keep
-torch's kernels) where the CPU lacks AVX-512 VNNI or nothing compiles; the log says why.
+The kernel is C, compiled once by ``kernels.native_build`` with the system's C compiler (``$CC``, else ``cc``) into
+the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``, ``finetune-studio/kernels``), loaded with ctypes and
+run on torch's thread count (OpenMP: torch's own runtime, already loaded). :func:`available` is False (and the int8
+layers keep torch's kernels) where the CPU lacks AVX-512 VNNI or nothing compiles; the log says why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import subprocess
-import tempfile
 import weakref
-from pathlib import Path
 
 import torch
+
+from finetune_studio.kernels import native_build
 
 log = logging.getLogger(__name__)
 
@@ -155,44 +151,11 @@ int int8_dot_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, const u
 """
 
 
-def _cache_folder() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "finetune-studio" / "kernels"
-
-
-def _build(source: str, target: Path) -> None:
-    """Compile C ``source`` to ``target`` (a shared library), through a temporary file renamed at the end."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC") or "cc"
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source_file, built = Path(tmp) / "kernel.c", Path(tmp) / target.name
-        source_file.write_text(source, encoding="utf-8")
-        for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it): one thread, the same numbers
-            command = [compiler, "-O3", "-shared", "-fPIC", *openmp, "-o", str(built), str(source_file), "-lm"]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-            if done.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-800:]}")
-        os.replace(built, target)
-
-
 def load_library(name: str, source: str) -> ctypes.CDLL | None:
     """C ``source`` (which includes :data:`SOURCE`) compiled once into the cache folder and loaded, or None where
     this machine cannot (no compiler, no AVX-512 VNNI: the log says which)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None  # AVX-512 is x86's
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    target = _cache_folder() / f"{name}-{digest}.so"
-    try:
-        if not target.is_file():
-            _build(source, target)
-            for old in target.parent.glob(f"{name}-*.so"):  # earlier versions' builds
-                if old != target:
-                    old.unlink(missing_ok=True)
-        lib = ctypes.CDLL(str(target))
-    except Exception as exc:  # no compiler, a read-only home, an unsupported platform
-        log.warning("int8: the int8 x int16 kernel is not available (%s: %s)", type(exc).__name__, exc)
+    lib = native_build.load(name, source)  # None where nothing compiles here (the log says why)
+    if lib is None:
         return None
     if not lib.int8_dot_supported():
         log.info("int8: this CPU lacks AVX-512 VNNI; the int8 layers keep torch's kernels")

@@ -67,22 +67,24 @@ class LogprobModel:
         if self.fused:
             with split:
                 hidden = self.decoder(**inputs).last_hidden_state  # [B, T, H]
-            selected = hidden[:, :-1][mask]  # [N, H]
-            if selected.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                # bf16 autocast on the CPU: the head in float32 (bf16 logits of ~20 are off by ~0.1; the head is
-                # a small share of a step once only trained positions reach it).
-                with torch.autocast("cpu", enabled=False):
-                    logps = token_logprobs(
-                        selected.float(), self.head.weight.float(), targets[mask], softcap=self.softcap, impl=self.impl
-                    )
-            else:
-                logps = token_logprobs(selected, self.head.weight, targets[mask], softcap=self.softcap, impl=self.impl)
+            logps = self.head_logps(hidden[:, :-1][mask], targets[mask])
         else:
             with split:
                 # the last T positions: prompt tuning's output starts with its virtual tokens' positions
                 logits = self.model(**inputs).logits[:, -batch.input_ids.shape[1] : -1]
             logps = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         return TokenLogps(logps=logps, rows=rows, batch=batch.sequences)
+
+    def head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The log-probs of ``targets`` [N] through the output head from the decoder's hidden states [N, H] (the
+        fused head: no [N, V] logits kept). Under bf16 autocast on the CPU the head runs in float32 (bf16 logits of
+        ~20 are off by ~0.1; the head is a small share of a step once only trained positions reach it)."""
+        if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return token_logprobs(
+                    hidden.float(), self.head.weight.float(), targets, softcap=self.softcap, impl=self.impl
+                )
+        return token_logprobs(hidden, self.head.weight, targets, softcap=self.softcap, impl=self.impl)
 
     def trained_hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's last hidden states at the trained positions [N, H] and their target tokens [N], for a loss

@@ -63,7 +63,6 @@ from finetune_studio.engine.train.losses import (
 )
 from finetune_studio.engine.train.objectives.base import TrainedModel
 from finetune_studio.engine.train.objectives.grpo import GRPO, RolloutBatch, Sampling
-from finetune_studio.kernels.linear_logprobs import token_logprobs
 
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"
 VALUE_HEAD_INFO = "value_head.json"
@@ -170,14 +169,7 @@ class PPO(GRPO):
         """([N] log-probs of the answer tokens, [N] float32 values of the positions that predict them, [N] each
         token's answer), from one pass of the decoder."""
         hidden, targets = self.forward.trained_hidden(batch)  # [N, H], [N]
-        fw = self.forward
-        if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # the head in float32, as forward's
-            with torch.autocast("cpu", enabled=False):
-                logps = token_logprobs(
-                    hidden.float(), fw.head.weight.float(), targets, softcap=fw.softcap, impl=fw.impl
-                )
-        else:
-            logps = token_logprobs(hidden, fw.head.weight, targets, softcap=fw.softcap, impl=fw.impl)
+        logps = self.forward.head_logps(hidden, targets)
         return logps, rm.head_rewards(self.value_head, hidden), token_rows(batch)
 
     def _no_grad_pass(self, batch: Batch, *, reference: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
