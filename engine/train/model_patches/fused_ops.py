@@ -14,6 +14,10 @@ is untouched):
   them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
   are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
 
+It also replaces the modeling module's ``apply_rotary_pos_emb`` (a module attribute: process-wide) with one through
+``kernels.cpu_rotary`` for float32 CPU tensors (one C pass each way), transformers' numbers bit for bit
+(``model_patches.rotary``).
+
 ``apply_packed_attention(model)`` (``packing``, any architecture, with or without the fused ops) routes every
 attention module's SDPA call the same way, so that a packed row (``engine.train.batches.pack``) runs on the CPU one
 causal SDPA call per sequence instead of transformers' block-diagonal mask over the whole row; and the decoder's mask
@@ -36,6 +40,7 @@ from collections.abc import Iterator
 import torch
 
 from finetune_studio.core.memory.estimate import FUSED_OPS_ARCHITECTURES
+from finetune_studio.engine.train.model_patches import rotary
 from finetune_studio.kernels.attention import gqa_attention, packed_attention
 from finetune_studio.kernels.recompute import recompute_when_saved
 from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
@@ -284,7 +289,8 @@ def _is_swiglu_mlp(module) -> bool:
 
 def apply_memory_patches(model, enabled: bool = True) -> list[str]:
     """Patch ``model`` (a PEFT model or a causal LM) in place; returns what was patched ('gqa_attention', 'recompute',
-    'rms_norm', 'swiglu'), empty when ``enabled`` is False or the architecture is not supported. Idempotent."""
+    'rms_norm', 'rotary', 'swiglu'), empty when ``enabled`` is False or the architecture is not supported.
+    Idempotent."""
     arch = _architecture(model)
     if not enabled:
         return []
@@ -324,6 +330,8 @@ def apply_memory_patches(model, enabled: bool = True) -> list[str]:
                 consumer.forward = types.MethodType(_consumer_forward, consumer)
                 norm._fs_consumed = True
                 done.add("recompute")
+    if done and rotary.install(model):
+        done.add("rotary")
     log.info("fused ops on %s: %s", arch, ", ".join(sorted(done)) or "nothing matched")
     return sorted(done)
 
