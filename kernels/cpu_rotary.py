@@ -58,15 +58,10 @@ int cpu_rotary_supported(void) {
   return __builtin_cpu_supports("avx512f");
 }
 
-/* meta of one tensor: B, H, T, then the (b, h, t) strides in floats of x, cos, sin and out (12); ptrs: x, cos, sin,
-   out. Row r (of B * H * T) rotated by the angle (inverse: by its opposite); each product and sum rounded once
+/* one row of half * 2 floats rotated by the angle (inverse: by its opposite); each product and sum rounded once
    (the _round_ intrinsics: no contraction into a multiply-add), as torch's separate ops */
-AVX512 static void rotate_row(const float* const* ptrs, const int64_t* m, int64_t r, int64_t half, int inverse) {
-  int64_t t = r % m[2], bh = r / m[2], h = bh % m[1], b = bh / m[1];
-  const float* x = ptrs[0] + b * m[3] + h * m[4] + t * m[5];
-  const float* c = ptrs[1] + b * m[6] + h * m[7] + t * m[8];
-  const float* s = ptrs[2] + b * m[9] + h * m[10] + t * m[11];
-  float* y = (float*)ptrs[3] + b * m[12] + h * m[13] + t * m[14];
+AVX512 static inline void rotate_row(const float* x, const float* c, const float* s, float* y, int64_t half,
+                                     int inverse) {
   for (int64_t i = 0; i < half; i += 16) {
     int64_t left = half - i;
     __mmask16 k = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
@@ -86,16 +81,27 @@ AVX512 static void rotate_row(const float* const* ptrs, const int64_t* m, int64_
   }
 }
 
-/* two tensors (q and k) in one call: ptrs 8 (q's x, cos, sin, out, then k's), meta 30 (q's 15, then k's) */
-AVX512 void rotary(const float* const* ptrs, const int64_t* meta, int64_t half, int inverse, int threads) {
-  int64_t rq = meta[0] * meta[1] * meta[2], rows = rq + meta[15] * meta[16] * meta[17];
+/* one tensor: ptrs x, cos, sin, out; meta B, H, T, then the (b, h, t) strides in floats of x, cos, sin and out
+   (12). (b, t) split over the threads, the heads within */
+AVX512 static void rotate_tensor(const float* const* ptrs, const int64_t* m, int64_t half, int inverse,
+                                 int threads) {
+  int64_t heads = m[1], steps = m[2], rows = m[0] * steps;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t r = 0; r < rows; r++) {
-    if (r < rq)
-      rotate_row(ptrs, meta, r, half, inverse);
-    else
-      rotate_row(ptrs + 4, meta + 15, r - rq, half, inverse);
+  for (int64_t bt = 0; bt < rows; bt++) {
+    int64_t b = bt / steps, t = bt % steps;
+    const float* x = ptrs[0] + b * m[3] + t * m[5];
+    const float* c = ptrs[1] + b * m[6] + t * m[8];
+    const float* s = ptrs[2] + b * m[9] + t * m[11];
+    float* y = (float*)ptrs[3] + b * m[12] + t * m[14];
+    for (int64_t h = 0; h < heads; h++)
+      rotate_row(x + h * m[4], c + h * m[7], s + h * m[10], y + h * m[13], half, inverse);
   }
+}
+
+/* q and k in one call: ptrs 8 (q's x, cos, sin, out, then k's), meta 30 (q's 15, then k's) */
+AVX512 void rotary(const float* const* ptrs, const int64_t* meta, int64_t half, int inverse, int threads) {
+  rotate_tensor(ptrs, meta, half, inverse, threads);
+  rotate_tensor(ptrs + 4, meta + 15, half, inverse, threads);
 }
 """
 
@@ -136,13 +142,14 @@ def rotary_reference(
 
 def _broadcast(t: torch.Tensor, unsqueeze_dim: int, shape: torch.Size) -> torch.Tensor | None:
     """cos or sin unsqueezed and expanded to ``shape`` (strides 0 where broadcast); None where it does not fit."""
-    try:
-        u = t.unsqueeze(unsqueeze_dim)
-        if torch.broadcast_shapes(u.shape, shape) != shape:
-            return None
-        return u.expand(shape)
-    except (RuntimeError, IndexError):
+    n = t.dim() + 1
+    if len(shape) != n or not -n <= unsqueeze_dim < n:
         return None
+    dims = list(t.shape)
+    dims.insert(unsqueeze_dim % n, 1)
+    if any(a != b and a != 1 for a, b in zip(dims, shape)):
+        return None
+    return t.unsqueeze(unsqueeze_dim).expand(shape)
 
 
 def runs_on(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> bool:
