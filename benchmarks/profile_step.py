@@ -21,8 +21,10 @@ added to its ``LEVERS``): ``head_logits_bf16``, the output head's logits from bf
 without that kernel (float32 logits, torch's bf16 ``G W`` a vocabulary chunk at a time); ``swiglu_native``,
 SwiGLU's float32 forward and backward in one pass each (``kernels.cpu_swiglu``) against torch's ops;
 ``rms_norm_native``, RMSNorm's float32 forward, recompute and input gradient in one pass a row
-(``kernels.cpu_rms_norm``) against torch's ops. Read the profile's small ops (norms, casts, the LoRA layers' own time)
-as upper bounds: the profiler books its own overhead per op to them; the A/Bs say what a lever is worth.
+(``kernels.cpu_rms_norm``) against torch's ops; ``rotary_native``, the rotary embedding of q and k in one pass each
+way (``kernels.cpu_rotary``, the same numbers) against torch's ops. Read the profile's small ops (norms, casts, the
+LoRA layers' own time) as upper bounds: the profiler books its own overhead per op to them; the A/Bs say what a lever
+is worth.
 """
 
 from __future__ import annotations
@@ -177,11 +179,20 @@ def _rms_norm_native(setup, on: bool) -> None:
     rms_norm.NATIVE = on
 
 
+def _rotary_native(setup, on: bool) -> None:
+    """The rotary embedding of q and k (forward and backward) through ``kernels.cpu_rotary`` against torch's ops
+    (transformers' ``apply_rotary_pos_emb``; the same numbers)."""
+    from finetune_studio.kernels import cpu_rotary
+
+    cpu_rotary.NATIVE = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
     "swiglu_native": _swiglu_native,
     "rms_norm_native": _rms_norm_native,
+    "rotary_native": _rotary_native,
 }
 
 
