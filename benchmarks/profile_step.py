@@ -179,6 +179,14 @@ def _rms_norm_native(setup, on: bool) -> None:
     rms_norm.NATIVE = on
 
 
+def _attention_native(setup, on: bool) -> None:
+    """Causal float32 attention (a packed row, forward and backward) through ``kernels.cpu_attention`` against torch's
+    SDPA flash kernel sequence by sequence."""
+    from finetune_studio.kernels import attention
+
+    attention.NATIVE = on
+
+
 def _rotary_native(setup, on: bool) -> None:
     """The rotary embedding of q and k (forward and backward) through ``kernels.cpu_rotary`` against torch's ops
     (transformers' ``apply_rotary_pos_emb``; the same numbers)."""
@@ -187,12 +195,22 @@ def _rotary_native(setup, on: bool) -> None:
     cpu_rotary.NATIVE = on
 
 
+def _grouped_projections(setup, on: bool) -> None:
+    """q/k/v and gate/up of each block as one stacked bf16 LoRA product each (``kernels.grouped_lora_linear``)
+    against the layers one by one over the same stacks."""
+    from finetune_studio.engine.train.model_patches import kernel_wiring
+
+    kernel_wiring.GROUPED = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
     "swiglu_native": _swiglu_native,
     "rms_norm_native": _rms_norm_native,
     "rotary_native": _rotary_native,
+    "attention_native": _attention_native,
+    "grouped_projections": _grouped_projections,
 }
 
 

@@ -10,6 +10,10 @@ is untouched):
   on a CPU with AVX-512 in one pass each way, ``kernels.cpu_swiglu``);
 - every grouped-query attention's SDPA call, on the CPU, to ``kernels.attention`` (no repeated keys and values kept
   for backward; elsewhere transformers' own SDPA path runs);
+- every Llama/Mistral/Qwen2/Qwen3 attention block's forward to one that, where bf16-mixed's LoRA wiring grouped
+  q/k/v (``kernel_wiring.grouped_projections``: one stacked bf16 product each way for the three), takes them
+  from it and is otherwise transformers' forward (rotary and the attention function looked up at each call);
+  SwiGLU MLPs take gate/up the same way (elsewhere both run transformers' / the layers' own forward);
 - and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
   them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
   are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
@@ -34,13 +38,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sys
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from finetune_studio.core.memory.estimate import FUSED_OPS_ARCHITECTURES
 from finetune_studio.engine.train.model_patches import rotary
+from finetune_studio.engine.train.model_patches.kernel_wiring import grouped_projections
 from finetune_studio.kernels.attention import gqa_attention, packed_attention
 from finetune_studio.kernels.recompute import recompute_when_saved
 from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
@@ -75,8 +82,12 @@ def _norm_forward(self, hidden_states):
     return out
 
 
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # read by kernel_wiring's grouping
+
+
 def _mlp_forward(self, x):
-    gate, up = self.gate_proj(x), self.up_proj(x)
+    projected = grouped_projections(self, x, GATE_UP)
+    gate, up = projected if projected is not None else (self.gate_proj(x), self.up_proj(x))
     h = swiglu(gate, up)
     if not _recompute_allowed(self._fs_layer):
         return self.down_proj(h)
@@ -97,6 +108,74 @@ def _consumer_forward(self, *args, **kwargs):
     weight = norm.weight
     with recompute_when_saved(x, lambda: rms_norm_forward(inp, weight, rstd)):
         return forward(*args, **kwargs)
+
+
+# attention classes whose forward ``_attention_forward`` reproduces, and where each passes a sliding window from:
+# None (none passed), "config" (the config's), "module" (its own attribute)
+_QKV_ATTENTION = {
+    "LlamaAttention": None,
+    "MistralAttention": "config",
+    "Qwen2Attention": "module",
+    "Qwen3Attention": "module",
+}
+
+
+def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """transformers' attention forward (Llama, Mistral, Qwen2, Qwen3; 5.x) with q/k/v from
+    ``grouped_projections`` where it gives them; the class's own forward otherwise (a cache, positional
+    arguments, no group, adapters disabled). Rotary and the attention function are looked up at each call (the
+    modeling module's ``apply_rotary_pos_emb``, transformers' attention interface), as the class's forward does."""
+    hidden_states = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
+    plain = (
+        isinstance(hidden_states, torch.Tensor)
+        and kwargs.get("position_embeddings") is not None
+        and kwargs.get("cache") is None
+        and kwargs.get("past_key_values") is None
+    )
+    qkv = grouped_projections(self, hidden_states, QKV) if plain else None
+    if qkv is None or hidden_states is None:
+        return type(self).forward(self, *args, **kwargs)
+    modeling = sys.modules[type(self).__module__]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+    cos, sin = kwargs.pop("position_embeddings")
+    attention_mask = kwargs.pop("attention_mask", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query, key, value = (t.view(hidden_shape) for t in qkv)
+    if hasattr(self, "q_norm"):  # Qwen3: a norm of each head's q and k before rotary
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = modeling.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    attention = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, modeling.eager_attention_forward
+    )
+    window = _QKV_ATTENTION[type(self).__name__]
+    if window is not None:
+        source = self.config if window == "config" else self
+        kwargs["sliding_window"] = getattr(source, "sliding_window", None)
+    out, weights = attention(
+        self,
+        query,
+        key,
+        value.transpose(1, 2),
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def _patch_attention_projections(module: Any) -> bool:
+    """Give a known attention class's instance ``_attention_forward`` and mark its q/k/v for grouping (idempotent;
+    before the norm's consumer wrapper, which calls it)."""
+    if type(module).__name__ not in _QKV_ATTENTION or "_fs_projections" in module.__dict__:
+        return False
+    if not all(hasattr(module, n) for n in (*QKV, "o_proj", "head_dim", "scaling")):
+        return False
+    module.forward = types.MethodType(_attention_forward, module)
+    module._fs_projections = QKV
+    return True
 
 
 ATTENTION = "finetune_studio_sdpa_gqa"  # registered with transformers' AttentionInterface (a new name only)
@@ -308,6 +387,7 @@ def apply_memory_patches(model, enabled: bool = True) -> list[str]:
             done.add("rms_norm")
         elif _is_swiglu_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
+            module._fs_projections = GATE_UP
             object.__setattr__(module, "_fs_layer", None)  # plain attributes: not registered as submodules
             module._fs_patched = True
             done.add("swiglu")
@@ -315,6 +395,8 @@ def apply_memory_patches(model, enabled: bool = True) -> list[str]:
             module._fs_gqa = True
             module._fs_patched = True
             done.add("gqa_attention")
+    for module in _causal_lm(model).modules():
+        _patch_attention_projections(module)
     for layer in _causal_lm(model).modules():
         pairs = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
         if not all(hasattr(layer, n) for pair in pairs for n in pair):

@@ -25,11 +25,19 @@
   low-rank part ride on the base products; the sums, the adapter weights and their gradients float32). Measured in
   ``benchmarks/RESULTS.md`` ("The share of the CPU's matrix-product peak"): one SFT step 0.945x the CPU time for
   the bf16 products, 0.98x more for the stack; loss curves within float32's seed spread.
+* Grouped projections (bf16-mixed with the fused ops): the LoRA linears of one module that read one input (q/k/v
+  of an attention block, gate/up of a SwiGLU MLP: the modules ``fused_ops`` marks with ``_fs_projections``) share one
+  stack, ``[W_q; A_q; W_k; A_k; W_v; A_v]`` (``kernels.grouped_lora_linear.stack_group``; each W a view of its rows,
+  each layer's own ``[W; A]`` rows its ``_fs_stacked``), and the module's forward asks ``grouped_projections`` for
+  their outputs: one product each way for the group (``kernels.grouped_lora_linear``), where each member would
+  run ``lora_linear`` with its stack (the same numbers; the input gradient summed inside one product). ``GROUPED``
+  switches it at each forward (the layers then run one by one over the same stacks).
 """
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -45,8 +53,11 @@ from finetune_studio.engine.train.model_patches.mixed_precision import BF16Froze
 from finetune_studio.kernels.dora_norm import IMPLS as DORA_IMPLS
 from finetune_studio.kernels.dora_norm import dora_weight_norm
 from finetune_studio.kernels.dora_output import dora_output
+from finetune_studio.kernels.grouped_lora_linear import grouped_lora_linear, stack_group
 from finetune_studio.kernels.lora_linear import lora_linear, stack_weight
 from finetune_studio.kernels.selection import device_kind, require_triton, triton_installed
+
+GROUPED = True  # a marked module's LoRA projections of one input through one stacked product (grouped_projections)
 
 logprobs_impl = kernel_choice.logprobs_impl  # the ``token_logprobs`` impl for a config's ``kernels`` choice
 
@@ -224,6 +235,8 @@ def install_lora_linear(model: torch.nn.Module, low_precision_adapters: bool = F
     layers = lora_linears(model)
     if low_only:
         layers = [m for m in layers if low_precision_adapters and type(m.get_base_layer()) is BF16FrozenLinear]
+    if low_precision_adapters:
+        _install_groups(model, layers)
     for layer in layers:
         base = layer.get_base_layer()
         low = low_precision_adapters and type(base) is BF16FrozenLinear
@@ -255,6 +268,101 @@ def uninstall_lora_linear(model: torch.nn.Module) -> None:
         layer.__dict__.pop("forward", None)
         layer.__dict__.pop("_fs_adapter_dtype", None)
         layer.__dict__.pop("_fs_stacked", None)
+    for module in model.modules():
+        module.__dict__.pop("_fs_group", None)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A module's LoRA projections of one input over one stack (``kernels.grouped_lora_linear.stack_group``)."""
+
+    names: tuple[str, ...]
+    layers: tuple[LoraLinear, ...]
+    stacked: torch.Tensor
+    rows: tuple[tuple[int, int], ...]  # each member's (out, r)
+    weights: tuple[int, ...]  # each member's base weight's data_ptr in the stack
+
+
+def _install_groups(model: torch.nn.Module, layers: list[LoraLinear]) -> int:
+    """For each module marked with ``_fs_projections`` (layer names; ``fused_ops`` marks the attention blocks and
+    MLPs whose forward calls ``grouped_projections``) whose named layers are all in ``layers``, plain LoRA linears
+    over bf16-mixed bases of one input width with one active adapter each: one stack for the group, each base
+    weight a view of its rows and each layer's ``_fs_stacked`` its ``[W; A]`` rows (which ``_stack`` then keeps).
+    Returns the number of groups made (an intact group is kept)."""
+    wired = {id(m) for m in layers}
+    made = 0
+    for module in model.modules():
+        names = module.__dict__.get("_fs_projections")
+        if not names:
+            continue
+        members = [getattr(module, n, None) for n in names]
+        if not all(isinstance(m, LoraLinear) and id(m) in wired for m in members):
+            continue
+        group = cast(list[LoraLinear], members)
+        if _intact(module.__dict__.get("_fs_group"), group):
+            continue
+        ranks = [_one_rank(m) for m in group]
+        weights = [cast(torch.Tensor, m.get_base_layer().weight) for m in group]
+        plain = all(type(m.get_base_layer()) is BF16FrozenLinear for m in group)
+        if not plain or None in ranks or len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
+            continue
+        stacked, rows = stack_group([w.detach() for w in weights], cast(list[int], ranks))
+        for layer, weight, member in zip(group, weights, rows, strict=True):
+            weight.data = member[: weight.shape[0]]
+            layer._fs_stacked = member
+        shapes = tuple((w.shape[0], cast(int, r)) for w, r in zip(weights, ranks, strict=True))
+        ptrs = tuple(w.data_ptr() for w in weights)
+        module._fs_group = _Group(tuple(names), tuple(group), stacked, shapes, ptrs)  # type: ignore[assignment]
+        made += 1
+    return made
+
+
+def _one_rank(layer: LoraLinear) -> int | None:
+    """The rank of the one active plain adapter (as ``_stack`` stacks it); None without one such adapter."""
+    names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.lora_variant]
+    if len(names) != 1 or getattr(layer, "fan_in_fan_out", False):
+        return None
+    return int(cast(torch.Tensor, layer.lora_A[names[0]].weight).shape[0])
+
+
+def _intact(group: _Group | None, layers: list[LoraLinear]) -> bool:
+    """``group`` still holds these layers' base weights (none replaced since it was made)."""
+    return (
+        group is not None
+        and list(group.layers) == layers
+        and all(cast(torch.Tensor, m.get_base_layer().weight).data_ptr() == p for m, p in zip(layers, group.weights))
+    )
+
+
+def grouped_projections(
+    module: torch.nn.Module, x: torch.Tensor, names: tuple[str, ...]
+) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of ``module``'s LoRA linears ``names`` for x through one stacked product
+    (``kernels.grouped_lora_linear``), when ``GROUPED`` and its group (``_install_groups``) runs the plain case:
+    each layer wired with bf16 adapters, one active plain adapter (the same one), no active dropout, its base weight
+    still the group's and its rank unchanged. None otherwise: call the layers one by one (peft's forward for a
+    disabled adapter, as DPO's reference pass runs)."""
+    group = cast("_Group | None", module.__dict__.get("_fs_group"))
+    if not GROUPED or group is None or group.names != names:
+        return None
+    biases, lora_as, lora_bs, scalings = [], [], [], []
+    adapter = None
+    for layer, (out, r), ptr in zip(group.layers, group.rows, group.weights):
+        name = _plain_lora_adapter(layer, x, (), {})
+        if name is None or (adapter is not None and name != adapter):
+            return None
+        if getattr(layer, "_fs_adapter_dtype", None) is None or "forward" not in layer.__dict__:
+            return None
+        base = layer.get_base_layer()
+        weight, a = cast(torch.Tensor, base.weight), cast(torch.Tensor, layer.lora_A[name].weight)
+        if weight.data_ptr() != ptr or weight.shape[0] != out or a.shape[0] != r:
+            return None
+        adapter = name
+        biases.append(cast("torch.Tensor | None", base.bias))
+        lora_as.append(a)
+        lora_bs.append(cast(torch.Tensor, layer.lora_B[name].weight))
+        scalings.append(float(layer.scaling[name]))
+    return grouped_lora_linear(x, group.stacked, biases, lora_as, lora_bs, scalings)
 
 
 def _plain_lora_adapter(
