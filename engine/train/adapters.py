@@ -63,7 +63,9 @@ def make_optimizer(params, config: TrainConfig, device: str, model=None):
         "eps": 1e-8,
     }
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, fused=device == "cuda", **kw)
+        # fused: one kernel over all tensors (CUDA and the CPU; on the CPU torch's default is a loop of ~10 ops per
+        # tensor: for the bundled model's 420 LoRA tensors 21 ms a step against 7 fused, the same update to rounding)
+        return torch.optim.AdamW(groups, fused=device in ("cuda", "cpu"), **kw)
     import bitsandbytes as bnb
 
     cls = {
