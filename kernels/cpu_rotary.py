@@ -225,7 +225,11 @@ class _Rotary(torch.autograd.Function):
         orders = (_order(q), _order(k))
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.orders = unsqueeze_dim, orders
-        return _run((q, k), cos, sin, unsqueeze_dim, orders, inverse=False)
+        out_q, out_k = _run((q, k), cos, sin, unsqueeze_dim, orders, inverse=False)
+        for out, grad in zip((out_q, out_k), ctx.needs_input_grad[:2]):
+            if not grad:  # as torch's ops: no gradient for the rotation of a tensor that has none
+                ctx.mark_non_differentiable(out)
+        return out_q, out_k
 
     @staticmethod
     @once_differentiable

@@ -105,6 +105,17 @@ def test_outputs_and_gradients_keep_the_inputs_memory_order():
     assert torch.equal(d_q, r_q) and torch.equal(d_k, r_k)
 
 
+def test_only_the_inputs_that_need_a_gradient_get_one():
+    """As with torch's ops, the rotation of a k without a gradient has none, and q's gradient is transformers'."""
+    cos, sin = _cos_sin(1, 5, 16)
+    q = torch.randn(1, 4, 5, 16, requires_grad=True)
+    k = torch.randn(1, 2, 5, 16)
+    out_q, out_k = cpu_rotary.rotary_native(q, k, cos, sin, 1)
+    ref_q, ref_k = HF(q, k, cos, sin)
+    assert out_q.requires_grad and not out_k.requires_grad and not ref_k.requires_grad
+    assert torch.equal(torch.autograd.grad(out_q.sum(), q)[0], torch.autograd.grad(ref_q.sum(), q)[0])
+
+
 def test_fallbacks_run_torch_ops_with_the_same_numbers():
     """Inputs the kernel does not take (bf16, a cos that needs a gradient, a last dimension that is not contiguous,
     a cos that does not broadcast to q, NATIVE off) run torch's ops through ``apply_rotary``: transformers'
