@@ -200,10 +200,11 @@ def _run(
     lib = _library()
     if lib is None:
         raise RuntimeError("cpu_rotary: the kernel is not available here (check available() first)")
-    outs, ptrs, meta = [], [], []
+    outs, ptrs, meta, inputs = [], [], [], []
     for x, order in zip(xs, orders):
-        if x.stride(-1) != 1:
+        if x.stride(-1) != 1:  # an expanded gradient (of a sum): a copy, alive until the call below
             x = x.contiguous()
+        inputs.append(x)
         c, s = _broadcast(cos, unsqueeze_dim, x.shape), _broadcast(sin, unsqueeze_dim, x.shape)
         if c is None or s is None:
             raise ValueError(f"cpu_rotary: cos {list(cos.shape)} does not broadcast to {list(x.shape)}")
@@ -214,6 +215,7 @@ def _run(
     p = (ctypes.c_void_p * 8)(*ptrs)
     m = (ctypes.c_int64 * 30)(*meta)
     lib.rotary(p, m, xs[0].shape[-1] // 2, int(inverse), torch.get_num_threads())
+    del inputs
     return outs[0], outs[1]
 
 
