@@ -269,8 +269,9 @@ def test_the_frozen_weights_are_views_of_the_group_stacks():
         start += weight.shape[0] + rank
     assert start == group.stacked.shape[0]
     before = group.stacked
-    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)  # again: the groups are kept
+    notes = kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)  # again: the groups are kept
     assert attn._fs_group.stacked is before
+    assert any("4 groups of LoRA projections" in note for note in notes)
 
 
 def test_disabled_adapters_dropout_and_dora_run_the_layers_own_path(monkeypatch):

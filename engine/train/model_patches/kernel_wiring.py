@@ -107,6 +107,9 @@ def install_kernels(
             f"{'Fused ops' if fused_ops else 'bf16-mixed'}: {n} LoRA layers via lora_linear (the low-rank product "
             "added in place" + (f"; the adapter products of {low} over bf16 bases in bf16)" if low else ")")
         )
+    groups = sum(1 for m in model.modules() if "_fs_group" in m.__dict__)
+    if groups:
+        notes.append(f"Fused ops: {groups} groups of LoRA projections of one input (q/k/v, gate/up), one product each")
     return notes
 
 
