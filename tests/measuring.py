@@ -362,7 +362,8 @@ def measure_step_in_own_process(
 ) -> Measured:
     """:func:`measure_step` in a fresh ``python -P`` process (this file run as a script, this environment), so that
     nothing this process did before (its allocator settings, its garbage, its heap's layout) moves the figures.
-    ``native_kernels`` False: SwiGLU and RMSNorm on torch's ops (as on a CPU without AVX-512), not the C kernels."""
+    ``native_kernels`` False: SwiGLU, RMSNorm and attention on torch's ops (as on a CPU without AVX-512), not the C
+    kernels."""
     request = dict(cfg=cfg, config=config.to_dict(), dtype=dtype_name, device=device, rows=rows, native=native_kernels)
     with tempfile.TemporaryDirectory(prefix="measure-step-") as tmp:
         result = Path(tmp) / "measured.json"
@@ -377,9 +378,9 @@ if __name__ == "__main__":  # measure_step_in_own_process's child: the request a
     request = json.loads(sys.argv[1])
     rows = [tuple(r) for r in request["rows"]] if request["rows"] is not None else None
     if not request.get("native", True):
-        from finetune_studio.kernels import rms_norm, swiglu
+        from finetune_studio.kernels import attention, rms_norm, swiglu
 
-        rms_norm.NATIVE = swiglu.NATIVE = False
+        rms_norm.NATIVE = swiglu.NATIVE = attention.NATIVE = False
     measured = measure_step(
         request["cfg"], TrainConfig.from_dict(request["config"]), request["dtype"], request["device"], rows
     )

@@ -1,0 +1,459 @@
+"""Causal attention over a packed row of sequences in one C call each way (float32, AVX-512), for ``kernels.attention``.
+
+torch's CPU flash kernel runs one call per sequence of a packed row (``packed_attention``) and, on the bundled
+model's ~115-token sequences, spends most of its time outside the dot products. ``attention_forward_native`` takes
+the whole row (all sequences, from cumulative lengths; all heads; grouped key/value heads read as they are, no
+repeat) in one call; ``attention_backward_native`` gives dq, dk and dv (dk, dv summed over the query heads that share
+a key/value head). What flash saves for backward is what this saves (q, k, v, the output and each row's
+logsumexp); the backward recomputes the probabilities, no [T, T] tensor is kept:
+
+    S = scale q k^T (keys j <= i of the query's own sequence),  lse_i = log sum_j exp(S_ij),  P = exp(S - lse)
+    out = P v;   backward: dP = dout v^T,  delta_i = dout_i . out_i,  dS = P (dP - delta)
+    dq = scale dS k,  dk = scale dS^T q,  dv = P^T dout
+
+Float32 in and out, float32 products and sums (sums in another order than torch's, and an exponential of its own as
+in ``kernels.cpu_swiglu``: a few float32 ulps from libm's), so results agree with torch's to float32 rounding, not
+bit for bit. Inside: per row group of queries, register tiles of queries x keys against a transposed copy of the
+keys (S, dP) and of queries x the head dimension (P v, dS k, P^T dout, dS^T q), the head dimension any multiple of
+16. The forward runs over (batch row, sequence, query head) on torch's thread count, the backward over (batch row,
+sequence, key/value head) so that each task owns its dk and dv.
+
+Layouts: q [B, H, T, D], k / v [B, KV, T, D] with any strides whose last is 1 (transformers' transposed views of
+[B, T, H, D] are read in place), and so the output's gradient; dq, dk and dv are transposed views of new [B, T,
+heads, D] tensors (the layout of the projections they flow back into). The output is a contiguous [B, H, T, D], as
+flash's: transformers' attention then copies it to [B, T, H, D] for the output projection, which keeps that copy
+for backward besides the output this op keeps, so the step holds what it held with SDPA and the memory estimate
+(which counts both) stays true. Written token-major, the output would be the projection's input itself (its
+``.contiguous()`` a no-op): one [T, hidden] float32 less per layer, which the estimate does not count yet.
+
+C compiled once and loaded with ctypes (``kernels.native_build``); :func:`available` is False where the CPU lacks
+AVX-512 or nothing compiles, and ``kernels.attention`` keeps torch's SDPA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from finetune_studio.kernels import native_build
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#define AVX512 __attribute__((target("avx512f")))
+#define INLINE static inline __attribute__((always_inline))
+#define MR 6   /* query rows of a register tile */
+#define BQ 64  /* query rows of a backward block */
+
+int cpu_attention_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* exp(x) for float32 lanes (as kernels.cpu_swiglu): x = n ln2 + r (Cody-Waite), exp(r) by its Taylor series to r^7,
+   scaled by 2^n; x clamped to [-87.3, 88.7] */
+AVX512 INLINE __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* s[m][n0 .. n0 + 16 nz) = sum_d a[m * as + d] * bt[d * bts + n0 ..], m < mr (the caller's constants) */
+AVX512 INLINE void nt_tile(int mr, int nz, int64_t d, const float* a, int64_t as, const float* bt, int64_t bts,
+                           float* s, int64_t ss) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) acc[m][z] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; e++) {
+    __m512 b0 = _mm512_loadu_ps(bt + e * bts), b1 = nz > 1 ? _mm512_loadu_ps(bt + e * bts + 16) : b0;
+    for (int m = 0; m < mr; m++) {
+      __m512 av = _mm512_set1_ps(a[m * as + e]);
+      acc[m][0] = _mm512_fmadd_ps(av, b0, acc[m][0]);
+      if (nz > 1) acc[m][1] = _mm512_fmadd_ps(av, b1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) _mm512_storeu_ps(s + m * ss + 16 * z, acc[m][z]);
+}
+
+/* s[m][0 .. 16 ceil(n / 16)) = a_m . bt[:, j] for m < mr rows of a (row stride as), d columns; bt [d][>= n, padded] */
+AVX512 INLINE void nt_rows(int mr, int64_t n, int64_t d, const float* a, int64_t as, const float* bt, int64_t bts,
+                           float* s, int64_t ss) {
+  int64_t j = 0;
+  for (; j + 32 <= n || (j + 16 < n); j += 32) {
+    switch (mr) {
+      case 6: nt_tile(6, 2, d, a, as, bt + j, bts, s + j, ss); break;
+      case 5: nt_tile(5, 2, d, a, as, bt + j, bts, s + j, ss); break;
+      case 4: nt_tile(4, 2, d, a, as, bt + j, bts, s + j, ss); break;
+      case 3: nt_tile(3, 2, d, a, as, bt + j, bts, s + j, ss); break;
+      case 2: nt_tile(2, 2, d, a, as, bt + j, bts, s + j, ss); break;
+      default: nt_tile(1, 2, d, a, as, bt + j, bts, s + j, ss); break;
+    }
+  }
+  if (j < n) {
+    switch (mr) {
+      case 6: nt_tile(6, 1, d, a, as, bt + j, bts, s + j, ss); break;
+      case 5: nt_tile(5, 1, d, a, as, bt + j, bts, s + j, ss); break;
+      case 4: nt_tile(4, 1, d, a, as, bt + j, bts, s + j, ss); break;
+      case 3: nt_tile(3, 1, d, a, as, bt + j, bts, s + j, ss); break;
+      case 2: nt_tile(2, 1, d, a, as, bt + j, bts, s + j, ss); break;
+      default: nt_tile(1, 1, d, a, as, bt + j, bts, s + j, ss); break;
+    }
+  }
+}
+
+/* c[m][0 .. 16 nz) (+)= sum_{k < kn} a[m * am + k * ak] * b[k * bs + ..], m < mr (the caller's constants) */
+AVX512 INLINE void nn_tile(int mr, int nz, int64_t kn, const float* a, int64_t am, int64_t ak, const float* b,
+                           int64_t bs, float* c, int64_t cs, int add) {
+  __m512 acc[MR][4];
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) acc[m][z] = add ? _mm512_loadu_ps(c + m * cs + 16 * z) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kn; k++) {
+    __m512 bv[4];
+    for (int z = 0; z < nz; z++) bv[z] = _mm512_loadu_ps(b + k * bs + 16 * z);
+    for (int m = 0; m < mr; m++) {
+      __m512 av = _mm512_set1_ps(a[m * am + k * ak]);
+      for (int z = 0; z < nz; z++) acc[m][z] = _mm512_fmadd_ps(av, bv[z], acc[m][z]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) _mm512_storeu_ps(c + m * cs + 16 * z, acc[m][z]);
+}
+
+#define NN_MR(nz)                                                               \
+  switch (mr) {                                                                 \
+    case 6: nn_tile(6, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
+    case 5: nn_tile(5, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
+    case 4: nn_tile(4, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
+    case 3: nn_tile(3, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
+    case 2: nn_tile(2, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
+    default: nn_tile(1, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;  \
+  }
+
+/* c[m][0 .. d) (+)= sum_{k < kn} a(m, k) b[k][..] for mr <= MR rows, d a multiple of 16 */
+AVX512 static void nn_rows(int mr, int64_t d, int64_t kn, const float* a, int64_t am, int64_t ak, const float* b,
+                           int64_t bs, float* c, int64_t cs, int add) {
+  int64_t o = 0;
+  for (; o + 64 <= d; o += 64) NN_MR(4)
+  if (d - o == 48) NN_MR(3)
+  else if (d - o == 32) NN_MR(2)
+  else if (d - o == 16) NN_MR(1)
+}
+
+/* kt[e][j] = k[j][e] for j < n, e < d; zero for n <= j < np */
+AVX512 static void transpose(const float* k, int64_t ks, int64_t n, int64_t d, float* kt, int64_t np) {
+  for (int64_t e = 0; e < d; e++) {
+    float* row = kt + e * np;
+    for (int64_t j = 0; j < n; j++) row[j] = k[j * ks + e];
+    for (int64_t j = n; j < np; j++) row[j] = 0.f;
+  }
+}
+
+/* row of scores s[0 .. n) -> probabilities exp(scale s - lse) for j < live, 0 for live <= j < n; returns lse (given
+   when have_lse, else computed: the probabilities then sum to 1) */
+AVX512 static float softmax_row(float* s, int64_t live, int64_t n, float scale, float lse, int have_lse) {
+  __m512 sc = _mm512_set1_ps(scale);
+  if (!have_lse) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < live; j += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail(live - j), s + j));
+    __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < live; j += 16) {
+      __mmask16 t = tail(live - j);
+      __m512 p = _mm512_maskz_mov_ps(t, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv)));
+      _mm512_mask_storeu_ps(s + j, t, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    float total = _mm512_reduce_add_ps(sum);
+    __m512 inv = _mm512_set1_ps(1.f / total);
+    for (int64_t j = 0; j < live; j += 16) {
+      __mmask16 t = tail(live - j);
+      _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+    }
+    lse = _mm512_reduce_max_ps(mx) * scale + logf(total);
+  } else {
+    __m512 lv = _mm512_set1_ps(lse);
+    for (int64_t j = 0; j < live; j += 16)
+      _mm512_mask_storeu_ps(s + j, tail(live - j), exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, lv)));
+  }
+  for (int64_t j = live; j < n; j++) s[j] = 0.f;
+  return lse;
+}
+
+typedef struct {
+  int64_t b, h, t; /* strides of [B, heads, T, D] (the last stride 1) */
+} strides;
+
+static int64_t off(strides s, int64_t b, int64_t h, int64_t t) { return b * s.b + h * s.h + t * s.t; }
+
+/* out [B, H, T, D] (strides so_), lse [B, H, T] contiguous; cu [nseq + 1] cumulative lengths */
+AVX512 void attention_fwd(const float* q, const float* k, const float* v, float* out, float* lse, const int64_t* cu,
+                          int64_t nseq, int64_t nb, int64_t nh, int64_t nkv, int64_t t_len, int64_t d, float scale,
+                          strides sq, strides sk, strides sv, strides so, int threads) {
+  int64_t tasks = nb * nseq * nh, group = nh / nkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t task = 0; task < tasks; task++) {
+    int64_t h = task % nh, s = (task / nh) % nseq, b = task / (nh * nseq);
+    int64_t start = cu[s], n = cu[s + 1] - start, np = (n + 15) / 16 * 16;
+    if (n <= 0) continue;
+    float* kt = (float*)malloc(sizeof(float) * (d * np + MR * np));
+    float* p = kt + d * np;
+    transpose(k + off(sk, b, h / group, start), sk.t, n, d, kt, np);
+    const float* qh = q + off(sq, b, h, start);
+    const float* vh = v + off(sv, b, h / group, start);
+    float* oh = out + off(so, b, h, start);
+    float* lh = lse + (b * nh + h) * t_len + start;
+    for (int64_t r = 0; r < n; r += MR) {
+      int mr = n - r < MR ? (int)(n - r) : MR;
+      int64_t keys = r + mr;
+      nt_rows(mr, keys, d, qh + r * sq.t, sq.t, kt, np, p, np);
+      for (int m = 0; m < mr; m++) lh[r + m] = softmax_row(p + m * np, r + m + 1, keys, scale, 0.f, 0);
+      nn_rows(mr, d, keys, p, np, 1, vh, sv.t, oh + r * so.t, so.t, 0);
+    }
+    free(kt);
+  }
+}
+
+/* dq [B, H, T, D] (strides sdq), dk / dv [B, KV, T, D] (strides sdk, sdv), overwritten */
+AVX512 void attention_bwd(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                          const float* lse, float* dq, float* dk, float* dv, const int64_t* cu, int64_t nseq,
+                          int64_t nb, int64_t nh, int64_t nkv, int64_t t_len, int64_t d, float scale, strides sdo,
+                          strides sq, strides sk, strides sv, strides so, strides sdq, strides sdk, strides sdv,
+                          int threads) {
+  int64_t tasks = nb * nseq * nkv, group = nh / nkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t task = 0; task < tasks; task++) {
+    int64_t g = task % nkv, s = (task / nkv) % nseq, b = task / (nkv * nseq);
+    int64_t start = cu[s], n = cu[s + 1] - start, np = (n + 15) / 16 * 16;
+    if (n <= 0) continue;
+    float* kt = (float*)malloc(sizeof(float) * (2 * d * np + 2 * BQ * np + BQ));
+    float *vt = kt + d * np, *p = vt + d * np, *ds = p + BQ * np, *delta = ds + BQ * np;
+    const float* kg = k + off(sk, b, g, start);
+    const float* vg = v + off(sv, b, g, start);
+    float* dkg = dk + off(sdk, b, g, start);
+    float* dvg = dv + off(sdv, b, g, start);
+    transpose(kg, sk.t, n, d, kt, np);
+    transpose(vg, sv.t, n, d, vt, np);
+    for (int64_t j = 0; j < n; j++) {
+      memset(dkg + j * sdk.t, 0, sizeof(float) * d);
+      memset(dvg + j * sdv.t, 0, sizeof(float) * d);
+    }
+    for (int64_t h = g * group; h < (g + 1) * group; h++) {
+      const float* qh = q + off(sq, b, h, start);
+      const float* doh = dout + off(sdo, b, h, start);
+      const float* oh = out + off(so, b, h, start);
+      const float* lh = lse + (b * nh + h) * t_len + start;
+      float* dqh = dq + off(sdq, b, h, start);
+      for (int64_t i0 = 0; i0 < n; i0 += BQ) {
+        int64_t rows = n - i0 < BQ ? n - i0 : BQ, keys = i0 + rows;
+        for (int64_t m = 0; m < rows; m++) {
+          const float *x = doh + (i0 + m) * sdo.t, *y = oh + (i0 + m) * so.t;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t e = 0; e < d; e += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + e), _mm512_loadu_ps(y + e), acc);
+          delta[m] = _mm512_reduce_add_ps(acc);
+        }
+        for (int64_t r = 0; r < rows; r += MR) {
+          int mr = rows - r < MR ? (int)(rows - r) : MR;
+          int64_t live_keys = i0 + r + mr;
+          float *pr = p + r * np, *dr = ds + r * np;
+          nt_rows(mr, live_keys, d, qh + (i0 + r) * sq.t, sq.t, kt, np, pr, np);
+          nt_rows(mr, live_keys, d, doh + (i0 + r) * sdo.t, sdo.t, vt, np, dr, np);
+          for (int m = 0; m < mr; m++) {
+            int64_t i = i0 + r + m;
+            float* prow = pr + m * np;
+            float* drow = dr + m * np;
+            softmax_row(prow, i + 1, keys, scale, lh[i], 1);
+            __m512 dl = _mm512_set1_ps(delta[r + m]), sc = _mm512_set1_ps(scale);
+            for (int64_t j = 0; j <= i; j += 16) {
+              __mmask16 t = tail(i + 1 - j);
+              __m512 x = _mm512_mul_ps(_mm512_loadu_ps(prow + j), _mm512_sub_ps(_mm512_loadu_ps(drow + j), dl));
+              _mm512_mask_storeu_ps(drow + j, t, _mm512_mul_ps(x, sc));
+            }
+            for (int64_t j = i + 1; j < keys; j++) drow[j] = 0.f;
+          }
+          nn_rows(mr, d, live_keys, dr, np, 1, kg, sk.t, dqh + (i0 + r) * sdq.t, sdq.t, 0);
+        }
+        /* dv[j] += sum_{i >= j} P[i][j] dout[i], dk[j] += sum_{i >= j} dS[i][j] q[i], over this block's rows */
+        for (int64_t j0 = 0; j0 < keys; j0 += MR) {
+          int mr = keys - j0 < MR ? (int)(keys - j0) : MR;
+          int64_t first = j0 > i0 ? j0 - i0 : 0;
+          nn_rows(mr, d, rows - first, p + first * np + j0, 1, np, doh + (i0 + first) * sdo.t, sdo.t,
+                  dvg + j0 * sdv.t, sdv.t, 1);
+          nn_rows(mr, d, rows - first, ds + first * np + j0, 1, np, qh + (i0 + first) * sq.t, sq.t,
+                  dkg + j0 * sdk.t, sdk.t, 1);
+        }
+      }
+    }
+    free(kt);
+  }
+}
+"""
+
+
+class _Strides(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("t", ctypes.c_int64)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = native_build.load("cpu_attention", SOURCE)
+    if lib is None:
+        return None
+    if not lib.cpu_attention_supported():
+        log.info("cpu_attention: this CPU lacks AVX-512; attention stays torch's SDPA")
+        return None
+    pointer, size, s = ctypes.c_void_p, ctypes.c_int64, _Strides
+    shape = [pointer, size, size, size, size, size, size, ctypes.c_float]
+    lib.attention_fwd.argtypes = [pointer] * 5 + shape + [s] * 4 + [ctypes.c_int]
+    lib.attention_fwd.restype = None
+    lib.attention_bwd.argtypes = [pointer] * 9 + shape + [s] * 8 + [ctypes.c_int]
+    lib.attention_bwd.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native attention runs here (builds it on the first call: a few seconds)."""
+    return _library() is not None
+
+
+def runs_on(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q [B, H, T, D], k / v [B, KV, T, D] can go through the kernel: float32 CPU tensors, H a multiple of
+    KV, one length T for queries and keys, D a multiple of 16 and v's the same, and the kernel built."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4 for t in (q, k, v))
+        and q.shape[0] == k.shape[0] == v.shape[0]
+        and k.shape == v.shape
+        and k.shape[1] > 0
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[2] == k.shape[2]
+        and q.shape[3] == k.shape[3]
+        and q.shape[3] % 16 == 0
+        and q.shape[3] > 0
+        and available()
+    )
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("cpu_attention: the kernel is not available here (check available() first)")
+    return lib
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a last stride of 1 (as it is, else a contiguous copy)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> _Strides:
+    return _Strides(t.stride(0), t.stride(1), t.stride(2))
+
+
+def _new(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [B, heads, T, D] tensor: the transposed view of a new contiguous [B, T, heads, D]."""
+    b, h, t, d = like.shape
+    return torch.empty(b, t, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _cumulative(lengths: Sequence[int], total: int) -> torch.Tensor:
+    if any(n < 0 for n in lengths) or sum(lengths) != total:
+        raise ValueError(f"sequence lengths {list(lengths)} do not sum to the row's {total} tokens")
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + int(n))
+    return torch.tensor(cu, dtype=torch.int64)
+
+
+def attention_forward_native(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, T, D], lse [B, H, T]): causal attention within each sequence (``lengths``, summing to T) of every
+    row; check :func:`runs_on` first."""
+    lib = _lib()
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    b, h, t, d = q.shape
+    cu = _cumulative(lengths, t)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # flash's layout: see the module's docstring
+    lse = torch.empty(b, h, t, dtype=q.dtype, device=q.device)
+    lib.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), cu.data_ptr(),
+                      len(lengths), b, h, k.shape[1], t, d, scale, _strides(q), _strides(k), _strides(v),
+                      _strides(out), torch.get_num_threads())  # fmt: skip
+    return out, lse
+
+
+def attention_backward_native(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lengths: Sequence[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`attention_forward_native` for the output's gradient ``grad``; dk and dv summed over
+    the query heads sharing each key/value head."""
+    lib = _lib()
+    grad, q, k, v, out = _rows(grad), _rows(q), _rows(k), _rows(v), _rows(out)
+    b, h, t, d = q.shape
+    cu = _cumulative(lengths, t)
+    dq, dk, dv = _new(q), _new(k), _new(v)
+    lse = lse.contiguous()
+    lib.attention_bwd(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                      dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), cu.data_ptr(), len(lengths), b, h, k.shape[1], t,
+                      d, scale, *(_strides(x) for x in (grad, q, k, v, out, dq, dk, dv)),
+                      torch.get_num_threads())  # fmt: skip
+    return dq, dk, dv
+
+
+class _PackedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
+    ) -> torch.Tensor:
+        out, lse = attention_forward_native(q, k, v, lengths, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lengths, ctx.scale = lengths, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward_native(grad, q, k, v, out, lse, ctx.lengths, ctx.scale)
+        wanted = ctx.needs_input_grad
+        return (dq if wanted[0] else None), (dk if wanted[1] else None), (dv if wanted[2] else None), None, None
+
+
+def causal_attention_native(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention within each sequence (``lengths``, summing to T) of q [B, H, T, D] over k / v [B, KV, T, D]
+    through the C kernel (check :func:`runs_on`), differentiable; ``scale`` defaults to 1 / sqrt(D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    result: torch.Tensor = _PackedAttention.apply(q, k, v, tuple(int(n) for n in lengths), scale)
+    return result
