@@ -328,7 +328,7 @@ def _library() -> ctypes.CDLL | None:
         log.info("cpu_attention: this CPU lacks AVX-512; attention stays torch's SDPA")
         return None
     pointer, size, s = ctypes.c_void_p, ctypes.c_int64, _Strides
-    shape = [pointer, size, size, size, size, size, size, ctypes.c_float]
+    shape: list[Any] = [pointer, size, size, size, size, size, size, ctypes.c_float]
     lib.attention_fwd.argtypes = [pointer] * 5 + shape + [s] * 4 + [ctypes.c_int]
     lib.attention_fwd.restype = None
     lib.attention_bwd.argtypes = [pointer] * 9 + shape + [s] * 8 + [ctypes.c_int]

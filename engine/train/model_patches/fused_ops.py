@@ -132,7 +132,7 @@ def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         and kwargs.get("cache") is None
         and kwargs.get("past_key_values") is None
     )
-    qkv = grouped_projections(self, hidden_states, QKV) if plain else None
+    qkv = grouped_projections(self, hidden_states, QKV) if plain and hidden_states is not None else None
     if qkv is None or hidden_states is None:
         return type(self).forward(self, *args, **kwargs)
     modeling = sys.modules[type(self).__module__]
