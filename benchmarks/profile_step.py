@@ -172,6 +172,14 @@ def _swiglu_native(setup, on: bool) -> None:
     swiglu.NATIVE = on
 
 
+def _swiglu_bf16_io(setup, on: bool) -> None:
+    """The MLP's h written in bf16 by SwiGLU and its gradient read in bf16 (bf16-mixed's stacked down_proj rounds
+    h anyway) against the float32 h and its casts: the same numbers."""
+    from finetune_studio.kernels import swiglu
+
+    swiglu.BF16_IO = on
+
+
 def _rms_norm_native(setup, on: bool) -> None:
     """RMSNorm's float32 forward, recompute and input gradient through ``kernels.cpu_rms_norm`` against torch's."""
     from finetune_studio.kernels import rms_norm
@@ -207,6 +215,7 @@ AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
     "swiglu_native": _swiglu_native,
+    "swiglu_bf16_io": _swiglu_bf16_io,
     "rms_norm_native": _rms_norm_native,
     "rotary_native": _rotary_native,
     "attention_native": _attention_native,

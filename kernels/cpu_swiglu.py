@@ -9,6 +9,12 @@ Taylor series to the 7th power, at most a few float32 ulps from libm's): results
 not bit for bit. Measured on a 2-core Zen 4, one thread, [455, 1536] (one layer of the bundled model on one batch):
 forward 0.22 against 0.50 ms, backward 0.32 against 1.15 ms.
 
+``swiglu_forward_native_bf16`` writes h rounded to bf16 (vcvtne2ps2bf16, 32 columns a block; a block with a
+subnormal, a zero or a NaN rounds with integer operations, as the instruction takes subnormals as zero) and
+``swiglu_backward_native_bf16`` reads a bf16 dh (AVX-512 BW/VL and AVX512_BF16; :func:`bf16_available`): the
+float32 kernels' numbers rounded / widened, without the casts. One thread, [455, 1536]: forward 0.27 ms against
+0.23 + 0.07 (the cast), backward 0.37 against 0.36 + 0.06.
+
 C compiled once and loaded with ctypes (``kernels.native_build``), run on torch's thread count; :func:`available`
 is False where the CPU lacks AVX-512 or nothing compiles, and ``kernels.swiglu`` keeps torch's ops.
 """
@@ -70,6 +76,86 @@ AVX512 void swiglu_fwd(const float* g, const float* u, float* h, int64_t rows, i
   }
 }
 
+/* the bf16 variants (bf16 h out, bf16 dh in) also use AVX-512 BW/VL's masked 16-bit loads and stores and
+   AVX512_BF16's rounding instruction */
+#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+int cpu_swiglu_bf16_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* float32 lanes rounded to bf16, to nearest even (a NaN to a quiet NaN, whose bits may differ from torch's
+   0xFFFF), 32 at a time (lo's lanes first): otherwise what
+   torch's .to(torch.bfloat16) gives. vcvtne2ps2bf16 rounds so but takes subnormals as zero: a pair with a lane
+   below the smallest normal in magnitude (a subnormal, or a zero) or a NaN (rare) is rounded with integer
+   operations instead */
+AVX512BW static inline __m256i to_bf16_int(__m512 x) {
+  __m512i b = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+AVX512BW static inline __m512i to_bf16_pair(__m512 lo, __m512 hi) {
+  __m512 tiny = _mm512_set1_ps(1.17549435e-38f);
+  __mmask16 odd = _mm512_cmp_ps_mask(_mm512_abs_ps(lo), tiny, _CMP_NGE_UQ) |
+                  _mm512_cmp_ps_mask(_mm512_abs_ps(hi), tiny, _CMP_NGE_UQ);
+  if (__builtin_expect(odd == 0, 1)) return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_int(lo)), to_bf16_int(hi), 1);
+}
+
+/* bf16 lanes widened to float32 (exact) */
+AVX512BW static inline __m512 from_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* as swiglu_fwd, h rounded to bf16 once (the float32 value swiglu_fwd writes, rounded to nearest even); 32
+   columns a block */
+AVX512BW static inline __m512 silu_mul(const float* g, const float* u, __mmask16 m) {
+  __m512 gv = _mm512_maskz_loadu_ps(m, g), uv = _mm512_maskz_loadu_ps(m, u);
+  __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+  return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), uv);
+}
+
+AVX512BW void swiglu_fwd_bf16(const float* g, const float* u, uint16_t* h, int64_t rows, int64_t cols, int64_t sg,
+                              int64_t su, int threads) {
+  int64_t per_row = (cols + 31) / 32, blocks = rows * per_row;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    int64_t r = b / per_row, i = (b % per_row) * 32, left = cols - i;
+    __mmask32 m = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+    const float *gr = g + r * sg + i, *ur = u + r * su + i;
+    __m512 lo = silu_mul(gr, ur, (__mmask16)m), hi = silu_mul(gr + 16, ur + 16, (__mmask16)(m >> 16));
+    __m512i hv = to_bf16_pair(lo, hi);
+    if (left >= 32)
+      _mm512_storeu_si512(h + r * cols + i, hv);
+    else
+      _mm512_mask_storeu_epi16(h + r * cols + i, m, hv);
+  }
+}
+
+/* as swiglu_bwd, dh in bf16 (rows sd bf16 apart), widened to float32 on the fly: the same numbers as swiglu_bwd
+   over dh.float() */
+AVX512BW void swiglu_bwd_bf16(const uint16_t* dh, const float* g, const float* u, float* dg, float* du, int64_t rows,
+                              int64_t cols, int64_t sd, int64_t sg, int64_t su, int threads) {
+  int64_t per_row = (cols + 15) / 16, blocks = rows * per_row;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    int64_t r = b / per_row, i = (b % per_row) * 16, left = cols - i, o = r * cols + i;
+    __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 gv = _mm512_maskz_loadu_ps(m, g + r * sg + i), uv = _mm512_maskz_loadu_ps(m, u + r * su + i);
+    __m512 d = from_bf16(_mm256_maskz_loadu_epi16(m, dh + r * sd + i));
+    __m512 one = _mm512_set1_ps(1.f);
+    __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    _mm512_mask_storeu_ps(du + o, m, _mm512_mul_ps(d, _mm512_mul_ps(gv, s)));
+    __m512 t = _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one);
+    _mm512_mask_storeu_ps(dg + o, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, uv), s), t));
+  }
+}
+
 /* s = 1 / (1 + exp(-g)); du = dh * g * s; dg = dh * u * s * (1 + g * (1 - s)); rows of dh, g and u start sd, sg
    and su floats apart, dg's and du's are contiguous */
 AVX512 void swiglu_bwd(const float* dh, const float* g, const float* u, float* dg, float* du, int64_t rows,
@@ -104,7 +190,18 @@ def _library() -> ctypes.CDLL | None:
     lib.swiglu_fwd.restype = None
     lib.swiglu_bwd.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, size, size, ctypes.c_int]
     lib.swiglu_bwd.restype = None
+    lib.swiglu_fwd_bf16.argtypes = lib.swiglu_fwd.argtypes
+    lib.swiglu_fwd_bf16.restype = None
+    lib.swiglu_bwd_bf16.argtypes = lib.swiglu_bwd.argtypes
+    lib.swiglu_bwd_bf16.restype = None
     return lib
+
+
+@functools.cache
+def bf16_available() -> bool:
+    """Whether the bf16-output forward and bf16-gradient backward run here (AVX-512 BW and VL too)."""
+    lib = _library()
+    return lib is not None and bool(lib.cpu_swiglu_bf16_supported())
 
 
 def available() -> bool:
@@ -161,4 +258,36 @@ def swiglu_backward_native(
     rows, cols = g.shape
     ptrs = (d.data_ptr(), g.data_ptr(), u.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
     lib.swiglu_bwd(*ptrs, rows, cols, d.stride(0), g.stride(0), u.stride(0), torch.get_num_threads())
+    return d_gate, d_up
+
+
+def swiglu_forward_native_bf16(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``swiglu_forward_native(gate, up).to(torch.bfloat16)`` bit for bit, in one pass and without the float32 h:
+    each float32 value rounded to bf16 once, to nearest even (a NaN stays a NaN, its bits may differ; check
+    :func:`bf16_available`)."""
+    lib = _library()
+    if lib is None or not bf16_available():
+        raise RuntimeError("cpu_swiglu: the bf16 kernels are not available here (check bf16_available() first)")
+    g, u = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, dtype=torch.bfloat16, device=gate.device)
+    rows, cols = g.shape
+    lib.swiglu_fwd_bf16(g.data_ptr(), u.data_ptr(), out.data_ptr(), rows, cols, g.stride(0), u.stride(0),
+                        torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def swiglu_backward_native_bf16(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``swiglu_backward_native(grad.float(), gate, up)`` bit for bit for a bf16 ``grad`` (gate and up float32),
+    without the float32 copy of it (check :func:`bf16_available`)."""
+    lib = _library()
+    if lib is None or not bf16_available():
+        raise RuntimeError("cpu_swiglu: the bf16 kernels are not available here (check bf16_available() first)")
+    d, g, u = _rows(grad), _rows(gate), _rows(up)
+    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    rows, cols = g.shape
+    ptrs = (d.data_ptr(), g.data_ptr(), u.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
+    lib.swiglu_bwd_bf16(*ptrs, rows, cols, d.stride(0), g.stride(0), u.stride(0), torch.get_num_threads())
     return d_gate, d_up

@@ -151,19 +151,20 @@ class _LoraLinearLow(torch.autograd.Function):
         stacked: torch.Tensor | None,
     ) -> torch.Tensor:
         n_in, n_out = weight.shape[1], weight.shape[0]
+        acc = lora_b.dtype  # the output's dtype: x's, or float32 for an x in low already (stacked; see lora_linear)
         xl = x.reshape(-1, n_in).to(low)  # what the base product multiplies
         if stacked is None:
-            out = F.linear(xl, weight.to(low)).to(x.dtype)  # fresh, contiguous
+            out = F.linear(xl, weight.to(low)).to(acc)  # fresh, contiguous
             xa = xl @ lora_a.to(low).t()  # [N, r] in low
         else:
             stacked[n_out:].copy_(lora_a)  # (a Function's forward runs without gradients)
             full = F.linear(xl, stacked)  # [N, out + r]
-            out = full[:, :n_out].to(x.dtype)  # a fresh contiguous float32 tensor (the slice is not dense)
+            out = full[:, :n_out].to(acc)  # a fresh contiguous float32 tensor (the slice is not dense)
             xa = full[:, n_out:].contiguous()
             del full
         if bias is not None:
             out.add_(bias.to(out.dtype))
-        out.addmm_(xa.to(x.dtype), lora_b.t(), alpha=scaling)
+        out.addmm_(xa.to(acc), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, xa, weight, lora_a, lora_b, stacked)
         ctx.scaling, ctx.low = scaling, low
         return out.view(*x.shape[:-1], n_out)
@@ -190,7 +191,7 @@ class _LoraLinearLow(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if gcat is not None:
                 torch.mul(gb, s, out=gcat[:, n_out:])
-                gx = (gcat @ stacked).to(grad_out.dtype)  # [N, in]: g W + s (g B) A in one product
+                gx = gcat @ stacked  # [N, in] in low: g W + s (g B) A in one product, rounded once; to x's dtype below
             else:
                 gx = (gl @ weight.to(low)).to(grad_out.dtype)  # [N, in]
                 gx.addmm_(gb.to(gx.dtype), lora_a, alpha=s)
@@ -216,14 +217,21 @@ def lora_linear(
     adapter_dtype: None (the adapter's products in x's dtype) or a 16-bit dtype for them (see the module doc; the
     base product then runs in it too, whatever W's dtype). stacked: with ``adapter_dtype``, a [out + r, in] tensor
     in it whose first ``out`` rows share W's storage (``stack_weight``): A is written into its last rows and
-    multiplied with the base product (see ``_LoraLinearLow``)."""
+    multiplied with the base product (see ``_LoraLinearLow``). With ``stacked``, x may come in ``adapter_dtype``
+    already (float32 adapters): the same numbers as for the float32 x it was rounded from, the output in float32
+    and x's gradient in ``adapter_dtype`` (the product's result, not widened)."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
-    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+    # x in adapter_dtype already (float32 adapters, a stack): its values are what the base product rounds x to
+    # anyway, so the numbers are those of the float32 x it was rounded from, the input gradient in adapter_dtype
+    low_input = stacked is not None and impl == "auto" and x.dtype == adapter_dtype and lora_a.dtype == torch.float32
+    if not low_input and (lora_a.dtype != x.dtype or lora_b.dtype != x.dtype):
         raise ValueError(f"lora_linear: the adapter weights must be in x's dtype ({x.dtype})")
+    if low_input and lora_b.dtype != lora_a.dtype:
+        raise ValueError("lora_linear: lora_a and lora_b must have one dtype")
     if adapter_dtype is not None and adapter_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"lora_linear: adapter_dtype must be a 16-bit dtype or None, not {adapter_dtype}")
-    if adapter_dtype == x.dtype:
+    if adapter_dtype == x.dtype and not low_input:
         adapter_dtype = None
     if impl == "torch":
         if adapter_dtype is not None:
