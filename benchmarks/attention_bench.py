@@ -5,10 +5,11 @@
 One layer of the bundled model (SmolLM2-135M: 9 query heads, 3 key/value heads, head dim 64) on a packed row of
 sequences of ``--lengths`` tokens, float32, q/k/v as Llama's attention passes them (its projections viewed
 [1, T, heads, D] and transposed), with a training step's allocator settings. Times (CPU ms, the median of
-``--repeats`` after warm-up, the sides interleaved) the forward alone (no graph) and forward + backward of
-``packed_attention`` with ``impl='torch'`` (SDPA's float32 flash kernel, one call per sequence) and ``impl='auto'``
-(the C kernel); prints GFLOP/s (the causal products' FLOPs: 4 H D per query-key pair forward, 2.5x that backward),
-the ratios, and the largest differences of the outputs and gradients.
+``--repeats`` after warm-up, the sides interleaved) the forward alone (no graph), the backward alone (one graph kept,
+``autograd.grad`` with ``retain_graph``) and forward + backward of ``packed_attention`` with ``impl='torch'`` (SDPA's
+float32 flash kernel, one call per sequence) and ``impl='auto'`` (the C kernel); prints GFLOP/s (the causal products'
+FLOPs: 4 H D per query-key pair forward, 2.5x that backward), the ratios, and the largest differences of the outputs
+and gradients.
 """
 
 from __future__ import annotations
@@ -53,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         packed_attention(q, k, v, lengths, impl=impl).backward(grad)
         q.grad = k.grad = v.grad = None
 
+    graphs = {impl: packed_attention(q, k, v, lengths, impl=impl) for impl in ("torch", "auto")}
+
+    def backward(impl: str) -> None:
+        torch.autograd.grad(graphs[impl], (q, k, v), grad, retain_graph=True)
+
     flops = sum(4 * h * d * n * (n + 1) / 2 for n in lengths)
     print(f"packed row {lengths} ({t} tokens), {h}/{kv} heads, head dim {d}, {args.threads} thread(s)")
-    for name, fn, work in (("forward", forward, flops), ("forward+backward", both, 3.5 * flops)):
+    steps = (("forward", forward, flops), ("backward", backward, 2.5 * flops), ("forward+backward", both, 3.5 * flops))
+    for name, fn, work in steps:
         times: dict[str, list[float]] = {"torch": [], "auto": []}
         for impl in times:
             fn(impl)  # warm-up (the first call builds the kernel)

@@ -15,8 +15,10 @@ Float32 in and out, float32 products and sums (sums in another order than torch'
 in ``kernels.cpu_swiglu``: a few float32 ulps from libm's), so results agree with torch's to float32 rounding, not
 bit for bit. Inside: per row group of queries, register tiles of queries x keys against a transposed copy of the
 keys (S, dP) and of queries x the head dimension (P v, dS k, P^T dout, dS^T q), the head dimension any multiple of
-16. The forward runs over (batch row, sequence, query head) on torch's thread count, the backward over (batch row,
-sequence, key/value head) so that each task owns its dk and dv.
+16; the transposed copies by 16 x 16 register blocks. The backward forms a row's P and dS in one pass (the exponential
+and dS's elementwise product), and its dk / dv tiles are written, not added, where the group's first head reaches a key
+first (no zeroing pass). The forward runs over (batch row, sequence, query head) on torch's thread count, the backward
+over (batch row, sequence, key/value head) so that each task owns its dk and dv.
 
 Layouts: q [B, H, T, D], k / v [B, KV, T, D] with any strides whose last is 1 (transformers' transposed views of
 [B, T, H, D] are read in place), and so the output's gradient; dq, dk and dv are transposed views of new [B, T,
@@ -50,7 +52,6 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #define AVX512 __attribute__((target("avx512f")))
 #define INLINE static inline __attribute__((always_inline))
 #define MR 6   /* query rows of a register tile */
@@ -164,44 +165,66 @@ AVX512 static void nn_rows(int mr, int64_t d, int64_t kn, const float* a, int64_
   else if (d - o == 16) NN_MR(1)
 }
 
-/* kt[e][j] = k[j][e] for j < n, e < d; zero for n <= j < np */
+/* the 16 x 16 block r[0 .. 16) (rows) transposed in place: r[c] becomes column c */
+AVX512 INLINE void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {
+    __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  /* r[4 i + c], 128-bit lane l: rows 4 i .. 4 i + 3 of column 4 l + c */
+  for (int c = 0; c < 4; c++) {
+    __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+    t[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+  }
+  for (int c = 0; c < 16; c++) r[c] = t[c];
+}
+
+/* kt[e][j] = k[j][e] for j < n, e < d (a multiple of 16); zero for n <= j < np (a multiple of 16), by 16 x 16 blocks */
 AVX512 static void transpose(const float* k, int64_t ks, int64_t n, int64_t d, float* kt, int64_t np) {
-  for (int64_t e = 0; e < d; e++) {
-    float* row = kt + e * np;
-    for (int64_t j = 0; j < n; j++) row[j] = k[j * ks + e];
-    for (int64_t j = n; j < np; j++) row[j] = 0.f;
+  for (int64_t j0 = 0; j0 < np; j0 += 16) {
+    for (int64_t e0 = 0; e0 < d; e0 += 16) {
+      __m512 r[16];
+      for (int x = 0; x < 16; x++)
+        r[x] = j0 + x < n ? _mm512_loadu_ps(k + (j0 + x) * ks + e0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int x = 0; x < 16; x++) _mm512_storeu_ps(kt + (e0 + x) * np + j0, r[x]);
+    }
   }
 }
 
-/* row of scores s[0 .. n) -> probabilities exp(scale s - lse) for j < live, 0 for live <= j < n; returns lse (given
-   when have_lse, else computed: the probabilities then sum to 1) */
-AVX512 static float softmax_row(float* s, int64_t live, int64_t n, float scale, float lse, int have_lse) {
+/* row of scores s[0 .. n) -> probabilities exp(scale (s - max)) / sum for j < live, 0 for live <= j < 16 ceil(n / 16)
+   (s has that many columns); returns the row's logsumexp of scale s */
+AVX512 static float softmax_row(float* s, int64_t live, int64_t n, float scale) {
   __m512 sc = _mm512_set1_ps(scale);
-  if (!have_lse) {
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < live; j += 16)
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail(live - j), s + j));
-    __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < live; j += 16) {
-      __mmask16 t = tail(live - j);
-      __m512 p = _mm512_maskz_mov_ps(t, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv)));
-      _mm512_mask_storeu_ps(s + j, t, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    float total = _mm512_reduce_add_ps(sum);
-    __m512 inv = _mm512_set1_ps(1.f / total);
-    for (int64_t j = 0; j < live; j += 16) {
-      __mmask16 t = tail(live - j);
-      _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
-    }
-    lse = _mm512_reduce_max_ps(mx) * scale + logf(total);
-  } else {
-    __m512 lv = _mm512_set1_ps(lse);
-    for (int64_t j = 0; j < live; j += 16)
-      _mm512_mask_storeu_ps(s + j, tail(live - j), exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, lv)));
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < live; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail(live - j), s + j));
+  __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < live; j += 16) {
+    __mmask16 t = tail(live - j);
+    __m512 p = _mm512_maskz_mov_ps(t, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv)));
+    _mm512_storeu_ps(s + j, p);
+    sum = _mm512_add_ps(sum, p);
   }
-  for (int64_t j = live; j < n; j++) s[j] = 0.f;
-  return lse;
+  float total = _mm512_reduce_add_ps(sum);
+  __m512 inv = _mm512_set1_ps(1.f / total);
+  int64_t j = 0;
+  for (; j < live; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+  for (; j < n; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+  return _mm512_reduce_max_ps(mx) * scale + logf(total);
 }
 
 typedef struct {
@@ -231,7 +254,7 @@ AVX512 void attention_fwd(const float* q, const float* k, const float* v, float*
       int mr = n - r < MR ? (int)(n - r) : MR;
       int64_t keys = r + mr;
       nt_rows(mr, keys, d, qh + r * sq.t, sq.t, kt, np, p, np);
-      for (int m = 0; m < mr; m++) lh[r + m] = softmax_row(p + m * np, r + m + 1, keys, scale, 0.f, 0);
+      for (int m = 0; m < mr; m++) lh[r + m] = softmax_row(p + m * np, r + m + 1, keys, scale);
       nn_rows(mr, d, keys, p, np, 1, vh, sv.t, oh + r * so.t, so.t, 0);
     }
     free(kt);
@@ -258,10 +281,6 @@ AVX512 void attention_bwd(const float* dout, const float* q, const float* k, con
     float* dvg = dv + off(sdv, b, g, start);
     transpose(kg, sk.t, n, d, kt, np);
     transpose(vg, sv.t, n, d, vt, np);
-    for (int64_t j = 0; j < n; j++) {
-      memset(dkg + j * sdk.t, 0, sizeof(float) * d);
-      memset(dvg + j * sdv.t, 0, sizeof(float) * d);
-    }
     for (int64_t h = g * group; h < (g + 1) * group; h++) {
       const float* qh = q + off(sq, b, h, start);
       const float* doh = dout + off(sdo, b, h, start);
@@ -283,29 +302,41 @@ AVX512 void attention_bwd(const float* dout, const float* q, const float* k, con
           float *pr = p + r * np, *dr = ds + r * np;
           nt_rows(mr, live_keys, d, qh + (i0 + r) * sq.t, sq.t, kt, np, pr, np);
           nt_rows(mr, live_keys, d, doh + (i0 + r) * sdo.t, sdo.t, vt, np, dr, np);
+          /* P = exp(scale S - lse) and dS = scale P (dP - delta) in place, one pass over each row; zero for keys j > i
+             (up to 16 ceil(keys / 16): the dk / dv products read these columns) */
+          __m512 sc = _mm512_set1_ps(scale);
           for (int m = 0; m < mr; m++) {
-            int64_t i = i0 + r + m;
+            int64_t i = i0 + r + m, j = 0;
             float* prow = pr + m * np;
             float* drow = dr + m * np;
-            softmax_row(prow, i + 1, keys, scale, lh[i], 1);
-            __m512 dl = _mm512_set1_ps(delta[r + m]), sc = _mm512_set1_ps(scale);
-            for (int64_t j = 0; j <= i; j += 16) {
+            __m512 lv = _mm512_set1_ps(lh[i]), dl = _mm512_set1_ps(delta[r + m]);
+            for (; j <= i; j += 16) {
               __mmask16 t = tail(i + 1 - j);
-              __m512 x = _mm512_mul_ps(_mm512_loadu_ps(prow + j), _mm512_sub_ps(_mm512_loadu_ps(drow + j), dl));
-              _mm512_mask_storeu_ps(drow + j, t, _mm512_mul_ps(x, sc));
+              __m512 pv = _mm512_maskz_mov_ps(t, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(prow + j), sc, lv)));
+              __m512 dv = _mm512_maskz_mul_ps(t, pv, _mm512_sub_ps(_mm512_loadu_ps(drow + j), dl));
+              _mm512_storeu_ps(prow + j, pv);
+              _mm512_storeu_ps(drow + j, _mm512_mul_ps(dv, sc));
             }
-            for (int64_t j = i + 1; j < keys; j++) drow[j] = 0.f;
+            for (; j < keys; j += 16) {
+              _mm512_storeu_ps(prow + j, _mm512_setzero_ps());
+              _mm512_storeu_ps(drow + j, _mm512_setzero_ps());
+            }
           }
           nn_rows(mr, d, live_keys, dr, np, 1, kg, sk.t, dqh + (i0 + r) * sdq.t, sdq.t, 0);
         }
-        /* dv[j] += sum_{i >= j} P[i][j] dout[i], dk[j] += sum_{i >= j} dS[i][j] q[i], over this block's rows */
-        for (int64_t j0 = 0; j0 < keys; j0 += MR) {
-          int mr = keys - j0 < MR ? (int)(keys - j0) : MR;
+        /* dv[j] += sum_{i >= j} P[i][j] dout[i], dk[j] += sum_{i >= j} dS[i][j] q[i], over this block's rows; the
+           group's first head writes keys j >= i0 (none of its earlier blocks reached them) instead of adding, so the
+           tiles stop at i0 */
+        for (int64_t j0 = 0; j0 < keys;) {
+          int64_t edge = j0 < i0 ? i0 : keys;
+          int mr = edge - j0 < MR ? (int)(edge - j0) : MR;
+          int add = h > g * group || j0 < i0;
           int64_t first = j0 > i0 ? j0 - i0 : 0;
           nn_rows(mr, d, rows - first, p + first * np + j0, 1, np, doh + (i0 + first) * sdo.t, sdo.t,
-                  dvg + j0 * sdv.t, sdv.t, 1);
+                  dvg + j0 * sdv.t, sdv.t, add);
           nn_rows(mr, d, rows - first, ds + first * np + j0, 1, np, qh + (i0 + first) * sq.t, sq.t,
-                  dkg + j0 * sdk.t, sdk.t, 1);
+                  dkg + j0 * sdk.t, sdk.t, add);
+          j0 += mr;
         }
       }
     }
