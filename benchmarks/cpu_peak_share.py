@@ -58,8 +58,8 @@ first with levers switched off (``levers_off``), then as the engine runs. ``leve
 morning of 2026-12-07 (the LoRA adapters' products and both of the head's products in float32, SwiGLU through torch's
 ops); ``kernels``: the step of 11:25 (only the C kernels of 13:00-14:30 off: ``kernels.bf16_head``,
 ``kernels.cpu_swiglu``, ``kernels.cpu_rms_norm``); ``norm``: the step of 14:00 (only ``kernels.cpu_rms_norm`` off);
-``blocks``: the step of 16:00 (only the C attention and rotary kernels, the grouped q/k/v and gate/up products and the
-fused AdamW off).
+``blocks``: the step of 16:00 (only the C attention and rotary kernels, the grouped q/k/v and gate/up products, the
+bf16 h of SwiGLU and the fused AdamW off).
 The load moves both sides alike; compare within a pair.
 
 Results, 2026-12-07 13:34-13:56 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
@@ -338,13 +338,14 @@ def levers_off(setup, which: str = "levers") -> None:
     ``blocks``: only the levers of 16:30-17:00: attention back to SDPA's flash kernel a sequence at a time
     (``kernels.attention.NATIVE``: ``kernels.cpu_attention`` off), rotary through transformers' ops
     (``kernels.cpu_rotary.NATIVE``), q/k/v and gate/up as their own products again
-    (``kernel_wiring.GROUPED``), and torch's per-tensor AdamW loop instead of the fused one."""
+    (``kernel_wiring.GROUPED``), SwiGLU's h in float32 again (``swiglu.BF16_IO``), and torch's per-tensor AdamW loop
+    instead of the fused one."""
     from finetune_studio.engine.train.model_patches import kernel_wiring
     from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
     from finetune_studio.kernels import attention, cpu_rotary, linear_logprobs, rms_norm, swiglu
 
     if which == "blocks":
-        attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = False
+        attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = swiglu.BF16_IO = False
         for group in setup.optimizer.param_groups:
             group["fused"] = False
         return
@@ -429,7 +430,7 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
 
     # as the engine runs (levers_off may have cleared them)
     linear_logprobs.BF16_HEAD_KERNEL = swiglu.NATIVE = rms_norm.NATIVE = True
-    attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = True
+    attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = swiglu.BF16_IO = True
     row = Row(
         model=model + (" (before)" if before else ""),
         objective=objective,
