@@ -47,7 +47,8 @@ from finetune_studio.kernels import native_build
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+SOURCE = (
+    r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -64,24 +65,9 @@ int cpu_attention_supported(void) {
 
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
-/* exp(x) for float32 lanes (as kernels.cpu_swiglu): x = n ln2 + r (Cody-Waite), exp(r) by its Taylor series to r^7,
-   scaled by 2^n; x clamped to [-87.3, 88.7] */
-AVX512 INLINE __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+"""
+    + native_build.EXP_PS
+    + r"""
 
 /* s[m][n0 .. n0 + 16 nz) = sum_d a[m * as + d] * bt[d * bts + n0 ..], m < mr (the caller's constants) */
 AVX512 INLINE void nt_tile(int mr, int nz, int64_t d, const float* a, int64_t as, const float* bt, int64_t bts,
@@ -344,6 +330,7 @@ AVX512 void attention_bwd(const float* dout, const float* q, const float* k, con
   }
 }
 """
+)
 
 
 class _Strides(ctypes.Structure):

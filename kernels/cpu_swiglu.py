@@ -31,7 +31,8 @@ from finetune_studio.kernels import native_build
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+SOURCE = (
+    r"""
 #include <immintrin.h>
 #include <stdint.h>
 #define AVX512 __attribute__((target("avx512f")))
@@ -41,24 +42,9 @@ int cpu_swiglu_supported(void) {
   return __builtin_cpu_supports("avx512f");
 }
 
-/* exp(x) for float32 lanes: x = n ln2 + r (Cody-Waite), exp(r) by its Taylor series to r^7 (|r| <= ln2 / 2),
-   scaled by 2^n; x clamped to [-87.3, 88.7] */
-AVX512 static inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+"""
+    + native_build.EXP_PS
+    + r"""
 
 /* h = g / (1 + exp(-g)) * u over rows x cols floats; g's and u's rows start sg and su floats apart (a slice of a
    stacked product), h's are contiguous */
@@ -175,6 +161,7 @@ AVX512 void swiglu_bwd(const float* dh, const float* g, const float* u, float* d
   }
 }
 """
+)
 
 
 @functools.cache

@@ -21,6 +21,29 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# exp over 16 float32 lanes, shared by the kernels' C sources (``cpu_swiglu``, ``cpu_attention``): pasted in after the
+# source's ``#include <immintrin.h>`` and its ``#define AVX512 __attribute__((target("avx512f")))``.
+EXP_PS = r"""
+/* exp(x) for float32 lanes: x = n ln2 + r (Cody-Waite), exp(r) by its Taylor series to r^7 (|r| <= ln2 / 2),
+   scaled by 2^n; x clamped to [-87.3, 88.7] */
+AVX512 static inline __attribute__((always_inline)) __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+"""
+
 
 def cache_folder() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
