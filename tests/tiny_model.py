@@ -94,3 +94,45 @@ def build_adapter_dir(model_dir: str | Path, out: str | Path, seed: int) -> Path
                 p.normal_(0, 0.5)
     model.save_pretrained(str(out))
     return Path(out)
+
+
+# A tiny decoder of each family the fused ops patch (Llama, Mistral, Qwen2, Qwen3), for the kernels' wiring tests.
+FAMILY_SHAPE = dict(
+    hidden_size=48,
+    intermediate_size=136,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_lora_model(arch: str, config):
+    """A random-weight ``FAMILY_SHAPE`` decoder of ``arch`` ('llama', 'mistral', 'qwen2', 'qwen3'; seed 0, SDPA, no
+    cache, the base frozen) with the engine's adapters for ``config`` (a ``TrainConfig``), each LoRA B given values
+    (B = 0 at the start would give A no gradient). No memory patches or kernels: the caller installs what it tests."""
+    import torch
+    import transformers
+
+    from finetune_studio.engine.train.adapters import add_adapters
+
+    cfg_cls, lm_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    extra = {"head_dim": 8} if arch == "qwen3" else {}
+    torch.manual_seed(0)
+    base = lm_cls(cfg_cls(**FAMILY_SHAPE, **extra, attn_implementation="sdpa"))
+    base.config.use_cache = False
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = add_adapters(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    return model

@@ -6,48 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import Recorder, micro_step_loss, tiny_config, write_sft
+from tiny_model import FAMILY_SHAPE, tiny_lora_model
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.core.memory.estimate import ModelShape, activation_bytes
 from finetune_studio.engine.datasets.render import IGNORE
-from finetune_studio.engine.train.adapters import add_adapters
 from finetune_studio.engine.train.batches import Batch
 from finetune_studio.engine.train.model_patches import kernel_wiring
 from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches, count_patched
 from finetune_studio.engine.train.saved_tensors import SavedTensorCensus
 
-SHAPE = dict(
-    hidden_size=48,
-    intermediate_size=136,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
+SHAPE = FAMILY_SHAPE
 
 
 def _model(arch: str, fused: bool, config: TrainConfig):
-    import transformers
-
-    cfg_cls, lm_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[arch]
-    extra = {"head_dim": 8} if arch == "qwen3" else {}
-    torch.manual_seed(0)
-    base = lm_cls(cfg_cls(**SHAPE, **extra, attn_implementation="sdpa"))
-    base.config.use_cache = False
-    for p in base.parameters():
-        p.requires_grad_(False)
-    model = add_adapters(base, config)
-    with torch.no_grad():  # B = 0 at the start would give A no gradient: give B values
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    model = tiny_lora_model(arch, config)
     patched = apply_memory_patches(model, fused)
     kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=fused)  # as engine.train.recipe does (DoRA's output)
     model.train()

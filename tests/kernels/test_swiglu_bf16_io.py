@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_model import FAMILY_SHAPE, tiny_lora_model
 
 from finetune_studio.core.config import TrainConfig
-from finetune_studio.engine.train.adapters import add_adapters
 from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
 from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
 from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
@@ -92,32 +92,12 @@ def test_a_stacked_lora_linear_takes_a_bf16_input_with_the_float32_inputs_number
         lora_linear(x32.to(torch.bfloat16), weight, None, a, b, 2.0, adapter_dtype=torch.bfloat16)
 
 
-SHAPE = dict(
-    hidden_size=48,
-    intermediate_size=136,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
+SHAPE = FAMILY_SHAPE
 IDS = torch.randint(0, SHAPE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
 
 
 def _model():
-    import transformers
-
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, attn_implementation="sdpa"))
-    base.config.use_cache = False
-    for p in base.parameters():
-        p.requires_grad_(False)
-    model = add_adapters(base, TrainConfig(lora_rank=4))
-    with torch.no_grad():  # B = 0 at the start would give A no gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    model = tiny_lora_model("llama", TrainConfig(lora_rank=4))
     apply_memory_patches(model, True)
     apply_mixed(model)
     kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
