@@ -217,18 +217,45 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1, cols)
 
 
+def _library_for(bf16: bool) -> ctypes.CDLL:
+    lib = _library()
+    if lib is None or (bf16 and not bf16_available()):
+        what = "bf16 kernels are" if bf16 else "kernel is"
+        raise RuntimeError(
+            f"cpu_swiglu: the {what} not available here (check {'bf16_' if bf16 else ''}available() first)"
+        )
+    return lib
+
+
+def _forward(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    bf16 = out_dtype == torch.bfloat16
+    lib = _library_for(bf16)
+    g, u = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
+    rows, cols = g.shape
+    kernel = lib.swiglu_fwd_bf16 if bf16 else lib.swiglu_fwd
+    kernel(g.data_ptr(), u.data_ptr(), out.data_ptr(), rows, cols, g.stride(0), u.stride(0), torch.get_num_threads())
+    return out
+
+
+def _backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _library_for(bf16)
+    d, g, u = _rows(grad), _rows(gate), _rows(up)
+    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    rows, cols = g.shape
+    ptrs = (d.data_ptr(), g.data_ptr(), u.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
+    kernel = lib.swiglu_bwd_bf16 if bf16 else lib.swiglu_bwd
+    kernel(*ptrs, rows, cols, d.stride(0), g.stride(0), u.stride(0), torch.get_num_threads())
+    return d_gate, d_up
+
+
 def swiglu_forward_native(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (float32 CPU tensors of one shape; check :func:`runs_on`), a new contiguous tensor. Slices of
     a stacked gate/up product are read in place: no copies (the memory estimate counts none)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("cpu_swiglu: the kernel is not available here (check available() first)")
-    g, u = _rows(gate), _rows(up)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    rows, cols = g.shape
-    lib.swiglu_fwd(g.data_ptr(), u.data_ptr(), out.data_ptr(), rows, cols, g.stride(0), u.stride(0),
-                   torch.get_num_threads())  # fmt: skip
-    return out
+    return _forward(gate, up, torch.float32)
 
 
 def swiglu_backward_native(
@@ -236,31 +263,14 @@ def swiglu_backward_native(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of ``silu(gate) * up`` for the output's gradient ``grad`` (float32 CPU tensors of one shape;
     slices read in place), each a new contiguous tensor."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("cpu_swiglu: the kernel is not available here (check available() first)")
-    d, g, u = _rows(grad), _rows(gate), _rows(up)
-    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    rows, cols = g.shape
-    ptrs = (d.data_ptr(), g.data_ptr(), u.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
-    lib.swiglu_bwd(*ptrs, rows, cols, d.stride(0), g.stride(0), u.stride(0), torch.get_num_threads())
-    return d_gate, d_up
+    return _backward(grad, gate, up, bf16=False)
 
 
 def swiglu_forward_native_bf16(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``swiglu_forward_native(gate, up).to(torch.bfloat16)`` bit for bit, in one pass and without the float32 h:
     each float32 value rounded to bf16 once, to nearest even (a NaN stays a NaN, its bits may differ; check
     :func:`bf16_available`)."""
-    lib = _library()
-    if lib is None or not bf16_available():
-        raise RuntimeError("cpu_swiglu: the bf16 kernels are not available here (check bf16_available() first)")
-    g, u = _rows(gate), _rows(up)
-    out = torch.empty(gate.shape, dtype=torch.bfloat16, device=gate.device)
-    rows, cols = g.shape
-    lib.swiglu_fwd_bf16(g.data_ptr(), u.data_ptr(), out.data_ptr(), rows, cols, g.stride(0), u.stride(0),
-                        torch.get_num_threads())  # fmt: skip
-    return out
+    return _forward(gate, up, torch.bfloat16)
 
 
 def swiglu_backward_native_bf16(
@@ -268,13 +278,4 @@ def swiglu_backward_native_bf16(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``swiglu_backward_native(grad.float(), gate, up)`` bit for bit for a bf16 ``grad`` (gate and up float32),
     without the float32 copy of it (check :func:`bf16_available`)."""
-    lib = _library()
-    if lib is None or not bf16_available():
-        raise RuntimeError("cpu_swiglu: the bf16 kernels are not available here (check bf16_available() first)")
-    d, g, u = _rows(grad), _rows(gate), _rows(up)
-    d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    rows, cols = g.shape
-    ptrs = (d.data_ptr(), g.data_ptr(), u.data_ptr(), d_gate.data_ptr(), d_up.data_ptr())
-    lib.swiglu_bwd_bf16(*ptrs, rows, cols, d.stride(0), g.stride(0), u.stride(0), torch.get_num_threads())
-    return d_gate, d_up
+    return _backward(grad, gate, up, bf16=True)
