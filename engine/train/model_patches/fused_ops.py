@@ -50,7 +50,6 @@ from finetune_studio.engine.train.model_patches import kernel_wiring, rotary
 from finetune_studio.engine.train.model_patches.kernel_wiring import grouped_projections
 from finetune_studio.kernels import swiglu as swiglu_ops
 from finetune_studio.kernels.attention import gqa_attention, packed_attention
-from finetune_studio.kernels.lora_linear import lora_linear
 from finetune_studio.kernels.recompute import recompute_when_saved
 from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
 from finetune_studio.kernels.swiglu import swiglu, swiglu_forward
@@ -88,31 +87,13 @@ QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # read 
 
 
 def _bf16_down(down: Any, h_like: torch.Tensor) -> Any:
-    """``down_proj``'s own computation for a bf16 h, where it is bf16-mixed's stacked LoRA layer
-    (``kernel_wiring``'s forward, a bf16 ``[W; A]`` stack, float32 adapters, no module hooks): that layer rounds a
-    float32 h to bf16 for its product and its input gradient is a bf16 product's result, so SwiGLU may write h in
-    bf16 and take its gradient in bf16 (``kernels.swiglu`` ``out_dtype``), the same numbers without two casts of
-    [tokens, width] each way. None elsewhere, or with ``kernels.swiglu.BF16_IO`` off."""
+    """``down_proj``'s own computation for a bf16 h (``kernel_wiring.bf16_input_forward``: bf16-mixed's stacked LoRA
+    layer rounds a float32 h to bf16 for its product and its input gradient is a bf16 product's result), so SwiGLU may
+    write h in bf16 and take its gradient in bf16 (``kernels.swiglu`` ``out_dtype``), the same numbers without two
+    casts of [tokens, width] each way. None elsewhere, or with ``kernels.swiglu.BF16_IO`` off."""
     if not swiglu_ops.BF16_IO or h_like.dtype != torch.float32:
         return None
-    forward = getattr(down, "forward", None)
-    if getattr(forward, "__func__", None) is not kernel_wiring._lora_linear_forward:
-        return None
-    hooks = (down._forward_hooks, down._forward_pre_hooks, down._backward_hooks, down._backward_pre_hooks)
-    if any(hooks) or torch.nn.modules.module._global_forward_hooks:
-        return None
-    if torch.nn.modules.module._global_forward_pre_hooks or torch.nn.modules.module._global_backward_hooks:
-        return None
-    name = kernel_wiring._plain_lora_adapter(down, h_like, (), {})
-    low, stacked = getattr(down, "_fs_adapter_dtype", None), getattr(down, "_fs_stacked", None)
-    if name is None or low != torch.bfloat16 or stacked is None:
-        return None
-    base = down.get_base_layer()
-    weight, bias, lora_a = base.weight, base.bias, down.lora_A[name].weight
-    if stacked.data_ptr() != weight.data_ptr() or stacked.shape[0] != weight.shape[0] + lora_a.shape[0]:
-        return None
-    lora_b, scaling = down.lora_B[name].weight, down.scaling[name]
-    return lambda h: lora_linear(h, weight, bias, lora_a, lora_b, scaling, adapter_dtype=low, stacked=stacked)
+    return kernel_wiring.bf16_input_forward(down, h_like)
 
 
 def _mlp_forward(self, x):

@@ -368,6 +368,30 @@ def grouped_projections(
     return grouped_lora_linear(x, group.stacked, biases, lora_as, lora_bs, scalings)
 
 
+def bf16_input_forward(layer: Any, x_like: torch.Tensor) -> Any:
+    """The layer's own computation for a bf16 input, where it is bf16-mixed's stacked LoRA layer (this module's
+    forward, a bf16 ``[W; A]`` stack, float32 adapters, no module or global hooks): the same numbers as its forward on
+    the float32 input rounded to bf16, and its input gradient the bf16 product's result. None elsewhere."""
+    forward = getattr(layer, "forward", None)
+    if getattr(forward, "__func__", None) is not _lora_linear_forward:
+        return None
+    hooks = (layer._forward_hooks, layer._forward_pre_hooks, layer._backward_hooks, layer._backward_pre_hooks)
+    if any(hooks) or torch.nn.modules.module._global_forward_hooks:
+        return None
+    if torch.nn.modules.module._global_forward_pre_hooks or torch.nn.modules.module._global_backward_hooks:
+        return None
+    name = _plain_lora_adapter(layer, x_like, (), {})
+    low, stacked = getattr(layer, "_fs_adapter_dtype", None), getattr(layer, "_fs_stacked", None)
+    if name is None or low != torch.bfloat16 or stacked is None:
+        return None
+    base = layer.get_base_layer()
+    weight, bias, lora_a = base.weight, base.bias, layer.lora_A[name].weight
+    if stacked.data_ptr() != weight.data_ptr() or stacked.shape[0] != weight.shape[0] + lora_a.shape[0]:
+        return None
+    lora_b, scaling = layer.lora_B[name].weight, layer.scaling[name]
+    return lambda x: lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_dtype=low, stacked=stacked)
+
+
 def _plain_lora_adapter(
     layer: LoraLinear, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
