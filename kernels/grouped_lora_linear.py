@@ -131,38 +131,70 @@ class _GroupedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, xa, stacked, *lora_bs = ctx.saved_tensors
-        layout, scalings = ctx.layout, ctx.scalings
-        n, low, n_in = len(layout), stacked.dtype, stacked.shape[1]
-        need_x = ctx.needs_input_grad[0]
-        need_a = ctx.needs_input_grad[5 : 5 + n]
-        need_b = ctx.needs_input_grad[5 + n : 5 + 2 * n]
+        layout, n_in = ctx.layout, stacked.shape[1]
+        n = len(layout)
         rows = x.numel() // n_in
-        gcat = torch.empty(rows, stacked.shape[0], dtype=low, device=stacked.device)  # [g_1, s_1 g_1 B_1, g_2, ...]
-        grad_bs: list[torch.Tensor | None] = [None] * n
-        gbs, col, rc = [], 0, 0
-        for i, ((out, r), b, s, g) in enumerate(zip(layout, lora_bs, scalings, grads)):
-            gl = gcat[:, col : col + out]
-            gl.view(g.shape).copy_(g)  # g rounded to bf16 (as each member's input gradient did), in one pass
-            gb = gl @ b.to(low)  # [N, r] in bf16
-            if need_b[i]:
-                grad_bs[i] = (gl.t() @ xa[:, rc : rc + r]).to(b.dtype).mul_(s)  # [out, r]
-            if need_x:
-                torch.mul(gb, s, out=gcat[:, col + out : col + out + r])
-            gbs.append(gb)
+        gcat = torch.empty(rows, stacked.shape[0], dtype=stacked.dtype, device=stacked.device)
+        col = 0
+        for (out, r), g in zip(layout, grads):
+            gcat[:, col : col + out].view(g.shape).copy_(g)  # g rounded to bf16 (as each member's was), in one pass
             col += out + r
-            rc += r
-        grad_as: list[torch.Tensor | None] = [None] * n
-        if any(need_a):
-            ga = (torch.cat(gbs, 1).t() @ x.reshape(-1, n_in).to(low)).to(x.dtype)  # [sum r_i, in]: every A's
-            rc = 0
-            for i, ((_, r), s) in enumerate(zip(layout, scalings)):
-                if need_a[i]:
-                    grad_as[i] = ga[rc : rc + r].mul_(s)
-                rc += r
-        grad_x = None
-        if need_x:
-            grad_x = (gcat @ stacked).to(x.dtype).view(x.shape)  # sum_i g_i W_i + s_i (g_i B_i) A_i, one product
+        grad_x, grad_as, grad_bs = grouped_backward_products(
+            gcat,
+            x,
+            xa,
+            stacked,
+            layout,
+            lora_bs,
+            ctx.scalings,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[5 : 5 + n],
+            ctx.needs_input_grad[5 + n : 5 + 2 * n],
+        )
         return (grad_x, None, None, None, None, *grad_as, *grad_bs)
+
+
+def grouped_backward_products(
+    gcat: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    stacked: torch.Tensor,
+    layout: Sequence[tuple[int, int]],
+    lora_bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    need_x: bool,
+    need_a: Sequence[bool],
+    need_b: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The group's backward products once each member's output gradient g_i, rounded to the stack's dtype, is in its
+    columns of ``gcat`` ([tokens, sum(out_i + r_i)], the other columns free): (the input gradient in x's dtype, each
+    A's gradient, each B's gradient, in the adapters' dtype; None where not needed). Writes ``s_i g_i B_i`` into the
+    columns after each g_i. x [..., in] (as the forward read it), xa the forward's [tokens, sum r_i] ``x A_i^T``."""
+    low, n_in, n = stacked.dtype, stacked.shape[1], len(layout)
+    grad_bs: list[torch.Tensor | None] = [None] * n
+    gbs, col, rc = [], 0, 0
+    for i, ((out, r), b, s) in enumerate(zip(layout, lora_bs, scalings)):
+        gl = gcat[:, col : col + out]
+        gb = gl @ b.to(low)  # [N, r] in bf16
+        if need_b[i]:
+            grad_bs[i] = (gl.t() @ xa[:, rc : rc + r]).to(b.dtype).mul_(s)  # [out, r]
+        if need_x:
+            torch.mul(gb, s, out=gcat[:, col + out : col + out + r])
+        gbs.append(gb)
+        col += out + r
+        rc += r
+    grad_as: list[torch.Tensor | None] = [None] * n
+    if any(need_a):
+        ga = (torch.cat(gbs, 1).t() @ x.reshape(-1, n_in).to(low)).to(lora_bs[0].dtype)  # [sum r_i, in]: every A's
+        rc = 0
+        for i, ((_, r), s) in enumerate(zip(layout, scalings)):
+            if need_a[i]:
+                grad_as[i] = ga[rc : rc + r].mul_(s)
+            rc += r
+    grad_x = None
+    if need_x:
+        grad_x = (gcat @ stacked).to(x.dtype).view(x.shape)  # sum_i g_i W_i + s_i (g_i B_i) A_i, one product
+    return grad_x, grad_as, grad_bs
 
 
 def grouped_lora_linear(
