@@ -47,7 +47,42 @@ log = logging.getLogger(__name__)
 
 NATIVE = True  # float32 CPU tensors through the C kernel where it runs
 
-SOURCE = r"""
+# The rotation of one row of a head, pasted into this module's source and ``kernels.grouped_qkv_rotary``'s after their
+# ``#include <immintrin.h>``, ``#define AVX512 __attribute__((target("avx512f")))`` and ``#define RN ...``.
+ROTATE_ROW = r"""
+/* 16 pairs (x1, x2) of a row rotated by the angle (inverse: by its opposite); each product and sum rounded once
+   (the _round_ intrinsics: no contraction into a multiply-add), as torch's separate ops */
+AVX512 static inline __attribute__((always_inline)) void rotate_pair(__m512 x1, __m512 x2, __m512 c1, __m512 c2,
+                                                                     __m512 s1, __m512 s2, int inverse, __m512* y1,
+                                                                     __m512* y2) {
+  if (!inverse) {
+    *y1 = _mm512_sub_round_ps(_mm512_mul_round_ps(x1, c1, RN), _mm512_mul_round_ps(x2, s1, RN), RN);
+    *y2 = _mm512_add_round_ps(_mm512_mul_round_ps(x2, c2, RN), _mm512_mul_round_ps(x1, s2, RN), RN);
+  } else {
+    *y1 = _mm512_add_round_ps(_mm512_mul_round_ps(x1, c1, RN), _mm512_mul_round_ps(x2, s2, RN), RN);
+    *y2 = _mm512_sub_round_ps(_mm512_mul_round_ps(x2, c2, RN), _mm512_mul_round_ps(x1, s1, RN), RN);
+  }
+}
+
+/* one row of half * 2 floats rotated (y may be x: each block is read before it is written) */
+AVX512 static inline void rotate_row(const float* x, const float* c, const float* s, float* y, int64_t half,
+                                     int inverse) {
+  for (int64_t i = 0; i < half; i += 16) {
+    int64_t left = half - i;
+    __mmask16 k = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 x1 = _mm512_maskz_loadu_ps(k, x + i), x2 = _mm512_maskz_loadu_ps(k, x + half + i);
+    __m512 c1 = _mm512_maskz_loadu_ps(k, c + i), c2 = _mm512_maskz_loadu_ps(k, c + half + i);
+    __m512 s1 = _mm512_maskz_loadu_ps(k, s + i), s2 = _mm512_maskz_loadu_ps(k, s + half + i);
+    __m512 y1, y2;
+    rotate_pair(x1, x2, c1, c2, s1, s2, inverse, &y1, &y2);
+    _mm512_mask_storeu_ps(y + i, k, y1);
+    _mm512_mask_storeu_ps(y + half + i, k, y2);
+  }
+}
+"""
+
+SOURCE = (
+    r"""
 #include <immintrin.h>
 #include <stdint.h>
 #define AVX512 __attribute__((target("avx512f")))
@@ -58,29 +93,9 @@ int cpu_rotary_supported(void) {
   return __builtin_cpu_supports("avx512f");
 }
 
-/* one row of half * 2 floats rotated by the angle (inverse: by its opposite); each product and sum rounded once
-   (the _round_ intrinsics: no contraction into a multiply-add), as torch's separate ops */
-AVX512 static inline void rotate_row(const float* x, const float* c, const float* s, float* y, int64_t half,
-                                     int inverse) {
-  for (int64_t i = 0; i < half; i += 16) {
-    int64_t left = half - i;
-    __mmask16 k = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-    __m512 x1 = _mm512_maskz_loadu_ps(k, x + i), x2 = _mm512_maskz_loadu_ps(k, x + half + i);
-    __m512 c1 = _mm512_maskz_loadu_ps(k, c + i), c2 = _mm512_maskz_loadu_ps(k, c + half + i);
-    __m512 s1 = _mm512_maskz_loadu_ps(k, s + i), s2 = _mm512_maskz_loadu_ps(k, s + half + i);
-    __m512 y1, y2;
-    if (!inverse) {
-      y1 = _mm512_sub_round_ps(_mm512_mul_round_ps(x1, c1, RN), _mm512_mul_round_ps(x2, s1, RN), RN);
-      y2 = _mm512_add_round_ps(_mm512_mul_round_ps(x2, c2, RN), _mm512_mul_round_ps(x1, s2, RN), RN);
-    } else {
-      y1 = _mm512_add_round_ps(_mm512_mul_round_ps(x1, c1, RN), _mm512_mul_round_ps(x2, s2, RN), RN);
-      y2 = _mm512_sub_round_ps(_mm512_mul_round_ps(x2, c2, RN), _mm512_mul_round_ps(x1, s1, RN), RN);
-    }
-    _mm512_mask_storeu_ps(y + i, k, y1);
-    _mm512_mask_storeu_ps(y + half + i, k, y2);
-  }
-}
-
+"""
+    + ROTATE_ROW
+    + r"""
 /* one tensor: ptrs x, cos, sin, out; meta B, H, T, then the (b, h, t) strides in floats of x, cos, sin and out
    (12). (b, t) split over the threads, the heads within */
 AVX512 static void rotate_tensor(const float* const* ptrs, const int64_t* m, int64_t half, int inverse,
@@ -104,6 +119,7 @@ AVX512 void rotary(const float* const* ptrs, const int64_t* meta, int64_t half, 
   rotate_tensor(ptrs + 4, meta + 15, half, inverse, threads);
 }
 """
+)
 
 
 @functools.cache
