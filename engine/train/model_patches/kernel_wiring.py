@@ -37,6 +37,7 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -338,13 +339,15 @@ def _intact(group: _Group | None, layers: list[LoraLinear]) -> bool:
 
 
 def grouped_projections(
-    module: torch.nn.Module, x: torch.Tensor, names: tuple[str, ...]
+    module: torch.nn.Module, x: torch.Tensor, names: tuple[str, ...], op: Callable[..., Any] = grouped_lora_linear
 ) -> tuple[torch.Tensor, ...] | None:
     """The outputs of ``module``'s LoRA linears ``names`` for x through one stacked product
     (``kernels.grouped_lora_linear``), when ``GROUPED`` and its group (``_install_groups``) runs the plain case:
     each layer wired with bf16 adapters, one active plain adapter (the same one), no active dropout, its base weight
     still the group's and its rank unchanged. None otherwise: call the layers one by one (peft's forward for a
-    disabled adapter, as DPO's reference pass runs)."""
+    disabled adapter, as DPO's reference pass runs). ``op``: what takes the group's
+    ``(x, stacked, biases, lora_as, lora_bs, scalings)`` (an op with ``grouped_lora_linear``'s arguments, e.g.
+    ``kernels.grouped_qkv_rotary`` with its cos/sin bound)."""
     group = cast("_Group | None", module.__dict__.get("_fs_group"))
     if not GROUPED or group is None or group.names != names:
         return None
@@ -365,7 +368,7 @@ def grouped_projections(
         lora_as.append(a)
         lora_bs.append(cast(torch.Tensor, layer.lora_B[name].weight))
         scalings.append(float(layer.scaling[name]))
-    return grouped_lora_linear(x, group.stacked, biases, lora_as, lora_bs, scalings)
+    return cast("tuple[torch.Tensor, ...]", op(x, group.stacked, biases, lora_as, lora_bs, scalings))
 
 
 def bf16_input_forward(layer: Any, x_like: torch.Tensor) -> Any:
