@@ -17,8 +17,9 @@ output is cast to float32 and the low-rank product added in float32 (so a small 
 and A's gradients from bf16 operands with float32 accumulation, each scaled in float32. The one difference: the
 members' input gradients are summed inside one bf16 product (float32 accumulation, one rounding to bf16) instead
 of being rounded to bf16 each and summed in float32: the same sum to bf16 rounding, rounded once instead of three
-times. Kept for backward: x (the float32 input, as each member kept it; ``kernels.recompute`` may replace it), the
-[tokens, sum r_i] bf16 ``x A_i^T`` (the members' [tokens, r_i] ones side by side) and the weights; the outputs
+times. Kept for backward: x (the float32 input, as each member kept it, or a bf16 one: see ``grouped_lora_linear``;
+``kernels.recompute`` may replace it), the [tokens, sum r_i] bf16 ``x A_i^T`` (the members' [tokens, r_i] ones side
+by side) and the weights; the outputs
 are each member's own fresh tensor, as before (a view of one buffer would keep all of it alive as long as any
 one member's output is kept).
 
@@ -104,7 +105,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         n = len(layout)
         lora_as, lora_bs = adapters[:n], adapters[n:]
-        n_in = stacked.shape[1]
+        n_in, wide = stacked.shape[1], adapters[0].dtype  # the outputs' dtype: x's, or float32 for a bf16 x
         start = 0
         for (out, r), a in zip(layout, lora_as):
             stacked[start + out : start + out + r].copy_(a)  # (a Function's forward runs without gradients)
@@ -112,12 +113,12 @@ class _GroupedLoraLinear(torch.autograd.Function):
         full = F.linear(x.reshape(-1, n_in).to(stacked.dtype), stacked)  # [N, sum(out_i + r_i)]
         outs, xas, col = [], [], 0
         for out, r in layout:
-            outs.append(full[:, col : col + out].to(x.dtype))  # each a fresh contiguous tensor
+            outs.append(full[:, col : col + out].to(wide))  # each a fresh contiguous tensor
             xas.append(full[:, col + out : col + out + r])
             col += out + r
         xa = torch.cat(xas, 1)  # [N, sum r_i] in bf16, contiguous: what backward keeps
         del full, xas
-        xa_x, rc = xa.to(x.dtype), 0
+        xa_x, rc = xa.to(wide), 0
         for y, (_, r), bias, b, s in zip(outs, layout, biases, lora_bs, scalings):
             if bias is not None:
                 y.add_(bias.to(y.dtype))
@@ -207,10 +208,13 @@ def grouped_lora_linear(
 ) -> tuple[torch.Tensor, ...]:
     """Each member's ``x @ W_i^T + b_i + s_i * (x @ A_i^T) @ B_i^T``, through one product each way.
 
-    x [..., in] (float32 under bf16-mixed); stacked: the group's frozen [sum(out_i + r_i), in] tensor in a 16-bit
-    dtype (``stack_group``), member i's W_i in its rows from sum_{j<i}(out_j + r_j), followed by r_i rows that take
-    A_i at each forward; biases [out_i] or None (frozen); lora_as [r_i, in], lora_bs [out_i, r_i] in x's dtype;
-    scalings s_i. Returns one [..., out_i] tensor in x's dtype per member."""
+    x [..., in] (float32 under bf16-mixed, or already in the stack's dtype); stacked: the group's frozen
+    [sum(out_i + r_i), in] tensor in a 16-bit dtype (``stack_group``), member i's W_i in its rows from
+    sum_{j<i}(out_j + r_j), followed by r_i rows that take A_i at each forward; biases [out_i] or None (frozen);
+    lora_as [r_i, in], lora_bs [out_i, r_i] in one dtype, x's or (x in the stack's dtype) a wider one; scalings s_i.
+    Returns one [..., out_i] tensor in the adapters' dtype per member. x's gradient is in x's dtype: for a bf16 x
+    the bf16 product's result itself (what a float32 x of the same values gets, cast to float32); x is not cast
+    either way (a float32 x of bf16 values gives the same numbers, with the casts)."""
     n = len(lora_as)
     if n == 0 or not (len(biases) == len(lora_bs) == len(scalings) == n):
         raise ValueError("grouped_lora_linear: one bias (or None), A, B and scaling per member, at least one member")
@@ -221,9 +225,14 @@ def grouped_lora_linear(
     if stacked.shape[1] != x.shape[-1]:
         raise ValueError(f"grouped_lora_linear: stacked takes {stacked.shape[1]} inputs, x has {x.shape[-1]}")
     layout = []
+    wide = lora_as[0].dtype
+    if wide != x.dtype and x.dtype != stacked.dtype:
+        raise ValueError(
+            f"grouped_lora_linear: the adapter weights must be in x's dtype ({x.dtype}) or x in the stack's"
+        )
     for a, b, bias in zip(lora_as, lora_bs, biases):
-        if a.dtype != x.dtype or b.dtype != x.dtype:
-            raise ValueError(f"grouped_lora_linear: the adapter weights must be in x's dtype ({x.dtype})")
+        if a.dtype != wide or b.dtype != wide:
+            raise ValueError(f"grouped_lora_linear: the adapter weights must all be in one dtype ({wide})")
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
             raise ValueError("grouped_lora_linear: each A must be [r, in] and its B [out, r]")
         if bias is not None and tuple(bias.shape) != (b.shape[0],):
