@@ -349,12 +349,49 @@ def grouped_projections(
     ``(x, stacked, biases, lora_as, lora_bs, scalings)`` (an op with ``grouped_lora_linear``'s arguments, e.g.
     ``kernels.grouped_qkv_rotary`` with its cos/sin bound)."""
     group = cast("_Group | None", module.__dict__.get("_fs_group"))
+    if group is None:
+        return None
+    # a bf16 x with the bf16 stack (a norm that wrote bf16 for it, see ``group_ready``): float32 adapters as usual
+    dtypes = (x.dtype, torch.float32) if x.dtype == group.stacked.dtype == torch.bfloat16 else (x.dtype,)
+    arguments = _group_arguments(module, names, dtypes)
+    if arguments is None:
+        return None
+    biases, lora_as, lora_bs, scalings = arguments
+    return cast("tuple[torch.Tensor, ...]", op(x, group.stacked, biases, lora_as, lora_bs, scalings))
+
+
+def group_ready(module: torch.nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether ``grouped_projections(module, x, names)`` takes the group now for a float32 x, over a bf16 stack: then
+    it takes a bf16 x the same way (x's product is in bf16 either way), so the op that makes x may write it in bf16
+    (``fused_ops``' RMSNorm). The same checks as ``grouped_projections`` (``GROUPED``, the group intact, each layer's
+    one active plain adapter in float32, no active dropout, ...); False for a disabled adapter (DPO's reference
+    pass)."""
+    group = cast("_Group | None", module.__dict__.get("_fs_group"))
+    return (
+        group is not None
+        and group.stacked.dtype == torch.bfloat16
+        and _group_arguments(module, names, (torch.float32,)) is not None
+    )
+
+
+_Arguments = tuple[list["torch.Tensor | None"], list[torch.Tensor], list[torch.Tensor], list[float]]
+
+
+def _group_arguments(
+    module: torch.nn.Module, names: tuple[str, ...], dtypes: tuple[torch.dtype, ...]
+) -> _Arguments | None:
+    """(biases, lora_as, lora_bs, scalings) of ``module``'s group ``names`` when ``GROUPED`` and the group runs the
+    plain case with adapters in one of ``dtypes`` (see ``grouped_projections``); None otherwise."""
+    group = cast("_Group | None", module.__dict__.get("_fs_group"))
     if not GROUPED or group is None or group.names != names:
         return None
-    biases, lora_as, lora_bs, scalings = [], [], [], []
+    biases: list[torch.Tensor | None] = []
+    lora_as: list[torch.Tensor] = []
+    lora_bs: list[torch.Tensor] = []
+    scalings: list[float] = []
     adapter = None
     for layer, (out, r), ptr in zip(group.layers, group.rows, group.weights):
-        name = _plain_lora_adapter(layer, x, (), {})
+        name = next((n for n in (_plain_lora_adapter(layer, d, (), {}) for d in dtypes) if n is not None), None)
         if name is None or (adapter is not None and name != adapter):
             return None
         if getattr(layer, "_fs_adapter_dtype", None) is None or "forward" not in layer.__dict__:
@@ -368,7 +405,9 @@ def grouped_projections(
         lora_as.append(a)
         lora_bs.append(cast(torch.Tensor, layer.lora_B[name].weight))
         scalings.append(float(layer.scaling[name]))
-    return cast("tuple[torch.Tensor, ...]", op(x, group.stacked, biases, lora_as, lora_bs, scalings))
+    if len({a.dtype for a in (*lora_as, *lora_bs)}) != 1:
+        return None
+    return biases, lora_as, lora_bs, scalings
 
 
 def bf16_input_forward(layer: Any, x_like: torch.Tensor) -> Any:
@@ -396,9 +435,10 @@ def bf16_input_forward(layer: Any, x_like: torch.Tensor) -> Any:
 
 
 def _plain_lora_adapter(
-    layer: LoraLinear, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    layer: LoraLinear, x: torch.Tensor | torch.dtype, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
-    """The one active plain LoRA adapter when ``layer`` runs the plain training/eval case, else None (peft's)."""
+    """The one active plain LoRA adapter when ``layer`` runs the plain training/eval case for x (a tensor, or its
+    dtype), else None (peft's)."""
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
@@ -407,7 +447,8 @@ def _plain_lora_adapter(
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     if lora_a.bias is not None or lora_b.bias is not None:
         return None
-    if lora_a.weight.dtype != x.dtype or lora_b.weight.dtype != x.dtype:
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    if lora_a.weight.dtype != dtype or lora_b.weight.dtype != dtype:
         return None
     if layer.training and not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
