@@ -13,7 +13,9 @@ is untouched):
 - every Llama/Mistral/Qwen2/Qwen3 attention block's forward to one that, where bf16-mixed's LoRA wiring grouped
   q/k/v (``kernel_wiring.grouped_projections``: one stacked bf16 product each way for the three), takes them
   from it and is otherwise transformers' forward (rotary and the attention function looked up at each call);
-  SwiGLU MLPs take gate/up the same way (elsewhere both run transformers' / the layers' own forward);
+  SwiGLU MLPs take gate/up the same way (elsewhere both run transformers' / the layers' own forward), and where
+  down_proj takes a bf16 h, gate/up's product, its low-rank epilogue and SwiGLU run as one node
+  (``kernels.grouped_swiglu``: no float32 casts of gate and up, the gradients written to bf16 in one pass);
 - and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
   them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
   are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
 import types
@@ -48,6 +51,7 @@ import torch
 from finetune_studio.core.memory.estimate import FUSED_OPS_ARCHITECTURES
 from finetune_studio.engine.train.model_patches import kernel_wiring, rotary
 from finetune_studio.engine.train.model_patches.kernel_wiring import grouped_projections
+from finetune_studio.kernels import grouped_qkv_rotary, grouped_swiglu
 from finetune_studio.kernels import swiglu as swiglu_ops
 from finetune_studio.kernels.attention import gqa_attention, packed_attention
 from finetune_studio.kernels.recompute import recompute_when_saved
@@ -76,10 +80,27 @@ def _recompute_allowed(layer) -> bool:
     return layer is None or not (getattr(layer, "gradient_checkpointing", False) and layer.training)
 
 
+NORM_BF16 = True  # a norm whose consumer rounds its output to bf16 anyway writes it in bf16 (_norm_out_dtype)
+
+
+def _norm_out_dtype(norm: Any, x: torch.Tensor) -> torch.dtype | None:
+    """bf16 where the module the norm feeds takes its output through its group of LoRA projections over a bf16 stack
+    (``kernel_wiring.group_ready``), which rounds it to bf16 for its one product each way and gives its gradient as a
+    bf16 product's result: the same numbers without the float32 output and its casts. None (the usual float32)
+    elsewhere: ``NORM_BF16`` off, no group (grouping off, adapters disabled as in DPO's reference pass, ...), or a
+    norm that feeds no such module (Qwen3's q_norm)."""
+    consumer = norm.__dict__.get("_fs_consumer")
+    if not NORM_BF16 or consumer is None or x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return None
+    names = consumer.__dict__.get("_fs_projections")
+    return torch.bfloat16 if names and kernel_wiring.group_ready(consumer, names) else None
+
+
 def _norm_forward(self, hidden_states):
-    out, rstd = rms_norm_with_rstd(hidden_states, self.weight, self.variance_epsilon)
+    out_dtype = _norm_out_dtype(self, hidden_states)
+    out, rstd = rms_norm_with_rstd(hidden_states, self.weight, self.variance_epsilon, out_dtype=out_dtype)
     if self._fs_consumed:  # for the module it feeds, which takes it at once (see _consumer_forward)
-        self._fs_pending = (out, hidden_states.detach(), rstd)
+        self._fs_pending = (out, hidden_states.detach(), rstd, out_dtype)
     return out
 
 
@@ -96,7 +117,23 @@ def _bf16_down(down: Any, h_like: torch.Tensor) -> Any:
     return kernel_wiring.bf16_input_forward(down, h_like)
 
 
+def _gate_up_swiglu(x, stacked, biases, lora_as, lora_bs, scalings):
+    """``grouped_projections``' op for gate/up: (h in bf16, its rebuild) through ``kernels.grouped_swiglu`` where it
+    runs (no biases); None elsewhere (the MLP then takes gate and up as usual)."""
+    if any(b is not None for b in biases) or not grouped_swiglu.runs_here(x, stacked):
+        return None
+    return grouped_swiglu.grouped_swiglu(x, stacked, lora_as, lora_bs, scalings)
+
+
 def _mlp_forward(self, x):
+    down = _bf16_down(self.down_proj, x.new_empty(0, dtype=torch.float32))
+    fused = grouped_projections(self, x, GATE_UP, op=_gate_up_swiglu) if down is not None else None
+    if fused is not None:  # gate/up's product, its epilogue and SwiGLU in one node, h in bf16
+        h, rebuild = fused
+        if not _recompute_allowed(self._fs_layer):
+            return down(h)
+        with recompute_when_saved(h, rebuild):
+            return down(h)
     projected = grouped_projections(self, x, GATE_UP)
     gate, up = projected if projected is not None else (self.gate_proj(x), self.up_proj(x))
     down = _bf16_down(self.down_proj, gate)
@@ -111,17 +148,42 @@ def _mlp_forward(self, x):
         return down(h)
 
 
+def _takes_group(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether this call of a norm's consumer runs its group of LoRA projections (``kernel_wiring.group_ready``): an
+    MLP always then, an attention block for a call ``_attention_forward`` takes the group for."""
+    names = module.__dict__.get("_fs_projections")
+    if not names or not kernel_wiring.group_ready(module, names):
+        return False
+    return names != QKV or _plain_attention_call(args, kwargs) is not None
+
+
 def _consumer_forward(self, *args, **kwargs):
-    """A module fed by a patched norm: the norm's output is recomputed in backward, not kept by this module."""
+    """A module fed by a patched norm: the norm's output is recomputed in backward, not kept by this module. A bf16
+    output (``_norm_out_dtype``) that this call would not take through the group (a cache, a check that no longer
+    holds) is widened to float32 first: the module then sees the values the norm wrote, as a float32 tensor."""
     norm, layer = self._fs_norm, self._fs_layer
     pending, norm._fs_pending = norm._fs_pending, None
     x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
     forward = self._fs_forward
-    if pending is None or pending[0] is not x or not _recompute_allowed(layer):
+    if pending is None or pending[0] is not x:
         return forward(*args, **kwargs)
-    _, inp, rstd = pending
+    _, inp, rstd, out_dtype = pending
     weight = norm.weight
-    with recompute_when_saved(x, lambda: rms_norm_forward(inp, weight, rstd)):
+    widen = out_dtype is not None and not _takes_group(self, args, kwargs)
+    if widen:
+        x = x.to(weight.dtype)
+        if args:
+            args = (x, *args[1:])
+        else:
+            kwargs = {**kwargs, ("hidden_states" if "hidden_states" in kwargs else "x"): x}
+    if not _recompute_allowed(layer):
+        return forward(*args, **kwargs)
+
+    def rebuild() -> torch.Tensor:
+        out = rms_norm_forward(inp, weight, rstd, out_dtype)
+        return out.to(weight.dtype) if widen else out
+
+    with recompute_when_saved(x, rebuild):
         return forward(*args, **kwargs)
 
 
@@ -135,11 +197,9 @@ _QKV_ATTENTION = {
 }
 
 
-def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """transformers' attention forward (Llama, Mistral, Qwen2, Qwen3; 5.x) with q/k/v from
-    ``grouped_projections`` where it gives them; the class's own forward otherwise (a cache, positional
-    arguments, no group, adapters disabled). Rotary and the attention function are looked up at each call (the
-    modeling module's ``apply_rotary_pos_emb``, transformers' attention interface), as the class's forward does."""
+def _plain_attention_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The hidden states of an attention call that ``_attention_forward`` takes q/k/v from the group for (the hidden
+    states alone positionally or by name, rotary's cos/sin given, no cache); None for any other call."""
     hidden_states = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
     plain = (
         isinstance(hidden_states, torch.Tensor)
@@ -147,7 +207,36 @@ def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         and kwargs.get("cache") is None
         and kwargs.get("past_key_values") is None
     )
-    qkv = grouped_projections(self, hidden_states, QKV) if plain and hidden_states is not None else None
+    return hidden_states if plain else None
+
+
+def _qkv_rotary_op(module: Any, hidden_states: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+    """``grouped_projections``' op for q/k/v that also applies rotary in the same pass
+    (``kernels.grouped_qkv_rotary``, this call's cos/sin bound), where that gives what the group and the modeling
+    module's rotary give: no q/k norm before rotary (Qwen3), the modeling module's ``apply_rotary_pos_emb``
+    ``model_patches.rotary``'s (``kernels.cpu_rotary``: transformers' numbers), the C passes running on these
+    inputs (``grouped_qkv_rotary.runs_on``: its flag on, cos/sin as the C rotary takes them). None elsewhere: the
+    group's outputs, then rotary."""
+    if hidden_states is None or hasattr(module, "q_norm"):
+        return None
+    rotary_fn = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if getattr(rotary_fn, "_fs_original", None) is None:
+        return None
+    cos, sin = kwargs["position_embeddings"]
+    if not grouped_qkv_rotary.runs_on(hidden_states, cos, sin, module.head_dim):
+        return None
+    return functools.partial(grouped_qkv_rotary.grouped_qkv_rotary, cos=cos, sin=sin, head_dim=module.head_dim)
+
+
+def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """transformers' attention forward (Llama, Mistral, Qwen2, Qwen3; 5.x) with q/k/v from
+    ``grouped_projections`` where it gives them; the class's own forward otherwise (a cache, positional
+    arguments, no group, adapters disabled). Rotary and the attention function are looked up at each call (the
+    modeling module's ``apply_rotary_pos_emb``, transformers' attention interface), as the class's forward does."""
+    hidden_states = _plain_attention_call(args, kwargs)
+    rotated = _qkv_rotary_op(self, hidden_states, kwargs)  # q/k/v with rotary in one pass, where it runs
+    group_op = () if rotated is None else (rotated,)
+    qkv = grouped_projections(self, hidden_states, QKV, *group_op) if hidden_states is not None else None
     if qkv is None or hidden_states is None:
         return type(self).forward(self, *args, **kwargs)
     modeling = sys.modules[type(self).__module__]
@@ -156,10 +245,14 @@ def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     attention_mask = kwargs.pop("attention_mask", None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = (t.view(hidden_shape) for t in qkv)
-    if hasattr(self, "q_norm"):  # Qwen3: a norm of each head's q and k before rotary
-        query, key = self.q_norm(query), self.k_norm(key)
-    query, key = modeling.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    if rotated is not None:  # q and k rotated already; all three [B, H, T, D]
+        query, key, value = qkv
+    else:
+        query, key, value = (t.view(hidden_shape) for t in qkv)
+        if hasattr(self, "q_norm"):  # Qwen3: a norm of each head's q and k before rotary
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = modeling.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        value = value.transpose(1, 2)
     attention = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward
     )
@@ -171,7 +264,7 @@ def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         self,
         query,
         key,
-        value.transpose(1, 2),
+        value,
         attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
@@ -423,6 +516,7 @@ def apply_memory_patches(model, enabled: bool = True) -> list[str]:
             if getattr(norm, "_fs_patched", False) and not hasattr(consumer, "_fs_norm"):
                 consumer._fs_forward = consumer.forward
                 object.__setattr__(consumer, "_fs_norm", norm)
+                object.__setattr__(norm, "_fs_consumer", consumer)  # (a plain attribute, as _fs_norm)
                 object.__setattr__(consumer, "_fs_layer", layer)
                 consumer.forward = types.MethodType(_consumer_forward, consumer)
                 norm._fs_consumed = True
