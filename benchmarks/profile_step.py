@@ -211,6 +211,14 @@ def _grouped_projections(setup, on: bool) -> None:
     kernel_wiring.GROUPED = on
 
 
+def _grouped_swiglu(setup, on: bool) -> None:
+    """gate/up's grouped product, its low-rank epilogue and SwiGLU as one node with C passes each way
+    (``kernels.grouped_swiglu``) against the grouped product, the float32 casts and addmm_, then ``kernels.swiglu``."""
+    from finetune_studio.kernels import grouped_swiglu
+
+    grouped_swiglu.ENABLED = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -220,6 +228,7 @@ AB_LEVERS = {
     "rotary_native": _rotary_native,
     "attention_native": _attention_native,
     "grouped_projections": _grouped_projections,
+    "grouped_swiglu": _grouped_swiglu,
 }
 
 
