@@ -219,6 +219,15 @@ def _grouped_swiglu(setup, on: bool) -> None:
     grouped_swiglu.ENABLED = on
 
 
+def _qkv_rotary(setup, on: bool) -> None:
+    """q/k/v's grouped product, its low-rank epilogue and rotary as one node with C passes each way
+    (``kernels.grouped_qkv_rotary``) against the grouped product, the float32 casts and addmm_, then
+    ``kernels.cpu_rotary``."""
+    from finetune_studio.kernels import grouped_qkv_rotary
+
+    grouped_qkv_rotary.NATIVE = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -229,6 +238,7 @@ AB_LEVERS = {
     "attention_native": _attention_native,
     "grouped_projections": _grouped_projections,
     "grouped_swiglu": _grouped_swiglu,
+    "qkv_rotary": _qkv_rotary,
 }
 
 
