@@ -228,6 +228,15 @@ def _qkv_rotary(setup, on: bool) -> None:
     grouped_qkv_rotary.NATIVE = on
 
 
+def _norm_bf16(setup, on: bool) -> None:
+    """Each decoder RMSNorm whose q/k/v or gate/up group rounds its output to bf16 anyway writing it in bf16 and
+    taking its gradient in bf16 (``fused_ops.NORM_BF16``) against the float32 output and its casts: the same
+    numbers."""
+    from finetune_studio.engine.train.model_patches import fused_ops
+
+    fused_ops.NORM_BF16 = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -239,6 +248,7 @@ AB_LEVERS = {
     "grouped_projections": _grouped_projections,
     "grouped_swiglu": _grouped_swiglu,
     "qkv_rotary": _qkv_rotary,
+    "norm_bf16": _norm_bf16,
 }
 
 
