@@ -5,7 +5,9 @@
 is untouched):
 
 - every RMSNorm's forward to ``kernels.rms_norm`` (saves its input and a float32 rstd per row; float32 on a CPU
-  with AVX-512 in one pass a row each way, ``kernels.cpu_rms_norm``);
+  with AVX-512 in one pass a row each way, ``kernels.cpu_rms_norm``); a decoder norm whose block takes its output
+  through a group of LoRA projections over a bf16 stack (``kernel_wiring.group_ready``), which rounds it to bf16
+  anyway, writes it in bf16 and takes its gradient in bf16 (``NORM_BF16``: the same numbers, no casts);
 - every SwiGLU MLP's ``silu(gate) * up`` to ``kernels.swiglu`` (saves gate and up, not silu(gate) too; float32
   on a CPU with AVX-512 in one pass each way, ``kernels.cpu_swiglu``);
 - every grouped-query attention's SDPA call, on the CPU, to ``kernels.attention`` (no repeated keys and values kept

@@ -31,7 +31,8 @@
   each layer's own ``[W; A]`` rows its ``_fs_stacked``), and the module's forward asks ``grouped_projections`` for
   their outputs: one product each way for the group (``kernels.grouped_lora_linear``), where each member would
   run ``lora_linear`` with its stack (the same numbers; the input gradient summed inside one product). ``GROUPED``
-  switches it at each forward (the layers then run one by one over the same stacks).
+  switches it at each forward (the layers then run one by one over the same stacks). A group takes a bf16 input
+  too (``group_ready`` says when, for the op that makes the input: ``fused_ops``' RMSNorm then writes bf16).
 """
 
 from __future__ import annotations
