@@ -62,40 +62,14 @@ AVX512 void swiglu_fwd(const float* g, const float* u, float* h, int64_t rows, i
   }
 }
 
-/* the bf16 variants (bf16 h out, bf16 dh in) also use AVX-512 BW/VL's masked 16-bit loads and stores and
-   AVX512_BF16's rounding instruction */
-#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
+"""
+    + native_build.BF16_PS
+    + r"""
+/* the bf16 variants (bf16 h out, bf16 dh in) use BF16_PS's rounding and widening (AVX-512 BW/VL and BF16) */
 int cpu_swiglu_bf16_supported(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
-
-/* float32 lanes rounded to bf16, to nearest even (a NaN to a quiet NaN, whose bits may differ from torch's
-   0xFFFF), 32 at a time (lo's lanes first): otherwise what
-   torch's .to(torch.bfloat16) gives. vcvtne2ps2bf16 rounds so but takes subnormals as zero: a pair with a lane
-   below the smallest normal in magnitude (a subnormal, or a zero) or a NaN (rare) is rounded with integer
-   operations instead */
-AVX512BW static inline __m256i to_bf16_int(__m512 x) {
-  __m512i b = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-AVX512BW static inline __m512i to_bf16_pair(__m512 lo, __m512 hi) {
-  __m512 tiny = _mm512_set1_ps(1.17549435e-38f);
-  __mmask16 odd = _mm512_cmp_ps_mask(_mm512_abs_ps(lo), tiny, _CMP_NGE_UQ) |
-                  _mm512_cmp_ps_mask(_mm512_abs_ps(hi), tiny, _CMP_NGE_UQ);
-  if (__builtin_expect(odd == 0, 1)) return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_int(lo)), to_bf16_int(hi), 1);
-}
-
-/* bf16 lanes widened to float32 (exact) */
-AVX512BW static inline __m512 from_bf16(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* as swiglu_fwd, h rounded to bf16 once (the float32 value swiglu_fwd writes, rounded to nearest even); 32
