@@ -71,56 +71,78 @@ static inline float bf16_float(uint16_t v) {
   return c.f;
 }
 
-/* base + s * sum_k xa[k] bt[k, :16] over the lanes of m: bt rows `cols` floats apart */
-AVX512BW static inline __m512 low_rank(const uint16_t* base, const float* xa, const float* bt, int64_t r, int64_t cols,
-                                       float s, __mmask16 m) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < r; k++)
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(xa[k]), _mm512_maskz_loadu_ps(m, bt + k * cols), acc);
-  return _mm512_fmadd_ps(_mm512_set1_ps(s), acc, from_bf16(_mm256_maskz_loadu_epi16(m, base)));
-}
-
 /* cpu_swiglu's silu(g) * u */
 AVX512BW static inline __m512 silu_mul(__m512 gv, __m512 uv) {
   __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
   return _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), uv);
 }
 
+#define RB 4 /* rows a block: each 32 columns of B^T loaded once for RB rows */
+
+/* acc[j][0..1] = sum_k xa[j][k] bt[k, 0..31] for the RB rows j: bt rows `cols` floats apart, lanes lo / hi (the
+   sums in named locals, written to acc once: an array indexed in the loop went through the stack each k) */
+AVX512BW static inline void low_rank(const float* xa, int64_t r, const float* bt, int64_t cols, __mmask16 lo,
+                                     __mmask16 hi, __m512 acc[RB][2]) {
+  __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const float *x0 = xa, *x1 = xa + r, *x2 = xa + 2 * r, *x3 = xa + 3 * r;
+  for (int64_t k = 0; k < r; k++) {
+    __m512 b0 = _mm512_maskz_loadu_ps(lo, bt + k * cols), b1 = _mm512_maskz_loadu_ps(hi, bt + k * cols + 16);
+    __m512 v = _mm512_set1_ps(x0[k]);
+    a00 = _mm512_fmadd_ps(v, b0, a00), a01 = _mm512_fmadd_ps(v, b1, a01);
+    v = _mm512_set1_ps(x1[k]);
+    a10 = _mm512_fmadd_ps(v, b0, a10), a11 = _mm512_fmadd_ps(v, b1, a11);
+    v = _mm512_set1_ps(x2[k]);
+    a20 = _mm512_fmadd_ps(v, b0, a20), a21 = _mm512_fmadd_ps(v, b1, a21);
+    v = _mm512_set1_ps(x3[k]);
+    a30 = _mm512_fmadd_ps(v, b0, a30), a31 = _mm512_fmadd_ps(v, b1, a31);
+  }
+  acc[0][0] = a00, acc[0][1] = a01, acc[1][0] = a10, acc[1][1] = a11;
+  acc[2][0] = a20, acc[2][1] = a21, acc[3][0] = a30, acc[3][1] = a31;
+}
+
 /* per row of full ([rows, sf] bf16): gate = full[cg : cg + cols] + sg * full[xg : xg + rg] btg, up likewise (btg
    [rg, cols], btu [ru, cols] float32); writes gate and up (float32, [rows, cols]) and h = silu(gate) * up
-   (bf16, [rows, cols]) */
+   (bf16, [rows, cols]). RB rows at a time (the last block's missing rows computed on the last row, not stored) */
 AVX512BW void grouped_swiglu_fwd(const uint16_t* full, int64_t sf, int64_t cg, int64_t xg, int64_t rg, int64_t cu,
                                  int64_t xu, int64_t ru, const float* btg, const float* btu, float sg, float su,
                                  float* gate, float* up, uint16_t* h, int64_t rows, int64_t cols, int threads) {
+  int64_t blocks = (rows + RB - 1) / RB;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t r = 0; r < rows; r++) {
-    const uint16_t* row = full + r * sf;
-    float xa_g[rg > 0 ? rg : 1], xa_u[ru > 0 ? ru : 1];
-    for (int64_t k = 0; k < rg; k++) xa_g[k] = bf16_float(row[xg + k]);
-    for (int64_t k = 0; k < ru; k++) xa_u[k] = bf16_float(row[xu + k]);
-    float *gr = gate + r * cols, *ur = up + r * cols;
-    uint16_t* hr = h + r * cols;
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    int64_t row[RB];
+    float xa_g[RB * (rg > 0 ? rg : 1)], xa_u[RB * (ru > 0 ? ru : 1)];
+    for (int j = 0; j < RB; j++) {
+      row[j] = blk * RB + j < rows ? blk * RB + j : rows - 1;
+      const uint16_t* fr = full + row[j] * sf;
+      for (int64_t k = 0; k < rg; k++) xa_g[j * rg + k] = bf16_float(fr[xg + k]);
+      for (int64_t k = 0; k < ru; k++) xa_u[j * ru + k] = bf16_float(fr[xu + k]);
+    }
     for (int64_t i = 0; i < cols; i += 32) {
       int64_t left = cols - i;
       __mmask32 m = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
       __mmask16 lo = (__mmask16)m, hi = (__mmask16)(m >> 16);
-      __m512 g0 = low_rank(row + cg + i, xa_g, btg + i, rg, cols, sg, lo);
-      __m512 u0 = low_rank(row + cu + i, xa_u, btu + i, ru, cols, su, lo);
-      _mm512_mask_storeu_ps(gr + i, lo, g0);
-      _mm512_mask_storeu_ps(ur + i, lo, u0);
-      __m512 h0 = silu_mul(g0, u0), h1 = _mm512_setzero_ps();
-      if (hi) {
-        __m512 g1 = low_rank(row + cg + i + 16, xa_g, btg + i + 16, rg, cols, sg, hi);
-        __m512 u1 = low_rank(row + cu + i + 16, xa_u, btu + i + 16, ru, cols, su, hi);
-        _mm512_mask_storeu_ps(gr + i + 16, hi, g1);
-        _mm512_mask_storeu_ps(ur + i + 16, hi, u1);
-        h1 = silu_mul(g1, u1);
+      __m512 ag[RB][2], au[RB][2];
+      low_rank(xa_g, rg, btg + i, cols, lo, hi, ag);
+      low_rank(xa_u, ru, btu + i, cols, lo, hi, au);
+      for (int j = 0; j < RB; j++) {
+        if (blk * RB + j >= rows) break;
+        const uint16_t* fr = full + row[j] * sf + i;
+        int64_t o = row[j] * cols + i;
+        __m512 vg = _mm512_set1_ps(sg), vu = _mm512_set1_ps(su);
+        __m512 g0 = _mm512_fmadd_ps(vg, ag[j][0], from_bf16(_mm256_maskz_loadu_epi16(lo, fr + cg)));
+        __m512 g1 = _mm512_fmadd_ps(vg, ag[j][1], from_bf16(_mm256_maskz_loadu_epi16(hi, fr + cg + 16)));
+        __m512 u0 = _mm512_fmadd_ps(vu, au[j][0], from_bf16(_mm256_maskz_loadu_epi16(lo, fr + cu)));
+        __m512 u1 = _mm512_fmadd_ps(vu, au[j][1], from_bf16(_mm256_maskz_loadu_epi16(hi, fr + cu + 16)));
+        _mm512_mask_storeu_ps(gate + o, lo, g0);
+        _mm512_mask_storeu_ps(gate + o + 16, hi, g1);
+        _mm512_mask_storeu_ps(up + o, lo, u0);
+        _mm512_mask_storeu_ps(up + o + 16, hi, u1);
+        __m512i hv = to_bf16_pair(silu_mul(g0, u0), silu_mul(g1, u1));
+        if (left >= 32)
+          _mm512_storeu_si512(h + o, hv);
+        else
+          _mm512_mask_storeu_epi16(h + o, m, hv);
       }
-      __m512i hv = to_bf16_pair(h0, h1);
-      if (left >= 32)
-        _mm512_storeu_si512(hr + i, hv);
-      else
-        _mm512_mask_storeu_epi16(hr + i, m, hv);
     }
   }
 }
@@ -286,6 +308,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         ctx.save_for_backward(x, xa, stacked, gate, up, *lora_bs)
         ctx.layout, ctx.scalings, ctx.native = layout, scalings, native
         ctx.mark_non_differentiable(gate, up)
+        ctx.set_materialize_grads(False)  # no zero gradients made for gate and up
         return h.view(*x.shape[:-1], cols), gate, up
 
     @staticmethod
