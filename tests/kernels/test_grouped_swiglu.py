@@ -8,7 +8,7 @@ import torch
 from tiny_model import FAMILY_SHAPE, tiny_lora_model
 
 from finetune_studio.core.config import TrainConfig
-from finetune_studio.engine.train.model_patches import kernel_wiring
+from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
 from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
 from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 from finetune_studio.kernels import grouped_swiglu as gs
@@ -127,7 +127,9 @@ def _step(model):
 
 
 @needs_c
-def test_the_wired_mlp_takes_the_node_with_the_separate_ops_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("norm_bf16", [True, False])
+def test_the_wired_mlp_takes_the_node_with_the_separate_ops_loss_and_gradients(norm_bf16, monkeypatch):
+    monkeypatch.setattr(fused_ops, "NORM_BF16", norm_bf16)  # the MLP's input: the norm's bf16 or float32 output
     model = _model()
     calls: list[torch.dtype] = []
     node = gs.grouped_swiglu
@@ -142,7 +144,7 @@ def test_the_wired_mlp_takes_the_node_with_the_separate_ops_loss_and_gradients(m
         monkeypatch.setattr(gs, "ENABLED", on)
         calls.clear()
         results[on] = _step(model)
-        assert len(calls) == (FAMILY_SHAPE["num_hidden_layers"] if on else 0)
+        assert calls == ([torch.bfloat16 if norm_bf16 else torch.float32] * FAMILY_SHAPE["num_hidden_layers"]) * on
     (loss_on, grads_on), (loss_off, grads_off) = results[True], results[False]
     assert loss_on == pytest.approx(loss_off, rel=1e-5)
     assert grads_on.keys() == grads_off.keys() and any("gate_proj" in n for n in grads_on)
