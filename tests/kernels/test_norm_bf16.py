@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import micro_step_loss
 from tiny_model import FAMILY_SHAPE, tiny_lora_model
 
 from finetune_studio.core.config import TrainConfig
+from finetune_studio.engine.datasets.render import IGNORE
+from finetune_studio.engine.train.batches import Batch
 from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
 from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
 from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
@@ -57,13 +60,16 @@ def test_native_backward_from_a_bf16_gradient_is_the_widened_gradients(shape):
     assert torch.equal(got, cpu_rms_norm.rms_norm_backward_native(grad.float(), x, w, rstd))
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("native", ["c", "c_float32_only", "torch"])
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_the_op_with_a_bf16_output_is_todays_op_rounded(native, weight_trains, monkeypatch):
     """rms_norm_with_rstd(out_dtype=bf16): the float32 output rounded, bit for bit; from a bf16 output gradient the
     input's (and the weight's) gradient of today's float32 output given that gradient widened; the recompute the
-    same tensor. Both the C path and torch's (``NATIVE`` off)."""
-    monkeypatch.setattr(rms_norm_ops, "NATIVE", native)
+    same tensor. The C path, the C float32 kernels with casts (a CPU without AVX-512 BF16), torch's (``NATIVE``
+    off)."""
+    monkeypatch.setattr(rms_norm_ops, "NATIVE", native != "torch")
+    if native == "c_float32_only":
+        monkeypatch.setattr(cpu_rms_norm, "bf16_available", lambda: False)
     x, w = _norm_inputs((3, 11, 40), seed=3)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(BF16)
 
@@ -119,8 +125,8 @@ def test_grouped_op_on_a_bf16_x_is_the_float32_x_of_its_values():
         grouped_lora_linear(x16.half(), stacked, biases, lora_as, lora_bs, scalings)
 
 
-def _model(arch: str = "llama"):
-    model = tiny_lora_model(arch, TrainConfig(lora_rank=4))
+def _model(arch: str = "llama", config: TrainConfig | None = None):
+    model = tiny_lora_model(arch, config or TrainConfig(lora_rank=4))
     apply_memory_patches(model, True)
     apply_mixed(model)
     kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
@@ -228,3 +234,39 @@ def test_the_lever_keeps_no_more_for_backward(monkeypatch):
         saved[lever] = census.alive_bytes()
         loss.backward()
     assert saved[False] - saved[True] == IDS.numel() * FAMILY_SHAPE["hidden_size"] * 2
+
+
+@pytest.mark.parametrize("changes", [dict(objective="dpo"), dict(gradient_checkpointing=True)])
+def test_an_engine_step_with_the_lever_is_the_step_without_it(changes, monkeypatch):
+    """The engine's loss (DPO: the reference pass with the adapters off first; or checkpointed blocks, which run
+    their norms again in backward) and adapter gradients bit for bit with the lever on and off; DPO's reference pass
+    keeps float32 norms."""
+    config = TrainConfig(**{**dict(batch_size=2, max_length=24, lora_rank=4), **changes})
+    model = _model("llama", config)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, FAMILY_SHAPE["vocab_size"], (4, 17), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    batch = Batch(ids, torch.ones_like(ids), labels, pairs=2 if config.objective == "dpo" else 0)
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in _decoder_norms(model)]
+    results = {}
+    for lever in (False, True):
+        monkeypatch.setattr(fused_ops, "NORM_BF16", lever)
+        seen.clear()
+        model.zero_grad(set_to_none=True)
+        loss = micro_step_loss(model, config.objective, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[lever] = (loss.detach(), grads, list(seen))
+    for h in hooks:
+        h.remove()
+    (loss0, grads0, seen0), (loss1, grads1, seen1) = results[False], results[True]
+    assert torch.equal(loss1, loss0) and grads1.keys() == grads0.keys()
+    assert all(torch.equal(grads1[n], g) for n, g in grads0.items())
+    norms = len(_decoder_norms(model))
+    assert set(seen0) == {torch.float32}
+    if config.objective == "dpo":  # the reference pass, then the policy's
+        assert seen1 == [torch.float32] * norms + [BF16] * norms
+    else:  # the forward, then each checkpointed block's again in backward
+        assert seen1 == [BF16] * (2 * norms)
