@@ -231,3 +231,29 @@ def test_nothing_more_is_kept_for_backward(monkeypatch):
         saved[fused] = census.alive_bytes()
         loss.backward()
     assert saved[True] == saved[False] > 0
+
+
+def test_two_threads_give_the_one_threads_numbers():
+    """Rows split over OpenMP threads (tiles of four, a short last tile): each row is computed alike."""
+    shape = (2, 9, 64, 64, 3, 1, 16, 1)
+    x, _, stacked, biases, lora_as, lora_bs, cos, sin = _group(shape, bias=True)
+    x.requires_grad_()
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(
+                _run(
+                    lambda: grouped_qkv_rotary(
+                        x, stacked, biases, lora_as, lora_bs, SCALINGS, cos=cos, sin=sin, head_dim=shape[3]
+                    ),
+                    x,
+                    lora_as,
+                    lora_bs,
+                )
+            )
+    finally:
+        torch.set_num_threads(before)
+    for got, want in zip((*runs[1][0], *runs[1][1]), (*runs[0][0], *runs[0][1])):
+        assert torch.equal(got, want)
