@@ -24,10 +24,25 @@ its dtype); the adapters and their gradients are float32.
 The torch path (``impl='torch'``, or where the C cannot run: no AVX-512 BF16, another device) computes the same
 steps with torch's ops (the casts, addmm_, ``silu``, ``silu_backward``).
 
+Kept for backward: x (``kernels.recompute`` rebuilds the norm's output), the [tokens, r_g + r_u] bf16 ``x A^T``,
+the stack, the B weights, and gate and up in float32: the bytes the grouped product and SwiGLU keep today, so the
+memory estimate is unchanged. h is not kept (rebuilt from gate and up, as today). Keeping only the bf16 product
+instead ([tokens, 2 (i + r)], half the bytes of gate and up) and recomputing gate and up in the backward's pass
+would save 4 (i - r) bytes a token and layer (bundled model, 455 tokens: 2.8 MB a layer, 84 MB a step) for about
+0.4 ms a layer of recompute; it needs the estimate to know when this node runs, and is not done.
+
+Measured (2-core Zen 4, one thread, [455, 1536], r = 16): the C forward 0.78 ms (the 32 r-long sums a row were
+1.6 ms with the sums in an array, which went through the stack each k), the backward pass 0.40 ms; one layer's
+forward + backward against the separate ops about 0.5-0.8 ms less. A bundled step does not show it: the
+alternating A/B (``benchmarks/profile_step.py --ab grouped_swiglu``) gave on/off 1.00-1.03 for SFT and 1.00-1.01
+for DPO, with the same loss and gradient norm; with glibc's trimming off neither side faults pages and both
+steps cost the same; a step with the node kept 70-85 MiB more resident memory (the heap's layout, not more live
+tensors: the saved tensors are the same). So ``ENABLED`` is off by default.
+
 Layering: reference (``grouped_swiglu_reference``: float32 eager) -> autograd Function (``_GroupedSwiGLU``) ->
 public op (``grouped_swiglu``, which checks its arguments). ``NATIVE = False`` sends everything through the torch
-path; the MLP's wiring (``engine.train.model_patches.fused_ops``) asks :func:`runs_here` and keeps the separate
-ops otherwise, and ``ENABLED = False`` keeps them everywhere (for A/Bs).
+path; the MLP's wiring (``engine.train.model_patches.fused_ops``) asks :func:`runs_here`, true only with
+``ENABLED``, and keeps the separate ops otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +62,7 @@ from finetune_studio.kernels.lora_linear import lora_linear_reference
 
 log = logging.getLogger(__name__)
 
-ENABLED = True  # the fused ops' MLP runs gate/up and SwiGLU through this node where it can (runs_here)
+ENABLED = False  # the fused ops' MLP runs gate/up and SwiGLU through this node where it can (runs_here)
 NATIVE = True  # impl='auto' runs the C passes where they can run
 
 SOURCE = (
@@ -270,11 +285,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for (out, r), a in zip(layout, lora_as):
             stacked[start + out : start + out + r].copy_(a)  # (a Function's forward runs without gradients)
             start += out + r
-        full = F.linear(x.reshape(-1, n_in).to(stacked.dtype), stacked)  # [N, 2 (i + r)]
         cg, xg, cu, xu = _layout_columns(layout)
         (cols, r_g), (_, r_u) = layout
+        rows = x.numel() // n_in
+        full = F.linear(x.reshape(-1, n_in).to(stacked.dtype), stacked)  # [N, 2 (i + r)]
         xa = torch.cat((full[:, xg : xg + r_g], full[:, xu : xu + r_u]), 1)  # [N, r_g + r_u] bf16, for backward
-        rows = full.shape[0]
         if native:
             gate = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
             up, h = torch.empty_like(gate), torch.empty(rows, cols, dtype=torch.bfloat16, device=x.device)

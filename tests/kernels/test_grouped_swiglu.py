@@ -154,6 +154,7 @@ def test_the_wired_mlp_takes_the_node_with_the_separate_ops_loss_and_gradients(n
 
 @needs_c
 def test_disabled_adapters_and_the_per_layer_path_keep_the_separate_ops(monkeypatch):
+    monkeypatch.setattr(gs, "ENABLED", True)
     model = _model()
     calls = []
     node = gs.grouped_swiglu
