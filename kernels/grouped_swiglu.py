@@ -33,16 +33,15 @@ would save 4 (i - r) bytes a token and layer (bundled model, 455 tokens: 2.8 MB 
 
 Measured (2-core Zen 4, one thread, [455, 1536], r = 16): the C forward 0.78 ms (the 32 r-long sums a row were
 1.6 ms with the sums in an array, which went through the stack each k), the backward pass 0.40 ms; one layer's
-forward + backward against the separate ops about 0.5-0.8 ms less. A bundled step does not show it: the
-alternating A/B (``benchmarks/profile_step.py --ab grouped_swiglu``) gave on/off 1.00-1.03 for SFT and 1.00-1.01
-for DPO, with the same loss and gradient norm; with glibc's trimming off neither side faults pages and both
-steps cost the same; a step with the node kept 70-85 MiB more resident memory (the heap's layout, not more live
-tensors: the saved tensors are the same). So ``ENABLED`` is off by default.
+forward + backward against the separate ops about 0.5-0.8 ms less. The bundled step's alternating A/B
+(``benchmarks/profile_step.py --ab grouped_swiglu``, one thread, 6-8 rounds): SFT on/off 0.975-0.997, DPO
+0.979-0.991, the same loss and gradient norm to the digits printed; the live bytes at the end of the forward the
+same (775 / 774 MiB in use).
 
 Layering: reference (``grouped_swiglu_reference``: float32 eager) -> autograd Function (``_GroupedSwiGLU``) ->
 public op (``grouped_swiglu``, which checks its arguments). ``NATIVE = False`` sends everything through the torch
-path; the MLP's wiring (``engine.train.model_patches.fused_ops``) asks :func:`runs_here`, true only with
-``ENABLED``, and keeps the separate ops otherwise.
+path; the MLP's wiring (``engine.train.model_patches.fused_ops``) asks :func:`runs_here` and keeps the separate
+ops otherwise; ``ENABLED = False`` keeps them everywhere (for A/Bs).
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ from finetune_studio.kernels.lora_linear import lora_linear_reference
 
 log = logging.getLogger(__name__)
 
-ENABLED = False  # the fused ops' MLP runs gate/up and SwiGLU through this node where it can (runs_here)
+ENABLED = True  # the fused ops' MLP runs gate/up and SwiGLU through this node where it can (runs_here)
 NATIVE = True  # impl='auto' runs the C passes where they can run
 
 SOURCE = (
@@ -408,12 +407,12 @@ def grouped_swiglu(
     h, gate, up = _GroupedSwiGLU.apply(
         x, stacked, tuple(layout), tuple(float(s) for s in scalings), native, *lora_as, *lora_bs
     )
-    g, u = gate.detach(), up.detach()
+    g, u, shape = gate.detach(), up.detach(), h.shape  # (the rebuild must not hold h itself: that would keep it)
     if native:
-        return h, lambda: cpu_swiglu.swiglu_forward_native_bf16(g, u).view(h.shape)
+        return h, lambda: cpu_swiglu.swiglu_forward_native_bf16(g, u).view(shape)
 
     def rebuild() -> torch.Tensor:
         with torch.no_grad():
-            return _h_torch(g, u).view(h.shape)
+            return _h_torch(g, u).view(shape)
 
     return h, rebuild

@@ -3,6 +3,9 @@ against the torch path, today's separate ops and the float32 reference; the fuse
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from tiny_model import FAMILY_SHAPE, tiny_lora_model
@@ -91,6 +94,19 @@ def test_the_rebuild_gives_h_bit_for_bit(impl):
     again = rebuild()
     assert h.dtype == again.dtype == torch.bfloat16 and h.shape == again.shape == (3, 29, 83)
     assert torch.equal(again.view(torch.int16), h.detach().view(torch.int16)) and not again.requires_grad
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_nothing_keeps_h_but_its_consumer(impl):
+    """The rebuild (kept by ``kernels.recompute`` until the consumer's backward) holds gate and up, never h: once the
+    consumer drops h, its memory is free (a rebuild that held h kept a [tokens, i] tensor a layer)."""
+    _, stacked, x, lora_as, lora_bs, _ = _problem(9, 40, 33, (4, 4), torch.float32, seed=3)
+    a, b = [t.requires_grad_() for t in lora_as], [t.requires_grad_() for t in lora_bs]
+    h, rebuild = gs.grouped_swiglu(x, stacked, a, b, SCALINGS, impl=impl)
+    kept = weakref.ref(h)
+    del h
+    gc.collect()
+    assert kept() is None and rebuild().shape == (3, 9, 33)
 
 
 def test_bad_arguments_get_clear_messages():

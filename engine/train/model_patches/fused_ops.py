@@ -17,8 +17,7 @@ is untouched):
   from it and is otherwise transformers' forward (rotary and the attention function looked up at each call);
   SwiGLU MLPs take gate/up the same way (elsewhere both run transformers' / the layers' own forward), and where
   down_proj takes a bf16 h, gate/up's product, its low-rank epilogue and SwiGLU run as one node
-  (``kernels.grouped_swiglu``, with its ``ENABLED`` on: no float32 casts of gate and up, the gradients written to
-  bf16 in one pass);
+  (``kernels.grouped_swiglu``: no float32 casts of gate and up, the gradients written to bf16 in one pass);
 - and, outside gradient checkpointing, the tensors those two ops output are not kept by the layers that consume
   them (the LoRA ``A`` projections of q/k/v, gate/up and down save their input for their weight gradient): they
   are recomputed in backward from what the ops keep anyway (``kernels.recompute.recompute_when_saved``).
