@@ -326,7 +326,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return h.view(*x.shape[:-1], cols), gate, up
 
     @staticmethod
-    def backward(ctx: Any, dh: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, dh: torch.Tensor | None, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if dh is None:  # (grads are not materialised: h took no part in the loss)
+            return (None,) * 9
         x, xa, stacked, gate, up, *lora_bs = ctx.saved_tensors
         layout, n_in = ctx.layout, stacked.shape[1]
         rows, cols = gate.shape
