@@ -53,13 +53,14 @@ threads on a busy machine run it with ``OMP_WAIT_POLICY=PASSIVE``: otherwise a t
 descheduled partner spins, and that spinning is counted as CPU time (measured: 3.5% of the peak instead of 41%).
 The figures then say how well each thread's CPU second is used, not how the wall clock scales.
 
-``--compare [levers|kernels|norm|blocks]`` runs each row twice in one process, on the same batches (a fresh sampler):
-first with levers switched off (``levers_off``), then as the engine runs. ``levers`` (the default): the step of the
-morning of 2026-12-07 (the LoRA adapters' products and both of the head's products in float32, SwiGLU through torch's
-ops); ``kernels``: the step of 11:25 (only the C kernels of 13:00-14:30 off: ``kernels.bf16_head``,
+``--compare [levers|kernels|norm|blocks|epilogues]`` runs each row twice in one process, on the same batches (a fresh
+sampler): first with levers switched off (``levers_off``), then as the engine runs. ``levers`` (the default): the
+step of the morning of 2026-12-07 (the LoRA adapters' products and both of the head's products in float32, SwiGLU
+through torch's ops); ``kernels``: the step of 11:25 (only the C kernels of 13:00-14:30 off: ``kernels.bf16_head``,
 ``kernels.cpu_swiglu``, ``kernels.cpu_rms_norm``); ``norm``: the step of 14:00 (only ``kernels.cpu_rms_norm`` off);
 ``blocks``: the step of 16:00 (only the C attention and rotary kernels, the grouped q/k/v and gate/up products, the
-bf16 h of SwiGLU and the fused AdamW off).
+bf16 h of SwiGLU and the fused AdamW off); ``epilogues``: the step of 19:40 (only the norms' bf16 output and the
+q/k/v-rotary and gate/up-SwiGLU nodes off).
 The load moves both sides alike; compare within a pair.
 
 Results, 2026-12-07 13:34-13:56 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
@@ -339,11 +340,25 @@ def levers_off(setup, which: str = "levers") -> None:
     (``kernels.attention.NATIVE``: ``kernels.cpu_attention`` off), rotary through transformers' ops
     (``kernels.cpu_rotary.NATIVE``), q/k/v and gate/up as their own products again
     (``kernel_wiring.GROUPED``), SwiGLU's h in float32 again (``swiglu.BF16_IO``), and torch's per-tensor AdamW loop
-    instead of the fused one."""
-    from finetune_studio.engine.train.model_patches import kernel_wiring
+    instead of the fused one. ``epilogues``: only the levers of 20:00-20:40: the decoder norms' output float32 again
+    (``fused_ops.NORM_BF16``), q/k/v's low-rank add and rotary as separate ops again
+    (``kernels.grouped_qkv_rotary.NATIVE``), gate/up's low-rank add and SwiGLU as separate ops again
+    (``kernels.grouped_swiglu.ENABLED``)."""
+    from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
     from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
-    from finetune_studio.kernels import attention, cpu_rotary, linear_logprobs, rms_norm, swiglu
+    from finetune_studio.kernels import (
+        attention,
+        cpu_rotary,
+        grouped_qkv_rotary,
+        grouped_swiglu,
+        linear_logprobs,
+        rms_norm,
+        swiglu,
+    )
 
+    if which == "epilogues":
+        fused_ops.NORM_BF16 = grouped_qkv_rotary.NATIVE = grouped_swiglu.ENABLED = False
+        return
     if which == "blocks":
         attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = swiglu.BF16_IO = False
         for group in setup.optimizer.param_groups:
@@ -425,12 +440,21 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
         wall += w
     if peaks.rounds == 0:
         peaks.update(measure_peaks(shape, int(mean_tokens)))
-    from finetune_studio.engine.train.model_patches import kernel_wiring
-    from finetune_studio.kernels import attention, cpu_rotary, linear_logprobs, rms_norm, swiglu
+    from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
+    from finetune_studio.kernels import (
+        attention,
+        cpu_rotary,
+        grouped_qkv_rotary,
+        grouped_swiglu,
+        linear_logprobs,
+        rms_norm,
+        swiglu,
+    )
 
     # as the engine runs (levers_off may have cleared them)
     linear_logprobs.BF16_HEAD_KERNEL = swiglu.NATIVE = rms_norm.NATIVE = True
     attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = swiglu.BF16_IO = True
+    fused_ops.NORM_BF16 = grouped_qkv_rotary.NATIVE = grouped_swiglu.ENABLED = True
     row = Row(
         model=model + (" (before)" if before else ""),
         objective=objective,
@@ -490,7 +514,7 @@ def main(argv=None) -> int:
         nargs="?",
         const="levers",
         default="",
-        choices=("levers", "kernels", "norm", "blocks"),
+        choices=("levers", "kernels", "norm", "blocks", "epilogues"),
         help="each row also with levers off, first: 'levers' (the default) the bf16 adapter products and both head "
         "products float32; 'kernels' only the C kernels (kernels.bf16_head, kernels.cpu_swiglu, kernels.cpu_rms_norm) "
         "off; 'norm' only kernels.cpu_rms_norm off",
