@@ -45,8 +45,8 @@ import functools
 import logging
 import sys
 import types
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 
@@ -131,7 +131,7 @@ def _mlp_forward(self, x):
     down = _bf16_down(self.down_proj, x.new_empty(0, dtype=torch.float32))
     fused = grouped_projections(self, x, GATE_UP, op=_gate_up_swiglu) if down is not None else None
     if fused is not None:  # gate/up's product, its epilogue and SwiGLU in one node, h in bf16
-        h, rebuild = fused
+        h, rebuild = cast("tuple[torch.Tensor, Callable[[], torch.Tensor]]", fused)  # _gate_up_swiglu's result
         if not _recompute_allowed(self._fs_layer):
             return down(h)
         with recompute_when_saved(h, rebuild):
