@@ -237,6 +237,14 @@ def _norm_bf16(setup, on: bool) -> None:
     fused_ops.NORM_BF16 = on
 
 
+def _epilogues(setup, on: bool) -> None:
+    """The three levers of 2026-12-07 20:00-20:40 together (``norm_bf16``, ``qkv_rotary``, ``grouped_swiglu``): the
+    step with the norms' bf16 output and both epilogue nodes against the step of 19:40."""
+    _norm_bf16(setup, on)
+    _qkv_rotary(setup, on)
+    _grouped_swiglu(setup, on)
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -249,6 +257,7 @@ AB_LEVERS = {
     "grouped_swiglu": _grouped_swiglu,
     "qkv_rotary": _qkv_rotary,
     "norm_bf16": _norm_bf16,
+    "epilogues": _epilogues,
 }
 
 
