@@ -245,6 +245,14 @@ def _epilogues(setup, on: bool) -> None:
     _grouped_swiglu(setup, on)
 
 
+def _lora_backward_native(setup, on: bool) -> None:
+    """Each LoRA member's rank-r backward products (``g B`` and B's gradient) in one C pass over its bf16 output
+    gradient (``kernels.cpu_lora_backward``) against two torch products that each read it."""
+    from finetune_studio.kernels import cpu_lora_backward
+
+    cpu_lora_backward.NATIVE = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -258,6 +266,7 @@ AB_LEVERS = {
     "qkv_rotary": _qkv_rotary,
     "norm_bf16": _norm_bf16,
     "epilogues": _epilogues,
+    "lora_backward_native": _lora_backward_native,
 }
 
 

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from finetune_studio.kernels import cpu_lora_backward
+
 
 def lora_linear_reference(
     x: torch.Tensor,
@@ -182,8 +184,25 @@ class _LoraLinearLow(torch.autograd.Function):
             gcat = torch.empty(g.shape[0], n_out + r, dtype=low, device=g.device)
             gcat[:, :n_out].copy_(g)
             gl = gcat[:, :n_out]
-        gb = gl @ lora_b.to(low)  # [N, r] in low
         grad_a = grad_b = grad_x = None
+        if lora_b.dtype == torch.float32 and cpu_lora_backward.runs_on(gl, xa, r):  # one pass over gl (C)
+            need_gb = ctx.needs_input_grad[3] or (ctx.needs_input_grad[0] and gcat is None)
+            gb = torch.empty(g.shape[0], r, dtype=low) if need_gb else None
+            scaled = gcat[:, n_out:] if gcat is not None and ctx.needs_input_grad[0] else None
+            grad_b = cpu_lora_backward.lora_backward_products(
+                gl, lora_b, xa if ctx.needs_input_grad[4] else None, s, scaled, gb
+            )
+            if ctx.needs_input_grad[3]:
+                grad_a = (gb.t() @ x.reshape(-1, n_in).to(low)).to(lora_a.dtype).mul_(s)  # type: ignore[union-attr]
+            if ctx.needs_input_grad[0]:
+                if gcat is not None:
+                    gx = gcat @ stacked
+                else:
+                    gx = (gl @ weight.to(low)).to(grad_out.dtype)
+                    gx.addmm_(gb.to(gx.dtype), lora_a, alpha=s)  # type: ignore[union-attr]
+                grad_x = gx.view(x.shape).to(x.dtype)
+            return grad_x, None, None, grad_a, grad_b, None, None, None
+        gb = gl @ lora_b.to(low)  # [N, r] in low
         if ctx.needs_input_grad[4]:
             grad_b = (gl.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
         if ctx.needs_input_grad[3]:
