@@ -46,6 +46,16 @@ int cpu_rms_norm_supported(void) {
 
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
+/* 1 / sqrt(mean(x^2) + eps) of a row of n */
+AVX512 static inline float row_rstd(const float* xr, int64_t n, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 v = _mm512_maskz_loadu_ps(tail(n - i), xr + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  return 1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
+}
+
 /* y = w * (x * rstd) per row of n; rstd = 1 / sqrt(mean(x^2) + eps) unless given (given != 0: read from rstd) */
 AVX512 void rms_norm_fwd(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n, float eps,
                          int given, int threads) {
@@ -53,18 +63,7 @@ AVX512 void rms_norm_fwd(const float* x, const float* w, float* y, float* rstd, 
   for (int64_t r = 0; r < rows; r++) {
     const float* xr = x + r * n;
     float* yr = y + r * n;
-    float s;
-    if (given) {
-      s = rstd[r];
-    } else {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; i += 16) {
-        __m512 v = _mm512_maskz_loadu_ps(tail(n - i), xr + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
-      }
-      s = 1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
-      rstd[r] = s;
-    }
+    float s = given ? rstd[r] : (rstd[r] = row_rstd(xr, n, eps));
     __m512 sv = _mm512_set1_ps(s);
     for (int64_t i = 0; i < n; i += 16) {
       __mmask16 m = tail(n - i);
@@ -115,18 +114,7 @@ AVX512BW void rms_norm_fwd_bf16(const float* x, const float* w, uint16_t* y, flo
   for (int64_t r = 0; r < rows; r++) {
     const float* xr = x + r * n;
     uint16_t* yr = y + r * n;
-    float s;
-    if (given) {
-      s = rstd[r];
-    } else {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < n; i += 16) {
-        __m512 v = _mm512_maskz_loadu_ps(tail(n - i), xr + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
-      }
-      s = 1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
-      rstd[r] = s;
-    }
+    float s = given ? rstd[r] : (rstd[r] = row_rstd(xr, n, eps));
     __m512 sv = _mm512_set1_ps(s);
     for (int64_t i = 0; i < n; i += 32) {
       __mmask16 lo = tail(n - i), hi = n - i > 16 ? tail(n - i - 16) : 0;
