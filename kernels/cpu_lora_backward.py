@@ -94,6 +94,8 @@ AVX512BW static void chunk(const uint16_t* g, int64_t sg, const uint16_t* b, int
           acc[k] = k < rr ? _mm512_maskz_loadu_ps(om, gbt + k * out + o0) : _mm512_setzero_ps();
         for (int64_t p = 0; p < pairs; p++) {
           int64_t i = n0 + 2 * p;
+          _mm_prefetch((const char*)(g + i * sg + o0 + 64), _MM_HINT_T0); /* two chunks ahead (never faults) */
+          _mm_prefetch((const char*)(g + (i + 1) * sg + o0 + 64), _MM_HINT_T0);
           __m512i lo = lanes(g + i * sg + o0, om);
           __m512i hi = i + 1 < n ? lanes(g + (i + 1) * sg + o0, om) : _mm512_setzero_si512();
           __m512bh gv = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
