@@ -23,6 +23,10 @@ by side) and the weights; the outputs
 are each member's own fresh tensor, as before (a view of one buffer would keep all of it alive as long as any
 one member's output is kept).
 
+Where ``kernels.cpu_lora_backward`` runs (AVX-512 BF16, bf16 stack, float32 adapters; its ``NATIVE`` flag), each
+member's ``g_i B_i`` and B's gradient come from one C pass over g_i instead of two torch products that each read
+it: the same float32 sums in another order, ``s_i g_i B_i`` rounded to bf16 once, B's gradient never rounded to bf16.
+
 Layering: reference (``grouped_lora_linear_reference``: each member through ``lora_linear_reference``, float32)
 -> autograd Function (``_GroupedLoraLinear``) -> public op (``grouped_lora_linear``, which checks its arguments).
 """

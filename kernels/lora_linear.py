@@ -27,6 +27,9 @@ gradient: the base part is rounded already). Measured on one SFT step of the bun
 (``benchmarks/RESULTS.md``, "The share of the CPU's matrix-product peak"): 0.945x the CPU time for the bf16
 products, 0.98x more for the stack, the loss curves within float32's seed spread.
 
+Where ``kernels.cpu_lora_backward`` runs (bf16 ``low``, float32 adapters, AVX-512 BF16; its ``NATIVE`` flag), the
+backward's ``g B`` and B's gradient come from one C pass over the bf16 g (B's gradient then not rounded to bf16).
+
 Layering: reference (``lora_linear_reference``: everything in float32 through autograd, as peft computes it) ->
 autograd Functions (``_LoraLinear``, ``_LoraLinearLow``) -> public op (``lora_linear`` with
 ``impl='auto'|'torch'``; ``torch`` is the reference's maths with the base product in the weight's dtype, through
