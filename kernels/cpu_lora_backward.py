@@ -23,9 +23,12 @@ Measured on a 2-core Zen 4 (AVX512_BF16, no AMX), the bundled model's step (Smol
 call timed inside real steps, C and torch's ops alternating): SFT (455 tokens, one thread) 39-59 ms of CPU a step
 against 78-105 ms (0.50-0.56x; [455, 1536] members 0.63-0.74x, [455, 576] 0.41x, [455, 192] 0.41x), DPO (926
 tokens) 85 against 164 ms, SFT on two threads (torch's products on both, this one on one) 97 against 172 ms of
-process CPU. Alone, hot in the cache, [455, 1536]: 0.27 against 0.37 ms. The whole step's alternating A/B cannot
-resolve the 2-3% this is worth on this noisy machine: SFT on/off 0.986-1.007 (medians of the rounds' ratios), DPO
-1.013.
+process CPU. Alone, hot in the cache, [455, 1536]: 0.27 against 0.37 ms. A profiled SFT step (4 alternating steps
+a side): 1639 against 1722 ms of self CPU (aten::mm -82 ms, the backward nodes' self time, where the C pass is
+counted, +20 ms). The whole step's alternating A/B (``benchmarks/profile_step.py --ab lora_backward_native``) barely
+resolves the 2-3% this is worth on this noisy machine: SFT one thread, medians of the rounds' ratios 1.007, 0.986,
+1.008, 0.966 (6, 6, 10, 10 rounds); DPO 1.013, 0.983; SFT two threads 0.978. Losses equal, gradient norms equal
+to 2e-6 relative.
 
 C compiled once and loaded with ctypes (``kernels.native_build``); :func:`available` is False where the CPU lacks
 AVX-512 BF16 or nothing compiles, and the callers keep torch's ops (also for float16, for ranks over 64 and for
