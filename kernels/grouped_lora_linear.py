@@ -248,6 +248,32 @@ def _backward_products_native(
     return grad_x, grad_as, grad_bs
 
 
+def member_layout(
+    op: str,
+    x: torch.Tensor,
+    stacked: torch.Tensor,
+    biases: Sequence[torch.Tensor | None],
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+) -> list[tuple[int, int]]:
+    """Each member's (out_i, r_i), after checking what every grouped node needs of its arguments (a ValueError that
+    names ``op`` otherwise): the adapter weights in one floating dtype, each A [r, in] and its B [out, r], each bias
+    [out] or None, and the stack's sum(out_i + r_i) rows."""
+    wide = lora_as[0].dtype
+    layout = []
+    for a, b, bias in zip(lora_as, lora_bs, biases, strict=True):
+        if a.dtype != wide or b.dtype != wide or not wide.is_floating_point:
+            raise ValueError(f"{op}: the adapter weights must all be in one floating dtype ({wide})")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{op}: each A must be [r, in] and its B [out, r]")
+        if bias is not None and tuple(bias.shape) != (b.shape[0],):
+            raise ValueError(f"{op}: each bias must be [out] or None")
+        layout.append((b.shape[0], a.shape[0]))
+    if sum(out + r for out, r in layout) != stacked.shape[0]:
+        raise ValueError(f"{op}: stacked must have sum(out_i + r_i) rows")
+    return layout
+
+
 def grouped_lora_linear(
     x: torch.Tensor,
     stacked: torch.Tensor,
@@ -274,22 +300,12 @@ def grouped_lora_linear(
         raise ValueError("grouped_lora_linear: stacked must be a contiguous 2-D tensor in a 16-bit dtype")
     if stacked.shape[1] != x.shape[-1]:
         raise ValueError(f"grouped_lora_linear: stacked takes {stacked.shape[1]} inputs, x has {x.shape[-1]}")
-    layout = []
     wide = lora_as[0].dtype
     if wide != x.dtype and x.dtype != stacked.dtype:
         raise ValueError(
             f"grouped_lora_linear: the adapter weights must be in x's dtype ({x.dtype}) or x in the stack's"
         )
-    for a, b, bias in zip(lora_as, lora_bs, biases):
-        if a.dtype != wide or b.dtype != wide:
-            raise ValueError(f"grouped_lora_linear: the adapter weights must all be in one dtype ({wide})")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
-            raise ValueError("grouped_lora_linear: each A must be [r, in] and its B [out, r]")
-        if bias is not None and tuple(bias.shape) != (b.shape[0],):
-            raise ValueError("grouped_lora_linear: each bias must be [out] or None")
-        layout.append((b.shape[0], a.shape[0]))
-    if sum(out + r for out, r in layout) != stacked.shape[0]:
-        raise ValueError("grouped_lora_linear: stacked must have sum(out_i + r_i) rows")
+    layout = member_layout("grouped_lora_linear", x, stacked, biases, lora_as, lora_bs)
     outs: tuple[torch.Tensor, ...] = _GroupedLoraLinear.apply(
         x, stacked, tuple(layout), tuple(biases), tuple(float(s) for s in scalings), *lora_as, *lora_bs
     )

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from finetune_studio.kernels import cpu_rotary, native_build
-from finetune_studio.kernels.grouped_lora_linear import grouped_backward_products, grouped_lora_linear
+from finetune_studio.kernels.grouped_lora_linear import grouped_backward_products, grouped_lora_linear, member_layout
 from finetune_studio.kernels.lora_linear import lora_linear_reference
 
 log = logging.getLogger(__name__)
@@ -393,17 +393,9 @@ def _native(
         raise ValueError("grouped_qkv_rotary: the stacked weights and the biases must be frozen")
     if stacked.dim() != 2 or not stacked.is_contiguous() or stacked.shape[1] != x.shape[-1]:
         raise ValueError(f"grouped_qkv_rotary: stacked must be a contiguous [rows, {x.shape[-1]}] tensor")
-    layout = []
-    for a, b, bias in zip(lora_as, lora_bs, biases):
-        if a.dtype != torch.float32 or b.dtype != torch.float32:
-            raise ValueError("grouped_qkv_rotary: the adapter weights must be float32")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
-            raise ValueError("grouped_qkv_rotary: each A must be [r, in] and its B [out, r]")
-        if bias is not None and tuple(bias.shape) != (b.shape[0],):
-            raise ValueError("grouped_qkv_rotary: each bias must be [out] or None")
-        layout.append((b.shape[0], a.shape[0]))
-    if sum(out + r for out, r in layout) != stacked.shape[0]:
-        raise ValueError("grouped_qkv_rotary: stacked must have sum(out_i + r_i) rows")
+    if lora_as[0].dtype != torch.float32:
+        raise ValueError("grouped_qkv_rotary: the adapter weights must be float32")
+    layout = member_layout("grouped_qkv_rotary", x, stacked, biases, lora_as, lora_bs)
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = _GroupedQkvRotary.apply(
         x.contiguous(),
         stacked,

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_studio.kernels import cpu_swiglu, native_build
-from finetune_studio.kernels.grouped_lora_linear import grouped_backward_products
+from finetune_studio.kernels.grouped_lora_linear import grouped_backward_products, member_layout
 from finetune_studio.kernels.lora_linear import lora_linear_reference
 
 log = logging.getLogger(__name__)
@@ -393,18 +393,10 @@ def grouped_swiglu(
         raise ValueError("grouped_swiglu: stacked must be a frozen contiguous 2-D bf16 tensor")
     if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != stacked.shape[1]:
         raise ValueError(f"grouped_swiglu: x must be float32 or bf16 with {stacked.shape[1]} features")
-    dtype = lora_as[0].dtype
-    layout = []
-    for a, b in zip(lora_as, lora_bs):
-        if a.dtype != dtype or b.dtype != dtype or not dtype.is_floating_point:
-            raise ValueError("grouped_swiglu: the adapter weights must share one floating dtype")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
-            raise ValueError("grouped_swiglu: each A must be [r, in] and its B [out, r]")
-        layout.append((b.shape[0], a.shape[0]))
-    if layout[0][0] != layout[1][0]:
-        raise ValueError(f"grouped_swiglu: gate and up widths differ ({layout[0][0]} vs {layout[1][0]})")
-    if sum(out + r for out, r in layout) != stacked.shape[0]:
-        raise ValueError("grouped_swiglu: stacked must have out + r_g + out + r_u rows")
+    widths = [b.shape[0] if b.dim() else 0 for b in lora_bs]
+    if widths[0] != widths[1]:
+        raise ValueError(f"grouped_swiglu: gate and up widths differ ({widths[0]} vs {widths[1]})")
+    layout = member_layout("grouped_swiglu", x, stacked, (None, None), lora_as, lora_bs)
     native = impl == "auto" and _native(x, stacked)
     h, gate, up = _GroupedSwiGLU.apply(
         x, stacked, tuple(layout), tuple(float(s) for s in scalings), native, *lora_as, *lora_bs
