@@ -60,7 +60,7 @@ through torch's ops); ``kernels``: the step of 11:25 (only the C kernels of 13:0
 ``kernels.cpu_swiglu``, ``kernels.cpu_rms_norm``); ``norm``: the step of 14:00 (only ``kernels.cpu_rms_norm`` off);
 ``blocks``: the step of 16:00 (only the C attention and rotary kernels, the grouped q/k/v and gate/up products, the
 bf16 h of SwiGLU and the fused AdamW off); ``epilogues``: the step of 19:40 (only the norms' bf16 output and the
-q/k/v-rotary and gate/up-SwiGLU nodes off).
+q/k/v-rotary and gate/up-SwiGLU nodes and the rank-r backward pass off).
 The load moves both sides alike; compare within a pair.
 
 Results, 2026-12-07 13:34-13:56 UTC on dev-cpu (2-core AMD EPYC Zen 4 KVM guest, AVX-512 BF16; torch 2.13.0+cpu),
@@ -343,11 +343,13 @@ def levers_off(setup, which: str = "levers") -> None:
     instead of the fused one. ``epilogues``: only the levers of 20:00-20:40: the decoder norms' output float32 again
     (``fused_ops.NORM_BF16``), q/k/v's low-rank add and rotary as separate ops again
     (``kernels.grouped_qkv_rotary.NATIVE``), gate/up's low-rank add and SwiGLU as separate ops again
-    (``kernels.grouped_swiglu.ENABLED``)."""
+    (``kernels.grouped_swiglu.ENABLED``), and each LoRA member's rank-r backward products through torch's products
+    again (``kernels.cpu_lora_backward.NATIVE``, of 21:00)."""
     from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
     from finetune_studio.engine.train.model_patches.kernel_wiring import lora_linears
     from finetune_studio.kernels import (
         attention,
+        cpu_lora_backward,
         cpu_rotary,
         grouped_qkv_rotary,
         grouped_swiglu,
@@ -357,7 +359,7 @@ def levers_off(setup, which: str = "levers") -> None:
     )
 
     if which == "epilogues":
-        fused_ops.NORM_BF16 = grouped_qkv_rotary.NATIVE = grouped_swiglu.ENABLED = False
+        fused_ops.NORM_BF16 = grouped_qkv_rotary.NATIVE = grouped_swiglu.ENABLED = cpu_lora_backward.NATIVE = False
         return
     if which == "blocks":
         attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = swiglu.BF16_IO = False
@@ -443,6 +445,7 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
     from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
     from finetune_studio.kernels import (
         attention,
+        cpu_lora_backward,
         cpu_rotary,
         grouped_qkv_rotary,
         grouped_swiglu,
@@ -454,7 +457,7 @@ def run_row(model: str, objective: str, threads: int, args, before: bool = False
     # as the engine runs (levers_off may have cleared them)
     linear_logprobs.BF16_HEAD_KERNEL = swiglu.NATIVE = rms_norm.NATIVE = True
     attention.NATIVE = cpu_rotary.NATIVE = kernel_wiring.GROUPED = swiglu.BF16_IO = True
-    fused_ops.NORM_BF16 = grouped_qkv_rotary.NATIVE = grouped_swiglu.ENABLED = True
+    fused_ops.NORM_BF16 = grouped_qkv_rotary.NATIVE = grouped_swiglu.ENABLED = cpu_lora_backward.NATIVE = True
     row = Row(
         model=model + (" (before)" if before else ""),
         objective=objective,

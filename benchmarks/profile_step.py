@@ -238,11 +238,13 @@ def _norm_bf16(setup, on: bool) -> None:
 
 
 def _epilogues(setup, on: bool) -> None:
-    """The three levers of 2026-12-07 20:00-20:40 together (``norm_bf16``, ``qkv_rotary``, ``grouped_swiglu``): the
-    step with the norms' bf16 output and both epilogue nodes against the step of 19:40."""
+    """The levers of 2026-12-07 20:00-21:00 together (``norm_bf16``, ``qkv_rotary``, ``grouped_swiglu``,
+    ``lora_backward_native``): the step with the norms' bf16 output, both epilogue nodes and the rank-r backward pass
+    against the step of 19:40."""
     _norm_bf16(setup, on)
     _qkv_rotary(setup, on)
     _grouped_swiglu(setup, on)
+    _lora_backward_native(setup, on)
 
 
 def _lora_backward_native(setup, on: bool) -> None:
