@@ -340,7 +340,7 @@ def levers_off(setup, which: str = "levers") -> None:
     (``kernels.attention.NATIVE``: ``kernels.cpu_attention`` off), rotary through transformers' ops
     (``kernels.cpu_rotary.NATIVE``), q/k/v and gate/up as their own products again
     (``kernel_wiring.GROUPED``), SwiGLU's h in float32 again (``swiglu.BF16_IO``), and torch's per-tensor AdamW loop
-    instead of the fused one. ``epilogues``: only the levers of 20:00-20:40: the decoder norms' output float32 again
+    instead of the fused one. ``epilogues``: only the levers of 20:00-21:00: the decoder norms' output float32 again
     (``fused_ops.NORM_BF16``), q/k/v's low-rank add and rotary as separate ops again
     (``kernels.grouped_qkv_rotary.NATIVE``), gate/up's low-rank add and SwiGLU as separate ops again
     (``kernels.grouped_swiglu.ENABLED``), and each LoRA member's rank-r backward products through torch's products
