@@ -136,3 +136,21 @@ def tiny_lora_model(arch: str, config):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     return model
+
+
+def step_with_nodes(model, ids):
+    """One forward and backward of ``model`` on ``ids`` (its own labels): (the loss, each trained parameter's
+    gradient, the type names of every autograd node the loss's graph holds), for tests that check which path ran."""
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    nodes, todo, seen = set(), [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        nodes.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, nodes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_model import FAMILY_SHAPE, tiny_lora_model
+from tiny_model import FAMILY_SHAPE, step_with_nodes, tiny_lora_model
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.engine.train.model_patches import kernel_wiring
@@ -181,19 +181,7 @@ def _model(arch: str):
 def _step(model, fused: bool, monkeypatch):
     """Loss, adapter gradients and the autograd nodes' names of one forward and backward."""
     monkeypatch.setattr(qkv_rotary, "NATIVE", fused)
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=IDS, labels=IDS).loss
-    nodes, todo, seen = set(), [loss.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        nodes.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.item(), grads, nodes
+    return step_with_nodes(model, IDS)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
