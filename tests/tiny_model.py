@@ -154,3 +154,20 @@ def step_with_nodes(model, ids):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), grads, nodes
+
+
+def tiny_bf16_mixed_model(arch: str = "llama", config=None):
+    """``tiny_lora_model`` (default config: LoRA rank 4) as a bf16-mixed run on this CPU sets it up: the fused ops,
+    bf16-mixed's frozen bf16 linears and the kernels wired in (``install_kernels(..., fused_ops=True)``), in training
+    mode."""
+    from finetune_studio.core.config import TrainConfig
+    from finetune_studio.engine.train.model_patches import kernel_wiring
+    from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
+    from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
+
+    model = tiny_lora_model(arch, config or TrainConfig(lora_rank=4))
+    apply_memory_patches(model, True)
+    apply_mixed(model)
+    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
+    model.train()
+    return model

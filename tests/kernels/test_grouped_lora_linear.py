@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_model import FAMILY_SHAPE, step_with_nodes, tiny_lora_model
+from tiny_model import FAMILY_SHAPE, step_with_nodes, tiny_bf16_mixed_model
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
@@ -155,12 +155,7 @@ SHAPE = FAMILY_SHAPE
 
 
 def _model(arch: str = "llama", dropout: float = 0.0, method: str = "lora"):
-    model = tiny_lora_model(arch, TrainConfig(lora_rank=4, lora_dropout=dropout, method=method))
-    apply_memory_patches(model, True)
-    apply_mixed(model)
-    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
-    model.train()
-    return model
+    return tiny_bf16_mixed_model(arch, TrainConfig(lora_rank=4, lora_dropout=dropout, method=method))
 
 
 IDS = torch.randint(0, SHAPE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))

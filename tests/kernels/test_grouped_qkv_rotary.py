@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_model import FAMILY_SHAPE, step_with_nodes, tiny_lora_model
+from tiny_model import FAMILY_SHAPE, step_with_nodes, tiny_bf16_mixed_model
 
 from finetune_studio.core.config import TrainConfig
-from finetune_studio.engine.train.model_patches import kernel_wiring
-from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
-from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 from finetune_studio.kernels import grouped_qkv_rotary as qkv_rotary
 from finetune_studio.kernels.grouped_lora_linear import stack_group
 from finetune_studio.kernels.grouped_qkv_rotary import grouped_qkv_rotary, grouped_qkv_rotary_reference
@@ -170,12 +167,7 @@ IDS = torch.randint(0, FAMILY_SHAPE["vocab_size"], (2, 19), generator=torch.Gene
 
 
 def _model(arch: str):
-    model = tiny_lora_model(arch, TrainConfig(lora_rank=4, lora_dropout=0.0))
-    apply_memory_patches(model, True)
-    apply_mixed(model)
-    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
-    model.train()
-    return model
+    return tiny_bf16_mixed_model(arch, TrainConfig(lora_rank=4, lora_dropout=0.0))
 
 
 def _step(model, fused: bool, monkeypatch):

@@ -8,12 +8,9 @@ import weakref
 
 import pytest
 import torch
-from tiny_model import FAMILY_SHAPE, tiny_lora_model
+from tiny_model import FAMILY_SHAPE, tiny_bf16_mixed_model
 
-from finetune_studio.core.config import TrainConfig
 from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
-from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
-from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 from finetune_studio.kernels import grouped_swiglu as gs
 from finetune_studio.kernels.grouped_lora_linear import grouped_lora_linear, stack_group
 from finetune_studio.kernels.swiglu import swiglu
@@ -127,12 +124,7 @@ IDS = torch.randint(0, FAMILY_SHAPE["vocab_size"], (2, 21), generator=torch.Gene
 
 
 def _model():
-    model = tiny_lora_model("llama", TrainConfig(lora_rank=4))
-    apply_memory_patches(model, True)
-    apply_mixed(model)
-    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
-    model.train()
-    return model
+    return tiny_bf16_mixed_model()
 
 
 def _step(model):

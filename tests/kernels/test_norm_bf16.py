@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import micro_step_loss
-from tiny_model import FAMILY_SHAPE, tiny_lora_model
+from tiny_model import FAMILY_SHAPE, tiny_bf16_mixed_model
 
 from finetune_studio.core.config import TrainConfig
 from finetune_studio.engine.datasets.render import IGNORE
 from finetune_studio.engine.train.batches import Batch
 from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
-from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
-from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 from finetune_studio.kernels import cpu_rms_norm
 from finetune_studio.kernels import rms_norm as rms_norm_ops
 from finetune_studio.kernels.grouped_lora_linear import grouped_lora_linear, stack_group
@@ -126,12 +124,7 @@ def test_grouped_op_on_a_bf16_x_is_the_float32_x_of_its_values():
 
 
 def _model(arch: str = "llama", config: TrainConfig | None = None):
-    model = tiny_lora_model(arch, config or TrainConfig(lora_rank=4))
-    apply_memory_patches(model, True)
-    apply_mixed(model)
-    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
-    model.train()
-    return model
+    return tiny_bf16_mixed_model(arch, config)
 
 
 IDS = torch.randint(0, FAMILY_SHAPE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_model import FAMILY_SHAPE, tiny_lora_model
+from tiny_model import FAMILY_SHAPE, tiny_bf16_mixed_model
 
-from finetune_studio.core.config import TrainConfig
-from finetune_studio.engine.train.model_patches import fused_ops, kernel_wiring
-from finetune_studio.engine.train.model_patches.fused_ops import apply_memory_patches
-from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
+from finetune_studio.engine.train.model_patches import fused_ops
 from finetune_studio.kernels import cpu_swiglu
 from finetune_studio.kernels import swiglu as sw
 from finetune_studio.kernels.lora_linear import lora_linear, stack_weight
@@ -97,12 +94,7 @@ IDS = torch.randint(0, SHAPE["vocab_size"], (2, 20), generator=torch.Generator()
 
 
 def _model():
-    model = tiny_lora_model("llama", TrainConfig(lora_rank=4))
-    apply_memory_patches(model, True)
-    apply_mixed(model)
-    kernel_wiring.install_kernels(model, "auto", "cpu", fused_ops=True)
-    model.train()
-    return model
+    return tiny_bf16_mixed_model()
 
 
 def test_a_bf16_mixed_step_is_the_same_bit_for_bit_with_and_without_a_bf16_h(monkeypatch):
