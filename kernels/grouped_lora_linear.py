@@ -177,74 +177,42 @@ def grouped_backward_products(
     A's gradient, each B's gradient, in the adapters' dtype; None where not needed). Writes ``s_i g_i B_i`` into the
     columns after each g_i. x [..., in] (as the forward read it), xa the forward's [tokens, sum r_i] ``x A_i^T``."""
     low, n_in, n = stacked.dtype, stacked.shape[1], len(layout)
+    # each member's g_i B_i and B's gradient from one C pass over g_i where it runs (``kernels.cpu_lora_backward``:
+    # s_i g_i B_i rounded once, B's gradient not rounded to bf16 first), else two products
+    native = lora_bs[0].dtype == torch.float32 and cpu_lora_backward.runs_on(gcat, xa, max(r for _, r in layout))
     grad_bs: list[torch.Tensor | None] = [None] * n
-    if lora_bs[0].dtype == torch.float32 and cpu_lora_backward.runs_on(gcat, xa, max(r for _, r in layout)):
-        return _backward_products_native(gcat, x, xa, stacked, layout, lora_bs, scalings, need_x, need_a, need_b)
-    gbs, col, rc = [], 0, 0
-    for i, ((out, r), b, s) in enumerate(zip(layout, lora_bs, scalings)):
-        gl = gcat[:, col : col + out]
-        gb = gl @ b.to(low)  # [N, r] in bf16
-        if need_b[i]:
-            grad_bs[i] = (gl.t() @ xa[:, rc : rc + r]).to(b.dtype).mul_(s)  # [out, r]
-        if need_x:
-            torch.mul(gb, s, out=gcat[:, col + out : col + out + r])
-        gbs.append(gb)
-        col += out + r
-        rc += r
-    grad_as: list[torch.Tensor | None] = [None] * n
-    if any(need_a):
-        ga = (torch.cat(gbs, 1).t() @ x.reshape(-1, n_in).to(low)).to(lora_bs[0].dtype)  # [sum r_i, in]: every A's
-        rc = 0
-        for i, ((_, r), s) in enumerate(zip(layout, scalings)):
-            if need_a[i]:
-                grad_as[i] = ga[rc : rc + r].mul_(s)
-            rc += r
-    grad_x = None
-    if need_x:
-        grad_x = (gcat @ stacked).to(x.dtype).view(x.shape)  # sum_i g_i W_i + s_i (g_i B_i) A_i, one product
-    return grad_x, grad_as, grad_bs
-
-
-def _backward_products_native(
-    gcat: torch.Tensor,
-    x: torch.Tensor,
-    xa: torch.Tensor,
-    stacked: torch.Tensor,
-    layout: Sequence[tuple[int, int]],
-    lora_bs: Sequence[torch.Tensor],
-    scalings: Sequence[float],
-    need_x: bool,
-    need_a: Sequence[bool],
-    need_b: Sequence[bool],
-) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """``grouped_backward_products`` with each member's ``g_i B_i`` and B's gradient from one pass over g_i
-    (``kernels.cpu_lora_backward``): ``s_i g_i B_i`` straight into gcat's columns, the unscaled ``g_i B_i`` into
-    the members' [tokens, sum r_i] buffer the A gradients' product reads, B's gradient in float32 (not rounded to
-    bf16 first)."""
-    n_in, n = stacked.shape[1], len(layout)
-    grad_bs: list[torch.Tensor | None] = [None] * n
-    gball = torch.empty(gcat.shape[0], xa.shape[1], dtype=gcat.dtype) if any(need_a) else None
+    gball = torch.empty(gcat.shape[0], xa.shape[1], dtype=low, device=gcat.device) if any(need_a) else None
     col, rc = 0, 0
     for i, ((out, r), b, s) in enumerate(zip(layout, lora_bs, scalings)):
-        grad_bs[i] = cpu_lora_backward.lora_backward_products(
-            gcat[:, col : col + out],
-            b,
-            xa[:, rc : rc + r] if need_b[i] else None,
-            s,
-            gcat[:, col + out : col + out + r] if need_x else None,
-            None if gball is None else gball[:, rc : rc + r],
-        )
+        gl = gcat[:, col : col + out]
+        if native:
+            grad_bs[i] = cpu_lora_backward.lora_backward_products(
+                gl,
+                b,
+                xa[:, rc : rc + r] if need_b[i] else None,
+                s,
+                gcat[:, col + out : col + out + r] if need_x else None,
+                None if gball is None else gball[:, rc : rc + r],
+            )
+        else:
+            gb = gl @ b.to(low)  # [N, r] in bf16
+            if need_b[i]:
+                grad_bs[i] = (gl.t() @ xa[:, rc : rc + r]).to(b.dtype).mul_(s)  # [out, r]
+            if need_x:
+                torch.mul(gb, s, out=gcat[:, col + out : col + out + r])
+            if gball is not None:
+                gball[:, rc : rc + r].copy_(gb)
         col += out + r
         rc += r
     grad_as: list[torch.Tensor | None] = [None] * n
     if gball is not None:
-        ga = (gball.t() @ x.reshape(-1, n_in).to(gcat.dtype)).to(lora_bs[0].dtype)  # [sum r_i, in]
+        ga = (gball.t() @ x.reshape(-1, n_in).to(low)).to(lora_bs[0].dtype)  # [sum r_i, in]: every A's
         rc = 0
         for i, ((_, r), s) in enumerate(zip(layout, scalings)):
             if need_a[i]:
                 grad_as[i] = ga[rc : rc + r].mul_(s)
             rc += r
-    grad_x = (gcat @ stacked).to(x.dtype).view(x.shape) if need_x else None
+    grad_x = (gcat @ stacked).to(x.dtype).view(x.shape) if need_x else None  # sum_i g_i W_i + s_i (g_i B_i) A_i
     return grad_x, grad_as, grad_bs
 
 
