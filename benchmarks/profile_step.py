@@ -255,6 +255,14 @@ def _lora_backward_native(setup, on: bool) -> None:
     cpu_lora_backward.NATIVE = on
 
 
+def _lora_backward_parallel(setup, on: bool) -> None:
+    """The rank-r backward pass's rows shared among torch's threads (``kernels.cpu_lora_backward.PARALLEL``) against
+    the pass on one thread: the same numbers (run with ``--threads 2``)."""
+    from finetune_studio.kernels import cpu_lora_backward
+
+    cpu_lora_backward.PARALLEL = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -269,6 +277,7 @@ AB_LEVERS = {
     "norm_bf16": _norm_bf16,
     "epilogues": _epilogues,
     "lora_backward_native": _lora_backward_native,
+    "lora_backward_parallel": _lora_backward_parallel,
 }
 
 

@@ -16,8 +16,14 @@ order of the additions (here: pairs of adjacent terms, then in order along the r
 and the roundings of the results: torch rounds gb to bf16 and then ``s gb`` to bf16 again, here ``s gb`` is rounded
 once (the same for a power-of-two s, the usual ``alpha / r``); torch rounds ``g^T xa`` to bf16 before the float32
 scaling, here B's gradient is never rounded to bf16 (float32 sums times s: closer to the exact value). vdpbf16ps
-takes bf16 subnormals as zero and flushes subnormal float32 results (values below 1.2e-38). One thread: the products
-are short and memory-bound (a parallel region costs more CPU than the second core saves).
+takes bf16 subnormals as zero and flushes subnormal float32 results (values below 1.2e-38).
+
+Threads: the rows go in an even number of equal parts of about 128 rows (one part up to 128 rows), shared among
+torch's threads; B's gradient adds the parts' sums in order, so one thread and two give the same bits. On two
+threads the pass had run on one while the other waited: the SFT step's alternating A/B on two threads (the engine's
+default spinning wait, load ~1; ``profile_step.py --ab lora_backward_parallel --threads 2``) gives 0.957x CPU a step
+(median of 10 rounds; 0.970 the median of the rounds' ratios). Alone, hot, [455, 1536]: 198 against 325 us by the
+clock on two threads; [455, 576] 88 against 130; [455, 192] 39 against 53.
 
 Measured on a 2-core Zen 4 (AVX512_BF16, no AMX), the bundled model's step (SmolLM2-135M, rank 16; every member's
 call timed inside real steps, C and torch's ops alternating): SFT (455 tokens, one thread) 39-59 ms of CPU a step
@@ -48,6 +54,7 @@ from finetune_studio.kernels import native_build
 log = logging.getLogger(__name__)
 
 NATIVE = True  # the callers use lora_backward_products where runs_on() says it can run
+PARALLEL = True  # the rows' parts shared among torch's threads (False: one thread; the same numbers)
 
 MAX_RANK = 64
 
@@ -171,22 +178,51 @@ AVX512BW static void chunk(const uint16_t* g, int64_t sg, const uint16_t* b, int
 
 /* g [n, out] bf16 (rows sg apart), b [out, r] bf16 (contiguous), xa [n, r] bf16 (rows sx apart): gbs [n, r] =
    bf16(s g b) (rows sgs apart; NULL: not written), gbr [n, r] = bf16(g b) (rows sgr apart; NULL: not written),
-   gradb [out, r] float32 contiguous = s g^T xa (NULL: not computed; xa may be NULL then). Returns 0, or -1 where
-   the scratch buffer could not be allocated. */
+   gradb [out, r] float32 contiguous = s g^T xa (NULL: not computed; xa may be NULL then). The rows go in an even
+   number of equal parts of about PART rows, shared among `threads` threads; B's gradient is each part's sum, then
+   the parts' sums added in order (the same numbers for any thread count). Returns 0, or -1 where a scratch buffer
+   could not be allocated. */
+#define PART 128
 AVX512BW int lora_bwd(const uint16_t* g, int64_t sg, const uint16_t* b, const uint16_t* xa, int64_t sx, float s,
                       int64_t n, int64_t out, int64_t r, uint16_t* gbs, int64_t sgs, uint16_t* gbr, int64_t sgr,
-                      float* gradb) {
+                      float* gradb, int threads) {
+  int64_t parts = n > PART ? (n + 2 * PART - 1) / (2 * PART) * 2 : 1;
   size_t pairs_bytes = (size_t)((out + 1) / 2) * 64 + 64;
-  uint32_t* bpair = aligned_alloc(64, pairs_bytes + (size_t)(16 * out * 4 + 64) / 64 * 64);
-  if (!bpair) return -1;
-  float* gbt = (float*)((char*)bpair + pairs_bytes); /* [rr, out]: B's gradient's sums, transposed */
-  for (int64_t k = 0; k < r; k += 16) {
-    int rr = r - k < 16 ? (int)(r - k) : 16;
-    chunk(g, sg, b + k, r, xa ? xa + k : 0, sx, s, n, out, rr, gbs ? gbs + k : 0, sgs, gbr ? gbr + k : 0, sgr,
-          gradb ? gradb + k : 0, r, bpair, gbt);
+  size_t scratch_bytes = pairs_bytes + (size_t)(16 * out * 4 + 64) / 64 * 64;
+  float* partial = 0; /* [parts, out, r]: each part's B gradient (only with several parts) */
+  if (gradb && parts > 1) {
+    partial = aligned_alloc(64, ((size_t)parts * out * r * 4 + 63) / 64 * 64);
+    if (!partial) return -1;
   }
-  free(bpair);
-  return 0;
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && parts > 1) reduction(| : failed)
+  for (int64_t p = 0; p < parts; p++) {
+    int64_t r0 = p * n / parts, rows = (p + 1) * n / parts - r0;
+    uint32_t* bpair = aligned_alloc(64, scratch_bytes);
+    if (!bpair) {
+      failed = 1;
+      continue;
+    }
+    float* gbt = (float*)((char*)bpair + pairs_bytes); /* [rr, out]: B's gradient's sums, transposed */
+    float* gb_part = gradb ? (partial ? partial + (size_t)p * out * r : gradb) : 0;
+    for (int64_t k = 0; k < r; k += 16) {
+      int rr = r - k < 16 ? (int)(r - k) : 16;
+      chunk(g + r0 * sg, sg, b + k, r, xa ? xa + r0 * sx + k : 0, sx, s, rows, out, rr,
+            gbs ? gbs + r0 * sgs + k : 0, sgs, gbr ? gbr + r0 * sgr + k : 0, sgr, gb_part ? gb_part + k : 0, r,
+            bpair, gbt);
+    }
+    free(bpair);
+  }
+  if (partial) {
+    if (!failed)
+      for (int64_t i = 0; i < out * r; i++) {
+        float sum = partial[i];
+        for (int64_t p = 1; p < parts; p++) sum += partial[(size_t)p * out * r + i];
+        gradb[i] = sum;
+      }
+    free(partial);
+  }
+  return failed ? -1 : 0;
 }
 """
 )
@@ -202,7 +238,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.lora_bwd.argtypes = [
-        pointer, size, pointer, pointer, size, ctypes.c_float, size, size, size, pointer, size, pointer, size, pointer
+        pointer, size, pointer, pointer, size, ctypes.c_float, size, size, size, pointer, size, pointer, size, pointer,
+        ctypes.c_int,
     ]  # fmt: skip
     lib.lora_bwd.restype = ctypes.c_int
     return lib
@@ -264,6 +301,7 @@ def lora_backward_products(
         None if gb_out is None else gb_out.data_ptr(),
         0 if gb_out is None else gb_out.stride(0),
         None if grad_b is None else grad_b.data_ptr(),
+        torch.get_num_threads() if PARALLEL else 1,
     )
     if done != 0:
         raise MemoryError("lora_backward_products: could not allocate the kernel's scratch buffer")

@@ -62,6 +62,29 @@ def test_one_pass_matches_torch_products_and_the_exact_values(n, out, r, wide):
 
 
 @needs_c
+@needs_c
+@pytest.mark.parametrize("n", [455, 926, 129])
+def test_the_same_numbers_on_one_and_two_threads(n):
+    """The rows go in parts shared among the threads, and B's gradient adds the parts' sums in order: one thread and
+    two give the same bits."""
+    _, g, b, xa = _operands(n, 1536, 16, 1540, seed=3)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 1):
+            torch.set_num_threads(t)
+            scaled, unscaled = torch.empty(n, 16, dtype=torch.bfloat16), torch.empty(n, 16, dtype=torch.bfloat16)
+            grad_b = lb.lora_backward_products(g, b, xa, 0.5, scaled, unscaled)
+            results.append((scaled, unscaled, grad_b))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other, strict=True))
+    exact_b = 0.5 * (g.t().double() @ xa.double())
+    bound_b = 2 * n * F32_EPS * 0.5 * (g.t().double().abs() @ xa.double().abs())
+    assert ((results[0][2].double() - exact_b).abs() <= F32_EPS * exact_b.abs() + bound_b).all()
+
+
 def test_optional_outputs_and_bad_arguments():
     _, g, b, xa = _operands(9, 20, 4, 21)
     unscaled = torch.empty(9, 4, dtype=torch.bfloat16)
