@@ -263,6 +263,14 @@ def _lora_backward_parallel(setup, on: bool) -> None:
     cpu_lora_backward.PARALLEL = on
 
 
+def _attention_bf16(setup, on: bool) -> None:
+    """Attention's products from bf16-rounded operands (vdpbf16ps; float32 sums, softmax and results) under
+    bf16-mixed (``kernels.cpu_attention.BF16_PRODUCTS``) against its float32 products."""
+    from finetune_studio.kernels import cpu_attention
+
+    cpu_attention.BF16_PRODUCTS = on
+
+
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -278,6 +286,7 @@ AB_LEVERS = {
     "epilogues": _epilogues,
     "lora_backward_native": _lora_backward_native,
     "lora_backward_parallel": _lora_backward_parallel,
+    "attention_bf16": _attention_bf16,
 }
 
 

@@ -28,6 +28,23 @@ for backward besides the output this op keeps, so the step holds what it held wi
 (which counts both) stays true. Written token-major, the output would be the projection's input itself (its
 ``.contiguous()`` a no-op): one [T, hidden] float32 less per layer, which the estimate does not count yet.
 
+bf16 products (``products=torch.bfloat16``: bf16-mixed's attention, ``kernels.attention.set_products_dtype``; where
+the CPU has AVX512_BF16, :func:`bf16_available`, and ``BF16_PRODUCTS`` is set, else the float32 kernel): each
+product's operands rounded to bf16 (to nearest even), multiplied in pairs into float32 sums (``vdpbf16ps``), as
+flash-attn multiplies on a GPU: S from q and k rounded (pairs along the head dimension), out = P v and dP = dout v^T
+from P, v and dout rounded, dq and dk from scale dS rounded (dS = P (dP - delta) formed in float32) with k and q
+rounded, dv from P and dout rounded. lse, the softmax, its exponential, delta = dout . out and every result stay
+float32; inputs, outputs and what is saved for backward are the float32 kernel's. The roundings happen where the
+kernel builds its copies: the keys' (values') transposed copy as pairs along the head dimension, the rows of v, k, q
+and dout interleaved by pairs (what a product over tokens multiplies), a tile's q / dout rows, P's row rounded in
+the softmax's normalising pass, and the backward's P and dS rounded once, straight from the pass that forms them, as
+pairs of rows (dv, dk) and dS also as pairs of keys (dq); nothing of them is written in float32. Results: the float64
+attention of the rounded operands to float32 sums; against float32 products ~0.5% of the values' scale.
+
+Both variants take the tasks longest sequence first (a sequence costs about its length squared; C global
+``attention_longest_first``), so that two threads finish together; each task owns its outputs, so any order and
+thread count gives the same bits.
+
 C compiled once and loaded with ctypes (``kernels.native_build``); :func:`available` is False where the CPU lacks
 AVX-512 or nothing compiles, and ``kernels.attention`` keeps torch's SDPA.
 """
@@ -46,6 +63,8 @@ import torch
 from finetune_studio.kernels import native_build
 
 log = logging.getLogger(__name__)
+
+BF16_PRODUCTS = True  # a call asking for bf16 products (bf16-mixed's attention) takes the vdpbf16ps variant
 
 SOURCE = (
     r"""
@@ -67,6 +86,7 @@ static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mma
 
 """
     + native_build.EXP_PS
+    + native_build.BF16_PS
     + r"""
 
 /* s[m][n0 .. n0 + 16 nz) = sum_d a[m * as + d] * bt[d * bts + n0 ..], m < mr (the caller's constants) */
@@ -219,14 +239,30 @@ typedef struct {
 
 static int64_t off(strides s, int64_t b, int64_t h, int64_t t) { return b * s.b + h * s.h + t * s.t; }
 
+/* the sequences' indices, longest first (ties in their order), where attention_longest_first is set: the tasks of
+   the longest sequences start first (a sequence costs about its length squared), so that threads finish together */
+int attention_longest_first = 1;
+
+static int64_t* longest_first(const int64_t* cu, int64_t nseq) {
+  int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (nseq > 0 ? nseq : 1));
+  for (int64_t i = 0; i < nseq; i++) {
+    int64_t len = cu[i + 1] - cu[i], j = i;
+    for (; attention_longest_first && j > 0 && cu[order[j - 1] + 1] - cu[order[j - 1]] < len; j--)
+      order[j] = order[j - 1];
+    order[j] = i;
+  }
+  return order;
+}
+
 /* out [B, H, T, D] (strides so_), lse [B, H, T] contiguous; cu [nseq + 1] cumulative lengths */
 AVX512 void attention_fwd(const float* q, const float* k, const float* v, float* out, float* lse, const int64_t* cu,
                           int64_t nseq, int64_t nb, int64_t nh, int64_t nkv, int64_t t_len, int64_t d, float scale,
                           strides sq, strides sk, strides sv, strides so, int threads) {
   int64_t tasks = nb * nseq * nh, group = nh / nkv;
+  int64_t* order = longest_first(cu, nseq);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t task = 0; task < tasks; task++) {
-    int64_t h = task % nh, s = (task / nh) % nseq, b = task / (nh * nseq);
+    int64_t h = task % nh, b = (task / nh) % nb, s = order[task / (nh * nb)];
     int64_t start = cu[s], n = cu[s + 1] - start, np = (n + 15) / 16 * 16;
     if (n <= 0) continue;
     float* kt = (float*)malloc(sizeof(float) * (d * np + MR * np));
@@ -245,6 +281,7 @@ AVX512 void attention_fwd(const float* q, const float* k, const float* v, float*
     }
     free(kt);
   }
+  free(order);
 }
 
 /* dq [B, H, T, D] (strides sdq), dk / dv [B, KV, T, D] (strides sdk, sdv), overwritten */
@@ -254,9 +291,10 @@ AVX512 void attention_bwd(const float* dout, const float* q, const float* k, con
                           strides sq, strides sk, strides sv, strides so, strides sdq, strides sdk, strides sdv,
                           int threads) {
   int64_t tasks = nb * nseq * nkv, group = nh / nkv;
+  int64_t* order = longest_first(cu, nseq);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t task = 0; task < tasks; task++) {
-    int64_t g = task % nkv, s = (task / nkv) % nseq, b = task / (nkv * nseq);
+    int64_t g = task % nkv, b = (task / nkv) % nb, s = order[task / (nkv * nb)];
     int64_t start = cu[s], n = cu[s + 1] - start, np = (n + 15) / 16 * 16;
     if (n <= 0) continue;
     float* kt = (float*)malloc(sizeof(float) * (2 * d * np + 2 * BQ * np + BQ));
@@ -328,6 +366,316 @@ AVX512 void attention_bwd(const float* dout, const float* q, const float* k, con
     }
     free(kt);
   }
+  free(order);
+}
+
+/* ---- bf16 products (vdpbf16ps): operands rounded to bf16, to nearest even; float32 sums and results ---- */
+
+int cpu_attention_bf16_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* y[0 .. w / 2) = x[0 .. w) rounded to bf16, pairs (x[2e], x[2e + 1]) in 32-bit lanes (w a multiple of 16) */
+AVX512BW static void round_row(const float* x, int64_t w, uint32_t* y) {
+  int64_t e = 0;
+  for (; e + 32 <= w; e += 32)
+    _mm512_storeu_si512(y + e / 2, to_bf16_pair(_mm512_loadu_ps(x + e), _mm512_loadu_ps(x + e + 16)));
+  if (e < w)
+    _mm256_storeu_si256((__m256i*)(y + e / 2),
+                        _mm512_castsi512_si256(to_bf16_pair(_mm512_loadu_ps(x + e), _mm512_setzero_ps())));
+}
+
+/* kp[e][j] = (k[j][2 e], k[j][2 e + 1]) rounded, for e < d / 2, j < n; zero for n <= j < np: the keys' (values')
+   bf16 copy for products over the head dimension, by 16 x 16 blocks of pairs */
+AVX512BW static void transpose_pairs(const float* k, int64_t ks, int64_t n, int64_t d, uint32_t* kp, int64_t np) {
+  int64_t d2 = d / 2;
+  for (int64_t j0 = 0; j0 < np; j0 += 16) {
+    for (int64_t e0 = 0; e0 < d2; e0 += 16) {
+      int full = d2 - e0 >= 16;
+      __m512 r[16];
+      for (int x = 0; x < 16; x++) {
+        if (j0 + x >= n) {
+          r[x] = _mm512_setzero_ps();
+          continue;
+        }
+        const float* row = k + (j0 + x) * ks + 2 * e0;
+        __m512 lo = _mm512_loadu_ps(row), hi = full ? _mm512_loadu_ps(row + 16) : _mm512_setzero_ps();
+        r[x] = _mm512_castsi512_ps(to_bf16_pair(lo, hi));
+      }
+      transpose16(r);
+      for (int c = 0; c < (full ? 16 : 8); c++) _mm512_storeu_ps((float*)(kp + (e0 + c) * np + j0), r[c]);
+    }
+  }
+}
+
+static const uint16_t interleave_index[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                              8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+/* y[i][e] = (x[2 i][e], x[2 i + 1][e]) rounded, for i < pairs, e < w (a multiple of 16); rows >= n read as zero:
+   the bf16 copy of a matrix for products over its rows */
+AVX512BW static void interleave_rows(const float* x, int64_t xs, int64_t n, int64_t pairs, int64_t w, uint32_t* y,
+                                     int64_t ys) {
+  __m512i idx = _mm512_loadu_si512(interleave_index);
+  for (int64_t i = 0; i < pairs; i++) {
+    const float *a = x + 2 * i * xs, *b = a + xs;
+    int ha = 2 * i < n, hb = 2 * i + 1 < n;
+    for (int64_t e = 0; e < w; e += 16) {
+      __m512 lo = ha ? _mm512_loadu_ps(a + e) : _mm512_setzero_ps();
+      __m512 hi = hb ? _mm512_loadu_ps(b + e) : _mm512_setzero_ps();
+      _mm512_storeu_si512(y + i * ys + e, _mm512_permutexvar_epi16(idx, to_bf16_pair(lo, hi)));
+    }
+  }
+}
+
+/* s[m][n0 .. n0 + 16 nz) = sum_{e < d2} a[m * as + e] . bt[e * bts + n0 ..] (bf16 pairs), m < mr */
+AVX512BW INLINE void nt_tile_bf(int mr, int nz, int64_t d2, const uint32_t* a, int64_t as, const uint32_t* bt,
+                                int64_t bts, float* s, int64_t ss) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) acc[m][z] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d2; e++) {
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(bt + e * bts);
+    __m512bh b1 = nz > 1 ? (__m512bh)_mm512_loadu_si512(bt + e * bts + 16) : b0;
+    for (int m = 0; m < mr; m++) {
+      __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[m * as + e]);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], av, b0);
+      if (nz > 1) acc[m][1] = _mm512_dpbf16_ps(acc[m][1], av, b1);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) _mm512_storeu_ps(s + m * ss + 16 * z, acc[m][z]);
+}
+
+#define NT_BF_MR(nz)                                                          \
+  switch (mr) {                                                               \
+    case 6: nt_tile_bf(6, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
+    case 5: nt_tile_bf(5, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
+    case 4: nt_tile_bf(4, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
+    case 3: nt_tile_bf(3, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
+    case 2: nt_tile_bf(2, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
+    default: nt_tile_bf(1, nz, d2, a, as, bt + j, bts, s + j, ss); break;     \
+  }
+
+/* nt_rows over bf16 pairs: a [mr][d2] pairs (row stride as), bt [d2][>= n, padded] pairs */
+AVX512BW static void nt_rows_bf(int mr, int64_t n, int64_t d2, const uint32_t* a, int64_t as, const uint32_t* bt,
+                                int64_t bts, float* s, int64_t ss) {
+  int64_t j = 0;
+  for (; j + 32 <= n || (j + 16 < n); j += 32) NT_BF_MR(2)
+  if (j < n) NT_BF_MR(1)
+}
+
+/* c[m][0 .. 16 nz) (+)= sum_{k < kn2} a[m * am + k * ak] . b[k * bs + ..] (bf16 pairs), m < mr */
+AVX512BW INLINE void nn_tile_bf(int mr, int nz, int64_t kn2, const uint32_t* a, int64_t am, int64_t ak,
+                                const uint32_t* b, int64_t bs, float* c, int64_t cs, int add) {
+  __m512 acc[MR][4];
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) acc[m][z] = add ? _mm512_loadu_ps(c + m * cs + 16 * z) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kn2; k++) {
+    __m512bh bv[4];
+    for (int z = 0; z < nz; z++) bv[z] = (__m512bh)_mm512_loadu_si512(b + k * bs + 16 * z);
+    for (int m = 0; m < mr; m++) {
+      __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[m * am + k * ak]);
+      for (int z = 0; z < nz; z++) acc[m][z] = _mm512_dpbf16_ps(acc[m][z], av, bv[z]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int z = 0; z < nz; z++) _mm512_storeu_ps(c + m * cs + 16 * z, acc[m][z]);
+}
+
+#define NN_BF_MR(nz)                                                                 \
+  switch (mr) {                                                                      \
+    case 6: nn_tile_bf(6, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
+    case 5: nn_tile_bf(5, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
+    case 4: nn_tile_bf(4, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
+    case 3: nn_tile_bf(3, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
+    case 2: nn_tile_bf(2, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
+    default: nn_tile_bf(1, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;    \
+  }
+
+/* c[m][0 .. d) (+)= sum_{k < kn2} a(m, k) . b[k][..] over bf16 pairs (b's rows pairs of rows), d a multiple of 16 */
+AVX512BW static void nn_rows_bf(int mr, int64_t d, int64_t kn2, const uint32_t* a, int64_t am, int64_t ak,
+                                const uint32_t* b, int64_t bs, float* c, int64_t cs, int add) {
+  int64_t o = 0;
+  for (; o + 64 <= d; o += 64) NN_BF_MR(4)
+  if (d - o == 48) NN_BF_MR(3)
+  else if (d - o == 32) NN_BF_MR(2)
+  else if (d - o == 16) NN_BF_MR(1)
+}
+
+static int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
+
+static inline __mmask16 tail0(int64_t left) { return left <= 0 ? 0 : tail(left); }
+
+/* softmax_row, its probabilities written rounded to bf16 as pairs of keys (y[0 .. 8 ceil(n / 16)), zero for keys
+   >= live) instead of in place: the normalisation and the rounding one pass */
+AVX512BW static float softmax_row_bf(float* s, int64_t live, int64_t n, float scale, uint32_t* y) {
+  __m512 sc = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < live; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail(live - j), s + j));
+  __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < live; j += 16) {
+    __m512 p = _mm512_maskz_mov_ps(tail(live - j), exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, mv)));
+    _mm512_storeu_ps(s + j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  float total = _mm512_reduce_add_ps(sum);
+  __m512 inv = _mm512_set1_ps(1.f / total);
+  int64_t j = 0, w = up16(n);
+  for (; j + 32 <= w; j += 32) {
+    __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail0(live - j), s + j), inv);
+    __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail0(live - j - 16), s + j + 16), inv);
+    _mm512_storeu_si512(y + j / 2, to_bf16_pair(a, b));
+  }
+  if (j < w) {
+    __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail0(live - j), s + j), inv);
+    _mm256_storeu_si256((__m256i*)(y + j / 2), _mm512_castsi512_si256(to_bf16_pair(a, _mm512_setzero_ps())));
+  }
+  return _mm512_reduce_max_ps(mx) * scale + logf(total);
+}
+
+AVX512BW void attention_fwd_bf16(const float* q, const float* k, const float* v, float* out, float* lse,
+                                 const int64_t* cu, int64_t nseq, int64_t nb, int64_t nh, int64_t nkv, int64_t t_len,
+                                 int64_t d, float scale, strides sq, strides sk, strides sv, strides so, int threads) {
+  int64_t tasks = nb * nseq * nh, group = nh / nkv, d2 = d / 2;
+  int64_t* order = longest_first(cu, nseq);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t task = 0; task < tasks; task++) {
+    int64_t h = task % nh, b = (task / nh) % nb, s = order[task / (nh * nb)];
+    int64_t start = cu[s], n = cu[s + 1] - start, np = up16(n), np2 = np / 2;
+    if (n <= 0) continue;
+    float* p = (float*)malloc(sizeof(float) * (MR * np) + sizeof(uint32_t) * (2 * d2 * np + MR * d2 + MR * np2));
+    uint32_t *kp = (uint32_t*)(p + MR * np), *vp = kp + d2 * np, *qb = vp + d2 * np, *pb = qb + MR * d2;
+    transpose_pairs(k + off(sk, b, h / group, start), sk.t, n, d, kp, np);
+    interleave_rows(v + off(sv, b, h / group, start), sv.t, n, np2, d, vp, d);
+    const float* qh = q + off(sq, b, h, start);
+    float* oh = out + off(so, b, h, start);
+    float* lh = lse + (b * nh + h) * t_len + start;
+    for (int64_t r = 0; r < n; r += MR) {
+      int mr = n - r < MR ? (int)(n - r) : MR;
+      int64_t keys = r + mr;
+      for (int m = 0; m < mr; m++) round_row(qh + (r + m) * sq.t, d, qb + m * d2);
+      nt_rows_bf(mr, keys, d2, qb, d2, kp, np, p, np);
+      for (int m = 0; m < mr; m++) lh[r + m] = softmax_row_bf(p + m * np, r + m + 1, keys, scale, pb + m * np2);
+      nn_rows_bf(mr, d, (keys + 1) / 2, pb, np2, 1, vp, d, oh + r * so.t, so.t, 0);
+    }
+    free(p);
+  }
+  free(order);
+}
+
+AVX512BW void attention_bwd_bf16(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                                 const float* lse, float* dq, float* dk, float* dv, const int64_t* cu, int64_t nseq,
+                                 int64_t nb, int64_t nh, int64_t nkv, int64_t t_len, int64_t d, float scale,
+                                 strides sdo, strides sq, strides sk, strides sv, strides so, strides sdq,
+                                 strides sdk, strides sdv, int threads) {
+  int64_t tasks = nb * nseq * nkv, group = nh / nkv, d2 = d / 2;
+  int64_t* order = longest_first(cu, nseq);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t task = 0; task < tasks; task++) {
+    int64_t g = task % nkv, b = (task / nkv) % nb, s = order[task / (nkv * nb)];
+    int64_t start = cu[s], n = cu[s + 1] - start, np = up16(n), np2 = np / 2;
+    if (n <= 0) continue;
+    /* float: P, dS [BQ][np], delta [BQ]; pairs: kp, vp [d2][np] (S, dP), kint, qint, doint [np2][d] (dq, dk, dv),
+       pint, dsint [BQ / 2][np] (dv, dk), qb, dob [MR][d2], dsb [MR][np2] (dq) */
+    size_t floats = 2 * BQ * np + BQ, pairs = 2 * d2 * np + 3 * np2 * d + BQ * np + 2 * MR * d2 + MR * np2;
+    float* p = (float*)malloc(sizeof(float) * floats + sizeof(uint32_t) * pairs);
+    float *ds = p + BQ * np, *delta = ds + BQ * np;
+    uint32_t *kp = (uint32_t*)(delta + BQ), *vp = kp + d2 * np, *kint = vp + d2 * np, *qint = kint + np2 * d;
+    uint32_t *doint = qint + np2 * d, *pint = doint + np2 * d, *dsint = pint + BQ / 2 * np, *qb = dsint + BQ / 2 * np;
+    uint32_t *dob = qb + MR * d2, *dsb = dob + MR * d2;
+    const float* kg = k + off(sk, b, g, start);
+    const float* vg = v + off(sv, b, g, start);
+    float* dkg = dk + off(sdk, b, g, start);
+    float* dvg = dv + off(sdv, b, g, start);
+    transpose_pairs(kg, sk.t, n, d, kp, np);
+    transpose_pairs(vg, sv.t, n, d, vp, np);
+    interleave_rows(kg, sk.t, n, np2, d, kint, d);
+    for (int64_t h = g * group; h < (g + 1) * group; h++) {
+      const float* qh = q + off(sq, b, h, start);
+      const float* doh = dout + off(sdo, b, h, start);
+      const float* oh = out + off(so, b, h, start);
+      const float* lh = lse + (b * nh + h) * t_len + start;
+      float* dqh = dq + off(sdq, b, h, start);
+      interleave_rows(qh, sq.t, n, np2, d, qint, d);
+      interleave_rows(doh, sdo.t, n, np2, d, doint, d);
+      for (int64_t i0 = 0; i0 < n; i0 += BQ) {
+        int64_t rows = n - i0 < BQ ? n - i0 : BQ, keys = i0 + rows;
+        for (int64_t m = 0; m < rows; m++) {
+          const float *x = doh + (i0 + m) * sdo.t, *y = oh + (i0 + m) * so.t;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t e = 0; e < d; e += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + e), _mm512_loadu_ps(y + e), acc);
+          delta[m] = _mm512_reduce_add_ps(acc);
+        }
+        for (int64_t r = 0; r < rows; r += MR) {
+          int mr = rows - r < MR ? (int)(rows - r) : MR;
+          int64_t live_keys = i0 + r + mr;
+          for (int m = 0; m < mr; m++) {
+            round_row(qh + (i0 + r + m) * sq.t, d, qb + m * d2);
+            round_row(doh + (i0 + r + m) * sdo.t, d, dob + m * d2);
+          }
+          nt_rows_bf(mr, live_keys, d2, qb, d2, kp, np, p, np);
+          nt_rows_bf(mr, live_keys, d2, dob, d2, vp, np, ds, np);
+          /* rows i, i + 1 (an odd last row paired with zeros): P = exp(scale S - lse), dS = scale P (dP - delta) in
+             float32, zero for keys j > i, rounded to bf16 once: as pairs of rows (pint, dsint: dv's and dk's
+             products over the block's rows, up to 16 ceil(keys / 16)) and dS as each row's pairs of keys (dsb: dq's
+             product over the keys) */
+          __m512 sc = _mm512_set1_ps(scale);
+          __m512i idx = _mm512_loadu_si512(interleave_index);
+          int64_t width = up16(keys), dq_width = up16(live_keys);
+          for (int m = 0; m < mr; m += 2) {
+            int two = m + 1 < mr;
+            int64_t i = i0 + r + m, live = two ? i + 2 : i + 1;
+            const float *s0 = p + m * np, *s1 = s0 + np, *e0 = ds + m * np, *e1 = e0 + np;
+            __m512 l0 = _mm512_set1_ps(lh[i]), l1 = _mm512_set1_ps(two ? lh[i + 1] : 0.f);
+            __m512 d0 = _mm512_set1_ps(delta[r + m]), d1 = _mm512_set1_ps(two ? delta[r + m + 1] : 0.f);
+            uint32_t *pi = pint + (r + m) / 2 * np, *di = dsint + (r + m) / 2 * np, *b0 = dsb + m * np2;
+            int64_t j = 0;
+            for (; j < live; j += 16) {
+              __mmask16 t0 = tail(i + 1 - j), t1 = two ? tail(i + 2 - j) : 0;
+              __m512 p0 = _mm512_maskz_mov_ps(t0, exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t0, s0 + j), sc, l0)));
+              __m512 p1 = _mm512_maskz_mov_ps(t1, exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t1, s1 + j), sc, l1)));
+              __m512 x0 = _mm512_sub_ps(_mm512_maskz_loadu_ps(t0, e0 + j), d0);
+              __m512 x1 = _mm512_sub_ps(_mm512_maskz_loadu_ps(t1, e1 + j), d1);
+              __m512 g0 = _mm512_mul_ps(_mm512_maskz_mul_ps(t0, p0, x0), sc);
+              __m512 g1 = _mm512_mul_ps(_mm512_maskz_mul_ps(t1, p1, x1), sc);
+              __m512i pp = to_bf16_pair(p0, p1), gg = to_bf16_pair(g0, g1);
+              _mm512_storeu_si512(pi + j, _mm512_permutexvar_epi16(idx, pp));
+              _mm512_storeu_si512(di + j, _mm512_permutexvar_epi16(idx, gg));
+              _mm256_storeu_si256((__m256i*)(b0 + j / 2), _mm512_castsi512_si256(gg));
+              if (two) _mm256_storeu_si256((__m256i*)(b0 + np2 + j / 2), _mm512_extracti64x4_epi64(gg, 1));
+            }
+            for (; j < width; j += 16) {
+              _mm512_storeu_si512(pi + j, _mm512_setzero_si512());
+              _mm512_storeu_si512(di + j, _mm512_setzero_si512());
+              if (j < dq_width) {
+                _mm256_storeu_si256((__m256i*)(b0 + j / 2), _mm256_setzero_si256());
+                if (two) _mm256_storeu_si256((__m256i*)(b0 + np2 + j / 2), _mm256_setzero_si256());
+              }
+            }
+          }
+          nn_rows_bf(mr, d, (live_keys + 1) / 2, dsb, np2, 1, kint, d, dqh + (i0 + r) * sdq.t, sdq.t, 0);
+        }
+        for (int64_t j0 = 0; j0 < keys;) {
+          int64_t edge = j0 < i0 ? i0 : keys;
+          int mr = edge - j0 < MR ? (int)(edge - j0) : MR;
+          int add = h > g * group || j0 < i0;
+          int64_t first = (j0 > i0 ? j0 - i0 : 0) & ~(int64_t)1; /* even: the row before j0 has P = dS = 0 there */
+          int64_t kn2 = (rows - first + 1) / 2;
+          nn_rows_bf(mr, d, kn2, pint + first / 2 * np + j0, 1, np, doint + (i0 + first) / 2 * d, d,
+                     dvg + j0 * sdv.t, sdv.t, add);
+          nn_rows_bf(mr, d, kn2, dsint + first / 2 * np + j0, 1, np, qint + (i0 + first) / 2 * d, d,
+                     dkg + j0 * sdk.t, sdk.t, add);
+          j0 += mr;
+        }
+      }
+    }
+    free(p);
+  }
+  free(order);
 }
 """
 )
@@ -351,7 +699,23 @@ def _library() -> ctypes.CDLL | None:
     lib.attention_fwd.restype = None
     lib.attention_bwd.argtypes = [pointer] * 9 + shape + [s] * 8 + [ctypes.c_int]
     lib.attention_bwd.restype = None
+    lib.attention_fwd_bf16.argtypes = lib.attention_fwd.argtypes
+    lib.attention_fwd_bf16.restype = None
+    lib.attention_bwd_bf16.argtypes = lib.attention_bwd.argtypes
+    lib.attention_bwd_bf16.restype = None
     return lib
+
+
+@functools.cache
+def bf16_available() -> bool:
+    """Whether the bf16-product variant runs here: the kernel built and the CPU has AVX512_BF16 (vdpbf16ps)."""
+    lib = _library()
+    return lib is not None and bool(lib.cpu_attention_bf16_supported())
+
+
+def _bf16(products: torch.dtype) -> bool:
+    """Whether a call asking for ``products`` takes the bf16 variant (asked for, ``BF16_PRODUCTS``, the CPU has it)."""
+    return products == torch.bfloat16 and BF16_PRODUCTS and bf16_available()
 
 
 def available() -> bool:
@@ -408,17 +772,23 @@ def _cumulative(lengths: Sequence[int], total: int) -> torch.Tensor:
 
 
 def attention_forward_native(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: Sequence[int],
+    scale: float,
+    products: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, T, D], lse [B, H, T]): causal attention within each sequence (``lengths``, summing to T) of every
-    row; check :func:`runs_on` first."""
+    row; check :func:`runs_on` first. ``products`` bfloat16: the bf16-product variant where it runs (``_bf16``)."""
     lib = _lib()
+    fwd = lib.attention_fwd_bf16 if _bf16(products) else lib.attention_fwd
     q, k, v = _rows(q), _rows(k), _rows(v)
     b, h, t, d = q.shape
     cu = _cumulative(lengths, t)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # flash's layout: see the module's docstring
     lse = torch.empty(b, h, t, dtype=q.dtype, device=q.device)
-    lib.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), cu.data_ptr(),
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), cu.data_ptr(),
                       len(lengths), b, h, k.shape[1], t, d, scale, _strides(q), _strides(k), _strides(v),
                       _strides(out), torch.get_num_threads())  # fmt: skip
     return out, lse
@@ -433,16 +803,18 @@ def attention_backward_native(
     lse: torch.Tensor,
     lengths: Sequence[int],
     scale: float,
+    products: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`attention_forward_native` for the output's gradient ``grad``; dk and dv summed over
-    the query heads sharing each key/value head."""
+    """(dq, dk, dv) of :func:`attention_forward_native` (with the same ``products``) for the output's gradient
+    ``grad``; dk and dv summed over the query heads sharing each key/value head."""
     lib = _lib()
+    bwd = lib.attention_bwd_bf16 if _bf16(products) else lib.attention_bwd
     grad, q, k, v, out = _rows(grad), _rows(q), _rows(k), _rows(v), _rows(out)
     b, h, t, d = q.shape
     cu = _cumulative(lengths, t)
     dq, dk, dv = _new(q), _new(k), _new(v)
     lse = lse.contiguous()
-    lib.attention_bwd(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+    bwd(grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                       dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), cu.data_ptr(), len(lengths), b, h, k.shape[1], t,
                       d, scale, *(_strides(x) for x in (grad, q, k, v, out, dq, dk, dv)),
                       torch.get_num_threads())  # fmt: skip
@@ -452,26 +824,44 @@ def attention_backward_native(
 class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lengths: tuple[int, ...],
+        scale: float,
+        products: torch.dtype,
     ) -> torch.Tensor:
-        out, lse = attention_forward_native(q, k, v, lengths, scale)
+        products = torch.bfloat16 if _bf16(products) else torch.float32  # the backward multiplies as the forward did
+        out, lse = attention_forward_native(q, k, v, lengths, scale, products)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.lengths, ctx.scale = lengths, scale
+        ctx.lengths, ctx.scale, ctx.products = lengths, scale, products
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward_native(grad, q, k, v, out, lse, ctx.lengths, ctx.scale)
+        products = ctx.products if ctx.products == torch.float32 or bf16_available() else torch.float32
+        dq, dk, dv = attention_backward_native(grad, q, k, v, out, lse, ctx.lengths, ctx.scale, products)
         wanted = ctx.needs_input_grad
-        return (dq if wanted[0] else None), (dk if wanted[1] else None), (dv if wanted[2] else None), None, None
+        grads = (dq if wanted[0] else None), (dk if wanted[1] else None), (dv if wanted[2] else None)
+        return (*grads, None, None, None)
 
 
 def causal_attention_native(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int], scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: Sequence[int],
+    scale: float | None = None,
+    products: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Causal attention within each sequence (``lengths``, summing to T) of q [B, H, T, D] over k / v [B, KV, T, D]
-    through the C kernel (check :func:`runs_on`), differentiable; ``scale`` defaults to 1 / sqrt(D)."""
+    through the C kernel (check :func:`runs_on`), differentiable; ``scale`` defaults to 1 / sqrt(D). ``products``
+    bfloat16: the products' operands rounded to bf16 (the module's docstring) where the CPU has AVX512_BF16 and
+    ``BF16_PRODUCTS`` is set, else (and for float32) float32 products."""
+    if products not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"attention products in float32 or bfloat16, not {products}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    result: torch.Tensor = _PackedAttention.apply(q, k, v, tuple(int(n) for n in lengths), scale)
+    result: torch.Tensor = _PackedAttention.apply(q, k, v, tuple(int(n) for n in lengths), scale, products)
     return result

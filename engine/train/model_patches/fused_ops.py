@@ -55,7 +55,7 @@ from finetune_studio.engine.train.model_patches import kernel_wiring, rotary
 from finetune_studio.engine.train.model_patches.kernel_wiring import grouped_projections
 from finetune_studio.kernels import grouped_qkv_rotary, grouped_swiglu
 from finetune_studio.kernels import swiglu as swiglu_ops
-from finetune_studio.kernels.attention import gqa_attention, packed_attention
+from finetune_studio.kernels.attention import gqa_attention, packed_attention, products_dtype
 from finetune_studio.kernels.recompute import recompute_when_saved
 from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
 from finetune_studio.kernels.swiglu import swiglu, swiglu_forward
@@ -321,7 +321,8 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
     lengths = _packed_lengths(module, query, key, kwargs)
     if lengths is not None:
-        out = packed_attention(query, key, value, lengths, scale=scaling, dropout=dropout)
+        products = products_dtype(module)  # bf16-mixed's (mixed_precision.apply_mixed): the kernel's bf16 products
+        out = packed_attention(query, key, value, lengths, scale=scaling, dropout=dropout, products=products)
         return out.transpose(1, 2).contiguous(), None
     cu = kwargs.get("cu_seq_lens_q")
     if attention_mask is None and cu is not None and len(cu) > 2 and query.shape[2] == key.shape[2] == int(cu[-1]):
@@ -345,7 +346,16 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    out = gqa_attention(query, key, value, attention_mask, scale=scaling, dropout=dropout, is_causal=bool(causal))
+    out = gqa_attention(
+        query,
+        key,
+        value,
+        attention_mask,
+        scale=scaling,
+        dropout=dropout,
+        is_causal=bool(causal),
+        products=products_dtype(module),
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -13,7 +13,10 @@ default model those products are nearly all of a step's FLOPs. A frozen float32 
 weight and float32 logits; its gradient product (``d logp / d hidden``) runs in bf16
 (``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept), and so, where
 ``kernels.bf16_head`` runs (AVX-512 BF16), does its logits' product, with a float32 result (``set_head_logits_dtype``:
-the hidden states and the head rounded to bf16, the logits not). Over these bf16 bases a plain
+the hidden states and the head rounded to bf16, the logits not). Each attention module is marked for bf16 products
+(``kernels.attention.set_products_dtype``): where ``kernels.cpu_attention`` runs it (AVX512_BF16), q k^T, P v and
+the backward's products take bf16-rounded operands with float32 sums, softmax and results, as flash-attn multiplies
+on a GPU. Over these bf16 bases a plain
 LoRA layer's own rank-r products run in bf16 as well (``kernel_wiring.install_lora_linear``'s
 ``low_precision_adapters``, installed by ``install_kernels``): the adapter weights, their gradients, the optimizer
 and the sum of the low-rank part with the base output stay float32, so no update is rounded away; measured
@@ -39,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune_studio.kernels.attention import set_products_dtype
 from finetune_studio.kernels.frozen_linear import frozen_linear
 from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype, set_head_logits_dtype
 
@@ -114,4 +118,8 @@ def apply_mixed(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
         set_head_grad_dtype(head.weight, dtype)  # the head's d logp / d hidden product in bf16
         if dtype == torch.bfloat16:  # its logits from bf16 inputs, a float32 result (kernels.bf16_head, if it runs)
             set_head_logits_dtype(head.weight, dtype)
+    if dtype == torch.bfloat16:  # attention's products from bf16 operands where kernels.cpu_attention runs them
+        for module in base.modules():
+            if type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+                set_products_dtype(module, dtype)
     return n
