@@ -271,22 +271,6 @@ def _attention_bf16(setup, on: bool) -> None:
     cpu_attention.BF16_PRODUCTS = on
 
 
-def _low_rank_add(setup, on: bool) -> None:
-    """o_proj's and down_proj's forward epilogue (the cast of the bf16 product, the bias, x A^T's copy and the
-    low-rank add) in one C pass (``kernels.cpu_low_rank_add``) against torch's ops."""
-    from finetune_studio.kernels import cpu_low_rank_add
-
-    cpu_low_rank_add.NATIVE = on
-
-
-def _low_rank_add(setup, on: bool) -> None:
-    """o_proj's and down_proj's forward epilogue (the cast of the bf16 product, the bias, x A^T's copy and the
-    low-rank add) in one C pass (``kernels.cpu_low_rank_add``) against torch's ops."""
-    from finetune_studio.kernels import cpu_low_rank_add
-
-    cpu_low_rank_add.NATIVE = on
-
-
 AB_LEVERS = {
     "head_logits_bf16": _head_logits_bf16,
     "head_kernel": _head_kernel,
@@ -302,7 +286,6 @@ AB_LEVERS = {
     "epilogues": _epilogues,
     "lora_backward_native": _lora_backward_native,
     "lora_backward_parallel": _lora_backward_parallel,
-    "low_rank_add": _low_rank_add,
     "attention_bf16": _attention_bf16,
 }
 
