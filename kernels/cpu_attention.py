@@ -377,14 +377,26 @@ int cpu_attention_bf16_supported(void) {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
+/* native_build's to_bf16_pair (the same bits) with zeros on the fast path: vcvtne2ps2bf16 rounds zeros right, and
+   P and dS hold many (the causal mask, exponentials that underflow) */
+AVX512BW static inline __m512i to_bf16_pair_z(__m512 lo, __m512 hi) {
+  __m512 tiny = _mm512_set1_ps(1.17549435e-38f), zero = _mm512_setzero_ps();
+  __mmask16 odd = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(lo, zero, _CMP_NEQ_UQ), _mm512_abs_ps(lo), tiny,
+                                          _CMP_NGE_UQ) |
+                  _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(hi, zero, _CMP_NEQ_UQ), _mm512_abs_ps(hi), tiny,
+                                          _CMP_NGE_UQ);
+  if (__builtin_expect(odd == 0, 1)) return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_int(lo)), to_bf16_int(hi), 1);
+}
+
 /* y[0 .. w / 2) = x[0 .. w) rounded to bf16, pairs (x[2e], x[2e + 1]) in 32-bit lanes (w a multiple of 16) */
 AVX512BW static void round_row(const float* x, int64_t w, uint32_t* y) {
   int64_t e = 0;
   for (; e + 32 <= w; e += 32)
-    _mm512_storeu_si512(y + e / 2, to_bf16_pair(_mm512_loadu_ps(x + e), _mm512_loadu_ps(x + e + 16)));
+    _mm512_storeu_si512(y + e / 2, to_bf16_pair_z(_mm512_loadu_ps(x + e), _mm512_loadu_ps(x + e + 16)));
   if (e < w)
     _mm256_storeu_si256((__m256i*)(y + e / 2),
-                        _mm512_castsi512_si256(to_bf16_pair(_mm512_loadu_ps(x + e), _mm512_setzero_ps())));
+                        _mm512_castsi512_si256(to_bf16_pair_z(_mm512_loadu_ps(x + e), _mm512_setzero_ps())));
 }
 
 /* kp[e][j] = (k[j][2 e], k[j][2 e + 1]) rounded, for e < d / 2, j < n; zero for n <= j < np: the keys' (values')
@@ -402,7 +414,7 @@ AVX512BW static void transpose_pairs(const float* k, int64_t ks, int64_t n, int6
         }
         const float* row = k + (j0 + x) * ks + 2 * e0;
         __m512 lo = _mm512_loadu_ps(row), hi = full ? _mm512_loadu_ps(row + 16) : _mm512_setzero_ps();
-        r[x] = _mm512_castsi512_ps(to_bf16_pair(lo, hi));
+        r[x] = _mm512_castsi512_ps(to_bf16_pair_z(lo, hi));
       }
       transpose16(r);
       for (int c = 0; c < (full ? 16 : 8); c++) _mm512_storeu_ps((float*)(kp + (e0 + c) * np + j0), r[c]);
@@ -424,7 +436,7 @@ AVX512BW static void interleave_rows(const float* x, int64_t xs, int64_t n, int6
     for (int64_t e = 0; e < w; e += 16) {
       __m512 lo = ha ? _mm512_loadu_ps(a + e) : _mm512_setzero_ps();
       __m512 hi = hb ? _mm512_loadu_ps(b + e) : _mm512_setzero_ps();
-      _mm512_storeu_si512(y + i * ys + e, _mm512_permutexvar_epi16(idx, to_bf16_pair(lo, hi)));
+      _mm512_storeu_si512(y + i * ys + e, _mm512_permutexvar_epi16(idx, to_bf16_pair_z(lo, hi)));
     }
   }
 }
@@ -527,11 +539,11 @@ AVX512BW static float softmax_row_bf(float* s, int64_t live, int64_t n, float sc
   for (; j + 32 <= w; j += 32) {
     __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail0(live - j), s + j), inv);
     __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail0(live - j - 16), s + j + 16), inv);
-    _mm512_storeu_si512(y + j / 2, to_bf16_pair(a, b));
+    _mm512_storeu_si512(y + j / 2, to_bf16_pair_z(a, b));
   }
   if (j < w) {
     __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail0(live - j), s + j), inv);
-    _mm256_storeu_si256((__m256i*)(y + j / 2), _mm512_castsi512_si256(to_bf16_pair(a, _mm512_setzero_ps())));
+    _mm256_storeu_si256((__m256i*)(y + j / 2), _mm512_castsi512_si256(to_bf16_pair_z(a, _mm512_setzero_ps())));
   }
   return _mm512_reduce_max_ps(mx) * scale + logf(total);
 }
@@ -642,7 +654,7 @@ AVX512BW void attention_bwd_bf16(const float* dout, const float* q, const float*
               __m512 x1 = _mm512_sub_ps(_mm512_maskz_loadu_ps(t1, e1 + j), d1);
               __m512 g0 = _mm512_mul_ps(_mm512_maskz_mul_ps(t0, p0, x0), sc);
               __m512 g1 = _mm512_mul_ps(_mm512_maskz_mul_ps(t1, p1, x1), sc);
-              __m512i pp = to_bf16_pair(p0, p1), gg = to_bf16_pair(g0, g1);
+              __m512i pp = to_bf16_pair_z(p0, p1), gg = to_bf16_pair_z(g0, g1);
               _mm512_storeu_si512(pi + j, _mm512_permutexvar_epi16(idx, pp));
               _mm512_storeu_si512(di + j, _mm512_permutexvar_epi16(idx, gg));
               _mm256_storeu_si256((__m256i*)(b0 + j / 2), _mm512_castsi512_si256(gg));
