@@ -297,9 +297,9 @@ def test_bf16_products_within_bf16_rounding_of_the_float32_kernel(h, kv, d, leng
 @needs_bf16
 @pytest.mark.parametrize("threads", [1, 2])
 def test_float32_products_the_same_bits_with_the_flag_off_and_any_task_order(threads, monkeypatch):
-    """float32 products give the same bits whatever BF16_PRODUCTS says, bf16 products with BF16_PRODUCTS off are
-    the float32 kernel's, and both variants give the same bits with the tasks taken longest sequence first or in
-    order, on any thread count (each task owns its outputs)."""
+    """float32 products give the same bits whatever BF16_PRODUCTS says, bf16 products with BF16_PRODUCTS off or on
+    a CPU without AVX512_BF16 are the float32 kernel's, and both variants give the same bits with the tasks taken
+    longest sequence first or in order, on any thread count (each task owns its outputs)."""
     import ctypes
 
     q, k, v, grad = _inputs(1, 6, 2, 160, 32, seed=3)
@@ -318,6 +318,9 @@ def test_float32_products_the_same_bits_with_the_flag_off_and_any_task_order(thr
     assert all(torch.equal(a, b) for a, b in zip(run(torch.float32), f32))
     assert all(torch.equal(a, b) for a, b in zip(run(torch.bfloat16), f32))
     monkeypatch.setattr(cpu_attention, "BF16_PRODUCTS", True)
+    monkeypatch.setattr(cpu_attention, "bf16_available", lambda: False)  # a CPU without AVX512_BF16
+    assert all(torch.equal(a, b) for a, b in zip(run(torch.bfloat16), f32))
+    monkeypatch.undo()
     flag = ctypes.c_int.in_dll(cpu_attention._lib(), "attention_longest_first")
     flag.value = 0
     try:
