@@ -46,6 +46,14 @@ backward 1.83 -> 1.18 ms (82 -> 128), both 2.62 -> 1.76 ms (0.67x); inside SFT s
 step's attention 100 -> 79 ms CPU (0.78x: the step's cold caches cost both alike), DPO's 287 -> 215 ms (0.77x). The
 rest of the bf16 variant's time is the softmax's and the roundings' passes, not the products.
 
+**Off by default** (``BF16_PRODUCTS = False``): it costs the learning more than the 1.3% of a step it saves. The
+bundled model's loss curves (``benchmarks/mixed_precision_check.py curve``, 20 steps, bf16-mixed seed 1 against
+float32 seed 1, whose three seeds spread by 0.0010 on average and 0.0022 at most for SFT, 0.0023 / 0.0121 for DPO):
+with bf16 attention products SFT is 0.0022 / 0.0107 away and higher all along (mean loss 0.1308 against float32's
+0.1280-0.1288), DPO 0.0049 / 0.0170 (0.3367 against 0.3313-0.3318); with the float32 products SFT is 0.0008 /
+0.0023 away (mean 0.1289), within the spread. bf16 rounding of P and dS in the backward, repeated over the layers
+and steps, moves the adapters' updates; a GPU run with flash-attn pays the same, which this CPU path need not.
+
 Both variants take the tasks longest sequence first (a sequence costs about its length squared; C global
 ``attention_longest_first``), so that two threads finish together; each task owns its outputs, so any order and
 thread count gives the same bits. Measured on two threads: a row of 40, 60, 300 and 55 tokens' backward 1.96 -> 1.89
@@ -72,7 +80,7 @@ from finetune_studio.kernels import native_build
 
 log = logging.getLogger(__name__)
 
-BF16_PRODUCTS = True  # a call asking for bf16 products (bf16-mixed's attention) takes the vdpbf16ps variant
+BF16_PRODUCTS = False  # True: a call asking for bf16 products (bf16-mixed's attention) takes the vdpbf16ps variant
 
 SOURCE = (
     r"""

@@ -220,6 +220,13 @@ needs_bf16 = pytest.mark.skipif(
 BF16_CASES = [*CASES, (3, 1, 64, (1, 17, 115)), (4, 2, 16, (17, 1, 115, 3))]
 
 
+@pytest.fixture(autouse=True)
+def _bf16_products_on(monkeypatch):
+    """The variant is off by default (its cost to the loss curves); these tests switch it on (a test that wants it
+    off says so)."""
+    monkeypatch.setattr(cpu_attention, "BF16_PRODUCTS", True)
+
+
 def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.float().bfloat16().double()
 
@@ -321,6 +328,7 @@ def test_float32_products_the_same_bits_with_the_flag_off_and_any_task_order(thr
     monkeypatch.setattr(cpu_attention, "bf16_available", lambda: False)  # a CPU without AVX512_BF16
     assert all(torch.equal(a, b) for a, b in zip(run(torch.bfloat16), f32))
     monkeypatch.undo()
+    monkeypatch.setattr(cpu_attention, "BF16_PRODUCTS", True)  # (undo() took the module fixture's setting too)
     flag = ctypes.c_int.in_dll(cpu_attention._lib(), "attention_longest_first")
     flag.value = 0
     try:
@@ -404,6 +412,7 @@ def test_a_bf16_mixed_model_multiplies_attention_in_bf16_and_float32_stays_float
     the loss and the adapters' gradients stay within bf16 rounding of the same model's float32-product attention
     (BF16_PRODUCTS off): each gradient moves less than twice as far as bf16-mixed's own move from the float32
     model's, and under 5%; a float32 model asks for float32 products."""
+    monkeypatch.setattr(cpu_attention, "BF16_PRODUCTS", True)  # (off by default: the loss curves' cost)
     model = _tiny_lora_model(mixed=True)
     loss, grads, asked = _with_threads(1, lambda: _packed_step(monkeypatch, model))
     assert asked == [torch.bfloat16] * 2
