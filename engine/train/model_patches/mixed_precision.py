@@ -14,9 +14,10 @@ weight and float32 logits; its gradient product (``d logp / d hidden``) runs in 
 (``kernels.linear_logprobs.set_head_grad_dtype``; no bf16 copy of the head is kept), and so, where
 ``kernels.bf16_head`` runs (AVX-512 BF16), does its logits' product, with a float32 result (``set_head_logits_dtype``:
 the hidden states and the head rounded to bf16, the logits not). Each attention module is marked for bf16 products
-(``kernels.attention.set_products_dtype``): where ``kernels.cpu_attention`` runs it (AVX512_BF16), q k^T, P v and
-the backward's products take bf16-rounded operands with float32 sums, softmax and results, as flash-attn multiplies
-on a GPU. Over these bf16 bases a plain
+(``kernels.attention.set_products_dtype``): with ``kernels.cpu_attention.BF16_PRODUCTS`` set (off by default: it
+moves the loss curves outside float32's seed spread, see that module) and AVX512_BF16, q k^T, P v and the
+backward's products take bf16-rounded operands with float32 sums, softmax and results, as flash-attn multiplies on
+a GPU; otherwise attention multiplies in float32. Over these bf16 bases a plain
 LoRA layer's own rank-r products run in bf16 as well (``kernel_wiring.install_lora_linear``'s
 ``low_precision_adapters``, installed by ``install_kernels``): the adapter weights, their gradients, the optimizer
 and the sum of the low-rank part with the base output stay float32, so no update is rounded away; measured
