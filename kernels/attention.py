@@ -12,7 +12,8 @@ float32 CPU tensors without dropout through ``kernels.cpu_attention`` where it r
 forward and backward, about 2.3x torch's flash kernel on the bundled model's ~115-token sequences; results within
 float32 rounding of SDPA's, not bit for bit); ``NATIVE = False`` keeps torch's SDPA (for comparisons).
 ``products=torch.bfloat16`` (bf16-mixed's attention modules, marked with :func:`set_products_dtype`) asks the kernel
-for its bf16-product variant (``cpu_attention``'s docstring; float32 products where the CPU lacks AVX512_BF16);
+for its bf16-product variant where ``cpu_attention.BF16_PRODUCTS`` is set (off by default: the loss curves' cost,
+``cpu_attention``'s docstring) and the CPU has AVX512_BF16, else float32 products;
 torch's SDPA, where the kernel does not run, stays float32 either way.
 
 Layering: reference (``gqa_attention_reference``: repeat, then SDPA, as transformers does) -> public op
