@@ -154,11 +154,11 @@ def test_lengths_must_cover_the_row():
         cpu_attention.causal_attention_native(q, k, v, [4, 5])
 
 
-def _tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_config():
+    """A two-layer Llama config whose attention the C kernel takes (head dim 16, grouped key/value heads)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=96,
         intermediate_size=160,
         num_hidden_layers=2,
@@ -168,7 +168,13 @@ def _tiny_model():
         max_position_embeddings=512,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config)
+
+
+def _tiny_model():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_config())
     model.config.use_cache = False
     patching.apply_memory_patches(model, True)
     patching.apply_packed_attention(model)
@@ -349,7 +355,7 @@ def test_products_other_than_float32_or_bf16_are_refused():
 def _tiny_lora_model(mixed: bool):
     """A LoRA Llama (head dim 16, so the kernel runs) set up as a run sets it up: the fused ops, packed attention,
     bf16-mixed's frozen linears and attention marks if ``mixed``, and the kernels wired in."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from finetune_studio.core.config import TrainConfig
     from finetune_studio.engine.train.adapters import add_adapters
@@ -357,17 +363,7 @@ def _tiny_lora_model(mixed: bool):
     from finetune_studio.engine.train.model_patches.mixed_precision import apply_mixed
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-    )
-    base = LlamaForCausalLM(config)
+    base = LlamaForCausalLM(_tiny_config())
     base.config.use_cache = False
     for p in base.parameters():
         p.requires_grad_(False)
