@@ -392,19 +392,19 @@ def _group_arguments(
     scalings: list[float] = []
     adapter = None
     for layer, (out, r), ptr in zip(group.layers, group.rows, group.weights):
-        name = next((n for n in (_plain_lora_adapter(layer, d, (), {}) for d in dtypes) if n is not None), None)
-        if name is None or (adapter is not None and name != adapter):
+        parts = next((p for p in (_plain_lora_parts(layer, d, (), {}) for d in dtypes) if p is not None), None)
+        if parts is None or (adapter is not None and parts[0] != adapter):
             return None
-        if getattr(layer, "_fs_adapter_dtype", None) is None or "forward" not in layer.__dict__:
+        if layer.__dict__.get("_fs_adapter_dtype") is None or "forward" not in layer.__dict__:
             return None
-        base = layer.get_base_layer()
-        weight, a = cast(torch.Tensor, base.weight), cast(torch.Tensor, layer.lora_A[name].weight)
+        name, base, a, b = parts
+        weight = cast(torch.Tensor, base.weight)
         if weight.data_ptr() != ptr or weight.shape[0] != out or a.shape[0] != r:
             return None
         adapter = name
         biases.append(cast("torch.Tensor | None", base.bias))
         lora_as.append(a)
-        lora_bs.append(cast(torch.Tensor, layer.lora_B[name].weight))
+        lora_bs.append(b)
         scalings.append(float(layer.scaling[name]))
     if len({a.dtype for a in (*lora_as, *lora_bs)}) != 1:
         return None
@@ -423,16 +423,58 @@ def bf16_input_forward(layer: Any, x_like: torch.Tensor) -> Any:
         return None
     if torch.nn.modules.module._global_forward_pre_hooks or torch.nn.modules.module._global_backward_hooks:
         return None
-    name = _plain_lora_adapter(layer, x_like, (), {})
+    parts = _plain_lora_parts(layer, x_like, (), {})
     low, stacked = getattr(layer, "_fs_adapter_dtype", None), getattr(layer, "_fs_stacked", None)
-    if name is None or low != torch.bfloat16 or stacked is None:
+    if parts is None or low != torch.bfloat16 or stacked is None:
         return None
-    base = layer.get_base_layer()
-    weight, bias, lora_a = base.weight, base.bias, layer.lora_A[name].weight
+    name, base, lora_a, lora_b = parts
+    weight, bias = cast(torch.Tensor, base.weight), cast("torch.Tensor | None", base.bias)
     if stacked.data_ptr() != weight.data_ptr() or stacked.shape[0] != weight.shape[0] + lora_a.shape[0]:
         return None
-    lora_b, scaling = layer.lora_B[name].weight, layer.scaling[name]
+    scaling = layer.scaling[name]
     return lambda x: lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_dtype=low, stacked=stacked)
+
+
+def _base_layer(layer: torch.nn.Module) -> torch.nn.Module:
+    """peft's ``get_base_layer()`` (the innermost ``base_layer``), read from the modules' own dicts: this runs on
+    every forward of every adapted layer, where ``nn.Module.__getattr__``'s lookups cost microseconds each."""
+    base = layer
+    while "base_layer" in base._modules:
+        base = cast(torch.nn.Module, base._modules["base_layer"])
+    return base
+
+
+def _plain_lora_parts(
+    layer: LoraLinear, x: torch.Tensor | torch.dtype, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor] | None:
+    """(the one active plain LoRA adapter, the base layer, its A and B weights) when ``layer`` runs the plain
+    training/eval case for x (a tensor, or its dtype), else None (peft's). Submodules and parameters are read from
+    the modules' dicts (see ``_base_layer``)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    modules = layer._modules
+    lora_as, lora_bs = (
+        cast(torch.nn.Module, modules["lora_A"])._modules,
+        cast(torch.nn.Module, modules["lora_B"])._modules,
+    )
+    if name not in lora_as or name in layer.lora_variant or getattr(layer, "fan_in_fan_out", False):
+        return None
+    lora_a, lora_b = cast(torch.nn.Module, lora_as[name])._parameters, cast(torch.nn.Module, lora_bs[name])._parameters
+    if lora_a.get("bias") is not None or lora_b.get("bias") is not None:
+        return None
+    a, b = lora_a.get("weight"), lora_b.get("weight")
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    if a is None or b is None or a.dtype != dtype or b.dtype != dtype:
+        return None
+    dropout = cast(torch.nn.Module, modules["lora_dropout"])._modules[name]
+    if layer.training and not isinstance(dropout, torch.nn.Identity):
+        return None
+    base = _base_layer(layer)
+    weight, bias = cast(torch.Tensor, base.weight), cast("torch.Tensor | None", base.bias)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    return name, base, a, b
 
 
 def _plain_lora_adapter(
@@ -440,33 +482,17 @@ def _plain_lora_adapter(
 ) -> str | None:
     """The one active plain LoRA adapter when ``layer`` runs the plain training/eval case for x (a tensor, or its
     dtype), else None (peft's)."""
-    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
-        return None
-    name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant or getattr(layer, "fan_in_fan_out", False):
-        return None
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    if lora_a.bias is not None or lora_b.bias is not None:
-        return None
-    dtype = x if isinstance(x, torch.dtype) else x.dtype
-    if lora_a.weight.dtype != dtype or lora_b.weight.dtype != dtype:
-        return None
-    if layer.training and not isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        return None
-    base = layer.get_base_layer()
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    return name
+    parts = _plain_lora_parts(layer, x, args, kwargs)
+    return None if parts is None else parts[0]
 
 
 def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft 0.21's ``lora.Linear.forward`` for one active plain LoRA adapter, through ``kernels.lora_linear``."""
-    name = _plain_lora_adapter(self, x, args, kwargs)
-    if name is None:
+    parts = _plain_lora_parts(self, x, args, kwargs)
+    if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
+    name, base, lora_a, lora_b = parts
     weight, bias = cast(torch.Tensor, base.weight), cast("torch.Tensor | None", base.bias)
-    lora_a, lora_b = cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)
     low = cast("torch.dtype | None", getattr(self, "_fs_adapter_dtype", None))
     stacked = cast("torch.Tensor | None", getattr(self, "_fs_stacked", None))
     if stacked is not None and (
