@@ -123,30 +123,24 @@ AVX512 INLINE void nt_tile(int mr, int nz, int64_t d, const float* a, int64_t as
     for (int z = 0; z < nz; z++) _mm512_storeu_ps(s + m * ss + 16 * z, acc[m][z]);
 }
 
+/* tile(m, ...) with m = mr (1 .. MR), each case a compile-time row count the inlined tile unrolls for */
+#define BY_MR(tile, ...)                  \
+  switch (mr) {                           \
+    case 6: tile(6, __VA_ARGS__); break;  \
+    case 5: tile(5, __VA_ARGS__); break;  \
+    case 4: tile(4, __VA_ARGS__); break;  \
+    case 3: tile(3, __VA_ARGS__); break;  \
+    case 2: tile(2, __VA_ARGS__); break;  \
+    default: tile(1, __VA_ARGS__); break; \
+                                          \
+  }
+
 /* s[m][0 .. 16 ceil(n / 16)) = a_m . bt[:, j] for m < mr rows of a (row stride as), d columns; bt [d][>= n, padded] */
 AVX512 INLINE void nt_rows(int mr, int64_t n, int64_t d, const float* a, int64_t as, const float* bt, int64_t bts,
                            float* s, int64_t ss) {
   int64_t j = 0;
-  for (; j + 32 <= n || (j + 16 < n); j += 32) {
-    switch (mr) {
-      case 6: nt_tile(6, 2, d, a, as, bt + j, bts, s + j, ss); break;
-      case 5: nt_tile(5, 2, d, a, as, bt + j, bts, s + j, ss); break;
-      case 4: nt_tile(4, 2, d, a, as, bt + j, bts, s + j, ss); break;
-      case 3: nt_tile(3, 2, d, a, as, bt + j, bts, s + j, ss); break;
-      case 2: nt_tile(2, 2, d, a, as, bt + j, bts, s + j, ss); break;
-      default: nt_tile(1, 2, d, a, as, bt + j, bts, s + j, ss); break;
-    }
-  }
-  if (j < n) {
-    switch (mr) {
-      case 6: nt_tile(6, 1, d, a, as, bt + j, bts, s + j, ss); break;
-      case 5: nt_tile(5, 1, d, a, as, bt + j, bts, s + j, ss); break;
-      case 4: nt_tile(4, 1, d, a, as, bt + j, bts, s + j, ss); break;
-      case 3: nt_tile(3, 1, d, a, as, bt + j, bts, s + j, ss); break;
-      case 2: nt_tile(2, 1, d, a, as, bt + j, bts, s + j, ss); break;
-      default: nt_tile(1, 1, d, a, as, bt + j, bts, s + j, ss); break;
-    }
-  }
+  for (; j + 32 <= n || (j + 16 < n); j += 32) BY_MR(nt_tile, 2, d, a, as, bt + j, bts, s + j, ss)
+  if (j < n) BY_MR(nt_tile, 1, d, a, as, bt + j, bts, s + j, ss)
 }
 
 /* c[m][0 .. 16 nz) (+)= sum_{k < kn} a[m * am + k * ak] * b[k * bs + ..], m < mr (the caller's constants) */
@@ -167,15 +161,7 @@ AVX512 INLINE void nn_tile(int mr, int nz, int64_t kn, const float* a, int64_t a
     for (int z = 0; z < nz; z++) _mm512_storeu_ps(c + m * cs + 16 * z, acc[m][z]);
 }
 
-#define NN_MR(nz)                                                               \
-  switch (mr) {                                                                 \
-    case 6: nn_tile(6, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
-    case 5: nn_tile(5, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
-    case 4: nn_tile(4, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
-    case 3: nn_tile(3, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
-    case 2: nn_tile(2, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;   \
-    default: nn_tile(1, nz, kn, a, am, ak, b + o, bs, c + o, cs, add); break;  \
-  }
+#define NN_MR(nz) BY_MR(nn_tile, nz, kn, a, am, ak, b + o, bs, c + o, cs, add)
 
 /* c[m][0 .. d) (+)= sum_{k < kn} a(m, k) b[k][..] for mr <= MR rows, d a multiple of 16 */
 AVX512 static void nn_rows(int mr, int64_t d, int64_t kn, const float* a, int64_t am, int64_t ak, const float* b,
@@ -476,15 +462,7 @@ AVX512BW INLINE void nt_tile_bf(int mr, int nz, int64_t d2, const uint32_t* a, i
     for (int z = 0; z < nz; z++) _mm512_storeu_ps(s + m * ss + 16 * z, acc[m][z]);
 }
 
-#define NT_BF_MR(nz)                                                          \
-  switch (mr) {                                                               \
-    case 6: nt_tile_bf(6, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
-    case 5: nt_tile_bf(5, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
-    case 4: nt_tile_bf(4, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
-    case 3: nt_tile_bf(3, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
-    case 2: nt_tile_bf(2, nz, d2, a, as, bt + j, bts, s + j, ss); break;      \
-    default: nt_tile_bf(1, nz, d2, a, as, bt + j, bts, s + j, ss); break;     \
-  }
+#define NT_BF_MR(nz) BY_MR(nt_tile_bf, nz, d2, a, as, bt + j, bts, s + j, ss)
 
 /* nt_rows over bf16 pairs: a [mr][d2] pairs (row stride as), bt [d2][>= n, padded] pairs */
 AVX512BW static void nt_rows_bf(int mr, int64_t n, int64_t d2, const uint32_t* a, int64_t as, const uint32_t* bt,
@@ -512,15 +490,7 @@ AVX512BW INLINE void nn_tile_bf(int mr, int nz, int64_t kn2, const uint32_t* a, 
     for (int z = 0; z < nz; z++) _mm512_storeu_ps(c + m * cs + 16 * z, acc[m][z]);
 }
 
-#define NN_BF_MR(nz)                                                                 \
-  switch (mr) {                                                                      \
-    case 6: nn_tile_bf(6, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
-    case 5: nn_tile_bf(5, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
-    case 4: nn_tile_bf(4, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
-    case 3: nn_tile_bf(3, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
-    case 2: nn_tile_bf(2, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;     \
-    default: nn_tile_bf(1, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add); break;    \
-  }
+#define NN_BF_MR(nz) BY_MR(nn_tile_bf, nz, kn2, a, am, ak, b + o, bs, c + o, cs, add)
 
 /* c[m][0 .. d) (+)= sum_{k < kn2} a(m, k) . b[k][..] over bf16 pairs (b's rows pairs of rows), d a multiple of 16 */
 AVX512BW static void nn_rows_bf(int mr, int64_t d, int64_t kn2, const uint32_t* a, int64_t am, int64_t ak,
