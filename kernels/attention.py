@@ -33,6 +33,12 @@ NATIVE = True  # impl='auto' sends causal float32 CPU attention without a mask o
 _PRODUCTS = "_fs_attention_products"  # the attribute set_products_dtype gives an attention module
 
 
+def is_attention_module(module: object) -> bool:
+    """A transformers attention module (its class named ``...Attention``, holding the model's config): what
+    ``engine.train.model_patches`` routes and marks."""
+    return type(module).__name__.endswith("Attention") and hasattr(module, "config")
+
+
 def set_products_dtype(module: object, dtype: torch.dtype) -> None:
     """Mark an attention module so that its routed attention (``engine.train.model_patches.fused_ops``) asks the
     kernel for ``dtype`` products (bfloat16: bf16-mixed's attention; float32: the default)."""

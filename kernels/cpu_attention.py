@@ -132,7 +132,6 @@ AVX512 INLINE void nt_tile(int mr, int nz, int64_t d, const float* a, int64_t as
     case 3: tile(3, __VA_ARGS__); break;  \
     case 2: tile(2, __VA_ARGS__); break;  \
     default: tile(1, __VA_ARGS__); break; \
-                                          \
   }
 
 /* s[m][0 .. 16 ceil(n / 16)) = a_m . bt[:, j] for m < mr rows of a (row stride as), d columns; bt [d][>= n, padded] */

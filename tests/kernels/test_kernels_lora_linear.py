@@ -138,9 +138,10 @@ def test_an_active_dropout_runs_peft_s_forward():
     layer = kernel_wiring.lora_linears(model)[0]
     x = torch.randn(2, 3, layer.in_features)
     name = layer.active_adapters[0]
-    assert kernel_wiring._plain_lora_adapter(layer, x, (), {}) is None
+    assert kernel_wiring._plain_lora_parts(layer, x, (), {}) is None
     model.eval()
-    assert kernel_wiring._plain_lora_adapter(layer, x, (), {}) == name
+    parts = kernel_wiring._plain_lora_parts(layer, x, (), {})
+    assert parts is not None and parts[0] == name
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

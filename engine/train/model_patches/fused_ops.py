@@ -55,7 +55,7 @@ from finetune_studio.engine.train.model_patches import kernel_wiring, rotary
 from finetune_studio.engine.train.model_patches.kernel_wiring import grouped_projections
 from finetune_studio.kernels import grouped_qkv_rotary, grouped_swiglu
 from finetune_studio.kernels import swiglu as swiglu_ops
-from finetune_studio.kernels.attention import gqa_attention, packed_attention, products_dtype
+from finetune_studio.kernels.attention import gqa_attention, is_attention_module, packed_attention, products_dtype
 from finetune_studio.kernels.recompute import recompute_when_saved
 from finetune_studio.kernels.rms_norm import rms_norm_forward, rms_norm_with_rstd
 from finetune_studio.kernels.swiglu import swiglu, swiglu_forward
@@ -456,12 +456,8 @@ def _register_attention() -> bool:
     return True
 
 
-def _is_attention(module) -> bool:
-    return type(module).__name__.endswith("Attention") and hasattr(module, "config")
-
-
 def _is_gqa_attention(module) -> bool:
-    return _is_attention(module) and getattr(module, "num_key_value_groups", 1) > 1
+    return is_attention_module(module) and getattr(module, "num_key_value_groups", 1) > 1
 
 
 def _route_attention(module) -> bool:
@@ -549,7 +545,7 @@ def apply_packed_attention(model) -> int:
     the number of attention modules routed."""
     routed = 0
     for module in _causal_lm(model).modules():
-        if _is_attention(module) and _route_attention(module):
+        if is_attention_module(module) and _route_attention(module):
             routed += 1
     decoder = _decoder(model)
     if routed and decoder is not None and not isinstance(decoder.config, _AttentionConfig):

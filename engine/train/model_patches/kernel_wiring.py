@@ -477,15 +477,6 @@ def _plain_lora_parts(
     return name, base, a, b
 
 
-def _plain_lora_adapter(
-    layer: LoraLinear, x: torch.Tensor | torch.dtype, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str | None:
-    """The one active plain LoRA adapter when ``layer`` runs the plain training/eval case for x (a tensor, or its
-    dtype), else None (peft's)."""
-    parts = _plain_lora_parts(layer, x, args, kwargs)
-    return None if parts is None else parts[0]
-
-
 def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft 0.21's ``lora.Linear.forward`` for one active plain LoRA adapter, through ``kernels.lora_linear``."""
     parts = _plain_lora_parts(self, x, args, kwargs)

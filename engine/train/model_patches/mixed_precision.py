@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_studio.kernels.attention import set_products_dtype
+from finetune_studio.kernels.attention import is_attention_module, set_products_dtype
 from finetune_studio.kernels.frozen_linear import frozen_linear
 from finetune_studio.kernels.linear_logprobs import set_head_grad_dtype, set_head_logits_dtype
 
@@ -121,6 +121,6 @@ def apply_mixed(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
             set_head_logits_dtype(head.weight, dtype)
     if dtype == torch.bfloat16:  # attention's products from bf16 operands where kernels.cpu_attention runs them
         for module in base.modules():
-            if type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            if is_attention_module(module):
                 set_products_dtype(module, dtype)
     return n
